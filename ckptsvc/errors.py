@@ -1,0 +1,88 @@
+"""The exception hierarchy of ckptsvc.
+
+Every error ckptsvc raises on purpose derives from :class:`CheckpointError`. Leaves also
+derive from the builtin a caller would naturally catch (``FileNotFoundError``,
+``FileExistsError``, ``ValueError``, ...), so code written against Forgather's module
+(which raises builtins) keeps working.
+
+This module imports nothing heavy: ``ckptsvc.storage`` and the writer process use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CommitConflictError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "InvalidStateError",
+    "SaveFailedError",
+    "StorageError",
+    "StorageNotFoundError",
+    "StoragePermissionError",
+    "StorageTransientError",
+    "WriterDiedError",
+]
+
+
+class CheckpointError(Exception):
+    """Root of every error raised by ckptsvc."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint (complete or legacy) exists where one was expected."""
+
+
+class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
+    """The directory holds a save that never committed (no manifest, or our marker only)."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint file exists but its bytes are wrong: bad header, size, checksum, JSON."""
+
+
+class CommitConflictError(CheckpointError, FileExistsError):
+    """A commit would overwrite a checkpoint that another save is writing or has committed."""
+
+
+class InvalidStateError(CheckpointError, TypeError):
+    """The state handed to save cannot be checkpointed (unknown dtype, unserialisable value)."""
+
+
+class SaveFailedError(CheckpointError, RuntimeError):
+    """An asynchronous save failed; ``__cause__`` holds the underlying error."""
+
+
+class WriterDiedError(CheckpointError, RuntimeError):
+    """The node writer process exited or stopped answering while a save was in flight."""
+
+
+class StorageError(CheckpointError, OSError):
+    """An I/O operation on local disk or an object store failed. The message names the URL."""
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+    def __str__(self) -> str:  # OSError.__str__ would format errno/strerror instead
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep pickling (writer -> trainer) lossless
+        return (_rebuild_storage_error, (type(self), str(self), self.url))
+
+
+def _rebuild_storage_error(cls: type[StorageError], message: str, url: str | None) -> StorageError:
+    return cls(message, url=url)
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """The object, file or bucket does not exist."""
+
+
+class StoragePermissionError(StorageError, PermissionError):
+    """Credentials are missing or do not allow the operation (HTTP 401/403, EACCES)."""
+
+
+class StorageTransientError(StorageError):
+    """A failure worth retrying (5xx, throttling, connection reset, timeout) that persisted."""

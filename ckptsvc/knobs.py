@@ -1,0 +1,81 @@
+"""Every tunable of ckptsvc in one place.
+
+Each knob has a default, a ``CKPTSVC_<NAME>`` environment override, and is read at the
+moment it is used (so tests and launch scripts can set the environment late). An explicit
+argument to a public function always wins over both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["Knob", "knob_table"]
+
+T = TypeVar("T", int, float, str, bool)
+
+
+@dataclass(frozen=True)
+class Knob(Generic[T]):
+    """A named tunable: ``KNOB.get()`` returns the env override or the default."""
+
+    name: str
+    default: T
+    doc: str
+
+    @property
+    def env_var(self) -> str:
+        return f"CKPTSVC_{self.name.upper()}"
+
+    def get(self, explicit: T | None = None) -> T:
+        """Return ``explicit`` if given, else the environment override, else the default."""
+        if explicit is not None:
+            return explicit
+        raw = os.environ.get(self.env_var)
+        if raw is None or raw == "":
+            return self.default
+        kind = type(self.default)
+        try:
+            if kind is bool:
+                return raw.strip().lower() in ("1", "true", "yes", "on")  # type: ignore[return-value]
+            return kind(raw)  # type: ignore[return-value]
+        except ValueError as e:
+            raise ValueError(f"{self.env_var}={raw!r} is not a valid {kind.__name__}") from e
+
+
+_ALL: list[Knob] = []  # type: ignore[type-arg]
+
+
+def _knob(name: str, default: T, doc: str) -> Knob[T]:
+    k = Knob(name, default, doc)
+    _ALL.append(k)
+    return k
+
+
+def knob_table() -> list[tuple[str, object, str]]:
+    """(environment variable, current value, description) for every knob, for docs and CLI."""
+    return [(k.env_var, k.get(), k.doc) for k in _ALL]
+
+
+# --- format and sync I/O ----------------------------------------------------------------
+MAX_SHARD_SIZE = _knob("max_shard_size", 2**31, "Default bytes per shard file for async saves.")
+WRITE_CHUNK_BYTES = _knob("write_chunk_bytes", 16 * 2**20, "Bytes per write() call when streaming a shard.")
+READ_CHUNK_BYTES = _knob("read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.")
+IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parallel.")
+MAX_HEADER_BYTES = _knob("max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted.")
+FSYNC = _knob("fsync", True, "fsync local shard files and directories before commit.")
+
+# --- object stores ------------------------------------------------------------------------
+PART_SIZE_BYTES = _knob("part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.")
+RETRY_ATTEMPTS = _knob("retry_attempts", 6, "Attempts for a transient storage error.")
+RETRY_MAX_S = _knob("retry_max_s", 120.0, "Give up retrying one call after this many seconds.")
+RETRY_BASE_S = _knob("retry_base_s", 0.2, "First backoff delay; doubles each attempt, with jitter.")
+
+# --- async engine -------------------------------------------------------------------------
+ARENAS_PER_RANK = _knob("arenas_per_rank", 2, "Staging arenas per rank (2 = double buffering).")
+COPY_THREADS = _knob("copy_threads", 0, "Threads copying into the arena on CPU (0 = all cores).")
+WRITER_START_TIMEOUT_S = _knob("writer_start_timeout_s", 60.0, "Wait this long for the node writer to start.")
+WRITER_NICE = _knob("writer_nice", 10, "nice() increment for the node writer process.")
+SHM_DIR = _knob("shm_dir", "/dev/shm", "Directory of POSIX shared memory segments.")
+COMMIT_TIMEOUT_S = _knob("commit_timeout_s", 1800.0, "Rank 0 waits this long for every rank's report.")

@@ -1,0 +1,377 @@
+"""``Location``: one file or directory on any fsspec filesystem, named by a path or URL.
+
+Everything above this layer passes ``Location`` objects around instead of
+``(fs, path)`` pairs, so that error messages always carry the user's URL and local
+files get the fast, durable code path (raw ``os`` calls, fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from ckptsvc import knobs
+
+from .errors import storage_errors
+from .retry import call_with_retries
+
+__all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
+
+
+def url_to_fs(url: str | os.PathLike[str], **storage_options: Any) -> tuple[AbstractFileSystem, str]:
+    """Resolve a local path or URL (``file://``, ``memory://``, ``s3://``, ``gs://``, ...)."""
+    text = os.fspath(url)
+    if not text:
+        raise ValueError("empty path or URL")
+    with storage_errors(text, "open filesystem for"):
+        fs, path = fsspec.core.url_to_fs(text, **storage_options)
+    return fs, path
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+@dataclass(frozen=True)
+class ChildInfo:
+    """One entry of a directory listing."""
+
+    name: str
+    is_dir: bool
+    nbytes: int
+    mtime: float | None
+
+
+class ShardSink(Protocol):
+    """A streaming write of one file: ``write`` chunks, then ``close`` (durable) or ``abort``."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or directory: the filesystem, its native path, and the URL the user gave.
+
+    Create with :meth:`parse`; derive children with :meth:`join`. ``storage_options`` is
+    kept so that another process (the node writer) can rebuild the same filesystem.
+    """
+
+    fs: AbstractFileSystem = field(repr=False, compare=False)
+    path: str
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def parse(
+        cls, url: str | os.PathLike[str] | Location, storage_options: dict[str, Any] | None = None
+    ) -> Location:
+        if isinstance(url, Location):
+            return url
+        opts = dict(storage_options or {})
+        fs, path = url_to_fs(url, **opts)
+        text = os.fspath(url)
+        if _is_local(fs):
+            path = os.path.abspath(path)
+            text = path if "://" not in text else text
+        return cls(fs=fs, path=path.rstrip("/") or "/", url=text.rstrip("/") or text, storage_options=opts)
+
+    # ---- naming --------------------------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        return _is_local(self.fs)
+
+    @property
+    def protocol(self) -> str:
+        p = self.fs.protocol
+        return p[0] if isinstance(p, (tuple, list)) else str(p)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def parent(self) -> Location:
+        return Location(
+            fs=self.fs,
+            path=posixpath.dirname(self.path.rstrip("/")) or "/",
+            url=self.url.rstrip("/").rsplit("/", 1)[0] if "/" in self.url.rstrip("/") else self.url,
+            storage_options=self.storage_options,
+        )
+
+    def join(self, *parts: str) -> Location:
+        """A child location. Each part must be a relative name without ``..``."""
+        path, url = self.path, self.url
+        for part in parts:
+            for piece in part.split("/"):
+                if piece in ("", ".", "..") or "\\" in piece or "\x00" in piece:
+                    raise ValueError(f"unsafe path component {part!r} under {self.url}")
+            path = posixpath.join(path, part)
+            url = f"{url.rstrip('/')}/{part}"
+        return Location(fs=self.fs, path=path, url=url, storage_options=self.storage_options)
+
+    def __str__(self) -> str:
+        return self.url
+
+    # ---- queries -------------------------------------------------------------------------
+    def exists(self) -> bool:
+        if self.is_local:
+            return os.path.exists(self.path)
+        return bool(call_with_retries(lambda: self.fs.exists(self.path), url=self.url, action="stat"))
+
+    def isdir(self) -> bool:
+        if self.is_local:
+            return os.path.isdir(self.path)
+        return bool(call_with_retries(lambda: self.fs.isdir(self.path), url=self.url, action="stat"))
+
+    def size(self) -> int:
+        if self.is_local:
+            with storage_errors(self.url, "stat"):
+                return os.path.getsize(self.path)
+        return int(call_with_retries(lambda: self.fs.size(self.path), url=self.url, action="stat"))
+
+    def list_children(self) -> list[ChildInfo]:
+        """One listing of the direct children (a single paginated LIST on object stores)."""
+        if self.is_local:
+            out: list[ChildInfo] = []
+            with storage_errors(self.url, "list"):
+                with os.scandir(self.path) as it:
+                    for e in it:
+                        st = e.stat(follow_symlinks=False)
+                        out.append(ChildInfo(e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime))
+            return out
+
+        def _ls() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(self.path)
+            return list(self.fs.ls(self.path, detail=True))
+
+        entries = call_with_retries(_ls, url=self.url, action="list")
+        result = []
+        for e in entries:
+            name = posixpath.basename(str(e["name"]).rstrip("/"))
+            if not name or str(e["name"]).rstrip("/") == self.path.rstrip("/"):
+                continue
+            mtime = e.get("mtime") or e.get("LastModified") or e.get("updated")
+            ts = mtime.timestamp() if hasattr(mtime, "timestamp") else (float(mtime) if isinstance(mtime, (int, float)) else None)
+            result.append(ChildInfo(name, e.get("type") == "directory", int(e.get("size") or 0), ts))
+        return result
+
+    # ---- reads ---------------------------------------------------------------------------
+    def read_bytes(self) -> bytes:
+        if self.is_local:
+            with storage_errors(self.url, "read"), open(self.path, "rb") as f:
+                return f.read()
+        return bytes(call_with_retries(lambda: self.fs.cat_file(self.path), url=self.url, action="read"))
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)``; may return fewer at end of file."""
+        if end <= start:
+            return b""
+        if self.is_local:
+            with storage_errors(self.url, "read"):
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    return os.pread(fd, end - start, start)
+                finally:
+                    os.close(fd)
+        return bytes(
+            call_with_retries(
+                lambda: self.fs.cat_file(self.path, start=start, end=end), url=self.url, action="read"
+            )
+        )
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the file's bytes from ``offset``; raise if the file is shorter."""
+        want = out.nbytes
+        if self.is_local:
+            with storage_errors(self.url, "read"):
+                fd = os.open(self.path, os.O_RDONLY)
+                try:
+                    done = 0
+                    step = knobs.READ_CHUNK_BYTES.get()
+                    while done < want:
+                        n = os.preadv(fd, [out[done : done + step]], offset + done)
+                        if n == 0:
+                            break
+                        done += n
+                finally:
+                    os.close(fd)
+        else:
+            data = self.read_range(offset, offset + want)
+            done = len(data)
+            out[:done] = data
+        if done != want:
+            from ckptsvc.errors import CorruptCheckpointError
+
+            raise CorruptCheckpointError(
+                f"{self.url}: file is truncated (wanted bytes {offset}..{offset + want}, got {done})"
+            )
+
+    # ---- writes --------------------------------------------------------------------------
+    def makedirs(self) -> None:
+        if self.is_local:
+            with storage_errors(self.url, "create directory"):
+                os.makedirs(self.path, exist_ok=True)
+        elif self.protocol in ("memory", "file"):
+            with storage_errors(self.url, "create directory"):
+                self.fs.makedirs(self.path, exist_ok=True)
+        # object stores have no directories: nothing to create
+
+    def publish(self, data: bytes) -> None:
+        """Atomically make ``data`` the file's content: readers see old or new, never torn.
+
+        Local: temp file in the same directory, fsync, ``os.replace``, fsync the directory.
+        Object stores: one PUT, which S3 and GCS make visible atomically.
+        """
+        if self.is_local:
+            directory = os.path.dirname(self.path)
+            tmp = os.path.join(directory, f".{self.name}.{uuid.uuid4().hex[:12]}.tmp")
+            with storage_errors(self.url, "publish"):
+                os.makedirs(directory, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _write_all(fd, memoryview(data))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                try:
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+                fsync_dir(directory)
+            return
+        call_with_retries(lambda: self.fs.pipe_file(self.path, data), url=self.url, action="publish")
+
+    def open_sink(self, *, fsync: bool | None = None, part_size_bytes: int | None = None) -> ShardSink:
+        """A streaming writer: local files are fsynced on close; object stores use multipart."""
+        if self.is_local:
+            return _LocalSink(self, fsync=knobs.FSYNC.get(fsync))
+        return _FsspecSink(self, part_size_bytes=knobs.PART_SIZE_BYTES.get(part_size_bytes))
+
+    def remove(self, *, recursive: bool = False, missing_ok: bool = True) -> None:
+        if self.is_local:
+            import shutil
+
+            try:
+                if recursive and os.path.isdir(self.path) and not os.path.islink(self.path):
+                    shutil.rmtree(self.path)
+                else:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+            except OSError as e:
+                from .errors import classify
+
+                raise classify(e, self.url, "delete") from e
+            return
+
+        def _rm() -> None:
+            try:
+                self.fs.rm(self.path, recursive=recursive)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+
+        call_with_retries(_rm, url=self.url, action="delete")
+        self.fs.invalidate_cache(self.path)
+
+    def walk_files(self) -> Iterator[tuple[str, int]]:
+        """(relative path, size) of every file below this directory."""
+        with storage_errors(self.url, "list"):
+            found = self.fs.find(self.path, detail=True)
+        base = self.path.rstrip("/") + "/"
+        for name, info in sorted(found.items()):
+            rel = name[len(base) :] if name.startswith(base) else posixpath.basename(name)
+            yield rel, int(info.get("size") or 0)
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a local directory so that renames and creations in it are durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view.nbytes:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _LocalSink:
+    def __init__(self, loc: Location, *, fsync: bool) -> None:
+        self._loc = loc
+        self._fsync = fsync
+        with storage_errors(loc.url, "create"):
+            os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+            self._fd: int | None = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, data: memoryview | bytes) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self._loc.url}: write after close")
+        with storage_errors(self._loc.url, "write"):
+            _write_all(self._fd, memoryview(data))
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with storage_errors(self._loc.url, "fsync"):
+            try:
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self._loc.path)
+        except FileNotFoundError:
+            pass
+
+
+class _FsspecSink:
+    """Object stores: fsspec's buffered file uploads ``part_size_bytes`` parts (multipart on
+    S3, resumable on GCS) and completes the upload only on ``close``; ``abort`` discards it."""
+
+    def __init__(self, loc: Location, *, part_size_bytes: int) -> None:
+        self._loc = loc
+        with storage_errors(loc.url, "create"):
+            self._f: Any = loc.fs.open(loc.path, "wb", block_size=part_size_bytes)
+
+    def write(self, data: memoryview | bytes) -> None:
+        with storage_errors(self._loc.url, "write"):
+            self._f.write(data)
+
+    def close(self) -> None:
+        with storage_errors(self._loc.url, "upload"):
+            self._f.close()
+        self._loc.fs.invalidate_cache(self._loc.path)
+
+    def abort(self) -> None:
+        discard = getattr(self._f, "discard", None)
+        try:
+            if discard is not None:
+                discard()
+            else:
+                self._f.close()
+                self._loc.fs.rm(self._loc.path)
+        except Exception:  # best effort: the upload is already failing
+            pass
