@@ -18,6 +18,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "InvalidStateError",
     "SaveFailedError",
+    "StateMismatchError",
     "StorageError",
     "StorageNotFoundError",
     "StoragePermissionError",
@@ -86,3 +87,7 @@ class StoragePermissionError(StorageError, PermissionError):
 
 class StorageTransientError(StorageError):
     """A failure worth retrying (5xx, throttling, connection reset, timeout) that persisted."""
+
+
+class StateMismatchError(CheckpointError, RuntimeError):
+    """The checkpoint's keys or shapes do not match the module or state being restored."""

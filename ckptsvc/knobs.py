@@ -60,10 +60,14 @@ def knob_table() -> list[tuple[str, object, str]]:
 
 # --- format and sync I/O ----------------------------------------------------------------
 MAX_SHARD_SIZE = _knob("max_shard_size", 2**31, "Default bytes per shard file for async saves.")
-WRITE_CHUNK_BYTES = _knob("write_chunk_bytes", 16 * 2**20, "Bytes per write() call when streaming a shard.")
+WRITE_CHUNK_BYTES = _knob(
+    "write_chunk_bytes", 16 * 2**20, "Bytes per write() call when streaming a shard."
+)
 READ_CHUNK_BYTES = _knob("read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.")
 IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parallel.")
-MAX_HEADER_BYTES = _knob("max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted.")
+MAX_HEADER_BYTES = _knob(
+    "max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted."
+)
 FSYNC = _knob("fsync", True, "fsync local shard files and directories before commit.")
 
 # --- object stores ------------------------------------------------------------------------
@@ -75,7 +79,11 @@ RETRY_BASE_S = _knob("retry_base_s", 0.2, "First backoff delay; doubles each att
 # --- async engine -------------------------------------------------------------------------
 ARENAS_PER_RANK = _knob("arenas_per_rank", 2, "Staging arenas per rank (2 = double buffering).")
 COPY_THREADS = _knob("copy_threads", 0, "Threads copying into the arena on CPU (0 = all cores).")
-WRITER_START_TIMEOUT_S = _knob("writer_start_timeout_s", 60.0, "Wait this long for the node writer to start.")
+WRITER_START_TIMEOUT_S = _knob(
+    "writer_start_timeout_s", 60.0, "Wait this long for the node writer to start."
+)
 WRITER_NICE = _knob("writer_nice", 10, "nice() increment for the node writer process.")
 SHM_DIR = _knob("shm_dir", "/dev/shm", "Directory of POSIX shared memory segments.")
-COMMIT_TIMEOUT_S = _knob("commit_timeout_s", 1800.0, "Rank 0 waits this long for every rank's report.")
+COMMIT_TIMEOUT_S = _knob(
+    "commit_timeout_s", 1800.0, "Rank 0 waits this long for every rank's report."
+)

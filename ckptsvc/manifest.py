@@ -58,7 +58,9 @@ def check_relpath(name: object, *, where: str) -> str:
         or any(p in ("", ".", "..") for p in name.split("/"))
     )
     if bad:
-        raise CorruptCheckpointError(f"{where}: unsafe file name {name!r} (must stay inside the checkpoint)")
+        raise CorruptCheckpointError(
+            f"{where}: unsafe file name {name!r} (must stay inside the checkpoint)"
+        )
     return name
 
 
@@ -89,7 +91,9 @@ class ComponentRecord:
             "key": self.key,
             "sharing_pattern": self.sharing_pattern,
             "ranks": list(self.ranks),
-            "replicated_across": None if self.replicated_across is None else list(self.replicated_across),
+            "replicated_across": None
+            if self.replicated_across is None
+            else list(self.replicated_across),
             "group_name": self.group_name,
             "size_bytes": self.size_bytes,
             "checksum": self.checksum,
@@ -113,7 +117,9 @@ class ComponentRecord:
                 metadata=dict(d.get("metadata") or {}),
             )
         except (TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{where}: component {d.get('key')!r} is malformed ({e})") from e
+            raise CorruptCheckpointError(
+                f"{where}: component {d.get('key')!r} is malformed ({e})"
+            ) from e
 
 
 @dataclass(frozen=True)

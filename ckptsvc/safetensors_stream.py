@@ -171,7 +171,9 @@ def plan_shard(
 def header_length(prefix: bytes, *, file_nbytes: int | None, where: str) -> int:
     """Validate the 8-byte prefix of a safetensors file and return the header length."""
     if len(prefix) < 8:
-        raise CorruptCheckpointError(f"{where}: file is {len(prefix)} bytes, too short for safetensors")
+        raise CorruptCheckpointError(
+            f"{where}: file is {len(prefix)} bytes, too short for safetensors"
+        )
     (n,) = _LEN.unpack_from(prefix)
     limit = knobs.MAX_HEADER_BYTES.get()
     if n > limit:
@@ -203,7 +205,8 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
 
     meta = doc.pop(METADATA_KEY, None)
     if meta is not None and (
-        not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+        not isinstance(meta, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ):
         raise CorruptCheckpointError(f"{where}: __metadata__ must map strings to strings")
 

@@ -68,7 +68,9 @@ def is_transient(exc: BaseException) -> bool:
 def classify(exc: BaseException, url: str, action: str) -> StorageError:
     """Wrap ``exc`` in the matching ``StorageError`` leaf, naming ``url`` and ``action``."""
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, FileNotFoundError) or (isinstance(exc, OSError) and exc.errno == errno.ENOENT):
+    if isinstance(exc, FileNotFoundError) or (
+        isinstance(exc, OSError) and exc.errno == errno.ENOENT
+    ):
         return StorageNotFoundError(f"{action} {url}: not found ({detail})", url=url)
     if isinstance(exc, PermissionError) or (
         isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)
@@ -80,7 +82,18 @@ def classify(exc: BaseException, url: str, action: str) -> StorageError:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageError(f"{action} {url}: no space left on device ({detail})", url=url)
     text = str(exc).lower()
-    if any(w in text for w in ("accessdenied", "access denied", "forbidden", "403", "401", "invalidaccesskeyid", "signaturedoesnotmatch")):
+    if any(
+        w in text
+        for w in (
+            "accessdenied",
+            "access denied",
+            "forbidden",
+            "403",
+            "401",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+        )
+    ):
         return StoragePermissionError(
             f"{action} {url}: permission denied ({detail}); check credentials and bucket policy",
             url=url,
@@ -88,7 +101,9 @@ def classify(exc: BaseException, url: str, action: str) -> StorageError:
     if any(w in text for w in ("nosuchbucket", "no such bucket", "nosuchkey", "404")):
         return StorageNotFoundError(f"{action} {url}: not found ({detail})", url=url)
     if is_transient(exc):
-        return StorageTransientError(f"{action} {url}: transient failure persisted ({detail})", url=url)
+        return StorageTransientError(
+            f"{action} {url}: transient failure persisted ({detail})", url=url
+        )
     return StorageError(f"{action} {url}: {detail}", url=url)
 
 

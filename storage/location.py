@@ -7,6 +7,7 @@ files get the fast, durable code path (raw ``os`` calls, fsync, ``os.replace``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -26,7 +27,9 @@ from .retry import call_with_retries
 __all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
 
 
-def url_to_fs(url: str | os.PathLike[str], **storage_options: Any) -> tuple[AbstractFileSystem, str]:
+def url_to_fs(
+    url: str | os.PathLike[str], **storage_options: Any
+) -> tuple[AbstractFileSystem, str]:
     """Resolve a local path or URL (``file://``, ``memory://``, ``s3://``, ``gs://``, ...)."""
     text = os.fspath(url)
     if not text:
@@ -83,7 +86,9 @@ class Location:
         if _is_local(fs):
             path = os.path.abspath(path)
             text = path if "://" not in text else text
-        return cls(fs=fs, path=path.rstrip("/") or "/", url=text.rstrip("/") or text, storage_options=opts)
+        return cls(
+            fs=fs, path=path.rstrip("/") or "/", url=text.rstrip("/") or text, storage_options=opts
+        )
 
     # ---- naming --------------------------------------------------------------------------
     @property
@@ -126,12 +131,16 @@ class Location:
     def exists(self) -> bool:
         if self.is_local:
             return os.path.exists(self.path)
-        return bool(call_with_retries(lambda: self.fs.exists(self.path), url=self.url, action="stat"))
+        return bool(
+            call_with_retries(lambda: self.fs.exists(self.path), url=self.url, action="stat")
+        )
 
     def isdir(self) -> bool:
         if self.is_local:
             return os.path.isdir(self.path)
-        return bool(call_with_retries(lambda: self.fs.isdir(self.path), url=self.url, action="stat"))
+        return bool(
+            call_with_retries(lambda: self.fs.isdir(self.path), url=self.url, action="stat")
+        )
 
     def size(self) -> int:
         if self.is_local:
@@ -143,11 +152,14 @@ class Location:
         """One listing of the direct children (a single paginated LIST on object stores)."""
         if self.is_local:
             out: list[ChildInfo] = []
-            with storage_errors(self.url, "list"):
-                with os.scandir(self.path) as it:
-                    for e in it:
-                        st = e.stat(follow_symlinks=False)
-                        out.append(ChildInfo(e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime))
+            with storage_errors(self.url, "list"), os.scandir(self.path) as it:
+                for e in it:
+                    st = e.stat(follow_symlinks=False)
+                    out.append(
+                        ChildInfo(
+                            e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime
+                        )
+                    )
             return out
 
         def _ls() -> list[dict[str, Any]]:
@@ -161,8 +173,14 @@ class Location:
             if not name or str(e["name"]).rstrip("/") == self.path.rstrip("/"):
                 continue
             mtime = e.get("mtime") or e.get("LastModified") or e.get("updated")
-            ts = mtime.timestamp() if hasattr(mtime, "timestamp") else (float(mtime) if isinstance(mtime, (int, float)) else None)
-            result.append(ChildInfo(name, e.get("type") == "directory", int(e.get("size") or 0), ts))
+            ts = (
+                mtime.timestamp()
+                if hasattr(mtime, "timestamp")
+                else (float(mtime) if isinstance(mtime, (int, float)) else None)
+            )
+            result.append(
+                ChildInfo(name, e.get("type") == "directory", int(e.get("size") or 0), ts)
+            )
         return result
 
     # ---- reads ---------------------------------------------------------------------------
@@ -170,7 +188,9 @@ class Location:
         if self.is_local:
             with storage_errors(self.url, "read"), open(self.path, "rb") as f:
                 return f.read()
-        return bytes(call_with_retries(lambda: self.fs.cat_file(self.path), url=self.url, action="read"))
+        return bytes(
+            call_with_retries(lambda: self.fs.cat_file(self.path), url=self.url, action="read")
+        )
 
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)``; may return fewer at end of file."""
@@ -185,7 +205,9 @@ class Location:
                     os.close(fd)
         return bytes(
             call_with_retries(
-                lambda: self.fs.cat_file(self.path, start=start, end=end), url=self.url, action="read"
+                lambda: self.fs.cat_file(self.path, start=start, end=end),
+                url=self.url,
+                action="read",
             )
         )
 
@@ -250,9 +272,13 @@ class Location:
                     raise
                 fsync_dir(directory)
             return
-        call_with_retries(lambda: self.fs.pipe_file(self.path, data), url=self.url, action="publish")
+        call_with_retries(
+            lambda: self.fs.pipe_file(self.path, data), url=self.url, action="publish"
+        )
 
-    def open_sink(self, *, fsync: bool | None = None, part_size_bytes: int | None = None) -> ShardSink:
+    def open_sink(
+        self, *, fsync: bool | None = None, part_size_bytes: int | None = None
+    ) -> ShardSink:
         """A streaming writer: local files are fsynced on close; object stores use multipart."""
         if self.is_local:
             return _LocalSink(self, fsync=knobs.FSYNC.get(fsync))
@@ -341,10 +367,8 @@ class _LocalSink:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._loc.path)
-        except FileNotFoundError:
-            pass
 
 
 class _FsspecSink:

@@ -47,7 +47,13 @@ def call_with_retries(
             delay = min(random.uniform(0, base_s * 2 ** (attempt - 1)), max(0.0, max_s - elapsed))
             logger.warning(
                 "%s %s failed (attempt %d/%d, %s: %s); retrying in %.2fs",
-                action, url, attempt, attempts, type(e).__name__, e, delay,
+                action,
+                url,
+                attempt,
+                attempts,
+                type(e).__name__,
+                e,
+                delay,
             )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover  (loop always returns or raises)

@@ -1,0 +1,194 @@
+"""Which checkpoints exist under a root, which are complete, and which is the latest.
+
+Classification of one checkpoint directory (DESIGN.md section 4):
+
+- **complete**: ``checkpoint_manifest.json`` exists and parses;
+- **incomplete**: no (valid) manifest, but our in-progress marker, or a manifest that does
+  not parse - a save that never committed; never returned, collectable by ``gc``;
+- **legacy**: no manifest and no marker but model weights (a Forgather or HF checkpoint
+  written without a manifest) - ordered by modification time, as Forgather does;
+- **absent**: none of these.
+
+On object stores, discovery costs one listing of ``<root>/checkpoints/`` plus one GET of
+each candidate's manifest, issued in parallel; a directory is listed only when its
+manifest is missing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import knobs
+from .errors import CorruptCheckpointError, StorageNotFoundError
+from .layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
+from .storage import Location
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStatus",
+    "checkpoint_info",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "next_checkpoint_path",
+    "read_manifest",
+    "validate_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"^checkpoint-(.+)$")
+#: files that make a manifest-less directory a legacy checkpoint (Forgather's order)
+LEGACY_WEIGHT_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME)
+
+
+class CheckpointStatus(enum.Enum):
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"
+    LEGACY = "legacy"
+    ABSENT = "absent"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What discovery knows of one checkpoint directory."""
+
+    location: Location
+    status: CheckpointStatus
+    manifest: Manifest | None
+    mtime_s: float | None
+    reason: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def checkpoint_id(self) -> str:
+        m = _CKPT_RE.match(self.location.name)
+        return m.group(1) if m else self.location.name
+
+    @property
+    def step(self) -> int | None:
+        if self.manifest is not None and self.manifest.step is not None:
+            return self.manifest.step
+        try:
+            return int(self.checkpoint_id)
+        except ValueError:
+            return None
+
+    def sort_key(self) -> tuple[float, int]:
+        """Manifest timestamp (complete) or mtime (legacy), then the step as tie-break."""
+        ts = self.manifest.timestamp_s() if self.manifest is not None else (self.mtime_s or 0.0)
+        return (ts, self.step if self.step is not None else -1)
+
+
+def read_manifest(ckpt: Location) -> Manifest | None:
+    """The parsed manifest, ``None`` if there is none; CorruptCheckpointError if unparseable."""
+    try:
+        raw = ckpt.join(MANIFEST_NAME).read_bytes()
+    except StorageNotFoundError:
+        return None
+    return Manifest.from_json(raw, where=ckpt.join(MANIFEST_NAME).url)
+
+
+def checkpoint_info(
+    ckpt: Location | str, *, storage_options: dict[str, Any] | None = None
+) -> CheckpointInfo:
+    """Classify one directory (see the module docstring)."""
+    loc = Location.parse(ckpt, storage_options)
+    try:
+        manifest = read_manifest(loc)
+    except CorruptCheckpointError as e:
+        return CheckpointInfo(loc, CheckpointStatus.INCOMPLETE, None, None, reason=str(e))
+    if manifest is not None:
+        return CheckpointInfo(loc, CheckpointStatus.COMPLETE, manifest, None)
+    try:
+        children = {c.name: c for c in loc.list_children()}
+    except StorageNotFoundError:
+        return CheckpointInfo(loc, CheckpointStatus.ABSENT, None, None, reason="no such directory")
+    if MARKER_NAME in children:
+        return CheckpointInfo(
+            loc, CheckpointStatus.INCOMPLETE, None, None, reason="save never committed"
+        )
+    weights = [n for n in LEGACY_WEIGHT_FILES if n in children]
+    if weights:
+        mtime = max((children[n].mtime or 0.0) for n in weights)
+        if loc.is_local:
+            mtime = os.path.getmtime(loc.path)
+        return CheckpointInfo(loc, CheckpointStatus.LEGACY, None, mtime)
+    return CheckpointInfo(
+        loc, CheckpointStatus.ABSENT, None, None, reason="no manifest and no weights"
+    )
+
+
+def list_checkpoints(
+    model_dir: Location | str, *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
+    """Every ``checkpoints/checkpoint-*`` directory under ``model_dir``, oldest first."""
+    root = Location.parse(model_dir, storage_options).join(CHECKPOINTS_DIR)
+    try:
+        children = root.list_children()
+    except StorageNotFoundError:
+        return []
+    dirs = [root.join(c.name) for c in children if c.is_dir and _CKPT_RE.match(c.name)]
+    if not dirs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, max(1, knobs.IO_THREADS.get() * 2))) as pool:
+        infos = list(pool.map(checkpoint_info, dirs))
+    return sorted(infos, key=CheckpointInfo.sort_key)
+
+
+def _latest(infos: Sequence[CheckpointInfo]) -> CheckpointInfo | None:
+    usable = [i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)]
+    return max(usable, key=CheckpointInfo.sort_key) if usable else None
+
+
+def find_latest_checkpoint(
+    model_dir: str, *, storage_options: dict[str, Any] | None = None
+) -> str | None:
+    """The newest complete (or legacy) checkpoint under ``<model_dir>/checkpoints``.
+
+    Complete checkpoints are ordered by manifest timestamp, legacy ones by modification
+    time, ties broken by step. An incomplete checkpoint is never returned, not even when
+    it is the only one. Without a ``checkpoints`` directory, ``model_dir`` itself is
+    returned if it holds a checkpoint (Forgather's behaviour). Returns a path or URL.
+    """
+    root = Location.parse(model_dir, storage_options)
+    infos = list_checkpoints(root)
+    if not infos and not root.join(CHECKPOINTS_DIR).exists():
+        logger.info(
+            "no %s directory under %s; checking the directory itself", CHECKPOINTS_DIR, root.url
+        )
+        return root.url if validate_checkpoint(root.url, storage_options=storage_options) else None
+    for info in infos:
+        if info.status is CheckpointStatus.INCOMPLETE:
+            logger.info("skipping incomplete checkpoint %s (%s)", info.url, info.reason)
+    latest = _latest(infos)
+    if latest is None:
+        logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
+        return None
+    return latest.url
+
+
+def validate_checkpoint(
+    checkpoint_path: str, *, storage_options: dict[str, Any] | None = None
+) -> bool:
+    """True for a complete or legacy checkpoint; False for an incomplete or absent one."""
+    info = checkpoint_info(checkpoint_path, storage_options=storage_options)
+    return info.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)
+
+
+def next_checkpoint_path(model_dir: str, checkpoint_id: int | str) -> str:
+    """``<model_dir>/checkpoints/checkpoint-<id>`` (local path or URL)."""
+    if "://" in str(model_dir):
+        return f"{str(model_dir).rstrip('/')}/{CHECKPOINTS_DIR}/checkpoint-{checkpoint_id}"
+    return os.path.join(model_dir, CHECKPOINTS_DIR, f"checkpoint-{checkpoint_id}")

@@ -1,0 +1,614 @@
+"""The Forgather-compatible synchronous checkpoint API, over any fsspec URL.
+
+Same names, signatures and defaults as ``forgather.ml.sharded_checkpoint``; code written
+against Forgather runs unchanged after swapping the import. Differences, all fixes:
+
+- saves follow the commit protocol: marker, shards, index, manifest last; a crash
+  never leaves something :func:`find_latest_checkpoint` returns;
+- shard sizes count tensor bytes, not whole storages;
+- tied-parameter names are ordered deterministically;
+- the caller's ``metadata`` dict is never mutated;
+- errors are :class:`~ckptsvc.errors.CheckpointError` leaves that name the path and key
+  (and still subclass the builtins Forgather raised, e.g. ``FileNotFoundError``);
+- every function also takes a URL and a keyword-only ``storage_options``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+from . import knobs
+from .discovery import (
+    CheckpointStatus,
+    checkpoint_info,
+    find_latest_checkpoint,
+    next_checkpoint_path,
+    read_manifest,
+    validate_checkpoint,
+)
+from .errors import (
+    CheckpointNotFoundError,
+    CommitConflictError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    InvalidStateError,
+    StateMismatchError,
+    StorageNotFoundError,
+)
+from .layout import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    TensorSpec,
+    assign_shards,
+    index_file_name,
+    make_index,
+    plan_files,
+)
+from .loading import read_safetensors, read_torch_file
+from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
+from .retention import maybe_delete_oldest_checkpoint
+from .safetensors_stream import dtype_from_torch, tensor_bytes
+from .storage import Location
+from .tied_params import (
+    create_sharing_metadata,
+    get_all_fqns,
+    id_to_fqn,
+    make_cannonical_names,
+    map_cannonical_names,
+    retie_parameters,
+    shared_tensor_groups,
+    stored_aliases,
+)
+from .workers.commit import begin_checkpoint, commit_checkpoint, publish_file
+from .workers.shard_writer import ChecksummedWriter, write_shard
+
+__all__ = [
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "SAFE_WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointMeta",
+    "ShardIndex",
+    "create_pretrained_symlinks",
+    "create_sharing_metadata",
+    "find_latest_checkpoint",
+    "get_all_fqns",
+    "get_checkpoint_metadata",
+    "id_to_fqn",
+    "index_file_name",
+    "load_checkpoint",
+    "load_checkpoint_metrics",
+    "load_shard_index",
+    "load_sharded_checkpoint",
+    "make_cannonical_names",
+    "make_shard_index",
+    "map_cannonical_names",
+    "maybe_delete_oldest_checkpoint",
+    "next_checkpoint_path",
+    "retie_parameters",
+    "save_checkpoint",
+    "save_checkpoint_metrics",
+    "save_shard_index",
+    "save_sharded_checkpoint",
+    "validate_checkpoint",
+    "validate_output_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+ShardIndex: TypeAlias = dict[str, Any]
+SharingMetadataT: TypeAlias = list[list[str]]
+StateDictLike: TypeAlias = nn.Module | Mapping[str, Tensor]
+METRICS_NAME = "eval_metrics.json"
+
+
+@dataclass
+class CheckpointMeta:
+    """Forgather's description of a checkpoint's weight files."""
+
+    file_name: str  # the index if there is one, else the weights file
+    is_index: bool
+    safetensors: bool
+
+
+def _state_dict(source: StateDictLike) -> dict[str, Tensor]:
+    sd = dict(source.state_dict()) if isinstance(source, nn.Module) else dict(source)
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise InvalidStateError(f"state dict entry {k!r} is {type(v).__name__}, not a tensor")
+        if v.device.type == "meta":
+            raise InvalidStateError(f"tensor {k!r} is on the meta device and has no data to save")
+    return sd
+
+
+def _dedupe_tied(sd: dict[str, Tensor], sharing: SharingMetadataT) -> dict[str, Tensor]:
+    """Drop aliases of tied groups (their canonical name keeps the single copy)."""
+    aliases = map_cannonical_names(make_cannonical_names(sd.keys(), sharing))
+    return {k: v for k, v in sd.items() if k not in aliases}
+
+
+# ---------------------------------------------------------------- index
+
+
+def make_shard_index(
+    state_dictionaries: list[dict[str, Tensor]],
+    metadata: dict[str, Any] | None = None,
+    safetensors: bool = False,
+    max_shard_size: int = 2**32,
+    param_sharing_metadata: SharingMetadataT | None = None,
+) -> ShardIndex:
+    """Build an HF index: each state dict gets its own shards, cut at ``max_shard_size``
+    tensor bytes. Tensors may be on the meta device (only shapes are used)."""
+    groups = [
+        [(k, t.numel() * t.element_size()) for k, t in sd.items()] for sd in state_dictionaries
+    ]
+    weight_map = assign_shards(groups, max_shard_size=max_shard_size, safetensors=safetensors)
+    total = sum(n for g in groups for _, n in g)
+    return make_index(
+        weight_map, total_size=total, metadata=metadata, param_sharing=param_sharing_metadata
+    )
+
+
+def save_shard_index(
+    shard_index: ShardIndex,
+    output_dir: str,
+    index_name: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write an index file atomically (``safetensors`` is accepted and ignored, as in Forgather)."""
+    loc = Location.parse(output_dir, storage_options)
+    loc.makedirs()
+    loc.join(index_name).publish(json.dumps(shard_index, indent=4, ensure_ascii=True).encode())
+
+
+def load_shard_index(
+    output_dir: str, index_name: str, *, storage_options: dict[str, Any] | None = None
+) -> ShardIndex:
+    """Read and validate an index: every file in ``weight_map`` must stay inside the checkpoint."""
+    loc = Location.parse(output_dir, storage_options).join(index_name)
+    try:
+        doc = json.loads(loc.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{loc.url}: index is not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CorruptCheckpointError(f"{loc.url}: index has no 'weight_map' object")
+    for key, fname in doc["weight_map"].items():
+        check_relpath(fname, where=f"{loc.url} (key {key!r})")
+    doc.setdefault("metadata", {})
+    return doc
+
+
+# ---------------------------------------------------------------- save
+
+
+def _write_shards(
+    ckpt: Location, sd: Mapping[str, Tensor], *, safetensors: bool, max_shard_size: int, debug: bool
+) -> tuple[dict[str, str], list[FileRecord]]:
+    """Write the shard files of ``sd``; returns (weight_map, file records)."""
+    if debug:
+        for k, t in sd.items():
+            logger.debug(
+                "%s: shape=%s dtype=%s nbytes=%d",
+                k,
+                tuple(t.shape),
+                t.dtype,
+                t.numel() * t.element_size(),
+            )
+    threads = knobs.IO_THREADS.get()
+    if safetensors:
+        specs = [
+            TensorSpec(k, dtype_from_torch(t.dtype, name=k), tuple(t.shape)) for k, t in sd.items()
+        ]
+        plans = plan_files(specs, max_shard_size=max_shard_size)
+
+        def _one(plan: Any) -> FileRecord:
+            chunks = (tensor_bytes(sd[e.name]) for e in plan.layout.entries)
+            return write_shard(
+                ckpt.join(plan.file_name), plan.layout, chunks, rel_path=plan.file_name
+            )
+
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plans)))) as pool:
+            records = list(pool.map(_one, plans))
+        weight_map = {e.name: p.file_name for p in plans for e in p.layout.entries}
+        return {k: weight_map[k] for k in sd}, records
+
+    weight_map = assign_shards(
+        [[(k, t.numel() * t.element_size()) for k, t in sd.items()]],
+        max_shard_size=max_shard_size,
+        safetensors=False,
+    )
+    by_file: dict[str, dict[str, Tensor]] = {}
+    for k, fname in weight_map.items():
+        by_file.setdefault(fname, {})[k] = sd[k].detach().cpu()
+
+    def _one_bin(item: tuple[str, dict[str, Tensor]]) -> FileRecord:
+        fname, part = item
+        out = ChecksummedWriter(ckpt.join(fname), rel_path=fname)
+        try:
+            torch.save(part, out)  # type: ignore[arg-type]
+            return out.finish()
+        except BaseException:
+            out.abort()
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_file)))) as pool:
+        records = list(pool.map(_one_bin, by_file.items()))
+    return weight_map, records
+
+
+def save_checkpoint(
+    output_dir: str,
+    module: StateDictLike,
+    metadata: dict[str, Any] | None = None,
+    safetensors: bool = False,
+    max_shard_size: int = 2**31,
+    debug: bool = False,
+    include_param_sharing: bool = True,
+    param_sharing_metadata: SharingMetadataT | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    step: int | None = None,
+) -> None:
+    """Save a module or raw state dict as a sharded, committed checkpoint in ``output_dir``.
+
+    Order: in-progress marker, shard files, index, then ``checkpoint_manifest.json`` last
+    (atomic). Tied parameters are stored once and listed in ``metadata.param_sharing``.
+    The whole input is validated before a byte is written.
+    """
+    sd = _state_dict(module)
+    if param_sharing_metadata is None and include_param_sharing:
+        groups = create_sharing_metadata(module) if isinstance(module, nn.Module) else []
+        groups += [g for g in shared_tensor_groups(sd) if g not in groups]
+        param_sharing_metadata = sorted(groups)
+    sharing = [list(g) for g in param_sharing_metadata or []]
+    to_write = _dedupe_tied(sd, sharing)
+    if safetensors:  # validate dtypes before moving a byte
+        for k, t in to_write.items():
+            dtype_from_torch(t.dtype, name=k)
+
+    ckpt = Location.parse(output_dir, storage_options)
+    begin_checkpoint(ckpt)
+    weight_map, records = _write_shards(
+        ckpt, to_write, safetensors=safetensors, max_shard_size=max_shard_size, debug=debug
+    )
+    total = sum(t.numel() * t.element_size() for t in to_write.values())
+    index = make_index(
+        weight_map, total_size=total, metadata=metadata, param_sharing=sharing or None
+    )
+    index_name = index_file_name(safetensors)
+    records.append(
+        publish_file(ckpt, index_name, json.dumps(index, indent=4, ensure_ascii=True).encode())
+    )
+    manifest = Manifest(
+        checkpoint_path=ckpt.url,
+        world_size=1,
+        timestamp=now_iso(),
+        step=step,
+        files=tuple(records),
+        components=(
+            ComponentRecord(
+                key="model",
+                sharing_pattern="global",
+                ranks=(0,),
+                size_bytes=sum(r.nbytes for r in records),
+                metadata={"files": sorted(r.path for r in records), "index": index_name},
+            ),
+        ),
+        pytorch_version=torch.__version__,
+        library_version=_version(),
+    )
+    commit_checkpoint(ckpt, manifest)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_sharded_checkpoint(
+    output_dir: str,
+    shard_index: ShardIndex,
+    module: StateDictLike,
+    safetensors: bool = False,
+    debug: bool = False,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write only the shard files of ``shard_index`` that hold tensors of ``module``.
+
+    For multi-process saves where each process owns some shards; it writes no manifest
+    (commit the checkpoint separately once every process is done).
+    """
+    ckpt = Location.parse(output_dir, storage_options)
+    ckpt.makedirs()
+    sd = _state_dict(module)
+    weight_map = shard_index["weight_map"]
+    by_file: dict[str, dict[str, Tensor]] = {}
+    for k in sorted(set(weight_map) & set(sd)):
+        by_file.setdefault(check_relpath(weight_map[k], where=ckpt.url), {})[k] = sd[k]
+    for fname, part in by_file.items():
+        logger.info("writing %s (%d tensors)", fname, len(part))
+        if safetensors:
+            specs = [
+                TensorSpec(k, dtype_from_torch(t.dtype, name=k), tuple(t.shape))
+                for k, t in part.items()
+            ]
+            (plan,) = plan_files(specs, max_shard_size=2**62)
+            write_shard(
+                ckpt.join(fname),
+                plan.layout,
+                (tensor_bytes(part[e.name]) for e in plan.layout.entries),
+                rel_path=fname,
+            )
+        else:
+            out = ChecksummedWriter(ckpt.join(fname), rel_path=fname)
+            try:
+                torch.save({k: v.detach().cpu() for k, v in part.items()}, out)  # type: ignore[arg-type]
+                out.finish()
+            except BaseException:
+                out.abort()
+                raise
+
+
+def validate_output_dir(
+    output_dir: str, overwrite: bool = False, *, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Raise :class:`CommitConflictError` if a checkpoint exists there and ``overwrite`` is False."""
+    loc = Location.parse(output_dir, storage_options)
+    if loc.exists() and not loc.isdir():
+        raise CommitConflictError(f"{loc.url} exists and is not a directory")
+    if get_checkpoint_metadata(output_dir, storage_options=storage_options) is not None:
+        if not overwrite:
+            raise CommitConflictError(
+                f"a checkpoint already exists in {loc.url} and overwrite is False"
+            )
+        logger.warning("checkpoint exists in %s and may be overwritten", loc.url)
+
+
+# ---------------------------------------------------------------- load
+
+
+def get_checkpoint_metadata(
+    path: str, *, storage_options: dict[str, Any] | None = None
+) -> CheckpointMeta | None:
+    """Weight-file layout in Forgather's detection order, or ``None``."""
+    loc = Location.parse(path, storage_options)
+    try:
+        names = {c.name for c in loc.list_children()}
+    except (StorageNotFoundError, NotADirectoryError):
+        return None
+    for fname, is_index, is_st in (
+        (SAFE_WEIGHTS_INDEX_NAME, True, True),
+        (WEIGHTS_INDEX_NAME, True, False),
+        (WEIGHTS_NAME, False, False),
+        (SAFE_WEIGHTS_NAME, False, True),
+    ):
+        if fname in names:
+            return CheckpointMeta(fname, is_index, is_st)
+    return None
+
+
+def _read_file(
+    ckpt: Location,
+    fname: str,
+    *,
+    safetensors: bool,
+    names: set[str] | None,
+    device: str,
+    expected: Manifest | None,
+) -> dict[str, Tensor]:
+    loc = ckpt.join(check_relpath(fname, where=ckpt.url))
+    record = expected.file(fname) if expected is not None else None
+    if record is not None:
+        size = loc.size()
+        if size != record.nbytes:
+            raise CorruptCheckpointError(
+                f"{loc.url}: size {size} differs from the manifest's {record.nbytes} (truncated or replaced file)"
+            )
+    try:
+        if safetensors:
+            return read_safetensors(loc, names=names, device=device)
+        sd = read_torch_file(loc, device=device)
+    except StorageNotFoundError as e:
+        raise CorruptCheckpointError(f"{loc.url}: shard listed in the index is missing") from e
+    return sd if names is None else {k: v for k, v in sd.items() if k in names}
+
+
+def load_sharded_checkpoint(
+    model_dir: str,
+    shard_index: ShardIndex,
+    module: nn.Module | None = None,
+    device: str = "cpu",
+    safetensors: bool = False,
+    strict: bool = True,
+    assign: bool = False,
+    debug: bool = False,
+    keys: set[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> set[str] | dict[str, Tensor]:
+    """Load the shards of ``shard_index``.
+
+    With ``module``: load the tensors it has into it (the index may be a superset) and
+    return the set of module keys that were not loaded; ``strict`` raises
+    :class:`StateMismatchError` for those instead. Without: return the tensors (only
+    ``keys`` when given), aliases of tied parameters included.
+    """
+    ckpt = Location.parse(model_dir, storage_options)
+    manifest = read_manifest(ckpt)
+    weight_map: dict[str, str] = shard_index["weight_map"]
+    sharing: SharingMetadataT = shard_index.get("metadata", {}).get("param_sharing") or []
+    if module is None:
+        aliases = stored_aliases(sharing, weight_map)
+        wanted = set(weight_map) | set(aliases) if keys is None else set(keys)
+        need = {aliases.get(k, k) for k in wanted} & set(weight_map)
+        result: dict[str, Tensor] = {}
+        for fname in sorted({weight_map[k] for k in need}):
+            result.update(
+                _read_file(
+                    ckpt,
+                    fname,
+                    safetensors=safetensors,
+                    names=need,
+                    device=device,
+                    expected=manifest,
+                )
+            )
+        for k in sorted(wanted):
+            if k not in result and aliases.get(k) in result:
+                result[k] = result[aliases[k]]
+        return {k: result[k] for k in sorted(result) if k in wanted}
+
+    module_keys = set(module.state_dict().keys())
+    groups = sharing + [g for g in create_sharing_metadata(module) if g not in sharing]
+    tied_aliases = set(stored_aliases(groups, weight_map))
+    missing = sorted(module_keys - set(weight_map) - tied_aliases)
+    if strict and missing:
+        raise StateMismatchError(
+            f"{ckpt.url}: the checkpoint has no entry for {len(missing)} module keys, e.g. {missing[:8]}"
+        )
+    unloaded = module_keys - tied_aliases
+    wanted_keys = module_keys & set(weight_map)
+    for fname in sorted({weight_map[k] for k in wanted_keys}):
+        part = _read_file(
+            ckpt,
+            fname,
+            safetensors=safetensors,
+            names=wanted_keys,
+            device=device,
+            expected=manifest,
+        )
+        if debug:
+            logger.debug("loading %d tensors from %s", len(part), fname)
+        result_keys = module.load_state_dict(part, strict=False, assign=assign)
+        unloaded -= set(part) - set(result_keys.unexpected_keys)
+    if groups:
+        retie_parameters(module, groups)
+    if unloaded:
+        msg = f"{ckpt.url}: these module keys were not found in the shards: {sorted(unloaded)[:8]}"
+        if strict:
+            raise StateMismatchError(msg)
+        logger.warning("%s", msg)
+    return unloaded
+
+
+def load_checkpoint(
+    model_dir: str,
+    module: nn.Module | None = None,
+    device: str = "cpu",
+    strict: bool = True,
+    assign: bool = False,
+    keys: set[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Tensor] | None:
+    """Load a checkpoint of any supported layout (sharded or single file, safetensors or
+    torch). With ``module``, load into it and return ``None``; else return the tensors.
+
+    Raises :class:`CheckpointNotFoundError` if nothing is there and
+    :class:`IncompleteCheckpointError` for a save that never committed.
+    """
+    ckpt = Location.parse(model_dir, storage_options)
+    info = checkpoint_info(ckpt)
+    if info.status is CheckpointStatus.INCOMPLETE:
+        raise IncompleteCheckpointError(
+            f"{ckpt.url} is an incomplete checkpoint ({info.reason}); resume from "
+            "find_latest_checkpoint(...) instead, or delete it with `ckptsvc gc`"
+        )
+    meta = get_checkpoint_metadata(ckpt.url, storage_options=storage_options)
+    if meta is None:
+        raise CheckpointNotFoundError(
+            f"no checkpoint in {ckpt.url}: expected one of {SAFE_WEIGHTS_INDEX_NAME}, "
+            f"{WEIGHTS_INDEX_NAME}, {WEIGHTS_NAME} or {SAFE_WEIGHTS_NAME}"
+        )
+    if meta.is_index:
+        index = load_shard_index(ckpt.url, meta.file_name, storage_options=storage_options)
+    else:
+        sd = _read_file(
+            ckpt,
+            meta.file_name,
+            safetensors=meta.safetensors,
+            names=None,
+            device=device,
+            expected=info.manifest,
+        )
+        index = {"metadata": {}, "weight_map": dict.fromkeys(sd, meta.file_name)}
+    result = load_sharded_checkpoint(
+        ckpt.url, index, module, device=device, safetensors=meta.safetensors,
+        strict=strict, assign=assign, keys=keys, storage_options=storage_options,
+    )  # fmt: skip
+    return None if module is not None else result  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- metrics and symlinks
+
+
+def save_checkpoint_metrics(
+    checkpoint_path: str,
+    metrics: dict[str, float],
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write ``eval_metrics.json`` into the checkpoint (atomically)."""
+    loc = Location.parse(checkpoint_path, storage_options)
+    loc.makedirs()
+    loc.join(METRICS_NAME).publish(json.dumps(metrics, indent=2).encode())
+
+
+def load_checkpoint_metrics(
+    checkpoint_path: str, *, storage_options: dict[str, Any] | None = None
+) -> dict[str, float] | None:
+    """The checkpoint's ``eval_metrics.json``, or ``None``."""
+    loc = Location.parse(checkpoint_path, storage_options).join(METRICS_NAME)
+    try:
+        data: dict[str, float] = json.loads(loc.read_bytes())
+    except StorageNotFoundError:
+        return None
+    return data
+
+
+def create_pretrained_symlinks(
+    model_dir: str, force_overwrite: bool = False, dry_run: bool = False
+) -> list[str]:
+    """Symlink the latest checkpoint's weight files into ``model_dir`` (local disk only),
+    so ``from_pretrained(model_dir)`` loads them. Returns the links (to be) created."""
+    if "://" in model_dir and not model_dir.startswith("file://"):
+        raise ValueError(f"create_pretrained_symlinks needs a local directory, not {model_dir}")
+    latest = find_latest_checkpoint(model_dir)
+    if not latest:
+        raise CheckpointNotFoundError(f"no complete checkpoint under {model_dir}")
+    meta = get_checkpoint_metadata(latest)
+    if meta is None:
+        raise CheckpointNotFoundError(f"{latest} has no weight files")
+    names = [meta.file_name]
+    if meta.is_index:
+        names += sorted(set(load_shard_index(latest, meta.file_name)["weight_map"].values()))
+    links = []
+    for name in names:
+        link = os.path.join(model_dir, name)
+        target = os.path.join(latest, name)
+        if os.path.lexists(link) and not os.path.islink(link) and not force_overwrite:
+            raise CommitConflictError(
+                f"{link} exists and is not a symlink; pass force_overwrite=True"
+            )
+        links.append(link)
+        if dry_run:
+            logger.info("would link %s -> %s", link, target)
+            continue
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.relpath(target, model_dir), link)
+    return links

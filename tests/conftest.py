@@ -1,0 +1,220 @@
+"""Shared pytest fixtures: real object-store servers and one root URL per test per backend.
+
+How to use them in a test file
+------------------------------
+Run a test on every backend (local disk, memory://, S3 on moto, GCS emulator, SeaweedFS)::
+
+    def test_roundtrip(storage_root):            # parametrized: one run per backend
+        loc = storage_root.location("ckpt")      # ckptsvc.storage.Location under a fresh root
+        save_checkpoint(storage_root.join("ckpt"), model)   # or pass the URL string...
+        ...  Location.parse(storage_root.url, storage_root.storage_options)
+
+``storage_root_fast`` is the same on local + memory + S3 (moto) only, for heavier tests.
+Pick other subsets with indirect parametrization of ``storage_root``::
+
+    @pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
+    def test_x(storage_root): ...
+
+Each value is a :class:`StorageRoot`: ``.url`` is a fresh, empty, unique root (a plain
+local path, ``memory://...``, ``s3://<fresh bucket>/root``, ``gs://<fresh bucket>/root``),
+``.storage_options`` the dict to hand to fsspec / ``Location.parse`` / ckptsvc's public API
+(plain data, picklable, so a spawned writer process can rebuild the filesystem),
+``.backend`` the param name, ``.bucket`` the bucket (remote backends), ``.server`` the
+:class:`tests.servers.Server` (remote backends; ``.server.boto3_client()`` for S3 checks),
+and ``.multiprocess`` False for memory:// (its files live in one process only).
+
+Remote params carry the ``cloud`` marker (``-m "not cloud"`` runs the local ones only).
+The servers themselves are the session fixtures ``moto_server``, ``seaweedfs_server`` and
+``gcs_server``, started lazily on free 127.0.0.1 ports and stopped at session end. When a
+server cannot start, tests that need it are skipped with the reason, except when
+``CI=true``: then they fail, so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+# gcsfs reads this at import time; its default probes bucket types over gRPC with a 60 s
+# timeout per bucket, which an emulator never answers. Set before anything imports gcsfs.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from fsspec import AbstractFileSystem
+
+from ckptsvc.storage import Location
+
+from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py)
+    Server,
+    ServerStartError,
+    start_gcs,
+    start_moto,
+    start_seaweedfs,
+)
+
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+ALL_BACKENDS = ("local", "memory", "s3", "gcs", "seaweedfs")
+FAST_BACKENDS = ("local", "memory", "s3")
+REMOTE_BACKENDS = frozenset({"s3", "gcs", "seaweedfs"})
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    """A fresh, empty root for one test on one backend (see the module docstring)."""
+
+    backend: str
+    url: str
+    storage_options: dict[str, Any]
+    bucket: str | None = None
+    server: Server | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def remote(self) -> bool:
+        return self.backend in REMOTE_BACKENDS
+
+    @property
+    def multiprocess(self) -> bool:
+        """False when other processes cannot see the files (memory://)."""
+        return self.backend != "memory"
+
+    def join(self, *parts: str) -> str:
+        """The URL (or local path) of ``parts`` under the root."""
+        return "/".join([self.url.rstrip("/"), *parts])
+
+    def location(self, *parts: str) -> Location:
+        loc = Location.parse(self.url, self.storage_options)
+        return loc.join(*parts) if parts else loc
+
+    def fs(self) -> AbstractFileSystem:
+        fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs
+
+
+def _params(backends: tuple[str, ...]) -> list[Any]:
+    return [
+        pytest.param(b, id=b, marks=[pytest.mark.cloud] if b in REMOTE_BACKENDS else [])
+        for b in backends
+    ]
+
+
+def _start_or_skip(name: str, start: Callable[[], Server]) -> Server:
+    try:
+        return start()
+    except (ServerStartError, OSError) as e:
+        if IN_CI:
+            pytest.fail(f"{name} could not start and CI=true forbids skipping: {e}", pytrace=False)
+        pytest.skip(f"{name} could not start: {e}")
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """moto's S3 server process on a free loopback port (any credentials are accepted)."""
+    server = _start_or_skip("moto_server", lambda: start_moto(tmp_path_factory.mktemp("moto")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """SeaweedFS ``weed mini`` S3 gateway; checks signatures (see tests.servers S3_* keys)."""
+    server = _start_or_skip(
+        "seaweedfs", lambda: start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A GCS JSON-API emulator (fake-gcs-server, else gcp-storage-emulator)."""
+    server = _start_or_skip("GCS emulator", lambda: start_gcs(tmp_path_factory.mktemp("gcs")))
+    yield server
+    server.stop()
+
+
+def _slug(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40] or "t"
+
+
+def _new_bucket(server: Server) -> str:
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    server.create_bucket(bucket)
+    return bucket
+
+
+def _empty_s3_bucket(server: Server, bucket: str) -> None:
+    """Best effort: drop objects and unfinished uploads so a long session stays small."""
+    with contextlib.suppress(Exception):
+        client = server.boto3_client()
+        for up in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
+
+
+def _make_root(request: pytest.FixtureRequest, backend: str) -> Iterator[StorageRoot]:
+    slug = _slug(request)
+    if backend == "local":
+        tmp: Path = request.getfixturevalue("tmp_path")
+        yield StorageRoot("local", str(tmp / "root"), {})
+        return
+    if backend == "memory":
+        root = StorageRoot("memory", f"memory://ckptsvc-test-{uuid.uuid4().hex[:12]}/{slug}", {})
+        yield root
+        fs = root.fs()
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(root.url.removeprefix("memory://").split("/", 1)[0], recursive=True)
+        return
+    fixture = {"s3": "moto_server", "seaweedfs": "seaweedfs_server", "gcs": "gcs_server"}[backend]
+    server: Server = request.getfixturevalue(fixture)
+    if not server.alive():
+        pytest.fail(f"{server.name} died earlier in this session; log tail:\n{server.log_tail()}")
+    bucket = _new_bucket(server)
+    scheme = "gs" if server.kind == "gcs" else "s3"
+    root = StorageRoot(
+        backend, f"{scheme}://{bucket}/{slug}", server.storage_options(), bucket, server
+    )
+    yield root
+    fs = root.fs()
+    fs.invalidate_cache()  # cached instances outlive the test; their listings must not
+    if server.kind == "s3":
+        _empty_s3_bucket(server, bucket)
+
+
+@pytest.fixture(params=_params(ALL_BACKENDS))
+def storage_root(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
+    """A fresh root on every backend: local, memory, s3 (moto), gcs, seaweedfs."""
+    yield from _make_root(request, request.param)
+
+
+@pytest.fixture(params=_params(FAST_BACKENDS))
+def storage_root_fast(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
+    """A fresh root on local disk, memory:// and S3 (moto) only."""
+    yield from _make_root(request, request.param)
+
+
+@pytest.fixture
+def s3_root(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
+    """A fresh root in a fresh bucket on moto's S3 (no parametrization)."""
+    yield from _make_root(request, "s3")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests that use a server fixture directly as ``cloud`` too."""
+    servers = {"moto_server", "seaweedfs_server", "gcs_server", "s3_root"}
+    for item in items:
+        if servers & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cloud)

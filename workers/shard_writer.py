@@ -1,0 +1,97 @@
+"""Stream one file (a safetensors shard, or a legacy torch file) to storage, checksumming."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from ckptsvc import knobs
+from ckptsvc.checksum import Crc32c
+from ckptsvc.errors import InvalidStateError
+from ckptsvc.manifest import FileRecord
+from ckptsvc.safetensors_stream import ShardLayout
+from ckptsvc.storage import Location
+
+__all__ = ["ChecksummedWriter", "write_shard", "write_stream"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChecksummedWriter:
+    """A write-only file object that streams to ``loc`` and computes CRC-32C on the way.
+
+    1. ``write`` (any thread, one at a time) slices big buffers and forwards them;
+    2. ``finish`` makes the file durable and returns its :class:`FileRecord`;
+       or ``abort`` deletes the partial file / aborts the multipart upload.
+    Usable as ``torch.save``'s target.
+    """
+
+    def __init__(self, loc: Location, *, rel_path: str) -> None:
+        self._loc = loc
+        self._rel_path = rel_path
+        self._crc = Crc32c()
+        self._step = knobs.WRITE_CHUNK_BYTES.get()
+        self.nbytes = 0
+        self._sink = loc.open_sink()
+
+    def write(self, data: memoryview | bytes | bytearray) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, view.nbytes, self._step):
+            piece = view[start : start + self._step]
+            self._crc.update(piece)
+            self._sink.write(piece)
+        self.nbytes += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        """Nothing to do: durability comes with :meth:`finish`."""
+
+    def finish(self) -> FileRecord:
+        self._sink.close()
+        logger.debug(
+            "wrote %s (%d bytes, crc32c %s)", self._loc.url, self.nbytes, self._crc.hexdigest()
+        )
+        return FileRecord(self._rel_path, self.nbytes, self._crc.hexdigest())
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+
+def write_stream(
+    loc: Location,
+    chunks: Iterable[memoryview | bytes],
+    *,
+    rel_path: str,
+    expect_nbytes: int | None = None,
+) -> FileRecord:
+    """Write ``chunks`` in order to ``loc``; durable (fsync / upload completed) on return.
+
+    On any failure the partial file or multipart upload is aborted and the error
+    propagates. ``expect_nbytes`` guards against a layout/bytes mismatch.
+    """
+    out = ChecksummedWriter(loc, rel_path=rel_path)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+        if expect_nbytes is not None and out.nbytes != expect_nbytes:
+            raise InvalidStateError(
+                f"{loc.url}: streamed {out.nbytes} bytes but the layout needs {expect_nbytes}"
+            )
+        return out.finish()
+    except BaseException:
+        out.abort()
+        raise
+
+
+def write_shard(
+    loc: Location, layout: ShardLayout, chunks: Iterable[memoryview | bytes], *, rel_path: str
+) -> FileRecord:
+    """Write a safetensors shard: ``layout.header`` then ``chunks``, which must hold each
+    entry's bytes in ``layout.entries`` order (one chunk per tensor, or any re-slicing of
+    the contiguous data section). The total size is checked against the layout."""
+
+    def _all() -> Iterable[memoryview | bytes]:
+        yield layout.header
+        yield from chunks
+
+    return write_stream(loc, _all(), rel_path=rel_path, expect_nbytes=layout.file_nbytes)
