@@ -1,0 +1,310 @@
+"""The ``ckptsvc`` command line: ``version``, ``ls``, ``inspect``, ``verify``, ``demo``, ``bench``.
+
+Every command takes local paths and URLs, prints a human table by default and JSON with
+``--json``, and exits non-zero with a one-line cause on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from . import __version__
+from .errors import CheckpointError
+
+__all__ = ["main"]
+
+EXAMPLES = """examples:
+  ckptsvc demo                                  # save, find, load and verify a small model
+  ckptsvc ls ./run1                             # checkpoints under ./run1/checkpoints
+  ckptsvc ls s3://bucket/run1 --json
+  ckptsvc inspect ./run1/checkpoints/checkpoint-100
+  ckptsvc verify gs://bucket/run1/checkpoints/checkpoint-100 --deep
+"""
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    raw = getattr(args, "storage_options", None)
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"ckptsvc: --storage-options is not valid JSON: {e}") from e
+    if not isinstance(opts, dict):
+        raise SystemExit("ckptsvc: --storage-options must be a JSON object")
+    return opts
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    import torch
+
+    print(
+        json.dumps({"ckptsvc": __version__, "torch": torch.__version__})
+        if args.json
+        else f"ckptsvc {__version__} (torch {torch.__version__})"
+    )
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .discovery import CheckpointStatus, list_checkpoints
+
+    infos = list_checkpoints(args.root, storage_options=_storage_options(args))
+    latest = max(
+        (i for i in infos if i.status is not CheckpointStatus.INCOMPLETE),
+        key=lambda i: i.sort_key(),
+        default=None,
+    )
+    rows = []
+    for i in infos:
+        when = ""
+        if i.manifest is not None:
+            when = datetime.fromtimestamp(i.manifest.timestamp_s(), tz=timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            )
+        rows.append(
+            {
+                "url": i.url,
+                "id": i.checkpoint_id,
+                "step": i.step,
+                "status": i.status.value,
+                "time": when,
+                "nbytes": i.manifest.total_nbytes if i.manifest else None,
+                "latest": latest is not None and i.url == latest.url,
+                "reason": i.reason,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no checkpoints under {args.root}")
+    else:
+        _print_table(
+            [
+                [
+                    r["id"],
+                    str(r["step"] if r["step"] is not None else ""),
+                    r["status"] + (" (latest)" if r["latest"] else ""),
+                    r["time"],
+                    _human_bytes(r["nbytes"]) if r["nbytes"] is not None else "",
+                    r["url"],
+                ]
+                for r in rows
+            ],
+            ["ID", "STEP", "STATUS", "COMMITTED (UTC)", "SIZE", "PATH"],
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .discovery import checkpoint_info
+    from .loading import read_safetensors_header
+    from .storage import Location
+
+    ckpt = Location.parse(args.checkpoint, _storage_options(args))
+    info = checkpoint_info(ckpt)
+    files = [c.name for c in ckpt.list_children() if not c.is_dir]
+    tensors = []
+    for name in sorted(f for f in files if f.endswith(".safetensors")):
+        layout, _ = read_safetensors_header(ckpt.join(name))
+        tensors += [
+            {
+                "file": name,
+                "name": e.name,
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "nbytes": e.nbytes,
+            }
+            for e in layout.entries
+        ]
+    m = info.manifest
+    doc = {
+        "url": ckpt.url,
+        "status": info.status.value,
+        "step": info.step,
+        "timestamp": m.timestamp if m else None,
+        "world_size": m.world_size if m else None,
+        "components": [c.to_dict() for c in m.components] if m else [],
+        "files": [{"path": f.path, "nbytes": f.nbytes, "crc32c": f.crc32c} for f in m.files]
+        if m
+        else [],
+        "tensors": tensors,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(
+        f"{ckpt.url}: {info.status.value}, step {info.step}, {len(doc['files'])} files, {len(tensors)} tensors"
+    )
+    for c in doc["components"]:
+        print(
+            f"  component {c['key']}: {c['sharing_pattern']} ranks={c['ranks']} {_human_bytes(c['size_bytes'])}"
+        )
+    _print_table(
+        [
+            [
+                t["name"],
+                t["dtype"],
+                "x".join(map(str, t["shape"])) or "()",
+                _human_bytes(t["nbytes"]),
+                t["file"],
+            ]
+            for t in tensors
+        ],
+        ["TENSOR", "DTYPE", "SHAPE", "SIZE", "FILE"],
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_checkpoint
+
+    report = verify_checkpoint(
+        args.checkpoint, deep=args.deep, storage_options=_storage_options(args)
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        mode = "deep (size + CRC-32C)" if report.deep else "shallow (sizes)"
+        print(
+            f"{report.url}: {'OK' if report.ok else 'FAILED'} [{report.status}, {mode}, {report.files_checked} files, {_human_bytes(report.nbytes_checked)}]"
+        )
+        for p in report.problems:
+            print(f"  {p.kind}: {p.path or '-'}: {p.detail}")
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(output=args.output, steps=args.steps, storage_options=_storage_options(args))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return int(bench.main(args.bench_args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckptsvc",
+        description="Asynchronous, crash-consistent PyTorch checkpoints.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str, example: str
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument(
+            "--storage-options",
+            metavar="JSON",
+            help='fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+        )
+        return sp
+
+    add("version", cmd_version, "print the ckptsvc and torch versions", "ckptsvc version")
+    add(
+        "ls",
+        cmd_ls,
+        "list checkpoints under ROOT/checkpoints, with status",
+        "ckptsvc ls s3://bucket/run1",
+    ).add_argument("root", help="model directory (path or URL)")
+    sp = add(
+        "inspect",
+        cmd_inspect,
+        "show a checkpoint's components, files and tensors",
+        "ckptsvc inspect ./run1/checkpoints/checkpoint-100",
+    )
+    sp.add_argument("checkpoint", help="checkpoint directory (path or URL)")
+    sp = add(
+        "verify",
+        cmd_verify,
+        "check every file's size (and CRC-32C with --deep) against the manifest",
+        "ckptsvc verify ./run1/checkpoints/checkpoint-100 --deep",
+    )
+    sp.add_argument("checkpoint", help="checkpoint directory (path or URL)")
+    sp.add_argument(
+        "--deep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read every byte and check CRC-32C (default); --no-deep checks sizes only",
+    )
+    sp = add(
+        "demo",
+        cmd_demo,
+        "train a small model, checkpoint it, find the latest, load and verify it",
+        "ckptsvc demo --output ./demo-run",
+    )
+    sp.add_argument(
+        "--output",
+        default=".",
+        help="model directory; checkpoints go to OUTPUT/checkpoints (default: .)",
+    )
+    sp.add_argument(
+        "--steps", type=int, default=3, help="training steps, one checkpoint each (default: 3)"
+    )
+    bp = sub.add_parser(
+        "bench",
+        help="benchmark ckptsvc against memcpy/disk floors, torch.save, safetensors and DCP",
+        add_help=False,
+    )
+    bp.set_defaults(fn=cmd_bench)
+    bp.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ckptsvc`` console script."""
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except CheckpointError as e:
+        print(f"ckptsvc: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and friends
+        return 0
+    except KeyboardInterrupt:
+        print("ckptsvc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Nested training state <-> flat named tensors + a JSON skeleton of everything else.
+
+``flatten_state`` walks the state a user hands to ``save`` (an ``nn.Module``, a state dict,
+an optimizer, or nested dicts / lists / tuples of tensors and JSON scalars) and returns
+:class:`FlatState`: the tensors by fully qualified name (FQN, the path joined with ``.``,
+so a module's state dict keeps its own keys) and a JSON *skeleton* that records the
+structure and every non-tensor value. ``unflatten_state`` is the inverse.
+
+Skeleton encoding (``SKELETON_NAME`` in a checkpoint; plain JSON, never pickle):
+
+- ``None``, ``bool``, ``int``, ``str``, finite ``float`` -> themselves;
+- ``nan`` / ``inf`` -> ``{"__float__": "nan" | "inf" | "-inf"}``;
+- a tensor -> ``{"__tensor__": fqn}``;
+- a list -> a JSON array; a tuple -> ``{"__tuple__": [...]}``;
+- a dict with string keys -> a JSON object; any other dict (``int`` keys, as in an
+  optimizer's ``state``) -> ``{"__dict__": [[key, value], ...]}`` so key types survive;
+- an object with a ``state_dict()`` method (module, optimizer, scheduler) -> its state dict.
+
+Tensors that are the very same view of one storage (tied weights) are stored once, under
+the first name in sorted order; every group is listed in ``param_sharing`` (the HF index
+convention) and the names are re-tied to one tensor object on load. Views that overlap
+only partially are stored as independent copies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import CorruptCheckpointError, InvalidStateError
+from .safetensors_stream import dtype_from_torch
+from .tied_params import shared_tensor_groups
+
+__all__ = [
+    "SKELETON_FORMAT",
+    "SKELETON_NAME",
+    "FlatState",
+    "flatten_state",
+    "parse_skeleton",
+    "unflatten_state",
+]
+
+#: the JSON file of a checkpoint that holds the non-tensor state and the structure
+SKELETON_NAME = "ckptsvc_state.json"
+SKELETON_FORMAT = "ckptsvc-state"
+SKELETON_VERSION = 1
+
+_TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
+_MARKERS = frozenset({_TENSOR, _TUPLE, _DICT, _FLOAT})
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+@dataclass(frozen=True)
+class FlatState:
+    """A flattened state: stored tensors in traversal order, skeleton, tied groups.
+
+    ``tensors`` holds one entry per distinct tensor (aliases removed); ``dtypes`` gives the
+    safetensors dtype name of each, in the same order.
+    """
+
+    tensors: tuple[tuple[str, torch.Tensor], ...]
+    dtypes: tuple[str, ...]
+    skeleton: Mapping[str, Any]
+    param_sharing: tuple[tuple[str, ...], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors)
+
+    def signature(self) -> tuple[Any, ...]:
+        """What a layout plan depends on: names, dtypes, shapes, tied groups (hashable)."""
+        specs = tuple(
+            (name, dtype, tuple(t.shape))
+            for (name, t), dtype in zip(self.tensors, self.dtypes, strict=True)
+        )
+        return (specs, self.param_sharing)
+
+    def skeleton_json(self) -> bytes:
+        return json.dumps(self.skeleton, ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _dtype_name(t: torch.Tensor, fqn: str) -> str:
+    name = _DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[t.dtype] = dtype_from_torch(t.dtype, name=fqn)
+    return name
+
+
+def _where(path: tuple[str, ...]) -> str:
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+class _Flattener:
+    """One walk over a state: collects tensors by FQN and builds the skeleton."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def fqn(self, path: tuple[str, ...]) -> str:
+        for part in path:
+            if part == "":
+                raise InvalidStateError(
+                    f"{_where(path)}: an empty key cannot name a tensor (its name would be ambiguous)"
+                )
+        name = ".".join(path)
+        if name in self.tensors:
+            raise InvalidStateError(
+                f"{_where(path)}: the tensor name {name!r} is produced twice (keys containing "
+                "'.' collide with nested keys); rename one of them"
+            )
+        return name
+
+    def tensor(self, t: torch.Tensor, path: tuple[str, ...]) -> dict[str, str]:
+        fqn = self.fqn(path)
+        if t.layout != torch.strided:
+            raise InvalidStateError(
+                f"{_where(path)}: {t.layout} tensors cannot be checkpointed; convert with .to_dense()"
+            )
+        if t.device.type == "meta":
+            raise InvalidStateError(f"{_where(path)}: tensor is on the meta device and has no data")
+        if type(t).__name__ == "DTensor":
+            raise InvalidStateError(
+                f"{_where(path)}: DTensor (FSDP2 / tensor parallel) is not supported by this "
+                "save path yet; pass .full_tensor() or a local shard"
+            )
+        _dtype_name(t, fqn)
+        self.tensors[fqn] = t.detach()
+        return {_TENSOR: fqn}
+
+    def value(self, v: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(v, torch.Tensor):
+            return self.tensor(v, path)
+        if v is None or isinstance(v, (bool, int, str)):
+            return v
+        if isinstance(v, float):
+            return v if math.isfinite(v) else {_FLOAT: repr(v)}
+        if isinstance(v, Mapping):
+            return self.mapping(v, path)
+        if isinstance(v, list):
+            return [self.value(x, (*path, str(i))) for i, x in enumerate(v)]
+        if isinstance(v, tuple):
+            return {_TUPLE: [self.value(x, (*path, str(i))) for i, x in enumerate(v)]}
+        state_dict = getattr(v, "state_dict", None)
+        if callable(state_dict):  # nn.Module, Optimizer, LR scheduler: the Stateful protocol
+            return self.value(state_dict(), path)
+        item = getattr(v, "item", None)
+        if type(v).__module__ == "numpy" and callable(item):  # numpy scalar
+            return self.value(item(), path)
+        raise InvalidStateError(
+            f"{_where(path)}: a {type(v).__module__}.{type(v).__qualname__} cannot be "
+            "checkpointed; use tensors, int, float, str, bool, None, and lists, tuples or "
+            "dicts of them (or an object with state_dict())"
+        )
+
+    def mapping(self, m: Mapping[Any, Any], path: tuple[str, ...]) -> Any:
+        keys = list(m.keys())
+        plain = all(isinstance(k, str) for k in keys) and not (len(keys) == 1 and keys[0] in _MARKERS)
+        if plain:
+            return {k: self.value(m[k], (*path, k)) for k in keys}
+        pairs = []
+        for k in keys:
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise InvalidStateError(
+                    f"{_where(path)}: dict key {k!r} ({type(k).__name__}) cannot be "
+                    "checkpointed; keys must be str, int, float, bool or None"
+                )
+            pairs.append([self.value(k, path), self.value(m[k], (*path, str(k)))])
+        return {_DICT: pairs}
+
+
+def flatten_state(state: Any) -> FlatState:
+    """Split ``state`` into stored tensors and a JSON skeleton (see the module docstring).
+
+    Raises :class:`InvalidStateError` naming the key for anything that has no safe form.
+    """
+    walker = _Flattener()
+    root = walker.value(state, ())
+    groups = shared_tensor_groups(walker.tensors)
+    aliases = {name for group in groups for name in group[1:]}
+    stored = tuple((k, t) for k, t in walker.tensors.items() if k not in aliases)
+    sharing = tuple(tuple(g) for g in groups)
+    skeleton = {
+        "format": SKELETON_FORMAT,
+        "version": SKELETON_VERSION,
+        "param_sharing": [list(g) for g in sharing],
+        "state": root,
+    }
+    dtypes = tuple(_dtype_name(t, k) for k, t in stored)
+    return FlatState(tensors=stored, dtypes=dtypes, skeleton=skeleton, param_sharing=sharing)
+
+
+def parse_skeleton(raw: bytes, *, where: str) -> dict[str, Any]:
+    """Decode and check a skeleton file's JSON; ``where`` names it in errors."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{where}: state skeleton is not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != SKELETON_FORMAT or "state" not in doc:
+        raise CorruptCheckpointError(f"{where}: not a ckptsvc state skeleton")
+    version = doc.get("version")
+    if not isinstance(version, int) or version > SKELETON_VERSION:
+        raise CorruptCheckpointError(
+            f"{where}: state skeleton version {version!r} is newer than this ckptsvc "
+            f"understands ({SKELETON_VERSION}); upgrade ckptsvc"
+        )
+    return doc
+
+
+def unflatten_state(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Rebuild the nested state from a skeleton document and tensors by FQN.
+
+    Tied names resolve to the one stored tensor object. A tensor named by the skeleton
+    but absent from ``tensors`` raises :class:`CorruptCheckpointError` naming it.
+    """
+    alias_of: dict[str, str] = {}
+    for group in skeleton.get("param_sharing") or []:
+        holder = next((n for n in group if n in tensors), None)
+        if holder is not None:
+            alias_of.update({n: holder for n in group if n not in tensors})
+
+    def decode(v: Any) -> Any:
+        if isinstance(v, list):
+            return [decode(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        if len(v) == 1:
+            ((key, inner),) = v.items()
+            if key == _TENSOR:
+                name = alias_of.get(inner, inner)
+                if name not in tensors:
+                    raise CorruptCheckpointError(
+                        f"the state skeleton names tensor {inner!r} but the checkpoint has no such tensor"
+                    )
+                return tensors[name]
+            if key == _TUPLE:
+                return tuple(decode(x) for x in inner)
+            if key == _DICT:
+                return {decode(k): decode(x) for k, x in inner}
+            if key == _FLOAT:
+                return float(inner)
+        return {k: decode(x) for k, x in v.items()}
+
+    return decode(skeleton["state"])
+

@@ -1,0 +1,547 @@
+"""Conformance suite for ``ckptsvc.storage``: the same behaviour on every backend.
+
+Every test taking ``storage_root`` runs on local disk, memory://, S3 (moto), GCS (emulator)
+and SeaweedFS (a real S3 implementation); see ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+from conftest import StorageRoot
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from ckptsvc.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StorageError,
+    StorageNotFoundError,
+    StoragePermissionError,
+    StorageTransientError,
+)
+from ckptsvc.storage import ChildInfo, Location, call_with_retries, classify, url_to_fs
+
+MiB = 2**20
+S3_MIN_PART_BYTES = 5 * MiB
+
+
+def _payload(nbytes: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+
+
+def _multipart_uploads(root: StorageRoot) -> list[dict[str, Any]]:
+    """Unfinished S3 multipart uploads in the root's bucket ([] on other backends)."""
+    if root.server is None or root.server.kind != "s3":
+        return []
+    client = root.server.boto3_client()
+    return list(client.list_multipart_uploads(Bucket=root.bucket).get("Uploads", []))
+
+
+def _fresh(loc: Location) -> Location:
+    """The same location seen through a filesystem without listing caches."""
+    if loc.is_local:
+        return loc
+    loc.fs.invalidate_cache()
+    return loc
+
+
+# ---- publish / read ---------------------------------------------------------------------
+def test_publish_then_read_back(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("dir", "sub", "manifest.json")
+    loc.publish(b'{"v": 1}')
+    assert loc.read_bytes() == b'{"v": 1}'
+    assert loc.exists()
+    assert loc.size() == 8
+
+
+def test_publish_replaces_whole_content(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("index.json")
+    loc.publish(b"x" * 1000)
+    loc.publish(b"short")
+    assert _fresh(loc).read_bytes() == b"short"
+    assert loc.size() == 5
+
+
+def test_publish_local_leaves_no_temp_files(tmp_path: Path) -> None:
+    loc = Location.parse(tmp_path / "ckpt").join("checkpoint_manifest.json")
+    loc.publish(b"one")
+    loc.publish(b"two")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["checkpoint_manifest.json"]
+    assert (tmp_path / "ckpt" / "checkpoint_manifest.json").read_bytes() == b"two"
+
+
+def test_publish_local_failure_names_url_and_cleans_up(tmp_path: Path) -> None:
+    target = tmp_path / "is_a_dir"
+    (target / "child").mkdir(parents=True)
+    loc = Location.parse(target)
+    with pytest.raises(StorageError) as info:
+        loc.publish(b"data")
+    assert str(target) in str(info.value)
+    assert os.listdir(tmp_path) == ["is_a_dir"]  # no stray temp file beside it
+    assert os.listdir(target) == ["child"]
+
+
+def test_publish_empty_file(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("empty.bin")
+    loc.publish(b"")
+    assert loc.exists()
+    assert loc.size() == 0
+    assert loc.read_bytes() == b""
+
+
+def test_read_range(storage_root: StorageRoot) -> None:
+    data = _payload(10_000)
+    loc = storage_root.location("blob.bin")
+    loc.publish(data)
+    assert loc.read_range(0, 8) == data[:8]
+    assert loc.read_range(1234, 5678) == data[1234:5678]
+    assert loc.read_range(9_990, 10_000) == data[9_990:]
+    assert loc.read_range(9_995, 20_000) == data[9_995:]  # short read at end of file
+    assert loc.read_range(50, 50) == b""
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_read_into_fills_buffer(storage_root: StorageRoot, dtype: type) -> None:
+    data = _payload(4096 + 64)
+    loc = storage_root.location("t.safetensors")
+    loc.publish(data)
+    out = np.zeros(4096 // np.dtype(dtype).itemsize, dtype=dtype)
+    loc.read_into(64, memoryview(out))
+    assert out.tobytes() == data[64:]
+
+
+def test_read_into_chunked_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _payload(100_000)
+    (tmp_path / "f").write_bytes(data)
+    monkeypatch.setenv("CKPTSVC_READ_CHUNK_BYTES", "4096")  # many preadv calls
+    out = bytearray(90_000)
+    Location.parse(tmp_path / "f").read_into(7, memoryview(out))
+    assert bytes(out) == data[7:90_007]
+
+
+@pytest.mark.parametrize("offset", [0, 90, 100, 150], ids=["overlap0", "overlap90", "at-eof", "past-eof"])
+def test_read_into_truncated_file_is_corrupt(storage_root: StorageRoot, offset: int) -> None:
+    loc = storage_root.location("short.bin")
+    loc.publish(_payload(100))
+    out = bytearray(64 if offset < 100 else 8)
+    if offset == 0:
+        out = bytearray(200)
+    with pytest.raises(CorruptCheckpointError) as info:
+        loc.read_into(offset, memoryview(out))
+    assert loc.url in str(info.value)
+    assert "truncated" in str(info.value)
+
+
+# ---- streaming sinks --------------------------------------------------------------------
+def _write_chunks(sink: Any, data: bytes, chunk_nbytes: int) -> None:
+    view = memoryview(data)
+    for i, start in enumerate(range(0, len(data), chunk_nbytes)):
+        piece = view[start : start + chunk_nbytes]
+        sink.write(piece if i % 2 else bytes(piece))  # both accepted types
+
+
+def _sink_sizes(root: StorageRoot) -> tuple[int, int]:
+    """(bytes to write, part size): several parts on object stores, small elsewhere."""
+    if root.remote:
+        return 2 * S3_MIN_PART_BYTES + 12345, S3_MIN_PART_BYTES
+    return 300_000 + 7, S3_MIN_PART_BYTES
+
+
+def test_sink_write_close(storage_root: StorageRoot) -> None:
+    nbytes, part = _sink_sizes(storage_root)
+    data = _payload(nbytes, seed=1)
+    loc = storage_root.location("ckpt", "model-00001-of-00001.safetensors")
+    sink = loc.open_sink(part_size_bytes=part)
+    _write_chunks(sink, data, 1 * MiB + 3)
+    sink.close()
+    sink.close()  # idempotent
+    assert _fresh(loc).size() == nbytes
+    assert loc.read_bytes() == data
+    assert _multipart_uploads(storage_root) == []
+
+
+def test_sink_small_file_single_request(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("small.bin")
+    sink = loc.open_sink()
+    sink.write(b"abc")
+    sink.write(memoryview(b"def"))
+    sink.close()
+    assert loc.read_bytes() == b"abcdef"
+
+
+@pytest.mark.parametrize("when", ["before-any-part", "after-parts"])
+def test_sink_abort_leaves_nothing(storage_root: StorageRoot, when: str) -> None:
+    nbytes, part = _sink_sizes(storage_root)
+    data = _payload(nbytes, seed=2)
+    loc = storage_root.location("ckpt", "aborted.safetensors")
+    sink = loc.open_sink(part_size_bytes=part)
+    if when == "before-any-part":
+        sink.write(data[:1000])
+    else:
+        _write_chunks(sink, data, 1 * MiB)
+        if storage_root.backend in ("s3", "seaweedfs"):
+            assert len(_multipart_uploads(storage_root)) == 1  # the test must see one to end
+    sink.abort()
+    del sink
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gc.collect()  # a discarded fsspec file must not upload itself from __del__
+    assert not _fresh(loc).exists()
+    assert _multipart_uploads(storage_root) == []
+    names = [c.name for c in _list_or_empty(storage_root.location("ckpt"))]
+    assert "aborted.safetensors" not in names
+
+
+def _list_or_empty(loc: Location) -> list[ChildInfo]:
+    try:
+        return _fresh(loc).list_children()
+    except StorageNotFoundError:
+        return []
+
+
+def test_sink_abort_after_close_is_harmless(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("kept.bin")
+    sink = loc.open_sink()
+    sink.write(b"payload")
+    sink.close()
+    sink.abort()  # e.g. an error handler that runs after a successful close
+    assert _fresh(loc).read_bytes() == b"payload"
+
+
+# ---- listing, stat, remove --------------------------------------------------------------
+def _populate(root: StorageRoot) -> Location:
+    base = root.location("run")
+    base.join("a.bin").publish(b"a" * 10)
+    base.join("b.json").publish(b"{}")
+    base.join("checkpoint-1", "model.safetensors").publish(b"m" * 100)
+    base.join("checkpoint-2", "deep", "x.bin").publish(b"x")
+    return base
+
+
+def test_list_children_dirs_and_files(storage_root: StorageRoot) -> None:
+    base = _populate(storage_root)
+    children = {c.name: c for c in _fresh(base).list_children()}
+    assert set(children) == {"a.bin", "b.json", "checkpoint-1", "checkpoint-2"}
+    assert {n for n, c in children.items() if c.is_dir} == {"checkpoint-1", "checkpoint-2"}
+    assert children["a.bin"].nbytes == 10
+    assert children["b.json"].nbytes == 2
+    assert all(isinstance(c, ChildInfo) for c in children.values())
+    sub = {c.name: c for c in base.join("checkpoint-1").list_children()}
+    assert set(sub) == {"model.safetensors"}
+    assert not sub["model.safetensors"].is_dir
+
+
+def test_list_children_is_one_listing(
+    storage_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _populate(storage_root)
+    if base.is_local:
+        pytest.skip("local listing is one os.scandir, not an fsspec call")
+    calls: list[str] = []
+    fs = base.fs
+    for name in ("ls", "info", "find", "cat_file", "exists", "isdir", "_ls", "_info", "_find"):
+        if hasattr(fs, name):
+            real: Callable[..., Any] = getattr(fs, name)
+
+            def spy(*args: Any, _real: Callable[..., Any] = real, _n: str = name, **kw: Any) -> Any:
+                calls.append(_n)
+                return _real(*args, **kw)
+
+            monkeypatch.setattr(fs, name, spy)
+    assert len(base.list_children()) == 4
+    assert calls.count("ls") == 1
+    assert not {"info", "find", "cat_file", "_info", "_find"} & set(calls)
+
+
+def test_list_children_missing_dir_is_not_found(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("nowhere")
+    with pytest.raises(StorageNotFoundError) as info:
+        loc.list_children()
+    assert loc.url in str(info.value)
+
+
+def test_exists_isdir_size(storage_root: StorageRoot) -> None:
+    base = _populate(storage_root)
+    f = base.join("a.bin")
+    d = base.join("checkpoint-1")
+    missing = base.join("missing.bin")
+    assert f.exists() and not f.isdir()
+    assert d.exists() and d.isdir()
+    assert not missing.exists() and not missing.isdir()
+    assert f.size() == 10
+    with pytest.raises(StorageNotFoundError) as info:
+        missing.size()
+    assert missing.url in str(info.value)
+
+
+def test_walk_files(storage_root: StorageRoot) -> None:
+    base = _populate(storage_root)
+    found = dict(_fresh(base).walk_files())
+    assert found == {
+        "a.bin": 10,
+        "b.json": 2,
+        "checkpoint-1/model.safetensors": 100,
+        "checkpoint-2/deep/x.bin": 1,
+    }
+
+
+def test_remove_recursive(storage_root: StorageRoot) -> None:
+    base = _populate(storage_root)
+    ckpt = base.join("checkpoint-2")
+    ckpt.remove(recursive=True)
+    assert not _fresh(ckpt).exists()
+    assert {c.name for c in base.list_children()} == {"a.bin", "b.json", "checkpoint-1"}
+    base.join("a.bin").remove()
+    assert not base.join("a.bin").exists()
+    assert base.join("checkpoint-1", "model.safetensors").read_bytes() == b"m" * 100
+
+
+def test_remove_missing(storage_root: StorageRoot) -> None:
+    loc = storage_root.location("never-written.bin")
+    loc.remove()  # missing_ok=True by default
+    loc.remove(recursive=True)
+    with pytest.raises(StorageNotFoundError) as info:
+        loc.remove(missing_ok=False)
+    assert loc.url in str(info.value)
+
+
+def test_makedirs_then_publish(storage_root: StorageRoot) -> None:
+    d = storage_root.location("made", "here")
+    d.makedirs()
+    d.makedirs()  # exist_ok
+    d.join("f").publish(b"1")
+    assert d.join("f").read_bytes() == b"1"
+
+
+# ---- errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["read_bytes", "read_range", "read_into", "size"])
+def test_missing_file_is_storage_not_found(storage_root: StorageRoot, op: str) -> None:
+    loc = storage_root.location("no", "such", "file.safetensors")
+    call: dict[str, Callable[[], object]] = {
+        "read_bytes": loc.read_bytes,
+        "read_range": lambda: loc.read_range(0, 10),
+        "read_into": lambda: loc.read_into(0, memoryview(bytearray(10))),
+        "size": loc.size,
+    }
+    with pytest.raises(StorageNotFoundError) as info:
+        call[op]()
+    err = info.value
+    assert isinstance(err, FileNotFoundError)
+    assert isinstance(err, CheckpointError)
+    assert loc.url in str(err)
+    assert err.url == loc.url
+
+
+@pytest.mark.parametrize("storage_root", ["s3", "gcs", "seaweedfs"], indirect=True)
+def test_missing_bucket_is_not_found(storage_root: StorageRoot) -> None:
+    scheme = storage_root.url.split("://")[0]
+    loc = Location.parse(f"{scheme}://no-such-bucket-ckptsvc/x.bin", storage_root.storage_options)
+    with pytest.raises(StorageNotFoundError) as info:
+        loc.read_bytes()
+    assert "no-such-bucket-ckptsvc" in str(info.value)
+
+
+@pytest.mark.parametrize("storage_root", ["seaweedfs"], indirect=True)
+@pytest.mark.parametrize("op", ["read", "write", "list"])
+def test_bad_credentials_fail_fast_as_permission_error(
+    storage_root: StorageRoot, op: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SeaweedFS checks signatures (moto does not): a wrong secret is permanent, not retried."""
+    storage_root.location("obj.bin").publish(b"secret")
+    bad = {**storage_root.storage_options, "secret": "wrong-secret", "skip_instance_cache": True}
+    loc = Location.parse(storage_root.url, bad).join("obj.bin")
+    call: dict[str, Callable[[], object]] = {
+        "read": loc.read_bytes,
+        "write": lambda: loc.publish(b"x"),
+        "list": loc.parent.list_children,
+    }
+    caplog.set_level(logging.WARNING, logger="ckptsvc")
+    with pytest.raises(StoragePermissionError) as info:
+        call[op]()
+    assert isinstance(info.value, PermissionError)
+    assert storage_root.bucket is not None and storage_root.bucket in str(info.value)
+    assert "credentials" in str(info.value)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+def test_local_permission_denied(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root bypasses file permissions")
+    f = tmp_path / "locked.bin"
+    f.write_bytes(b"x")
+    f.chmod(0)
+    with pytest.raises(StoragePermissionError):
+        Location.parse(f).read_bytes()
+
+
+def test_storage_error_pickles_with_url() -> None:
+    err = StorageNotFoundError("read s3://b/k: not found", url="s3://b/k")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is StorageNotFoundError
+    assert back.url == "s3://b/k"
+    assert str(back) == "read s3://b/k: not found"
+
+
+@pytest.mark.parametrize(
+    ("exc", "leaf"),
+    [
+        (FileNotFoundError(2, "No such file"), StorageNotFoundError),
+        (PermissionError(13, "denied"), StoragePermissionError),
+        (OSError("An error occurred (AccessDenied) when calling PutObject"), StoragePermissionError),
+        (OSError("NoSuchBucket: the bucket does not exist"), StorageNotFoundError),
+        (ConnectionResetError(104, "Connection reset by peer"), StorageTransientError),
+        (OSError("503 SlowDown: please reduce your request rate"), StorageTransientError),
+        (ValueError("something odd"), StorageError),
+    ],
+)
+def test_classify(exc: BaseException, leaf: type[StorageError]) -> None:
+    err = classify(exc, "s3://bucket/key", "read")
+    assert type(err) is leaf
+    assert "s3://bucket/key" in str(err)
+    assert err.url == "s3://bucket/key"
+
+
+# ---- naming -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "part", ["..", "a/../b", "/etc", "", ".", "a//b", "a\\b", "nul\x00", "x/"]
+)
+def test_join_rejects_unsafe_parts(storage_root: StorageRoot, part: str) -> None:
+    with pytest.raises(ValueError, match="unsafe path component"):
+        storage_root.location().join(part)
+
+
+def test_join_builds_child_urls(storage_root: StorageRoot) -> None:
+    root = storage_root.location()
+    child = root.join("checkpoints", "checkpoint-10/model.safetensors")
+    assert child.url == storage_root.url.rstrip("/") + "/checkpoints/checkpoint-10/model.safetensors"
+    assert child.name == "model.safetensors"
+    assert child.parent.name == "checkpoint-10"
+    assert child.parent.parent.parent.url == root.url
+    assert str(child) == child.url
+    assert child.storage_options == storage_root.storage_options
+
+
+def test_url_to_fs_local_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for given in (str(tmp_path / "x"), tmp_path / "x", f"file://{tmp_path}/x"):
+        fs, path = url_to_fs(given)
+        assert isinstance(fs, LocalFileSystem)
+        assert path == f"{tmp_path}/x"
+    fs, path = url_to_fs("rel/dir")
+    assert isinstance(fs, LocalFileSystem)
+    assert os.path.abspath(path) == f"{tmp_path}/rel/dir"
+    with pytest.raises(ValueError):
+        url_to_fs("")
+
+
+def test_location_parse_local_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rel = Location.parse("runs/a/")
+    assert rel.is_local
+    assert rel.path == f"{tmp_path}/runs/a"
+    assert rel.url == f"{tmp_path}/runs/a"
+    url = Location.parse(f"file://{tmp_path}/runs")
+    assert url.is_local and url.path == f"{tmp_path}/runs"
+    assert url.join("a").path == f"{tmp_path}/runs/a"
+    assert Location.parse(url) is url
+
+
+def test_url_to_fs_remote_protocols(storage_root: StorageRoot) -> None:
+    fs, path = url_to_fs(storage_root.url, **storage_root.storage_options)
+    expected = {
+        "local": LocalFileSystem,
+        "memory": MemoryFileSystem,
+        "s3": fsspec.get_filesystem_class("s3"),
+        "seaweedfs": fsspec.get_filesystem_class("s3"),
+        "gcs": fsspec.get_filesystem_class("gs"),
+    }[storage_root.backend]
+    assert isinstance(fs, expected)
+    assert path.rstrip("/").endswith(storage_root.url.split("://")[-1].rstrip("/").lstrip("/"))
+    loc = storage_root.location()
+    assert loc.url == storage_root.url
+    assert loc.is_local == (storage_root.backend == "local")
+
+
+def test_url_to_fs_offline_protocols() -> None:
+    s3, s3_path = url_to_fs("s3://bucket/run/ckpt", anon=True)
+    assert "s3" in s3.protocol and s3_path == "bucket/run/ckpt"
+    gs, gs_path = url_to_fs("gs://bucket/run", token="anon")
+    assert "gs" in gs.protocol and gs_path == "bucket/run"
+    mem, mem_path = url_to_fs("memory://x/y")
+    assert isinstance(mem, MemoryFileSystem) and mem_path == "/x/y"
+    with pytest.raises(StorageError, match="nosuchproto://x"):
+        url_to_fs("nosuchproto://x")
+
+
+# ---- retries ----------------------------------------------------------------------------
+class _Flaky:
+    """A callable that raises each of ``errors`` once, then returns ``"ok"``."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+def test_retries_transient_then_succeeds(caplog: pytest.LogCaptureFixture) -> None:
+    fn = _Flaky(ConnectionResetError(104, "reset"), TimeoutError("read timed out"))
+    caplog.set_level(logging.WARNING)
+    assert call_with_retries(fn, url="s3://b/k", action="read", base_s=0.0) == "ok"
+    assert fn.calls == 3
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_retries_permanent_error_fails_at_once() -> None:
+    fn = _Flaky(PermissionError(13, "AccessDenied"))
+    with pytest.raises(StoragePermissionError) as info:
+        call_with_retries(fn, url="s3://b/k", action="write", attempts=5, base_s=0.0)
+    assert fn.calls == 1
+    assert "s3://b/k" in str(info.value)
+    assert isinstance(info.value.__cause__, PermissionError)
+
+
+def test_retries_are_bounded_by_attempts() -> None:
+    fn = _Flaky(*[ConnectionResetError(104, "reset")] * 10)
+    with pytest.raises(StorageTransientError) as info:
+        call_with_retries(fn, url="gs://b/k", action="read", attempts=4, base_s=0.0)
+    assert fn.calls == 4
+    assert "gs://b/k" in str(info.value)
+
+
+def test_retries_are_bounded_by_time() -> None:
+    fn = _Flaky(*[OSError("503 Service Unavailable")] * 10)
+    with pytest.raises(StorageTransientError):
+        call_with_retries(fn, url="s3://b/k", action="read", attempts=10, max_s=0.0, base_s=0.0)
+    assert fn.calls == 1
+
+
+def test_retries_pass_checkpoint_errors_through() -> None:
+    fn = _Flaky(CorruptCheckpointError("bad header in s3://b/k"))
+    with pytest.raises(CorruptCheckpointError):
+        call_with_retries(fn, url="s3://b/k", action="read", base_s=0.0)
+    assert fn.calls == 1
+
+
+def test_retry_knobs_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPTSVC_RETRY_ATTEMPTS", "2")
+    monkeypatch.setenv("CKPTSVC_RETRY_BASE_S", "0")
+    fn = _Flaky(*[ConnectionResetError(104, "reset")] * 5)
+    with pytest.raises(StorageTransientError):
+        call_with_retries(fn, url="s3://b/k", action="read")
+    assert fn.calls == 2
