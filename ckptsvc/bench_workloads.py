@@ -310,7 +310,11 @@ class _Ctx:
         self._fs: Any = None
 
     def path(self, name: str) -> str:
-        return f"{self.cfg.root.rstrip('/')}/{name}" if self.cfg.remote else os.path.join(self.cfg.root, name)
+        return (
+            f"{self.cfg.root.rstrip('/')}/{name}"
+            if self.cfg.remote
+            else os.path.join(self.cfg.root, name)
+        )
 
     @property
     def fs(self) -> Any:
@@ -397,7 +401,9 @@ def w_raw_write(ctx: _Ctx) -> Sample:
                     f.write(view[off : off + IO_CHUNK_BYTES])
             t1 = t2 = time.perf_counter()
         else:
-            fd = os.open(ctx.path(ARTIFACTS["raw_write"]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(
+                ctx.path(ARTIFACTS["raw_write"]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
+            )
             try:
                 off = 0
                 while off < len(view):
@@ -485,7 +491,9 @@ def _load_sample(ctx: _Ctx, load: Callable[[], Any]) -> Sample:
         covered = _touch_pages(values)
         t2 = time.perf_counter()
     if covered != ctx.nbytes:
-        raise RuntimeError(f"{ctx.cfg.method} returned {covered} tensor bytes, expected {ctx.nbytes}")
+        raise RuntimeError(
+            f"{ctx.cfg.method} returned {covered} tensor bytes, expected {ctx.nbytes}"
+        )
     return _sample(ctx, rss, (t1 - t0, t2 - t0, {"ntensors": len(values)}))
 
 
@@ -495,7 +503,8 @@ def w_torch_load(ctx: _Ctx) -> Sample:
     name = ARTIFACTS["torch_save"]
     if ctx.cfg.remote:
         return _load_sample(
-            ctx, lambda: torch.load(io.BytesIO(ctx.fs.cat_file(ctx.fs_path(name))), weights_only=True)
+            ctx,
+            lambda: torch.load(io.BytesIO(ctx.fs.cat_file(ctx.fs_path(name))), weights_only=True),
         )
     return _load_sample(ctx, lambda: torch.load(ctx.path(name), weights_only=True))
 
@@ -572,7 +581,9 @@ def w_dcp_async(ctx: _Ctx) -> Sample:
 
     def one(name: str) -> tuple[float, float]:
         t0 = time.perf_counter()
-        fut = dcp.async_save(state, storage_writer=_dcp_writer(ctx, name), async_checkpointer_type=kind)
+        fut = dcp.async_save(
+            state, storage_writer=_dcp_writer(ctx, name), async_checkpointer_type=kind
+        )
         t1 = time.perf_counter()
         (getattr(fut, "upload_completion", None) or fut).result()
         return t1 - t0, time.perf_counter() - t0

@@ -195,6 +195,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .gc import collect_garbage
+
+    report = collect_garbage(
+        args.root, dry_run=args.dry_run, storage_options=_storage_options(args)
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    for url in report.removed:
+        print(f"{verb} {url}")
+    for url, why in report.kept:
+        print(f"kept {url}: {why}")
+    print(f"gc {report.root}: {verb} {len(report.removed)}, kept {len(report.kept)} incomplete")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -265,6 +283,14 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="read every byte and check CRC-32C (default); --no-deep checks sizes only",
     )
+    sp = add(
+        "gc",
+        cmd_gc,
+        "remove incomplete checkpoints older than the newest complete one, and stray temp files",
+        "ckptsvc gc ./run1 --dry-run",
+    )
+    sp.add_argument("root", help="model directory (path or URL)")
+    sp.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     sp = add(
         "demo",
         cmd_demo,

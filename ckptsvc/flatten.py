@@ -159,7 +159,9 @@ class _Flattener:
 
     def mapping(self, m: Mapping[Any, Any], path: tuple[str, ...]) -> Any:
         keys = list(m.keys())
-        plain = all(isinstance(k, str) for k in keys) and not (len(keys) == 1 and keys[0] in _MARKERS)
+        plain = all(isinstance(k, str) for k in keys) and not (
+            len(keys) == 1 and keys[0] in _MARKERS
+        )
         if plain:
             return {k: self.value(m[k], (*path, k)) for k in keys}
         pairs = []
@@ -246,4 +248,3 @@ def unflatten_state(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Ten
         return {k: decode(x) for k, x in v.items()}
 
     return decode(skeleton["state"])
-

@@ -88,7 +88,19 @@ COMMIT_TIMEOUT_S = _knob(
     "commit_timeout_s", 1800.0, "Rank 0 waits this long for every rank's report."
 )
 NODE_ID = _knob("node_id", "", "Names this node's writer socket and arenas ('' = per user).")
-WRITER_SOCKET = _knob("writer_socket", "", "Unix socket path of the node writer ('' = derived from the node id).")
-WRITER_LINGER_S = _knob("writer_linger_s", 10.0, "The node writer exits after this long with no client and no job.")
-WRITER_PRELOAD = _knob("writer_preload", "", "Comma-separated modules the node writer imports at start (custom fsspec filesystems).")
-WRITER_LOG_LEVEL = _knob("writer_log_level", "WARNING", "Logging level of the node writer process (logs go to its stderr).")
+WRITER_SOCKET = _knob(
+    "writer_socket", "", "Unix socket path of the node writer ('' = derived from the node id)."
+)
+WRITER_LINGER_S = _knob(
+    "writer_linger_s", 10.0, "The node writer exits after this long with no client and no job."
+)
+WRITER_PRELOAD = _knob(
+    "writer_preload",
+    "",
+    "Comma-separated modules the node writer imports at start (custom fsspec filesystems).",
+)
+WRITER_LOG_LEVEL = _knob(
+    "writer_log_level",
+    "WARNING",
+    "Logging level of the node writer process (logs go to its stderr).",
+)

@@ -277,7 +277,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach()
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    flat = flat.contiguous().reshape(-1)
+    flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")

@@ -8,6 +8,7 @@ files get the fast, durable code path (raw ``os`` calls, fsync, ``os.replace``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import uuid
@@ -18,13 +19,28 @@ from typing import Any, Protocol
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 from ckptsvc import knobs
+from ckptsvc.errors import (
+    CorruptCheckpointError,
+    StorageError,
+    StorageNotFoundError,
+    StoragePermissionError,
+)
 
-from .errors import storage_errors
+from .errors import classify, storage_errors
 from .retry import call_with_retries
 
 __all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
+
+logger = logging.getLogger(__name__)
+
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+# Object stores whose unfinished uploads are invisible and cancelled by ``discard()``.
+_DISCARDING_PROTOCOLS = _S3_PROTOCOLS | {"gs", "gcs"}
+_S3_MAX_DELETE_KEYS = 1000
+_S3_MIN_PART_BYTES = 5 * 2**20  # S3 rejects smaller multipart parts (except the last)
 
 
 def url_to_fs(
@@ -156,9 +172,7 @@ class Location:
                 for e in it:
                     st = e.stat(follow_symlinks=False)
                     out.append(
-                        ChildInfo(
-                            e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime
-                        )
+                        ChildInfo(e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime)
                     )
             return out
 
@@ -203,16 +217,27 @@ class Location:
                     return os.pread(fd, end - start, start)
                 finally:
                     os.close(fd)
-        return bytes(
-            call_with_retries(
-                lambda: self.fs.cat_file(self.path, start=start, end=end),
-                url=self.url,
-                action="read",
+        try:
+            return bytes(
+                call_with_retries(
+                    lambda: self.fs.cat_file(self.path, start=start, end=end),
+                    url=self.url,
+                    action="read",
+                )
             )
-        )
+        except (StorageNotFoundError, StoragePermissionError):
+            raise
+        except StorageError:
+            # S3 and GCS answer 416 for a range that starts at or after the end of the
+            # object; that is a short read like the local one, not a storage failure.
+            if start >= self.size():
+                return b""
+            raise
 
     def read_into(self, offset: int, out: memoryview) -> None:
         """Fill ``out`` with the file's bytes from ``offset``; raise if the file is shorter."""
+        if out.format != "B" or out.ndim != 1:
+            out = out.cast("B")  # offsets below count bytes, whatever the element type
         want = out.nbytes
         if self.is_local:
             with storage_errors(self.url, "read"):
@@ -232,8 +257,6 @@ class Location:
             done = len(data)
             out[:done] = data
         if done != want:
-            from ckptsvc.errors import CorruptCheckpointError
-
             raise CorruptCheckpointError(
                 f"{self.url}: file is truncated (wanted bytes {offset}..{offset + want}, got {done})"
             )
@@ -285,6 +308,10 @@ class Location:
         return _FsspecSink(self, part_size_bytes=knobs.PART_SIZE_BYTES.get(part_size_bytes))
 
     def remove(self, *, recursive: bool = False, missing_ok: bool = True) -> None:
+        """Delete the file (with ``recursive``: the whole directory tree).
+
+        A missing target is fine unless ``missing_ok=False`` (then ``StorageNotFoundError``).
+        """
         if self.is_local:
             import shutil
 
@@ -293,24 +320,69 @@ class Location:
                     shutil.rmtree(self.path)
                 else:
                     os.unlink(self.path)
-            except FileNotFoundError:
+            except FileNotFoundError as e:
                 if not missing_ok:
-                    raise
+                    raise classify(e, self.url, "delete") from e
             except OSError as e:
-                from .errors import classify
-
                 raise classify(e, self.url, "delete") from e
             return
 
+        # object stores delete missing keys silently: look first when the caller cares
+        if not missing_ok and not self.exists():
+            raise StorageNotFoundError(f"delete {self.url}: not found", url=self.url)
+        if recursive and self.protocol in _S3_PROTOCOLS:
+            call_with_retries(self._remove_s3_tree, url=self.url, action="delete")
+            return
+
         def _rm() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.path, recursive=recursive)
-            except FileNotFoundError:
-                if not missing_ok:
-                    raise
 
         call_with_retries(_rm, url=self.url, action="delete")
         self.fs.invalidate_cache(self.path)
+
+    def _remove_s3_tree(self) -> None:
+        """Batched DeleteObjects of every key under the prefix; raise if any key is refused.
+
+        s3fs's own ``rm`` drops per-key errors, and leaves the folder entries that
+        filer-backed stores (SeaweedFS) keep after their last object goes; this also deletes
+        those ``dir/`` keys, deepest first, so the prefix really disappears from listings.
+        """
+        fs: Any = self.fs
+        fs.invalidate_cache(self.path)
+        bucket, key, _ = fs.split_path(self.path)
+        if not key:
+            raise StorageError(f"delete {self.url}: refusing to empty a whole bucket", url=self.url)
+        found: dict[str, dict[str, Any]] = fs.find(self.path, withdirs=True, detail=True)
+        files = sorted(
+            fs.split_path(p)[1] for p, e in found.items() if e.get("type") != "directory"
+        )
+        dirs = sorted(
+            (
+                fs.split_path(p)[1].rstrip("/") + "/"
+                for p, e in found.items()
+                if e.get("type") == "directory"
+            ),
+            key=lambda k: k.count("/"),
+            reverse=True,
+        )
+        keys = [*files, *dirs, key.rstrip("/") + "/"]
+        for i in range(0, len(keys), _S3_MAX_DELETE_KEYS):
+            batch = [{"Key": k} for k in keys[i : i + _S3_MAX_DELETE_KEYS]]
+            out = fs.call_s3(
+                "delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+            errors = [e for e in out.get("Errors") or [] if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                text = (
+                    f"{len(errors)} of {len(batch)} keys not deleted, e.g. {first.get('Key')}: "
+                    f"{first.get('Code')}: {first.get('Message')}"
+                )
+                if first.get("Code") == "AccessDenied":
+                    raise PermissionError(text)
+                raise OSError(text)
+        fs.invalidate_cache(self.path)
 
     def walk_files(self) -> Iterator[tuple[str, int]]:
         """(relative path, size) of every file below this directory."""
@@ -339,16 +411,19 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 class _LocalSink:
+    """Local file: ``os.write`` per chunk, fsync on ``close``; ``abort`` unlinks the file."""
+
     def __init__(self, loc: Location, *, fsync: bool) -> None:
         self._loc = loc
         self._fsync = fsync
+        self._closed_ok = False
         with storage_errors(loc.url, "create"):
             os.makedirs(os.path.dirname(loc.path), exist_ok=True)
             self._fd: int | None = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def write(self, data: memoryview | bytes) -> None:
         if self._fd is None:
-            raise ValueError(f"{self._loc.url}: write after close")
+            raise ValueError(f"{self._loc.url}: write after close or abort")
         with storage_errors(self._loc.url, "write"):
             _write_all(self._fd, memoryview(data))
 
@@ -362,8 +437,12 @@ class _LocalSink:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+        self._closed_ok = True
 
     def abort(self) -> None:
+        """Discard the partial file; a no-op after a successful ``close``."""
+        if self._closed_ok:
+            return
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -373,29 +452,49 @@ class _LocalSink:
 
 class _FsspecSink:
     """Object stores: fsspec's buffered file uploads ``part_size_bytes`` parts (multipart on
-    S3, resumable on GCS) and completes the upload only on ``close``; ``abort`` discards it."""
+    S3, resumable on GCS) and completes the upload only on ``close``; ``abort`` cancels it.
+
+    Other fsspec filesystems (memory://, ...) may show the file while it is written; there
+    ``abort`` deletes it.
+    """
 
     def __init__(self, loc: Location, *, part_size_bytes: int) -> None:
         self._loc = loc
+        self._state = "open"  # -> "closed" | "aborted"
+        if loc.protocol in _S3_PROTOCOLS:
+            part_size_bytes = max(part_size_bytes, _S3_MIN_PART_BYTES)
         with storage_errors(loc.url, "create"):
             self._f: Any = loc.fs.open(loc.path, "wb", block_size=part_size_bytes)
 
     def write(self, data: memoryview | bytes) -> None:
+        if self._state != "open":
+            raise ValueError(f"{self._loc.url}: write after close or abort")
         with storage_errors(self._loc.url, "write"):
             self._f.write(data)
 
     def close(self) -> None:
+        if self._state != "open":
+            return
         with storage_errors(self._loc.url, "upload"):
             self._f.close()
+        self._state = "closed"
         self._loc.fs.invalidate_cache(self._loc.path)
 
     def abort(self) -> None:
-        discard = getattr(self._f, "discard", None)
+        """Cancel the upload (never raises: callers abort while handling another error)."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        f, loc = self._f, self._loc
         try:
-            if discard is not None:
-                discard()
+            if loc.protocol in _DISCARDING_PROTOCOLS:
+                call_with_retries(f.discard, url=loc.url, action="abort upload of", attempts=3)
             else:
-                self._f.close()
-                self._loc.fs.rm(self._loc.path)
-        except Exception:  # best effort: the upload is already failing
-            pass
+                f.close()
+                loc.fs.rm_file(loc.path)
+        except Exception as e:  # report, but let the caller's original error propagate
+            logger.warning("could not abort the upload of %s: %s", loc.url, e)
+        finally:
+            if isinstance(f, AbstractBufferedFile):
+                f.closed = True  # else close()/__del__ would still upload the buffer
+            loc.fs.invalidate_cache(loc.path)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ckptsvc import knobs
+from ckptsvc.errors import CheckpointError
 
 from .errors import classify, is_transient
 
@@ -40,6 +41,8 @@ def call_with_retries(
     for attempt in range(1, attempts + 1):
         try:
             return fn()
+        except CheckpointError:
+            raise  # already classified (or a format error): never retried, never re-wrapped
         except Exception as e:
             elapsed = time.monotonic() - start
             if not is_transient(e) or attempt == attempts or elapsed >= max_s:

@@ -49,9 +49,6 @@ from typing import Any
 import fsspec
 import pytest
 from fsspec import AbstractFileSystem
-
-from ckptsvc.storage import Location
-
 from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py)
     Server,
     ServerStartError,
@@ -59,6 +56,8 @@ from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py
     start_moto,
     start_seaweedfs,
 )
+
+from ckptsvc.storage import Location
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 

