@@ -1,20 +1,21 @@
-"""The measurements behind ``ckptsvc bench``: synthetic state, one workload per method.
+"""The workloads of ``ckptsvc bench``: one measurement per method, in its own process.
 
-Each measurement runs in a fresh worker process (``python -m ckptsvc.bench_workloads
-CONFIG_JSON``) started by :mod:`ckptsvc.bench`, so that its peak memory is its own:
+:mod:`ckptsvc.bench` starts ``python -m ckptsvc.bench_workloads CONFIG_JSON`` once per
+measurement, so that peak memory is per measurement. In the worker:
 
-1. the worker builds the synthetic state (:func:`make_specs`, :func:`build_state`);
-2. :class:`PeakRss` resets the kernel's resident high-water mark (``VmHWM``) and reads the
-   baseline RSS, so "extra RSS" excludes the state itself;
-3. the workload runs and times itself: ``blocking_s`` until the call returns,
-   ``durable_s`` until the bytes are on stable storage (fsync'd, upload completed) or, for
-   loads, until every page of every loaded tensor has been touched;
-4. the worker writes one JSON :class:`Sample` to the result file and exits with
-   ``os._exit`` (background processes of DCP see their pipe close and stop by themselves).
+1. :func:`run_worker_main` builds the synthetic state (not for loads);
+2. the workload enters :class:`~ckptsvc.bench_probes.PeakRss` (resets ``VmHWM``, reads the
+   baseline RSS, so "extra RSS" excludes the state itself) and times itself:
+   ``blocking_s`` until the call returns, ``durable_s`` until the bytes are on stable
+   storage (fsync'd, upload completed) or, for loads, until every page of every loaded
+   tensor has been touched;
+3. the worker writes one JSON result (a :class:`~ckptsvc.bench_probes.Sample`, or
+   "unavailable"/"error" with the reason) and leaves with ``os._exit`` (DCP's background
+   process sees its pipe close and stops by itself).
 
-Cold reads are the parent's job: it fsyncs the files and drops them from the page cache
-(``POSIX_FADV_DONTNEED``, :func:`drop_page_cache`) before starting a load worker.
-Torch is imported lazily so that the parent process stays light.
+Cold reads are the parent's job: it drops the files from the page cache before a load.
+Async methods make a warm-up save first (process start, arena allocation), then change
+every value and measure a second save.
 """
 
 from __future__ import annotations
@@ -23,31 +24,30 @@ import inspect
 import io
 import json
 import os
-import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
+
+from .bench_probes import (
+    PeakRss,
+    Sample,
+    WorkerConfig,
+    build_state,
+    copy_into,
+    fsync_tree,
+    make_specs,
+    proc_status_bytes,
+    touch_pages,
+)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "WORKLOADS",
-    "PeakRss",
-    "Sample",
-    "TensorSpec",
-    "WorkerConfig",
-    "build_state",
-    "drop_page_cache",
-    "fsync_tree",
-    "make_specs",
-    "run_worker_main",
-]
+__all__ = ["ARTIFACTS", "WORKLOADS", "run_worker_main"]
 
-KiB, MiB = 1 << 10, 1 << 20
-IO_CHUNK_BYTES = 32 * MiB  # chunk of the raw write/read floors (same as the reference tool)
+IO_CHUNK_BYTES = 32 << 20  # chunk of the raw write/read floors (same as the reference tool)
 ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "raw_write": "raw.bin",
     "torch_save": "ckpt.pt",
@@ -55,229 +55,6 @@ ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "dcp_save": "dcp",
     "ckptsvc_save": "ckptsvc",
 }
-
-
-# ---------------------------------------------------------------------------- the state
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the synthetic state."""
-
-    name: str
-    dtype: str  # torch attribute name: "bfloat16" or "float32"
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def make_specs(total_nbytes: int, *, seed: int = 0) -> list[TensorSpec]:
-    """A realistic mix adding up to about ``total_nbytes``: 5 large tensors (62.5 % of the
-    bytes), up to 140 tiny ones (4-64 KiB: norms, biases; at most 5 % of the bytes) and
-    the rest 1-4 MiB (scaled down for small totals). Every third tensor is a bf16 model
-    weight, the others fp32 optimizer state (``exp_avg``/``exp_avg_sq``)."""
-    rng = random.Random(seed)
-    sizes = [int(total_nbytes * f) // 4096 * 4096 for f in (0.25, 0.125, 0.125, 0.0625, 0.0625)]
-    rest = total_nbytes - sum(sizes)
-    tiny_budget = total_nbytes // 20
-    for _ in range(140):
-        nbytes = int(4096 * 2 ** rng.uniform(0, 4)) // 4096 * 4096
-        if nbytes > tiny_budget:
-            break
-        sizes.append(nbytes)
-        tiny_budget -= nbytes
-        rest -= nbytes
-    hi_pages = max(1, min(4 * MiB, total_nbytes // 128) // 4096)
-    lo_pages = max(1, hi_pages // 4)
-    while rest > hi_pages * 4096:
-        nbytes = rng.randint(lo_pages, hi_pages) * 4096
-        sizes.append(nbytes)
-        rest -= nbytes
-    if rest >= 4096:
-        sizes.append(rest // 4096 * 4096)
-    specs = []
-    for i, nbytes in enumerate(s for s in sizes if s > 0):
-        if i % 3 == 0:
-            name, dtype, elem = f"model.layers.{i}.weight", "bfloat16", 2
-        else:
-            suffix = "_sq" if i % 3 == 2 else ""
-            name, dtype, elem = f"optim.state.{i}.exp_avg{suffix}", "float32", 4
-        numel = nbytes // elem
-        shape = (numel // 256, 256) if numel % 256 == 0 and numel >= 256 else (numel,)
-        specs.append(TensorSpec(name, dtype, shape, nbytes))
-    return specs
-
-
-def build_state(specs: Iterable[TensorSpec], *, fill: bool = True) -> dict[str, torch.Tensor]:
-    """The state dict for ``specs``: random values, or zeros (pages touched either way, so
-    the baseline RSS already holds the whole state)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for s in specs:
-        t = torch.empty(s.shape, dtype=getattr(torch, s.dtype))
-        if fill:
-            t.uniform_(-1, 1, generator=gen)
-        else:
-            t.view(torch.uint8).zero_()
-        state[s.name] = t
-    return state
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return t.reshape(-1).view(torch.uint8)
-
-
-def _copy_into(state: dict[str, torch.Tensor], buf: torch.Tensor) -> None:
-    offset = 0
-    for t in state.values():
-        n = t.numel() * t.element_size()
-        buf[offset : offset + n].copy_(_as_bytes(t))
-        offset += n
-
-
-def _touch_pages(values: Iterable[Any]) -> int:
-    """Read one byte per 4 KiB page of every tensor (faults lazily mapped data in);
-    returns the bytes covered."""
-    import torch
-
-    covered = 0
-    for t in values:
-        if isinstance(t, torch.Tensor) and t.numel():
-            u = _as_bytes(t.contiguous())
-            int(u[::4096].sum())
-            covered += u.numel()
-    return covered
-
-
-# ---------------------------------------------------------------------------- measuring
-def _proc_status_bytes(pid: int | str, key: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _descendants(pid: int) -> Iterator[int]:
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-        except OSError:
-            continue
-        for kid in kids:
-            yield kid
-            yield from _descendants(kid)
-
-
-class PeakRss:
-    """Peak resident memory of this process over a ``with`` block, via the kernel
-    high-water mark: ``VmHWM`` is reset (``/proc/self/clear_refs`` = 5) on entry and read
-    on exit, so sampling costs nothing during the block. Live child processes (a DCP
-    daemon, the ckptsvc writer) are reported separately with their lifetime peak.
-
-    1. ``__enter__`` (measuring thread): reset, read ``base_bytes``;
-    2. ``__exit__`` (same thread, before children are shut down): read the peaks.
-    """
-
-    def __init__(self) -> None:
-        self.base_bytes = 0
-        self.peak_bytes = 0
-        self.child_peak_bytes = 0
-        self.reset_ok = False
-
-    def __enter__(self) -> PeakRss:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset_ok = True
-        except OSError:  # no permission: VmHWM then is the lifetime peak
-            self.reset_ok = False
-        self.base_bytes = _proc_status_bytes("self", "VmRSS")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.peak_bytes = max(_proc_status_bytes("self", "VmHWM"), self.base_bytes)
-        self.child_peak_bytes = sum(
-            _proc_status_bytes(pid, "VmHWM") for pid in set(_descendants(os.getpid()))
-        )
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _files_under(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    return [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
-
-
-def fsync_tree(path: str) -> None:
-    """fsync every file below ``path`` (or the file itself) and its directory."""
-    for p in _files_under(path):
-        _fsync_path(p)
-    _fsync_path(path if os.path.isdir(path) else os.path.dirname(path) or ".")
-
-
-def drop_page_cache(path: str) -> None:
-    """Make the next read of ``path`` cold: fsync, then ``POSIX_FADV_DONTNEED``."""
-    for p in _files_under(path):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-# ---------------------------------------------------------------------------- config/result
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What one worker measures. ``root`` is a local directory or a storage URL; ``local_dir``
-    is always a local scratch directory (result file, logs)."""
-
-    method: str
-    total_nbytes: int
-    root: str
-    local_dir: str
-    result_path: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    remote: bool = False
-    dcp_threads: int = 1
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerConfig:
-        return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One measurement. Times in seconds; ``nbytes`` is the state's tensor bytes."""
-
-    method: str
-    nbytes: int
-    blocking_s: float
-    durable_s: float
-    rss_base_bytes: int
-    rss_peak_bytes: int
-    child_rss_peak_bytes: int
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class _Unavailable(Exception):
@@ -351,27 +128,28 @@ def _sample(ctx: _Ctx, rss: PeakRss, timed: Timed) -> Sample:
 def w_memcpy(ctx: _Ctx) -> Sample:
     """Copy the state into one pre-touched buffer: best of 3 (the floor), plus first-touch
     heap and pre-touched shared memory as extras."""
-    import torch
     from multiprocessing import shared_memory
+
+    import torch
 
     state = ctx.state or {}
     with PeakRss() as rss:
         buf = torch.empty(ctx.nbytes, dtype=torch.uint8)
         t0 = time.perf_counter()
-        _copy_into(state, buf)
+        copy_into(state, buf)
         first_touch_s = time.perf_counter() - t0
         runs = []
         for _ in range(3):
             t0 = time.perf_counter()
-            _copy_into(state, buf)
+            copy_into(state, buf)
             runs.append(time.perf_counter() - t0)
         del buf
         shm = shared_memory.SharedMemory(create=True, size=ctx.nbytes)
         try:
             sbuf = torch.frombuffer(shm.buf, dtype=torch.uint8)
-            _copy_into(state, sbuf)
+            copy_into(state, sbuf)
             t0 = time.perf_counter()
-            _copy_into(state, sbuf)
+            copy_into(state, sbuf)
             shm_s = time.perf_counter() - t0
             del sbuf
         finally:
@@ -385,14 +163,14 @@ def _flat_copy(state: dict[str, torch.Tensor], nbytes: int) -> torch.Tensor:
     import torch
 
     buf = torch.empty(nbytes, dtype=torch.uint8)
-    _copy_into(state, buf)
+    copy_into(state, buf)
     return buf
 
 
 def w_raw_write(ctx: _Ctx) -> Sample:
     """Sequential write of the state's bytes (one flat buffer, 32 MiB writes), then fsync;
     on an object store one streaming upload of the same bytes."""
-    view = memoryview(_flat_copy(ctx.state or {}, ctx.nbytes).numpy())
+    view = memoryview(_flat_copy(ctx.state or {}, ctx.nbytes).numpy())  # type: ignore[arg-type]
     with PeakRss() as rss:
         t0 = time.perf_counter()
         if ctx.cfg.remote:
@@ -430,7 +208,7 @@ def w_raw_read(ctx: _Ctx) -> Sample:
         else:
             size = os.path.getsize(ctx.path(name))
             buf = torch.empty(size, dtype=torch.uint8)
-            view = memoryview(buf.numpy())
+            view = memoryview(buf.numpy())  # type: ignore[arg-type]
             fd = os.open(ctx.path(name), os.O_RDONLY)
             try:
                 got = 0
@@ -488,7 +266,7 @@ def _load_sample(ctx: _Ctx, load: Callable[[], Any]) -> Sample:
         loaded = load()
         t1 = time.perf_counter()
         values = list(loaded.values()) if isinstance(loaded, dict) else []
-        covered = _touch_pages(values)
+        covered = touch_pages(values)
         t2 = time.perf_counter()
     if covered != ctx.nbytes:
         raise RuntimeError(
@@ -659,7 +437,7 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
             t1 = time.perf_counter()
             handle.wait()
             first = (t1 - t0, time.perf_counter() - t0)
-            rss_after_first = _proc_status_bytes("self", "VmRSS")
+            rss_after_first = proc_status_bytes("self", "VmRSS")
             _perturb(state)
             t0 = time.perf_counter()
             handle = ckpt.save(1, state)

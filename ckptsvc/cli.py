@@ -76,7 +76,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         key=lambda i: i.sort_key(),
         default=None,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in infos:
         when = ""
         if i.manifest is not None:
@@ -125,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = Location.parse(args.checkpoint, _storage_options(args))
     info = checkpoint_info(ckpt)
     files = [c.name for c in ckpt.list_children() if not c.is_dir]
-    tensors = []
+    tensors: list[dict[str, Any]] = []
     for name in sorted(f for f in files if f.endswith(".safetensors")):
         layout, _ = read_safetensors_header(ckpt.join(name))
         tensors += [
@@ -139,7 +139,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for e in layout.entries
         ]
     m = info.manifest
-    doc = {
+    doc: dict[str, Any] = {
         "url": ckpt.url,
         "status": info.status.value,
         "step": info.step,

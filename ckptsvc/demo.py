@@ -41,7 +41,7 @@ class TinyLM(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
         mask = torch.triu(torch.full((n, n), float("-inf")), diagonal=1)
-        return self.head(self.norm(self.blocks(self.embed(tokens), mask=mask, is_causal=True)))  # type: ignore[no-any-return]
+        return self.head(self.norm(self.blocks(self.embed(tokens), mask=mask, is_causal=True)))
 
 
 def _train_step(model: TinyLM, opt: torch.optim.Optimizer, gen: torch.Generator) -> float:

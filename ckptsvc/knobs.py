@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["Knob", "knob_table"]
 
@@ -38,13 +38,13 @@ class Knob(Generic[T]):
         kind = type(self.default)
         try:
             if kind is bool:
-                return raw.strip().lower() in ("1", "true", "yes", "on")  # type: ignore[return-value]
-            return kind(raw)  # type: ignore[return-value]
+                return raw.strip().lower() in ("1", "true", "yes", "on")
+            return kind(raw)
         except ValueError as e:
             raise ValueError(f"{self.env_var}={raw!r} is not a valid {kind.__name__}") from e
 
 
-_ALL: list[Knob] = []  # type: ignore[type-arg]
+_ALL: list[Knob[Any]] = []
 
 
 def _knob(name: str, default: T, doc: str) -> Knob[T]:

@@ -46,7 +46,7 @@ def read_safetensors_header(loc: Location) -> tuple[ShardLayout, int]:
 def _read_entry(loc: Location, layout: ShardLayout, e: TensorEntry) -> torch.Tensor:
     t = torch.empty(e.shape, dtype=dtype_to_torch(e.dtype))
     if e.nbytes:
-        view = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        view = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         step = knobs.READ_CHUNK_BYTES.get()
         for start in range(0, e.nbytes, step):
             loc.read_into(layout.data_offset + e.begin + start, view[start : start + step])

@@ -234,12 +234,12 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
             )
         entries.append(TensorEntry(name, dtype, tuple(shape), offs[0], offs[1]))
 
-    entries.sort(key=lambda e: (e.begin, e.end))
+    entries.sort(key=lambda ent: (ent.begin, ent.end))
     cursor = 0
-    for e in entries:
-        if e.begin < cursor:
-            raise CorruptCheckpointError(f"{where}: tensor {e.name!r} overlaps the previous tensor")
-        cursor = e.end
+    for ent in entries:
+        if ent.begin < cursor:
+            raise CorruptCheckpointError(f"{where}: tensor {ent.name!r} overlaps the previous tensor")
+        cursor = ent.end
     data_nbytes = cursor
     if file_nbytes is not None and 8 + n + data_nbytes > file_nbytes:
         raise CorruptCheckpointError(
@@ -265,7 +265,7 @@ def dtype_to_torch(dtype: str) -> torch.dtype:
     import torch
 
     try:
-        return getattr(torch, _TORCH_NAMES[dtype])  # type: ignore[no-any-return]
+        return getattr(torch, _TORCH_NAMES[dtype])
     except (KeyError, AttributeError) as e:
         raise CorruptCheckpointError(f"dtype {dtype!r} is not supported by this torch") from e
 
@@ -280,4 +280,4 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")

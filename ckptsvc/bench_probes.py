@@ -1,0 +1,281 @@
+"""Measuring tools of ``ckptsvc bench``: the synthetic state, peak RSS, cold page cache.
+
+Shared by the parent (:mod:`ckptsvc.bench`) and the worker processes
+(:mod:`ckptsvc.bench_workloads`). Torch is imported lazily so the parent stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "PeakRss",
+    "Sample",
+    "TensorSpec",
+    "WorkerConfig",
+    "build_state",
+    "cached_bytes",
+    "copy_into",
+    "drop_page_cache",
+    "fsync_tree",
+    "make_specs",
+    "proc_status_bytes",
+    "touch_pages",
+]
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------- the state
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the synthetic state."""
+
+    name: str
+    dtype: str  # torch attribute name: "bfloat16" or "float32"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def make_specs(total_nbytes: int, *, seed: int = 0) -> list[TensorSpec]:
+    """A realistic mix adding up to about ``total_nbytes``: 5 large tensors (62.5 % of the
+    bytes), up to 140 tiny ones (4-64 KiB: norms, biases; at most 5 % of the bytes) and
+    the rest 1-4 MiB (scaled down for small totals). Every third tensor is a bf16 model
+    weight, the others fp32 optimizer state (``exp_avg``/``exp_avg_sq``)."""
+    rng = random.Random(seed)
+    sizes = [int(total_nbytes * f) // 4096 * 4096 for f in (0.25, 0.125, 0.125, 0.0625, 0.0625)]
+    rest = total_nbytes - sum(sizes)
+    tiny_budget = total_nbytes // 20
+    for _ in range(140):
+        nbytes = int(4096 * 2 ** rng.uniform(0, 4)) // 4096 * 4096
+        if nbytes > tiny_budget:
+            break
+        sizes.append(nbytes)
+        tiny_budget -= nbytes
+        rest -= nbytes
+    hi_pages = max(1, min(4 * MiB, total_nbytes // 128) // 4096)
+    lo_pages = max(1, hi_pages // 4)
+    while rest > hi_pages * 4096:
+        nbytes = rng.randint(lo_pages, hi_pages) * 4096
+        sizes.append(nbytes)
+        rest -= nbytes
+    if rest >= 4096:
+        sizes.append(rest // 4096 * 4096)
+    specs = []
+    for i, nbytes in enumerate(s for s in sizes if s > 0):
+        if i % 3 == 0:
+            name, dtype, elem = f"model.layers.{i}.weight", "bfloat16", 2
+        else:
+            suffix = "_sq" if i % 3 == 2 else ""
+            name, dtype, elem = f"optim.state.{i}.exp_avg{suffix}", "float32", 4
+        numel = nbytes // elem
+        shape = (numel // 256, 256) if numel % 256 == 0 and numel >= 256 else (numel,)
+        specs.append(TensorSpec(name, dtype, shape, nbytes))
+    return specs
+
+
+def build_state(specs: Iterable[TensorSpec], *, fill: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict for ``specs``: random values, or zeros (pages touched either way, so
+    the baseline RSS already holds the whole state)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for s in specs:
+        t = torch.empty(s.shape, dtype=getattr(torch, s.dtype))
+        if fill:
+            t.uniform_(-1, 1, generator=gen)
+        else:
+            t.view(torch.uint8).zero_()
+        state[s.name] = t
+    return state
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return t.reshape(-1).view(torch.uint8)
+
+
+def copy_into(state: dict[str, torch.Tensor], buf: torch.Tensor) -> None:
+    offset = 0
+    for t in state.values():
+        n = t.numel() * t.element_size()
+        buf[offset : offset + n].copy_(_as_bytes(t))
+        offset += n
+
+
+def touch_pages(values: Iterable[Any]) -> int:
+    """Read one byte per 4 KiB page of every tensor (faults lazily mapped data in);
+    returns the bytes covered."""
+    import torch
+
+    covered = 0
+    for t in values:
+        if isinstance(t, torch.Tensor) and t.numel():
+            u = _as_bytes(t.contiguous())
+            int(u[::4096].sum())
+            covered += u.numel()
+    return covered
+
+
+# ---------------------------------------------------------------------------- measuring
+def proc_status_bytes(pid: int | str, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(pid: int) -> Iterator[int]:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            yield kid
+            yield from _descendants(kid)
+
+
+class PeakRss:
+    """Peak resident memory of this process over a ``with`` block, via the kernel
+    high-water mark: ``VmHWM`` is reset (``/proc/self/clear_refs`` = 5) on entry and read
+    on exit, so sampling costs nothing during the block. Live child processes (a DCP
+    daemon, the ckptsvc writer) are reported separately with their lifetime peak.
+
+    1. ``__enter__`` (measuring thread): reset, read ``base_bytes``;
+    2. ``__exit__`` (same thread, before children are shut down): read the peaks.
+    """
+
+    def __init__(self) -> None:
+        self.base_bytes = 0
+        self.peak_bytes = 0
+        self.child_peak_bytes = 0
+        self.reset_ok = False
+
+    def __enter__(self) -> PeakRss:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset_ok = True
+        except OSError:  # no permission: VmHWM then is the lifetime peak
+            self.reset_ok = False
+        self.base_bytes = proc_status_bytes("self", "VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_bytes = max(proc_status_bytes("self", "VmHWM"), self.base_bytes)
+        self.child_peak_bytes = sum(
+            proc_status_bytes(pid, "VmHWM") for pid in set(_descendants(os.getpid()))
+        )
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_under(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file below ``path`` (or the file itself) and its directory."""
+    for p in _files_under(path):
+        _fsync_path(p)
+    _fsync_path(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+
+
+def drop_page_cache(path: str) -> None:
+    """Make the next read of ``path`` cold: fsync, then ``POSIX_FADV_DONTNEED``."""
+    for p in _files_under(path):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cached_bytes(path: str) -> int | None:
+    """Bytes of ``path`` in the page cache (``fincore``), or None without the tool."""
+    tool = shutil.which("fincore")
+    if tool is None:
+        return None
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+    )
+    total = 0
+    for f in files:
+        out = subprocess.run(
+            [tool, "-b", "-n", "-o", "RES", f], capture_output=True, text=True, check=False
+        )
+        words = out.stdout.split()
+        if out.returncode != 0 or not words:
+            return None
+        total += int(words[0])
+    return total
+
+
+# ---------------------------------------------------------------------------- worker I/O
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What one worker measures. ``root`` is a local directory or a storage URL; ``local_dir``
+    is always a local scratch directory (result file, logs)."""
+
+    method: str
+    total_nbytes: int
+    root: str
+    local_dir: str
+    result_path: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    remote: bool = False
+    dcp_threads: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measurement. Times in seconds; ``nbytes`` is the state's tensor bytes."""
+
+    method: str
+    nbytes: int
+    blocking_s: float
+    durable_s: float
+    rss_base_bytes: int
+    rss_peak_bytes: int
+    child_rss_peak_bytes: int
+    extras: dict[str, Any] = field(default_factory=dict)
