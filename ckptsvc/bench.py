@@ -13,7 +13,8 @@ measurement in a fresh worker process (:mod:`ckptsvc.bench_workloads`). The pare
    or one JSON document with ``--json``;
 5. removes the scratch data (unless ``--keep``).
 
-The CLI calls :func:`add_parser` and :func:`run`; :func:`main` runs it standalone.
+The ``ckptsvc`` CLI registers the options with :func:`add_parser` (or
+:func:`configure_parser`) and calls :func:`run`; :func:`main` parses ``argv`` itself.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class _Runner:
                 "reason": f"worker exited {rc} without a result: {_tail(log_path)}",
             }
         if result.get("status") == "error":
-            result["reason"] = f"{result.get('reason')} | {_tail(log_path)}"
+            result["log_tail"] = _tail(log_path)
         return result
 
     def measure(self, method: Method, reps: int) -> list[dict[str, Any]]:
@@ -180,7 +181,7 @@ class _Runner:
         outcomes = []
         for i in range(reps):
             cached_before: int | None = None
-            if method.kind != "load":
+            if method.needs is None:
                 for name in method.leaves:
                     self._remove(name)
                 os.sync()
@@ -193,9 +194,10 @@ class _Runner:
             out = self._worker(method.name)
             if out.get("status") == "ok" and cached_before is not None:
                 out["sample"]["extras"]["cached_before_bytes"] = cached_before
-            self.progress(
-                f"{method.name} rep {i + 1}/{reps}: {out['status']} ({time.perf_counter() - started:.1f} s)"
-            )
+            took_s = time.perf_counter() - started
+            self.progress(f"{method.name} rep {i + 1}/{reps}: {out['status']} ({took_s:.1f} s)")
+            if out.get("status") != "ok":
+                self.progress(f"  {out.get('reason', '')}\n  {out.get('log_tail', '')}".rstrip())
             outcomes.append(out)
             if out.get("status") != "ok":
                 break
@@ -238,7 +240,7 @@ def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], No
     wanted = set(selected)
     outcomes: dict[str, list[dict[str, Any]]] = {}
     for method in METHODS:
-        if method.kind == "load":
+        if method.needs is not None:
             continue
         loads = [m for m in METHODS if m.needs == method.name and m.name in wanted]
         if method.name not in wanted and not loads:
@@ -333,15 +335,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``bench`` on an argparse subparsers object; the command runs :func:`run`."""
+    """Register ``bench`` on an argparse subparsers object and return its parser; the
+    caller binds the handler, e.g. ``add_parser(sub).set_defaults(fn=bench.run)``."""
     parser = subparsers.add_parser(
         "bench",
-        help="measure ckptsvc against the floors and torch/safetensors/DCP",
+        help="benchmark ckptsvc against memcpy/disk floors, torch.save, safetensors and DCP",
         description=__doc__.split("\n", 1)[0] if __doc__ else None,
     )
-    configure_parser(parser)
-    parser.set_defaults(func=run)
-    return parser
+    return configure_parser(parser)
 
 
 def _fail(message: str) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -51,67 +51,53 @@ class Target:
     note: str = ""
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den <= 0:
-        return None
-    return num / den
-
-
 def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
-    """The issue's targets as ratios of this run's rows (n/a where a row is missing)."""
+    """The issue's targets as ratios of this run's rows ("n/a" where a row is missing)."""
     ok = {r.method: r for r in rows if r.status == "ok"}
 
-    def get(method: str, attr: str) -> float | None:
-        row = ok.get(method)
-        value = getattr(row, attr) if row is not None else None
-        return float(value) if value is not None else None
+    def v(method: str, attr: str = "durable_s") -> float:
+        return float(getattr(ok[method], attr))
 
-    def target(
-        name: str,
-        formula: str,
-        op: str,
-        threshold: float,
-        value: float | None,
-        needs: Sequence[str],
-        note: str = "",
-    ) -> Target:
-        missing = [m for m in needs if m not in ok]
-        if value is None or missing:
-            return Target(
-                name,
-                formula,
-                op,
-                threshold,
-                None,
-                "n/a",
-                f"missing: {', '.join(missing)}" if missing else note,
-            )
-        passed = value <= threshold if op == "<=" else value >= threshold
-        return Target(name, formula, op, threshold, value, "PASS" if passed else "FAIL", note)
+    def arena_nbytes() -> float:
+        return float(ok["ckptsvc_async"].extras.get("arena_nbytes") or ok["ckptsvc_async"].nbytes)
 
-    memcpy = get("memcpy", "blocking_s")
-    raw_write = get("raw_write", "durable_s")
-    floor_sum = memcpy + raw_write if memcpy is not None and raw_write is not None else None
-    arena = ok["ckptsvc_async"].extras.get("arena_nbytes") if "ckptsvc_async" in ok else None
-    arena_note = "arena = new /dev/shm bytes"
-    if not arena and "ckptsvc_async" in ok:
-        arena, arena_note = ok["ckptsvc_async"].nbytes, "no /dev/shm arena seen; using state bytes"
-    return [
-        target("async blocking vs memcpy floor", "ckptsvc_async.blocking / memcpy", "<=", 1.25,
-               _ratio(get("ckptsvc_async", "blocking_s"), memcpy), ["ckptsvc_async", "memcpy"]),
-        target("async durable vs memcpy + raw write", "ckptsvc_async.durable / (memcpy + raw_write.durable)", "<=", 1.15,
-               _ratio(get("ckptsvc_async", "durable_s"), floor_sum), ["ckptsvc_async", "memcpy", "raw_write"]),
-        target("DCP async blocking vs ckptsvc async", "dcp_async.blocking / ckptsvc_async.blocking", ">=", 3.0,
-               _ratio(get("dcp_async", "blocking_s"), get("ckptsvc_async", "blocking_s")), ["dcp_async", "ckptsvc_async"]),
-        target("sync save throughput vs raw write", "ckptsvc_save.GB/s / raw_write.GB/s", ">=", 0.9,
-               _ratio(raw_write, get("ckptsvc_save", "durable_s")), ["ckptsvc_save", "raw_write"]),
-        target("sync save faster than torch.save", "torch_save.durable / ckptsvc_save.durable", ">=", 1.0,
-               _ratio(get("torch_save", "durable_s"), get("ckptsvc_save", "durable_s")), ["ckptsvc_save", "torch_save"]),
-        target("load throughput vs raw read", "ckptsvc_load.GB/s / raw_read.GB/s", ">=", 0.9,
-               _ratio(get("raw_read", "durable_s"), get("ckptsvc_load", "durable_s")), ["ckptsvc_load", "raw_read"]),
-        target("async peak extra RSS vs arena size", "ckptsvc_async.rss_extra / arena bytes", "<=", 1.10,
-               _ratio(get("ckptsvc_async", "rss_extra_bytes"), float(arena) if arena else None), ["ckptsvc_async"], arena_note),
+    arena_note = "arena = bytes of new /dev/shm segments"
+    if "ckptsvc_async" in ok and not ok["ckptsvc_async"].extras.get("arena_nbytes"):
+        arena_note = "no /dev/shm segment seen: state bytes used as arena size"
+    specs: list[tuple[str, str, str, float, tuple[str, ...], Callable[[], float], str]] = [
+        ("async blocking vs memcpy floor", "ckptsvc_async.blocking / memcpy", "<=", 1.25,
+         ("ckptsvc_async", "memcpy"), lambda: v("ckptsvc_async", "blocking_s") / v("memcpy"), ""),
+        ("async durable vs memcpy + raw write", "ckptsvc_async.durable / (memcpy + raw_write)", "<=", 1.15,
+         ("ckptsvc_async", "memcpy", "raw_write"), lambda: v("ckptsvc_async") / (v("memcpy") + v("raw_write")), ""),
+        ("DCP async blocking vs ckptsvc async", "dcp_async.blocking / ckptsvc_async.blocking", ">=", 3.0,
+         ("dcp_async", "ckptsvc_async"), lambda: v("dcp_async", "blocking_s") / v("ckptsvc_async", "blocking_s"), ""),
+        ("sync save throughput vs raw write", "ckptsvc_save.GB/s / raw_write.GB/s", ">=", 0.9,
+         ("ckptsvc_save", "raw_write"), lambda: v("raw_write") / v("ckptsvc_save"), ""),
+        ("sync save faster than torch.save", "ckptsvc_save.GB/s / torch_save.GB/s", ">=", 1.0,
+         ("ckptsvc_save", "torch_save"), lambda: v("torch_save") / v("ckptsvc_save"), ""),
+        ("load throughput vs raw read", "ckptsvc_load.GB/s / raw_read.GB/s", ">=", 0.9,
+         ("ckptsvc_load", "raw_read"), lambda: v("raw_read") / v("ckptsvc_load"), ""),
+        ("async peak extra RSS vs arena size", "ckptsvc_async.RSS+ / arena bytes", "<=", 1.10,
+         ("ckptsvc_async",), lambda: v("ckptsvc_async", "rss_extra_bytes") / arena_nbytes(), arena_note),
     ]  # fmt: skip
+    targets = []
+    for name, formula, op, threshold, needs, compute, note in specs:
+        missing = [m for m in needs if m not in ok]
+        if missing:
+            targets.append(
+                Target(name, formula, op, threshold, None, "n/a", f"missing {', '.join(missing)}")
+            )
+            continue
+        try:
+            value = compute()
+        except ZeroDivisionError:
+            targets.append(Target(name, formula, op, threshold, None, "n/a", "a denominator is 0"))
+            continue
+        passed = value <= threshold if op == "<=" else value >= threshold
+        targets.append(
+            Target(name, formula, op, threshold, value, "PASS" if passed else "FAIL", note)
+        )
+    return targets
 
 
 # ---------------------------------------------------------------------------- output
@@ -119,26 +105,30 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+#: (extras keys that must all be present, how to show them) for the notes column
+_NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("heap_first_touch_s", "shm_pretouched_s"),
+     "fresh heap {heap_first_touch_s:.3f} s, pre-touched shm {shm_pretouched_s:.3f} s"),
+    (("fsync_s",), "fsync {fsync_s:.2f} s"),
+    (("mode",), "{mode}"),
+    (("first_blocking_s", "first_durable_s"), "first save {first_blocking_s:.2f}/{first_durable_s:.2f} s"),
+    (("arena_gib", "arena_count"), "arena {arena_gib:.2f} GiB in {arena_count} segment(s)"),
+    (("leaked_gib",), "LEAKED {leaked_gib:.2f} GiB of /dev/shm"),
+    (("cached_mib",), "{cached_mib} MiB cached before"),
+)  # fmt: skip
+
+
 def _notes(row: Row) -> str:
     if row.status != "ok":
         return f"{row.status}: {row.reason}"
-    e, parts = row.extras, []
-    if "heap_first_touch_s" in e:
-        parts.append(
-            f"fresh heap {e['heap_first_touch_s']:.3f} s, pre-touched shm {e['shm_pretouched_s']:.3f} s"
-        )
-    if "fsync_s" in e:
-        parts.append(f"fsync {e['fsync_s']:.2f} s")
-    if "mode" in e:
-        parts.append(str(e["mode"]))
-    if "first_blocking_s" in e:
-        parts.append(f"first save {e['first_blocking_s']:.2f}/{e['first_durable_s']:.2f} s")
+    e = dict(row.extras)
     if e.get("arena_nbytes"):
-        parts.append(f"arena {e['arena_nbytes'] / GiB:.2f} GiB in {e['arena_count']} segment(s)")
+        e["arena_gib"] = e["arena_nbytes"] / GiB
     if e.get("shm_leaked_nbytes"):
-        parts.append(f"LEAKED {e['shm_leaked_nbytes'] / GiB:.2f} GiB of /dev/shm")
+        e["leaked_gib"] = e["shm_leaked_nbytes"] / GiB
     if e.get("cached_before_bytes") is not None:
-        parts.append(f"{e['cached_before_bytes'] >> 20} MiB cached before")
+        e["cached_mib"] = int(e["cached_before_bytes"]) >> 20
+    parts = [fmt.format(**e) for keys, fmt in _NOTES if all(e.get(k) is not None for k in keys)]
     if row.reason:
         parts.append(row.reason)
     return "; ".join(parts)
@@ -157,10 +147,9 @@ def _cells(row: Row) -> tuple[str, ...]:
     )  # fmt: skip
 
 
-def _target_line(t: Target) -> tuple[str, str, str]:
+def _target_line(t: Target) -> tuple[str, str, str, str]:
     value = "-" if t.value is None else f"{t.value:.2f}"
-    note = f" ({t.note})" if t.note else ""
-    return (f"{t.name}: {t.formula} {t.op} {t.threshold:g}", f"{value}{note}", t.verdict)
+    return (f"{t.formula} {t.op} {t.threshold:g}", value, t.verdict, t.note)
 
 
 def format_table(rows: Sequence[Row], targets: Sequence[Target], title: str) -> str:
@@ -175,8 +164,8 @@ def format_table(rows: Sequence[Row], targets: Sequence[Target], title: str) -> 
         out.append("  ".join([*cols, line[-1]]).rstrip())
     out += ["", "targets (ratios within this run):"]
     lines = [_target_line(t) for t in targets]
-    width = max((len(a) for a, _, _ in lines), default=0)
-    out += [f"  {a.ljust(width)}  {b:>8}  {c}" for a, b, c in lines]
+    width = max((len(a) for a, *_ in lines), default=0)
+    out += [f"  {a.ljust(width)}  {b:>6}  {c:<4}  {d}".rstrip() for a, b, c, d in lines]
     return "\n".join(out)
 
 
@@ -192,11 +181,11 @@ def print_rich(rows: Sequence[Row], targets: Sequence[Target], title: str) -> bo
     for row in rows:
         table.add_row(*_cells(row))
     checks = Table(title="targets (ratios within this run)", title_justify="left")
-    for name in ("target", "value", "verdict"):
+    for name in ("target", "value", "verdict", "note"):
         checks.add_column(name)
     for t in targets:
-        a, b, c = _target_line(t)
-        checks.add_row(a, b, {"PASS": "[green]PASS[/]", "FAIL": "[red]FAIL[/]"}.get(c, c))
+        a, b, c, d = _target_line(t)
+        checks.add_row(a, b, {"PASS": "[green]PASS[/]", "FAIL": "[red]FAIL[/]"}.get(c, c), d)
     console = Console()
     console.print(table)
     console.print(checks)

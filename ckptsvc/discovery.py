@@ -160,7 +160,8 @@ def find_latest_checkpoint(
     Complete checkpoints are ordered by manifest timestamp, legacy ones by modification
     time, ties broken by step. An incomplete checkpoint is never returned, not even when
     it is the only one. Without a ``checkpoints`` directory, ``model_dir`` itself is
-    returned if it holds a checkpoint (Forgather's behaviour). Returns a path or URL.
+    returned if it holds a checkpoint (Forgather's behaviour). The result is spelled like
+    ``model_dir`` (relative stays relative), as ``next_checkpoint_path`` would build it.
     """
     root = Location.parse(model_dir, storage_options)
     infos = list_checkpoints(root)
@@ -168,7 +169,7 @@ def find_latest_checkpoint(
         logger.info(
             "no %s directory under %s; checking the directory itself", CHECKPOINTS_DIR, root.url
         )
-        return root.url if validate_checkpoint(root.url, storage_options=storage_options) else None
+        return model_dir if validate_checkpoint(root.url, storage_options=storage_options) else None
     for info in infos:
         if info.status is CheckpointStatus.INCOMPLETE:
             logger.info("skipping incomplete checkpoint %s (%s)", info.url, info.reason)
@@ -176,7 +177,7 @@ def find_latest_checkpoint(
     if latest is None:
         logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
         return None
-    return latest.url
+    return next_checkpoint_path(model_dir, latest.checkpoint_id)  # the caller's spelling
 
 
 def validate_checkpoint(

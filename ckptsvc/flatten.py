@@ -234,7 +234,7 @@ def unflatten_state(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Ten
             ((key, inner),) = v.items()
             if key == _TENSOR:
                 name = alias_of.get(inner, inner)
-                if name not in tensors:
+                if not isinstance(name, str) or name not in tensors:
                     raise CorruptCheckpointError(
                         f"the state skeleton names tensor {inner!r} but the checkpoint has no such tensor"
                     )

@@ -40,7 +40,10 @@ def select_for_deletion(
         (i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)),
         key=CheckpointInfo.sort_key,
     )
-    keep_urls = {p.rstrip("/") for p in preserved}
+    keep_urls: set[str] = set()
+    for p in preserved:  # normalise: relative paths, trailing slashes, file:// URLs
+        loc = Location.parse(p)
+        keep_urls |= {loc.url, loc.path}
     complete = [i for i in usable if i.status is CheckpointStatus.COMPLETE]
     if complete:
         keep_urls.add(complete[-1].url)

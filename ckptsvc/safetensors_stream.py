@@ -238,7 +238,9 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
     cursor = 0
     for ent in entries:
         if ent.begin < cursor:
-            raise CorruptCheckpointError(f"{where}: tensor {ent.name!r} overlaps the previous tensor")
+            raise CorruptCheckpointError(
+                f"{where}: tensor {ent.name!r} overlaps the previous tensor"
+            )
         cursor = ent.end
     data_nbytes = cursor
     if file_nbytes is not None and 8 + n + data_nbytes > file_nbytes:

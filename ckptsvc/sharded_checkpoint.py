@@ -49,16 +49,14 @@ from .layout import (
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
-    TensorSpec,
     assign_shards,
     index_file_name,
     make_index,
-    plan_files,
 )
 from .loading import read_safetensors, read_torch_file
 from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
 from .retention import maybe_delete_oldest_checkpoint
-from .safetensors_stream import dtype_from_torch, tensor_bytes
+from .safetensors_stream import dtype_from_torch, plan_shard, tensor_bytes
 from .storage import Location
 from .tied_params import (
     create_sharing_metadata,
@@ -193,59 +191,41 @@ def load_shard_index(
 # ---------------------------------------------------------------- save
 
 
-def _write_shards(
-    ckpt: Location, sd: Mapping[str, Tensor], *, safetensors: bool, max_shard_size: int, debug: bool
-) -> tuple[dict[str, str], list[FileRecord]]:
-    """Write the shard files of ``sd``; returns (weight_map, file records)."""
-    if debug:
-        for k, t in sd.items():
-            logger.debug(
-                "%s: shape=%s dtype=%s nbytes=%d",
-                k,
-                tuple(t.shape),
-                t.dtype,
-                t.numel() * t.element_size(),
-            )
-    threads = knobs.IO_THREADS.get()
+def _write_file(
+    ckpt: Location, fname: str, part: Mapping[str, Tensor], *, safetensors: bool
+) -> FileRecord:
+    """Write one shard file (safetensors streamed by our encoder, or ``torch.save``)."""
+    loc = ckpt.join(check_relpath(fname, where=ckpt.url))
     if safetensors:
-        specs = [
-            TensorSpec(k, dtype_from_torch(t.dtype, name=k), tuple(t.shape)) for k, t in sd.items()
-        ]
-        plans = plan_files(specs, max_shard_size=max_shard_size)
+        specs = ((k, dtype_from_torch(t.dtype, name=k), tuple(t.shape)) for k, t in part.items())
+        layout = plan_shard(specs, metadata={"format": "pt"})
+        chunks = (tensor_bytes(part[e.name]) for e in layout.entries)
+        return write_shard(loc, layout, chunks, rel_path=fname)
+    out = ChecksummedWriter(loc, rel_path=fname)
+    try:
+        torch.save({k: v.detach().cpu() for k, v in part.items()}, out)  # type: ignore[arg-type]
+        return out.finish()
+    except BaseException:
+        out.abort()
+        raise
 
-        def _one(plan: Any) -> FileRecord:
-            chunks = (tensor_bytes(sd[e.name]) for e in plan.layout.entries)
-            return write_shard(
-                ckpt.join(plan.file_name), plan.layout, chunks, rel_path=plan.file_name
-            )
 
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(plans)))) as pool:
-            records = list(pool.map(_one, plans))
-        weight_map = {e.name: p.file_name for p in plans for e in p.layout.entries}
-        return {k: weight_map[k] for k in sd}, records
-
-    weight_map = assign_shards(
-        [[(k, t.numel() * t.element_size()) for k, t in sd.items()]],
-        max_shard_size=max_shard_size,
-        safetensors=False,
-    )
+def _write_files(
+    ckpt: Location, weight_map: Mapping[str, str], sd: Mapping[str, Tensor], *, safetensors: bool
+) -> list[FileRecord]:
+    """Write every file of ``weight_map`` that holds tensors of ``sd``, in parallel."""
     by_file: dict[str, dict[str, Tensor]] = {}
-    for k, fname in weight_map.items():
-        by_file.setdefault(fname, {})[k] = sd[k].detach().cpu()
-
-    def _one_bin(item: tuple[str, dict[str, Tensor]]) -> FileRecord:
-        fname, part = item
-        out = ChecksummedWriter(ckpt.join(fname), rel_path=fname)
-        try:
-            torch.save(part, out)  # type: ignore[arg-type]
-            return out.finish()
-        except BaseException:
-            out.abort()
-            raise
-
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_file)))) as pool:
-        records = list(pool.map(_one_bin, by_file.items()))
-    return weight_map, records
+    for k in weight_map:
+        if k in sd:
+            by_file.setdefault(weight_map[k], {})[k] = sd[k]
+    threads = max(1, min(knobs.IO_THREADS.get(), len(by_file)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(
+            pool.map(
+                lambda item: _write_file(ckpt, item[0], item[1], safetensors=safetensors),
+                by_file.items(),
+            )
+        )
 
 
 def save_checkpoint(
@@ -278,11 +258,15 @@ def save_checkpoint(
         for k, t in to_write.items():
             dtype_from_torch(t.dtype, name=k)
 
+    if debug:
+        for k, t in to_write.items():
+            logger.debug("%s: shape=%s dtype=%s", k, tuple(t.shape), t.dtype)
+    sizes = [(k, t.numel() * t.element_size()) for k, t in to_write.items()]
+    weight_map = assign_shards([sizes], max_shard_size=max_shard_size, safetensors=safetensors)
+
     ckpt = Location.parse(output_dir, storage_options)
     begin_checkpoint(ckpt)
-    weight_map, records = _write_shards(
-        ckpt, to_write, safetensors=safetensors, max_shard_size=max_shard_size, debug=debug
-    )
+    records = _write_files(ckpt, weight_map, to_write, safetensors=safetensors)
     total = sum(t.numel() * t.element_size() for t in to_write.values())
     index = make_index(
         weight_map, total_size=total, metadata=metadata, param_sharing=sharing or None
@@ -335,32 +319,13 @@ def save_sharded_checkpoint(
     ckpt = Location.parse(output_dir, storage_options)
     ckpt.makedirs()
     sd = _state_dict(module)
-    weight_map = shard_index["weight_map"]
-    by_file: dict[str, dict[str, Tensor]] = {}
-    for k in sorted(set(weight_map) & set(sd)):
-        by_file.setdefault(check_relpath(weight_map[k], where=ckpt.url), {})[k] = sd[k]
-    for fname, part in by_file.items():
-        logger.info("writing %s (%d tensors)", fname, len(part))
-        if safetensors:
-            specs = [
-                TensorSpec(k, dtype_from_torch(t.dtype, name=k), tuple(t.shape))
-                for k, t in part.items()
-            ]
-            (plan,) = plan_files(specs, max_shard_size=2**62)
-            write_shard(
-                ckpt.join(fname),
-                plan.layout,
-                (tensor_bytes(part[e.name]) for e in plan.layout.entries),
-                rel_path=fname,
-            )
-        else:
-            out = ChecksummedWriter(ckpt.join(fname), rel_path=fname)
-            try:
-                torch.save({k: v.detach().cpu() for k, v in part.items()}, out)  # type: ignore[arg-type]
-                out.finish()
-            except BaseException:
-                out.abort()
-                raise
+    if debug:
+        logger.debug(
+            "saving %d of %d indexed tensors",
+            len(set(sd) & set(shard_index["weight_map"])),
+            len(shard_index["weight_map"]),
+        )
+    _write_files(ckpt, shard_index["weight_map"], sd, safetensors=safetensors)
 
 
 def validate_output_dir(

@@ -328,8 +328,14 @@ class ArenaPool:
     3. ``close`` (any thread; also at exit) unlinks every arena.
     """
 
-    def __init__(self, *, max_arenas: int, node: str, shm_dir: str | None = None,
-                 on_discard: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        max_arenas: int,
+        node: str,
+        shm_dir: str | None = None,
+        on_discard: Callable[[str], None] | None = None,
+    ) -> None:
         if max_arenas < 1:
             raise ValueError(f"arenas_per_rank must be >= 1, got {max_arenas}")
         self._max = max_arenas
@@ -443,8 +449,13 @@ class ArenaPool:
 _PIECE_BYTES = 8 << 20
 
 
-def copy_into(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], *, threads: int,
-              executor: Any | None = None) -> None:  # fmt: skip
+def copy_into(
+    dsts: Sequence[torch.Tensor],
+    srcs: Sequence[torch.Tensor],
+    *,
+    threads: int,
+    executor: Any | None = None,
+) -> None:
     """Copy each ``srcs[i]`` into ``dsts[i]`` (arena views); returns when all bytes landed.
 
     CUDA sources: one side stream, non-blocking D2H copies into pinned memory, then a

@@ -14,6 +14,7 @@ import posixpath
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import fsspec
@@ -169,11 +170,10 @@ class Location:
         if self.is_local:
             out: list[ChildInfo] = []
             with storage_errors(self.url, "list"), os.scandir(self.path) as it:
-                for e in it:
-                    st = e.stat(follow_symlinks=False)
-                    out.append(
-                        ChildInfo(e.name, e.is_dir(follow_symlinks=False), st.st_size, st.st_mtime)
-                    )
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    out.append(ChildInfo(entry.name, is_dir, st.st_size, st.st_mtime))
             return out
 
         def _ls() -> list[dict[str, Any]]:
@@ -182,19 +182,18 @@ class Location:
 
         entries = call_with_retries(_ls, url=self.url, action="list")
         result = []
-        for e in entries:
-            name = posixpath.basename(str(e["name"]).rstrip("/"))
-            if not name or str(e["name"]).rstrip("/") == self.path.rstrip("/"):
+        for info in entries:
+            name = posixpath.basename(str(info["name"]).rstrip("/"))
+            if not name or str(info["name"]).rstrip("/") == self.path.rstrip("/"):
                 continue
-            mtime = e.get("mtime") or e.get("LastModified") or e.get("updated")
-            ts = (
-                mtime.timestamp()
-                if hasattr(mtime, "timestamp")
-                else (float(mtime) if isinstance(mtime, (int, float)) else None)
+            mtime = _timestamp(
+                info.get("mtime")  # local, sftp, ...
+                or info.get("LastModified")  # S3
+                or info.get("updated")  # GCS
+                or info.get("created")  # memory://
             )
-            result.append(
-                ChildInfo(name, e.get("type") == "directory", int(e.get("size") or 0), ts)
-            )
+            is_dir = info.get("type") == "directory"
+            result.append(ChildInfo(name, is_dir, int(info.get("size") or 0), mtime))
         return result
 
     # ---- reads ---------------------------------------------------------------------------
@@ -392,6 +391,20 @@ class Location:
         for name, info in sorted(found.items()):
             rel = name[len(base) :] if name.startswith(base) else posixpath.basename(name)
             yield rel, int(info.get("size") or 0)
+
+
+def _timestamp(value: object) -> float | None:
+    """Seconds since the epoch from a listing's datetime, ISO string or number."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
 
 
 def fsync_dir(directory: str) -> None:

@@ -191,6 +191,9 @@ def _make_root(request: pytest.FixtureRequest, backend: str) -> Iterator[Storage
     fs.invalidate_cache()  # cached instances outlive the test; their listings must not
     if server.kind == "s3":
         _empty_s3_bucket(server, bucket)
+    else:
+        with contextlib.suppress(Exception):  # best effort, as for S3
+            fs.rm(bucket, recursive=True)
 
 
 @pytest.fixture(params=_params(ALL_BACKENDS))
@@ -212,8 +215,20 @@ def s3_root(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests that use a server fixture directly as ``cloud`` too."""
+    """Mark tests that use a server fixture directly as ``cloud``; skip ``gpu`` without CUDA."""
     servers = {"moto_server", "seaweedfs_server", "gcs_server", "s3_root"}
+    gpu_items = []
     for item in items:
         if servers & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cloud)
+        if item.get_closest_marker("gpu") is not None:
+            gpu_items.append(item)
+    if gpu_items:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(
+                reason="needs a CUDA device (torch.cuda.is_available() is False)"
+            )
+            for item in gpu_items:
+                item.add_marker(skip)

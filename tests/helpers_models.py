@@ -18,6 +18,7 @@ __all__ = [
     "assert_bitwise_equal",
     "assert_state_dicts_bitwise_equal",
     "bitwise_equal",
+    "crash_state",
     "mixed_state_dict",
     "random_tensor",
 ]
@@ -133,3 +134,13 @@ class TiedLM(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+def crash_state(
+    seed: int, *, tensors: int = 8, rows: int = 256, cols: int = 512
+) -> dict[str, torch.Tensor]:
+    """A few-MiB raw state dict (default 8 x 512 KiB float32 = 4 MiB), distinct per seed."""
+    return {
+        f"layer{i}.weight": random_tensor(torch.float32, (rows, cols), seed=seed * 1000 + i)
+        for i in range(tensors)
+    }

@@ -17,6 +17,7 @@ A start that fails raises ``ServerStartError`` carrying the tail of the server's
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -50,6 +51,7 @@ S3_SECRET_KEY = "ckptsvc-test-secret"
 GCS_PROJECT = "ckptsvc-test"
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 60.0
+_PR_SET_PDEATHSIG = 1
 
 
 class ServerStartError(RuntimeError):
@@ -145,6 +147,15 @@ def _stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+def _detach_but_die_with_parent() -> None:
+    """In the child before exec: own session (stop() kills the whole group), and SIGTERM
+    when pytest dies, so a killed test run leaves no servers behind (Linux only)."""
+    os.setsid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(
     cmd: list[str], *, workdir: Path, name: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -158,7 +169,7 @@ def _spawn(
             stderr=subprocess.STDOUT,
             cwd=workdir,
             env={**os.environ, **(env or {})},
-            start_new_session=True,  # own process group: stop() kills children too
+            preexec_fn=_detach_but_die_with_parent,
         )
     return proc, log_path
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+import ckptsvc.sharded_checkpoint as sc
 from ckptsvc.errors import InvalidStateError
 from ckptsvc.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -44,8 +45,14 @@ def shards_in_order(weight_map: dict[str, str]) -> list[list[str]]:
 
 
 def test_hf_file_names() -> None:
-    assert (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) == ("pytorch_model.bin", "pytorch_model.bin.index.json")
-    assert (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) == ("model.safetensors", "model.safetensors.index.json")
+    assert (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) == (
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    )
+    assert (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) == (
+        "model.safetensors",
+        "model.safetensors.index.json",
+    )
     assert index_file_name(True) == "model.safetensors.index.json"
     assert index_file_name(False) == "pytorch_model.bin.index.json"
     assert shard_file_name(1, 3, safetensors=True) == "model-00001-of-00003.safetensors"
@@ -75,17 +82,25 @@ def test_single_shard_is_still_numbered() -> None:
 
 
 def test_cut_before_the_tensor_that_would_overflow() -> None:
-    wm = assign_shards([[("a", 60), ("b", 40), ("c", 1), ("d", 100), ("e", 0)]], max_shard_size=100, safetensors=True)
+    wm = assign_shards(
+        [[("a", 60), ("b", 40), ("c", 1), ("d", 100), ("e", 0)]],
+        max_shard_size=100,
+        safetensors=True,
+    )
     assert shards_in_order(wm) == [["a", "b"], ["c"], ["d", "e"]]
 
 
 def test_oversized_tensor_gets_a_shard_of_its_own() -> None:
-    wm = assign_shards([[("a", 10), ("huge", 1000), ("b", 10)]], max_shard_size=100, safetensors=True)
+    wm = assign_shards(
+        [[("a", 10), ("huge", 1000), ("b", 10)]], max_shard_size=100, safetensors=True
+    )
     assert shards_in_order(wm) == [["a"], ["huge"], ["b"]]
 
 
 def test_groups_never_share_a_shard() -> None:
-    wm = assign_shards([[("r0.a", 1), ("r0.b", 1)], [("r1.a", 1)], []], max_shard_size=100, safetensors=False)
+    wm = assign_shards(
+        [[("r0.a", 1), ("r0.b", 1)], [("r1.a", 1)], []], max_shard_size=100, safetensors=False
+    )
     assert shards_in_order(wm) == [["r0.a", "r0.b"], ["r1.a"]]
     assert list(wm) == ["r0.a", "r0.b", "r1.a"], "input order is kept"
 
@@ -111,10 +126,14 @@ def test_assignment_properties(sizes: list[int], limit: int) -> None:
     assert list(wm) == [name for name, _ in group]
     nbytes = dict(group)
     shards = shards_in_order(wm)
-    assert [n for s in shards for n in s] == [name for name, _ in group], "shards are contiguous runs"
+    assert [n for s in shards for n in s] == [name for name, _ in group], (
+        "shards are contiguous runs"
+    )
     for i, shard in enumerate(shards):
         total = sum(nbytes[n] for n in shard)
-        assert total <= limit or len(shard) == 1, f"shard {i}: {total} > {limit} bytes in {len(shard)} tensors"
+        assert total <= limit or len(shard) == 1, (
+            f"shard {i}: {total} > {limit} bytes in {len(shard)} tensors"
+        )
         if i + 1 < len(shards):  # greedy: the next shard's first tensor did not fit
             assert total + nbytes[shards[i + 1][0]] > limit
 
@@ -130,13 +149,18 @@ def test_plan_files_headers_and_metadata() -> None:
         TensorSpec("step", "I64", ()),  # 8
     ]
     plans = plan_files(specs, max_shard_size=170, metadata={"producer": "test"})
-    assert [p.file_name for p in plans] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [p.file_name for p in plans] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     assert [sorted(e.name for e in p.layout.entries) for p in plans] == [
         ["embed.weight", "norm.weight"],
         ["head.weight", "step"],
     ]
     for p in plans:
-        assert p.layout.metadata == {"format": "pt", "producer": "test"}, "transformers needs format=pt"
+        assert p.layout.metadata == {"format": "pt", "producer": "test"}, (
+            "transformers needs format=pt"
+        )
         parsed = parse_header(p.layout.header, file_nbytes=None, where=p.file_name)
         assert parsed.entries == tuple(sorted(parsed.entries, key=lambda e: (e.begin, e.end)))
         assert {e.name for e in parsed.entries} == {e.name for e in p.layout.entries}
@@ -145,7 +169,9 @@ def test_plan_files_headers_and_metadata() -> None:
 
 def test_plan_files_rejects_duplicates() -> None:
     with pytest.raises(InvalidStateError, match="dup"):
-        plan_files([TensorSpec("dup", "F32", (1,)), TensorSpec("dup", "F32", (1,))], max_shard_size=100)
+        plan_files(
+            [TensorSpec("dup", "F32", (1,)), TensorSpec("dup", "F32", (1,))], max_shard_size=100
+        )
 
 
 def test_tensor_spec_nbytes() -> None:
@@ -162,7 +188,12 @@ def test_make_index_structure_and_no_mutation() -> None:
     index = make_index(weight_map, total_size=123, metadata=caller_meta, param_sharing=sharing)
     assert caller_meta == before, "the caller's metadata dict must not be mutated"
     assert set(index) == {"metadata", "weight_map"}
-    assert index["metadata"] == {"dtype": "bfloat16", "nested": {"a": [1]}, "total_size": 123, "param_sharing": sharing}
+    assert index["metadata"] == {
+        "dtype": "bfloat16",
+        "nested": {"a": [1]},
+        "total_size": 123,
+        "param_sharing": sharing,
+    }
     assert index["weight_map"] == weight_map and index["weight_map"] is not weight_map
     json.dumps(index)  # plain JSON
     bare = make_index({}, total_size=0)
@@ -172,16 +203,10 @@ def test_make_index_structure_and_no_mutation() -> None:
 # ---- Forgather-level make_shard_index --------------------------------------------------------
 
 
-def _sc():  # type: ignore[no-untyped-def]
-    from ckptsvc import sharded_checkpoint
-
-    return sharded_checkpoint
-
-
 def test_make_shard_index_counts_tensor_bytes_not_storage() -> None:
     huge = torch.zeros(1 << 20)  # 4 MiB of storage
     sd = {"view": huge[:4], "other": torch.ones(4), "third": torch.ones(2, dtype=torch.float64)}
-    index = _sc().make_shard_index([sd], max_shard_size=64, safetensors=True)
+    index = sc.make_shard_index([sd], max_shard_size=64, safetensors=True)
     assert index["metadata"]["total_size"] == 16 + 16 + 16
     assert set(index["weight_map"].values()) == {"model-00001-of-00001.safetensors"}
 
@@ -189,7 +214,7 @@ def test_make_shard_index_counts_tensor_bytes_not_storage() -> None:
 def test_make_shard_index_splits_and_keeps_dicts_apart() -> None:
     sd0 = {f"a{i}": torch.zeros(8) for i in range(4)}  # 32 bytes each
     sd1 = {"b0": torch.zeros(8)}
-    index = _sc().make_shard_index([sd0, sd1], safetensors=False, max_shard_size=64)
+    index = sc.make_shard_index([sd0, sd1], safetensors=False, max_shard_size=64)
     wm = index["weight_map"]
     assert shards_in_order(wm) == [["a0", "a1"], ["a2", "a3"], ["b0"]]
     assert all(BIN_RE.match(f) for f in wm.values())
@@ -198,7 +223,7 @@ def test_make_shard_index_splits_and_keeps_dicts_apart() -> None:
 
 def test_make_shard_index_does_not_mutate_metadata() -> None:
     meta = {"dtype": "float32"}
-    index = _sc().make_shard_index(
+    index = sc.make_shard_index(
         [{"w": torch.ones(2)}], metadata=meta, safetensors=True, param_sharing_metadata=[["w", "v"]]
     )
     assert meta == {"dtype": "float32"}
@@ -208,17 +233,28 @@ def test_make_shard_index_does_not_mutate_metadata() -> None:
 
 
 def test_make_shard_index_on_meta_device_matches_real() -> None:
-    real = {"a": torch.zeros(10, 10), "b": torch.zeros(5, dtype=torch.bfloat16), "c": torch.zeros(100)}
+    real = {
+        "a": torch.zeros(10, 10),
+        "b": torch.zeros(5, dtype=torch.bfloat16),
+        "c": torch.zeros(100),
+    }
     with torch.device("meta"):
         meta = {k: torch.empty_like(v, device="meta") for k, v in real.items()}
-    sc = _sc()
-    assert sc.make_shard_index([meta], max_shard_size=450) == sc.make_shard_index([real], max_shard_size=450)
+    assert sc.make_shard_index([meta], max_shard_size=450) == sc.make_shard_index(
+        [real], max_shard_size=450
+    )
 
 
 def test_make_shard_index_default_limit_is_forgathers() -> None:
     import inspect
 
-    params = inspect.signature(_sc().make_shard_index).parameters
-    assert list(params) == ["state_dictionaries", "metadata", "safetensors", "max_shard_size", "param_sharing_metadata"]
+    params = inspect.signature(sc.make_shard_index).parameters
+    assert list(params) == [
+        "state_dictionaries",
+        "metadata",
+        "safetensors",
+        "max_shard_size",
+        "param_sharing_metadata",
+    ]
     assert params["max_shard_size"].default == 2**32
     assert params["safetensors"].default is False

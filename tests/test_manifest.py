@@ -67,7 +67,9 @@ def sample_manifest() -> Manifest:
             FileRecord("optimizer/rank-00001.safetensors", 77, "89abcdef"),
         ),
         components=(
-            ComponentRecord("model", "replicated", (0,), (0, 1), None, 5120, "cafe", {"dtype": "bf16"}),
+            ComponentRecord(
+                "model", "replicated", (0,), (0, 1), None, 5120, "cafe", {"dtype": "bf16"}
+            ),
             ComponentRecord("rng", "per_rank", (0, 1), size_bytes=64),
         ),
         training_args_hash="abc123",
@@ -107,7 +109,9 @@ def test_round_trip_is_identity_and_deterministic() -> None:
     assert again == m
     assert again.to_json() == m.to_json()
     assert m.total_nbytes == 4096 + 1024 + 321 + 77
-    assert m.file("model.safetensors.index.json") == FileRecord("model.safetensors.index.json", 321, "01234567")
+    assert m.file("model.safetensors.index.json") == FileRecord(
+        "model.safetensors.index.json", 321, "01234567"
+    )
     assert m.file("nope") is None
 
 
@@ -152,7 +156,9 @@ def forgather_parse(doc: dict[str, Any]) -> dict[str, Any]:
         "metadata": doc.get("metadata", {}),
     }
     for k, v in doc["components"].items():
-        assert set(v) <= set(FORGATHER_COMPONENT_KEYS), f"unknown component keys {set(v) - set(FORGATHER_COMPONENT_KEYS)}"
+        assert set(v) <= set(FORGATHER_COMPONENT_KEYS), (
+            f"unknown component keys {set(v) - set(FORGATHER_COMPONENT_KEYS)}"
+        )
         assert {"key", "sharing_pattern", "ranks"} <= set(v)
         parsed["components"][k] = dict(v)
     return parsed
@@ -174,7 +180,10 @@ def test_top_level_is_forgathers() -> None:
     ours = parsed["metadata"]["ckptsvc"]
     assert ours["format_version"] == FORMAT_VERSION
     assert ours["step"] == 100
-    assert ours["files"]["model-00001-of-00002.safetensors"] == {"nbytes": 4096, "crc32c": "0a1b2c3d"}
+    assert ours["files"]["model-00001-of-00002.safetensors"] == {
+        "nbytes": 4096,
+        "crc32c": "0a1b2c3d",
+    }
 
 
 def test_reads_a_forgather_written_manifest() -> None:
@@ -184,9 +193,19 @@ def test_reads_a_forgather_written_manifest() -> None:
         "world_size": 1,
         "timestamp": "2025-01-24T10:30:00",
         "components": {
-            "model": dict(zip(FORGATHER_COMPONENT_KEYS, ["model", "global", [0], None, None, 10, None, {}])),
+            "model": dict(
+                zip(
+                    FORGATHER_COMPONENT_KEYS,
+                    ["model", "global", [0], None, None, 10, None, {}],
+                    strict=True,
+                )
+            ),
             "optimizer": dict(
-                zip(FORGATHER_COMPONENT_KEYS, ["optimizer", "per_group", [0, 4], [0, 1], "pp_group", 20, "x", {"a": 1}])
+                zip(
+                    FORGATHER_COMPONENT_KEYS,
+                    ["optimizer", "per_group", [0, 4], [0, 1], "pp_group", 20, "x", {"a": 1}],
+                    strict=True,
+                )
             ),
         },
         "training_args_hash": "h",
@@ -199,7 +218,9 @@ def test_reads_a_forgather_written_manifest() -> None:
     assert m.forgather_version == "1.2.3"
     assert m.user_metadata == {"model_type": "llama"}
     opt = next(c for c in m.components if c.key == "optimizer")
-    assert opt.sharing_pattern == "per_group" and opt.ranks == (0, 4) and opt.group_name == "pp_group"
+    assert (
+        opt.sharing_pattern == "per_group" and opt.ranks == (0, 4) and opt.group_name == "pp_group"
+    )
     assert opt.replicated_across == (0, 1)
     assert m.timestamp_s() > 0
 
@@ -237,7 +258,10 @@ def test_check_relpath_rejects(path: str) -> None:
         check_relpath(path, where="ckpt-x")
 
 
-@pytest.mark.parametrize("path", ["model.safetensors", "optimizer/rank-00001.safetensors", "a.b/c-d_e.json", "..hidden", "x..y"])
+@pytest.mark.parametrize(
+    "path",
+    ["model.safetensors", "optimizer/rank-00001.safetensors", "a.b/c-d_e.json", "..hidden", "x..y"],
+)
 def test_check_relpath_accepts(path: str) -> None:
     assert check_relpath(path, where="w") == path
 
@@ -287,9 +311,15 @@ def _mutations() -> dict[str, Any]:
         "files_list": set_(("metadata", "ckptsvc", "files"), ["a"]),
         "file_entry_int": set_(("metadata", "ckptsvc", "files", f0), 5),
         "file_nbytes_missing": set_(("metadata", "ckptsvc", "files", f0), {"crc32c": "0"}),
-        "file_nbytes_negative": set_(("metadata", "ckptsvc", "files", f0), {"nbytes": -1, "crc32c": "0"}),
-        "file_nbytes_float": set_(("metadata", "ckptsvc", "files", f0), {"nbytes": 1.5, "crc32c": "0"}),
-        "file_nbytes_bool": set_(("metadata", "ckptsvc", "files", f0), {"nbytes": True, "crc32c": "0"}),
+        "file_nbytes_negative": set_(
+            ("metadata", "ckptsvc", "files", f0), {"nbytes": -1, "crc32c": "0"}
+        ),
+        "file_nbytes_float": set_(
+            ("metadata", "ckptsvc", "files", f0), {"nbytes": 1.5, "crc32c": "0"}
+        ),
+        "file_nbytes_bool": set_(
+            ("metadata", "ckptsvc", "files", f0), {"nbytes": True, "crc32c": "0"}
+        ),
         "file_crc_int": set_(("metadata", "ckptsvc", "files", f0), {"nbytes": 1, "crc32c": 5}),
         "components_list": set_(("components",), [1]),
         "component_not_object": set_(("components", "model"), "model"),
@@ -303,7 +333,7 @@ def _mutations() -> dict[str, Any]:
 def test_malformed_manifest_is_rejected(case: str) -> None:
     doc = copy.deepcopy(doc_of(sample_manifest()))
     _mutations()[case](doc)
-    with pytest.raises(CorruptCheckpointError, match="ckpt/checkpoint_manifest.json"):
+    with pytest.raises(CorruptCheckpointError, match=r"ckpt/checkpoint_manifest\.json"):
         Manifest.from_json(raw_of(doc), where="ckpt/checkpoint_manifest.json")
 
 

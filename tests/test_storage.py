@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import pickle
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 from conftest import StorageRoot
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
+from servers import Server, ServerStartError
 
 from ckptsvc.errors import (
     CheckpointError,
@@ -116,8 +118,8 @@ def test_read_into_fills_buffer(storage_root: StorageRoot, dtype: type) -> None:
     data = _payload(4096 + 64)
     loc = storage_root.location("t.safetensors")
     loc.publish(data)
-    out = np.zeros(4096 // np.dtype(dtype).itemsize, dtype=dtype)
-    loc.read_into(64, memoryview(out))
+    out: np.ndarray[Any, Any] = np.zeros(4096 // np.dtype(dtype).itemsize, dtype=dtype)
+    loc.read_into(64, out.data)
     assert out.tobytes() == data[64:]
 
 
@@ -239,6 +241,9 @@ def test_list_children_dirs_and_files(storage_root: StorageRoot) -> None:
     assert children["a.bin"].nbytes == 10
     assert children["b.json"].nbytes == 2
     assert all(isinstance(c, ChildInfo) for c in children.values())
+    for c in children.values():  # legacy-checkpoint discovery orders files by mtime
+        if not c.is_dir:
+            assert c.mtime is not None and abs(c.mtime - time.time()) < 86_400, c
     sub = {c.name: c for c in base.join("checkpoint-1").list_children()}
     assert set(sub) == {"model.safetensors"}
     assert not sub["model.safetensors"].is_dir
@@ -248,9 +253,18 @@ def test_list_children_is_one_listing(
     storage_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = _populate(storage_root)
-    if base.is_local:
-        pytest.skip("local listing is one os.scandir, not an fsspec call")
     calls: list[str] = []
+    if base.is_local:
+        real_scandir = os.scandir
+
+        def scandir_spy(path: Any) -> Any:
+            calls.append("scandir")
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir_spy)
+        assert len(base.list_children()) == 4
+        assert calls == ["scandir"]
+        return
     fs = base.fs
     for name in ("ls", "info", "find", "cat_file", "exists", "isdir", "_ls", "_info", "_find"):
         if hasattr(fs, name):
@@ -550,3 +564,37 @@ def test_retry_knobs_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(StorageTransientError):
         call_with_retries(fn, url="s3://b/k", action="read")
     assert fn.calls == 2
+
+
+# ---- the test infrastructure itself -----------------------------------------------------
+def test_unstartable_server_fails_in_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import conftest
+
+    def cannot_start() -> Server:
+        raise ServerStartError("weed: binary not found")
+
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="CI=true forbids skipping"):
+        conftest._start_or_skip("seaweedfs", cannot_start)
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="binary not found"):
+        conftest._start_or_skip("seaweedfs", cannot_start)
+
+
+def test_roots_are_fresh_and_distinct(
+    storage_root: StorageRoot, request: pytest.FixtureRequest
+) -> None:
+    loc = storage_root.location()
+    assert not loc.exists() or loc.list_children() == []
+    assert storage_root.url.startswith(
+        {"local": "/", "memory": "memory://", "s3": "s3://", "seaweedfs": "s3://", "gcs": "gs://"}[
+            storage_root.backend
+        ]
+    )
+    if storage_root.remote:
+        assert storage_root.server is not None
+        assert storage_root.server.endpoint_url.startswith("http://127.0.0.1:")
+        assert request.node.get_closest_marker("cloud") is not None
+    pickle.dumps(storage_root.storage_options)  # must reach a spawned writer process

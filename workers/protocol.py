@@ -174,8 +174,23 @@ _ALLOWED: dict[str, frozenset[str]] = {
     __name__: frozenset(__all__),
     "ckptsvc.safetensors_stream": frozenset({ShardLayout.__name__, TensorEntry.__name__}),
     "ckptsvc.manifest": frozenset({FileRecord.__name__, ComponentRecord.__name__}),
-    "builtins": frozenset({"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray",
-                           "int", "float", "str", "bool", "complex", "NoneType"}),  # fmt: skip
+    "builtins": frozenset(
+        {
+            "dict",
+            "list",
+            "tuple",
+            "set",
+            "frozenset",
+            "bytes",
+            "bytearray",
+            "int",
+            "float",
+            "str",
+            "bool",
+            "complex",
+            "NoneType",
+        }
+    ),
     "collections": frozenset({"OrderedDict"}),
     "copyreg": frozenset({"_reconstructor"}),
     "types": frozenset({"MappingProxyType"}),
@@ -208,7 +223,9 @@ def _recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:
         if n == 0:
             if got == 0:
                 return None
-            raise ProtocolError(f"connection closed in the middle of a frame ({got} of {nbytes} bytes)")
+            raise ProtocolError(
+                f"connection closed in the middle of a frame ({got} of {nbytes} bytes)"
+            )
         got += n
     return bytes(buf)
 

@@ -1,0 +1,524 @@
+"""``AsyncCheckpointer``: a save costs the training loop one memory copy.
+
+Usage::
+
+    with AsyncCheckpointer("s3://bucket/run1", storage_options=opts) as ckpt:
+        for step in ...:
+            ...
+            if step % 1000 == 0:
+                ckpt.save(step, {"model": model, "optimizer": opt, "step": step})
+    state = load_state(find_latest_checkpoint("s3://bucket/run1", storage_options=opts))
+
+Each save produces a normal complete checkpoint at ``next_checkpoint_path(root, step)``:
+HF safetensors shards + ``model.safetensors.index.json`` + ``ckptsvc_state.json`` (the
+non-tensor state, see :mod:`ckptsvc.flatten`) + ``checkpoint_manifest.json`` written last.
+
+Call order of one ``save`` (process / thread that runs each step; DESIGN.md section 1):
+
+1. flatten the state (training thread);
+2. look up the layout plan cached for the state's signature (names, dtypes, shapes);
+3. take a free staging arena - back-pressure: waits while every arena is still being
+   written (``timings.arena_wait_s``);
+4. copy every tensor into the arena (CPU threads, or D2H on a side stream), synchronised;
+5. send the job to the node writer (started or reconnected here if needed); return the
+   :class:`SaveHandle`. Steps 1-5 are ``timings.blocking_s``.
+6. the node writer streams the shards, publishes the index and skeleton, writes the
+   manifest last (writer process), then reports; the client reader thread releases the
+   arena and completes the handle (``wait`` / ``done`` / ``exception``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import knobs
+from .discovery import next_checkpoint_path
+from .errors import (
+    CheckpointError,
+    InvalidStateError,
+    SaveFailedError,
+    StorageError,
+    WriterDiedError,
+)
+from .flatten import SKELETON_NAME, FlatState, flatten_state, parse_skeleton, unflatten_state
+from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
+from .manifest import ComponentRecord, FileRecord
+from .safetensors_stream import dtype_to_torch
+from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, node_id, plan_arena
+from .storage import Location
+from .workers.client import WriterClient
+from .workers.protocol import CommitInfo, FileJob, JobDone, JobFailed, SaveJob, SmallFile
+
+__all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_state"]
+
+logger = logging.getLogger(__name__)
+
+_PLAN_CACHE_SIZE = 4
+_SINGLE_THREAD_COPY_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class SaveTimings:
+    """Where one save's time went. Writer-side fields are ``None`` until it is done.
+
+    ``blocking_s`` is the whole ``save`` call (it includes ``arena_wait_s``, the
+    back-pressure wait, and ``copy_s``); ``queue_wait_s`` is from the writer receiving the
+    job to its first shard starting; ``write_s`` streaming until every shard was durable;
+    ``commit_s`` the manifest; ``durable_s`` from the start of ``save`` to the report.
+    """
+
+    nbytes: int
+    blocking_s: float
+    arena_wait_s: float
+    copy_s: float
+    queue_wait_s: float | None = None
+    write_s: float | None = None
+    commit_s: float | None = None
+    durable_s: float | None = None
+
+
+class SaveHandle:
+    """The future of one save. Completed by the writer's report (client reader thread)."""
+
+    def __init__(self, *, step: int, path: str, timings: SaveTimings, started: float) -> None:
+        self.step = step
+        self.path = path
+        self._timings = timings
+        self._started = started
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+        self._files: tuple[FileRecord, ...] = ()
+        self.observed = False
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._error else "durable")
+        return f"SaveHandle(step={self.step}, path={self.path!r}, {state})"
+
+    @property
+    def timings(self) -> SaveTimings:
+        return self._timings
+
+    @property
+    def files(self) -> tuple[FileRecord, ...]:
+        """The committed files with sizes and CRC-32C (empty until done)."""
+        return self._files
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until durable; raise the save's error (``SaveFailedError``, ``WriterDiedError``)."""
+        if not self._event.wait(timeout_s):
+            raise TimeoutError(
+                f"save of step {self.step} to {self.path} not durable after {timeout_s} s"
+            )
+        self.observed = True
+        if self._error is not None:
+            raise self._error
+
+    def exception(self, timeout_s: float | None = None) -> BaseException | None:
+        """The save's error once done (``None`` on success); waits like :meth:`wait`."""
+        if not self._event.wait(timeout_s):
+            raise TimeoutError(
+                f"save of step {self.step} to {self.path} not durable after {timeout_s} s"
+            )
+        self.observed = True
+        return self._error
+
+    def _set_blocking(self, timings: SaveTimings) -> None:
+        self._timings = timings
+
+    def _finish(self, done: JobDone) -> None:
+        self._files = done.files
+        t = self._timings
+        self._timings = SaveTimings(
+            nbytes=t.nbytes,
+            blocking_s=t.blocking_s,
+            arena_wait_s=t.arena_wait_s,
+            copy_s=t.copy_s,
+            queue_wait_s=done.queue_wait_s,
+            write_s=done.write_s,
+            commit_s=done.commit_s,
+            durable_s=time.perf_counter() - self._started,
+        )
+        self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+
+@dataclass(frozen=True)
+class _SavePlan:
+    """Everything about a save that depends only on the state's signature."""
+
+    arena: ArenaPlan
+    views: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+    file_jobs: tuple[FileJob, ...]
+    weight_map: dict[str, str]
+    total_nbytes: int
+    shard_nbytes: int
+    file_names: tuple[str, ...] = field(default=())
+
+
+def _make_plan(flat: FlatState, *, max_shard_size: int) -> _SavePlan:
+    specs = [
+        TensorSpec(n, d, tuple(t.shape))
+        for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
+    ]
+    files = plan_files(specs, max_shard_size=max_shard_size)
+    arena = plan_arena(files)
+    views = tuple((s.name, dtype_to_torch(s.dtype), s.shape) for s in specs)
+    jobs = tuple(
+        FileJob(p.file_name, p.layout, off)
+        for p, off in zip(files, arena.file_offsets, strict=True)
+    )
+    return _SavePlan(
+        arena=arena,
+        views=views,
+        file_jobs=jobs,
+        weight_map=weight_map_of(files),
+        total_nbytes=sum(s.nbytes for s in specs),
+        shard_nbytes=sum(p.layout.file_nbytes for p in files),
+        file_names=tuple(p.file_name for p in files),
+    )
+
+
+class AsyncCheckpointer:
+    """Asynchronous saves of one training process (see the module docstring for the order).
+
+    ``root`` is the model directory (path or URL); checkpoints go to
+    ``<root>/checkpoints/checkpoint-<step>``. Options default to ``ckptsvc.knobs``.
+    ``close`` (also on ``with`` exit and at interpreter exit) waits for in-flight saves,
+    then unlinks the arenas; it never raises a save's error - ``wait_all`` and the
+    handles do.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_shard_size: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        arenas_per_rank: int | None = None,
+        copy_threads: int | None = None,
+        node: str | None = None,
+        rank: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self._root = Location.parse(os.fspath(root), storage_options)
+        if self._root.protocol == "memory":
+            raise StorageError(
+                f"{self._root.url}: memory:// files live in one process only, and async saves are "
+                "written by the node writer process; use a local path or an object store",
+                url=self._root.url,
+            )
+        self._root_text = self._root.url
+        self._storage_options = dict(storage_options or {})
+        self._max_shard_size = knobs.MAX_SHARD_SIZE.get(max_shard_size)
+        self._node = node_id(node)
+        self._rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self._metadata = dict(metadata or {})
+        threads = knobs.COPY_THREADS.get(copy_threads) or (os.cpu_count() or 1)
+        self._copy_threads = max(1, threads)
+        self._copy_pool = (
+            ThreadPoolExecutor(self._copy_threads, thread_name_prefix="ckptsvc-copy")
+            if self._copy_threads > 1
+            else None
+        )
+        self._pool = ArenaPool(
+            max_arenas=knobs.ARENAS_PER_RANK.get(arenas_per_rank),
+            node=self._node,
+            on_discard=self._arena_discarded,
+        )
+        self._plans: OrderedDict[Any, _SavePlan] = OrderedDict()
+        self._job_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._inflight: set[SaveHandle] = set()
+        self._failed: list[SaveHandle] = []
+        self._closed = False
+        self._client: WriterClient | None = WriterClient.connect_or_start(
+            node=self._node, rank=self._rank
+        )
+        self._atexit = _register_atexit(self)
+
+    # ---- the public API ---------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        return self._root_text
+
+    @property
+    def writer_pid(self) -> int | None:
+        return self._client.writer_pid if self._client is not None else None
+
+    def save(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+        """Snapshot ``state`` and return; the writer makes it durable in the background."""
+        if self._closed:
+            raise CheckpointError("save() on a closed AsyncCheckpointer")
+        started = time.perf_counter()
+        flat = flatten_state(state)
+        plan = self._plan_for(flat)
+        arena, arena_wait_s = self._pool.acquire(plan.arena.nbytes)
+        submitted = False
+        try:
+            copy_started = time.perf_counter()
+            self._copy(flat, plan, arena)
+            copy_s = time.perf_counter() - copy_started
+            path = next_checkpoint_path(self._root_text, step)
+            handle = SaveHandle(
+                step=step,
+                path=path,
+                started=started,
+                timings=SaveTimings(plan.total_nbytes, 0.0, arena_wait_s, copy_s),
+            )
+            job = self._job(step, path, flat, plan, arena, metadata)
+            with self._lock:
+                self._inflight.add(handle)
+            try:
+                self._submit(job, handle, arena)
+            except BaseException:
+                with self._lock:
+                    self._inflight.discard(handle)
+                raise
+            submitted = True
+        finally:
+            if not submitted:
+                self._pool.release(arena)
+        handle._set_blocking(
+            SaveTimings(plan.total_nbytes, time.perf_counter() - started, arena_wait_s, copy_s)
+        )
+        logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
+        return handle
+
+    def wait_all(self, timeout_s: float | None = None) -> None:
+        """Wait for every in-flight save; raise the first failure nobody has looked at yet."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            handles = sorted(self._inflight, key=lambda h: h.step)
+        for h in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not h._event.wait(remaining):
+                raise TimeoutError(
+                    f"save of step {h.step} to {h.path} not durable after {timeout_s} s"
+                )
+        with self._lock:
+            failed = [h for h in self._failed if not h.observed]
+            self._failed = []
+        if failed:
+            first = failed[0]
+            first.observed = True
+            error = first._error
+            more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
+            raise SaveFailedError(
+                f"save of step {first.step} to {first.path} failed{more}: {error}"
+            ) from error
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Wait for in-flight saves (up to ``timeout_s``), disconnect, unlink the arenas."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            handles = list(self._inflight)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for h in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not h._event.wait(remaining):
+                logger.warning("closing with the save of step %s still in flight", h.step)
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._pool.close()
+        if self._copy_pool is not None:
+            self._copy_pool.shutdown(wait=True)
+        atexit.unregister(self._atexit)
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- steps of save ----------------------------------------------------------------------
+
+    def _plan_for(self, flat: FlatState) -> _SavePlan:
+        key = flat.signature()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _make_plan(flat, max_shard_size=self._max_shard_size)
+            self._plans[key] = plan
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _copy(self, flat: FlatState, plan: _SavePlan, arena: StagingArena) -> None:
+        srcs = [t for _, t in flat.tensors]
+        if any(t.device.type == "cuda" for t in srcs):
+            arena.pin()
+        dsts = arena.views(plan.arena, plan.views)
+        threads = 1 if plan.total_nbytes < _SINGLE_THREAD_COPY_BYTES else self._copy_threads
+        with torch.no_grad():
+            copy_into(dsts, srcs, threads=threads, executor=self._copy_pool)
+
+    def _job(
+        self,
+        step: int,
+        path: str,
+        flat: FlatState,
+        plan: _SavePlan,
+        arena: StagingArena,
+        metadata: dict[str, Any] | None,
+    ) -> SaveJob:
+        user_meta = _json_metadata({**self._metadata, **(metadata or {})})
+        index = make_index(
+            plan.weight_map,
+            total_size=plan.total_nbytes,
+            metadata=user_meta,
+            param_sharing=[list(g) for g in flat.param_sharing] or None,
+        )
+        small = (
+            SmallFile(
+                SAFE_WEIGHTS_INDEX_NAME, json.dumps(index, indent=4, ensure_ascii=True).encode()
+            ),
+            SmallFile(SKELETON_NAME, flat.skeleton_json()),
+        )
+        files = sorted([*plan.file_names, *(f.rel_path for f in small)])
+        component = ComponentRecord(
+            key="state",
+            sharing_pattern="global",
+            ranks=(0,),
+            size_bytes=plan.shard_nbytes + sum(len(f.data) for f in small),
+            metadata={"files": files, "index": SAFE_WEIGHTS_INDEX_NAME, "skeleton": SKELETON_NAME},
+        )
+        from . import __version__
+
+        commit = CommitInfo(
+            step=step,
+            world_size=1,
+            components=(component,),
+            pytorch_version=str(torch.__version__),
+            library_version=__version__,
+            user_metadata=user_meta,
+        )
+        return SaveJob(
+            job_id=next(self._job_ids),
+            ckpt_url=Location.parse(path, self._storage_options).url,
+            storage_options=self._storage_options,
+            arena_name=arena.name,
+            files=plan.file_jobs,
+            small_files=small,
+            commit=commit,
+        )
+
+    def _submit(self, job: SaveJob, handle: SaveHandle, arena: StagingArena) -> None:
+        """Send the job, (re)starting the writer if it died; one retry on a failed send."""
+
+        def on_outcome(outcome: JobDone | JobFailed | WriterDiedError) -> None:
+            self._completed(handle, arena, outcome)
+
+        for attempt in (1, 2):
+            client = self._client
+            if client is None or not client.alive:
+                if client is not None:
+                    logger.warning(
+                        "node writer (pid %d) is gone; starting a new one", client.writer_pid
+                    )
+                    client.close()
+                self._client = client = WriterClient.connect_or_start(
+                    node=self._node, rank=self._rank
+                )
+            try:
+                client.submit(job, on_outcome)
+                return
+            except WriterDiedError:
+                if attempt == 2:
+                    raise
+
+    def _completed(self, handle: SaveHandle, arena: StagingArena, outcome: object) -> None:
+        """Client reader thread: release the arena, then complete the handle."""
+        if isinstance(outcome, JobDone):
+            self._pool.release(arena)
+            handle._finish(outcome)
+            logger.info(
+                "checkpoint step %s durable at %s: %s", handle.step, handle.path, handle.timings
+            )
+        else:
+            if isinstance(outcome, JobFailed):
+                self._pool.release(arena)  # the writer stopped reading it before reporting
+                cause = outcome.error.to_exception()
+                error: BaseException = SaveFailedError(
+                    f"save of step {handle.step} to {handle.path} failed: {cause}"
+                )
+                error.__cause__ = cause
+            else:
+                self._pool.discard(arena)  # a writer that lost us may still be reading it
+                error = (
+                    outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
+                )
+            with self._lock:
+                self._failed.append(handle)
+            handle._fail(error)
+            logger.error("checkpoint step %s at %s failed: %s", handle.step, handle.path, error)
+        with self._lock:
+            self._inflight.discard(handle)
+
+    def _arena_discarded(self, name: str) -> None:
+        client = self._client
+        if client is not None:
+            client.release_arena(name)
+
+
+def _json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
+    except (TypeError, ValueError) as e:
+        raise InvalidStateError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
+
+
+def _register_atexit(ckpt: AsyncCheckpointer) -> Any:
+    ref = weakref.ref(ckpt)
+
+    def _close() -> None:
+        obj = ref()
+        if obj is not None:
+            obj.close()
+
+    atexit.register(_close)
+    return _close
+
+
+def load_state(
+    path_or_url: str, *, storage_options: dict[str, Any] | None = None, device: str = "cpu"
+) -> Any:
+    """Rebuild the nested state of a checkpoint written by :class:`AsyncCheckpointer`.
+
+    Tensors load through :func:`ckptsvc.sharded_checkpoint.load_checkpoint` (tied names
+    come back as one tensor); a checkpoint without a state skeleton (written by
+    ``save_checkpoint``) returns its flat ``{fqn: tensor}`` dict.
+    """
+    from .errors import StorageNotFoundError
+    from .sharded_checkpoint import load_checkpoint
+
+    tensors = load_checkpoint(path_or_url, device=device, storage_options=storage_options) or {}
+    skeleton_loc = Location.parse(path_or_url, storage_options).join(SKELETON_NAME)
+    try:
+        raw = skeleton_loc.read_bytes()
+    except StorageNotFoundError:
+        return tensors
+    return unflatten_state(parse_skeleton(raw, where=skeleton_loc.url), tensors)

@@ -1,0 +1,230 @@
+"""``ckptsvc bench`` end to end at tiny sizes: real worker processes, real files, real S3.
+
+No timed assertions: the checks are on structure and on relations that hold on any
+machine (durable >= blocking, GB/s = bytes / durable, loads hold the state in RSS, cold
+reads start with nothing cached, scratch data removed, /dev/shm not leaked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckptsvc import bench
+from ckptsvc.bench_probes import make_specs
+from ckptsvc.bench_report import Row, evaluate_targets, format_table
+
+MiB = 1 << 20
+
+
+def run_bench(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptsvc.bench", "--quiet", *args],
+        capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
+    )  # fmt: skip
+
+
+def rows_by_method(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["method"]: r for r in doc["rows"]}
+
+
+# ---------------------------------------------------------------------------- pure parts
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [("1GiB", 1 << 30), ("256MiB", 256 << 20), ("8mib", 8 << 20), ("1.5G", 3 << 29),
+     ("100MB", 100_000_000), ("4096", 4096), ("2 KiB", 2048)],
+)  # fmt: skip
+def test_parse_size(text: str, nbytes: int) -> None:
+    assert bench.parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "1XB", "-1MiB", "1 GiB extra"])
+def test_parse_size_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError, match="cannot parse size"):
+        bench.parse_size(text)
+
+
+@pytest.mark.parametrize("total", [8 * MiB, 64 * MiB, 1 << 30])
+def test_specs_are_a_realistic_mix(total: int) -> None:
+    specs = make_specs(total)
+    nbytes = [s.nbytes for s in specs]
+    assert total - 4096 * 2 <= sum(nbytes) <= total
+    assert sorted(nbytes, reverse=True)[0] == total // 4 // 4096 * 4096  # the largest: 25 %
+    assert sum(n <= 64 * 1024 for n in nbytes) >= 10  # many tiny tensors
+    assert {s.dtype for s in specs} == {"bfloat16", "float32"}
+    assert len({s.name for s in specs}) == len(specs)
+    for s in specs:
+        elem = 2 if s.dtype == "bfloat16" else 4
+        count = 1
+        for dim in s.shape:
+            count *= dim
+        assert count * elem == s.nbytes
+    assert make_specs(total) == specs  # deterministic: every worker builds the same state
+
+
+def _row(method: str, blocking_s: float, durable_s: float, **extra: Any) -> Row:
+    return Row(method, "save", method, "ok", nbytes=1 << 30, blocking_s=blocking_s,
+               durable_s=durable_s, gb_per_s=(1 << 30) / durable_s / 1e9, **extra)  # fmt: skip
+
+
+def test_targets_pass_fail_and_missing() -> None:
+    rows = [
+        _row("memcpy", 0.1, 0.1),
+        _row("raw_write", 2.0, 2.5),
+        _row("raw_read", 1.0, 1.0),
+        _row(
+            "ckptsvc_async",
+            0.12,
+            2.9,
+            rss_extra_bytes=int(1.05 * (1 << 30)),
+            extras={"arena_nbytes": 1 << 30},
+        ),
+        _row("dcp_async", 0.3, 5.0),
+        _row("ckptsvc_save", 2.4, 2.6),
+        _row("torch_save", 2.0, 2.9),
+    ]
+    verdicts = {t.formula: (t.verdict, t.value) for t in evaluate_targets(rows)}
+    assert verdicts["ckptsvc_async.blocking / memcpy"] == ("PASS", pytest.approx(1.2))
+    assert verdicts["ckptsvc_async.durable / (memcpy + raw_write)"] == (
+        "PASS",
+        pytest.approx(2.9 / 2.6),
+    )
+    assert verdicts["dcp_async.blocking / ckptsvc_async.blocking"] == ("FAIL", pytest.approx(2.5))
+    assert verdicts["ckptsvc_save.GB/s / raw_write.GB/s"] == ("PASS", pytest.approx(2.5 / 2.6))
+    assert verdicts["ckptsvc_save.GB/s / torch_save.GB/s"] == ("PASS", pytest.approx(2.9 / 2.6))
+    assert verdicts["ckptsvc_load.GB/s / raw_read.GB/s"] == ("n/a", None)  # no ckptsvc_load row
+    assert verdicts["ckptsvc_async.RSS+ / arena bytes"] == ("PASS", pytest.approx(1.05))
+    text = format_table(rows, evaluate_targets(rows), "title")
+    assert "ckptsvc_async.blocking / memcpy <= 1.25" in text and "missing ckptsvc_load" in text
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--only", "memcpy,nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert bench.main(["--size", "10"]) == 2
+    assert bench.main(["--size", "lots"]) == 2
+    assert bench.main(["--storage-options", "{not json"]) == 2
+
+
+# ---------------------------------------------------------------------------- end to end
+def _big_shm_segments(min_nbytes: int) -> set[str]:
+    """Shared memory segments at least the state's size (other tests' small ones ignored)."""
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {
+        e.name for e in os.scandir("/dev/shm") if e.is_file() and e.stat().st_size >= min_nbytes
+    }
+
+
+@pytest.mark.slow
+def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
+    nbytes = sum(s.nbytes for s in make_specs(8 * MiB))
+    shm_before = _big_shm_segments(nbytes)
+    proc = run_bench("--size", "8MiB", "--reps", "1", "--json", "--dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+
+    assert doc["schema"] == "ckptsvc-bench/1"
+    assert doc["config"]["nbytes"] == nbytes and doc["config"]["cold_reads"] is True
+    rows = rows_by_method(doc)
+    assert list(rows) == [m.name for m in bench.METHODS]
+    for name, row in rows.items():
+        assert row["status"] == "ok", f"{name}: {row['reason']}"
+        assert row["nbytes"] == nbytes
+        assert 0 < row["blocking_s"] <= row["durable_s"], name
+        assert row["gb_per_s"] == pytest.approx(nbytes / row["durable_s"] / 1e9)
+        assert row["rss_extra_bytes"] >= 0 and row["child_rss_peak_bytes"] >= 0
+        assert len(row["samples"]) == 1
+
+    # the RSS probe sees what must be resident: memcpy's buffer, every loaded state
+    for name in ("memcpy", "raw_read", "torch_load", "safetensors_load", "ckptsvc_load"):
+        assert rows[name]["rss_extra_bytes"] >= 0.9 * nbytes, name
+    # cold reads: the parent dropped the files from the page cache before each load
+    if shutil.which("fincore"):
+        for name in ("raw_read", "torch_load", "safetensors_load", "dcp_load", "ckptsvc_load"):
+            assert rows[name]["extras"]["cached_before_bytes"] < nbytes // 2, name
+
+    for name in ("dcp_async", "ckptsvc_async"):
+        extras = rows[name]["extras"]
+        assert 0 < extras["first_blocking_s"] <= extras["first_durable_s"], name
+    assert rows["dcp_async"]["extras"]["mode"] in ("process", "thread")
+    async_extras = rows["ckptsvc_async"]["extras"]
+    assert async_extras["arena_nbytes"] >= nbytes  # the staging arena was seen in /dev/shm
+    assert async_extras["shm_leaked_nbytes"] == 0
+
+    targets = doc["targets"]
+    assert len(targets) == 7
+    for t in targets:
+        assert t["verdict"] in ("PASS", "FAIL"), t
+        assert t["value"] > 0
+    assert os.listdir(tmp_path) == []  # scratch data removed
+    assert _big_shm_segments(nbytes) - shm_before == set()  # arenas unlinked
+
+
+def test_only_runs_the_needed_save_and_table_output(tmp_path: Path) -> None:
+    proc = run_bench("--size", "2MiB", "--only", "raw_read,memcpy", "--dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "memcpy floor (pre-touched)" in out and "raw read" in out
+    assert "raw write + fsync" not in out  # prerequisite only, not a row
+    assert "targets (ratios within this run):" in out
+    assert "missing ckptsvc_async" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_library_makes_the_row_unavailable(tmp_path: Path) -> None:
+    """A worker that cannot import ckptsvc's async module reports "unavailable", not a crash."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ckptsvc.async_checkpointer':\n"
+        "            raise ImportError('blocked by test_bench')\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    )
+    out_path = tmp_path / "bench.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = run_bench("--size", "2MiB", "--only", "memcpy,ckptsvc_async", "--json", str(out_path),
+                     "--dir", str(scratch), env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ckptsvc AsyncCheckpointer" in proc.stdout  # --json PATH keeps the table on stdout
+    rows = rows_by_method(json.loads(out_path.read_text()))
+    assert rows["memcpy"]["status"] == "ok"
+    assert rows["ckptsvc_async"]["status"] == "unavailable"
+    assert "blocked by test_bench" in rows["ckptsvc_async"]["reason"]
+    assert rows["ckptsvc_async"]["blocking_s"] is None
+
+
+def test_object_store_run(s3_root: Any, tmp_path: Path) -> None:
+    methods = "raw_read,torch_save,dcp_save,ckptsvc_load"  # + raw_write, ckptsvc_save (needed)
+    proc = run_bench(
+        "--size", "2MiB", "--only", methods, "--json", "--dir", str(tmp_path),
+        "--storage", s3_root.url, "--storage-options", json.dumps(s3_root.storage_options),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["config"]["remote"] is True and doc["config"]["root"].startswith(s3_root.url)
+    rows = rows_by_method(doc)
+    assert list(rows) == ["raw_read", "torch_save", "dcp_save", "ckptsvc_load"]
+    for name, row in rows.items():
+        assert row["status"] == "ok", f"{name}: {row['reason']}"
+        assert 0 < row["blocking_s"] <= row["durable_s"]
+    fs = s3_root.fs()
+    fs.invalidate_cache()
+    assert fs.find(s3_root.url) == []  # the bench's prefix was removed

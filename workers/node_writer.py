@@ -1,0 +1,456 @@
+"""The node writer: one process per node that streams staged saves to storage.
+
+Started by ``workers.client`` as a fresh interpreter (the spawn method's semantics: no
+forked state, so s3fs/gcsfs event loops are only ever created here, after start) and
+reached by every local trainer over a Unix socket. It imports no torch.
+
+Call order (process / thread that runs each step):
+
+1. ``main`` (main thread): lower CPU and I/O priority, import ``CKPTSVC_WRITER_PRELOAD``
+   modules, reclaim arenas of dead trainers, bind the socket, then ``NodeWriter.serve``.
+2. ``serve`` (main thread): accept connections; every ~``_TICK_S`` check idleness (exit
+   after ``linger_s`` with no connection and no job) and reclaim dead trainers' arenas.
+3. ``_Connection.run`` (one thread per trainer): ``Hello``/``Welcome``, then read
+   ``SaveJob`` / ``ReleaseArena`` frames; each job gets a job thread. On EOF it cancels the
+   trainer's jobs, waits for them, unmaps its arenas and reclaims them if the trainer died.
+4. ``_run_job`` (job thread): ``begin_checkpoint``; every shard to the I/O pool
+   (``IO_THREADS`` threads, ``stream_file``: header, then zero-copy slices of the arena,
+   CRC-32C while streaming, durable on return); the small files; then, when the job asks,
+   ``finish_checkpoint`` writes the manifest last; finally ``JobDone`` / ``JobFailed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+
+from ckptsvc import knobs
+from ckptsvc.errors import CheckpointError
+from ckptsvc.manifest import FileRecord, Manifest, now_iso
+from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
+from ckptsvc.storage import Location
+
+from .commit import begin_checkpoint, commit_checkpoint, publish_file
+from .protocol import (
+    PROTOCOL_VERSION,
+    CommitInfo,
+    ErrorInfo,
+    FileJob,
+    Hello,
+    JobDone,
+    JobFailed,
+    ProtocolError,
+    ReleaseArena,
+    SaveJob,
+    Welcome,
+    recv_message,
+    send_message,
+)
+from .shard_writer import write_shard
+
+__all__ = [
+    "JobCancelled",
+    "NodeWriter",
+    "finish_checkpoint",
+    "lower_priority",
+    "main",
+    "stream_file",
+]
+
+logger = logging.getLogger(__name__)
+
+_TICK_S = 0.5
+_SWEEP_EVERY_S = 30.0
+_DEATH_GRACE_S = 3.0
+
+
+class JobCancelled(CheckpointError):
+    """The trainer that sent the job went away; the job stops without a manifest."""
+
+
+# ---- the steps of one job (module functions, so a distributed commit can reuse them) ------
+
+
+def stream_file(
+    ckpt: Location, fj: FileJob, arena: memoryview, cancelled: threading.Event
+) -> FileRecord:
+    """Write one shard from its arena slice; durable on return; aborted on any failure."""
+    data = arena[fj.arena_offset : fj.arena_offset + fj.layout.data_nbytes]
+    if data.nbytes != fj.layout.data_nbytes:
+        raise CheckpointError(
+            f"{fj.rel_path}: the arena holds {data.nbytes} of the {fj.layout.data_nbytes} bytes "
+            "the layout needs (arena smaller than the plan)"
+        )
+    step = knobs.WRITE_CHUNK_BYTES.get()
+
+    def chunks() -> Iterator[memoryview]:
+        for start in range(0, data.nbytes, step):
+            if cancelled.is_set():
+                raise JobCancelled(f"{ckpt.join(fj.rel_path).url}: save cancelled")
+            yield data[start : start + step]
+
+    try:
+        return write_shard(ckpt.join(fj.rel_path), fj.layout, chunks(), rel_path=fj.rel_path)
+    finally:
+        data.release()
+
+
+def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileRecord]) -> Manifest:
+    """Commit: every file in ``files`` is durable; write the manifest last."""
+    manifest = Manifest(
+        checkpoint_path=ckpt.url,
+        world_size=info.world_size,
+        timestamp=now_iso(),
+        step=info.step,
+        files=tuple(sorted(files, key=lambda f: f.path)),
+        components=info.components,
+        pytorch_version=info.pytorch_version,
+        library_version=info.library_version,
+        user_metadata=dict(info.user_metadata),
+    )
+    commit_checkpoint(ckpt, manifest)
+    return manifest
+
+
+# ---- process setup ---------------------------------------------------------------------------
+
+_IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30, "ppc64le": 273, "s390x": 282}
+_IOPRIO_CLASS_BE, _IOPRIO_CLASS_SHIFT, _IOPRIO_WHO_PROCESS = 2, 13, 1
+
+
+def lower_priority(*, nice: int | None = None) -> None:
+    """nice(+N) and best-effort I/O class, lowest level (best effort: never fails)."""
+    try:
+        os.nice(knobs.WRITER_NICE.get(nice))
+    except OSError as e:
+        logger.debug("nice failed: %s", e)
+    number = _IOPRIO_SYSCALL.get(platform.machine())
+    if number is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prio = (_IOPRIO_CLASS_BE << _IOPRIO_CLASS_SHIFT) | 7
+        if libc.syscall(number, _IOPRIO_WHO_PROCESS, 0, prio) != 0:
+            logger.debug("ioprio_set failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as e:
+        logger.debug("ioprio_set unavailable: %s", e)
+
+
+# ---- connections and jobs --------------------------------------------------------------------
+
+
+class _Job:
+    """One job in the writer. ``previous`` is the same trainer's job before it: a job
+    commits only after that one finished, so manifests appear in save order."""
+
+    def __init__(self, job: SaveJob, received: float, previous: _Job | None) -> None:
+        self.job = job
+        self.received = received
+        self.previous = previous
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.thread: threading.Thread | None = None
+
+
+class _Connection:
+    """One trainer: its socket, its mapped arenas, its jobs."""
+
+    def __init__(self, writer: NodeWriter, sock: socket.socket) -> None:
+        self.writer = writer
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        self.hello: Hello | None = None
+        self.arenas: dict[str, ShmSegment] = {}
+        self.jobs: dict[int, _Job] = {}
+        self.last_job: _Job | None = None
+        self.lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        try:
+            with self.send_lock:
+                send_message(self.sock, message)
+        except OSError as e:  # the trainer is gone; its jobs are being cancelled
+            logger.debug("cannot report to trainer: %s", e)
+
+    def arena(self, name: str) -> memoryview:
+        with self.lock:
+            seg = self.arenas.get(name)
+            if seg is None:
+                seg = self.arenas[name] = ShmSegment.attach(name)
+            return memoryview(seg.buffer)
+
+    def run(self) -> None:
+        try:
+            hello = recv_message(self.sock)
+            if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+                logger.warning("rejecting a client that sent %r", type(hello).__name__)
+                return
+            self.hello = hello
+            self.send(Welcome(writer_pid=os.getpid()))
+            logger.info("trainer pid %d rank %d connected", hello.pid, hello.rank)
+            while True:
+                msg = recv_message(self.sock)
+                if msg is None:
+                    break
+                if isinstance(msg, SaveJob):
+                    self.start_job(msg)
+                elif isinstance(msg, ReleaseArena):
+                    with self.lock:
+                        seg = self.arenas.pop(msg.name, None)
+                    if seg is not None:
+                        seg.close()
+                else:
+                    logger.warning(
+                        "ignoring unexpected %s from pid %d", type(msg).__name__, hello.pid
+                    )
+        except (OSError, ProtocolError) as e:
+            logger.warning("connection to trainer lost: %s", e)
+        finally:
+            self.shutdown()
+
+    def start_job(self, job: SaveJob) -> None:
+        with self.lock:
+            state = _Job(job, time.monotonic(), self.last_job)
+            self.jobs[job.job_id] = self.last_job = state
+        state.thread = threading.Thread(
+            target=self.writer.run_job,
+            args=(self, state),
+            name=f"ckptsvc-job-{job.job_id}",
+            daemon=True,
+        )
+        self.writer.job_started()
+        state.thread.start()
+
+    def job_finished(self, state: _Job) -> None:
+        state.finished.set()
+        with self.lock:
+            self.jobs.pop(state.job.job_id, None)
+            state.previous = None  # do not chain every finished job in memory
+        self.writer.job_ended()
+
+    def shutdown(self) -> None:
+        """The trainer closed or died: cancel its jobs, unmap, reclaim if it is dead."""
+        with self.lock:
+            jobs = list(self.jobs.values())
+        for state in jobs:
+            state.cancelled.set()
+        for state in jobs:
+            if state.thread is not None:
+                state.thread.join()
+        with self.lock:
+            arenas, self.arenas = list(self.arenas.values()), {}
+        for seg in arenas:
+            seg.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if jobs:
+            logger.warning(
+                "trainer disconnected with %d save(s) in flight; cancelled them", len(jobs)
+            )
+        pid = self.hello.pid if self.hello is not None else None
+        deadline = time.monotonic() + _DEATH_GRACE_S
+        while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a killed process closes its sockets just before it dies
+        if pid is not None and not pid_alive(pid):
+            reclaim_stale_segments(self.writer.node)
+        self.writer.disconnected(self)
+
+
+class NodeWriter:
+    """The writer's state: listening socket, connections, the shared I/O pool."""
+
+    def __init__(
+        self,
+        *,
+        socket_path: str,
+        node: str,
+        linger_s: float | None = None,
+        io_threads: int | None = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.node = node
+        self.linger_s = knobs.WRITER_LINGER_S.get(linger_s)
+        self.io_pool = ThreadPoolExecutor(
+            max_workers=max(1, knobs.IO_THREADS.get(io_threads)), thread_name_prefix="ckptsvc-io"
+        )
+        self._lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._jobs = 0
+        self._idle_since = time.monotonic()
+
+    # bookkeeping for the idle exit
+    def job_started(self) -> None:
+        with self._lock:
+            self._jobs += 1
+
+    def job_ended(self) -> None:
+        with self._lock:
+            self._jobs -= 1
+            self._idle_since = time.monotonic()
+
+    def cancel_all(self) -> None:
+        """Stop every job at its next chunk (no manifest); used when the writer is told to stop."""
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            with conn.lock:
+                jobs = list(conn.jobs.values())
+            for state in jobs:
+                state.cancelled.set()
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)  # trainers see EOF: their saves fail now
+
+    def disconnected(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+            self._idle_since = time.monotonic()
+
+    def _idle_for(self) -> float:
+        with self._lock:
+            if self._connections or self._jobs:
+                return 0.0
+            return time.monotonic() - self._idle_since
+
+    def serve(self, listener: socket.socket) -> None:
+        listener.settimeout(_TICK_S)
+        last_sweep = time.monotonic()
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                if self._idle_for() >= self.linger_s:
+                    logger.info("idle for %.1f s; exiting", self.linger_s)
+                    return
+                if time.monotonic() - last_sweep > _SWEEP_EVERY_S:
+                    last_sweep = time.monotonic()
+                    reclaim_stale_segments(self.node)
+                continue
+            sock.settimeout(None)
+            conn = _Connection(self, sock)
+            with self._lock:
+                self._connections.add(conn)
+            threading.Thread(target=conn.run, name="ckptsvc-conn", daemon=True).start()
+
+    def run_job(self, conn: _Connection, state: _Job) -> None:
+        job = state.job
+        starts: list[float] = []
+        futures: list[Future[FileRecord]] = []
+        arena: memoryview | None = None
+
+        def one(fj: FileJob) -> FileRecord:
+            starts.append(time.monotonic())
+            if state.cancelled.is_set() or arena is None:
+                raise JobCancelled(f"{job.ckpt_url}: save cancelled")
+            return stream_file(ckpt, fj, arena, state.cancelled)
+
+        try:
+            ckpt = Location.parse(job.ckpt_url, job.storage_options)
+            arena = conn.arena(job.arena_name)
+            begin_checkpoint(ckpt)
+            futures = [self.io_pool.submit(one, fj) for fj in job.files]
+            records = [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+            if failed is not None:
+                failed.result()  # raises the first shard's error
+            records += [f.result() for f in futures]
+            write_end = time.monotonic()
+            previous = state.previous
+            if previous is not None:
+                previous.finished.wait()
+            if job.commit is not None:
+                if state.cancelled.is_set():
+                    raise JobCancelled(f"{job.ckpt_url}: save cancelled before commit")
+                finish_checkpoint(ckpt, job.commit, records)
+            first = min(starts, default=state.received)
+            conn.send(
+                JobDone(
+                    job_id=job.job_id,
+                    files=tuple(records),
+                    queue_wait_s=first - state.received,
+                    write_s=write_end - first,
+                    commit_s=time.monotonic() - write_end,
+                    committed=job.commit is not None,
+                )
+            )
+        except BaseException as e:
+            state.cancelled.set()  # stop sibling shards, then wait: nobody reads the arena after
+            wait(futures)
+            if isinstance(e, JobCancelled):
+                logger.info("%s", e)
+            else:
+                logger.warning("save to %s failed: %s: %s", job.ckpt_url, type(e).__name__, e)
+                conn.send(JobFailed(job.job_id, ErrorInfo.from_exception(e)))
+        finally:
+            if arena is not None:
+                arena.release()
+            conn.job_finished(state)
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def _bind(path: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # the starter removed a stale file under its lock
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    return listener
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ckptsvc-node-writer")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--linger-s", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=knobs.WRITER_LOG_LEVEL.get().upper(),
+        format="ckptsvc-writer[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    lower_priority()
+    for name in filter(None, (m.strip() for m in knobs.WRITER_PRELOAD.get().split(","))):
+        importlib.import_module(name)
+    reclaim_stale_segments(args.node_id)
+    listener = _bind(args.socket)
+    ino = os.stat(args.socket).st_ino
+    writer = NodeWriter(socket_path=args.socket, node=args.node_id, linger_s=args.linger_s)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        writer.serve(listener)
+    except _Terminated:
+        logger.warning("SIGTERM: cancelling in-flight saves and exiting")
+        writer.cancel_all()
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(args.socket).st_ino == ino:
+                os.unlink(args.socket)
+        listener.close()
+        writer.io_pool.shutdown(wait=True, cancel_futures=True)
+        reclaim_stale_segments(args.node_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
