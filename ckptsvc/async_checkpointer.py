@@ -39,7 +39,7 @@ import time
 import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,19 +48,28 @@ from . import knobs
 from .discovery import next_checkpoint_path
 from .errors import (
     CheckpointError,
+    CommitConflictError,
     InvalidStateError,
     SaveFailedError,
     StorageError,
     WriterDiedError,
 )
-from .flatten import SKELETON_NAME, FlatState, flatten_state, parse_skeleton, unflatten_state
+from .flatten import SKELETON_NAME, FlatState, flatten_state, load_state
 from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
 from .manifest import ComponentRecord, FileRecord
 from .safetensors_stream import dtype_to_torch
 from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, node_id, plan_arena
 from .storage import Location
 from .workers.client import WriterClient
-from .workers.protocol import CommitInfo, FileJob, JobDone, JobFailed, SaveJob, SmallFile
+from .workers.protocol import (
+    CommitInfo,
+    FileJob,
+    JobDone,
+    JobFailed,
+    SaveJob,
+    SmallFile,
+    check_wire_safe,
+)
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_state"]
 
@@ -99,9 +108,10 @@ class SaveHandle:
         self._timings = timings
         self._started = started
         self._event = threading.Event()
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._files: tuple[FileRecord, ...] = ()
-        self.observed = False
+        self._observed = False
 
     def __repr__(self) -> str:
         state = "pending" if not self.done() else ("failed" if self._error else "durable")
@@ -121,39 +131,33 @@ class SaveHandle:
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Block until durable; raise the save's error (``SaveFailedError``, ``WriterDiedError``)."""
-        if not self._event.wait(timeout_s):
-            raise TimeoutError(
-                f"save of step {self.step} to {self.path} not durable after {timeout_s} s"
-            )
-        self.observed = True
-        if self._error is not None:
-            raise self._error
+        error = self.exception(timeout_s)
+        if error is not None:
+            raise error
 
     def exception(self, timeout_s: float | None = None) -> BaseException | None:
-        """The save's error once done (``None`` on success); waits like :meth:`wait`."""
+        """The save's error once done (``None`` on success); ``TimeoutError`` if not done in time."""
         if not self._event.wait(timeout_s):
             raise TimeoutError(
                 f"save of step {self.step} to {self.path} not durable after {timeout_s} s"
             )
-        self.observed = True
+        self._observed = True
         return self._error
 
-    def _set_blocking(self, timings: SaveTimings) -> None:
-        self._timings = timings
+    def _set_blocking(self, blocking_s: float) -> None:  # training thread, maybe after _finish
+        with self._lock:
+            self._timings = replace(self._timings, blocking_s=blocking_s)
 
     def _finish(self, done: JobDone) -> None:
         self._files = done.files
-        t = self._timings
-        self._timings = SaveTimings(
-            nbytes=t.nbytes,
-            blocking_s=t.blocking_s,
-            arena_wait_s=t.arena_wait_s,
-            copy_s=t.copy_s,
-            queue_wait_s=done.queue_wait_s,
-            write_s=done.write_s,
-            commit_s=done.commit_s,
-            durable_s=time.perf_counter() - self._started,
-        )
+        with self._lock:
+            self._timings = replace(
+                self._timings,
+                queue_wait_s=done.queue_wait_s,
+                write_s=done.write_s,
+                commit_s=done.commit_s,
+                durable_s=time.perf_counter() - self._started,
+            )
         self._event.set()
 
     def _fail(self, error: BaseException) -> None:
@@ -227,12 +231,14 @@ class AsyncCheckpointer:
                 url=self._root.url,
             )
         self._root_text = self._root.url
+        _check_single_process()
         self._storage_options = dict(storage_options or {})
+        check_wire_safe(self._storage_options, what="storage_options")
         self._max_shard_size = knobs.MAX_SHARD_SIZE.get(max_shard_size)
         self._node = node_id(node)
         self._rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self._metadata = dict(metadata or {})
-        threads = knobs.COPY_THREADS.get(copy_threads) or (os.cpu_count() or 1)
+        threads = knobs.COPY_THREADS.get(copy_threads) or min(8, len(os.sched_getaffinity(0)))
         self._copy_threads = max(1, threads)
         self._copy_pool = (
             ThreadPoolExecutor(self._copy_threads, thread_name_prefix="ckptsvc-copy")
@@ -250,6 +256,7 @@ class AsyncCheckpointer:
         self._inflight: set[SaveHandle] = set()
         self._failed: list[SaveHandle] = []
         self._closed = False
+        self._owner_pid = os.getpid()
         self._client: WriterClient | None = WriterClient.connect_or_start(
             node=self._node, rank=self._rank
         )
@@ -269,7 +276,16 @@ class AsyncCheckpointer:
         """Snapshot ``state`` and return; the writer makes it durable in the background."""
         if self._closed:
             raise CheckpointError("save() on a closed AsyncCheckpointer")
+        if os.getpid() != self._owner_pid:
+            raise CheckpointError("save() in a forked child: create an AsyncCheckpointer there")
         started = time.perf_counter()
+        path = next_checkpoint_path(self._root_text, step)
+        with self._lock:
+            if any(h.path == path and not h.done() for h in self._inflight):
+                raise CommitConflictError(
+                    f"a save to {path} is still in flight; wait for its handle before saving "
+                    f"step {step} again"
+                )
         flat = flatten_state(state)
         plan = self._plan_for(flat)
         arena, arena_wait_s = self._pool.acquire(plan.arena.nbytes)
@@ -278,7 +294,6 @@ class AsyncCheckpointer:
             copy_started = time.perf_counter()
             self._copy(flat, plan, arena)
             copy_s = time.perf_counter() - copy_started
-            path = next_checkpoint_path(self._root_text, step)
             handle = SaveHandle(
                 step=step,
                 path=path,
@@ -298,11 +313,14 @@ class AsyncCheckpointer:
         finally:
             if not submitted:
                 self._pool.release(arena)
-        handle._set_blocking(
-            SaveTimings(plan.total_nbytes, time.perf_counter() - started, arena_wait_s, copy_s)
-        )
+        handle._set_blocking(time.perf_counter() - started)
         logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
         return handle
+
+    def reserve(self, state: Any) -> None:
+        """Optional warm-up: plan ``state``'s layout and create every arena now (allocating
+        and pre-faulting costs ~0.4 s per GiB), so the first saves pay only the copy."""
+        self._pool.reserve(self._plan_for(flatten_state(state)).arena.nbytes)
 
     def wait_all(self, timeout_s: float | None = None) -> None:
         """Wait for every in-flight save; raise the first failure nobody has looked at yet."""
@@ -316,11 +334,11 @@ class AsyncCheckpointer:
                     f"save of step {h.step} to {h.path} not durable after {timeout_s} s"
                 )
         with self._lock:
-            failed = [h for h in self._failed if not h.observed]
+            failed = [h for h in self._failed if not h._observed]
             self._failed = []
         if failed:
             first = failed[0]
-            first.observed = True
+            first._observed = True
             error = first._error
             more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
             raise SaveFailedError(
@@ -332,8 +350,12 @@ class AsyncCheckpointer:
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._owner_pid:  # a forked child: the arenas and socket are the parent's
+            return
         with self._lock:
             handles = list(self._inflight)
+        if handles:
+            logger.info("close: waiting for %d in-flight save(s) to become durable", len(handles))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for h in handles:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -451,7 +473,8 @@ class AsyncCheckpointer:
                     raise
 
     def _completed(self, handle: SaveHandle, arena: StagingArena, outcome: object) -> None:
-        """Client reader thread: release the arena, then complete the handle."""
+        """Client reader thread: release the arena, record a failure, complete the handle,
+        and only then forget it (``wait_all`` sees every failure of the saves it waited for)."""
         if isinstance(outcome, JobDone):
             self._pool.release(arena)
             handle._finish(outcome)
@@ -471,6 +494,7 @@ class AsyncCheckpointer:
                 error = (
                     outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
                 )
+            handle._error = error  # set before it is listed: wait_all reads it
             with self._lock:
                 self._failed.append(handle)
             handle._fail(error)
@@ -482,6 +506,17 @@ class AsyncCheckpointer:
         client = self._client
         if client is not None:
             client.release_arena(name)
+
+
+def _check_single_process() -> None:
+    """World size 1 only for now: every rank would commit its own manifest to one path."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise CheckpointError(
+            "AsyncCheckpointer commits single-process checkpoints; with "
+            f"world_size={dist.get_world_size()} give each rank its own root until "
+            "multi-rank commit lands"
+        )
 
 
 def _json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -501,24 +536,3 @@ def _register_atexit(ckpt: AsyncCheckpointer) -> Any:
 
     atexit.register(_close)
     return _close
-
-
-def load_state(
-    path_or_url: str, *, storage_options: dict[str, Any] | None = None, device: str = "cpu"
-) -> Any:
-    """Rebuild the nested state of a checkpoint written by :class:`AsyncCheckpointer`.
-
-    Tensors load through :func:`ckptsvc.sharded_checkpoint.load_checkpoint` (tied names
-    come back as one tensor); a checkpoint without a state skeleton (written by
-    ``save_checkpoint``) returns its flat ``{fqn: tensor}`` dict.
-    """
-    from .errors import StorageNotFoundError
-    from .sharded_checkpoint import load_checkpoint
-
-    tensors = load_checkpoint(path_or_url, device=device, storage_options=storage_options) or {}
-    skeleton_loc = Location.parse(path_or_url, storage_options).join(SKELETON_NAME)
-    try:
-        raw = skeleton_loc.read_bytes()
-    except StorageNotFoundError:
-        return tensors
-    return unflatten_state(parse_skeleton(raw, where=skeleton_loc.url), tensors)

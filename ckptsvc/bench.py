@@ -39,6 +39,7 @@ from typing import Any
 from .bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
 from .bench_report import Row, document, evaluate_targets, format_table, print_rich
 from .bench_workloads import ARTIFACTS
+from .errors import CheckpointError
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
 
@@ -70,28 +71,22 @@ class Method:
     leaves: tuple[str, ...] = ()
 
 
+_A = ARTIFACTS
 METHODS: tuple[Method, ...] = (
     Method("memcpy", "floor", "memcpy floor (pre-touched)"),
-    Method("raw_write", "floor", "raw write + fsync", leaves=(ARTIFACTS["raw_write"],)),
-    Method("raw_read", "floor", "raw read", needs="raw_write"),
-    Method("torch_save", "save", "torch.save + fsync", leaves=(ARTIFACTS["torch_save"],)),
-    Method(
-        "safetensors_save",
-        "save",
-        "safetensors save_file + fsync",
-        leaves=(ARTIFACTS["safetensors_save"],),
-    ),
-    Method("dcp_save", "save", "DCP save", leaves=(ARTIFACTS["dcp_save"],)),
+    Method("raw_write", "floor", "raw write floor", leaves=(_A["raw_write"],)),
+    Method("raw_read", "floor", "raw read floor", needs="raw_write"),
+    Method("torch_save", "save", "torch.save", leaves=(_A["torch_save"],)),
+    Method("safetensors_save", "save", "safetensors save_file", leaves=(_A["safetensors_save"],)),
+    Method("dcp_save", "save", "DCP save", leaves=(_A["dcp_save"],)),
     Method("dcp_async", "save", "DCP async_save", leaves=("dcp_async", "dcp_async_warmup")),
-    Method("ckptsvc_save", "save", "ckptsvc save_checkpoint", leaves=(ARTIFACTS["ckptsvc_save"],)),
+    Method("ckptsvc_save", "save", "ckptsvc save_checkpoint", leaves=(_A["ckptsvc_save"],)),
     Method("ckptsvc_async", "save", "ckptsvc AsyncCheckpointer", leaves=("ckptsvc_async",)),
     Method("torch_load", "load", "torch.load", needs="torch_save"),
     Method("safetensors_load", "load", "safetensors load_file", needs="safetensors_save"),
     Method("dcp_load", "load", "DCP load (in place)", needs="dcp_save"),
     Method("ckptsvc_load", "load", "ckptsvc load_checkpoint", needs="ckptsvc_save"),
 )
-
-
 _BY_NAME = {m.name: m for m in METHODS}
 
 
@@ -116,7 +111,6 @@ class _Runner:
     def __init__(self, plan: _Plan, progress: Callable[[str], None]) -> None:
         self.plan = plan
         self.progress = progress
-        self._fs: Any = None
         self._count = 0
 
     def _remove(self, name: str) -> None:
@@ -157,12 +151,13 @@ class _Runner:
                 rc = proc.wait(timeout=self.plan.timeout_s)
             except subprocess.TimeoutExpired:
                 rc = None
-            _reap_group(proc.pid)
+            _reap_group(proc.pid, grace_s=10.0 if rc is not None else 0.0)
             proc.wait()
         if rc is None:
             return {
                 "status": "error",
-                "reason": f"timed out after {self.plan.timeout_s:.0f} s (log {log_path})",
+                "reason": f"timed out after {self.plan.timeout_s:.0f} s",
+                "log_tail": _tail(log_path),
             }
         try:
             with open(result_path) as f:
@@ -208,20 +203,31 @@ class _Runner:
             self._remove(name)
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies awaiting their reaper don't)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _reap_group(pgid: int, *, grace_s: float = 10.0) -> None:
     """Wait for the worker's leftover processes (DCP daemon, writer) to stop by themselves,
     then kill what remains of its own process group, so the next measurement runs alone."""
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
             return
-        except PermissionError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def _tail(path: str, nchars: int = 1500) -> str:
@@ -294,7 +300,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--size", default="1GiB", help="state size, e.g. 1GiB, 256MiB (default 1GiB)"
     )
     parser.add_argument(
-        "--reps", type=int, default=1, help="measurements per method; times are medians"
+        "--reps", type=int, default=3, help="runs per method (default 3); times are medians"
     )
     parser.add_argument("--only", default=None, help=f"comma-separated methods: {names}")
     parser.add_argument(
@@ -350,94 +356,99 @@ def _fail(message: str) -> int:
     return 2
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the bench for parsed ``args``. Exit status: 0 ok, 1 a method failed, 2 bad usage."""
-    try:
-        total_nbytes = parse_size(args.size)
-        options = json.loads(args.storage_options) if args.storage_options else {}
-    except ValueError as e:
-        return _fail(str(e))
+def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
+    """Validate ``args`` and create the scratch area; ValueError says what is wrong."""
+    total_nbytes = parse_size(args.size)
     if total_nbytes < (1 << 20):
-        return _fail(f"--size {args.size} is too small: use at least 1MiB")
+        raise ValueError(f"--size {args.size} is too small: use at least 1MiB")
     if args.reps < 1:
-        return _fail("--reps must be at least 1")
-    selected = (
-        [m.strip() for m in args.only.split(",") if m.strip()]
-        if args.only
-        else [m.name for m in METHODS]
-    )
+        raise ValueError("--reps must be at least 1")
+    options = json.loads(args.storage_options) if args.storage_options else {}
+    selected = [m.strip() for m in (args.only or "").split(",") if m.strip()] or list(_BY_NAME)
     unknown = [m for m in selected if m not in _BY_NAME]
     if unknown:
-        return _fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}")
-    specs = make_specs(total_nbytes)
-    nbytes = sum(s.nbytes for s in specs)
-
-    local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
-    remote = False
-    root = os.path.join(local_dir, "data")
+        raise ValueError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(_BY_NAME)}"
+        )
+    remote, parent = False, None
     if args.storage:
         from ckptsvc.storage import Location
 
         loc = Location.parse(args.storage, options)
-        remote = not loc.is_local
-        root = (
-            f"{loc.url.rstrip('/')}/ckptsvc-bench-{uuid.uuid4().hex[:8]}"
-            if remote
-            else tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=loc.path)
-        )
-    if not remote:
-        os.makedirs(root, exist_ok=True)
+        remote, parent = not loc.is_local, loc.path
+    nbytes = sum(s.nbytes for s in make_specs(total_nbytes))
+    local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
+    if remote:
+        root = f"{args.storage.rstrip('/')}/ckptsvc-bench-{uuid.uuid4().hex[:8]}"
+    else:
+        root = tempfile.mkdtemp(prefix="ckptsvc-bench-data-", dir=parent or local_dir)
         free = shutil.disk_usage(root).free
         if free < 3 * nbytes + (256 << 20):
             shutil.rmtree(local_dir, ignore_errors=True)
-            return _fail(
-                f"{root} has {free / GiB:.1f} GiB free; the bench needs about {3 * nbytes / GiB:.1f} GiB"
+            shutil.rmtree(root, ignore_errors=True)
+            raise ValueError(
+                f"{root}: {free / GiB:.1f} GiB free, the bench needs {3 * nbytes / GiB:.1f} GiB"
             )
     plan = _Plan(total_nbytes, args.reps, root, local_dir, remote, options, not args.warm_reads,
                  args.timeout_s, args.dcp_threads, args.keep)  # fmt: skip
-    to_stdout = args.json == "-"
-    progress = (
+    return plan, selected
+
+
+def _remove_scratch(plan: _Plan) -> None:
+    if plan.remote:
+        from ckptsvc.storage import Location
+
+        Location.parse(plan.root, plan.storage_options).remove(recursive=True)
+    else:
+        shutil.rmtree(plan.root, ignore_errors=True)
+    shutil.rmtree(plan.local_dir, ignore_errors=True)
+
+
+def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float) -> None:
+    """The table on stdout (unless ``--json`` alone) and the JSON document if asked."""
+    targets = evaluate_targets(rows)
+    specs = make_specs(plan.total_nbytes)
+    nbytes = sum(s.nbytes for s in specs)
+    where = f"remote {args.storage}" if plan.remote else "local disk"
+    title = (
+        f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors (bf16 model + fp32 "
+        f"optimizer), {where}, reps {plan.reps}, {'cold' if plan.cold_reads and not plan.remote else 'warm'} reads"
+    )
+    if args.json is not None:
+        config = {
+            "nbytes": nbytes, "ntensors": len(specs), "reps": plan.reps, "remote": plan.remote,
+            "root": plan.root, "cold_reads": plan.cold_reads and not plan.remote,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        }  # fmt: skip
+        text = json.dumps(document(config, rows, targets), indent=1)
+        if args.json == "-":
+            print(text)
+            return
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    if not (sys.stdout.isatty() and print_rich(rows, targets, title)):
+        print(format_table(rows, targets, title))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench for parsed ``args``. Exit status: 0 ok, 1 a method failed, 2 bad usage."""
+    try:
+        plan, selected = _plan_from_args(args)
+    except (ValueError, CheckpointError) as e:
+        return _fail(str(e))
+    progress: Callable[[str], None] = (
         (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     )
-    where = root if not remote else f"{root} (remote)"
-    progress(f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors under {where}")
+    progress(f"ckptsvc bench: {plan.total_nbytes / GiB:.2f} GiB under {plan.root}")
     started = time.time()
     try:
         rows = run_bench(plan, selected, progress)
     finally:
-        if not args.keep:
-            if remote:
-                from ckptsvc.storage import Location
-
-                Location.parse(root, options).remove(recursive=True)
-            else:
-                shutil.rmtree(root, ignore_errors=True)
-            shutil.rmtree(local_dir, ignore_errors=True)
-    targets = evaluate_targets(rows)
-    title = (
-        f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors (bf16 model + fp32 optimizer), "
-        f"{'remote ' + args.storage if remote else 'local disk'}, reps {args.reps}, "
-        f"{'warm' if args.warm_reads or remote else 'cold'} reads"
-    )
-    if args.json is not None:
-        config = {
-            "nbytes": nbytes,
-            "ntensors": len(specs),
-            "reps": plan.reps,
-            "remote": plan.remote,
-            "root": plan.root,
-            "cold_reads": plan.cold_reads and not plan.remote,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        }
-        doc = document(config, rows, targets)
-        text = json.dumps(doc, indent=1)
-        if to_stdout:
-            print(text)
+        if plan.keep:
+            progress(f"kept the scratch data in {plan.root} and {plan.local_dir}")
         else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    if not to_stdout and not (sys.stdout.isatty() and print_rich(rows, targets, title)):
-        print(format_table(rows, targets, title))
+            _remove_scratch(plan)
+    _emit(args, plan, rows, started)
     return 1 if any(r.status == "error" for r in rows) else 0
 
 

@@ -109,6 +109,8 @@ def _num(value: float | None, fmt: str) -> str:
 _NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("heap_first_touch_s", "shm_pretouched_s"),
      "fresh heap {heap_first_touch_s:.3f} s, pre-touched shm {shm_pretouched_s:.3f} s"),
+    (("one_stream_s", "many_streams_s", "streams"),
+     "1 stream {one_stream_s:.2f} s, {streams} streams {many_streams_s:.2f} s"),
     (("fsync_s",), "fsync {fsync_s:.2f} s"),
     (("mode",), "{mode}"),
     (("first_blocking_s", "first_durable_s"), "first save {first_blocking_s:.2f}/{first_durable_s:.2f} s"),
@@ -122,6 +124,8 @@ def _notes(row: Row) -> str:
     if row.status != "ok":
         return f"{row.status}: {row.reason}"
     e = dict(row.extras)
+    if e.get("streams") is not None:
+        e["many_streams_s"] = e.get(f"{e['streams']}_streams_s")
     if e.get("arena_nbytes"):
         e["arena_gib"] = e["arena_nbytes"] / GiB
     if e.get("shm_leaked_nbytes"):

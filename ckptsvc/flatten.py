@@ -41,6 +41,7 @@ __all__ = [
     "SKELETON_NAME",
     "FlatState",
     "flatten_state",
+    "load_state",
     "parse_skeleton",
     "unflatten_state",
 ]
@@ -248,3 +249,25 @@ def unflatten_state(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Ten
         return {k: decode(x) for k, x in v.items()}
 
     return decode(skeleton["state"])
+
+
+def load_state(
+    path_or_url: str, *, storage_options: dict[str, Any] | None = None, device: str = "cpu"
+) -> Any:
+    """Rebuild the nested state of a checkpoint written by ``AsyncCheckpointer``.
+
+    Tensors load through :func:`ckptsvc.sharded_checkpoint.load_checkpoint` (tied names
+    come back as one tensor); a checkpoint without a state skeleton (written by
+    ``save_checkpoint``) returns its flat ``{fqn: tensor}`` dict.
+    """
+    from .errors import StorageNotFoundError
+    from .sharded_checkpoint import load_checkpoint
+    from .storage import Location
+
+    tensors = load_checkpoint(path_or_url, device=device, storage_options=storage_options) or {}
+    skeleton_loc = Location.parse(path_or_url, storage_options).join(SKELETON_NAME)
+    try:
+        raw = skeleton_loc.read_bytes()
+    except StorageNotFoundError:
+        return tensors
+    return unflatten_state(parse_skeleton(raw, where=skeleton_loc.url), tensors)

@@ -368,9 +368,9 @@ class ArenaPool:
                     self._free.remove(arena)
                     self._busy.add(arena.name)
                     return arena, time.monotonic() - start
-                if len(self._all) + self._creating < self._max or self._free:
-                    if len(self._all) + self._creating >= self._max:
-                        self._drop(self._free.pop(0))  # too small for this state: replace it
+                if self._free:  # free but too small for this state: replace one
+                    self._drop(self._free.pop(0))
+                if len(self._all) + self._creating < self._max:
                     self._creating += 1
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -390,6 +390,27 @@ class ArenaPool:
                 self._drop(arena)
                 raise CheckpointError("the checkpointer is closed")
         return arena, waited
+
+    def reserve(self, nbytes: int) -> None:
+        """Create free arenas of ``nbytes`` up to ``max_arenas`` now, replacing free ones that
+        are too small (busy ones are left alone), so that no later save pays for creation."""
+        while True:
+            with self._cond:
+                for small in [a for a in self._free if a.nbytes < nbytes]:
+                    self._free.remove(small)
+                    self._drop(small)
+                if self._closed or len(self._all) + self._creating >= self._max:
+                    return
+                self._creating += 1
+            try:
+                arena = self._create(nbytes)
+            finally:
+                with self._cond:
+                    self._creating -= 1
+            with self._cond:
+                self._all[arena.name] = arena
+                self._free.append(arena)
+                self._cond.notify_all()
 
     def _create(self, nbytes: int) -> StagingArena:
         if not self._swept:
@@ -466,13 +487,15 @@ def copy_into(
 
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
     cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
-    stream = None
-    if cuda_pairs:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    for d, s in cuda_pairs:  # one side stream per device, after the work queued so far
+        stream = streams.get(s.device)
+        if stream is None:
+            with torch.cuda.device(s.device):
+                stream = streams[s.device] = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for d, s in cuda_pairs:
-                d.copy_(s, non_blocking=True)
+            d.copy_(s, non_blocking=True)
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     for d, s in cpu_pairs:
         nbytes = s.numel() * s.element_size()
@@ -497,5 +520,5 @@ def copy_into(
 
         for fut in [executor.submit(_run, g) for g in groups if g]:
             fut.result()
-    if stream is not None:
+    for stream in streams.values():  # the snapshot is complete before save() returns
         stream.synchronize()

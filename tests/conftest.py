@@ -4,30 +4,35 @@ How to use them in a test file
 ------------------------------
 Run a test on every backend (local disk, memory://, S3 on moto, GCS emulator, SeaweedFS)::
 
-    def test_roundtrip(storage_root):            # parametrized: one run per backend
-        loc = storage_root.location("ckpt")      # ckptsvc.storage.Location under a fresh root
-        save_checkpoint(storage_root.join("ckpt"), model)   # or pass the URL string...
-        ...  Location.parse(storage_root.url, storage_root.storage_options)
+    from conftest import StorageRoot             # for type hints (tests/ is on sys.path)
 
-``storage_root_fast`` is the same on local + memory + S3 (moto) only, for heavier tests.
-Pick other subsets with indirect parametrization of ``storage_root``::
+    def test_roundtrip(storage_root: StorageRoot) -> None:   # one run per backend
+        url = storage_root.join("ckpt")          # URL string under a fresh, empty root
+        save_checkpoint(url, model, storage_options=storage_root.storage_options)
+        loc = storage_root.location("ckpt")      # the same as a ckptsvc.storage.Location
+
+``storage_root_fast`` is the same on local + memory + S3 (moto) only, for heavier tests;
+``s3_root`` is a single S3 (moto) root. Pick other subsets by indirect parametrization::
 
     @pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
-    def test_x(storage_root): ...
+    def test_x(storage_root: StorageRoot) -> None: ...
 
-Each value is a :class:`StorageRoot`: ``.url`` is a fresh, empty, unique root (a plain
-local path, ``memory://...``, ``s3://<fresh bucket>/root``, ``gs://<fresh bucket>/root``),
-``.storage_options`` the dict to hand to fsspec / ``Location.parse`` / ckptsvc's public API
-(plain data, picklable, so a spawned writer process can rebuild the filesystem),
-``.backend`` the param name, ``.bucket`` the bucket (remote backends), ``.server`` the
-:class:`tests.servers.Server` (remote backends; ``.server.boto3_client()`` for S3 checks),
-and ``.multiprocess`` False for memory:// (its files live in one process only).
+Each value is a frozen :class:`StorageRoot`: ``.url`` a fresh, empty, unique root (a plain
+local path, ``memory://ckptsvc-test-<hex>/<test>``, ``s3://<fresh bucket>/<test>``,
+``gs://<fresh bucket>/<test>``), ``.storage_options`` the dict to hand to fsspec /
+``Location.parse`` / ckptsvc's public API (plain data, picklable, so a spawned writer
+process can rebuild the filesystem), ``.backend`` the param name, ``.bucket`` the bucket
+(remote backends), ``.server`` the :class:`servers.Server` (remote backends;
+``.server.boto3_client()`` for S3 assertions such as listing multipart uploads),
+``.remote``, and ``.multiprocess`` (False for memory://: its files live in one process).
 
-Remote params carry the ``cloud`` marker (``-m "not cloud"`` runs the local ones only).
-The servers themselves are the session fixtures ``moto_server``, ``seaweedfs_server`` and
-``gcs_server``, started lazily on free 127.0.0.1 ports and stopped at session end. When a
-server cannot start, tests that need it are skipped with the reason, except when
-``CI=true``: then they fail, so CI never passes by skipping.
+Tests on remote roots carry the ``cloud`` marker (``-m "not cloud"`` runs the rest).
+The servers are the session fixtures ``moto_server``, ``seaweedfs_server`` (checks
+signatures: wrong keys give 403) and ``gcs_server``, started lazily on free 127.0.0.1
+ports and stopped at session end. A server that cannot start skips its tests with the
+reason, except under ``CI=true``: then they fail, so CI never passes by skipping.
+Buckets are emptied and listing caches of the (shared, instance-cached) fsspec
+filesystems invalidated after each test.
 """
 
 from __future__ import annotations
@@ -215,11 +220,17 @@ def s3_root(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests that use a server fixture directly as ``cloud``; skip ``gpu`` without CUDA."""
+    """Mark tests that use a server (fixture or remote root) ``cloud``; skip ``gpu`` without CUDA."""
     servers = {"moto_server", "seaweedfs_server", "gcs_server", "s3_root"}
     gpu_items = []
     for item in items:
         if servers & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cloud)
+        callspec = getattr(item, "callspec", None)  # indirect parametrization of a root
+        if callspec is not None and any(
+            callspec.params.get(name) in REMOTE_BACKENDS
+            for name in ("storage_root", "storage_root_fast")
+        ):
             item.add_marker(pytest.mark.cloud)
         if item.get_closest_marker("gpu") is not None:
             gpu_items.append(item)

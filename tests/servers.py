@@ -389,10 +389,14 @@ def start_gcp_storage_emulator(workdir: Path, *, timeout_s: float = START_TIMEOU
 
 
 def start_gcs(workdir: Path) -> Server:
-    """fake-gcs-server when its binary exists for this platform, else gcp-storage-emulator."""
-    if fake_gcs_binary() is not None:
-        return start_fake_gcs(workdir)
-    return start_gcp_storage_emulator(workdir)
+    """fake-gcs-server when its binary exists for this platform, else gcp-storage-emulator.
+
+    ``CKPTSVC_TEST_GCS_EMULATOR=fake-gcs-server|gcp-storage-emulator`` forces one.
+    """
+    choice = os.environ.get("CKPTSVC_TEST_GCS_EMULATOR", "")
+    if choice == "gcp-storage-emulator" or (not choice and fake_gcs_binary() is None):
+        return start_gcp_storage_emulator(workdir)
+    return start_fake_gcs(workdir)
 
 
 if __name__ == "__main__":  # manual smoke test: start everything, print, stop

@@ -23,7 +23,14 @@ from safetensors.torch import load_file
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
 from ckptsvc.discovery import find_latest_checkpoint, next_checkpoint_path
-from ckptsvc.errors import InvalidStateError, SaveFailedError, StorageError, WriterDiedError
+from ckptsvc.errors import (
+    CheckpointError,
+    CommitConflictError,
+    InvalidStateError,
+    SaveFailedError,
+    StorageError,
+    WriterDiedError,
+)
 from ckptsvc.manifest import MANIFEST_NAME
 from ckptsvc.sharded_checkpoint import load_checkpoint
 from ckptsvc.staging import pid_alive
@@ -118,6 +125,19 @@ def test_save_is_a_normal_complete_checkpoint(node: str, tmp_path: Path) -> None
     assert set(manifest["metadata"]["ckptsvc"]["files"]) == {
         p.name for p in path.iterdir() if p.name != MANIFEST_NAME
     }
+
+
+def test_reserve_creates_every_arena_before_the_first_save(node: str, tmp_path: Path) -> None:
+    with AsyncCheckpointer(tmp_path, arenas_per_rank=2) as ckpt:
+        state = training_state(1)
+        ckpt.reserve(state)
+        created = segments(node)
+        assert len(created) == 2
+        ckpt.save(1, state).wait(60)
+        ckpt.save(2, state).wait(60)
+        assert segments(node) == created  # used, never re-created
+        ckpt.reserve({"w": torch.zeros(1 << 20)})  # bigger state: the free arenas are replaced
+        assert len(segments(node)) == 2 and not set(segments(node)) & set(created)
 
 
 def test_timings_are_reported(node: str, tmp_path: Path) -> None:
@@ -310,6 +330,47 @@ def test_invalid_state_raises_and_next_save_works(node: str, tmp_path: Path) -> 
         ckpt.save(2, {"w": torch.ones(3)}).wait(60)  # the single arena was released
 
 
+def test_same_step_twice_in_flight_is_refused(node: str, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    with AsyncCheckpointer(
+        f"faulty://{tmp_path}/r", storage_options={"gate_path": str(gate)}
+    ) as ckpt:
+        first = ckpt.save(1, {"w": torch.ones(3)})
+        with pytest.raises(CommitConflictError, match="checkpoint-1"):
+            ckpt.save(1, {"w": torch.ones(3)})
+        gate.unlink()
+        first.wait(60)
+        ckpt.save(1, {"w": torch.zeros(3)}).wait(60)  # once durable, overwriting is allowed
+    assert torch.all(load_state(next_checkpoint_path(f"faulty://{tmp_path}/r", 1))["w"] == 0)
+
+
+def test_storage_options_must_be_plain_data(node: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidStateError, match="storage_options"):
+        AsyncCheckpointer(tmp_path, storage_options={"client_kwargs": {"config": object()}})
+
+
+def test_forked_child_cannot_disturb_the_parent(node: str, tmp_path: Path) -> None:
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"w": torch.ones(3)}).wait(60)
+        arenas = segments(node)
+        pid = os.fork()
+        if pid == 0:  # the child: save refused; close (and atexit) must not touch the parent's
+            code = 1
+            try:
+                try:
+                    ckpt.save(2, {"w": torch.ones(3)})
+                except CheckpointError:
+                    code = 0
+                ckpt.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert segments(node) == arenas
+        ckpt.save(3, {"w": torch.ones(3)}).wait(60)  # the connection still works
+
+
 def test_memory_root_is_refused(node: str) -> None:
     with pytest.raises(StorageError, match="one process"):
         AsyncCheckpointer("memory://nope/root")
@@ -410,8 +471,8 @@ def test_no_leak_across_100_saves(node: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.cloud
-def test_object_store_roundtrip(node: str, storage_root_fast: StorageRoot) -> None:
-    root = storage_root_fast
+def test_object_store_roundtrip(node: str, storage_root: StorageRoot) -> None:
+    root = storage_root
     if not root.multiprocess:
         with pytest.raises(StorageError):
             AsyncCheckpointer(root.url, storage_options=root.storage_options)

@@ -24,13 +24,24 @@ from helpers_models import assert_bitwise_equal, mixed_state_dict
 from safetensors.torch import load_file
 
 from ckptsvc.checksum import crc32c_hex
-from ckptsvc.errors import StorageError, WriterDiedError
+from ckptsvc.errors import InvalidStateError, StorageError, WriterDiedError
 from ckptsvc.layout import TensorSpec, plan_files
 from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord, Manifest
 from ckptsvc.safetensors_stream import dtype_from_torch, tensor_bytes
 from ckptsvc.staging import ShmSegment, pid_alive, plan_arena, segment_prefix
 from ckptsvc.workers.client import WriterClient, writer_socket_path
-from ckptsvc.workers.protocol import CommitInfo, FileJob, JobDone, JobFailed, SaveJob, SmallFile
+from ckptsvc.workers.protocol import (
+    CommitInfo,
+    FileJob,
+    JobDone,
+    JobFailed,
+    ProtocolError,
+    SaveJob,
+    SmallFile,
+    check_wire_safe,
+    recv_message,
+    send_message,
+)
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -350,3 +361,45 @@ def test_dead_trainer_job_is_cancelled_and_its_arena_reclaimed(
             child.wait()
         if gate.exists():
             gate.unlink()
+
+
+# ---- the wire format -------------------------------------------------------------------------
+
+
+def test_frames_roundtrip_and_foreign_classes_are_refused() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        job = stage_free_job()
+        send_message(a, job)
+        assert recv_message(b) == job
+        send_message(a, Evil())
+        with pytest.raises(ProtocolError, match="refusing"):
+            recv_message(b)
+        a.sendall(b"\xff" * 8)  # an absurd length
+        with pytest.raises(ProtocolError, match="exceeds"):
+            recv_message(b)
+    with pytest.raises(InvalidStateError, match="opts"):
+        check_wire_safe({"x": Evil()}, what="opts")
+    check_wire_safe({"key": "k", "client_kwargs": {"endpoint_url": "http://x"}}, what="opts")
+
+
+class Evil:
+    def __reduce__(self) -> tuple[object, ...]:
+        return (print, ("pwned",))
+
+
+def stage_free_job() -> SaveJob:
+    (plan,) = plan_files([TensorSpec("w", "BF16", (3, 2))], max_shard_size=1 << 20)
+    return SaveJob(
+        7, "s3://b/c", {"key": "k"}, "seg", (FileJob(plan.file_name, plan.layout, 0),), (), None
+    )
+
+
+def test_errors_cross_the_wire_as_ckptsvc_errors() -> None:
+    from ckptsvc.errors import SaveFailedError, StorageNotFoundError
+    from ckptsvc.workers.protocol import ErrorInfo
+
+    err = ErrorInfo.from_exception(StorageNotFoundError("gone", url="s3://b/k")).to_exception()
+    assert isinstance(err, StorageNotFoundError) and err.url == "s3://b/k" and str(err) == "gone"
+    other = ErrorInfo.from_exception(KeyError("x")).to_exception()
+    assert isinstance(other, SaveFailedError) and "KeyError" in str(other)

@@ -29,13 +29,15 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
 from ckptsvc import knobs
-from ckptsvc.errors import WriterDiedError
+from ckptsvc.errors import CheckpointError, WriterDiedError
 
 from .protocol import (
+    PROTOCOL_VERSION,
     Hello,
     JobDone,
     JobFailed,
@@ -138,6 +140,23 @@ def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout_s: float)
         delay = min(delay * 2, 0.2)
 
 
+_clients: weakref.WeakSet[WriterClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child holds a copy of every connection's fd: close the copies (never
+    ``shutdown``, which would cut the parent's connection), so the writer sees EOF when
+    the parent dies and the child cannot talk on the parent's connection."""
+    for client in list(_clients):
+        client._alive = False
+        client._pending = {}
+        with contextlib.suppress(OSError):
+            client._sock.close()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class WriterClient:
     """One trainer's connection to the node writer (see the module docstring)."""
 
@@ -153,6 +172,7 @@ class WriterClient:
             target=self._read_loop, name="ckptsvc-writer-client", daemon=True
         )
         self._reader.start()
+        _clients.add(self)
 
     @classmethod
     def connect_or_start(
@@ -190,6 +210,12 @@ class WriterClient:
         sock.settimeout(timeout_s)
         send_message(sock, Hello(pid=os.getpid(), rank=rank, node_id=node))
         reply = recv_message(sock)
+        if isinstance(reply, Welcome) and reply.version != PROTOCOL_VERSION:
+            raise CheckpointError(
+                f"the node writer on {path} (pid {reply.writer_pid}) speaks protocol "
+                f"{reply.version} but this ckptsvc needs {PROTOCOL_VERSION} (an older ckptsvc "
+                "started it); it exits when idle, or stop it with kill"
+            )
         if not isinstance(reply, Welcome):
             raise WriterDiedError(
                 f"the node writer on {path} closed the connection during the handshake"
@@ -228,6 +254,7 @@ class WriterClient:
         with self._lock:
             if self._alive:
                 self._closing = True
+        _clients.discard(self)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         if self._reader is not threading.current_thread():

@@ -194,11 +194,19 @@ class _Connection:
     def run(self) -> None:
         try:
             hello = recv_message(self.sock)
-            if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+            if not isinstance(hello, Hello):
                 logger.warning("rejecting a client that sent %r", type(hello).__name__)
                 return
+            self.send(Welcome(writer_pid=os.getpid()))  # carries our version: the client checks
+            if hello.version != PROTOCOL_VERSION:
+                logger.warning(
+                    "rejecting pid %d: protocol %d, not %d",
+                    hello.pid,
+                    hello.version,
+                    PROTOCOL_VERSION,
+                )
+                return
             self.hello = hello
-            self.send(Welcome(writer_pid=os.getpid()))
             logger.info("trainer pid %d rank %d connected", hello.pid, hello.rank)
             while True:
                 msg = recv_message(self.sock)

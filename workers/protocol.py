@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptsvc import errors as _errors
-from ckptsvc.errors import CheckpointError, SaveFailedError, WriterDiedError
+from ckptsvc.errors import CheckpointError, InvalidStateError, SaveFailedError, WriterDiedError
 from ckptsvc.manifest import ComponentRecord, FileRecord
 from ckptsvc.safetensors_stream import ShardLayout, TensorEntry
 
@@ -43,6 +43,7 @@ __all__ = [
     "SaveJob",
     "SmallFile",
     "Welcome",
+    "check_wire_safe",
     "recv_message",
     "send_message",
 ]
@@ -192,8 +193,6 @@ _ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
     "collections": frozenset({"OrderedDict"}),
-    "copyreg": frozenset({"_reconstructor"}),
-    "types": frozenset({"MappingProxyType"}),
 }
 
 
@@ -206,6 +205,18 @@ class _Unpickler(pickle.Unpickler):
 
 class ProtocolError(WriterDiedError):
     """The peer sent something that is not a valid frame; the connection is unusable."""
+
+
+def check_wire_safe(value: object, *, what: str) -> None:
+    """Raise ``InvalidStateError`` unless ``value`` survives the writer's restricted unpickler
+    (plain data: dict, list, tuple, str, bytes, int, float, bool, None)."""
+    try:
+        _Unpickler(io.BytesIO(pickle.dumps(value, protocol=5))).load()
+    except Exception as e:
+        raise InvalidStateError(
+            f"{what} must be plain data (dict, list, tuple, str, bytes, int, float, bool, None): "
+            f"the node writer process rebuilds it from bytes ({e})"
+        ) from e
 
 
 def send_message(sock: socket.socket, message: object) -> None:

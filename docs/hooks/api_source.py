@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mkdocs.exceptions import PluginError
 from mkdocs.plugins import event_priority
 
 if sys.version_info >= (3, 11):
@@ -40,7 +41,7 @@ def package_dirs(pyproject: Path) -> dict[str, Path]:
     doc = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     mapping = doc.get("tool", {}).get("setuptools", {}).get("package-dir", {})
     if not mapping:
-        raise ValueError(f"{pyproject}: no [tool.setuptools.package-dir] table to mirror")
+        raise PluginError(f"{pyproject}: no [tool.setuptools.package-dir] table to mirror")
     return {name: (pyproject.parent / rel).resolve() for name, rel in mapping.items()}
 
 
@@ -66,7 +67,7 @@ def on_config(config: Any) -> Any:
     build_mirror(package_dirs(repo / "pyproject.toml"), _mirror)
     plugin = config.plugins.get("mkdocstrings")
     if plugin is None:
-        raise ValueError("mkdocs.yml: the api_source hook needs the mkdocstrings plugin")
+        raise PluginError("mkdocs.yml: the api_source hook needs the mkdocstrings plugin")
     python = plugin.config.handlers.setdefault("python", {})
     python["paths"] = [str(_mirror), *python.get("paths", [])]
     log.debug("mkdocstrings reads the package from %s", _mirror)

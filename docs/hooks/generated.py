@@ -9,7 +9,7 @@ A page asks for a section with an HTML comment on a line of its own:
 
 Call order: mkdocs calls ``on_page_markdown`` once per page (mkdocs process, main
 thread); pages without a marker pass through unchanged. A generator that fails raises,
-which fails the build.
+which fails the build with a ``PluginError`` that says which command or marker.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from mkdocs.exceptions import PluginError
 
 _SUBCOMMANDS_RE = re.compile(r"\{([a-z0-9_,-]+)\}")
 
@@ -51,7 +53,7 @@ def knobs_table() -> str:
         if isinstance(k, knobs.Knob)
     ]
     if not rows:
-        raise ValueError("ckptsvc.knobs defines no Knob: the knobs table would be empty")
+        raise PluginError("ckptsvc.knobs defines no Knob: the knobs table would be empty")
     return "\n".join(["| Environment variable | Default | What it does |", "|---|---|---|", *rows])
 
 
@@ -79,11 +81,11 @@ def _help_text(argv: list[str]) -> str:
             main(argv)
         except SystemExit as e:
             if e.code not in (0, None):
-                raise RuntimeError(
+                raise PluginError(
                     f"`ckptsvc {' '.join(argv)}` exited {e.code}: {out.getvalue().strip()}"
                 ) from e
         else:
-            raise RuntimeError(f"`ckptsvc {' '.join(argv)}` did not print help and exit")
+            raise PluginError(f"`ckptsvc {' '.join(argv)}` did not print help and exit")
     return out.getvalue().rstrip()
 
 
@@ -92,7 +94,7 @@ def cli_reference() -> str:
     top = _help_text(["--help"])
     match = _SUBCOMMANDS_RE.search(top)
     if match is None:
-        raise ValueError(f"no {{subcommand,...}} list in `ckptsvc --help`:\n{top}")
+        raise PluginError(f"no {{subcommand,...}} list in `ckptsvc --help`:\n{top}")
     parts = ["```text", "$ ckptsvc --help", top, "```"]
     for sub in match.group(1).split(","):
         parts += ["", f"### `ckptsvc {sub}`", "", "```text", f"$ ckptsvc {sub} --help"]
@@ -111,7 +113,7 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     def replace(m: re.Match[str]) -> str:
         generate = GENERATORS.get(m.group(1))
         if generate is None:
-            raise ValueError(
+            raise PluginError(
                 f"{page.file.src_path}: unknown generated section {m.group(0)}; "
                 f"known: {sorted(GENERATORS)}"
             )
