@@ -1,4 +1,5 @@
-"""Measuring tools of ``ckptsvc bench``: the synthetic state, peak RSS, cold page cache.
+"""Measuring tools of ``ckptsvc bench``: the synthetic state, peak RSS, cold page cache,
+the raw-floor file I/O, and the worker's config and result records.
 
 Shared by the parent (:mod:`ckptsvc.bench`) and the worker processes
 (:mod:`ckptsvc.bench_workloads`). Torch is imported lazily so the parent stays light.
@@ -11,14 +12,17 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "IO_CHUNK_BYTES",
     "PeakRss",
     "Sample",
     "TensorSpec",
@@ -30,10 +34,14 @@ __all__ = [
     "fsync_tree",
     "make_specs",
     "proc_status_bytes",
+    "read_file",
     "touch_pages",
+    "write_file",
 ]
 
+T = TypeVar("T")
 MiB = 1 << 20
+IO_CHUNK_BYTES = 32 * MiB  # one write/read call of the raw floors (as the reference tool)
 
 
 # ---------------------------------------------------------------------------- the state
@@ -242,6 +250,65 @@ def cached_bytes(path: str) -> int | None:
             return None
         total += int(words[0])
     return total
+
+
+def _parts(nbytes: int, streams: int) -> list[tuple[int, int]]:
+    """At most ``streams`` contiguous, chunk-aligned byte ranges covering ``[0, nbytes)``."""
+    step = max(1, -(-nbytes // streams // IO_CHUNK_BYTES) * IO_CHUNK_BYTES)
+    return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
+
+
+def _in_threads(fn: Callable[[int, int], T], ranges: list[tuple[int, int]]) -> list[T]:
+    """``fn(lo, hi)`` for every range, one thread each; results in range order."""
+    if len(ranges) <= 1:
+        return [fn(lo, hi) for lo, hi in ranges]
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        return [f.result() for f in [pool.submit(fn, lo, hi) for lo, hi in ranges]]
+
+
+def write_file(path: str, view: memoryview, *, streams: int) -> tuple[float, float]:
+    """Write ``view`` to a new file with ``streams`` threads of pwrite, then fsync.
+    Returns (seconds until written, seconds until durable)."""
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+
+        def write(lo: int, hi: int) -> None:
+            while lo < hi:
+                lo += os.pwrite(fd, view[lo : min(lo + IO_CHUNK_BYTES, hi)], lo)
+
+        _in_threads(write, _parts(len(view), streams))
+        t1 = time.perf_counter()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return t1 - t0, time.perf_counter() - t0
+
+
+def read_file(path: str, *, streams: int) -> tuple[float, int]:
+    """Read the file into a fresh buffer with ``streams`` threads of pread: (seconds, bytes)."""
+    import torch
+
+    t0 = time.perf_counter()
+    size = os.path.getsize(path)
+    buf = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buf.numpy())  # type: ignore[arg-type]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        def read(lo: int, hi: int) -> int:
+            start = lo
+            while lo < hi:
+                n = os.preadv(fd, [view[lo : min(lo + IO_CHUNK_BYTES, hi)]], lo)
+                if n == 0:
+                    break
+                lo += n
+            return lo - start
+
+        got = sum(_in_threads(read, _parts(size, streams)))
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0, got
 
 
 # ---------------------------------------------------------------------------- worker I/O

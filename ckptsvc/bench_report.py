@@ -109,8 +109,7 @@ def _num(value: float | None, fmt: str) -> str:
 _NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("heap_first_touch_s", "shm_pretouched_s"),
      "fresh heap {heap_first_touch_s:.3f} s, pre-touched shm {shm_pretouched_s:.3f} s"),
-    (("one_stream_s", "many_streams_s", "streams"),
-     "1 stream {one_stream_s:.2f} s, {streams} streams {many_streams_s:.2f} s"),
+    (("streams",), "{streams} streams"),
     (("fsync_s",), "fsync {fsync_s:.2f} s"),
     (("mode",), "{mode}"),
     (("first_blocking_s", "first_durable_s"), "first save {first_blocking_s:.2f}/{first_durable_s:.2f} s"),
@@ -124,8 +123,6 @@ def _notes(row: Row) -> str:
     if row.status != "ok":
         return f"{row.status}: {row.reason}"
     e = dict(row.extras)
-    if e.get("streams") is not None:
-        e["many_streams_s"] = e.get(f"{e['streams']}_streams_s")
     if e.get("arena_nbytes"):
         e["arena_gib"] = e["arena_nbytes"] / GiB
     if e.get("shm_leaked_nbytes"):
@@ -174,22 +171,26 @@ def format_table(rows: Sequence[Row], targets: Sequence[Target], title: str) -> 
 
 
 def print_rich(rows: Sequence[Row], targets: Sequence[Target], title: str) -> bool:
+    """The same report as rich tables on stdout; False (nothing printed) without rich."""
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
     except ImportError:
         return False
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for i, name in enumerate(_HEADER):
         table.add_column(name, justify="left" if i in (0, len(_HEADER) - 1) else "right")
     for row in rows:
-        table.add_row(*_cells(row))
+        table.add_row(*(escape(c) for c in _cells(row)))
     checks = Table(title="targets (ratios within this run)", title_justify="left")
     for name in ("target", "value", "verdict", "note"):
         checks.add_column(name)
     for t in targets:
         a, b, c, d = _target_line(t)
-        checks.add_row(a, b, {"PASS": "[green]PASS[/]", "FAIL": "[red]FAIL[/]"}.get(c, c), d)
+        checks.add_row(
+            escape(a), b, {"PASS": "[green]PASS[/]", "FAIL": "[red]FAIL[/]"}.get(c, c), escape(d)
+        )
     console = Console()
     console.print(table)
     console.print(checks)

@@ -27,21 +27,22 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .bench_probes import (
+    IO_CHUNK_BYTES,
     PeakRss,
     Sample,
     WorkerConfig,
     build_state,
     copy_into,
-    drop_page_cache,
     fsync_tree,
     make_specs,
     proc_status_bytes,
+    read_file,
     touch_pages,
+    write_file,
 )
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ARTIFACTS", "WORKLOADS", "run_worker_main"]
 
-IO_CHUNK_BYTES = 32 << 20  # chunk of the raw write/read floors (same as the reference tool)
 ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "raw_write": "raw.bin",
     "torch_save": "ckpt.pt",
@@ -175,76 +175,15 @@ def _flat_copy(state: dict[str, torch.Tensor], nbytes: int) -> torch.Tensor:
     return buf
 
 
-def _parts(nbytes: int, threads: int) -> list[tuple[int, int]]:
-    """``threads`` contiguous byte ranges covering ``[0, nbytes)``, chunk-aligned."""
-    step = -(-nbytes // threads // IO_CHUNK_BYTES) * IO_CHUNK_BYTES or nbytes
-    return [(lo, min(lo + step, nbytes)) for lo in range(0, nbytes, step)]
-
-
-def _in_threads(fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
-    if len(ranges) == 1:
-        fn(*ranges[0])
-        return
-    with ThreadPoolExecutor(len(ranges)) as pool:
-        for future in [pool.submit(fn, lo, hi) for lo, hi in ranges]:
-            future.result()
-
-
-def _write_file(path: str, view: memoryview, threads: int) -> tuple[float, float]:
-    """Write ``view`` to a new file with ``threads`` pwrite streams, then fsync.
-    Returns (seconds until written, seconds until durable)."""
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-
-        def write(lo: int, hi: int) -> None:
-            while lo < hi:
-                lo += os.pwrite(fd, view[lo : min(lo + IO_CHUNK_BYTES, hi)], lo)
-
-        _in_threads(write, _parts(len(view), threads))
-        t1 = time.perf_counter()
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return t1 - t0, time.perf_counter() - t0
-
-
-def _read_file(path: str, threads: int) -> tuple[float, int]:
-    """Read the file into a fresh buffer with ``threads`` pread streams: (seconds, bytes)."""
-    import torch
-
-    t0 = time.perf_counter()
-    size = os.path.getsize(path)
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy())  # type: ignore[arg-type]
-    got = [0]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-
-        def read(lo: int, hi: int) -> None:
-            while lo < hi:
-                n = os.preadv(fd, [view[lo : min(lo + IO_CHUNK_BYTES, hi)]], lo)
-                if n == 0:
-                    break
-                lo += n
-                got[0] += n
-
-        _in_threads(read, _parts(size, threads))
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t0, got[0]
-
-
 def w_raw_write(ctx: _Ctx) -> Sample:
-    """The state's bytes (one flat buffer) written sequentially in 32 MiB calls and
-    fsync'd, once with one stream and once with ``IO_THREADS`` parallel streams (as the
-    ckptsvc writer uses); the faster is the floor. Object stores: one streaming upload."""
+    """The state's bytes (one flat buffer) written to one new file in 32 MiB calls by
+    ``IO_THREADS`` streams (the ckptsvc writer's parallelism), then fsync'd. Object
+    stores: one streaming upload. One write per worker, like every other save: on virtual
+    disks a second write into just-freed blocks is much faster than the first."""
     from ckptsvc import knobs
 
     view = memoryview(_flat_copy(ctx.state or {}, ctx.nbytes).numpy())  # type: ignore[arg-type]
-    path = ctx.path(ARTIFACTS["raw_write"])
-    threads = max(1, knobs.IO_THREADS.get())
-    extras: dict[str, Any] = {}
+    streams = max(1, knobs.IO_THREADS.get())
     with PeakRss() as rss:
         if ctx.cfg.remote:
             t0 = time.perf_counter()
@@ -253,39 +192,30 @@ def w_raw_write(ctx: _Ctx) -> Sample:
                     f.write(view[off : off + IO_CHUNK_BYTES])
             written_s = durable_s = time.perf_counter() - t0
         else:
-            one = _write_file(path, view, 1)
-            os.remove(path)
-            many = _write_file(path, view, threads)
-            written_s, durable_s = min(one, many, key=lambda r: r[1])
-            extras = {"one_stream_s": one[1], f"{threads}_streams_s": many[1], "streams": threads}
-            extras["fsync_s"] = durable_s - written_s
+            written_s, durable_s = write_file(
+                ctx.path(ARTIFACTS["raw_write"]), view, streams=streams
+            )
+    extras = {} if ctx.cfg.remote else {"streams": streams, "fsync_s": durable_s - written_s}
     return _sample(ctx, rss, (written_s, durable_s, extras))
 
 
 def w_raw_read(ctx: _Ctx) -> Sample:
-    """The raw file read into a fresh buffer (cold: the parent dropped it from the page
-    cache), with one stream, then cold again with ``IO_THREADS`` streams; the faster is the
-    floor. Object stores: one GET."""
+    """The raw file read into a fresh buffer by ``IO_THREADS`` streams (cold: the parent
+    dropped it from the page cache). Object stores: one GET."""
     from ckptsvc import knobs
 
     name = ARTIFACTS["raw_write"]
-    threads = max(1, knobs.IO_THREADS.get())
-    extras: dict[str, Any] = {}
+    streams = max(1, knobs.IO_THREADS.get())
     with PeakRss() as rss:
+        t0 = time.perf_counter()
         if ctx.cfg.remote:
-            t0 = time.perf_counter()
             got = len(ctx.fs.cat_file(ctx.fs_path(name)))
-            read_s = time.perf_counter() - t0
         else:
-            one_s, got = _read_file(ctx.path(name), 1)
-            drop_page_cache(ctx.path(name))
-            many_s, got_many = _read_file(ctx.path(name), threads)
-            got = min(got, got_many)
-            read_s = min(one_s, many_s)
-            extras = {"one_stream_s": one_s, f"{threads}_streams_s": many_s, "streams": threads}
+            _, got = read_file(ctx.path(name), streams=streams)
+        read_s = time.perf_counter() - t0
     if got != ctx.nbytes:
         raise RuntimeError(f"raw read got {got} bytes, expected {ctx.nbytes}")
-    return _sample(ctx, rss, (read_s, read_s, extras))
+    return _sample(ctx, rss, (read_s, read_s, {} if ctx.cfg.remote else {"streams": streams}))
 
 
 # ---------------------------------------------------------------------------- peers

@@ -75,6 +75,19 @@ PART_SIZE_BYTES = _knob("part_size_bytes", 64 * 2**20, "Multipart/resumable uplo
 RETRY_ATTEMPTS = _knob("retry_attempts", 6, "Attempts for a transient storage error.")
 RETRY_MAX_S = _knob("retry_max_s", 120.0, "Give up retrying one call after this many seconds.")
 RETRY_BASE_S = _knob("retry_base_s", 0.2, "First backoff delay; doubles each attempt, with jitter.")
+UPLOAD_PARTS_IN_FLIGHT = _knob(
+    "upload_parts_in_flight",
+    4,
+    "Parts of one file uploading at once (S3); a file's sink holds at most n+1 part buffers.",
+)
+READ_RANGES_IN_FLIGHT = _knob(
+    "read_ranges_in_flight", 8, "Ranged GETs of one file in flight when loading from object stores."
+)
+READ_COALESCE_GAP_BYTES = _knob(
+    "read_coalesce_gap_bytes",
+    2**20,
+    "Tensors at most this many bytes apart in a file are fetched by one ranged read.",
+)
 
 # --- async engine -------------------------------------------------------------------------
 ARENAS_PER_RANK = _knob("arenas_per_rank", 2, "Staging arenas per rank (2 = double buffering).")

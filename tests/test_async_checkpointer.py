@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from ckptsvc.errors import (
 from ckptsvc.manifest import MANIFEST_NAME
 from ckptsvc.sharded_checkpoint import load_checkpoint
 from ckptsvc.staging import pid_alive
+from ckptsvc.workers.client import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)
 SHM = "/dev/shm"
@@ -47,10 +49,24 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
     monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
     yield name
+    remove_stale_socket(name)
     leaked = segments(name)
     for left in leaked:
         os.unlink(os.path.join(SHM, left))
     assert not leaked, f"shared memory leaked: {leaked}"
+
+
+def remove_stale_socket(node: str) -> None:
+    """A writer killed with SIGKILL leaves its socket file; the next start would remove it."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(writer_socket_path(node))
+    except ConnectionRefusedError:
+        os.unlink(writer_socket_path(node))
+    except FileNotFoundError:
+        pass
+    finally:
+        probe.close()
 
 
 def segments(node: str) -> list[str]:

@@ -174,6 +174,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["CKPTSVC_NODE_ID"] = f"test-deploy-{uuid.uuid4().hex[:12]}"
     env["OMP_NUM_THREADS"] = "1"
+    # The node writer inherits stderr: with captured output, run() waits for it to exit.
+    env["CKPTSVC_WRITER_LINGER_S"] = "1"
     env.update(extra)
     return env
 

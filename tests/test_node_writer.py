@@ -57,6 +57,21 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     for left in os.listdir("/dev/shm"):
         if left.startswith(f"ckptsvc-{name}-"):
             os.unlink(os.path.join("/dev/shm", left))
+    remove_stale_socket(name)
+
+
+def remove_stale_socket(node: str) -> None:
+    """A writer killed with SIGKILL leaves its socket file; the next start would remove it."""
+    path = writer_socket_path(node)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        probe.close()
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:

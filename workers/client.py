@@ -3,7 +3,7 @@
 Call order (process / thread that runs each step):
 
 1. ``WriterClient.connect_or_start`` (training thread): connect to the node's socket; if
-   nobody answers, take the node's start lock (``flock``), check again, remove a stale
+   nobody answers, take the start lock (``flock`` on the socket directory), check again, remove a stale
    socket file and start the writer as a fresh interpreter with this process's
    ``sys.path`` (spawn semantics, never fork), in its own session so the trainer's
    signals and exit do not touch it; wait until it accepts. ``Hello`` -> ``Welcome``.
@@ -86,9 +86,21 @@ def _try_connect(path: str) -> socket.socket | None:
     return sock
 
 
+def _private_dir(directory: str) -> None:
+    """Create the socket directory 0700, or check that an existing one is ours and private."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.stat(directory)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise CheckpointError(
+            f"{directory} (the node writer's socket directory) must be owned by uid "
+            f"{os.getuid()} with mode 0700; remove it or set CKPTSVC_WRITER_SOCKET elsewhere"
+        )
+
+
 @contextlib.contextmanager
 def _start_lock(path: str) -> Iterator[None]:
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    """``flock`` on the socket's directory: no lock file to leave behind or race on."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -184,7 +196,10 @@ class WriterClient:
         start_timeout_s: float | None = None,
     ) -> WriterClient:
         path = writer_socket_path(node, socket_path)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if knobs.WRITER_SOCKET.get(socket_path):  # chosen by the user: their directory
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        else:
+            _private_dir(os.path.dirname(path))
         timeout_s = knobs.WRITER_START_TIMEOUT_S.get(start_timeout_s)
         last: BaseException | None = None
         for _attempt in range(3):

@@ -1,0 +1,160 @@
+"""Streaming writers of one file (``ShardSink``): which one a location gets, and the simple ones.
+
+- local files: :class:`LocalSink` (``os.write`` per chunk, fsync on close);
+- S3: :class:`~.multipart.S3MultipartSink` (parallel multipart upload);
+- GCS: :class:`~.multipart.GcsResumableSink` (pipelined resumable upload);
+- anything else fsspec knows (memory://, custom filesystems): :class:`FsspecSink`.
+
+Every sink follows the same contract: ``write`` chunks in order, then ``close`` (durable
+or visible on return) or ``abort`` (nothing is left behind; never raises).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fsspec.spec import AbstractBufferedFile
+
+from ckptsvc import knobs
+
+from .errors import storage_errors
+from .retry import call_with_retries
+
+if TYPE_CHECKING:
+    from .location import Location
+
+__all__ = ["FsspecSink", "LocalSink", "ShardSink", "open_sink", "write_all"]
+
+logger = logging.getLogger(__name__)
+
+S3_PROTOCOLS = frozenset({"s3", "s3a"})
+GCS_PROTOCOLS = frozenset({"gs", "gcs"})
+# Object stores whose unfinished uploads are invisible and cancelled by ``discard()``.
+_DISCARDING_PROTOCOLS = S3_PROTOCOLS | GCS_PROTOCOLS
+
+
+class ShardSink(Protocol):
+    """A streaming write of one file: ``write`` chunks, then ``close`` (durable) or ``abort``."""
+
+    def write(self, data: memoryview | bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def open_sink(
+    loc: Location,
+    *,
+    fsync: bool | None = None,
+    part_size_bytes: int | None = None,
+    parts_in_flight: int | None = None,
+) -> ShardSink:
+    """The right streaming writer for ``loc`` (see the module docstring)."""
+    if loc.is_local:
+        return LocalSink(loc, fsync=knobs.FSYNC.get(fsync))
+    part = knobs.PART_SIZE_BYTES.get(part_size_bytes)
+    in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
+    from . import multipart  # imports s3fs/gcsfs helpers lazily
+
+    if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
+        return multipart.S3MultipartSink(loc, part_size_bytes=part, parts_in_flight=in_flight)
+    if loc.protocol in GCS_PROTOCOLS and multipart.gcs_resumable_supported(loc):
+        return multipart.GcsResumableSink(loc, part_size_bytes=part)
+    return FsspecSink(loc, part_size_bytes=part)
+
+
+def write_all(fd: int, data: memoryview) -> None:
+    """``os.write`` until every byte of ``data`` is written."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view.nbytes:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class LocalSink:
+    """Local file: ``os.write`` per chunk, fsync on ``close``; ``abort`` unlinks the file."""
+
+    def __init__(self, loc: Location, *, fsync: bool) -> None:
+        self._loc = loc
+        self._fsync = fsync
+        self._closed_ok = False
+        with storage_errors(loc.url, "create"):
+            os.makedirs(os.path.dirname(loc.path), exist_ok=True)
+            self._fd: int | None = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, data: memoryview | bytes) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self._loc.url}: write after close or abort")
+        with storage_errors(self._loc.url, "write"):
+            write_all(self._fd, memoryview(data))
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with storage_errors(self._loc.url, "fsync"):
+            try:
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._closed_ok = True
+
+    def abort(self) -> None:
+        """Discard the partial file; a no-op after a successful ``close``."""
+        if self._closed_ok:
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._loc.path)
+
+
+class FsspecSink:
+    """Any other fsspec filesystem: its buffered file uploads ``part_size_bytes`` blocks and
+    completes on ``close``; ``abort`` discards (object stores) or deletes the file.
+
+    Filesystems such as memory:// may show the file while it is written.
+    """
+
+    def __init__(self, loc: Location, *, part_size_bytes: int) -> None:
+        self._loc = loc
+        self._state = "open"  # -> "closed" | "aborted"
+        with storage_errors(loc.url, "create"):
+            self._f: Any = loc.fs.open(loc.path, "wb", block_size=part_size_bytes)
+
+    def write(self, data: memoryview | bytes) -> None:
+        if self._state != "open":
+            raise ValueError(f"{self._loc.url}: write after close or abort")
+        with storage_errors(self._loc.url, "write"):
+            self._f.write(data)
+
+    def close(self) -> None:
+        if self._state != "open":
+            return
+        with storage_errors(self._loc.url, "upload"):
+            self._f.close()
+        self._state = "closed"
+        self._loc.fs.invalidate_cache(self._loc.path)
+
+    def abort(self) -> None:
+        """Cancel the upload (never raises: callers abort while handling another error)."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        f, loc = self._f, self._loc
+        try:
+            if loc.protocol in _DISCARDING_PROTOCOLS:
+                call_with_retries(f.discard, url=loc.url, action="abort upload of", attempts=3)
+            else:
+                f.close()
+                loc.fs.rm_file(loc.path)
+        except Exception as e:  # report, but let the caller's original error propagate
+            logger.warning("could not abort the upload of %s: %s", loc.url, e)
+        finally:
+            if isinstance(f, AbstractBufferedFile):
+                f.closed = True  # else close()/__del__ would still upload the buffer
+            loc.fs.invalidate_cache(loc.path)
