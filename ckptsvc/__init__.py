@@ -7,10 +7,11 @@ an fsspec URL plus a keyword-only ``storage_options``.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .components import RNGState, SharingPattern, StateComponent, Stateful, StatefulProvider
-from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -26,38 +27,106 @@ from .errors import (
     StorageTransientError,
     WriterDiedError,
 )
-from .gc import GcReport, collect_garbage
-from .manifest import Manifest
-from .retention import delete_checkpoint
-from .sharded_checkpoint import (
-    CheckpointMeta,
-    create_pretrained_symlinks,
-    create_sharing_metadata,
-    find_latest_checkpoint,
-    get_all_fqns,
-    get_checkpoint_metadata,
-    id_to_fqn,
-    index_file_name,
-    load_checkpoint,
-    load_checkpoint_metrics,
-    load_shard_index,
-    load_sharded_checkpoint,
-    make_cannonical_names,
-    make_shard_index,
-    map_cannonical_names,
-    maybe_delete_oldest_checkpoint,
-    next_checkpoint_path,
-    retie_parameters,
-    save_checkpoint,
-    save_checkpoint_metrics,
-    save_shard_index,
-    save_sharded_checkpoint,
-    validate_checkpoint,
-    validate_output_dir,
-)
-from .verify import Problem, VerifyReport, verify_checkpoint
+
+if TYPE_CHECKING:  # the names below load on first use: the writer process imports no torch
+    from .async_checkpointer import AsyncCheckpointer, SaveHandle, SaveTimings
+    from .components import RNGState, SharingPattern, StateComponent, Stateful, StatefulProvider
+    from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
+    from .flatten import load_state
+    from .gc import GcReport, collect_garbage
+    from .manifest import Manifest
+    from .retention import delete_checkpoint
+    from .sharded_checkpoint import (
+        CheckpointMeta,
+        create_pretrained_symlinks,
+        create_sharing_metadata,
+        find_latest_checkpoint,
+        get_all_fqns,
+        get_checkpoint_metadata,
+        id_to_fqn,
+        index_file_name,
+        load_checkpoint,
+        load_checkpoint_metrics,
+        load_shard_index,
+        load_sharded_checkpoint,
+        make_cannonical_names,
+        make_shard_index,
+        map_cannonical_names,
+        maybe_delete_oldest_checkpoint,
+        next_checkpoint_path,
+        retie_parameters,
+        save_checkpoint,
+        save_checkpoint_metrics,
+        save_shard_index,
+        save_sharded_checkpoint,
+        validate_checkpoint,
+        validate_output_dir,
+    )
+    from .verify import Problem, VerifyReport, verify_checkpoint
+
+#: public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "AsyncCheckpointer": "async_checkpointer",
+    "CheckpointInfo": "discovery",
+    "CheckpointMeta": "sharded_checkpoint",
+    "CheckpointStatus": "discovery",
+    "GcReport": "gc",
+    "Manifest": "manifest",
+    "Problem": "verify",
+    "RNGState": "components",
+    "SaveHandle": "async_checkpointer",
+    "SaveTimings": "async_checkpointer",
+    "SharingPattern": "components",
+    "StateComponent": "components",
+    "Stateful": "components",
+    "StatefulProvider": "components",
+    "VerifyReport": "verify",
+    "collect_garbage": "gc",
+    "create_pretrained_symlinks": "sharded_checkpoint",
+    "create_sharing_metadata": "sharded_checkpoint",
+    "delete_checkpoint": "retention",
+    "find_latest_checkpoint": "sharded_checkpoint",
+    "get_all_fqns": "sharded_checkpoint",
+    "get_checkpoint_metadata": "sharded_checkpoint",
+    "id_to_fqn": "sharded_checkpoint",
+    "index_file_name": "sharded_checkpoint",
+    "list_checkpoints": "discovery",
+    "load_checkpoint": "sharded_checkpoint",
+    "load_checkpoint_metrics": "sharded_checkpoint",
+    "load_shard_index": "sharded_checkpoint",
+    "load_sharded_checkpoint": "sharded_checkpoint",
+    "load_state": "flatten",
+    "make_cannonical_names": "sharded_checkpoint",
+    "make_shard_index": "sharded_checkpoint",
+    "map_cannonical_names": "sharded_checkpoint",
+    "maybe_delete_oldest_checkpoint": "sharded_checkpoint",
+    "next_checkpoint_path": "sharded_checkpoint",
+    "retie_parameters": "sharded_checkpoint",
+    "save_checkpoint": "sharded_checkpoint",
+    "save_checkpoint_metrics": "sharded_checkpoint",
+    "save_shard_index": "sharded_checkpoint",
+    "save_sharded_checkpoint": "sharded_checkpoint",
+    "validate_checkpoint": "sharded_checkpoint",
+    "validate_output_dir": "sharded_checkpoint",
+    "verify_checkpoint": "verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptsvc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
+    "AsyncCheckpointer",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointMeta",
@@ -72,6 +141,8 @@ __all__ = [
     "Problem",
     "RNGState",
     "SaveFailedError",
+    "SaveHandle",
+    "SaveTimings",
     "SharingPattern",
     "StateComponent",
     "StateMismatchError",
@@ -98,6 +169,7 @@ __all__ = [
     "load_checkpoint_metrics",
     "load_shard_index",
     "load_sharded_checkpoint",
+    "load_state",
     "make_cannonical_names",
     "make_shard_index",
     "map_cannonical_names",
