@@ -40,12 +40,18 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from . import knobs
+from .checksum import crc32c_hex
+from .component_load import load_components
+from .component_plan import ComponentPlan, StagedFile, plan_components
+from .components import StateComponent
 from .discovery import next_checkpoint_path
+from .distributed import Coordinator, PendingCommit, RankInfo
 from .errors import (
     CheckpointError,
     CommitConflictError,
@@ -57,8 +63,9 @@ from .errors import (
 from .flatten import SKELETON_NAME, FlatState, flatten_state, load_state
 from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
 from .manifest import ComponentRecord, FileRecord
+from .reports import Merged, RankReport, merge_reports
 from .safetensors_stream import dtype_to_torch
-from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, node_id, plan_arena
+from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
 from .storage import Location
 from .workers.client import WriterClient
 from .workers.protocol import (
@@ -71,7 +78,7 @@ from .workers.protocol import (
     check_wire_safe,
 )
 
-__all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_state"]
+__all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_components", "load_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +167,27 @@ class SaveHandle:
             )
         self._event.set()
 
+    def _finish_committed(
+        self, files: Sequence[FileRecord], *, write_s: float | None, commit_s: float | None
+    ) -> None:
+        """A distributed save: the checkpoint was committed (by rank 0)."""
+        self._files = tuple(files)
+        with self._lock:
+            self._timings = replace(
+                self._timings,
+                write_s=write_s,
+                commit_s=commit_s,
+                durable_s=time.perf_counter() - self._started,
+            )
+        self._event.set()
+
+    def _set_written(self, done: JobDone) -> None:
+        """This rank's data is durable (the commit is still to come)."""
+        with self._lock:
+            self._timings = replace(
+                self._timings, queue_wait_s=done.queue_wait_s, write_s=done.write_s
+            )
+
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._event.set()
@@ -222,6 +250,7 @@ class AsyncCheckpointer:
         node: str | None = None,
         rank: int | None = None,
         metadata: dict[str, Any] | None = None,
+        store: Any | None = None,
     ) -> None:
         self._root = Location.parse(os.fspath(root), storage_options)
         if self._root.protocol == "memory":
@@ -231,12 +260,12 @@ class AsyncCheckpointer:
                 url=self._root.url,
             )
         self._root_text = self._root.url
-        _check_single_process()
         self._storage_options = dict(storage_options or {})
         check_wire_safe(self._storage_options, what="storage_options")
         self._max_shard_size = knobs.MAX_SHARD_SIZE.get(max_shard_size)
-        self._node = node_id(node)
-        self._rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self._info = RankInfo.current(rank=rank, node=node)
+        self._node = self._info.node_id
+        self._rank = self._info.rank
         self._metadata = dict(metadata or {})
         threads = knobs.COPY_THREADS.get(copy_threads) or min(8, len(os.sched_getaffinity(0)))
         self._copy_threads = max(1, threads)
@@ -257,6 +286,12 @@ class AsyncCheckpointer:
         self._failed: list[SaveHandle] = []
         self._closed = False
         self._owner_pid = os.getpid()
+        self._arena_plans: OrderedDict[Any, ArenaPlan] = OrderedDict()
+        self._coordinator = (
+            Coordinator(self._info, root=self._root_text, store=store, commit=self._commit)
+            if self._info.distributed
+            else None
+        )
         self._client: WriterClient | None = WriterClient.connect_or_start(
             node=self._node, rank=self._rank
         )
@@ -272,20 +307,25 @@ class AsyncCheckpointer:
     def writer_pid(self) -> int | None:
         return self._client.writer_pid if self._client is not None else None
 
+    @property
+    def rank_info(self) -> RankInfo:
+        return self._info
+
     def save(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
-        """Snapshot ``state`` and return; the writer makes it durable in the background."""
-        if self._closed:
-            raise CheckpointError("save() on a closed AsyncCheckpointer")
-        if os.getpid() != self._owner_pid:
-            raise CheckpointError("save() in a forked child: create an AsyncCheckpointer there")
+        """Snapshot ``state`` and return; the writer makes it durable in the background.
+
+        Single-process only (one rank's whole state); a distributed job calls
+        :meth:`save_components` with sharing patterns.
+        """
+        self._check_usable("save")
+        if self._info.distributed:
+            raise CheckpointError(
+                f"save(step, state) writes one process's state, but this is rank "
+                f"{self._info.rank} of {self._info.world_size}; call save_components(step, "
+                "components) with sharing patterns (GLOBAL, PER_RANK, REPLICATED, ...)"
+            )
         started = time.perf_counter()
-        path = next_checkpoint_path(self._root_text, step)
-        with self._lock:
-            if any(h.path == path and not h.done() for h in self._inflight):
-                raise CommitConflictError(
-                    f"a save to {path} is still in flight; wait for its handle before saving "
-                    f"step {step} again"
-                )
+        path = self._free_path(step, None)
         flat = flatten_state(state)
         plan = self._plan_for(flat)
         arena, arena_wait_s = self._pool.acquire(plan.arena.nbytes)
@@ -304,7 +344,7 @@ class AsyncCheckpointer:
             with self._lock:
                 self._inflight.add(handle)
             try:
-                self._submit(job, handle, arena)
+                self._submit(job, self._outcome_callback(handle, arena, None))
             except BaseException:
                 with self._lock:
                     self._inflight.discard(handle)
@@ -312,6 +352,84 @@ class AsyncCheckpointer:
             submitted = True
         finally:
             if not submitted:
+                self._pool.release(arena)
+        handle._set_blocking(time.perf_counter() - started)
+        logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
+        return handle
+
+    def save_components(
+        self,
+        step: int,
+        components: Sequence[StateComponent],
+        *,
+        process_groups: Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        checkpoint_path: str | None = None,
+    ) -> SaveHandle:
+        """Snapshot every component this rank saves (its sharing pattern decides) and return.
+
+        Every rank of a distributed job calls this with the same components in the same
+        order (no collective runs: each rank plans its part from what it knows). Files per
+        component are described in :mod:`ckptsvc.component_plan`; each component is listed
+        in the manifest with its pattern, ranks and files. ``checkpoint_path`` overrides
+        ``next_checkpoint_path(root, step)``. The handle completes when the checkpoint is
+        committed (rank 0 wrote the manifest) or failed on any rank.
+        """
+        self._check_usable("save_components")
+        started = time.perf_counter()
+        path = self._free_path(step, checkpoint_path)
+        user_meta = _json_metadata({**self._metadata, **(metadata or {})})
+        plans = plan_components(
+            components,
+            info=self._info,
+            process_groups=process_groups,
+            max_shard_size=self._max_shard_size,
+            user_metadata=user_meta,
+        )
+        staged = [f for p in plans for f in p.files]
+        layout = self._arena_plan_for(staged)
+        arena: StagingArena | None = None
+        arena_wait_s = 0.0
+        if staged:
+            arena, arena_wait_s = self._pool.acquire(layout.nbytes)
+        submitted = False
+        try:
+            copy_started = time.perf_counter()
+            parts = self._stage_components(plans, staged, layout, arena)
+            copy_s = time.perf_counter() - copy_started
+            nbytes = sum(e.nbytes for f in staged if f.write for e in f.plan.layout.entries)
+            handle = SaveHandle(
+                step=step,
+                path=path,
+                started=started,
+                timings=SaveTimings(nbytes, 0.0, arena_wait_s, copy_s),
+            )
+            report = RankReport(self._rank, step, path, parts)
+            pending = PendingCommit(
+                step=step,
+                path=path,
+                handle=handle,
+                report=report,
+                user_metadata=user_meta,
+                crc_names={p.component.key: p.crc_names for p in plans if p.crc_names},
+                sharded_docs={
+                    p.component.key: p.sharded_doc for p in plans if p.sharded_doc is not None
+                },
+            )
+            job = self._component_job(pending, plans, staged, layout, arena)
+            with self._lock:
+                self._inflight.add(handle)
+            try:
+                if self._coordinator is not None:
+                    self._coordinator.begin(pending)
+                self._submit(job, self._outcome_callback(handle, arena, pending))
+            except BaseException:
+                with self._lock:
+                    self._inflight.discard(handle)
+                raise
+            submitted = True
+        finally:
+            if not submitted and arena is not None:
                 self._pool.release(arena)
         handle._set_blocking(time.perf_counter() - started)
         logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
@@ -376,6 +494,142 @@ class AsyncCheckpointer:
         self.close()
 
     # ---- steps of save ----------------------------------------------------------------------
+
+    def _check_usable(self, what: str) -> None:
+        if self._closed:
+            raise CheckpointError(f"{what}() on a closed AsyncCheckpointer")
+        if os.getpid() != self._owner_pid:
+            raise CheckpointError(f"{what}() in a forked child: create an AsyncCheckpointer there")
+
+    def _free_path(self, step: int, checkpoint_path: str | None) -> str:
+        path = checkpoint_path or next_checkpoint_path(self._root_text, step)
+        with self._lock:
+            if any(h.path == path and not h.done() for h in self._inflight):
+                raise CommitConflictError(
+                    f"a save to {path} is still in flight; wait for its handle before saving "
+                    f"step {step} again"
+                )
+        return path
+
+    def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:
+        key = tuple((f.plan.file_name, f.plan.layout.header) for f in staged)
+        layout = self._arena_plans.get(key)
+        if layout is None:
+            layout = self._arena_plans[key] = plan_arena([f.plan for f in staged])
+            while len(self._arena_plans) > _PLAN_CACHE_SIZE:
+                self._arena_plans.popitem(last=False)
+        else:
+            self._arena_plans.move_to_end(key)
+        return layout
+
+    def _stage_components(
+        self,
+        plans: Sequence[ComponentPlan],
+        staged: Sequence[StagedFile],
+        layout: ArenaPlan,
+        arena: StagingArena | None,
+    ) -> tuple[Any, ...]:
+        """Copy every staged tensor into the arena; CRC-32C of validated components."""
+        if arena is None:
+            return tuple(p.part for p in plans)
+        specs: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
+        srcs: list[torch.Tensor] = []
+        where: dict[tuple[int, str], int] = {}
+        for i, f in enumerate(staged):
+            for e in f.plan.layout.entries:
+                where[(i, e.name)] = len(specs)
+                specs.append((layout.file_offsets[i] + e.begin, dtype_to_torch(e.dtype), e.shape))
+                srcs.append(f.sources[e.name])
+        if any(t.device.type == "cuda" for t in srcs):
+            arena.pin()
+        dsts = arena.views_at(layout, specs)
+        total = sum(t.numel() * t.element_size() for t in srcs)
+        threads = 1 if total < _SINGLE_THREAD_COPY_BYTES else self._copy_threads
+        with torch.no_grad():
+            copy_into(dsts, srcs, threads=threads, executor=self._copy_pool)
+        parts = []
+        for p in plans:
+            if not p.crc_names:
+                parts.append(p.part)
+                continue
+            index = {name: where[(i, name)] for i, f in enumerate(staged) if f in p.files for name in f.sources}
+            crcs = tuple(crc32c_hex(_bytes_of(dsts[index[n]])) for n in p.crc_names)
+            parts.append(replace(p.part, crcs=crcs))
+        return tuple(parts)
+
+    def _component_job(
+        self,
+        pending: PendingCommit,
+        plans: Sequence[ComponentPlan],
+        staged: Sequence[StagedFile],
+        layout: ArenaPlan,
+        arena: StagingArena | None,
+    ) -> SaveJob:
+        files = tuple(
+            FileJob(f.plan.file_name, f.plan.layout, off)
+            for f, off in zip(staged, layout.file_offsets, strict=True)
+            if f.write
+        )
+        small = [SmallFile(name, data) for p in plans for name, data in sorted(p.docs.items())]
+        commit = None
+        if self._coordinator is None:  # single process: everything is known now
+            merged = merge_reports(
+                [pending.report],
+                world_size=1,
+                crc_names=pending.crc_names,
+                sharded_docs=pending.sharded_docs,
+            )
+            small += [SmallFile(n, b) for n, b in sorted(merged.small_files.items())]
+            commit = self._commit_info(pending, merged)
+        return SaveJob(
+            job_id=next(self._job_ids),
+            ckpt_url=Location.parse(pending.path, self._storage_options).url,
+            storage_options=self._storage_options,
+            arena_name=arena.name if arena is not None else "",
+            files=files,
+            small_files=tuple(small),
+            commit=commit,
+        )
+
+    def _commit_info(self, pending: PendingCommit, merged: Merged) -> CommitInfo:
+        from . import __version__
+
+        return CommitInfo(
+            step=pending.step,
+            world_size=self._info.world_size,
+            components=merged.components,
+            pytorch_version=str(torch.__version__),
+            library_version=__version__,
+            user_metadata=pending.user_metadata,
+            extra_files=tuple(f for f in merged.files if f.path not in merged.small_files),
+        )
+
+    def _commit(self, pending: PendingCommit, merged: Merged) -> JobDone:
+        """Rank 0's commit thread: index, documents and manifest, written by our writer."""
+        job = SaveJob(
+            job_id=next(self._job_ids),
+            ckpt_url=Location.parse(pending.path, self._storage_options).url,
+            storage_options=self._storage_options,
+            arena_name="",
+            files=(),
+            small_files=tuple(SmallFile(n, b) for n, b in sorted(merged.small_files.items())),
+            commit=self._commit_info(pending, merged),
+        )
+        box: list[object] = []
+        done = threading.Event()
+
+        def on_outcome(outcome: object) -> None:
+            box.append(outcome)
+            done.set()
+
+        self._submit(job, on_outcome)
+        done.wait()
+        outcome = box[0]
+        if isinstance(outcome, JobDone):
+            return outcome
+        if isinstance(outcome, JobFailed):
+            raise outcome.error.to_exception()
+        raise outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
 
     def _plan_for(self, flat: FlatState) -> _SavePlan:
         key = flat.signature()
@@ -448,12 +702,16 @@ class AsyncCheckpointer:
             commit=commit,
         )
 
-    def _submit(self, job: SaveJob, handle: SaveHandle, arena: StagingArena) -> None:
-        """Send the job, (re)starting the writer if it died; one retry on a failed send."""
-
+    def _outcome_callback(
+        self, handle: SaveHandle, arena: StagingArena | None, pending: PendingCommit | None
+    ) -> Any:
         def on_outcome(outcome: JobDone | JobFailed | WriterDiedError) -> None:
-            self._completed(handle, arena, outcome)
+            self._completed(handle, arena, outcome, pending)
 
+        return on_outcome
+
+    def _submit(self, job: SaveJob, on_outcome: Any) -> None:
+        """Send the job, (re)starting the writer if it died; one retry on a failed send."""
         for attempt in (1, 2):
             client = self._client
             if client is None or not client.alive:
@@ -472,28 +730,55 @@ class AsyncCheckpointer:
                 if attempt == 2:
                     raise
 
-    def _completed(self, handle: SaveHandle, arena: StagingArena, outcome: object) -> None:
-        """Client reader thread: release the arena, record a failure, complete the handle,
-        and only then forget it (``wait_all`` sees every failure of the saves it waited for)."""
+    def _completed(
+        self,
+        handle: SaveHandle,
+        arena: StagingArena | None,
+        outcome: object,
+        pending: PendingCommit | None,
+    ) -> None:
+        """Client reader thread: release the arena; then either complete the handle (single
+        process) or hand this rank's report to the coordinator (distributed)."""
+        error: BaseException | None = None
         if isinstance(outcome, JobDone):
-            self._pool.release(arena)
+            if arena is not None:
+                self._pool.release(arena)
+        elif isinstance(outcome, JobFailed):
+            if arena is not None:
+                self._pool.release(arena)  # the writer stopped reading it before reporting
+            cause = outcome.error.to_exception()
+            error = SaveFailedError(f"save of step {handle.step} to {handle.path} failed: {cause}")
+            error.__cause__ = cause
+        else:
+            if arena is not None:
+                self._pool.discard(arena)  # a writer that lost us may still be reading it
+            error = outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
+        if pending is not None and self._coordinator is not None:
+            if isinstance(outcome, JobDone):
+                handle._set_written(outcome)
+                report = replace(pending.report, files=outcome.files)
+            else:
+                report = replace(
+                    pending.report, error=str(error), error_type=type(error).__name__
+                )
+            self._coordinator.data_done(
+                pending, report, on_done=self._committed, local_error=error
+            )
+            return
+        if isinstance(outcome, JobDone):
             handle._finish(outcome)
+            self._committed(handle, None)
+        else:
+            self._committed(handle, error)
+
+    def _committed(self, handle: SaveHandle, error: BaseException | None) -> None:
+        """Any thread: record a failure, complete the handle, and only then forget it
+        (``wait_all`` sees every failure of the saves it waited for)."""
+        if error is None:
             logger.info(
                 "checkpoint step %s durable at %s: %s", handle.step, handle.path, handle.timings
             )
         else:
-            if isinstance(outcome, JobFailed):
-                self._pool.release(arena)  # the writer stopped reading it before reporting
-                cause = outcome.error.to_exception()
-                error: BaseException = SaveFailedError(
-                    f"save of step {handle.step} to {handle.path} failed: {cause}"
-                )
-                error.__cause__ = cause
-            else:
-                self._pool.discard(arena)  # a writer that lost us may still be reading it
-                error = (
-                    outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
-                )
             handle._error = error  # set before it is listed: wait_all reads it
             with self._lock:
                 self._failed.append(handle)
@@ -508,15 +793,10 @@ class AsyncCheckpointer:
             client.release_arena(name)
 
 
-def _check_single_process() -> None:
-    """World size 1 only for now: every rank would commit its own manifest to one path."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise CheckpointError(
-            "AsyncCheckpointer commits single-process checkpoints; with "
-            f"world_size={dist.get_world_size()} give each rank its own root until "
-            "multi-rank commit lands"
-        )
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def _json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:

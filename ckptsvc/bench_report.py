@@ -21,7 +21,8 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class Row:
-    """Aggregated result of one method: median times over the reps, max peak RSS."""
+    """Aggregated result of one method: the fastest rep for floors, median times over the
+    reps for the others; the max peak RSS."""
 
     method: str
     kind: str
@@ -163,7 +164,12 @@ def format_table(rows: Sequence[Row], targets: Sequence[Target], title: str) -> 
             c.rjust(w) for c, w in zip(line[1:-1], widths[1:], strict=True)
         ]
         out.append("  ".join([*cols, line[-1]]).rstrip())
-    out += ["", "targets (ratios within this run):"]
+    out += [
+        "",
+        "floors: fastest rep; others: median of reps. RSS+: peak over the RSS with the state built.",
+        "",
+        "targets (ratios within this run):",
+    ]
     lines = [_target_line(t) for t in targets]
     width = max((len(a) for a, *_ in lines), default=0)
     out += [f"  {a.ljust(width)}  {b:>6}  {c:<4}  {d}".rstrip() for a, b, c, d in lines]

@@ -20,6 +20,7 @@ every value and measure a second save.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -64,6 +65,7 @@ class _Unavailable(Exception):
 
 
 def _require(module: str, attr: str) -> Any:
+    """``module.attr`` (``attr`` may be a submodule), or :class:`_Unavailable` saying why not."""
     try:
         mod = __import__(module, fromlist=[attr])
         return getattr(mod, attr)
@@ -80,33 +82,28 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 
 class _Ctx:
-    """What a workload gets: the config, the state (None for loads) and path helpers."""
+    """What a workload gets: the config, the state (None for loads) and path helpers. The
+    object-store filesystem is created here, before any timing starts."""
 
     def __init__(self, cfg: WorkerConfig, state: dict[str, torch.Tensor] | None) -> None:
         self.cfg = cfg
         self.state = state
         self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes))
-        self._fs: Any = None
-
-    def path(self, name: str) -> str:
-        return (
-            f"{self.cfg.root.rstrip('/')}/{name}"
-            if self.cfg.remote
-            else os.path.join(self.cfg.root, name)
-        )
-
-    @property
-    def fs(self) -> Any:
-        if self._fs is None:
+        self.fs: Any = None
+        if cfg.remote:
             from ckptsvc.storage import url_to_fs
 
-            self._fs, _ = url_to_fs(self.cfg.root, **self.cfg.storage_options)
-        return self._fs
+            self.fs, _ = url_to_fs(cfg.root, **cfg.storage_options)
+
+    def path(self, name: str) -> str:
+        """The artifact's local path or URL (what a library's save/load call is given)."""
+        if self.cfg.remote:
+            return f"{self.cfg.root.rstrip('/')}/{name}"
+        return os.path.join(self.cfg.root, name)
 
     def fs_path(self, name: str) -> str:
-        from ckptsvc.storage import url_to_fs
-
-        return str(url_to_fs(self.path(name), **self.cfg.storage_options)[1])
+        """The artifact's path in :attr:`fs` (object stores only)."""
+        return str(self.fs._strip_protocol(self.path(name)))
 
     def storage_kwargs(self, fn: Callable[..., Any]) -> dict[str, Any]:
         if self.cfg.storage_options and _accepts(fn, "storage_options"):
@@ -389,12 +386,19 @@ def w_ckptsvc_load(ctx: _Ctx) -> Sample:
     return _load_sample(ctx, lambda: load_checkpoint(path, **kwargs))
 
 
-def _shm_sizes(shm_dir: str) -> dict[str, int]:
-    try:
-        with os.scandir(shm_dir) as it:
-            return {e.name: e.stat().st_size for e in it if e.is_file()}
-    except OSError:
-        return {}
+def _mapped_shm(shm_dir: str) -> dict[str, int]:
+    """Shared memory segments this process has mapped (its arenas), name -> bytes; other
+    processes' segments in the same directory are not counted."""
+    found: dict[str, int] = {}
+    prefix = shm_dir.rstrip("/") + "/"
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(maxsplit=5)  # addr perms offset dev inode [path]
+            path = fields[5] if len(fields) == 6 else ""
+            if path.startswith(prefix) and not path.endswith(" (deleted)"):
+                with contextlib.suppress(OSError):
+                    found[path[len(prefix) :]] = os.stat(path).st_size
+    return found
 
 
 def _timings(handle: Any) -> dict[str, Any]:
@@ -420,7 +424,6 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
 
     state = ctx.state or {}
     shm_dir = knobs.SHM_DIR.get()
-    shm_before = _shm_sizes(shm_dir)
     kwargs = ctx.storage_kwargs(checkpointer_cls)
     ckpt = checkpointer_cls(root=ctx.path("ckptsvc_async"), **kwargs)
     try:
@@ -437,17 +440,17 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
             t1 = time.perf_counter()
             handle.wait()
             t2 = time.perf_counter()
-        arenas = {k: v for k, v in _shm_sizes(shm_dir).items() if shm_before.get(k) != v}
+        arenas = _mapped_shm(shm_dir)
     finally:
         ckpt.close()
-    leaked = {k: v for k, v in _shm_sizes(shm_dir).items() if shm_before.get(k) != v}
+    leaked = [n for n in arenas if os.path.exists(os.path.join(shm_dir, n))]
     extras: dict[str, Any] = {
         "first_blocking_s": first[0],
         "first_durable_s": first[1],
         "rss_after_first_bytes": rss_after_first,
         "arena_nbytes": sum(arenas.values()),
         "arena_count": len(arenas),
-        "shm_leaked_nbytes": sum(leaked.values()),
+        "shm_leaked_nbytes": sum(arenas[n] for n in leaked),
     }
     extras.update({f"handle_{k}": v for k, v in _timings(handle).items()})
     return _sample(ctx, rss, (t1 - t0, t2 - t0, extras))
@@ -473,6 +476,8 @@ WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
 
 
 def _measure(cfg: WorkerConfig) -> dict[str, Any]:
+    import torch  # noqa: F401  (imported before any timing, for loads too)
+
     workload, needs_state = WORKLOADS[cfg.method]
     state = build_state(make_specs(cfg.total_nbytes)) if needs_state else None
     ctx = _Ctx(cfg, state)

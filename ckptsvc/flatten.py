@@ -41,6 +41,7 @@ __all__ = [
     "SKELETON_NAME",
     "FlatState",
     "flatten_state",
+    "is_dtensor",
     "load_state",
     "parse_skeleton",
     "unflatten_state",
@@ -96,11 +97,17 @@ def _where(path: tuple[str, ...]) -> str:
     return "state" + "".join(f"[{p!r}]" for p in path)
 
 
+def is_dtensor(t: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor-parallel state)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
+
+
 class _Flattener:
     """One walk over a state: collects tensors by FQN and builds the skeleton."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, allow_dtensor: bool = False) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.allow_dtensor = allow_dtensor
 
     def fqn(self, path: tuple[str, ...]) -> str:
         for part in path:
@@ -124,7 +131,7 @@ class _Flattener:
             )
         if t.device.type == "meta":
             raise InvalidStateError(f"{_where(path)}: tensor is on the meta device and has no data")
-        if type(t).__name__ == "DTensor":
+        if is_dtensor(t) and not self.allow_dtensor:
             raise InvalidStateError(
                 f"{_where(path)}: DTensor (FSDP2 / tensor parallel) is not supported by this "
                 "save path yet; pass .full_tensor() or a local shard"
@@ -176,14 +183,21 @@ class _Flattener:
         return {_DICT: pairs}
 
 
-def flatten_state(state: Any) -> FlatState:
+def flatten_state(state: Any, *, allow_dtensor: bool = False) -> FlatState:
     """Split ``state`` into stored tensors and a JSON skeleton (see the module docstring).
 
-    Raises :class:`InvalidStateError` naming the key for anything that has no safe form.
+    With ``allow_dtensor`` a DTensor is kept as is in ``tensors`` (the component saver
+    stores its local shard with global offsets, :mod:`ckptsvc.resharding`); without, it
+    is refused. Raises :class:`InvalidStateError` naming the key for anything that has
+    no safe form.
     """
-    walker = _Flattener()
+    walker = _Flattener(allow_dtensor=allow_dtensor)
     root = walker.value(state, ())
-    groups = shared_tensor_groups(walker.tensors)
+    locals_ = {
+        k: (t.to_local() if is_dtensor(t) else t)  # type: ignore[attr-defined]
+        for k, t in walker.tensors.items()
+    }
+    groups = shared_tensor_groups(locals_)
     aliases = {name for group in groups for name in group[1:]}
     stored = tuple((k, t) for k, t in walker.tensors.items() if k not in aliases)
     sharing = tuple(tuple(g) for g in groups)

@@ -1,58 +1,99 @@
-"""``gc``: reclaim the debris of saves that never committed.
+"""``gc``: reclaim the debris of saves and deletions that never finished.
 
-What counts as debris under a model directory's ``checkpoints/``:
+What counts as debris under a model directory's ``checkpoints/`` (complete checkpoints,
+i.e. those whose manifest parses, are never removed):
 
-- an **incomplete** checkpoint directory (marker and no manifest, or an unparseable
-  manifest) that is *older than the newest complete checkpoint* and whose marker does not
-  belong to a live process on this host (it may be a save in flight);
-- leftover temp files of atomic publishes (``.<name>.<hex>.tmp``) inside any checkpoint.
+1. an **incomplete** checkpoint directory - our in-progress marker and no manifest - when
+   nothing may still be writing it: its marker names a process on this host that is dead,
+   or it is marked as being deleted (an interrupted retention), or it started before the
+   newest complete checkpoint was committed. Kept: a live writer on this host, a save
+   that started after the newest commit (it may be in flight on another host), the first
+   save ever (same), anything younger than ``min_age_s``, and a directory whose manifest
+   is damaged but which has no marker (that is a committed checkpoint gone bad, not
+   debris: ``ckptsvc verify`` it and delete it by hand);
+2. inside complete checkpoints: temp files of atomic publishes (``.<name>.<hex>.tmp``), a
+   leftover in-progress marker (older than the manifest, its writer dead or elsewhere),
+   and shard files (``model-0000i-of-0000N.*``) the manifest does not list that are older
+   than the manifest (left by an overwrite with fewer shards);
+3. on S3, unfinished multipart uploads under ``checkpoints/``: those of directories removed
+   in step 1, and those started before the newest complete checkpoint was committed
+   (their saves are long dead); GCS resumable sessions expire by themselves;
+4. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-...``) whose owner process is
+   dead (:func:`ckptsvc.staging.reclaim_stale_segments`).
 
-Complete checkpoints are never touched. ``dry_run`` reports without deleting.
+``dry_run`` reports without changing anything. Every removal is logged and listed.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import socket
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
+from . import knobs
+from .discovery import CHECKPOINTS_DIR, CheckpointInfo, CheckpointStatus, list_checkpoints
 from .errors import StorageNotFoundError
-from .manifest import MARKER_NAME
+from .manifest import MARKER_NAME, Manifest
 from .retention import delete_checkpoint
-from .storage import Location
+from .staging import node_id, pid_alive, reclaim_stale_segments, segment_prefix
+from .storage import ChildInfo, Location, call_with_retries
 
 __all__ = ["GcReport", "collect_garbage"]
 
 logger = logging.getLogger(__name__)
+
 _TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_SHARD_RE = re.compile(r"^(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)$")
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
 @dataclass(frozen=True)
 class GcReport:
+    """What ``collect_garbage`` removed (or, with ``dry_run``, would remove) and kept."""
+
     root: str
     dry_run: bool
-    removed: tuple[str, ...] = field(default_factory=tuple)
+    removed: tuple[str, ...] = field(default_factory=tuple)  # checkpoint dirs and files
     kept: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (url, why)
+    aborted_uploads: tuple[str, ...] = field(default_factory=tuple)  # "url (upload id)"
+    reclaimed_segments: tuple[str, ...] = field(default_factory=tuple)  # shm names
+
+    @property
+    def reclaimed(self) -> int:
+        """How many pieces of debris were (or would be) reclaimed, all kinds together."""
+        return len(self.removed) + len(self.aborted_uploads) + len(self.reclaimed_segments)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "root": self.root,
             "dry_run": self.dry_run,
             "removed": list(self.removed),
+            "aborted_uploads": list(self.aborted_uploads),
+            "reclaimed_segments": list(self.reclaimed_segments),
             "kept": [{"url": u, "why": w} for u, w in self.kept],
         }
 
 
-def _marker(ckpt: Location) -> dict[str, Any]:
+# ---- markers ---------------------------------------------------------------------------------
+
+
+def _read_marker(ckpt: Location) -> dict[str, Any] | None:
+    """The in-progress marker's JSON (``{}`` if unparseable), ``None`` if there is none."""
     try:
-        doc = json.loads(ckpt.join(MARKER_NAME).read_bytes())
-    except (StorageNotFoundError, ValueError):
+        raw = ckpt.join(MARKER_NAME).read_bytes()
+    except StorageNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -65,55 +106,256 @@ def _started_s(marker: dict[str, Any]) -> float | None:
     return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _why_keep(info: CheckpointInfo, newest_complete_s: float | None) -> str | None:
-    marker = _marker(info.location)
+def _writer_state(marker: dict[str, Any]) -> str:
+    """``"alive"`` / ``"dead"`` for a writer on this host, ``"unknown"`` otherwise."""
     pid = marker.get("pid")
-    same_host = marker.get("host") == socket.gethostname()
-    if same_host and isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
-        return f"its writer (pid {marker['pid']}) is still running"
-    if newest_complete_s is None:
-        return "there is no complete checkpoint yet; it may be the first save in flight"
+    if marker.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return "unknown"
+    if pid == os.getpid():
+        return "unknown"  # a save of this very process may be in flight, or may have failed
+    return "alive" if pid_alive(pid) else "dead"
+
+
+def _why_keep_incomplete(
+    info: CheckpointInfo, newest_s: float | None, *, now_s: float, min_age_s: float
+) -> str | None:
+    """Why an incomplete checkpoint must stay, or ``None`` if it is debris."""
+    marker = _read_marker(info.location)
+    if marker is None:
+        return (
+            f"its manifest is damaged ({info.reason}) but it has no in-progress marker: a "
+            "committed checkpoint gone bad, not debris; check it with `ckptsvc verify` and "
+            "delete it by hand"
+        )
     started = _started_s(marker)
-    if started is not None and started >= newest_complete_s:
-        return "it started after the newest complete checkpoint; it may be in flight"
+    if started is not None and now_s - started < min_age_s:
+        return f"it started {now_s - started:.0f} s ago (younger than min_age_s={min_age_s:g})"
+    if marker.get("deleting") is True:
+        return None  # an interrupted deletion: finish it
+    state = _writer_state(marker)
+    if state == "alive":
+        return f"its writer (pid {marker['pid']}) is still running"
+    if state == "dead":
+        return None
+    if newest_s is None:
+        return "there is no complete checkpoint yet; it may be the first save, in flight elsewhere"
+    if started is not None and started >= newest_s:
+        host = marker.get("host", "another host")
+        return f"it started after the newest complete checkpoint; it may be in flight on {host}"
     return None
 
 
+# ---- inside complete checkpoints ---------------------------------------------------------------
+
+
+def _debris_in_complete(
+    info: CheckpointInfo, manifest: Manifest, *, now_s: float, min_age_s: float
+) -> tuple[list[Location], str | None]:
+    """Files to remove inside a complete checkpoint, or a reason to leave it alone."""
+    committed_s = manifest.timestamp_s()
+    children: list[ChildInfo] = info.location.list_children()
+    names = {c.name for c in children}
+    debris: list[Location] = []
+    if MARKER_NAME in names:
+        marker = _read_marker(info.location) or {}
+        started = _started_s(marker)
+        if started is None or started >= committed_s or _writer_state(marker) == "alive":
+            return [], "a save to this directory is in progress (marker newer than the manifest)"
+        debris.append(info.location.join(MARKER_NAME))
+    listed = {f.path for f in manifest.files}
+
+    def old_enough(c: ChildInfo) -> bool:
+        return c.mtime is None or now_s - c.mtime >= min_age_s
+
+    for c in children:
+        if c.is_dir or not old_enough(c):
+            continue
+        stale_shard = (
+            _SHARD_RE.match(c.name)
+            and c.name not in listed
+            and c.mtime is not None
+            and c.mtime < committed_s
+        )
+        if _TMP_RE.match(c.name) or stale_shard:
+            debris.append(info.location.join(c.name))
+    return debris, None
+
+
+# ---- S3 multipart uploads ----------------------------------------------------------------------
+
+
+def _s3_uploads(ckpts: Location) -> list[dict[str, Any]]:
+    """Every unfinished multipart upload under ``ckpts`` (paginated ListMultipartUploads)."""
+    fs: Any = ckpts.fs
+    bucket, key, _ = fs.split_path(ckpts.path)
+    prefix = key.rstrip("/") + "/"
+    uploads: list[dict[str, Any]] = []
+    page: dict[str, str] = {}
+    while True:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, **page}
+        out = call_with_retries(
+            functools.partial(fs.call_s3, "list_multipart_uploads", **kwargs),
+            url=ckpts.url,
+            action="list unfinished uploads under",
+        )
+        for up in out.get("Uploads") or []:
+            uploads.append({**up, "Bucket": bucket, "Rel": str(up["Key"])[len(prefix) :]})
+        if not out.get("IsTruncated"):
+            return uploads
+        page = {"KeyMarker": out["NextKeyMarker"], "UploadIdMarker": out["NextUploadIdMarker"]}
+
+
+def _abort_upload(ckpts: Location, up: dict[str, Any]) -> None:
+    fs: Any = ckpts.fs
+    call_with_retries(
+        lambda: fs.call_s3(
+            "abort_multipart_upload", Bucket=up["Bucket"], Key=up["Key"], UploadId=up["UploadId"]
+        ),
+        url=f"s3://{up['Bucket']}/{up['Key']}",
+        action="abort the unfinished upload of",
+    )
+
+
+def _initiated_s(up: dict[str, Any]) -> float | None:
+    value = up.get("Initiated")
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    return None
+
+
+def _collect_uploads(
+    ckpts: Location,
+    *,
+    removed_dirs: set[str],
+    kept_dirs: dict[str, str],
+    newest_s: float | None,
+    now_s: float,
+    min_age_s: float,
+    dry_run: bool,
+) -> tuple[list[str], list[tuple[str, str]]]:
+    aborted: list[str] = []
+    kept: list[tuple[str, str]] = []
+    for up in _s3_uploads(ckpts):
+        url = f"s3://{up['Bucket']}/{up['Key']}"
+        label = f"{url} (upload {up['UploadId']})"
+        directory = str(up["Rel"]).split("/", 1)[0]
+        initiated = _initiated_s(up)
+        why: str | None
+        if directory in removed_dirs:
+            why = None
+        elif directory in kept_dirs:
+            why = kept_dirs[directory]
+        elif initiated is not None and now_s - initiated < min_age_s:
+            why = f"started {now_s - initiated:.0f} s ago (younger than min_age_s={min_age_s:g})"
+        elif newest_s is not None and initiated is not None and initiated < newest_s:
+            why = None
+        else:
+            why = "started after the newest complete checkpoint; it may be a save in flight"
+        if why is not None:
+            kept.append((label, why))
+            continue
+        aborted.append(label)
+        if not dry_run:
+            _abort_upload(ckpts, up)
+    return aborted, kept
+
+
+# ---- shared memory -----------------------------------------------------------------------------
+
+
+def _stale_segments(node: str) -> list[str]:
+    """Names of this node's staging arenas whose owner is dead (what reclaim would unlink)."""
+    directory = knobs.SHM_DIR.get()
+    prefix = segment_prefix(node)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    stale = []
+    for name in sorted(names):
+        owner = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
+        if owner.isdigit() and int(owner) != os.getpid() and not pid_alive(int(owner)):
+            stale.append(name)
+    return stale
+
+
+# ---- the entry point ---------------------------------------------------------------------------
+
+
 def collect_garbage(
-    root: str, *, dry_run: bool = False, storage_options: dict[str, Any] | None = None
+    root: str,
+    *,
+    dry_run: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    min_age_s: float = 0.0,
+    shared_memory: bool = True,
+    node: str | None = None,
 ) -> GcReport:
-    """Remove incomplete checkpoints and stray temp files under ``root/checkpoints``."""
-    infos = list_checkpoints(root, storage_options=storage_options)
+    """Reclaim the debris under ``root/checkpoints`` (see the module docstring).
+
+    ``min_age_s`` keeps anything younger (a guard for saves in flight on other hosts);
+    ``shared_memory`` also unlinks this host's staging arenas of dead processes for
+    ``node`` (default: ``CKPTSVC_NODE_ID``, else per user).
+    """
+    now_s = time.time()
+    root_loc = Location.parse(root, storage_options)
+    infos = list_checkpoints(root_loc)
     complete = [i for i in infos if i.status is CheckpointStatus.COMPLETE]
-    newest = max((i.sort_key()[0] for i in complete), default=None)
+    newest_s = max((i.sort_key()[0] for i in complete), default=None)
     removed: list[str] = []
     kept: list[tuple[str, str]] = []
+    removed_dirs: set[str] = set()
+    kept_dirs: dict[str, str] = {}
     for info in infos:
         if info.status is CheckpointStatus.INCOMPLETE:
-            why = _why_keep(info, newest)
+            why = _why_keep_incomplete(info, newest_s, now_s=now_s, min_age_s=min_age_s)
             if why:
                 kept.append((info.url, why))
+                kept_dirs[info.location.name] = why
                 continue
             removed.append(info.url)
+            removed_dirs.add(info.location.name)
             if not dry_run:
                 delete_checkpoint(info.location)
-        elif info.status is CheckpointStatus.COMPLETE:
-            for child in info.location.list_children():
-                if not child.is_dir and _TMP_RE.match(child.name):
-                    target = info.location.join(child.name)
-                    removed.append(target.url)
-                    if not dry_run:
-                        target.remove(missing_ok=True)
-    for url in removed:
-        logger.info("%s %s", "would remove" if dry_run else "removed", url)
-    return GcReport(root=str(root), dry_run=dry_run, removed=tuple(removed), kept=tuple(kept))
+        elif info.status is CheckpointStatus.COMPLETE and info.manifest is not None:
+            files, why = _debris_in_complete(info, info.manifest, now_s=now_s, min_age_s=min_age_s)
+            if why:
+                kept.append((info.url, why))
+                kept_dirs[info.location.name] = why
+            for target in files:
+                removed.append(target.url)
+                if not dry_run:
+                    target.remove(missing_ok=True)
+    aborted: list[str] = []
+    ckpts = root_loc.join(CHECKPOINTS_DIR)
+    if root_loc.protocol in _S3_PROTOCOLS and hasattr(root_loc.fs, "call_s3"):
+        aborted, kept_uploads = _collect_uploads(
+            ckpts,
+            removed_dirs=removed_dirs,
+            kept_dirs=kept_dirs,
+            newest_s=newest_s,
+            now_s=now_s,
+            min_age_s=min_age_s,
+            dry_run=dry_run,
+        )
+        kept += kept_uploads
+    segments: list[str] = []
+    if shared_memory:
+        name = node_id(node)
+        segments = _stale_segments(name) if dry_run else reclaim_stale_segments(name)
+    _log(dry_run, removed, aborted, segments)
+    return GcReport(
+        root=str(root),
+        dry_run=dry_run,
+        removed=tuple(removed),
+        kept=tuple(kept),
+        aborted_uploads=tuple(aborted),
+        reclaimed_segments=tuple(segments),
+    )
+
+
+def _log(dry_run: bool, *groups: Iterable[str]) -> None:
+    verb = "would remove" if dry_run else "removed"
+    for group in groups:
+        for what in group:
+            logger.info("gc: %s %s", verb, what)

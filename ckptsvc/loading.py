@@ -12,15 +12,12 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import knobs
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .safetensors_stream import (
     ShardLayout,
-    TensorEntry,
     dtype_to_torch,
     header_length,
     parse_header,
@@ -43,14 +40,9 @@ def read_safetensors_header(loc: Location) -> tuple[ShardLayout, int]:
     return parse_header(head, file_nbytes=file_nbytes, where=loc.url), file_nbytes
 
 
-def _read_entry(loc: Location, layout: ShardLayout, e: TensorEntry) -> torch.Tensor:
-    t = torch.empty(e.shape, dtype=dtype_to_torch(e.dtype))
-    if e.nbytes:
-        view = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-        step = knobs.READ_CHUNK_BYTES.get()
-        for start in range(0, e.nbytes, step):
-            loc.read_into(layout.data_offset + e.begin + start, view[start : start + step])
-    return t
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The tensor's memory as a writable byte view (the tensor must be contiguous, on CPU)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def read_safetensors(
@@ -59,20 +51,23 @@ def read_safetensors(
     names: Collection[str] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file (all, or those in ``names``), on ``device``."""
+    """Tensors of one safetensors file (all, or those in ``names``), on ``device``.
+
+    Each tensor is allocated once and its bytes are read straight into it: neighbouring
+    tensors share one ranged read, big ones are split into parallel ranges
+    (``Location.read_scattered``).
+    """
     layout, _ = read_safetensors_header(loc)
     wanted = [e for e in layout.entries if names is None or e.name in names]
-    threads = max(1, min(knobs.IO_THREADS.get(), len(wanted)))
-    if threads == 1 or (loc.is_local and sum(e.nbytes for e in wanted) < (64 << 20)):
-        tensors = [_read_entry(loc, layout, e) for e in wanted]
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            tensors = list(pool.map(lambda e: _read_entry(loc, layout, e), wanted))
-    out = {}
+    tensors = {e.name: torch.empty(e.shape, dtype=dtype_to_torch(e.dtype)) for e in wanted}
+    extents = [
+        (layout.data_offset + e.begin, _byte_view(tensors[e.name])) for e in wanted if e.nbytes
+    ]
+    loc.read_scattered(extents)
     target = torch.device(device)
-    for e, t in zip(wanted, tensors, strict=True):
-        out[e.name] = t if target.type == "cpu" else t.to(target)
-    return out
+    if target.type == "cpu":
+        return tensors
+    return {name: t.to(target) for name, t in tensors.items()}
 
 
 def read_torch_file(

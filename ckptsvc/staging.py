@@ -275,11 +275,21 @@ class StagingArena:
         cached = self._views.get(id(plan))
         if cached is not None:
             return cached
+        return self.views_at(
+            plan, [(plan.tensor_offsets[fqn], dtype, shape) for fqn, dtype, shape in specs]
+        )
+
+    def views_at(
+        self, plan: ArenaPlan, specs: Sequence[tuple[int, torch.dtype, tuple[int, ...]]]
+    ) -> list[torch.Tensor]:
+        """Tensors over the arena, one per ``(arena offset, dtype, shape)``; cached per plan."""
+        cached = self._views.get(id(plan))
+        if cached is not None:
+            return cached
         if self._base is None:
             raise CheckpointError(f"staging arena {self.name} is closed")
         out = []
-        for fqn, dtype, shape in specs:
-            start = plan.tensor_offsets[fqn]
+        for start, dtype, shape in specs:
             nbytes = dtype.itemsize
             for d in shape:
                 nbytes *= d

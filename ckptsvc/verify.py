@@ -1,38 +1,78 @@
-"""Check a checkpoint against its manifest: every file present, right size, right CRC-32C.
+"""Check a checkpoint against its manifest, and find the newest checkpoint that passes.
 
 ``verify_checkpoint`` never raises for a damaged checkpoint: it returns a report listing
-every problem with the file it concerns. It raises only when the storage itself fails.
+every problem with the file it concerns. It raises only when the storage itself fails
+(permissions, an unreachable endpoint).
+
+What is checked, in order:
+
+1. the directory is a complete checkpoint (its manifest exists and parses);
+2. every file the manifest lists exists, has the listed size (``shallow``), and, with
+   ``deep``, the listed CRC-32C; on local disk a file that is a symlink resolving outside
+   the checkpoint is refused and never read;
+3. the weight index maps tensors only to files the manifest lists; with ``deep`` every
+   safetensors header parses and holds every tensor the index maps to it (a stale index);
+4. with ``deep``, the state skeleton of an async checkpoint parses and names only tensors
+   the index holds.
+
+``find_latest_verified`` walks checkpoints newest first and returns the first that passes:
+it backs ``find_latest_checkpoint(model_dir, verify="shallow" | "deep")``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import knobs
 from .checksum import Crc32c
-from .discovery import CheckpointStatus, checkpoint_info
+from .discovery import (
+    CHECKPOINTS_DIR,
+    CheckpointInfo,
+    CheckpointStatus,
+    checkpoint_info,
+    list_checkpoints,
+    next_checkpoint_path,
+)
 from .errors import CorruptCheckpointError, StorageNotFoundError
 from .layout import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME
-from .manifest import FileRecord, check_relpath
+from .manifest import FileRecord, Manifest, check_relpath
+from .safetensors_stream import header_length, parse_header
 from .storage import Location
 
-__all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
+__all__ = ["Problem", "VerifyMode", "VerifyReport", "find_latest_verified", "verify_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+VerifyMode = Literal["shallow", "deep"]
+_HEADER_FIRST_READ = 64 * 1024
+#: ``ckptsvc.flatten.SKELETON_NAME``, spelled out because ``flatten`` imports torch
+SKELETON_NAME = "ckptsvc_state.json"
+_MAX_REPORTED_KEYS = 8
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong: the file (relative to the checkpoint), a short kind, details."""
+    """One thing wrong: the file (relative to the checkpoint), a short kind, details.
+
+    Kinds: ``missing``, ``size``, ``checksum``, ``symlink``, ``header``, ``index``,
+    ``skeleton``, ``incomplete``, ``manifest``.
+    """
 
     path: str
-    kind: str  # "missing" | "size" | "checksum" | "index" | "incomplete" | "manifest"
+    kind: str
     detail: str
 
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """The outcome of :func:`verify_checkpoint`; ``ok`` is the verdict."""
+
     url: str
     status: str
     deep: bool
@@ -56,6 +96,18 @@ class VerifyReport:
         }
 
 
+# ---- files -----------------------------------------------------------------------------------
+
+
+def _escapes(ckpt: Location, loc: Location) -> bool:
+    """True if the local file ``loc`` resolves (through symlinks) outside ``ckpt``."""
+    if not ckpt.is_local:
+        return False  # object stores have no symlinks
+    base = os.path.realpath(ckpt.path)
+    target = os.path.realpath(loc.path)
+    return os.path.commonpath([base, target]) != base
+
+
 def _crc_of(loc: Location, nbytes: int) -> str:
     crc = Crc32c()
     step = knobs.READ_CHUNK_BYTES.get()
@@ -66,6 +118,13 @@ def _crc_of(loc: Location, nbytes: int) -> str:
 
 def _check_file(ckpt: Location, rec: FileRecord, deep: bool) -> Problem | None:
     loc = ckpt.join(rec.path)
+    if _escapes(ckpt, loc):
+        return Problem(
+            rec.path,
+            "symlink",
+            f"{loc.url} resolves to {os.path.realpath(loc.path)}, outside the checkpoint; "
+            "it was not read",
+        )
     try:
         size = loc.size()
     except StorageNotFoundError:
@@ -85,29 +144,141 @@ def _check_file(ckpt: Location, rec: FileRecord, deep: bool) -> Problem | None:
     return None
 
 
-def _check_index(ckpt: Location, listed: set[str]) -> list[Problem]:
-    problems = []
+# ---- index, headers, skeleton ----------------------------------------------------------------
+
+
+def _read_weight_map(ckpt: Location, name: str) -> dict[str, str] | Problem:
+    """The index's ``weight_map`` (every file name checked to stay inside), or the problem."""
+    loc = ckpt.join(name)
+    try:
+        doc = json.loads(loc.read_bytes().decode("utf-8"))
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("'weight_map' is not an object")
+        for key, fname in weight_map.items():
+            check_relpath(fname, where=f"{name} (key {key!r})")
+    except (
+        ValueError,  # JSONDecodeError, UnicodeDecodeError, CorruptCheckpointError
+        KeyError,
+        TypeError,
+        RecursionError,
+    ) as e:
+        return Problem(name, "index", f"{loc.url}: unreadable index ({e})")
+    return weight_map
+
+
+def _header_names(ckpt: Location, rel_path: str) -> set[str] | Problem:
+    """The tensor names of a safetensors file, after full header validation."""
+    loc = ckpt.join(rel_path)
+    try:
+        nbytes = loc.size()
+        head = loc.read_range(0, min(nbytes, _HEADER_FIRST_READ))
+        n = header_length(head[:8], file_nbytes=nbytes, where=loc.url)
+        if len(head) < 8 + n:
+            head = loc.read_range(0, 8 + n)
+        layout = parse_header(head, file_nbytes=nbytes, where=loc.url)
+    except CorruptCheckpointError as e:
+        return Problem(rel_path, "header", str(e))
+    return {e.name for e in layout.entries}
+
+
+def _check_index(
+    ckpt: Location, manifest: Manifest, deep: bool, bad_files: set[str]
+) -> tuple[list[Problem], set[str]]:
+    """Index problems, and every tensor name the index maps (for the skeleton check)."""
+    listed = {f.path for f in manifest.files}
+    problems: list[Problem] = []
+    mapped: set[str] = set()
     for name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
-        if name not in listed:
+        if name not in listed or name in bad_files:
             continue
-        try:
-            doc = json.loads(ckpt.join(name).read_bytes())
-            files = {check_relpath(f, where=name) for f in doc["weight_map"].values()}
-        except (ValueError, KeyError, TypeError, AttributeError, CorruptCheckpointError) as e:
-            problems.append(Problem(name, "index", f"unreadable index: {e}"))
+        weight_map = _read_weight_map(ckpt, name)
+        if isinstance(weight_map, Problem):
+            problems.append(weight_map)
             continue
-        for f in sorted(files - listed):
+        mapped |= set(weight_map)
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        for fname in sorted(set(by_file) - listed):
             problems.append(
-                Problem(f, "index", f"{name} maps tensors to {f}, which the manifest does not list")
+                Problem(
+                    fname,
+                    "index",
+                    f"{name} maps tensors to {fname}, which the manifest does not list",
+                )
             )
-    return problems
+        if not deep or name != SAFE_WEIGHTS_INDEX_NAME:
+            continue
+        for fname in sorted(set(by_file) & listed - bad_files):
+            names = _header_names(ckpt, fname)
+            if isinstance(names, Problem):
+                problems.append(names)
+                continue
+            absent = sorted(set(by_file[fname]) - names)
+            if absent:
+                problems.append(
+                    Problem(
+                        fname,
+                        "index",
+                        f"{name} maps {len(absent)} tensor(s) to {fname} that it does not "
+                        f"hold (stale index), e.g. {absent[:_MAX_REPORTED_KEYS]}",
+                    )
+                )
+    return problems, mapped
+
+
+def _tensor_refs(node: Any) -> Iterator[Any]:
+    """Every ``{"__tensor__": name}`` target in a skeleton (iterative: no recursion limit)."""
+    stack = [node]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            if len(v) == 1 and "__tensor__" in v:
+                yield v["__tensor__"]
+            else:
+                stack.extend(v.values())
+
+
+def _check_skeleton(ckpt: Location, rel_path: str, mapped: set[str]) -> list[Problem]:
+    from .flatten import parse_skeleton  # imports torch: only for async checkpoints
+
+    loc = ckpt.join(rel_path)
+    try:
+        doc = parse_skeleton(loc.read_bytes(), where=loc.url)
+    except CorruptCheckpointError as e:
+        return [Problem(rel_path, "skeleton", str(e))]
+    aliases: set[str] = set()
+    sharing = doc.get("param_sharing") or []
+    if isinstance(sharing, list):
+        for group in sharing:
+            if isinstance(group, list) and any(n in mapped for n in group):
+                aliases |= {n for n in group if isinstance(n, str)}
+    known = mapped | aliases
+    absent = sorted({repr(r) for r in _tensor_refs(doc.get("state")) if r not in known})
+    if not absent:
+        return []
+    return [
+        Problem(
+            rel_path,
+            "skeleton",
+            f"{loc.url} names {len(absent)} tensor(s) the index does not hold, "
+            f"e.g. {absent[:_MAX_REPORTED_KEYS]}",
+        )
+    ]
+
+
+# ---- the public functions --------------------------------------------------------------------
 
 
 def verify_checkpoint(
     path: str | Location, *, deep: bool = True, storage_options: dict[str, Any] | None = None
 ) -> VerifyReport:
-    """Verify one checkpoint. ``deep`` reads every byte and checks CRC-32C; otherwise only
-    presence and sizes are checked. Files are checked in parallel."""
+    """Verify one checkpoint (see the module docstring). ``deep`` reads every byte and
+    checks CRC-32C, headers and the skeleton; otherwise only presence and sizes are
+    checked. Files are checked in parallel."""
     ckpt = Location.parse(path, storage_options)
     info = checkpoint_info(ckpt)
     if info.status is not CheckpointStatus.COMPLETE or info.manifest is None:
@@ -116,11 +287,16 @@ def verify_checkpoint(
         }.get(info.status, "not a checkpoint")
         kind = "incomplete" if info.status is CheckpointStatus.INCOMPLETE else "manifest"
         return VerifyReport(ckpt.url, info.status.value, deep, problems=(Problem("", kind, why),))
-    files = info.manifest.files
+    manifest = info.manifest
+    files = manifest.files
     with ThreadPoolExecutor(max_workers=max(1, min(knobs.IO_THREADS.get(), len(files)))) as pool:
         found = list(pool.map(lambda r: _check_file(ckpt, r, deep), files))
     problems = [p for p in found if p is not None]
-    problems += _check_index(ckpt, {f.path for f in files})
+    bad_files = {p.path for p in problems}
+    index_problems, mapped = _check_index(ckpt, manifest, deep, bad_files)
+    problems += index_problems
+    if deep and SKELETON_NAME in {f.path for f in files} and SKELETON_NAME not in bad_files:
+        problems += _check_skeleton(ckpt, SKELETON_NAME, mapped)
     return VerifyReport(
         url=ckpt.url,
         status=info.status.value,
@@ -129,3 +305,71 @@ def verify_checkpoint(
         nbytes_checked=sum(f.nbytes for f in files),
         problems=tuple(problems),
     )
+
+
+def _legacy_problems(info: CheckpointInfo) -> list[str]:
+    """A manifest-less checkpoint cannot be checksummed: check its index's files exist."""
+    ckpt = info.location
+    names = {c.name for c in ckpt.list_children()}
+    problems = []
+    for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        if index not in names:
+            continue
+        weight_map = _read_weight_map(ckpt, index)
+        if isinstance(weight_map, Problem):
+            problems.append(weight_map.detail)
+            continue
+        problems += [f"{f} is missing" for f in sorted(set(weight_map.values()) - names)]
+    return problems
+
+
+def _normalise_mode(verify: bool | str) -> VerifyMode:
+    if verify is True or verify == "deep":
+        return "deep"
+    if verify == "shallow":
+        return "shallow"
+    raise ValueError(f"verify must be False, True, 'shallow' or 'deep', not {verify!r}")
+
+
+def find_latest_verified(
+    model_dir: str,
+    *,
+    verify: bool | VerifyMode = "deep",
+    storage_options: dict[str, Any] | None = None,
+) -> str | None:
+    """The newest checkpoint under ``<model_dir>/checkpoints`` that passes verification.
+
+    Same order and spelling as ``find_latest_checkpoint``; a complete checkpoint that
+    fails :func:`verify_checkpoint` (``"shallow"``: sizes; ``"deep"``: CRC-32C, headers,
+    index, skeleton) is skipped with a warning naming its problems, and the next older one
+    is tried. A legacy checkpoint (no manifest) passes if every file its index names
+    exists. Without a ``checkpoints`` directory, ``model_dir`` itself is checked.
+    """
+    deep = _normalise_mode(verify) == "deep"
+    root = Location.parse(model_dir, storage_options)
+    infos = list_checkpoints(root)
+    candidates: list[tuple[CheckpointInfo, str]]
+    if not infos and not root.join(CHECKPOINTS_DIR).exists():
+        candidates = [(checkpoint_info(root), model_dir)]
+    else:
+        candidates = [(i, next_checkpoint_path(model_dir, i.checkpoint_id)) for i in infos]
+    usable = [
+        (i, p)
+        for i, p in candidates
+        if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)
+    ]
+    for info, spelled in sorted(usable, key=lambda c: c[0].sort_key(), reverse=True):
+        if info.status is CheckpointStatus.LEGACY:
+            issues = _legacy_problems(info)
+        else:
+            report = verify_checkpoint(info.location, deep=deep)
+            issues = [f"{p.kind}: {p.detail}" for p in report.problems]
+        if not issues:
+            return spelled
+        logger.warning(
+            "skipping checkpoint %s: it fails %s verification: %s",
+            info.url,
+            "deep" if deep else "shallow",
+            "; ".join(issues[:_MAX_REPORTED_KEYS]),
+        )
+    return None

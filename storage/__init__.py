@@ -5,16 +5,21 @@ This layer knows nothing of torch or checkpoints; it moves bytes and names them.
 
 from .errors import classify, is_transient, storage_errors
 from .location import ChildInfo, Location, ShardSink, fsync_dir, url_to_fs
-from .retry import call_with_retries
+from .reads import RangeRead, plan_reads
+from .retry import RetryPolicy, acall_with_retries, call_with_retries
 
 __all__ = [
     "ChildInfo",
     "Location",
+    "RangeRead",
+    "RetryPolicy",
     "ShardSink",
+    "acall_with_retries",
     "call_with_retries",
     "classify",
     "fsync_dir",
     "is_transient",
+    "plan_reads",
     "storage_errors",
     "url_to_fs",
 ]

@@ -14,7 +14,7 @@ from ckptsvc.errors import (
     StorageTransientError,
 )
 
-__all__ = ["classify", "is_transient", "storage_errors"]
+__all__ = ["classify", "http_status", "is_transient", "storage_errors"]
 
 _TRANSIENT_ERRNOS = {
     errno.ECONNRESET,
@@ -24,7 +24,22 @@ _TRANSIENT_ERRNOS = {
     errno.EPIPE,
     errno.EAGAIN,
     errno.EBUSY,
+    getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: InternalError / HTTP 500
 }
+_TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# exception class names (lower case) of aiohttp / botocore / requests transport failures
+_TRANSIENT_NAMES = (
+    "timeout",
+    "clientoserror",
+    "serverdisconnected",
+    "clientpayload",
+    "clientconnect",
+    "incompleteread",
+    "responsestreaming",
+    "connectionclosed",
+    "endpointconnection",
+    "proxyerror",
+)
 _TRANSIENT_WORDS = (
     "slowdown",
     "slow down",
@@ -43,7 +58,34 @@ _TRANSIENT_WORDS = (
     "server disconnected",
     "broken pipe",
     "requesttimeout",
+    "connection was closed",
+    "could not connect",
+    "payload is not completed",
 )
+
+
+# exception classes whose attribute holds the HTTP status of a server's answer
+_STATUS_ATTRS = {"clientresponseerror": "status", "httperror": "code"}  # aiohttp, gcsfs/urllib
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of the server answer behind ``exc`` or its causes (botocore's
+    ``response``, gcsfs's ``HttpError.code``, aiohttp's ``ClientResponseError.status``)."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 5:
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+        attr = _STATUS_ATTRS.get(type(cur).__name__.lower())
+        value = getattr(cur, attr, None) if attr else None
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+        cur = cur.__cause__
+        seen += 1
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -52,6 +94,11 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, StorageError):
         return False
+    status = http_status(exc)
+    if status is not None and status in _TRANSIENT_HTTP_STATUS:
+        return True
+    if status is not None and 400 <= status < 500:
+        return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -59,7 +106,7 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
     name = type(exc).__name__.lower()
-    if any(w in name for w in ("timeout", "clientoserror", "serverdisconnected", "clientpayload")):
+    if any(w in name for w in _TRANSIENT_NAMES):
         return True
     text = str(exc).lower()
     return any(w in text for w in _TRANSIENT_WORDS)
@@ -81,6 +128,15 @@ def classify(exc: BaseException, url: str, action: str) -> StorageError:
         )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageError(f"{action} {url}: no space left on device ({detail})", url=url)
+    status = http_status(exc)
+    if status in (401, 403):
+        return StoragePermissionError(
+            f"{action} {url}: permission denied (HTTP {status}, {detail}); "
+            "check credentials and bucket policy",
+            url=url,
+        )
+    if status == 404:
+        return StorageNotFoundError(f"{action} {url}: not found ({detail})", url=url)
     text = str(exc).lower()
     if any(
         w in text

@@ -12,15 +12,14 @@ import logging
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.spec import AbstractBufferedFile
 
 from ckptsvc import knobs
 from ckptsvc.errors import (
@@ -31,17 +30,29 @@ from ckptsvc.errors import (
 )
 
 from .errors import classify, storage_errors
+from .reads import RangeRead, plan_reads, read_ranges
 from .retry import call_with_retries
+from .sinks import S3_PROTOCOLS, ShardSink, open_sink, write_all
 
 __all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
 
 logger = logging.getLogger(__name__)
 
-_S3_PROTOCOLS = frozenset({"s3", "s3a"})
-# Object stores whose unfinished uploads are invisible and cancelled by ``discard()``.
-_DISCARDING_PROTOCOLS = _S3_PROTOCOLS | {"gs", "gcs"}
 _S3_MAX_DELETE_KEYS = 1000
-_S3_MIN_PART_BYTES = 5 * 2**20  # S3 rejects smaller multipart parts (except the last)
+
+
+def _with_retry_defaults(text: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """ckptsvc retries S3 requests itself (``call_with_retries``: per request, bounded by
+    count and time). Unless the caller configured botocore's retries, turn them off so
+    that the bounds hold instead of multiplying; s3fs keeps its short retries of dropped
+    connections and SlowDown."""
+    if fsspec.core.split_protocol(text)[0] not in S3_PROTOCOLS:
+        return storage_options
+    config = dict(storage_options.get("config_kwargs") or {})
+    if "retries" in config:
+        return storage_options
+    config["retries"] = {"total_max_attempts": 1}
+    return {**storage_options, "config_kwargs": config}
 
 
 def url_to_fs(
@@ -52,7 +63,7 @@ def url_to_fs(
     if not text:
         raise ValueError("empty path or URL")
     with storage_errors(text, "open filesystem for"):
-        fs, path = fsspec.core.url_to_fs(text, **storage_options)
+        fs, path = fsspec.core.url_to_fs(text, **_with_retry_defaults(text, storage_options))
     return fs, path
 
 
@@ -68,14 +79,6 @@ class ChildInfo:
     is_dir: bool
     nbytes: int
     mtime: float | None
-
-
-class ShardSink(Protocol):
-    """A streaming write of one file: ``write`` chunks, then ``close`` (durable) or ``abort``."""
-
-    def write(self, data: memoryview | bytes) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,12 @@ class Location:
         if self.is_local:
             with storage_errors(self.url, "read"), open(self.path, "rb") as f:
                 return f.read()
+        # s3fs would HEAD the object first to split big reads: one GET is enough here
+        kwargs = {"max_concurrency": 1} if self.protocol in S3_PROTOCOLS else {}
         return bytes(
-            call_with_retries(lambda: self.fs.cat_file(self.path), url=self.url, action="read")
+            call_with_retries(
+                lambda: self.fs.cat_file(self.path, **kwargs), url=self.url, action="read"
+            )
         )
 
     def read_range(self, start: int, end: int) -> bytes:
@@ -252,13 +259,36 @@ class Location:
                 finally:
                     os.close(fd)
         else:
-            data = self.read_range(offset, offset + want)
-            done = len(data)
-            out[:done] = data
+            self.read_scattered([(offset, out)])
+            done = want
         if done != want:
             raise CorruptCheckpointError(
                 f"{self.url}: file is truncated (wanted bytes {offset}..{offset + want}, got {done})"
             )
+
+    def read_scattered(
+        self,
+        extents: Sequence[tuple[int, memoryview]],
+        *,
+        in_flight: int | None = None,
+    ) -> None:
+        """Fill each view with the file's bytes from its offset, in parallel ranged reads.
+
+        Nearby extents share one request and huge ones are split (``storage.reads``);
+        on object stores the bytes go from the response straight into the views.
+        Raises ``CorruptCheckpointError`` if the file ends before an extent does.
+        """
+        if in_flight is None:
+            in_flight = (
+                knobs.IO_THREADS.get() if self.is_local else knobs.READ_RANGES_IN_FLIGHT.get()
+            )
+        reads: list[RangeRead] = plan_reads(
+            extents,
+            max_range_bytes=knobs.READ_CHUNK_BYTES.get(),
+            max_gap_bytes=knobs.READ_COALESCE_GAP_BYTES.get(),
+            min_ranges=in_flight,
+        )
+        read_ranges(self, reads, in_flight=in_flight)
 
     # ---- writes --------------------------------------------------------------------------
     def makedirs(self) -> None:
@@ -283,7 +313,7 @@ class Location:
                 os.makedirs(directory, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
-                    _write_all(fd, memoryview(data))
+                    write_all(fd, memoryview(data))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -299,12 +329,17 @@ class Location:
         )
 
     def open_sink(
-        self, *, fsync: bool | None = None, part_size_bytes: int | None = None
+        self,
+        *,
+        fsync: bool | None = None,
+        part_size_bytes: int | None = None,
+        parts_in_flight: int | None = None,
     ) -> ShardSink:
-        """A streaming writer: local files are fsynced on close; object stores use multipart."""
-        if self.is_local:
-            return _LocalSink(self, fsync=knobs.FSYNC.get(fsync))
-        return _FsspecSink(self, part_size_bytes=knobs.PART_SIZE_BYTES.get(part_size_bytes))
+        """A streaming writer: local files are fsynced on close; S3 gets a parallel
+        multipart upload, GCS a pipelined resumable one (see ``storage.sinks``)."""
+        return open_sink(
+            self, fsync=fsync, part_size_bytes=part_size_bytes, parts_in_flight=parts_in_flight
+        )
 
     def remove(self, *, recursive: bool = False, missing_ok: bool = True) -> None:
         """Delete the file (with ``recursive``: the whole directory tree).
@@ -329,7 +364,7 @@ class Location:
         # object stores delete missing keys silently: look first when the caller cares
         if not missing_ok and not self.exists():
             raise StorageNotFoundError(f"delete {self.url}: not found", url=self.url)
-        if recursive and self.protocol in _S3_PROTOCOLS:
+        if recursive and self.protocol in S3_PROTOCOLS:
             call_with_retries(self._remove_s3_tree, url=self.url, action="delete")
             return
 
@@ -385,8 +420,9 @@ class Location:
 
     def walk_files(self) -> Iterator[tuple[str, int]]:
         """(relative path, size) of every file below this directory."""
-        with storage_errors(self.url, "list"):
-            found = self.fs.find(self.path, detail=True)
+        found: dict[str, dict[str, Any]] = call_with_retries(
+            lambda: self.fs.find(self.path, detail=True), url=self.url, action="list"
+        )
         base = self.path.rstrip("/") + "/"
         for name, info in sorted(found.items()):
             rel = name[len(base) :] if name.startswith(base) else posixpath.basename(name)
@@ -414,100 +450,3 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    while view.nbytes:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-class _LocalSink:
-    """Local file: ``os.write`` per chunk, fsync on ``close``; ``abort`` unlinks the file."""
-
-    def __init__(self, loc: Location, *, fsync: bool) -> None:
-        self._loc = loc
-        self._fsync = fsync
-        self._closed_ok = False
-        with storage_errors(loc.url, "create"):
-            os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-            self._fd: int | None = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-
-    def write(self, data: memoryview | bytes) -> None:
-        if self._fd is None:
-            raise ValueError(f"{self._loc.url}: write after close or abort")
-        with storage_errors(self._loc.url, "write"):
-            _write_all(self._fd, memoryview(data))
-
-    def close(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        with storage_errors(self._loc.url, "fsync"):
-            try:
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._closed_ok = True
-
-    def abort(self) -> None:
-        """Discard the partial file; a no-op after a successful ``close``."""
-        if self._closed_ok:
-            return
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._loc.path)
-
-
-class _FsspecSink:
-    """Object stores: fsspec's buffered file uploads ``part_size_bytes`` parts (multipart on
-    S3, resumable on GCS) and completes the upload only on ``close``; ``abort`` cancels it.
-
-    Other fsspec filesystems (memory://, ...) may show the file while it is written; there
-    ``abort`` deletes it.
-    """
-
-    def __init__(self, loc: Location, *, part_size_bytes: int) -> None:
-        self._loc = loc
-        self._state = "open"  # -> "closed" | "aborted"
-        if loc.protocol in _S3_PROTOCOLS:
-            part_size_bytes = max(part_size_bytes, _S3_MIN_PART_BYTES)
-        with storage_errors(loc.url, "create"):
-            self._f: Any = loc.fs.open(loc.path, "wb", block_size=part_size_bytes)
-
-    def write(self, data: memoryview | bytes) -> None:
-        if self._state != "open":
-            raise ValueError(f"{self._loc.url}: write after close or abort")
-        with storage_errors(self._loc.url, "write"):
-            self._f.write(data)
-
-    def close(self) -> None:
-        if self._state != "open":
-            return
-        with storage_errors(self._loc.url, "upload"):
-            self._f.close()
-        self._state = "closed"
-        self._loc.fs.invalidate_cache(self._loc.path)
-
-    def abort(self) -> None:
-        """Cancel the upload (never raises: callers abort while handling another error)."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        f, loc = self._f, self._loc
-        try:
-            if loc.protocol in _DISCARDING_PROTOCOLS:
-                call_with_retries(f.discard, url=loc.url, action="abort upload of", attempts=3)
-            else:
-                f.close()
-                loc.fs.rm_file(loc.path)
-        except Exception as e:  # report, but let the caller's original error propagate
-            logger.warning("could not abort the upload of %s: %s", loc.url, e)
-        finally:
-            if isinstance(f, AbstractBufferedFile):
-                f.closed = True  # else close()/__del__ would still upload the buffer
-            loc.fs.invalidate_cache(loc.path)

@@ -57,6 +57,25 @@ async def _await(make: Callable[[], Awaitable[R]]) -> R:
     return await make()
 
 
+async def _s3_request(fs: Any, method: str, **kwargs: Any) -> Any:
+    """One attempt of an S3 API call, as s3fs makes it (its session, region-aware client
+    and ``s3_additional_kwargs`` such as server-side encryption) but without s3fs's own
+    retry loop: every attempt is then visible to (and bounded by) ckptsvc's retries, and
+    a retried CreateMultipartUpload is known to have maybe left a stray upload."""
+    from s3fs.errors import translate_boto_error
+
+    await fs.set_session()
+    client = await fs.get_s3(kwargs.get("Bucket"))
+    call = getattr(client, method)
+    try:
+        return await call(**fs._get_s3_method_kwargs(call, **kwargs))
+    except Exception as e:
+        translated = translate_boto_error(e)
+        if translated is e:
+            raise
+        raise translated from e
+
+
 class S3MultipartSink:
     """One S3 object written as a parallel multipart upload with bounded memory.
 
@@ -90,8 +109,13 @@ class S3MultipartSink:
         self._buf: bytearray | None = None
         self._fill = 0
         self._upload_id: str | None = None
+        self._create_tries = 0
         self._next_part = 1
         self._state = "open"  # -> "closed" | "aborted"
+
+    def _s3(self, method: str, **kwargs: Any) -> Any:
+        """One S3 request from the caller's thread (blocking), without s3fs's retries."""
+        return sync(self._fs.loop, _s3_request, self._fs, method, **kwargs)
 
     # ---- step 1 ------------------------------------------------------------------------
     def write(self, data: memoryview | bytes) -> None:
@@ -130,13 +154,12 @@ class S3MultipartSink:
 
     def _send_part(self, buf: bytearray, nbytes: int) -> None:
         if self._upload_id is None:
-            out = call_with_retries(
-                lambda: self._fs.call_s3(
-                    "create_multipart_upload", Bucket=self._bucket, Key=self._key
-                ),
-                url=self._loc.url,
-                action="start multipart upload of",
-            )
+
+            def create() -> Any:
+                self._create_tries += 1
+                return self._s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)
+
+            out = call_with_retries(create, url=self._loc.url, action="start multipart upload of")
             self._upload_id = str(out["UploadId"])
         number = self._next_part
         if number > S3_MAX_PARTS:
@@ -158,7 +181,8 @@ class S3MultipartSink:
         def attempt() -> Awaitable[Any]:
             if self._aborting:
                 raise _UploadAborted(f"upload of {self._loc.url} aborted", url=self._loc.url)
-            return self._fs._call_s3(  # type: ignore[no-any-return]
+            return _s3_request(
+                self._fs,
                 "upload_part",
                 Bucket=self._bucket,
                 Key=self._key,
@@ -206,6 +230,7 @@ class S3MultipartSink:
             self.abort()
             raise
         self._state = "closed"
+        self._abort_strays()
         self._loc.fs.invalidate_cache(self._loc.path)
 
     def _put_whole(self) -> None:
@@ -214,7 +239,7 @@ class S3MultipartSink:
             del self._buf[self._fill :]  # shrink in place: botocore wants the exact bytes
             body = self._buf
         call_with_retries(
-            lambda: self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body),
+            lambda: self._s3("put_object", Bucket=self._bucket, Key=self._key, Body=body),
             url=self._loc.url,
             action="upload",
         )
@@ -233,7 +258,7 @@ class S3MultipartSink:
         def complete() -> Any:
             nonlocal tries
             tries += 1
-            return self._fs.call_s3(
+            return self._s3(
                 "complete_multipart_upload",
                 Bucket=self._bucket,
                 Key=self._key,
@@ -275,7 +300,7 @@ class S3MultipartSink:
         upload_id = self._upload_id
         try:
             call_with_retries(
-                lambda: self._fs.call_s3(
+                lambda: self._s3(
                     "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id
                 ),
                 url=self._loc.url,
@@ -286,6 +311,39 @@ class S3MultipartSink:
             pass  # already gone
         except Exception as e:  # report, but let the caller's original error propagate
             logger.warning("could not abort the multipart upload of %s: %s", self._loc.url, e)
+        self._abort_strays()
+
+    def _abort_strays(self) -> None:
+        """After a retried CreateMultipartUpload, abort the uploads of this key that the
+        lost answers started (one writer per key is the protocol's invariant)."""
+        if self._create_tries < 2:
+            return
+        url = self._loc.url
+        try:
+            out = call_with_retries(
+                lambda: self._s3("list_multipart_uploads", Bucket=self._bucket, Prefix=self._key),
+                url=url,
+                action="list uploads of",
+            )
+            for up in out.get("Uploads") or []:
+                if up.get("Key") != self._key or up.get("UploadId") == self._upload_id:
+                    continue
+                try:
+                    call_with_retries(
+                        lambda up_id=up["UploadId"]: self._s3(
+                            "abort_multipart_upload",
+                            Bucket=self._bucket,
+                            Key=self._key,
+                            UploadId=up_id,
+                        ),
+                        url=url,
+                        action="abort a stray upload of",
+                    )
+                except StorageNotFoundError:
+                    pass  # a retry's first attempt got there
+                logger.info("aborted a stray upload of %s", url)
+        except Exception as e:  # best effort: a bucket lifecycle rule reclaims the rest
+            logger.warning("could not clean stray uploads of %s: %s", url, e)
 
 
 def gcs_resumable_supported(loc: Location) -> bool:
@@ -444,10 +502,12 @@ class GcsResumableSink:
             "Content-Type": "application/octet-stream",
             "Content-Length": str(n),
         }
-        out_headers, _ = await self._fs._call(
+        out_headers, contents = await self._fs._call(
             "POST", self._session, headers=headers, data=view if n else None
         )
-        return _persisted(out_headers) if "Range" in out_headers or final_nbytes is None else None
+        if final_nbytes is not None and (contents or "Range" not in out_headers):
+            return None  # the object's metadata: finalized
+        return _persisted(out_headers)
 
     async def _query_persisted(self) -> int | None:
         """Bytes the session holds, per a status request; ``None`` if the server won't say."""
@@ -508,4 +568,3 @@ def _persisted(headers: Any) -> int:
     if not text:
         return 0
     return int(str(text).rsplit("-", 1)[1]) + 1
-

@@ -136,6 +136,28 @@ def test_targets_pass_fail_and_missing() -> None:
     assert "ckptsvc_async.blocking / memcpy <= 1.25" in text and "missing ckptsvc_load" in text
 
 
+def _outcome(blocking_s: float, durable_s: float, peak: int) -> dict[str, Any]:
+    sample = {"method": "m", "nbytes": 10**9, "blocking_s": blocking_s, "durable_s": durable_s,
+              "rss_base_bytes": 100, "rss_peak_bytes": peak, "child_rss_peak_bytes": 0,
+              "extras": {"tag": durable_s}}  # fmt: skip
+    return {"status": "ok", "sample": sample}
+
+
+def test_aggregate_takes_fastest_floor_and_median_method() -> None:
+    outcomes = [_outcome(0.2, 0.9, 300), _outcome(0.1, 0.5, 200), _outcome(0.3, 0.7, 900)]
+    floor = bench._aggregate(bench.Method("raw_write", "floor", "floor"), outcomes)
+    assert (floor.blocking_s, floor.durable_s, floor.extras["tag"]) == (0.1, 0.5, 0.5)
+    method = bench._aggregate(bench.Method("torch_save", "save", "save"), outcomes)
+    assert (method.blocking_s, method.durable_s, method.extras["tag"]) == (0.2, 0.7, 0.7)
+    assert method.gb_per_s == pytest.approx(1 / 0.7)
+    assert method.rss_extra_bytes == floor.rss_extra_bytes == 800  # worst rep
+    failed = bench._aggregate(
+        bench.Method("torch_save", "save", "save"),
+        [outcomes[0], {"status": "error", "reason": "boom"}],
+    )
+    assert failed.status == "ok" and failed.durable_s == 0.9 and "boom" in failed.reason
+
+
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--only", "memcpy,nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import json
 import os
 import re
@@ -112,7 +113,9 @@ def ckptsvc_help(*argv: str) -> str:
         try:
             main([*argv, "--help"])
         except SystemExit as e:
-            assert e.code in (0, None), f"`ckptsvc {' '.join(argv)} --help` failed:\n{out.getvalue()}"
+            assert e.code in (0, None), (
+                f"`ckptsvc {' '.join(argv)} --help` failed:\n{out.getvalue()}"
+            )
         else:
             pytest.fail(f"`ckptsvc {' '.join(argv)} --help` printed no help")
     return out.getvalue()
@@ -229,7 +232,9 @@ def test_kubernetes_objects_are_well_formed() -> None:
     assert kinds == ["Deployment", "Job", "Kustomization", "Secret", "Service"], kinds
     for fname, obj in objects:
         api = obj.get("apiVersion")
-        assert isinstance(api, str) and API_VERSION_RE.fullmatch(api), f"{fname}: apiVersion {api!r}"
+        assert isinstance(api, str) and API_VERSION_RE.fullmatch(api), (
+            f"{fname}: apiVersion {api!r}"
+        )
         assert isinstance(obj.get("kind"), str), f"{fname}: no kind"
         if obj["kind"] != "Kustomization":
             assert obj.get("metadata", {}).get("name"), f"{fname}: {obj['kind']} has no name"
@@ -297,7 +302,9 @@ def test_kubernetes_job_sizes_dev_shm_as_memory() -> None:
     assert empty_dir["medium"] == "Memory", "a disk-backed /dev/shm is not shared memory"
     shm_bytes = parse_quantity(empty_dir["sizeLimit"])
     limit_bytes = parse_quantity(train["resources"]["limits"]["memory"])
-    assert limit_bytes > shm_bytes, "the memory limit must cover /dev/shm (it is charged to the pod)"
+    assert limit_bytes > shm_bytes, (
+        "the memory limit must cover /dev/shm (it is charged to the pod)"
+    )
     assert pod["restartPolicy"] in ("Never", "OnFailure")
 
 
@@ -342,7 +349,7 @@ def test_container_commands_exist() -> None:
             check_python_argv(argv, where)
         else:
             pytest.fail(f"{where}: unexpected command {argv}")
-        for arg, value in zip(argv, argv[1:], strict=False):
+        for arg, value in itertools.pairwise(argv):
             if arg == "--storage-options":
                 assert isinstance(json.loads(value), dict), f"{where}: bad JSON {value}"
 
@@ -356,7 +363,9 @@ def test_compose_and_kubernetes_run_the_same_commands() -> None:
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = DOCKERFILE.read_text().replace("\\\n", " ")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
@@ -393,7 +402,9 @@ def test_readme_refers_to_existing_files_and_commands() -> None:
     text = (DEPLOY / "README.md").read_text()
     for ref in re.findall(r"\bdeploy/[\w./-]*\w", text):
         assert (REPO / ref).exists(), f"deploy/README.md mentions {ref}, which does not exist"
-    for ref in re.findall(r"`((?:examples|torchrun|slurm|docker|compose|kubernetes)/[\w./-]*)`", text):
+    for ref in re.findall(
+        r"`((?:examples|torchrun|slurm|docker|compose|kubernetes)/[\w./-]*)`", text
+    ):
         assert (DEPLOY / ref).exists(), f"deploy/README.md mentions {ref}, which does not exist"
     mentioned = re.findall(r"`ckptsvc ([a-z][a-z-]*)", text)  # `ckptsvc demo` in code font
     assert mentioned, "the README names no ckptsvc command"
@@ -448,7 +459,9 @@ def test_minio_demo_commands_run_against_s3(moto_server: Any, tmp_path: Path) ->
     """The Job's (= compose's) two commands, as written, against moto instead of MinIO."""
     from ckptsvc import CheckpointStatus, list_checkpoints
 
-    make_bucket = with_endpoint(command_of("job.yaml container make-bucket"), moto_server.endpoint_url)
+    make_bucket = with_endpoint(
+        command_of("job.yaml container make-bucket"), moto_server.endpoint_url
+    )
     demo = with_endpoint(command_of("job.yaml container train"), moto_server.endpoint_url)
     output = demo[demo.index("--output") + 1]
     bucket = output.removeprefix("s3://").split("/", 1)[0]
@@ -501,7 +514,11 @@ def test_train_py_resume_is_bitwise(tmp_path: Path) -> None:
     run(train_py("--output", str(tmp_path / "straight"), "--steps", "6", "--save-every", "3"),
         cwd=tmp_path, env=env)  # fmt: skip
     resumed = tmp_path / "resumed"
-    run(train_py("--output", str(resumed), "--steps", "3", "--save-every", "3"), cwd=tmp_path, env=env)
+    run(
+        train_py("--output", str(resumed), "--steps", "3", "--save-every", "3"),
+        cwd=tmp_path,
+        env=env,
+    )
     second = run(train_py("--output", str(resumed), "--steps", "6", "--save-every", "3"),
                  cwd=tmp_path, env=env)  # fmt: skip
     assert "continuing at step 4" in second.stdout, second.stdout
@@ -559,7 +576,9 @@ def test_train_sh_runs_and_resumes_under_torchrun(tmp_path: Path) -> None:
     script = str(DEPLOY / "torchrun" / "train.sh")
     run([script, "--steps", "4", "--save-every", "2", "--width", "64"], cwd=tmp_path, env=env)
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-4").is_dir()
-    second = run([script, "--steps", "6", "--save-every", "2", "--width", "64"], cwd=tmp_path, env=env)
+    second = run(
+        [script, "--steps", "6", "--save-every", "2", "--width", "64"], cwd=tmp_path, env=env
+    )
     assert "continuing at step 5" in second.stdout + second.stderr
 
 
@@ -570,7 +589,7 @@ def iter_sbatch_directives() -> Iterator[str]:
 
 
 def test_sbatch_runs_one_torchrun_per_node_with_rendezvous() -> None:
-    directives = dict(d.split("=", 1) if "=" in d else (d, "") for d in iter_sbatch_directives())
+    directives = {k: v for k, _, v in (d.partition("=") for d in iter_sbatch_directives())}
     assert directives["--ntasks-per-node"] == "1", "one torchrun agent per node"
     assert "--signal" in directives and "--requeue" in directives
     text = (DEPLOY / "slurm" / "train.sbatch").read_text()

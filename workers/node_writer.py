@@ -108,13 +108,14 @@ def stream_file(
 
 
 def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileRecord]) -> Manifest:
-    """Commit: every file in ``files`` is durable; write the manifest last."""
+    """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last."""
+    every = {f.path: f for f in (*info.extra_files, *files)}
     manifest = Manifest(
         checkpoint_path=ckpt.url,
         world_size=info.world_size,
         timestamp=now_iso(),
         step=info.step,
-        files=tuple(sorted(files, key=lambda f: f.path)),
+        files=tuple(sorted(every.values(), key=lambda f: f.path)),
         components=info.components,
         pytorch_version=info.pytorch_version,
         library_version=info.library_version,
@@ -365,7 +366,9 @@ class NodeWriter:
 
         try:
             ckpt = Location.parse(job.ckpt_url, job.storage_options)
-            arena = conn.arena(job.arena_name)
+            arena = conn.arena(job.arena_name) if job.arena_name else None
+            if job.files and arena is None:
+                raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
             begin_checkpoint(ckpt)
             futures = [self.io_pool.submit(one, fj) for fj in job.files]
             records = [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]

@@ -48,7 +48,7 @@ __all__ = [
     "send_message",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 1 << 30
 _LEN = struct.Struct("<Q")
 
@@ -85,7 +85,11 @@ class SmallFile:
 
 @dataclass(frozen=True)
 class CommitInfo:
-    """What the writer needs to write the manifest itself (single-process commit)."""
+    """What the writer needs to write the manifest itself.
+
+    ``extra_files`` are files other ranks already made durable (a distributed commit:
+    rank 0 sends a job whose own files are the index and documents, plus these).
+    """
 
     step: int | None
     world_size: int
@@ -93,6 +97,7 @@ class CommitInfo:
     pytorch_version: str | None
     library_version: str
     user_metadata: dict[str, Any] = field(default_factory=dict)
+    extra_files: tuple[FileRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class SaveJob:
 
     With ``commit`` the writer also commits the checkpoint (manifest last) once every
     file is durable; without, it only reports the files (a coordinator commits).
+    ``arena_name`` is empty for a job without shard files (small files and commit only).
     """
 
     job_id: int

@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("url", help="s3://bucket[/prefix] or gs://bucket[/prefix]")
     parser.add_argument("--storage-options", default="{}", metavar="JSON", help="fsspec options")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="wait this long for the store")
+    parser.add_argument(
+        "--timeout-s", type=float, default=120.0, help="wait this long for the store"
+    )
     args = parser.parse_args(argv)
     options = json.loads(args.storage_options)
     return 0 if ensure_bucket(args.url, options, timeout_s=args.timeout_s) else 1

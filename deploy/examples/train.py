@@ -58,7 +58,9 @@ def make_model(width: int) -> nn.Module:
                          nn.Linear(width, 1))  # fmt: skip
 
 
-def batch(seed: int, step: int, rank: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    seed: int, step: int, rank: int, size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
     x = torch.randn(size, 64, generator=gen)
     y = x[:, :8].sum(dim=1, keepdim=True).sin()

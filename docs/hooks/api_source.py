@@ -79,4 +79,3 @@ def on_shutdown() -> None:
     if _mirror is not None:
         shutil.rmtree(_mirror, ignore_errors=True)
         _mirror = None
-

@@ -1,0 +1,263 @@
+"""``load_components``: restore state components from a checkpoint into their statefuls.
+
+Call order (every rank, training thread; no collective):
+
+1. read and check the manifest (an incomplete or missing checkpoint is an error);
+2. for each requested component, pick the instance this rank loads - the single one
+   (GLOBAL, REPLICATED, sharded), ``_rank_<r>`` (PER_RANK), ``_group_<name>_<leader>``
+   (PER_GROUP) or ``_node_<i>`` (PER_NODE) - and read its JSON document;
+3. ask ``stateful.state_dict()`` for a template: a DTensor there means "load the region my
+   current layout needs" (:mod:`ckptsvc.resharding`), anything else loads whole;
+4. read every tensor by byte ranges, rebuild the nested state from the document's
+   skeleton, and call ``stateful.load_state_dict``.
+
+A missing required component, or a ``load_state_dict`` that raises, is an error
+(:class:`StateMismatchError`); an optional one (``required=False``) is skipped with a
+warning. PER_RANK (and PER_GROUP / PER_NODE) state saved at another world size is an
+error naming the component unless ``world_size_policy`` says otherwise:
+
+- ``"error"`` (default): :class:`StateMismatchError`;
+- ``"skip"``: keep the stateful's current state, log a warning;
+- ``"wrap"``: rank ``r`` loads the saved instance ``r % saved_world_size`` (node ``i``
+  the ``i % saved_nodes``-th node instance; a group its leader's instance if present,
+  else the first saved group's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .component_plan import DOC_FORMAT, DOC_VERSION, instance_suffix
+from .components import SharingPattern, StateComponent, check_unique_keys
+from .discovery import CheckpointStatus, checkpoint_info
+from .distributed import RankInfo, resolve_groups
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StateMismatchError,
+)
+from .flatten import flatten_state, is_dtensor, unflatten_state
+from .manifest import ComponentRecord, check_relpath
+from .resharding import Piece, RegionReader, local_region
+from .storage import Location
+
+__all__ = ["WORLD_SIZE_POLICIES", "load_components"]
+
+logger = logging.getLogger(__name__)
+
+WORLD_SIZE_POLICIES = ("error", "skip", "wrap")
+
+
+def _instances(rec: ComponentRecord, where: str) -> tuple[dict[str, Any], int]:
+    ours = rec.metadata.get("ckptsvc")
+    if not isinstance(ours, dict) or not isinstance(ours.get("instances"), dict):
+        raise CorruptCheckpointError(
+            f"{where}: component {rec.key!r} was not written by save_components (no instances)"
+        )
+    return ours["instances"], int(ours.get("world_size") or 1)
+
+
+def _pick_instance(
+    c: StateComponent,
+    rec: ComponentRecord,
+    instances: Mapping[str, Any],
+    saved_world: int,
+    *,
+    info: RankInfo,
+    groups: Mapping[str, tuple[int, ...]],
+    policy: str,
+    where: str,
+) -> str | None:
+    """The instance suffix this rank loads, or ``None`` to skip (policy ``skip``)."""
+    pattern = SharingPattern(rec.sharing_pattern)
+    if "" in instances and pattern not in (
+        SharingPattern.PER_RANK, SharingPattern.PER_GROUP, SharingPattern.PER_NODE
+    ):  # fmt: skip
+        return ""
+    if "" in instances and rec.metadata.get("ckptsvc", {}).get("sharded"):
+        return ""
+    if pattern is SharingPattern.PER_RANK:
+        want = instance_suffix(pattern, rank=info.rank, node_index=info.node_index)
+        wrapped = instance_suffix(pattern, rank=info.rank % saved_world, node_index=0)
+        moved = saved_world != info.world_size
+        what = f"saved by {saved_world} ranks, loading at {info.world_size}"
+    elif pattern is SharingPattern.PER_NODE:
+        want = instance_suffix(pattern, rank=info.rank, node_index=info.node_index)
+        nodes = sorted(instances, key=lambda s: int(s.rsplit("_", 1)[1]))
+        wrapped = nodes[info.node_index % len(nodes)] if nodes else want
+        moved = want not in instances or saved_world != info.world_size
+        what = f"saved on nodes {nodes} by {saved_world} ranks; this is node {info.node_index} of {info.world_size} ranks"
+    else:
+        ranks = groups[c.process_group_name or ""]
+        want = instance_suffix(
+            pattern, rank=info.rank, node_index=info.node_index,
+            group_name=c.process_group_name, group_leader=ranks[0],
+        )  # fmt: skip
+        saved = sorted(instances)
+        wrapped = want if want in instances else (saved[0] if saved else want)
+        moved = want not in instances or saved_world != info.world_size
+        what = f"saved groups {saved} by {saved_world} ranks; this rank's group is {want!r}"
+    if not moved:
+        return want
+    if policy == "skip":
+        logger.warning("%s: component %r (%s) not loaded: %s", where, c.key, pattern.value, what)
+        return None
+    if policy == "wrap" and wrapped in instances:
+        logger.warning("%s: component %r: %s; loading instance %r", where, c.key, what, wrapped)
+        return wrapped
+    raise StateMismatchError(
+        f"{where}: component {c.key!r} is {pattern.value} state {what}; its per-rank state "
+        "cannot be mapped onto a different world implicitly. Pass world_size_policy='skip' "
+        "(keep fresh state) or 'wrap' (rank r loads saved rank r % saved world size)"
+    )
+
+
+def _read_doc(ckpt: Location, name: str) -> dict[str, Any]:
+    loc = ckpt.join(check_relpath(name, where=ckpt.url))
+    try:
+        doc = json.loads(loc.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{loc.url}: component document is not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != DOC_FORMAT or "state" not in doc:
+        raise CorruptCheckpointError(f"{loc.url}: not a ckptsvc component document")
+    if not isinstance(doc.get("version"), int) or doc["version"] > DOC_VERSION:
+        raise CorruptCheckpointError(
+            f"{loc.url}: component document version {doc.get('version')!r} is newer than this "
+            "ckptsvc understands; upgrade ckptsvc"
+        )
+    return doc
+
+
+def _template(c: StateComponent) -> dict[str, Any]:
+    """FQN -> live tensor of the stateful's current state (to find DTensors and devices)."""
+    try:
+        return dict(flatten_state(c.stateful.state_dict(), allow_dtensor=True).tensors)
+    except CheckpointError:
+        return {}
+
+
+def _read_tensors(
+    ckpt: Location, doc: Mapping[str, Any], template: Mapping[str, Any], reader: RegionReader
+) -> dict[str, Any]:
+    where = ckpt.url
+    tensors = doc.get("tensors") or {}
+    if not isinstance(tensors, dict):
+        raise CorruptCheckpointError(f"{where}: component document 'tensors' is not an object")
+    pending: list[tuple[str, torch.Tensor, Any]] = []
+    for fqn, info in tensors.items():
+        try:
+            dtype, shape = str(info["dtype"]), tuple(int(x) for x in info["shape"])
+            if "pieces" in info:
+                pieces = [Piece.from_dict(p, where=where) for p in info["pieces"]]
+            else:
+                pieces = [Piece(check_relpath(info["file"], where=where), (0,) * len(shape), shape)]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where}: tensor {fqn!r}: malformed entry ({e})") from e
+        for p in pieces:
+            check_relpath(p.file, where=where)
+        live = template.get(fqn)
+        if live is not None and is_dtensor(live):
+            if tuple(live.shape) != shape:
+                raise StateMismatchError(
+                    f"{where}: tensor {fqn!r} was saved with global shape {list(shape)} but the "
+                    f"live DTensor has {list(live.shape)}"
+                )
+            offsets, local_shape = local_region(live)
+        else:
+            offsets, local_shape = (0,) * len(shape), shape
+        pending.append((fqn, reader.want(fqn, dtype, pieces, offsets, local_shape), live))
+    reader.run()
+    out: dict[str, Any] = {}
+    for fqn, t, live in pending:
+        if live is not None and is_dtensor(live):
+            from torch.distributed.tensor import DTensor
+
+            local = t.to(live.to_local().device)
+            out[fqn] = DTensor.from_local(
+                local, live.device_mesh, live.placements, run_check=False,
+                shape=live.shape, stride=live.stride(),
+            )  # fmt: skip
+        else:
+            out[fqn] = t
+    return out
+
+
+def load_components(
+    path_or_url: str,
+    components: Sequence[StateComponent],
+    *,
+    process_groups: Mapping[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    strict: bool = True,
+    world_size_policy: str = "error",
+    rank: int | None = None,
+) -> None:
+    """Restore each component's state from the checkpoint (see the module docstring).
+
+    ``strict`` is passed to ``nn.Module.load_state_dict``; with ``strict=False`` a
+    missing *required* component is also only a warning.
+    """
+    if world_size_policy not in WORLD_SIZE_POLICIES:
+        raise ValueError(f"world_size_policy must be one of {WORLD_SIZE_POLICIES}")
+    check_unique_keys(list(components))
+    ckpt = Location.parse(path_or_url, storage_options)
+    status = checkpoint_info(ckpt)
+    if status.status is CheckpointStatus.INCOMPLETE:
+        raise IncompleteCheckpointError(
+            f"{ckpt.url} is an incomplete checkpoint ({status.reason}); resume from "
+            "find_latest_checkpoint(...) instead"
+        )
+    if status.manifest is None:
+        raise CheckpointNotFoundError(f"{ckpt.url}: no checkpoint manifest (not a complete checkpoint)")
+    manifest = status.manifest
+    info = RankInfo.current(rank=rank)
+    records = {r.key: r for r in manifest.components}
+    names = {c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP}
+    groups = resolve_groups({n for n in names if n}, process_groups, info)
+    for c in components:
+        rec = records.get(c.key)
+        if rec is None:
+            msg = (
+                f"{ckpt.url}: the checkpoint has no component {c.key!r} "
+                f"(it has {sorted(records)})"
+            )
+            if c.required and strict:
+                raise StateMismatchError(msg)
+            logger.warning("%s; skipping it", msg)
+            continue
+        instances, saved_world = _instances(rec, ckpt.url)
+        suffix = _pick_instance(
+            c, rec, instances, saved_world, info=info, groups=groups,
+            policy=world_size_policy, where=ckpt.url,
+        )  # fmt: skip
+        if suffix is None:
+            continue
+        doc_file = instances[suffix].get("doc")
+        if not doc_file:
+            raise CorruptCheckpointError(f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document")
+        doc = _read_doc(ckpt, doc_file)
+        tensors = _read_tensors(ckpt, doc, _template(c), RegionReader(ckpt, manifest=manifest))
+        state = unflatten_state(doc, tensors)
+        _apply(c, state, strict=strict, where=ckpt.url)
+        logger.debug("loaded component %r from %s (%s)", c.key, ckpt.url, doc_file)
+
+
+def _apply(c: StateComponent, state: Any, *, strict: bool, where: str) -> None:
+    try:
+        if isinstance(c.stateful, torch.nn.Module):
+            c.stateful.load_state_dict(state, strict=strict)
+        else:
+            c.stateful.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise StateMismatchError(
+            f"{where}: component {c.key!r}: load_state_dict failed ({type(e).__name__}: {e})"
+        ) from e

@@ -1,0 +1,587 @@
+"""``CheckpointManager``: the training loop's face of ckptsvc, Forgather-compatible.
+
+Usage::
+
+    config = CheckpointConfig(output_dir="s3://bucket/run1", save_total_limit=3,
+                              storage_options=opts)
+    with CheckpointManager(config=config, stateful_provider=trainer, model=model) as ckpt:
+        if ckpt.resolve_checkpoint_path(None):
+            ckpt.load_checkpoint()                          # latest complete checkpoint
+        for step in ...:
+            ...
+            if step % 1000 == 0:
+                ckpt.save_checkpoint(checkpoint_id=step)    # returns after a memory copy
+    # leaving the block waits for the last saves and raises if one failed
+
+Call order of ``save_checkpoint`` (training thread unless noted):
+
+1. raise an earlier save's failure that nobody has seen yet;
+2. resolve the path (``<output_dir>/checkpoints/checkpoint-<id>``) and the step;
+3. snapshot the components: the model (parts merged, torchao weights split into plain
+   tensors + a JSON description, see :mod:`ckptsvc.model_state`), the provider's other
+   components, callback states by name; best-checkpoint list and quantization description
+   go to the manifest's metadata;
+4. mark the path in flight for retention (waits if retention is deleting that very path);
+5. ``AsyncCheckpointer.save_components`` copies the tensors into shared memory and hands
+   the job to the node writer; returns the ``SaveHandle``;
+6. (retention thread) once the handle commits, delete what ``save_total_limit`` allows.
+
+``wait()`` blocks until every pending save is committed and raises the first failure;
+``close()`` (and leaving a ``with`` block) waits too. A failed background save also
+raises from the next ``save_checkpoint``: a run never continues for hours believing it
+is checkpointed when it is not.
+
+``load_checkpoint`` loads every component and fails if any required one cannot be
+loaded: training never continues on half-restored state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .best_checkpoints import BestCheckpoints, Retention
+from .components import SharingPattern, StateComponent, StatefulProvider, check_unique_keys
+from .discovery import (
+    CheckpointStatus,
+    checkpoint_info,
+    find_latest_checkpoint,
+    next_checkpoint_path,
+    validate_checkpoint,
+)
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CommitConflictError,
+    IncompleteCheckpointError,
+    InvalidStateError,
+    SaveFailedError,
+)
+from .legacy import LegacyRank, is_legacy_state_checkpoint, load_legacy_components, read_legacy_metadata
+from .model_state import ModelState
+from .quantized import has_quantized_tensors
+from .storage import Location
+from .training_state import DistInfo, NamedStates
+
+__all__ = ["CheckpointConfig", "CheckpointManager", "default_checkpoint_id"]
+
+logger = logging.getLogger(__name__)
+
+#: key of the manager's section in a checkpoint's manifest metadata
+META_KEY = "ckptsvc_manager"
+META_FORMAT = 1
+CALLBACKS_KEY = "callbacks"
+_STEP_RE = re.compile(r"checkpoint-(\d+)$")
+
+
+def default_checkpoint_id() -> str:
+    """A timestamp id, as Forgather's (``2026-01-31T12-00-00``)."""
+    return datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Forgather's fields, then ckptsvc's.
+
+    ``output_dir``: model directory, local path or URL; checkpoints go to
+    ``<output_dir>/checkpoints/``. ``save_total_limit``: complete checkpoints to keep
+    (``None`` or <= 0 keeps all). ``save_safetensors``: format of :meth:`save_model`
+    exports (checkpoints are always safetensors + JSON). ``save_on_all_ranks`` and
+    ``save_on_local_rank`` are accepted for compatibility: who writes what follows each
+    component's sharing pattern. ``save_on_each_node`` (node-local storage) is not
+    supported. ``async_save=False`` makes every save wait until committed.
+    ``storage_options`` go to fsspec; ``max_shard_size`` caps weight shard files;
+    ``metadata`` is added to every checkpoint's manifest. ``tiering`` is reserved for the
+    local-then-remote tier (not available in this version).
+    """
+
+    output_dir: str
+    save_total_limit: int | None
+    save_on_each_node: bool = False
+    save_safetensors: bool = True
+    save_on_local_rank: int = 0
+    save_on_all_ranks: bool = False
+    async_save: bool = True
+    storage_options: dict[str, Any] | None = None
+    max_shard_size: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tiering: Any = None
+
+
+class CheckpointManager:
+    """Saves and restores complete training state (see the module docstring).
+
+    ``model`` (or ``model_parts``: pipeline stages held by this rank) is the ``"model"``
+    component, stored as Hugging Face safetensors shards; a ``"model"`` component from
+    the provider lends only its sharing pattern. ``callbacks``: Statefuls saved by name
+    (a mapping, or a sequence named by their ``name`` attribute or class name);
+    alternatively set ``manager.trainer`` to an object with a ``callbacks`` list, as
+    Forgather's trainer does. ``dist``: anything with ``rank``/``local_rank``/
+    ``world_size``; default: ``torch.distributed`` if initialised, else one process.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: CheckpointConfig,
+        stateful_provider: StatefulProvider,
+        model: nn.Module,
+        dist: object | None = None,
+        model_parts: Sequence[nn.Module] | None = None,
+        model_preprocessor: Any = None,
+        callbacks: Mapping[str, Any] | Sequence[Any] | None = None,
+    ) -> None:
+        if model is None:
+            raise ValueError("CheckpointManager needs the model")
+        if config.save_on_each_node:
+            raise CheckpointError(
+                "save_on_each_node=True (node-local storage) is not supported: ckptsvc commits "
+                "one checkpoint per job to shared storage (a path every rank sees, or an object store)"
+            )
+        if config.tiering is not None:
+            raise CheckpointError(
+                "CheckpointConfig.tiering is not supported by this ckptsvc version; "
+                "leave it None and write to the final storage directly"
+            )
+        self.config = config
+        self.dist = DistInfo.detect(dist)
+        self.stateful_provider = stateful_provider
+        self.model = model
+        self.model_parts = list(model_parts) if model_parts else [model]
+        self.model_preprocessor = model_preprocessor
+        self.trainer: Any = None  # Forgather sets this; its `callbacks` are saved by name
+        self.preserve_n_best = 1
+        self._callbacks = callbacks
+        self._model_state = ModelState(self.model_parts)
+        self._best = BestCheckpoints()
+        self._storage_options = dict(config.storage_options or {})
+        self._checkpointer: Any = None
+        self._pending: list[Any] = []
+        self._save_count = 0
+        self._closed = False
+        self._retention = Retention(
+            config.output_dir,
+            keep=config.save_total_limit,
+            preserved=self._best.paths,
+            storage_options=self._storage_options,
+        )
+        self._components()  # validate the provider's components now, not at the first save
+
+    # ---- Forgather's attributes -------------------------------------------------------------
+
+    @property
+    def best_checkpoints(self) -> list[tuple[str, float]]:
+        return list(self._best.entries)
+
+    @best_checkpoints.setter
+    def best_checkpoints(self, value: Sequence[tuple[str, float]]) -> None:
+        self._best.entries = [(str(p), float(m)) for p, m in value]
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        return self._best.best_checkpoint
+
+    # ---- components -------------------------------------------------------------------------
+
+    def _callback_states(self) -> NamedStates | None:
+        source = self._callbacks
+        if source is None and self.trainer is not None:
+            source = getattr(self.trainer, "callbacks", None)
+        if not source:
+            return None
+        states = (
+            NamedStates(source, what="callback")
+            if isinstance(source, Mapping)
+            else NamedStates.from_objects(list(source), what="callback")
+        )
+        return states if len(states) else None
+
+    def _components(self) -> tuple[StateComponent, list[StateComponent]]:
+        """(model component, other components) for the current save or load."""
+        comps = list(self.stateful_provider.get_state_components() or [])
+        model_comp = next((c for c in comps if c.key == "model"), None)
+        others = [c for c in comps if c.key != "model"]
+        callbacks = self._callback_states()
+        if callbacks is not None:
+            others.append(StateComponent(CALLBACKS_KEY, callbacks, SharingPattern.GLOBAL))
+        pattern = model_comp.sharing_pattern if model_comp else SharingPattern.GLOBAL
+        model = StateComponent(
+            key="model",
+            stateful=self._model_state,
+            sharing_pattern=pattern,
+            process_group_name=model_comp.process_group_name if model_comp else None,
+            validate_replication=model_comp.validate_replication if model_comp else False,
+            validation_level=model_comp.validation_level if model_comp else "tensor",
+        )
+        check_unique_keys([model, *others])
+        return model, others
+
+    def _process_groups(self) -> dict[str, Any]:
+        get = getattr(self.stateful_provider, "get_process_groups", None)
+        return dict(get() or {}) if callable(get) else {}
+
+    # ---- save -------------------------------------------------------------------------------
+
+    def _engine(self) -> Any:
+        if self._checkpointer is None:
+            from .async_checkpointer import AsyncCheckpointer
+
+            self._checkpointer = AsyncCheckpointer(
+                self.config.output_dir,
+                storage_options=self._storage_options,
+                max_shard_size=self.config.max_shard_size,
+                rank=self.dist.rank,
+            )
+        return self._checkpointer
+
+    def save_checkpoint(
+        self,
+        checkpoint_path: str | None = None,
+        checkpoint_id: str | int | None = None,
+        *,
+        step: int | None = None,
+    ) -> str:
+        """Snapshot the training state and return the checkpoint's path; the writer makes
+        it durable in the background (``async_save=False``: returns once committed)."""
+        if self._closed:
+            raise CheckpointError("save_checkpoint() on a closed CheckpointManager")
+        self._raise_finished_failures()
+        if not checkpoint_path:
+            checkpoint_path = next_checkpoint_path(
+                self.config.output_dir,
+                checkpoint_id if checkpoint_id is not None else default_checkpoint_id(),
+            )
+        step = self._step_for(step, checkpoint_id, checkpoint_path)
+        model_comp, others = self._components()
+        split = self._model_state.snapshot()
+        frozen = StateComponent(
+            key="model",
+            stateful=_Snapshot(split.tensors),
+            sharing_pattern=model_comp.sharing_pattern,
+            process_group_name=model_comp.process_group_name,
+            validate_replication=model_comp.validate_replication,
+            validation_level=model_comp.validation_level,
+        )
+        metadata = {
+            **self.config.metadata,
+            META_KEY: {
+                "format": META_FORMAT,
+                "step": step,
+                "components": sorted(c.key for c in [frozen, *others]),
+                "quantized": split.description or None,
+                **self._best.to_json(),
+            },
+        }
+        writes_retention = self.dist.rank == 0
+        if writes_retention:
+            self._retention.begin_save(checkpoint_path)
+        try:
+            handle = self._engine().save_components(
+                step,
+                [frozen, *others],
+                process_groups=self._process_groups(),
+                metadata=metadata,
+                checkpoint_path=checkpoint_path,
+            )
+        except BaseException:
+            if writes_retention:
+                self._retention.cancel_save(checkpoint_path)
+            raise
+        self._save_count += 1
+        self._pending.append(handle)
+        if writes_retention:
+            self._retention.after_save(handle)
+        logger.info(
+            "checkpoint %s (step %s) snapshotted in %.3f s",
+            checkpoint_path,
+            step,
+            handle.timings.blocking_s,
+        )
+        if not self.config.async_save:
+            self.wait()
+        return checkpoint_path
+
+    @property
+    def last_handle(self) -> Any:
+        """The ``SaveHandle`` of the latest save (timings, ``wait``), or ``None``."""
+        return self._pending[-1] if self._pending else None
+
+    def _step_for(self, step: int | None, checkpoint_id: object, path: str) -> int:
+        if step is not None:
+            return int(step)
+        if isinstance(checkpoint_id, int) or (
+            isinstance(checkpoint_id, str) and checkpoint_id.isdigit()
+        ):
+            return int(checkpoint_id)
+        m = _STEP_RE.search(path.rstrip("/"))
+        return int(m.group(1)) if m else self._save_count
+
+    def _raise_finished_failures(self) -> None:
+        """Raise (once) the failure of a save that finished since the last call."""
+        done = [h for h in self._pending if h.done()]
+        self._pending = [h for h in self._pending if not h.done()]
+        failed = [h for h in done if h.exception() is not None]
+        if failed:
+            _raise_failed(failed)
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until every pending save is committed (and retention ran); raise the
+        first failure as :class:`SaveFailedError` (``__cause__`` is the underlying error)."""
+        handles, self._pending = self._pending, []
+        failed = []
+        for h in handles:
+            if h.exception(timeout_s) is not None:
+                failed.append(h)
+        if failed:
+            _raise_failed(failed)
+        self._retention.wait()
+
+    # ---- best checkpoints -------------------------------------------------------------------
+
+    def update_best_checkpoints(
+        self,
+        checkpoint_path: str,
+        metrics: dict[str, float],
+        metric_key: str,
+        greater_is_better: bool | None,
+        preserve_n_best: int,
+    ) -> bool:
+        """Record ``checkpoint_path`` if its metric ranks among the ``preserve_n_best``
+        best (call before ``save_checkpoint`` so retention already spares it)."""
+        self.preserve_n_best = preserve_n_best
+        return self._best.update(
+            checkpoint_path, metrics, metric_key, greater_is_better, preserve_n_best
+        )
+
+    def set_best_checkpoint(self, best_checkpoint: str) -> None:
+        """Forgather's single-best API (deprecated there): never delete this checkpoint."""
+        self._best.best_checkpoint = best_checkpoint
+
+    def get_best_checkpoints_summary(self, metric_key: str = "loss") -> str:
+        return self._best.summary(metric_key)
+
+    # ---- load -------------------------------------------------------------------------------
+
+    def _wait_for_saves(self, path: str | None) -> None:
+        """Let pending saves (all, or the one to ``path``) finish; errors stay for ``wait``."""
+        opts = self._storage_options
+        target = Location.parse(path, opts).url if path else None
+        for h in list(self._pending):
+            if target is None or Location.parse(h.path, opts).url == target:
+                h.exception()
+
+    def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None:
+        """``checkpoint_path`` if it holds a complete checkpoint, else ``None`` (warned);
+        with ``None``, the latest complete checkpoint under ``output_dir`` (pending saves
+        of this manager are waited for first, so "latest" includes them)."""
+        self._wait_for_saves(checkpoint_path)
+        opts = self._storage_options
+        if checkpoint_path is None:
+            latest = find_latest_checkpoint(self.config.output_dir, storage_options=opts)
+            if not latest:
+                logger.warning("no complete checkpoint under %s", self.config.output_dir)
+            return latest
+        info = checkpoint_info(checkpoint_path, storage_options=opts)
+        if info.status is CheckpointStatus.ABSENT:
+            logger.warning("checkpoint path does not exist: %s", checkpoint_path)
+            return None
+        if info.status is CheckpointStatus.INCOMPLETE:
+            logger.warning("incomplete checkpoint at %s (%s)", checkpoint_path, info.reason)
+            return None
+        return checkpoint_path
+
+    def load_checkpoint(self, checkpoint_path: str | None = None) -> str:
+        """Restore every component from ``checkpoint_path`` (default: the latest); return
+        the path loaded. Any component that cannot be restored raises."""
+        resolved = self.resolve_checkpoint_path(checkpoint_path)
+        if resolved is None:
+            where = checkpoint_path or f"{self.config.output_dir} (latest)"
+            raise CheckpointNotFoundError(f"no complete checkpoint to load at {where}")
+        opts = self._storage_options
+        ckpt = Location.parse(resolved, opts)
+        info = checkpoint_info(ckpt)
+        if info.status is CheckpointStatus.INCOMPLETE:  # raced with a delete
+            raise IncompleteCheckpointError(f"{ckpt.url} became incomplete while loading")
+        _, others = self._components()
+        children = [c.name for c in ckpt.list_children() if not c.is_dir]
+        logger.info("loading checkpoint %s", ckpt.url)
+        if is_legacy_state_checkpoint(children, info.manifest) or (
+            info.manifest is None and info.status is CheckpointStatus.LEGACY
+        ):
+            self._load_legacy(ckpt, others, info.manifest)
+            return resolved
+        from .async_checkpointer import load_components
+
+        section = dict((info.manifest.user_metadata if info.manifest else {}).get(META_KEY) or {})
+        self._model_state.expect(section.get("quantized"), where=ckpt.url)
+        model_comp, _ = self._components()
+        load_components(
+            ckpt.url,
+            [model_comp, *others],
+            process_groups=self._process_groups(),
+            storage_options=opts,
+            strict=True,
+        )
+        self._best.restore(section, exists=self._exists)
+        return resolved
+
+    def _exists(self, path: str) -> bool:
+        return validate_checkpoint(path, storage_options=self._storage_options)
+
+    def _load_legacy(self, ckpt: Location, others: list[StateComponent], manifest: Any) -> None:
+        from .sharded_checkpoint import load_checkpoint as load_weights
+
+        for part in self.model_parts:
+            device = next((p.device for p in part.parameters()), torch.device("cpu"))
+            load_weights(ckpt.url, part, device=str(device), strict=True, storage_options=self._storage_options)
+        groups = self._process_groups()
+        group_ranks = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            group_ranks = {name: torch.distributed.get_rank(pg) for name, pg in groups.items()}
+        where = LegacyRank(rank=self.dist.rank, node_rank=self.dist.node_rank, group_ranks=group_ranks)
+        states = [c for c in others if c.key != CALLBACKS_KEY]
+        load_legacy_components(ckpt, states, where=where, manifest=manifest)
+        meta = read_legacy_metadata(ckpt) or {}
+        if "best_checkpoints" in meta:
+            self._best.restore(meta, exists=self._exists)
+        self._restore_legacy_callbacks(meta.get("callback_states") or {})
+
+    def _restore_legacy_callbacks(self, states: Mapping[str, Any]) -> None:
+        """Forgather keyed callback states ``callback_{i}_{Type}`` by list position."""
+        source = self._callbacks
+        if source is None and self.trainer is not None:
+            source = getattr(self.trainer, "callbacks", None)
+        if not states or not source:
+            return
+        objects = list(source.values()) if isinstance(source, Mapping) else list(source)
+        for i, cb in enumerate(objects):
+            key = f"callback_{i}_{type(cb).__name__}"
+            if key in states and callable(getattr(cb, "load_state_dict", None)):
+                cb.load_state_dict(states[key])
+                logger.info("restored legacy state of callback %s", key)
+
+    # ---- export -----------------------------------------------------------------------------
+
+    def save_model(
+        self, output_dir: str | os.PathLike[str] | None = None, overwrite_output_dir: bool = False
+    ) -> None:
+        """Export the model Hugging Face style: weights (safetensors, or torch ``.bin`` when
+        ``save_safetensors`` is False), ``config.json`` when the model has a config with
+        ``save_pretrained``/``to_json_file``, and the preprocessor. Synchronous."""
+        from .sharded_checkpoint import save_checkpoint as save_weights
+
+        out = os.fspath(output_dir) if output_dir is not None else self.config.output_dir
+        opts = self._storage_options
+        if self.dist.rank == 0:
+            if not overwrite_output_dir and validate_checkpoint(out, storage_options=opts):
+                raise CommitConflictError(
+                    f"a model is already saved in {out}; pass overwrite_output_dir=True to replace it"
+                )
+            weights: dict[str, torch.Tensor] = {}
+            for part in self.model_parts:
+                weights.update(part.state_dict())
+            if has_quantized_tensors(weights):
+                raise InvalidStateError(
+                    "save_model cannot export torchao-quantized weights as plain Hugging Face "
+                    "files yet; save_checkpoint stores them (inner tensors + description)"
+                )
+            _export_pretrained(out, self.model, self.model_preprocessor, storage_options=opts)
+            save_weights(
+                out,
+                self.model if len(self.model_parts) == 1 else weights,
+                safetensors=self.config.save_safetensors,
+                max_shard_size=self.config.max_shard_size or 2**31,
+                storage_options=opts,
+            )
+            logger.info("model exported to %s", out)
+        td = torch.distributed
+        if self.dist.world_size > 1 and td.is_available() and td.is_initialized():
+            td.barrier()
+
+    # ---- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for pending saves and retention, stop the writer connection; raise a
+        save failure nobody has seen yet (after cleaning up)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            self._retention.close()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as e:  # do not mask the exception already propagating
+            logger.error("while unwinding: %s", e)
+
+
+class _Snapshot:
+    """A component whose state is a dict computed before the save was submitted."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover
+        raise CheckpointError("a save snapshot cannot be loaded into")
+
+
+def _raise_failed(failed: Sequence[Any]) -> None:
+    first = failed[0]
+    error = first.exception()
+    more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
+    if isinstance(error, SaveFailedError) and not more:
+        raise error
+    raise SaveFailedError(f"save of {first.path} failed{more}: {error}") from error
+
+
+def _export_pretrained(
+    out: str, model: nn.Module, preprocessor: Any, *, storage_options: dict[str, Any]
+) -> None:
+    """Write ``config.json`` (and the preprocessor's files) to ``out``, local or remote."""
+    config = getattr(model, "config", None)
+    writers = []
+    if config is not None and callable(getattr(config, "save_pretrained", None)):
+        writers.append(config.save_pretrained)
+    elif config is not None and callable(getattr(config, "to_json_file", None)):
+        writers.append(lambda d: config.to_json_file(os.path.join(d, "config.json")))
+    if preprocessor is not None and callable(getattr(preprocessor, "save_pretrained", None)):
+        writers.append(preprocessor.save_pretrained)
+    if not writers:
+        return
+    dest = Location.parse(out, storage_options)
+    dest.makedirs()
+    if dest.is_local:
+        for write in writers:
+            write(dest.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ckptsvc-export-") as tmp:
+        for write in writers:
+            write(tmp)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), tmp).replace(os.sep, "/")
+                with open(os.path.join(root, name), "rb") as f:
+                    dest.join(*rel.split("/")).publish(f.read())

@@ -1,0 +1,328 @@
+"""Parallel ranged reads straight into the caller's memory (tensor storage, say).
+
+1. :func:`plan_reads` turns byte extents ``(file offset, destination view)`` into
+   :class:`RangeRead` requests: small extents close together are coalesced into one
+   range (the bytes between them land in a scratch buffer), huge ones are split so that
+   one file keeps ``in_flight`` requests busy.
+2. :func:`read_ranges` runs them, each retried on its own with backoff, resuming after
+   the bytes already received:
+
+   - local files: ``preadv`` of the range into the destination views, on a thread pool;
+   - S3: GetObject with a ``Range`` header on the filesystem's event loop; the response
+     body is copied chunk by chunk from the socket buffers into the views (no
+     intermediate whole-range buffer, no second copy);
+   - other async filesystems (GCS): ``_cat_file(start, end)`` on the loop, then one copy;
+   - any other filesystem: ``cat_file(start, end)`` on a thread pool, then one copy.
+
+A range that ends past the end of the file is a truncated file: ``CorruptCheckpointError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fsspec.asyn import AsyncFileSystem, sync
+
+from ckptsvc.errors import CheckpointError, CorruptCheckpointError
+
+from .errors import classify, storage_errors
+from .retry import RetryPolicy, call_with_retries
+
+if TYPE_CHECKING:
+    from .location import Location
+
+__all__ = ["RangeRead", "plan_reads", "read_ranges"]
+
+logger = logging.getLogger(__name__)
+
+_MIN_SPLIT_BYTES = 8 * 2**20  # never split a tensor into ranges smaller than this
+_BODY_READ_BYTES = 4 * 2**20  # most bytes taken from a response body per await
+_LOCAL_PARALLEL_BYTES = 64 * 2**20  # below this, local reads run in the calling thread
+
+
+@dataclass(frozen=True)
+class RangeRead:
+    """One request: file bytes ``[offset, offset + nbytes)`` land in ``views``, in order."""
+
+    offset: int
+    views: tuple[memoryview, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.views)
+
+
+def _byte_view(view: memoryview) -> memoryview:
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def plan_reads(
+    extents: Iterable[tuple[int, memoryview]],
+    *,
+    max_range_bytes: int,
+    max_gap_bytes: int,
+    min_ranges: int = 1,
+) -> list[RangeRead]:
+    """Coalesce and split ``(offset, view)`` extents into requests (see the module doc).
+
+    A range holds at most ``max(max_range_bytes', 1)`` bytes, where the cap shrinks (not
+    below 8 MiB) until the total makes at least ``min_ranges`` ranges.
+    """
+    pieces = sorted(
+        ((off, _byte_view(v)) for off, v in extents if v.nbytes), key=lambda item: item[0]
+    )
+    if not pieces:
+        return []
+    total = sum(v.nbytes for _, v in pieces)
+    target = -(-total // max(1, min_ranges))
+    target = max(1, min(max_range_bytes, max(target, min(_MIN_SPLIT_BYTES, max_range_bytes))))
+
+    split: list[tuple[int, memoryview]] = []
+    for off, v in pieces:
+        for start in range(0, v.nbytes, target):
+            split.append((off + start, v[start : start + target]))
+
+    scratch = memoryview(bytearray(max(0, max_gap_bytes)))  # gap bytes are discarded
+    out: list[RangeRead] = []
+    cur_off = cur_end = 0
+    cur: list[memoryview] = []
+    for off, v in split:
+        gap = off - cur_end
+        if cur and 0 <= gap <= max_gap_bytes and (off + v.nbytes - cur_off) <= target:
+            if gap:
+                cur.append(scratch[:gap])
+            cur.append(v)
+            cur_end = off + v.nbytes
+            continue
+        if cur:
+            out.append(RangeRead(cur_off, tuple(cur)))
+        cur, cur_off, cur_end = [v], off, off + v.nbytes
+    if cur:
+        out.append(RangeRead(cur_off, tuple(cur)))
+    return out
+
+
+class _Scatter:
+    """Copies a byte stream into consecutive views, from byte ``start`` of the range."""
+
+    def __init__(self, views: Sequence[memoryview], start: int = 0) -> None:
+        self._views = views
+        self._i = 0
+        self._pos = 0
+        self.done = 0
+        self.skip(start)
+
+    def skip(self, nbytes: int) -> None:
+        self.done += nbytes
+        while nbytes and self._i < len(self._views):
+            room = self._views[self._i].nbytes - self._pos
+            step = min(room, nbytes)
+            self._pos += step
+            nbytes -= step
+            if self._pos == self._views[self._i].nbytes:
+                self._i, self._pos = self._i + 1, 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        src = memoryview(data)
+        while src.nbytes:
+            if self._i >= len(self._views):
+                raise ValueError("more bytes than the range asked for")
+            dst = self._views[self._i]
+            step = min(dst.nbytes - self._pos, src.nbytes)
+            dst[self._pos : self._pos + step] = src[:step]
+            self._pos += step
+            self.done += step
+            src = src[step:]
+            if self._pos == dst.nbytes:
+                self._i, self._pos = self._i + 1, 0
+
+
+def _truncated(url: str, rr: RangeRead, got: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{url}: file is truncated (wanted bytes {rr.offset}..{rr.offset + rr.nbytes}, got {got})"
+    )
+
+
+def _is_range_error(exc: BaseException) -> bool:
+    """A request for bytes at or past the end of the object (HTTP 416)."""
+    if isinstance(exc, OSError) and exc.errno == errno.EINVAL:
+        return True
+    text = str(exc).lower()
+    return "invalidrange" in text or "not satisfiable" in text or " 416" in text
+
+
+def read_ranges(loc: Location, reads: Sequence[RangeRead], *, in_flight: int) -> None:
+    """Run ``reads`` against ``loc``, at most ``in_flight`` at a time (see the module doc)."""
+    if not reads:
+        return
+    in_flight = max(1, in_flight)
+    if loc.is_local:
+        _read_local(loc, reads, threads=in_flight)
+    elif hasattr(loc.fs, "_call_s3"):
+        _read_on_loop(loc, reads, in_flight, _s3_range)
+    elif isinstance(loc.fs, AsyncFileSystem):
+        _read_on_loop(loc, reads, in_flight, _cat_range)
+    else:
+        _read_threads(loc, reads, threads=in_flight)
+
+
+# ---- local ------------------------------------------------------------------------------
+def _read_local(loc: Location, reads: Sequence[RangeRead], *, threads: int) -> None:
+    with storage_errors(loc.url, "read"):
+        fd = os.open(loc.path, os.O_RDONLY)
+    try:
+
+        def one(rr: RangeRead) -> None:
+            scatter = _Scatter(rr.views)
+            with storage_errors(loc.url, "read"):
+                while scatter.done < rr.nbytes:
+                    views = _remaining(rr.views, scatter.done)
+                    n = os.preadv(fd, views, rr.offset + scatter.done)
+                    if n == 0:
+                        raise _truncated(loc.url, rr, scatter.done)
+                    scatter.skip(n)
+
+        total = sum(rr.nbytes for rr in reads)
+        if threads == 1 or len(reads) == 1 or total < _LOCAL_PARALLEL_BYTES:
+            for rr in reads:
+                one(rr)
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, len(reads))) as pool:
+                list(pool.map(one, reads))
+    finally:
+        os.close(fd)
+
+
+def _remaining(views: Sequence[memoryview], skip: int) -> list[memoryview]:
+    out = []
+    for v in views:
+        if skip >= v.nbytes:
+            skip -= v.nbytes
+            continue
+        out.append(v[skip:])
+        skip = 0
+    return out
+
+
+# ---- sync fsspec filesystems --------------------------------------------------------------
+def _read_threads(loc: Location, reads: Sequence[RangeRead], *, threads: int) -> None:
+    def one(rr: RangeRead) -> None:
+        try:
+            data = call_with_retries(
+                lambda: loc.fs.cat_file(loc.path, start=rr.offset, end=rr.offset + rr.nbytes),
+                url=loc.url,
+                action="read",
+            )
+        except CheckpointError as e:
+            if _is_range_error(e.__cause__ or e):
+                raise _truncated(loc.url, rr, 0) from e
+            raise
+        if len(data) < rr.nbytes:
+            raise _truncated(loc.url, rr, len(data))
+        _Scatter(rr.views).write(memoryview(data)[: rr.nbytes])
+
+    if len(reads) == 1:
+        one(reads[0])
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(reads))) as pool:
+        list(pool.map(one, reads))
+
+
+# ---- async filesystems (S3, GCS) ------------------------------------------------------------
+_RangeFn = Callable[[Any, str, str, RangeRead, _Scatter], Awaitable[None]]
+
+
+def _read_on_loop(loc: Location, reads: Sequence[RangeRead], in_flight: int, fn: _RangeFn) -> None:
+    policy = RetryPolicy.from_knobs()
+
+    async def retried(rr: RangeRead, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            scatter = _Scatter(rr.views)
+            started = time.monotonic()
+            attempt = 0
+            while True:
+                attempt += 1
+                before = scatter.done
+                try:
+                    await fn(loc.fs, loc.path, loc.url, rr, scatter)
+                except CheckpointError:
+                    raise
+                except Exception as e:
+                    if _is_range_error(e):
+                        raise _truncated(loc.url, rr, scatter.done) from e
+                    if scatter.done > before:
+                        attempt, started = 1, time.monotonic()  # progress: a fresh budget
+                    delay = policy.delay_s(e, attempt=attempt, started_s=started)
+                    if delay is None:
+                        raise classify(e, loc.url, "read") from e
+                    logger.warning(
+                        "read %s bytes %d..%d failed (attempt %d/%d, %s: %s); retrying in %.2fs",
+                        loc.url,
+                        rr.offset + scatter.done,
+                        rr.offset + rr.nbytes,
+                        attempt,
+                        policy.attempts,
+                        type(e).__name__,
+                        e,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                if scatter.done < rr.nbytes:
+                    raise _truncated(loc.url, rr, scatter.done)
+                return
+
+    async def run_all() -> None:
+        gate = asyncio.Semaphore(in_flight)
+        tasks = [asyncio.ensure_future(retried(rr, gate)) for rr in reads]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # no task may keep writing into memory the caller frees
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    sync(loc.fs.loop, run_all)
+
+
+async def _s3_range(fs: Any, path: str, url: str, rr: RangeRead, scatter: _Scatter) -> None:
+    """Stream ``GetObject(Range)`` from where ``scatter`` stands into its views."""
+    bucket, key, version = fs.split_path(path)
+    start = rr.offset + scatter.done
+    kwargs: dict[str, Any] = {"VersionId": version} if version else {}
+    resp = await fs._call_s3(
+        "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{rr.offset + rr.nbytes - 1}",
+        **kwargs,
+    )  # fmt: skip
+    body = resp["Body"]
+    # aiohttp's readany() hands over one received buffer as is; read(n) would join several
+    content = getattr(getattr(body, "raw_stream", None), "content", None)
+    read_any: Callable[[], Awaitable[bytes]] = (
+        content.readany
+        if content is not None and hasattr(content, "readany")
+        else lambda: body.read(_BODY_READ_BYTES)  # type: ignore[no-any-return]
+    )
+    try:
+        while scatter.done < rr.nbytes:
+            chunk = await read_any()
+            if not chunk:
+                break
+            scatter.write(chunk)
+    finally:
+        body.close()
+
+
+async def _cat_range(fs: Any, path: str, url: str, rr: RangeRead, scatter: _Scatter) -> None:
+    """``_cat_file(start, end)`` of what ``scatter`` still lacks, then one copy."""
+    start = rr.offset + scatter.done
+    data = await fs._cat_file(path, start=start, end=rr.offset + rr.nbytes)
+    scatter.write(memoryview(data)[: rr.nbytes - scatter.done])
