@@ -265,7 +265,7 @@ class AsyncCheckpointer:
         self._max_shard_size = knobs.MAX_SHARD_SIZE.get(max_shard_size)
         self._info = RankInfo.current(rank=rank, node=node)
         self._node = self._info.node_id
-        self._rank = self._info.rank
+        self._rank = self._info.rank if rank is None else rank  # the writer's label for us
         self._metadata = dict(metadata or {})
         threads = knobs.COPY_THREADS.get(copy_threads) or min(8, len(os.sched_getaffinity(0)))
         self._copy_threads = max(1, threads)
@@ -404,7 +404,7 @@ class AsyncCheckpointer:
                 started=started,
                 timings=SaveTimings(nbytes, 0.0, arena_wait_s, copy_s),
             )
-            report = RankReport(self._rank, step, path, parts)
+            report = RankReport(self._info.rank, step, path, parts)
             pending = PendingCommit(
                 step=step,
                 path=path,
@@ -479,6 +479,8 @@ class AsyncCheckpointer:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not h._event.wait(remaining):
                 logger.warning("closing with the save of step %s still in flight", h.step)
+        if self._coordinator is not None:
+            self._coordinator.close()
         if self._client is not None:
             self._client.close()
             self._client = None

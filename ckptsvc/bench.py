@@ -103,6 +103,7 @@ class _Plan:
     timeout_s: float
     dcp_threads: int
     keep: bool
+    worker_tmp: str  # TMPDIR of the workers: short, for AF_UNIX socket paths under it
 
 
 class _Runner:
@@ -140,8 +141,8 @@ class _Runner:
         )  # fmt: skip
         cmd = [sys.executable, "-m", "ckptsvc.bench_workloads", cfg.to_json()]
         # the worker leaves with os._exit: temp dirs of its libraries (multiprocessing's
-        # pymp-*) go under the scratch area, which is removed at the end
-        env = dict(os.environ, TMPDIR=self.plan.local_dir)
+        # pymp-* with sockets) go to a temp dir of ours, removed at the end
+        env = dict(os.environ, TMPDIR=self.plan.worker_tmp)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -398,12 +399,16 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
             raise ValueError(
                 f"{root}: {free / GiB:.1f} GiB free, the bench needs {3 * nbytes / GiB:.1f} GiB"
             )
+    worker_tmp = tempfile.mkdtemp(prefix="ckptsvc-bench-tmp-")
     plan = _Plan(total_nbytes, args.reps, root, local_dir, remote, options, not args.warm_reads,
-                 args.timeout_s, args.dcp_threads, args.keep)  # fmt: skip
+                 args.timeout_s, args.dcp_threads, args.keep, worker_tmp)  # fmt: skip
     return plan, selected
 
 
 def _remove_scratch(plan: _Plan) -> None:
+    shutil.rmtree(plan.worker_tmp, ignore_errors=True)
+    if plan.keep:
+        return
     if plan.remote:
         from ckptsvc.storage import Location
 
@@ -453,10 +458,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = run_bench(plan, selected, progress)
     finally:
+        _remove_scratch(plan)
         if plan.keep:
             progress(f"kept the scratch data in {plan.root} and {plan.local_dir}")
-        else:
-            _remove_scratch(plan)
     _emit(args, plan, rows, started)
     return 1 if any(r.status == "error" for r in rows) else 0
 

@@ -62,7 +62,7 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     def arena_nbytes() -> float:
         return float(ok["ckptsvc_async"].extras.get("arena_nbytes") or ok["ckptsvc_async"].nbytes)
 
-    arena_note = "arena = bytes of new /dev/shm segments"
+    arena_note = "arena = /dev/shm segments mapped by the trainer"
     if "ckptsvc_async" in ok and not ok["ckptsvc_async"].extras.get("arena_nbytes"):
         arena_note = "no /dev/shm segment seen: state bytes used as arena size"
     specs: list[tuple[str, str, str, float, tuple[str, ...], Callable[[], float], str]] = [

@@ -20,7 +20,8 @@ from .errors import CheckpointError
 __all__ = ["main"]
 
 EXAMPLES = """examples:
-  ckptsvc demo                                  # save, find, load and verify a small model
+  ckptsvc demo                                  # train with async checkpoints, resume, verify
+  ckptsvc demo --kill-at 180                    # ... and SIGKILL the training mid-run
   ckptsvc ls ./run1                             # checkpoints under ./run1/checkpoints
   ckptsvc ls s3://bucket/run1 --json
   ckptsvc inspect ./run1/checkpoints/checkpoint-100
@@ -178,45 +179,109 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .discovery import CheckpointStatus, checkpoint_info, list_checkpoints
     from .verify import verify_checkpoint
 
-    report = verify_checkpoint(
-        args.checkpoint, deep=args.deep, storage_options=_storage_options(args)
-    )
+    opts = _storage_options(args)
+    targets = [args.checkpoint]
+    if checkpoint_info(args.checkpoint, storage_options=opts).status is CheckpointStatus.ABSENT:
+        found = list_checkpoints(args.checkpoint, storage_options=opts)
+        targets = [i.url for i in found] or targets  # a model directory: every checkpoint
+    reports = [verify_checkpoint(t, deep=args.deep, storage_options=opts) for t in targets]
+    # a save that never committed is reported, but only a damaged commit is a failure
+    failed = [r for r in reports if not r.ok and r.status != CheckpointStatus.INCOMPLETE.value]
+    if len(reports) == 1 and not reports[0].ok:
+        failed = reports
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        mode = "deep (size + CRC-32C)" if report.deep else "shallow (sizes)"
+        doc: Any = reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
+        print(json.dumps(doc, indent=2))
+        return 1 if failed else 0
+    mode = "deep (size + CRC-32C + headers)" if args.deep else "shallow (sizes)"
+    for r in reports:
+        verdict = "OK" if r.ok else "FAILED" if r in failed else "INCOMPLETE (not committed)"
         print(
-            f"{report.url}: {'OK' if report.ok else 'FAILED'} [{report.status}, {mode}, {report.files_checked} files, {_human_bytes(report.nbytes_checked)}]"
+            f"{r.url}: {verdict} [{r.status}, {mode}, {r.files_checked} files, "
+            f"{_human_bytes(r.nbytes_checked)}]"
         )
-        for p in report.problems:
+        for p in r.problems:
             print(f"  {p.kind}: {p.path or '-'}: {p.detail}")
-    return 0 if report.ok else 1
+    if len(reports) > 1:
+        passed = sum(1 for r in reports if r.ok)
+        print(f"{len(reports)} checkpoints: {passed} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from .gc import collect_garbage
 
     report = collect_garbage(
-        args.root, dry_run=args.dry_run, storage_options=_storage_options(args)
+        args.root,
+        dry_run=args.dry_run,
+        storage_options=_storage_options(args),
+        min_age_s=args.min_age_s,
+        shared_memory=args.shared_memory,
     )
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), "reclaimed": report.reclaimed}, indent=2))
         return 0
     verb = "would remove" if report.dry_run else "removed"
     for url in report.removed:
         print(f"{verb} {url}")
+    for label in report.aborted_uploads:
+        print(f"{'would abort' if report.dry_run else 'aborted'} unfinished upload {label}")
+    for name in report.reclaimed_segments:
+        print(f"{'would unlink' if report.dry_run else 'unlinked'} stale shared memory {name}")
     for url, why in report.kept:
         print(f"kept {url}: {why}")
-    print(f"gc {report.root}: {verb} {len(report.removed)}, kept {len(report.kept)} incomplete")
+    print(
+        f"gc {report.root}: {verb} {len(report.removed)} checkpoint dirs/files, "
+        f"{len(report.aborted_uploads)} uploads, {len(report.reclaimed_segments)} shared-memory "
+        f"segments; kept {len(report.kept)}"
+    )
     return 0
+
+
+def cmd_crashtest(args: argparse.Namespace) -> int:
+    from .crashtest import PointResult, run_campaign
+
+    opts = _storage_options(args)
+
+    def progress(r: PointResult) -> None:
+        if args.json:
+            return
+        what = r.point.describe() if r.point else "final run (must save)"
+        print(f"{'ok  ' if r.ok else 'FAIL'} {what} [{r.seconds:.1f} s]", file=sys.stderr)
+
+    reports = [
+        run_campaign(
+            url,
+            points=args.points,
+            seed=args.seed,
+            storage_options=opts,
+            timeout_s=args.timeout_s,
+            on_result=progress,
+        )
+        for url in args.storage
+    ]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for r in reports:
+            print(r.summary())
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(output=args.output, steps=args.steps, storage_options=_storage_options(args))
+    return run_demo(
+        output=args.output,
+        steps=args.steps,
+        save_every=args.save_every,
+        kill_at=args.kill_at,
+        storage_options=_storage_options(args),
+        progress=not args.no_progress,
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -273,38 +338,91 @@ def _parser() -> argparse.ArgumentParser:
     sp = add(
         "verify",
         cmd_verify,
-        "check every file's size (and CRC-32C with --deep) against the manifest",
+        "check every file's size (and CRC-32C, headers, index and state with --deep) against "
+        "the manifest; a model directory verifies each of its checkpoints",
         "ckptsvc verify ./run1/checkpoints/checkpoint-100 --deep",
     )
-    sp.add_argument("checkpoint", help="checkpoint directory (path or URL)")
+    sp.add_argument("checkpoint", help="checkpoint or model directory (path or URL)")
     sp.add_argument(
         "--deep",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="read every byte and check CRC-32C (default); --no-deep checks sizes only",
+        help="read every byte: CRC-32C, safetensors headers, index keys, state skeleton "
+        "(default); --no-deep checks presence and sizes only. Exit status 1 if a committed "
+        "checkpoint fails",
     )
     sp = add(
         "gc",
         cmd_gc,
-        "remove incomplete checkpoints older than the newest complete one, and stray temp files",
+        "reclaim debris under ROOT/checkpoints: saves and deletions that never finished, stray "
+        "temp files, unfinished S3 multipart uploads, shared memory of dead processes",
         "ckptsvc gc ./run1 --dry-run",
     )
     sp.add_argument("root", help="model directory (path or URL)")
     sp.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    sp.add_argument(
+        "--min-age-s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep anything younger (guards saves in flight on other hosts; default 0)",
+    )
+    sp.add_argument(
+        "--shared-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also unlink this host's staging arenas of dead processes (default)",
+    )
+    sp = add(
+        "crashtest",
+        cmd_crashtest,
+        "crash-consistency campaign: kill -9 the trainer / node writer at seeded random points "
+        "of real saves (snapshot, streaming, commit, retention) and check that no committed "
+        "checkpoint is lost, the latest loads and verifies, and gc reclaims the debris",
+        "ckptsvc crashtest --points 120 --storage /tmp/ct --storage s3://bucket/ct",
+    )
+    sp.add_argument(
+        "--storage",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="root to run under (a fresh crashtest-<id> directory is made there and removed "
+        "if every point passes); repeat for several backends",
+    )
+    sp.add_argument("--points", type=int, default=120, help="kill points per storage (default 120)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the points (default 0)")
+    sp.add_argument(
+        "--timeout-s", type=float, default=300.0, help="hang guard per point (default 300)"
+    )
+    sp.epilog = (
+        "example:\n  ckptsvc crashtest --points 120 --storage /tmp/ct --storage s3://bucket/ct\n\n"
+        "The test suite runs a seeded sample of about 20 points (tests/test_crash_campaign.py);\n"
+        "CKPTSVC_FULL_CRASHTEST=1 pytest tests/test_crash_campaign.py runs the full campaign\n"
+        "(120 points on local disk and 120 on the S3 emulator). Exit status 1 if any point fails."
+    )
     sp = add(
         "demo",
         cmd_demo,
-        "train a small model, checkpoint it, find the latest, load and verify it",
-        "ckptsvc demo --output ./demo-run",
+        "train a small transformer with async checkpoints; optionally SIGKILL it and resume",
+        "ckptsvc demo --kill-at 180",
     )
     sp.add_argument(
         "--output",
         default=".",
-        help="model directory; checkpoints go to OUTPUT/checkpoints (default: .)",
+        help="model directory (path or URL); checkpoints go to OUTPUT/checkpoints (default: .)",
+    )
+    sp.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    sp.add_argument(
+        "--save-every", type=int, default=50, help="checkpoint every N steps (default: 50)"
     )
     sp.add_argument(
-        "--steps", type=int, default=3, help="training steps, one checkpoint each (default: 3)"
+        "--kill-at",
+        type=int,
+        metavar="STEP",
+        help="train in a child process that SIGKILLs itself at STEP, resume in a new process "
+        "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     bp = sub.add_parser(
         "bench",
         help="benchmark ckptsvc against memcpy/disk floors, torch.save, safetensors and DCP",

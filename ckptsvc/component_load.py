@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -135,12 +136,30 @@ def _read_doc(ckpt: Location, name: str) -> dict[str, Any]:
     return doc
 
 
-def _template(c: StateComponent) -> dict[str, Any]:
-    """FQN -> live tensor of the stateful's current state (to find DTensors and devices)."""
+def _template(c: StateComponent, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """FQN -> live tensor of the stateful's current state (to find DTensors and devices).
+
+    A ``torch.optim.Optimizer`` whose state is still empty (a fresh optimizer about to be
+    resumed) maps ``state.<i>.<name>`` to parameter ``i`` when the shapes match, so the
+    state of a sharded parameter is loaded sharded like the parameter.
+    """
     try:
-        return dict(flatten_state(c.stateful.state_dict(), allow_dtensor=True).tensors)
+        template = dict(flatten_state(c.stateful.state_dict(), allow_dtensor=True).tensors)
     except CheckpointError:
-        return {}
+        template = {}
+    if isinstance(c.stateful, torch.optim.Optimizer):
+        params = [p for g in c.stateful.param_groups for p in g["params"]]
+        for fqn, info in (doc.get("tensors") or {}).items():
+            m = _OPT_STATE.match(fqn)
+            if fqn in template or m is None or int(m.group(1)) >= len(params):
+                continue
+            param = params[int(m.group(1))]
+            if is_dtensor(param) and list(param.shape) == list(info.get("shape") or ()):
+                template[fqn] = param
+    return template
+
+
+_OPT_STATE = re.compile(r"^state\.(\d+)\.[^.]+$")
 
 
 def _read_tensors(
@@ -243,7 +262,7 @@ def load_components(
         if not doc_file:
             raise CorruptCheckpointError(f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document")
         doc = _read_doc(ckpt, doc_file)
-        tensors = _read_tensors(ckpt, doc, _template(c), RegionReader(ckpt, manifest=manifest))
+        tensors = _read_tensors(ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest))
         state = unflatten_state(doc, tensors)
         _apply(c, state, strict=strict, where=ckpt.url)
         logger.debug("loaded component %r from %s (%s)", c.key, ckpt.url, doc_file)

@@ -55,7 +55,16 @@ from typing import Any
 
 from .manifest import MANIFEST_NAME, MARKER_NAME
 
-__all__ = ["CampaignReport", "CrashPoint", "PointResult", "run_campaign"]
+__all__ = [
+    "FAULT_OPS",
+    "CampaignReport",
+    "CrashPoint",
+    "OsFault",
+    "PointResult",
+    "faults_env",
+    "install_os_faults",
+    "run_campaign",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +99,7 @@ class CrashPoint:
 
     def describe(self) -> str:
         what = self.event + (f" {self.name}" if self.name else "")
-        if self.event in ("mid_write", "unlink"):
+        if self.event == "mid_write" or (self.event == "unlink" and not self.name):
             what += f" #{self.nbytes}"
         if self.event == "timer":
             what += f" {self.delay_s:.2f}s"
@@ -115,6 +124,7 @@ _TEMPLATES: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("sync", "trainer", "retention", "after_publish", MARKER_NAME, "trainer"),
     ("sync", "trainer", "retention", "after_remove", MANIFEST_NAME, "trainer"),
     ("sync", "trainer", "retention", "unlink", None, "trainer"),
+    ("sync", "trainer", "retention", "unlink", MARKER_NAME, "trainer"),
     ("sync", "trainer", "retention", "before_remove_tree", None, "trainer"),
     ("async", "trainer", "snapshot", "before_copy", None, "trainer"),
     ("async", "trainer", "snapshot", "after_copy", None, "trainer"),
@@ -168,7 +178,7 @@ def plan_points(count: int, *, seed: int, local: bool) -> list[CrashPoint]:
                 nbytes=rng.randrange(1, SAVE_NBYTES)
                 if event == "mid_write"
                 else rng.randint(1, 3)
-                if event == "unlink"
+                if event == "unlink" and name is None
                 else 0,
                 delay_s=rng.uniform(*_TIMER_DELAY_S) if event == "timer" else 0.0,
                 hook_in=hook_in,
@@ -212,7 +222,9 @@ class _Hooks:
     def __init__(self, plan: dict[str, Any], role: str) -> None:
         self.plan = plan
         self.active = plan.get("hook_in") == role
-        self.throttle_s = float(plan.get("write_delay_s", 0.0)) if plan.get("throttle") == role else 0.0
+        self.throttle_s = (
+            float(plan.get("write_delay_s", 0.0)) if plan.get("throttle") == role else 0.0
+        )
         self.phase = "save"
         self.step: int | None = None  # the save in progress in this process (trainer side)
         self._fired = False
@@ -237,7 +249,7 @@ class _Hooks:
             return
         if not self._armed(url):
             return
-        if event == "unlink":
+        if event == "unlink" and plan.get("name") is None:
             with self._lock:
                 self._unlinks += 1
                 if self._unlinks != plan["nbytes"]:
@@ -273,7 +285,11 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
     from .storage import Location
 
     hooks = _Hooks(plan, role)
-    real_publish, real_remove, real_open_sink = Location.publish, Location.remove, Location.open_sink
+    real_publish, real_remove, real_open_sink = (
+        Location.publish,
+        Location.remove,
+        Location.open_sink,
+    )
     real_replace, real_unlink = os.replace, os.unlink
 
     def publish(self: Location, data: bytes) -> None:
@@ -292,9 +308,9 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
         real_replace(src, dst, *args, **kwargs)
 
     def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        if hooks.phase == "retention":
-            hooks.hit("unlink", None, None)
         real_unlink(path, *args, **kwargs)
+        if hooks.phase == "retention":
+            hooks.hit("unlink", os.path.basename(str(path)), None)
 
     def open_sink(self: Location, **kwargs: Any) -> Any:
         sink = real_open_sink(self, **kwargs)
@@ -319,9 +335,9 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
         sink.write, sink.close = write, close
         return sink
 
-    Location.publish = publish  # type: ignore[method-assign]
-    Location.remove = remove  # type: ignore[method-assign]
-    Location.open_sink = open_sink  # type: ignore[method-assign]
+    Location.publish = publish
+    Location.remove = remove
+    Location.open_sink = open_sink
     os.replace = replace
     os.unlink = unlink
     if role == "trainer" and plan["api"] == "async":
@@ -333,7 +349,7 @@ def _install_snapshot_hooks(hooks: _Hooks) -> None:
     from . import async_checkpointer
     from .workers.client import WriterClient
 
-    real_copy = async_checkpointer.copy_into  # type: ignore[attr-defined]
+    real_copy = async_checkpointer.copy_into
     real_submit = WriterClient.submit
 
     def copy_into(*args: Any, **kwargs: Any) -> None:
@@ -345,8 +361,138 @@ def _install_snapshot_hooks(hooks: _Hooks) -> None:
         real_submit(self, job, callback)
         hooks.hit("after_submit", None, getattr(job, "ckpt_url", None))
 
-    async_checkpointer.copy_into = copy_into  # type: ignore[attr-defined]
-    WriterClient.submit = submit  # type: ignore[method-assign]
+    async_checkpointer.copy_into = copy_into
+    WriterClient.submit = submit
+
+
+# ---- OS-level faults on local files (a fault-injecting filesystem, in this process) ------------
+
+FAULTS_ENV = "CKPTSVC_CRASHTEST_FAULTS"
+#: the ``os`` calls behind each storage operation on local disk
+FAULT_OPS = ("open", "write", "close", "publish", "list", "read", "remove")
+
+
+@dataclass(frozen=True)
+class OsFault:
+    """One injected fault: ``op`` on files whose path contains ``match`` under ``root``.
+
+    ``errno_name`` (``"EIO"``, ``"ENOSPC"``, ...) makes the call fail; ``delay_s`` adds
+    latency; ``hang_path`` blocks the call while that file exists. The fault is active only
+    while ``switch_path`` exists (``None``: always). Ops: ``open`` (create for writing),
+    ``write``, ``close`` (fsync), ``publish`` (rename into place), ``list``, ``read``,
+    ``remove``.
+    """
+
+    root: str
+    op: str
+    errno_name: str | None = None
+    delay_s: float = 0.0
+    hang_path: str | None = None
+    switch_path: str | None = None
+    match: str = ""
+
+    def applies(self, op: str, path: str) -> bool:
+        return (
+            op == self.op
+            and path.startswith(self.root)
+            and self.match in path
+            and (self.switch_path is None or os.path.exists(self.switch_path))
+        )
+
+    def trigger(self, path: str) -> None:
+        while self.hang_path and os.path.exists(self.hang_path):
+            time.sleep(0.01)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.errno_name:
+            import errno
+
+            code = getattr(errno, self.errno_name)
+            raise OSError(code, f"{os.strerror(code)} (injected by ckptsvc.crashtest)", path)
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
+    """Wrap this process's ``os``/``open`` calls with ``faults``; returns the undo function."""
+    import builtins
+
+    real = {
+        name: getattr(os, name)
+        for name in ("open", "write", "fsync", "replace", "scandir", "pread", "preadv", "unlink")
+    }
+    real_open = builtins.open
+
+    def check(op: str, path: Any) -> None:
+        text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+        for fault in faults:
+            if text and fault.applies(op, text):
+                fault.trigger(text)
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        check("open" if flags & (os.O_WRONLY | os.O_RDWR) else "read", path)
+        return int(real["open"](path, flags, *args, **kwargs))
+
+    def os_write(fd: int, data: Any) -> int:
+        check("write", _fd_path(fd))
+        return int(real["write"](fd, data))
+
+    def os_fsync(fd: Any) -> None:
+        check("close", _fd_path(fd if isinstance(fd, int) else fd.fileno()))
+        real["fsync"](fd)
+
+    def os_replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        check("publish", dst)
+        real["replace"](src, dst, *args, **kwargs)
+
+    def os_scandir(path: Any = ".") -> Any:
+        check("list", path)
+        return real["scandir"](path)
+
+    def os_pread(fd: int, n: int, offset: int) -> bytes:
+        check("read", _fd_path(fd))
+        return bytes(real["pread"](fd, n, offset))
+
+    def os_preadv(fd: int, buffers: Any, offset: int, *args: Any) -> int:
+        check("read", _fd_path(fd))
+        return int(real["preadv"](fd, buffers, offset, *args))
+
+    def os_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        check("remove", path)
+        real["unlink"](path, *args, **kwargs)
+
+    def b_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        check("read" if "r" in mode and "+" not in mode else "open", file)
+        return real_open(file, mode, *args, **kwargs)
+
+    wrappers = {
+        "open": os_open, "write": os_write, "fsync": os_fsync, "replace": os_replace,
+        "scandir": os_scandir, "pread": os_pread, "preadv": os_preadv, "unlink": os_unlink,
+    }  # fmt: skip
+    for name, fn in wrappers.items():
+        setattr(os, name, fn)
+    builtins.open = b_open
+
+    def undo() -> None:
+        for name, fn in real.items():
+            setattr(os, name, fn)
+        builtins.open = real_open
+
+    return undo
+
+
+def faults_env(faults: list[OsFault]) -> dict[str, str]:
+    """Environment that makes a node writer (started from it) inject ``faults`` too."""
+    preload = [p for p in os.environ.get("CKPTSVC_WRITER_PRELOAD", "").split(",") if p.strip()]
+    return {
+        FAULTS_ENV: json.dumps([asdict(f) for f in faults]),
+        "CKPTSVC_WRITER_PRELOAD": ",".join(dict.fromkeys([*preload, "ckptsvc.crashtest"])),
+    }
 
 
 # ---- the child trainer -----------------------------------------------------------------------
@@ -400,11 +546,570 @@ def _child_main(plan: dict[str, Any]) -> int:
 
 
 def _writer_preload() -> None:
-    """Imported by the node writer (``CKPTSVC_WRITER_PRELOAD``): install the plan's hooks."""
+    """Imported by the node writer (``CKPTSVC_WRITER_PRELOAD``): install the plan's hooks
+    (``CKPTSVC_CRASHTEST_PLAN``) and OS faults (``CKPTSVC_CRASHTEST_FAULTS``)."""
     raw = os.environ.get(PLAN_ENV)
     if raw:
         install_hooks(json.loads(raw), "writer")
+    raw = os.environ.get(FAULTS_ENV)
+    if raw:
+        install_os_faults([OsFault(**f) for f in json.loads(raw)])
 
 
 if __name__ != "__main__":
     _writer_preload()
+
+
+# ---- running one child -----------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """What the campaign saw of one child run."""
+
+    killed: list[str] = field(default_factory=list)  # "trainer 123", "writer 456"
+    paused_at: str = ""
+    committed: list[tuple[int, int]] = field(default_factory=list)  # (step, seed)
+    writer_died: bool = False
+    writer_pids: set[int] = field(default_factory=set)
+    exit_code: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _reader(stream: Any, out: queue.Queue[str | None]) -> None:
+    for line in stream:
+        out.put(line.rstrip("\n"))
+    out.put(None)
+
+
+def _drain(lines: queue.Queue[str | None], *, timeout_s: float) -> list[str]:
+    out: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            item = lines.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if item is None:
+            break
+        out.append(item)
+    return out
+
+
+def _kill(pid: int, outcome: _Outcome, who: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+        outcome.killed.append(f"{who} {pid}")
+
+
+def _wait_gone(pids: set[int], *, timeout_s: float) -> list[int]:
+    """Wait for processes (not our children) to exit; SIGKILL the ones that do not."""
+    from .staging import pid_alive
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    stuck = [p for p in pids if pid_alive(p)]
+    for pid in stuck:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return stuck
+
+
+def _run_child(
+    plan: dict[str, Any], point: CrashPoint | None, env: dict[str, str], *, timeout_s: float
+) -> _Outcome:
+    """Start the child, kill the victim at the point, let it finish, collect what it said."""
+    outcome = _Outcome()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsvc.crashtest", json.dumps(plan)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    errors: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True).start()
+    threading.Thread(target=_reader, args=(proc.stderr, errors), daemon=True).start()
+    paused = os.path.join(plan["ctl"], "paused.json")
+    killed_step = plan["step"]
+    fire_at: float | None = None
+    acted = point is None
+    deadline = time.monotonic() + timeout_s
+    eof = False
+    while not eof:
+        if (
+            not acted
+            and point is not None
+            and (os.path.exists(paused) or (fire_at is not None and time.monotonic() >= fire_at))
+        ):
+            acted = True
+            _act(point, proc.pid, paused, plan["ctl"], outcome)
+        if time.monotonic() > deadline:
+            outcome.problems.append(f"the child did not finish within {timeout_s:.0f} s")
+            _kill(proc.pid, outcome, "trainer (timeout)")
+            break
+        try:
+            line = lines.get(timeout=0.01)
+        except queue.Empty:
+            continue
+        if line is None:
+            eof = True
+            continue
+        word, *rest = [*line.split(" ", 2), ""]
+        if word == "WRITER" and rest[0].isdigit():
+            outcome.writer_pids.add(int(rest[0]))
+        elif word == "START" and point is not None and point.event == "timer":
+            if int(rest[0]) == killed_step and fire_at is None:
+                fire_at = time.monotonic() + point.delay_s
+        elif word == "COMMITTED":
+            outcome.committed.append((int(rest[0]), int(rest[1])))
+        elif word == "WRITER_DIED":
+            outcome.writer_died = True
+    try:
+        outcome.exit_code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        _kill(proc.pid, outcome, "trainer (hung)")
+        outcome.exit_code = proc.wait()
+        outcome.problems.append("the child did not exit after its output ended")
+    if os.path.exists(paused):
+        with open(paused) as f:
+            info = json.load(f)
+        outcome.paused_at = str(info["why"])
+        outcome.writer_pids.add(int(info["pid"]))
+    outcome.writer_pids.discard(proc.pid)
+    stuck = _wait_gone(outcome.writer_pids, timeout_s=30.0)
+    if stuck:
+        outcome.problems.append(f"node writer(s) {stuck} did not exit after the point")
+    stderr = _drain(errors, timeout_s=10.0)
+    if not acted and point is not None and point.event != "timer":
+        outcome.problems.append(f"the kill point was never reached ({point.describe()})")
+    trainer_killed = any(k.startswith("trainer") for k in outcome.killed)
+    if outcome.exit_code != 0 and not trainer_killed:
+        outcome.problems.append(
+            f"the child failed (exit {outcome.exit_code}): " + " | ".join(stderr[-12:])
+        )
+    return outcome
+
+
+def _act(point: CrashPoint, child_pid: int, paused: str, ctl: str, outcome: _Outcome) -> None:
+    """Kill the point's victim(s); release a paused process that is not a victim."""
+    hook_pid: int | None = None
+    if os.path.exists(paused):
+        with open(paused) as f:
+            hook_pid = int(json.load(f)["pid"])
+    writers = sorted(outcome.writer_pids - {child_pid})
+    if point.victim in ("trainer", "node"):
+        _kill(child_pid, outcome, "trainer")
+    if point.victim in ("writer", "node"):
+        target = hook_pid if point.hook_in == "writer" and hook_pid else None
+        for pid in [target] if target else writers[-1:]:
+            _kill(pid, outcome, "writer")
+    if hook_pid is not None and point.hook_in != point.victim and point.victim != "node":
+        time.sleep(0.2)  # ordering only: let the writer see the trainer's EOF first
+        with open(os.path.join(ctl, "release"), "w"):
+            pass
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """One point's outcome. ``lost`` lists committed checkpoints lost or damaged (must be
+    empty); ``problems`` anything else that broke a promise (or the harness)."""
+
+    point: CrashPoint | None  # None: the final run that must save cleanly
+    killed: tuple[str, ...]
+    paused_at: str
+    committed_seeds: tuple[int, ...]
+    latest: str | None
+    lost: tuple[str, ...]
+    problems: tuple[str, ...]
+    reclaimed: dict[str, int]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["ok"] = self.ok
+        doc["point"] = None if self.point is None else self.point.describe()
+        return doc
+
+
+@dataclass(frozen=True)
+class CampaignReport:
+    """The whole campaign on one storage root."""
+
+    root: str
+    seed: int
+    results: tuple[PointResult, ...]
+
+    @property
+    def points(self) -> list[PointResult]:
+        return [r for r in self.results if r.point is not None]
+
+    @property
+    def checkpoints_lost(self) -> int:
+        return sum(len(r.lost) for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def tally(self, attribute: str) -> dict[str, int]:
+        """Points by a :class:`CrashPoint` field (``api``, ``victim``, ``phase``, ``event``)."""
+        out: dict[str, int] = {}
+        for r in self.points:
+            key = str(getattr(r.point, attribute))
+            out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items()))
+
+    def reclaimed(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for r in self.results:
+            for k, v in r.reclaimed.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "seed": self.seed,
+            "ok": self.ok,
+            "points": len(self.points),
+            "killed": sum(1 for r in self.points if r.killed),
+            "checkpoints_lost": self.checkpoints_lost,
+            "by_api": self.tally("api"),
+            "by_victim": self.tally("victim"),
+            "by_phase": self.tally("phase"),
+            "reclaimed": self.reclaimed(),
+            "failures": [r.to_dict() for r in self.results if not r.ok],
+        }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"crashtest {self.root}: {'OK' if self.ok else 'FAILED'}: {d['points']} points "
+            f"(seed {self.seed}), {d['killed']} kills, checkpoints lost: {d['checkpoints_lost']}",
+            f"  by api {d['by_api']}, by victim {d['by_victim']}, by phase {d['by_phase']}",
+            f"  gc reclaimed {d['reclaimed']}",
+        ]
+        for r in self.results:
+            if not r.ok:
+                what = r.point.describe() if r.point else "final run"
+                for text in (*r.lost, *r.problems):
+                    lines.append(f"  FAIL {what}: {text}")
+        return "\n".join(lines)
+
+
+# ---- the campaign --------------------------------------------------------------------------
+
+
+def _tensors_equal(got: Any, want: Any) -> bool:
+    import torch
+
+    if isinstance(want, torch.Tensor):
+        return (
+            isinstance(got, torch.Tensor)
+            and got.dtype == want.dtype
+            and got.shape == want.shape
+            and torch.equal(got, want)
+        )
+    if isinstance(want, dict):
+        return (
+            isinstance(got, dict)
+            and sorted(got) == sorted(want)
+            and all(_tensors_equal(got[k], want[k]) for k in want)
+        )
+    return bool(got == want)
+
+
+class _Campaign:
+    """The campaign's state across points: the root, the commit log, counters."""
+
+    def __init__(
+        self, root: str, storage_options: dict[str, Any], *, seed: int, timeout_s: float
+    ) -> None:
+        from .storage import Location
+
+        self.url = root
+        self.opts = storage_options
+        self.loc = Location.parse(root, storage_options)
+        self.seed = seed
+        self.timeout_s = timeout_s
+        self.log: list[tuple[int, str]] = []  # (seed, checkpoint dir) in commit order
+        self.next_step = 1
+        self.next_seed = 1000 + 1000 * seed
+        self.tag = f"ct{uuid.uuid4().hex[:8]}"
+        self.ctl_root = tempfile.mkdtemp(prefix="ckptsvc-crashtest-")
+
+    # -- state of the root --
+    def _complete(self) -> dict[str, Any]:
+        from .discovery import CheckpointStatus, list_checkpoints
+
+        self.loc.fs.invalidate_cache()
+        infos = list_checkpoints(self.loc)
+        return {i.location.name: i for i in infos if i.status is CheckpointStatus.COMPLETE}
+
+    def _manifests(self) -> dict[str, tuple[bytes, tuple[float, int]]]:
+        """Each complete checkpoint's manifest bytes and commit order key."""
+        return {
+            n: (i.location.join(MANIFEST_NAME).read_bytes(), i.sort_key())
+            for n, i in self._complete().items()
+        }
+
+    def _seed_of(self, info: Any) -> int | None:
+        try:
+            doc = json.loads(info.location.join(_INDEX).read_bytes())
+            return int(doc["metadata"]["crashtest_seed"])
+        except Exception:  # a damaged index: reported by verify
+            return None
+
+    # -- one point --
+    def plan(self, point: CrashPoint | None, ctl: str) -> dict[str, Any]:
+        complete = self._complete()
+        saves_before = 0 if point is None else point.saves_before
+        if point is not None and point.phase == "retention":
+            saves_before = max(saves_before, KEEP - len(complete))
+        saves = []
+        for _ in range(saves_before):
+            saves.append((self.next_step, self.next_seed))
+            self.next_step, self.next_seed = self.next_step + 1, self.next_seed + 1
+        newest = [n for s, n in reversed(self.log) if n in complete]
+        if point is not None and point.overwrite and newest:
+            killed_step = int(newest[0].split("-", 1)[1])
+        else:
+            killed_step, self.next_step = self.next_step, self.next_step + 1
+        saves.append((killed_step, self.next_seed))
+        self.next_seed += 1
+        if point is not None and point.victim == "writer":  # the same run goes on saving
+            saves.append((self.next_step, self.next_seed))
+            self.next_step, self.next_seed = self.next_step + 1, self.next_seed + 1
+        api = "sync" if point is None else point.api
+        return {
+            "root": self.url,
+            "storage_options": self.opts,
+            "api": api,
+            "saves": saves,
+            "step": killed_step,
+            "killed_seed": saves[-2 if point is not None and point.victim == "writer" else -1][1],
+            "phase": "none" if point is None else point.phase,
+            "event": "none" if point is None else point.event,
+            "name": None if point is None else point.name,
+            "nbytes": 0 if point is None else point.nbytes,
+            "hook_in": None if point is None else point.hook_in,
+            "throttle": None
+            if point is None or point.event != "timer"
+            else ("trainer" if api == "sync" else "writer"),
+            "write_delay_s": _WRITE_DELAY_S,
+            "ctl": ctl,
+        }
+
+    def env(self, plan: dict[str, Any], node: str) -> dict[str, str]:
+        env = dict(os.environ)
+        preload = [p for p in env.get("CKPTSVC_WRITER_PRELOAD", "").split(",") if p.strip()]
+        env.update(
+            {
+                "CKPTSVC_NODE_ID": node,
+                "CKPTSVC_WRITER_LINGER_S": "0.5",
+                "CKPTSVC_WRITER_PRELOAD": ",".join([*preload, "ckptsvc.crashtest"]),
+                "CKPTSVC_WRITER_LOG_LEVEL": "ERROR",
+                "CKPTSVC_IO_THREADS": "1",  # shards in order: byte offsets are well defined
+                "CKPTSVC_WRITE_CHUNK_BYTES": str(64 << 10),
+                "CKPTSVC_PART_SIZE_BYTES": str(5 << 20),
+                "PYTHONUNBUFFERED": "1",
+                PLAN_ENV: json.dumps(plan),
+            }
+        )
+        return env
+
+    def run_point(self, point: CrashPoint | None) -> PointResult:
+        started = time.monotonic()
+        index = "final" if point is None else str(point.index)
+        ctl = os.path.join(self.ctl_root, f"point-{index}")
+        os.makedirs(ctl)
+        node = f"{self.tag}p{index}"
+        before = self._manifests()
+        plan = self.plan(point, ctl)
+        outcome = _run_child(plan, point, self.env(plan, node), timeout_s=self.timeout_s)
+        problems = list(outcome.problems)
+        if point is None and [s for _, s in outcome.committed] != [s for _, s in plan["saves"]]:
+            problems.append(f"the final run did not commit every save: {outcome.committed}")
+        lost, latest = self._check(before, plan, outcome, problems)
+        reclaimed = self._gc_and_check(node, latest, problems)
+        return PointResult(
+            point=point,
+            killed=tuple(outcome.killed),
+            paused_at=outcome.paused_at,
+            committed_seeds=tuple(s for _, s in outcome.committed),
+            latest=latest,
+            lost=tuple(lost),
+            problems=tuple(problems),
+            reclaimed=reclaimed,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _check(
+        self,
+        before: dict[str, tuple[bytes, tuple[float, int]]],
+        plan: dict[str, Any],
+        outcome: _Outcome,
+        problems: list[str],
+    ) -> tuple[list[str], str | None]:
+        from .discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+
+        self.loc.fs.invalidate_cache()
+        lost: list[str] = []
+        infos = list_checkpoints(self.loc)
+        for info in infos:
+            if info.status is CheckpointStatus.LEGACY:
+                problems.append(
+                    f"{info.url} shows up as a manifest-less legacy checkpoint (a partial "
+                    "save or deletion that discovery may return)"
+                )
+        committed_now = [f"checkpoint-{step}" for step, _ in outcome.committed]
+        self.log += [(seed, f"checkpoint-{step}") for step, seed in outcome.committed]
+        complete = {i.location.name: i for i in infos if i.status is CheckpointStatus.COMPLETE}
+        killed_dir = f"checkpoint-{plan['step']}"
+        retired = killed_dir if killed_dir in before else None
+        order = sorted(before, key=lambda n: before[n][1])
+        newest = list(dict.fromkeys(reversed([*order, *committed_now])))[:KEEP]
+        for name, (raw, _) in before.items():
+            was = complete.get(name)
+            intact = was is not None and was.location.join(MANIFEST_NAME).read_bytes() == raw
+            if intact or name == retired or name in committed_now:
+                continue
+            if name in newest:
+                status = "gone" if was is None else "re-committed"
+                lost.append(f"{name}: committed before the point and protected, now {status}")
+        seeds: dict[str, int | None] = {}
+        for ckpt in complete.values():
+            lost += self._verify_and_load(ckpt, seeds)
+        latest = find_latest_checkpoint(self.url, storage_options=self.opts)
+        survivors = [(s, n) for s, n in self.log if seeds.get(n) == s]
+        expected = survivors[-1][0] if survivors else None
+        latest_name = None if latest is None else latest.rstrip("/").rsplit("/", 1)[-1]
+        got = seeds.get(latest_name) if latest_name else None
+        if got is not None and got == plan["killed_seed"] and got not in [s for s, _ in self.log]:
+            self.log.append((got, latest_name or ""))  # committed just before the kill
+        elif got != expected:
+            problems.append(
+                f"find_latest_checkpoint returned {latest} (seed {got}); expected the newest "
+                f"committed checkpoint (seed {expected})"
+            )
+        self.log = [(s, n) for s, n in self.log if seeds.get(n) == s]
+        return lost, latest
+
+    def _verify_and_load(self, info: Any, seeds: dict[str, int | None]) -> list[str]:
+        from .flatten import load_state
+        from .sharded_checkpoint import load_checkpoint
+        from .verify import verify_checkpoint
+
+        name = info.location.name
+        report = verify_checkpoint(info.location, deep=True)
+        seed = self._seed_of(info)
+        seeds[name] = seed
+        if not report.ok:
+            return [f"{name}: fails deep verification: {[p.detail for p in report.problems]}"]
+        if seed is None:
+            return [f"{name}: its index carries no crashtest seed"]
+        files = {f.path for f in info.manifest.files}
+        try:
+            if _SKELETON in files:
+                got = load_state(info.url, storage_options=self.opts)
+                same = _tensors_equal(got["model"], crash_state(seed)) and got["seed"] == seed
+            else:
+                same = _tensors_equal(
+                    load_checkpoint(info.url, storage_options=self.opts), crash_state(seed)
+                )
+        except Exception as e:
+            return [f"{name}: verifies but does not load: {type(e).__name__}: {e}"]
+        return [] if same else [f"{name}: loads, but not the bytes seed {seed} saved"]
+
+    def _gc_and_check(self, node: str, latest: str | None, problems: list[str]) -> dict[str, int]:
+        from .discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+        from .gc import collect_garbage, unfinished_uploads
+        from .staging import segment_prefix
+
+        report = collect_garbage(self.url, storage_options=self.opts, node=node)
+        for url, why in report.kept:
+            problems.append(f"gc kept {url}: {why}")
+        self.loc.fs.invalidate_cache()
+        for info in list_checkpoints(self.loc):
+            if info.status is not CheckpointStatus.COMPLETE:
+                problems.append(f"after gc, {info.url} is still {info.status.value}")
+            elif info.location.is_local:
+                tmp = [c.name for c in info.location.list_children() if c.name.endswith(".tmp")]
+                if tmp:
+                    problems.append(f"after gc, {info.url} still holds temp files {tmp}")
+        uploads = unfinished_uploads(self.url, storage_options=self.opts)
+        if uploads:
+            problems.append(f"after gc, unfinished uploads remain: {uploads}")
+        prefix = segment_prefix(node)
+        shm = (
+            [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+            if os.path.isdir("/dev/shm")
+            else []
+        )
+        if shm:
+            problems.append(f"after gc, shared-memory segments remain: {shm}")
+        if find_latest_checkpoint(self.url, storage_options=self.opts) != latest:
+            problems.append("gc changed what find_latest_checkpoint returns")
+        dirs = sum(
+            1 for u in report.removed if u.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint-")
+        )
+        return {
+            "directories": dirs,
+            "files": len(report.removed) - dirs,
+            "uploads": len(report.aborted_uploads),
+            "segments": len(report.reclaimed_segments),
+        }
+
+    def close(self) -> None:
+        shutil.rmtree(self.ctl_root, ignore_errors=True)
+
+
+def run_campaign(
+    root: str,
+    *,
+    points: int = 120,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    timeout_s: float = 300.0,
+    on_result: Callable[[PointResult], None] | None = None,
+) -> CampaignReport:
+    """Run ``points`` seeded crash points under a fresh ``<root>/crashtest-<id>`` (which is
+    removed at the end if every point passed), then one clean run that must save.
+
+    ``on_result`` is called after each point (progress). The report holds the figures;
+    ``report.ok`` is the verdict.
+    """
+    from .storage import Location
+
+    base = Location.parse(root, storage_options)
+    run_root = base.join(f"crashtest-{uuid.uuid4().hex[:10]}")
+    url = run_root.url if not run_root.is_local else run_root.path
+    campaign = _Campaign(url, dict(storage_options or {}), seed=seed, timeout_s=timeout_s)
+    results: list[PointResult] = []
+    try:
+        for point in [*plan_points(points, seed=seed, local=base.is_local), None]:
+            result = campaign.run_point(point)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        campaign.close()
+    report = CampaignReport(root=url, seed=seed, results=tuple(results))
+    if report.ok:
+        run_root.remove(recursive=True, missing_ok=True)
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(_child_main(json.loads(sys.argv[1])))

@@ -83,7 +83,7 @@ class RankInfo:
         except ImportError:  # pragma: no cover - torch is a dependency
             world = _env_int("WORLD_SIZE", 1)
             found_rank = _env_int("RANK", 0)
-        if rank is not None:
+        if rank is not None and world > 1:  # in one process an explicit rank is only a label
             found_rank = rank
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
         local_rank = _env_int("LOCAL_RANK", found_rank % max(1, local_world))
@@ -299,6 +299,8 @@ class Coordinator:
         self._timeout_s = timeout_s
         self._seq = itertools.count()
         self._last: PendingCommit | None = None
+        self._lock = threading.Lock()
+        self._unacked: list[_Channel] = []  # rank 0: outcomes not yet read by every rank
         digest = hashlib.sha256(root.encode()).hexdigest()[:12]
         self._prefix = f"ckptsvc/{digest}"
         if self._store is not None:
@@ -309,6 +311,32 @@ class Coordinator:
                 raise CoordinationError(
                     f"cannot use the job's torch.distributed store ({type(e).__name__}: {e})"
                 ) from e
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Rank 0: wait (bounded) until every rank has read the outcomes, so that exiting,
+        which takes the store down with it, cannot fail another rank's handle."""
+        deadline = time.monotonic() + timeout_s
+        while self._sweep() and time.monotonic() < deadline:
+            time.sleep(_POLL_MAX_S)
+
+    def _sweep(self) -> int:
+        """Delete the keys of outcomes every rank acknowledged; return how many remain."""
+        acks = [f"ack/{r}" for r in range(1, self._info.world_size)]
+        with self._lock:
+            pending = list(self._unacked)
+        left = []
+        for channel in pending:
+            try:
+                done = len(channel.present(acks)) == len(acks)
+            except CheckpointError:
+                done = True  # the store is gone: nobody can read it anyway
+            if done:
+                channel.delete(["outcome", "failed", *acks])
+            else:
+                left.append(channel)
+        with self._lock:
+            self._unacked = [c for c in self._unacked if c in left or c not in pending]
+            return len(self._unacked)
 
     def begin(self, pending: PendingCommit) -> None:
         pending.seq = next(self._seq)
@@ -352,9 +380,14 @@ class Coordinator:
             if report.error is not None:
                 channel.set("failed", raw)
             if self._info.rank == 0:
+                self._sweep()
                 error = self._commit_round(pending, report, channel)
-            elif local_error is None:
-                error = self._await_outcome(pending, channel)
+                with self._lock:
+                    self._unacked.append(channel)
+            else:
+                if local_error is None:
+                    error = self._await_outcome(pending, channel)
+                channel.set(f"ack/{self._info.rank}", b"1")
         except BaseException as e:
             error = error or e
         finally:
@@ -395,7 +428,7 @@ class Coordinator:
             channel.delete(keys)
             return error
         channel.set("outcome", _outcome(None))
-        channel.delete(keys + ["failed"])
+        channel.delete(keys)
         pending.handle._finish_committed(
             merged.files, write_s=pending.handle.timings.write_s, commit_s=done.commit_s
         )

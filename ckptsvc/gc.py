@@ -1,7 +1,8 @@
 """``gc``: reclaim the debris of saves and deletions that never finished.
 
-What counts as debris under a model directory's ``checkpoints/`` (complete checkpoints,
-i.e. those whose manifest parses, are never removed):
+What counts as debris under a model directory's ``checkpoints/`` (a complete checkpoint,
+one whose manifest parses, is only ever removed when retention already chose to delete
+it, item 3):
 
 1. an **incomplete** checkpoint directory - our in-progress marker and no manifest - when
    nothing may still be writing it: its marker names a process on this host that is dead,
@@ -11,14 +12,18 @@ i.e. those whose manifest parses, are never removed):
    save ever (same), anything younger than ``min_age_s``, and a directory whose manifest
    is damaged but which has no marker (that is a committed checkpoint gone bad, not
    debris: ``ckptsvc verify`` it and delete it by hand);
-2. inside complete checkpoints: temp files of atomic publishes (``.<name>.<hex>.tmp``), a
+2. a ``checkpoint-*`` directory with no manifest, marker or index that holds nothing but
+   shard files and temp files (the remains of a deletion or save cut short), or nothing;
+3. a complete checkpoint whose deletion by retention was interrupted (its marker says
+   ``deleting``): the deletion is finished, as retention decided;
+4. inside complete checkpoints: temp files of atomic publishes (``.<name>.<hex>.tmp``), a
    leftover in-progress marker (older than the manifest, its writer dead or elsewhere),
    and shard files (``model-0000i-of-0000N.*``) the manifest does not list that are older
    than the manifest (left by an overwrite with fewer shards);
-3. on S3, unfinished multipart uploads under ``checkpoints/``: those of directories removed
-   in step 1, and those started before the newest complete checkpoint was committed
+5. on S3, unfinished multipart uploads under ``checkpoints/``: those of directories removed
+   in steps 1-2, and those started before the newest complete checkpoint was committed
    (their saves are long dead); GCS resumable sessions expire by themselves;
-4. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-...``) whose owner process is
+6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-...``) whose owner process is
    dead (:func:`ckptsvc.staging.reclaim_stale_segments`).
 
 ``dry_run`` reports without changing anything. Every removal is logged and listed.
@@ -46,13 +51,16 @@ from .retention import delete_checkpoint
 from .staging import node_id, pid_alive, reclaim_stale_segments, segment_prefix
 from .storage import ChildInfo, Location, call_with_retries
 
-__all__ = ["GcReport", "collect_garbage"]
+__all__ = ["GcReport", "collect_garbage", "unfinished_uploads"]
 
 logger = logging.getLogger(__name__)
 
 _TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 _SHARD_RE = re.compile(r"^(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)$")
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
+#: an upload counts as older than the newest commit only by this margin: the manifest's
+#: time comes from the writer's clock, the upload's from the object store's
+CLOCK_SLACK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,8 @@ def _debris_in_complete(
     debris: list[Location] = []
     if MARKER_NAME in names:
         marker = _read_marker(info.location) or {}
+        if marker.get("deleting") is True:  # retention chose it, then stopped: finish
+            return [info.location], None
         started = _started_s(marker)
         if started is None or started >= committed_s or _writer_state(marker) == "alive":
             return [], "a save to this directory is in progress (marker newer than the manifest)"
@@ -179,6 +189,17 @@ def _debris_in_complete(
         if _TMP_RE.match(c.name) or stale_shard:
             debris.append(info.location.join(c.name))
     return debris, None
+
+
+def _is_remains(info: CheckpointInfo, *, now_s: float, min_age_s: float) -> bool:
+    """An ABSENT directory that holds only our shard/temp files (or nothing), all old enough."""
+    children = info.location.list_children()
+    return all(
+        not c.is_dir
+        and (_SHARD_RE.match(c.name) or _TMP_RE.match(c.name))
+        and (c.mtime is None or now_s - c.mtime >= min_age_s)
+        for c in children
+    )
 
 
 # ---- S3 multipart uploads ----------------------------------------------------------------------
@@ -203,6 +224,15 @@ def _s3_uploads(ckpts: Location) -> list[dict[str, Any]]:
         if not out.get("IsTruncated"):
             return uploads
         page = {"KeyMarker": out["NextKeyMarker"], "UploadIdMarker": out["NextUploadIdMarker"]}
+
+
+def unfinished_uploads(root: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """URLs of unfinished multipart uploads under ``root/checkpoints`` (S3; else empty)."""
+    root_loc = Location.parse(root, storage_options)
+    if root_loc.protocol not in _S3_PROTOCOLS or not hasattr(root_loc.fs, "call_s3"):
+        return []
+    ckpts = root_loc.join(CHECKPOINTS_DIR)
+    return [f"s3://{u['Bucket']}/{u['Key']} (upload {u['UploadId']})" for u in _s3_uploads(ckpts)]
 
 
 def _abort_upload(ckpts: Location, up: dict[str, Any]) -> None:
@@ -247,7 +277,9 @@ def _collect_uploads(
             why = kept_dirs[directory]
         elif initiated is not None and now_s - initiated < min_age_s:
             why = f"started {now_s - initiated:.0f} s ago (younger than min_age_s={min_age_s:g})"
-        elif newest_s is not None and initiated is not None and initiated < newest_s:
+        elif (
+            newest_s is not None and initiated is not None and initiated < newest_s - CLOCK_SLACK_S
+        ):
             why = None
         else:
             why = "started after the newest complete checkpoint; it may be a save in flight"
@@ -317,6 +349,12 @@ def collect_garbage(
             removed_dirs.add(info.location.name)
             if not dry_run:
                 delete_checkpoint(info.location)
+        elif info.status is CheckpointStatus.ABSENT:
+            if _is_remains(info, now_s=now_s, min_age_s=min_age_s):
+                removed.append(info.url)
+                removed_dirs.add(info.location.name)
+                if not dry_run:
+                    info.location.remove(recursive=True, missing_ok=True)
         elif info.status is CheckpointStatus.COMPLETE and info.manifest is not None:
             files, why = _debris_in_complete(info, info.manifest, now_s=now_s, min_age_s=min_age_s)
             if why:
@@ -324,7 +362,11 @@ def collect_garbage(
                 kept_dirs[info.location.name] = why
             for target in files:
                 removed.append(target.url)
-                if not dry_run:
+                if target == info.location:
+                    removed_dirs.add(info.location.name)
+                    if not dry_run:
+                        delete_checkpoint(target)
+                elif not dry_run:
                     target.remove(missing_ok=True)
     aborted: list[str] = []
     ckpts = root_loc.join(CHECKPOINTS_DIR)

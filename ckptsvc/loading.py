@@ -42,7 +42,7 @@ def read_safetensors_header(loc: Location) -> tuple[ShardLayout, int]:
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     """The tensor's memory as a writable byte view (the tensor must be contiguous, on CPU)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def read_safetensors(

@@ -243,6 +243,11 @@ class CheckpointManager:
             )
         return self._checkpointer
 
+    def start(self) -> None:
+        """Connect to (or start) the node writer now; otherwise the first save does, and
+        its blocking time includes the writer's start-up."""
+        self._engine()
+
     def save_checkpoint(
         self,
         checkpoint_path: str | None = None,

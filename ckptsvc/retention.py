@@ -2,19 +2,28 @@
 
 Once the manifest is gone the checkpoint is invisible to discovery, so a crash halfway
 through a delete leaves an incomplete directory for ``gc``, never a torn "complete" one.
+On object stores the data goes in batched requests (S3: DeleteObjects of up to 1000
+keys; GCS: gcsfs's batch API), optionally on a background thread.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
 from .manifest import MANIFEST_NAME, MARKER_NAME
 from .storage import Location
 
-__all__ = ["delete_checkpoint", "maybe_delete_oldest_checkpoint", "select_for_deletion"]
+__all__ = [
+    "delete_checkpoint",
+    "delete_oldest_checkpoints_in_background",
+    "maybe_delete_oldest_checkpoint",
+    "select_for_deletion",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +61,24 @@ def select_for_deletion(
     return victims[: max(excess, 0)]
 
 
+def _delete_oldest(
+    model_dir: str,
+    max_checkpoints: int,
+    best_checkpoint: str | None,
+    preserved_checkpoints: list[str] | None,
+    storage_options: dict[str, Any] | None,
+) -> list[str]:
+    preserved = list(preserved_checkpoints or [])
+    if best_checkpoint:
+        preserved.append(best_checkpoint)
+    infos = list_checkpoints(model_dir, storage_options=storage_options)
+    deleted = []
+    for victim in select_for_deletion(infos, keep=max_checkpoints, preserved=preserved):
+        delete_checkpoint(victim.location)
+        deleted.append(victim.url)
+    return deleted
+
+
 def maybe_delete_oldest_checkpoint(
     model_dir: str,
     max_checkpoints: int,
@@ -65,9 +92,39 @@ def maybe_delete_oldest_checkpoint(
     Never deletes ``best_checkpoint``, a preserved checkpoint, the newest complete one,
     or an incomplete one (it may still be saving).
     """
-    preserved = list(preserved_checkpoints or [])
-    if best_checkpoint:
-        preserved.append(best_checkpoint)
-    infos = list_checkpoints(model_dir, storage_options=storage_options)
-    for victim in select_for_deletion(infos, keep=max_checkpoints, preserved=preserved):
-        delete_checkpoint(victim.location)
+    _delete_oldest(
+        model_dir, max_checkpoints, best_checkpoint, preserved_checkpoints, storage_options
+    )
+
+
+_background: ThreadPoolExecutor | None = None
+_background_lock = threading.Lock()
+
+
+def _retention_thread() -> ThreadPoolExecutor:
+    """One thread for background deletions, so they run in the order they were asked."""
+    global _background
+    with _background_lock:
+        if _background is None:
+            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-retention")
+        return _background
+
+
+def delete_oldest_checkpoints_in_background(
+    model_dir: str,
+    max_checkpoints: int,
+    best_checkpoint: str | None = None,
+    preserved_checkpoints: list[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> Future[list[str]]:
+    """:func:`maybe_delete_oldest_checkpoint` on a background thread (listing and
+    deleting cost requests on object stores); the future gives the URLs deleted."""
+    return _retention_thread().submit(
+        _delete_oldest,
+        model_dir,
+        max_checkpoints,
+        best_checkpoint,
+        preserved_checkpoints,
+        storage_options,
+    )

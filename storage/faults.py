@@ -13,8 +13,8 @@ Fault kinds: ``"500"`` (InternalError), ``"503"`` (SlowDown / backendError), ``"
 (AccessDenied: permanent), ``"drop"`` (the request is read, then the connection is
 reset without an answer), ``"stall"`` (the request is forwarded at once but its answer is held
 for ``stall_s``: a slow server; a client with a shorter read timeout gives up although the
-server did the work), ``"cut"`` (the answer is forwarded, then the connection is reset halfway
-through its body). Error bodies follow S3's XML or GCS's JSON (``flavor``).
+server did the work), ``"cut"`` (the server carries the request out, then the connection is reset
+halfway through the answer's body, or before an answer without a body). Error bodies follow S3's XML or GCS's JSON (``flavor``).
 
 Threads: one accepts connections, one per client connection relays (HTTP/1.1
 keep-alive, ``Content-Length`` and chunked bodies, ``Expect: 100-continue``). Redirect
@@ -25,6 +25,7 @@ upload sessions stay behind it. Meant for tests on loopback, not for production 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -32,6 +33,7 @@ import re
 import socket
 import struct
 import threading
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -82,12 +84,24 @@ class FaultPlan:
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One request the proxy saw, and the fault it got (``""``: forwarded untouched)."""
+    """One request the proxy saw, and the fault it got (``""``: forwarded untouched).
+
+    ``nbytes`` and ``body_crc32`` describe the request body, ``range`` its Range header:
+    together with method, path and query they tell a re-sent request from a new one.
+    """
 
     method: str
     path: str
     query: str
     fault: str
+    range: str = ""
+    nbytes: int = 0
+    body_crc32: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int, int]:
+        """Identity of the request: equal keys mean the same request sent again."""
+        return (self.method, self.path, self.query, self.range, self.nbytes, self.body_crc32)
 
 
 @dataclass(frozen=True)
@@ -141,7 +155,7 @@ class FaultProxy:
         self._rng = random.Random(self._plan.seed)
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
-        self._per_request: Counter[str] = Counter()
+        self._per_request: Counter[tuple[str, str, str, str, int, int]] = Counter()
         self._nfaults = 0
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -211,9 +225,17 @@ class FaultProxy:
                 target=self._serve, args=(client,), name="fault-proxy-conn", daemon=True
             ).start()
 
-    def _decide(self, req: _Request) -> str:
+    def _decide(self, req: _Request, body: bytes) -> str:
         split = urlsplit(req.target)
-        key = f"{req.method} {split.path}?{split.query} {req.header('Range') or ''}"
+        seen = RequestRecord(
+            req.method,
+            split.path,
+            split.query,
+            "",
+            range=req.header("Range") or "",
+            nbytes=len(body),
+            body_crc32=zlib.crc32(body),
+        )
         with self._lock:
             plan = self._plan
             fault = ""
@@ -221,13 +243,16 @@ class FaultProxy:
                 plan.rate > 0
                 and (not plan.match or re.search(plan.match, f"{req.method} {req.target}"))
                 and (plan.max_faults is None or self._nfaults < plan.max_faults)
-                and (plan.max_per_request is None or self._per_request[key] < plan.max_per_request)
+                and (
+                    plan.max_per_request is None
+                    or self._per_request[seen.key] < plan.max_per_request
+                )
                 and self._rng.random() < plan.rate
             ):
                 fault = self._rng.choice(plan.kinds)
-                self._per_request[key] += 1
+                self._per_request[seen.key] += 1
                 self._nfaults += 1
-            self._records.append(RequestRecord(req.method, split.path, split.query, fault))
+            self._records.append(dataclasses.replace(seen, fault=fault))
         if fault:
             logger.info("fault proxy: %s %s -> %s", req.method, req.target, fault)
         return fault
@@ -244,7 +269,7 @@ class FaultProxy:
                 if (req.header("Expect") or "").lower() == "100-continue":
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = _read_body(rfile, req)
-                fault = self._decide(req)
+                fault = self._decide(req, body)
                 plan = self._plan
                 if fault == "drop":
                     _reset(client)
@@ -307,8 +332,12 @@ class FaultProxy:
             elif low == "connection" and v.lower() == "close":
                 close = True
             head.append(f"{k}: {v}")
+        no_body = req.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        if cut and (no_body or length == 0):  # nothing to cut: lose the whole answer
+            _reset(client)
+            return False
         client.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        if req.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        if no_body:
             return not close
         if chunked:
             data = _read_chunked_raw(up)
@@ -336,15 +365,12 @@ class FaultProxy:
                 return False
             client.sendall(chunk)
             sent += len(chunk)
-        if cut:  # an empty body cannot be cut: drop the connection after it
-            _reset(client)
-            return False
         return not close
 
 
 # ---- HTTP/1.1 framing --------------------------------------------------------------------
 def _read_header_lines(f: BinaryIO) -> list[tuple[str, str]]:
-    headers = []
+    headers: list[tuple[str, str]] = []
     total = 0
     while True:
         line = f.readline(_MAX_HEAD_BYTES)

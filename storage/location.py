@@ -7,6 +7,7 @@ files get the fast, durable code path (raw ``os`` calls, fsync, ``os.replace``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -32,7 +33,7 @@ from ckptsvc.errors import (
 from .errors import classify, storage_errors
 from .reads import RangeRead, plan_reads, read_ranges
 from .retry import call_with_retries
-from .sinks import S3_PROTOCOLS, ShardSink, open_sink, write_all
+from .sinks import GCS_PROTOCOLS, S3_PROTOCOLS, ShardSink, open_sink, write_all
 
 __all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
 
@@ -167,6 +168,16 @@ class Location:
             with storage_errors(self.url, "stat"):
                 return os.path.getsize(self.path)
         return int(call_with_retries(lambda: self.fs.size(self.path), url=self.url, action="stat"))
+
+    def stored_crc32c(self) -> str | None:
+        """The CRC-32C the store itself keeps for this object, as 8 hex digits (GCS does,
+        for every object); ``None`` where the store keeps none (local, S3, ...)."""
+        if self.protocol not in GCS_PROTOCOLS:
+            return None
+        self.fs.invalidate_cache(self.path)
+        info = call_with_retries(lambda: self.fs.info(self.path), url=self.url, action="stat")
+        raw = info.get("crc32c")
+        return base64.b64decode(raw).hex() if raw else None
 
     def list_children(self) -> list[ChildInfo]:
         """One listing of the direct children (a single paginated LIST on object stores)."""

@@ -1,15 +1,17 @@
-"""Streaming uploads to object stores with bounded memory: S3 multipart, GCS resumable.
+"""S3 multipart uploads, several parts in flight, with bounded memory (the ``ShardSink``
+for s3://; GCS's twin is :mod:`.resumable`).
 
-Both sinks copy the caller's chunks into part buffers (one memcpy; the caller may reuse
-its memory as soon as ``write`` returns) and hand full parts to the filesystem's event
-loop, so storage latency overlaps with producing the next part. Each request (a part, a
-chunk, the completion) is retried on its own with backoff (:mod:`.retry`); a failure
-never re-sends the whole file. A file that fits in one part goes as one PUT.
+The sink copies the caller's chunks into part buffers (one memcpy; the caller may reuse
+its memory as soon as ``write`` returns) and hands full parts to s3fs's event loop, so
+storage latency overlaps with producing the next part. Each request (a part, the
+creation, the completion) is retried on its own with backoff (:mod:`.retry`); a failure
+never re-sends the whole file. A file that fits in one part goes as one PutObject.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -21,7 +23,6 @@ from fsspec.asyn import sync
 
 from ckptsvc.errors import StorageError, StorageNotFoundError
 
-from .errors import classify
 from .retry import RetryPolicy, acall_with_retries, call_with_retries
 
 if TYPE_CHECKING:
@@ -30,9 +31,8 @@ if TYPE_CHECKING:
 __all__ = [
     "S3_MAX_PARTS",
     "S3_MIN_PART_BYTES",
-    "GcsResumableSink",
     "S3MultipartSink",
-    "gcs_resumable_supported",
+    "on_loop",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,15 +40,46 @@ R = TypeVar("R")
 
 S3_MIN_PART_BYTES = 5 * 2**20  # S3 rejects smaller parts (except the last)
 S3_MAX_PARTS = 10_000
-GCS_CHUNK_MULTIPLE = 256 * 2**10  # non-final resumable chunks are multiples of 256 KiB
 _ABORT_WAIT_S = 300.0
+
+
+class _PartBody(io.RawIOBase):
+    """A part buffer as a seekable file, so that botocore and aiohttp stream it in small
+    reads instead of copying it whole (aiohttp slices a ``bytearray`` body and joins it
+    with the headers: two transient copies per part in flight)."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = max(0, min(out.nbytes, self._data.nbytes - self._pos))
+        out[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._data.nbytes}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class _UploadAborted(StorageError):
     """Raised inside a part upload that starts (or retries) after ``abort``: never retried."""
 
 
-def _on_loop(fs: Any, make: Callable[[], Awaitable[R]]) -> Future[R]:
+def on_loop(fs: Any, make: Callable[[], Awaitable[R]]) -> Future[R]:
     """Schedule the coroutine ``make()`` on the filesystem's event loop thread."""
     return asyncio.run_coroutine_threadsafe(_await(make), fs.loop)
 
@@ -82,9 +113,9 @@ class S3MultipartSink:
     1. ``write`` (the caller's thread) copies bytes into the current part buffer. When it
        is full and more bytes follow, the first full part creates the upload
        (CreateMultipartUpload, blocking) and each full part becomes an UploadPart
-       coroutine on the filesystem's event loop; ``write`` then takes a free buffer,
-       waiting while ``parts_in_flight`` parts are uploading (memory stays at most
-       ``(parts_in_flight + 1) * part_size_bytes``).
+       coroutine on the filesystem's event loop, once fewer than ``parts_in_flight``
+       are uploading (``write`` waits); then ``write`` fills a free buffer. Memory stays
+       at most ``(parts_in_flight + 1) * part_size_bytes``.
     2. ``close`` (the caller's thread): a file that never filled a part is one PutObject;
        otherwise the last part is sent, every part awaited, and CompleteMultipartUpload
        makes the object visible. Any failure aborts the upload before raising.
@@ -97,7 +128,8 @@ class S3MultipartSink:
         self._fs: Any = loc.fs
         self._bucket, self._key, _ = self._fs.split_path(loc.path)
         self._part_nbytes = max(part_size_bytes, S3_MIN_PART_BYTES)
-        self._max_buffers = max(1, parts_in_flight) + 1
+        self._max_in_flight = max(1, parts_in_flight)
+        self._max_buffers = self._max_in_flight + 1
         self._policy = RetryPolicy.from_knobs()
         self._cond = threading.Condition()
         self._free: list[bytearray] = []  # guarded by _cond, like the four below
@@ -172,8 +204,12 @@ class S3MultipartSink:
         if nbytes < len(buf):
             del buf[nbytes:]  # the last part: shrink in place (botocore wants exact bytes)
         with self._cond:
+            while self._in_flight >= self._max_in_flight:
+                self._raise_if_failed()
+                self._cond.wait()
+            self._raise_if_failed()
             self._in_flight += 1
-        _on_loop(self._fs, lambda: self._upload_part(number, buf))
+        on_loop(self._fs, lambda: self._upload_part(number, buf))
 
     async def _upload_part(self, number: int, buf: bytearray) -> None:
         upload_id = self._upload_id
@@ -188,7 +224,7 @@ class S3MultipartSink:
                 Key=self._key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=buf,
+                Body=_PartBody(memoryview(buf)),  # a fresh reader per attempt
             )
 
         try:
@@ -295,23 +331,25 @@ class S3MultipartSink:
                 )
             self._free.clear()
         self._buf = None
-        if self._upload_id is None:
-            return
-        upload_id = self._upload_id
-        try:
-            call_with_retries(
-                lambda: self._s3(
-                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id
-                ),
-                url=self._loc.url,
-                action="abort upload of",
-                attempts=3,
-            )
-        except StorageNotFoundError:
-            pass  # already gone
-        except Exception as e:  # report, but let the caller's original error propagate
-            logger.warning("could not abort the multipart upload of %s: %s", self._loc.url, e)
+        if self._upload_id is not None:
+            try:
+                self._abort_upload(self._upload_id)
+            except Exception as e:  # report, but let the caller's original error propagate
+                logger.warning("could not abort the multipart upload of %s: %s", self._loc.url, e)
         self._abort_strays()
+
+    def _abort_upload(self, upload_id: str) -> None:
+        """AbortMultipartUpload, retried; an upload already gone is fine."""
+
+        def abort() -> None:
+            try:
+                self._s3(
+                    "abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id
+                )
+            except FileNotFoundError:  # NoSuchUpload: an earlier attempt got there
+                return
+
+        call_with_retries(abort, url=self._loc.url, action="abort upload of")
 
     def _abort_strays(self) -> None:
         """After a retried CreateMultipartUpload, abort the uploads of this key that the
@@ -326,245 +364,8 @@ class S3MultipartSink:
                 action="list uploads of",
             )
             for up in out.get("Uploads") or []:
-                if up.get("Key") != self._key or up.get("UploadId") == self._upload_id:
-                    continue
-                try:
-                    call_with_retries(
-                        lambda up_id=up["UploadId"]: self._s3(
-                            "abort_multipart_upload",
-                            Bucket=self._bucket,
-                            Key=self._key,
-                            UploadId=up_id,
-                        ),
-                        url=url,
-                        action="abort a stray upload of",
-                    )
-                except StorageNotFoundError:
-                    pass  # a retry's first attempt got there
-                logger.info("aborted a stray upload of %s", url)
+                if up.get("Key") == self._key and up.get("UploadId") != self._upload_id:
+                    self._abort_upload(str(up["UploadId"]))
+                    logger.info("aborted a stray upload of %s", url)
         except Exception as e:  # best effort: a bucket lifecycle rule reclaims the rest
             logger.warning("could not clean stray uploads of %s: %s", url, e)
-
-
-def gcs_resumable_supported(loc: Location) -> bool:
-    """False for gcsfs filesystems that write this bucket another way (zonal buckets)."""
-    fs: Any = loc.fs
-    if not hasattr(fs, "_call"):
-        return False
-    zonal = getattr(fs, "_is_zonal_bucket", None)
-    if zonal is None:
-        return True
-    bucket = fs.split_path(loc.path)[0]
-    try:
-        return not bool(sync(fs.loop, zonal, bucket))
-    except Exception as e:  # unknown bucket type: let gcsfs's own file decide
-        logger.debug("could not tell the bucket type of %s: %s", loc.url, e)
-        return False
-
-
-class GcsResumableSink:
-    """One GCS object written as a resumable upload, pipelined, with bounded memory.
-
-    A resumable upload takes its chunks in order, one at a time, so parts cannot go in
-    parallel: instead two chunk buffers alternate, one filled by the caller while the
-    other uploads on the filesystem's event loop.
-
-    1. ``write`` (the caller's thread) copies bytes into the current chunk; a full chunk,
-       with more bytes following, waits for the previous chunk to finish, opens the
-       upload session if needed, and goes to the loop.
-    2. ``close`` (the caller's thread): a file that never filled a chunk is one simple
-       upload; otherwise the last chunk carries the total size and finalizes the object.
-    3. ``abort`` (the caller's thread): waits for the chunk in flight, then cancels the
-       session (an unfinalized upload is never visible).
-
-    A chunk that fails transiently is re-sent from the offset the server reports as
-    persisted (gcsfs also retries each HTTP request itself).
-    """
-
-    def __init__(self, loc: Location, *, part_size_bytes: int) -> None:
-        self._loc = loc
-        self._fs: Any = loc.fs
-        self._bucket, self._key, _ = self._fs.split_path(loc.path)
-        self._chunk_nbytes = max(
-            GCS_CHUNK_MULTIPLE, part_size_bytes // GCS_CHUNK_MULTIPLE * GCS_CHUNK_MULTIPLE
-        )
-        self._policy = RetryPolicy.from_knobs()
-        self._spare: bytearray | None = None
-        self._buf: bytearray | None = None
-        self._fill = 0
-        self._offset = 0  # bytes handed to the session so far
-        self._session: str | None = None
-        self._pending: Future[None] | None = None
-        self._pending_buf: bytearray | None = None
-        self._state = "open"
-
-    def write(self, data: memoryview | bytes) -> None:
-        if self._state != "open":
-            raise ValueError(f"{self._loc.url}: write after close or abort")
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        while view.nbytes:
-            if self._buf is not None and self._fill == len(self._buf):
-                self._send(final_nbytes=None)
-            if self._buf is None:
-                self._buf, self._spare = self._spare or bytearray(self._chunk_nbytes), None
-                self._fill = 0
-            n = min(view.nbytes, len(self._buf) - self._fill)
-            self._buf[self._fill : self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
-
-    def _wait_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        buf, self._pending_buf = self._pending_buf, None
-        try:
-            if pending is not None:
-                pending.result()
-        finally:
-            if buf is not None and len(buf) == self._chunk_nbytes:
-                self._spare = buf  # its chunk is done: reuse it for the next one
-
-    def _send(self, *, final_nbytes: int | None) -> None:
-        """Hand the current buffer to the loop (after the previous chunk is done)."""
-        self._wait_pending()
-        if self._session is None:
-            self._session = self._open_session()
-        buf, fill, offset = self._buf, self._fill, self._offset
-        if buf is None:
-            buf, fill = bytearray(), 0
-        view = memoryview(buf)[:fill]
-        self._offset += fill
-        self._buf = None
-        self._pending = _on_loop(self._fs, lambda: self._upload_chunk(view, offset, final_nbytes))
-        self._pending_buf = buf
-
-    def _open_session(self) -> str:
-        from gcsfs.core import initiate_upload
-
-        def start() -> str:
-            return str(sync(self._fs.loop, initiate_upload, self._fs, self._bucket, self._key))
-
-        return call_with_retries(start, url=self._loc.url, action="start resumable upload of")
-
-    async def _upload_chunk(self, view: memoryview, offset: int, final_nbytes: int | None) -> None:
-        """Send ``view`` (file bytes from ``offset``); re-send what the server lacks."""
-        sent = 0  # bytes of view the server has persisted
-        started = time.monotonic()
-        attempt = 0
-        stalls = 0
-        while True:
-            attempt += 1
-            try:
-                got = await self._post(view[sent:], offset + sent, final_nbytes)
-            except Exception as e:
-                delay = self._policy.delay_s(e, attempt=attempt, started_s=started)
-                if delay is None:
-                    raise classify(e, self._loc.url, f"upload bytes {offset + sent}.. of") from e
-                logger.warning(
-                    "upload of %s at byte %d failed (%s: %s); retrying in %.2fs",
-                    self._loc.url,
-                    offset + sent,
-                    type(e).__name__,
-                    e,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                persisted = await self._query_persisted()
-                if persisted is not None:
-                    sent = min(max(0, persisted - offset), view.nbytes)
-                continue
-            if got is None:  # finalized
-                return
-            new_sent = min(max(0, got - offset), view.nbytes)
-            if new_sent >= view.nbytes and final_nbytes is None:
-                return
-            stalls = stalls + 1 if new_sent <= sent else 0
-            if stalls >= 3:
-                raise StorageError(
-                    f"upload {self._loc.url}: the server keeps refusing bytes from {offset + sent}",
-                    url=self._loc.url,
-                )
-            sent = new_sent
-
-    async def _post(self, view: memoryview, offset: int, final_nbytes: int | None) -> int | None:
-        """One chunk request. Returns the persisted byte count (session still open), or
-        ``None`` once the object is finalized."""
-        n = view.nbytes
-        if final_nbytes is None:
-            content_range = f"bytes {offset}-{offset + n - 1}/*"
-        elif n:
-            content_range = f"bytes {offset}-{offset + n - 1}/{final_nbytes}"
-        else:
-            content_range = f"bytes */{final_nbytes}"
-        headers = {
-            "Content-Range": content_range,
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(n),
-        }
-        out_headers, contents = await self._fs._call(
-            "POST", self._session, headers=headers, data=view if n else None
-        )
-        if final_nbytes is not None and (contents or "Range" not in out_headers):
-            return None  # the object's metadata: finalized
-        return _persisted(out_headers)
-
-    async def _query_persisted(self) -> int | None:
-        """Bytes the session holds, per a status request; ``None`` if the server won't say."""
-        try:
-            out_headers, _ = await self._fs._call(
-                "POST",
-                self._session,
-                headers={"Content-Range": "bytes */*", "Content-Length": "0"},
-            )
-        except Exception as e:  # the next attempt re-sends the whole chunk instead
-            logger.debug("status query for %s failed: %s", self._loc.url, e)
-            return None
-        return _persisted(out_headers)
-
-    def close(self) -> None:
-        if self._state != "open":
-            return
-        try:
-            if self._session is None and self._offset == 0:
-                data = bytes(memoryview(self._buf)[: self._fill]) if self._buf else b""
-                call_with_retries(
-                    lambda: self._fs.pipe_file(self._loc.path, data),
-                    url=self._loc.url,
-                    action="upload",
-                )
-            else:
-                self._send(final_nbytes=self._offset + self._fill)
-                self._wait_pending()
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "closed"
-        self._buf = self._spare = None
-        self._fs.invalidate_cache(self._loc.path)
-
-    def abort(self) -> None:
-        """Cancel the upload session (never raises)."""
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        try:
-            self._wait_pending()
-        except Exception as e:  # the caller is already handling an error
-            logger.debug("chunk of %s failed during abort: %s", self._loc.url, e)
-        self._buf = self._spare = None
-        if self._session is None:
-            return
-        session = self._session.replace("&ifGenerationMatch=0", "")
-        try:
-            sync(self._fs.loop, self._fs._call, "DELETE", session)
-        except Exception as e:  # 499 "cancelled" is the expected answer on real GCS
-            logger.debug("cancelling the upload session of %s: %s", self._loc.url, e)
-
-
-def _persisted(headers: Any) -> int:
-    """Bytes persisted per a ``Range: bytes=0-N`` answer (0 when absent)."""
-    text = headers.get("Range") if headers is not None else None
-    if not text:
-        return 0
-    return int(str(text).rsplit("-", 1)[1]) + 1

@@ -309,7 +309,7 @@ async def _s3_range(fs: Any, path: str, url: str, rr: RangeRead, scatter: _Scatt
     read_any: Callable[[], Awaitable[bytes]] = (
         content.readany
         if content is not None and hasattr(content, "readany")
-        else lambda: body.read(_BODY_READ_BYTES)  # type: ignore[no-any-return]
+        else lambda: body.read(_BODY_READ_BYTES)
     )
     try:
         while scatter.done < rr.nbytes:

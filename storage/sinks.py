@@ -2,7 +2,7 @@
 
 - local files: :class:`LocalSink` (``os.write`` per chunk, fsync on close);
 - S3: :class:`~.multipart.S3MultipartSink` (parallel multipart upload);
-- GCS: :class:`~.multipart.GcsResumableSink` (pipelined resumable upload);
+- GCS: :class:`~.resumable.GcsResumableSink` (pipelined resumable upload);
 - anything else fsspec knows (memory://, custom filesystems): :class:`FsspecSink`.
 
 Every sink follows the same contract: ``write`` chunks in order, then ``close`` (durable
@@ -56,12 +56,15 @@ def open_sink(
         return LocalSink(loc, fsync=knobs.FSYNC.get(fsync))
     part = knobs.PART_SIZE_BYTES.get(part_size_bytes)
     in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
-    from . import multipart  # imports s3fs/gcsfs helpers lazily
-
     if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
-        return multipart.S3MultipartSink(loc, part_size_bytes=part, parts_in_flight=in_flight)
-    if loc.protocol in GCS_PROTOCOLS and multipart.gcs_resumable_supported(loc):
-        return multipart.GcsResumableSink(loc, part_size_bytes=part)
+        from .multipart import S3MultipartSink
+
+        return S3MultipartSink(loc, part_size_bytes=part, parts_in_flight=in_flight)
+    if loc.protocol in GCS_PROTOCOLS:
+        from .resumable import GcsResumableSink, gcs_resumable_supported
+
+        if gcs_resumable_supported(loc):
+            return GcsResumableSink(loc, part_size_bytes=part)
     return FsspecSink(loc, part_size_bytes=part)
 
 

@@ -181,8 +181,9 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
     nbytes = sum(s.nbytes for s in make_specs(8 * MiB))
     shm_before = _big_shm_segments(nbytes)
     proc = run_bench("--size", "8MiB", "--json", "--dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
+    failed = {r["method"]: r["reason"] for r in doc["rows"] if r["status"] != "ok"}
+    assert proc.returncode == 0 and not failed, f"{failed} {proc.stderr[-2000:]}"
 
     assert doc["schema"] == "ckptsvc-bench/1"
     assert doc["config"]["nbytes"] == nbytes and doc["config"]["cold_reads"] is True

@@ -9,13 +9,16 @@ under Slurm on many nodes::
 
 What it shows, in the order it happens:
 
-1. resume from the newest complete checkpoint under ``--output`` (a path or a URL), on
-   every rank, with the optimizer state and the step;
-2. train with DDP (gloo on CPU, NCCL on GPUs, one device per local rank);
-3. save asynchronously from rank 0 every ``--save-every`` steps (the model and optimizer
-   are replicated: one copy is the whole state) and keep the newest ``--keep``;
-4. on SIGTERM (preemption, ``scancel``, the Slurm time limit), every rank stops at the
-   same step, rank 0 saves, waits until the save is durable, and all exit with status 0.
+1. describe the training state as components with sharing patterns: the model and the
+   optimizer are REPLICATED (identical on every rank; each rank writes a slice of them),
+   the training progress is GLOBAL (rank 0 writes it), each rank's RNG is PER_RANK;
+2. resume from the newest complete checkpoint under ``--output`` (a path or a URL): every
+   rank loads what it needs;
+3. train with DDP (gloo on CPU, NCCL on GPUs, one device per local rank);
+4. save asynchronously on every rank every ``--save-every`` steps; rank 0 commits the
+   checkpoint once every rank's files are durable; keep the newest ``--keep``;
+5. on SIGTERM (preemption, ``scancel``, the Slurm time limit), every rank stops at the
+   same step, saves, waits until the checkpoint is committed, and exits with status 0.
 
 The batch of step ``s`` on rank ``r`` is drawn from a generator seeded with
 ``(--seed, s, r)``, so a resumed run sees the data an uninterrupted run would have seen.
@@ -37,6 +40,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ckptsvc
+from ckptsvc import SharingPattern, StateComponent
+from ckptsvc.async_checkpointer import load_components
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -67,6 +72,19 @@ def batch(
     return x.to(device), y.to(device)
 
 
+class Progress:
+    """The training progress to checkpoint: anything with state_dict/load_state_dict."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
 class Preemption:
     """Remembers SIGTERM; ``agreed()`` is True on every rank once any rank got it."""
 
@@ -89,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     opts: dict[str, Any] = json.loads(args.storage_options)
 
-    # --- 2. processes and devices (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE) -------------
+    # --- processes and devices (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE) -------------
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -103,53 +121,61 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = make_model(args.width).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    progress = Progress()
 
-    # --- 1. resume (every rank reads the same checkpoint) --------------------------------
-    start = 1
+    # --- 1. the state, by sharing pattern -------------------------------------------------
+    components = [
+        StateComponent("model", model, SharingPattern.REPLICATED),
+        StateComponent("optimizer", optimizer, SharingPattern.REPLICATED),
+        StateComponent("progress", progress, SharingPattern.GLOBAL),
+        StateComponent("rng", ckptsvc.RNGState(), SharingPattern.PER_RANK),
+    ]
+
+    # --- 2. resume --------------------------------------------------------------------------
     latest = ckptsvc.find_latest_checkpoint(args.output, storage_options=opts)
     if latest is not None:
-        state = ckptsvc.load_state(latest, storage_options=opts, device=str(device))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"]) + 1
+        # "skip": resuming with another number of processes keeps fresh per-rank RNG state.
+        load_components(latest, components, storage_options=opts, world_size_policy="skip")
         if rank == 0:
-            print(f"resumed from {latest}; continuing at step {start}", flush=True)
+            print(f"resumed from {latest}; continuing at step {progress.step + 1}", flush=True)
 
     ddp = DistributedDataParallel(model) if distributed else model
     preemption = Preemption(device)
 
-    # --- 3. train; rank 0 saves ----------------------------------------------------------
-    ckpt = ckptsvc.AsyncCheckpointer(args.output, storage_options=opts) if rank == 0 else None
+    # --- 3./4. train and save ---------------------------------------------------------------
+    ckpt = ckptsvc.AsyncCheckpointer(args.output, storage_options=opts)
     handle = None
     try:
-        for step in range(start, args.steps + 1):
+        for step in range(progress.step + 1, args.steps + 1):
             x, y = batch(args.seed, step, rank, args.batch_size, device)
             loss = nn.functional.mse_loss(ddp(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            progress.step = step
 
-            stop = preemption.agreed()  # --- 4. every rank leaves at the same step
-            if ckpt is not None and (step % args.save_every == 0 or step == args.steps or stop):
-                handle = ckpt.save(step, {"model": model, "optimizer": optimizer, "step": step})
-                print(f"step {step}: loss {loss.item():.5f}; save blocked "
-                      f"{handle.timings.blocking_s * 1e3:.1f} ms", flush=True)  # fmt: skip
-                ckptsvc.maybe_delete_oldest_checkpoint(args.output, args.keep, storage_options=opts)
+            stop = preemption.agreed()  # --- 5. every rank leaves at the same step
+            if step % args.save_every == 0 or step == args.steps or stop:
+                handle = ckpt.save_components(step, components)
+                if rank == 0:
+                    print(f"step {step}: loss {loss.item():.5f}; save blocked "
+                          f"{handle.timings.blocking_s * 1e3:.1f} ms", flush=True)  # fmt: skip
+                    ckptsvc.maybe_delete_oldest_checkpoint(args.output, args.keep,
+                                                           storage_options=opts)  # fmt: skip
             if stop:
                 if handle is not None:
-                    handle.wait()
-                    print(f"preempted: step {step} is durable at {handle.path}", flush=True)
+                    handle.wait()  # committed (every rank's files durable), or raises
+                    if rank == 0:
+                        print(f"preempted: step {step} is durable at {handle.path}", flush=True)
                 break
-        if ckpt is not None:
-            ckpt.wait_all()  # raises if any save failed
+        ckpt.wait_all()  # raises if any save failed
         if distributed:
-            dist.barrier()  # nobody tears down the process group while others still train
+            dist.barrier()  # nobody tears the process group down while others still train
     finally:
-        if ckpt is not None:
-            ckpt.close()
+        ckpt.close()
         if distributed:
             dist.destroy_process_group()
-    if handle is not None:
+    if handle is not None and rank == 0:
         print(f"last checkpoint: {handle.path} ({handle.timings})", flush=True)
     return 0
 

@@ -1,0 +1,1 @@
+"""Rank processes and their launcher for the multi-process tests (gloo on one machine)."""

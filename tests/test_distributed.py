@@ -1,0 +1,176 @@
+"""State components and distributed saves: sharing patterns, commit across ranks, failures.
+
+The first half runs in this process (component files, manifest records, load errors);
+the second half starts real ranks with ``torch.multiprocessing`` on gloo (see
+``tests/dist_workers/``), each with its own node writer per simulated node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers_models import assert_bitwise_equal
+from safetensors.torch import load_file
+from test_async_checkpointer import node  # noqa: F401  (fixture: private writer and arenas)
+
+from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components
+from ckptsvc.components import RNGState, SharingPattern, StateComponent
+from ckptsvc.errors import StateMismatchError
+from ckptsvc.manifest import MANIFEST_NAME
+from ckptsvc.sharded_checkpoint import load_checkpoint
+
+SP = SharingPattern
+
+
+class Progress:
+    """A stateful with tensors and plain values."""
+
+    def __init__(self, step: int = 0) -> None:
+        self.step = step
+        self.losses = torch.arange(4, dtype=torch.float32) * step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "losses": self.losses, "name": "run", "nan": float("nan")}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.losses = sd["step"], sd["losses"]
+
+
+class Broken(Progress):
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        raise KeyError("no such field")
+
+
+def trained(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(2):
+        model(torch.randn(5, 8)).pow(2).sum().backward()
+        opt.step()
+    return model, opt
+
+
+def components(model: Any, opt: Any, progress: Any, **extra: Any) -> list[StateComponent]:
+    return [
+        StateComponent("model", model, SP.GLOBAL),
+        StateComponent("optimizer", opt, SP.PER_RANK),
+        StateComponent("rng", RNGState(), SP.PER_RANK),
+        StateComponent("trainer", progress, SP.GLOBAL, metadata={"note": "x"}),
+        *extra.get("more", []),
+    ]
+
+
+@pytest.fixture
+def saved(node: str, tmp_path: Path) -> Iterator[tuple[str, Any, Any, Progress]]:  # noqa: F811
+    model, opt = trained()
+    progress = Progress(7)
+    with AsyncCheckpointer(tmp_path, max_shard_size=512) as ckpt:
+        handle = ckpt.save_components(7, components(model, opt, progress))
+        handle.wait(60)
+    yield handle.path, model, opt, progress
+
+
+def test_components_roundtrip_bitwise(saved: tuple[str, Any, Any, Progress]) -> None:
+    path, model, opt, progress = saved
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    model2, opt2 = trained(seed=5)
+    progress2 = Progress(0)
+    load_components(path, components(model2, opt2, progress2))
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert_bitwise_equal(a, b, name=k)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for i in s1["state"]:
+        for k in s1["state"][i]:
+            assert_bitwise_equal(s1["state"][i][k], s2["state"][i][k], name=f"{i}.{k}")
+    assert progress2.step == 7 and torch.equal(progress2.losses, progress.losses)
+    assert not torch.equal(torch.get_rng_state(), rng_before)  # the RNG state was restored
+
+
+def test_manifest_lists_every_component_with_its_files(saved: tuple[str, Any, Any, Any]) -> None:
+    path = Path(saved[0])
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    comps = manifest["components"]
+    assert sorted(comps) == ["model", "optimizer", "rng", "trainer"]
+    assert comps["optimizer"]["sharing_pattern"] == "per_rank"
+    assert comps["trainer"]["metadata"]["note"] == "x"
+    files = set(manifest["metadata"]["ckptsvc"]["files"])
+    for rec in comps.values():
+        assert rec["ranks"] == [0]
+        for inst in rec["metadata"]["ckptsvc"]["instances"].values():
+            assert set(inst["files"]) <= files and inst["doc"] in inst["files"]
+    assert "optimizer_state_rank_0.json" in files and "trainer_state.json" in files
+    assert files == {p.name for p in path.iterdir() if p.name != MANIFEST_NAME}
+    for name in files:  # every tensor file loads with the reference reader
+        if name.endswith(".safetensors"):
+            load_file(str(path / name))
+    weights = load_checkpoint(str(path))  # the model is a plain HF checkpoint
+    assert weights is not None and sorted(weights) == sorted(saved[1].state_dict())
+
+
+def test_missing_required_component_is_an_error(
+    saved: tuple[str, Any, Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = saved[0]
+    with pytest.raises(StateMismatchError, match="'extra'"):
+        load_components(path, [StateComponent("extra", Progress(), SP.GLOBAL)])
+    with caplog.at_level(logging.WARNING):
+        load_components(path, [StateComponent("extra", Progress(), SP.GLOBAL, required=False)])
+    assert "'extra'" in caplog.text
+
+
+def test_load_failure_is_an_error(saved: tuple[str, Any, Any, Any]) -> None:
+    with pytest.raises(StateMismatchError, match="'trainer'.*no such field"):
+        load_components(saved[0], [StateComponent("trainer", Broken(), SP.GLOBAL)])
+    wrong = torch.nn.Linear(3, 3)
+    with pytest.raises(StateMismatchError, match="'model'"):
+        load_components(saved[0], [StateComponent("model", wrong, SP.GLOBAL)])
+
+
+def test_per_rank_state_at_another_world_size(
+    saved: tuple[str, Any, Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, model, opt, _ = saved
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    model2, opt2 = trained(seed=3)
+    with pytest.raises(StateMismatchError, match="'optimizer'.*saved by 1 ranks, loading at 2"):
+        load_components(path, [StateComponent("optimizer", opt2, SP.PER_RANK)])
+    load_components(path, [StateComponent("model", model2, SP.GLOBAL)])  # GLOBAL: fine
+    load_components(
+        path, [StateComponent("optimizer", opt2, SP.PER_RANK)], world_size_policy="skip"
+    )
+    assert not torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    load_components(
+        path, [StateComponent("optimizer", opt2, SP.PER_RANK)], world_size_policy="wrap"
+    )
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_checkpoint_path_override(node: str, tmp_path: Path) -> None:  # noqa: F811
+    target = str(tmp_path / "elsewhere" / "ckpt")
+    with AsyncCheckpointer(tmp_path / "root") as ckpt:
+        handle = ckpt.save_components(1, [StateComponent("trainer", Progress(3), SP.GLOBAL)], checkpoint_path=target)
+        assert handle.path == target
+        handle.wait(60)
+    got = Progress()
+    load_components(target, [StateComponent("trainer", got, SP.GLOBAL)])
+    assert got.step == 3
+
+
+def test_save_refused_in_a_multi_rank_world(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with AsyncCheckpointer(tmp_path) as ckpt, pytest.raises(Exception, match="save_components"):
+        ckpt.save(1, {"w": torch.ones(2)})

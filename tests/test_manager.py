@@ -1,0 +1,512 @@
+"""CheckpointManager: full state round trips, load failures, retention and best checkpoints
+with async saves in flight, failures surfacing, HF export. Real node writer processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import faulty_fs  # noqa: F401  (registers faulty:// in this process)
+import pytest
+import torch
+from helpers_models import TiedLM, TinyMLP, assert_bitwise_equal
+from torch import nn
+
+from ckptsvc.best_checkpoints import BestCheckpoints
+from ckptsvc.components import RNGState, SharingPattern, StateComponent
+from ckptsvc.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CommitConflictError,
+    SaveFailedError,
+    StateMismatchError,
+)
+from ckptsvc.manager import CheckpointConfig, CheckpointManager
+from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
+from ckptsvc.verify import verify_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private node writer per test (exits soon after), able to load faulty://."""
+    name = f"m{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
+    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
+    monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
+    yield name
+
+
+class Counter:
+    """A Stateful callback with a name."""
+
+    def __init__(self, name: str, value: int = 0) -> None:
+        self.name = name
+        self.value = value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.value = int(sd["value"])
+
+
+class Trainer:
+    """A tiny trainer: model, optimizer, scheduler, progress, RNG; one step = one update."""
+
+    def __init__(self, seed: int = 0, *, extra: dict[str, Any] | None = None) -> None:
+        torch.manual_seed(seed)
+        self.model = TinyMLP(seed=seed)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=2, gamma=0.5)
+        self.progress = TrainingProgress()
+        self.statefuls: dict[str, Any] = {
+            "optimizer": self.opt,
+            "scheduler": self.sched,
+            "progress": self.progress,
+            "rng": RNGState(),
+            **(extra or {}),
+        }
+        self.provider = SimpleStatefulProvider(self.statefuls)
+
+    def step(self) -> float:
+        x = torch.randn(4, 16)
+        loss = self.model(x).pow(2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.progress.global_step += 1
+        return float(loss)
+
+    def manager(self, root: str, **kw: Any) -> CheckpointManager:
+        cfg_keys = {"save_total_limit", "storage_options", "async_save", "save_safetensors"}
+        cfg = CheckpointConfig(
+            output_dir=root,
+            save_total_limit=kw.pop("save_total_limit", None),
+            **{k: kw.pop(k) for k in list(kw) if k in cfg_keys},
+        )
+        return CheckpointManager(
+            config=cfg, stateful_provider=self.provider, model=self.model, **kw
+        )
+
+
+def test_save_returns_the_path_and_load_restores_everything(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    t = Trainer(0)
+    cbs = [Counter("early_stop", 3), Counter("logger", 7)]
+    with t.manager(root, callbacks=cbs) as m:
+        for _ in range(3):
+            t.step()
+        path = m.save_checkpoint(checkpoint_id=3)
+        assert path == os.path.join(root, "checkpoints", "checkpoint-3")
+    assert verify_checkpoint(path, deep=True).ok
+    fresh = Trainer(1)
+    # callbacks in another order: restored by name, not by position
+    new_cbs = [Counter("logger"), Counter("early_stop")]
+    with fresh.manager(root, callbacks=new_cbs) as m2:
+        assert m2.load_checkpoint() == path
+    for k, v in t.model.state_dict().items():
+        assert_bitwise_equal(fresh.model.state_dict()[k], v, name=k)
+    assert fresh.opt.state_dict()["param_groups"] == t.opt.state_dict()["param_groups"]
+    for pid, st in t.opt.state_dict()["state"].items():
+        for k, v in st.items():
+            assert_bitwise_equal(fresh.opt.state_dict()["state"][pid][k], v, name=f"{pid}.{k}")
+    assert fresh.sched.state_dict() == t.sched.state_dict()
+    assert fresh.progress.global_step == 3
+    assert [c.value for c in new_cbs] == [7, 3]
+    assert torch.equal(torch.get_rng_state(), RNGState().state_dict()["torch_cpu"])
+
+
+def test_latest_is_loaded_by_default_and_step_comes_from_the_id(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    t = Trainer(0)
+    with t.manager(root) as m:
+        for step in (1, 2, 3):
+            t.step()
+            m.save_checkpoint(checkpoint_id=step)
+        # "latest" includes saves still pending in this manager
+        assert m.resolve_checkpoint_path(None) == os.path.join(root, "checkpoints", "checkpoint-3")
+    infos = list_checkpoints(root)
+    assert [i.step for i in infos] == [1, 2, 3]
+    fresh = Trainer(1)
+    with fresh.manager(root) as m2:
+        m2.load_checkpoint()
+    assert fresh.progress.global_step == 3
+
+
+def test_tied_model_round_trip_keeps_the_tie(tmp_path: Path) -> None:
+    model = TiedLM(seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    provider = SimpleStatefulProvider({"optimizer": opt})
+    cfg = CheckpointConfig(output_dir=str(tmp_path), save_total_limit=None)
+    with CheckpointManager(config=cfg, stateful_provider=provider, model=model) as m:
+        path = m.save_checkpoint(checkpoint_id=1)
+    fresh = TiedLM(seed=5)
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    with CheckpointManager(
+        config=cfg, stateful_provider=SimpleStatefulProvider({"optimizer": opt2}), model=fresh
+    ) as m2:
+        m2.load_checkpoint(path)
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh.embed.weight, model.embed.weight)
+    # parameters were copied in place: the optimizer still owns the model's tensors
+    assert opt2.param_groups[0]["params"][0] is fresh.embed.weight
+
+
+def test_missing_required_component_is_an_error_optional_is_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = str(tmp_path)
+    t = Trainer(0)
+    with t.manager(root) as m:
+        m.save_checkpoint(checkpoint_id=1)
+    extra = Trainer(1, extra={"ema": TrainingProgress()})
+    with extra.manager(root) as m2, pytest.raises(StateMismatchError, match="ema"):
+        m2.load_checkpoint()
+    optional = Trainer(1, extra={"ema": TrainingProgress()})
+    optional.provider = SimpleStatefulProvider(optional.statefuls, optional=["ema"])
+    with optional.manager(root) as m3:
+        m3.load_checkpoint()
+    assert optional.progress.global_step == 0 and "ema" in caplog.text
+
+
+def test_a_failing_load_state_dict_is_an_error(tmp_path: Path) -> None:
+    class Broken(TrainingProgress):
+        def load_state_dict(self, state_dict: Any) -> None:
+            raise ValueError("incompatible")
+
+    t = Trainer(0, extra={"custom": TrainingProgress()})
+    with t.manager(str(tmp_path)) as m:
+        m.save_checkpoint(checkpoint_id=1)
+    bad = Trainer(0, extra={"custom": Broken()})
+    with bad.manager(str(tmp_path)) as m2, pytest.raises(StateMismatchError, match="custom"):
+        m2.load_checkpoint()
+
+
+def test_a_different_model_is_an_error(tmp_path: Path) -> None:
+    t = Trainer(0)
+    with t.manager(str(tmp_path)) as m:
+        m.save_checkpoint(checkpoint_id=1)
+    other = Trainer(0)
+    other.model.fc3 = nn.Linear(2, 2)  # a key the checkpoint lacks
+    with other.manager(str(tmp_path)) as m2, pytest.raises(StateMismatchError, match="fc3"):
+        m2.load_checkpoint()
+
+
+def test_nothing_to_load_raises(tmp_path: Path) -> None:
+    t = Trainer(0)
+    with t.manager(str(tmp_path)) as m:
+        assert m.resolve_checkpoint_path(None) is None
+        assert m.resolve_checkpoint_path(str(tmp_path / "nope")) is None
+        with pytest.raises(CheckpointNotFoundError):
+            m.load_checkpoint()
+
+
+def test_unsupported_options_fail_at_construction(tmp_path: Path) -> None:
+    t = Trainer(0)
+    for bad in ({"save_on_each_node": True}, {"tiering": {"local": "/x"}}):
+        cfg = CheckpointConfig(output_dir=str(tmp_path), save_total_limit=1, **bad)
+        with pytest.raises(CheckpointError, match="not supported"):
+            CheckpointManager(config=cfg, stateful_provider=t.provider, model=t.model)
+
+
+def test_duplicate_callback_names_are_rejected(tmp_path: Path) -> None:
+    t = Trainer(0)
+    with pytest.raises(ValueError, match="both named"):
+        t.manager(str(tmp_path), callbacks=[Counter("a"), Counter("a")])
+
+
+def test_trainer_callbacks_attribute_is_used(tmp_path: Path) -> None:
+    class FakeTrainer:
+        callbacks = [Counter("a", 5), object()]  # non-Stateful callbacks are skipped
+
+    t = Trainer(0)
+    with t.manager(str(tmp_path)) as m:
+        m.trainer = FakeTrainer()
+        path = m.save_checkpoint(checkpoint_id=1)
+    doc = json.loads(Path(path, "callbacks_state.json").read_text())
+    assert doc["state"] == {"a": {"value": 5}}
+
+
+# ---- retention and best checkpoints ------------------------------------------------------
+
+
+def _complete(root: str, **opts: Any) -> list[str]:
+    return [
+        i.location.name
+        for i in list_checkpoints(root, storage_options=opts or None)
+        if i.status is CheckpointStatus.COMPLETE
+    ]
+
+
+def test_retention_keeps_the_limit_and_the_best(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    t = Trainer(0)
+    with t.manager(root, save_total_limit=2) as m:
+        for step in range(1, 7):
+            t.step()
+            path = os.path.join(root, "checkpoints", f"checkpoint-{step}")
+            # step 2 has the best eval loss
+            m.update_best_checkpoints(path, {"eval_loss": abs(step - 2) + 0.5}, "loss", None, 1)
+            assert m.save_checkpoint(checkpoint_id=step) == path
+        m.wait()
+        assert m.best_checkpoints == [(os.path.join(root, "checkpoints", "checkpoint-2"), 0.5)]
+    assert _complete(root) == ["checkpoint-2", "checkpoint-6"]
+
+
+def test_retention_never_touches_saves_in_flight(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resumed run re-saves checkpoint-2 while it is still the old complete checkpoint
+    (the writer has not even written its in-progress marker: that write is gated). The
+    retention pass after another save would pick checkpoint-2 as the oldest; it must not
+    delete it under the save."""
+    gate = tmp_path / "gate"
+    opts = {"gate_path": str(gate), "match": "checkpoint-2/.ckptsvc-in-progress"}
+    root = f"faulty://{tmp_path}/run"
+    caplog.set_level(logging.INFO, logger="ckptsvc.best_checkpoints")
+    t = Trainer(0)
+    with t.manager(root, save_total_limit=2, storage_options=opts) as m:
+        for step in (1, 2, 3):
+            t.step()
+            m.save_checkpoint(checkpoint_id=step)
+        m.wait()
+        assert _complete(root, **opts) == ["checkpoint-2", "checkpoint-3"]
+        gate.touch()
+        t.step()
+        again = m.save_checkpoint(root + "/checkpoints/checkpoint-2", step=5)  # gated
+        (tmp_path / "run" / "checkpoints" / "checkpoint-9").mkdir()
+        (tmp_path / "run" / "checkpoints" / "checkpoint-9" / MARKER_NAME).write_text("{}")
+        m.save_checkpoint(checkpoint_id=4)  # not gated: commits, then retention runs
+        decided = _wait_for_log(caplog, ("not deleting", "retention: deleting"))
+        assert "not deleting" in decided and "checkpoint-2" in decided, decided
+        assert not m.last_handle.done() or m.last_handle.path.endswith("checkpoint-4")
+        gate.unlink()
+        m.wait()
+    assert "deleting faulty" not in caplog.text or "checkpoint-2 (" not in caplog.text
+    assert _complete(root, **opts) == ["checkpoint-4", "checkpoint-2"]  # oldest first
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-9").exists()  # incomplete: kept
+    assert verify_checkpoint(again, deep=True, storage_options=opts).ok
+    fresh = Trainer(3)
+    with fresh.manager(root, storage_options=opts) as m2:
+        m2.load_checkpoint(again)
+    assert fresh.progress.global_step == 5
+
+
+def _wait_for_log(caplog: pytest.LogCaptureFixture, needles: tuple[str, ...]) -> str:
+    """The first log message containing one of ``needles`` (waits up to 60 s for it)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for r in caplog.records:
+            msg = r.getMessage()
+            if any(n in msg for n in needles):
+                return msg
+        time.sleep(0.02)
+    raise AssertionError(f"no log message with any of {needles}")
+
+
+def test_best_checkpoints_survive_a_restart_and_drop_deleted_ones(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    t = Trainer(0)
+    ck = [os.path.join(root, "checkpoints", f"checkpoint-{i}") for i in range(1, 4)]
+    with t.manager(root) as m:
+        m.update_best_checkpoints(ck[0], {"accuracy": 0.9}, "accuracy", None, 2)
+        m.save_checkpoint(checkpoint_id=1)
+        m.update_best_checkpoints(ck[1], {"accuracy": 0.8}, "accuracy", None, 2)
+        m.save_checkpoint(checkpoint_id=2)
+        m.save_checkpoint(checkpoint_id=3)
+    import shutil
+
+    shutil.rmtree(ck[1])
+    fresh = Trainer(1)
+    with fresh.manager(root) as m2:
+        m2.load_checkpoint(ck[2])
+        assert m2.best_checkpoints == [(ck[0], 0.9)]
+
+
+def test_update_best_checkpoints_rules() -> None:
+    best = BestCheckpoints()
+    assert best.update("a", {"acc": 0.5}, "acc", True, 2)
+    assert best.update("b", {"acc": 0.7}, "acc", True, 2)
+    # Forgather compared against the *best* of the list here and refused 0.6
+    assert best.update("c", {"acc": 0.6}, "acc", True, 2)
+    assert best.entries == [("b", 0.7), ("c", 0.6)]
+    assert not best.update("d", {"acc": 0.1}, "acc", True, 2)
+    low = BestCheckpoints()
+    assert low.update("x", {"eval_loss": 0.0}, "loss", None, 1)  # 0.0 counts; loss: lower wins
+    assert not low.update("y", {"eval_loss": 0.5}, "loss", None, 1)
+    assert not low.update("z", {"other": 1.0}, "loss", None, 1)
+    assert not low.update("n", {"loss": float("nan")}, "loss", None, 1)
+    assert low.paths() == ["x"]
+    low.best_checkpoint = "legacy-best"
+    assert low.paths() == ["x", "legacy-best"]
+
+
+# ---- failures surface ---------------------------------------------------------------------
+
+
+def test_failed_save_raises_from_wait_and_from_the_next_save(tmp_path: Path) -> None:
+    fail = tmp_path / "fail"
+    opts = {"fail_path": str(fail)}
+    root = f"faulty://{tmp_path}/run"
+    t = Trainer(0)
+    m = t.manager(root, storage_options=opts)
+    fail.touch()
+    m.save_checkpoint(checkpoint_id=1)
+    with pytest.raises(SaveFailedError, match="injected I/O error"):
+        m.wait()
+    m.wait()  # reported once
+    m.save_checkpoint(checkpoint_id=2)
+    m.last_handle.exception(60)
+    fail.unlink()
+    with pytest.raises(SaveFailedError, match="checkpoint-2"):
+        m.save_checkpoint(checkpoint_id=3)
+    m.save_checkpoint(checkpoint_id=3)
+    m.close()
+    assert _complete(root, **opts) == ["checkpoint-3"]
+
+
+def test_context_manager_raises_a_failure_of_the_last_save(tmp_path: Path) -> None:
+    fail = tmp_path / "fail"
+    fail.touch()
+    t = Trainer(0)
+    with pytest.raises(SaveFailedError):
+        with t.manager(f"faulty://{tmp_path}/run", storage_options={"fail_path": str(fail)}) as m:
+            m.save_checkpoint(checkpoint_id=1)
+
+
+def test_sync_mode_returns_once_committed(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    t = Trainer(0)
+    root = f"faulty://{tmp_path}/run"
+    with t.manager(root, async_save=False, storage_options={"gate_path": str(gate)}) as m:
+        done: list[str] = []
+        worker = threading.Thread(target=lambda: done.append(m.save_checkpoint(checkpoint_id=1)))
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive(), "a synchronous save must wait for the (blocked) storage"
+        gate.unlink()
+        worker.join(60)
+        assert done and (tmp_path / "run" / "checkpoints" / "checkpoint-1" / MANIFEST_NAME).exists()
+
+
+def test_saving_to_a_path_in_flight_is_refused(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    t = Trainer(0)
+    with t.manager(f"faulty://{tmp_path}/run", storage_options={"gate_path": str(gate)}) as m:
+        m.save_checkpoint(checkpoint_id=1)
+        with pytest.raises(CommitConflictError):
+            m.save_checkpoint(checkpoint_id=1)
+        gate.unlink()
+
+
+# ---- HF export -----------------------------------------------------------------------------
+
+
+def test_save_model_exports_hf_with_config(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    out = str(tmp_path / "export")
+    provider = SimpleStatefulProvider({})
+    cfg = CheckpointConfig(output_dir=str(tmp_path / "run"), save_total_limit=None)
+    with CheckpointManager(config=cfg, stateful_provider=provider, model=model) as m:
+        m.save_model(out)
+        with pytest.raises(CommitConflictError):
+            m.save_model(out)
+        m.save_model(out, overwrite_output_dir=True)
+    assert json.loads(Path(out, "config.json").read_text())["n_embd"] == 16
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(8).unsqueeze(0)
+    model.eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_save_model_to_s3(s3_root: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    cfg = CheckpointConfig(
+        output_dir=s3_root.url, save_total_limit=None, storage_options=s3_root.storage_options
+    )
+    with CheckpointManager(
+        config=cfg, stateful_provider=SimpleStatefulProvider({}), model=model
+    ) as m:
+        m.save_model()
+    fs = s3_root.fs()
+    doc = json.loads(fs.cat_file(s3_root.url.removeprefix("s3://") + "/config.json"))
+    assert doc["vocab_size"] == 64
+    assert fs.exists(s3_root.url.removeprefix("s3://") + "/model.safetensors.index.json")
+
+
+# ---- dataloader position -------------------------------------------------------------------
+
+
+def test_stateful_dataloader_position_resumes(tmp_path: Path) -> None:
+    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    data = torch.arange(200)
+
+    def loader(seed: int) -> Any:
+        return sdl.StatefulDataLoader(
+            data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
+
+    t = Trainer(0)
+    dl = loader(0)
+    t.provider = SimpleStatefulProvider({**t.statefuls, "data": dl})
+    it = iter(dl)
+    for _ in range(5):
+        next(it)
+    with t.manager(str(tmp_path)) as m:
+        m.save_checkpoint(checkpoint_id=5)
+    expected = [next(it).tolist() for _ in range(3)]
+    fresh = Trainer(1)
+    dl2 = loader(99)
+    fresh.provider = SimpleStatefulProvider({**fresh.statefuls, "data": dl2})
+    with fresh.manager(str(tmp_path)) as m2:
+        m2.load_checkpoint()
+    it2 = iter(dl2)
+    assert [next(it2).tolist() for _ in range(3)] == expected
+
+
+def test_named_states_warn_for_missing_and_fail_for_broken(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = Counter("a"), Counter("b")
+    NamedStates({"a": a, "b": b}).load_state_dict({"a": {"value": 2}, "gone": {}})
+    assert a.value == 2 and "'b'" in caplog.text
+    with pytest.raises(StateMismatchError, match="'a'"):
+        NamedStates({"a": a}).load_state_dict({"a": {}})
+
+
+def test_provider_model_component_lends_its_pattern(tmp_path: Path) -> None:
+    t = Trainer(0)
+
+    class Provider:
+        def get_state_components(self) -> list[StateComponent]:
+            return [
+                StateComponent("model", t.model, SharingPattern.REPLICATED),
+                StateComponent("optimizer", t.opt, SharingPattern.GLOBAL),
+            ]
+
+        def get_process_groups(self) -> dict[str, Any]:
+            return {}
+
+    cfg = CheckpointConfig(output_dir=str(tmp_path), save_total_limit=None)
+    with CheckpointManager(config=cfg, stateful_provider=Provider(), model=t.model) as m:
+        path = m.save_checkpoint(checkpoint_id=1)
+    manifest = json.loads(Path(path, MANIFEST_NAME).read_text())
+    assert manifest["components"]["model"]["sharing_pattern"] == "replicated"
+    assert Path(path, "model.safetensors.index.json").exists()
