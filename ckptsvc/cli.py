@@ -284,12 +284,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
-
-    return int(bench.main(args.bench_args))
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ckptsvc",
@@ -423,13 +417,9 @@ def _parser() -> argparse.ArgumentParser:
         "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bp = sub.add_parser(
-        "bench",
-        help="benchmark ckptsvc against memcpy/disk floors, torch.save, safetensors and DCP",
-        add_help=False,
-    )
-    bp.set_defaults(fn=cmd_bench)
-    bp.add_argument("bench_args", nargs=argparse.REMAINDER)
+    from . import bench
+
+    bench.add_parser(sub).set_defaults(fn=bench.run)
     return p
 
 

@@ -63,7 +63,9 @@ __all__ = [
     "PointResult",
     "faults_env",
     "install_os_faults",
+    "plan_points",
     "run_campaign",
+    "run_points",
 ]
 
 logger = logging.getLogger(__name__)
@@ -972,10 +974,22 @@ class _Campaign:
                     f"{info.url} shows up as a manifest-less legacy checkpoint (a partial "
                     "save or deletion that discovery may return)"
                 )
-        committed_now = [f"checkpoint-{step}" for step, _ in outcome.committed]
-        self.log += [(seed, f"checkpoint-{step}") for step, seed in outcome.committed]
         complete = {i.location.name: i for i in infos if i.status is CheckpointStatus.COMPLETE}
+        seeds: dict[str, int | None] = {}
+        for ckpt in complete.values():
+            lost += self._verify_and_load(ckpt, seeds)
+        # the saves of this run that committed, in order: those the child reported, and
+        # the interrupted one if its manifest got out before the kill
         killed_dir = f"checkpoint-{plan['step']}"
+        reported = {seed for _, seed in outcome.committed}
+        killed_committed = seeds.get(killed_dir) == plan["killed_seed"]
+        commits = [
+            (seed, f"checkpoint-{step}")
+            for step, seed in plan["saves"]
+            if seed in reported or (seed == plan["killed_seed"] and killed_committed)
+        ]
+        self.log += commits
+        committed_now = [name for _, name in commits]
         retired = killed_dir if killed_dir in before else None
         order = sorted(before, key=lambda n: before[n][1])
         newest = list(dict.fromkeys(reversed([*order, *committed_now])))[:KEEP]
@@ -987,17 +1001,12 @@ class _Campaign:
             if name in newest:
                 status = "gone" if was is None else "re-committed"
                 lost.append(f"{name}: committed before the point and protected, now {status}")
-        seeds: dict[str, int | None] = {}
-        for ckpt in complete.values():
-            lost += self._verify_and_load(ckpt, seeds)
         latest = find_latest_checkpoint(self.url, storage_options=self.opts)
         survivors = [(s, n) for s, n in self.log if seeds.get(n) == s]
         expected = survivors[-1][0] if survivors else None
         latest_name = None if latest is None else latest.rstrip("/").rsplit("/", 1)[-1]
         got = seeds.get(latest_name) if latest_name else None
-        if got is not None and got == plan["killed_seed"] and got not in [s for s, _ in self.log]:
-            self.log.append((got, latest_name or ""))  # committed just before the kill
-        elif got != expected:
+        if got != expected:
             problems.append(
                 f"find_latest_checkpoint returned {latest} (seed {got}); expected the newest "
                 f"committed checkpoint (seed {expected})"
@@ -1083,21 +1092,46 @@ def run_campaign(
     timeout_s: float = 300.0,
     on_result: Callable[[PointResult], None] | None = None,
 ) -> CampaignReport:
-    """Run ``points`` seeded crash points under a fresh ``<root>/crashtest-<id>`` (which is
-    removed at the end if every point passed), then one clean run that must save.
+    """Run ``points`` seeded crash points (:func:`plan_points`) under a fresh
+    ``<root>/crashtest-<id>``, then one clean run that must save; see :func:`run_points`."""
+    from .storage import Location
 
-    ``on_result`` is called after each point (progress). The report holds the figures;
-    ``report.ok`` is the verdict.
+    local = Location.parse(root, storage_options).is_local
+    return run_points(
+        root,
+        plan_points(points, seed=seed, local=local),
+        seed=seed,
+        storage_options=storage_options,
+        timeout_s=timeout_s,
+        on_result=on_result,
+    )
+
+
+def run_points(
+    root: str,
+    points: list[CrashPoint],
+    *,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    timeout_s: float = 300.0,
+    on_result: Callable[[PointResult], None] | None = None,
+) -> CampaignReport:
+    """Run ``points`` in order on one fresh root ``<root>/crashtest-<id>`` (removed at the
+    end if every point passed), then a final run that must save cleanly.
+
+    ``on_result(result)`` is called after each point (progress; a test may also tamper
+    with the root there). ``report.ok`` is the verdict, ``report.checkpoints_lost`` the
+    figure that must be zero.
     """
     from .storage import Location
 
     base = Location.parse(root, storage_options)
     run_root = base.join(f"crashtest-{uuid.uuid4().hex[:10]}")
-    url = run_root.url if not run_root.is_local else run_root.path
+    url = run_root.path if run_root.is_local else run_root.url
     campaign = _Campaign(url, dict(storage_options or {}), seed=seed, timeout_s=timeout_s)
     results: list[PointResult] = []
     try:
-        for point in [*plan_points(points, seed=seed, local=base.is_local), None]:
+        for point in [*points, None]:
             result = campaign.run_point(point)
             results.append(result)
             if on_result is not None:

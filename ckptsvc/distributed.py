@@ -139,7 +139,14 @@ def resolve_groups(
 
 
 class CoordinationError(SaveFailedError):
-    """Ranks could not agree on a save: a rank never reported, or the store went away."""
+    """Ranks could not agree on a save: a rank never reported, or the store went away.
+
+    ``missing`` lists the ranks that never reported (empty if that is not the cause).
+    """
+
+    def __init__(self, message: str, *, missing: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
 
 
 @dataclass
@@ -173,6 +180,9 @@ class _Channel:
 
     def delete(self, keys: Sequence[str]) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Every key of this save was read by everyone: release what is left."""
 
 
 class _StoreChannel(_Channel):
@@ -235,6 +245,13 @@ class _FileChannel(_Channel):
         for k in keys:
             with contextlib.suppress(Exception):
                 self._loc.join(k.replace("/", "-")).remove(missing_ok=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loc.remove(recursive=True, missing_ok=True)
+        if self._loc.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._loc.parent.path)  # only if no other save's keys are left
 
 
 COORD_DIR = ".ckptsvc-coord"
@@ -300,7 +317,8 @@ class Coordinator:
         self._seq = itertools.count()
         self._last: PendingCommit | None = None
         self._lock = threading.Lock()
-        self._unacked: list[_Channel] = []  # rank 0: outcomes not yet read by every rank
+        # rank 0: outcomes not yet read by every rank, with the ranks expected to read them
+        self._unacked: list[tuple[_Channel, tuple[int, ...]]] = []
         digest = hashlib.sha256(root.encode()).hexdigest()[:12]
         self._prefix = f"ckptsvc/{digest}"
         if self._store is not None:
@@ -312,30 +330,32 @@ class Coordinator:
                     f"cannot use the job's torch.distributed store ({type(e).__name__}: {e})"
                 ) from e
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Rank 0: wait (bounded) until every rank has read the outcomes, so that exiting,
-        which takes the store down with it, cannot fail another rank's handle."""
-        deadline = time.monotonic() + timeout_s
+    def close(self, timeout_s: float | None = None) -> None:
+        """Rank 0: wait (bounded) until every live rank has read the outcomes, so that
+        exiting, which takes the store down with it, cannot fail another rank's handle."""
+        limit_s = min(30.0, knobs.COMMIT_TIMEOUT_S.get(self._timeout_s))
+        deadline = time.monotonic() + (limit_s if timeout_s is None else timeout_s)
         while self._sweep() and time.monotonic() < deadline:
             time.sleep(_POLL_MAX_S)
 
     def _sweep(self) -> int:
         """Delete the keys of outcomes every rank acknowledged; return how many remain."""
-        acks = [f"ack/{r}" for r in range(1, self._info.world_size)]
         with self._lock:
             pending = list(self._unacked)
-        left = []
-        for channel in pending:
+        done = []
+        for entry in pending:
+            channel, ranks = entry
+            acks = [f"ack/{r}" for r in ranks]
             try:
-                done = len(channel.present(acks)) == len(acks)
+                finished = len(channel.present(acks)) == len(acks)
             except CheckpointError:
-                done = True  # the store is gone: nobody can read it anyway
-            if done:
+                finished = True  # the store is gone: nobody can read it anyway
+            if finished:
                 channel.delete(["outcome", "failed", *acks])
-            else:
-                left.append(channel)
+                channel.close()
+                done.append(entry)
         with self._lock:
-            self._unacked = [c for c in self._unacked if c in left or c not in pending]
+            self._unacked = [e for e in self._unacked if e not in done]
             return len(self._unacked)
 
     def begin(self, pending: PendingCommit) -> None:
@@ -382,8 +402,10 @@ class Coordinator:
             if self._info.rank == 0:
                 self._sweep()
                 error = self._commit_round(pending, report, channel)
+                gone = set(getattr(error, "missing", ()))
+                readers = tuple(r for r in range(1, self._info.world_size) if r not in gone)
                 with self._lock:
-                    self._unacked.append(channel)
+                    self._unacked.append((channel, readers))
             else:
                 if local_error is None:
                     error = self._await_outcome(pending, channel)
@@ -457,7 +479,8 @@ class Coordinator:
                     f"save of step {pending.step} to {pending.path}: ranks {missing} did not "
                     f"report within {knobs.COMMIT_TIMEOUT_S.get(self._timeout_s)} s "
                     "(CKPTSVC_COMMIT_TIMEOUT_S); they died or never called save for this step. "
-                    "No manifest was written"
+                    "No manifest was written",
+                    missing=missing,
                 )
             time.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)

@@ -20,9 +20,10 @@ it, item 3):
    leftover in-progress marker (older than the manifest, its writer dead or elsewhere),
    and shard files (``model-0000i-of-0000N.*``) the manifest does not list that are older
    than the manifest (left by an overwrite with fewer shards);
-5. on S3, unfinished multipart uploads under ``checkpoints/``: those of directories removed
-   in steps 1-2, and those started before the newest complete checkpoint was committed
-   (their saves are long dead); GCS resumable sessions expire by themselves;
+5. on S3, unfinished multipart uploads under ``checkpoints/`` whose save can no longer
+   finish: those of directories removed here, of complete checkpoints (committed without
+   them) and of directories that no longer exist; never one of a directory kept above or
+   one that started after gc did. GCS resumable sessions expire by themselves;
 6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-...``) whose owner process is
    dead (:func:`ckptsvc.staging.reclaim_stale_segments`).
 
@@ -46,7 +47,7 @@ from typing import Any
 from . import knobs
 from .discovery import CHECKPOINTS_DIR, CheckpointInfo, CheckpointStatus, list_checkpoints
 from .errors import StorageNotFoundError
-from .manifest import MARKER_NAME, Manifest
+from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from .retention import delete_checkpoint
 from .staging import node_id, pid_alive, reclaim_stale_segments, segment_prefix
 from .storage import ChildInfo, Location, call_with_retries
@@ -58,8 +59,8 @@ logger = logging.getLogger(__name__)
 _TMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 _SHARD_RE = re.compile(r"^(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)$")
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
-#: an upload counts as older than the newest commit only by this margin: the manifest's
-#: time comes from the writer's clock, the upload's from the object store's
+#: uploads the store says started less than this before gc began are left alone (the
+#: store's clock and this host's may differ by this much)
 CLOCK_SLACK_S = 2.0
 
 
@@ -136,7 +137,7 @@ def _why_keep_incomplete(
             "delete it by hand"
         )
     started = _started_s(marker)
-    if started is not None and now_s - started < min_age_s:
+    if min_age_s > 0 and started is not None and now_s - started < min_age_s:
         return f"it started {now_s - started:.0f} s ago (younger than min_age_s={min_age_s:g})"
     if marker.get("deleting") is True:
         return None  # an interrupted deletion: finish it
@@ -175,7 +176,7 @@ def _debris_in_complete(
     listed = {f.path for f in manifest.files}
 
     def old_enough(c: ChildInfo) -> bool:
-        return c.mtime is None or now_s - c.mtime >= min_age_s
+        return min_age_s <= 0 or c.mtime is None or now_s - c.mtime >= min_age_s
 
     for c in children:
         if c.is_dir or not old_enough(c):
@@ -191,13 +192,33 @@ def _debris_in_complete(
     return debris, None
 
 
+def _marker_still_stale(marker: Location) -> bool:
+    """Re-read a leftover marker just before removing it: a save that started meanwhile
+    replaced it (and its marker must stay, or its directory would look committed)."""
+    doc = _read_marker(marker.parent)
+    started = None if doc is None else _started_s(doc)
+    committed = _read_committed_s(marker.parent)
+    return doc is not None and started is not None and committed is not None and started < committed
+
+
+def _read_committed_s(ckpt: Location) -> float | None:
+    try:
+        raw = ckpt.join(MANIFEST_NAME).read_bytes()
+    except StorageNotFoundError:
+        return None
+    try:
+        return Manifest.from_json(raw, where=ckpt.url).timestamp_s()
+    except ValueError:
+        return None
+
+
 def _is_remains(info: CheckpointInfo, *, now_s: float, min_age_s: float) -> bool:
     """An ABSENT directory that holds only our shard/temp files (or nothing), all old enough."""
     children = info.location.list_children()
     return all(
         not c.is_dir
         and (_SHARD_RE.match(c.name) or _TMP_RE.match(c.name))
-        and (c.mtime is None or now_s - c.mtime >= min_age_s)
+        and (min_age_s <= 0 or c.mtime is None or now_s - c.mtime >= min_age_s)
         for c in children
     )
 
@@ -258,11 +279,13 @@ def _collect_uploads(
     *,
     removed_dirs: set[str],
     kept_dirs: dict[str, str],
-    newest_s: float | None,
-    now_s: float,
+    complete_dirs: set[str],
+    listed_dirs: set[str],
+    started_s: float,
     min_age_s: float,
     dry_run: bool,
 ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Abort the uploads of saves that can no longer finish (see the module docstring)."""
     aborted: list[str] = []
     kept: list[tuple[str, str]] = []
     for up in _s3_uploads(ckpts):
@@ -270,23 +293,23 @@ def _collect_uploads(
         label = f"{url} (upload {up['UploadId']})"
         directory = str(up["Rel"]).split("/", 1)[0]
         initiated = _initiated_s(up)
-        why: str | None
+        why: str | None = None
         if directory in removed_dirs:
-            why = None
+            pass
         elif directory in kept_dirs:
             why = kept_dirs[directory]
-        elif initiated is not None and now_s - initiated < min_age_s:
-            why = f"started {now_s - initiated:.0f} s ago (younger than min_age_s={min_age_s:g})"
-        elif (
-            newest_s is not None and initiated is not None and initiated < newest_s - CLOCK_SLACK_S
-        ):
-            why = None
-        else:
-            why = "started after the newest complete checkpoint; it may be a save in flight"
+        elif initiated is not None and initiated > started_s - CLOCK_SLACK_S:
+            why = "it started while gc ran"
+        elif min_age_s > 0 and initiated is not None and started_s - initiated < min_age_s:
+            why = (
+                f"started {started_s - initiated:.0f} s ago (younger than min_age_s={min_age_s:g})"
+            )
+        elif directory in listed_dirs and directory not in complete_dirs:
+            why = "its directory is neither complete nor debris"
         if why is not None:
             kept.append((label, why))
             continue
-        aborted.append(label)
+        aborted.append(label)  # its directory is gone, committed without it, or debris
         if not dry_run:
             _abort_upload(ckpts, up)
     return aborted, kept
@@ -361,6 +384,9 @@ def collect_garbage(
                 kept.append((info.url, why))
                 kept_dirs[info.location.name] = why
             for target in files:
+                if target.name == MARKER_NAME and not _marker_still_stale(target):
+                    kept.append((info.url, "a new save to this directory just started"))
+                    continue
                 removed.append(target.url)
                 if target == info.location:
                     removed_dirs.add(info.location.name)
@@ -375,8 +401,9 @@ def collect_garbage(
             ckpts,
             removed_dirs=removed_dirs,
             kept_dirs=kept_dirs,
-            newest_s=newest_s,
-            now_s=now_s,
+            complete_dirs={i.location.name for i in complete} - removed_dirs,
+            listed_dirs={i.location.name for i in infos},
+            started_s=now_s,
             min_age_s=min_age_s,
             dry_run=dry_run,
         )

@@ -206,10 +206,16 @@ class RegionReader:
        the boxes that could not land in place.
     """
 
-    def __init__(self, ckpt: Location, *, manifest: Manifest | None = None) -> None:
+    def __init__(
+        self,
+        ckpt: Location,
+        *,
+        manifest: Manifest | None = None,
+        headers: dict[str, ShardLayout] | None = None,
+    ) -> None:
         self._ckpt = ckpt
         self._manifest = manifest
-        self._headers: dict[str, ShardLayout] = {}
+        self._headers: dict[str, ShardLayout] = {} if headers is None else headers  # shared cache
         self._extents: dict[str, list[tuple[int, memoryview]]] = {}
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._keep: list[torch.Tensor] = []

@@ -255,23 +255,22 @@ class Location:
         """Fill ``out`` with the file's bytes from ``offset``; raise if the file is shorter."""
         if out.format != "B" or out.ndim != 1:
             out = out.cast("B")  # offsets below count bytes, whatever the element type
+        if not self.is_local:
+            self.read_scattered([(offset, out)])  # parallel ranges; raises if the file is short
+            return
         want = out.nbytes
-        if self.is_local:
-            with storage_errors(self.url, "read"):
-                fd = os.open(self.path, os.O_RDONLY)
-                try:
-                    done = 0
-                    step = knobs.READ_CHUNK_BYTES.get()
-                    while done < want:
-                        n = os.preadv(fd, [out[done : done + step]], offset + done)
-                        if n == 0:
-                            break
-                        done += n
-                finally:
-                    os.close(fd)
-        else:
-            self.read_scattered([(offset, out)])
-            done = want
+        with storage_errors(self.url, "read"):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                done = 0
+                step = knobs.READ_CHUNK_BYTES.get()
+                while done < want:
+                    n = os.preadv(fd, [out[done : done + step]], offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            finally:
+                os.close(fd)
         if done != want:
             raise CorruptCheckpointError(
                 f"{self.url}: file is truncated (wanted bytes {offset}..{offset + want}, got {done})"

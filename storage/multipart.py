@@ -3,7 +3,9 @@ for s3://; GCS's twin is :mod:`.resumable`).
 
 The sink copies the caller's chunks into part buffers (one memcpy; the caller may reuse
 its memory as soon as ``write`` returns) and hands full parts to s3fs's event loop, so
-storage latency overlaps with producing the next part. Each request (a part, the
+storage latency overlaps with producing the next part. A part goes to botocore as a
+file-like view of its buffer, which aiohttp streams in 64 KiB reads (a ``bytes`` body
+would be copied whole, twice, while in flight). Each request (a part, the
 creation, the completion) is retried on its own with backoff (:mod:`.retry`); a failure
 never re-sends the whole file. A file that fits in one part goes as one PutObject.
 """
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "S3_MAX_PARTS",
     "S3_MIN_PART_BYTES",
+    "PartBody",
     "S3MultipartSink",
     "on_loop",
 ]
@@ -43,10 +46,10 @@ S3_MAX_PARTS = 10_000
 _ABORT_WAIT_S = 300.0
 
 
-class _PartBody(io.RawIOBase):
+class PartBody(io.RawIOBase):
     """A part buffer as a seekable file, so that botocore and aiohttp stream it in small
-    reads instead of copying it whole (aiohttp slices a ``bytearray`` body and joins it
-    with the headers: two transient copies per part in flight)."""
+    reads instead of copying it whole (aiohttp slices a ``bytearray`` body, and before
+    Python 3.12.9 joins any body with the headers: transient copies per part in flight)."""
 
     def __init__(self, data: memoryview) -> None:
         super().__init__()
@@ -58,6 +61,12 @@ class _PartBody(io.RawIOBase):
 
     def seekable(self) -> bool:
         return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._data.nbytes if size is None or size < 0 else self._pos + size
+        out = bytes(self._data[self._pos : end])
+        self._pos += len(out)
+        return out
 
     def readinto(self, b: Any) -> int:
         out = memoryview(b).cast("B")
@@ -149,6 +158,14 @@ class S3MultipartSink:
         """One S3 request from the caller's thread (blocking), without s3fs's retries."""
         return sync(self._fs.loop, _s3_request, self._fs, method, **kwargs)
 
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "open" and getattr(self, "_upload_id", None):
+            logger.warning(
+                "the upload of %s was neither closed nor aborted; its multipart upload stays "
+                "until the bucket's AbortIncompleteMultipartUpload lifecycle rule removes it",
+                self._loc.url,
+            )
+
     # ---- step 1 ------------------------------------------------------------------------
     def write(self, data: memoryview | bytes) -> None:
         if self._state != "open":
@@ -201,17 +218,15 @@ class S3MultipartSink:
                 url=self._loc.url,
             )
         self._next_part += 1
-        if nbytes < len(buf):
-            del buf[nbytes:]  # the last part: shrink in place (botocore wants exact bytes)
         with self._cond:
             while self._in_flight >= self._max_in_flight:
                 self._raise_if_failed()
                 self._cond.wait()
             self._raise_if_failed()
             self._in_flight += 1
-        on_loop(self._fs, lambda: self._upload_part(number, buf))
+        on_loop(self._fs, lambda: self._upload_part(number, buf, nbytes))
 
-    async def _upload_part(self, number: int, buf: bytearray) -> None:
+    async def _upload_part(self, number: int, buf: bytearray, nbytes: int) -> None:
         upload_id = self._upload_id
 
         def attempt() -> Awaitable[Any]:
@@ -224,7 +239,7 @@ class S3MultipartSink:
                 Key=self._key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=_PartBody(memoryview(buf)),  # a fresh reader per attempt
+                Body=PartBody(memoryview(buf)[:nbytes]),  # a fresh reader per attempt
             )
 
         try:
@@ -243,10 +258,7 @@ class S3MultipartSink:
         finally:
             with self._cond:
                 self._in_flight -= 1
-                if len(buf) == self._part_nbytes:
-                    self._free.append(buf)
-                else:
-                    self._nbuffers -= 1
+                self._free.append(buf)
                 self._cond.notify_all()
 
     # ---- step 2 ------------------------------------------------------------------------
@@ -270,12 +282,9 @@ class S3MultipartSink:
         self._loc.fs.invalidate_cache(self._loc.path)
 
     def _put_whole(self) -> None:
-        body = bytearray()
-        if self._buf is not None:
-            del self._buf[self._fill :]  # shrink in place: botocore wants the exact bytes
-            body = self._buf
+        view = memoryview(self._buf or bytearray())[: self._fill]
         call_with_retries(
-            lambda: self._s3("put_object", Bucket=self._bucket, Key=self._key, Body=body),
+            lambda: self._s3("put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(view)),
             url=self._loc.url,
             action="upload",
         )

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 _MIN_SPLIT_BYTES = 8 * 2**20  # never split a tensor into ranges smaller than this
 _BODY_READ_BYTES = 4 * 2**20  # most bytes taken from a response body per await
 _LOCAL_PARALLEL_BYTES = 64 * 2**20  # below this, local reads run in the calling thread
+_MAX_VIEWS = 512  # views per range: preadv takes at most IOV_MAX (1024) buffers
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ def plan_reads(
 ) -> list[RangeRead]:
     """Coalesce and split ``(offset, view)`` extents into requests (see the module doc).
 
-    A range holds at most ``max(max_range_bytes', 1)`` bytes, where the cap shrinks (not
-    below 8 MiB) until the total makes at least ``min_ranges`` ranges.
+    Each range holds at most ``max_range_bytes``; for a big total the cap shrinks (never
+    below 8 MiB) so that at least ``min_ranges`` ranges can run in parallel. Extents at
+    most ``max_gap_bytes`` apart share a range; the bytes between them are discarded.
     """
     pieces = sorted(
         ((off, _byte_view(v)) for off, v in extents if v.nbytes), key=lambda item: item[0]
@@ -90,14 +92,20 @@ def plan_reads(
         for start in range(0, v.nbytes, target):
             split.append((off + start, v[start : start + target]))
 
-    scratch = memoryview(bytearray(max(0, max_gap_bytes)))  # gap bytes are discarded
+    scratch: memoryview | None = None  # one buffer for every gap: its bytes are discarded
     out: list[RangeRead] = []
     cur_off = cur_end = 0
     cur: list[memoryview] = []
     for off, v in split:
         gap = off - cur_end
-        if cur and 0 <= gap <= max_gap_bytes and (off + v.nbytes - cur_off) <= target:
+        if (
+            cur
+            and 0 <= gap <= max_gap_bytes
+            and off + v.nbytes - cur_off <= target
+            and len(cur) + 2 <= _MAX_VIEWS
+        ):
             if gap:
+                scratch = scratch if scratch is not None else memoryview(bytearray(max_gap_bytes))
                 cur.append(scratch[:gap])
             cur.append(v)
             cur_end = off + v.nbytes
@@ -111,14 +119,13 @@ def plan_reads(
 
 
 class _Scatter:
-    """Copies a byte stream into consecutive views, from byte ``start`` of the range."""
+    """Copies a byte stream into consecutive views; ``done`` counts the bytes placed."""
 
-    def __init__(self, views: Sequence[memoryview], start: int = 0) -> None:
+    def __init__(self, views: Sequence[memoryview]) -> None:
         self._views = views
         self._i = 0
         self._pos = 0
         self.done = 0
-        self.skip(start)
 
     def skip(self, nbytes: int) -> None:
         self.done += nbytes

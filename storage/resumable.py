@@ -28,7 +28,7 @@ from fsspec.asyn import sync
 from ckptsvc.errors import CheckpointError, StorageError
 
 from .errors import classify
-from .multipart import on_loop
+from .multipart import PartBody, on_loop
 from .retry import RetryPolicy, call_with_retries
 
 if TYPE_CHECKING:

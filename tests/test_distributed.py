@@ -10,21 +10,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import StorageRoot
+from dist_workers.launch import RankRun, describe, launch
 from helpers_models import assert_bitwise_equal
 from safetensors.torch import load_file
+from test_async_checkpointer import SHM, wait_until
 from test_async_checkpointer import node  # noqa: F401  (fixture: private writer and arenas)
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components
 from ckptsvc.components import RNGState, SharingPattern, StateComponent
+from ckptsvc.discovery import checkpoint_info, find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.distributed import COORD_DIR
 from ckptsvc.errors import StateMismatchError
-from ckptsvc.manifest import MANIFEST_NAME
+from ckptsvc.manifest import MANIFEST_NAME, Manifest
 from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.verify import verify_checkpoint
 
 SP = SharingPattern
 
@@ -174,3 +182,135 @@ def test_save_refused_in_a_multi_rank_world(
     monkeypatch.setenv("RANK", "0")
     with AsyncCheckpointer(tmp_path) as ckpt, pytest.raises(Exception, match="save_components"):
         ckpt.save(1, {"w": torch.ones(2)})
+
+
+# ---- real ranks -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A node-id prefix for the simulated nodes of one test; checks no arena leaks."""
+    prefix = f"d{uuid.uuid4().hex[:8]}"
+    yield prefix
+    wait_until(lambda: not _node_segments(prefix), "the ranks' arenas to be unlinked", 20)
+
+
+def _node_segments(prefix: str) -> list[str]:
+    return [n for n in os.listdir(SHM) if n.startswith(f"ckptsvc-{prefix}")]
+
+
+def _ok(runs: list[RankRun]) -> list[dict[str, Any]]:
+    assert all(r.returncode == 0 and r.result is not None for r in runs), describe(runs)
+    return [r.result for r in runs if r.result is not None]
+
+
+def _manifest(path: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    info = checkpoint_info(path, storage_options=storage_options)
+    assert info.manifest is not None, f"{path} has no manifest ({info.status})"
+    return info.manifest
+
+
+@pytest.mark.multiproc
+def test_four_ranks_two_nodes_every_pattern(nodes: str, tmp_path: Path) -> None:
+    """4 ranks on 2 simulated nodes: DDP model REPLICATED (validated, split over 4 ranks),
+    PER_RANK, PER_NODE, PER_GROUP (two dp groups), GLOBAL; each rank gets back bitwise
+    exactly its own state, and a barrier after load shows nobody is stuck in a collective."""
+    root = str(tmp_path / "run")
+    results = _ok(launch("replicated_job", {"root": root}, world=4, nodes=2, node_prefix=nodes))
+    for r in results:
+        assert r["error"] is None
+        assert r["mismatch"] == dict.fromkeys(r["mismatch"], []), r["mismatch"]
+        assert r["rng_ok"]
+    writers = [r["writer"] for r in results]
+    assert writers[0] == writers[1] != writers[2] == writers[3]  # one node writer per node
+    manifest = _manifest(results[0]["path"])
+    assert manifest.world_size == 4
+    comps = {c.key: c for c in manifest.components}
+    assert comps["model"].ranks == (0, 1, 2, 3)  # the replicated write was split
+    assert comps["model"].replicated_across == (0, 1, 2, 3)
+    assert comps["trainer"].ranks == (0,)
+    assert comps["data"].ranks == (0, 1, 2, 3)
+
+    def instances(key: str) -> dict[str, Any]:
+        return dict(comps[key].metadata["ckptsvc"]["instances"])
+
+    assert {k: v["ranks"] for k, v in instances("node").items()} == {"_node_0": [0], "_node_1": [2]}
+    assert {k: v["ranks"] for k, v in instances("group").items()} == {
+        "_group_dp_0": [0],
+        "_group_dp_2": [2],
+    }
+    assert comps["group"].group_name == "dp"
+    assert verify_checkpoint(results[0]["path"], deep=True).ok
+    weights = load_checkpoint(results[0]["path"])  # the split model is a plain HF checkpoint
+    assert weights is not None and len(weights) == 6
+
+
+@pytest.mark.multiproc
+@pytest.mark.cloud
+def test_distributed_save_to_s3(nodes: str, s3_root: StorageRoot) -> None:
+    args = {"root": s3_root.url, "storage_options": s3_root.storage_options}
+    results = _ok(launch("replicated_job", args, world=4, nodes=2, node_prefix=nodes))
+    for r in results:
+        assert r["error"] is None and not any(r["mismatch"].values()) and r["rng_ok"]
+    latest = find_latest_checkpoint(s3_root.url, storage_options=s3_root.storage_options)
+    assert latest == results[0]["path"]
+    assert verify_checkpoint(latest, deep=True, storage_options=s3_root.storage_options).ok
+
+
+@pytest.mark.multiproc
+def test_diverged_replica_fails_the_save_everywhere(nodes: str, tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    args = {"root": root, "diverge_rank": 3}
+    results = _ok(launch("replicated_job", args, world=4, nodes=2, node_prefix=nodes))
+    for r in results:
+        assert r["error"] is not None
+        assert "ReplicationMismatchError" in r["error"]
+        assert "'model'" in r["error"] and "'2.weight'" in r["error"]
+        assert "ranks [3]" in r["error"]
+    assert not (Path(results[0]["path"]) / MANIFEST_NAME).exists()
+    assert find_latest_checkpoint(root) is None
+
+
+@pytest.mark.multiproc
+def test_killed_rank_fails_the_save_and_the_restarted_job_saves(
+    nodes: str, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    root = f"faulty://{tmp_path}/run"
+    opts = {"gate_path": str(gate), "match": "data_state_rank_2"}  # rank 2's write hangs
+    try:
+        runs = launch(
+            "killed_rank",
+            {"root": root, "kill_rank": 2, "storage_options": opts},
+            world=4,
+            nodes=2,
+            node_prefix=nodes,
+            env={"CKPTSVC_COMMIT_TIMEOUT_S": "4"},
+        )
+    finally:
+        gate.unlink()
+    assert runs[2].returncode == -signal.SIGKILL, describe(runs)
+    for r in (runs[0], runs[1], runs[3]):
+        assert r.returncode == 0 and r.result is not None, describe(runs)
+        assert "ranks [2] did not report" in r.result["error"]
+    ckpt1 = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    assert ckpt1.is_dir() and not (ckpt1 / MANIFEST_NAME).exists()
+    # the restarted job (new processes, new store) saves the next step normally
+    results = _ok(
+        launch("replicated_job", {"root": root, "step": 2}, world=4, nodes=2, node_prefix=nodes)
+    )
+    assert all(r["error"] is None and not any(r["mismatch"].values()) for r in results)
+    assert find_latest_checkpoint(root) == next_checkpoint_path(root, 2)
+
+
+@pytest.mark.multiproc
+def test_ranks_without_a_process_group_coordinate_through_files(
+    nodes: str, tmp_path: Path
+) -> None:
+    args = {"root": str(tmp_path / "run"), "no_dist": True}
+    results = _ok(launch("without_store", args, world=2, node_prefix=nodes))
+    assert all(not any(r["mismatch"].values()) for r in results)
+    path = Path(results[0]["path"])
+    assert (path / MANIFEST_NAME).exists() and not (path / COORD_DIR).exists()
+    assert _manifest(str(path)).world_size == 2

@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -57,8 +59,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def seed_everything(seed: int) -> None:
+    """Same seeds on every rank and every start: the model starts identical everywhere."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def make_model(width: int) -> nn.Module:
-    torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
                          nn.Linear(width, 1))  # fmt: skip
 
@@ -119,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
 
+    seed_everything(args.seed)
     model = make_model(args.width).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     progress = Progress()

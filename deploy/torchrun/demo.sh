@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The quickest check of an installation: `ckptsvc demo` saves a small model three times,
-# finds the latest checkpoint, loads it and verifies every byte against the manifest.
+# The quickest check of an installation: `ckptsvc demo` trains a small model with
+# asynchronous checkpoints, loads the latest one into a fresh model and verifies every byte
+# against the manifest; then `ckptsvc ls` lists what it wrote.
 #
 #   deploy/torchrun/demo.sh                       # to ./demo-run
 #   deploy/torchrun/demo.sh s3://my-bucket/demo '{"endpoint_url": "http://127.0.0.1:9000"}'

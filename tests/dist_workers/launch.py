@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ def launch(
     per_node = world // nodes
     port = free_port()
     procs = []
+    logs = []
     for rank in range(world):
         rank_env = {
             **os.environ,
@@ -69,10 +71,14 @@ def launch(
             "OMP_NUM_THREADS": "1",
             **(env or {}),
         }
+        # a file, not a pipe: a node writer started by a rank inherits its stderr and may
+        # outlive it, which would keep a pipe open
+        log = tempfile.TemporaryFile(mode="w+")
+        logs.append(log)
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(WORKER), scenario, json.dumps(args)],
-                stdout=subprocess.PIPE,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=rank_env,
@@ -80,16 +86,19 @@ def launch(
         )
     deadline = time.monotonic() + timeout_s
     outputs = []
-    for p in procs:
+    for p, log in zip(procs, logs, strict=True):
+        note = ""
         try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             for q in procs:
                 if q.poll() is None:
                     q.send_signal(signal.SIGKILL)
-            out, _ = p.communicate()
-            out += "\n<killed: launch timeout>"
-        outputs.append(out)
+            p.wait()
+            note = "\n<killed: launch timeout>"
+        log.seek(0)
+        outputs.append(log.read() + note)
+        log.close()
     runs = []
     for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         result = None

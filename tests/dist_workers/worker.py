@@ -243,7 +243,31 @@ def fsdp_load(a: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def without_store(a: dict[str, Any]) -> dict[str, Any]:
+    """No process group: ranks from the environment, reports as fragment files."""
+    rank = int(os.environ["RANK"])
+    model = mlp(0)
+    boxes = {"data": Box({"rank": rank, "x": torch.full((7,), float(rank))}), "trainer": Box({"step": 3})}
+
+    def comps(m: Any, b: dict[str, Box]) -> list[StateComponent]:
+        return [
+            StateComponent("model", m, SP.REPLICATED),
+            StateComponent("data", b["data"], SP.PER_RANK),
+            StateComponent("trainer", b["trainer"], SP.GLOBAL),
+        ]
+
+    expected = {"model": flat(model.state_dict()), **{k: flat(copy.deepcopy(v.state)) for k, v in boxes.items()}}
+    with AsyncCheckpointer(a["root"], max_shard_size=2048) as ckpt:
+        handle = ckpt.save_components(a.get("step", 1), comps(model, boxes))
+        handle.wait(120)
+    model2, fresh = mlp(3), {k: Box({}) for k in boxes}
+    load_components(handle.path, comps(model2, fresh))
+    got = {"model": flat(model2.state_dict()), **{k: flat(v.state) for k, v in fresh.items()}}
+    return {"path": handle.path, "mismatch": {k: mismatches(expected[k], got[k]) for k in expected}}
+
+
 SCENARIOS = {
+    "without_store": without_store,
     "replicated_job": replicated_job,
     "killed_rank": killed_rank,
     "fsdp_save": fsdp_save,
@@ -253,12 +277,14 @@ SCENARIOS = {
 
 def main() -> None:
     scenario, args = sys.argv[1], json.loads(sys.argv[2])
-    dist.init_process_group("gloo", timeout=timedelta(seconds=90))
+    if not args.get("no_dist"):
+        dist.init_process_group("gloo", timeout=timedelta(seconds=90))
     result = SCENARIOS[scenario](args)
     print("RESULT " + json.dumps(result), flush=True)
     if result.get("exit_now"):
         os._exit(0)  # a peer died: tearing the process group down would wait for it
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
