@@ -25,6 +25,17 @@ Call order of one ``save`` (process / thread that runs each step; DESIGN.md sect
 6. the node writer streams the shards, publishes the index and skeleton, writes the
    manifest last (writer process), then reports; the client reader thread releases the
    arena and completes the handle (``wait`` / ``done`` / ``exception``).
+
+``save_components(step, components)`` is the same pipeline for :class:`StateComponent`
+lists (every rank of a distributed job calls it; see :mod:`ckptsvc.component_plan` for
+who writes what and the file names): step 1-2 become ``plan_components`` (each
+``stateful.state_dict()``), step 4 also computes the checksums ``validate_replication``
+needs. In one process step 6 is unchanged. With several ranks the writer only reports
+this rank's files; the client reader thread releases the arena and hands the report to
+the :class:`~ckptsvc.distributed.Coordinator`, whose background thread publishes it in the
+job's store; rank 0's commit thread merges every rank's report and has its writer write
+the index, the documents and the manifest last; every rank's handle completes with rank
+0's verdict. No collective runs, and nothing runs on the training thread after step 5.
 """
 
 from __future__ import annotations
@@ -38,17 +49,17 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from . import knobs
-from .checksum import crc32c_hex
 from .component_load import load_components
-from .component_plan import ComponentPlan, StagedFile, plan_components
+from .component_plan import StagedFile, plan_components
+from .component_save import commit_job, data_job, stage_components
 from .components import StateComponent
 from .discovery import next_checkpoint_path
 from .distributed import Coordinator, PendingCommit, RankInfo
@@ -62,9 +73,10 @@ from .errors import (
 )
 from .flatten import SKELETON_NAME, FlatState, flatten_state, load_state
 from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
-from .manifest import ComponentRecord, FileRecord
-from .reports import Merged, RankReport, merge_reports
+from .manifest import ComponentRecord
+from .reports import Merged, RankReport
 from .safetensors_stream import dtype_to_torch
+from .save_handle import SaveHandle, SaveTimings
 from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
 from .storage import Location
 from .workers.client import WriterClient
@@ -84,113 +96,6 @@ logger = logging.getLogger(__name__)
 
 _PLAN_CACHE_SIZE = 4
 _SINGLE_THREAD_COPY_BYTES = 32 << 20
-
-
-@dataclass(frozen=True)
-class SaveTimings:
-    """Where one save's time went. Writer-side fields are ``None`` until it is done.
-
-    ``blocking_s`` is the whole ``save`` call (it includes ``arena_wait_s``, the
-    back-pressure wait, and ``copy_s``); ``queue_wait_s`` is from the writer receiving the
-    job to its first shard starting; ``write_s`` streaming until every shard was durable;
-    ``commit_s`` the manifest; ``durable_s`` from the start of ``save`` to the report.
-    """
-
-    nbytes: int
-    blocking_s: float
-    arena_wait_s: float
-    copy_s: float
-    queue_wait_s: float | None = None
-    write_s: float | None = None
-    commit_s: float | None = None
-    durable_s: float | None = None
-
-
-class SaveHandle:
-    """The future of one save. Completed by the writer's report (client reader thread)."""
-
-    def __init__(self, *, step: int, path: str, timings: SaveTimings, started: float) -> None:
-        self.step = step
-        self.path = path
-        self._timings = timings
-        self._started = started
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._files: tuple[FileRecord, ...] = ()
-        self._observed = False
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("failed" if self._error else "durable")
-        return f"SaveHandle(step={self.step}, path={self.path!r}, {state})"
-
-    @property
-    def timings(self) -> SaveTimings:
-        return self._timings
-
-    @property
-    def files(self) -> tuple[FileRecord, ...]:
-        """The committed files with sizes and CRC-32C (empty until done)."""
-        return self._files
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Block until durable; raise the save's error (``SaveFailedError``, ``WriterDiedError``)."""
-        error = self.exception(timeout_s)
-        if error is not None:
-            raise error
-
-    def exception(self, timeout_s: float | None = None) -> BaseException | None:
-        """The save's error once done (``None`` on success); ``TimeoutError`` if not done in time."""
-        if not self._event.wait(timeout_s):
-            raise TimeoutError(
-                f"save of step {self.step} to {self.path} not durable after {timeout_s} s"
-            )
-        self._observed = True
-        return self._error
-
-    def _set_blocking(self, blocking_s: float) -> None:  # training thread, maybe after _finish
-        with self._lock:
-            self._timings = replace(self._timings, blocking_s=blocking_s)
-
-    def _finish(self, done: JobDone) -> None:
-        self._files = done.files
-        with self._lock:
-            self._timings = replace(
-                self._timings,
-                queue_wait_s=done.queue_wait_s,
-                write_s=done.write_s,
-                commit_s=done.commit_s,
-                durable_s=time.perf_counter() - self._started,
-            )
-        self._event.set()
-
-    def _finish_committed(
-        self, files: Sequence[FileRecord], *, write_s: float | None, commit_s: float | None
-    ) -> None:
-        """A distributed save: the checkpoint was committed (by rank 0)."""
-        self._files = tuple(files)
-        with self._lock:
-            self._timings = replace(
-                self._timings,
-                write_s=write_s,
-                commit_s=commit_s,
-                durable_s=time.perf_counter() - self._started,
-            )
-        self._event.set()
-
-    def _set_written(self, done: JobDone) -> None:
-        """This rank's data is durable (the commit is still to come)."""
-        with self._lock:
-            self._timings = replace(
-                self._timings, queue_wait_s=done.queue_wait_s, write_s=done.write_s
-            )
-
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
-        self._event.set()
 
 
 @dataclass(frozen=True)
@@ -234,6 +139,10 @@ class AsyncCheckpointer:
 
     ``root`` is the model directory (path or URL); checkpoints go to
     ``<root>/checkpoints/checkpoint-<step>``. Options default to ``ckptsvc.knobs``.
+    In a distributed job create it on every rank after ``init_process_group`` (rank,
+    world and node come from :class:`~ckptsvc.distributed.RankInfo`; ``store`` defaults to
+    the default process group's Store, and without a process group ranks coordinate
+    through fragment files under the checkpoint).
     ``close`` (also on ``with`` exit and at interpreter exit) waits for in-flight saves,
     then unlinks the arenas; it never raises a save's error - ``wait_all`` and the
     handles do.
@@ -282,13 +191,20 @@ class AsyncCheckpointer:
         self._plans: OrderedDict[Any, _SavePlan] = OrderedDict()
         self._job_ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._client_lock = threading.Lock()
         self._inflight: set[SaveHandle] = set()
         self._failed: list[SaveHandle] = []
         self._closed = False
         self._owner_pid = os.getpid()
         self._arena_plans: OrderedDict[Any, ArenaPlan] = OrderedDict()
         self._coordinator = (
-            Coordinator(self._info, root=self._root_text, store=store, commit=self._commit)
+            Coordinator(
+                self._info,
+                root=self._root_text,
+                store=store,
+                commit=self._commit,
+                storage_options=self._storage_options,
+            )
             if self._info.distributed
             else None
         )
@@ -395,7 +311,14 @@ class AsyncCheckpointer:
         submitted = False
         try:
             copy_started = time.perf_counter()
-            parts = self._stage_components(plans, staged, layout, arena)
+            parts = stage_components(
+                plans,
+                staged,
+                layout,
+                arena,
+                threads=self._copy_threads,
+                executor=self._copy_pool,
+            )
             copy_s = time.perf_counter() - copy_started
             nbytes = sum(e.nbytes for f in staged if f.write for e in f.plan.layout.entries)
             handle = SaveHandle(
@@ -416,7 +339,17 @@ class AsyncCheckpointer:
                     p.component.key: p.sharded_doc for p in plans if p.sharded_doc is not None
                 },
             )
-            job = self._component_job(pending, plans, staged, layout, arena)
+            job = data_job(
+                job_id=next(self._job_ids),
+                ckpt_url=Location.parse(path, self._storage_options).url,
+                storage_options=self._storage_options,
+                pending=pending,
+                plans=plans,
+                staged=staged,
+                layout=layout,
+                arena=arena,
+                single_process=self._coordinator is None,
+            )
             with self._lock:
                 self._inflight.add(handle)
             try:
@@ -481,9 +414,10 @@ class AsyncCheckpointer:
                 logger.warning("closing with the save of step %s still in flight", h.step)
         if self._coordinator is not None:
             self._coordinator.close()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
         self._pool.close()
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=True)
@@ -524,98 +458,15 @@ class AsyncCheckpointer:
             self._arena_plans.move_to_end(key)
         return layout
 
-    def _stage_components(
-        self,
-        plans: Sequence[ComponentPlan],
-        staged: Sequence[StagedFile],
-        layout: ArenaPlan,
-        arena: StagingArena | None,
-    ) -> tuple[Any, ...]:
-        """Copy every staged tensor into the arena; CRC-32C of validated components."""
-        if arena is None:
-            return tuple(p.part for p in plans)
-        specs: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
-        srcs: list[torch.Tensor] = []
-        where: dict[tuple[int, str], int] = {}
-        for i, f in enumerate(staged):
-            for e in f.plan.layout.entries:
-                where[(i, e.name)] = len(specs)
-                specs.append((layout.file_offsets[i] + e.begin, dtype_to_torch(e.dtype), e.shape))
-                srcs.append(f.sources[e.name])
-        if any(t.device.type == "cuda" for t in srcs):
-            arena.pin()
-        dsts = arena.views_at(layout, specs)
-        total = sum(t.numel() * t.element_size() for t in srcs)
-        threads = 1 if total < _SINGLE_THREAD_COPY_BYTES else self._copy_threads
-        with torch.no_grad():
-            copy_into(dsts, srcs, threads=threads, executor=self._copy_pool)
-        parts = []
-        for p in plans:
-            if not p.crc_names:
-                parts.append(p.part)
-                continue
-            index = {name: where[(i, name)] for i, f in enumerate(staged) if f in p.files for name in f.sources}
-            crcs = tuple(crc32c_hex(_bytes_of(dsts[index[n]])) for n in p.crc_names)
-            parts.append(replace(p.part, crcs=crcs))
-        return tuple(parts)
-
-    def _component_job(
-        self,
-        pending: PendingCommit,
-        plans: Sequence[ComponentPlan],
-        staged: Sequence[StagedFile],
-        layout: ArenaPlan,
-        arena: StagingArena | None,
-    ) -> SaveJob:
-        files = tuple(
-            FileJob(f.plan.file_name, f.plan.layout, off)
-            for f, off in zip(staged, layout.file_offsets, strict=True)
-            if f.write
-        )
-        small = [SmallFile(name, data) for p in plans for name, data in sorted(p.docs.items())]
-        commit = None
-        if self._coordinator is None:  # single process: everything is known now
-            merged = merge_reports(
-                [pending.report],
-                world_size=1,
-                crc_names=pending.crc_names,
-                sharded_docs=pending.sharded_docs,
-            )
-            small += [SmallFile(n, b) for n, b in sorted(merged.small_files.items())]
-            commit = self._commit_info(pending, merged)
-        return SaveJob(
-            job_id=next(self._job_ids),
-            ckpt_url=Location.parse(pending.path, self._storage_options).url,
-            storage_options=self._storage_options,
-            arena_name=arena.name if arena is not None else "",
-            files=files,
-            small_files=tuple(small),
-            commit=commit,
-        )
-
-    def _commit_info(self, pending: PendingCommit, merged: Merged) -> CommitInfo:
-        from . import __version__
-
-        return CommitInfo(
-            step=pending.step,
-            world_size=self._info.world_size,
-            components=merged.components,
-            pytorch_version=str(torch.__version__),
-            library_version=__version__,
-            user_metadata=pending.user_metadata,
-            extra_files=tuple(f for f in merged.files if f.path not in merged.small_files),
-        )
-
     def _commit(self, pending: PendingCommit, merged: Merged) -> JobDone:
         """Rank 0's commit thread: index, documents and manifest, written by our writer."""
-        job = SaveJob(
+        job = commit_job(
             job_id=next(self._job_ids),
             ckpt_url=Location.parse(pending.path, self._storage_options).url,
             storage_options=self._storage_options,
-            arena_name="",
-            files=(),
-            small_files=tuple(SmallFile(n, b) for n, b in sorted(merged.small_files.items())),
-            commit=self._commit_info(pending, merged),
+            pending=pending,
+            merged=merged,
+            world_size=self._info.world_size,
         )
         box: list[object] = []
         done = threading.Event()
@@ -713,24 +564,27 @@ class AsyncCheckpointer:
         return on_outcome
 
     def _submit(self, job: SaveJob, on_outcome: Any) -> None:
-        """Send the job, (re)starting the writer if it died; one retry on a failed send."""
-        for attempt in (1, 2):
-            client = self._client
-            if client is None or not client.alive:
-                if client is not None:
-                    logger.warning(
-                        "node writer (pid %d) is gone; starting a new one", client.writer_pid
+        """Send the job, (re)starting the writer if it died; one retry on a failed send.
+
+        Called by the training thread and by rank 0's commit thread (one at a time)."""
+        with self._client_lock:
+            for attempt in (1, 2):
+                client = self._client
+                if client is None or not client.alive:
+                    if client is not None:
+                        logger.warning(
+                            "node writer (pid %d) is gone; starting a new one", client.writer_pid
+                        )
+                        client.close()
+                    self._client = client = WriterClient.connect_or_start(
+                        node=self._node, rank=self._rank
                     )
-                    client.close()
-                self._client = client = WriterClient.connect_or_start(
-                    node=self._node, rank=self._rank
-                )
-            try:
-                client.submit(job, on_outcome)
-                return
-            except WriterDiedError:
-                if attempt == 2:
-                    raise
+                try:
+                    client.submit(job, on_outcome)
+                    return
+                except WriterDiedError:
+                    if attempt == 2:
+                        raise
 
     def _completed(
         self,
@@ -760,12 +614,8 @@ class AsyncCheckpointer:
                 handle._set_written(outcome)
                 report = replace(pending.report, files=outcome.files)
             else:
-                report = replace(
-                    pending.report, error=str(error), error_type=type(error).__name__
-                )
-            self._coordinator.data_done(
-                pending, report, on_done=self._committed, local_error=error
-            )
+                report = replace(pending.report, error=str(error), error_type=type(error).__name__)
+            self._coordinator.data_done(pending, report, on_done=self._committed, local_error=error)
             return
         if isinstance(outcome, JobDone):
             handle._finish(outcome)
@@ -793,12 +643,6 @@ class AsyncCheckpointer:
         client = self._client
         if client is not None:
             client.release_arena(name)
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    if t.numel() == 0:
-        return memoryview(b"")
-    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def _json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -141,8 +141,9 @@ class Retention:
     """Background retention for one model directory (see the module docstring).
 
     Call order: :meth:`begin_save` (training thread, before the save is submitted), then
-    :meth:`after_save` with its handle; the retention thread waits for the handle, forgets
-    the path as in flight, and if the save committed deletes what the rules allow.
+    :meth:`after_save` with its handle; a waiter thread waits for the handle and forgets
+    the path as in flight; if the save committed, the retention thread (one, so passes
+    never overlap) deletes what the rules allow.
     :meth:`wait` joins the queued work and raises the first deletion error; :meth:`close`
     stops the thread.
     """
@@ -163,6 +164,7 @@ class Retention:
         self._in_flight: dict[str, int] = {}
         self._deleting: dict[str, threading.Event] = {}
         self._futures: list[Future[None]] = []
+        self._waiters: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-retention")
 
@@ -194,11 +196,16 @@ class Retention:
                 self._in_flight.pop(url, None)
 
     def after_save(self, handle: _Handle) -> None:
-        self._futures = [f for f in self._futures if not f.done()] + [
-            self._pool.submit(self._run, handle)
-        ]
+        """Run retention once ``handle`` commits (a waiter thread per save in flight, so a
+        slow save never delays retention after a faster, later one)."""
+        waiter = threading.Thread(
+            target=self._await, args=(handle,), name="ckptsvc-retention-wait", daemon=True
+        )
+        with self._lock:
+            self._waiters = [w for w in self._waiters if w.is_alive()] + [waiter]
+        waiter.start()
 
-    def _run(self, handle: _Handle) -> None:
+    def _await(self, handle: _Handle) -> None:
         url = self._url(handle.path)
         try:
             error = handle.exception()
@@ -206,6 +213,11 @@ class Retention:
             self._done(url)
         if error is not None or self._keep is None or self._keep <= 0:
             return
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()]
+            self._futures.append(self._pool.submit(self._run))
+
+    def _run(self) -> None:
         try:
             self._apply()
         except Exception as e:
@@ -231,7 +243,13 @@ class Retention:
 
     def wait(self) -> None:
         """Wait for queued retention work; raise the first deletion error (once)."""
-        for f in list(self._futures):
+        with self._lock:
+            waiters = list(self._waiters)
+        for w in waiters:
+            w.join()
+        with self._lock:
+            futures = list(self._futures)
+        for f in futures:
             f.result()
         if self._errors:
             first, self._errors = self._errors[0], []

@@ -125,7 +125,9 @@ def _read_doc(ckpt: Location, name: str) -> dict[str, Any]:
     try:
         doc = json.loads(loc.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{loc.url}: component document is not valid JSON ({e})") from e
+        raise CorruptCheckpointError(
+            f"{loc.url}: component document is not valid JSON ({e})"
+        ) from e
     if not isinstance(doc, dict) or doc.get("format") != DOC_FORMAT or "state" not in doc:
         raise CorruptCheckpointError(f"{loc.url}: not a ckptsvc component document")
     if not isinstance(doc.get("version"), int) or doc["version"] > DOC_VERSION:
@@ -234,18 +236,21 @@ def load_components(
             "find_latest_checkpoint(...) instead"
         )
     if status.manifest is None:
-        raise CheckpointNotFoundError(f"{ckpt.url}: no checkpoint manifest (not a complete checkpoint)")
+        raise CheckpointNotFoundError(
+            f"{ckpt.url}: no checkpoint manifest (not a complete checkpoint)"
+        )
     manifest = status.manifest
     info = RankInfo.current(rank=rank)
     records = {r.key: r for r in manifest.components}
-    names = {c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP}
+    names = {
+        c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
+    }
     groups = resolve_groups({n for n in names if n}, process_groups, info)
     for c in components:
         rec = records.get(c.key)
         if rec is None:
             msg = (
-                f"{ckpt.url}: the checkpoint has no component {c.key!r} "
-                f"(it has {sorted(records)})"
+                f"{ckpt.url}: the checkpoint has no component {c.key!r} (it has {sorted(records)})"
             )
             if c.required and strict:
                 raise StateMismatchError(msg)
@@ -260,7 +265,9 @@ def load_components(
             continue
         doc_file = instances[suffix].get("doc")
         if not doc_file:
-            raise CorruptCheckpointError(f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document")
+            raise CorruptCheckpointError(
+                f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
+            )
         doc = _read_doc(ckpt, doc_file)
         tensors = _read_tensors(ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest))
         state = unflatten_state(doc, tensors)

@@ -143,7 +143,7 @@ class PartReport:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StagedFile:
     """A tensor file to stage in the arena: its plan, the source tensors by entry name,
     and whether this rank sends it to its writer (validation stages others' files too)."""
@@ -171,7 +171,7 @@ class ComponentPlan:
     crc_names: tuple[str, ...] = ()
 
 
-def _signature(flat_specs: Sequence[tuple[str, str, tuple[int, ...]]], skeleton: Any) -> str:
+def _signature(flat_specs: Sequence[tuple[Any, ...]], skeleton: Any) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([list(s) for s in flat_specs]).encode())
     h.update(json.dumps(skeleton, sort_keys=True, default=str).encode())
@@ -233,7 +233,10 @@ def _plan_files(
             by_file.setdefault(rename[assigned[s.name]], []).append(s)
         out.append(
             [
-                FilePlan(name, plan_shard(((s.name, s.dtype, s.shape) for s in members), metadata=_SHARD_META))
+                FilePlan(
+                    name,
+                    plan_shard(((s.name, s.dtype, s.shape) for s in members), metadata=_SHARD_META),
+                )
                 for name, members in by_file.items()
             ]
         )
@@ -242,7 +245,8 @@ def _plan_files(
 
 def _specs(flat: FlatState) -> list[TensorSpec]:
     return [
-        TensorSpec(n, d, tuple(t.shape)) for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
+        TensorSpec(n, d, tuple(t.shape))
+        for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
     ]
 
 
@@ -263,13 +267,14 @@ def _plan_plain(
     plans = _plan_files(c.key, suffix, parts, max_shard_size=max_shard_size)
     file_of = {e.name: fp.file_name for part in plans for fp in part for e in fp.layout.entries}
     my_index = writers.index(info.rank) if info.rank in writers else None
-    validate = c.validate_replication and c.validation_level != "none"
+    # "quick" compares the structure (signature) only; "tensor" / "full" also every byte
+    validate = c.validate_replication and c.validation_level in ("tensor", "full")
     sources = dict(flat.tensors)
     staged: list[StagedFile] = []
-    for p, part in enumerate(plans):
+    for p, files_of_part in enumerate(plans):
         if p != my_index and not (validate and my_index is not None):
             continue
-        for fp in part:
+        for fp in files_of_part:
             src = {e.name: sources[e.name] for e in fp.layout.entries}
             staged.append(StagedFile(fp, src, write=p == my_index))
     mine = tuple(f.plan.file_name for f in staged if f.write)
@@ -277,7 +282,10 @@ def _plan_plain(
     doc_file = None
     if my_index == 0:  # the first writer publishes the instance document (and HF index)
         doc_file = doc_name(c.key, suffix)
-        tensors = {s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]} for s in specs}
+        tensors = {
+            s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]}
+            for s in specs
+        }
         docs[doc_file] = _json_bytes(_doc(c, flat, tensors))
         if c.key == MODEL_KEY and not suffix and specs:
             index = make_index(
@@ -287,7 +295,9 @@ def _plan_plain(
                 param_sharing=[list(g) for g in flat.param_sharing] or None,
             )
             docs[SAFE_WEIGHTS_INDEX_NAME] = json.dumps(index, indent=4, ensure_ascii=True).encode()
-    nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(map(len, docs.values()))
+    nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(
+        map(len, docs.values())
+    )
     part = PartReport(
         key=c.key,
         pattern=c.sharing_pattern.value,
@@ -304,7 +314,9 @@ def _plan_plain(
     return ComponentPlan(c, part, staged, docs, crc_names=crc_names)
 
 
-def _writers(c: StateComponent, info: RankInfo, groups: Mapping[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+def _writers(
+    c: StateComponent, info: RankInfo, groups: Mapping[str, tuple[int, ...]]
+) -> tuple[str, tuple[int, ...]]:
     """(instance suffix, ranks that write it) for this rank's instance of ``c``."""
     pattern = c.sharing_pattern
     if pattern is SharingPattern.GLOBAL:
@@ -334,7 +346,9 @@ def plan_components(
 ) -> list[ComponentPlan]:
     """Plan every component for this rank (calls each ``stateful.state_dict()``)."""
     check_unique_keys(list(components))
-    names = {c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP}
+    names = {
+        c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
+    }
     groups = resolve_groups({n for n in names if n}, process_groups, info)
     out = []
     for c in components:
@@ -353,9 +367,14 @@ def plan_components(
         suffix, writers = _writers(c, info, groups)
         out.append(
             _plan_plain(
-                c, flat, info=info, suffix=suffix, writers=writers,
-                max_shard_size=max_shard_size, user_metadata=user_metadata,
-            )  # fmt: skip
+                c,
+                flat,
+                info=info,
+                suffix=suffix,
+                writers=writers,
+                max_shard_size=max_shard_size,
+                user_metadata=user_metadata,
+            )
         )
     return out
 

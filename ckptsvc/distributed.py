@@ -90,7 +90,9 @@ class RankInfo:
         node_index = _env_int("GROUP_RANK", found_rank // max(1, local_world))
         if not 0 <= found_rank < max(1, world):
             raise CheckpointError(f"rank {found_rank} is outside the world of {world} ranks")
-        return cls(found_rank, max(1, world), local_rank, max(1, local_world), node_index, node_id(node))
+        return cls(
+            found_rank, max(1, world), local_rank, max(1, local_world), node_index, node_id(node)
+        )
 
 
 def group_ranks(name: str, group: Any, info: RankInfo) -> tuple[int, ...]:
@@ -168,7 +170,7 @@ class PendingCommit:
 class _Channel:
     """Keys and values (bytes) shared by the ranks of one save."""
 
-    def set(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes) -> None:
         raise NotImplementedError
 
     def get(self, key: str) -> bytes:
@@ -203,8 +205,9 @@ class _StoreChannel(_Channel):
                 f"({type(e).__name__}: {e}); rank 0 (which hosts it) or the network is gone"
             ) from e
 
-    def set(self, key: str, value: bytes) -> None:
-        self._call(f"set {key}", lambda: self._store.set(key, value))
+    def put(self, key: str, value: bytes) -> None:
+        # Store.set takes bytes too (its stub says str): no decode/encode round trip
+        self._call(f"set {key}", lambda: self._store.set(key, value))  # type: ignore[arg-type]
 
     def get(self, key: str) -> bytes:
         return bytes(self._call(f"get {key}", lambda: self._store.get(key)))
@@ -228,7 +231,7 @@ class _FileChannel(_Channel):
     def __init__(self, loc: Location) -> None:
         self._loc = loc
 
-    def set(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: bytes) -> None:
         self._loc.join(key.replace("/", "-")).publish(value)
 
     def get(self, key: str) -> bytes:
@@ -396,9 +399,9 @@ class Coordinator:
         try:
             channel = self._channel(pending)
             raw = report.to_json()
-            channel.set(f"report/{self._info.rank}", raw)
+            channel.put(f"report/{self._info.rank}", raw)
             if report.error is not None:
-                channel.set("failed", raw)
+                channel.put("failed", raw)
             if self._info.rank == 0:
                 self._sweep()
                 error = self._commit_round(pending, report, channel)
@@ -409,7 +412,14 @@ class Coordinator:
             else:
                 if local_error is None:
                     error = self._await_outcome(pending, channel)
-                channel.set(f"ack/{self._info.rank}", b"1")
+                with contextlib.suppress(
+                    CheckpointError
+                ):  # best effort; before the handle completes
+                    channel.put(f"ack/{self._info.rank}", b"1")
+                if error is None:
+                    pending.handle._finish_committed(
+                        report.files, write_s=pending.handle.timings.write_s, commit_s=None
+                    )
         except BaseException as e:
             error = error or e
         finally:
@@ -442,14 +452,16 @@ class Coordinator:
                 pending.previous.settled.wait()  # manifests appear in save order
             done = self._commit(pending, merged)
         except BaseException as e:
-            error = e if isinstance(e, CheckpointError) else SaveFailedError(f"{type(e).__name__}: {e}")
+            error = (
+                e if isinstance(e, CheckpointError) else SaveFailedError(f"{type(e).__name__}: {e}")
+            )
             if error is not e:
                 error.__cause__ = e
             with contextlib.suppress(CheckpointError):
-                channel.set("outcome", _outcome(error))
+                channel.put("outcome", _outcome(error))
             channel.delete(keys)
             return error
-        channel.set("outcome", _outcome(None))
+        channel.put("outcome", _outcome(None))
         channel.delete(keys)
         pending.handle._finish_committed(
             merged.files, write_s=pending.handle.timings.write_s, commit_s=done.commit_s
@@ -499,9 +511,6 @@ class Coordinator:
             delay = min(delay * 2, _POLL_MAX_S)
         doc = json.loads(channel.get("outcome"))
         if doc.get("ok"):
-            pending.handle._finish_committed(
-                (), write_s=pending.handle.timings.write_s, commit_s=None
-            )
             return None
         return SaveFailedError(
             f"save of step {pending.step} to {pending.path} failed (rank 0's verdict): "

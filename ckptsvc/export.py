@@ -60,7 +60,9 @@ class _Stored:
     pieces: tuple[Piece, ...]
 
 
-def _from_document(src: Location, manifest: Manifest, component: str) -> tuple[dict[str, _Stored], list[list[str]]] | None:
+def _from_document(
+    src: Location, manifest: Manifest, component: str
+) -> tuple[dict[str, _Stored], list[list[str]]] | None:
     rec = next((c for c in manifest.components if c.key == component), None)
     ours = rec.metadata.get("ckptsvc") if rec is not None else None
     if not isinstance(ours, dict) or "" not in (ours.get("instances") or {}):
@@ -99,9 +101,7 @@ def _from_hf_index(src: Location) -> tuple[dict[str, _Stored], list[list[str]]]:
     return out, [list(g) for g in index.get("metadata", {}).get("param_sharing") or []]
 
 
-def _bands(
-    reader_for: Any, name: str, stored: _Stored, chunk_bytes: int
-) -> Iterator[memoryview]:
+def _bands(reader_for: Any, name: str, stored: _Stored, chunk_bytes: int) -> Iterator[memoryview]:
     """The tensor's bytes in row-major order, one band of rows at a time."""
     shape = stored.shape
     if math.prod(shape) == 0:
@@ -115,7 +115,13 @@ def _bands(
     for a, b in bands:
         reader: RegionReader = reader_for()
         if shape:
-            t = reader.want(name, stored.dtype, stored.pieces, (a, *(0,) * (len(shape) - 1)), (b - a, *shape[1:]))
+            t = reader.want(
+                name,
+                stored.dtype,
+                stored.pieces,
+                (a, *(0,) * (len(shape) - 1)),
+                (b - a, *shape[1:]),
+            )
         else:
             t = reader.want(name, stored.dtype, stored.pieces, (), ())
         reader.run()
@@ -146,7 +152,9 @@ def export_hf(
     dst_loc = Location.parse(dst, dst_opts)
     info = checkpoint_info(src_loc)
     if info.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(f"{src_loc.url} is an incomplete checkpoint ({info.reason})")
+        raise IncompleteCheckpointError(
+            f"{src_loc.url} is an incomplete checkpoint ({info.reason})"
+        )
     if info.status is CheckpointStatus.ABSENT:
         raise CheckpointNotFoundError(f"no checkpoint in {src_loc.url}")
     found = _from_document(src_loc, info.manifest, component) if info.manifest else None
@@ -170,7 +178,9 @@ def export_hf(
 
     written = 0
     for plan in plans:
-        rec = write_shard(dst_loc.join(plan.file_name), plan.layout, chunks(plan.layout), rel_path=plan.file_name)
+        rec = write_shard(
+            dst_loc.join(plan.file_name), plan.layout, chunks(plan.layout), rel_path=plan.file_name
+        )
         written += rec.nbytes
         logger.info("exported %s (%d bytes)", dst_loc.join(plan.file_name).url, rec.nbytes)
     index = make_index(
@@ -181,7 +191,9 @@ def export_hf(
     )
     data = json.dumps(index, indent=4, ensure_ascii=True).encode()
     dst_loc.join(SAFE_WEIGHTS_INDEX_NAME).publish(data)
-    return ExportResult(tuple(p.file_name for p in plans), SAFE_WEIGHTS_INDEX_NAME, written + len(data))
+    return ExportResult(
+        tuple(p.file_name for p in plans), SAFE_WEIGHTS_INDEX_NAME, written + len(data)
+    )
 
 
 def add_cli(subparsers: Any) -> None:
@@ -207,7 +219,13 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
         storage_options=opts,
     )  # fmt: skip
     if args.json:
-        print(json.dumps({"files": list(result.files), "index": result.index, "nbytes": result.nbytes}))
+        print(
+            json.dumps(
+                {"files": list(result.files), "index": result.index, "nbytes": result.nbytes}
+            )
+        )
     else:
-        print(f"wrote {len(result.files)} shard(s) and {result.index} to {args.dst} ({result.nbytes} bytes)")
+        print(
+            f"wrote {len(result.files)} shard(s) and {result.index} to {args.dst} ({result.nbytes} bytes)"
+        )
     return 0

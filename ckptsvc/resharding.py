@@ -66,7 +66,11 @@ class Piece:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str) -> Piece:
         try:
-            return cls(str(d["file"]), tuple(int(x) for x in d["offsets"]), tuple(int(x) for x in d["shape"]))
+            return cls(
+                str(d["file"]),
+                tuple(int(x) for x in d["offsets"]),
+                tuple(int(x) for x in d["shape"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{where}: malformed piece {d!r}") from e
 
@@ -97,6 +101,11 @@ def _stores_shard(t: Any) -> bool:
     return all(c == 0 for c, p in zip(coord, t.placements, strict=True) if p.is_replicate())
 
 
+def _dt(t: Any) -> Any:
+    """A DTensor seen as ``Any`` (its attributes are not in torch.Tensor's type)."""
+    return t
+
+
 def plan_sharded(
     c: StateComponent, flat: FlatState, *, info: RankInfo, max_shard_size: int
 ) -> ComponentPlan:
@@ -115,7 +124,7 @@ def plan_sharded(
                     f"placements imply {shape}; uneven or padded shards are not supported"
                 )
             writes = _stores_shard(t)
-            sig_specs.append((fqn, dtype, tuple(t.shape), str(tuple(t.placements))))
+            sig_specs.append((fqn, dtype, tuple(t.shape), str(tuple(_dt(t).placements))))
         else:
             local, shape, offsets = t, tuple(t.shape), (0,) * t.dim()
             writes = info.rank == 0
@@ -131,7 +140,9 @@ def plan_sharded(
     numbers = sorted(set(assigned.values()))
     base = f"{base_name(c.key)}-rank{info.rank:05}"
     rename = {
-        old: f"{base}.safetensors" if len(numbers) == 1 else f"{base}-{i + 1:05}-of-{len(numbers):05}.safetensors"
+        old: f"{base}.safetensors"
+        if len(numbers) == 1
+        else f"{base}-{i + 1:05}-of-{len(numbers):05}.safetensors"
         for i, old in enumerate(numbers)
     }
     by_file: dict[str, list[tuple[str, str, tuple[int, ...], tuple[int, ...], torch.Tensor]]] = {}
@@ -141,7 +152,9 @@ def plan_sharded(
     pieces: dict[str, list[dict[str, Any]]] = {}
     for name, items in by_file.items():
         layout = plan_shard(((f, d, s) for f, d, s, _, _ in items), metadata=_SHARD_META)
-        staged.append(StagedFile(FilePlan(name, layout), {f: t for f, _, _, _, t in items}, write=True))
+        staged.append(
+            StagedFile(FilePlan(name, layout), {f: t for f, _, _, _, t in items}, write=True)
+        )
         for f, _, s, o, _ in items:
             pieces.setdefault(f, []).append({"file": name, "offsets": list(o), "shape": list(s)})
     files = tuple(sorted(by_file))
@@ -171,9 +184,7 @@ def _strides(shape: Sequence[int]) -> list[int]:
     return out
 
 
-def _runs(
-    p_shape: Sequence[int], lo: Sequence[int], ext: Sequence[int]
-) -> list[tuple[int, int]]:
+def _runs(p_shape: Sequence[int], lo: Sequence[int], ext: Sequence[int]) -> list[tuple[int, int]]:
     """Contiguous element runs ``(start, count)`` of box ``lo`` + ``ext`` inside a row-major
     block of ``p_shape``, in the box's row-major order."""
     nd = len(p_shape)
@@ -219,6 +230,11 @@ class RegionReader:
         self._extents: dict[str, list[tuple[int, memoryview]]] = {}
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._keep: list[torch.Tensor] = []
+
+    @property
+    def planned_nbytes(self) -> int:
+        """Bytes the next ``run`` reads (before coalescing of nearby ranges)."""
+        return sum(v.nbytes for extents in self._extents.values() for _, v in extents)
 
     def header(self, file: str) -> ShardLayout:
         layout = self._headers.get(file)
@@ -279,7 +295,9 @@ class RegionReader:
         band_n = band_rows * math.prod(piece.shape[1:])
         if band_n <= _BAND_WASTE * box_n and band_n != box_n:  # one contiguous band, sliced after
             band = torch.empty((band_rows, *piece.shape[1:]), dtype=out.dtype)
-            self._extent(piece.file, file_base + src_lo[0] * math.prod(piece.shape[1:]) * itemsize, band)
+            self._extent(
+                piece.file, file_base + src_lo[0] * math.prod(piece.shape[1:]) * itemsize, band
+            )
             box = band[(slice(None), *(slice(src_lo[d], src_lo[d] + ext[d]) for d in range(1, nd)))]
             self._copies.append((dest, box))
             return box_n

@@ -28,7 +28,7 @@ from fsspec.asyn import sync
 from ckptsvc.errors import CheckpointError, StorageError
 
 from .errors import classify
-from .multipart import PartBody, on_loop
+from .multipart import on_loop
 from .retry import RetryPolicy, call_with_retries
 
 if TYPE_CHECKING:
@@ -73,7 +73,10 @@ class GcsResumableSink:
        session (an unfinalized upload is never visible).
 
     A chunk that fails transiently is re-sent from the offset the server reports as
-    persisted (gcsfs also retries each HTTP request itself).
+    persisted (gcsfs also retries each HTTP request itself). Memory: two chunk buffers,
+    plus aiohttp's transient copy of the chunk on the wire before Python 3.12.9 (a
+    file-like body would avoid it, but its 64 KiB thread-pool reads slow the single
+    sequential stream that a resumable upload is).
     """
 
     def __init__(self, loc: Location, *, part_size_bytes: int) -> None:
@@ -206,7 +209,10 @@ class GcsResumableSink:
             "Content-Length": str(n),
         }
         out_headers, contents = await self._fs._call(
-            "POST", self._session, headers=headers, data=view if n else None
+            "POST",
+            self._session,
+            headers=headers,
+            data=view if n else None,  # zero-copy slice
         )
         if final_nbytes is not None and (contents or "Range" not in out_headers):
             self._check_final_size(contents, final_nbytes)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle
-from ckptsvc.crashtest import OsFault, faults_env
 from ckptsvc.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+from ckptsvc.faultinject import OsFault, faults_env
 from ckptsvc.retention import maybe_delete_oldest_checkpoint
 from ckptsvc.verify import verify_checkpoint
 

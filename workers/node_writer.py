@@ -162,6 +162,7 @@ class _Job:
         self.previous = previous
         self.cancelled = threading.Event()
         self.finished = threading.Event()
+        self.reported = False  # its JobDone / JobFailed was sent
         self.thread: threading.Thread | None = None
 
 
@@ -264,9 +265,10 @@ class _Connection:
             seg.close()
         with contextlib.suppress(OSError):
             self.sock.close()
-        if jobs:
+        unreported = [state for state in jobs if not state.reported]
+        if unreported:
             logger.warning(
-                "trainer disconnected with %d save(s) in flight; cancelled them", len(jobs)
+                "trainer disconnected with %d save(s) in flight; cancelled them", len(unreported)
             )
         pid = self.hello.pid if self.hello is not None else None
         deadline = time.monotonic() + _DEATH_GRACE_S
@@ -386,6 +388,7 @@ class NodeWriter:
                     raise JobCancelled(f"{job.ckpt_url}: save cancelled before commit")
                 finish_checkpoint(ckpt, job.commit, records)
             first = min(starts, default=state.received)
+            state.reported = True
             conn.send(
                 JobDone(
                     job_id=job.job_id,
@@ -403,6 +406,7 @@ class NodeWriter:
                 logger.info("%s", e)
             else:
                 logger.warning("save to %s failed: %s: %s", job.ckpt_url, type(e).__name__, e)
+                state.reported = True
                 conn.send(JobFailed(job.job_id, ErrorInfo.from_exception(e)))
         finally:
             if arena is not None:

@@ -73,7 +73,7 @@ def launch(
         }
         # a file, not a pipe: a node writer started by a rank inherits its stderr and may
         # outlive it, which would keep a pipe open
-        log = tempfile.TemporaryFile(mode="w+")
+        log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed after the rank exits
         logs.append(log)
         procs.append(
             subprocess.Popen(
@@ -111,6 +111,4 @@ def launch(
 
 def describe(runs: list[RankRun]) -> str:
     """Every rank's exit code and output tail, for assertion messages."""
-    return "\n".join(
-        f"--- rank {r.rank} rc={r.returncode}\n{r.output[-3000:]}" for r in runs
-    )
+    return "\n".join(f"--- rank {r.rank} rc={r.returncode}\n{r.output[-3000:]}" for r in runs)

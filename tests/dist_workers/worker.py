@@ -76,7 +76,7 @@ def mismatches(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
     return bad
 
 
-def mlp(seed: int) -> torch.nn.Module:
+def mlp(seed: int) -> torch.nn.Sequential:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(16, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24), torch.nn.ReLU(),
@@ -93,7 +93,8 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, steps: 
 
 
 def rng_snapshot() -> tuple[Any, ...]:
-    return (torch.get_rng_state().clone(), random.getstate(), np.random.get_state()[1].copy())
+    np_state: Any = np.random.get_state()
+    return (torch.get_rng_state().clone(), random.getstate(), np_state[1].copy())
 
 
 def rng_equal(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
@@ -117,7 +118,7 @@ def replicated_job(a: dict[str, Any]) -> dict[str, Any]:
     train(ddp, opt, rank, 2)
     if a.get("diverge_rank") == rank:
         with torch.no_grad():
-            model[2].weight[0, 0] += 1e-3
+            model.get_parameter("2.weight")[0, 0] += 1e-3
     torch.manual_seed(77 + rank)
     random.seed(rank)
     np.random.seed(rank)
@@ -146,11 +147,19 @@ def replicated_job(a: dict[str, Any]) -> dict[str, Any]:
     }
     rng = rng_snapshot()
     opts = a.get("storage_options") or {}
-    with AsyncCheckpointer(a["root"], storage_options=opts, max_shard_size=a.get("max_shard_size", 4096)) as ckpt:
-        handle = ckpt.save_components(a.get("step", 1), comps(model, opt, boxes), process_groups={"dp": dp})
+    with AsyncCheckpointer(
+        a["root"], storage_options=opts, max_shard_size=a.get("max_shard_size", 4096)
+    ) as ckpt:
+        handle = ckpt.save_components(
+            a.get("step", 1), comps(model, opt, boxes), process_groups={"dp": dp}
+        )
         error = handle.exception(120)
         writer = ckpt.writer_pid
-    result: dict[str, Any] = {"writer": writer, "path": handle.path, "error": None if error is None else f"{type(error).__name__}: {error}"}
+    result: dict[str, Any] = {
+        "writer": writer,
+        "path": handle.path,
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+    }
     if error is not None:
         dist.barrier()
         return result
@@ -161,7 +170,9 @@ def replicated_job(a: dict[str, Any]) -> dict[str, Any]:
     model2 = mlp(5)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
     fresh = {k: Box({}) for k in boxes}
-    load_components(handle.path, comps(model2, opt2, fresh), process_groups={"dp": dp}, storage_options=opts)
+    load_components(
+        handle.path, comps(model2, opt2, fresh), process_groups={"dp": dp}, storage_options=opts
+    )
     got = {
         "model": flat(model2.state_dict()),
         "optimizer": flat(opt2.state_dict()),
@@ -187,10 +198,13 @@ def killed_rank(a: dict[str, Any]) -> dict[str, Any]:
         os.kill(os.getpid(), signal.SIGKILL)
     error = handle.exception(120)
     ckpt.close()
-    return {"error": None if error is None else f"{type(error).__name__}: {error}", "exit_now": True}
+    return {
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "exit_now": True,
+    }
 
 
-def fsdp_model(world: int, seed: int) -> torch.nn.Module:
+def fsdp_model(world: int, seed: int) -> torch.nn.Sequential:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -247,7 +261,10 @@ def without_store(a: dict[str, Any]) -> dict[str, Any]:
     """No process group: ranks from the environment, reports as fragment files."""
     rank = int(os.environ["RANK"])
     model = mlp(0)
-    boxes = {"data": Box({"rank": rank, "x": torch.full((7,), float(rank))}), "trainer": Box({"step": 3})}
+    boxes = {
+        "data": Box({"rank": rank, "x": torch.full((7,), float(rank))}),
+        "trainer": Box({"step": 3}),
+    }
 
     def comps(m: Any, b: dict[str, Box]) -> list[StateComponent]:
         return [
@@ -256,7 +273,10 @@ def without_store(a: dict[str, Any]) -> dict[str, Any]:
             StateComponent("trainer", b["trainer"], SP.GLOBAL),
         ]
 
-    expected = {"model": flat(model.state_dict()), **{k: flat(copy.deepcopy(v.state)) for k, v in boxes.items()}}
+    expected = {
+        "model": flat(model.state_dict()),
+        **{k: flat(copy.deepcopy(v.state)) for k, v in boxes.items()},
+    }
     with AsyncCheckpointer(a["root"], max_shard_size=2048) as ckpt:
         handle = ckpt.save_components(a.get("step", 1), comps(model, boxes))
         handle.wait(120)
@@ -266,7 +286,28 @@ def without_store(a: dict[str, Any]) -> dict[str, Any]:
     return {"path": handle.path, "mismatch": {k: mismatches(expected[k], got[k]) for k in expected}}
 
 
+def replicated_bench(a: dict[str, Any]) -> dict[str, Any]:
+    """Time to durable of one replicated model: written by rank 0 alone (GLOBAL) or split
+    over every rank (REPLICATED). Not a test: ``tests/dist_workers/bench_replicated.py``."""
+    g = torch.Generator().manual_seed(0)
+    count, nbytes = a["tensors"], a["tensor_bytes"]
+    state = {f"layer{i}.weight": torch.randn(nbytes // 4, generator=g) for i in range(count)}
+    pattern = SP.GLOBAL if a["pattern"] == "global" else SP.REPLICATED
+    comps = [StateComponent("model", Box(state), pattern)]
+    opts = a.get("storage_options") or {}
+    times = []
+    with AsyncCheckpointer(a["root"], storage_options=opts, max_shard_size=a["max_shard_size"]) as ckpt:
+        for step in range(a.get("repeats", 3)):
+            dist.barrier()
+            handle = ckpt.save_components(step, comps)
+            handle.wait(600)
+            times.append((handle.timings.blocking_s, handle.timings.durable_s))
+    dist.barrier()
+    return {"times": times}
+
+
 SCENARIOS = {
+    "replicated_bench": replicated_bench,
     "without_store": without_store,
     "replicated_job": replicated_job,
     "killed_rank": killed_rank,
