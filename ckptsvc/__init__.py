@@ -16,9 +16,11 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CommitConflictError,
+    CoordinationError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     InvalidStateError,
+    ReplicationMismatchError,
     SaveFailedError,
     StateMismatchError,
     StorageError,
@@ -29,9 +31,11 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # the names below load on first use: the writer process imports no torch
-    from .async_checkpointer import AsyncCheckpointer, SaveHandle, SaveTimings
+    from .async_checkpointer import AsyncCheckpointer, SaveHandle, SaveTimings, load_components
     from .components import RNGState, SharingPattern, StateComponent, Stateful, StatefulProvider
     from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
+    from .distributed import RankInfo
+    from .export import ExportResult, export_hf
     from .flatten import load_state
     from .gc import GcReport, collect_garbage
     from .manifest import Manifest
@@ -66,6 +70,10 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "load_components": "async_checkpointer",
+    "RankInfo": "distributed",
+    "ExportResult": "export",
+    "export_hf": "export",
     "AsyncCheckpointer": "async_checkpointer",
     "CheckpointInfo": "discovery",
     "CheckpointMeta": "sharded_checkpoint",
@@ -133,13 +141,17 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStatus",
     "CommitConflictError",
+    "CoordinationError",
     "CorruptCheckpointError",
+    "ExportResult",
     "GcReport",
     "IncompleteCheckpointError",
     "InvalidStateError",
     "Manifest",
     "Problem",
     "RNGState",
+    "RankInfo",
+    "ReplicationMismatchError",
     "SaveFailedError",
     "SaveHandle",
     "SaveTimings",
@@ -159,6 +171,7 @@ __all__ = [
     "create_pretrained_symlinks",
     "create_sharing_metadata",
     "delete_checkpoint",
+    "export_hf",
     "find_latest_checkpoint",
     "get_all_fqns",
     "get_checkpoint_metadata",
@@ -167,6 +180,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_checkpoint_metrics",
+    "load_components",
     "load_shard_index",
     "load_sharded_checkpoint",
     "load_state",

@@ -318,6 +318,7 @@ class AsyncCheckpointer:
                 arena,
                 threads=self._copy_threads,
                 executor=self._copy_pool,
+                copy=copy_into,  # looked up now: fault-injection hooks replace it
             )
             copy_s = time.perf_counter() - copy_started
             nbytes = sum(e.nbytes for f in staged if f.write for e in f.plan.layout.entries)

@@ -115,9 +115,7 @@ class BestCheckpoints:
         raw = doc.get("best_checkpoints") or []
         kept = [(str(p), float(m)) for p, m in raw if exists(str(p))]
         if len(kept) < len(raw):
-            logger.warning(
-                "dropped %d best checkpoints that no longer exist", len(raw) - len(kept)
-            )
+            logger.warning("dropped %d best checkpoints that no longer exist", len(raw) - len(kept))
         best = doc.get("best_checkpoint")
         with self._lock:
             self.entries = kept
@@ -143,7 +141,8 @@ class Retention:
     Call order: :meth:`begin_save` (training thread, before the save is submitted), then
     :meth:`after_save` with its handle; a waiter thread waits for the handle and forgets
     the path as in flight; if the save committed, the retention thread (one, so passes
-    never overlap) deletes what the rules allow.
+    never overlap) deletes what the rules allow, calling ``on_deleted(url)`` after each
+    (the tiered manager deletes the local copy there).
     :meth:`wait` joins the queued work and raises the first deletion error; :meth:`close`
     stops the thread.
     """
@@ -155,8 +154,10 @@ class Retention:
         keep: int | None,
         preserved: Callable[[], Iterable[str]],
         storage_options: dict[str, Any] | None = None,
+        on_deleted: Callable[[str], None] | None = None,
     ) -> None:
         self._root = Location.parse(model_dir, storage_options)
+        self._on_deleted = on_deleted
         self._opts = dict(storage_options or {})
         self._keep = keep
         self._preserved = preserved
@@ -236,6 +237,8 @@ class Retention:
             try:
                 logger.info("retention: deleting %s (keeping %s)", victim.url, self._keep)
                 delete_checkpoint(victim.location)
+                if self._on_deleted is not None:
+                    self._on_deleted(victim.url)
             finally:
                 with self._lock:
                     self._deleting.pop(victim.url, None)

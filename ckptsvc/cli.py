@@ -417,9 +417,10 @@ def _parser() -> argparse.ArgumentParser:
         "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import bench
+    from . import bench, export
 
     bench.add_parser(sub).set_defaults(fn=bench.run)
+    export.add_cli(sub)
     return p
 
 

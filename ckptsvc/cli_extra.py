@@ -148,8 +148,15 @@ def cmd_cp(args: argparse.Namespace) -> int:
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                   desc="ckptsvc cp", dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=0,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=sys.stderr,
+            desc="ckptsvc cp",
+            dynamic_ncols=True,
+        )
 
     def progress(done_nbytes: int, total_nbytes: int) -> None:
         if bar.total != total_nbytes:

@@ -72,17 +72,21 @@ def _pick_instance(
     saved_world: int,
     *,
     info: RankInfo,
-    groups: Mapping[str, tuple[int, ...]],
+    process_groups: Mapping[str, Any] | None,
     policy: str,
     where: str,
 ) -> str | None:
     """The instance suffix this rank loads, or ``None`` to skip (policy ``skip``)."""
-    pattern = SharingPattern(rec.sharing_pattern)
-    if "" in instances and pattern not in (
-        SharingPattern.PER_RANK, SharingPattern.PER_GROUP, SharingPattern.PER_NODE
-    ):  # fmt: skip
-        return ""
-    if "" in instances and rec.metadata.get("ckptsvc", {}).get("sharded"):
+    try:
+        pattern = SharingPattern(rec.sharing_pattern)
+    except ValueError as e:
+        raise CorruptCheckpointError(
+            f"{where}: component {rec.key!r} has unknown sharing pattern {rec.sharing_pattern!r}"
+        ) from e
+    single = pattern in (SharingPattern.GLOBAL, SharingPattern.REPLICATED)
+    if single or rec.metadata.get("ckptsvc", {}).get("sharded"):
+        if "" not in instances:
+            raise CorruptCheckpointError(f"{where}: component {rec.key!r} lists no saved copy")
         return ""
     if pattern is SharingPattern.PER_RANK:
         want = instance_suffix(pattern, rank=info.rank, node_index=info.node_index)
@@ -96,10 +100,11 @@ def _pick_instance(
         moved = want not in instances or saved_world != info.world_size
         what = f"saved on nodes {nodes} by {saved_world} ranks; this is node {info.node_index} of {info.world_size} ranks"
     else:
-        ranks = groups[c.process_group_name or ""]
+        name = c.process_group_name or rec.group_name or ""
+        ranks = resolve_groups({name}, process_groups, info)[name]
         want = instance_suffix(
             pattern, rank=info.rank, node_index=info.node_index,
-            group_name=c.process_group_name, group_leader=ranks[0],
+            group_name=name, group_leader=ranks[0],
         )  # fmt: skip
         saved = sorted(instances)
         wrapped = want if want in instances else (saved[0] if saved else want)
@@ -242,10 +247,6 @@ def load_components(
     manifest = status.manifest
     info = RankInfo.current(rank=rank)
     records = {r.key: r for r in manifest.components}
-    names = {
-        c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
-    }
-    groups = resolve_groups({n for n in names if n}, process_groups, info)
     for c in components:
         rec = records.get(c.key)
         if rec is None:
@@ -258,7 +259,7 @@ def load_components(
             continue
         instances, saved_world = _instances(rec, ckpt.url)
         suffix = _pick_instance(
-            c, rec, instances, saved_world, info=info, groups=groups,
+            c, rec, instances, saved_world, info=info, process_groups=process_groups,
             policy=world_size_policy, where=ckpt.url,
         )  # fmt: skip
         if suffix is None:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 from typing import Any
@@ -45,8 +45,10 @@ def stage_components(
     *,
     threads: int,
     executor: Executor | None,
+    copy: Callable[..., None] = copy_into,
 ) -> tuple[PartReport, ...]:
-    """Copy into the arena; return each component's part (with CRCs when validated)."""
+    """Copy into the arena (with ``copy``, :func:`ckptsvc.staging.copy_into` unless a
+    caller hooks it); return each component's part (with CRCs when validated)."""
     if arena is None:
         return tuple(p.part for p in plans)
     specs: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
@@ -62,7 +64,7 @@ def stage_components(
     dsts = arena.views_at(layout, specs)
     total = sum(t.numel() * t.element_size() for t in srcs)
     with torch.no_grad():
-        copy_into(
+        copy(
             dsts,
             srcs,
             threads=1 if total < _SINGLE_THREAD_COPY_BYTES else threads,

@@ -24,11 +24,11 @@ import dataclasses
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +53,13 @@ class TinyLM(nn.Module):
     """A small causal transformer language model with tied input/output embeddings."""
 
     def __init__(
-        self, *, vocab: int = 256, dim: int = 96, layers: int = 2, heads: int = 4, dropout: float = 0.1
+        self,
+        *,
+        vocab: int = 256,
+        dim: int = 96,
+        layers: int = 2,
+        heads: int = 4,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
@@ -204,6 +210,7 @@ class _SaveLog:
     def __init__(self, output: str, say: Callable[[str], None]) -> None:
         self.say = say
         self.baseline_dir = output if "://" not in output else tempfile.gettempdir()
+        os.makedirs(self.baseline_dir, exist_ok=True)  # same disk as the checkpoints
         self.rows: list[tuple[float, float, Any]] = []
 
     def save(self, manager: CheckpointManager, run: _Run, loss: float) -> None:
@@ -256,7 +263,11 @@ def train(
             from tqdm import tqdm
 
             bar = tqdm(
-                total=s.steps, initial=run.progress.global_step, unit="step", leave=False, disable=None
+                total=s.steps,
+                initial=run.progress.global_step,
+                unit="step",
+                leave=False,
+                disable=None,
             )
         log = _SaveLog(s.output, bar.write if bar is not None else say)
         while run.progress.global_step < s.steps:
@@ -306,6 +317,7 @@ def _child(argv: list[str]) -> int:
 def _spawn(s: DemoSettings, losses_file: str, *, resume: bool) -> int:
     settings = dataclasses.asdict(dataclasses.replace(s, kill_at=None) if resume else s)
     cmd = [sys.executable, "-m", "ckptsvc.demo", json.dumps(settings), losses_file]
+    sys.stdout.flush()  # the child writes to the same stdout
     return subprocess.call([*cmd, "--resume"] if resume else cmd)
 
 
@@ -341,7 +353,9 @@ def _killed_and_resumed(s: DemoSettings) -> tuple[dict[int, float], int] | None:
         print("FAILED: steps replayed after the resume differ from the killed run's")
         return None
     if replayed:
-        print(f"  steps {min(replayed)}-{max(replayed)} ran twice (lost with the kill, replayed): identical losses")
+        print(
+            f"  steps {min(replayed)}-{max(replayed)} ran twice (lost with the kill, replayed): identical losses"
+        )
     return {**{k: v for k, v in before.items() if k <= resumed_at}, **after}, resumed_at
 
 
@@ -380,7 +394,9 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
         if len(a) != len(b):
             return f"{path} (length)"
         pairs = enumerate(zip(a, b, strict=True))
-        return next((d for i, (x, y) in pairs if (d := _first_difference(x, y, f"{path}[{i}]"))), None)
+        return next(
+            (d for i, (x, y) in pairs if (d := _first_difference(x, y, f"{path}[{i}]"))), None
+        )
     nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
     return None if a == b or nan else path or "."
 
@@ -396,7 +412,11 @@ def run_demo(
 ) -> int:
     """Run the demo, print what happened; return a process exit code (0: all checks passed)."""
     if kill_at is not None and not 0 < kill_at < steps:
-        raise ValueError(f"--kill-at must be between 1 and {steps - 1}")
+        print(f"ckptsvc demo: --kill-at must be between 1 and {steps - 1}", file=sys.stderr)
+        return 2
+    if steps < 1 or save_every < 1:
+        print("ckptsvc demo: --steps and --save-every must be positive", file=sys.stderr)
+        return 2
     s = DemoSettings(
         output=output, steps=steps, save_every=save_every, kill_at=kill_at,
         storage_options=storage_options, progress=progress,
@@ -440,11 +460,15 @@ def run_demo(
         print("FAILED: no complete checkpoint found")
         return 1
     report = verify_checkpoint(latest, deep=True, storage_options=storage_options)
-    print(f"ckptsvc verify --deep {latest}: {'OK' if report.ok else 'FAILED'} ({report.files_checked} files, sizes and CRC-32C)")
+    print(
+        f"ckptsvc verify --deep {latest}: {'OK' if report.ok else 'FAILED'} ({report.files_checked} files, sizes and CRC-32C)"
+    )
     for p in report.problems:
         print(f"  {p.kind}: {p.path}: {p.detail}")
     ok &= report.ok
-    print(f"done in {time.perf_counter() - t0:.1f} s; inspect: ckptsvc ls {output}   |   ckptsvc inspect {latest}")
+    print(
+        f"done in {time.perf_counter() - t0:.1f} s; inspect: ckptsvc ls {output}   |   ckptsvc inspect {latest}"
+    )
     return 0 if ok else 1
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import knobs
-from .errors import CheckpointError, SaveFailedError, StorageNotFoundError
+from .errors import CheckpointError, CoordinationError, SaveFailedError, StorageNotFoundError
 from .staging import node_id
 from .storage import Location
 
@@ -138,17 +138,6 @@ def resolve_groups(
 
 
 # ---- coordination of one distributed save ---------------------------------------------------
-
-
-class CoordinationError(SaveFailedError):
-    """Ranks could not agree on a save: a rank never reported, or the store went away.
-
-    ``missing`` lists the ranks that never reported (empty if that is not the cause).
-    """
-
-    def __init__(self, message: str, *, missing: Sequence[int] = ()) -> None:
-        super().__init__(message)
-        self.missing = tuple(missing)
 
 
 @dataclass

@@ -14,9 +14,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CommitConflictError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "InvalidStateError",
+    "ReplicationMismatchError",
     "SaveFailedError",
     "StateMismatchError",
     "StorageError",
@@ -91,3 +93,18 @@ class StorageTransientError(StorageError):
 
 class StateMismatchError(CheckpointError, RuntimeError):
     """The checkpoint's keys or shapes do not match the module or state being restored."""
+
+
+class CoordinationError(SaveFailedError):
+    """Ranks could not agree on a save: a rank never reported, or the store went away.
+
+    ``missing`` lists the ranks that never reported (empty if that is not the cause).
+    """
+
+    def __init__(self, message: str, *, missing: tuple[int, ...] | list[int] = ()) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
+
+
+class ReplicationMismatchError(SaveFailedError):
+    """Ranks that must hold identical state (REPLICATED) do not, or disagree on the save."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .components import RNGState, SharingPattern, StateComponent
 from .errors import (
@@ -47,6 +48,7 @@ __all__ = [
     "LegacyRank",
     "is_legacy_state_checkpoint",
     "legacy_state_file",
+    "load_legacy_checkpoint",
     "load_legacy_components",
     "node_rank_from_env",
     "read_legacy_metadata",
@@ -73,7 +75,9 @@ def torch_load_safe(loc: Location) -> Any:
     raw = loc.read_bytes()
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError: all mean "not loadable safely"
+    except (
+        Exception
+    ) as e:  # UnpicklingError, RuntimeError, EOFError: all mean "not loadable safely"
         raise CorruptCheckpointError(
             f"{loc.url}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
             f"{e}); ckptsvc never unpickles arbitrary objects - re-save this state with "
@@ -123,9 +127,9 @@ def legacy_state_file(
 
 def _adapt(component: StateComponent, state: Any) -> Any:
     """Translate Forgather's RNG state for our RNGState (torch generators only)."""
-    if isinstance(component.stateful, RNGState) and isinstance(state, dict):
-        if "torch_rng_state" in state and "python" not in state:
-            return _ForgatherRng(state)
+    forgather_rng = isinstance(state, dict) and "torch_rng_state" in state and "python" not in state
+    if isinstance(component.stateful, RNGState) and forgather_rng:
+        return _ForgatherRng(state)
     return state
 
 
@@ -165,7 +169,11 @@ def load_legacy_components(
             msg = (
                 f"{ckpt.url}: no Forgather state file for component {comp.key!r} "
                 f"({comp.sharing_pattern.value}"
-                + (f", rank {where.rank}" if comp.sharing_pattern is SharingPattern.PER_RANK else "")
+                + (
+                    f", rank {where.rank}"
+                    if comp.sharing_pattern is SharingPattern.PER_RANK
+                    else ""
+                )
                 + ")"
                 + (f"; the manifest lists {sorted(saved)}" if saved is not None else "")
             )
@@ -211,3 +219,40 @@ def node_rank_from_env() -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return rank // max(local, 1)
+
+
+def load_legacy_checkpoint(
+    ckpt: Location,
+    *,
+    model_parts: Sequence[nn.Module],
+    components: Sequence[StateComponent],
+    callbacks: Sequence[object],
+    where: LegacyRank,
+    manifest: Manifest | None,
+) -> dict[str, Any]:
+    """Load a whole Forgather checkpoint: weights into each model part (on the device the
+    part is on), the components, and the callbacks (Forgather keyed their states
+    ``callback_{i}_{Type}`` by position in the trainer's callback list, Stateful or not).
+    Returns ``checkpoint_metadata.pt`` (``{}`` if absent) for the best-checkpoint list."""
+    from .sharded_checkpoint import load_checkpoint as load_weights
+
+    for part in model_parts:
+        device = next((p.device for p in part.parameters()), torch.device("cpu"))
+        load_weights(
+            ckpt.url, part, device=str(device), strict=True, storage_options=ckpt.storage_options
+        )
+    load_legacy_components(ckpt, components, where=where, manifest=manifest)
+    meta = read_legacy_metadata(ckpt) or {}
+    states = meta.get("callback_states") or {}
+    for i, cb in enumerate(callbacks):
+        key = f"callback_{i}_{type(cb).__name__}"
+        load = getattr(cb, "load_state_dict", None)
+        if key in states and callable(load):
+            try:
+                load(states[key])
+            except Exception as e:
+                raise StateMismatchError(
+                    f"{ckpt.url}: restoring callback {key} failed: {type(e).__name__}: {e}"
+                ) from e
+            logger.info("restored legacy state of callback %s", key)
+    return meta

@@ -41,7 +41,6 @@ import datetime
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,25 +60,20 @@ from .discovery import (
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    CommitConflictError,
-    IncompleteCheckpointError,
-    InvalidStateError,
     SaveFailedError,
 )
-from .legacy import LegacyRank, is_legacy_state_checkpoint, load_legacy_components, read_legacy_metadata
 from .model_state import ModelState
-from .quantized import has_quantized_tensors
+from .pretrained import save_pretrained
+from .restore import CALLBACKS_KEY, META_KEY, restore_checkpoint
 from .storage import Location
+from .tiered_saves import Replication, Tiering, TieringConfig
 from .training_state import DistInfo, NamedStates
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "default_checkpoint_id"]
 
 logger = logging.getLogger(__name__)
 
-#: key of the manager's section in a checkpoint's manifest metadata
-META_KEY = "ckptsvc_manager"
 META_FORMAT = 1
-CALLBACKS_KEY = "callbacks"
 _STEP_RE = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -100,8 +94,11 @@ class CheckpointConfig:
     component's sharing pattern. ``save_on_each_node`` (node-local storage) is not
     supported. ``async_save=False`` makes every save wait until committed.
     ``storage_options`` go to fsspec; ``max_shard_size`` caps weight shard files;
-    ``metadata`` is added to every checkpoint's manifest. ``tiering`` is reserved for the
-    local-then-remote tier (not available in this version).
+    ``metadata`` is added to every checkpoint's manifest. ``tiering``
+    (:class:`~ckptsvc.tiered_saves.TieringConfig`, or a dict of its fields): save to
+    ``output_dir`` (fast local disk), replicate each checkpoint to ``tiering.remote_root``;
+    ``save_total_limit`` and the best checkpoints then apply to the remote tier, and
+    ``tiering.keep_local`` copies stay local (see :mod:`ckptsvc.tiered_saves`).
     """
 
     output_dir: str
@@ -114,7 +111,7 @@ class CheckpointConfig:
     storage_options: dict[str, Any] | None = None
     max_shard_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    tiering: Any = None
+    tiering: TieringConfig | dict[str, Any] | None = None
 
 
 class CheckpointManager:
@@ -147,11 +144,6 @@ class CheckpointManager:
                 "save_on_each_node=True (node-local storage) is not supported: ckptsvc commits "
                 "one checkpoint per job to shared storage (a path every rank sees, or an object store)"
             )
-        if config.tiering is not None:
-            raise CheckpointError(
-                "CheckpointConfig.tiering is not supported by this ckptsvc version; "
-                "leave it None and write to the final storage directly"
-            )
         self.config = config
         self.dist = DistInfo.detect(dist)
         self.stateful_provider = stateful_provider
@@ -168,11 +160,23 @@ class CheckpointManager:
         self._pending: list[Any] = []
         self._save_count = 0
         self._closed = False
+        self._tiering: Tiering | None = None
+        self._replications: list[Replication] = []
+        retention_root, retention_opts = config.output_dir, self._storage_options
+        if config.tiering is not None:
+            tcfg = config.tiering
+            if isinstance(tcfg, Mapping):
+                tcfg = TieringConfig(**tcfg)
+            self._tiering = Tiering(
+                tcfg, local_root=config.output_dir, local_options=self._storage_options
+            )
+            retention_root, retention_opts = tcfg.remote_root, self._tiering.remote_options
         self._retention = Retention(
-            config.output_dir,
+            retention_root,
             keep=config.save_total_limit,
-            preserved=self._best.paths,
-            storage_options=self._storage_options,
+            preserved=self._preserved,
+            storage_options=retention_opts,
+            on_deleted=self._tiering.delete_local_copy if self._tiering else None,
         )
         self._components()  # validate the provider's components now, not at the first save
 
@@ -231,9 +235,24 @@ class CheckpointManager:
 
     # ---- save -------------------------------------------------------------------------------
 
+    def _preserved(self) -> list[str]:
+        """Paths retention must keep: the best checkpoints (on the remote tier too)."""
+        paths = self._best.paths()
+        t = self._tiering
+        if t is None:
+            return paths
+        return paths + [t.remote_path(p) for p in paths if not t.is_remote(p)]
+
+    def _options_for(self, path: str) -> dict[str, Any]:
+        return self._tiering.options_for(path) if self._tiering else self._storage_options
+
     def _engine(self) -> Any:
         if self._checkpointer is None:
             from .async_checkpointer import AsyncCheckpointer
+
+            if self._tiering is not None and self.dist.rank == 0:
+                for future in self._tiering.start():  # replications a crash left undone
+                    future.add_done_callback(_log_replication_failure)
 
             self._checkpointer = AsyncCheckpointer(
                 self.config.output_dir,
@@ -266,6 +285,11 @@ class CheckpointManager:
                 checkpoint_id if checkpoint_id is not None else default_checkpoint_id(),
             )
         step = self._step_for(step, checkpoint_id, checkpoint_path)
+        if self._tiering is not None and _STEP_RE.search(checkpoint_path) is None:
+            raise CheckpointError(
+                f"with tiering, checkpoints must be <output_dir>/checkpoints/checkpoint-<id>; "
+                f"got {checkpoint_path}"
+            )
         model_comp, others = self._components()
         split = self._model_state.snapshot()
         frozen = StateComponent(
@@ -287,8 +311,9 @@ class CheckpointManager:
             },
         }
         writes_retention = self.dist.rank == 0
+        tier_path = self._tiering.remote_path(checkpoint_path) if self._tiering else None
         if writes_retention:
-            self._retention.begin_save(checkpoint_path)
+            self._retention.begin_save(tier_path or checkpoint_path)
         try:
             handle = self._engine().save_components(
                 step,
@@ -299,12 +324,17 @@ class CheckpointManager:
             )
         except BaseException:
             if writes_retention:
-                self._retention.cancel_save(checkpoint_path)
+                self._retention.cancel_save(tier_path or checkpoint_path)
             raise
         self._save_count += 1
         self._pending.append(handle)
         if writes_retention:
-            self._retention.after_save(handle)
+            if self._tiering is not None:
+                replication = Replication(self._tiering, handle)
+                self._replications.append(replication)
+                self._retention.after_save(replication)  # its waiter starts the copy
+            else:
+                self._retention.after_save(handle)
         logger.info(
             "checkpoint %s (step %s) snapshotted in %.3f s",
             checkpoint_path,
@@ -348,6 +378,14 @@ class CheckpointManager:
                 failed.append(h)
         if failed:
             _raise_failed(failed)
+        replications, self._replications = self._replications, []
+        for r in replications:
+            error = r.exception(timeout_s)
+            if error is not None:
+                raise CheckpointError(
+                    f"replicating {r.local_handle.path} to {r.path} failed: {error}; the "
+                    "local copy is complete and is retried by the next manager's start"
+                ) from error
         self._retention.wait()
 
     # ---- best checkpoints -------------------------------------------------------------------
@@ -387,22 +425,18 @@ class CheckpointManager:
     def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None:
         """``checkpoint_path`` if it holds a complete checkpoint, else ``None`` (warned);
         with ``None``, the latest complete checkpoint under ``output_dir`` (pending saves
-        of this manager are waited for first, so "latest" includes them)."""
+        of this manager are waited for first, so "latest" includes them). With tiering,
+        the latest on either tier, and a local path falls back to its remote copy."""
         self._wait_for_saves(checkpoint_path)
+        if self._tiering is not None:
+            return self._tiering.resolve(checkpoint_path)
         opts = self._storage_options
         if checkpoint_path is None:
             latest = find_latest_checkpoint(self.config.output_dir, storage_options=opts)
             if not latest:
                 logger.warning("no complete checkpoint under %s", self.config.output_dir)
             return latest
-        info = checkpoint_info(checkpoint_path, storage_options=opts)
-        if info.status is CheckpointStatus.ABSENT:
-            logger.warning("checkpoint path does not exist: %s", checkpoint_path)
-            return None
-        if info.status is CheckpointStatus.INCOMPLETE:
-            logger.warning("incomplete checkpoint at %s (%s)", checkpoint_path, info.reason)
-            return None
-        return checkpoint_path
+        return checkpoint_path if _usable(checkpoint_path, opts) else None
 
     def load_checkpoint(self, checkpoint_path: str | None = None) -> str:
         """Restore every component from ``checkpoint_path`` (default: the latest); return
@@ -411,103 +445,49 @@ class CheckpointManager:
         if resolved is None:
             where = checkpoint_path or f"{self.config.output_dir} (latest)"
             raise CheckpointNotFoundError(f"no complete checkpoint to load at {where}")
-        opts = self._storage_options
-        ckpt = Location.parse(resolved, opts)
-        info = checkpoint_info(ckpt)
-        if info.status is CheckpointStatus.INCOMPLETE:  # raced with a delete
-            raise IncompleteCheckpointError(f"{ckpt.url} became incomplete while loading")
-        _, others = self._components()
-        children = [c.name for c in ckpt.list_children() if not c.is_dir]
-        logger.info("loading checkpoint %s", ckpt.url)
-        if is_legacy_state_checkpoint(children, info.manifest) or (
-            info.manifest is None and info.status is CheckpointStatus.LEGACY
-        ):
-            self._load_legacy(ckpt, others, info.manifest)
-            return resolved
-        from .async_checkpointer import load_components
-
-        section = dict((info.manifest.user_metadata if info.manifest else {}).get(META_KEY) or {})
-        self._model_state.expect(section.get("quantized"), where=ckpt.url)
-        model_comp, _ = self._components()
-        load_components(
-            ckpt.url,
-            [model_comp, *others],
-            process_groups=self._process_groups(),
-            storage_options=opts,
-            strict=True,
-        )
-        self._best.restore(section, exists=self._exists)
-        return resolved
-
-    def _exists(self, path: str) -> bool:
-        return validate_checkpoint(path, storage_options=self._storage_options)
-
-    def _load_legacy(self, ckpt: Location, others: list[StateComponent], manifest: Any) -> None:
-        from .sharded_checkpoint import load_checkpoint as load_weights
-
-        for part in self.model_parts:
-            device = next((p.device for p in part.parameters()), torch.device("cpu"))
-            load_weights(ckpt.url, part, device=str(device), strict=True, storage_options=self._storage_options)
-        groups = self._process_groups()
-        group_ranks = {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            group_ranks = {name: torch.distributed.get_rank(pg) for name, pg in groups.items()}
-        where = LegacyRank(rank=self.dist.rank, node_rank=self.dist.node_rank, group_ranks=group_ranks)
-        states = [c for c in others if c.key != CALLBACKS_KEY]
-        load_legacy_components(ckpt, states, where=where, manifest=manifest)
-        meta = read_legacy_metadata(ckpt) or {}
-        if "best_checkpoints" in meta:
-            self._best.restore(meta, exists=self._exists)
-        self._restore_legacy_callbacks(meta.get("callback_states") or {})
-
-    def _restore_legacy_callbacks(self, states: Mapping[str, Any]) -> None:
-        """Forgather keyed callback states ``callback_{i}_{Type}`` by list position."""
+        model_comp, others = self._components()
         source = self._callbacks
         if source is None and self.trainer is not None:
             source = getattr(self.trainer, "callbacks", None)
-        if not states or not source:
-            return
-        objects = list(source.values()) if isinstance(source, Mapping) else list(source)
-        for i, cb in enumerate(objects):
-            key = f"callback_{i}_{type(cb).__name__}"
-            if key in states and callable(getattr(cb, "load_state_dict", None)):
-                cb.load_state_dict(states[key])
-                logger.info("restored legacy state of callback %s", key)
+        doc = restore_checkpoint(
+            Location.parse(resolved, self._options_for(resolved)),
+            model_state=self._model_state,
+            model_component=model_comp,
+            others=others,
+            legacy_callbacks=list(source.values() if isinstance(source, Mapping) else source or []),
+            process_groups=self._process_groups(),
+            dist=self.dist,
+        )
+        if "best_checkpoints" in doc:
+            self._best.restore(doc, exists=self._exists)
+        return resolved
+
+    def _exists(self, path: str) -> bool:
+        """A complete checkpoint at ``path`` (with tiering: either tier's copy of it)."""
+        if self._tiering is not None:
+            return self._tiering.exists(path)
+        return validate_checkpoint(path, storage_options=self._storage_options)
 
     # ---- export -----------------------------------------------------------------------------
 
     def save_model(
         self, output_dir: str | os.PathLike[str] | None = None, overwrite_output_dir: bool = False
     ) -> None:
-        """Export the model Hugging Face style: weights (safetensors, or torch ``.bin`` when
-        ``save_safetensors`` is False), ``config.json`` when the model has a config with
-        ``save_pretrained``/``to_json_file``, and the preprocessor. Synchronous."""
-        from .sharded_checkpoint import save_checkpoint as save_weights
-
+        """Export the model Hugging Face style (see :func:`ckptsvc.pretrained.save_pretrained`):
+        weights, ``config.json`` when the model has a config, the preprocessor.
+        Synchronous; rank 0 writes, every rank returns after it (barrier)."""
         out = os.fspath(output_dir) if output_dir is not None else self.config.output_dir
-        opts = self._storage_options
         if self.dist.rank == 0:
-            if not overwrite_output_dir and validate_checkpoint(out, storage_options=opts):
-                raise CommitConflictError(
-                    f"a model is already saved in {out}; pass overwrite_output_dir=True to replace it"
-                )
-            weights: dict[str, torch.Tensor] = {}
-            for part in self.model_parts:
-                weights.update(part.state_dict())
-            if has_quantized_tensors(weights):
-                raise InvalidStateError(
-                    "save_model cannot export torchao-quantized weights as plain Hugging Face "
-                    "files yet; save_checkpoint stores them (inner tensors + description)"
-                )
-            _export_pretrained(out, self.model, self.model_preprocessor, storage_options=opts)
-            save_weights(
+            save_pretrained(
                 out,
-                self.model if len(self.model_parts) == 1 else weights,
+                model=self.model,
+                model_parts=self.model_parts,
+                preprocessor=self.model_preprocessor,
                 safetensors=self.config.save_safetensors,
-                max_shard_size=self.config.max_shard_size or 2**31,
-                storage_options=opts,
+                max_shard_size=self.config.max_shard_size,
+                overwrite=overwrite_output_dir,
+                storage_options=self._storage_options,
             )
-            logger.info("model exported to %s", out)
         td = torch.distributed
         if self.dist.world_size > 1 and td.is_available() and td.is_initialized():
             td.barrier()
@@ -526,6 +506,8 @@ class CheckpointManager:
             self._retention.close()
             if self._checkpointer is not None:
                 self._checkpointer.close()
+            if self._tiering is not None:
+                self._tiering.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -553,6 +535,21 @@ class _Snapshot:
         raise CheckpointError("a save snapshot cannot be loaded into")
 
 
+def _usable(path: str, opts: dict[str, Any]) -> bool:
+    info = checkpoint_info(path, storage_options=opts)
+    if info.status is CheckpointStatus.ABSENT:
+        logger.warning("checkpoint path does not exist: %s", path)
+    elif info.status is CheckpointStatus.INCOMPLETE:
+        logger.warning("incomplete checkpoint at %s (%s)", path, info.reason)
+    return info.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)
+
+
+def _log_replication_failure(future: Any) -> None:
+    error = future.exception()
+    if error is not None:
+        logger.error("replicating a local checkpoint left by an earlier run failed: %s", error)
+
+
 def _raise_failed(failed: Sequence[Any]) -> None:
     first = failed[0]
     error = first.exception()
@@ -560,33 +557,3 @@ def _raise_failed(failed: Sequence[Any]) -> None:
     if isinstance(error, SaveFailedError) and not more:
         raise error
     raise SaveFailedError(f"save of {first.path} failed{more}: {error}") from error
-
-
-def _export_pretrained(
-    out: str, model: nn.Module, preprocessor: Any, *, storage_options: dict[str, Any]
-) -> None:
-    """Write ``config.json`` (and the preprocessor's files) to ``out``, local or remote."""
-    config = getattr(model, "config", None)
-    writers = []
-    if config is not None and callable(getattr(config, "save_pretrained", None)):
-        writers.append(config.save_pretrained)
-    elif config is not None and callable(getattr(config, "to_json_file", None)):
-        writers.append(lambda d: config.to_json_file(os.path.join(d, "config.json")))
-    if preprocessor is not None and callable(getattr(preprocessor, "save_pretrained", None)):
-        writers.append(preprocessor.save_pretrained)
-    if not writers:
-        return
-    dest = Location.parse(out, storage_options)
-    dest.makedirs()
-    if dest.is_local:
-        for write in writers:
-            write(dest.path)
-        return
-    with tempfile.TemporaryDirectory(prefix="ckptsvc-export-") as tmp:
-        for write in writers:
-            write(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), tmp).replace(os.sep, "/")
-                with open(os.path.join(root, name), "rb") as f:
-                    dest.join(*rel.split("/")).publish(f.read())

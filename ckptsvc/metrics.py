@@ -89,14 +89,24 @@ class SaveEvent:
 
 
 class _Timings(Protocol):
-    nbytes: int
-    blocking_s: float
-    arena_wait_s: float
-    copy_s: float
-    queue_wait_s: float | None
-    write_s: float | None
-    commit_s: float | None
-    durable_s: float | None
+    """What :func:`event_from_handle` reads of ``SaveTimings`` (read-only)."""
+
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def blocking_s(self) -> float: ...
+    @property
+    def arena_wait_s(self) -> float: ...
+    @property
+    def copy_s(self) -> float: ...
+    @property
+    def queue_wait_s(self) -> float | None: ...
+    @property
+    def write_s(self) -> float | None: ...
+    @property
+    def commit_s(self) -> float | None: ...
+    @property
+    def durable_s(self) -> float | None: ...
 
 
 class _Handle(Protocol):
@@ -175,17 +185,28 @@ def emit(event: SaveEvent) -> None:
         logger.info(
             "save step=%s ok nbytes=%d blocking_ms=%.1f queue_wait_s=%s write_s=%s "
             "durable_s=%s retries=%d path=%s",
-            event.step, event.nbytes, event.blocking_ms, _fmt(event.queue_wait_s),
-            _fmt(event.write_s), _fmt(event.durable_s), event.retries, event.path,
+            event.step,
+            event.nbytes,
+            event.blocking_ms,
+            _fmt(event.queue_wait_s),
+            _fmt(event.write_s),
+            _fmt(event.durable_s),
+            event.retries,
+            event.path,
             extra={"ckptsvc_save": event.to_dict()},
-        )  # fmt: skip
+        )
     else:
         logger.warning(
             "save step=%s FAILED nbytes=%d blocking_ms=%.1f retries=%d path=%s error=%s: %s",
-            event.step, event.nbytes, event.blocking_ms, event.retries, event.path,
-            event.error_type, event.error,
+            event.step,
+            event.nbytes,
+            event.blocking_ms,
+            event.retries,
+            event.path,
+            event.error_type,
+            event.error,
             extra={"ckptsvc_save": event.to_dict()},
-        )  # fmt: skip
+        )
     with _lock:
         listeners = list(_listeners)
     for fn in listeners:
@@ -292,7 +313,9 @@ class PrometheusExporter:
         import prometheus_client as prom
 
         if self._server is not None:
-            raise CheckpointError(f"the metrics server is already running ({self._server.server_address})")
+            raise CheckpointError(
+                f"the metrics server is already running ({self._server.server_address})"
+            )
         self._server, self._server_thread = prom.start_http_server(
             port, addr=addr, registry=self.registry
         )

@@ -31,7 +31,13 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, StateMismatchError
-from .quantized import QuantizedSplit, install_quantized, is_quantized_tensor, join_quantized, split_quantized
+from .quantized import (
+    QuantizedSplit,
+    install_quantized,
+    is_quantized_tensor,
+    join_quantized,
+    split_quantized,
+)
 from .tied_params import create_sharing_metadata, retie_parameters
 
 __all__ = ["ModelState"]
@@ -98,8 +104,8 @@ class ModelState:
             present = [n for n in group if n in sd]
             if not present:
                 continue
-            plain = {id(sd[n]): n for n in present if not is_quantized_tensor(sd[n])}
-            if len(plain) > 1 and not _all_equal([sd[n] for n in plain.values()]):
+            distinct = {id(sd[n]): n for n in present if not is_quantized_tensor(sd[n])}
+            if len(distinct) > 1 and not _all_equal([sd[n] for n in distinct.values()]):
                 raise StateMismatchError(
                     f"{self.where}: the model ties {group} but the checkpoint stores different "
                     "values for them; untie them in the model before loading"

@@ -146,7 +146,9 @@ def split_quantized(state_dict: Mapping[str, torch.Tensor]) -> QuantizedSplit:
         for name in _data_names(t):
             inner = getattr(t, name)
             if not isinstance(inner, torch.Tensor) or is_quantized_tensor(inner):
-                raise InvalidStateError(f"state[{fqn!r}]: inner tensor {name!r} is not a plain tensor")
+                raise InvalidStateError(
+                    f"state[{fqn!r}]: inner tensor {name!r} is not a plain tensor"
+                )
             out[prefix + name] = inner.detach()
         described[fqn] = desc
     for fqn, desc in described.items():
@@ -184,7 +186,10 @@ def join_quantized(
     from torchao.prototype.safetensors.safetensors_utils import object_from_dict
 
     saved_version = description.get("torchao_version")
-    if saved_version and str(saved_version).split(".")[:2] != str(torchao.__version__).split(".")[:2]:
+    if (
+        saved_version
+        and str(saved_version).split(".")[:2] != str(torchao.__version__).split(".")[:2]
+    ):
         logger.warning(
             "%s was saved with torchao %s, loading with %s; quantized layouts may differ",
             where,
@@ -194,7 +199,9 @@ def join_quantized(
     out = dict(tensors)
     for fqn, desc in description["tensors"].items():
         if not isinstance(desc, dict) or not isinstance(desc.get("_data"), dict):
-            raise CorruptCheckpointError(f"{where}: quantized tensor {fqn!r} has a malformed description")
+            raise CorruptCheckpointError(
+                f"{where}: quantized tensor {fqn!r} has a malformed description"
+            )
         prefix = _inner_prefix(fqn)
         inner: dict[str, torch.Tensor] = {}
         for name in desc.get("_tensor_data_names") or []:

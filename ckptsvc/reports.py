@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .component_plan import PartReport, doc_name
-from .errors import CheckpointError, CorruptCheckpointError, SaveFailedError
+from .errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    ReplicationMismatchError,
+    SaveFailedError,
+)
 from .manifest import ComponentRecord, FileRecord
 
 __all__ = ["Merged", "RankReport", "ReplicationMismatchError", "merge_reports"]
-
-
-class ReplicationMismatchError(SaveFailedError):
-    """Ranks that must hold identical state (REPLICATED) do not, or disagree on the save."""
 
 
 @dataclass(frozen=True)

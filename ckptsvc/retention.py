@@ -31,11 +31,18 @@ logger = logging.getLogger(__name__)
 def delete_checkpoint(
     ckpt: Location | str, *, storage_options: dict[str, Any] | None = None
 ) -> None:
-    """Delete one checkpoint: retire its manifest (marker first), then remove the data."""
+    """Delete one checkpoint: marker, manifest gone, the data, the marker, the directory.
+
+    Until the last file goes the directory holds the marker, so a crash at any point
+    leaves an incomplete checkpoint (invisible to discovery, collectable by ``gc``) or an
+    empty directory; never manifest-less weights that would look like a legacy one.
+    """
     loc = Location.parse(ckpt, storage_options)
     loc.join(MARKER_NAME).publish(b'{"deleting": true}')
     loc.join(MANIFEST_NAME).remove(missing_ok=True)
-    loc.remove(recursive=True, missing_ok=True)
+    loc.remove_children(keep=(MARKER_NAME,))  # the data; batched on object stores
+    loc.join(MARKER_NAME).remove(missing_ok=True)
+    loc.remove(recursive=True, missing_ok=True)  # the directory (or leftover folder keys)
     logger.info("deleted checkpoint %s", loc.url)
 
 

@@ -203,7 +203,7 @@ def _write_file(
         return write_shard(loc, layout, chunks, rel_path=fname)
     out = ChecksummedWriter(loc, rel_path=fname)
     try:
-        torch.save({k: v.detach().cpu() for k, v in part.items()}, out)  # type: ignore[arg-type]
+        torch.save({k: v.detach().cpu() for k, v in part.items()}, out)
         return out.finish()
     except BaseException:
         out.abort()
@@ -494,6 +494,13 @@ def load_checkpoint(
             "find_latest_checkpoint(...) instead, or delete it with `ckptsvc gc`"
         )
     meta = get_checkpoint_metadata(ckpt.url, storage_options=storage_options)
+    if meta is None and info.manifest is not None and info.manifest.components:
+        keys = sorted(c.key for c in info.manifest.components)
+        raise CheckpointNotFoundError(
+            f"{ckpt.url} holds state components {keys} saved by save_components, not an HF "
+            "weights layout: restore it with ckptsvc.load_components(...), or write plain HF "
+            "shards with `ckptsvc export-hf SRC DST`"
+        )
     if meta is None:
         raise CheckpointNotFoundError(
             f"no checkpoint in {ckpt.url}: expected one of {SAFE_WEIGHTS_INDEX_NAME}, "

@@ -119,7 +119,11 @@ class NamedStates:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for name, item in self.items.items():
             if name not in state_dict:
-                logger.warning("the checkpoint has no state for %s %r; keeping its current state", self.what, name)
+                logger.warning(
+                    "the checkpoint has no state for %s %r; keeping its current state",
+                    self.what,
+                    name,
+                )
                 continue
             try:
                 item.load_state_dict(state_dict[name])
@@ -131,7 +135,9 @@ class NamedStates:
                 ) from e
         extra = sorted(set(state_dict) - set(self.items))
         if extra:
-            logger.info("the checkpoint holds state for %ss no longer present: %s", self.what, extra)
+            logger.info(
+                "the checkpoint holds state for %ss no longer present: %s", self.what, extra
+            )
 
 
 class SimpleStatefulProvider:

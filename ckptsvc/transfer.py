@@ -212,8 +212,9 @@ def _copy_records(
 
     def one(rec: FileRecord) -> None:
         try:
-            _copy_file(src_dir.join(rec.path), dst_dir.join(rec.path), rec, progress=progress,
-                       stop=stop)  # fmt: skip
+            _copy_file(
+                src_dir.join(rec.path), dst_dir.join(rec.path), rec, progress=progress, stop=stop
+            )
         except BaseException:
             stop.set()
             raise
@@ -310,13 +311,16 @@ def copy_checkpoint(
     started = time.monotonic()
     n_jobs = _jobs(jobs)
     src_loc = Location.parse(src, storage_options)
-    dst_loc = Location.parse(dst, storage_options if dst_storage_options is None else dst_storage_options)
+    dst_loc = Location.parse(
+        dst, storage_options if dst_storage_options is None else dst_storage_options
+    )
     _check_distinct(src_loc, dst_loc)
     manifest = _source_manifest(checkpoint_info(src_loc))
     if _up_to_date(manifest, dst_loc, overwrite=overwrite):
         logger.info("%s is up to date with %s", dst_loc.url, src_loc.url)
-        done = CopiedCheckpoint(src_loc.url, dst_loc.url, "up-to-date", len(manifest.files),
-                                manifest.total_nbytes)  # fmt: skip
+        done = CopiedCheckpoint(
+            src_loc.url, dst_loc.url, "up-to-date", len(manifest.files), manifest.total_nbytes
+        )
     else:
         tracker = _Progress(manifest.total_nbytes, progress)
         done = _copy_one(src_loc, manifest, dst_loc, jobs=n_jobs, progress=tracker)
@@ -359,8 +363,15 @@ def copy_tree(
             continue
         target = dst_root.join(CHECKPOINTS_DIR, info.location.name)
         if _up_to_date(info.manifest, target, overwrite=overwrite):
-            done.append(CopiedCheckpoint(info.url, target.url, "up-to-date",
-                                         len(info.manifest.files), info.manifest.total_nbytes))  # fmt: skip
+            done.append(
+                CopiedCheckpoint(
+                    info.url,
+                    target.url,
+                    "up-to-date",
+                    len(info.manifest.files),
+                    info.manifest.total_nbytes,
+                )
+            )
             continue
         todo.append((info, info.manifest, target))
     tracker = _Progress(sum(m.total_nbytes for _, m, _ in todo), progress)
@@ -368,8 +379,13 @@ def copy_tree(
         done.append(_copy_one(info.location, manifest, target, jobs=n_jobs, progress=tracker))
     for url, why in skipped:
         logger.warning("not copied: %s (%s)", url, why)
-    return CopyReport(src_root.url, dst_root.url, tuple(done), tuple(skipped),
-                      elapsed_s=time.monotonic() - started)  # fmt: skip
+    return CopyReport(
+        src_root.url,
+        dst_root.url,
+        tuple(done),
+        tuple(skipped),
+        elapsed_s=time.monotonic() - started,
+    )
 
 
 def copy(
@@ -470,7 +486,9 @@ def _best_checkpoints(infos: Sequence[CheckpointInfo]) -> list[str]:
     section = (newest.manifest.user_metadata if newest.manifest else {}).get(_MANAGER_META_KEY)
     if not isinstance(section, dict):
         return []
-    recorded = [str(e[0]) for e in section.get("best_checkpoints") or [] if isinstance(e, list) and e]
+    recorded = [
+        str(e[0]) for e in section.get("best_checkpoints") or [] if isinstance(e, list) and e
+    ]
     if section.get("best_checkpoint"):
         recorded.append(str(section["best_checkpoint"]))
     names = {os.path.basename(p.rstrip("/")) for p in recorded}

@@ -9,7 +9,8 @@ What is checked, in order:
 1. the directory is a complete checkpoint (its manifest exists and parses);
 2. every file the manifest lists exists, has the listed size (``shallow``), and, with
    ``deep``, the listed CRC-32C; on local disk a file that is a symlink resolving outside
-   the checkpoint is refused and never read;
+   the checkpoint is refused and never read (a manifest without ckptsvc's file list, as
+   Forgather writes it, only gets a check that the files its index names exist);
 3. the weight index maps tensors only to files the manifest lists; with ``deep`` every
    safetensors header parses and holds every tensor the index maps to it (a stale index);
 4. with ``deep``, the state skeleton of an async checkpoint parses and names only tensors
@@ -289,6 +290,10 @@ def verify_checkpoint(
         return VerifyReport(ckpt.url, info.status.value, deep, problems=(Problem("", kind, why),))
     manifest = info.manifest
     files = manifest.files
+    if not files:  # a manifest without ckptsvc's file list (Forgather writes these)
+        return VerifyReport(
+            ckpt.url, info.status.value, deep, problems=tuple(_unlisted_problems(ckpt))
+        )
     with ThreadPoolExecutor(max_workers=max(1, min(knobs.IO_THREADS.get(), len(files)))) as pool:
         found = list(pool.map(lambda r: _check_file(ckpt, r, deep), files))
     problems = [p for p in found if p is not None]
@@ -307,19 +312,24 @@ def verify_checkpoint(
     )
 
 
-def _legacy_problems(info: CheckpointInfo) -> list[str]:
-    """A manifest-less checkpoint cannot be checksummed: check its index's files exist."""
-    ckpt = info.location
+def _unlisted_problems(ckpt: Location) -> list[Problem]:
+    """Without a file list (a legacy checkpoint, or a manifest written by Forgather) nothing
+    can be checksummed: check that every file the index names exists."""
     names = {c.name for c in ckpt.list_children()}
-    problems = []
+    problems: list[Problem] = []
     for index in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
         if index not in names:
             continue
         weight_map = _read_weight_map(ckpt, index)
         if isinstance(weight_map, Problem):
-            problems.append(weight_map.detail)
+            problems.append(weight_map)
             continue
-        problems += [f"{f} is missing" for f in sorted(set(weight_map.values()) - names)]
+        problems += [
+            Problem(
+                f, "missing", f"{index} maps tensors to {ckpt.join(f).url}, which does not exist"
+            )
+            for f in sorted(set(weight_map.values()) - names)
+        ]
     return problems
 
 
@@ -360,7 +370,7 @@ def find_latest_verified(
     ]
     for info, spelled in sorted(usable, key=lambda c: c[0].sort_key(), reverse=True):
         if info.status is CheckpointStatus.LEGACY:
-            issues = _legacy_problems(info)
+            issues = [p.detail for p in _unlisted_problems(info.location)]
         else:
             report = verify_checkpoint(info.location, deep=deep)
             issues = [f"{p.kind}: {p.detail}" for p in report.problems]

@@ -13,7 +13,7 @@ import logging
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,6 +30,7 @@ from ckptsvc.errors import (
     StoragePermissionError,
 )
 
+from .deletes import delete_s3_tree
 from .errors import classify, storage_errors
 from .reads import RangeRead, plan_reads, read_ranges
 from .retry import call_with_retries
@@ -38,8 +39,6 @@ from .sinks import GCS_PROTOCOLS, S3_PROTOCOLS, ShardSink, open_sink, write_all
 __all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
 
 logger = logging.getLogger(__name__)
-
-_S3_MAX_DELETE_KEYS = 1000
 
 
 def _with_retry_defaults(text: str, storage_options: dict[str, Any]) -> dict[str, Any]:
@@ -375,7 +374,7 @@ class Location:
         if not missing_ok and not self.exists():
             raise StorageNotFoundError(f"delete {self.url}: not found", url=self.url)
         if recursive and self.protocol in S3_PROTOCOLS:
-            call_with_retries(self._remove_s3_tree, url=self.url, action="delete")
+            call_with_retries(lambda: delete_s3_tree(self), url=self.url, action="delete")
             return
 
         def _rm() -> None:
@@ -385,48 +384,44 @@ class Location:
         call_with_retries(_rm, url=self.url, action="delete")
         self.fs.invalidate_cache(self.path)
 
-    def _remove_s3_tree(self) -> None:
-        """Batched DeleteObjects of every key under the prefix; raise if any key is refused.
+    def remove_children(self, *, keep: Collection[str] = ()) -> None:
+        """Delete everything below this directory except its direct children named in
+        ``keep`` (batched on S3; the directory itself stays). Retention uses it to delete
+        a checkpoint's data while its in-progress marker still stands."""
+        if self.is_local:
+            try:
+                with os.scandir(self.path) as it:
+                    entries = [e for e in it if e.name not in keep]
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        import shutil
 
-        s3fs's own ``rm`` drops per-key errors, and leaves the folder entries that
-        filer-backed stores (SeaweedFS) keep after their last object goes; this also deletes
-        those ``dir/`` keys, deepest first, so the prefix really disappears from listings.
-        """
-        fs: Any = self.fs
-        fs.invalidate_cache(self.path)
-        bucket, key, _ = fs.split_path(self.path)
-        if not key:
-            raise StorageError(f"delete {self.url}: refusing to empty a whole bucket", url=self.url)
-        found: dict[str, dict[str, Any]] = fs.find(self.path, withdirs=True, detail=True)
-        files = sorted(
-            fs.split_path(p)[1] for p, e in found.items() if e.get("type") != "directory"
-        )
-        dirs = sorted(
-            (
-                fs.split_path(p)[1].rstrip("/") + "/"
-                for p, e in found.items()
-                if e.get("type") == "directory"
-            ),
-            key=lambda k: k.count("/"),
-            reverse=True,
-        )
-        keys = [*files, *dirs, key.rstrip("/") + "/"]
-        for i in range(0, len(keys), _S3_MAX_DELETE_KEYS):
-            batch = [{"Key": k} for k in keys[i : i + _S3_MAX_DELETE_KEYS]]
-            out = fs.call_s3(
-                "delete_objects", Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise classify(e, self.url, "delete") from e
+            return
+        if self.protocol in S3_PROTOCOLS:
+            call_with_retries(
+                lambda: delete_s3_tree(self, keep=keep), url=self.url, action="delete"
             )
-            errors = [e for e in out.get("Errors") or [] if e.get("Code") != "NoSuchKey"]
-            if errors:
-                first = errors[0]
-                text = (
-                    f"{len(errors)} of {len(batch)} keys not deleted, e.g. {first.get('Key')}: "
-                    f"{first.get('Code')}: {first.get('Message')}"
-                )
-                if first.get("Code") == "AccessDenied":
-                    raise PermissionError(text)
-                raise OSError(text)
-        fs.invalidate_cache(self.path)
+            return
+        try:
+            children = [c.name for c in self.list_children() if c.name not in keep]
+        except StorageNotFoundError:
+            return
+        doomed = [posixpath.join(self.path, name) for name in children]
+
+        def _rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(doomed, recursive=True)
+
+        if doomed:
+            call_with_retries(_rm, url=self.url, action="delete")
+        self.fs.invalidate_cache(self.path)
 
     def walk_files(self) -> Iterator[tuple[str, int]]:
         """(relative path, size) of every file below this directory."""

@@ -26,6 +26,7 @@ import ckptsvc.storage.multipart as multipart
 from ckptsvc.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
 from ckptsvc.errors import CorruptCheckpointError, StoragePermissionError
 from ckptsvc.gc import collect_garbage
+from ckptsvc.manifest import MARKER_NAME
 from ckptsvc.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, plan_reads
@@ -295,9 +296,9 @@ def _is_listing(r: RequestRecord) -> bool:
 def test_delete_goes_marker_manifest_then_batched_data(
     storage_root: StorageRoot, counted: tuple[FaultProxy, dict[str, Any]]
 ) -> None:
-    """S3: marker PUT, manifest delete, one listing, one DeleteObjects for all the data.
-    GCS: the same order; gcsfs batches deletes (100 a request) on real GCS only, the
-    emulator gets one DELETE per object."""
+    """S3: marker PUT, manifest delete, one listing and one DeleteObjects for all the data,
+    then the marker and the folder. GCS: the same order; gcsfs batches deletes (100 a
+    request) on real GCS only, the emulator gets one DELETE per object."""
     proxy, opts = counted
     url = storage_root.join("run", "checkpoints", "checkpoint-1")
     sd = {f"t{i}": torch.randn(300) for i in range(40)}
@@ -312,9 +313,11 @@ def test_delete_goes_marker_manifest_then_batched_data(
     assert writes[0].method in ("PUT", "POST") and writes[0].nbytes  # the marker first
     if storage_root.backend == "s3":
         assert "ckptsvc-in-progress" in writes[0].path
-        assert [r.query for r in writes[1:]] == ["delete", "delete"]  # DeleteObjects x2
-        assert writes[1].nbytes < writes[2].nbytes  # the manifest alone, then all the data
-        assert len(records) == 4  # + one listing: not one request per file
+        batches = [r for r in writes if r.method == "POST" and r.query == "delete"]
+        data = max(batches, key=lambda r: r.nbytes)  # every data key in one DeleteObjects
+        assert batches[0] is writes[1] and batches.index(data) == 1  # after the manifest
+        assert len(batches) >= 3  # and the marker after the data (its own request)
+        assert len(records) <= 10 < nfiles  # a fixed handful of requests, not one per file
     else:
         assert "checkpoint_manifest.json" in writes[1].path  # manifest before any data
         assert len(writes) <= 3 + nfiles  # marker, manifest, then each remaining object
@@ -330,18 +333,45 @@ def test_crash_between_manifest_and_data_delete_is_collectable(
         save_checkpoint(f"{root}/checkpoints/checkpoint-{i}", {"w": torch.full((8,), float(i))},
                         safetensors=True, storage_options=opts, step=i)  # fmt: skip
     victim = f"{root}/checkpoints/checkpoint-1"
-    real_remove = Location.remove
 
-    def crash_on_data(self: Location, *, recursive: bool = False, missing_ok: bool = True) -> None:
-        if recursive:
-            raise RuntimeError("crashed between manifest and data delete")
-        real_remove(self, recursive=recursive, missing_ok=missing_ok)
+    def crash_on_data(self: Location, **kw: Any) -> None:
+        raise RuntimeError("crashed between manifest and data delete")
 
-    monkeypatch.setattr(Location, "remove", crash_on_data)
+    monkeypatch.setattr(Location, "remove_children", crash_on_data)
     with pytest.raises(RuntimeError, match="crashed"):
         delete_checkpoint(victim, storage_options=opts)
-    monkeypatch.setattr(Location, "remove", real_remove)
+    monkeypatch.undo()
     _assert_invisible_then_collected(root, victim, opts)
+
+
+@pytest.mark.parametrize("storage_root", ["local", "s3", "gcs"], indirect=True)
+def test_delete_removes_the_marker_last(
+    storage_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crash exactly when the marker's deletion is due: everything else is gone already and
+    the directory is incomplete (marked), so it is never taken for a legacy checkpoint."""
+    root = storage_root.join("run")
+    opts = storage_root.storage_options
+    for i in (1, 2):
+        save_checkpoint(f"{root}/checkpoints/checkpoint-{i}", {"w": torch.full((8,), float(i))},
+                        safetensors=True, max_shard_size=16, storage_options=opts, step=i)  # fmt: skip
+    victim = Location.parse(f"{root}/checkpoints/checkpoint-1", opts)
+    left: list[list[str]] = []
+
+    real_remove = Location.remove
+
+    def remove(self: Location, **kw: Any) -> None:
+        if self.name == MARKER_NAME:
+            left.append(sorted(c.name for c in victim.list_children()))
+            raise RuntimeError("crash while deleting the marker")
+        real_remove(self, **kw)
+
+    monkeypatch.setattr(Location, "remove", remove)
+    with pytest.raises(Exception, match="crash while deleting the marker"):
+        delete_checkpoint(victim)
+    monkeypatch.undo()
+    assert left == [[MARKER_NAME]]  # the marker was the last thing standing
+    _assert_invisible_then_collected(root, victim.url, opts)
 
 
 @pytest.mark.multiproc
@@ -357,12 +387,9 @@ def test_kill9_between_manifest_and_data_delete(s3_root: StorageRoot) -> None:
         import os, signal
         from ckptsvc.retention import delete_checkpoint
         from ckptsvc.storage import Location
-        real = Location.remove
-        def remove(self, *, recursive=False, missing_ok=True):
-            if recursive:
-                os.kill(os.getpid(), signal.SIGKILL)
-            real(self, recursive=recursive, missing_ok=missing_ok)
-        Location.remove = remove
+        def remove_children(self, **kw):
+            os.kill(os.getpid(), signal.SIGKILL)
+        Location.remove_children = remove_children
         delete_checkpoint({victim!r}, storage_options={opts!r})
         """
     )

@@ -29,11 +29,13 @@ from test_async_checkpointer import (
 )
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components
+from ckptsvc.component_plan import PartReport
 from ckptsvc.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.discovery import checkpoint_info, find_latest_checkpoint, next_checkpoint_path
 from ckptsvc.distributed import COORD_DIR
-from ckptsvc.errors import StateMismatchError
-from ckptsvc.manifest import MANIFEST_NAME, Manifest
+from ckptsvc.errors import CheckpointError, SaveFailedError, StateMismatchError
+from ckptsvc.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptsvc.reports import RankReport, ReplicationMismatchError, merge_reports
 from ckptsvc.sharded_checkpoint import load_checkpoint
 from ckptsvc.verify import verify_checkpoint
 
@@ -193,6 +195,50 @@ def test_save_refused_in_a_multi_rank_world(
     monkeypatch.setenv("RANK", "0")
     with AsyncCheckpointer(tmp_path) as ckpt, pytest.raises(Exception, match="save_components"):
         ckpt.save(1, {"w": torch.ones(2)})
+
+
+# ---- rank 0's merge of the reports ----------------------------------------------------------
+
+
+def _part(key: str, pattern: str = "replicated", **kw: Any) -> PartReport:
+    fields: dict[str, Any] = dict(
+        key=key, pattern=pattern, group_name=None, instance="", doc=None, files=(), nbytes=0,
+        signature="s1", replicas=(0, 1),
+    )  # fmt: skip
+    fields.update(kw)
+    return PartReport(**fields)
+
+
+def _report(rank: int, *parts: PartReport, files: tuple[str, ...] = (), **kw: Any) -> RankReport:
+    records = tuple(FileRecord(f, 1, "00000000") for f in files)
+    return RankReport(rank, 1, "/ckpt", parts, files=records, **kw)
+
+
+def _merge(*reports: RankReport) -> Any:
+    return merge_reports(list(reports), world_size=len(reports), crc_names={}, sharded_docs={})
+
+
+def test_merge_names_a_failed_rank() -> None:
+    with pytest.raises(SaveFailedError, match=r"rank 1 failed.*disk full"):
+        _merge(_report(0, _part("m")), _report(1, _part("m"), error="disk full", error_type="X"))
+
+
+def test_merge_refuses_ranks_that_disagree() -> None:
+    with pytest.raises(ReplicationMismatchError, match="rank 1 saved components"):
+        _merge(_report(0, _part("m")), _report(1, _part("other")))
+    with pytest.raises(ReplicationMismatchError, match=r"'m': rank 1 holds a different structure"):
+        _merge(_report(0, _part("m")), _report(1, _part("m", signature="s2")))
+    reports = [
+        _report(0, _part("m", crcs=("1", "2"))),
+        _report(1, _part("m", crcs=("1", "3"))),
+    ]
+    with pytest.raises(ReplicationMismatchError, match=r"'b.w' differs.*ranks \[1\] crc32c 3"):
+        merge_reports(reports, world_size=2, crc_names={"m": ("a.w", "b.w")}, sharded_docs={})
+
+
+def test_merge_refuses_a_file_written_twice() -> None:
+    with pytest.raises(CheckpointError, match=r"x\.json was written by rank 0 and rank 1"):
+        _merge(_report(0, _part("m"), files=("x.json",)), _report(1, _part("m"), files=("x.json",)))
 
 
 # ---- real ranks -----------------------------------------------------------------------------

@@ -323,6 +323,16 @@ def test_remove_recursive(storage_root: StorageRoot) -> None:
     assert base.join("checkpoint-1", "model.safetensors").read_bytes() == b"m" * 100
 
 
+def test_remove_children_keeps_the_named_ones(storage_root: StorageRoot) -> None:
+    base = _populate(storage_root)
+    base.remove_children(keep=("b.json", "no-such-name"))
+    assert {c.name for c in _fresh(base).list_children()} == {"b.json"}
+    assert base.join("b.json").read_bytes() == b"{}"
+    base.remove_children()
+    assert _list_or_empty(base) == []
+    storage_root.location("never-made").remove_children()  # nothing there: fine
+
+
 def test_remove_missing(storage_root: StorageRoot) -> None:
     loc = storage_root.location("never-written.bin")
     loc.remove()  # missing_ok=True by default

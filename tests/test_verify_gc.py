@@ -163,6 +163,18 @@ def test_verify_of_incomplete_legacy_and_absent(tmp_path: Path) -> None:
     assert verify_checkpoint(str(tmp_path / "nothing")).status == "absent"
 
 
+def test_verify_a_forgather_manifest_without_a_file_list(tmp_path: Path) -> None:
+    path = save(str(tmp_path), 1)
+    doc = json.loads(Path(path, MANIFEST_NAME).read_text())
+    del doc["metadata"]["ckptsvc"]  # what Forgather's own manifest looks like
+    Path(path, MANIFEST_NAME).write_text(json.dumps(doc))
+    report = verify_checkpoint(path)
+    assert report.ok and report.status == "complete" and report.files_checked == 0
+    Path(path, SHARD2).unlink()
+    assert [(p.path, p.kind) for p in verify_checkpoint(path).problems] == [(SHARD2, "missing")]
+    assert find_latest_verified(str(tmp_path)) is None
+
+
 # ---- find_latest_verified --------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_workers.launch import describe, launch  # noqa: E402
+from dist_workers.launch import describe, launch
 
 
 def main() -> None:

@@ -296,7 +296,9 @@ def replicated_bench(a: dict[str, Any]) -> dict[str, Any]:
     comps = [StateComponent("model", Box(state), pattern)]
     opts = a.get("storage_options") or {}
     times = []
-    with AsyncCheckpointer(a["root"], storage_options=opts, max_shard_size=a["max_shard_size"]) as ckpt:
+    with AsyncCheckpointer(
+        a["root"], storage_options=opts, max_shard_size=a["max_shard_size"]
+    ) as ckpt:
         for step in range(a.get("repeats", 3)):
             dist.barrier()
             handle = ckpt.save_components(step, comps)

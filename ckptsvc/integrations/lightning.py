@@ -1,0 +1,230 @@
+"""A Lightning ``CheckpointIO`` plugin that saves through ckptsvc, asynchronously.
+
+Usage (``pip install 'ckptsvc[lightning]'``)::
+
+    from ckptsvc.integrations.lightning import CkptsvcCheckpointIO
+
+    trainer = lightning.pytorch.Trainer(..., plugins=[CkptsvcCheckpointIO()])
+    trainer.fit(model, ckpt_path="checkpoints/step=400.ckpt")    # resume as usual
+
+Every path Lightning saves to (``.../step=400.ckpt``) becomes a ckptsvc checkpoint
+*directory*: the LightningModule's ``state_dict`` as Hugging Face safetensors shards +
+``model.safetensors.index.json`` (component ``model``), everything else Lightning puts in a
+checkpoint (optimizer and scheduler states, loops, callbacks, hyper-parameters) as
+component ``lightning`` (safetensors + JSON, nothing pickled), and the manifest last.
+Paths may be URLs (``s3://...``, ``gs://...``) with ``storage_options``.
+
+Call order (the training thread unless noted):
+
+1. :meth:`~CkptsvcCheckpointIO.save_checkpoint` (Lightning calls it on global rank 0):
+   snapshot the checkpoint's tensors into shared memory and return; the node writer process
+   writes the directory and commits its manifest last (in the background);
+2. :meth:`~CkptsvcCheckpointIO.load_checkpoint`: wait for a save to that path still in
+   flight, then read both components back into one checkpoint dict (tensors on CPU, or
+   on ``map_location`` when it names a device);
+3. :meth:`~CkptsvcCheckpointIO.remove_checkpoint` (``save_top_k`` rotation): wait for a
+   save to that path, then delete it, manifest first;
+4. :meth:`~CkptsvcCheckpointIO.teardown` (end of ``fit``): wait for every save, stop the
+   engine, and raise the first failed save.
+
+Values must be tensors or JSON-like (dicts, lists, numbers, strings, ``None``):
+``save_hyperparameters`` with other objects raises ``InvalidStateError`` naming the key.
+Single process only: Lightning calls ``CheckpointIO`` on rank 0 alone, and ckptsvc's
+distributed commit needs every rank (use ``ckptsvc.CheckpointManager`` for multi-rank jobs).
+The base class comes from ``lightning`` (``lightning.fabric``) if installed, else from the
+standalone ``lightning_fabric`` that ``pytorch_lightning`` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
+from ..components import SharingPattern, StateComponent
+from ..errors import CheckpointError, SaveFailedError
+from ..retention import delete_checkpoint
+from ..storage import Location
+
+try:
+    from lightning.fabric.plugins import CheckpointIO
+except ImportError:  # the standalone pytorch_lightning package
+    from lightning_fabric.plugins import CheckpointIO  # type: ignore[assignment]
+
+__all__ = ["CkptsvcCheckpointIO"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_KEY = "model"
+REST_KEY = "lightning"
+_STATE_DICT = "state_dict"
+
+
+class _Held:
+    """A stateful holding a dict: saves it, or records what is loaded into it."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state or {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = state_dict
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+class CkptsvcCheckpointIO(CheckpointIO):
+    """Lightning ``CheckpointIO`` over ckptsvc (see the module docstring for the call order).
+
+    ``storage_options`` go to fsspec for every path; ``max_shard_size`` caps weight shard
+    files; ``metadata`` goes to every manifest.
+    """
+
+    def __init__(
+        self,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        max_shard_size: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.storage_options = dict(storage_options or {})
+        self._max_shard_size = max_shard_size
+        self._metadata = dict(metadata or {})
+        self._ckpt: AsyncCheckpointer | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[str, SaveHandle] = {}
+
+    def _url(self, path: str | os.PathLike[str]) -> str:
+        return Location.parse(os.fspath(path), self.storage_options).url
+
+    def _engine(self, url: str) -> AsyncCheckpointer:
+        if self._ckpt is None:
+            if (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and (torch.distributed.get_world_size() > 1)
+            ):
+                raise CheckpointError(
+                    "CkptsvcCheckpointIO supports single-process training only: Lightning calls "
+                    "CheckpointIO on rank 0 alone, and ckptsvc's distributed commit needs every "
+                    "rank; use ckptsvc.CheckpointManager for multi-rank jobs"
+                )
+            parent = Location.parse(url, self.storage_options).parent.url
+            self._ckpt = AsyncCheckpointer(
+                parent,
+                storage_options=self.storage_options,
+                max_shard_size=self._max_shard_size,
+                metadata=self._metadata,
+            )
+        return self._ckpt
+
+    def save_checkpoint(
+        self,
+        checkpoint: dict[str, Any],
+        path: str | os.PathLike[str],
+        storage_options: Any | None = None,
+    ) -> None:
+        """Snapshot ``checkpoint`` and return; ``path`` becomes a checkpoint directory."""
+        if storage_options is not None:
+            raise TypeError(
+                "CkptsvcCheckpointIO.save_checkpoint takes no per-call storage_options; pass "
+                "fsspec options to CkptsvcCheckpointIO(storage_options=...)"
+            )
+        url = self._url(path)
+        self._raise_failed()
+        self._wait_for(url)  # a save to the same path again (e.g. last.ckpt) replaces it
+        rest = {k: v for k, v in checkpoint.items() if k != _STATE_DICT}
+        components = [
+            StateComponent(
+                MODEL_KEY, _Held(dict(checkpoint.get(_STATE_DICT) or {})), SharingPattern.GLOBAL
+            ),
+            StateComponent(REST_KEY, _Held(rest), SharingPattern.GLOBAL),
+        ]
+        step = int(checkpoint.get("global_step") or 0)
+        handle = self._engine(url).save_components(step, components, checkpoint_path=url)
+        with self._lock:
+            self._pending[url] = handle
+        logger.info("checkpoint %s: snapshot in %.3f s", url, handle.timings.blocking_s)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        map_location: Any | None = None,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint written by :meth:`save_checkpoint` (nothing is unpickled, so
+        ``weights_only`` changes nothing)."""
+        url = self._url(path)
+        self._wait_for(url)
+        model, rest = _Held(), _Held()
+        load_components(
+            url,
+            [
+                StateComponent(MODEL_KEY, model, SharingPattern.GLOBAL),
+                StateComponent(REST_KEY, rest, SharingPattern.GLOBAL),
+            ],
+            storage_options=self.storage_options,
+        )
+        checkpoint = dict(rest.state or {})
+        checkpoint[_STATE_DICT] = dict(model.state or {})
+        if isinstance(map_location, (str, torch.device)):
+            checkpoint = _to_device(checkpoint, torch.device(map_location))
+        return checkpoint
+
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Delete a checkpoint directory (manifest first), after a save to it finished."""
+        url = self._url(path)
+        self._wait_for(url)
+        loc = Location.parse(url, self.storage_options)
+        if loc.isdir():
+            delete_checkpoint(loc)
+        else:
+            loc.remove(missing_ok=True)
+
+    def teardown(self) -> None:
+        """Wait for every save, stop the engine, raise the first failure."""
+        ckpt, self._ckpt = self._ckpt, None
+        if ckpt is None:
+            return
+        try:
+            self._raise_failed(wait=True)
+            ckpt.wait_all()
+        finally:
+            ckpt.close()
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _wait_for(self, url: str) -> None:
+        with self._lock:
+            handle = self._pending.pop(url, None)
+        if handle is not None:
+            handle.wait()
+
+    def _raise_failed(self, *, wait: bool = False) -> None:
+        with self._lock:
+            handles = list(self._pending.values())
+            self._pending = {u: h for u, h in self._pending.items() if not (wait or h.done())}
+        for h in handles:
+            if not wait and not h.done():
+                continue
+            error = h.exception()
+            if error is not None:
+                raise SaveFailedError(
+                    f"checkpoint save to {h.path} (step {h.step}) failed: {error}"
+                ) from error

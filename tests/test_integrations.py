@@ -1,0 +1,319 @@
+"""Framework integrations with the real frameworks: a Hugging Face ``Trainer`` training a
+tiny GPT-2 built from a config on CPU, and a Lightning ``Trainer`` with the CheckpointIO
+plugin. Each saves through ckptsvc (node writer process, manifest last), is interrupted,
+and resumes in a fresh trainer; the resumed run must end bit-identical to an
+uninterrupted one (deterministic CPU kernels; dropout makes that depend on the RNG states)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import StorageRoot
+
+from ckptsvc.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.errors import CheckpointError, SaveFailedError
+from ckptsvc.verify import verify_checkpoint
+
+# ---- Hugging Face Trainer ----------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="the Trainer needs accelerate (ckptsvc[hf])")
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
+
+from ckptsvc.integrations.hf_trainer import CkptsvcCallback  # noqa: E402
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+SEQ = 16
+MAX_STEPS = 6
+
+
+def _tiny_gpt2(seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=SEQ,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.1,  # dropout draws from the torch RNG: exact resume needs it restored
+        embd_pdrop=0.1,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _dataset() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (48, SEQ), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def _args(out: Path, **overrides: Any) -> TrainingArguments:
+    kw: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": MAX_STEPS,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    kw.update(overrides)
+    return TrainingArguments(**kw)
+
+
+class _StopAt(TrainerCallback):
+    """Interrupt training after ``step`` (the save of that step is already submitted)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Final weights of 6 steps with no interruption (saving through ckptsvc as well)."""
+    out = tmp_path_factory.mktemp("hf-reference")
+    model = _tiny_gpt2(seed=0)
+    trainer = Trainer(
+        model=model, args=_args(out), train_dataset=_dataset(), callbacks=[CkptsvcCallback()]
+    )
+    trainer.train()
+    return _weights(model)
+
+
+@pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
+def test_hf_trainer_saves_async_and_resumes_exactly(
+    tmp_path: Path, storage_root: StorageRoot, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    out = tmp_path / "out"
+    root, opts = storage_root.url, storage_root.storage_options
+    first = CkptsvcCallback(root, storage_options=opts)
+    model = _tiny_gpt2(seed=0)
+    Trainer(
+        model=model, args=_args(out), train_dataset=_dataset(), callbacks=[first, _StopAt(4)]
+    ).train()
+
+    infos = list_checkpoints(root, storage_options=opts)
+    assert [(i.location.name, i.status) for i in infos] == [
+        ("checkpoint-2", CheckpointStatus.COMPLETE),
+        ("checkpoint-4", CheckpointStatus.COMPLETE),
+    ]
+    for i in infos:
+        assert verify_checkpoint(i.url, deep=True, storage_options=opts).ok
+        assert {c.key for c in i.manifest.components} == {  # type: ignore[union-attr]
+            "model",
+            "optimizer",
+            "scheduler",
+            "rng",
+            "hf_trainer",
+        }
+    # the Trainer's own synchronous save never ran
+    assert not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+
+    # the weights are standard HF shards: transformers' own sharded loader reads them
+    if storage_root.backend == "local":
+        loaded = _tiny_gpt2(seed=7)
+        result = load_sharded_checkpoint(loaded, infos[-1].url, strict=False)
+        assert set(result.missing_keys) < {"lm_head.weight", "transformer.wte.weight"}  # tied
+        assert not result.unexpected_keys
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, model.state_dict()[k]), k
+
+    # a fresh process-like start: different init, new trainer, resume from the latest
+    second = CkptsvcCallback(root, storage_options=opts)
+    resumed_model = _tiny_gpt2(seed=123)
+    trainer = Trainer(
+        model=resumed_model, args=_args(out), train_dataset=_dataset(), callbacks=[second]
+    )
+    resume = second.resume_path(local_dir=tmp_path / "resume")
+    assert resume is not None and resume.endswith("checkpoint-4")
+    trainer.train(resume_from_checkpoint=resume)
+
+    assert trainer.state.global_step == MAX_STEPS
+    got = _weights(resumed_model)
+    for k, v in uninterrupted.items():
+        assert torch.equal(got[k], v), f"{k} differs from the uninterrupted run"
+    names = [i.location.name for i in list_checkpoints(root, storage_options=opts)]
+    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_hf_resume_path_without_checkpoints_and_save_total_limit(tmp_path: Path) -> None:
+    cb = CkptsvcCallback()
+    trainer = Trainer(
+        model=_tiny_gpt2(0),
+        args=_args(tmp_path, save_total_limit=1),
+        train_dataset=_dataset(),
+        callbacks=[cb],
+    )
+    assert cb.root == str(tmp_path)  # set from args.output_dir by the constructor
+    assert cb.resume_path() is None  # nothing yet: train() starts fresh
+    trainer.train(resume_from_checkpoint=cb.resume_path())
+    names = [i.location.name for i in list_checkpoints(str(tmp_path))]
+    assert names == ["checkpoint-6"]  # retention kept the newest one only
+
+
+def test_hf_failed_save_fails_the_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_bytes(b"x")
+    cb = CkptsvcCallback(blocker)
+    trainer = Trainer(
+        model=_tiny_gpt2(0),
+        args=_args(tmp_path / "out", max_steps=2),
+        train_dataset=_dataset(),
+        callbacks=[cb],
+    )
+    with pytest.raises(SaveFailedError, match="file-not-dir"):
+        trainer.train()
+
+
+def test_hf_refuses_load_best_model_at_end(tmp_path: Path) -> None:
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True)
+    trainer = Trainer(
+        model=_tiny_gpt2(0),
+        args=args,
+        train_dataset=_dataset(),
+        eval_dataset=_dataset()[:4],
+        callbacks=[CkptsvcCallback()],
+    )
+    with pytest.raises(CheckpointError, match="load_best_model_at_end"):
+        trainer.train()
+
+
+# ---- Lightning ---------------------------------------------------------------------------------
+
+
+def _lightning() -> Any:
+    return pytest.importorskip("lightning.pytorch", reason="needs lightning (ckptsvc[lightning])")
+
+
+def _lit_module(pl: Any, seed: int) -> Any:
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+            )
+            self.save_hyperparameters({"hidden": 16, "lr": 0.05})
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=0.05)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return Tiny()
+
+
+def _lit_data() -> Any:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g)  # two batches per epoch
+    ds = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True))
+    return torch.utils.data.DataLoader(ds, batch_size=8, shuffle=False)
+
+
+def _lit_trainer(pl: Any, out: Path, max_steps: int, plugin: Any) -> Any:
+    # epoch-end saves: Lightning restarts a non-resumable dataloader's epoch from its
+    # first batch, so only epoch boundaries resume onto the same data as an unbroken run
+    ckpt_cb = pl.callbacks.ModelCheckpoint(
+        dirpath=str(out / "ckpts"),
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        save_top_k=-1,
+        filename="{step}",
+    )
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt_cb],
+        plugins=[plugin],
+        deterministic=True,
+    )
+
+
+def _interrupt_and_resume(pl: Any, out: Path, make_plugin: Any) -> tuple[Any, Path]:
+    """Train to step 4 (checkpoints at epoch ends), then resume a fresh module to step 6."""
+    first = _lit_module(pl, seed=0)
+    _lit_trainer(pl, out, 4, make_plugin()).fit(first, _lit_data())
+    resumed = _lit_module(pl, seed=123)
+    ckpt = out / "ckpts" / "step=4.ckpt"
+    _lit_trainer(pl, out, 6, make_plugin()).fit(resumed, _lit_data(), ckpt_path=str(ckpt))
+    return resumed, out / "ckpts"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # Lightning's
+def test_lightning_checkpoint_io_saves_async_and_resumes(tmp_path: Path) -> None:
+    pl = _lightning()
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    from ckptsvc.integrations.lightning import CkptsvcCheckpointIO
+
+    # Lightning's own torch.save plugin is the reference: same resume, same result
+    reference, _ = _interrupt_and_resume(pl, tmp_path / "torch", TorchCheckpointIO)
+    resumed, ckpt_dir = _interrupt_and_resume(pl, tmp_path / "ckptsvc", CkptsvcCheckpointIO)
+    for (k, v), (_, w) in zip(
+        reference.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(v, w), f"{k} differs from the run resumed by TorchCheckpointIO"
+
+    saved = sorted(p.name for p in ckpt_dir.iterdir())
+    assert saved == sorted(p.name for p in (tmp_path / "torch" / "ckpts").iterdir())
+    assert saved[:2] == ["step=2.ckpt", "step=4.ckpt"]
+    for name in saved:  # each "file" is a complete, verified ckptsvc checkpoint directory
+        assert verify_checkpoint(str(ckpt_dir / name), deep=True).ok
+
+    plugin = CkptsvcCheckpointIO()
+    ours = plugin.load_checkpoint(ckpt_dir / "step=4.ckpt")
+    theirs = TorchCheckpointIO().load_checkpoint(tmp_path / "torch" / "ckpts" / "step=4.ckpt")
+    assert ours["global_step"] == theirs["global_step"] == 4
+    assert ours["hyper_parameters"] == {"hidden": 16, "lr": 0.05}
+    assert ours["loops"] == theirs["loops"]
+    assert ours["lr_schedulers"] == theirs["lr_schedulers"]
+    for k, v in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][k], v), k
+    assert (
+        ours["optimizer_states"][0]["param_groups"] == theirs["optimizer_states"][0]["param_groups"]
+    )
+    for i, slots in theirs["optimizer_states"][0]["state"].items():
+        for name, value in slots.items():
+            assert torch.equal(ours["optimizer_states"][0]["state"][i][name], value), (i, name)
+
+    plugin.remove_checkpoint(ckpt_dir / "step=2.ckpt")
+    assert not (ckpt_dir / "step=2.ckpt").exists()
+    plugin.teardown()
