@@ -66,8 +66,14 @@ _serial = itertools.count()
 
 
 def node_id(explicit: str | None = None) -> str:
-    """This node's id (``CKPTSVC_NODE_ID``, default ``u<uid>``), reduced to ``[A-Za-z0-9_.]``."""
-    raw = knobs.NODE_ID.get(explicit) or f"u{os.getuid()}"
+    """This node's id, reduced to ``[A-Za-z0-9_.]``: ``CKPTSVC_NODE_ID``, else ``u<uid>``
+    plus the job id when a launcher sets one (``SLURM_JOB_ID``, torchrun's
+    ``TORCHELASTIC_RUN_ID``), so two jobs of one user on a node get separate writers (each
+    with its own environment and credentials)."""
+    raw = knobs.NODE_ID.get(explicit)
+    if not raw:
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
+        raw = f"u{os.getuid()}" + (f"-{job}" if job and job != "none" else "")
     return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:64]
 
 

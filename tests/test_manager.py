@@ -579,3 +579,34 @@ def test_tiering_replicates_what_a_crash_left_local_only(tmp_path: Path) -> None
         m2.start()
     assert _complete(remote) == ["checkpoint-7"]
     assert verify_checkpoint(next_checkpoint_path(remote, 7), deep=True).ok
+
+
+@pytest.mark.gpu
+def test_cuda_state_round_trip_keeps_devices(tmp_path: Path) -> None:
+    def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = TinyMLP(seed=seed).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(torch.randn(4, 16, device="cuda")).pow(2).mean().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = build(0)
+    cfg = CheckpointConfig(output_dir=str(tmp_path), save_total_limit=None)
+    provider = SimpleStatefulProvider({"optimizer": opt, "rng": RNGState()})
+    with CheckpointManager(config=cfg, stateful_provider=provider, model=model) as m:
+        m.save_checkpoint(checkpoint_id=1)
+    cuda_rng = torch.cuda.get_rng_state_all()
+    torch.cuda.manual_seed_all(123)
+    fresh, opt2 = build(1)
+    provider2 = SimpleStatefulProvider({"optimizer": opt2, "rng": RNGState()})
+    with CheckpointManager(config=cfg, stateful_provider=provider2, model=fresh) as m2:
+        m2.load_checkpoint()
+    for k, v in model.state_dict().items():
+        got = fresh.state_dict()[k]
+        assert got.device == v.device and torch.equal(got, v), k
+    for pid, st in opt.state_dict()["state"].items():
+        assert torch.equal(opt2.state_dict()["state"][pid]["exp_avg"], st["exp_avg"])
+        assert opt2.state_dict()["state"][pid]["exp_avg"].is_cuda
+    assert all(
+        torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_rng, strict=True)
+    )

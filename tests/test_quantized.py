@@ -167,3 +167,18 @@ def test_an_inner_name_colliding_with_a_key_is_refused() -> None:
     sd["up._weight_qdata"] = torch.zeros(1)
     with pytest.raises(InvalidStateError, match=r"up\._weight_qdata"):
         split_quantized(sd)
+
+
+@pytest.mark.gpu
+def test_quantized_load_keeps_the_module_device(tmp_path: Path) -> None:
+    model = LM(0).cuda()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in ("up", "down"))
+    ids = torch.arange(8, device="cuda").reshape(1, 8)
+    with _manager(str(tmp_path), model, TrainingProgress()) as m:
+        m.save_checkpoint(checkpoint_id=1)
+    fresh = LM(1).cuda()
+    with _manager(str(tmp_path), fresh, TrainingProgress()) as m2:
+        m2.load_checkpoint()
+    assert fresh.up.weight.device.type == "cuda" and is_quantized_tensor(fresh.up.weight)
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh(ids), model(ids))

@@ -108,6 +108,11 @@ def _start_lock(path: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def writer_log_path(socket_path: str) -> str:
+    """Where the node writer started for ``socket_path`` writes its output."""
+    return f"{socket_path}.log"
+
+
 def _spawn_writer(path: str, node: str) -> subprocess.Popen[bytes]:
     for old in list(_spawned):  # reap writers that exited since
         if old.poll() is not None:
@@ -118,13 +123,18 @@ def _spawn_writer(path: str, node: str) -> subprocess.Popen[bytes]:
     )
     paths = [p for p in sys.path if p]
     cmd = [sys.executable, "-c", bootstrap, json.dumps(paths), "--socket", path, "--node-id", node]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    )
+    # The writer outlives this trainer: it must not hold the trainer's stdout/stderr pipes
+    # open (a `python train.py | tee log` would hang until the writer exits), so its
+    # output goes to a log file beside the socket.
+    with open(writer_log_path(path), "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
     _spawned.append(proc)
     logger.info("started node writer pid %d on %s", proc.pid, path)
     return proc
@@ -141,7 +151,7 @@ def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout_s: float)
         if code is not None:
             raise WriterDiedError(
                 f"the node writer (pid {proc.pid}) exited with code {code} while starting on "
-                f"{path}; its error is on this process's stderr"
+                f"{path}; see its log {writer_log_path(path)}"
             )
         if time.monotonic() > deadline:
             raise WriterDiedError(
