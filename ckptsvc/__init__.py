@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from .flatten import load_state
     from .gc import GcReport, collect_garbage
     from .manifest import Manifest
+    from .metrics import PrometheusExporter, SaveEvent, add_listener
     from .retention import delete_checkpoint
     from .sharded_checkpoint import (
         CheckpointMeta,
@@ -66,10 +67,19 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
         validate_checkpoint,
         validate_output_dir,
     )
+    from .transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
     from .verify import Problem, VerifyReport, verify_checkpoint
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "copy_checkpoint": "transfer",
+    "copy_tree": "transfer",
+    "prune": "transfer",
+    "CopyReport": "transfer",
+    "PruneReport": "transfer",
+    "SaveEvent": "metrics",
+    "add_listener": "metrics",
+    "PrometheusExporter": "metrics",
     "load_components": "async_checkpointer",
     "RankInfo": "distributed",
     "ExportResult": "export",
@@ -142,6 +152,7 @@ __all__ = [
     "CheckpointStatus",
     "CommitConflictError",
     "CoordinationError",
+    "CopyReport",
     "CorruptCheckpointError",
     "ExportResult",
     "GcReport",
@@ -149,9 +160,12 @@ __all__ = [
     "InvalidStateError",
     "Manifest",
     "Problem",
+    "PrometheusExporter",
+    "PruneReport",
     "RNGState",
     "RankInfo",
     "ReplicationMismatchError",
+    "SaveEvent",
     "SaveFailedError",
     "SaveHandle",
     "SaveTimings",
@@ -167,7 +181,10 @@ __all__ = [
     "VerifyReport",
     "WriterDiedError",
     "__version__",
+    "add_listener",
     "collect_garbage",
+    "copy_checkpoint",
+    "copy_tree",
     "create_pretrained_symlinks",
     "create_sharing_metadata",
     "delete_checkpoint",
@@ -189,6 +206,7 @@ __all__ = [
     "map_cannonical_names",
     "maybe_delete_oldest_checkpoint",
     "next_checkpoint_path",
+    "prune",
     "retie_parameters",
     "save_checkpoint",
     "save_checkpoint_metrics",

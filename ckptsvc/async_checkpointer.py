@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from . import knobs
+from . import knobs, metrics
 from .component_load import load_components
 from .component_plan import StagedFile, plan_components
 from .component_save import commit_job, data_job, stage_components
@@ -639,6 +639,7 @@ class AsyncCheckpointer:
             logger.error("checkpoint step %s at %s failed: %s", handle.step, handle.path, error)
         with self._lock:
             self._inflight.discard(handle)
+        metrics.emit(metrics.event_from_handle(handle))  # listeners, Prometheus, log line
 
     def _arena_discarded(self, name: str) -> None:
         client = self._client

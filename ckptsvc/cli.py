@@ -417,8 +417,10 @@ def _parser() -> argparse.ArgumentParser:
         "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import bench, export
+    from . import bench, cli_extra, export
 
+    cli_extra.add_cp_parser(sub)
+    cli_extra.add_prune_parser(sub)
     bench.add_parser(sub).set_defaults(fn=bench.run)
     export.add_cli(sub)
     return p

@@ -495,9 +495,9 @@ def load_checkpoint(
         )
     meta = get_checkpoint_metadata(ckpt.url, storage_options=storage_options)
     if meta is None and info.manifest is not None and info.manifest.components:
-        keys = sorted(c.key for c in info.manifest.components)
+        component_keys = sorted(c.key for c in info.manifest.components)
         raise CheckpointNotFoundError(
-            f"{ckpt.url} holds state components {keys} saved by save_components, not an HF "
+            f"{ckpt.url} holds state components {component_keys} saved by save_components, not an HF "
             "weights layout: restore it with ckptsvc.load_components(...), or write plain HF "
             "shards with `ckptsvc export-hf SRC DST`"
         )

@@ -3,8 +3,8 @@
 Safetensors cannot hold two names for one storage, so a save writes each tied group once
 (under its canonical name) and records every group in the index's
 ``metadata.param_sharing`` (a list of lists of FQNs). Unlike Forgather, every order here
-is deterministic: groups and names within a group are sorted, and the canonical name is
-the first member present in the module.
+is deterministic: names follow the module's ``state_dict`` order, and the canonical name
+is the first member present (the input embedding before a tied head, as in HF).
 """
 
 from __future__ import annotations
@@ -83,9 +83,17 @@ def stored_aliases(groups: Sequence[Sequence[str]], stored: Iterable[str]) -> di
 
 
 def create_sharing_metadata(model: nn.Module) -> list[list[str]]:
-    """Groups of FQNs that share one tensor, each group sorted, groups sorted."""
-    groups = [sorted(names) for names in id_to_fqn(model).values() if len(names) > 1]
-    return sorted(groups)
+    """Groups of FQNs that share one tensor, in the module's ``state_dict`` order (within
+    and across groups). The first name of a group is the one stored, so an input embedding
+    registered before a tied output head is kept under its own name, as Hugging Face does
+    (``transformer.wte.weight`` rather than ``lm_head.weight``)."""
+    order = {name: i for i, name in enumerate(model.state_dict(keep_vars=True))}
+
+    def position(name: str) -> tuple[int, str]:
+        return (order.get(name, len(order)), name)
+
+    groups = [sorted(names, key=position) for names in id_to_fqn(model).values() if len(names) > 1]
+    return sorted(groups, key=lambda g: [position(n) for n in g])
 
 
 def shared_tensor_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
@@ -107,7 +115,7 @@ def shared_tensor_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[st
             t.stride(),
         )
         by_view[key].append(name)
-    return sorted(sorted(g) for g in by_view.values() if len(g) > 1)
+    return [g for g in by_view.values() if len(g) > 1]  # state-dict order, like the module
 
 
 def _resolve(module: nn.Module, fqn: str) -> object:
