@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from .export import ExportResult, export_hf
     from .flatten import load_state
     from .gc import GcReport, collect_garbage
+    from .manager import CheckpointConfig, CheckpointManager, default_checkpoint_id
     from .manifest import Manifest
     from .metrics import PrometheusExporter, SaveEvent, add_listener
     from .retention import delete_checkpoint
@@ -67,11 +68,20 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
         validate_checkpoint,
         validate_output_dir,
     )
+    from .tiered_saves import TieringConfig
+    from .training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
     from .transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
     from .verify import Problem, VerifyReport, verify_checkpoint
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "CheckpointManager": "manager",
+    "CheckpointConfig": "manager",
+    "default_checkpoint_id": "manager",
+    "TieringConfig": "tiered_saves",
+    "TrainingProgress": "training_state",
+    "NamedStates": "training_state",
+    "SimpleStatefulProvider": "training_state",
     "copy_checkpoint": "transfer",
     "copy_tree": "transfer",
     "prune": "transfer",
@@ -145,8 +155,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AsyncCheckpointer",
+    "CheckpointConfig",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointMeta",
     "CheckpointNotFoundError",
     "CheckpointStatus",
@@ -159,6 +171,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "InvalidStateError",
     "Manifest",
+    "NamedStates",
     "Problem",
     "PrometheusExporter",
     "PruneReport",
@@ -170,6 +183,7 @@ __all__ = [
     "SaveHandle",
     "SaveTimings",
     "SharingPattern",
+    "SimpleStatefulProvider",
     "StateComponent",
     "StateMismatchError",
     "Stateful",
@@ -178,6 +192,8 @@ __all__ = [
     "StorageNotFoundError",
     "StoragePermissionError",
     "StorageTransientError",
+    "TieringConfig",
+    "TrainingProgress",
     "VerifyReport",
     "WriterDiedError",
     "__version__",
@@ -187,6 +203,7 @@ __all__ = [
     "copy_tree",
     "create_pretrained_symlinks",
     "create_sharing_metadata",
+    "default_checkpoint_id",
     "delete_checkpoint",
     "export_hf",
     "find_latest_checkpoint",
