@@ -136,6 +136,12 @@ class _Flattener:
                 f"{_where(path)}: DTensor (FSDP2 / tensor parallel) is not supported by this "
                 "save path yet; pass .full_tensor() or a local shard"
             )
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and not is_dtensor(t):
+            raise InvalidStateError(
+                f"{_where(path)}: tensor subclass {type(t).__name__} has no raw-bytes form; "
+                "torchao-quantized models save through CheckpointManager (or split them with "
+                "ckptsvc.quantized.split_quantized first)"
+            )
         _dtype_name(t, fqn)
         self.tensors[fqn] = t.detach()
         return {_TENSOR: fqn}

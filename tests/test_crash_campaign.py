@@ -140,15 +140,10 @@ def test_the_campaign_catches_a_damaged_commit(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
-@pytest.mark.xfail(
-    strict=True,
-    reason="retention.delete_checkpoint removes the directory tree in readdir order; on "
-    "tmpfs (and S3 with > 1000 keys) the marker goes first, so a crash leaves the index "
-    "and shards without marker or manifest: a 'legacy' checkpoint that "
-    "find_latest_checkpoint returns. Fix in ckptsvc/retention.py: delete every other "
-    "file first, the marker last, then the directory",
-)
 def test_retention_killed_right_after_its_marker_went(tmp_path: Path) -> None:
+    """On tmpfs readdir lists the newest file first: a tree removal took the (re-written)
+    marker first, and a crash then left index and shards without marker or manifest - a
+    "legacy" checkpoint that find_latest_checkpoint returned. The marker must go last."""
     root = Path("/dev/shm") / f"ckptsvc-crashtest-{os.getpid()}-{tmp_path.name}"
     point = CrashPoint(
         0, "sync", "trainer", "retention", "unlink", MARKER_NAME, hook_in="trainer", saves_before=2
