@@ -6,13 +6,14 @@ few saves on the campaign's root (the synchronous API or ``AsyncCheckpointer``),
 followed by retention (``maybe_delete_oldest_checkpoint``, keep 2), and is interrupted in
 one of them. Where the interruption lands:
 
-- a *hook* (the precise points): a wrapper around the storage layer
-  (``Location.publish/remove/open_sink``, ``os.replace``, ``os.unlink``), the snapshot copy
-  or the job submission stops the process at one exact step of the armed save - marker
-  written, byte N of the shard stream, shard closed, index/skeleton published, before or
-  after the manifest, marker removed, each step of a retention delete - writes
-  ``paused.json`` and waits; the node writer gets the same hooks through
-  ``CKPTSVC_WRITER_PRELOAD=ckptsvc.crashtest``;
+- a *hook* (the precise points, :func:`ckptsvc.faultinject.install_hooks`): a wrapper
+  around the storage layer (``Location.publish/remove/open_sink``, ``os.replace``,
+  ``os.unlink``), the snapshot copy or the job submission stops the process at one exact
+  step of the armed save - marker written, byte N of the shard stream, shard closed,
+  index/skeleton published, before or after the manifest, marker removed, each step of a
+  retention delete - and waits to be killed; the node writer gets the same hooks because
+  importing this module (its ``CKPTSVC_WRITER_PRELOAD``) installs what the environment
+  asks for;
 - a *timer* (the random points): writes are throttled and the victim is killed a seeded
   random delay after its save started.
 
@@ -28,9 +29,10 @@ campaign (this process) checks, before and after ``gc``:
 4. ``gc`` leaves no incomplete directory, temp file, unfinished S3 upload or shared-memory
    segment of the point's processes; the next point's saves prove that saving works again.
 
-Run it with ``ckptsvc crashtest`` or :func:`run_campaign`. Call order of one point:
-``_plan_point`` (campaign) -> ``_Child.run`` (campaign; the child runs ``_child_main``) ->
-``_check_point`` -> ``collect_garbage`` -> ``_check_after_gc``.
+Run it with ``ckptsvc crashtest`` or :func:`run_campaign` / :func:`run_points`. Call order
+of one point (``_Campaign.run_point``, in the campaign process): ``plan`` -> ``_run_child``
+(the child runs ``_child_main``; ``_act`` kills) -> ``_check`` -> ``collect_garbage`` ->
+``_gc_and_check``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import IO, Any, TypeAlias, cast
 
 import torch
 from torch import Tensor, nn
@@ -203,7 +203,7 @@ def _write_file(
         return write_shard(loc, layout, chunks, rel_path=fname)
     out = ChecksummedWriter(loc, rel_path=fname)
     try:
-        torch.save({k: v.detach().cpu() for k, v in part.items()}, out)
+        torch.save({k: v.detach().cpu() for k, v in part.items()}, cast("IO[bytes]", out))
         return out.finish()
     except BaseException:
         out.abort()
