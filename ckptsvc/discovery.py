@@ -153,7 +153,10 @@ def _latest(infos: Sequence[CheckpointInfo]) -> CheckpointInfo | None:
 
 
 def find_latest_checkpoint(
-    model_dir: str, *, storage_options: dict[str, Any] | None = None
+    model_dir: str,
+    *,
+    verify: bool | str = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> str | None:
     """The newest complete (or legacy) checkpoint under ``<model_dir>/checkpoints``.
 
@@ -162,7 +165,15 @@ def find_latest_checkpoint(
     it is the only one. Without a ``checkpoints`` directory, ``model_dir`` itself is
     returned if it holds a checkpoint (Forgather's behaviour). The result is spelled like
     ``model_dir`` (relative stays relative), as ``next_checkpoint_path`` would build it.
+
+    ``verify`` (``"shallow"``: sizes; ``"deep"`` or ``True``: sizes and CRC-32C) skips
+    checkpoints that are complete but damaged, newest first (see
+    :func:`ckptsvc.verify.find_latest_verified`).
     """
+    if verify:
+        from .verify import find_latest_verified
+
+        return find_latest_verified(model_dir, verify=verify, storage_options=storage_options)  # type: ignore[arg-type]
     root = Location.parse(model_dir, storage_options)
     infos = list_checkpoints(root)
     if not infos and not root.join(CHECKPOINTS_DIR).exists():

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, InvalidStateError
+from .errors import CheckpointError, CorruptCheckpointError, InvalidStateError
 from .safetensors_stream import dtype_from_torch
 from .tied_params import shared_tensor_groups
 
@@ -240,6 +240,18 @@ def unflatten_state(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     Tied names resolve to the one stored tensor object. A tensor named by the skeleton
     but absent from ``tensors`` raises :class:`CorruptCheckpointError` naming it.
     """
+    try:
+        return _unflatten(skeleton, tensors)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:
+        # the skeleton is untrusted input: any structural surprise is corruption
+        raise CorruptCheckpointError(
+            f"the state skeleton is malformed ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _unflatten(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
     alias_of: dict[str, str] = {}
     for group in skeleton.get("param_sharing") or []:
         holder = next((n for n in group if n in tensors), None)

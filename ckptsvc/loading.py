@@ -50,14 +50,17 @@ def read_safetensors(
     *,
     names: Collection[str] | None = None,
     device: str | torch.device = "cpu",
+    layout: ShardLayout | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tensors of one safetensors file (all, or those in ``names``), on ``device``.
 
     Each tensor is allocated once and its bytes are read straight into it: neighbouring
     tensors share one ranged read, big ones are split into parallel ranges
-    (``Location.read_scattered``).
+    (``Location.read_scattered``). Pass ``layout`` when the header was already read with
+    :func:`read_safetensors_header` (saves a request on object stores).
     """
-    layout, _ = read_safetensors_header(loc)
+    if layout is None:
+        layout, _ = read_safetensors_header(loc)
     wanted = [e for e in layout.entries if names is None or e.name in names]
     tensors = {e.name: torch.empty(e.shape, dtype=dtype_to_torch(e.dtype)) for e in wanted}
     extents = [

@@ -116,7 +116,7 @@ class ComponentRecord:
                 checksum=d.get("checksum"),
                 metadata=dict(d.get("metadata") or {}),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise CorruptCheckpointError(
                 f"{where}: component {d.get('key')!r} is malformed ({e})"
             ) from e
@@ -197,9 +197,11 @@ class Manifest:
         if not isinstance(ours, dict):
             raise CorruptCheckpointError(f"{where}: manifest 'metadata.{_OURS}' is not an object")
         version = ours.get("format_version", 0)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or version < 0:
+            raise CorruptCheckpointError(f"{where}: manifest format version {version!r} is invalid")
+        if version > FORMAT_VERSION:
             raise CorruptCheckpointError(
-                f"{where}: manifest format version {version!r} is newer than this ckptsvc "
+                f"{where}: manifest format version {version} is newer than this ckptsvc "
                 f"understands ({FORMAT_VERSION}); upgrade ckptsvc"
             )
         files = []
@@ -225,13 +227,13 @@ class Manifest:
             raise CorruptCheckpointError(f"{where}: manifest has no timestamp")
         try:
             world_size = int(doc.get("world_size") or 1)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise CorruptCheckpointError(f"{where}: manifest world_size is not an integer") from e
         return cls(
             checkpoint_path=str(doc.get("checkpoint_path", "")),
             world_size=world_size,
             timestamp=timestamp,
-            step=step if isinstance(step, int) else None,
+            step=step if type(step) is int else None,
             files=tuple(files),
             components=tuple(ComponentRecord.from_dict(c, where=where) for c in comps.values()),
             training_args_hash=doc.get("training_args_hash"),

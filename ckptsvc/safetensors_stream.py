@@ -218,7 +218,7 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPE_SIZES:
             raise CorruptCheckpointError(f"{key}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
             raise CorruptCheckpointError(f"{key}: bad shape {shape!r}")
         if (
             not isinstance(offs, list)

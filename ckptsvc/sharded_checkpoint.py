@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import knobs
+from .checksum import Crc32c, crc32c_hex
 from .discovery import (
     CheckpointStatus,
     checkpoint_info,
@@ -53,10 +54,10 @@ from .layout import (
     index_file_name,
     make_index,
 )
-from .loading import read_safetensors, read_torch_file
+from .loading import read_safetensors, read_safetensors_header, read_torch_file
 from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
 from .retention import maybe_delete_oldest_checkpoint
-from .safetensors_stream import dtype_from_torch, plan_shard, tensor_bytes
+from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
 from .storage import Location
 from .tied_params import (
     create_sharing_metadata,
@@ -175,7 +176,9 @@ def load_shard_index(
     output_dir: str, index_name: str, *, storage_options: dict[str, Any] | None = None
 ) -> ShardIndex:
     """Read and validate an index: every file in ``weight_map`` must stay inside the checkpoint."""
-    loc = Location.parse(output_dir, storage_options).join(index_name)
+    ckpt = Location.parse(output_dir, storage_options)
+    loc = ckpt.join(index_name)
+    _check_inside(ckpt, loc)
     try:
         doc = json.loads(loc.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -184,7 +187,17 @@ def load_shard_index(
         raise CorruptCheckpointError(f"{loc.url}: index has no 'weight_map' object")
     for key, fname in doc["weight_map"].items():
         check_relpath(fname, where=f"{loc.url} (key {key!r})")
-    doc.setdefault("metadata", {})
+    meta = doc.setdefault("metadata", {})
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{loc.url}: index 'metadata' is not an object")
+    sharing = meta.get("param_sharing")
+    if sharing is not None and not (
+        isinstance(sharing, list)
+        and all(isinstance(g, list) and all(isinstance(n, str) for n in g) for g in sharing)
+    ):
+        raise CorruptCheckpointError(
+            f"{loc.url}: index 'metadata.param_sharing' must be a list of lists of names"
+        )
     return doc
 
 
@@ -366,6 +379,26 @@ def get_checkpoint_metadata(
     return None
 
 
+def _check_inside(ckpt: Location, loc: Location) -> None:
+    """Refuse a local file that resolves (through symlinks) outside the checkpoint."""
+    if ckpt.is_local:
+        root = os.path.realpath(ckpt.path)
+        if not os.path.realpath(loc.path).startswith(root + os.sep):
+            raise CorruptCheckpointError(
+                f"{loc.url} resolves to {os.path.realpath(loc.path)}, outside the checkpoint "
+                f"{root}: refusing to follow it"
+            )
+
+
+def _file_crc(header: bytes, tensors: Mapping[str, Tensor], layout: ShardLayout) -> str:
+    """CRC-32C of a whole safetensors file rebuilt from its header and every tensor."""
+    crc = Crc32c()
+    crc.update(header)
+    for e in sorted(layout.entries, key=lambda ent: ent.begin):
+        crc.update(tensor_bytes(tensors[e.name]))
+    return crc.hexdigest()
+
+
 def _read_file(
     ckpt: Location,
     fname: str,
@@ -375,21 +408,48 @@ def _read_file(
     device: str,
     expected: Manifest | None,
 ) -> dict[str, Tensor]:
+    """Tensors ``names`` (all if ``None``) of one file. Every name asked for must be there
+    (a stale index is corruption). When the manifest lists the file, its size is checked,
+    and its CRC-32C too whenever the whole file is read."""
     loc = ckpt.join(check_relpath(fname, where=ckpt.url))
+    _check_inside(ckpt, loc)
     record = expected.file(fname) if expected is not None else None
-    if record is not None:
-        size = loc.size()
-        if size != record.nbytes:
-            raise CorruptCheckpointError(
-                f"{loc.url}: size {size} differs from the manifest's {record.nbytes} (truncated or replaced file)"
-            )
     try:
+        if record is not None and loc.size() != record.nbytes:
+            raise CorruptCheckpointError(
+                f"{loc.url}: size {loc.size()} differs from the manifest's {record.nbytes} "
+                "(truncated or replaced file)"
+            )
         if safetensors:
-            return read_safetensors(loc, names=names, device=device)
-        sd = read_torch_file(loc, device=device)
+            layout, _ = read_safetensors_header(loc)
+            whole = names is None or {e.name for e in layout.entries} <= names
+            sd = read_safetensors(loc, names=names, device="cpu")
+            if (
+                record is not None
+                and whole
+                and _file_crc(layout.header, sd, layout) != record.crc32c
+            ):
+                raise CorruptCheckpointError(
+                    f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c} (the file "
+                    "was damaged after it was written); resume from an older checkpoint"
+                )
+        else:
+            if record is not None and crc32c_hex(loc.read_bytes()) != record.crc32c:
+                raise CorruptCheckpointError(
+                    f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c}"
+                )
+            sd = read_torch_file(loc, device="cpu")
     except StorageNotFoundError as e:
         raise CorruptCheckpointError(f"{loc.url}: shard listed in the index is missing") from e
-    return sd if names is None else {k: v for k, v in sd.items() if k in names}
+    if names is not None:
+        absent = sorted(names - set(sd))
+        if absent:
+            raise CorruptCheckpointError(
+                f"{loc.url}: the index maps {absent[:5]} to this file, which does not hold them "
+                "(stale or mismatched index)"
+            )
+        sd = {k: v for k, v in sd.items() if k in names}
+    return sd if torch.device(device).type == "cpu" else {k: v.to(device) for k, v in sd.items()}
 
 
 def load_sharded_checkpoint(
@@ -422,12 +482,13 @@ def load_sharded_checkpoint(
         need = {aliases.get(k, k) for k in wanted} & set(weight_map)
         result: dict[str, Tensor] = {}
         for fname in sorted({weight_map[k] for k in need}):
+            here = {k for k in need if weight_map[k] == fname}
             result.update(
                 _read_file(
                     ckpt,
                     fname,
                     safetensors=safetensors,
-                    names=need,
+                    names=here,
                     device=device,
                     expected=manifest,
                 )
@@ -448,13 +509,9 @@ def load_sharded_checkpoint(
     unloaded = module_keys - tied_aliases
     wanted_keys = module_keys & set(weight_map)
     for fname in sorted({weight_map[k] for k in wanted_keys}):
+        here = {k for k in wanted_keys if weight_map[k] == fname}
         part = _read_file(
-            ckpt,
-            fname,
-            safetensors=safetensors,
-            names=wanted_keys,
-            device=device,
-            expected=manifest,
+            ckpt, fname, safetensors=safetensors, names=here, device=device, expected=manifest
         )
         if debug:
             logger.debug("loading %d tensors from %s", len(part), fname)

@@ -65,6 +65,7 @@ def _wait_for(progress: Any, target: int, reader: Any) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("storage_root", ["s3", "gcs"], indirect=True)
 def test_reader_never_sees_an_incomplete_checkpoint(storage_root: StorageRoot) -> None:

@@ -113,7 +113,6 @@ class Damage:
     file: str  # the file every report and error must name
     verify_kind: str  # the Problem.kind verify reports for it
     shallow_sees_it: bool  # sizes/presence reveal it without reading the data
-    load_gap: str = ""  # non-empty: load_checkpoint does not detect it yet (xfail, strict)
 
 
 DAMAGE: dict[str, Damage] = {
@@ -122,7 +121,6 @@ DAMAGE: dict[str, Damage] = {
         SHARD2,
         "checksum",
         shallow_sees_it=False,
-        load_gap="load_checkpoint checks sizes, not CRC-32C: a flipped data bit loads silently",
     ),
     "flipped_bit_in_header": Damage(
         lambda c: _edit(c, SHARD2, _flip(offset=8)),  # '{' -> 'z': the JSON header breaks
@@ -147,8 +145,6 @@ DAMAGE: dict[str, Damage] = {
         SHARD1,
         "index",
         shallow_sees_it=False,
-        load_gap="load_checkpoint without a module returns the tensors it finds and "
-        "silently drops index keys that no shard holds",
     ),
     "manifest_lists_wrong_size": Damage(
         lambda c: _edit_manifest(
@@ -194,11 +190,9 @@ def test_verify_names_the_damaged_file(
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_load_checkpoint_detects_and_names_the_file(
-    storage_root: StorageRoot, kind: str, damage: str, node: str, request: pytest.FixtureRequest
+    storage_root: StorageRoot, kind: str, damage: str, node: str
 ) -> None:
     spec = DAMAGE[damage]
-    if spec.load_gap:
-        request.applymarker(pytest.mark.xfail(reason=spec.load_gap, strict=True))
     good, bad = _damaged(storage_root, kind, damage)
     opts = storage_root.storage_options
     with pytest.raises(CheckpointError) as info:
@@ -222,17 +216,11 @@ def test_latest_verified_skips_the_damaged_checkpoint(
     assert shallow == (good if spec.shallow_sees_it else bad)
 
 
-@pytest.mark.xfail(
-    reason="find_latest_checkpoint(model_dir, *, verify=...) needs the one-line delegation to "
-    "ckptsvc.verify.find_latest_verified in discovery.py (reported to the lead)",
-    strict=True,
-    raises=TypeError,
-)
 def test_find_latest_checkpoint_verify_option(tmp_path: os.PathLike[str]) -> None:
     root = StorageRoot("local", str(tmp_path), {})
     good, bad = _damaged(root, "sync", "flipped_bit_in_data")
-    assert find_latest_checkpoint(root.url, verify="deep") == good  # type: ignore[call-arg]
-    assert find_latest_checkpoint(root.url, verify=False) == bad  # type: ignore[call-arg]
+    assert find_latest_checkpoint(root.url, verify="deep") == good
+    assert find_latest_checkpoint(root.url, verify=False) == bad
 
 
 def test_every_damaged_checkpoint_is_skipped_down_to_none(tmp_path: os.PathLike[str]) -> None:

@@ -71,7 +71,8 @@ def _repeats_only_faulted(records: list[RequestRecord]) -> None:
     """Every data request (one with a body, or a ranged read) sent more than once was
     faulted each time but the last: retries re-send exactly the request that failed,
     never the whole file or checkpoint. (Metadata reads such as HEAD may repeat.)"""
-    records = [r for r in records if r.nbytes or r.range]
+    # (the safetensors header probe, bytes=0-..., may be read once per caller that parses it)
+    records = [r for r in records if r.nbytes or (r.range and not r.range.startswith("bytes=0-"))]
     sent = Counter(r.key for r in records)
     faulted = Counter(r.key for r in records if r.fault)
     over = {k: n for k, n in sent.items() if n > faulted[k] + 1}
@@ -117,6 +118,7 @@ def test_save_and_load_survive_transient_faults(
     assert any(r.method == "GET" and r.fault for r in read)
 
 
+@pytest.mark.slow
 def test_each_fault_kind_is_survived(s3_root: StorageRoot) -> None:
     """One kind at a time, every shard request faulted once."""
     assert s3_root.server is not None
@@ -139,6 +141,7 @@ def test_each_fault_kind_is_survived(s3_root: StorageRoot) -> None:
     assert _multipart_uploads(s3_root) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage_root", ["gcs"], indirect=True)
 def test_gcs_save_and_load_survive_faults(storage_root: StorageRoot, proxy: FaultProxy) -> None:
     """gcsfs retries each request itself (1-2 s backoff per fault): few faults here, and
@@ -212,7 +215,9 @@ def test_proxy_passthrough_is_transparent(s3_root: StorageRoot) -> None:
         stats = p.stats()
         assert stats.total_faults == 0
         assert stats.requests.get("PUT", 0) >= 3 and stats.requests.get("GET", 0) >= 3
-        data = [r for r in p.records() if r.nbytes or r.range]
+        data = [
+            r for r in p.records() if r.nbytes or (r.range and not r.range.startswith("bytes=0-"))
+        ]
         assert len({r.key for r in data}) == len(data)  # no data request repeated
 
 
