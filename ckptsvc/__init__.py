@@ -71,10 +71,11 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from .tiered_saves import TieringConfig
     from .training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
     from .transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
-    from .verify import Problem, VerifyReport, verify_checkpoint
+    from .verify import Problem, VerifyReport, find_latest_verified, verify_checkpoint
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "find_latest_verified": "verify",
     "CheckpointManager": "manager",
     "CheckpointConfig": "manager",
     "default_checkpoint_id": "manager",
@@ -207,6 +208,7 @@ __all__ = [
     "delete_checkpoint",
     "export_hf",
     "find_latest_checkpoint",
+    "find_latest_verified",
     "get_all_fqns",
     "get_checkpoint_metadata",
     "id_to_fqn",
