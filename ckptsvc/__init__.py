@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from .manager import CheckpointConfig, CheckpointManager, default_checkpoint_id
     from .manifest import Manifest
     from .metrics import PrometheusExporter, SaveEvent, add_listener
-    from .retention import delete_checkpoint
+    from .retention import delete_checkpoint, delete_oldest_checkpoints_in_background
     from .sharded_checkpoint import (
         CheckpointMeta,
         create_pretrained_symlinks,
@@ -69,12 +69,17 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
         validate_output_dir,
     )
     from .tiered_saves import TieringConfig
+    from .tiering import ReplicationResult, TieredStore, replicate_checkpoint
     from .training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
     from .transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
     from .verify import Problem, VerifyReport, find_latest_verified, verify_checkpoint
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
+    "TieredStore": "tiering",
+    "ReplicationResult": "tiering",
+    "replicate_checkpoint": "tiering",
+    "delete_oldest_checkpoints_in_background": "retention",
     "find_latest_verified": "verify",
     "CheckpointManager": "manager",
     "CheckpointConfig": "manager",
@@ -179,6 +184,7 @@ __all__ = [
     "RNGState",
     "RankInfo",
     "ReplicationMismatchError",
+    "ReplicationResult",
     "SaveEvent",
     "SaveFailedError",
     "SaveHandle",
@@ -193,6 +199,7 @@ __all__ = [
     "StorageNotFoundError",
     "StoragePermissionError",
     "StorageTransientError",
+    "TieredStore",
     "TieringConfig",
     "TrainingProgress",
     "VerifyReport",
@@ -206,6 +213,7 @@ __all__ = [
     "create_sharing_metadata",
     "default_checkpoint_id",
     "delete_checkpoint",
+    "delete_oldest_checkpoints_in_background",
     "export_hf",
     "find_latest_checkpoint",
     "find_latest_verified",
@@ -226,6 +234,7 @@ __all__ = [
     "maybe_delete_oldest_checkpoint",
     "next_checkpoint_path",
     "prune",
+    "replicate_checkpoint",
     "retie_parameters",
     "save_checkpoint",
     "save_checkpoint_metrics",

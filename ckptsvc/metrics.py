@@ -117,8 +117,9 @@ class _Handle(Protocol):
 
     @property
     def timings(self) -> _Timings: ...
+    @property
+    def failure(self) -> BaseException | None: ...
     def done(self) -> bool: ...
-    def exception(self, timeout_s: float | None = None) -> BaseException | None: ...
 
 
 def event_from_handle(handle: _Handle) -> SaveEvent:
@@ -129,7 +130,7 @@ def event_from_handle(handle: _Handle) -> SaveEvent:
     if not handle.done():
         raise ValueError(f"save of step {handle.step} to {handle.path} is still in flight")
     t = handle.timings
-    error = handle.exception(0)
+    error = handle.failure  # never marks the failure observed: wait_all must still raise it
     return SaveEvent(
         step=handle.step,
         path=handle.path,

@@ -83,6 +83,12 @@ class SaveHandle:
         self._observed = True
         return self._error
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The error of a finished, failed save, for monitoring: unlike :meth:`exception` it
+        does not count as observed, so ``wait_all`` still raises it."""
+        return self._error if self._event.is_set() else None
+
     def _set_blocking(self, blocking_s: float) -> None:  # training thread, maybe after _finish
         with self._lock:
             self._timings = replace(self._timings, blocking_s=blocking_s)

@@ -423,7 +423,7 @@ def _read_file(
         if safetensors:
             layout, _ = read_safetensors_header(loc)
             whole = names is None or {e.name for e in layout.entries} <= names
-            sd = read_safetensors(loc, names=names, device="cpu")
+            sd = read_safetensors(loc, names=names, device="cpu", layout=layout)
             if (
                 record is not None
                 and whole
