@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .bench_plot import render_svg
 from .bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
 from .bench_report import Row, document, evaluate_targets, format_table, print_rich
 from .bench_workloads import ARTIFACTS
@@ -347,6 +348,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--dcp-threads", type=int, default=1, help="DCP FileSystemWriter thread_count (default 1)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.svg",
+        default=None,
+        help="also write the save times (blocking and durable, per method) as an SVG bar chart",
+    )
     return parser  # fmt: skip
 
 
@@ -440,6 +447,9 @@ def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float
             return
         with open(args.json, "w") as f:
             f.write(text + "\n")
+    if args.plot:
+        with open(args.plot, "w") as f:
+            f.write(render_svg(rows, title=title))
     if not (sys.stdout.isatty() and print_rich(rows, targets, title)):
         print(format_table(rows, targets, title))
 

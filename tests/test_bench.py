@@ -286,3 +286,22 @@ def test_object_store_run(s3_root: Any, tmp_path: Path) -> None:
     fs = s3_root.fs()
     fs.invalidate_cache()
     assert fs.find(s3_root.url) == []  # the bench's prefix was removed
+
+
+def test_plot_writes_an_svg_bar_per_method_that_ran(tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    svg = tmp_path / "bench.svg"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = run_bench(
+        "--size", "2MiB", "--only", "memcpy,torch_save", "--dir", str(scratch), "--plot", str(svg)
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = ET.parse(svg).getroot()
+    bars = [el for el in root.iter() if el.tag.endswith("rect") and el.get("class")]
+    titles = sorted(el.findtext("{http://www.w3.org/2000/svg}title") or "" for el in bars)
+    # two bars (blocking, durable) for each selected row: memcpy floor and torch.save
+    assert len(bars) == 4, titles
+    assert any(t.startswith("torch.save: durable") for t in titles)
+    assert all(float(el.get("width", "0")) > 0 for el in bars)
