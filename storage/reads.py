@@ -318,14 +318,23 @@ async def _s3_range(fs: Any, path: str, url: str, rr: RangeRead, scatter: _Scatt
         if content is not None and hasattr(content, "readany")
         else lambda: body.read(_BODY_READ_BYTES)
     )
+    promised = int(resp.get("ContentLength") or 0)  # what the server said it would send
+    received = 0
     try:
         while scatter.done < rr.nbytes:
             chunk = await read_any()
             if not chunk:
                 break
             scatter.write(chunk)
+            received += len(chunk)
     finally:
         body.close()
+    if scatter.done < rr.nbytes and received < promised:
+        # the connection ended mid-body without an error: transient, resume where we stand
+        # (a body shorter than the *promise* is a short file, left to the caller's check)
+        raise ConnectionResetError(
+            f"{url}: response body ended after {received} of {promised} bytes"
+        )
 
 
 async def _cat_range(fs: Any, path: str, url: str, rr: RangeRead, scatter: _Scatter) -> None:
