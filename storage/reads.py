@@ -162,8 +162,17 @@ def _is_range_error(exc: BaseException) -> bool:
     """A request for bytes at or past the end of the object (HTTP 416)."""
     if isinstance(exc, OSError) and exc.errno == errno.EINVAL:
         return True
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416:
+            return True
+        if response.get("Error", {}).get("Code") == "InvalidRange":
+            return True
+    if getattr(exc, "status", None) == 416 or getattr(exc, "code", None) == 416:
+        return True
+    # never match a bare "416": "received 208 of 416 bytes" is a cut body, not a range error
     text = str(exc).lower()
-    return "invalidrange" in text or "not satisfiable" in text or " 416" in text
+    return "invalidrange" in text or "not satisfiable" in text
 
 
 def read_ranges(loc: Location, reads: Sequence[RangeRead], *, in_flight: int) -> None:
