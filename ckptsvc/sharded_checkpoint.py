@@ -414,14 +414,18 @@ def _read_file(
     loc = ckpt.join(check_relpath(fname, where=ckpt.url))
     _check_inside(ckpt, loc)
     record = expected.file(fname) if expected is not None else None
-    try:
-        if record is not None and loc.size() != record.nbytes:
+
+    def check_size(nbytes: int) -> None:
+        if record is not None and nbytes != record.nbytes:
             raise CorruptCheckpointError(
-                f"{loc.url}: size {loc.size()} differs from the manifest's {record.nbytes} "
+                f"{loc.url}: size {nbytes} differs from the manifest's {record.nbytes} "
                 "(truncated or replaced file)"
             )
+
+    try:
         if safetensors:
-            layout, _ = read_safetensors_header(loc)
+            layout, file_nbytes = read_safetensors_header(loc)  # one size request per file
+            check_size(file_nbytes)
             whole = names is None or {e.name for e in layout.entries} <= names
             sd = read_safetensors(loc, names=names, device="cpu", layout=layout)
             if (
@@ -434,10 +438,13 @@ def _read_file(
                     "was damaged after it was written); resume from an older checkpoint"
                 )
         else:
-            if record is not None and crc32c_hex(loc.read_bytes()) != record.crc32c:
-                raise CorruptCheckpointError(
-                    f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c}"
-                )
+            if record is not None:
+                raw = loc.read_bytes()
+                check_size(len(raw))
+                if crc32c_hex(raw) != record.crc32c:
+                    raise CorruptCheckpointError(
+                        f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c}"
+                    )
             sd = read_torch_file(loc, device="cpu")
     except StorageNotFoundError as e:
         raise CorruptCheckpointError(f"{loc.url}: shard listed in the index is missing") from e
