@@ -25,6 +25,7 @@ from fsspec.asyn import sync
 
 from ckptsvc.errors import StorageError, StorageNotFoundError
 
+from .part_buffer import PartFiller
 from .retry import RetryPolicy, acall_with_retries, call_with_retries
 
 if TYPE_CHECKING:
@@ -147,8 +148,7 @@ class S3MultipartSink:
         self._parts: dict[int, dict[str, Any]] = {}
         self._error: BaseException | None = None
         self._aborting = False
-        self._buf: bytearray | None = None
-        self._fill = 0
+        self._filler = PartFiller(take=self._take_buffer, on_full=self._send_part)
         self._upload_id: str | None = None
         self._create_tries = 0
         self._next_part = 1
@@ -170,20 +170,7 @@ class S3MultipartSink:
     def write(self, data: memoryview | bytes) -> None:
         if self._state != "open":
             raise ValueError(f"{self._loc.url}: write after close or abort")
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        while view.nbytes:
-            if self._buf is not None and self._fill == len(self._buf):
-                self._send_part(self._buf, self._fill)  # full, and more bytes follow
-                self._buf = None
-            if self._buf is None:
-                self._buf = self._take_buffer()
-                self._fill = 0
-            n = min(view.nbytes, len(self._buf) - self._fill)
-            self._buf[self._fill : self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
+        self._filler.write(data)
 
     def _take_buffer(self) -> bytearray:
         with self._cond:
@@ -265,13 +252,13 @@ class S3MultipartSink:
     def close(self) -> None:
         if self._state != "open":
             return
+        buf, fill = self._filler.take_last()
         try:
             if self._upload_id is None:
-                self._put_whole()
+                self._put_whole(memoryview(buf or bytearray())[:fill])
             else:
-                if self._buf is not None and self._fill:
-                    self._send_part(self._buf, self._fill)
-                self._buf = None
+                if buf is not None and fill:
+                    self._send_part(buf, fill)
                 self._wait_parts()
                 self._complete()
         except BaseException:
@@ -281,14 +268,12 @@ class S3MultipartSink:
         self._abort_strays()
         self._loc.fs.invalidate_cache(self._loc.path)
 
-    def _put_whole(self) -> None:
-        view = memoryview(self._buf or bytearray())[: self._fill]
+    def _put_whole(self, view: memoryview) -> None:
         call_with_retries(
             lambda: self._s3("put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(view)),
             url=self._loc.url,
             action="upload",
         )
-        self._buf = None
 
     def _wait_parts(self) -> None:
         with self._cond:
@@ -339,7 +324,7 @@ class S3MultipartSink:
                     _ABORT_WAIT_S,
                 )
             self._free.clear()
-        self._buf = None
+        self._filler.take_last()
         if self._upload_id is not None:
             try:
                 self._abort_upload(self._upload_id)

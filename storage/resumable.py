@@ -29,6 +29,7 @@ from ckptsvc.errors import CheckpointError, StorageError
 
 from .errors import classify
 from .multipart import on_loop
+from .part_buffer import PartFiller
 from .retry import RetryPolicy, call_with_retries
 
 if TYPE_CHECKING:
@@ -88,8 +89,7 @@ class GcsResumableSink:
         )
         self._policy = RetryPolicy.from_knobs()
         self._spare: bytearray | None = None
-        self._buf: bytearray | None = None
-        self._fill = 0
+        self._filler = PartFiller(take=self._take_buffer, on_full=self._send_full)
         self._offset = 0  # bytes handed to the session so far
         self._session: str | None = None
         self._pending: Future[None] | None = None
@@ -99,19 +99,14 @@ class GcsResumableSink:
     def write(self, data: memoryview | bytes) -> None:
         if self._state != "open":
             raise ValueError(f"{self._loc.url}: write after close or abort")
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        while view.nbytes:
-            if self._buf is not None and self._fill == len(self._buf):
-                self._send(final_nbytes=None)
-            if self._buf is None:
-                self._buf, self._spare = self._spare or bytearray(self._chunk_nbytes), None
-                self._fill = 0
-            n = min(view.nbytes, len(self._buf) - self._fill)
-            self._buf[self._fill : self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
+        self._filler.write(data)
+
+    def _take_buffer(self) -> bytearray:
+        buf, self._spare = self._spare or bytearray(self._chunk_nbytes), None
+        return buf
+
+    def _send_full(self, buf: bytearray, fill: int) -> None:
+        self._send(buf, fill, final_nbytes=None)
 
     def _wait_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -123,17 +118,16 @@ class GcsResumableSink:
             if buf is not None and len(buf) == self._chunk_nbytes:
                 self._spare = buf  # its chunk is done: reuse it for the next one
 
-    def _send(self, *, final_nbytes: int | None) -> None:
-        """Hand the current buffer to the loop (after the previous chunk is done)."""
+    def _send(self, buf: bytearray | None, fill: int, *, final_nbytes: int | None) -> None:
+        """Hand ``buf[:fill]`` to the loop (after the previous chunk is done)."""
         self._wait_pending()
         if self._session is None:
             self._session = self._open_session()
-        buf, fill, offset = self._buf, self._fill, self._offset
         if buf is None:
             buf, fill = bytearray(), 0
+        offset = self._offset
         view = memoryview(buf)[:fill]
         self._offset += fill
-        self._buf = None
         self._pending = on_loop(self._fs, lambda: self._upload_chunk(view, offset, final_nbytes))
         self._pending_buf = buf
 
@@ -249,22 +243,23 @@ class GcsResumableSink:
     def close(self) -> None:
         if self._state != "open":
             return
+        buf, fill = self._filler.take_last()
         try:
             if self._session is None and self._offset == 0:
-                data = bytes(memoryview(self._buf)[: self._fill]) if self._buf else b""
+                data = bytes(memoryview(buf)[:fill]) if buf is not None else b""
                 call_with_retries(
                     lambda: self._fs.pipe_file(self._loc.path, data),
                     url=self._loc.url,
                     action="upload",
                 )
             else:
-                self._send(final_nbytes=self._offset + self._fill)
+                self._send(buf, fill, final_nbytes=self._offset + fill)
                 self._wait_pending()
         except BaseException:
             self.abort()
             raise
         self._state = "closed"
-        self._buf = self._spare = None
+        self._spare = None
         self._fs.invalidate_cache(self._loc.path)
 
     def abort(self) -> None:
@@ -276,7 +271,8 @@ class GcsResumableSink:
             self._wait_pending()
         except Exception as e:  # the caller is already handling an error
             logger.debug("chunk of %s failed during abort: %s", self._loc.url, e)
-        self._buf = self._spare = None
+        self._filler.take_last()
+        self._spare = None
         if self._session is None:
             return
         session = self._session.replace("&ifGenerationMatch=0", "")
