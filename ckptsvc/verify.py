@@ -109,11 +109,23 @@ def _escapes(ckpt: Location, loc: Location) -> bool:
     return os.path.commonpath([base, target]) != base
 
 
+_REMOTE_WINDOW_BYTES = 128 * 2**20
+
+
 def _crc_of(loc: Location, nbytes: int) -> str:
+    """CRC-32C of the file's first ``nbytes``. Local files are read sequentially; remote
+    ones a window at a time, each window by parallel ranged reads (``read_scattered``)."""
     crc = Crc32c()
-    step = knobs.READ_CHUNK_BYTES.get()
-    for start in range(0, nbytes, step):
-        crc.update(loc.read_range(start, min(nbytes, start + step)))
+    if loc.is_local:
+        step = knobs.READ_CHUNK_BYTES.get()
+        for start in range(0, nbytes, step):
+            crc.update(loc.read_range(start, min(nbytes, start + step)))
+        return crc.hexdigest()
+    window = bytearray(min(nbytes, _REMOTE_WINDOW_BYTES))
+    for start in range(0, nbytes, len(window)):
+        view = memoryview(window)[: min(len(window), nbytes - start)]
+        loc.read_scattered([(start, view)])
+        crc.update(view)
     return crc.hexdigest()
 
 
