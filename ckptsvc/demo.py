@@ -39,8 +39,10 @@ import torch
 from torch import nn
 
 from .components import RNGState
-from .discovery import find_latest_checkpoint, list_checkpoints
+from .discovery import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints
 from .manager import CheckpointConfig, CheckpointManager
+from .retention import delete_checkpoint
+from .storage import Location
 from .training_state import SimpleStatefulProvider, TrainingProgress
 from .verify import verify_checkpoint
 
@@ -401,6 +403,31 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
     return None if a == b or nan else path or "."
 
 
+DEMO_MARKER_NAME = ".ckptsvc-demo"
+
+
+def _make_room(output: str, storage_options: dict[str, Any] | None) -> bool:
+    """Let the demo start: an empty output is marked as the demo's; the checkpoints of an
+    earlier demo run (the marker says so) are deleted; anyone else's are never touched."""
+    marker = Location.parse(output, storage_options).join(CHECKPOINTS_DIR, DEMO_MARKER_NAME)
+    previous = list_checkpoints(output, storage_options=storage_options)
+    if previous and not marker.exists():
+        print(
+            f"{output.rstrip('/')}/{CHECKPOINTS_DIR} already holds checkpoints that the demo did "
+            "not write; the demo needs a directory of its own: pass --output somewhere else"
+        )
+        return False
+    if previous:
+        print(
+            f"deleting the {len(previous)} checkpoint(s) of the previous `ckptsvc demo` run in "
+            f"{output.rstrip('/')}/{CHECKPOINTS_DIR}"
+        )
+        for info in previous:
+            delete_checkpoint(info.location)
+    marker.publish(b"written by `ckptsvc demo`: a new demo run replaces these checkpoints\n")
+    return True
+
+
 def run_demo(
     *,
     output: str = ".",
@@ -421,11 +448,7 @@ def run_demo(
         output=output, steps=steps, save_every=save_every, kill_at=kill_at,
         storage_options=storage_options, progress=progress,
     )  # fmt: skip
-    if list_checkpoints(output, storage_options=storage_options):
-        print(
-            f"{output.rstrip('/')}/checkpoints already holds checkpoints; the demo needs a fresh "
-            "directory: pass --output somewhere else (or delete them)"
-        )
+    if not _make_room(output, storage_options):
         return 2
     probe = _Run(0)
     nparams = sum(p.numel() for p in probe.model.parameters())

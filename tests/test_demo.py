@@ -61,6 +61,19 @@ def test_demo_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors").write_bytes(b"x")
     proc = _demo(tmp_path, "--steps", "10")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stdout
+    assert (tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors").read_bytes() == b"x"
+
+
+def test_running_the_demo_again_replaces_its_own_checkpoints(tmp_path: Path) -> None:
+    first = _demo(tmp_path, "--steps", "12", "--save-every", "4")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert before  # the README's command, run twice in the same folder
+    again = _demo(tmp_path, "--steps", "8", "--save-every", "4")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "previous `ckptsvc demo` run" in again.stdout
+    after = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert after == ["checkpoint-4", "checkpoint-8"]
 
 
 def test_demo_rejects_a_kill_step_outside_the_run(tmp_path: Path) -> None:
