@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from conftest import StorageRoot
 
+from ckptsvc.crash_child import _templates
 from ckptsvc.crashtest import (
     CampaignReport,
     CrashPoint,
     PointResult,
-    _templates,
     plan_points,
     run_campaign,
     run_points,
