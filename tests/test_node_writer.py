@@ -418,3 +418,16 @@ def test_errors_cross_the_wire_as_ckptsvc_errors() -> None:
     assert isinstance(err, StorageNotFoundError) and err.url == "s3://b/k" and str(err) == "gone"
     other = ErrorInfo.from_exception(KeyError("x")).to_exception()
     assert isinstance(other, SaveFailedError) and "KeyError" in str(other)
+
+
+def test_writer_log_keeps_one_previous_file_once_it_grows(tmp_path: Path) -> None:
+    from ckptsvc.workers import client
+
+    log = tmp_path / "writer.sock.log"
+    log.write_bytes(b"small")
+    client._rotate_log(str(log))
+    assert log.read_bytes() == b"small" and not (tmp_path / "writer.sock.log.1").exists()
+    log.write_bytes(b"x" * (client._LOG_ROTATE_BYTES + 1))
+    client._rotate_log(str(log))
+    assert not log.exists()
+    assert (tmp_path / "writer.sock.log.1").stat().st_size == client._LOG_ROTATE_BYTES + 1

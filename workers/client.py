@@ -113,6 +113,17 @@ def writer_log_path(socket_path: str) -> str:
     return f"{socket_path}.log"
 
 
+_LOG_ROTATE_BYTES = 16 << 20
+
+
+def _rotate_log(log_path: str) -> None:
+    """Keep one previous writer log (``.log.1``) once the log passed ``_LOG_ROTATE_BYTES``.
+    Called under the start lock with no writer running, so nobody appends to it."""
+    with contextlib.suppress(OSError):
+        if os.stat(log_path).st_size > _LOG_ROTATE_BYTES:
+            os.replace(log_path, f"{log_path}.1")
+
+
 def _spawn_writer(path: str, node: str) -> subprocess.Popen[bytes]:
     for old in list(_spawned):  # reap writers that exited since
         if old.poll() is not None:
@@ -126,6 +137,7 @@ def _spawn_writer(path: str, node: str) -> subprocess.Popen[bytes]:
     # The writer outlives this trainer: it must not hold the trainer's stdout/stderr pipes
     # open (a `python train.py | tee log` would hang until the writer exits), so its
     # output goes to a log file beside the socket.
+    _rotate_log(writer_log_path(path))
     with open(writer_log_path(path), "ab") as log:
         proc = subprocess.Popen(
             cmd,
