@@ -27,6 +27,7 @@ from .errors import (
     StorageNotFoundError,
     StoragePermissionError,
     StorageTransientError,
+    TornSnapshotError,
     WriterDiedError,
 )
 
@@ -201,6 +202,7 @@ __all__ = [
     "StorageTransientError",
     "TieredStore",
     "TieringConfig",
+    "TornSnapshotError",
     "TrainingProgress",
     "VerifyReport",
     "WriterDiedError",

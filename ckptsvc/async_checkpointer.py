@@ -45,93 +45,54 @@ import itertools
 import json
 import logging
 import os
-import threading
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
 
 from . import knobs, metrics
 from .component_load import load_components
-from .component_plan import StagedFile, plan_components
+from .component_plan import ComponentPlan, StagedFile, plan_components
 from .component_save import commit_job, data_job, stage_components
 from .components import StateComponent
 from .discovery import next_checkpoint_path
 from .distributed import Coordinator, PendingCommit, RankInfo
 from .errors import (
     CheckpointError,
-    CommitConflictError,
     InvalidStateError,
     SaveFailedError,
     StorageError,
     WriterDiedError,
 )
-from .flatten import SKELETON_NAME, FlatState, flatten_state, load_state
-from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
-from .manifest import ComponentRecord
+from .flatten import FlatState, flatten_state, load_state
+from .incremental import IncrementalBase, base_fields
+from .manifest import FileRecord
+from .overlap import OverlappedSnapshots, PreparedSnapshot, component_sources
+from .piecewise import (
+    ComponentSegments,
+    MemoryBudget,
+    PieceStreamer,
+    Segment,
+    component_segments,
+    flat_segments,
+)
 from .reports import Merged, RankReport
-from .safetensors_stream import dtype_to_torch
-from .save_handle import SaveHandle, SaveTimings
+from .save_handle import SaveBook, SaveHandle, SaveTimings
 from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
+from .state_save import PlanCache, StatePlan, copy_state, plan_state, state_job
 from .storage import Location
 from .workers.client import WriterClient
-from .workers.protocol import (
-    CommitInfo,
-    FileJob,
-    JobDone,
-    JobFailed,
-    SaveJob,
-    SmallFile,
-    check_wire_safe,
-)
+from .workers.protocol import JobDone, JobFailed, SaveJob, check_wire_safe
+from .writer_link import WriterLink
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_components", "load_state"]
 
 logger = logging.getLogger(__name__)
-
-_PLAN_CACHE_SIZE = 4
-_SINGLE_THREAD_COPY_BYTES = 32 << 20
-
-
-@dataclass(frozen=True)
-class _SavePlan:
-    """Everything about a save that depends only on the state's signature."""
-
-    arena: ArenaPlan
-    views: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
-    file_jobs: tuple[FileJob, ...]
-    weight_map: dict[str, str]
-    total_nbytes: int
-    shard_nbytes: int
-    file_names: tuple[str, ...] = field(default=())
-
-
-def _make_plan(flat: FlatState, *, max_shard_size: int) -> _SavePlan:
-    specs = [
-        TensorSpec(n, d, tuple(t.shape))
-        for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
-    ]
-    files = plan_files(specs, max_shard_size=max_shard_size)
-    arena = plan_arena(files)
-    views = tuple((s.name, dtype_to_torch(s.dtype), s.shape) for s in specs)
-    jobs = tuple(
-        FileJob(p.file_name, p.layout, off)
-        for p, off in zip(files, arena.file_offsets, strict=True)
-    )
-    return _SavePlan(
-        arena=arena,
-        views=views,
-        file_jobs=jobs,
-        weight_map=weight_map_of(files),
-        total_nbytes=sum(s.nbytes for s in specs),
-        shard_nbytes=sum(p.layout.file_nbytes for p in files),
-        file_names=tuple(p.file_name for p in files),
-    )
 
 
 class AsyncCheckpointer:
@@ -160,6 +121,8 @@ class AsyncCheckpointer:
         rank: int | None = None,
         metadata: dict[str, Any] | None = None,
         store: Any | None = None,
+        incremental: bool | None = None,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         self._root = Location.parse(os.fspath(root), storage_options)
         if self._root.protocol == "memory":
@@ -176,6 +139,8 @@ class AsyncCheckpointer:
         self._node = self._info.node_id
         self._rank = self._info.rank if rank is None else rank  # the writer's label for us
         self._metadata = dict(metadata or {})
+        self._incremental = knobs.INCREMENTAL.get(incremental)
+        self._base: IncrementalBase | None = None  # last committed checkpoint (incremental)
         threads = knobs.COPY_THREADS.get(copy_threads) or min(8, len(os.sched_getaffinity(0)))
         self._copy_threads = max(1, threads)
         self._copy_pool = (
@@ -183,20 +148,23 @@ class AsyncCheckpointer:
             if self._copy_threads > 1
             else None
         )
+        self._budget = MemoryBudget.resolve(
+            memory_budget_bytes=memory_budget_bytes, arenas_per_rank=arenas_per_rank
+        )
+        self._streamed_once = False  # the INFO line about streamed saves is logged once
         self._pool = ArenaPool(
-            max_arenas=knobs.ARENAS_PER_RANK.get(arenas_per_rank),
+            max_arenas=self._budget.max_arenas,
             node=self._node,
             on_discard=self._arena_discarded,
+            budget_bytes=self._budget.budget_bytes,
         )
-        self._plans: OrderedDict[Any, _SavePlan] = OrderedDict()
+        self._plans: PlanCache[StatePlan] = PlanCache()
         self._job_ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._client_lock = threading.Lock()
-        self._inflight: set[SaveHandle] = set()
-        self._failed: list[SaveHandle] = []
+        self._book = SaveBook()
+        self._snapshots = OverlappedSnapshots()  # overlapped saves' copies (overlap=True)
         self._closed = False
         self._owner_pid = os.getpid()
-        self._arena_plans: OrderedDict[Any, ArenaPlan] = OrderedDict()
+        self._arena_plans: PlanCache[ArenaPlan] = PlanCache()
         self._coordinator = (
             Coordinator(
                 self._info,
@@ -208,9 +176,7 @@ class AsyncCheckpointer:
             if self._info.distributed
             else None
         )
-        self._client: WriterClient | None = WriterClient.connect_or_start(
-            node=self._node, rank=self._rank
-        )
+        self._writer = WriterLink(node=self._node, rank=self._rank)
         self._atexit = _register_atexit(self)
 
     # ---- the public API ---------------------------------------------------------------------
@@ -221,17 +187,28 @@ class AsyncCheckpointer:
 
     @property
     def writer_pid(self) -> int | None:
-        return self._client.writer_pid if self._client is not None else None
+        return self._writer.writer_pid
 
     @property
     def rank_info(self) -> RankInfo:
         return self._info
 
-    def save(self, step: int, state: Any, *, metadata: dict[str, Any] | None = None) -> SaveHandle:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict[str, Any] | None = None,
+        overlap: bool = False,
+    ) -> SaveHandle:
         """Snapshot ``state`` and return; the writer makes it durable in the background.
 
         Single-process only (one rank's whole state); a distributed job calls
-        :meth:`save_components` with sharing patterns.
+        :meth:`save_components` with sharing patterns. With ``overlap`` the parameters and
+        optimizer state are copied after ``save`` returns, while training goes on
+        (:mod:`ckptsvc.overlap`): the next ``step()`` of an optimizer in ``state`` waits for
+        that copy, and code that changes saved tensors in place outside ``optimizer.step()``
+        calls :meth:`fence` first.
         """
         self._check_usable("save")
         if self._info.distributed:
@@ -244,11 +221,17 @@ class AsyncCheckpointer:
         path = self._free_path(step, None)
         flat = flatten_state(state)
         plan = self._plan_for(flat)
-        arena, arena_wait_s = self._pool.acquire(plan.arena.nbytes)
+        streamed = self._budget.streams(plan.arena.nbytes)  # bigger than the budget: pieces
+        ring_nbytes = self._budget.ring_nbytes if streamed else plan.arena.nbytes
+        arena, arena_wait_s = self._pool.acquire(ring_nbytes)
+        streamer: PieceStreamer | None = None
         submitted = False
         try:
             copy_started = time.perf_counter()
-            self._copy(flat, plan, arena)
+            overlap = overlap and not streamed
+            snapshot = self._snapshots.prepare(step, [state], flat.tensors) if overlap else None
+            if snapshot is None and not streamed:
+                self._copy(flat, plan, arena)
             copy_s = time.perf_counter() - copy_started
             handle = SaveHandle(
                 step=step,
@@ -257,18 +240,30 @@ class AsyncCheckpointer:
                 timings=SaveTimings(plan.total_nbytes, 0.0, arena_wait_s, copy_s),
             )
             job = self._job(step, path, flat, plan, arena, metadata)
-            with self._lock:
-                self._inflight.add(handle)
+            on_outcome = self._outcome_callback(handle, arena, None)
+            if streamed:
+                segments = flat_segments(plan.arena, plan.views, flat.tensors)
+                streamer, job = self._streamer(
+                    job, handle, arena, plan.arena.nbytes, segments, on_outcome
+                )
+                on_outcome = streamer.deliver
+            self._book.add(handle)
             try:
-                self._submit(job, self._outcome_callback(handle, arena, None))
+                if snapshot is None:
+                    client = self._submit(job, on_outcome)
+                else:
+                    sources = tuple((n, snapshot.source(t)) for n, t in flat.tensors)
+                    copy = partial(self._copy, replace(flat, tensors=sources), plan, arena)
+                    self._start_snapshot(snapshot, handle, arena, None, job, copy)
             except BaseException:
-                with self._lock:
-                    self._inflight.discard(handle)
+                self._book.discard(handle)
                 raise
             submitted = True
         finally:
             if not submitted:
                 self._pool.release(arena)
+        if streamer is not None:
+            self._run_stream(streamer, client, job.job_id, handle)
         handle._set_blocking(time.perf_counter() - started)
         logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
         return handle
@@ -281,6 +276,7 @@ class AsyncCheckpointer:
         process_groups: Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         checkpoint_path: str | None = None,
+        overlap: bool = False,
     ) -> SaveHandle:
         """Snapshot every component this rank saves (its sharing pattern decides) and return.
 
@@ -289,7 +285,9 @@ class AsyncCheckpointer:
         component are described in :mod:`ckptsvc.component_plan`; each component is listed
         in the manifest with its pattern, ranks and files. ``checkpoint_path`` overrides
         ``next_checkpoint_path(root, step)``. The handle completes when the checkpoint is
-        committed (rank 0 wrote the manifest) or failed on any rank.
+        committed (rank 0 wrote the manifest) or failed on any rank. ``overlap`` as in
+        :meth:`save` (the optimizers are found among the components' statefuls); a torn
+        snapshot fails this rank's part, so the checkpoint is not committed.
         """
         self._check_usable("save_components")
         started = time.perf_counter()
@@ -301,25 +299,40 @@ class AsyncCheckpointer:
             process_groups=process_groups,
             max_shard_size=self._max_shard_size,
             user_metadata=user_meta,
+            incremental=self._incremental,
         )
         staged = [f for p in plans for f in p.files]
         layout = self._arena_plan_for(staged)
         arena: StagingArena | None = None
         arena_wait_s = 0.0
+        streamed = bool(staged) and self._budget.streams(layout.nbytes)  # pieces
         if staged:
-            arena, arena_wait_s = self._pool.acquire(layout.nbytes)
+            ring_nbytes = self._budget.ring_nbytes if streamed else layout.nbytes
+            arena, arena_wait_s = self._pool.acquire(ring_nbytes)
+        streamer: PieceStreamer | None = None
+        segs: ComponentSegments | None = None
         submitted = False
         try:
             copy_started = time.perf_counter()
-            parts = stage_components(
-                plans,
-                staged,
-                layout,
-                arena,
-                threads=self._copy_threads,
-                executor=self._copy_pool,
-                copy=copy_into,  # looked up now: fault-injection hooks replace it
+            snapshot = (
+                self._snapshots.prepare(
+                    step, [c.stateful for c in components], component_sources(plans)
+                )
+                if overlap and arena is not None and not streamed
+                else None
             )
+            if snapshot is None and not streamed:
+                parts = stage_components(
+                    plans,
+                    staged,
+                    layout,
+                    arena,
+                    threads=self._copy_threads,
+                    executor=self._copy_pool,
+                    copy=copy_into,  # looked up now: fault-injection hooks replace it
+                )
+            else:
+                parts = tuple(p.part for p in plans)  # the CRCs come after the copy
             copy_s = time.perf_counter() - copy_started
             nbytes = sum(e.nbytes for f in staged if f.write for e in f.plan.layout.entries)
             handle = SaveHandle(
@@ -350,52 +363,72 @@ class AsyncCheckpointer:
                 layout=layout,
                 arena=arena,
                 single_process=self._coordinator is None,
+                **self._base_kwargs(path, frozenset().union(*(p.frozen_files for p in plans))),
             )
-            with self._lock:
-                self._inflight.add(handle)
+            on_outcome = self._outcome_callback(handle, arena, pending)
+            if streamed and arena is not None:
+                segs = component_segments(plans, staged, layout)
+                streamer, job = self._streamer(
+                    job, handle, arena, layout.nbytes, segs.segments, on_outcome, segs.crc_segments
+                )
+                on_outcome = streamer.deliver
+            self._book.add(handle)
+            began = False
             try:
                 if self._coordinator is not None:
                     self._coordinator.begin(pending)
-                self._submit(job, self._outcome_callback(handle, arena, pending))
-            except BaseException:
-                with self._lock:
-                    self._inflight.discard(handle)
+                    began = True
+                if snapshot is None:
+                    client = self._submit(job, on_outcome)
+                else:
+                    copy = partial(
+                        self._stage_late, snapshot, plans, staged, layout, arena, pending
+                    )
+                    self._start_snapshot(snapshot, handle, arena, pending, job, copy)
+            except BaseException as e:
+                self._book.discard(handle)
+                if began:  # settle it: the next save's commit waits for it, other ranks too
+                    self._abandon(pending, e)
                 raise
             submitted = True
         finally:
             if not submitted and arena is not None:
                 self._pool.release(arena)
+        if streamer is not None:
+            self._run_stream(streamer, client, job.job_id, handle, pending, segs)
         handle._set_blocking(time.perf_counter() - started)
         logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
         return handle
 
+    def set_incremental_base(self, path: str, files: Sequence[FileRecord]) -> None:
+        """Make the committed checkpoint at ``path`` (with its manifest's ``files``) the
+        base of the next incremental save, e.g. the checkpoint a run resumed from. Saves
+        then copy its unchanged frozen shards instead of writing them (no effect with
+        ``incremental=False``); each later commit becomes the base in turn."""
+        self._base = IncrementalBase(path, tuple(files))
+
+    def fence(self, timeout_s: float | None = None) -> float:
+        """Block until every overlapped snapshot in flight has been copied (not written);
+        return the seconds waited (also added to the save's ``timings.fence_wait_s``).
+
+        ``optimizer.step()`` calls it itself for every optimizer found in an overlapped
+        save's state. Call it before changing saved tensors in place anywhere else (EMA
+        updates, weight clipping, ``zero_()``, loading new weights); otherwise the save fails
+        with :class:`~ckptsvc.errors.TornSnapshotError` - or, for writes that bypass
+        version counters (``.data``, raw pointers), may hold the new values.
+        """
+        return self._snapshots.fence(timeout_s)
+
     def reserve(self, state: Any) -> None:
         """Optional warm-up: plan ``state``'s layout and create every arena now (allocating
         and pre-faulting costs ~0.4 s per GiB), so the first saves pay only the copy."""
-        self._pool.reserve(self._plan_for(flatten_state(state)).arena.nbytes)
+        nbytes = self._plan_for(flatten_state(state)).arena.nbytes
+        streamed = self._budget.streams(nbytes)  # bigger than the budget: the ring
+        self._pool.reserve(self._budget.ring_nbytes if streamed else nbytes)
 
     def wait_all(self, timeout_s: float | None = None) -> None:
         """Wait for every in-flight save; raise the first failure nobody has looked at yet."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._lock:
-            handles = sorted(self._inflight, key=lambda h: h.step)
-        for h in handles:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not h._event.wait(remaining):
-                raise TimeoutError(
-                    f"save of step {h.step} to {h.path} not durable after {timeout_s} s"
-                )
-        with self._lock:
-            failed = [h for h in self._failed if not h._observed]
-            self._failed = []
-        if failed:
-            first = failed[0]
-            first._observed = True
-            error = first._error
-            more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
-            raise SaveFailedError(
-                f"save of step {first.step} to {first.path} failed{more}: {error}"
-            ) from error
+        self._book.wait_all(timeout_s)
 
     def close(self, timeout_s: float | None = None) -> None:
         """Wait for in-flight saves (up to ``timeout_s``), disconnect, unlink the arenas."""
@@ -404,21 +437,11 @@ class AsyncCheckpointer:
         self._closed = True
         if os.getpid() != self._owner_pid:  # a forked child: the arenas and socket are the parent's
             return
-        with self._lock:
-            handles = list(self._inflight)
-        if handles:
-            logger.info("close: waiting for %d in-flight save(s) to become durable", len(handles))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for h in handles:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not h._event.wait(remaining):
-                logger.warning("closing with the save of step %s still in flight", h.step)
+        self._snapshots.close(timeout_s)  # queued overlapped saves are copied and submitted
+        self._book.drain(timeout_s)
         if self._coordinator is not None:
             self._coordinator.close()
-        with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._writer.close()
         self._pool.close()
         if self._copy_pool is not None:
             self._copy_pool.shutdown(wait=True)
@@ -432,6 +455,62 @@ class AsyncCheckpointer:
 
     # ---- steps of save ----------------------------------------------------------------------
 
+    def _streamer(
+        self,
+        job: SaveJob,
+        handle: SaveHandle,
+        ring: StagingArena,
+        layout_nbytes: int,
+        segments: Sequence[Segment],
+        on_outcome: Any,
+        crc_segments: frozenset[int] = frozenset(),
+    ) -> tuple[PieceStreamer, SaveJob]:
+        """A save bigger than the memory budget: its streamer, and the job marked streamed."""
+        streamer = PieceStreamer(
+            ring=ring,
+            piece_nbytes=self._budget.piece_nbytes,
+            layout_nbytes=layout_nbytes,
+            segments=segments,
+            on_outcome=on_outcome,
+            copy=copy_into,  # looked up now: fault-injection hooks replace it
+            threads=self._copy_threads,
+            executor=self._copy_pool,
+            what=f"save of step {handle.step} to {handle.path}",
+            crc_segments=crc_segments,
+        )
+        if not self._streamed_once:
+            self._streamed_once = True
+            logger.info(
+                "the state (%.1f MiB staged) exceeds memory_budget_bytes=%d: saves stage and "
+                "stream it in pieces of %.1f MiB; save() returns after the last piece",
+                layout_nbytes / 2**20,
+                self._budget.budget_bytes,
+                self._budget.piece_nbytes / 2**20,
+            )
+        return streamer, replace(job, stream=streamer.spec)
+
+    def _run_stream(
+        self,
+        streamer: PieceStreamer,
+        client: WriterClient,
+        job_id: int,
+        handle: SaveHandle,
+        pending: PendingCommit | None = None,
+        segs: ComponentSegments | None = None,
+    ) -> None:
+        """Training thread, after the job was sent: stream every piece. On failure the
+        error is raised here (the handle fails too, marked seen so wait_all skips it)."""
+        try:
+            stats = streamer.run(client, job_id)
+            if pending is not None and segs is not None and segs.crc_segments:
+                pending.report = replace(pending.report, parts=segs.parts(stats.crcs))
+            handle._set_streamed(stats.pieces, stats.copy_s, stats.piece_wait_s)
+        except BaseException:
+            handle._observed = True
+            raise
+        finally:
+            streamer.release()
+
     def _check_usable(self, what: str) -> None:
         if self._closed:
             raise CheckpointError(f"{what}() on a closed AsyncCheckpointer")
@@ -440,121 +519,74 @@ class AsyncCheckpointer:
 
     def _free_path(self, step: int, checkpoint_path: str | None) -> str:
         path = checkpoint_path or next_checkpoint_path(self._root_text, step)
-        with self._lock:
-            if any(h.path == path and not h.done() for h in self._inflight):
-                raise CommitConflictError(
-                    f"a save to {path} is still in flight; wait for its handle before saving "
-                    f"step {step} again"
-                )
+        self._book.check_free(path, step)
         return path
 
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:
         key = tuple((f.plan.file_name, f.plan.layout.header) for f in staged)
-        layout = self._arena_plans.get(key)
-        if layout is None:
-            layout = self._arena_plans[key] = plan_arena([f.plan for f in staged])
-            while len(self._arena_plans) > _PLAN_CACHE_SIZE:
-                self._arena_plans.popitem(last=False)
-        else:
-            self._arena_plans.move_to_end(key)
-        return layout
+        return self._arena_plans.get(key, lambda: plan_arena([f.plan for f in staged]))
 
     def _commit(self, pending: PendingCommit, merged: Merged) -> JobDone:
         """Rank 0's commit thread: index, documents and manifest, written by our writer."""
-        job = commit_job(
-            job_id=next(self._job_ids),
-            ckpt_url=Location.parse(pending.path, self._storage_options).url,
-            storage_options=self._storage_options,
-            pending=pending,
-            merged=merged,
-            world_size=self._info.world_size,
+        return self._writer.run(
+            commit_job(
+                job_id=next(self._job_ids),
+                ckpt_url=Location.parse(pending.path, self._storage_options).url,
+                storage_options=self._storage_options,
+                pending=pending,
+                merged=merged,
+                world_size=self._info.world_size,
+            )
         )
-        box: list[object] = []
-        done = threading.Event()
 
-        def on_outcome(outcome: object) -> None:
-            box.append(outcome)
-            done.set()
+    def _plan_for(self, flat: FlatState) -> StatePlan:
+        return self._plans.get(
+            flat.signature(),
+            lambda: plan_state(
+                flat, max_shard_size=self._max_shard_size, incremental=self._incremental
+            ),
+        )
 
-        self._submit(job, on_outcome)
-        done.wait()
-        outcome = box[0]
-        if isinstance(outcome, JobDone):
-            return outcome
-        if isinstance(outcome, JobFailed):
-            raise outcome.error.to_exception()
-        raise outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
-
-    def _plan_for(self, flat: FlatState) -> _SavePlan:
-        key = flat.signature()
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = _make_plan(flat, max_shard_size=self._max_shard_size)
-            self._plans[key] = plan
-            while len(self._plans) > _PLAN_CACHE_SIZE:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return plan
-
-    def _copy(self, flat: FlatState, plan: _SavePlan, arena: StagingArena) -> None:
-        srcs = [t for _, t in flat.tensors]
-        if any(t.device.type == "cuda" for t in srcs):
-            arena.pin()
-        dsts = arena.views(plan.arena, plan.views)
-        threads = 1 if plan.total_nbytes < _SINGLE_THREAD_COPY_BYTES else self._copy_threads
-        with torch.no_grad():
-            copy_into(dsts, srcs, threads=threads, executor=self._copy_pool)
+    def _copy(self, flat: FlatState, plan: StatePlan, arena: StagingArena) -> None:
+        copy_state(
+            flat,
+            plan,
+            arena,
+            copy=copy_into,  # looked up now: fault-injection hooks replace it
+            threads=self._copy_threads,
+            executor=self._copy_pool,
+        )
 
     def _job(
         self,
         step: int,
         path: str,
         flat: FlatState,
-        plan: _SavePlan,
+        plan: StatePlan,
         arena: StagingArena,
         metadata: dict[str, Any] | None,
     ) -> SaveJob:
-        user_meta = _json_metadata({**self._metadata, **(metadata or {})})
-        index = make_index(
-            plan.weight_map,
-            total_size=plan.total_nbytes,
-            metadata=user_meta,
-            param_sharing=[list(g) for g in flat.param_sharing] or None,
-        )
-        small = (
-            SmallFile(
-                SAFE_WEIGHTS_INDEX_NAME, json.dumps(index, indent=4, ensure_ascii=True).encode()
-            ),
-            SmallFile(SKELETON_NAME, flat.skeleton_json()),
-        )
-        files = sorted([*plan.file_names, *(f.rel_path for f in small)])
-        component = ComponentRecord(
-            key="state",
-            sharing_pattern="global",
-            ranks=(0,),
-            size_bytes=plan.shard_nbytes + sum(len(f.data) for f in small),
-            metadata={"files": files, "index": SAFE_WEIGHTS_INDEX_NAME, "skeleton": SKELETON_NAME},
-        )
-        from . import __version__
-
-        commit = CommitInfo(
-            step=step,
-            world_size=1,
-            components=(component,),
-            pytorch_version=str(torch.__version__),
-            library_version=__version__,
-            user_metadata=user_meta,
-        )
-        return SaveJob(
+        return state_job(
             job_id=next(self._job_ids),
+            step=step,
             ckpt_url=Location.parse(path, self._storage_options).url,
             storage_options=self._storage_options,
+            flat=flat,
+            plan=plan,
             arena_name=arena.name,
-            files=plan.file_jobs,
-            small_files=small,
-            commit=commit,
+            user_metadata=_json_metadata({**self._metadata, **(metadata or {})}),
+            **self._base_kwargs(path, plan.frozen_files),
         )
+
+    def _base_kwargs(self, path: str, candidates: frozenset[str]) -> dict[str, Any]:
+        """``SaveJob`` fields naming the base checkpoint and its records of ``candidates``."""
+        base_url, base_files = base_fields(
+            self._base if self._incremental else None,
+            path=path,
+            candidates=candidates,
+            storage_options=self._storage_options,
+        )
+        return {"base_url": base_url, "base_files": base_files}
 
     def _outcome_callback(
         self, handle: SaveHandle, arena: StagingArena | None, pending: PendingCommit | None
@@ -564,28 +596,8 @@ class AsyncCheckpointer:
 
         return on_outcome
 
-    def _submit(self, job: SaveJob, on_outcome: Any) -> None:
-        """Send the job, (re)starting the writer if it died; one retry on a failed send.
-
-        Called by the training thread and by rank 0's commit thread (one at a time)."""
-        with self._client_lock:
-            for attempt in (1, 2):
-                client = self._client
-                if client is None or not client.alive:
-                    if client is not None:
-                        logger.warning(
-                            "node writer (pid %d) is gone; starting a new one", client.writer_pid
-                        )
-                        client.close()
-                    self._client = client = WriterClient.connect_or_start(
-                        node=self._node, rank=self._rank
-                    )
-                try:
-                    client.submit(job, on_outcome)
-                    return
-                except WriterDiedError:
-                    if attempt == 2:
-                        raise
+    def _submit(self, job: SaveJob, on_outcome: Any) -> WriterClient:
+        return self._writer.submit(job, on_outcome)
 
     def _completed(
         self,
@@ -624,6 +636,79 @@ class AsyncCheckpointer:
         else:
             self._committed(handle, error)
 
+    def _start_snapshot(
+        self,
+        snapshot: PreparedSnapshot,
+        handle: SaveHandle,
+        arena: StagingArena | None,
+        pending: PendingCommit | None,
+        job: SaveJob,
+        copy: Callable[[], None],
+    ) -> None:
+        """Training thread: hand an overlapped save's copy, then its job, to the snapshot
+        thread; from here on the arena is that thread's to release."""
+        self._snapshots.start(
+            snapshot,
+            handle=handle,
+            copy=copy,
+            submit=lambda: self._submit(job, self._outcome_callback(handle, arena, pending)),
+            fail=lambda error: self._snapshot_failed(handle, arena, pending, error),
+        )
+
+    def _stage_late(
+        self,
+        snapshot: PreparedSnapshot,
+        plans: Sequence[ComponentPlan],
+        staged: Sequence[StagedFile],
+        layout: ArenaPlan,
+        arena: StagingArena | None,
+        pending: PendingCommit,
+    ) -> None:
+        """Snapshot thread: an overlapped ``save_components``' copy (from the clones taken at
+        save time where there are some) and the CRCs it yields for the rank's report."""
+
+        def copy(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], **kw: Any) -> None:
+            copy_into(dsts, snapshot.sources(srcs), **kw)  # looked up now, as in save
+
+        parts = stage_components(
+            plans,
+            staged,
+            layout,
+            arena,
+            threads=self._copy_threads,
+            executor=self._copy_pool,
+            copy=copy,
+        )
+        pending.report = replace(pending.report, parts=parts)
+
+    def _abandon(self, pending: PendingCommit, error: BaseException) -> None:
+        """Training thread: a distributed save that began but whose job was never sent
+        (``save_components`` raises ``error``). Its failed report still goes out, so the
+        other ranks fail it now and later saves' commits do not wait for it forever."""
+        if self._coordinator is None:
+            return
+        pending.handle._observed = True  # raised to the caller: wait_all need not repeat it
+        report = replace(pending.report, error=str(error), error_type=type(error).__name__)
+        self._coordinator.data_done(pending, report, on_done=self._book.finish, local_error=error)
+
+    def _snapshot_failed(
+        self,
+        handle: SaveHandle,
+        arena: StagingArena | None,
+        pending: PendingCommit | None,
+        error: BaseException,
+    ) -> None:
+        """Snapshot thread: an overlapped save failed before its job was sent (a torn
+        snapshot, a failed copy or send). Release the arena and fail the save; a
+        distributed save reports the error, so that rank 0 commits nothing."""
+        if arena is not None:
+            self._pool.release(arena)
+        if pending is not None and self._coordinator is not None:
+            report = replace(pending.report, error=str(error), error_type=type(error).__name__)
+            self._coordinator.data_done(pending, report, on_done=self._committed, local_error=error)
+            return
+        self._committed(handle, error)
+
     def _committed(self, handle: SaveHandle, error: BaseException | None) -> None:
         """Any thread: record a failure, complete the handle, and only then forget it
         (``wait_all`` sees every failure of the saves it waited for)."""
@@ -631,20 +716,15 @@ class AsyncCheckpointer:
             logger.info(
                 "checkpoint step %s durable at %s: %s", handle.step, handle.path, handle.timings
             )
+            if self._incremental:
+                self._base = IncrementalBase(handle.path, handle.files)
         else:
-            handle._error = error  # set before it is listed: wait_all reads it
-            with self._lock:
-                self._failed.append(handle)
-            handle._fail(error)
             logger.error("checkpoint step %s at %s failed: %s", handle.step, handle.path, error)
-        with self._lock:
-            self._inflight.discard(handle)
+        self._book.finish(handle, error)
         metrics.emit(metrics.event_from_handle(handle))  # listeners, Prometheus, log line
 
     def _arena_discarded(self, name: str) -> None:
-        client = self._client
-        if client is not None:
-            client.release_arena(name)
+        self._writer.release_arena(name)
 
 
 def _json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:

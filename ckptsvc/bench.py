@@ -36,6 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .bench_budget import add_budget_options, run_budget
+from .bench_incremental import add_incremental_options, run_incremental
+from .bench_loop import add_loop_options, run_loop
 from .bench_plot import render_svg
 from .bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
 from .bench_report import Row, document, evaluate_targets, format_table, print_rich
@@ -76,6 +79,9 @@ _A = ARTIFACTS
 METHODS: tuple[Method, ...] = (
     Method("memcpy", "floor", "memcpy floor (pre-touched)"),
     Method("raw_write", "floor", "raw write floor", leaves=(_A["raw_write"],)),
+    Method(
+        "raw_write_direct", "floor", "raw write floor (O_DIRECT)", leaves=(_A["raw_write_direct"],)
+    ),
     Method("raw_read", "floor", "raw read floor", needs="raw_write"),
     Method("torch_save", "save", "torch.save", leaves=(_A["torch_save"],)),
     Method("safetensors_save", "save", "safetensors save_file", leaves=(_A["safetensors_save"],)),
@@ -348,6 +354,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--dcp-threads", type=int, default=1, help="DCP FileSystemWriter thread_count (default 1)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_loop_options(parser)
+    add_incremental_options(parser)
+    add_budget_options(parser)
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",
@@ -456,6 +465,12 @@ def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float
 
 def run(args: argparse.Namespace) -> int:
     """Run the bench for parsed ``args``. Exit status: 0 ok, 1 a method failed, 2 bad usage."""
+    if getattr(args, "loop", False):
+        return run_loop(args)
+    if getattr(args, "incremental", False):
+        return run_incremental(args)
+    if getattr(args, "budget", False):
+        return run_budget(args)
     try:
         plan, selected = _plan_from_args(args)
     except (ValueError, CheckpointError) as e:

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
-__all__ = ["Row", "Target", "document", "evaluate_targets", "format_table", "print_rich"]
+__all__ = [
+    "Row",
+    "Target",
+    "budget_target",
+    "document",
+    "evaluate_targets",
+    "format_table",
+    "incremental_target",
+    "print_rich",
+]
 
 GiB = 1 << 30
 
@@ -62,6 +72,21 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     def arena_nbytes() -> float:
         return float(ok["ckptsvc_async"].extras.get("arena_nbytes") or ok["ckptsvc_async"].nbytes)
 
+    raws = [m for m in ("raw_write", "raw_write_direct") if m in ok]
+    best_raw = min(raws, key=v, default="raw_write")
+
+    def after_copy(method: str) -> float:  # the writer's part: durable minus the blocking copy
+        return v(method) - v(method, "blocking_s")
+
+    def raw_note(method: str, part: Callable[[str], float]) -> str:
+        """Which floor was best, and the like-for-like ratio against the floor's median rep
+        (the verdict uses its fastest rep, as every floor does)."""
+        note = f"best raw write: {best_raw}"
+        floor_reps = [s["durable_s"] for s in ok[best_raw].samples] if best_raw in ok else []
+        if method in ok and floor_reps and statistics.median(floor_reps) > 0:
+            note += f"; vs its median rep {part(method) / statistics.median(floor_reps):.2f}"
+        return note
+
     arena_note = "arena = /dev/shm segments mapped by the trainer"
     if "ckptsvc_async" in ok and not ok["ckptsvc_async"].extras.get("arena_nbytes"):
         arena_note = "no /dev/shm segment seen: state bytes used as arena size"
@@ -78,6 +103,13 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
          ("ckptsvc_save", "torch_save"), lambda: v("torch_save") / v("ckptsvc_save"), ""),
         ("load throughput vs raw read", "ckptsvc_load.GB/s / raw_read.GB/s", ">=", 0.9,
          ("ckptsvc_load", "raw_read"), lambda: v("raw_read") / v("ckptsvc_load"), ""),
+        ("local durable (sync save) vs best raw write", "ckptsvc_save.durable / best raw write", "<=", 1.05,
+         ("ckptsvc_save", best_raw), lambda: v("ckptsvc_save") / v(best_raw),
+         raw_note("ckptsvc_save", v)),
+        ("local durable (async, after the copy) vs best raw write",
+         "(ckptsvc_async.durable - blocking) / best raw write", "<=", 1.05,
+         ("ckptsvc_async", best_raw), lambda: after_copy("ckptsvc_async") / v(best_raw),
+         raw_note("ckptsvc_async", after_copy)),
         ("async peak extra RSS vs arena size", "ckptsvc_async.RSS+ / arena bytes", "<=", 1.10,
          ("ckptsvc_async",), lambda: v("ckptsvc_async", "rss_extra_bytes") / arena_nbytes(), arena_note),
     ]  # fmt: skip
@@ -99,6 +131,40 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
             Target(name, formula, op, threshold, value, "PASS" if passed else "FAIL", note)
         )
     return targets
+
+
+def incremental_target(row: Row) -> Target:
+    """Issue 9's incremental-save target for the row of ``bench --incremental``: the
+    second save of a 90%-frozen model writes <= 15% of the bytes a full save writes."""
+    name, formula, threshold = (
+        "incremental save bytes vs full save",
+        "incremental.written / full.written",
+        0.15,
+    )
+    ratio = row.extras.get("written_ratio") if row.status == "ok" else None
+    if ratio is None:
+        return Target(name, formula, "<=", threshold, None, "n/a", row.reason or "no ratio")
+    verdict = "PASS" if ratio <= threshold else "FAIL"
+    frozen = row.extras.get("frozen_fraction")
+    note = f"{frozen:.0%} of the bytes frozen" if frozen is not None else ""
+    return Target(name, formula, "<=", threshold, float(ratio), verdict, note)
+
+
+def budget_target(row: Row) -> Target:
+    """Issue 9's memory-budget target for the row of ``bench --budget``: with a budget of
+    0.25x the state, the save's peak extra memory (trainer RSS growth, ring included, plus
+    the writer's private growth) stays within the budget + 10%."""
+    name, formula, threshold = (
+        "budget 0.25x: peak extra / budget",
+        "ckptsvc_budget.extra / memory_budget_bytes",
+        1.10,
+    )
+    ratio = row.extras.get("ratio") if row.status == "ok" else None
+    if ratio is None:
+        return Target(name, formula, "<=", threshold, None, "n/a", row.reason or "no ratio")
+    verdict = "PASS" if ratio <= threshold else "FAIL"
+    note = f"{row.extras.get('streamed_pieces')} pieces, peak from {row.extras.get('peak_from')}"
+    return Target(name, formula, "<=", threshold, float(ratio), verdict, note)
 
 
 # ---------------------------------------------------------------------------- output

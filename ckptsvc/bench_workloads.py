@@ -36,6 +36,7 @@ from .bench_probes import (
     PeakRss,
     Sample,
     WorkerConfig,
+    aligned_buffer,
     build_state,
     copy_into,
     fsync_tree,
@@ -53,6 +54,7 @@ __all__ = ["ARTIFACTS", "WORKLOADS", "run_worker_main"]
 
 ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "raw_write": "raw.bin",
+    "raw_write_direct": "raw_direct.bin",
     "torch_save": "ckpt.pt",
     "safetensors_save": "ckpt.safetensors",
     "dcp_save": "dcp",
@@ -193,6 +195,34 @@ def w_raw_write(ctx: _Ctx) -> Sample:
                 ctx.path(ARTIFACTS["raw_write"]), view, streams=streams
             )
     extras = {} if ctx.cfg.remote else {"streams": streams, "fsync_s": durable_s - written_s}
+    return _sample(ctx, rss, (written_s, durable_s, extras))
+
+
+def w_raw_write_direct(ctx: _Ctx) -> Sample:
+    """The raw write floor without the page cache: the state's bytes in one page-aligned
+    buffer, written with ``O_DIRECT`` by ``IO_THREADS`` streams, then fsync'd. Local only;
+    "unavailable" where the filesystem refuses ``O_DIRECT``."""
+    import errno
+
+    import torch
+
+    from ckptsvc import knobs
+
+    if ctx.cfg.remote:
+        raise _Unavailable("O_DIRECT applies to local files only")
+    view = aligned_buffer(ctx.nbytes)
+    copy_into(ctx.state or {}, torch.frombuffer(view, dtype=torch.uint8))
+    streams = max(1, knobs.IO_THREADS.get())
+    with PeakRss() as rss:
+        try:
+            written_s, durable_s = write_file(
+                ctx.path(ARTIFACTS["raw_write_direct"]), view, streams=streams, direct=True
+            )
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise _Unavailable(f"the filesystem refuses O_DIRECT: {e}") from e
+    extras = {"streams": streams, "fsync_s": durable_s - written_s, "mode": "O_DIRECT"}
     return _sample(ctx, rss, (written_s, durable_s, extras))
 
 
@@ -461,6 +491,7 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
 WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
     "memcpy": (w_memcpy, True),
     "raw_write": (w_raw_write, True),
+    "raw_write_direct": (w_raw_write_direct, True),
     "raw_read": (w_raw_read, False),
     "torch_save": (w_torch_save, True),
     "torch_load": (w_torch_load, False),

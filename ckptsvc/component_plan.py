@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,8 +40,16 @@ import torch
 from .components import SharingPattern, StateComponent, check_unique_keys
 from .distributed import RankInfo, resolve_groups
 from .errors import InvalidStateError
-from .flatten import FlatState, flatten_state, is_dtensor
-from .layout import SAFE_WEIGHTS_INDEX_NAME, FilePlan, TensorSpec, assign_shards, make_index
+from .flatten import FlatState, flatten_state, frozen_parameter_names, is_dtensor
+from .incremental import frozen_files
+from .layout import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    FilePlan,
+    TensorSpec,
+    assign_shards,
+    frozen_groups,
+    make_index,
+)
 from .safetensors_stream import dtype_from_torch, plan_shard
 
 __all__ = [
@@ -169,6 +177,7 @@ class ComponentPlan:
     docs: dict[str, bytes]
     sharded_doc: dict[str, Any] | None = None
     crc_names: tuple[str, ...] = ()
+    frozen_files: frozenset[str] = frozenset()  # this rank's files of frozen tensors only
 
 
 def _signature(flat_specs: Sequence[tuple[Any, ...]], skeleton: Any) -> str:
@@ -215,12 +224,18 @@ def _file_name(key: str, suffix: str, number: int, count: int) -> str:
 
 
 def _plan_files(
-    key: str, suffix: str, parts: Sequence[Sequence[TensorSpec]], *, max_shard_size: int
+    key: str,
+    suffix: str,
+    parts: Sequence[Sequence[TensorSpec]],
+    *,
+    max_shard_size: int,
+    frozen: frozenset[str] = frozenset(),
 ) -> list[list[FilePlan]]:
     """Cut each part into files of at most ``max_shard_size`` tensor bytes, numbered
-    across all parts; returns the file plans of each part."""
+    across all parts (``frozen`` tensors in files of their own); returns the file plans
+    of each part."""
     assigned = assign_shards(
-        [[(s.name, s.nbytes) for s in part] for part in parts],
+        [g for part in parts for g in frozen_groups([(s.name, s.nbytes) for s in part], frozen)],
         max_shard_size=max_shard_size,
         safetensors=True,
     )
@@ -259,12 +274,14 @@ def _plan_plain(
     writers: tuple[int, ...],
     max_shard_size: int,
     user_metadata: Mapping[str, Any],
+    incremental: bool = False,
 ) -> ComponentPlan:
     """A component without DTensors: one instance, its tensors split over ``writers``."""
     specs = _specs(flat)
     sig = _signature([(s.name, s.dtype, s.shape) for s in specs], flat.skeleton)
     parts = split_by_bytes(specs, len(writers))
-    plans = _plan_files(c.key, suffix, parts, max_shard_size=max_shard_size)
+    frozen = flat.frozen if incremental else frozenset()
+    plans = _plan_files(c.key, suffix, parts, max_shard_size=max_shard_size, frozen=frozen)
     file_of = {e.name: fp.file_name for part in plans for fp in part for e in fp.layout.entries}
     my_index = writers.index(info.rank) if info.rank in writers else None
     # "quick" compares the structure (signature) only; "tensor" / "full" also every byte
@@ -311,7 +328,8 @@ def _plan_plain(
         metadata=dict(c.metadata),
     )
     crc_names = tuple(s.name for s in specs) if validate and my_index is not None else ()
-    return ComponentPlan(c, part, staged, docs, crc_names=crc_names)
+    reusable = frozen_files([f.plan for f in staged if f.write], frozen)
+    return ComponentPlan(c, part, staged, docs, crc_names=crc_names, frozen_files=reusable)
 
 
 def _writers(
@@ -343,8 +361,12 @@ def plan_components(
     process_groups: Mapping[str, Any] | None,
     max_shard_size: int,
     user_metadata: Mapping[str, Any],
+    incremental: bool = False,
 ) -> list[ComponentPlan]:
-    """Plan every component for this rank (calls each ``stateful.state_dict()``)."""
+    """Plan every component for this rank (calls each ``stateful.state_dict()``).
+
+    With ``incremental``, frozen parameters (``requires_grad=False``) get files of their
+    own, listed in ``ComponentPlan.frozen_files`` (see :mod:`ckptsvc.incremental`)."""
     check_unique_keys(list(components))
     names = {
         c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
@@ -359,6 +381,9 @@ def plan_components(
                 f"component {c.key!r}: state_dict() failed ({type(e).__name__}: {e})"
             ) from e
         flat = flatten_state(state, allow_dtensor=True)
+        if incremental and isinstance(c.stateful, torch.nn.Module):  # state_dict() detached
+            frozen = flat.frozen | frozen_parameter_names(c.stateful)
+            flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))
         if any(is_dtensor(t) for _, t in flat.tensors):
             from .resharding import plan_sharded
 
@@ -374,6 +399,7 @@ def plan_components(
                 writers=writers,
                 max_shard_size=max_shard_size,
                 user_metadata=user_metadata,
+                incremental=incremental,
             )
         )
     return out

@@ -21,6 +21,7 @@ import torch
 from .checksum import crc32c_hex
 from .component_plan import ComponentPlan, PartReport, StagedFile
 from .distributed import PendingCommit
+from .manifest import FileRecord
 from .reports import Merged, merge_reports
 from .safetensors_stream import dtype_to_torch
 from .staging import ArenaPlan, StagingArena, copy_into
@@ -107,7 +108,11 @@ def data_job(
     layout: ArenaPlan,
     arena: StagingArena | None,
     single_process: bool,
+    base_url: str = "",
+    base_files: tuple[FileRecord, ...] = (),
 ) -> SaveJob:
+    """This rank's writer job; ``base_url`` / ``base_files`` name the committed checkpoint
+    unchanged files may be copied from (incremental saves, :mod:`ckptsvc.incremental`)."""
     files = tuple(
         FileJob(f.plan.file_name, f.plan.layout, off)
         for f, off in zip(staged, layout.file_offsets, strict=True)
@@ -132,6 +137,8 @@ def data_job(
         files=files,
         small_files=tuple(small),
         commit=commit,
+        base_url=base_url,
+        base_files=base_files,
     )
 
 

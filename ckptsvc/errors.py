@@ -25,6 +25,7 @@ __all__ = [
     "StorageNotFoundError",
     "StoragePermissionError",
     "StorageTransientError",
+    "TornSnapshotError",
     "WriterDiedError",
 ]
 
@@ -108,3 +109,13 @@ class CoordinationError(SaveFailedError):
 
 class ReplicationMismatchError(SaveFailedError):
     """Ranks that must hold identical state (REPLICATED) do not, or disagree on the save."""
+
+
+class TornSnapshotError(SaveFailedError):
+    """A tensor changed in place while its overlapped snapshot (``overlap=True``) was being
+    copied; the save was abandoned before anything was written. ``tensor`` names it."""
+
+    def __init__(self, message: str, *, tensor: str = "", step: int | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+        self.step = step

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +41,12 @@ __all__ = [
     "SKELETON_NAME",
     "FlatState",
     "flatten_state",
+    "frozen_parameter_names",
     "is_dtensor",
     "load_state",
     "parse_skeleton",
     "unflatten_state",
+    "with_frozen_parameters",
 ]
 
 #: the JSON file of a checkpoint that holds the non-tensor state and the structure
@@ -62,13 +64,17 @@ class FlatState:
     """A flattened state: stored tensors in traversal order, skeleton, tied groups.
 
     ``tensors`` holds one entry per distinct tensor (aliases removed); ``dtypes`` gives the
-    safetensors dtype name of each, in the same order.
+    safetensors dtype name of each, in the same order. ``frozen`` names the stored tensors
+    that are frozen parameters (``requires_grad=False``: of a module found in the state,
+    or an ``nn.Parameter`` met as a value); they get shards of their own, so an
+    incremental save can reuse those files unchanged.
     """
 
     tensors: tuple[tuple[str, torch.Tensor], ...]
     dtypes: tuple[str, ...]
     skeleton: Mapping[str, Any]
     param_sharing: tuple[tuple[str, ...], ...]
+    frozen: frozenset[str] = frozenset()
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +86,7 @@ class FlatState:
             (name, dtype, tuple(t.shape))
             for (name, t), dtype in zip(self.tensors, self.dtypes, strict=True)
         )
-        return (specs, self.param_sharing)
+        return (specs, self.param_sharing, self.frozen)
 
     def skeleton_json(self) -> bytes:
         return json.dumps(self.skeleton, ensure_ascii=True, allow_nan=False).encode("ascii")
@@ -108,6 +114,7 @@ class _Flattener:
     def __init__(self, *, allow_dtensor: bool = False) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.allow_dtensor = allow_dtensor
+        self.frozen: set[str] = set()  # names of frozen parameters (requires_grad=False)
 
     def fqn(self, path: tuple[str, ...]) -> str:
         for part in path:
@@ -143,6 +150,8 @@ class _Flattener:
                 "ckptsvc.quantized.split_quantized first)"
             )
         _dtype_name(t, fqn)
+        if isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+            self.frozen.add(fqn)
         self.tensors[fqn] = t.detach()
         return {_TENSOR: fqn}
 
@@ -161,6 +170,8 @@ class _Flattener:
             return {_TUPLE: [self.value(x, (*path, str(i))) for i, x in enumerate(v)]}
         state_dict = getattr(v, "state_dict", None)
         if callable(state_dict):  # nn.Module, Optimizer, LR scheduler: the Stateful protocol
+            if isinstance(v, torch.nn.Module):  # state_dict() detaches: requires_grad is lost
+                self.frozen |= frozen_parameter_names(v, prefix=".".join(path))
             return self.value(state_dict(), path)
         item = getattr(v, "item", None)
         if type(v).__module__ == "numpy" and callable(item):  # numpy scalar
@@ -214,7 +225,46 @@ def flatten_state(state: Any, *, allow_dtensor: bool = False) -> FlatState:
         "state": root,
     }
     dtypes = tuple(_dtype_name(t, k) for k, t in stored)
-    return FlatState(tensors=stored, dtypes=dtypes, skeleton=skeleton, param_sharing=sharing)
+    frozen = frozenset(k for k, _ in stored if k in walker.frozen)
+    return FlatState(
+        tensors=stored, dtypes=dtypes, skeleton=skeleton, param_sharing=sharing, frozen=frozen
+    )
+
+
+def with_frozen_parameters(
+    tensors: Mapping[str, torch.Tensor], modules: Sequence[torch.nn.Module]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (a merged, detached state dict of ``modules``) with each frozen
+    parameter's entry replaced by the ``nn.Parameter`` itself (the same bytes), so that
+    :func:`flatten_state` sees ``requires_grad=False`` and marks it frozen."""
+    out = dict(tensors)
+    for module in modules:
+        for name, p in module.named_parameters(remove_duplicate=False):
+            t = out.get(name)
+            if (
+                p.requires_grad
+                or t is None
+                or type(t) is not torch.Tensor
+                or type(p) is not torch.nn.Parameter
+                or t.data_ptr() != p.data_ptr()
+                or t.shape != p.shape
+                or t.stride() != p.stride()
+                or t.dtype != p.dtype
+            ):
+                continue
+            out[name] = p
+    return out
+
+
+def frozen_parameter_names(module: torch.nn.Module, *, prefix: str = "") -> set[str]:
+    """State-dict names of ``module``'s parameters with ``requires_grad=False`` (tied
+    names included), under ``prefix``."""
+    lead = f"{prefix}." if prefix else ""
+    return {
+        lead + name
+        for name, p in module.named_parameters(remove_duplicate=False)
+        if not p.requires_grad
+    }
 
 
 def parse_skeleton(raw: bytes, *, where: str) -> dict[str, Any]:

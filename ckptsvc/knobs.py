@@ -69,6 +69,21 @@ MAX_HEADER_BYTES = _knob(
     "max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted."
 )
 FSYNC = _knob("fsync", True, "fsync local shard files and directories before commit.")
+DIRECT_IO = _knob(
+    "direct_io",
+    "auto",
+    "O_DIRECT for local shard files: auto (ext4/xfs, files >= direct_io_min_bytes), on, off.",
+)
+DIRECT_IO_MIN_BYTES = _knob(
+    "direct_io_min_bytes",
+    8 * 2**20,
+    "Smallest local file that direct_io=auto writes with O_DIRECT.",
+)
+DIRECT_IO_BUFFER_BYTES = _knob(
+    "direct_io_buffer_bytes",
+    16 * 2**20,
+    "Bytes per O_DIRECT write; each direct file maps two such bounce buffers.",
+)
 
 # --- object stores ------------------------------------------------------------------------
 PART_SIZE_BYTES = _knob("part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.")
@@ -90,8 +105,25 @@ READ_COALESCE_GAP_BYTES = _knob(
 )
 
 # --- async engine -------------------------------------------------------------------------
-ARENAS_PER_RANK = _knob("arenas_per_rank", 2, "Staging arenas per rank (2 = double buffering).")
+ARENAS_PER_RANK = _knob(
+    "arenas_per_rank",
+    0,
+    "Most staging arenas per rank (0 = one, or two when memory_budget_bytes holds two copies; "
+    "an explicit N without a budget allows N state copies).",
+)
+MEMORY_BUDGET_BYTES = _knob(
+    "memory_budget_bytes",
+    0,
+    "Shared-memory staging bytes per checkpointer (0 = one state copy); a larger state is "
+    "staged and streamed in pieces.",
+)
 COPY_THREADS = _knob("copy_threads", 0, "Threads copying into the arena on CPU (0 = all cores).")
+INCREMENTAL = _knob(
+    "incremental",
+    True,
+    "Frozen parameters get shards of their own; a shard unchanged since this checkpointer's "
+    "last committed checkpoint is hard-linked / copied server-side, not rewritten.",
+)
 WRITER_START_TIMEOUT_S = _knob(
     "writer_start_timeout_s", 60.0, "Wait this long for the node writer to start."
 )

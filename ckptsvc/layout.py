@@ -9,7 +9,7 @@ counting *tensor* bytes (Forgather counted whole storages, so views inflated sha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "FilePlan",
     "TensorSpec",
     "assign_shards",
+    "frozen_groups",
     "index_file_name",
     "make_index",
     "plan_files",
@@ -108,18 +109,22 @@ def plan_files(
     *,
     max_shard_size: int,
     metadata: Mapping[str, str] | None = None,
+    frozen: Collection[str] = (),
 ) -> tuple[FilePlan, ...]:
     """Plan the safetensors shard files for ``specs`` (in order), headers encoded.
 
     Every shard carries ``metadata`` (str -> str) in its ``__metadata__``, always with
-    ``"format": "pt"``, which transformers requires.
+    ``"format": "pt"``, which transformers requires. Tensors named in ``frozen`` get
+    shards of their own, after the others' (so an incremental save finds them unchanged).
     """
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise InvalidStateError(f"duplicate tensor names: {dup[:5]}")
     weight_map = assign_shards(
-        [[(s.name, s.nbytes) for s in specs]], max_shard_size=max_shard_size, safetensors=True
+        frozen_groups([(s.name, s.nbytes) for s in specs], frozen),
+        max_shard_size=max_shard_size,
+        safetensors=True,
     )
     by_file: dict[str, list[TensorSpec]] = {}
     for s in specs:
@@ -132,6 +137,18 @@ def plan_files(
         )
         for fname, members in by_file.items()
     )
+
+
+def frozen_groups(
+    items: Sequence[tuple[str, int]], frozen: Collection[str]
+) -> list[list[tuple[str, int]]]:
+    """Split ``(name, nbytes)`` pairs into [trainable, frozen] groups for
+    :func:`assign_shards` (order kept within each; empty groups dropped)."""
+    if not frozen:
+        return [list(items)]
+    names = frozenset(frozen)
+    groups = [[i for i in items if i[0] not in names], [i for i in items if i[0] in names]]
+    return [g for g in groups if g]
 
 
 def make_index(

@@ -55,6 +55,7 @@ from .discovery import (
     checkpoint_info,
     find_latest_checkpoint,
     next_checkpoint_path,
+    read_manifest,
     validate_checkpoint,
 )
 from .errors import (
@@ -62,6 +63,8 @@ from .errors import (
     CheckpointNotFoundError,
     SaveFailedError,
 )
+from .flatten import with_frozen_parameters
+from .manifest import FileRecord
 from .model_state import ModelState
 from .pretrained import save_pretrained
 from .restore import CALLBACKS_KEY, META_KEY, restore_checkpoint
@@ -99,6 +102,17 @@ class CheckpointConfig:
     ``output_dir`` (fast local disk), replicate each checkpoint to ``tiering.remote_root``;
     ``save_total_limit`` and the best checkpoints then apply to the remote tier, and
     ``tiering.keep_local`` copies stay local (see :mod:`ckptsvc.tiered_saves`).
+    ``overlap``: parameters and optimizer state are copied after ``save_checkpoint``
+    returns, while training goes on; the next ``step()`` of each optimizer among the
+    components waits for that copy (:mod:`ckptsvc.overlap`); call
+    :meth:`CheckpointManager.fence` before changing weights in place elsewhere.
+    ``incremental`` (default ``CKPTSVC_INCREMENTAL``, on): frozen parameters get shards of
+    their own, and a shard unchanged since the previous checkpoint (the last one saved, or
+    the one loaded) is hard-linked / copied server-side instead of written
+    (:mod:`ckptsvc.incremental`).
+    ``memory_budget_bytes`` (default ``CKPTSVC_MEMORY_BUDGET_BYTES``, 0 = one state copy):
+    shared-memory staging bytes; a bigger state is staged and written in pieces, and two
+    saves overlap only when two copies fit (:mod:`ckptsvc.piecewise`).
     """
 
     output_dir: str
@@ -112,6 +126,9 @@ class CheckpointConfig:
     max_shard_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     tiering: TieringConfig | dict[str, Any] | None = None
+    overlap: bool = False
+    incremental: bool | None = None
+    memory_budget_bytes: int | None = None
 
 
 class CheckpointManager:
@@ -157,6 +174,7 @@ class CheckpointManager:
         self._best = BestCheckpoints()
         self._storage_options = dict(config.storage_options or {})
         self._checkpointer: Any = None
+        self._resumed_from: tuple[str, tuple[FileRecord, ...]] | None = None
         self._pending: list[Any] = []
         self._save_count = 0
         self._closed = False
@@ -259,7 +277,11 @@ class CheckpointManager:
                 storage_options=self._storage_options,
                 max_shard_size=self.config.max_shard_size,
                 rank=self.dist.rank,
+                incremental=self.config.incremental,
+                memory_budget_bytes=self.config.memory_budget_bytes,
             )
+            if self._resumed_from is not None:
+                self._checkpointer.set_incremental_base(*self._resumed_from)
         return self._checkpointer
 
     def start(self) -> None:
@@ -294,7 +316,7 @@ class CheckpointManager:
         split = self._model_state.snapshot()
         frozen = StateComponent(
             key="model",
-            stateful=_Snapshot(split.tensors),
+            stateful=_Snapshot(with_frozen_parameters(split.tensors, self.model_parts)),
             sharing_pattern=model_comp.sharing_pattern,
             process_group_name=model_comp.process_group_name,
             validate_replication=model_comp.validate_replication,
@@ -321,6 +343,7 @@ class CheckpointManager:
                 process_groups=self._process_groups(),
                 metadata=metadata,
                 checkpoint_path=checkpoint_path,
+                overlap=self.config.overlap,
             )
         except BaseException:
             if writes_retention:
@@ -344,6 +367,12 @@ class CheckpointManager:
         if not self.config.async_save:
             self.wait()
         return checkpoint_path
+
+    def fence(self, timeout_s: float | None = None) -> float:
+        """Wait until the overlapped snapshots in flight (``overlap=True``) are copied;
+        return the seconds waited. Call before changing weights in place outside
+        ``optimizer.step()``; the optimizers among the components fence by themselves."""
+        return 0.0 if self._checkpointer is None else float(self._checkpointer.fence(timeout_s))
 
     @property
     def last_handle(self) -> Any:
@@ -460,7 +489,20 @@ class CheckpointManager:
         )
         if "best_checkpoints" in doc:
             self._best.restore(doc, exists=self._exists)
+        self._remember_base(resolved)
         return resolved
+
+    def _remember_base(self, path: str) -> None:
+        """The loaded checkpoint becomes the base of the next incremental save (when it is
+        on the tier saves go to: a server-side copy needs the same store)."""
+        if self._tiering is not None and self._tiering.is_remote(path):
+            return
+        manifest = read_manifest(Location.parse(path, self._storage_options))
+        if manifest is None:
+            return
+        self._resumed_from = (path, manifest.files)
+        if self._checkpointer is not None:
+            self._checkpointer.set_incremental_base(path, manifest.files)
 
     def _exists(self, path: str) -> bool:
         """A complete checkpoint at ``path`` (with tiering: either tier's copy of it)."""

@@ -4,6 +4,11 @@ File layout (the reference format, byte for byte compatible):
 
     [8-byte little-endian N][N bytes of JSON header, space-padded to a multiple of 8][data]
 
+Shards with at least ``PAGE_ALIGN_MIN_DATA_BYTES`` of data pad the header further (spaces,
+which every reader accepts) so that the data section starts at a 4 KiB boundary of the
+file: the node writer then writes it with ``O_DIRECT`` straight from the page-aligned
+staging arena, without a bounce copy, and memory-mapping readers get page-aligned tensors.
+
 The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
 (offsets relative to the start of the data section) plus an optional
 ``"__metadata__": {str: str}``. Tensors are laid out without holes, ordered by dtype size
@@ -124,6 +129,11 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None
     return out
 
 
+#: shards with at least this much data start it at a ``PAGE_ALIGN_BYTES`` file offset
+PAGE_ALIGN_MIN_DATA_BYTES = 2**20
+PAGE_ALIGN_BYTES = 4096
+
+
 def plan_shard(
     specs: Iterable[tuple[str, str, Sequence[int]]],
     *,
@@ -164,7 +174,8 @@ def plan_shard(
     for e in entries:
         doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    body += b" " * (-len(body) % 8)
+    align = PAGE_ALIGN_BYTES if offset >= PAGE_ALIGN_MIN_DATA_BYTES else 8
+    body += b" " * (-(8 + len(body)) % align)
     return ShardLayout(header=_LEN.pack(len(body)) + body, entries=tuple(entries), metadata=meta)
 
 

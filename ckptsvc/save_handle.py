@@ -1,4 +1,5 @@
-"""The future of one asynchronous save (``SaveHandle``) and where its time went (``SaveTimings``).
+"""The future of one asynchronous save (``SaveHandle``), where its time went
+(``SaveTimings``), and a checkpointer's book of the saves it has in flight (``SaveBook``).
 
 Completed by the node writer's report (single process: the client reader thread) or by
 the distributed commit's verdict (:class:`ckptsvc.distributed.Coordinator`'s thread).
@@ -6,15 +7,19 @@ the distributed commit's verdict (:class:`ckptsvc.distributed.Coordinator`'s thr
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from .errors import CommitConflictError, SaveFailedError
 from .manifest import FileRecord
 from .workers.protocol import JobDone
 
-__all__ = ["SaveHandle", "SaveTimings"]
+__all__ = ["SaveBook", "SaveHandle", "SaveTimings"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,11 @@ class SaveTimings:
     back-pressure wait, and ``copy_s``); ``queue_wait_s`` is from the writer receiving the
     job to its first shard starting; ``write_s`` streaming until every shard was durable;
     ``commit_s`` the manifest; ``durable_s`` from the start of ``save`` to the report.
+    ``nbytes_written`` / ``nbytes_reused``: bytes of this rank's files the writer wrote,
+    and bytes it materialised from the previous checkpoint instead (incremental saves).
+    Overlapped saves (``overlap=True``): ``copy_s`` is the part copied (cloned) before
+    ``save`` returned, ``snapshot_s`` the background copy, and ``fence_wait_s`` how long
+    the training thread waited for it in ``fence`` (the optimizer pre-step hook).
     """
 
     nbytes: int
@@ -35,6 +45,19 @@ class SaveTimings:
     write_s: float | None = None
     commit_s: float | None = None
     durable_s: float | None = None
+    nbytes_written: int | None = None
+    nbytes_reused: int | None = None
+    snapshot_s: float | None = None
+    fence_wait_s: float = 0.0
+    pieces: int = 0
+    piece_wait_s: float = 0.0
+
+    @property
+    def streamed(self) -> bool:
+        """The state exceeded ``memory_budget_bytes`` and was staged in ``pieces``
+        (``ckptsvc.piecewise``): ``blocking_s`` then includes ``piece_wait_s``, the time
+        spent waiting for the writer to free a slot."""
+        return self.pieces > 0
 
 
 class SaveHandle:
@@ -93,6 +116,23 @@ class SaveHandle:
         with self._lock:
             self._timings = replace(self._timings, blocking_s=blocking_s)
 
+    def _set_streamed(self, pieces: int, copy_s: float, piece_wait_s: float) -> None:
+        """Training thread, after a streamed save's last piece (before any outcome)."""
+        with self._lock:
+            self._timings = replace(
+                self._timings, pieces=pieces, copy_s=copy_s, piece_wait_s=piece_wait_s
+            )
+
+    def _set_snapshot(self, snapshot_s: float) -> None:  # the snapshot thread
+        with self._lock:
+            self._timings = replace(self._timings, snapshot_s=snapshot_s)
+
+    def _add_fence_wait(self, waited_s: float) -> None:  # the thread that called fence
+        with self._lock:
+            self._timings = replace(
+                self._timings, fence_wait_s=self._timings.fence_wait_s + waited_s
+            )
+
     def _finish(self, done: JobDone) -> None:
         self._files = done.files
         with self._lock:
@@ -102,6 +142,8 @@ class SaveHandle:
                 write_s=done.write_s,
                 commit_s=done.commit_s,
                 durable_s=time.perf_counter() - self._started,
+                nbytes_written=done.nbytes_written,
+                nbytes_reused=done.nbytes_reused,
             )
         self._event.set()
 
@@ -123,9 +165,90 @@ class SaveHandle:
         """This rank's data is durable (the commit is still to come)."""
         with self._lock:
             self._timings = replace(
-                self._timings, queue_wait_s=done.queue_wait_s, write_s=done.write_s
+                self._timings,
+                queue_wait_s=done.queue_wait_s,
+                write_s=done.write_s,
+                nbytes_written=done.nbytes_written,
+                nbytes_reused=done.nbytes_reused,
             )
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._event.set()
+
+
+class SaveBook:
+    """The saves of one checkpointer still in flight, and the failures nobody has seen.
+
+    1. ``check_free`` (training thread): refuse a second save to a path still in flight;
+    2. ``add`` (training thread) before the job goes out; ``discard`` if it never went;
+    3. ``finish`` (any thread: client reader, snapshot or commit thread) completes a
+       handle - a failure is recorded *before* the handle is forgotten, so ``wait_all``
+       sees every failure of the saves it waited for;
+    4. ``wait_all`` / ``drain`` (the owner; ``drain`` at close never raises).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inflight: set[SaveHandle] = set()
+        self._failed: list[SaveHandle] = []
+
+    def check_free(self, path: str, step: int) -> None:
+        with self._lock:
+            if any(h.path == path and not h.done() for h in self._inflight):
+                raise CommitConflictError(
+                    f"a save to {path} is still in flight; wait for its handle before saving "
+                    f"step {step} again"
+                )
+
+    def add(self, handle: SaveHandle) -> None:
+        with self._lock:
+            self._inflight.add(handle)
+
+    def discard(self, handle: SaveHandle) -> None:
+        with self._lock:
+            self._inflight.discard(handle)
+
+    def finish(self, handle: SaveHandle, error: BaseException | None) -> None:
+        """Fail the handle with ``error`` (recorded first), or just forget a durable one."""
+        if error is not None:
+            handle._error = error  # set before it is listed: wait_all reads it
+            with self._lock:
+                self._failed.append(handle)
+            handle._fail(error)
+        self.discard(handle)
+
+    def wait_all(self, timeout_s: float | None) -> None:
+        """Wait for every save in flight; raise the first failure nobody has looked at."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            handles = sorted(self._inflight, key=lambda h: h.step)
+        for h in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not h._event.wait(remaining):
+                raise TimeoutError(
+                    f"save of step {h.step} to {h.path} not durable after {timeout_s} s"
+                )
+        with self._lock:
+            failed = [h for h in self._failed if not h._observed]
+            self._failed = []
+        if failed:
+            first = failed[0]
+            first._observed = True
+            error = first._error
+            more = f" (and {len(failed) - 1} more failed saves)" if len(failed) > 1 else ""
+            raise SaveFailedError(
+                f"save of step {first.step} to {first.path} failed{more}: {error}"
+            ) from error
+
+    def drain(self, timeout_s: float | None) -> None:
+        """Wait (up to ``timeout_s``) for the saves in flight; log those still going."""
+        with self._lock:
+            handles = list(self._inflight)
+        if handles:
+            logger.info("close: waiting for %d in-flight save(s) to become durable", len(handles))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for h in handles:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not h._event.wait(remaining):
+                logger.warning("closing with the save of step %s still in flight", h.step)

@@ -144,7 +144,8 @@ def _no_space(nbytes: int, directory: str, free: int) -> StorageError:
         f"({free / 2**20:.1f} MiB free). Give the container more: `docker run --shm-size=<N>g`, "
         "or in Kubernetes mount an `emptyDir: {medium: Memory, sizeLimit: <N>Gi}` at /dev/shm; "
         "or set CKPTSVC_SHM_DIR to a local-disk directory (slower), or use fewer arenas "
-        "(arenas_per_rank=1)",
+        "(arenas_per_rank=1), or stage in pieces within a smaller budget "
+        "(memory_budget_bytes=<bytes>, CKPTSVC_MEMORY_BUDGET_BYTES)",
         url=directory,
     )
 
@@ -303,6 +304,16 @@ class StagingArena:
         self._views = {id(plan): out}  # one plan at a time: a new signature evicts the old
         return out
 
+    def bytes_at(self, start: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor over arena bytes ``[start, start + nbytes)`` (not cached)."""
+        if self._base is None:
+            raise CheckpointError(f"staging arena {self.name} is closed")
+        if start < 0 or start + nbytes > self.nbytes:
+            raise CheckpointError(
+                f"staging arena {self.name}: bytes {start}+{nbytes} outside its {self.nbytes}"
+            )
+        return self._base[start : start + nbytes]
+
     def pin(self) -> None:
         """Register the mapping as page-locked CUDA host memory (once; best effort)."""
         if self._pinned_ptr is not None or self._base is None:
@@ -336,9 +347,13 @@ class StagingArena:
 class ArenaPool:
     """Up to ``max_arenas`` arenas of one trainer, handed out one save at a time.
 
+    With ``budget_bytes`` the arenas together never hold more than that many bytes (a
+    second arena exists only when two fit: double buffering within the budget).
+
     1. ``acquire`` (training thread) returns a free arena big enough for the save,
-       creating one (up to ``max_arenas``) or replacing a too-small free one, else waits
-       until the writer reports a job durable (back-pressure). Returns the wait seconds.
+       creating one (up to ``max_arenas`` and the budget) or replacing too-small free
+       ones, else waits until the writer reports a job durable (back-pressure). Returns
+       the wait seconds.
     2. ``release`` (client reader thread) returns an arena when its job is durable or
        failed; ``discard`` drops one that must not be reused (its writer may still read it).
     3. ``close`` (any thread; also at exit) unlinks every arena.
@@ -351,10 +366,13 @@ class ArenaPool:
         node: str,
         shm_dir: str | None = None,
         on_discard: Callable[[str], None] | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
         if max_arenas < 1:
             raise ValueError(f"arenas_per_rank must be >= 1, got {max_arenas}")
         self._max = max_arenas
+        self._budget = budget_bytes
+        self._creating_nbytes = 0
         self._node = node
         self._shm_dir = knobs.SHM_DIR.get(shm_dir)
         self._on_discard = on_discard
@@ -372,6 +390,9 @@ class ArenaPool:
             return sorted(self._all)
 
     def acquire(self, nbytes: int, *, timeout_s: float | None = None) -> tuple[StagingArena, float]:
+        size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        if self._budget is not None and size > self._budget:
+            raise ValueError(f"an arena of {size} bytes exceeds the {self._budget}-byte budget")
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
         with self._cond:
@@ -386,8 +407,11 @@ class ArenaPool:
                     return arena, time.monotonic() - start
                 if self._free:  # free but too small for this state: replace one
                     self._drop(self._free.pop(0))
-                if len(self._all) + self._creating < self._max:
+                while self._free and not self._room_for(size):  # (more, within a budget)
+                    self._drop(self._free.pop(0))
+                if self._room_for(size):
                     self._creating += 1
+                    self._creating_nbytes += size
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -399,6 +423,7 @@ class ArenaPool:
         finally:
             with self._cond:
                 self._creating -= 1
+                self._creating_nbytes -= size
         with self._cond:
             self._all[arena.name] = arena
             self._busy.add(arena.name)
@@ -410,23 +435,35 @@ class ArenaPool:
     def reserve(self, nbytes: int) -> None:
         """Create free arenas of ``nbytes`` up to ``max_arenas`` now, replacing free ones that
         are too small (busy ones are left alone), so that no later save pays for creation."""
+        size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         while True:
             with self._cond:
                 for small in [a for a in self._free if a.nbytes < nbytes]:
                     self._free.remove(small)
                     self._drop(small)
-                if self._closed or len(self._all) + self._creating >= self._max:
+                if self._closed or not self._room_for(size):
                     return
                 self._creating += 1
+                self._creating_nbytes += size
             try:
                 arena = self._create(nbytes)
             finally:
                 with self._cond:
                     self._creating -= 1
+                    self._creating_nbytes -= size
             with self._cond:
                 self._all[arena.name] = arena
                 self._free.append(arena)
                 self._cond.notify_all()
+
+    def _room_for(self, size: int) -> bool:  # lock held
+        """One more arena of ``size`` bytes stays within ``max_arenas`` and the budget."""
+        if len(self._all) + self._creating >= self._max:
+            return False
+        if self._budget is None:
+            return True
+        held = sum(a.nbytes for a in self._all.values()) + self._creating_nbytes
+        return held + size <= self._budget
 
     def _create(self, nbytes: int) -> StagingArena:
         if not self._swept:

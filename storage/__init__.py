@@ -3,6 +3,7 @@
 This layer knows nothing of torch or checkpoints; it moves bytes and names them.
 """
 
+from .copies import CopyMethod, copy_file
 from .errors import classify, is_transient, storage_errors
 from .location import ChildInfo, Location, ShardSink, fsync_dir, url_to_fs
 from .reads import RangeRead, plan_reads
@@ -10,6 +11,7 @@ from .retry import RetryPolicy, acall_with_retries, call_with_retries
 
 __all__ = [
     "ChildInfo",
+    "CopyMethod",
     "Location",
     "RangeRead",
     "RetryPolicy",
@@ -17,6 +19,7 @@ __all__ = [
     "acall_with_retries",
     "call_with_retries",
     "classify",
+    "copy_file",
     "fsync_dir",
     "is_transient",
     "plan_reads",

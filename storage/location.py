@@ -30,6 +30,7 @@ from ckptsvc.errors import (
     StoragePermissionError,
 )
 
+from .copies import CopyMethod, copy_file
 from .deletes import delete_s3_tree
 from .errors import classify, storage_errors
 from .reads import RangeRead, plan_reads, read_ranges
@@ -343,11 +344,19 @@ class Location:
         fsync: bool | None = None,
         part_size_bytes: int | None = None,
         parts_in_flight: int | None = None,
+        direct_io: str | bool | None = None,
+        size_hint_bytes: int | None = None,
     ) -> ShardSink:
-        """A streaming writer: local files are fsynced on close; S3 gets a parallel
-        multipart upload, GCS a pipelined resumable one (see ``storage.sinks``)."""
+        """A streaming writer: local files are fsynced on close (``O_DIRECT`` per
+        ``direct_io`` / ``size_hint_bytes``); S3 gets a parallel multipart upload, GCS a
+        pipelined resumable one (see ``storage.sinks``)."""
         return open_sink(
-            self, fsync=fsync, part_size_bytes=part_size_bytes, parts_in_flight=parts_in_flight
+            self,
+            fsync=fsync,
+            part_size_bytes=part_size_bytes,
+            parts_in_flight=parts_in_flight,
+            direct_io=direct_io,
+            size_hint_bytes=size_hint_bytes,
         )
 
     def remove(self, *, recursive: bool = False, missing_ok: bool = True) -> None:
@@ -422,6 +431,13 @@ class Location:
         if doomed:
             call_with_retries(_rm, url=self.url, action="delete")
         self.fs.invalidate_cache(self.path)
+
+    def copy_to(self, dst: Location, *, allow_plain_copy: bool = True) -> CopyMethod | None:
+        """Copy this file to ``dst`` on the same store without moving the bytes through
+        this process where the store allows: hard link, S3 CopyObject, GCS rewrite
+        (``storage.copies.copy_file``; ``None``: only a plain copy was possible and it
+        was not allowed)."""
+        return copy_file(self, dst, allow_plain_copy=allow_plain_copy)
 
     def walk_files(self) -> Iterator[tuple[str, int]]:
         """(relative path, size) of every file below this directory."""

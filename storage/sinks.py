@@ -1,6 +1,8 @@
 """Streaming writers of one file (``ShardSink``): which one a location gets, and the simple ones.
 
-- local files: :class:`LocalSink` (``os.write`` per chunk, fsync on close);
+- local files: :class:`LocalSink` (``os.write`` per chunk, or ``O_DIRECT`` through
+  :class:`~.direct_io.DirectFile` where :func:`~.direct_io.want_direct` says so; fsync on
+  close);
 - S3: :class:`~.multipart.S3MultipartSink` (parallel multipart upload);
 - GCS: :class:`~.resumable.GcsResumableSink` (pipelined resumable upload);
 - anything else fsspec knows (memory://, custom filesystems): :class:`FsspecSink`.
@@ -20,6 +22,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from ckptsvc import knobs
 
+from .direct_io import DirectFile, DirectIORefused, direct_io_mode, want_direct
 from .errors import storage_errors
 from .retry import call_with_retries
 
@@ -50,10 +53,22 @@ def open_sink(
     fsync: bool | None = None,
     part_size_bytes: int | None = None,
     parts_in_flight: int | None = None,
+    direct_io: str | bool | None = None,
+    size_hint_bytes: int | None = None,
 ) -> ShardSink:
-    """The right streaming writer for ``loc`` (see the module docstring)."""
+    """The right streaming writer for ``loc`` (see the module docstring).
+
+    Local files only: ``direct_io`` (``"auto"`` | ``"on"`` | ``"off"``, default
+    ``CKPTSVC_DIRECT_IO``) and ``size_hint_bytes`` (the expected file size, which ``auto``
+    needs) choose ``O_DIRECT``; see :mod:`ckptsvc.storage.direct_io`.
+    """
     if loc.is_local:
-        return LocalSink(loc, fsync=knobs.FSYNC.get(fsync))
+        return LocalSink(
+            loc,
+            fsync=knobs.FSYNC.get(fsync),
+            direct_io=direct_io_mode(direct_io),
+            size_hint_bytes=size_hint_bytes,
+        )
     part = knobs.PART_SIZE_BYTES.get(part_size_bytes)
     in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
     if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
@@ -77,23 +92,69 @@ def write_all(fd: int, data: memoryview) -> None:
 
 
 class LocalSink:
-    """Local file: ``os.write`` per chunk, fsync on ``close``; ``abort`` unlinks the file."""
+    """Local file: ``os.write`` per chunk (or ``O_DIRECT`` via a bounce buffer), fsync on
+    ``close``; ``abort`` unlinks the file.
 
-    def __init__(self, loc: Location, *, fsync: bool) -> None:
+    ``direct_io`` is a mode of :func:`~.direct_io.want_direct`; a filesystem that refuses
+    ``O_DIRECT`` gets the buffered path (``direct`` tells which one the file took).
+    """
+
+    def __init__(
+        self,
+        loc: Location,
+        *,
+        fsync: bool,
+        direct_io: str = "off",
+        size_hint_bytes: int | None = None,
+    ) -> None:
         self._loc = loc
         self._fsync = fsync
         self._closed_ok = False
+        self._fd: int | None = None
+        self._direct: DirectFile | None = None
+        directory = os.path.dirname(loc.path)
         with storage_errors(loc.url, "create"):
-            os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-            self._fd: int | None = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.makedirs(directory, exist_ok=True)
+            # A new inode, never a truncated old one: the old file may be a hard link that
+            # an incremental save shares with another checkpoint (or a symlink out).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(loc.path)
+            mode = direct_io_mode(direct_io)
+            if want_direct(directory, mode=mode, size_hint_bytes=size_hint_bytes):
+                with contextlib.suppress(DirectIORefused):
+                    self._direct = DirectFile(
+                        loc.path,
+                        chunk_nbytes=knobs.DIRECT_IO_BUFFER_BYTES.get(),
+                        size_hint_bytes=size_hint_bytes,
+                        fsync=fsync,
+                    )
+            if self._direct is None:
+                self._fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @property
+    def direct(self) -> bool:
+        """Whether this file is written with ``O_DIRECT``."""
+        return self._direct is not None
 
     def write(self, data: memoryview | bytes) -> None:
+        if self._direct is not None:
+            if self._direct.closed:
+                raise ValueError(f"{self._loc.url}: write after close or abort")
+            with storage_errors(self._loc.url, "write"):
+                self._direct.write(data)
+            return
         if self._fd is None:
             raise ValueError(f"{self._loc.url}: write after close or abort")
         with storage_errors(self._loc.url, "write"):
             write_all(self._fd, memoryview(data))
 
     def close(self) -> None:
+        if self._direct is not None:
+            if not self._closed_ok:
+                with storage_errors(self._loc.url, "fsync"):
+                    self._direct.close()
+                self._closed_ok = True
+            return
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -108,6 +169,9 @@ class LocalSink:
     def abort(self) -> None:
         """Discard the partial file; a no-op after a successful ``close``."""
         if self._closed_ok:
+            return
+        if self._direct is not None:
+            self._direct.abort()
             return
         if self._fd is not None:
             os.close(self._fd)

@@ -88,7 +88,13 @@ class Trainer:
         return float(loss.detach())
 
     def manager(self, root: str, **kw: Any) -> CheckpointManager:
-        cfg_keys = {"save_total_limit", "storage_options", "async_save", "save_safetensors"}
+        cfg_keys = {
+            "save_total_limit",
+            "storage_options",
+            "async_save",
+            "save_safetensors",
+            "memory_budget_bytes",
+        }
         cfg = CheckpointConfig(
             output_dir=root,
             save_total_limit=kw.pop("save_total_limit", None),
@@ -269,7 +275,8 @@ def test_retention_with_saves_in_flight_and_an_overwrite(tmp_path: Path) -> None
     opts = {"gate_path": str(gate)}
     root = f"faulty://{tmp_path}/run"
     t = Trainer(0)
-    with t.manager(root, save_total_limit=2, storage_options=opts) as m:
+    budget = 64 << 20  # two copies of the state fit: two saves are held in flight at once
+    with t.manager(root, save_total_limit=2, storage_options=opts, memory_budget_bytes=budget) as m:
         for step in (1, 2, 3):
             t.step()
             m.save_checkpoint(checkpoint_id=step)

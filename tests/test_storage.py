@@ -608,3 +608,22 @@ def test_roots_are_fresh_and_distinct(
         assert storage_root.server.endpoint_url.startswith("http://127.0.0.1:")
         assert request.node.get_closest_marker("cloud") is not None
     pickle.dumps(storage_root.storage_options)  # must reach a spawned writer process
+
+
+@pytest.mark.parametrize("direct_io", ["off", "on"])
+def test_local_sink_writes_a_new_inode_never_through_a_link(tmp_path: Path, direct_io: str) -> None:
+    """A path that is a hard link (an incremental save shares shards between checkpoints)
+    or a symlink is replaced, so writing it cannot change the other name's bytes."""
+    from ckptsvc.storage.sinks import LocalSink
+
+    shared = tmp_path / "checkpoint-1.safetensors"
+    shared.write_bytes(b"old" * 4096)
+    linked, symlinked = tmp_path / "checkpoint-2.safetensors", tmp_path / "sym.safetensors"
+    os.link(shared, linked)
+    symlinked.symlink_to(shared)
+    for target in (linked, symlinked):
+        sink = LocalSink(Location.parse(str(target)), fsync=True, direct_io=direct_io)
+        sink.write(b"new" * 5000)
+        sink.close()
+        assert target.read_bytes() == b"new" * 5000 and not target.is_symlink()
+    assert shared.read_bytes() == b"old" * 4096 and shared.stat().st_nlink == 1

@@ -41,6 +41,7 @@ from .protocol import (
     Hello,
     JobDone,
     JobFailed,
+    PieceDone,
     ProtocolError,
     ReleaseArena,
     SaveJob,
@@ -200,6 +201,7 @@ class WriterClient:
         self._sock = sock
         self._lock = threading.Lock()
         self._pending: dict[int, JobCallback] = {}
+        self._progress: dict[int, Callable[[PieceDone], None]] = {}
         self._alive = True
         self._closing = False
         self._reader = threading.Thread(
@@ -279,6 +281,26 @@ class WriterClient:
                     f"the node writer (pid {self.writer_pid}) is gone: {e}"
                 ) from e
 
+    def watch_pieces(self, job_id: int, callback: Callable[[PieceDone], None]) -> None:
+        """Call ``callback`` (reader thread) with each ``PieceDone`` of a streamed job, until
+        its outcome arrives."""
+        with self._lock:
+            if job_id in self._pending:
+                self._progress[job_id] = callback
+
+    def send(self, message: object) -> None:
+        """Send a frame about a job already submitted (``PieceReady``, ``CancelJob``);
+        ``WriterDiedError`` if the writer is gone."""
+        with self._lock:
+            if not self._alive:
+                raise WriterDiedError(f"the node writer (pid {self.writer_pid}) is gone")
+            try:
+                send_message(self._sock, message)
+            except OSError as e:
+                raise WriterDiedError(
+                    f"the node writer (pid {self.writer_pid}) is gone: {e}"
+                ) from e
+
     def release_arena(self, name: str) -> None:
         """Tell the writer to unmap an arena the trainer unlinked (best effort)."""
         with self._lock:
@@ -309,8 +331,17 @@ class WriterClient:
                 if isinstance(msg, (JobDone, JobFailed)):
                     with self._lock:
                         callback = self._pending.pop(msg.job_id, None)
+                        self._progress.pop(msg.job_id, None)
                     if callback is not None:
                         self._call(callback, msg)
+                elif isinstance(msg, PieceDone):
+                    with self._lock:
+                        progress = self._progress.get(msg.job_id)
+                    if progress is not None:
+                        try:
+                            progress(msg)
+                        except Exception:  # must not kill the reader thread
+                            logger.exception("piece progress callback failed")
                 else:
                     logger.warning(
                         "ignoring unexpected %s from the node writer", type(msg).__name__
@@ -320,6 +351,7 @@ class WriterClient:
         with self._lock:
             self._alive = False
             pending, self._pending = self._pending, {}
+            self._progress = {}
             closing = self._closing
         if closing:
             text = f"the checkpointer was closed while a save to the node writer (pid {self.writer_pid}) was in flight"

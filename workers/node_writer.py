@@ -11,12 +11,17 @@ Call order (process / thread that runs each step):
 2. ``serve`` (main thread): accept connections; every ~``_TICK_S`` check idleness (exit
    after ``linger_s`` with no connection and no job) and reclaim dead trainers' arenas.
 3. ``_Connection.run`` (one thread per trainer): ``Hello``/``Welcome``, then read
-   ``SaveJob`` / ``ReleaseArena`` frames; each job gets a job thread. On EOF it cancels the
+   ``SaveJob`` / ``ReleaseArena`` frames; each job gets a job thread (``PieceReady`` /
+   ``CancelJob`` frames go to their streamed job's inbox). On EOF it cancels the
    trainer's jobs, waits for them, unmaps its arenas and reclaims them if the trainer died.
 4. ``_run_job`` (job thread): ``begin_checkpoint``; every shard to the I/O pool
    (``IO_THREADS`` threads, ``stream_file``: header, then zero-copy slices of the arena,
-   CRC-32C while streaming, durable on return); the small files; then, when the job asks,
+   CRC-32C while streaming, durable on return; a shard whose bytes equal the job's base
+   checkpoint's copy is linked / copied server-side instead, ``workers.reuse``); the
+   small files; then, when the job asks,
    ``finish_checkpoint`` writes the manifest last; finally ``JobDone`` / ``JobFailed``.
+   A streamed job (``SaveJob.stream``: the trainer's state exceeds its memory budget)
+   writes its shards one after the other from the pieces instead (``workers.piece_stream``).
 """
 
 from __future__ import annotations
@@ -43,14 +48,18 @@ from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
 from .commit import begin_checkpoint, commit_checkpoint, publish_file
+from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     PROTOCOL_VERSION,
+    CancelJob,
     CommitInfo,
     ErrorInfo,
     FileJob,
     Hello,
     JobDone,
     JobFailed,
+    PieceDone,
+    PieceReady,
     ProtocolError,
     ReleaseArena,
     SaveJob,
@@ -58,6 +67,7 @@ from .protocol import (
     recv_message,
     send_message,
 )
+from .reuse import ReuseSource
 from .shard_writer import write_shard
 
 __all__ = [
@@ -164,6 +174,7 @@ class _Job:
         self.finished = threading.Event()
         self.reported = False  # its JobDone / JobFailed was sent
         self.thread: threading.Thread | None = None
+        self.pieces = PieceInbox(job.job_id)  # a streamed job's PieceReady frames
 
 
 class _Connection:
@@ -221,6 +232,11 @@ class _Connection:
                         seg = self.arenas.pop(msg.name, None)
                     if seg is not None:
                         seg.close()
+                elif isinstance(msg, (PieceReady, CancelJob)):
+                    with self.lock:
+                        target = self.jobs.get(msg.job_id)
+                    if target is not None:
+                        target.pieces.put(msg)  # else: the job is over (failed); drop it
                 else:
                     logger.warning(
                         "ignoring unexpected %s from pid %d", type(msg).__name__, hello.pid
@@ -354,16 +370,40 @@ class NodeWriter:
                 self._connections.add(conn)
             threading.Thread(target=conn.run, name="ckptsvc-conn", daemon=True).start()
 
+    def _write_streamed(
+        self, conn: _Connection, state: _Job, ckpt: Location, ring: memoryview | None
+    ) -> list[FileRecord]:
+        """A job bigger than the trainer's memory budget: its pieces, through the ring."""
+        job = state.job
+        if job.stream is None or ring is None:
+            raise CheckpointError(f"{job.ckpt_url}: a streamed job needs a ring arena")
+        return write_streamed(
+            ckpt,
+            job.files,
+            spec=job.stream,
+            ring=ring,
+            inbox=state.pieces,
+            cancelled=state.cancelled,
+            ack=lambda seq: conn.send(PieceDone(job.job_id, seq)),
+        )
+
     def run_job(self, conn: _Connection, state: _Job) -> None:
         job = state.job
         starts: list[float] = []
         futures: list[Future[FileRecord]] = []
         arena: memoryview | None = None
+        reuse: ReuseSource | None = None
+        reused: list[FileRecord] = []
 
         def one(fj: FileJob) -> FileRecord:
             starts.append(time.monotonic())
             if state.cancelled.is_set() or arena is None:
                 raise JobCancelled(f"{job.ckpt_url}: save cancelled")
+            if reuse is not None:  # incremental save: an unchanged shard is copied, not written
+                record = reuse.try_reuse(fj, arena, state.cancelled)
+                if record is not None:
+                    reused.append(record)
+                    return record
             return stream_file(ckpt, fj, arena, state.cancelled)
 
         try:
@@ -372,8 +412,10 @@ class NodeWriter:
             if job.files and arena is None:
                 raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
             begin_checkpoint(ckpt)
-            futures = [self.io_pool.submit(one, fj) for fj in job.files]
-            records = [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]
+            reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None
+            futures = [self.io_pool.submit(one, fj) for fj in job.files] if not job.stream else []
+            records = self._write_streamed(conn, state, ckpt, arena) if job.stream else []
+            records += [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f.done() and f.exception() is not None), None)
             if failed is not None:
@@ -388,6 +430,7 @@ class NodeWriter:
                     raise JobCancelled(f"{job.ckpt_url}: save cancelled before commit")
                 finish_checkpoint(ckpt, job.commit, records)
             first = min(starts, default=state.received)
+            nbytes_reused = sum(r.nbytes for r in reused)
             state.reported = True
             conn.send(
                 JobDone(
@@ -397,6 +440,8 @@ class NodeWriter:
                     write_s=write_end - first,
                     commit_s=time.monotonic() - write_end,
                     committed=job.commit is not None,
+                    nbytes_written=sum(r.nbytes for r in records) - nbytes_reused,
+                    nbytes_reused=nbytes_reused,
                 )
             )
         except BaseException as e:

@@ -7,6 +7,9 @@ writer's ``workers.node_writer``):
 2. trainer -> writer ``SaveJob`` (any number, any time); for each, exactly one
    ``JobDone`` or ``JobFailed`` comes back once the writer no longer reads the arena.
 3. trainer -> writer ``ReleaseArena`` when it unlinks an arena the writer may have mapped.
+   A streamed job (``SaveJob.stream``: the state is larger than the memory budget) is
+   followed by ``PieceReady`` frames, each answered by ``PieceDone`` once its bytes were
+   handed to storage (the slot may be refilled); ``CancelJob`` stops it (``JobFailed``).
 4. Either side closes the socket. EOF is the death notice: the trainer fails its
    in-flight saves with ``WriterDiedError``; the writer cancels that trainer's jobs
    (no manifest) and reclaims a dead trainer's arenas.
@@ -33,22 +36,26 @@ from ckptsvc.safetensors_stream import ShardLayout, TensorEntry
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "CancelJob",
     "CommitInfo",
     "ErrorInfo",
     "FileJob",
     "Hello",
     "JobDone",
     "JobFailed",
+    "PieceDone",
+    "PieceReady",
     "ReleaseArena",
     "SaveJob",
     "SmallFile",
+    "StreamSpec",
     "Welcome",
     "check_wire_safe",
     "recv_message",
     "send_message",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 1 << 30
 _LEN = struct.Struct("<Q")
 
@@ -101,12 +108,30 @@ class CommitInfo:
 
 
 @dataclass(frozen=True)
+class StreamSpec:
+    """A streamed job's staged bytes: ``nbytes`` of the full arena layout (``FileJob.
+    arena_offset`` are offsets in it) arrive as ``PieceReady`` windows of ``piece_nbytes``
+    (the last one shorter), in order, through a smaller ring arena."""
+
+    nbytes: int
+    piece_nbytes: int
+
+    @property
+    def npieces(self) -> int:
+        return -(-self.nbytes // self.piece_nbytes)
+
+
+@dataclass(frozen=True)
 class SaveJob:
     """Write ``files`` from arena ``arena_name`` and ``small_files`` under ``ckpt_url``.
 
     With ``commit`` the writer also commits the checkpoint (manifest last) once every
     file is durable; without, it only reports the files (a coordinator commits).
     ``arena_name`` is empty for a job without shard files (small files and commit only).
+    With ``stream`` the arena is a ring the trainer refills piece by piece (``PieceReady``).
+    ``base_url`` / ``base_files``: a committed earlier checkpoint and its records of files
+    that may be unchanged; such a file is materialised from it (hard link, server-side
+    copy) instead of written when its bytes are identical (``workers.reuse``).
     """
 
     job_id: int
@@ -116,6 +141,9 @@ class SaveJob:
     files: tuple[FileJob, ...]
     small_files: tuple[SmallFile, ...]
     commit: CommitInfo | None
+    stream: StreamSpec | None = None
+    base_url: str = ""
+    base_files: tuple[FileRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +151,26 @@ class ReleaseArena:
     """The trainer unlinked this arena: the writer unmaps it."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class PieceReady:
+    """Piece ``seq`` of a streamed job: layout bytes ``[offset, offset + nbytes)`` are in
+    the ring arena at ``arena_offset``."""
+
+    job_id: int
+    seq: int
+    offset: int
+    arena_offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """The trainer gives up a streamed job (it failed while staging); no manifest."""
+
+    job_id: int
+    reason: str
 
 
 # ---- writer -> trainer ------------------------------------------------------------------------
@@ -157,7 +205,10 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class JobDone:
-    """Every file of the job is durable (and committed, when the job asked for it)."""
+    """Every file of the job is durable (and committed, when the job asked for it).
+
+    ``nbytes_reused``: bytes of files materialised from the job's base checkpoint instead
+    of written; ``nbytes_written``: the bytes of every other file of the job."""
 
     job_id: int
     files: tuple[FileRecord, ...]
@@ -165,6 +216,16 @@ class JobDone:
     write_s: float
     commit_s: float
     committed: bool
+    nbytes_written: int = 0
+    nbytes_reused: int = 0
+
+
+@dataclass(frozen=True)
+class PieceDone:
+    """Every byte of piece ``seq`` was handed to storage: its ring slot may be refilled."""
+
+    job_id: int
+    seq: int
 
 
 @dataclass(frozen=True)

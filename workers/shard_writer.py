@@ -26,13 +26,14 @@ class ChecksummedWriter:
     Usable as ``torch.save``'s target.
     """
 
-    def __init__(self, loc: Location, *, rel_path: str) -> None:
+    def __init__(self, loc: Location, *, rel_path: str, size_hint_bytes: int | None = None) -> None:
         self._loc = loc
         self._rel_path = rel_path
         self._crc = Crc32c()
         self._step = knobs.WRITE_CHUNK_BYTES.get()
         self.nbytes = 0
-        self._sink = loc.open_sink()
+        # the expected size lets direct_io=auto pick O_DIRECT for big local files
+        self._sink = loc.open_sink(size_hint_bytes=size_hint_bytes)
 
     def write(self, data: memoryview | bytes | bytearray) -> int:
         view = memoryview(data).cast("B")
@@ -69,7 +70,7 @@ def write_stream(
     On any failure the partial file or multipart upload is aborted and the error
     propagates. ``expect_nbytes`` guards against a layout/bytes mismatch.
     """
-    out = ChecksummedWriter(loc, rel_path=rel_path)
+    out = ChecksummedWriter(loc, rel_path=rel_path, size_hint_bytes=expect_nbytes)
     try:
         for chunk in chunks:
             out.write(chunk)
