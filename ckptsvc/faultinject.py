@@ -256,10 +256,8 @@ def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
     """Wrap this process's ``os``/``open`` calls with ``faults``; returns the undo function."""
     import builtins
 
-    real = {
-        name: getattr(os, name)
-        for name in ("open", "write", "fsync", "replace", "scandir", "pread", "preadv", "unlink")
-    }
+    wrapped = ("open", "write", "pwrite", "fsync", "replace", "scandir", "pread", "preadv")
+    real = {name: getattr(os, name) for name in (*wrapped, "unlink")}
     real_open = builtins.open
 
     def check(op: str, path: Any) -> None:
@@ -275,6 +273,10 @@ def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
     def os_write(fd: int, data: Any) -> int:
         check("write", _fd_path(fd))
         return int(real["write"](fd, data))
+
+    def os_pwrite(fd: int, data: Any, offset: int) -> int:
+        check("write", _fd_path(fd))
+        return int(real["pwrite"](fd, data, offset))
 
     def os_fsync(fd: Any) -> None:
         check("close", _fd_path(fd if isinstance(fd, int) else fd.fileno()))
@@ -305,7 +307,8 @@ def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
         return real_open(file, mode, *args, **kwargs)
 
     wrappers = {
-        "open": os_open, "write": os_write, "fsync": os_fsync, "replace": os_replace,
+        "open": os_open, "write": os_write, "pwrite": os_pwrite, "fsync": os_fsync,
+        "replace": os_replace,
         "scandir": os_scandir, "pread": os_pread, "preadv": os_preadv, "unlink": os_unlink,
     }  # fmt: skip
     for name, fn in wrappers.items():

@@ -61,7 +61,10 @@ def knob_table() -> list[tuple[str, object, str]]:
 # --- format and sync I/O ----------------------------------------------------------------
 MAX_SHARD_SIZE = _knob("max_shard_size", 2**31, "Default bytes per shard file for async saves.")
 WRITE_CHUNK_BYTES = _knob(
-    "write_chunk_bytes", 16 * 2**20, "Bytes per write() call when streaming a shard."
+    "write_chunk_bytes",
+    64 * 2**20,
+    "Bytes per write() call when streaming a shard (local O_DIRECT: split into 4 parallel "
+    "writes; each chunk is checksummed while it is written).",
 )
 READ_CHUNK_BYTES = _knob("read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.")
 IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parallel.")

@@ -1,16 +1,17 @@
 """``O_DIRECT`` writes of new local files, and when to use them (``CKPTSVC_DIRECT_IO``).
 
-:class:`DirectFile` copies the stream into a page-aligned bounce buffer (an anonymous
-mapping of two halves) and writes whole halves with ``O_DIRECT`` from a flusher thread
-while the caller fills the other half; the last partial block is zero-padded and the file
-cut back with ``ftruncate``. **Zero copy**: a big chunk whose memory is page aligned,
-arriving when the file so far ends on a block boundary, is written straight from the
-caller's memory. That is the common case: shards of 1 MiB or more pad their header to
-4 KiB (:mod:`ckptsvc.safetensors_stream`), and the staging arena keeps each shard's data
-page aligned, so after the header's block every byte goes from shared memory to the
-device without a copy (and the bounce buffer's pages are never touched). Skipping the page cache saves the kernel's per-page copy, dirty
-accounting and writeback throttling: on ext4 over a virtio disk it made 8 MiB - 1 GiB
-durable writes 1.5-2x faster (see ``docs``: the bench's ``raw_write_direct`` floor).
+:class:`DirectFile` writes a new file with ``O_DIRECT`` and keeps several writes in
+flight at their own offsets (``pwrite``), as the device needs to stay busy. **Zero copy**:
+a big chunk whose memory is page aligned, arriving when the file so far ends on a block
+boundary, is written straight from the caller's memory. That is the common case: shards
+of 1 MiB or more pad their header to 4 KiB (:mod:`ckptsvc.safetensors_stream`), and the
+staging arena keeps each shard's data page aligned, so after the header's block every
+byte goes from shared memory to the device without a copy. Anything else is copied into
+page-aligned bounce slots (an anonymous mapping whose pages are touched only when used);
+the last partial block is zero-padded and the file cut back with ``ftruncate``. Skipping
+the page cache saves the kernel's per-page copy, dirty accounting and writeback
+throttling: on ext4 over a virtio disk it made 8 MiB - 1 GiB durable writes 1.5-2x faster
+(see the bench's ``raw_write_direct`` floor).
 
 :func:`want_direct` decides per file: ``off``; ``on`` (try everywhere, fall back where
 refused); ``auto`` (the default: only on block-device filesystems where it was measured
@@ -31,6 +32,8 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Literal
 
 from ckptsvc import knobs
@@ -60,6 +63,9 @@ _REFUSING_ERRNOS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 _GIL_FREE_COPY_BYTES = 64 * 1024
 #: chunks at least this big, page aligned at a block-aligned file offset, skip the bounce
 _ZERO_COPY_MIN_BYTES = 2**20
+#: direct writes of one file in flight, and bounce slots (each ``CKPTSVC_DIRECT_IO_BUFFER_BYTES``)
+_IN_FLIGHT = 4
+_SLOTS = 4
 
 _lock = threading.Lock()
 _refused_devices: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
@@ -199,21 +205,26 @@ def _address_of(view: memoryview) -> int:
 
 
 class DirectFile:
-    """A new local file written with ``O_DIRECT`` through a bounce buffer.
+    """A new local file written with ``O_DIRECT``, several writes in flight.
 
-    1. ``__init__`` (caller thread): create/truncate the file with ``O_DIRECT``
-       (:class:`DirectIORefused` where the filesystem does not accept it) and map the
-       bounce buffer: two halves of ``chunk_nbytes`` (rounded to pages), smaller for a
-       small ``size_hint_bytes``;
-    2. ``write`` (caller thread, one at a time): copy into the filling half; a full half
-       goes to the flusher thread (started on the first one), which writes it while the
-       caller fills the other half;
-    3. ``close`` (caller thread): wait for the flusher, write the last half zero-padded
-       to a block, ``ftruncate`` to the real size, ``fsync`` (when asked), close; or
-       ``abort``: stop the flusher, close, unlink (never raises).
+    1. ``__init__`` (caller thread): create the file with ``O_DIRECT`` (:class:`DirectIORefused`
+       where the filesystem does not accept it) and map the bounce buffer: ``_SLOTS`` slots
+       of ``chunk_nbytes`` (rounded to pages; smaller for a small ``size_hint_bytes``),
+       whose pages are touched only when used;
+    2. ``write`` (caller thread, one at a time): a big page-aligned chunk at a block-aligned
+       file offset is written from where it lies (zero copy); anything else is copied into
+       the filling slot. Full slots and zero-copy chunks become ``pwrite`` s at their own
+       file offsets on a pool of ``_IN_FLIGHT`` threads, so the device sees several
+       requests at once (one stream of synchronous writes leaves it idle between them);
+       the caller waits for a free slot, and for its zero-copy writes (its memory is
+       free again when ``write`` returns);
+    3. ``close`` (caller thread): write the last slot zero-padded to a block, wait for every
+       write, ``ftruncate`` to the real size, ``fsync`` (when asked), close; or ``abort``:
+       wait for the writes, close, unlink (never raises).
 
-    A write refused with ``EINVAL`` drops ``O_DIRECT`` from the descriptor and writes the
-    same bytes through the page cache (logged once per filesystem).
+    The first write runs on the caller thread: if the filesystem refuses it (``EINVAL``),
+    the descriptor drops ``O_DIRECT`` and the same bytes go through the page cache (logged
+    once per filesystem). ``nbytes`` counts the bytes accepted so far.
     """
 
     def __init__(
@@ -228,12 +239,12 @@ class DirectFile:
                 _note_refused(path, os.path.dirname(path) or ".", e)
                 raise DirectIORefused(e.errno, e.strerror, path) from e
             raise
-        half = _round_up(max(1, chunk_nbytes))
+        slot = _round_up(max(1, chunk_nbytes))
         if size_hint_bytes is not None:
-            half = min(half, _round_up(max(1, size_hint_bytes)))
-        self._half_nbytes = half
+            slot = min(slot, _round_up(max(1, size_hint_bytes)))
+        self._slot_nbytes = slot
         try:
-            self._map = mmap.mmap(-1, 2 * half)
+            self._map = mmap.mmap(-1, _SLOTS * slot)
         except BaseException:
             os.close(self._fd)
             with contextlib.suppress(OSError):
@@ -241,16 +252,18 @@ class DirectFile:
             raise
         self._view = memoryview(self._map)
         self._dst = ctypes.c_char.from_buffer(self._map)  # the bounce buffer's address
-        self._free = (threading.Event(), threading.Event())
-        self._free[0].set()
-        self._free[1].set()
-        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self._flusher: threading.Thread | None = None
+        self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(1, _SLOTS):
+            self._free_slots.put(index)
+        self._slot = 0  # the slot being filled
+        self._filled = 0  # bytes in it
+        self._offset = 0  # file offset of the next write handed out
+        self._pool: ThreadPoolExecutor | None = None
+        self._flags_lock = threading.Lock()
         self._error: BaseException | None = None
         self._direct = True  # False once the filesystem refused a direct write
-        self._fill = 0  # index of the half being filled
-        self._filled = 0  # bytes in it
-        self.nbytes = 0  # bytes accepted so far
+        self._proven = False  # a direct write succeeded: the rest may go in parallel
+        self.nbytes = 0
         self._open = True
 
     @property
@@ -260,98 +273,123 @@ class DirectFile:
 
     # ---- caller thread ----------------------------------------------------------------------
     def write(self, data: memoryview | bytes) -> None:
-        """Copy ``data`` into the bounce buffer; full halves are written in the background."""
+        """Take ``data``: written from where it lies when aligned, else via the bounce slots."""
         if not self._open:
             raise ValueError(f"{self.path}: write after close or abort")
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        half = self._half_nbytes
+        slot_nbytes = self._slot_nbytes
         pos, total = 0, view.nbytes
         src_addr = _address_of(view) if total >= _GIL_FREE_COPY_BYTES else None
         if src_addr is not None and src_addr % ALIGN_BYTES == 0:
             pos = self._write_through(view)
         while pos < total:
             self._raise_error()
-            n = min(total - pos, half - self._filled)
-            base = self._fill * half + self._filled
+            n = min(total - pos, slot_nbytes - self._filled)
+            base = self._slot * slot_nbytes + self._filled
             if src_addr is not None and n >= _GIL_FREE_COPY_BYTES:
                 ctypes.memmove(ctypes.addressof(self._dst) + base, src_addr + pos, n)
             else:
                 self._view[base : base + n] = view[pos : pos + n]
             self._filled += n
             pos += n
-            if self._filled == half:
-                self._submit(half)
+            if self._filled == slot_nbytes:
+                self._submit_slot()
         self.nbytes += total
 
     def _write_through(self, view: memoryview) -> int:
         """Zero copy: write the block-aligned prefix of ``view`` (page-aligned memory) from
-        where it lies, once the bytes so far end on a block boundary. Returns the bytes
+        where it lies, once the bytes so far end on a block boundary, as up to
+        ``_IN_FLIGHT`` parallel ``pwrite`` s; return when they are done (the caller may
+        reuse its memory then: a streamed save refills the ring slot). Returns the bytes
         written (0 when the stream is not there)."""
         nbytes = view.nbytes // ALIGN_BYTES * ALIGN_BYTES
         if not self._direct or nbytes < _ZERO_COPY_MIN_BYTES or self._filled % ALIGN_BYTES:
             return 0
         if self._filled:
-            self._submit(self._filled)  # whole blocks: the file stays block aligned
-        self._free[1 - self._fill].wait()  # the flusher is idle: file order is kept
+            self._submit_slot()  # whole blocks: the file stays block aligned
         self._raise_error()
-        self._write_view(view[:nbytes])
+        base = self._offset
+        self._offset += nbytes
+        parts = max(1, min(_IN_FLIGHT, nbytes // _ZERO_COPY_MIN_BYTES))
+        step = _round_up(-(-nbytes // parts))
+        pieces = [(view[lo : min(nbytes, lo + step)], base + lo) for lo in range(0, nbytes, step)]
+        if not self._proven:  # the first direct write tells whether O_DIRECT is taken
+            self._pwrite_all(*pieces.pop(0))
+            self._proven = True
+        futures = [self._executor().submit(self._pwrite_all, *piece) for piece in pieces]
+        wait(futures)
+        for future in futures:
+            future.result()  # the first error, once no write reads ``view`` any more
         return nbytes
 
-    def _submit(self, nbytes: int) -> None:
-        """Hand the filling half to the flusher and wait until the other half is free."""
-        if self._flusher is None:
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name="ckptsvc-direct-io", daemon=True
-            )
-            self._flusher.start()
-        index = self._fill
-        self._free[index].clear()
-        self._todo.put((index, nbytes))
-        self._fill, self._filled = 1 - index, 0
-        self._free[self._fill].wait()
+    def _submit_slot(self) -> None:
+        """Hand the filling slot's bytes out; continue in a free slot (waits for one)."""
+        index, nbytes = self._slot, self._filled
+        base = index * self._slot_nbytes
+        self._start(self._view[base : base + nbytes], release=lambda: self._free_slots.put(index))
+        self._slot, self._filled = self._free_slots.get(), 0
         self._raise_error()
+
+    def _start(self, chunk: memoryview, *, release: Callable[[], None]) -> None:
+        """Write ``chunk`` at the next file offset: on the pool once a direct write worked,
+        else here (the first write tells whether the filesystem takes O_DIRECT)."""
+        offset = self._offset
+        self._offset += chunk.nbytes
+        if not self._proven:
+            try:
+                self._pwrite_all(chunk, offset)
+                self._proven = True
+            finally:
+                release()
+            return
+        self._executor().submit(self._run, chunk, offset, release)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_IN_FLIGHT, thread_name_prefix="ckptsvc-direct-io")
+        return self._pool
 
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
 
     def close(self) -> None:
-        """Wait for the flusher, write what is left, cut the padding, fsync, close."""
+        """Write what is left, wait for every write, cut the padding, fsync, close."""
         if not self._open:
             return
         self._open = False
         try:
-            self._stop_flusher()  # one writer of the descriptor at a time, in file order
-            self._raise_error()
             if self._filled:
                 end = _round_up(self._filled) if self._direct else self._filled
-                base = self._fill * self._half_nbytes
+                base = self._slot * self._slot_nbytes
                 self._view[base + self._filled : base + end] = bytes(end - self._filled)
-                self._write_half(self._fill, end)
+                self._pwrite_all(self._view[base : base + end], self._offset)
+            self._drain()
+            self._raise_error()
             if os.fstat(self._fd).st_size != self.nbytes:
                 os.ftruncate(self._fd, self.nbytes)
             if self._fsync:
                 os.fsync(self._fd)
         finally:
+            self._drain()
             self._release()
 
     def abort(self) -> None:
         """Stop writing and delete the file; never raises."""
         self._open = False
-        with contextlib.suppress(OSError):
-            self._stop_flusher()
+        with contextlib.suppress(BaseException):
+            self._drain()
         with contextlib.suppress(OSError):
             self._release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def _stop_flusher(self) -> None:
-        if self._flusher is not None:
-            self._todo.put(None)
-            self._flusher.join()
-            self._flusher = None
+    def _drain(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _release(self) -> None:
         if self._fd >= 0:
@@ -362,34 +400,33 @@ class DirectFile:
         with contextlib.suppress(BufferError):
             self._map.close()
 
-    # ---- flusher thread (and the caller for the last half) ----------------------------------
-    def _flush_loop(self) -> None:
-        while (item := self._todo.get()) is not None:
-            index, nbytes = item
-            try:
-                if self._error is None:
-                    self._write_half(index, nbytes)
-            except BaseException as e:  # reported to the caller at its next call
-                self._error = e
-            finally:
-                self._free[index].set()
+    # ---- pool threads (and the caller for the first and the last write) ---------------------
+    def _run(self, chunk: memoryview, offset: int, release: Callable[[], None]) -> None:
+        try:
+            if self._error is None:
+                self._pwrite_all(chunk, offset)
+        except BaseException as e:  # reported to the caller at its next call
+            self._error = self._error or e
+        finally:
+            release()
 
-    def _write_half(self, index: int, nbytes: int) -> None:
-        """Write the first ``nbytes`` of half ``index`` at the file's position."""
-        base = index * self._half_nbytes
-        self._write_view(self._view[base : base + nbytes])
-
-    def _write_view(self, data: memoryview) -> None:
-        """Write all of ``data`` at the file's position (``os.write``, so the fault-injection
-        hooks see it), dropping O_DIRECT if the filesystem refuses it."""
+    def _pwrite_all(self, chunk: memoryview, offset: int) -> None:
+        """``pwrite`` all of ``chunk`` at ``offset``, dropping O_DIRECT if refused."""
         done = 0
-        while done < data.nbytes:
+        while done < chunk.nbytes:
+            was_direct = self._direct
             try:
-                done += os.write(self._fd, data[done:])
+                done += os.pwrite(self._fd, chunk[done:], offset + done)
             except OSError as e:
-                if not self._direct or e.errno not in _REFUSING_ERRNOS:
+                if not was_direct or e.errno not in _REFUSING_ERRNOS:
                     raise
-                _note_refused(self.path, self._fd, e)
-                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-                self._direct = False
+                self._drop_direct(e)
+
+    def _drop_direct(self, err: OSError) -> None:
+        with self._flags_lock:
+            if not self._direct:
+                return  # another write saw the refusal first
+            _note_refused(self.path, self._fd, err)
+            flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            self._direct = False

@@ -137,7 +137,7 @@ def test_big_pieces_copied_without_the_gil(tmp_path: Path, kind: type) -> None:
 
 def test_write_chunk_larger_than_file_uses_small_buffer(tmp_path: Path) -> None:
     f = DirectFile(str(tmp_path / "f"), chunk_nbytes=64 * MiB, size_hint_bytes=5000, fsync=True)
-    assert f._half_nbytes == 8192  # bounce buffer sized to the file, not the chunk
+    assert f._slot_nbytes == 8192  # bounce buffer sized to the file, not the chunk
     f.write(payload(5000))
     f.close()
     assert (tmp_path / "f").read_bytes() == payload(5000)
@@ -170,16 +170,16 @@ def test_refused_at_open_falls_back_and_logs_once(
 def test_refused_at_first_write_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_write = os.write
+    real_pwrite = os.pwrite
     refused = []
 
-    def refusing_write(fd: int, data: Any) -> int:
+    def refusing_pwrite(fd: int, data: Any, offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", refusing_write)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
     caplog.set_level(logging.INFO, logger=direct_io.__name__)
     data = payload(4 * CHUNK + 4097)
     path = tmp_path / "f.bin"
@@ -325,15 +325,15 @@ def test_page_aligned_chunks_after_a_block_aligned_header_go_straight_to_the_dev
     source = memoryview(arena)
     data_nbytes = 3 * MiB - 100  # a tail that is not a whole block
     sizes_from_source: list[int] = []
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def recording_write(fd: int, data: Any) -> int:
+    def recording_pwrite(fd: int, data: Any, offset: int) -> int:
         view = memoryview(data)
         if view.obj is arena:
             sizes_from_source.append(view.nbytes)
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", recording_write)
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
     path = tmp_path / "zero-copy.bin"
     f = DirectFile(str(path), chunk_nbytes=MiB, size_hint_bytes=None, fsync=True)
     f.write(header)

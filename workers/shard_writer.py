@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from ckptsvc import knobs
 from ckptsvc.checksum import Crc32c
@@ -16,11 +18,27 @@ __all__ = ["ChecksummedWriter", "write_shard", "write_stream"]
 
 logger = logging.getLogger(__name__)
 
+#: pieces at least this big are checksummed on a helper thread while the sink writes them
+_OVERLAP_CRC_BYTES = 2**20
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
+
+
+def _checksummer() -> ThreadPoolExecutor:
+    """Threads that run CRC-32C beside the sinks' writes (``crc32c`` releases the GIL)."""
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(8, thread_name_prefix="ckptsvc-crc")
+        return _crc_pool
+
 
 class ChecksummedWriter:
     """A write-only file object that streams to ``loc`` and computes CRC-32C on the way.
 
-    1. ``write`` (any thread, one at a time) slices big buffers and forwards them;
+    1. ``write`` (any thread, one at a time) slices big buffers and forwards them; a big
+       piece is checksummed on a helper thread while the sink writes it (both only read
+       it, and both are done when ``write`` returns: the caller may reuse its memory);
     2. ``finish`` makes the file durable and returns its :class:`FileRecord`;
        or ``abort`` deletes the partial file / aborts the multipart upload.
     Usable as ``torch.save``'s target.
@@ -39,8 +57,15 @@ class ChecksummedWriter:
         view = memoryview(data).cast("B")
         for start in range(0, view.nbytes, self._step):
             piece = view[start : start + self._step]
-            self._crc.update(piece)
-            self._sink.write(piece)
+            if piece.nbytes < _OVERLAP_CRC_BYTES:
+                self._crc.update(piece)
+                self._sink.write(piece)
+                continue
+            checksummed = _checksummer().submit(self._crc.update, piece)
+            try:
+                self._sink.write(piece)
+            finally:
+                checksummed.result()
         self.nbytes += view.nbytes
         return view.nbytes
 
