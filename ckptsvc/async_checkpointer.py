@@ -57,7 +57,7 @@ import torch
 
 from . import knobs, metrics
 from .component_load import load_components
-from .component_plan import ComponentPlan, StagedFile, plan_components
+from .component_plan import ComponentPlan, PartReport, StagedFile, plan_components
 from .component_save import commit_job, data_job, stage_components
 from .components import StateComponent
 from .discovery import next_checkpoint_path
@@ -322,15 +322,8 @@ class AsyncCheckpointer:
                 else None
             )
             if snapshot is None and not streamed:
-                parts = stage_components(
-                    plans,
-                    staged,
-                    layout,
-                    arena,
-                    threads=self._copy_threads,
-                    executor=self._copy_pool,
-                    copy=copy_into,  # looked up now: fault-injection hooks replace it
-                )
+                # copy_into looked up now: fault-injection hooks replace it
+                parts = self._stage(plans, staged, layout, arena, copy_into)
             else:
                 parts = tuple(p.part for p in plans)  # the CRCs come after the copy
             copy_s = time.perf_counter() - copy_started
@@ -670,7 +663,20 @@ class AsyncCheckpointer:
         def copy(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], **kw: Any) -> None:
             copy_into(dsts, snapshot.sources(srcs), **kw)  # looked up now, as in save
 
-        parts = stage_components(
+        pending.report = replace(
+            pending.report, parts=self._stage(plans, staged, layout, arena, copy)
+        )
+
+    def _stage(
+        self,
+        plans: Sequence[ComponentPlan],
+        staged: Sequence[StagedFile],
+        layout: ArenaPlan,
+        arena: StagingArena | None,
+        copy: Callable[..., None],
+    ) -> tuple[PartReport, ...]:
+        """Copy ``save_components``' tensors into the arena; this rank's CRCs per part."""
+        return stage_components(
             plans,
             staged,
             layout,
@@ -679,7 +685,6 @@ class AsyncCheckpointer:
             executor=self._copy_pool,
             copy=copy,
         )
-        pending.report = replace(pending.report, parts=parts)
 
     def _abandon(self, pending: PendingCommit, error: BaseException) -> None:
         """Training thread: a distributed save that began but whose job was never sent

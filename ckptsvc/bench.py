@@ -41,7 +41,14 @@ from .bench_incremental import add_incremental_options, run_incremental
 from .bench_loop import add_loop_options, run_loop
 from .bench_plot import render_svg
 from .bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
-from .bench_report import Row, document, evaluate_targets, format_table, print_rich
+from .bench_report import (
+    Row,
+    document,
+    evaluate_targets,
+    format_table,
+    print_rich,
+    write_json,
+)
 from .bench_workloads import ARTIFACTS
 from .errors import CheckpointError
 
@@ -450,12 +457,9 @@ def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float
             "root": plan.root, "cold_reads": plan.cold_reads and not plan.remote,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         }  # fmt: skip
-        text = json.dumps(document(config, rows, targets), indent=1)
+        write_json(document(config, rows, targets), args.json)
         if args.json == "-":
-            print(text)
             return
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
     if args.plot:
         with open(args.plot, "w") as f:
             f.write(render_svg(rows, title=title))

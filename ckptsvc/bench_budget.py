@@ -37,10 +37,9 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any
 
-from .bench_report import Row, budget_target, format_table
+from .bench_report import Row, budget_target, report_rows
 
 __all__ = ["add_budget_options", "measure_budget_peak", "run_budget"]
 
@@ -121,19 +120,8 @@ def run_budget(args: argparse.Namespace) -> int:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
-    targets = [budget_target(row)]
-    if getattr(args, "json", None):
-        doc = {"rows": [asdict(row)], "targets": [asdict(t) for t in targets]}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    else:
-        title = f"ckptsvc bench --budget ({nbytes >> 20} MiB state, {budget >> 20} MiB budget)"
-        print(format_table([row], targets, title))
-    return 0 if row.status == "ok" and all(t.verdict == "PASS" for t in targets) else 1
+    title = f"ckptsvc bench --budget ({nbytes >> 20} MiB state, {budget >> 20} MiB budget)"
+    return report_rows([row], [budget_target(row)], title, getattr(args, "json", None))
 
 
 def _status_bytes(pid: int | str, field: str) -> int:

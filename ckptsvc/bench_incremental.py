@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
-from .bench_report import Row, format_table, incremental_target
+from .bench_report import Row, incremental_target, report_rows
 from .storage import Location
 
 __all__ = [
@@ -190,14 +188,5 @@ def run_incremental(args: argparse.Namespace) -> int:
     finally:
         if not getattr(args, "keep", False):
             Location.parse(root, options).remove(recursive=True, missing_ok=True)
-    targets = [incremental_target(row)]
-    if getattr(args, "json", None):
-        doc = {"rows": [asdict(row)], "targets": [asdict(t) for t in targets]}
-        if args.json == "-":
-            json.dump(doc, sys.stdout, indent=2)
-        else:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=2)
-    else:
-        print(format_table([row], targets, f"ckptsvc bench --incremental ({nbytes >> 20} MiB)"))
-    return 0 if row.status == "ok" and all(t.verdict == "PASS" for t in targets) else 1
+    title = f"ckptsvc bench --incremental ({nbytes >> 20} MiB)"
+    return report_rows([row], [incremental_target(row)], title, getattr(args, "json", None))

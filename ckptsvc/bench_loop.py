@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
 from .bench_loop_worker import MODES, LoopConfig, ModeResult, trimmed_mean
-from .bench_report import Target
+from .bench_report import Target, write_json
 
 __all__ = [
     "add_loop_options",
@@ -308,12 +308,7 @@ def _emit(args: argparse.Namespace, results: Sequence[ModeResult]) -> None:
             "modes": [asdict(r) for r in results],
             "target": asdict(target),
         }  # fmt: skip
-        text = json.dumps(doc, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(doc, args.json)
     if args.json != "-":
         print(format_loop_table(results, target, title))
 

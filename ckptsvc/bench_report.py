@@ -7,6 +7,7 @@ installed and the output is a terminal) and :func:`document` (``--json``) presen
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -24,6 +25,8 @@ __all__ = [
     "format_table",
     "incremental_target",
     "print_rich",
+    "report_rows",
+    "write_json",
 ]
 
 GiB = 1 << 30
@@ -133,38 +136,68 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     return targets
 
 
-def incremental_target(row: Row) -> Target:
-    """Issue 9's incremental-save target for the row of ``bench --incremental``: the
-    second save of a 90%-frozen model writes <= 15% of the bytes a full save writes."""
-    name, formula, threshold = (
-        "incremental save bytes vs full save",
-        "incremental.written / full.written",
-        0.15,
-    )
-    ratio = row.extras.get("written_ratio") if row.status == "ok" else None
+def _ratio_target(
+    row: Row, *, name: str, formula: str, threshold: float, key: str, note: str
+) -> Target:
+    """A ``<=`` target on the ratio ``row.extras[key]`` of a single-row bench mode."""
+    ratio = row.extras.get(key) if row.status == "ok" else None
     if ratio is None:
         return Target(name, formula, "<=", threshold, None, "n/a", row.reason or "no ratio")
     verdict = "PASS" if ratio <= threshold else "FAIL"
-    frozen = row.extras.get("frozen_fraction")
-    note = f"{frozen:.0%} of the bytes frozen" if frozen is not None else ""
     return Target(name, formula, "<=", threshold, float(ratio), verdict, note)
+
+
+def incremental_target(row: Row) -> Target:
+    """Issue 9's incremental-save target for the row of ``bench --incremental``: the
+    second save of a 90%-frozen model writes <= 15% of the bytes a full save writes."""
+    frozen = row.extras.get("frozen_fraction")
+    return _ratio_target(
+        row,
+        name="incremental save bytes vs full save",
+        formula="incremental.written / full.written",
+        threshold=0.15,
+        key="written_ratio",
+        note=f"{frozen:.0%} of the bytes frozen" if frozen is not None else "",
+    )
 
 
 def budget_target(row: Row) -> Target:
     """Issue 9's memory-budget target for the row of ``bench --budget``: with a budget of
     0.25x the state, the save's peak extra memory (trainer RSS growth, ring included, plus
     the writer's private growth) stays within the budget + 10%."""
-    name, formula, threshold = (
-        "budget 0.25x: peak extra / budget",
-        "ckptsvc_budget.extra / memory_budget_bytes",
-        1.10,
+    return _ratio_target(
+        row,
+        name="budget 0.25x: peak extra / budget",
+        formula="ckptsvc_budget.extra / memory_budget_bytes",
+        threshold=1.10,
+        key="ratio",
+        note=f"{row.extras.get('streamed_pieces')} pieces, peak from {row.extras.get('peak_from')}",
     )
-    ratio = row.extras.get("ratio") if row.status == "ok" else None
-    if ratio is None:
-        return Target(name, formula, "<=", threshold, None, "n/a", row.reason or "no ratio")
-    verdict = "PASS" if ratio <= threshold else "FAIL"
-    note = f"{row.extras.get('streamed_pieces')} pieces, peak from {row.extras.get('peak_from')}"
-    return Target(name, formula, "<=", threshold, float(ratio), verdict, note)
+
+
+def write_json(doc: Any, path: str) -> None:
+    """``--json PATH``: ``doc`` as JSON to ``PATH``, or to stdout for ``-``."""
+    text = json.dumps(doc, indent=1)
+    if path == "-":
+        print(text)
+        return
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
+def report_rows(
+    rows: Sequence[Row], targets: Sequence[Target], title: str, json_path: str | None
+) -> int:
+    """Print (or write as JSON) a bench mode's rows and targets; the exit code: 0 when
+    every row ran and every target passed."""
+    if json_path:
+        write_json(
+            {"rows": [asdict(r) for r in rows], "targets": [asdict(t) for t in targets]}, json_path
+        )
+    else:
+        print(format_table(rows, targets, title))
+    ok = all(r.status == "ok" for r in rows) and all(t.verdict == "PASS" for t in targets)
+    return 0 if ok else 1
 
 
 # ---------------------------------------------------------------------------- output

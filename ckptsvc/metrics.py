@@ -52,6 +52,9 @@ class SaveEvent:
     writer until its first shard started; ``write_s``: streaming until every shard was
     durable; ``commit_s``: the manifest; ``durable_s``: ``save`` called until committed.
     ``retries``: storage requests retried. ``error_type``/``error``: why it failed.
+    Issue 9's figures: ``nbytes_written`` / ``nbytes_reused`` (incremental saves: bytes
+    written vs. linked or copied server-side), ``snapshot_s`` / ``fence_wait_s``
+    (overlapped saves), ``pieces`` (a state larger than the memory budget, streamed).
     """
 
     step: int
@@ -69,6 +72,11 @@ class SaveEvent:
     error_type: str | None = None
     error: str | None = None
     timestamp_s: float = 0.0
+    nbytes_written: int | None = None
+    nbytes_reused: int | None = None
+    snapshot_s: float | None = None
+    fence_wait_s: float = 0.0
+    pieces: int = 0
 
     @property
     def blocking_ms(self) -> float:
@@ -147,6 +155,11 @@ def event_from_handle(handle: _Handle) -> SaveEvent:
         error_type=None if error is None else type(error).__name__,
         error=None if error is None else str(error),
         timestamp_s=time.time(),
+        nbytes_written=getattr(t, "nbytes_written", None),
+        nbytes_reused=getattr(t, "nbytes_reused", None),
+        snapshot_s=getattr(t, "snapshot_s", None),
+        fence_wait_s=float(getattr(t, "fence_wait_s", 0.0) or 0.0),
+        pieces=int(getattr(t, "pieces", 0) or 0),
     )
 
 

@@ -51,6 +51,9 @@ def test_events_from_real_handles(tmp_path: Path) -> None:
     assert event.error is None and event.to_dict()["blocking_ms"] == pytest.approx(
         event.blocking_s * 1000, abs=1e-3
     )
+    assert event.nbytes_written == good.timings.nbytes_written
+    assert event.nbytes_written is not None and event.nbytes_written > 4096 * 4  # + header
+    assert event.nbytes_reused == 0 and event.pieces == 0 and event.snapshot_s is None
 
     with AsyncCheckpointer(blocker) as bad_ckpt:
         bad = bad_ckpt.save(4, state)
