@@ -9,6 +9,7 @@ keys; GCS: gcsfs's batch API), optionally on a background thread.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,6 +116,16 @@ def _retention_thread() -> ThreadPoolExecutor:
         if _background is None:
             _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-retention")
         return _background
+
+
+def _forget_thread_in_child() -> None:
+    """A forked child has none of the parent's threads: it starts its own deletion thread
+    (an inherited executor would queue the work and never run it)."""
+    global _background, _background_lock
+    _background, _background_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_thread_in_child)
 
 
 def delete_oldest_checkpoints_in_background(

@@ -10,6 +10,8 @@ import inspect
 import json
 import os
 import re
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -955,3 +957,33 @@ def test_cuda_save_and_load(tmp_path: Path, safetensors: bool) -> None:
     cpu = TiedLM(seed=4)
     sc.load_checkpoint(d, cpu, device="cpu")
     assert_bitwise_equal(cpu.body.weight, src.body.weight.cpu())
+
+
+def test_a_forked_child_saves_after_its_parent_did(tmp_path: Path) -> None:
+    """Module-level thread pools (the checksum helpers) do not survive a fork: a child of a
+    process that already saved must still be able to save (a DataLoader worker, a
+    fork-based launcher), not hang on a pool whose threads stayed in the parent."""
+    state = {"w": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MiB: the helper threads run
+    sc.save_checkpoint(str(tmp_path / "parent"), state, safetensors=True)
+    pid = os.fork()
+    if pid == 0:  # the child: save, then leave without running the parent's cleanups
+        code = 1
+        try:
+            sc.save_checkpoint(str(tmp_path / "child"), state, safetensors=True)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's save hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    loaded = sc.load_checkpoint(str(tmp_path / "child"))
+    assert loaded is not None
+    assert_state_dicts_bitwise_equal(loaded, state)

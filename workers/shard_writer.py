@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,16 @@ def _checksummer() -> ThreadPoolExecutor:
         if _crc_pool is None:
             _crc_pool = ThreadPoolExecutor(8, thread_name_prefix="ckptsvc-crc")
         return _crc_pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's threads: a pool inherited from it would
+    take work and never run it. The child starts its own."""
+    global _crc_pool, _crc_pool_lock
+    _crc_pool, _crc_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 class ChecksummedWriter:
