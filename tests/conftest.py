@@ -119,6 +119,18 @@ def _start_or_skip(name: str, start: Callable[[], Server]) -> Server:
         pytest.skip(f"{name} could not start: {e}")
 
 
+@pytest.fixture
+def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A node id of this test alone: its own node writer (which exits a second after the
+    test, and can open ``faulty://``) and its own shared-memory arenas. Test modules that
+    also check for leaked arenas or sockets define their own."""
+    name = f"n{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
+    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
+    monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
+    yield name
+
+
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """moto's S3 server process on a free loopback port (any credentials are accepted)."""

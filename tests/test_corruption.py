@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -39,14 +38,6 @@ GHOST_SHARD = "model-00003-of-00003.safetensors"
 def state(step: int) -> dict[str, torch.Tensor]:
     """Four 256-byte tensors: two shards of two tensors at max_shard_size=512."""
     return {f"w{i}": torch.full((64,), float(step * 10 + i)) for i in range(4)}
-
-
-@pytest.fixture
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    name = f"corr{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    yield name
 
 
 def save_two(root: StorageRoot, kind: str) -> tuple[str, str]:

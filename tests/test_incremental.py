@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +31,7 @@ from ckptsvc.verify import verify_checkpoint
 SHARD = 40_000  # bytes per shard: several frozen shards for the small model below
 
 
-@pytest.fixture(autouse=True)
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private node writer per test (exits soon after)."""
-    name = f"i{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    yield name
+pytestmark = pytest.mark.usefixtures("node")  # a private node writer per test (conftest)
 
 
 def lora(seed: int = 0) -> LoraLike:

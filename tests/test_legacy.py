@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,7 @@ from ckptsvc.legacy import is_legacy_state_checkpoint
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
 from ckptsvc.training_state import SimpleStatefulProvider, TrainingProgress
 
-
-@pytest.fixture(autouse=True)
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    name = f"l{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    yield name
+pytestmark = pytest.mark.usefixtures("node")  # a private node writer per test (conftest)
 
 
 class Counter:

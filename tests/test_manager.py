@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +32,7 @@ from ckptsvc.tiered_saves import TieringConfig
 from ckptsvc.training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
 from ckptsvc.verify import verify_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private node writer per test (exits soon after), able to load faulty://."""
-    name = f"m{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
-    yield name
+pytestmark = pytest.mark.usefixtures("node")  # a private node writer per test (conftest)
 
 
 class Counter:

@@ -7,8 +7,6 @@ frozen), re-ties tied weights, and the model computes exactly what it computed b
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +38,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    name = f"q{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    yield name
+pytestmark = pytest.mark.usefixtures("node")  # a private node writer per test (conftest)
 
 
 class LM(nn.Module):
