@@ -29,8 +29,6 @@ from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile
 
 __all__ = ["commit_job", "data_job", "stage_components"]
 
-_SINGLE_THREAD_COPY_BYTES = 32 << 20
-
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
@@ -63,14 +61,8 @@ def stage_components(
     if any(t.device.type == "cuda" for t in srcs):
         arena.pin()
     dsts = arena.views_at(layout, specs)
-    total = sum(t.numel() * t.element_size() for t in srcs)
     with torch.no_grad():
-        copy(
-            dsts,
-            srcs,
-            threads=1 if total < _SINGLE_THREAD_COPY_BYTES else threads,
-            executor=executor,
-        )
+        copy(dsts, srcs, threads=threads, executor=executor)
     parts = []
     for p in plans:
         if not p.crc_names:

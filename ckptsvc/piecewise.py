@@ -77,7 +77,6 @@ MIN_BUDGET_BYTES = 2 << 20
 """Smallest useful budget: two 1 MiB slots (a message round trip per MiB already costs
 more than the copy)."""
 
-_SINGLE_THREAD_COPY_BYTES = 32 << 20
 _WAIT_TICK_S = 1.0
 
 
@@ -392,14 +391,8 @@ class PieceStreamer:
                 srcs.append(view)
             if index in self._crcs:
                 crc_ranges.append((index, slot + lo - begin, hi - lo))
-        nbytes = end - begin
         with torch.no_grad():
-            self._copy(
-                dsts,
-                srcs,
-                threads=1 if nbytes < _SINGLE_THREAD_COPY_BYTES else self._threads,
-                executor=self._executor,
-            )
+            self._copy(dsts, srcs, threads=self._threads, executor=self._executor)
         if crc_ranges:
             ring = memoryview(self._ring.segment.buffer)
             try:

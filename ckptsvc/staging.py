@@ -521,6 +521,7 @@ class ArenaPool:
 # ---- the copy ------------------------------------------------------------------------------
 
 _PIECE_BYTES = 8 << 20
+_SINGLE_THREAD_COPY_BYTES = 32 << 20
 
 
 def copy_into(
@@ -534,7 +535,9 @@ def copy_into(
 
     CUDA sources: one side stream, non-blocking D2H copies into pinned memory, then a
     synchronize. CPU sources: big contiguous tensors are cut into pieces and all pieces are
-    spread over ``threads`` threads (``copy_`` releases the GIL).
+    spread over ``threads`` threads (``copy_`` releases the GIL); below
+    ``_SINGLE_THREAD_COPY_BYTES`` in all, the calling thread copies alone (handing work to
+    threads would cost more than it saves).
     """
     import torch
 
@@ -550,15 +553,18 @@ def copy_into(
         with torch.cuda.stream(stream):
             d.copy_(s, non_blocking=True)
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cpu_nbytes = 0
     for d, s in cpu_pairs:
         nbytes = s.numel() * s.element_size()
+        cpu_nbytes += nbytes
         if nbytes > 2 * _PIECE_BYTES and s.is_contiguous() and s.dim() > 0:
             fd, fs = d.reshape(-1), s.reshape(-1)
             step = max(1, _PIECE_BYTES // s.element_size())
             pieces.extend((fd[i : i + step], fs[i : i + step]) for i in range(0, fs.numel(), step))
         else:
             pieces.append((d, s))
-    if threads <= 1 or executor is None or len(pieces) < 2:
+    small = cpu_nbytes < _SINGLE_THREAD_COPY_BYTES
+    if threads <= 1 or executor is None or len(pieces) < 2 or small:
         for d, s in pieces:
             d.copy_(s)
     else:

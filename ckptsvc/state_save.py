@@ -32,7 +32,6 @@ from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile
 
 __all__ = ["PlanCache", "StatePlan", "copy_state", "plan_state", "state_job"]
 
-_SINGLE_THREAD_COPY_BYTES = 32 << 20
 V = TypeVar("V")
 
 
@@ -110,8 +109,6 @@ def copy_state(
     if any(t.device.type == "cuda" for t in srcs):
         arena.pin()
     dsts = arena.views(plan.arena, plan.views)
-    if plan.total_nbytes < _SINGLE_THREAD_COPY_BYTES:
-        threads = 1
     with torch.no_grad():
         copy(dsts, srcs, threads=threads, executor=executor)
 
