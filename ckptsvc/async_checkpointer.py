@@ -83,6 +83,7 @@ from .piecewise import (
 )
 from .reports import Merged, RankReport
 from .save_handle import SaveBook, SaveHandle, SaveTimings
+from .save_target import SaveTarget, check_step, claim_target
 from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
 from .state_save import PlanCache, StatePlan, copy_state, plan_state, state_job
 from .storage import Location
@@ -200,8 +201,15 @@ class AsyncCheckpointer:
         *,
         metadata: dict[str, Any] | None = None,
         overlap: bool = False,
+        overwrite: bool = False,
     ) -> SaveHandle:
         """Snapshot ``state`` and return; the writer makes it durable in the background.
+
+        ``step`` (a non-negative int) names ``checkpoint-<step>``. The directory is claimed
+        before anything is copied: a second save of the same step, from this process or
+        any other, gets :class:`~ckptsvc.errors.CommitConflictError` at once, and so does
+        a committed step unless ``overwrite`` - then the new checkpoint is written beside
+        the old one, which is replaced only once the new one committed.
 
         Single-process only (one rank's whole state); a distributed job calls
         :meth:`save_components` with sharing patterns. With ``overlap`` the parameters and
@@ -221,12 +229,14 @@ class AsyncCheckpointer:
         path = self._free_path(step, None)
         flat = flatten_state(state)
         plan = self._plan_for(flat)
-        streamed = self._budget.streams(plan.arena.nbytes)  # bigger than the budget: pieces
-        ring_nbytes = self._budget.ring_nbytes if streamed else plan.arena.nbytes
-        arena, arena_wait_s = self._pool.acquire(ring_nbytes)
+        target = self._claim(path, overwrite=overwrite)
         streamer: PieceStreamer | None = None
         submitted = False
+        arena: StagingArena | None = None
         try:
+            streamed = self._budget.streams(plan.arena.nbytes)  # bigger than the budget: pieces
+            ring_nbytes = self._budget.ring_nbytes if streamed else plan.arena.nbytes
+            arena, arena_wait_s = self._pool.acquire(ring_nbytes)
             copy_started = time.perf_counter()
             overlap = overlap and not streamed
             snapshot = self._snapshots.prepare(step, [state], flat.tensors) if overlap else None
@@ -239,7 +249,7 @@ class AsyncCheckpointer:
                 started=started,
                 timings=SaveTimings(plan.total_nbytes, 0.0, arena_wait_s, copy_s),
             )
-            job = self._job(step, path, flat, plan, arena, metadata)
+            job = self._job(step, target, flat, plan, arena, metadata)
             on_outcome = self._outcome_callback(handle, arena, None)
             if streamed:
                 segments = flat_segments(plan.arena, plan.views, flat.tensors)
@@ -247,7 +257,7 @@ class AsyncCheckpointer:
                     job, handle, arena, plan.arena.nbytes, segments, on_outcome
                 )
                 on_outcome = streamer.deliver
-            self._book.add(handle)
+            self._book.add(handle, on_done=target.release)
             try:
                 if snapshot is None:
                     client = self._submit(job, on_outcome)
@@ -261,7 +271,9 @@ class AsyncCheckpointer:
             submitted = True
         finally:
             if not submitted:
-                self._pool.release(arena)
+                target.abandon()
+                if arena is not None:
+                    self._pool.release(arena)
         if streamer is not None:
             self._run_stream(streamer, client, job.job_id, handle)
         handle._set_blocking(time.perf_counter() - started)
@@ -277,6 +289,7 @@ class AsyncCheckpointer:
         metadata: dict[str, Any] | None = None,
         checkpoint_path: str | None = None,
         overlap: bool = False,
+        overwrite: bool = False,
     ) -> SaveHandle:
         """Snapshot every component this rank saves (its sharing pattern decides) and return.
 
@@ -287,7 +300,9 @@ class AsyncCheckpointer:
         ``next_checkpoint_path(root, step)``. The handle completes when the checkpoint is
         committed (rank 0 wrote the manifest) or failed on any rank. ``overlap`` as in
         :meth:`save` (the optimizers are found among the components' statefuls); a torn
-        snapshot fails this rank's part, so the checkpoint is not committed.
+        snapshot fails this rank's part, so the checkpoint is not committed. ``overwrite``
+        as in :meth:`save` (every rank passes the same value); rank 0 claims the directory,
+        and no rank's writer ever writes into a committed one.
         """
         self._check_usable("save_components")
         started = time.perf_counter()
@@ -303,16 +318,17 @@ class AsyncCheckpointer:
         )
         staged = [f for p in plans for f in p.files]
         layout = self._arena_plan_for(staged)
+        target = self._claim(path, overwrite=overwrite)
         arena: StagingArena | None = None
         arena_wait_s = 0.0
-        streamed = bool(staged) and self._budget.streams(layout.nbytes)  # pieces
-        if staged:
-            ring_nbytes = self._budget.ring_nbytes if streamed else layout.nbytes
-            arena, arena_wait_s = self._pool.acquire(ring_nbytes)
         streamer: PieceStreamer | None = None
         segs: ComponentSegments | None = None
         submitted = False
         try:
+            streamed = bool(staged) and self._budget.streams(layout.nbytes)  # pieces
+            if staged:
+                ring_nbytes = self._budget.ring_nbytes if streamed else layout.nbytes
+                arena, arena_wait_s = self._pool.acquire(ring_nbytes)
             copy_started = time.perf_counter()
             snapshot = (
                 self._snapshots.prepare(
@@ -337,7 +353,7 @@ class AsyncCheckpointer:
             report = RankReport(self._info.rank, step, path, parts)
             pending = PendingCommit(
                 step=step,
-                path=path,
+                path=target.write_path,
                 handle=handle,
                 report=report,
                 user_metadata=user_meta,
@@ -345,10 +361,12 @@ class AsyncCheckpointer:
                 sharded_docs={
                     p.component.key: p.sharded_doc for p in plans if p.sharded_doc is not None
                 },
+                claim_id=target.claim_id,
+                replace_url=target.replace_url,
             )
             job = data_job(
                 job_id=next(self._job_ids),
-                ckpt_url=Location.parse(path, self._storage_options).url,
+                ckpt_url=Location.parse(target.write_path, self._storage_options).url,
                 storage_options=self._storage_options,
                 pending=pending,
                 plans=plans,
@@ -356,7 +374,9 @@ class AsyncCheckpointer:
                 layout=layout,
                 arena=arena,
                 single_process=self._coordinator is None,
-                **self._base_kwargs(path, frozenset().union(*(p.frozen_files for p in plans))),
+                **self._base_kwargs(
+                    target.write_path, frozenset().union(*(p.frozen_files for p in plans))
+                ),
             )
             on_outcome = self._outcome_callback(handle, arena, pending)
             if streamed and arena is not None:
@@ -365,7 +385,7 @@ class AsyncCheckpointer:
                     job, handle, arena, layout.nbytes, segs.segments, on_outcome, segs.crc_segments
                 )
                 on_outcome = streamer.deliver
-            self._book.add(handle)
+            self._book.add(handle, on_done=target.release)
             began = False
             try:
                 if self._coordinator is not None:
@@ -385,8 +405,10 @@ class AsyncCheckpointer:
                 raise
             submitted = True
         finally:
-            if not submitted and arena is not None:
-                self._pool.release(arena)
+            if not submitted:
+                target.abandon()
+                if arena is not None:
+                    self._pool.release(arena)
         if streamer is not None:
             self._run_stream(streamer, client, job.job_id, handle, pending, segs)
         handle._set_blocking(time.perf_counter() - started)
@@ -511,9 +533,21 @@ class AsyncCheckpointer:
             raise CheckpointError(f"{what}() in a forked child: create an AsyncCheckpointer there")
 
     def _free_path(self, step: int, checkpoint_path: str | None) -> str:
+        check_step(step)
         path = checkpoint_path or next_checkpoint_path(self._root_text, step)
         self._book.check_free(path, step)
         return path
+
+    def _claim(self, path: str, *, overwrite: bool) -> SaveTarget:
+        """Training thread: claim the directory the save writes (the process that commits
+        it does: rank 0, or the only one) before the save is registered."""
+        return claim_target(
+            path,
+            storage_options=self._storage_options,
+            overwrite=overwrite,
+            claim=self._info.rank == 0 or self._coordinator is None,
+            distributed=self._coordinator is not None,
+        )
 
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:
         key = tuple((f.plan.file_name, f.plan.layout.header) for f in staged)
@@ -553,23 +587,27 @@ class AsyncCheckpointer:
     def _job(
         self,
         step: int,
-        path: str,
+        target: SaveTarget,
         flat: FlatState,
         plan: StatePlan,
         arena: StagingArena,
         metadata: dict[str, Any] | None,
     ) -> SaveJob:
-        return state_job(
+        job = state_job(
             job_id=next(self._job_ids),
             step=step,
-            ckpt_url=Location.parse(path, self._storage_options).url,
+            ckpt_url=Location.parse(target.write_path, self._storage_options).url,
             storage_options=self._storage_options,
             flat=flat,
             plan=plan,
             arena_name=arena.name,
             user_metadata=_json_metadata({**self._metadata, **(metadata or {})}),
-            **self._base_kwargs(path, plan.frozen_files),
+            **self._base_kwargs(target.write_path, plan.frozen_files),
         )
+        if job.commit is None:
+            return job
+        commit = replace(job.commit, claim_id=target.claim_id, replace_url=target.replace_url)
+        return replace(job, commit=commit)
 
     def _base_kwargs(self, path: str, candidates: frozenset[str]) -> dict[str, Any]:
         """``SaveJob`` fields naming the base checkpoint and its records of ``candidates``."""

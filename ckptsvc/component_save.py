@@ -86,6 +86,8 @@ def commit_info(pending: PendingCommit, merged: Merged, *, world_size: int) -> C
         library_version=__version__,
         user_metadata=pending.user_metadata,
         extra_files=tuple(f for f in merged.files if f.path not in merged.small_files),
+        claim_id=pending.claim_id,
+        replace_url=pending.replace_url,
     )
 
 

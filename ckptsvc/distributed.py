@@ -142,7 +142,11 @@ def resolve_groups(
 
 @dataclass
 class PendingCommit:
-    """One save of this rank between its snapshot and its outcome (see :class:`Coordinator`)."""
+    """One save of this rank between its snapshot and its outcome (see :class:`Coordinator`).
+
+    ``path`` is where the files go: the checkpoint, or with ``replace_url`` the hidden
+    successor of the committed checkpoint there. ``claim_id``: rank 0's claim of ``path``.
+    """
 
     step: int | None
     path: str
@@ -151,6 +155,8 @@ class PendingCommit:
     user_metadata: dict[str, Any]
     crc_names: dict[str, tuple[str, ...]]
     sharded_docs: dict[str, dict[str, Any]]
+    claim_id: str = ""
+    replace_url: str = ""
     seq: int = -1
     previous: PendingCommit | None = None
     settled: threading.Event = field(default_factory=threading.Event)

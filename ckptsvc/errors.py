@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CommitConflictError",
+    "ConfigError",
     "CoordinationError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
@@ -90,6 +91,10 @@ class StoragePermissionError(StorageError, PermissionError):
 
 class StorageTransientError(StorageError):
     """A failure worth retrying (5xx, throttling, connection reset, timeout) that persisted."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A configuration mistake: a bad argument or ``CKPTSVC_*`` value (named in the message)."""
 
 
 class StateMismatchError(CheckpointError, RuntimeError):

@@ -135,6 +135,12 @@ SHM_DIR = _knob("shm_dir", "/dev/shm", "Directory of POSIX shared memory segment
 COMMIT_TIMEOUT_S = _knob(
     "commit_timeout_s", 1800.0, "Rank 0 waits this long for every rank's report."
 )
+CLAIM_LEASE_S = _knob(
+    "claim_lease_s",
+    120.0,
+    "A checkpoint claim (in-progress marker) of a process on another host is live while it "
+    "was refreshed within this many seconds; the saving process refreshes every quarter.",
+)
 NODE_ID = _knob("node_id", "", "Names this node's writer socket and arenas ('' = per user).")
 WRITER_SOCKET = _knob(
     "writer_socket", "", "Unix socket path of the node writer ('' = derived from the node id)."

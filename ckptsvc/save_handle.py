@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .errors import CommitConflictError, SaveFailedError
@@ -191,6 +191,7 @@ class SaveBook:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._inflight: set[SaveHandle] = set()
+        self._on_done: dict[SaveHandle, Callable[[], None]] = {}
         self._failed: list[SaveHandle] = []
 
     def check_free(self, path: str, step: int) -> None:
@@ -201,13 +202,19 @@ class SaveBook:
                     f"step {step} again"
                 )
 
-    def add(self, handle: SaveHandle) -> None:
+    def add(self, handle: SaveHandle, *, on_done: Callable[[], None] | None = None) -> None:
+        """Track ``handle``; ``on_done`` runs once when it is forgotten (claims released)."""
         with self._lock:
             self._inflight.add(handle)
+            if on_done is not None:
+                self._on_done[handle] = on_done
 
     def discard(self, handle: SaveHandle) -> None:
         with self._lock:
             self._inflight.discard(handle)
+            on_done = self._on_done.pop(handle, None)
+        if on_done is not None:
+            on_done()
 
     def finish(self, handle: SaveHandle, error: BaseException | None) -> None:
         """Fail the handle with ``error`` (recorded first), or just forget a durable one."""

@@ -58,6 +58,7 @@ from .loading import read_safetensors, read_safetensors_header, read_torch_file
 from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
 from .retention import maybe_delete_oldest_checkpoint
 from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
+from .save_target import SaveTarget, check_step, claim_target
 from .storage import Location
 from .tied_params import (
     create_sharing_metadata,
@@ -69,7 +70,7 @@ from .tied_params import (
     shared_tensor_groups,
     stored_aliases,
 )
-from .workers.commit import begin_checkpoint, commit_checkpoint, publish_file
+from .workers.commit import begin_checkpoint, commit_checkpoint, publish_file, swap_in
 from .workers.shard_writer import ChecksummedWriter, write_shard
 
 __all__ = [
@@ -253,13 +254,21 @@ def save_checkpoint(
     *,
     storage_options: dict[str, Any] | None = None,
     step: int | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Save a module or raw state dict as a sharded, committed checkpoint in ``output_dir``.
 
-    Order: in-progress marker, shard files, index, then ``checkpoint_manifest.json`` last
-    (atomic). Tied parameters are stored once and listed in ``metadata.param_sharing``.
-    The whole input is validated before a byte is written.
+    Order: claim (exclusive in-progress marker), shard files, index, then
+    ``checkpoint_manifest.json`` last (atomic). Tied parameters are stored once and listed
+    in ``metadata.param_sharing``. The whole input is validated before a byte is written.
+    A committed checkpoint already in ``output_dir`` is replaced (as Forgather does) only
+    once the new one committed beside it; if the save fails, the old one is untouched.
+    With ``overwrite=False`` a committed ``output_dir`` is a
+    :class:`~ckptsvc.errors.CommitConflictError`. Another save in progress to
+    ``output_dir`` is always one.
     """
+    if step is not None:
+        check_step(step)
     sd = _state_dict(module)
     if param_sharing_metadata is None and include_param_sharing:
         groups = create_sharing_metadata(module) if isinstance(module, nn.Module) else []
@@ -277,7 +286,31 @@ def save_checkpoint(
     sizes = [(k, t.numel() * t.element_size()) for k, t in to_write.items()]
     weight_map = assign_shards([sizes], max_shard_size=max_shard_size, safetensors=safetensors)
 
-    ckpt = Location.parse(output_dir, storage_options)
+    target = claim_target(output_dir, storage_options=storage_options, overwrite=overwrite)
+    ckpt = Location.parse(target.write_path, storage_options)
+    committed = False
+    try:
+        _write_committed(ckpt, target, weight_map, to_write, sharing, metadata, step, safetensors)
+        committed = True
+        if target.replace_url:
+            swap_in(ckpt, Location.parse(target.replace_url, storage_options))
+    finally:
+        target.release()
+        if not committed and target.replace_url:  # a failed replacement: free its space
+            _discard_quietly(ckpt)
+
+
+def _write_committed(
+    ckpt: Location,
+    target: SaveTarget,
+    weight_map: Mapping[str, str],
+    to_write: Mapping[str, Tensor],
+    sharing: list[list[str]],
+    metadata: dict[str, Any] | None,
+    step: int | None,
+    safetensors: bool,
+) -> None:
+    """``save_checkpoint``'s files, index and manifest in the claimed directory ``ckpt``."""
     begin_checkpoint(ckpt)
     records = _write_files(ckpt, weight_map, to_write, safetensors=safetensors)
     total = sum(t.numel() * t.element_size() for t in to_write.values())
@@ -289,7 +322,7 @@ def save_checkpoint(
         publish_file(ckpt, index_name, json.dumps(index, indent=4, ensure_ascii=True).encode())
     )
     manifest = Manifest(
-        checkpoint_path=ckpt.url,
+        checkpoint_path=Location.parse(target.path, ckpt.storage_options).url,
         world_size=1,
         timestamp=now_iso(),
         step=step,
@@ -306,7 +339,14 @@ def save_checkpoint(
         pytorch_version=torch.__version__,
         library_version=_version(),
     )
-    commit_checkpoint(ckpt, manifest)
+    commit_checkpoint(ckpt, manifest, claim_id=target.claim_id)
+
+
+def _discard_quietly(ckpt: Location) -> None:
+    try:
+        ckpt.remove(recursive=True, missing_ok=True)
+    except Exception as e:  # the save's own error is what the caller must see
+        logger.warning("could not remove the failed replacement %s: %s", ckpt.url, e)
 
 
 def _version() -> str:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import knobs
 from .errors import CheckpointError, StorageError
+from .liveness import pid_alive, pid_namespace
 
 if TYPE_CHECKING:
     import torch
@@ -77,37 +78,13 @@ def node_id(explicit: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:64]
 
 
-def _pid_namespace() -> str:
-    try:
-        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
-    except OSError:
-        return "0"
-    return re.sub(r"\D", "", link) or "0"
-
-
 def segment_prefix(node: str) -> str:
     """Names of this pid namespace's segments for ``node`` start with this."""
-    return f"{PREFIX}-{node}-{_pid_namespace()}-"
+    return f"{PREFIX}-{node}-{pid_namespace()}-"
 
 
 def _new_segment_name(node: str) -> str:
     return f"{segment_prefix(node)}{os.getpid()}-{next(_serial)}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs (a zombie counts as dead: it can no longer use its arenas)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
-    return state not in (b"Z", b"X")
 
 
 def reclaim_stale_segments(node: str, *, shm_dir: str | None = None) -> list[str]:

@@ -338,6 +338,74 @@ class Location:
             lambda: self.fs.pipe_file(self.path, data), url=self.url, action="publish"
         )
 
+    def create_exclusive(self, data: bytes) -> bool:
+        """Create the file with ``data`` only if it does not exist; ``False`` if it did.
+
+        Local: ``O_CREAT | O_EXCL``, fsync, directory fsync. S3 and GCS: a conditional PUT
+        (``If-None-Match: *`` / ``ifGenerationMatch=0``), so of two writers exactly one
+        wins. Other filesystems have no conditional write: an existence check, then a
+        write (two writers racing within one round trip could both win; logged once).
+        """
+        if self.is_local:
+            directory = os.path.dirname(self.path)
+            with storage_errors(self.url, "create"):
+                os.makedirs(directory, exist_ok=True)
+                try:
+                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                try:
+                    write_all(fd, memoryview(data))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fsync_dir(directory)
+            return True
+        if self.protocol in S3_PROTOCOLS or self.protocol in GCS_PROTOCOLS:
+            try:
+                call_with_retries(
+                    lambda: self.fs.pipe_file(self.path, data, mode="create"),
+                    url=self.url,
+                    action="create",
+                )
+            except FileExistsError:  # 412 Precondition Failed, as fsspec maps it
+                return False
+            except StorageError as e:
+                if _precondition_failed(e):
+                    return False
+                raise
+            return True
+        global _warned_unconditional
+        if not _warned_unconditional:
+            _warned_unconditional = True
+            logger.warning(
+                "%s: this filesystem has no conditional write; claims of a checkpoint "
+                "directory are checked, then written (not atomic)",
+                self.url,
+            )
+        if self.exists():
+            return False
+        self.publish(data)
+        return True
+
+    def mtime_s(self) -> float | None:
+        """Last modification time in seconds since the epoch (``None`` if not reported)."""
+        if self.is_local:
+            with storage_errors(self.url, "stat"):
+                return os.stat(self.path, follow_symlinks=False).st_mtime
+
+        def _info() -> dict[str, Any]:
+            self.fs.invalidate_cache(self.path)
+            return dict(self.fs.info(self.path))
+
+        info = call_with_retries(_info, url=self.url, action="stat")
+        return _timestamp(
+            info.get("mtime")
+            or info.get("LastModified")
+            or info.get("updated")
+            or info.get("created")
+        )
+
     def open_sink(
         self,
         *,
@@ -448,6 +516,20 @@ class Location:
         for name, info in sorted(found.items()):
             rel = name[len(base) :] if name.startswith(base) else posixpath.basename(name)
             yield rel, int(info.get("size") or 0)
+
+
+_warned_unconditional = False
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """True if ``error`` (or a cause) is an HTTP 412 / PreconditionFailed answer."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = f"{type(seen).__name__} {seen}"
+        if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _timestamp(value: object) -> float | None:

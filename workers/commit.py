@@ -3,49 +3,78 @@
 A checkpoint directory is complete if and only if ``checkpoint_manifest.json`` exists and
 parses. Every save follows this order (DESIGN.md section 4):
 
-1. :func:`begin_checkpoint` - create the directory, write the in-progress marker, and only
-   then delete a manifest left by an earlier save to the same path (so an interrupted
-   overwrite is never mistaken for the old, complete checkpoint).
+0. :func:`~ckptsvc.workers.claim.claim_checkpoint` (the saving process) - the in-progress
+   marker, created exclusively: one saver per directory.
+1. :func:`begin_checkpoint` (every writer that writes into the directory) - create the
+   directory; refuse one that is committed. Committed files are never rewritten in place.
 2. The data: shards streamed by :mod:`ckptsvc.workers.shard_writer`, small JSON files
    through :func:`publish_file`. All durable before step 3.
-3. :func:`commit_checkpoint` - publish the manifest atomically (temp + fsync + rename +
-   directory fsync locally; one PUT on object stores), then remove the marker.
+3. :func:`commit_checkpoint` - check the claim is still this save's, publish the manifest
+   atomically (temp + fsync + rename + directory fsync locally; one PUT on object stores),
+   then remove the marker.
 
 A crash anywhere before step 3 leaves the marker and no manifest: "incomplete", never
 returned by discovery and collectable by ``gc``.
+
+**Replacing a committed checkpoint** (``overwrite=True``) never destroys it before its
+successor commits: the new one is saved, with this same protocol, to the hidden sibling
+:func:`replacement_location` (``.checkpoint-N.ckptsvc-replace``); once that committed,
+:func:`swap_in` moves it into place. Locally that is one atomic ``renameat2
+(RENAME_EXCHANGE)`` of the two directories, then the old one is deleted. Object stores
+have no rename: the target gets a marker, loses its manifest and files, receives
+server-side copies of the new files and the new manifest last; a crash in between leaves
+the target incomplete and the replacement complete, and discovery returns the replacement
+for that step (:func:`replacement_location`) until a later save or ``gc`` finishes the swap.
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
+import errno
 import logging
 import os
-import socket
+import shutil
 from collections.abc import Iterable
+from dataclasses import replace
 
 from ckptsvc import knobs
 from ckptsvc.checksum import crc32c_hex
+from ckptsvc.errors import CommitConflictError, StorageError
 from ckptsvc.manifest import (
     MANIFEST_NAME,
     MARKER_NAME,
     FileRecord,
     Manifest,
     check_relpath,
-    now_iso,
 )
 from ckptsvc.storage import Location, fsync_dir
 
-__all__ = ["begin_checkpoint", "commit_checkpoint", "publish_file", "sync_local_dirs"]
+from .claim import check_claim
+
+__all__ = [
+    "REPLACEMENT_SUFFIX",
+    "begin_checkpoint",
+    "commit_checkpoint",
+    "publish_file",
+    "replacement_location",
+    "swap_in",
+    "sync_local_dirs",
+]
+
+#: a committed checkpoint's successor is saved beside it as ``.<name><suffix>``
+REPLACEMENT_SUFFIX = ".ckptsvc-replace"
 
 logger = logging.getLogger(__name__)
 
 
 def begin_checkpoint(ckpt: Location) -> None:
-    """Step 1: directory, in-progress marker, then retire any previous manifest."""
+    """Step 1: the directory; a committed one is refused (its files are never rewritten)."""
+    if ckpt.join(MANIFEST_NAME).exists():
+        raise CommitConflictError(
+            f"{ckpt.url} is already committed; its files are never rewritten in place: "
+            "pass overwrite=True to replace it, or save under another step"
+        )
     ckpt.makedirs()
-    marker = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()})
-    ckpt.join(MARKER_NAME).publish(marker.encode())
-    ckpt.join(MANIFEST_NAME).remove(missing_ok=True)
 
 
 def publish_file(ckpt: Location, rel_path: str, data: bytes) -> FileRecord:
@@ -64,12 +93,15 @@ def sync_local_dirs(ckpt: Location, rel_paths: Iterable[str]) -> None:
         fsync_dir(d)
 
 
-def commit_checkpoint(ckpt: Location, manifest: Manifest) -> None:
+def commit_checkpoint(ckpt: Location, manifest: Manifest, *, claim_id: str = "") -> None:
     """Step 3: the manifest, last and atomic; then the marker goes.
 
-    The caller guarantees every file listed in ``manifest.files`` is durable.
+    The caller guarantees every file listed in ``manifest.files`` is durable. With
+    ``claim_id`` the marker must still carry it (:func:`~ckptsvc.workers.claim.check_claim`).
     """
     sync_local_dirs(ckpt, (f.path for f in manifest.files))
+    if claim_id:
+        check_claim(ckpt, claim_id)
     ckpt.join(MANIFEST_NAME).publish(manifest.to_json())
     ckpt.join(MARKER_NAME).remove(missing_ok=True)
     logger.info(
@@ -79,3 +111,77 @@ def commit_checkpoint(ckpt: Location, manifest: Manifest) -> None:
         len(manifest.files),
         manifest.total_nbytes,
     )
+
+
+# ---- replacing a committed checkpoint ------------------------------------------------------
+
+
+def replacement_location(final: Location) -> Location:
+    """Where the successor of the checkpoint at ``final`` is saved before :func:`swap_in`."""
+    return final.parent.join(f".{final.name}{REPLACEMENT_SUFFIX}")
+
+
+def swap_in(stage: Location, final: Location) -> None:
+    """Move the committed checkpoint at ``stage`` to ``final``, replacing what is there.
+
+    ``final`` holds a complete checkpoint at every instant on local filesystems with
+    ``RENAME_EXCHANGE`` (ext4, xfs, btrfs, tmpfs); elsewhere see the module docstring.
+    """
+    if stage.is_local:
+        _swap_local(stage.path, final.path)
+        return
+    manifest_raw = stage.join(MANIFEST_NAME).read_bytes()
+    manifest = Manifest.from_json(manifest_raw, where=stage.url)
+    final.makedirs()
+    final.join(MARKER_NAME).publish(b'{"replacing": true}')
+    final.join(MANIFEST_NAME).remove(missing_ok=True)
+    final.remove_children(keep={MARKER_NAME})
+    for record in manifest.files:
+        stage.join(record.path).copy_to(final.join(record.path))
+        if final.join(record.path).size() != record.nbytes:
+            raise StorageError(
+                f"{final.join(record.path).url}: the copy of {record.path} has the wrong size; "
+                f"the new checkpoint is intact at {stage.url}",
+                url=final.url,
+            )
+    final.join(MANIFEST_NAME).publish(replace(manifest, checkpoint_path=final.url).to_json())
+    final.join(MARKER_NAME).remove(missing_ok=True)
+    stage.remove(recursive=True, missing_ok=True)
+    logger.info("replaced %s by the checkpoint saved at %s", final.url, stage.url)
+
+
+def _swap_local(stage: str, final: str) -> None:
+    parent = os.path.dirname(final)
+    if os.path.lexists(final):
+        if not _rename_exchange(stage, final):
+            old = os.path.join(parent, f".{os.path.basename(final)}.ckptsvc-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)  # a crash here: discovery returns the stage for this step
+            os.rename(stage, final)
+            stage = old
+        fsync_dir(parent)
+        shutil.rmtree(stage)  # now the old checkpoint
+    else:
+        os.rename(stage, final)
+    fsync_dir(parent)
+    logger.info("replaced %s by its committed successor", final)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    """Atomically exchange two paths (Linux ``renameat2``); ``False`` where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)

@@ -47,7 +47,7 @@ from ckptsvc.manifest import FileRecord, Manifest, now_iso
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
-from .commit import begin_checkpoint, commit_checkpoint, publish_file
+from .commit import begin_checkpoint, commit_checkpoint, publish_file, swap_in
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     PROTOCOL_VERSION,
@@ -121,7 +121,7 @@ def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileReco
     """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last."""
     every = {f.path: f for f in (*info.extra_files, *files)}
     manifest = Manifest(
-        checkpoint_path=ckpt.url,
+        checkpoint_path=info.replace_url or ckpt.url,
         world_size=info.world_size,
         timestamp=now_iso(),
         step=info.step,
@@ -131,7 +131,9 @@ def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileReco
         library_version=info.library_version,
         user_metadata=dict(info.user_metadata),
     )
-    commit_checkpoint(ckpt, manifest)
+    commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
+    if info.replace_url:
+        swap_in(ckpt, Location.parse(info.replace_url, ckpt.storage_options))
     return manifest
 
 

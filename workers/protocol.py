@@ -96,6 +96,9 @@ class CommitInfo:
 
     ``extra_files`` are files other ranks already made durable (a distributed commit:
     rank 0 sends a job whose own files are the index and documents, plus these).
+    ``claim_id``: the in-progress marker must still carry it at commit
+    (:mod:`ckptsvc.workers.claim`). ``replace_url``: this checkpoint is the successor of
+    the committed one there, swapped in once committed (:func:`~ckptsvc.workers.commit.swap_in`).
     """
 
     step: int | None
@@ -105,6 +108,8 @@ class CommitInfo:
     library_version: str
     user_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: tuple[FileRecord, ...] = ()
+    claim_id: str = ""
+    replace_url: str = ""
 
 
 @dataclass(frozen=True)

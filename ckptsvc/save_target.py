@@ -1,0 +1,113 @@
+"""Where one save goes, claimed before a byte moves: the checkpoint, or its successor.
+
+Every save path (``AsyncCheckpointer.save`` / ``save_components``, the sync
+``save_checkpoint``) resolves its directory here, in the saving process, before the save
+is registered (:mod:`ckptsvc.workers.claim` has the protocol):
+
+1. :func:`check_step` - a step is a non-negative ``int``; a checkpoint id (the Forgather
+   API's) a name of ``[A-Za-z0-9._-]``;
+2. :func:`claim_target` - a committed checkpoint is refused, unless ``overwrite``: then the
+   save goes to its hidden successor (:func:`~ckptsvc.workers.commit.replacement_location`),
+   which is swapped in only after it committed; the directory written is claimed
+   (exclusive in-progress marker) by the process that commits it;
+3. :meth:`SaveTarget.abandon` if the save fails before its job was sent, or
+   :meth:`SaveTarget.release` once it finished.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+from .manifest import MANIFEST_NAME
+from .storage import Location
+from .workers.claim import Claim, claim_checkpoint
+from .workers.commit import replacement_location, swap_in
+
+__all__ = ["SaveTarget", "check_checkpoint_id", "check_step", "claim_target"]
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_step(step: object) -> int:
+    """``step`` if it is a non-negative ``int`` (not a ``bool``); else :class:`ConfigError`."""
+    if type(step) is not int or step < 0:
+        raise ConfigError(
+            f"step must be a non-negative int, not {step!r} ({type(step).__name__}); it names "
+            "the checkpoint directory checkpoint-<step>"
+        )
+    return step
+
+
+def check_checkpoint_id(checkpoint_id: object) -> str:
+    """A step, or a name of letters, digits, ``.``, ``_`` and ``-`` (not ``.`` or ``..``)."""
+    if type(checkpoint_id) is int:
+        return str(check_step(checkpoint_id))
+    if (
+        not isinstance(checkpoint_id, str)
+        or not _ID_RE.fullmatch(checkpoint_id)
+        or checkpoint_id in (".", "..")
+        or len(checkpoint_id) > 200
+    ):
+        raise ConfigError(
+            f"checkpoint id must be a non-negative int or a name of [A-Za-z0-9._-], not "
+            f"{checkpoint_id!r}"
+        )
+    return checkpoint_id
+
+
+@dataclass(frozen=True)
+class SaveTarget:
+    """One save's directories: ``path`` (what the handle reports and discovery returns)
+    and ``write_path`` (where the files are written: ``path`` itself, or with
+    ``replace_url`` set the successor of the committed checkpoint at ``path``)."""
+
+    path: str
+    write_path: str
+    claim: Claim | None
+
+    @property
+    def replace_url(self) -> str:
+        return self.path if self.write_path != self.path else ""
+
+    @property
+    def claim_id(self) -> str:
+        return self.claim.claim_id if self.claim is not None else ""
+
+    def release(self) -> None:
+        """The save finished (either way): stop keeping the claim alive."""
+        if self.claim is not None:
+            self.claim.release()
+
+    def abandon(self) -> None:
+        """The save failed before its job was sent: give the directory back."""
+        if self.claim is not None:
+            self.claim.abandon()
+
+
+def claim_target(
+    path: str,
+    *,
+    storage_options: dict[str, Any] | None,
+    overwrite: bool,
+    claim: bool = True,
+    distributed: bool = False,
+) -> SaveTarget:
+    """Resolve and (with ``claim``: the process that commits) claim the save to ``path``.
+
+    With ``overwrite`` a committed ``path`` gets a successor written beside it; in a
+    ``distributed`` save every rank must agree without asking, so there the successor is
+    used whether or not ``path`` is committed. Raises
+    :class:`~ckptsvc.errors.CommitConflictError` when ``path`` is committed and
+    ``overwrite`` is false, or when a live save holds the directory to be written.
+    """
+    final = Location.parse(path, storage_options)
+    stage = replacement_location(final)
+    if overwrite and claim and stage.join(MANIFEST_NAME).exists():
+        swap_in(stage, final)  # an earlier replacement committed but was never swapped in
+    use_stage = overwrite and (distributed or final.join(MANIFEST_NAME).exists())
+    write = stage if use_stage else final
+    held = claim_checkpoint(write, what="save") if claim else None
+    return SaveTarget(path=path, write_path=write.url if use_stage else path, claim=held)
