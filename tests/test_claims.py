@@ -51,9 +51,11 @@ def _seed_of(path: str, storage_options: dict[str, Any] | None = None) -> int:
 def test_save_refuses_a_step_that_is_not_a_non_negative_int(
     node: str, tmp_path: Path, step: object
 ) -> None:
-    with AsyncCheckpointer(tmp_path / "run") as ckpt:
-        with pytest.raises(ConfigError, match="step must be a non-negative int"):
-            ckpt.save(step, _state(1))  # type: ignore[arg-type]
+    with (
+        AsyncCheckpointer(tmp_path / "run") as ckpt,
+        pytest.raises(ConfigError, match="step must be a non-negative int"),
+    ):
+        ckpt.save(step, _state(1))  # type: ignore[arg-type]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.json"))
     assert not (tmp_path / "x").exists()
 
@@ -74,7 +76,12 @@ def test_two_threads_saving_one_step_exactly_one_proceeds(node: str, tmp_path: P
             barrier = threading.Barrier(2)
             outcomes: dict[int, Any] = {}
 
-            def one(seed: int, step: int = step, barrier: threading.Barrier = barrier) -> None:
+            def one(
+                seed: int,
+                step: int = step,
+                barrier: threading.Barrier = barrier,
+                outcomes: dict[int, Any] = outcomes,
+            ) -> None:
                 barrier.wait()
                 try:
                     ckpt.save(step, _state(seed)).wait(60)
@@ -299,7 +306,7 @@ def test_sync_overwrite_on_a_full_disk_keeps_the_old_checkpoint(tmp_path: Path) 
     try:
         out = str(disk / "c")
         ckptsvc.save_checkpoint(out, {"w": torch.zeros(2**20)}, safetensors=True)  # 4 MiB
-        with pytest.raises(StorageError, match="No space|ENOSPC|space"):
+        with pytest.raises(StorageError, match=r"No space|ENOSPC|space"):
             ckptsvc.save_checkpoint(out, {"w": torch.ones(2**20)}, safetensors=True)
         assert torch.equal(ckptsvc.load_checkpoint(out)["w"], torch.zeros(2**20))
         verify_checkpoint(out, deep=True)
