@@ -12,11 +12,16 @@ is registered (:mod:`ckptsvc.workers.claim` has the protocol):
    (exclusive in-progress marker) by the process that commits it;
 3. :meth:`SaveTarget.abandon` if the save fails before its job was sent, or
    :meth:`SaveTarget.release` once it finished.
+
+:func:`write_claimed` runs the whole protocol in the calling thread for the synchronous
+writers (``save_checkpoint``, ``ckptsvc cp``, tiering's replication).
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +29,11 @@ from .errors import ConfigError
 from .manifest import MANIFEST_NAME
 from .storage import Location
 from .workers.claim import Claim, claim_checkpoint
-from .workers.commit import replacement_location, swap_in
+from .workers.commit import begin_checkpoint, replacement_location, swap_in
 
-__all__ = ["SaveTarget", "check_checkpoint_id", "check_step", "claim_target"]
+__all__ = ["SaveTarget", "check_checkpoint_id", "check_step", "claim_target", "write_claimed"]
+
+logger = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -111,3 +118,31 @@ def claim_target(
     write = stage if use_stage else final
     held = claim_checkpoint(write, what="save") if claim else None
     return SaveTarget(path=path, write_path=write.url if use_stage else path, claim=held)
+
+
+def write_claimed(
+    dst: Location, *, overwrite: bool, write: Callable[[Location, SaveTarget], None]
+) -> None:
+    """Claim ``dst``, let ``write(directory, target)`` write the files and commit them
+    (``commit_checkpoint(directory, manifest, claim_id=target.claim_id)``, the manifest's
+    ``checkpoint_path`` naming ``target.path``), then swap a replacement in.
+
+    A failure leaves a committed checkpoint at ``dst`` untouched; a failed replacement is
+    removed (it may have filled the disk), a failed first save stays incomplete for ``gc``.
+    """
+    target = claim_target(dst.url, storage_options=dst.storage_options, overwrite=overwrite)
+    directory = Location.parse(target.write_path, dst.storage_options)
+    committed = False
+    try:
+        begin_checkpoint(directory)
+        write(directory, target)
+        committed = True
+        if target.replace_url:
+            swap_in(directory, dst)
+    finally:
+        target.release()
+        if not committed and target.replace_url:
+            try:
+                directory.remove(recursive=True, missing_ok=True)
+            except Exception as e:  # the save's own error is what the caller must see
+                logger.warning("could not remove the failed replacement %s: %s", directory.url, e)

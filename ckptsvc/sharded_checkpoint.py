@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any, TypeAlias, cast
 
 import torch
@@ -58,7 +59,7 @@ from .loading import read_safetensors, read_safetensors_header, read_torch_file
 from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
 from .retention import maybe_delete_oldest_checkpoint
 from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
-from .save_target import SaveTarget, check_step, claim_target
+from .save_target import SaveTarget, check_step, write_claimed
 from .storage import Location
 from .tied_params import (
     create_sharing_metadata,
@@ -70,7 +71,7 @@ from .tied_params import (
     shared_tensor_groups,
     stored_aliases,
 )
-from .workers.commit import begin_checkpoint, commit_checkpoint, publish_file, swap_in
+from .workers.commit import commit_checkpoint, publish_file
 from .workers.shard_writer import ChecksummedWriter, write_shard
 
 __all__ = [
@@ -286,23 +287,25 @@ def save_checkpoint(
     sizes = [(k, t.numel() * t.element_size()) for k, t in to_write.items()]
     weight_map = assign_shards([sizes], max_shard_size=max_shard_size, safetensors=safetensors)
 
-    target = claim_target(output_dir, storage_options=storage_options, overwrite=overwrite)
-    ckpt = Location.parse(target.write_path, storage_options)
-    committed = False
-    try:
-        _write_committed(ckpt, target, weight_map, to_write, sharing, metadata, step, safetensors)
-        committed = True
-        if target.replace_url:
-            swap_in(ckpt, Location.parse(target.replace_url, storage_options))
-    finally:
-        target.release()
-        if not committed and target.replace_url:  # a failed replacement: free its space
-            _discard_quietly(ckpt)
+    write_claimed(
+        Location.parse(output_dir, storage_options),
+        overwrite=overwrite,
+        write=partial(
+            _write_committed,
+            weight_map=weight_map,
+            to_write=to_write,
+            sharing=sharing,
+            metadata=metadata,
+            step=step,
+            safetensors=safetensors,
+        ),
+    )
 
 
 def _write_committed(
     ckpt: Location,
     target: SaveTarget,
+    *,
     weight_map: Mapping[str, str],
     to_write: Mapping[str, Tensor],
     sharing: list[list[str]],
@@ -311,7 +314,6 @@ def _write_committed(
     safetensors: bool,
 ) -> None:
     """``save_checkpoint``'s files, index and manifest in the claimed directory ``ckpt``."""
-    begin_checkpoint(ckpt)
     records = _write_files(ckpt, weight_map, to_write, safetensors=safetensors)
     total = sum(t.numel() * t.element_size() for t in to_write.values())
     index = make_index(
@@ -340,13 +342,6 @@ def _write_committed(
         library_version=_version(),
     )
     commit_checkpoint(ckpt, manifest, claim_id=target.claim_id)
-
-
-def _discard_quietly(ckpt: Location) -> None:
-    try:
-        ckpt.remove(recursive=True, missing_ok=True)
-    except Exception as e:  # the save's own error is what the caller must see
-        logger.warning("could not remove the failed replacement %s: %s", ckpt.url, e)
 
 
 def _version() -> str:

@@ -35,9 +35,10 @@ from .discovery import (
 from .errors import CorruptCheckpointError, IncompleteCheckpointError
 from .manifest import FileRecord, Manifest
 from .retention import delete_checkpoint
+from .save_target import SaveTarget, write_claimed
 from .storage import Location
 from .verify import verify_checkpoint
-from .workers.commit import begin_checkpoint, commit_checkpoint
+from .workers.commit import commit_checkpoint
 
 __all__ = ["ReplicationResult", "TieredStore", "replicate_checkpoint"]
 
@@ -116,7 +117,8 @@ def _check_remote(remote: Location, manifest: Manifest) -> None:
 def replicate_checkpoint(local: Location | str, remote: Location | str) -> Manifest:
     """Copy one committed checkpoint to ``remote`` and commit it there; blocks.
 
-    Order on the remote side: in-progress marker, every file of the local manifest
+    Order on the remote side: its claim (in-progress marker; a committed remote copy is
+    replaced only once the new one committed beside it), every file of the local manifest
     (in parallel, each verified while it streams), a size check, then the manifest last
     (its ``checkpoint_path`` names the remote copy). Returns the remote manifest.
     """
@@ -127,14 +129,19 @@ def replicate_checkpoint(local: Location | str, remote: Location | str) -> Manif
         raise IncompleteCheckpointError(
             f"{src.url} has no manifest: only committed checkpoints are replicated"
         )
-    begin_checkpoint(dst)
+    remote_manifest = dataclasses.replace(manifest, checkpoint_path=dst.url)
     records = list(manifest.files)
     threads = max(1, min(knobs.IO_THREADS.get(), len(records)))
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptsvc-replicate") as pool:
-        list(pool.map(lambda r: _copy_file(src.join(r.path), dst.join(r.path), r), records))
-    _check_remote(dst, manifest)
-    remote_manifest = dataclasses.replace(manifest, checkpoint_path=dst.url)
-    commit_checkpoint(dst, remote_manifest)
+
+    def write(directory: Location, target: SaveTarget) -> None:
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckptsvc-replicate") as pool:
+            list(
+                pool.map(lambda r: _copy_file(src.join(r.path), directory.join(r.path), r), records)
+            )
+        _check_remote(directory, manifest)
+        commit_checkpoint(directory, remote_manifest, claim_id=target.claim_id)
+
+    write_claimed(dst, overwrite=True, write=write)  # a committed remote copy is replaced
     return remote_manifest
 
 

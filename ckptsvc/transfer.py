@@ -16,7 +16,9 @@ Call order of one checkpoint copy (the calling thread unless noted):
    against), an incomplete one too;
 2. look at the destination: a manifest of the same commit (timestamp, step and files) means
    "up to date" and the checkpoint is skipped; a different one needs ``overwrite=True``;
-3. ``begin_checkpoint(dst)``: directory, in-progress marker, old manifest retired;
+3. claim ``dst`` (:func:`~ckptsvc.save_target.write_claimed`): its in-progress marker,
+   created exclusively; with ``overwrite`` a committed ``dst`` is kept while the copy goes
+   to its hidden successor, swapped in after step 5;
 4. every file the manifest lists, largest first, on ``jobs`` copy threads: stream source
    chunks into the destination's sink (multipart / resumable upload on object stores)
    with CRC-32C on the way; a size or CRC mismatch aborts the upload *before* it is
@@ -59,8 +61,9 @@ from .errors import (
 )
 from .manifest import FileRecord, Manifest
 from .retention import delete_checkpoint, select_for_deletion
+from .save_target import SaveTarget, write_claimed
 from .storage import Location
-from .workers.commit import begin_checkpoint, commit_checkpoint
+from .workers.commit import commit_checkpoint
 
 __all__ = [
     "CopiedCheckpoint",
@@ -280,11 +283,20 @@ def _check_distinct(src: Location, dst: Location) -> None:
 
 
 def _copy_one(
-    src: Location, manifest: Manifest, dst: Location, *, jobs: int, progress: _Progress
+    src: Location,
+    manifest: Manifest,
+    dst: Location,
+    *,
+    jobs: int,
+    progress: _Progress,
+    overwrite: bool = False,
 ) -> CopiedCheckpoint:
-    begin_checkpoint(dst)
-    _copy_records(src, dst, manifest.files, jobs=jobs, progress=progress)
-    commit_checkpoint(dst, replace(manifest, checkpoint_path=dst.url))
+    def write(directory: Location, target: SaveTarget) -> None:
+        _copy_records(src, directory, manifest.files, jobs=jobs, progress=progress)
+        committed = replace(manifest, checkpoint_path=dst.url)
+        commit_checkpoint(directory, committed, claim_id=target.claim_id)
+
+    write_claimed(dst, overwrite=overwrite, write=write)
     return CopiedCheckpoint(src.url, dst.url, "copied", len(manifest.files), manifest.total_nbytes)
 
 
@@ -323,7 +335,9 @@ def copy_checkpoint(
         )
     else:
         tracker = _Progress(manifest.total_nbytes, progress)
-        done = _copy_one(src_loc, manifest, dst_loc, jobs=n_jobs, progress=tracker)
+        done = _copy_one(
+            src_loc, manifest, dst_loc, jobs=n_jobs, progress=tracker, overwrite=overwrite
+        )
     return CopyReport(src_loc.url, dst_loc.url, (done,), elapsed_s=time.monotonic() - started)
 
 
@@ -376,7 +390,11 @@ def copy_tree(
         todo.append((info, info.manifest, target))
     tracker = _Progress(sum(m.total_nbytes for _, m, _ in todo), progress)
     for info, manifest, target in todo:
-        done.append(_copy_one(info.location, manifest, target, jobs=n_jobs, progress=tracker))
+        done.append(
+            _copy_one(
+                info.location, manifest, target, jobs=n_jobs, progress=tracker, overwrite=overwrite
+            )
+        )
     for url, why in skipped:
         logger.warning("not copied: %s (%s)", url, why)
     return CopyReport(

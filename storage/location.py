@@ -525,6 +525,8 @@ def _precondition_failed(error: BaseException) -> bool:
     """True if ``error`` (or a cause) is an HTTP 412 / PreconditionFailed answer."""
     seen: BaseException | None = error
     while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
         text = f"{type(seen).__name__} {seen}"
         if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
             return True

@@ -62,7 +62,9 @@ from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py
     start_seaweedfs,
 )
 
+from ckptsvc.manifest import MANIFEST_NAME
 from ckptsvc.storage import Location
+from ckptsvc.workers.claim import claim_checkpoint
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -117,6 +119,13 @@ def _start_or_skip(name: str, start: Callable[[], Server]) -> Server:
         if IN_CI:
             pytest.fail(f"{name} could not start and CI=true forbids skipping: {e}", pytrace=False)
         pytest.skip(f"{name} could not start: {e}")
+
+
+def unfinished_save(loc: Location) -> None:
+    """Make ``loc`` hold a save that started and never committed: its claim (in-progress
+    marker, naming this process) and no manifest (a committed one there is retired)."""
+    loc.join(MANIFEST_NAME).remove(missing_ok=True)
+    claim_checkpoint(loc).release()
 
 
 @pytest.fixture

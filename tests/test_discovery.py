@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import StorageRoot
+from conftest import StorageRoot, unfinished_save
 from helpers_models import TinyMLP
 
 from ckptsvc.discovery import (
@@ -32,7 +32,6 @@ from ckptsvc.discovery import (
 from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.workers.commit import begin_checkpoint
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -66,7 +65,7 @@ def torn(
     if with_weights:
         save_checkpoint(path, TinyMLP(seed=99), safetensors=True, storage_options=opts)
     loc = Location.parse(path, opts)
-    begin_checkpoint(loc)  # marker first, then the old manifest is retired
+    unfinished_save(loc)  # a save to it started, never committed
     assert not loc.join(MANIFEST_NAME).exists()
     return path
 

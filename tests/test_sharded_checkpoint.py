@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import StorageRoot
+from conftest import StorageRoot, unfinished_save
 from helpers_models import (
     TiedLM,
     TinyMLP,
@@ -365,11 +365,17 @@ class _Recorder:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, str]] = []
         publish, open_sink, remove = Location.publish, Location.open_sink, Location.remove
+        create = Location.create_exclusive
         rec = self
 
         def _publish(loc: Location, data: bytes) -> None:
             publish(loc, data)
             rec.events.append(("publish", loc.name))
+
+        def _create(loc: Location, data: bytes) -> bool:
+            created = create(loc, data)
+            rec.events.append(("create", loc.name))
+            return created
 
         def _remove(loc: Location, **kw: Any) -> None:
             remove(loc, **kw)
@@ -388,6 +394,7 @@ class _Recorder:
             return sink
 
         monkeypatch.setattr(Location, "publish", _publish)
+        monkeypatch.setattr(Location, "create_exclusive", _create)
         monkeypatch.setattr(Location, "remove", _remove)
         monkeypatch.setattr(Location, "open_sink", _open_sink)
 
@@ -406,8 +413,8 @@ def test_commit_order_marker_shards_index_manifest(
     names = [n for _, n in rec.events]
     shards = sorted({n for n in names if SHARD_RE.match(n)})
     assert len(shards) >= 2
-    marker = rec.first("publish", MARKER_NAME)
-    assert marker == 0, f"the marker must be written first: {rec.events}"
+    marker = rec.first("create", MARKER_NAME)
+    assert marker == 0, f"the marker (the save's claim) must be written first: {rec.events}"
     for s in shards:
         assert (
             marker < rec.first("open", s) < rec.first("durable", s) < rec.first("publish", index)
@@ -416,17 +423,18 @@ def test_commit_order_marker_shards_index_manifest(
     assert rec.first("publish", index) < manifest, "index before manifest"
     assert manifest < rec.first("remove", MARKER_NAME), "marker removed only after the manifest"
     assert manifest == max(
-        i for i, e in enumerate(rec.events) if e[0] in ("publish", "durable", "open")
+        i for i, e in enumerate(rec.events) if e[0] in ("publish", "create", "durable", "open")
     )
 
 
-def test_failed_save_leaves_incomplete_not_previous(
+def test_failed_overwrite_keeps_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A save into a path that already holds a checkpoint and dies midway must not leave
-    the directory looking like the old, complete checkpoint."""
+    """A save into a path that already holds a checkpoint and dies midway leaves the old,
+    complete checkpoint as it was (the new one was written beside it), and no debris."""
     d = str(tmp_path / "ckpt")
-    sc.save_checkpoint(d, TinyMLP(seed=0), safetensors=True, max_shard_size=1000)
+    old = TinyMLP(seed=0)
+    sc.save_checkpoint(d, old, safetensors=True, max_shard_size=1000)
     assert sc.validate_checkpoint(d)
 
     import ckptsvc.workers.shard_writer as sw
@@ -444,11 +452,14 @@ def test_failed_save_leaves_incomplete_not_previous(
     with pytest.raises(OSError, match="injected"):
         sc.save_checkpoint(d, TinyMLP(seed=1), safetensors=True, max_shard_size=1000)
     monkeypatch.undo()
-    assert not os.path.exists(os.path.join(d, MANIFEST_NAME))
-    assert not sc.validate_checkpoint(d)
-    with pytest.raises(IncompleteCheckpointError):
-        sc.load_checkpoint(d, fresh_mlp())
-    assert not verify_checkpoint(d).ok
+    assert sc.validate_checkpoint(d)
+    assert verify_checkpoint(d, deep=True).ok
+    dst = fresh_mlp()
+    sc.load_checkpoint(d, dst)
+    assert all(
+        torch.equal(a, b) for a, b in zip(dst.state_dict().values(), old.state_dict().values())
+    )
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 def test_overwrite_with_fewer_shards(tmp_path: Path) -> None:
@@ -499,11 +510,9 @@ def test_missing_checkpoint_on_object_store(storage_root_fast: StorageRoot) -> N
 
 
 def test_incomplete_checkpoint_error(storage_root_fast: StorageRoot) -> None:
-    from ckptsvc.workers.commit import begin_checkpoint
-
     url, opts = storage_root_fast.join("torn"), storage_root_fast.storage_options
     sc.save_checkpoint(url, TinyMLP(), safetensors=True, storage_options=opts)
-    begin_checkpoint(Location.parse(url, opts))  # a new save started and never finished
+    unfinished_save(Location.parse(url, opts))  # a new save started and never finished
     with pytest.raises(IncompleteCheckpointError) as info:
         sc.load_checkpoint(url, fresh_mlp(), storage_options=opts)
     assert isinstance(info.value, FileNotFoundError)

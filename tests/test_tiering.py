@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import StorageRoot
+from conftest import StorageRoot, unfinished_save
 
 import ckptsvc.tiering as tiering
 from ckptsvc.discovery import find_latest_checkpoint, read_manifest
@@ -155,10 +155,8 @@ def test_rotted_local_copy_is_never_replicated(tmp_path: Path, storage_root: Sto
 
 
 def test_replicate_needs_a_committed_checkpoint(tmp_path: Path) -> None:
-    from ckptsvc.workers.commit import begin_checkpoint
-
     with TieredStore(str(tmp_path / "local"), str(tmp_path / "remote")) as store:
-        begin_checkpoint(Location.parse(store.local_path(7)))
+        unfinished_save(Location.parse(store.local_path(7)))
         with pytest.raises(IncompleteCheckpointError, match="no manifest"):
             store.replicate(7).result(timeout=60)
         with pytest.raises(ValueError, match="checkpoint-<id>"):

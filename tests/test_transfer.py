@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import StorageRoot
+from conftest import StorageRoot, unfinished_save
 
 from ckptsvc.cli_extra import add_cp_parser, add_prune_parser
 from ckptsvc.discovery import (
@@ -41,7 +41,6 @@ from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
 from ckptsvc.transfer import copy, copy_checkpoint, copy_files, copy_tree, prune
 from ckptsvc.verify import verify_checkpoint
-from ckptsvc.workers.commit import begin_checkpoint
 
 SHARD_NBYTES = 64 * 1024
 
@@ -224,7 +223,7 @@ def test_up_to_date_conflict_and_overwrite(tmp_path: Path) -> None:
 
 def test_refuses_incomplete_legacy_missing_and_self(tmp_path: Path) -> None:
     incomplete = Location.parse(str(tmp_path / "incomplete"))
-    begin_checkpoint(incomplete)
+    unfinished_save(incomplete)
     with pytest.raises(IncompleteCheckpointError):
         copy_checkpoint(incomplete.url, str(tmp_path / "x"))
 
@@ -248,7 +247,7 @@ def test_refuses_incomplete_legacy_missing_and_self(tmp_path: Path) -> None:
 
 def test_copy_tree_skips_incomplete_and_resumes(tmp_path: Path) -> None:
     root, states = _run_root(tmp_path, [10, 20, 30])
-    begin_checkpoint(Location.parse(f"{root}/checkpoints/checkpoint-40"))  # a save in flight
+    unfinished_save(Location.parse(f"{root}/checkpoints/checkpoint-40"))  # a save in flight
     dst = str(tmp_path / "mirror")
 
     report = copy(root, dst)  # a model directory: copy_tree
@@ -284,7 +283,7 @@ def test_copy_files_subset(tmp_path: Path) -> None:
 
 def test_prune_keeps_newest_and_never_incomplete(tmp_path: Path) -> None:
     root, _ = _run_root(tmp_path, [1, 2, 3, 4])
-    begin_checkpoint(Location.parse(f"{root}/checkpoints/checkpoint-5"))
+    unfinished_save(Location.parse(f"{root}/checkpoints/checkpoint-5"))
 
     dry = prune(root, keep=2, dry_run=True)
     assert [os.path.basename(u) for u in dry.deleted] == ["checkpoint-1", "checkpoint-2"]

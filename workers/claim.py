@@ -105,6 +105,9 @@ def _claim(ckpt: Location, *, what: str) -> Claim:
     ckpt.makedirs()
     if not marker.create_exclusive(doc):
         owner = read_marker(ckpt)
+        if owner is not None and owner.get("claim") == claim.claim_id:
+            _KEEPER.hold(claim)  # our create went through; a retry of it was refused
+            return claim
         why_live = _why_live(ckpt, owner)
         if why_live is not None:
             raise CommitConflictError(
