@@ -546,7 +546,6 @@ class AsyncCheckpointer:
             storage_options=self._storage_options,
             overwrite=overwrite,
             claim=self._info.rank == 0 or self._coordinator is None,
-            distributed=self._coordinator is not None,
         )
 
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:

@@ -344,6 +344,7 @@ class CheckpointManager:
                 metadata=metadata,
                 checkpoint_path=checkpoint_path,
                 overlap=self.config.overlap,
+                overwrite=True,  # Forgather replaces a checkpoint of the same step
             )
         except BaseException:
             if writes_retention:

@@ -21,7 +21,6 @@ from torch import nn
 from .discovery import validate_checkpoint
 from .errors import CommitConflictError, InvalidStateError
 from .quantized import has_quantized_tensors
-from .storage import Location
 
 __all__ = ["save_pretrained"]
 
@@ -58,41 +57,38 @@ def save_pretrained(
             "save_model cannot export torchao-quantized weights as plain Hugging Face files "
             "yet; save_checkpoint stores them (inner tensors + a JSON description)"
         )
-    _write_pretrained_files(out, model, preprocessor, storage_options=opts)
     save_checkpoint(
         out,
         model if len(parts) == 1 else weights,
         safetensors=safetensors,
         max_shard_size=max_shard_size or 2**31,
         storage_options=opts,
+        extra_files=_pretrained_files(model, preprocessor),
     )
     logger.info("model exported to %s", out)
 
 
-def _write_pretrained_files(
-    out: str, model: nn.Module, preprocessor: Any, *, storage_options: dict[str, Any]
-) -> None:
+def _pretrained_files(model: nn.Module, preprocessor: Any) -> dict[str, bytes]:
+    """What ``save_pretrained`` writes besides the weights (``config.json``,
+    ``generation_config.json``, the preprocessor's files), by relative path."""
     config = getattr(model, "config", None)
     writers: list[Callable[[str], Any]] = []
     if config is not None and callable(getattr(config, "save_pretrained", None)):
         writers.append(config.save_pretrained)
     elif config is not None and callable(getattr(config, "to_json_file", None)):
         writers.append(lambda d: config.to_json_file(os.path.join(d, "config.json")))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and callable(getattr(generation, "save_pretrained", None)):
+        writers.append(generation.save_pretrained)
     if preprocessor is not None and callable(getattr(preprocessor, "save_pretrained", None)):
         writers.append(preprocessor.save_pretrained)
-    if not writers:
-        return
-    dest = Location.parse(out, storage_options)
-    dest.makedirs()
-    if dest.is_local:
-        for write in writers:
-            write(dest.path)
-        return
+    files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="ckptsvc-export-") as tmp:
         for write in writers:
             write(tmp)
-        for root, _, files in os.walk(tmp):
-            for name in files:
+        for root, _, names in os.walk(tmp):
+            for name in names:
                 rel = os.path.relpath(os.path.join(root, name), tmp).replace(os.sep, "/")
                 with open(os.path.join(root, name), "rb") as f:
-                    dest.join(*rel.split("/")).publish(f.read())
+                    files[rel] = f.read()
+    return files

@@ -100,13 +100,12 @@ def claim_target(
     storage_options: dict[str, Any] | None,
     overwrite: bool,
     claim: bool = True,
-    distributed: bool = False,
 ) -> SaveTarget:
     """Resolve and (with ``claim``: the process that commits) claim the save to ``path``.
 
-    With ``overwrite`` a committed ``path`` gets a successor written beside it; in a
-    ``distributed`` save every rank must agree without asking, so there the successor is
-    used whether or not ``path`` is committed. Raises
+    With ``overwrite`` a committed ``path`` gets a successor written beside it (every rank
+    of a distributed save looks for itself: they agree, since a save of the same path
+    cannot be in flight in the job). Raises
     :class:`~ckptsvc.errors.CommitConflictError` when ``path`` is committed and
     ``overwrite`` is false, or when a live save holds the directory to be written.
     """
@@ -114,7 +113,7 @@ def claim_target(
     stage = replacement_location(final)
     if overwrite and claim and stage.join(MANIFEST_NAME).exists():
         swap_in(stage, final)  # an earlier replacement committed but was never swapped in
-    use_stage = overwrite and (distributed or final.join(MANIFEST_NAME).exists())
+    use_stage = overwrite and final.join(MANIFEST_NAME).exists()
     write = stage if use_stage else final
     held = claim_checkpoint(write, what="save") if claim else None
     return SaveTarget(path=path, write_path=write.url if use_stage else path, claim=held)

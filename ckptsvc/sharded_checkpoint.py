@@ -256,8 +256,12 @@ def save_checkpoint(
     storage_options: dict[str, Any] | None = None,
     step: int | None = None,
     overwrite: bool = True,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> None:
     """Save a module or raw state dict as a sharded, committed checkpoint in ``output_dir``.
+
+    ``extra_files`` (relative path -> bytes, e.g. ``config.json``) are written with the
+    weights and listed in the manifest, so they are part of the checkpoint.
 
     Order: claim (exclusive in-progress marker), shard files, index, then
     ``checkpoint_manifest.json`` last (atomic). Tied parameters are stored once and listed
@@ -298,6 +302,7 @@ def save_checkpoint(
             metadata=metadata,
             step=step,
             safetensors=safetensors,
+            extra_files=dict(extra_files or {}),
         ),
     )
 
@@ -312,9 +317,11 @@ def _write_committed(
     metadata: dict[str, Any] | None,
     step: int | None,
     safetensors: bool,
+    extra_files: dict[str, bytes],
 ) -> None:
     """``save_checkpoint``'s files, index and manifest in the claimed directory ``ckpt``."""
     records = _write_files(ckpt, weight_map, to_write, safetensors=safetensors)
+    records += [publish_file(ckpt, name, data) for name, data in sorted(extra_files.items())]
     total = sum(t.numel() * t.element_size() for t in to_write.values())
     index = make_index(
         weight_map, total_size=total, metadata=metadata, param_sharing=sharing or None

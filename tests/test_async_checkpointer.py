@@ -357,7 +357,9 @@ def test_same_step_twice_in_flight_is_refused(node: str, tmp_path: Path) -> None
             ckpt.save(1, {"w": torch.ones(3)})
         gate.unlink()
         first.wait(60)
-        ckpt.save(1, {"w": torch.zeros(3)}).wait(60)  # once durable, overwriting is allowed
+        with pytest.raises(CommitConflictError, match="overwrite=True"):
+            ckpt.save(1, {"w": torch.zeros(3)})  # committed: never rewritten in place
+        ckpt.save(1, {"w": torch.zeros(3)}, overwrite=True).wait(60)  # replaced once durable
     assert torch.all(load_state(next_checkpoint_path(f"faulty://{tmp_path}/r", 1))["w"] == 0)
 
 

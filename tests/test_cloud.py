@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import StorageRoot
+from conftest import StorageRoot, unfinished_save
 
 import ckptsvc.storage.multipart as multipart
 from ckptsvc.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
@@ -31,7 +31,6 @@ from ckptsvc.retention import delete_checkpoint, delete_oldest_checkpoints_in_ba
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, plan_reads
 from ckptsvc.storage.faults import FaultProxy, RequestRecord
-from ckptsvc.workers.commit import begin_checkpoint
 from ckptsvc.workers.shard_writer import write_stream
 
 MiB = 2**20
@@ -272,7 +271,7 @@ def test_find_latest_costs_one_listing_plus_manifests(
     for i in range(n):
         save_checkpoint(f"{root}/checkpoints/checkpoint-{i}", {"w": torch.full((4,), float(i))},
                         safetensors=True, storage_options=opts, step=i)  # fmt: skip
-    begin_checkpoint(Location.parse(f"{root}/checkpoints/checkpoint-{n}", opts))  # in flight
+    unfinished_save(Location.parse(f"{root}/checkpoints/checkpoint-{n}", opts))  # in flight
     Location.parse(root, opts).fs.invalidate_cache()
     proxy.reset_records()
     assert (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import StorageRoot
+from conftest import StorageRoot, unfinished_save
 from helpers_models import TiedLM, assert_bitwise_equal, random_tensor
 from safetensors.torch import load_file, save
 from test_async_checkpointer import node  # noqa: F401  (fixture: private writer and arenas)
@@ -21,7 +21,7 @@ from ckptsvc.export import add_cli, export_hf
 from ckptsvc.manifest import ComponentRecord, FileRecord, Manifest, now_iso
 from ckptsvc.sharded_checkpoint import load_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.workers.commit import begin_checkpoint, commit_checkpoint
+from ckptsvc.workers.commit import commit_checkpoint
 
 TENSORS = {
     "embed.weight": random_tensor(torch.bfloat16, (50, 16), seed=1),
@@ -45,7 +45,7 @@ LAYOUT: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {
 
 def write_sharded(loc: Location) -> None:
     """A committed checkpoint whose model is stored as per-rank pieces (as FSDP saves)."""
-    begin_checkpoint(loc)
+    loc.makedirs()
     files: dict[str, dict[str, torch.Tensor]] = {}
     doc_tensors = {}
     for name, boxes in LAYOUT.items():
@@ -131,7 +131,7 @@ def test_unsharded_checkpoint_is_resharded(node: str, tmp_path: Path) -> None:  
 
 def test_incomplete_or_missing_checkpoint_is_refused(tmp_path: Path) -> None:
     loc = Location.parse(str(tmp_path / "ckpt"))
-    begin_checkpoint(loc)
+    unfinished_save(loc)
     with pytest.raises(IncompleteCheckpointError):
         export_hf(loc.url, str(tmp_path / "out"))
     with pytest.raises(CheckpointNotFoundError):

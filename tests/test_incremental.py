@@ -201,7 +201,7 @@ def test_overwriting_a_checkpoint_never_changes_one_that_shares_its_files(tmp_pa
         with torch.no_grad():
             for lin in model.base:
                 lin.weight.mul_(-1.0)  # every frozen shard changes
-        again = ckpt.save(1, {"model": model})  # the same path as checkpoint-1, rewritten
+        again = ckpt.save(1, {"model": model}, overwrite=True)  # checkpoint-1 replaced
         again.wait()
     assert again.path == next_checkpoint_path(str(tmp_path), 1)
     assert verify_checkpoint(second.path).ok  # its linked files were not written through

@@ -457,7 +457,8 @@ def test_failed_overwrite_keeps_the_previous_checkpoint(
     dst = fresh_mlp()
     sc.load_checkpoint(d, dst)
     assert all(
-        torch.equal(a, b) for a, b in zip(dst.state_dict().values(), old.state_dict().values())
+        torch.equal(a, b)
+        for a, b in zip(dst.state_dict().values(), old.state_dict().values(), strict=True)
     )
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
