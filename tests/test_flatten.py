@@ -111,14 +111,14 @@ def test_skeleton_is_strict_json() -> None:
 @pytest.mark.parametrize(
     ("state", "where"),
     [
-        ({"a": {"b": object()}}, "state['a']['b']"),
-        ({"a": {1, 2}}, "state['a']"),
-        ({"m": torch.empty(2, device="meta")}, "state['m']"),
-        ({"s": torch.eye(2).to_sparse()}, "state['s']"),
+        ({"a": {"b": object()}}, "'a.b'"),
+        ({"a": {1, 2}}, "'a'"),
+        ({"m": torch.empty(2, device="meta")}, "'m'"),
+        ({"s": torch.eye(2).to_sparse()}, "'s'"),
         ({"c": torch.zeros(2, dtype=torch.complex128)}, "'c'"),
-        ({"d": {(1, 2): 3}}, "state['d']"),
+        ({"d": {(1, 2): 3}}, "'d.<tuple key>'"),
         ({"a.b": torch.ones(1), "a": {"b": torch.ones(1)}}, "'a.b'"),
-        ({"": torch.ones(1)}, "state['']"),
+        ({"": torch.ones(1)}, "'': an empty key"),
     ],
 )
 def test_invalid_state_names_the_key(state: object, where: str) -> None:
