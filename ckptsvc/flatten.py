@@ -20,6 +20,13 @@ Tensors that are the very same view of one storage (tied weights) are stored onc
 the first name in sorted order; every group is listed in ``param_sharing`` (the HF index
 convention) and the names are re-tied to one tensor object on load. Views that overlap
 only partially are stored as independent copies.
+
+The walk checks the whole state before anything is stored and raises one
+:class:`InvalidStateError` listing the dotted key of every unsupported value: NumPy arrays
+(any shape; NumPy scalars become their Python value), keys that are not ``str``/``int``/
+``float``/``bool``/``None`` or not valid UTF-8, ints of more than :data:`MAX_INT_DIGITS`
+digits, cycles, states nested more than :data:`MAX_DEPTH` levels, and tensors without a
+raw-bytes form (sparse, nested, quantized, meta, subclasses).
 """
 
 from __future__ import annotations

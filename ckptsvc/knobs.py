@@ -108,7 +108,7 @@ class Knob(Generic[T]):
                 raise self._error(value, source, "is not allowed")
             if self.nonempty and not converted.strip():
                 raise self._error(value, source, "is not allowed")
-        return converted  # type: ignore[no-any-return]
+        return converted
 
     def _error(self, value: object, source: str, problem: str) -> ConfigError:
         if source == "env":
