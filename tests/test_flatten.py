@@ -333,3 +333,27 @@ def test_save_refuses_before_anything_is_written(node: str, tmp_path: Path) -> N
         ckpt.save(2, {"w": torch.ones(3)}).wait(60)
     assert not (root / "checkpoints" / "checkpoint-1").exists()
     assert (root / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_save_components_lists_problems_of_every_component() -> None:
+    from ckptsvc.component_plan import plan_components
+    from ckptsvc.components import SharingPattern, StateComponent
+    from ckptsvc.distributed import RankInfo
+
+    class S:
+        def __init__(self, d: dict[object, object]) -> None:
+            self.d = d
+
+        def state_dict(self) -> dict[object, object]:
+            return self.d
+
+    comps = [
+        StateComponent("model", S({"w": torch.ones(1), "a": np.ones(2)}), SharingPattern.GLOBAL),
+        StateComponent("opt", S({"x": {1: 10**2000}}), SharingPattern.GLOBAL),
+    ]
+    with pytest.raises(InvalidStateError) as info:
+        plan_components(
+            comps, info=RankInfo.current(), process_groups=None, max_shard_size=2**20,
+            user_metadata={},
+        )  # fmt: skip
+    assert [k for k, _ in info.value.problems] == ["model.a", "opt.x.1"]
