@@ -40,7 +40,13 @@ import torch
 from .components import SharingPattern, StateComponent, check_unique_keys
 from .distributed import RankInfo, resolve_groups
 from .errors import InvalidStateError
-from .flatten import FlatState, flatten_state, frozen_parameter_names, is_dtensor
+from .flatten import (
+    FlatState,
+    flatten_state,
+    frozen_parameter_names,
+    invalid_state_error,
+    is_dtensor,
+)
 from .incremental import frozen_files
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -372,15 +378,25 @@ def plan_components(
         c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
     }
     groups = resolve_groups({n for n in names if n}, process_groups, info)
-    out = []
-    for c in components:
+    flats = []
+    problems: list[tuple[str, str]] = []
+    for c in components:  # every component is checked before any is planned
         try:
             state = c.stateful.state_dict()
         except Exception as e:
             raise InvalidStateError(
                 f"component {c.key!r}: state_dict() failed ({type(e).__name__}: {e})"
             ) from e
-        flat = flatten_state(state, allow_dtensor=True)
+        try:
+            flats.append(flatten_state(state, allow_dtensor=True, key_prefix=c.key))
+        except InvalidStateError as e:
+            if not e.problems:
+                raise
+            problems += e.problems
+    if problems:
+        raise invalid_state_error(problems, what="the components' state")
+    out = []
+    for c, flat in zip(components, flats, strict=True):
         if incremental and isinstance(c.stateful, torch.nn.Module):  # state_dict() detached
             frozen = flat.frozen | frozen_parameter_names(c.stateful)
             flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))

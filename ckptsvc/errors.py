@@ -52,7 +52,22 @@ class CommitConflictError(CheckpointError, FileExistsError):
 
 
 class InvalidStateError(CheckpointError, TypeError):
-    """The state handed to save cannot be checkpointed (unknown dtype, unserialisable value)."""
+    """The state handed to save cannot be checkpointed (unknown dtype, unserialisable value).
+
+    When raised by the state walk of ``save``, ``problems`` lists every offending value as
+    ``(key, reason)`` pairs (the key is the dotted path, e.g. ``optimizer.state.3.foo``);
+    the message shows the first 20.
+    """
+
+    def __init__(self, message: str, *, problems: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A ``CKPTSVC_*`` environment variable or an explicit tuning argument has a value of the
+    wrong type or outside its allowed range; the message names the variable, the value and
+    what is allowed."""
 
 
 class SaveFailedError(CheckpointError, RuntimeError):

@@ -20,12 +20,21 @@ Tensors that are the very same view of one storage (tied weights) are stored onc
 the first name in sorted order; every group is listed in ``param_sharing`` (the HF index
 convention) and the names are re-tied to one tensor object on load. Views that overlap
 only partially are stored as independent copies.
+
+The walk checks the whole state before anything is stored and raises one
+:class:`InvalidStateError` listing the dotted key of every unsupported value: NumPy arrays
+(any shape; NumPy scalars become their Python value), keys that are not ``str``/``int``/
+``float``/``bool``/``None`` or not valid UTF-8, ints of more than :data:`MAX_INT_DIGITS`
+digits, cycles, states nested more than :data:`MAX_DEPTH` levels, and tensors without a
+raw-bytes form (sparse, nested, quantized, meta, subclasses).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +51,7 @@ __all__ = [
     "FlatState",
     "flatten_state",
     "frozen_parameter_names",
+    "invalid_state_error",
     "is_dtensor",
     "load_state",
     "parse_skeleton",
@@ -53,6 +63,16 @@ __all__ = [
 SKELETON_NAME = "ckptsvc_state.json"
 SKELETON_FORMAT = "ckptsvc-state"
 SKELETON_VERSION = 1
+
+#: containers (dicts, lists, tuples, objects with ``state_dict()``) nested below the root
+#: at most; deeper states are refused (the skeleton stays far from JSON recursion limits)
+MAX_DEPTH = 100
+#: ints in the skeleton have at most this many decimal digits (|v| < 10**1000); the loader
+#: refuses ~4,300, Python's own int/str conversion limit
+MAX_INT_DIGITS = 1000
+_INT_LIMIT = 10**MAX_INT_DIGITS
+#: problems spelled out in one InvalidStateError message (``.problems`` holds them all)
+MAX_PROBLEMS_SHOWN = 20
 
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
 _MARKERS = frozenset({_TENSOR, _TUPLE, _DICT, _FLOAT})
@@ -99,8 +119,70 @@ def _dtype_name(t: torch.Tensor, fqn: str) -> str:
     return name
 
 
-def _where(path: tuple[str, ...]) -> str:
-    return "state" + "".join(f"[{p!r}]" for p in path)
+def _utf8_ok(s: str) -> bool:
+    """False for a str that UTF-8 cannot encode (lone surrogates, e.g. ``"\\udc80"``)."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _part_text(part: str) -> str:
+    if part.isprintable() and _utf8_ok(part):
+        return part
+    return part.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+def _key_text(path: tuple[str, ...]) -> str:
+    """A path as the dotted key a user recognises (``optimizer.state.3.foo``); lone
+    surrogates and control characters are escaped so the message itself always prints."""
+    if not path:
+        return "(the state itself)"
+    text = ".".join(_part_text(p) for p in path)
+    return text if len(text) <= 240 else f"{text[:110]} ... {text[-110:]}"
+
+
+def _where_text(path: tuple[str, ...]) -> str:
+    return f"the key '{_key_text(path)}'" if path else "the state itself"
+
+
+def _key_part(k: object) -> str:
+    """A dict key as one part of a path (``str`` of it; never fails, never huge)."""
+    if isinstance(k, int) and not isinstance(k, bool) and not -_INT_LIMIT < k < _INT_LIMIT:
+        return f"<int of {k.bit_length()} bits>"
+    if k is None or isinstance(k, (bool, int, float, str)):
+        return str(k)
+    return f"<{type(k).__name__} key>"
+
+
+def _type_name(v: object) -> str:
+    t = type(v)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def invalid_state_error(
+    problems: Sequence[tuple[str, str]], *, what: str = "the state"
+) -> InvalidStateError:
+    """One :class:`InvalidStateError` listing ``problems`` (``(key, reason)`` pairs, the
+    first :data:`MAX_PROBLEMS_SHOWN` spelled out) and what to do about them."""
+    n = len(problems)
+    lines = [
+        f"{n} value{'s' if n != 1 else ''} in {what} cannot be checkpointed (nothing was saved):"
+    ]
+    lines += [f"  - '{key}': {reason}" for key, reason in problems[:MAX_PROBLEMS_SHOWN]]
+    if n > MAX_PROBLEMS_SHOWN:
+        lines.append(
+            f"  ... and {n - MAX_PROBLEMS_SHOWN} more (InvalidStateError.problems lists all)"
+        )
+    lines.append(
+        "A checkpointable state holds tensors, int, float, str, bool and None, in dicts, "
+        "lists and tuples (or objects with state_dict()); convert or remove these values "
+        "and save again."
+    )
+    return InvalidStateError("\n".join(lines), problems=tuple(problems))
 
 
 def is_dtensor(t: object) -> bool:
@@ -109,107 +191,206 @@ def is_dtensor(t: object) -> bool:
 
 
 class _Flattener:
-    """One walk over a state: collects tensors by FQN and builds the skeleton."""
+    """One walk over a state: collects tensors by FQN and builds the skeleton.
 
-    def __init__(self, *, allow_dtensor: bool = False) -> None:
+    Nothing is raised during the walk: every unsupported value is recorded in
+    ``problems`` (as ``(key, reason)``) and replaced by ``None``, so one error can list
+    them all. ``active`` holds the containers on the current path (by ``id``), which finds
+    cycles; ``depth`` counts containers and ``state_dict()`` objects from the root.
+    """
+
+    def __init__(self, *, allow_dtensor: bool = False, prefix: tuple[str, ...] = ()) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.allow_dtensor = allow_dtensor
         self.frozen: set[str] = set()  # names of frozen parameters (requires_grad=False)
+        self.problems: list[tuple[str, str]] = []
+        self.prefix = prefix  # shown before keys in problems only (a component's key)
+        self.active: dict[int, tuple[str, ...]] = {}
 
-    def fqn(self, path: tuple[str, ...]) -> str:
-        for part in path:
-            if part == "":
-                raise InvalidStateError(
-                    f"{_where(path)}: an empty key cannot name a tensor (its name would be ambiguous)"
-                )
+    def problem(self, path: tuple[str, ...], reason: str) -> None:
+        self.problems.append((_key_text((*self.prefix, *path)), reason))
+
+    def fqn(self, path: tuple[str, ...]) -> str | None:
+        if any(part == "" for part in path):
+            self.problem(path, "an empty key cannot name a tensor (its name would be ambiguous)")
+            return None
         name = ".".join(path)
         if name in self.tensors:
-            raise InvalidStateError(
-                f"{_where(path)}: the tensor name {name!r} is produced twice (keys containing "
-                "'.' collide with nested keys); rename one of them"
+            self.problem(
+                path,
+                f"the tensor name {name!r} is produced twice (keys containing '.' collide "
+                "with nested keys); rename one of them",
             )
+            return None
         return name
 
-    def tensor(self, t: torch.Tensor, path: tuple[str, ...]) -> dict[str, str]:
-        fqn = self.fqn(path)
+    def tensor_problem(self, t: torch.Tensor) -> str | None:
+        """Why ``t`` cannot be stored as raw bytes, or None."""
+        if t.is_nested:
+            return (
+                "nested tensors (torch.nested) cannot be checkpointed; store the "
+                "components instead (list(t.unbind()))"
+            )
         if t.layout != torch.strided:
-            raise InvalidStateError(
-                f"{_where(path)}: {t.layout} tensors cannot be checkpointed; convert with .to_dense()"
-            )
+            return f"{t.layout} tensors cannot be checkpointed; convert with .to_dense()"
         if t.device.type == "meta":
-            raise InvalidStateError(f"{_where(path)}: tensor is on the meta device and has no data")
-        if is_dtensor(t) and not self.allow_dtensor:
-            raise InvalidStateError(
-                f"{_where(path)}: DTensor (FSDP2 / tensor parallel) is not supported by this "
-                "save path yet; pass .full_tensor() or a local shard"
+            return "the tensor is on the meta device and has no data"
+        if is_dtensor(t):
+            if self.allow_dtensor:
+                return None
+            return (
+                "DTensor (FSDP2 / tensor parallel) is not supported by this save path yet; "
+                "pass .full_tensor() or a local shard"
             )
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) and not is_dtensor(t):
-            raise InvalidStateError(
-                f"{_where(path)}: tensor subclass {type(t).__name__} has no raw-bytes form; "
-                "torchao-quantized models save through CheckpointManager (or split them with "
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return (
+                f"tensor subclass {type(t).__name__} has no raw-bytes form; torchao-quantized "
+                "models save through CheckpointManager (or split them with "
                 "ckptsvc.quantized.split_quantized first)"
             )
-        _dtype_name(t, fqn)
+        if t.is_quantized:
+            return (
+                f"quantized tensors ({t.dtype}) cannot be checkpointed; store "
+                "t.int_repr() and the quantization parameters, or t.dequantize()"
+            )
+        return None
+
+    def tensor(self, t: torch.Tensor, path: tuple[str, ...]) -> dict[str, str] | None:
+        reason = self.tensor_problem(t)
+        if reason is not None:
+            self.problem(path, reason)
+            return None
+        fqn = self.fqn(path)
+        if fqn is None:
+            return None
+        try:
+            _dtype_name(t, fqn)
+        except InvalidStateError:
+            self.problem(path, f"dtype {t.dtype} cannot be stored in safetensors")
+            return None
         if isinstance(t, torch.nn.Parameter) and not t.requires_grad:
             self.frozen.add(fqn)
         self.tensors[fqn] = t.detach()
         return {_TENSOR: fqn}
 
-    def value(self, v: Any, path: tuple[str, ...]) -> Any:
+    def value(self, v: Any, path: tuple[str, ...], depth: int = 0) -> Any:
         if isinstance(v, torch.Tensor):
             return self.tensor(v, path)
-        if v is None or isinstance(v, (bool, int, str)):
+        if v is None or isinstance(v, (bool, str)):
             return v
+        if isinstance(v, int):
+            if -_INT_LIMIT < v < _INT_LIMIT:
+                return v
+            self.problem(
+                path,
+                f"an int of {v.bit_length()} bits is too large for the state skeleton (at most "
+                f"{MAX_INT_DIGITS} decimal digits); store it as a str or split it",
+            )
+            return None
         if isinstance(v, float):
             return v if math.isfinite(v) else {_FLOAT: repr(v)}
-        if isinstance(v, Mapping):
-            return self.mapping(v, path)
-        if isinstance(v, list):
-            return [self.value(x, (*path, str(i))) for i, x in enumerate(v)]
-        if isinstance(v, tuple):
-            return {_TUPLE: [self.value(x, (*path, str(i))) for i, x in enumerate(v)]}
-        state_dict = getattr(v, "state_dict", None)
-        if callable(state_dict):  # nn.Module, Optimizer, LR scheduler: the Stateful protocol
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(v, np.ndarray):
+            self.problem(
+                path,
+                f"a numpy array (shape {tuple(v.shape)}, dtype {v.dtype}) is not converted "
+                "silently; store torch.from_numpy(a) (it loads as a tensor) or a.tolist()",
+            )
+            return None
+        if np is not None and isinstance(v, np.generic):  # numpy scalar: its Python value
+            return self.value(v.item(), path, depth)
+        if isinstance(v, (Mapping, list, tuple)) or callable(getattr(v, "state_dict", None)):
+            return self.container(v, path, depth + 1)
+        self.problem(
+            path,
+            f"a value of type {_type_name(v)} cannot be checkpointed; use tensors, int, float, str, bool, "
+            "None, and lists, tuples or dicts of them (or an object with state_dict())",
+        )
+        return None
+
+    def container(self, v: Any, path: tuple[str, ...], depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            self.problem(
+                path,
+                f"the state is nested more than {MAX_DEPTH} levels deep here; flatten this "
+                "part of the state",
+            )
+            return None
+        seen = self.active.get(id(v))
+        if seen is not None:
+            self.problem(
+                path,
+                f"a cycle: this {_type_name(v)} contains itself (it is also "
+                f"{_where_text((*self.prefix, *seen))}); a state must be a tree",
+            )
+            return None
+        self.active[id(v)] = path
+        try:
+            if isinstance(v, Mapping):
+                return self.mapping(v, path, depth)
+            if isinstance(v, list):
+                return [self.value(x, (*path, str(i)), depth) for i, x in enumerate(v)]
+            if isinstance(v, tuple):
+                return {_TUPLE: [self.value(x, (*path, str(i)), depth) for i, x in enumerate(v)]}
+            # nn.Module, Optimizer, LR scheduler: the Stateful protocol
             if isinstance(v, torch.nn.Module):  # state_dict() detaches: requires_grad is lost
                 self.frozen |= frozen_parameter_names(v, prefix=".".join(path))
-            return self.value(state_dict(), path)
-        item = getattr(v, "item", None)
-        if type(v).__module__ == "numpy" and callable(item):  # numpy scalar
-            return self.value(item(), path)
-        raise InvalidStateError(
-            f"{_where(path)}: a {type(v).__module__}.{type(v).__qualname__} cannot be "
-            "checkpointed; use tensors, int, float, str, bool, None, and lists, tuples or "
-            "dicts of them (or an object with state_dict())"
+            return self.value(v.state_dict(), path, depth)
+        finally:
+            del self.active[id(v)]
+
+    def key_problem(self, k: object) -> str | None:
+        """Why ``k`` cannot be a key in the skeleton, or None."""
+        if isinstance(k, str):
+            if _utf8_ok(k):
+                return None
+            return (
+                "the key is not valid UTF-8 (it holds a lone surrogate, as from "
+                "os.fsdecode of undecodable bytes); use a clean str key"
+            )
+        if isinstance(k, int) and not isinstance(k, bool) and not -_INT_LIMIT < k < _INT_LIMIT:
+            return (
+                f"an int key of {k.bit_length()} bits is too large for the state skeleton "
+                f"(at most {MAX_INT_DIGITS} decimal digits)"
+            )
+        if k is None or isinstance(k, (bool, int, float)):
+            return None
+        return (
+            f"dict key {reprlib.repr(k)} ({_type_name(k)}) cannot be checkpointed; keys must "
+            "be str, int, float, bool or None"
         )
 
-    def mapping(self, m: Mapping[Any, Any], path: tuple[str, ...]) -> Any:
+    def mapping(self, m: Mapping[Any, Any], path: tuple[str, ...], depth: int) -> Any:
         keys = list(m.keys())
         plain = all(isinstance(k, str) for k in keys) and not (
             len(keys) == 1 and keys[0] in _MARKERS
         )
-        if plain:
-            return {k: self.value(m[k], (*path, k)) for k in keys}
         pairs = []
         for k in keys:
-            if not (k is None or isinstance(k, (bool, int, float, str))):
-                raise InvalidStateError(
-                    f"{_where(path)}: dict key {k!r} ({type(k).__name__}) cannot be "
-                    "checkpointed; keys must be str, int, float, bool or None"
-                )
-            pairs.append([self.value(k, path), self.value(m[k], (*path, str(k)))])
-        return {_DICT: pairs}
+            where = (*path, _key_part(k))
+            reason = self.key_problem(k)
+            if reason is not None:
+                self.problem(where, reason)
+                continue
+            pairs.append((k, self.value(m[k], where, depth)))
+        if plain:
+            return dict(pairs)
+        return {_DICT: [[self.value(k, path, depth), x] for k, x in pairs]}
 
 
-def flatten_state(state: Any, *, allow_dtensor: bool = False) -> FlatState:
+def flatten_state(state: Any, *, allow_dtensor: bool = False, key_prefix: str = "") -> FlatState:
     """Split ``state`` into stored tensors and a JSON skeleton (see the module docstring).
 
     With ``allow_dtensor`` a DTensor is kept as is in ``tensors`` (the component saver
     stores its local shard with global offsets, :mod:`ckptsvc.resharding`); without, it
-    is refused. Raises :class:`InvalidStateError` naming the key for anything that has
-    no safe form.
+    is refused. The whole state is checked first: one :class:`InvalidStateError` lists
+    the key of every value that has no safe form (``key_prefix``, e.g. a component's key,
+    is shown before each), with ``problems`` holding them all.
     """
-    walker = _Flattener(allow_dtensor=allow_dtensor)
+    walker = _Flattener(allow_dtensor=allow_dtensor, prefix=(key_prefix,) if key_prefix else ())
     root = walker.value(state, ())
+    if walker.problems:
+        raise invalid_state_error(walker.problems)
     locals_ = {
         k: (t.to_local() if is_dtensor(t) else t)  # type: ignore[attr-defined]
         for k, t in walker.tensors.items()

@@ -7,22 +7,45 @@ argument to a public function always wins over both.
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from .errors import ConfigError
 
 __all__ = ["Knob", "knob_table"]
 
 T = TypeVar("T", int, float, str, bool)
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
 
 @dataclass(frozen=True)
 class Knob(Generic[T]):
-    """A named tunable: ``KNOB.get()`` returns the env override or the default."""
+    """A named tunable: ``KNOB.get()`` returns the env override or the default.
+
+    Every value (environment override or explicit argument) is checked against the knob's
+    type and limits; a bad one raises :class:`~ckptsvc.errors.ConfigError` naming the
+    variable, the value and what is allowed. Limits: ``min_value`` / ``max_value``
+    (numbers; ``min_value`` is exclusive when ``min_inclusive`` is false), ``choices``
+    (strings, compared case-insensitively after stripping; the value is returned as
+    given), ``nonempty`` (strings). ``bool`` knobs accept 1/0, true/false, yes/no, on/off.
+    """
 
     name: str
     default: T
     doc: str
+    min_value: int | float | None = None
+    max_value: int | float | None = None
+    min_inclusive: bool = True
+    choices: tuple[str, ...] = ()
+    nonempty: bool = False
+
+    def __post_init__(self) -> None:
+        self.check(self.default, source="default")  # a knob's own default must pass
 
     @property
     def env_var(self) -> str:
@@ -31,24 +54,113 @@ class Knob(Generic[T]):
     def get(self, explicit: T | None = None) -> T:
         """Return ``explicit`` if given, else the environment override, else the default."""
         if explicit is not None:
-            return explicit
+            return self.check(explicit, source="argument")
         raw = os.environ.get(self.env_var)
         if raw is None or raw == "":
             return self.default
+        return self.check(raw, source="env")
+
+    def allowed(self, source: str = "env") -> str:
+        """What values the knob accepts, in words (for errors and the docs table)."""
+        kind = type(self.default)
+        if kind is bool and source != "env":
+            return "True or False"
+        if kind is bool:
+            return "a boolean: " + ", ".join(f"{t}/{f}" for t, f in zip(_TRUE, _FALSE, strict=True))
+        if self.choices:
+            return "one of " + ", ".join(self.choices) + " (any case)"
+        if kind is str:
+            return "a non-empty string" if self.nonempty else "any string"
+        what = "an integer" if kind is int else "a finite number"
+        lo, hi = self.min_value, self.max_value
+        if lo is not None and hi is not None:
+            return f"{what} from {lo} to {hi}"
+        if lo is not None:
+            return f"{what} {'>=' if self.min_inclusive else '>'} {lo}"
+        if hi is not None:
+            return f"{what} <= {hi}"
+        return what
+
+    def check(self, value: object, *, source: str = "argument") -> T:
+        """``value`` (an explicit argument, or the raw text of the environment variable when
+        ``source == "env"``) converted to the knob's type and checked against its limits."""
         kind = type(self.default)
         try:
-            if kind is bool:
-                return raw.strip().lower() in ("1", "true", "yes", "on")
-            return kind(raw)
-        except ValueError as e:
-            raise ValueError(f"{self.env_var}={raw!r} is not a valid {kind.__name__}") from e
+            if source == "env":
+                if not isinstance(value, str):
+                    raise TypeError
+                converted: Any = _parse(kind, value)
+            else:
+                converted = _coerce(kind, value)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise self._error(value, source, "is not valid") from e
+        if kind in (int, float):
+            if kind is float and not math.isfinite(converted):
+                raise self._error(value, source, "is not valid")
+            lo, hi = self.min_value, self.max_value
+            too_low = lo is not None and (
+                converted < lo or (converted == lo and not self.min_inclusive)
+            )
+            if too_low or (hi is not None and converted > hi):
+                raise self._error(value, source, "is out of range")
+        elif kind is str:
+            if self.choices and converted.strip().lower() not in {c.lower() for c in self.choices}:
+                raise self._error(value, source, "is not allowed")
+            if self.nonempty and not converted.strip():
+                raise self._error(value, source, "is not allowed")
+        return converted
+
+    def _error(self, value: object, source: str, problem: str) -> ConfigError:
+        if source == "env":
+            who = f"{self.env_var}={value!r}"
+        else:
+            who = f"{self.name}={value!r} ({source}; environment variable {self.env_var})"
+        return ConfigError(f"{who} {problem}: expected {self.allowed(source)}. {self.doc}")
+
+
+def _parse(kind: type, raw: str) -> Any:
+    """The text of an environment variable as a ``kind``; ValueError if it is not one."""
+    if kind is bool:
+        text = raw.strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError(raw)
+    if kind is int:
+        return int(raw.strip())
+    if kind is float:
+        return float(raw.strip())
+    return raw
+
+
+def _coerce(kind: type, value: object) -> Any:
+    """An explicit argument as a ``kind``; TypeError if it is not one (no bool for numbers,
+    no float for an integer)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if type(value) is int and value in (0, 1):
+            return bool(value)
+        raise TypeError(value)
+    if isinstance(value, bool) or (kind is not str and isinstance(value, str)):
+        raise TypeError(value)
+    if kind is int:
+        return operator.index(value)  # type: ignore[arg-type]
+    if kind is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise TypeError(value)
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
 
 
 _ALL: list[Knob[Any]] = []
 
 
-def _knob(name: str, default: T, doc: str) -> Knob[T]:
-    k = Knob(name, default, doc)
+def _knob(name: str, default: T, doc: str, **limits: Any) -> Knob[T]:
+    """Define a knob; ``limits`` are :class:`Knob`'s ``min_value``, ``max_value``,
+    ``min_inclusive``, ``choices`` and ``nonempty``."""
+    k = Knob(name, default, doc, **limits)
     _ALL.append(k)
     return k
 
@@ -59,52 +171,76 @@ def knob_table() -> list[tuple[str, object, str]]:
 
 
 # --- format and sync I/O ----------------------------------------------------------------
-MAX_SHARD_SIZE = _knob("max_shard_size", 2**31, "Default bytes per shard file for async saves.")
+MAX_SHARD_SIZE = _knob(
+    "max_shard_size", 2**31, "Default bytes per shard file for async saves.", min_value=1
+)
 WRITE_CHUNK_BYTES = _knob(
     "write_chunk_bytes",
     64 * 2**20,
     "Bytes per write() call when streaming a shard (local O_DIRECT: split into 4 parallel "
     "writes; each chunk is checksummed while it is written).",
+    min_value=1,
 )
-READ_CHUNK_BYTES = _knob("read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.")
-IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parallel.")
+READ_CHUNK_BYTES = _knob(
+    "read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.", min_value=1
+)
+IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parallel.", min_value=1)
 MAX_HEADER_BYTES = _knob(
-    "max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted."
+    "max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted.", min_value=1
 )
 FSYNC = _knob("fsync", True, "fsync local shard files and directories before commit.")
 DIRECT_IO = _knob(
     "direct_io",
     "auto",
     "O_DIRECT for local shard files: auto (ext4/xfs, files >= direct_io_min_bytes), on, off.",
+    choices=("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
 )
 DIRECT_IO_MIN_BYTES = _knob(
     "direct_io_min_bytes",
     8 * 2**20,
     "Smallest local file that direct_io=auto writes with O_DIRECT.",
+    min_value=0,
 )
 DIRECT_IO_BUFFER_BYTES = _knob(
     "direct_io_buffer_bytes",
     16 * 2**20,
     "Bytes per O_DIRECT write; each direct file maps two such bounce buffers.",
+    min_value=1,
 )
 
 # --- object stores ------------------------------------------------------------------------
-PART_SIZE_BYTES = _knob("part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.")
-RETRY_ATTEMPTS = _knob("retry_attempts", 6, "Attempts for a transient storage error.")
-RETRY_MAX_S = _knob("retry_max_s", 120.0, "Give up retrying one call after this many seconds.")
-RETRY_BASE_S = _knob("retry_base_s", 0.2, "First backoff delay; doubles each attempt, with jitter.")
+PART_SIZE_BYTES = _knob(
+    "part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.", min_value=1
+)
+RETRY_ATTEMPTS = _knob(
+    "retry_attempts", 6, "Attempts for a transient storage error (1 = no retry).", min_value=1
+)
+RETRY_MAX_S = _knob(
+    "retry_max_s", 120.0, "Give up retrying one call after this many seconds.", min_value=0
+)
+RETRY_BASE_S = _knob(
+    "retry_base_s",
+    0.2,
+    "First backoff delay; doubles each attempt, with jitter.",
+    min_value=0,
+)
 UPLOAD_PARTS_IN_FLIGHT = _knob(
     "upload_parts_in_flight",
     4,
     "Parts of one file uploading at once (S3); a file's sink holds at most n+1 part buffers.",
+    min_value=1,
 )
 READ_RANGES_IN_FLIGHT = _knob(
-    "read_ranges_in_flight", 8, "Ranged GETs of one file in flight when loading from object stores."
+    "read_ranges_in_flight",
+    8,
+    "Ranged GETs of one file in flight when loading from object stores.",
+    min_value=1,
 )
 READ_COALESCE_GAP_BYTES = _knob(
     "read_coalesce_gap_bytes",
     2**20,
     "Tensors at most this many bytes apart in a file are fetched by one ranged read.",
+    min_value=0,
 )
 
 # --- async engine -------------------------------------------------------------------------
@@ -113,14 +249,18 @@ ARENAS_PER_RANK = _knob(
     0,
     "Most staging arenas per rank (0 = one, or two when memory_budget_bytes holds two copies; "
     "an explicit N without a budget allows N state copies).",
+    min_value=0,
 )
 MEMORY_BUDGET_BYTES = _knob(
     "memory_budget_bytes",
     0,
     "Shared-memory staging bytes per checkpointer (0 = one state copy); a larger state is "
     "staged and streamed in pieces.",
+    min_value=0,
 )
-COPY_THREADS = _knob("copy_threads", 0, "Threads copying into the arena on CPU (0 = all cores).")
+COPY_THREADS = _knob(
+    "copy_threads", 0, "Threads copying into the arena on CPU (0 = all cores).", min_value=0
+)
 INCREMENTAL = _knob(
     "incremental",
     True,
@@ -128,12 +268,26 @@ INCREMENTAL = _knob(
     "last committed checkpoint is hard-linked / copied server-side, not rewritten.",
 )
 WRITER_START_TIMEOUT_S = _knob(
-    "writer_start_timeout_s", 60.0, "Wait this long for the node writer to start."
+    "writer_start_timeout_s",
+    60.0,
+    "Wait this long for the node writer to start.",
+    min_value=0,
+    min_inclusive=False,
 )
-WRITER_NICE = _knob("writer_nice", 10, "nice() increment for the node writer process.")
-SHM_DIR = _knob("shm_dir", "/dev/shm", "Directory of POSIX shared memory segments.")
+WRITER_NICE = _knob(
+    "writer_nice",
+    10,
+    "nice() increment for the node writer process.",
+    min_value=-20,
+    max_value=19,
+)
+SHM_DIR = _knob("shm_dir", "/dev/shm", "Directory of POSIX shared memory segments.", nonempty=True)
 COMMIT_TIMEOUT_S = _knob(
-    "commit_timeout_s", 1800.0, "Rank 0 waits this long for every rank's report."
+    "commit_timeout_s",
+    1800.0,
+    "Rank 0 waits this long for every rank's report.",
+    min_value=0,
+    min_inclusive=False,
 )
 CLAIM_LEASE_S = _knob(
     "claim_lease_s",
@@ -146,7 +300,10 @@ WRITER_SOCKET = _knob(
     "writer_socket", "", "Unix socket path of the node writer ('' = derived from the node id)."
 )
 WRITER_LINGER_S = _knob(
-    "writer_linger_s", 10.0, "The node writer exits after this long with no client and no job."
+    "writer_linger_s",
+    10.0,
+    "The node writer exits after this long with no client and no job.",
+    min_value=0,
 )
 WRITER_PRELOAD = _knob(
     "writer_preload",
@@ -157,4 +314,5 @@ WRITER_LOG_LEVEL = _knob(
     "writer_log_level",
     "WARNING",
     "Logging level of the node writer process (logs go to its stderr).",
+    choices=("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET"),
 )
