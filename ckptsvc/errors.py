@@ -108,10 +108,6 @@ class StorageTransientError(StorageError):
     """A failure worth retrying (5xx, throttling, connection reset, timeout) that persisted."""
 
 
-class ConfigError(CheckpointError, ValueError):
-    """A configuration mistake: a bad argument or ``CKPTSVC_*`` value (named in the message)."""
-
-
 class StateMismatchError(CheckpointError, RuntimeError):
     """The checkpoint's keys or shapes do not match the module or state being restored."""
 

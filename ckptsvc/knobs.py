@@ -294,6 +294,8 @@ CLAIM_LEASE_S = _knob(
     120.0,
     "A checkpoint claim (in-progress marker) of a process on another host is live while it "
     "was refreshed within this many seconds; the saving process refreshes every quarter.",
+    min_value=0,
+    min_inclusive=False,
 )
 NODE_ID = _knob("node_id", "", "Names this node's writer socket and arenas ('' = per user).")
 WRITER_SOCKET = _knob(
