@@ -24,8 +24,9 @@ it, item 3):
    finish: those of directories removed here, of complete checkpoints (committed without
    them) and of directories that no longer exist; never one of a directory kept above or
    one that started after gc did. GCS resumable sessions expire by themselves;
-6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-...``) whose owner process is
-   dead (:func:`ckptsvc.staging.reclaim_stale_segments`).
+6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-<pidns>-<pid>-<n>``) of any
+   node id whose owner process is dead in this pid namespace
+   (:func:`ckptsvc.staging.reclaim_stale_segments` with no node).
 
 ``dry_run`` reports without changing anything. Every removal is logged and listed.
 """
@@ -49,7 +50,7 @@ from .discovery import CHECKPOINTS_DIR, CheckpointInfo, CheckpointStatus, list_c
 from .errors import StorageNotFoundError
 from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from .retention import delete_checkpoint
-from .staging import node_id, pid_alive, reclaim_stale_segments, segment_prefix
+from .staging import pid_alive, reclaim_stale_segments, stale_segments
 from .storage import ChildInfo, Location, call_with_retries
 
 __all__ = ["GcReport", "collect_garbage", "unfinished_uploads"]
@@ -315,25 +316,6 @@ def _collect_uploads(
     return aborted, kept
 
 
-# ---- shared memory -----------------------------------------------------------------------------
-
-
-def _stale_segments(node: str) -> list[str]:
-    """Names of this node's staging arenas whose owner is dead (what reclaim would unlink)."""
-    directory = knobs.SHM_DIR.get()
-    prefix = segment_prefix(node)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    stale = []
-    for name in sorted(names):
-        owner = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
-        if owner.isdigit() and int(owner) != os.getpid() and not pid_alive(int(owner)):
-            stale.append(name)
-    return stale
-
-
 # ---- the entry point ---------------------------------------------------------------------------
 
 
@@ -349,8 +331,9 @@ def collect_garbage(
     """Reclaim the debris under ``root/checkpoints`` (see the module docstring).
 
     ``min_age_s`` keeps anything younger (a guard for saves in flight on other hosts);
-    ``shared_memory`` also unlinks this host's staging arenas of dead processes for
-    ``node`` (default: ``CKPTSVC_NODE_ID``, else per user).
+    ``shared_memory`` also unlinks this host's staging arenas whose owner process is dead
+    in this pid namespace: those of ``node``, or (default) of every node, whatever node id
+    the job that made them had.
     """
     now_s = time.time()
     root_loc = Location.parse(root, storage_options)
@@ -410,8 +393,7 @@ def collect_garbage(
         kept += kept_uploads
     segments: list[str] = []
     if shared_memory:
-        name = node_id(node)
-        segments = _stale_segments(name) if dry_run else reclaim_stale_segments(name)
+        segments = stale_segments(node) if dry_run else reclaim_stale_segments(node)
     _log(dry_run, removed, aborted, segments)
     return GcReport(
         root=str(root),
