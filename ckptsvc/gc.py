@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from . import knobs
 from .discovery import CHECKPOINTS_DIR, CheckpointInfo, CheckpointStatus, list_checkpoints
 from .errors import StorageNotFoundError
 from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest

@@ -90,9 +90,21 @@ DIRECT_IO_BUFFER_BYTES = _knob(
 
 # --- object stores ------------------------------------------------------------------------
 PART_SIZE_BYTES = _knob("part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.")
-RETRY_ATTEMPTS = _knob("retry_attempts", 6, "Attempts for a transient storage error.")
-RETRY_MAX_S = _knob("retry_max_s", 120.0, "Give up retrying one call after this many seconds.")
+RETRY_ATTEMPTS = _knob(
+    "retry_attempts",
+    200,
+    "Most tries of one request on a transient storage error (a backstop: retry_max_s governs).",
+)
+RETRY_MAX_S = _knob(
+    "retry_max_s",
+    120.0,
+    "Keep retrying one request for this many seconds (rides out an outage this long, less "
+    "one delay).",
+)
 RETRY_BASE_S = _knob("retry_base_s", 0.2, "First backoff delay; doubles each attempt, with jitter.")
+RETRY_MAX_DELAY_S = _knob(
+    "retry_max_delay_s", 5.0, "Cap on one backoff delay (before jitter) between retries."
+)
 UPLOAD_PARTS_IN_FLIGHT = _knob(
     "upload_parts_in_flight",
     4,
