@@ -24,6 +24,7 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
+from ckptsvc.gc import CLOCK_SLACK_S as CLOCK_SLACK
 from ckptsvc.gc import collect_garbage, unfinished_uploads
 from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.sharded_checkpoint import save_checkpoint
@@ -617,3 +618,74 @@ def test_gc_keeps_other_pid_namespaces_and_foreign_names(tmp_path: Path) -> None
         report = collect_garbage(str(tmp_path / "run"))
     assert report.reclaimed_segments == tuple(n for n, gone in names.items() if gone)
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, gone in names.items() if not gone)
+
+
+def _uploads_left(root: StorageRoot) -> list[str]:
+    return [
+        u.split(" ")[0] for u in unfinished_uploads(root.url, storage_options=root.storage_options)
+    ]
+
+
+def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
+    s3_root: StorageRoot,
+) -> None:
+    """The writer lives on (a sleeper stands in), but its save failed: its trainer is
+    dead, or the writer marked the save failed, or no marker claims the directory. Those
+    uploads go; the upload of a save whose writer and trainer live stays."""
+    from ckptsvc.workers.commit import abandon_checkpoint, begin_checkpoint
+
+    opts = s3_root.storage_options
+    save(s3_root.url, 1, opts=opts)
+    host = socket.gethostname()
+    shard = "model-00001-of-00001.safetensors"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writer = sleeper.pid
+        dead_trainer = s3_root.location("checkpoints", "checkpoint-2")
+        dead_trainer.join(MARKER_NAME).publish(
+            json.dumps(
+                {"pid": writer, "host": host, "trainer_pid": dead_pid(), "started": iso()}
+            ).encode()
+        )
+        failed = s3_root.location("checkpoints", "checkpoint-3")
+        begin_checkpoint(failed, trainer_pid=writer)  # this process is the writer here
+        abandon_checkpoint(failed, "StorageTransientError: the store went away")
+        assert json.loads(failed.join(MARKER_NAME).read_bytes())["failed"]
+        no_marker = s3_root.location("checkpoints", "checkpoint-4")
+        no_marker.join("notes.txt").publish(b"a user's file")
+        live = s3_root.location("checkpoints", "checkpoint-5")
+        live.join(MARKER_NAME).publish(
+            json.dumps(
+                {"pid": writer, "host": host, "trainer_pid": writer, "started": iso()}
+            ).encode()
+        )
+        ups = {
+            n: _start_upload(s3_root, f"checkpoints/checkpoint-{n}/{shard}") for n in (2, 3, 4, 5)
+        }
+        time.sleep(CLOCK_SLACK + 0.5)  # the uploads predate gc
+        dry = collect_garbage(s3_root.url, storage_options=opts, dry_run=True)
+        assert sorted(u.split(" ")[0] for u in dry.aborted_uploads) == sorted(
+            ups[n] for n in (2, 3, 4)
+        )
+        report = collect_garbage(s3_root.url, storage_options=opts)
+        assert sorted(report.removed) == sorted([dead_trainer.url, failed.url])
+        assert _uploads_left(s3_root) == [ups[5]]
+        assert no_marker.join("notes.txt").exists()  # not debris: only its upload went
+        assert any(ups[5] in u and "still running" in why for u, why in report.kept)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_gc_aborts_the_upload_of_a_damaged_commit_but_keeps_the_directory(
+    s3_root: StorageRoot,
+) -> None:
+    opts = s3_root.storage_options
+    path = save(s3_root.url, 1, opts=opts)
+    s3_root.location("checkpoints", "checkpoint-1").join(MANIFEST_NAME).publish(b"{not json")
+    up = _start_upload(s3_root, "checkpoints/checkpoint-1/model-00009-of-00009.safetensors")
+    time.sleep(CLOCK_SLACK + 0.5)
+    report = collect_garbage(s3_root.url, storage_options=opts)
+    assert report.removed == () and any("damaged" in why for _, why in report.kept)
+    assert [u.split(" ")[0] for u in report.aborted_uploads] == [up]
+    assert _uploads_left(s3_root) == [] and checkpoint_info(path, storage_options=opts)

@@ -35,17 +35,45 @@ from ckptsvc.manifest import (
 )
 from ckptsvc.storage import Location, fsync_dir
 
-__all__ = ["begin_checkpoint", "commit_checkpoint", "publish_file", "sync_local_dirs"]
+__all__ = [
+    "abandon_checkpoint",
+    "begin_checkpoint",
+    "commit_checkpoint",
+    "publish_file",
+    "sync_local_dirs",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def begin_checkpoint(ckpt: Location) -> None:
-    """Step 1: directory, in-progress marker, then retire any previous manifest."""
+def begin_checkpoint(ckpt: Location, *, trainer_pid: int | None = None) -> None:
+    """Step 1: directory, in-progress marker, then retire any previous manifest.
+
+    The marker names this process and host (and ``trainer_pid``, the trainer a node
+    writer saves for: the save cannot go on once either is dead), so ``gc`` can tell a
+    live save from debris."""
     ckpt.makedirs()
-    marker = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()})
-    ckpt.join(MARKER_NAME).publish(marker.encode())
+    doc: dict[str, object] = {"pid": os.getpid(), "host": socket.gethostname()}
+    if trainer_pid is not None:
+        doc["trainer_pid"] = trainer_pid
+    doc["started"] = now_iso()
+    ckpt.join(MARKER_NAME).publish(json.dumps(doc).encode())
     ckpt.join(MANIFEST_NAME).remove(missing_ok=True)
+
+
+def abandon_checkpoint(ckpt: Location, reason: str) -> None:
+    """A save that began here failed (or was cancelled): say so in its marker, so ``gc``
+    reclaims the directory and its unfinished uploads although the writer lives on.
+    Best effort (the storage may be what failed): never raises."""
+    try:
+        raw = ckpt.join(MARKER_NAME).read_bytes()
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("pid") != os.getpid():
+            return  # not our marker (any more): another save owns the directory now
+        doc["failed"] = reason[:500]
+        ckpt.join(MARKER_NAME).publish(json.dumps(doc).encode())
+    except Exception as e:
+        logger.info("could not mark the failed save in %s as abandoned: %s", ckpt.url, e)
 
 
 def publish_file(ckpt: Location, rel_path: str, data: bytes) -> FileRecord:

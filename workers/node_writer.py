@@ -47,7 +47,7 @@ from ckptsvc.manifest import FileRecord, Manifest, now_iso
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
-from .commit import begin_checkpoint, commit_checkpoint, publish_file
+from .commit import abandon_checkpoint, begin_checkpoint, commit_checkpoint, publish_file
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     PROTOCOL_VERSION,
@@ -394,6 +394,7 @@ class NodeWriter:
         arena: memoryview | None = None
         reuse: ReuseSource | None = None
         reused: list[FileRecord] = []
+        began: Location | None = None  # the directory whose marker this job wrote
 
         def one(fj: FileJob) -> FileRecord:
             starts.append(time.monotonic())
@@ -411,7 +412,8 @@ class NodeWriter:
             arena = conn.arena(job.arena_name) if job.arena_name else None
             if job.files and arena is None:
                 raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
-            begin_checkpoint(ckpt)
+            begin_checkpoint(ckpt, trainer_pid=conn.hello.pid if conn.hello else None)
+            began = ckpt
             reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None
             futures = [self.io_pool.submit(one, fj) for fj in job.files] if not job.stream else []
             records = self._write_streamed(conn, state, ckpt, arena) if job.stream else []
@@ -446,7 +448,9 @@ class NodeWriter:
             )
         except BaseException as e:
             state.cancelled.set()  # stop sibling shards, then wait: nobody reads the arena after
-            wait(futures)
+            wait(futures)  # each shard aborted its own upload on the way out
+            if began is not None:
+                abandon_checkpoint(began, f"{type(e).__name__}: {e}")
             if isinstance(e, JobCancelled):
                 logger.info("%s", e)
             else:
