@@ -711,6 +711,43 @@ def test_s3_save_with_default_retries_rides_out_an_endpoint_outage(
     assert torch.equal(got["big"], sd["big"]) and torch.equal(got["small"], sd["small"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_s3_upload_of_a_save_failed_by_an_outage_is_aborted_once_the_store_is_back(
+    s3_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outage outlasts a short retry budget: the upload fails, and so does its abort.
+    The sink keeps trying the abort in the background: nothing stays behind after."""
+    import threading
+
+    from ckptsvc.storage import multipart
+    from ckptsvc.storage.faults import FaultProxy
+
+    monkeypatch.setenv("CKPTSVC_RETRY_MAX_S", "1.0")
+    monkeypatch.setenv("CKPTSVC_RETRY_MAX_DELAY_S", "0.2")
+    monkeypatch.setattr(multipart, "_ABORT_LATER_PAUSE_S", 0.2)
+    assert s3_root.server is not None
+    client = s3_root.server.boto3_client()
+    with FaultProxy(s3_root.server.endpoint_url) as proxy:
+        opts = dict(s3_root.storage_options)
+        opts["client_kwargs"] = {**opts["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        opts["config_kwargs"] = {"connect_timeout": 1, "read_timeout": 5}
+        loc = Location.parse(s3_root.join("checkpoints", "c-1", "big.bin"), opts)
+        sink = multipart.S3MultipartSink(loc, part_size_bytes=5 * 2**20, parts_in_flight=2)
+        sink.write(b"x" * (5 * 2**20 + 1))  # the upload exists, part 1 is on its way
+        uploads = client.list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads", [])
+        assert len(uploads) == 1
+        proxy.pause()
+        with pytest.raises(StorageError):
+            sink.close()  # the completion fails, then the abort
+        assert client.list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads")
+        threading.Timer(2.0, proxy.resume).start()
+        deadline = time.monotonic() + 60
+        while client.list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads"):
+            assert time.monotonic() < deadline, "the failed save's upload is still there"
+            time.sleep(0.2)
+
+
 # ---- the test infrastructure itself -----------------------------------------------------
 def test_unstartable_server_fails_in_ci_and_skips_elsewhere(
     monkeypatch: pytest.MonkeyPatch,
