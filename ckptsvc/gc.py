@@ -5,8 +5,9 @@ one whose manifest parses, is only ever removed when retention already chose to 
 it, item 3):
 
 1. an **incomplete** checkpoint directory - our in-progress marker and no manifest - when
-   nothing may still be writing it: its marker names a process on this host that is dead,
-   or it is marked as being deleted (an interrupted retention), or it started before the
+   nothing may still be writing it: its marker names a process on this host that is dead
+   (the writer, or the trainer it saves for), says the save failed, or it is marked as
+   being deleted (an interrupted retention), or it started before the
    newest complete checkpoint was committed. Kept: a live writer on this host, a save
    that started after the newest commit (it may be in flight on another host), the first
    save ever (same), anything younger than ``min_age_s``, and a directory whose manifest
@@ -21,11 +22,16 @@ it, item 3):
    and shard files (``model-0000i-of-0000N.*``) the manifest does not list that are older
    than the manifest (left by an overwrite with fewer shards);
 5. on S3, unfinished multipart uploads under ``checkpoints/`` whose save can no longer
-   finish: those of directories removed here, of complete checkpoints (committed without
-   them) and of directories that no longer exist; never one of a directory kept above or
-   one that started after gc did. GCS resumable sessions expire by themselves;
-6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-...``) whose owner process is
-   dead (:func:`ckptsvc.staging.reclaim_stale_segments`).
+   finish: every one except those of a directory kept above because a save may still be
+   writing it (a live writer and trainer on this host, a save newer than the newest
+   commit, anything younger than ``min_age_s``) and those that started after gc did. So
+   the uploads of failed saves go as soon as the save has failed: its marker says so
+   (the node writer marks the saves it gives up), names a dead writer or trainer on this
+   host, or started before the newest commit; or there is no marker at all (every save
+   writes it first), or no directory. GCS resumable sessions expire by themselves;
+6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-<pidns>-<pid>-<n>``) of any
+   node id whose owner process is dead in this pid namespace
+   (:func:`ckptsvc.staging.reclaim_stale_segments` with no node).
 
 ``dry_run`` reports without changing anything. Every removal is logged and listed.
 """
@@ -44,12 +50,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from . import knobs
 from .discovery import CHECKPOINTS_DIR, CheckpointInfo, CheckpointStatus, list_checkpoints
 from .errors import StorageNotFoundError
+from .liveness import owner_alive
 from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from .retention import delete_checkpoint
-from .staging import node_id, pid_alive, reclaim_stale_segments, segment_prefix
+from .staging import reclaim_stale_segments, stale_segments
 from .storage import ChildInfo, Location, call_with_retries
 
 __all__ = ["GcReport", "collect_garbage", "unfinished_uploads"]
@@ -116,13 +122,28 @@ def _started_s(marker: dict[str, Any]) -> float | None:
 
 
 def _writer_state(marker: dict[str, Any]) -> str:
-    """``"alive"`` / ``"dead"`` for a writer on this host, ``"unknown"`` otherwise."""
+    """``"alive"`` / ``"dead"`` for a save on this host (and pid namespace), ``"unknown"``
+    otherwise. The marker names the process that claimed the directory (the trainer: its
+    writer cancels the jobs of a trainer that went away); markers of earlier versions named
+    the writer and its trainer (``trainer_pid``)."""
     pid = marker.get("pid")
-    if marker.get("host") != socket.gethostname() or type(pid) is not int or pid <= 0:
-        return "unknown"
-    if pid == os.getpid():
+    host, pidns = marker.get("host"), marker.get("pidns")
+    trainer = marker.get("trainer_pid")
+    if (
+        type(trainer) is int
+        and trainer != os.getpid()
+        and owner_alive(host, pidns, trainer) is False
+    ):
+        return "dead"
+    if pid == os.getpid() and host == socket.gethostname():
         return "unknown"  # a save of this very process may be in flight, or may have failed
-    return "alive" if pid_alive(pid) else "dead"
+    alive = owner_alive(host, pidns, pid)
+    return "unknown" if alive is None else ("alive" if alive else "dead")
+
+
+def _failed(marker: dict[str, Any]) -> bool:
+    """The writer said the save failed (``abandon_checkpoint``): nothing writes it now."""
+    return bool(marker.get("failed"))
 
 
 def _why_keep_incomplete(
@@ -141,6 +162,8 @@ def _why_keep_incomplete(
         return f"it started {now_s - started:.0f} s ago (younger than min_age_s={min_age_s:g})"
     if marker.get("deleting") is True:
         return None  # an interrupted deletion: finish it
+    if _failed(marker):
+        return None  # its writer gave it up (and aborted what it could)
     state = _writer_state(marker)
     if state == "alive":
         return f"its writer (pid {marker['pid']}) is still running"
@@ -170,7 +193,8 @@ def _debris_in_complete(
         if marker.get("deleting") is True:  # retention chose it, then stopped: finish
             return [info.location], None
         started = _started_s(marker)
-        if started is None or started >= committed_s or _writer_state(marker) == "alive":
+        live = _writer_state(marker) == "alive" and not _failed(marker)
+        if started is None or started >= committed_s or live:
             return [], "a save to this directory is in progress (marker newer than the manifest)"
         debris.append(info.location.join(MARKER_NAME))
     listed = {f.path for f in manifest.files}
@@ -277,10 +301,7 @@ def _initiated_s(up: dict[str, Any]) -> float | None:
 def _collect_uploads(
     ckpts: Location,
     *,
-    removed_dirs: set[str],
-    kept_dirs: dict[str, str],
-    complete_dirs: set[str],
-    listed_dirs: set[str],
+    live_dirs: dict[str, str],
     started_s: float,
     min_age_s: float,
     dry_run: bool,
@@ -294,44 +315,24 @@ def _collect_uploads(
         directory = str(up["Rel"]).split("/", 1)[0]
         initiated = _initiated_s(up)
         why: str | None = None
-        if directory in removed_dirs:
-            pass
-        elif directory in kept_dirs:
-            why = kept_dirs[directory]
+        if directory in live_dirs:
+            why = live_dirs[directory]
         elif initiated is not None and initiated > started_s - CLOCK_SLACK_S:
             why = "it started while gc ran"
         elif min_age_s > 0 and initiated is not None and started_s - initiated < min_age_s:
             why = (
                 f"started {started_s - initiated:.0f} s ago (younger than min_age_s={min_age_s:g})"
             )
-        elif directory in listed_dirs and directory not in complete_dirs:
-            why = "its directory is neither complete nor debris"
         if why is not None:
             kept.append((label, why))
             continue
-        aborted.append(label)  # its directory is gone, committed without it, or debris
+        # no save that may be live claims its directory: gone, committed without it,
+        # debris, a failed save (marker says so, or names a dead writer or trainer), or a
+        # directory with no marker at all (every save writes its marker first)
+        aborted.append(label)
         if not dry_run:
             _abort_upload(ckpts, up)
     return aborted, kept
-
-
-# ---- shared memory -----------------------------------------------------------------------------
-
-
-def _stale_segments(node: str) -> list[str]:
-    """Names of this node's staging arenas whose owner is dead (what reclaim would unlink)."""
-    directory = knobs.SHM_DIR.get()
-    prefix = segment_prefix(node)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    stale = []
-    for name in sorted(names):
-        owner = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
-        if owner.isdigit() and int(owner) != os.getpid() and not pid_alive(int(owner)):
-            stale.append(name)
-    return stale
 
 
 # ---- the entry point ---------------------------------------------------------------------------
@@ -349,8 +350,9 @@ def collect_garbage(
     """Reclaim the debris under ``root/checkpoints`` (see the module docstring).
 
     ``min_age_s`` keeps anything younger (a guard for saves in flight on other hosts);
-    ``shared_memory`` also unlinks this host's staging arenas of dead processes for
-    ``node`` (default: ``CKPTSVC_NODE_ID``, else per user).
+    ``shared_memory`` also unlinks this host's staging arenas whose owner process is dead
+    in this pid namespace: those of ``node``, or (default) of every node, whatever node id
+    the job that made them had.
     """
     now_s = time.time()
     root_loc = Location.parse(root, storage_options)
@@ -360,13 +362,14 @@ def collect_garbage(
     removed: list[str] = []
     kept: list[tuple[str, str]] = []
     removed_dirs: set[str] = set()
-    kept_dirs: dict[str, str] = {}
+    live_dirs: dict[str, str] = {}  # kept because a save may still write there: its uploads too
     for info in infos:
         if info.status is CheckpointStatus.INCOMPLETE:
             why = _why_keep_incomplete(info, newest_s, now_s=now_s, min_age_s=min_age_s)
             if why:
                 kept.append((info.url, why))
-                kept_dirs[info.location.name] = why
+                if _read_marker(info.location) is not None:  # else: a damaged commit
+                    live_dirs[info.location.name] = why
                 continue
             removed.append(info.url)
             removed_dirs.add(info.location.name)
@@ -382,10 +385,11 @@ def collect_garbage(
             files, why = _debris_in_complete(info, info.manifest, now_s=now_s, min_age_s=min_age_s)
             if why:
                 kept.append((info.url, why))
-                kept_dirs[info.location.name] = why
+                live_dirs[info.location.name] = why
             for target in files:
                 if target.name == MARKER_NAME and not _marker_still_stale(target):
                     kept.append((info.url, "a new save to this directory just started"))
+                    live_dirs[info.location.name] = "a new save to this directory just started"
                     continue
                 removed.append(target.url)
                 if target == info.location:
@@ -399,10 +403,7 @@ def collect_garbage(
     if root_loc.protocol in _S3_PROTOCOLS and hasattr(root_loc.fs, "call_s3"):
         aborted, kept_uploads = _collect_uploads(
             ckpts,
-            removed_dirs=removed_dirs,
-            kept_dirs=kept_dirs,
-            complete_dirs={i.location.name for i in complete} - removed_dirs,
-            listed_dirs={i.location.name for i in infos},
+            live_dirs=live_dirs,
             started_s=now_s,
             min_age_s=min_age_s,
             dry_run=dry_run,
@@ -410,8 +411,7 @@ def collect_garbage(
         kept += kept_uploads
     segments: list[str] = []
     if shared_memory:
-        name = node_id(node)
-        segments = _stale_segments(name) if dry_run else reclaim_stale_segments(name)
+        segments = stale_segments(node) if dry_run else reclaim_stale_segments(node)
     _log(dry_run, removed, aborted, segments)
     return GcReport(
         root=str(root),

@@ -213,15 +213,28 @@ PART_SIZE_BYTES = _knob(
     "part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.", min_value=1
 )
 RETRY_ATTEMPTS = _knob(
-    "retry_attempts", 6, "Attempts for a transient storage error (1 = no retry).", min_value=1
+    "retry_attempts",
+    200,
+    "Most tries of one request on a transient storage error (a backstop: retry_max_s governs).",
+    min_value=1,
 )
 RETRY_MAX_S = _knob(
-    "retry_max_s", 120.0, "Give up retrying one call after this many seconds.", min_value=0
+    "retry_max_s",
+    120.0,
+    "Keep retrying one request for this many seconds (rides out an outage this long, less "
+    "one delay).",
+    min_value=0,
 )
 RETRY_BASE_S = _knob(
     "retry_base_s",
     0.2,
     "First backoff delay; doubles each attempt, with jitter.",
+    min_value=0,
+)
+RETRY_MAX_DELAY_S = _knob(
+    "retry_max_delay_s",
+    5.0,
+    "Cap on one backoff delay (before jitter) between retries.",
     min_value=0,
 )
 UPLOAD_PARTS_IN_FLIGHT = _knob(

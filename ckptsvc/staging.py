@@ -54,6 +54,7 @@ __all__ = [
     "plan_arena",
     "reclaim_stale_segments",
     "segment_prefix",
+    "stale_segments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,24 +88,48 @@ def _new_segment_name(node: str) -> str:
     return f"{segment_prefix(node)}{os.getpid()}-{next(_serial)}"
 
 
-def reclaim_stale_segments(node: str, *, shm_dir: str | None = None) -> list[str]:
-    """Unlink this node's segments whose owner process is dead; return their names."""
+#: ``ckptsvc-<node>-<pidns>-<pid>-<serial>``, parsed from the right (a node id given
+#: to :func:`segment_prefix` directly may hold dashes; :func:`node_id` never makes one)
+_SEGMENT_RE = re.compile(rf"^{PREFIX}-(?P<node>.+)-(?P<pidns>\d+)-(?P<pid>\d+)-(?P<serial>\d+)$")
+
+
+def stale_segments(node: str | None = None, *, shm_dir: str | None = None) -> list[str]:
+    """Names (sorted) of the segments in the shm directory whose owner process is dead:
+    of ``node``, or of every node when ``node`` is ``None``. Only this pid namespace's
+    segments are considered (a pid means nothing in another); this process's, a live
+    process's and names that are not ours are never listed."""
     directory = knobs.SHM_DIR.get(shm_dir)
-    prefix = segment_prefix(node)
-    reclaimed = []
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    for name in names:
-        if not name.startswith(prefix):
+    pidns = _pid_namespace()
+    stale = []
+    for name in sorted(names):
+        m = _SEGMENT_RE.match(name)
+        if m is None or m["pidns"] != pidns or (node is not None and m["node"] != node):
             continue
-        owner = name[len(prefix) :].split("-", 1)[0]
-        if not owner.isdigit() or int(owner) == os.getpid() or pid_alive(int(owner)):
-            continue
-        with contextlib.suppress(FileNotFoundError):
+        owner = int(m["pid"])
+        if owner != os.getpid() and owner > 0 and not pid_alive(owner):
+            stale.append(name)
+    return stale
+
+
+def reclaim_stale_segments(node: str | None, *, shm_dir: str | None = None) -> list[str]:
+    """Unlink the segments of ``node`` (every node's when ``None``) whose owner process is
+    dead (:func:`stale_segments`); return their names. One that another user owns (and
+    we may not unlink) is left alone."""
+    directory = knobs.SHM_DIR.get(shm_dir)
+    reclaimed = []
+    for name in stale_segments(node, shm_dir=directory):
+        try:
             os.unlink(os.path.join(directory, name))
-            reclaimed.append(name)
+        except FileNotFoundError:
+            continue  # someone else reclaimed it first
+        except PermissionError as e:
+            logger.debug("cannot unlink stale segment %s: %s", name, e)
+            continue
+        reclaimed.append(name)
     if reclaimed:
         logger.info(
             "reclaimed %d shared-memory segments of dead processes: %s", len(reclaimed), reclaimed

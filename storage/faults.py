@@ -139,7 +139,8 @@ class FaultProxy:
     1. ``FaultProxy(upstream_url, plan).start()`` binds a free loopback port;
     2. clients use ``endpoint_url``; ``set_plan`` switches faults on and off meanwhile;
     3. ``records()`` / ``stats()`` report what happened; ``reset_records()`` starts over;
-    4. ``stop()`` closes the listener and every connection.
+    4. ``pause()`` / ``resume()`` make an outage (connections refused in between);
+    5. ``stop()`` closes the listener and every connection.
     """
 
     def __init__(
@@ -196,6 +197,34 @@ class FaultProxy:
             requests = Counter(r.method for r in self._records)
             faults = Counter(r.fault for r in self._records if r.fault)
         return FaultStats(dict(requests), dict(faults))
+
+    def pause(self) -> None:
+        """An outage: stop listening and reset every open connection, so clients get
+        "connection refused" until :meth:`resume` (the port stays reserved for it)."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns = list(self._conns)
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            listener.close()
+        for c in conns:
+            _close(c)
+
+    def resume(self) -> None:
+        """End an outage started by :meth:`pause`: listen again on the same port."""
+        if self._listener is not None or not self.endpoint_url:
+            return
+        port = urlsplit(self.endpoint_url).port
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self._host, port))
+        listener.listen(128)
+        with self._lock:
+            self._listener = listener
+        threading.Thread(
+            target=self._accept_loop, args=(listener,), name="fault-proxy-accept", daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -45,6 +45,9 @@ R = TypeVar("R")
 S3_MIN_PART_BYTES = 5 * 2**20  # S3 rejects smaller parts (except the last)
 S3_MAX_PARTS = 10_000
 _ABORT_WAIT_S = 300.0
+#: an abort that failed is tried again in the background for this long, a pause between
+_ABORT_LATER_S = 1800.0
+_ABORT_LATER_PAUSE_S = 1.0
 
 
 class PartBody(io.RawIOBase):
@@ -130,7 +133,8 @@ class S3MultipartSink:
        otherwise the last part is sent, every part awaited, and CompleteMultipartUpload
        makes the object visible. Any failure aborts the upload before raising.
     3. ``abort`` (the caller's thread, any time): parts not yet started are skipped,
-       running ones finish, then AbortMultipartUpload; nothing stays behind.
+       running ones finish, then AbortMultipartUpload; nothing stays behind (an abort
+       that fails is retried on a background thread until the store answers).
     """
 
     def __init__(self, loc: Location, *, part_size_bytes: int, parts_in_flight: int) -> None:
@@ -329,8 +333,36 @@ class S3MultipartSink:
             try:
                 self._abort_upload(self._upload_id)
             except Exception as e:  # report, but let the caller's original error propagate
-                logger.warning("could not abort the multipart upload of %s: %s", self._loc.url, e)
+                logger.warning(
+                    "could not abort the multipart upload of %s (%s); trying again in the "
+                    "background for %.0f s",
+                    self._loc.url,
+                    e,
+                    _ABORT_LATER_S,
+                )
+                self._abort_later(self._upload_id)
         self._abort_strays()
+
+    def _abort_later(self, upload_id: str) -> None:
+        """The abort failed (the store is down longer than the retries last): keep trying
+        on a daemon thread, so an outage that fails a save leaves no upload behind once the
+        store is back (gc, or the bucket's lifecycle rule, covers a process that exits)."""
+
+        def run() -> None:
+            deadline = time.monotonic() + _ABORT_LATER_S
+            while True:
+                time.sleep(_ABORT_LATER_PAUSE_S)
+                try:
+                    self._abort_upload(upload_id)
+                except Exception as e:
+                    if time.monotonic() < deadline:
+                        continue
+                    logger.warning("gave up aborting the upload of %s: %s", self._loc.url, e)
+                    return
+                logger.info("aborted the upload of the failed save of %s", self._loc.url)
+                return
+
+        threading.Thread(target=run, name="ckptsvc-abort-later", daemon=True).start()
 
     def _abort_upload(self, upload_id: str) -> None:
         """AbortMultipartUpload, retried; an upload already gone is fine."""

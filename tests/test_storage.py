@@ -576,6 +576,178 @@ def test_retry_knobs_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fn.calls == 2
 
 
+class _FakeTime:
+    """A clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _default_retry_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("ATTEMPTS", "MAX_S", "BASE_S", "MAX_DELAY_S"):
+        monkeypatch.delenv(f"CKPTSVC_RETRY_{name}", raising=False)
+
+
+@pytest.mark.parametrize("outage_s", [30.0, 60.0, 100.0])
+@pytest.mark.parametrize("seed", range(20))
+def test_default_retries_ride_out_an_outage(
+    monkeypatch: pytest.MonkeyPatch, outage_s: float, seed: int
+) -> None:
+    """Connection refused on every try for ``outage_s`` seconds (fake time): with the
+    default knobs the request goes through soon after the store is back."""
+    import random
+
+    from ckptsvc.storage.retry import RetryPolicy
+
+    _default_retry_knobs(monkeypatch)
+    random.seed(seed)
+    t = _FakeTime()
+
+    def fn() -> str:
+        if t.now < outage_s:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "ok"
+
+    policy = RetryPolicy.from_knobs(clock=t.clock)
+    assert (
+        call_with_retries(fn, url="s3://b/k", action="read", policy=policy, sleep=t.sleep) == "ok"
+    )
+    assert t.now < outage_s + policy.max_delay_s  # one capped delay after the outage at most
+    assert max(t.sleeps) <= policy.max_delay_s == 5.0
+
+
+def test_default_retries_are_bounded_by_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptsvc.storage.retry import RetryPolicy
+
+    _default_retry_knobs(monkeypatch)
+    t = _FakeTime()
+    fn = _Flaky(*[OSError("503 Service Unavailable")] * 10_000)
+    policy = RetryPolicy.from_knobs(clock=t.clock)
+    with pytest.raises(StorageTransientError):
+        call_with_retries(fn, url="s3://b/k", action="read", policy=policy, sleep=t.sleep)
+    assert t.now == pytest.approx(policy.max_s) and policy.max_s == 120.0
+    assert 24 < fn.calls < policy.attempts  # time governed, not the attempts backstop
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError(13, "AccessDenied"), FileNotFoundError(2, "NoSuchBucket: no such bucket")],
+)
+def test_default_retries_still_fail_fast_on_permanent_errors(
+    monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    _default_retry_knobs(monkeypatch)
+    t = _FakeTime()
+    fn = _Flaky(error)
+    with pytest.raises((StoragePermissionError, StorageNotFoundError)):
+        call_with_retries(fn, url="s3://b/k", action="write", sleep=t.sleep)
+    assert fn.calls == 1 and t.sleeps == []
+
+
+def test_retry_delay_cap_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptsvc.storage.retry import RetryPolicy
+
+    monkeypatch.setenv("CKPTSVC_RETRY_MAX_DELAY_S", "0.5")
+    monkeypatch.setenv("CKPTSVC_RETRY_BASE_S", "10")
+    policy = RetryPolicy.from_knobs()
+    delays = [
+        policy.delay_s(ConnectionResetError(104, "reset"), attempt=n, started_s=policy.clock())
+        for n in range(1, 30)
+    ]
+    assert all(d is not None and 0 <= d <= 0.5 for d in delays)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_s3_save_with_default_retries_rides_out_an_endpoint_outage(
+    s3_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real outage: the endpoint refuses connections for 8 s while a multipart save
+    runs; with the default retry knobs the save finishes and loads back."""
+    import threading
+
+    import torch
+
+    from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
+    from ckptsvc.storage.faults import FaultProxy
+
+    _default_retry_knobs(monkeypatch)
+    monkeypatch.setenv("CKPTSVC_PART_SIZE_BYTES", str(5 * 2**20))
+    assert s3_root.server is not None
+    sd = {"big": torch.arange(3 * 2**20, dtype=torch.float32), "small": torch.ones(8)}
+    with FaultProxy(s3_root.server.endpoint_url) as proxy:
+        opts = dict(s3_root.storage_options)
+        opts["client_kwargs"] = {**opts["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        opts["config_kwargs"] = {"connect_timeout": 2, "read_timeout": 10}
+        path = s3_root.join("checkpoints", "checkpoint-1")
+        resumed: list[float] = []
+
+        def outage() -> None:
+            deadline = time.monotonic() + 60
+            while not any(r.method == "PUT" and "partNumber" in r.query for r in proxy.records()):
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            proxy.pause()  # mid-upload: parts, completion and manifest all hit the outage
+            time.sleep(8.0)
+            proxy.resume()
+            resumed.append(time.monotonic())
+
+        thread = threading.Thread(target=outage, daemon=True)
+        thread.start()
+        save_checkpoint(path, sd, safetensors=True, storage_options=opts)
+        finished = time.monotonic()
+        thread.join(timeout=60)
+        assert resumed and finished > resumed[0]  # the save went on across the outage
+        got = load_checkpoint(path, storage_options=opts)
+    assert torch.equal(got["big"], sd["big"]) and torch.equal(got["small"], sd["small"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_s3_upload_of_a_save_failed_by_an_outage_is_aborted_once_the_store_is_back(
+    s3_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outage outlasts a short retry budget: the upload fails, and so does its abort.
+    The sink keeps trying the abort in the background: nothing stays behind after."""
+    import threading
+
+    from ckptsvc.storage import multipart
+    from ckptsvc.storage.faults import FaultProxy
+
+    monkeypatch.setenv("CKPTSVC_RETRY_MAX_S", "1.0")
+    monkeypatch.setenv("CKPTSVC_RETRY_MAX_DELAY_S", "0.2")
+    monkeypatch.setattr(multipart, "_ABORT_LATER_PAUSE_S", 0.2)
+    assert s3_root.server is not None
+    client = s3_root.server.boto3_client()
+    with FaultProxy(s3_root.server.endpoint_url) as proxy:
+        opts = dict(s3_root.storage_options)
+        opts["client_kwargs"] = {**opts["client_kwargs"], "endpoint_url": proxy.endpoint_url}
+        opts["config_kwargs"] = {"connect_timeout": 1, "read_timeout": 5}
+        loc = Location.parse(s3_root.join("checkpoints", "c-1", "big.bin"), opts)
+        sink = multipart.S3MultipartSink(loc, part_size_bytes=5 * 2**20, parts_in_flight=2)
+        sink.write(b"x" * (5 * 2**20 + 1))  # the upload exists, part 1 is on its way
+        uploads = client.list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads", [])
+        assert len(uploads) == 1
+        proxy.pause()
+        with pytest.raises(StorageError):
+            sink.close()  # the completion fails, then the abort
+        assert client.list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads")
+        threading.Timer(2.0, proxy.resume).start()
+        deadline = time.monotonic() + 60
+        while client.list_multipart_uploads(Bucket=s3_root.bucket).get("Uploads"):
+            assert time.monotonic() < deadline, "the failed save's upload is still there"
+            time.sleep(0.2)
+
+
 # ---- the test infrastructure itself -----------------------------------------------------
 def test_unstartable_server_fails_in_ci_and_skips_elsewhere(
     monkeypatch: pytest.MonkeyPatch,

@@ -24,6 +24,7 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
+from ckptsvc.gc import CLOCK_SLACK_S as CLOCK_SLACK
 from ckptsvc.gc import collect_garbage, unfinished_uploads
 from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.sharded_checkpoint import save_checkpoint
@@ -523,3 +524,170 @@ def test_cli_gc_min_age(tmp_path: Path) -> None:
     out = ckptsvc_cli("gc", root, "--min-age-s", "3600", "--json")
     doc = json.loads(out.stdout)
     assert doc["removed"] == [] and "min_age_s" in doc["kept"][0]["why"]
+
+
+_ARENA_CHILD = """
+import sys, time
+from ckptsvc.staging import ArenaPool, node_id
+pool = ArenaPool(max_arenas=1, node=sys.argv[1] or node_id())
+arena, _ = pool.acquire(8192)
+print(arena.name, flush=True)
+time.sleep(120)
+"""
+
+
+def _arena_child(env: dict[str, str], node: str = "") -> tuple[subprocess.Popen[str], str]:
+    """A process that stages through the library's own arena pool, then waits."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ARENA_CHILD, node], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    return child, child.stdout.readline().strip()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/ns"), reason="needs Linux pid namespaces")
+def test_cli_gc_reclaims_arenas_of_killed_jobs_without_their_node_id(tmp_path: Path) -> None:
+    """A trainer of a job whose node id gc was not told (one from CKPTSVC_NODE_ID, one
+    with dashes) dies by SIGKILL: a plain `ckptsvc gc ROOT` unlinks its arena; a live
+    process's arena stays."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    base = {k: v for k, v in os.environ.items() if k != "CKPTSVC_NODE_ID"}
+    base["CKPTSVC_SHM_DIR"] = str(shm)
+    job = f"job-{uuid.uuid4().hex[:6]}"
+    children = [
+        _arena_child({**base, "CKPTSVC_NODE_ID": job}),  # node_id() makes it job_<hex>
+        _arena_child(base, node=f"{job}-7-x"),  # a node id given as is, dashes and all
+        _arena_child({**base, "CKPTSVC_NODE_ID": "live-one"}),
+    ]
+    try:
+        names = [name for _, name in children]
+        assert all(name.startswith("ckptsvc-") for name in names), names
+        assert names[1].startswith(f"ckptsvc-{job}-7-x-")
+        for child, _ in children[:2]:
+            child.kill()
+            child.wait()
+        assert sorted(os.listdir(shm)) == sorted(names)
+        root = str(tmp_path / "run")
+        dry = subprocess.run(
+            [sys.executable, "-m", "ckptsvc.cli", "gc", root, "--dry-run"],
+            env=base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        for name in names[:2]:
+            assert f"would unlink stale shared memory {name}" in dry.stdout, dry.stdout
+        assert names[2] not in dry.stdout and sorted(os.listdir(shm)) == sorted(names)
+        out = subprocess.run(
+            [sys.executable, "-m", "ckptsvc.cli", "gc", root, "--json"],
+            env=base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert sorted(json.loads(out.stdout)["reclaimed_segments"]) == sorted(names[:2])
+        assert os.listdir(shm) == [names[2]]  # the live process's arena survives
+    finally:
+        for child, _ in children:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/ns"), reason="needs Linux pid namespaces")
+def test_gc_keeps_other_pid_namespaces_and_foreign_names(tmp_path: Path) -> None:
+    from ckptsvc.staging import _pid_namespace
+
+    pid = dead_pid()
+    ns = int(_pid_namespace())
+    names = {
+        f"ckptsvc-a-b-{ns}-{pid}-0": True,  # ours, dead owner: reclaimed
+        f"ckptsvc-a-b-{ns + 1}-{pid}-0": False,  # another pid namespace
+        f"ckptsvc-a-{ns}-{os.getpid()}-0": False,  # this process
+        f"ckptsvc-{ns}-{pid}-0": False,  # not our pattern (no node)
+        f"other-a-{ns}-{pid}-0": False,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"\0")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKPTSVC_SHM_DIR", str(tmp_path))
+        report = collect_garbage(str(tmp_path / "run"))
+    assert report.reclaimed_segments == tuple(n for n, gone in names.items() if gone)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, gone in names.items() if not gone)
+
+
+def _uploads_left(root: StorageRoot) -> list[str]:
+    return [
+        u.split(" ")[0] for u in unfinished_uploads(root.url, storage_options=root.storage_options)
+    ]
+
+
+def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
+    s3_root: StorageRoot,
+) -> None:
+    """The writer lives on (a sleeper stands in), but its save failed: its trainer is
+    dead, or the writer marked the save failed, or no marker claims the directory. Those
+    uploads go; the upload of a save whose writer and trainer live stays."""
+    from ckptsvc.workers.commit import abandon_checkpoint
+
+    opts = s3_root.storage_options
+    save(s3_root.url, 1, opts=opts)
+    host = socket.gethostname()
+    shard = "model-00001-of-00001.safetensors"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writer = sleeper.pid
+        dead_trainer = s3_root.location("checkpoints", "checkpoint-2")
+        dead_trainer.join(MARKER_NAME).publish(
+            json.dumps(
+                {"pid": writer, "host": host, "trainer_pid": dead_pid(), "started": iso()}
+            ).encode()
+        )
+        failed = s3_root.location("checkpoints", "checkpoint-3")
+        failed.join(MARKER_NAME).publish(  # the claim of a trainer that lives on
+            json.dumps({"pid": writer, "host": host, "claim": "c3", "started": iso()}).encode()
+        )
+        abandon_checkpoint(failed, "StorageTransientError: the store went away", claim_id="c3")
+        assert json.loads(failed.join(MARKER_NAME).read_bytes())["failed"]
+        no_marker = s3_root.location("checkpoints", "checkpoint-4")
+        no_marker.join("notes.txt").publish(b"a user's file")
+        live = s3_root.location("checkpoints", "checkpoint-5")
+        live.join(MARKER_NAME).publish(
+            json.dumps(
+                {"pid": writer, "host": host, "trainer_pid": writer, "started": iso()}
+            ).encode()
+        )
+        ups = {
+            n: _start_upload(s3_root, f"checkpoints/checkpoint-{n}/{shard}") for n in (2, 3, 4, 5)
+        }
+        time.sleep(CLOCK_SLACK + 0.5)  # the uploads predate gc
+        dry = collect_garbage(s3_root.url, storage_options=opts, dry_run=True)
+        assert sorted(u.split(" ")[0] for u in dry.aborted_uploads) == sorted(
+            ups[n] for n in (2, 3, 4)
+        )
+        report = collect_garbage(s3_root.url, storage_options=opts)
+        assert sorted(report.removed) == sorted([dead_trainer.url, failed.url])
+        assert _uploads_left(s3_root) == [ups[5]]
+        assert no_marker.join("notes.txt").exists()  # not debris: only its upload went
+        assert any(ups[5] in u and "still running" in why for u, why in report.kept)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_gc_aborts_the_upload_of_a_damaged_commit_but_keeps_the_directory(
+    s3_root: StorageRoot,
+) -> None:
+    opts = s3_root.storage_options
+    path = save(s3_root.url, 1, opts=opts)
+    s3_root.location("checkpoints", "checkpoint-1").join(MANIFEST_NAME).publish(b"{not json")
+    up = _start_upload(s3_root, "checkpoints/checkpoint-1/model-00009-of-00009.safetensors")
+    time.sleep(CLOCK_SLACK + 0.5)
+    report = collect_garbage(s3_root.url, storage_options=opts)
+    assert report.removed == () and any("damaged" in why for _, why in report.kept)
+    assert [u.split(" ")[0] for u in report.aborted_uploads] == [up]
+    assert _uploads_left(s3_root) == [] and checkpoint_info(path, storage_options=opts)

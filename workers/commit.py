@@ -49,10 +49,11 @@ from ckptsvc.manifest import (
 )
 from ckptsvc.storage import Location, fsync_dir
 
-from .claim import check_claim
+from .claim import check_claim, read_marker
 
 __all__ = [
     "REPLACEMENT_SUFFIX",
+    "abandon_checkpoint",
     "begin_checkpoint",
     "commit_checkpoint",
     "publish_file",
@@ -75,6 +76,22 @@ def begin_checkpoint(ckpt: Location) -> None:
             "pass overwrite=True to replace it, or save under another step"
         )
     ckpt.makedirs()
+
+
+def abandon_checkpoint(ckpt: Location, reason: str, *, claim_id: str) -> None:
+    """The save that claimed ``ckpt`` as ``claim_id`` failed (or was cancelled): say so in
+    its marker, so ``gc`` reclaims the directory and its unfinished uploads although the
+    claiming process lives on. Best effort (the storage may be what failed): never raises."""
+    if not claim_id:
+        return  # not the committing job: rank 0 decides the save's fate
+    try:
+        doc = read_marker(ckpt)
+        if not doc or doc.get("claim") != claim_id:
+            return  # not our claim (any more): another save owns the directory now
+        doc["failed"] = reason[:500]
+        ckpt.join(MARKER_NAME).publish(json.dumps(doc).encode())
+    except Exception as e:
+        logger.info("could not mark the failed save in %s as abandoned: %s", ckpt.url, e)
 
 
 def publish_file(ckpt: Location, rel_path: str, data: bytes) -> FileRecord:

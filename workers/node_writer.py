@@ -47,7 +47,13 @@ from ckptsvc.manifest import FileRecord, Manifest, now_iso
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
-from .commit import begin_checkpoint, commit_checkpoint, publish_file, swap_in
+from .commit import (
+    abandon_checkpoint,
+    begin_checkpoint,
+    commit_checkpoint,
+    publish_file,
+    swap_in,
+)
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     PROTOCOL_VERSION,
@@ -396,6 +402,7 @@ class NodeWriter:
         arena: memoryview | None = None
         reuse: ReuseSource | None = None
         reused: list[FileRecord] = []
+        began: Location | None = None  # the directory whose marker this job wrote
 
         def one(fj: FileJob) -> FileRecord:
             starts.append(time.monotonic())
@@ -414,6 +421,7 @@ class NodeWriter:
             if job.files and arena is None:
                 raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
             begin_checkpoint(ckpt)
+            began = ckpt
             reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None
             futures = [self.io_pool.submit(one, fj) for fj in job.files] if not job.stream else []
             records = self._write_streamed(conn, state, ckpt, arena) if job.stream else []
@@ -448,7 +456,10 @@ class NodeWriter:
             )
         except BaseException as e:
             state.cancelled.set()  # stop sibling shards, then wait: nobody reads the arena after
-            wait(futures)
+            wait(futures)  # each shard aborted its own upload on the way out
+            if began is not None:
+                claim_id = job.commit.claim_id if job.commit is not None else ""
+                abandon_checkpoint(began, f"{type(e).__name__}: {e}", claim_id=claim_id)
             if isinstance(e, JobCancelled):
                 logger.info("%s", e)
             else:
