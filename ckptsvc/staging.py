@@ -103,7 +103,7 @@ def stale_segments(node: str | None = None, *, shm_dir: str | None = None) -> li
         names = os.listdir(directory)
     except OSError:
         return []
-    pidns = _pid_namespace()
+    pidns = pid_namespace()
     stale = []
     for name in sorted(names):
         m = _SEGMENT_RE.match(name)

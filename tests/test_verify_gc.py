@@ -600,10 +600,10 @@ def test_cli_gc_reclaims_arenas_of_killed_jobs_without_their_node_id(tmp_path: P
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/ns"), reason="needs Linux pid namespaces")
 def test_gc_keeps_other_pid_namespaces_and_foreign_names(tmp_path: Path) -> None:
-    from ckptsvc.staging import _pid_namespace
+    from ckptsvc.liveness import pid_namespace
 
     pid = dead_pid()
-    ns = int(_pid_namespace())
+    ns = int(pid_namespace())
     names = {
         f"ckptsvc-a-b-{ns}-{pid}-0": True,  # ours, dead owner: reclaimed
         f"ckptsvc-a-b-{ns + 1}-{pid}-0": False,  # another pid namespace
