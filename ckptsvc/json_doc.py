@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: longest integer literal accepted (a signed 64-bit value has at most 20 characters)
 MAX_INT_DIGITS = 40
-#: deepest nesting of arrays/objects accepted (our documents nest a few levels)
-MAX_JSON_DEPTH = 200
+#: deepest nesting of arrays/objects accepted; a state skeleton nests as deep as the saved
+#: state, and Python's recursion limit (1000) already bounds what a save can write
+MAX_JSON_DEPTH = 1000
 
 
 def _parse_int(text: str) -> int:
