@@ -168,11 +168,12 @@ def check_doc_against_manifest(
 ) -> None:
     """Refuse a document whose size or CRC-32C differs from the manifest's record.
 
-    ``manifest`` is a :class:`~ckptsvc.manifest.Manifest` or ``None`` (nothing to check).
-    A file the manifest does not list is refused too: it is not part of that commit.
+    ``manifest`` is a :class:`~ckptsvc.manifest.Manifest` or ``None`` (nothing to check;
+    likewise a Forgather manifest, which records no files). A file our manifest does not
+    list is refused too: it is not part of that commit.
     """
-    if manifest is None:
-        return
+    if manifest is None or not manifest.files:
+        return  # no manifest, or one written by Forgather (no file records): nothing to check
     record = manifest.file(rel_path)
     if record is None:
         raise CorruptCheckpointError(
