@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -65,7 +66,9 @@ def _rewrite_manifest(ckpt: Path, **changes: object) -> None:
 def _huge_int_manifest(ckpt: Path) -> None:
     raw = (ckpt / MANIFEST_NAME).read_text()
     doc = json.loads(raw)
-    (ckpt / MANIFEST_NAME).write_text(raw.replace(f'"world_size": {doc["world_size"]}', '"world_size": ' + "9" * 5000))
+    (ckpt / MANIFEST_NAME).write_text(
+        raw.replace(f'"world_size": {doc["world_size"]}', '"world_size": ' + "9" * 5000)
+    )
 
 
 def _make_fifo(ckpt: Path) -> None:
@@ -163,7 +166,7 @@ def test_manifest_over_the_size_cap_is_refused_cheaply(
     ["9" * 5000, "[" * 10_000 + "]" * 10_000, '{"a": NaN}', '{"a": -Infinity}', "\xff", "{"],
 )
 def test_parse_json_doc_refuses_hostile_documents(text: str) -> None:
-    with pytest.raises(CorruptCheckpointError, match="doc.json"):
+    with pytest.raises(CorruptCheckpointError, match=r"doc\.json"):
         parse_json_doc(text.encode("utf-8", "surrogateescape"), where="doc.json", what="index")
 
 
@@ -288,7 +291,7 @@ def _save_async(root: Path, node: str) -> tuple[Path, Path]:
     with AsyncCheckpointer(str(root)) as ck:
         for step in (1, 2):
             ck.save(
-                step, {"w": torch.full((4,), float(step)), "step": step, "tag": "t" * step}
+                step, {"w": torch.full((4,), float(step)), "step": step, "tag": f"t{step}"}
             ).wait(120)
     return Path(next_checkpoint_path(str(root), 1)), Path(next_checkpoint_path(str(root), 2))
 
@@ -297,13 +300,37 @@ def test_load_state_refuses_a_skeleton_from_another_save(tmp_path: Path, node: s
     one, two = _save_async(tmp_path, node)
     assert load_state(str(two))["step"] == 2
     shutil.copyfile(one / "ckptsvc_state.json", two / "ckptsvc_state.json")
-    with pytest.raises(CorruptCheckpointError, match="ckptsvc_state.json"):
+    with pytest.raises(CorruptCheckpointError, match=r"ckptsvc_state\.json.*CRC-32C"):
         load_state(str(two))
 
 
 def test_load_state_refuses_an_index_from_another_save(tmp_path: Path, node: str) -> None:
-    one, two = _save_async(tmp_path, node)
+    _, two = _save_async(tmp_path, node)
     index = two / SAFE_WEIGHTS_INDEX_NAME
     index.write_text(index.read_text() + " ")  # same meaning, not the recorded bytes
     with pytest.raises(CorruptCheckpointError, match=SAFE_WEIGHTS_INDEX_NAME):
         load_state(str(two))
+
+
+def test_load_components_refuses_a_document_that_does_not_match_the_manifest(
+    tmp_path: Path, node: str
+) -> None:
+    from ckptsvc.async_checkpointer import load_components
+    from ckptsvc.components import SharingPattern, StateComponent
+
+    paths = []
+    with AsyncCheckpointer(str(tmp_path)) as ck:
+        for step in (1, 2):
+            model = torch.nn.Linear(2, 2)
+            torch.nn.init.constant_(model.weight, float(step))
+            h = ck.save_components(step, [StateComponent("model", model, SharingPattern.GLOBAL)])
+            h.wait(120)
+            paths.append(Path(h.path))
+    one, two = paths
+    docs = sorted(p.name for p in two.iterdir() if p.name.endswith("_state.json"))
+    assert docs, sorted(p.name for p in two.iterdir())
+    for name in docs:  # same size, not the recorded bytes (as a document of another save)
+        (two / name).write_bytes((one / name).read_bytes().replace(b", ", b",\n", 1))
+    fresh = torch.nn.Linear(2, 2)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(docs[0]) + ".*CRC-32C"):
+        load_components(str(two), [StateComponent("model", fresh, SharingPattern.GLOBAL)])
