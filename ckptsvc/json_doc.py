@@ -149,9 +149,8 @@ def read_doc_bytes(loc: Location, *, what: str) -> bytes:
     cap = int(knobs.MAX_JSON_BYTES.get())
     if loc.is_local:
         return _read_local(loc.path, where=loc.url, what=what, cap=cap)
-    size = loc.size()  # raises StorageNotFoundError for a missing object
-    if size > cap:
-        raise _too_big(loc.url, what, size, cap)
+    # one ranged GET (discovery's cost: one request per manifest), at most cap + 1 bytes;
+    # a missing object raises StorageNotFoundError
     raw = loc.read_range(0, cap + 1)
     if len(raw) > cap:
         raise _too_big(loc.url, what, f"more than {cap}", cap)
