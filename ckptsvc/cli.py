@@ -73,7 +73,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     infos = list_checkpoints(args.root, storage_options=_storage_options(args))
     latest = max(
-        (i for i in infos if i.status is not CheckpointStatus.INCOMPLETE),
+        (i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)),
         key=lambda i: i.sort_key(),
         default=None,
     )
@@ -81,9 +81,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for i in infos:
         when = ""
         if i.manifest is not None:
-            when = datetime.fromtimestamp(i.manifest.timestamp_s(), tz=timezone.utc).strftime(
-                "%Y-%m-%d %H:%M:%S"
-            )
+            try:
+                when = datetime.fromtimestamp(i.manifest.timestamp_s(), tz=timezone.utc).strftime(
+                    "%Y-%m-%d %H:%M:%S"
+                )
+            except (ValueError, OverflowError, OSError):
+                when = "?"  # never a crash for one odd manifest
         rows.append(
             {
                 "url": i.url,
@@ -120,7 +123,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .discovery import checkpoint_info
-    from .loading import read_safetensors_header
+    from .loading import check_inside, read_safetensors_header
     from .storage import Location
 
     ckpt = Location.parse(args.checkpoint, _storage_options(args))
@@ -128,6 +131,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     files = [c.name for c in ckpt.list_children() if not c.is_dir]
     tensors: list[dict[str, Any]] = []
     for name in sorted(f for f in files if f.endswith(".safetensors")):
+        check_inside(ckpt, ckpt.join(name))  # as the loaders do: never follow a link out
         layout, _ = read_safetensors_header(ckpt.join(name))
         tensors += [
             {

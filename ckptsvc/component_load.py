@@ -25,7 +25,6 @@ error naming the component unless ``world_size_policy`` says otherwise:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,9 @@ from .errors import (
     StateMismatchError,
 )
 from .flatten import flatten_state, is_dtensor, unflatten_state
-from .manifest import ComponentRecord, check_relpath
+from .json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes
+from .loading import check_inside
+from .manifest import ComponentRecord, Manifest, check_relpath
 from .resharding import Piece, RegionReader, local_region
 from .storage import Location
 
@@ -125,14 +126,15 @@ def _pick_instance(
     )
 
 
-def _read_doc(ckpt: Location, name: str) -> dict[str, Any]:
+def _read_doc(ckpt: Location, name: str, *, manifest: Manifest | None) -> dict[str, Any]:
+    """A component document, read bounded and checked against the manifest's record."""
     loc = ckpt.join(check_relpath(name, where=ckpt.url))
-    try:
-        doc = json.loads(loc.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptCheckpointError(
-            f"{loc.url}: component document is not valid JSON ({e})"
-        ) from e
+    check_inside(ckpt, loc)
+    raw = read_doc_bytes(loc, what="component document")
+    check_doc_against_manifest(
+        raw, rel_path=name, url=loc.url, manifest=manifest, what="component document"
+    )
+    doc = parse_json_doc(raw, where=loc.url, what="component document")
     if not isinstance(doc, dict) or doc.get("format") != DOC_FORMAT or "state" not in doc:
         raise CorruptCheckpointError(f"{loc.url}: not a ckptsvc component document")
     if not isinstance(doc.get("version"), int) or doc["version"] > DOC_VERSION:
@@ -269,7 +271,7 @@ def load_components(
             raise CorruptCheckpointError(
                 f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
             )
-        doc = _read_doc(ckpt, doc_file)
+        doc = _read_doc(ckpt, doc_file, manifest=manifest)
         tensors = _read_tensors(ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest))
         state = unflatten_state(doc, tensors)
         _apply(c, state, strict=strict, where=ckpt.url)

@@ -7,7 +7,15 @@ Classification of one checkpoint directory (DESIGN.md section 4):
   not parse - a save that never committed; never returned, collectable by ``gc``;
 - **legacy**: no manifest and no marker but model weights (a Forgather or HF checkpoint
   written without a manifest) - ordered by modification time, as Forgather does;
-- **absent**: none of these.
+- **absent**: none of these;
+- **damaged**: the entry could not be classified at all (an I/O error, a name that is not
+  a directory, ...); logged and skipped, never returned, left to a person.
+
+A complete checkpoint's files must match its manifest: locally every listed file is
+stat'ed (present, regular, recorded size), otherwise the directory is incomplete (a copy
+cut short by ``cp -r``/rsync copies the manifest first). On object stores the listing is
+done only for the candidate :func:`find_latest_checkpoint` is about to return. Each entry
+is classified on its own: one hostile or damaged entry never stops the listing.
 
 On object stores, discovery costs one listing of ``<root>/checkpoints/`` plus one GET of
 each candidate's manifest, issued in parallel; a directory is listed only when its
@@ -20,13 +28,14 @@ import enum
 import logging
 import os
 import re
-from collections.abc import Sequence
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from . import knobs
-from .errors import CorruptCheckpointError, StorageNotFoundError
+from .errors import CheckpointError, CorruptCheckpointError, StorageNotFoundError
+from .json_doc import read_doc_bytes
 from .layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from .storage import Location
@@ -55,6 +64,7 @@ class CheckpointStatus(enum.Enum):
     INCOMPLETE = "incomplete"
     LEGACY = "legacy"
     ABSENT = "absent"
+    DAMAGED = "damaged"
 
 
 @dataclass(frozen=True)
@@ -93,23 +103,75 @@ class CheckpointInfo:
 
 def read_manifest(ckpt: Location) -> Manifest | None:
     """The parsed manifest, ``None`` if there is none; CorruptCheckpointError if unparseable."""
+    loc = ckpt.join(MANIFEST_NAME)
     try:
-        raw = ckpt.join(MANIFEST_NAME).read_bytes()
+        raw = read_doc_bytes(loc, what="manifest")  # bounded, regular files only
     except StorageNotFoundError:
         return None
-    return Manifest.from_json(raw, where=ckpt.join(MANIFEST_NAME).url)
+    return Manifest.from_json(raw, where=loc.url)
+
+
+def files_mismatch(ckpt: Location, manifest: Manifest, *, listing: bool = False) -> str:
+    """Why the files of ``ckpt`` do not match ``manifest`` (``""`` when they do).
+
+    Locally each listed file is stat'ed (must be a regular file of the recorded size).
+    Elsewhere nothing is checked unless ``listing`` is set; then one recursive listing
+    of the checkpoint is compared with the manifest.
+    """
+    if ckpt.is_local:
+        for rec in manifest.files:
+            path = os.path.join(ckpt.path, *rec.path.split("/"))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return f"{rec.path} is missing (copy or save cut short?)"
+            except OSError as e:
+                return f"{rec.path} cannot be stat'ed ({e})"
+            if not stat.S_ISREG(st.st_mode):
+                return f"{rec.path} is not a regular file"
+            if st.st_size != rec.nbytes:
+                return (
+                    f"{rec.path} is {st.st_size} bytes, the manifest records {rec.nbytes} "
+                    "(copy cut short or file replaced)"
+                )
+        return ""
+    if not listing:
+        return ""
+    sizes = dict(ckpt.walk_files())
+    for rec in manifest.files:
+        if rec.path not in sizes:
+            return f"{rec.path} is missing (copy or upload cut short?)"
+        if sizes[rec.path] != rec.nbytes:
+            return f"{rec.path} is {sizes[rec.path]} bytes, the manifest records {rec.nbytes}"
+    return ""
 
 
 def checkpoint_info(
-    ckpt: Location | str, *, storage_options: dict[str, Any] | None = None
+    ckpt: Location | str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    check_files: bool = True,
 ) -> CheckpointInfo:
-    """Classify one directory (see the module docstring)."""
+    """Classify one directory (see the module docstring).
+
+    ``check_files=False`` skips comparing a local checkpoint's files with its manifest
+    (for callers that check each file themselves and report it by name: verify, load).
+    """
     loc = Location.parse(ckpt, storage_options)
     try:
         manifest = read_manifest(loc)
     except CorruptCheckpointError as e:
         return CheckpointInfo(loc, CheckpointStatus.INCOMPLETE, None, None, reason=str(e))
     if manifest is not None:
+        why = files_mismatch(loc, manifest) if check_files else ""
+        if why:
+            return CheckpointInfo(
+                loc,
+                CheckpointStatus.INCOMPLETE,
+                None,
+                None,
+                reason=f"its files do not match its manifest: {why}",
+            )
         return CheckpointInfo(loc, CheckpointStatus.COMPLETE, manifest, None)
     try:
         children = {c.name: c for c in loc.list_children()}
@@ -143,13 +205,21 @@ def list_checkpoints(
     if not dirs:
         return []
     with ThreadPoolExecutor(max_workers=min(16, max(1, knobs.IO_THREADS.get() * 2))) as pool:
-        infos = list(pool.map(checkpoint_info, dirs))
+        infos = list(pool.map(_classify_entry, dirs))
     return sorted(infos, key=CheckpointInfo.sort_key)
 
 
-def _latest(infos: Sequence[CheckpointInfo]) -> CheckpointInfo | None:
-    usable = [i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)]
-    return max(usable, key=CheckpointInfo.sort_key) if usable else None
+def _classify_entry(loc: Location) -> CheckpointInfo:
+    """:func:`checkpoint_info` for one listed entry; whatever goes wrong stays with it."""
+    try:
+        info = checkpoint_info(loc)
+    except (CheckpointError, OSError, ValueError, OverflowError, RecursionError) as e:
+        info = CheckpointInfo(
+            loc, CheckpointStatus.DAMAGED, None, None, reason=f"{type(e).__name__}: {e}"
+        )
+    if info.status in (CheckpointStatus.INCOMPLETE, CheckpointStatus.DAMAGED):
+        logger.warning("checkpoint %s is %s: %s", loc.url, info.status.value, info.reason)
+    return info
 
 
 def find_latest_checkpoint(
@@ -181,14 +251,24 @@ def find_latest_checkpoint(
             "no %s directory under %s; checking the directory itself", CHECKPOINTS_DIR, root.url
         )
         return model_dir if validate_checkpoint(root.url, storage_options=storage_options) else None
-    for info in infos:
-        if info.status is CheckpointStatus.INCOMPLETE:
-            logger.info("skipping incomplete checkpoint %s (%s)", info.url, info.reason)
-    latest = _latest(infos)
-    if latest is None:
-        logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
-        return None
-    return next_checkpoint_path(model_dir, latest.checkpoint_id)  # the caller's spelling
+    usable = [i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)]
+    for latest in sorted(usable, key=CheckpointInfo.sort_key, reverse=True):
+        if latest.manifest is not None and not latest.location.is_local:
+            # local files were stat'ed by checkpoint_info; remote: list only this candidate
+            try:
+                why = files_mismatch(latest.location, latest.manifest, listing=True)
+            except (CheckpointError, OSError, ValueError) as e:
+                why = f"cannot list its files ({type(e).__name__}: {e})"
+            if why:
+                logger.warning(
+                    "skipping checkpoint %s: incomplete, its files do not match its manifest: %s",
+                    latest.url,
+                    why,
+                )
+                continue
+        return next_checkpoint_path(model_dir, latest.checkpoint_id)  # the caller's spelling
+    logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
+    return None
 
 
 def validate_checkpoint(

@@ -29,6 +29,7 @@ from . import knobs
 from .component_plan import MODEL_KEY
 from .discovery import CheckpointStatus, checkpoint_info
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from .json_doc import read_json_doc
 from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
 from .loading import read_safetensors_header
 from .manifest import Manifest, check_relpath
@@ -72,7 +73,7 @@ def _from_document(
         return None
     loc = src.join(check_relpath(name, where=src.url))
     try:
-        doc = json.loads(loc.read_bytes())
+        doc = read_json_doc(loc, what="component document")
         out: dict[str, _Stored] = {}
         for fqn, info in doc["tensors"].items():
             shape = tuple(int(x) for x in info["shape"])

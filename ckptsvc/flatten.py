@@ -450,10 +450,9 @@ def frozen_parameter_names(module: torch.nn.Module, *, prefix: str = "") -> set[
 
 def parse_skeleton(raw: bytes, *, where: str) -> dict[str, Any]:
     """Decode and check a skeleton file's JSON; ``where`` names it in errors."""
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{where}: state skeleton is not valid JSON ({e})") from e
+    from .json_doc import parse_json_doc
+
+    doc = parse_json_doc(raw, where=where, what="state skeleton")
     if not isinstance(doc, dict) or doc.get("format") != SKELETON_FORMAT or "state" not in doc:
         raise CorruptCheckpointError(f"{where}: not a ckptsvc state skeleton")
     version = doc.get("version")
@@ -522,15 +521,30 @@ def load_state(
     Tensors load through :func:`ckptsvc.sharded_checkpoint.load_checkpoint` (tied names
     come back as one tensor); a checkpoint without a state skeleton (written by
     ``save_checkpoint``) returns its flat ``{fqn: tensor}`` dict.
+
+    When the checkpoint has a manifest, the skeleton (like the index and every shard) must
+    match its size and CRC-32C record: a skeleton from another save is corruption.
     """
+    from .discovery import read_manifest
     from .errors import StorageNotFoundError
+    from .json_doc import check_doc_against_manifest, read_doc_bytes
     from .sharded_checkpoint import load_checkpoint
     from .storage import Location
 
+    ckpt = Location.parse(path_or_url, storage_options)
+    manifest = read_manifest(ckpt)
     tensors = load_checkpoint(path_or_url, device=device, storage_options=storage_options) or {}
-    skeleton_loc = Location.parse(path_or_url, storage_options).join(SKELETON_NAME)
+    skeleton_loc = ckpt.join(SKELETON_NAME)
     try:
-        raw = skeleton_loc.read_bytes()
+        raw = read_doc_bytes(skeleton_loc, what="state skeleton")
     except StorageNotFoundError:
+        if manifest is not None and manifest.file(SKELETON_NAME) is not None:
+            raise CorruptCheckpointError(
+                f"{skeleton_loc.url}: the manifest lists the state skeleton but it is missing; "
+                "resume from an intact checkpoint"
+            ) from None
         return tensors
+    check_doc_against_manifest(
+        raw, rel_path=SKELETON_NAME, url=skeleton_loc.url, manifest=manifest, what="state skeleton"
+    )
     return unflatten_state(parse_skeleton(raw, where=skeleton_loc.url), tensors)

@@ -39,7 +39,6 @@ it, item 3):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -50,10 +49,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .discovery import CHECKPOINTS_DIR, CheckpointInfo, CheckpointStatus, list_checkpoints
-from .errors import StorageNotFoundError
+from .discovery import (
+    CHECKPOINTS_DIR,
+    CheckpointInfo,
+    CheckpointStatus,
+    list_checkpoints,
+    read_manifest,
+)
+from .errors import CorruptCheckpointError, StorageNotFoundError
+from .json_doc import read_json_doc
 from .liveness import owner_alive
-from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
+from .manifest import MARKER_NAME, Manifest
 from .retention import delete_checkpoint
 from .staging import reclaim_stale_segments, stale_segments
 from .storage import ChildInfo, Location, call_with_retries
@@ -103,12 +109,10 @@ class GcReport:
 def _read_marker(ckpt: Location) -> dict[str, Any] | None:
     """The in-progress marker's JSON (``{}`` if unparseable), ``None`` if there is none."""
     try:
-        raw = ckpt.join(MARKER_NAME).read_bytes()
+        doc = read_json_doc(ckpt.join(MARKER_NAME), what="in-progress marker")
     except StorageNotFoundError:
         return None
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
+    except CorruptCheckpointError:
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -227,13 +231,10 @@ def _marker_still_stale(marker: Location) -> bool:
 
 def _read_committed_s(ckpt: Location) -> float | None:
     try:
-        raw = ckpt.join(MANIFEST_NAME).read_bytes()
-    except StorageNotFoundError:
+        manifest = read_manifest(ckpt)
+    except CorruptCheckpointError:
         return None
-    try:
-        return Manifest.from_json(raw, where=ckpt.url).timestamp_s()
-    except ValueError:
-        return None
+    return None if manifest is None else manifest.timestamp_s()
 
 
 def _is_remains(info: CheckpointInfo, *, now_s: float, min_age_s: float) -> bool:

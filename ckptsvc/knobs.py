@@ -188,6 +188,11 @@ IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parall
 MAX_HEADER_BYTES = _knob(
     "max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted.", min_value=1
 )
+MAX_JSON_BYTES = _knob(
+    "max_json_bytes",
+    256 * 2**20,
+    "Largest JSON document of a checkpoint (manifest, index, state skeleton) a reader accepts.",
+)
 FSYNC = _knob("fsync", True, "fsync local shard files and directories before commit.")
 DIRECT_IO = _knob(
     "direct_io",

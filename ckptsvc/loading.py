@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Collection
 
 import torch
@@ -24,10 +25,22 @@ from .safetensors_stream import (
 )
 from .storage import Location
 
-__all__ = ["read_safetensors", "read_safetensors_header", "read_torch_file"]
+__all__ = ["check_inside", "read_safetensors", "read_safetensors_header", "read_torch_file"]
 
 logger = logging.getLogger(__name__)
 _FIRST_READ = 64 * 1024
+
+
+def check_inside(ckpt: Location, loc: Location) -> None:
+    """Refuse a local file that resolves (through symlinks) outside the checkpoint."""
+    if ckpt.is_local:
+        root = os.path.realpath(ckpt.path)
+        real = os.path.realpath(loc.path)
+        if not real.startswith(root + os.sep):
+            raise CorruptCheckpointError(
+                f"{loc.url} resolves to {real}, outside the checkpoint {root}: refusing to "
+                "follow it"
+            )
 
 
 def read_safetensors_header(loc: Location) -> tuple[ShardLayout, int]:

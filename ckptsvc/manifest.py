@@ -64,6 +64,29 @@ def check_relpath(name: object, *, where: str) -> str:
     return name
 
 
+#: commit times outside these years are a damaged manifest (a clock or a hand edit gone wrong)
+MIN_YEAR, MAX_YEAR = 1970, 2999
+
+
+def _check_timestamp(text: str, *, where: str) -> None:
+    """Refuse a commit time that does not parse or lies outside ``MIN_YEAR..MAX_YEAR`` (a
+    year-9999 timestamp would otherwise make a checkpoint the newest forever)."""
+    try:
+        ts = datetime.fromisoformat(text)
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=timezone.utc)
+        year = ts.astimezone(timezone.utc).year
+    except (ValueError, OverflowError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: manifest timestamp {text[:64]!r} is not an ISO 8601 time ({e})"
+        ) from e
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        raise CorruptCheckpointError(
+            f"{where}: manifest timestamp {text[:64]!r} lies outside the years "
+            f"{MIN_YEAR}..{MAX_YEAR} (damaged manifest)"
+        )
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """One file of a checkpoint: path relative to the checkpoint, size, CRC-32C hex."""
@@ -153,11 +176,11 @@ class Manifest:
         """The commit time as epoch seconds (0.0 if unparseable)."""
         try:
             ts = datetime.fromisoformat(self.timestamp)
-        except ValueError:
+            if ts.tzinfo is None:
+                ts = ts.replace(tzinfo=timezone.utc)
+            return ts.timestamp()
+        except (ValueError, OverflowError):
             return 0.0
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=timezone.utc)
-        return ts.timestamp()
 
     def to_json(self) -> bytes:
         """Deterministic JSON bytes (golden-tested: change only with FORMAT_VERSION)."""
@@ -183,10 +206,9 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: bytes, *, where: str) -> Manifest:
         """Parse and validate; :class:`CorruptCheckpointError` names ``where`` on any fault."""
-        try:
-            doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({e})") from e
+        from .json_doc import parse_json_doc  # json_doc reads through storage, which is heavier
+
+        doc = parse_json_doc(raw, where=where, what="manifest")
         if not isinstance(doc, dict):
             raise CorruptCheckpointError(f"{where}: manifest is not a JSON object")
         meta = doc.get("metadata") or {}
@@ -225,6 +247,7 @@ class Manifest:
         timestamp = doc.get("timestamp")
         if not isinstance(timestamp, str):
             raise CorruptCheckpointError(f"{where}: manifest has no timestamp")
+        _check_timestamp(timestamp, where=where)
         try:
             world_size = int(doc.get("world_size") or 1)
         except (TypeError, ValueError, OverflowError) as e:

@@ -70,6 +70,8 @@ _TORCH_NAMES: dict[str, str] = {
 }  # fmt: skip
 
 _LEN = struct.Struct("<Q")
+#: most dimensions a stored tensor may have (torch allows 64)
+MAX_NDIM = 64
 METADATA_KEY = "__metadata__"
 
 
@@ -207,10 +209,9 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
     n = header_length(raw[:8], file_nbytes=file_nbytes, where=where)
     if len(raw) < 8 + n:
         raise CorruptCheckpointError(f"{where}: header truncated ({len(raw) - 8} of {n} bytes)")
-    try:
-        doc = json.loads(raw[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{where}: safetensors header is not valid JSON ({e})") from e
+    from .json_doc import parse_json_doc  # lazily: the writer process needs only the encoder
+
+    doc = parse_json_doc(raw[8 : 8 + n], where=where, what="safetensors header")
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where}: safetensors header is not a JSON object")
 
@@ -229,7 +230,12 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPE_SIZES:
             raise CorruptCheckpointError(f"{key}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(type(d) is int and 0 <= d < 2**63 for d in shape)
+            or math.prod(d for d in shape if d) >= 2**63  # torch's strides must fit in int64
+        ):
             raise CorruptCheckpointError(f"{key}: bad shape {shape!r}")
         if (
             not isinstance(offs, list)

@@ -32,6 +32,7 @@ from .checksum import Crc32c, crc32c_hex
 from .discovery import (
     CheckpointStatus,
     checkpoint_info,
+    files_mismatch,
     find_latest_checkpoint,
     next_checkpoint_path,
     read_manifest,
@@ -46,6 +47,7 @@ from .errors import (
     StateMismatchError,
     StorageNotFoundError,
 )
+from .json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes, read_json_doc
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -55,7 +57,7 @@ from .layout import (
     index_file_name,
     make_index,
 )
-from .loading import read_safetensors, read_safetensors_header, read_torch_file
+from .loading import check_inside, read_safetensors, read_safetensors_header, read_torch_file
 from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
 from .retention import maybe_delete_oldest_checkpoint
 from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
@@ -179,12 +181,18 @@ def load_shard_index(
 ) -> ShardIndex:
     """Read and validate an index: every file in ``weight_map`` must stay inside the checkpoint."""
     ckpt = Location.parse(output_dir, storage_options)
-    loc = ckpt.join(index_name)
-    _check_inside(ckpt, loc)
-    try:
-        doc = json.loads(loc.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptCheckpointError(f"{loc.url}: index is not valid JSON ({e})") from e
+    return _load_index(ckpt, index_name, manifest=None)
+
+
+def _load_index(ckpt: Location, index_name: str, *, manifest: Manifest | None) -> ShardIndex:
+    """Read (bounded), check against ``manifest`` when given (size and CRC-32C), validate."""
+    loc = ckpt.join(check_relpath(index_name, where=ckpt.url))
+    check_inside(ckpt, loc)
+    raw = read_doc_bytes(loc, what="index")
+    check_doc_against_manifest(
+        raw, rel_path=index_name, url=loc.url, manifest=manifest, what="index"
+    )
+    doc = parse_json_doc(raw, where=loc.url, what="index")
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CorruptCheckpointError(f"{loc.url}: index has no 'weight_map' object")
     for key, fname in doc["weight_map"].items():
@@ -421,23 +429,39 @@ def get_checkpoint_metadata(
     return None
 
 
-def _check_inside(ckpt: Location, loc: Location) -> None:
-    """Refuse a local file that resolves (through symlinks) outside the checkpoint."""
-    if ckpt.is_local:
-        root = os.path.realpath(ckpt.path)
-        if not os.path.realpath(loc.path).startswith(root + os.sep):
-            raise CorruptCheckpointError(
-                f"{loc.url} resolves to {os.path.realpath(loc.path)}, outside the checkpoint "
-                f"{root}: refusing to follow it"
-            )
+def _file_crc(
+    loc: Location, layout: ShardLayout, tensors: Mapping[str, Tensor], file_nbytes: int
+) -> str:
+    """CRC-32C of the whole safetensors file, in file order.
 
-
-def _file_crc(header: bytes, tensors: Mapping[str, Tensor], layout: ShardLayout) -> str:
-    """CRC-32C of a whole safetensors file rebuilt from its header and every tensor."""
+    The header and the tensors already read come from memory; every other byte (tensors
+    not asked for by a partial load, gaps between tensors, a tail) is read from the file,
+    so a partial load checks the covering file as a whole load does.
+    """
     crc = Crc32c()
-    crc.update(header)
-    for e in sorted(layout.entries, key=lambda ent: ent.begin):
+    crc.update(layout.header)
+    cursor = len(layout.header)
+    step = max(1, knobs.READ_CHUNK_BYTES.get())
+
+    def read_up_to(end: int) -> None:
+        nonlocal cursor
+        while cursor < end:
+            chunk = loc.read_range(cursor, min(end, cursor + step))
+            if not chunk:
+                raise CorruptCheckpointError(
+                    f"{loc.url}: file ends at byte {cursor}, before {end} (truncated)"
+                )
+            crc.update(chunk)
+            cursor += len(chunk)
+
+    for e in layout.entries:  # sorted by offset, no overlaps (parse_header)
+        if not e.nbytes or e.name not in tensors:
+            continue
+        start = layout.data_offset + e.begin
+        read_up_to(start)
         crc.update(tensor_bytes(tensors[e.name]))
+        cursor = start + e.nbytes
+    read_up_to(file_nbytes)
     return crc.hexdigest()
 
 
@@ -452,9 +476,10 @@ def _read_file(
 ) -> dict[str, Tensor]:
     """Tensors ``names`` (all if ``None``) of one file. Every name asked for must be there
     (a stale index is corruption). When the manifest lists the file, its size is checked,
-    and its CRC-32C too whenever the whole file is read."""
+    and its CRC-32C too (bytes not asked for are read as well: a partial read is checked
+    against the covering file)."""
     loc = ckpt.join(check_relpath(fname, where=ckpt.url))
-    _check_inside(ckpt, loc)
+    check_inside(ckpt, loc)
     record = expected.file(fname) if expected is not None else None
 
     def check_size(nbytes: int) -> None:
@@ -468,13 +493,8 @@ def _read_file(
         if safetensors:
             layout, file_nbytes = read_safetensors_header(loc)  # one size request per file
             check_size(file_nbytes)
-            whole = names is None or {e.name for e in layout.entries} <= names
             sd = read_safetensors(loc, names=names, device="cpu", layout=layout)
-            if (
-                record is not None
-                and whole
-                and _file_crc(layout.header, sd, layout) != record.crc32c
-            ):
+            if record is not None and _file_crc(loc, layout, sd, file_nbytes) != record.crc32c:
                 raise CorruptCheckpointError(
                     f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c} (the file "
                     "was damaged after it was written); resume from an older checkpoint"
@@ -593,7 +613,14 @@ def load_checkpoint(
     :class:`IncompleteCheckpointError` for a save that never committed.
     """
     ckpt = Location.parse(model_dir, storage_options)
-    info = checkpoint_info(ckpt)
+    info = checkpoint_info(ckpt, check_files=False)
+    if info.manifest is not None:
+        why = files_mismatch(ckpt, info.manifest)
+        if why:
+            raise CorruptCheckpointError(
+                f"{ckpt.url}: its files do not match its manifest: {why}; a copy or transfer "
+                "cut short, or damaged files: resume from find_latest_checkpoint(...) instead"
+            )
     if info.status is CheckpointStatus.INCOMPLETE:
         raise IncompleteCheckpointError(
             f"{ckpt.url} is an incomplete checkpoint ({info.reason}); resume from "
@@ -613,7 +640,7 @@ def load_checkpoint(
             f"{WEIGHTS_INDEX_NAME}, {WEIGHTS_NAME} or {SAFE_WEIGHTS_NAME}"
         )
     if meta.is_index:
-        index = load_shard_index(ckpt.url, meta.file_name, storage_options=storage_options)
+        index = _load_index(ckpt, meta.file_name, manifest=info.manifest)
     else:
         sd = _read_file(
             ckpt,
@@ -652,9 +679,11 @@ def load_checkpoint_metrics(
     """The checkpoint's ``eval_metrics.json``, or ``None``."""
     loc = Location.parse(checkpoint_path, storage_options).join(METRICS_NAME)
     try:
-        data: dict[str, float] = json.loads(loc.read_bytes())
+        data = read_json_doc(loc, what="metrics")
     except StorageNotFoundError:
         return None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{loc.url}: metrics file is not a JSON object")
     return data
 
 

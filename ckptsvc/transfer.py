@@ -327,7 +327,9 @@ def copy_checkpoint(
         dst, storage_options if dst_storage_options is None else dst_storage_options
     )
     _check_distinct(src_loc, dst_loc)
-    manifest = _source_manifest(checkpoint_info(src_loc))
+    manifest = _source_manifest(
+        checkpoint_info(src_loc, check_files=False)
+    )  # each file checked as copied
     if _up_to_date(manifest, dst_loc, overwrite=overwrite):
         logger.info("%s is up to date with %s", dst_loc.url, src_loc.url)
         done = CopiedCheckpoint(
@@ -451,7 +453,9 @@ def copy_files(
         dst_dir, storage_options if dst_storage_options is None else dst_storage_options
     )
     _check_distinct(src_loc, dst_loc)
-    manifest = _source_manifest(checkpoint_info(src_loc))
+    manifest = _source_manifest(
+        checkpoint_info(src_loc, check_files=False)
+    )  # each file checked as copied
     if paths is None:
         records = manifest.files
     else:

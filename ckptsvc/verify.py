@@ -22,7 +22,6 @@ it backs ``find_latest_checkpoint(model_dir, verify="shallow" | "deep")``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from .discovery import (
     next_checkpoint_path,
 )
 from .errors import CorruptCheckpointError, StorageNotFoundError
+from .json_doc import read_doc_bytes, read_json_doc
 from .layout import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME
 from .manifest import FileRecord, Manifest, check_relpath
 from .safetensors_stream import header_length, parse_header
@@ -164,7 +164,7 @@ def _read_weight_map(ckpt: Location, name: str) -> dict[str, str] | Problem:
     """The index's ``weight_map`` (every file name checked to stay inside), or the problem."""
     loc = ckpt.join(name)
     try:
-        doc = json.loads(loc.read_bytes().decode("utf-8"))
+        doc = read_json_doc(loc, what="index")
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("'weight_map' is not an object")
@@ -260,7 +260,7 @@ def _check_skeleton(ckpt: Location, rel_path: str, mapped: set[str]) -> list[Pro
 
     loc = ckpt.join(rel_path)
     try:
-        doc = parse_skeleton(loc.read_bytes(), where=loc.url)
+        doc = parse_skeleton(read_doc_bytes(loc, what="state skeleton"), where=loc.url)
     except CorruptCheckpointError as e:
         return [Problem(rel_path, "skeleton", str(e))]
     aliases: set[str] = set()
@@ -293,7 +293,7 @@ def verify_checkpoint(
     checks CRC-32C, headers and the skeleton; otherwise only presence and sizes are
     checked. Files are checked in parallel."""
     ckpt = Location.parse(path, storage_options)
-    info = checkpoint_info(ckpt)
+    info = checkpoint_info(ckpt, check_files=False)  # each file is checked below, by name
     if info.status is not CheckpointStatus.COMPLETE or info.manifest is None:
         why = info.reason or {
             CheckpointStatus.LEGACY: "no manifest (legacy checkpoint): nothing to verify against",

@@ -567,6 +567,9 @@ def test_index_pointing_outside_is_refused(tmp_path: Path, evil: str) -> None:
     index = json.loads(index_path.read_text())
     index["weight_map"]["fc1.weight"] = evil
     index_path.write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError):  # the edited index fails its manifest record
+        sc.load_checkpoint(str(d), fresh_mlp())
+    (d / "checkpoint_manifest.json").unlink()  # without a manifest the path check names the key
     with pytest.raises(CorruptCheckpointError, match=r"fc1\.weight"):
         sc.load_checkpoint(str(d), fresh_mlp())
 

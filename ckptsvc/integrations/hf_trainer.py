@@ -64,6 +64,7 @@ from ..best_checkpoints import Retention
 from ..components import RNGState, SharingPattern, StateComponent
 from ..discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
 from ..errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
+from ..json_doc import read_json_doc
 from ..layout import SAFE_WEIGHTS_INDEX_NAME
 from ..storage import Location
 from ..transfer import copy_files
@@ -212,7 +213,7 @@ class CkptsvcCallback(TrainerCallback):
         return str(view)
 
     def _link_or_copy_weights(self, ckpt: Location, view: Path) -> None:
-        index = json.loads(ckpt.join(SAFE_WEIGHTS_INDEX_NAME).read_bytes())
+        index = read_json_doc(ckpt.join(SAFE_WEIGHTS_INDEX_NAME), what="index")
         names = sorted({SAFE_WEIGHTS_INDEX_NAME, *index["weight_map"].values()})
         if not ckpt.is_local:
             copy_files(
