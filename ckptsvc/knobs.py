@@ -130,6 +130,19 @@ INCREMENTAL = _knob(
 WRITER_START_TIMEOUT_S = _knob(
     "writer_start_timeout_s", 60.0, "Wait this long for the node writer to start."
 )
+WRITER_TIMEOUT_S = _knob(
+    "writer_timeout_s",
+    300.0,
+    "A node writer that made no progress on a trainer's in-flight saves for this long (no "
+    "answer to pings, or no bytes handed to storage) is wedged: those saves fail with "
+    "WriterDiedError and the next save starts a new writer. Also bounds each send to it.",
+)
+CLOSE_TIMEOUT_S = _knob(
+    "close_timeout_s",
+    0.0,
+    "close() waits at most this long for in-flight saves (0 = while the writer makes "
+    "progress: a wedged writer fails them after writer_timeout_s).",
+)
 WRITER_NICE = _knob("writer_nice", 10, "nice() increment for the node writer process.")
 SHM_DIR = _knob("shm_dir", "/dev/shm", "Directory of POSIX shared memory segments.")
 COMMIT_TIMEOUT_S = _knob(
