@@ -23,7 +23,8 @@ Call order (process / thread that runs each step):
    ``CKPTSVC_WRITER_TIMEOUT_S`` (no answer, or its progress counter stood still, with
    nothing the writer waited for from us) it declares the writer *wedged*: the socket is
    shut down and the pending callbacks get a ``WriterDiedError`` saying what the writer
-   was doing; ``retire`` (the owner, ``WriterLink``) then kills it and frees its name.
+   was doing; then ``retire`` kills it (SIGKILL, if it is this user's node writer) and
+   frees its socket name, so the next save starts a new writer.
 4. ``close`` (any thread): shut the socket; pending callbacks get ``WriterDiedError``.
 """
 
@@ -635,6 +636,8 @@ class WriterClient:
                 logger.error("%s; %d save(s) failed", text, len(pending))
         for callback in pending.values():
             self._call(callback, WriterDiedError(text))
+        if wedged is not None:
+            self.retire()  # now, so that no other trainer of the job waits for it either
 
     @staticmethod
     def _call(callback: JobCallback, outcome: JobDone | JobFailed | WriterDiedError) -> None:
