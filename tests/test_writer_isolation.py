@@ -91,10 +91,19 @@ def test_stopped_writer_fails_the_save_in_time_and_a_new_writer_takes_the_next(
 
 
 @pytest.mark.timeout(60)
-def test_close_returns_within_its_timeout_with_a_stopped_writer(
-    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"CKPTSVC_WRITER_TIMEOUT_S": "2"},  # the watchdog fails the save
+        {"CKPTSVC_WRITER_TIMEOUT_S": "600", "CKPTSVC_CLOSE_TIMEOUT_S": "1"},  # close gives up
+    ],
+    ids=["writer_timeout", "close_timeout"],
+)
+def test_close_returns_in_time_with_a_stopped_writer(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, knobs: dict[str, str]
 ) -> None:
-    monkeypatch.setenv("CKPTSVC_WRITER_TIMEOUT_S", "600")  # only close's own timeout helps
+    for name, value in knobs.items():
+        monkeypatch.setenv(name, value)
     gate = tmp_path / "gate"
     gate.touch()  # the writer blocks in its first write until we stop it
     ckpt = AsyncCheckpointer(f"faulty://{tmp_path}/root", storage_options={"gate_path": str(gate)})
@@ -105,7 +114,7 @@ def test_close_returns_within_its_timeout_with_a_stopped_writer(
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         started = time.monotonic()
-        ckpt.close(timeout_s=1.0)
+        ckpt.close()  # at exit too: atexit calls close()
         assert time.monotonic() - started < 8
         with pytest.raises(WriterDiedError):
             handle.wait(10)
@@ -136,7 +145,9 @@ def test_writer_stuck_in_a_storage_call_is_declared_wedged_and_replaced(
         with contextlib.suppress(FileNotFoundError):
             gate.unlink()
         _cont_and_kill(old)
-    assert torch.equal(load_state(f"{root}/checkpoints/checkpoint-2")["w"], torch.full((1000,), 2.0))
+    assert torch.equal(
+        load_state(f"{root}/checkpoints/checkpoint-2")["w"], torch.full((1000,), 2.0)
+    )
 
 
 @pytest.mark.timeout(90)
@@ -187,7 +198,10 @@ def test_writer_of_another_version_is_not_used(
 ) -> None:
     path = writer_socket_path(node)  # where this process would look for its writer
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+    }
     foreign = subprocess.Popen(
         [sys.executable, "-c", _FOREIGN_WRITER, "--socket", path, "--node-id", node], env=env
     )

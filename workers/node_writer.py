@@ -51,6 +51,7 @@ from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
 from .commit import begin_checkpoint, commit_checkpoint, publish_file
+from .identity import current_identity
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     PROTOCOL_VERSION,
@@ -73,7 +74,6 @@ from .protocol import (
     recv_message,
     send_message,
 )
-from .identity import current_identity
 from .reuse import ReuseSource
 from .shard_writer import PROGRESS, write_shard
 
