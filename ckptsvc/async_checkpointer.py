@@ -446,9 +446,12 @@ class AsyncCheckpointer:
         self._book.wait_all(timeout_s)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Wait for in-flight saves (up to ``timeout_s``), disconnect, unlink the arenas."""
+        """Wait for in-flight saves (up to ``timeout_s``, default ``CKPTSVC_CLOSE_TIMEOUT_S``;
+        a wedged writer fails them after ``CKPTSVC_WRITER_TIMEOUT_S``), disconnect, unlink
+        the arenas."""
         if self._closed:
             return
+        timeout_s = knobs.CLOSE_TIMEOUT_S.get(timeout_s) or None
         self._closed = True
         if os.getpid() != self._owner_pid:  # a forked child: the arenas and socket are the parent's
             return

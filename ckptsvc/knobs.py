@@ -292,6 +292,22 @@ WRITER_START_TIMEOUT_S = _knob(
     min_value=0,
     min_inclusive=False,
 )
+WRITER_TIMEOUT_S = _knob(
+    "writer_timeout_s",
+    300.0,
+    "A node writer that made no progress on a trainer's in-flight saves for this long (no "
+    "answer to pings, or no bytes handed to storage) is wedged: those saves fail with "
+    "WriterDiedError and the next save starts a new writer. Also bounds each send to it.",
+    min_value=0,
+    min_inclusive=False,
+)
+CLOSE_TIMEOUT_S = _knob(
+    "close_timeout_s",
+    0.0,
+    "close() waits at most this long for in-flight saves (0 = while the writer makes "
+    "progress: a wedged writer fails them after writer_timeout_s).",
+    min_value=0,
+)
 WRITER_NICE = _knob(
     "writer_nice",
     10,

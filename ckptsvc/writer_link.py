@@ -2,10 +2,13 @@
 
 1. ``__init__`` (training thread): connect to this node's writer, starting it if none runs.
 2. ``submit`` (training thread, the overlapped-snapshot thread, rank 0's commit thread; one
-   at a time): send a job; a writer found dead is replaced first, and a failed send is
-   retried once on a new writer. ``run`` submits and waits for the outcome (the commit).
+   at a time): send a job; a writer found dead is replaced first (one declared wedged -
+   no progress for ``CKPTSVC_WRITER_TIMEOUT_S`` - is killed and its socket name freed
+   first), and a failed send is retried once on a new writer. ``run`` submits and waits
+   for the outcome (the commit); the client's watchdog bounds that wait.
 3. ``release_arena`` (any thread): the trainer unlinked an arena the writer may map.
-4. ``close`` (the owner, once): disconnect; the writer lingers for other local trainers.
+4. ``close`` (the owner, once): disconnect; the writer lingers for other local trainers
+   (a wedged one is killed).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class WriterLink:
                             "node writer (pid %d) is gone; starting a new one", client.writer_pid
                         )
                         client.close()
+                        if client.wedged is not None:
+                            client.retire()
                     self._client = client = WriterClient.connect_or_start(
                         node=self._node, rank=self._rank
                     )
@@ -89,3 +94,5 @@ class WriterLink:
             client, self._client = self._client, None
         if client is not None:
             client.close()
+            if client.wedged is not None:
+                client.retire()

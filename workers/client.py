@@ -2,16 +2,29 @@
 
 Call order (process / thread that runs each step):
 
-1. ``WriterClient.connect_or_start`` (training thread): connect to the node's socket; if
-   nobody answers, take the start lock (``flock`` on the socket directory), check again, remove a stale
-   socket file and start the writer as a fresh interpreter with this process's
-   ``sys.path`` (spawn semantics, never fork), in its own session so the trainer's
-   signals and exit do not touch it; wait until it accepts. ``Hello`` -> ``Welcome``.
-2. ``submit`` (training thread): register the job's callback and send the job, atomically
-   under one lock; a failed send raises ``WriterDiedError`` and leaves no callback behind.
+1. ``WriterClient.connect_or_start`` (training thread): connect to the socket of this
+   node *and identity* (``writer-<node>-<identity key>.sock``: installation, version and
+   the job's storage environment, ``workers.identity``); if nobody answers, take the start
+   lock (``flock`` on the socket directory), check again, remove a stale socket file and
+   start the writer as a fresh interpreter with this process's ``sys.path`` and
+   environment (spawn semantics, never fork), in its own session so the trainer's signals
+   and exit do not touch it; wait until it accepts. ``Hello`` -> ``Welcome``: a writer of
+   another identity is not used (the next candidate name is tried); a writer that does
+   not answer the handshake is retired (SIGKILL if it is this user's node writer, socket
+   name removed) and a new one started.
+2. ``submit`` (training thread): register the job's callback, then send the job; a failed
+   or timed-out send raises ``WriterDiedError`` and leaves no callback behind (unless the
+   reader already reported the death to it). Every send is bounded by
+   ``CKPTSVC_WRITER_TIMEOUT_S``.
 3. The reader thread (``ckptsvc-writer-client``) calls each job's callback with its
    ``JobDone`` / ``JobFailed``; on EOF or a broken frame it marks the client dead and calls
    every pending callback with a ``WriterDiedError`` (no save ever hangs on a dead writer).
+   While jobs are in flight it pings the writer; when the writer made no progress for
+   ``CKPTSVC_WRITER_TIMEOUT_S`` (no answer, or its progress counter stood still, with
+   nothing the writer waited for from us) it declares the writer *wedged*: the socket is
+   shut down and the pending callbacks get a ``WriterDiedError`` saying what the writer
+   was doing; then ``retire`` kills it (SIGKILL, if it is this user's node writer) and
+   frees its socket name, so the next save starts a new writer.
 4. ``close`` (any thread): shut the socket; pending callbacks get ``WriterDiedError``.
 """
 
@@ -23,7 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import select
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,16 +52,21 @@ from typing import TypeAlias
 from ckptsvc import knobs
 from ckptsvc.errors import CheckpointError, WriterDiedError
 
+from .identity import current_identity
 from .protocol import (
     PROTOCOL_VERSION,
     Hello,
     JobDone,
     JobFailed,
     PieceDone,
+    PieceReady,
+    Ping,
+    Pong,
     ProtocolError,
     ReleaseArena,
     SaveJob,
     Welcome,
+    WriterIdentity,
     recv_message,
     send_message,
 )
@@ -58,25 +79,36 @@ JobOutcome: TypeAlias = "JobDone | JobFailed | WriterDiedError"
 JobCallback: TypeAlias = Callable[["JobDone | JobFailed | WriterDiedError"], None]
 
 _SUN_PATH_MAX = 107
+_CANDIDATES = 4  # socket names tried while writers of another identity hold the earlier ones
 _spawned: list[subprocess.Popen[bytes]] = []  # keeps Popen objects (and their reaping) alive
 
 
-def writer_socket_path(node: str, explicit: str | None = None) -> str:
-    """``CKPTSVC_WRITER_SOCKET`` or ``<tmp>/ckptsvc-<uid>/writer-<node>.sock``."""
+def writer_socket_path(
+    node: str, explicit: str | None = None, *, key: str | None = None, attempt: int = 0
+) -> str:
+    """``CKPTSVC_WRITER_SOCKET``, or ``<tmp>/ckptsvc-<uid>/writer-<node>-<key>[-<n>].sock``
+    where ``key`` is this process's ``WriterIdentity.key`` (installation, version, job
+    environment) and ``attempt`` the candidate number (a writer of another identity holds
+    the earlier names)."""
     path = knobs.WRITER_SOCKET.get(explicit)
     if path:
         return path
+    key = current_identity().key if key is None else key
+    name = f"writer-{node}-{key}" + (f"-{attempt}" if attempt else "")
     directory = os.path.join(tempfile.gettempdir(), f"ckptsvc-{os.getuid()}")
-    path = os.path.join(directory, f"writer-{node}.sock")
+    path = os.path.join(directory, f"{name}.sock")
     if len(path.encode()) > _SUN_PATH_MAX:
-        digest = hashlib.sha256(node.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
         path = os.path.join(f"/tmp/ckptsvc-{os.getuid()}", f"w-{digest}.sock")
     return path
 
 
-def _try_connect(path: str) -> socket.socket | None:
+def _try_connect(path: str) -> tuple[socket.socket, int | None] | None:
+    """A connected socket and the inode its name had just before (to remove that name
+    later only if it still is this writer's), or ``None`` when nobody listens."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        ino: int | None = os.stat(path).st_ino
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
@@ -84,7 +116,46 @@ def _try_connect(path: str) -> socket.socket | None:
     except OSError:
         sock.close()
         raise
-    return sock
+    return sock, ino
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process that listens on the other end (Linux ``SO_PEERCRED``)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return pid or None
+
+
+def _is_node_writer(pid: int) -> bool:
+    """``pid`` runs as this user and is a ckptsvc node writer (not a recycled pid)."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"node_writer" in f.read()
+    except OSError:
+        return False
+
+
+def _retire(path: str, ino: int | None, pid: int | None, why: str) -> None:
+    """A wedged writer: SIGKILL it (if it still is this user's node writer) and remove its
+    socket name (if it still is its: a replacement may already listen there), so the next
+    start does not reach it. A writer stuck in the kernel (hung NFS) dies when the call
+    returns; until then it serves nobody new. Call under the start lock."""
+    if pid is not None and _is_node_writer(pid):
+        logger.error("killing the node writer (pid %d): %s", pid, why)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        if ino is not None and os.stat(path).st_ino == ino:
+            os.unlink(path)
+
+
+class _OtherWriter(WriterDiedError):
+    """The writer on the socket serves another installation, version or job."""
 
 
 def _private_dir(directory: str) -> None:
@@ -153,13 +224,15 @@ def _spawn_writer(path: str, node: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout_s: float) -> socket.socket:
+def _wait_for_socket(
+    path: str, proc: subprocess.Popen[bytes], timeout_s: float
+) -> tuple[socket.socket, int | None]:
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while True:
-        sock = _try_connect(path)
-        if sock is not None:
-            return sock
+        found = _try_connect(path)
+        if found is not None:
+            return found
         code = proc.poll()
         if code is not None:
             raise WriterDiedError(
@@ -195,15 +268,37 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class WriterClient:
     """One trainer's connection to the node writer (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, welcome: Welcome, *, path: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        welcome: Welcome,
+        *,
+        path: str,
+        sock_ino: int | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         self.path = path
         self.writer_pid = welcome.writer_pid
+        self.timeout_s = knobs.WRITER_TIMEOUT_S.get(timeout_s)
         self._sock = sock
-        self._lock = threading.Lock()
+        self._sock_ino = sock_ino
+        sock.settimeout(self.timeout_s)  # bounds every send, and a frame once it began
+        self._ping_every = max(0.05, min(5.0, self.timeout_s / 5))
+        self._lock = threading.Lock()  # _pending, _progress, _urls, _alive, clocks
+        self._send_lock = threading.Lock()  # one frame at a time on the socket
         self._pending: dict[int, JobCallback] = {}
         self._progress: dict[int, Callable[[PieceDone], None]] = {}
+        self._urls: dict[int, str] = {}
         self._alive = True
         self._closing = False
+        self._wedged: str | None = None
+        now = time.monotonic()
+        self._last_progress = now  # the writer's progress seen, or work handed to it
+        self._last_heard = now  # any frame from the writer
+        self._last_ping = 0.0
+        self._ping_seq = 0
+        self._writer_progress = -1
+        self._activity = ""
         self._reader = threading.Thread(
             target=self._read_loop, name="ckptsvc-writer-client", daemon=True
         )
@@ -219,24 +314,78 @@ class WriterClient:
         socket_path: str | None = None,
         start_timeout_s: float | None = None,
     ) -> WriterClient:
-        path = writer_socket_path(node, socket_path)
-        if knobs.WRITER_SOCKET.get(socket_path):  # chosen by the user: their directory
+        identity = current_identity()
+        explicit = bool(knobs.WRITER_SOCKET.get(socket_path))
+        refused: list[str] = []
+        for attempt in range(1 if explicit else _CANDIDATES):
+            path = writer_socket_path(node, socket_path, key=identity.key, attempt=attempt)
+            try:
+                return cls._connect_or_start_at(
+                    path,
+                    node=node,
+                    rank=rank,
+                    identity=identity,
+                    explicit=explicit,
+                    start_timeout_s=start_timeout_s,
+                )
+            except _OtherWriter as e:
+                if explicit:
+                    raise CheckpointError(
+                        f"{e}; CKPTSVC_WRITER_SOCKET={path} is used by another job or "
+                        "installation: give each job its own socket"
+                    ) from e
+                logger.warning("%s; trying another socket name", e)
+                refused.append(str(e))
+        raise WriterDiedError(
+            f"no node writer of this job and installation could be reached: {'; '.join(refused)}"
+        )
+
+    @classmethod
+    def _connect_or_start_at(
+        cls,
+        path: str,
+        *,
+        node: str,
+        rank: int,
+        identity: WriterIdentity,
+        explicit: bool,
+        start_timeout_s: float | None,
+    ) -> WriterClient:
+        if explicit:  # chosen by the user: their directory
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         else:
             _private_dir(os.path.dirname(path))
         timeout_s = knobs.WRITER_START_TIMEOUT_S.get(start_timeout_s)
         last: BaseException | None = None
         for _attempt in range(3):
-            sock = _try_connect(path)
-            if sock is None:
+            found = _try_connect(path)
+            if found is None:
                 with _start_lock(path):
-                    sock = _try_connect(path)
-                    if sock is None:
+                    found = _try_connect(path)
+                    if found is None:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)  # stale: nobody listens on it
-                        sock = _wait_for_socket(path, _spawn_writer(path, node), timeout_s)
+                        found = _wait_for_socket(path, _spawn_writer(path, node), timeout_s)
+            sock, ino = found
             try:
-                return cls._handshake(sock, path=path, node=node, rank=rank, timeout_s=timeout_s)
+                return cls._handshake(
+                    sock,
+                    path=path,
+                    node=node,
+                    rank=rank,
+                    identity=identity,
+                    timeout_s=timeout_s,
+                    sock_ino=ino,
+                )
+            except TimeoutError as e:  # it accepts (the kernel does) but does not answer
+                pid = _peer_pid(sock)
+                sock.close()
+                last = e
+                with _start_lock(path):
+                    _retire(path, ino, pid, f"no answer to the handshake within {timeout_s} s")
+            except _OtherWriter:
+                sock.close()
+                raise
             except (OSError, WriterDiedError) as e:  # a writer that was just exiting (linger)
                 sock.close()
                 last = e
@@ -244,41 +393,81 @@ class WriterClient:
 
     @classmethod
     def _handshake(
-        cls, sock: socket.socket, *, path: str, node: str, rank: int, timeout_s: float
+        cls,
+        sock: socket.socket,
+        *,
+        path: str,
+        node: str,
+        rank: int,
+        identity: WriterIdentity,
+        timeout_s: float,
+        sock_ino: int | None = None,
     ) -> WriterClient:
         sock.settimeout(timeout_s)
-        send_message(sock, Hello(pid=os.getpid(), rank=rank, node_id=node))
+        send_message(sock, Hello(pid=os.getpid(), rank=rank, node_id=node, identity=identity))
         reply = recv_message(sock)
         if isinstance(reply, Welcome) and reply.version != PROTOCOL_VERSION:
-            raise CheckpointError(
+            raise _OtherWriter(
                 f"the node writer on {path} (pid {reply.writer_pid}) speaks protocol "
-                f"{reply.version} but this ckptsvc needs {PROTOCOL_VERSION} (an older ckptsvc "
-                "started it); it exits when idle, or stop it with kill"
+                f"{reply.version} but this ckptsvc needs {PROTOCOL_VERSION} (another ckptsvc "
+                "started it)"
+            )
+        if isinstance(reply, Welcome) and reply.identity != identity:
+            theirs = reply.identity.describe() if reply.identity else "unknown"
+            raise _OtherWriter(
+                f"the node writer on {path} (pid {reply.writer_pid}) serves {theirs}, "
+                f"not this process's {identity.describe()}"
             )
         if not isinstance(reply, Welcome):
             raise WriterDiedError(
                 f"the node writer on {path} closed the connection during the handshake"
             )
-        sock.settimeout(None)
-        return cls(sock, reply, path=path)
+        return cls(sock, reply, path=path, sock_ino=sock_ino)
 
     @property
     def alive(self) -> bool:
         return self._alive
 
+    @property
+    def wedged(self) -> str | None:
+        """Why the writer was declared wedged (no progress within the timeout), or None."""
+        return self._wedged
+
+    def retire(self) -> None:
+        """After the writer was declared wedged: kill it (if it still is this user's node
+        writer) and remove its socket name (if still its), so the next save starts a new
+        one. Its arenas are the trainer's to discard, never to reuse."""
+        with contextlib.suppress(OSError), _start_lock(self.path):
+            _retire(self.path, self._sock_ino, self.writer_pid, self._wedged or "retired")
+
     def submit(self, job: SaveJob, callback: JobCallback) -> None:
         """Send ``job``; ``callback`` runs once, on the reader thread, with the outcome."""
-        with self._lock:
-            if not self._alive:
-                raise WriterDiedError(f"the node writer (pid {self.writer_pid}) is gone")
-            self._pending[job.job_id] = callback
+        with self._send_lock:
+            with self._lock:
+                if not self._alive:
+                    raise WriterDiedError(
+                        self._wedged or f"the node writer (pid {self.writer_pid}) is gone"
+                    )
+                if not self._pending:  # the writer owed us nothing: its clock starts now
+                    self._last_progress = time.monotonic()
+                self._pending[job.job_id] = callback
+                self._urls[job.job_id] = job.ckpt_url
             try:
                 send_message(self._sock, job)
             except OSError as e:
-                self._pending.pop(job.job_id, None)
-                self._alive = False
+                if isinstance(e, TimeoutError):
+                    self._declare_wedged(
+                        f"the node writer (pid {self.writer_pid}) did not take a save job within "
+                        f"{self.timeout_s:g} s (raise CKPTSVC_WRITER_TIMEOUT_S if it is only busy)"
+                    )
+                with self._lock:
+                    reported = self._pending.pop(job.job_id, None) is None
+                    self._urls.pop(job.job_id, None)
+                    self._alive = False
+                if reported:  # the reader already gave the callback its WriterDiedError
+                    return
                 raise WriterDiedError(
-                    f"the node writer (pid {self.writer_pid}) is gone: {e}"
+                    self._wedged or f"the node writer (pid {self.writer_pid}) is gone: {e}"
                 ) from e
 
     def watch_pieces(self, job_id: int, callback: Callable[[PieceDone], None]) -> None:
@@ -291,19 +480,29 @@ class WriterClient:
     def send(self, message: object) -> None:
         """Send a frame about a job already submitted (``PieceReady``, ``CancelJob``);
         ``WriterDiedError`` if the writer is gone."""
-        with self._lock:
-            if not self._alive:
-                raise WriterDiedError(f"the node writer (pid {self.writer_pid}) is gone")
+        with self._send_lock:
+            with self._lock:
+                if not self._alive:
+                    raise WriterDiedError(
+                        self._wedged or f"the node writer (pid {self.writer_pid}) is gone"
+                    )
+                if isinstance(message, PieceReady):  # the writer waited for us until now
+                    self._last_progress = time.monotonic()
             try:
                 send_message(self._sock, message)
             except OSError as e:
+                if isinstance(e, TimeoutError):
+                    self._declare_wedged(
+                        f"the node writer (pid {self.writer_pid}) did not take a frame within "
+                        f"{self.timeout_s:g} s (raise CKPTSVC_WRITER_TIMEOUT_S if it is only busy)"
+                    )
                 raise WriterDiedError(
-                    f"the node writer (pid {self.writer_pid}) is gone: {e}"
+                    self._wedged or f"the node writer (pid {self.writer_pid}) is gone: {e}"
                 ) from e
 
     def release_arena(self, name: str) -> None:
         """Tell the writer to unmap an arena the trainer unlinked (best effort)."""
-        with self._lock:
+        with self._send_lock:
             if not self._alive:
                 return
             with contextlib.suppress(OSError):
@@ -321,17 +520,89 @@ class WriterClient:
         with contextlib.suppress(OSError):
             self._sock.close()
 
+    # ---- liveness (reader thread, and senders that time out) ----
+
+    def _declare_wedged(self, text: str) -> None:
+        """Fail this connection: the reader reports ``text`` to every pending callback."""
+        with self._lock:
+            if self._wedged is None and not self._closing:
+                self._wedged = text
+            self._alive = False
+        logger.error("%s", text)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # the reader sees EOF and fails the jobs
+
+    def _watch(self) -> None:
+        """Reader thread, between frames: ping the writer while jobs are in flight; declare
+        it wedged when it made no progress for ``timeout_s``."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._pending or not self._alive:
+                return
+            silent = now - self._last_progress
+            urls = sorted(set(self._urls.values()))
+            ping = now - self._last_ping >= self._ping_every
+            if ping:
+                self._last_ping = now
+                self._ping_seq += 1
+        if silent > self.timeout_s:
+            self._declare_wedged(self._wedge_text(silent, urls, now))
+            return
+        if ping and self._send_lock.acquire(blocking=False):  # a send in progress is contact too
+            try:
+                send_message(self._sock, Ping(self._ping_seq))
+            except TimeoutError:
+                self._declare_wedged(
+                    f"the node writer (pid {self.writer_pid}) did not take a ping within "
+                    f"{self.timeout_s:g} s (raise CKPTSVC_WRITER_TIMEOUT_S if it is only busy)"
+                )
+            except OSError:
+                pass  # the reader sees the broken connection
+            finally:
+                self._send_lock.release()
+
+    def _wedge_text(self, silent: float, urls: list[str], now: float) -> str:
+        answering = now - self._last_heard <= max(3 * self._ping_every, 1.0)
+        if answering:
+            how = "answers pings but handed nothing to storage"
+            hint = "a storage call hangs (NFS, a stalled upload?)"
+        else:
+            how = "stopped answering"
+            hint = "stopped (SIGSTOP), frozen or swapped out?"
+        doing = self._activity or f"saves to {', '.join(urls)} were in flight"
+        return (
+            f"the node writer (pid {self.writer_pid}) {how} for {silent:.0f} s ({hint}); it was "
+            f"{doing}. Its saves failed and the next save starts a new writer; if the storage "
+            f"is only that slow, raise CKPTSVC_WRITER_TIMEOUT_S (now {self.timeout_s:g} s)"
+        )
+
     def _read_loop(self) -> None:
         reason = "closed the connection"
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
         try:
             while True:
+                if not poller.poll(self._ping_every * 1000):
+                    self._watch()
+                    continue
                 msg = recv_message(self._sock)
                 if msg is None:
                     break
+                now = time.monotonic()
+                with self._lock:
+                    self._last_heard = now
+                    if isinstance(msg, (JobDone, JobFailed, PieceDone)):
+                        self._last_progress = now
+                    elif isinstance(msg, Pong):
+                        self._activity = msg.activity
+                        if msg.progress != self._writer_progress:
+                            self._writer_progress = msg.progress
+                            self._last_progress = now
                 if isinstance(msg, (JobDone, JobFailed)):
                     with self._lock:
                         callback = self._pending.pop(msg.job_id, None)
                         self._progress.pop(msg.job_id, None)
+                        self._urls.pop(msg.job_id, None)
                     if callback is not None:
                         self._call(callback, msg)
                 elif isinstance(msg, PieceDone):
@@ -342,18 +613,22 @@ class WriterClient:
                             progress(msg)
                         except Exception:  # must not kill the reader thread
                             logger.exception("piece progress callback failed")
-                else:
+                elif not isinstance(msg, Pong):
                     logger.warning(
                         "ignoring unexpected %s from the node writer", type(msg).__name__
                     )
-        except (OSError, ProtocolError) as e:
+        except (OSError, ProtocolError, ValueError) as e:
             reason = f"broke the connection ({e})"
         with self._lock:
             self._alive = False
             pending, self._pending = self._pending, {}
             self._progress = {}
+            self._urls = {}
             closing = self._closing
-        if closing:
+            wedged = self._wedged
+        if wedged is not None:
+            text = wedged
+        elif closing:
             text = f"the checkpointer was closed while a save to the node writer (pid {self.writer_pid}) was in flight"
         else:
             text = f"the node writer (pid {self.writer_pid}) {reason} while saves were in flight"
@@ -361,6 +636,8 @@ class WriterClient:
                 logger.error("%s; %d save(s) failed", text, len(pending))
         for callback in pending.values():
             self._call(callback, WriterDiedError(text))
+        if wedged is not None:
+            self.retire()  # now, so that no other trainer of the job waits for it either
 
     @staticmethod
     def _call(callback: JobCallback, outcome: JobDone | JobFailed | WriterDiedError) -> None:

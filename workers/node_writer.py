@@ -10,8 +10,11 @@ Call order (process / thread that runs each step):
    modules, reclaim arenas of dead trainers, bind the socket, then ``NodeWriter.serve``.
 2. ``serve`` (main thread): accept connections; every ~``_TICK_S`` check idleness (exit
    after ``linger_s`` with no connection and no job) and reclaim dead trainers' arenas.
-3. ``_Connection.run`` (one thread per trainer): ``Hello``/``Welcome``, then read
-   ``SaveJob`` / ``ReleaseArena`` frames; each job gets a job thread (``PieceReady`` /
+3. ``_Connection.run`` (one thread per trainer): ``Hello``/``Welcome`` (a trainer whose
+   ``WriterIdentity`` differs from the writer's - another installation, version or job
+   environment - is refused: the writer's environment holds its job's credentials), then
+   read ``SaveJob`` / ``ReleaseArena`` frames and answer ``Ping`` with ``Pong`` (progress
+   counter, what the trainer's oldest job is doing); each job gets a job thread (``PieceReady`` /
    ``CancelJob`` frames go to their streamed job's inbox). On EOF it cancels the
    trainer's jobs, waits for them, unmaps its arenas and reclaims them if the trainer died.
 4. ``_run_job`` (job thread): ``begin_checkpoint``; every shard to the I/O pool
@@ -54,6 +57,7 @@ from .commit import (
     publish_file,
     swap_in,
 )
+from .identity import current_identity
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     PROTOCOL_VERSION,
@@ -66,15 +70,18 @@ from .protocol import (
     JobFailed,
     PieceDone,
     PieceReady,
+    Ping,
+    Pong,
     ProtocolError,
     ReleaseArena,
     SaveJob,
     Welcome,
+    WriterIdentity,
     recv_message,
     send_message,
 )
 from .reuse import ReuseSource
-from .shard_writer import write_shard
+from .shard_writer import PROGRESS, write_shard
 
 __all__ = [
     "JobCancelled",
@@ -183,6 +190,7 @@ class _Job:
         self.reported = False  # its JobDone / JobFailed was sent
         self.thread: threading.Thread | None = None
         self.pieces = PieceInbox(job.job_id)  # a streamed job's PieceReady frames
+        self.doing = "queued"  # what it does now, for the trainer's Pong
 
 
 class _Connection:
@@ -218,13 +226,24 @@ class _Connection:
             if not isinstance(hello, Hello):
                 logger.warning("rejecting a client that sent %r", type(hello).__name__)
                 return
-            self.send(Welcome(writer_pid=os.getpid()))  # carries our version: the client checks
+            mine = self.writer.identity
+            # carries our version and identity: the client checks them too
+            self.send(Welcome(writer_pid=os.getpid(), identity=mine))
             if hello.version != PROTOCOL_VERSION:
                 logger.warning(
                     "rejecting pid %d: protocol %d, not %d",
                     hello.pid,
                     hello.version,
                     PROTOCOL_VERSION,
+                )
+                return
+            if hello.identity != mine:
+                theirs = hello.identity.describe() if hello.identity else "no identity"
+                logger.warning(
+                    "rejecting pid %d: it is %s, this writer serves %s",
+                    hello.pid,
+                    theirs,
+                    mine.describe(),
                 )
                 return
             self.hello = hello
@@ -235,6 +254,8 @@ class _Connection:
                     break
                 if isinstance(msg, SaveJob):
                     self.start_job(msg)
+                elif isinstance(msg, Ping):
+                    self.send(Pong(msg.seq, PROGRESS.value, self.activity()))
                 elif isinstance(msg, ReleaseArena):
                     with self.lock:
                         seg = self.arenas.pop(msg.name, None)
@@ -254,6 +275,16 @@ class _Connection:
         finally:
             self.shutdown()
 
+    def activity(self) -> str:
+        """What this trainer's oldest job in the writer is doing ("" without one)."""
+        with self.lock:
+            jobs = sorted(self.jobs.values(), key=lambda j: j.received)
+        if not jobs:
+            return ""
+        oldest = jobs[0]
+        more = f" (and {len(jobs) - 1} more job(s))" if len(jobs) > 1 else ""
+        return f"{oldest.doing} for {oldest.job.ckpt_url}{more}"
+
     def start_job(self, job: SaveJob) -> None:
         with self.lock:
             state = _Job(job, time.monotonic(), self.last_job)
@@ -268,6 +299,7 @@ class _Connection:
         state.thread.start()
 
     def job_finished(self, state: _Job) -> None:
+        PROGRESS.tick()
         state.finished.set()
         with self.lock:
             self.jobs.pop(state.job.job_id, None)
@@ -313,9 +345,11 @@ class NodeWriter:
         node: str,
         linger_s: float | None = None,
         io_threads: int | None = None,
+        identity: WriterIdentity | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.node = node
+        self.identity = identity if identity is not None else current_identity()
         self.linger_s = knobs.WRITER_LINGER_S.get(linger_s)
         self.io_pool = ThreadPoolExecutor(
             max_workers=max(1, knobs.IO_THREADS.get(io_threads)), thread_name_prefix="ckptsvc-io"
@@ -406,6 +440,7 @@ class NodeWriter:
 
         def one(fj: FileJob) -> FileRecord:
             starts.append(time.monotonic())
+            state.doing = f"writing {fj.rel_path}"
             if state.cancelled.is_set() or arena is None:
                 raise JobCancelled(f"{job.ckpt_url}: save cancelled")
             if reuse is not None:  # incremental save: an unchanged shard is copied, not written
@@ -416,16 +451,21 @@ class NodeWriter:
             return stream_file(ckpt, fj, arena, state.cancelled)
 
         try:
+            state.doing = "opening storage"
             ckpt = Location.parse(job.ckpt_url, job.storage_options)
             arena = conn.arena(job.arena_name) if job.arena_name else None
             if job.files and arena is None:
                 raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
+            state.doing = "starting the checkpoint"
             begin_checkpoint(ckpt)
             began = ckpt
+            state.doing = "writing shards"
             reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None
             futures = [self.io_pool.submit(one, fj) for fj in job.files] if not job.stream else []
             records = self._write_streamed(conn, state, ckpt, arena) if job.stream else []
+            state.doing = "publishing small files"
             records += [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]
+            state.doing = "writing shards"
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((f for f in futures if f.done() and f.exception() is not None), None)
             if failed is not None:
@@ -434,8 +474,10 @@ class NodeWriter:
             write_end = time.monotonic()
             previous = state.previous
             if previous is not None:
+                state.doing = "waiting for the previous save to finish"
                 previous.finished.wait()
             if job.commit is not None:
+                state.doing = "committing (manifest)"
                 if state.cancelled.is_set():
                     raise JobCancelled(f"{job.ckpt_url}: save cancelled before commit")
                 finish_checkpoint(ckpt, job.commit, records)
@@ -497,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node-id", required=True)
     parser.add_argument("--linger-s", type=float, default=None)
     args = parser.parse_args(argv)
+    identity = current_identity()  # before any preload can change the environment
     logging.basicConfig(
         stream=sys.stderr,
         level=knobs.WRITER_LOG_LEVEL.get().upper(),
@@ -508,7 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     reclaim_stale_segments(args.node_id)
     listener = _bind(args.socket)
     ino = os.stat(args.socket).st_ino
-    writer = NodeWriter(socket_path=args.socket, node=args.node_id, linger_s=args.linger_s)
+    writer = NodeWriter(
+        socket_path=args.socket, node=args.node_id, linger_s=args.linger_s, identity=identity
+    )
     signal.signal(signal.SIGTERM, _terminate)
     try:
         writer.serve(listener)

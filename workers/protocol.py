@@ -3,14 +3,20 @@
 Conversation (each arrow one frame; the trainer's side is ``workers.client``, the
 writer's ``workers.node_writer``):
 
-1. trainer -> writer ``Hello``; writer -> trainer ``Welcome`` (or the writer closes).
+1. trainer -> writer ``Hello``; writer -> trainer ``Welcome`` (or the writer closes). Both
+   carry a :class:`WriterIdentity` (installation, version, the job's storage environment):
+   a writer serves only trainers whose identity equals its own; the writer closes on a
+   mismatch and the trainer starts a writer of its own under another socket name.
 2. trainer -> writer ``SaveJob`` (any number, any time); for each, exactly one
    ``JobDone`` or ``JobFailed`` comes back once the writer no longer reads the arena.
 3. trainer -> writer ``ReleaseArena`` when it unlinks an arena the writer may have mapped.
    A streamed job (``SaveJob.stream``: the state is larger than the memory budget) is
    followed by ``PieceReady`` frames, each answered by ``PieceDone`` once its bytes were
    handed to storage (the slot may be refilled); ``CancelJob`` stops it (``JobFailed``).
-4. Either side closes the socket. EOF is the death notice: the trainer fails its
+4. trainer -> writer ``Ping`` while it has jobs in flight; writer -> trainer ``Pong`` with
+   the writer's progress counter and what the trainer's oldest job is doing. No progress
+   for ``CKPTSVC_WRITER_TIMEOUT_S`` means the writer is wedged (``workers.client``).
+5. Either side closes the socket. EOF is the death notice: the trainer fails its
    in-flight saves with ``WriterDiedError``; the writer cancels that trainer's jobs
    (no manifest) and reclaims a dead trainer's arenas.
 
@@ -22,6 +28,7 @@ directory, and even so a peer cannot make the other side run code. Errors travel
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import socket
@@ -45,19 +52,46 @@ __all__ = [
     "JobFailed",
     "PieceDone",
     "PieceReady",
+    "Ping",
+    "Pong",
     "ReleaseArena",
     "SaveJob",
     "SmallFile",
     "StreamSpec",
     "Welcome",
+    "WriterIdentity",
     "check_wire_safe",
     "recv_message",
     "send_message",
 ]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 1 << 30
 _LEN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class WriterIdentity:
+    """Whom a node writer may serve: a process of the same installation (package
+    directory, ``sys.prefix``), ``ckptsvc.__version__`` and job environment (a digest of
+    the credential- and storage-relevant variables, ``workers.identity``). ``key`` names
+    the writer's socket."""
+
+    package_dir: str
+    version: str
+    prefix: str
+    env_digest: str
+
+    @property
+    def key(self) -> str:
+        text = "\0".join((self.package_dir, self.version, self.prefix, self.env_digest))
+        return hashlib.sha256(f"{PROTOCOL_VERSION}\0{text}".encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return (
+            f"ckptsvc {self.version} from {self.package_dir} (python {self.prefix}), "
+            f"job environment {self.env_digest[:12]}"
+        )
 
 
 # ---- trainer -> writer ------------------------------------------------------------------------
@@ -71,6 +105,7 @@ class Hello:
     rank: int
     node_id: str
     version: int = PROTOCOL_VERSION
+    identity: WriterIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +206,13 @@ class PieceReady:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """Are you alive and making progress? Answered by ``Pong`` (connection thread)."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
 class CancelJob:
     """The trainer gives up a streamed job (it failed while staging); no manifest."""
 
@@ -185,6 +227,18 @@ class CancelJob:
 class Welcome:
     writer_pid: int
     version: int = PROTOCOL_VERSION
+    identity: WriterIdentity | None = None
+
+
+@dataclass(frozen=True)
+class Pong:
+    """Answer to ``Ping``: ``progress`` counts the writer's work so far (chunks handed to
+    storage, files and jobs finished; it only grows); ``activity`` says what the trainer's
+    oldest job in the writer is doing ("" when it has none)."""
+
+    seq: int
+    progress: int
+    activity: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from ckptsvc.manifest import FileRecord
 from ckptsvc.safetensors_stream import ShardLayout
 from ckptsvc.storage import Location
 
-__all__ = ["ChecksummedWriter", "write_shard", "write_stream"]
+__all__ = ["PROGRESS", "ChecksummedWriter", "write_shard", "write_stream"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,28 @@ def _forget_pool_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+class Progress:
+    """A count of work done in this process (a write handed to storage, a file made
+    durable, a job finished); it only grows. The node writer reports it in ``Pong``: a
+    trainer whose saves are in flight sees a writer that is slow but working."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def tick(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    @property
+    def value(self) -> int:
+        with self._lock:
+            return self._count
+
+
+PROGRESS = Progress()
 
 
 class ChecksummedWriter:
@@ -71,12 +93,14 @@ class ChecksummedWriter:
             if piece.nbytes < _OVERLAP_CRC_BYTES:
                 self._crc.update(piece)
                 self._sink.write(piece)
+                PROGRESS.tick()
                 continue
             checksummed = _checksummer().submit(self._crc.update, piece)
             try:
                 self._sink.write(piece)
             finally:
                 checksummed.result()
+            PROGRESS.tick()
         self.nbytes += view.nbytes
         return view.nbytes
 
@@ -85,6 +109,7 @@ class ChecksummedWriter:
 
     def finish(self) -> FileRecord:
         self._sink.close()
+        PROGRESS.tick()
         logger.debug(
             "wrote %s (%d bytes, crc32c %s)", self._loc.url, self.nbytes, self._crc.hexdigest()
         )

@@ -1,0 +1,91 @@
+"""Which node writer a process may use: :func:`current_identity`.
+
+The node writer keeps the environment of the process that started it and builds every
+filesystem (s3fs, gcsfs, local) from that environment: credentials, endpoints, proxies,
+CA bundles and the ``CKPTSVC_*`` settings it reads. So a writer may only serve processes
+whose environment would have built the same filesystems, from the same installation:
+
+- ``package_dir`` / ``prefix`` / ``version``: the ckptsvc package directory, the Python
+  environment (``sys.prefix``: another venv has other s3fs/gcsfs versions) and
+  ``ckptsvc.__version__``;
+- ``env_digest``: a SHA-256 of every variable :func:`job_environment` selects (cloud
+  credentials and settings, proxies, CA bundles, ``HOME`` for ``~/.aws``, the launcher's
+  job id and every ``CKPTSVC_*`` knob except the two that name the writer itself).
+
+The identity's ``key`` is part of the writer's socket name, so two jobs that differ in any
+of these start separate writers even with the same ``CKPTSVC_NODE_ID``; the handshake
+compares the full identity on both sides, so a writer never serves a mismatching trainer
+even on an explicit ``CKPTSVC_WRITER_SOCKET``. Local ranks of one job share a writer: a
+launcher gives them the same environment apart from rank variables, which are not read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Mapping
+
+from .protocol import WriterIdentity
+
+__all__ = ["current_identity", "job_environment"]
+
+_PREFIXES = (
+    "AWS_",
+    "BOTO_",
+    "S3_",
+    "GOOGLE_",
+    "GCS",
+    "GCLOUD",
+    "CLOUDSDK_",
+    "STORAGE_EMULATOR_HOST",
+    "AZURE_",
+    "FSSPEC_",
+    "CKPTSVC_",
+)
+_NAMES = frozenset(
+    {
+        "HOME",
+        "SLURM_JOB_ID",
+        "TORCHELASTIC_RUN_ID",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "all_proxy",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+    }
+)
+# They name the writer (socket path, node id): part of the socket path already.
+_IGNORED = frozenset({"CKPTSVC_NODE_ID", "CKPTSVC_WRITER_SOCKET"})
+
+
+def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of ``environ`` (default ``os.environ``) that a save's storage depends on."""
+    env = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in sorted(env.items())
+        if k not in _IGNORED and (k in _NAMES or k.startswith(_PREFIXES))
+    }
+
+
+def current_identity(environ: Mapping[str, str] | None = None) -> WriterIdentity:
+    """This process's identity (read now: the environment may change before a writer starts)."""
+    import ckptsvc
+
+    digest = hashlib.sha256()
+    for k, v in job_environment(environ).items():
+        digest.update(f"{k}={v}\0".encode(errors="surrogateescape"))
+    return WriterIdentity(
+        package_dir=os.path.dirname(os.path.abspath(ckptsvc.__file__)),
+        version=str(ckptsvc.__version__),
+        prefix=os.path.abspath(sys.prefix),
+        env_digest=digest.hexdigest(),
+    )
