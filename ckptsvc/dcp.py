@@ -407,7 +407,7 @@ def _item_nbytes(item: WriteItem) -> int:
     if item.tensor_data is None:
         return 0
     numel = 1
-    for s in item.tensor_data.size:
+    for s in item.tensor_data.chunk.sizes:  # this rank's chunk (``size`` is the global one)
         numel *= s
     return numel * torch._utils._element_size(item.tensor_data.properties.dtype)
 
@@ -511,13 +511,21 @@ class StorageReader(_DcpReader):
         self._storage_options = dict(storage_options or {})
         self._manifest: Manifest | None = None
         self._storage_data: dict[MetadataIndex, RawExtent] = {}
+        self._refuse_incomplete()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        """A new load (every rank); ``checkpoint_id`` (if given) is the directory."""
+        """A new load (every rank, before any collective); ``checkpoint_id`` (if given) is
+        the directory. An incomplete checkpoint raises
+        :class:`~ckptsvc.errors.IncompleteCheckpointError` here, unwrapped (DCP would turn
+        the same error in ``read_metadata`` into its ``CheckpointException``)."""
         if checkpoint_id is not None:
             self._url = _checkpoint_url(checkpoint_id)
         self._manifest = None
         self._storage_data = {}
+        self._refuse_incomplete()
+
+    def _refuse_incomplete(self) -> None:
+        require_complete_checkpoint(Location.parse(self._url, self._storage_options))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Every rank: the manifest must exist (else
