@@ -438,7 +438,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.resolve_conj().resolve_neg().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _write_file(
@@ -549,9 +549,9 @@ class StorageReader(_DcpReader):
         metadata = pickle.loads(raw)  # checked against the manifest: the bytes we wrote
         if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
             raise CorruptCheckpointError(f"{ckpt.url}: {METADATA_NAME} is not DCP metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = uuid.uuid4().hex
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = uuid.uuid4().hex
+        metadata.storage_meta = storage_meta
         self._manifest = manifest
         return metadata
 
@@ -609,14 +609,17 @@ class StorageReader(_DcpReader):
         return fut
 
     def _read_file(self, loc: Location, items: list[ReadItem], planner: LoadPlanner) -> None:
+        """All of ``items`` from one file: one ``read_scattered`` call (parallel ranges),
+        then the copies out of buffers and DCP's commit of each item."""
         extents: list[tuple[int, memoryview]] = []
-        after: list[tuple[ReadItem, Any, torch.Tensor | None]] = []
+        blobs: list[tuple[ReadItem, bytearray]] = []
+        tensors: list[tuple[ReadItem, torch.Tensor, torch.Tensor | None]] = []
         for item in items:
             ext = self._storage_data[item.storage_index]
             if item.type == LoadItemType.BYTE_IO:
-                buf = bytearray(ext.length)
-                extents.append((ext.offset, memoryview(buf)))
-                after.append((item, buf, None))
+                blob = bytearray(ext.length)
+                extents.append((ext.offset, memoryview(blob)))
+                blobs.append((item, blob))
                 continue
             if ext.dtype is None or ext.shape is None:
                 raise CorruptCheckpointError(f"{loc.url}: {item.storage_index.fqn} has no shape")
@@ -629,25 +632,22 @@ class StorageReader(_DcpReader):
                 and target.is_contiguous()
                 and target.numel() * target.element_size() == nbytes
             ):
-                if nbytes:
+                if nbytes:  # straight into the destination tensor
                     extents.append((ext.offset + offset, _tensor_bytes_writable(target)))
-                after.append((item, None, target))
+                tensors.append((item, target, None))
                 continue
             rows, start = _row_range(ext, item)
-            buf_t = torch.empty((rows, *ext.shape[1:]) if ext.shape else (), dtype=ext.dtype)
-            if buf_t.numel():
-                extents.append((ext.offset + start, _tensor_bytes_writable(buf_t)))
-            after.append((item, buf_t, target))
+            buf = torch.empty((rows, *ext.shape[1:]) if ext.shape else (), dtype=ext.dtype)
+            if buf.numel():
+                extents.append((ext.offset + start, _tensor_bytes_writable(buf)))
+            tensors.append((item, target, buf))
         if extents:
             loc.read_scattered(extents)
-        for item, buf, target in after:
-            if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(bytes(buf)))
-                continue
-            if target is None:
-                raise CorruptCheckpointError(f"{loc.url}: no destination for {item.dest_index}")
-            if buf is not None:
-                src = buf
+        for item, blob in blobs:
+            planner.load_bytes(item, io.BytesIO(bytes(blob)))
+        for item, target, staged in tensors:
+            if staged is not None:
+                src = staged
                 for dim, (o, n) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
                     src = src.narrow(dim, o if dim else 0, n)
                 target.copy_(src)
@@ -671,7 +671,7 @@ class StorageReader(_DcpReader):
 
 def _tensor_bytes_writable(t: torch.Tensor) -> memoryview:
     """A writable byte view of the contiguous CPU tensor ``t``'s memory."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _strides(shape: Sequence[int]) -> list[int]:

@@ -91,9 +91,7 @@ def save(url: str, state: dict[str, Any], **kwargs: Any) -> None:
 
 
 def load(url: str, state: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
-    dcp.load(
-        state, storage_reader=ckptsvc.dcp.StorageReader(url, storage_options=storage_options)
-    )
+    dcp.load(state, storage_reader=ckptsvc.dcp.StorageReader(url, storage_options=storage_options))
 
 
 def failures(e: CheckpointException) -> list[BaseException]:
