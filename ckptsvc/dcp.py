@@ -17,10 +17,12 @@ Save: DCP's call order, and which rank (thread) runs each step:
 3. ``prepare_global_plan`` (the coordinator, rank 0; DCP runs it before it scatters the
    plans, so before any rank's ``write_data``): **claim** the directory
    (:func:`~ckptsvc.save_target.claim_target`: exclusive in-progress marker; with
-   ``overwrite`` a committed checkpoint gets its successor written beside it) and put the
-   directory to write into every rank's plan;
+   ``overwrite`` a committed checkpoint gets its successor written beside it). The plans
+   go out unchanged: DCP's plan caching replays old plans, so nothing may travel in them;
 4. ``write_data`` (every rank; the thread that called ``dcp.save``, or DCP's upload thread
-   for ``async_save``): stream this rank's items as raw bytes into
+   for ``async_save``): work out the directory (the checkpoint, or with ``overwrite`` and a
+   committed checkpoint its successor; every rank agrees, as nothing changes the
+   checkpoint between the claim and ``finish``), stream this rank's items as raw bytes into
    ``__<rank>_<i>.distcp`` through :class:`~ckptsvc.workers.shard_writer.ChecksummedWriter`
    (fsync / completed upload before it returns); each ``WriteResult`` carries its extent
    and the file's size and CRC-32C back to the coordinator;
@@ -50,7 +52,6 @@ writes): read them with :class:`StorageReader`.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
@@ -92,6 +93,7 @@ from .workers.commit import (
     begin_checkpoint,
     commit_checkpoint,
     publish_file,
+    replacement_location,
     swap_in,
 )
 from .workers.shard_writer import ChecksummedWriter
@@ -124,15 +126,6 @@ class _ReportedExtent(RawExtent):
     the record of the whole file (the coordinator lists it in the manifest)."""
 
     file: FileRecord | None = None
-
-
-@dataclass(frozen=True)
-class _RankPlan:
-    """The coordinator's word to one rank: its file name prefix and the claimed
-    directory to write into (the checkpoint, or its replacement)."""
-
-    prefix: str
-    directory: str
 
 
 @dataclass
@@ -262,25 +255,25 @@ class StorageWriter(_DcpWriter):
             self, _give_back, final.url, target.claim_id, "the writer was dropped before finish()"
         )
         logger.debug("claimed %s for a DCP save of %d ranks", directory.url, len(plans))
-        return [
-            dataclasses.replace(plan, storage_data=_RankPlan(f"__{i}_", directory.url))
-            for i, plan in enumerate(plans)
-        ]
+        return plans  # nothing in them: DCP's plan caching would replay stale plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Step 4 (every rank): write this rank's items; durable when the future is set."""
-        rank_plan = plan.storage_data
-        if not isinstance(rank_plan, _RankPlan):
-            raise ConfigError(
-                "ckptsvc.dcp.StorageWriter got a plan its prepare_global_plan did not make "
-                "(the coordinator must use the same writer class)"
-            )
-        directory = Location.parse(rank_plan.directory, self._storage_options)
+        """Step 4 (every rank): write this rank's items; durable when the future is set.
+
+        The directory is the checkpoint, or with ``overwrite`` and a committed checkpoint
+        its successor: every rank works that out alone (the coordinator's claim, and any
+        swap of an earlier successor it finished, happened before DCP scattered the plans;
+        nothing changes the checkpoint until ``finish``). Nothing travels in the plans:
+        DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) replays the
+        first save's final plans on later saves.
+        """
+        directory = self._write_directory()
+        prefix = f"__{self._rank}_"
         results: list[WriteResult] = []
         if plan.items:
             begin_checkpoint(directory)
             bins = _split(plan.items, self._thread_count)
-            names = [f"{rank_plan.prefix}{i}{_SUFFIX}" for i in range(len(bins))]
+            names = [f"{prefix}{i}{_SUFFIX}" for i in range(len(bins))]
             if len(bins) == 1:
                 results = _write_file(directory, names[0], bins[0], planner)
             else:
@@ -294,6 +287,20 @@ class StorageWriter(_DcpWriter):
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
+
+    def _write_directory(self) -> Location:
+        final = Location.parse(self._url, self._storage_options)
+        if self._is_coordinator:
+            with _PENDING_LOCK:
+                pending = _PENDING.get(final.url)
+            if pending is None:
+                raise CommitConflictError(
+                    f"{final.url}: this save holds no claim of the directory; not writing"
+                )
+            return pending.directory
+        if self._overwrite and final.join(MANIFEST_NAME).exists():
+            return replacement_location(final)
+        return final
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Step 5 (the coordinator, every rank's results in hand): ``.metadata``, then the

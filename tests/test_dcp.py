@@ -328,5 +328,35 @@ def test_killed_rank_leaves_no_commit_and_next_job_saves(tmp_path: Path) -> None
     assert all(r["error"] is None for r in saved), saved
     assert find_latest_checkpoint(root) == url
     assert verify_checkpoint(url, deep=True).ok
+    before = Path(url, MANIFEST_NAME).read_bytes()
+
+    # every rank writes the successor beside it; rank 0 swaps it in after the commit
+    args = {"path": url, "overwrite": True, "async": True}
+    saved = _ok(launch("save", args, world=2, node_prefix=prefix, worker=DCP_WORKER))
+    assert all(r["error"] is None for r in saved), saved
+    assert Path(url, MANIFEST_NAME).read_bytes() != before
+    assert sorted(os.listdir(Path(root, "checkpoints"))) == ["checkpoint-2"]
+    assert verify_checkpoint(url, deep=True).ok
     loaded = _ok(launch("load", {"path": url}, world=2, node_prefix=prefix, worker=DCP_WORKER))
     assert [r["mismatch"] for r in loaded] == [[], []]
+
+
+def test_cached_plans_write_each_save_into_its_own_directory(tmp_path: Path) -> None:
+    """DCP's plan caching (torchtitan turns it on) replays the first save's final plans:
+    nothing the writer needs may travel in them."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    root = str(tmp_path)
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    states = {step: make_state(step) for step in (1, 2, 3)}
+    for step, state in states.items():
+        dcp.save(
+            state,
+            storage_writer=ckptsvc.dcp.StorageWriter(next_checkpoint_path(root, step)),
+            planner=planner,
+        )
+    for step, state in states.items():
+        got = zeros_like_state(state)
+        load(next_checkpoint_path(root, step), got)
+        assert_same_state(got, state)
+        assert verify_checkpoint(next_checkpoint_path(root, step), deep=True).ok
