@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import knobs
-from .errors import CheckpointError, CorruptCheckpointError, StorageNotFoundError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageNotFoundError,
+)
 from .json_doc import read_doc_bytes
 from .layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
@@ -48,6 +54,7 @@ __all__ = [
     "list_checkpoints",
     "next_checkpoint_path",
     "read_manifest",
+    "require_complete_checkpoint",
     "validate_checkpoint",
 ]
 
@@ -190,6 +197,27 @@ def checkpoint_info(
     return CheckpointInfo(
         loc, CheckpointStatus.ABSENT, None, None, reason="no manifest and no weights"
     )
+
+
+def require_complete_checkpoint(ckpt: Location) -> Manifest:
+    """The manifest of the complete checkpoint ``ckpt``; a loader's first check.
+
+    Raises :class:`IncompleteCheckpointError` for a save that never committed (a marker,
+    or a manifest that does not parse) and :class:`CheckpointNotFoundError` when there is
+    no manifest at all (nothing, or a checkpoint written without ckptsvc).
+    """
+    info = checkpoint_info(ckpt)
+    if info.status is CheckpointStatus.INCOMPLETE:
+        raise IncompleteCheckpointError(
+            f"{ckpt.url} is an incomplete checkpoint ({info.reason}); resume from "
+            "find_latest_checkpoint(...) instead, or delete it with `ckptsvc gc`"
+        )
+    if info.manifest is None:
+        raise CheckpointNotFoundError(
+            f"{ckpt.url}: no checkpoint manifest ({info.status.value}; not a complete "
+            "checkpoint written by ckptsvc)"
+        )
+    return info.manifest
 
 
 def list_checkpoints(

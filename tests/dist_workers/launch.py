@@ -23,6 +23,7 @@ from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
+DCP_WORKER = Path(__file__).resolve().parent / "dcp_worker.py"
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,10 @@ def launch(
     node_prefix: str,
     env: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    worker: Path = WORKER,
 ) -> list[RankRun]:
-    """Run every rank to completion (killing all on timeout); results in rank order."""
+    """Run every rank of ``worker`` to completion (killing all on timeout); results in
+    rank order."""
     per_node = world // nodes
     port = free_port()
     procs = []
@@ -77,7 +80,7 @@ def launch(
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, json.dumps(args)],
+                [sys.executable, str(worker), scenario, json.dumps(args)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,
