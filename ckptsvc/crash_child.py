@@ -104,7 +104,7 @@ _TEMPLATES: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("async", "trainer", "commit", "before_publish", MANIFEST_NAME, "writer"),
     ("async", "trainer", "retention", "after_publish", MARKER_NAME, "trainer"),
     ("async", "trainer", "retention", "unlink", None, "trainer"),
-    ("async", "writer", "snapshot", "after_publish", MARKER_NAME, "writer"),
+    ("async", "trainer", "snapshot", "after_publish", MARKER_NAME, "trainer"),  # the claim
     ("async", "writer", "streaming", "mid_write", None, "writer"),
     ("async", "writer", "streaming", "after_shard", _SHARD2, "writer"),
     ("async", "writer", "streaming", "timer", None, None),

@@ -119,10 +119,11 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
     from .storage import Location
 
     hooks = _Hooks(plan, role)
-    real_publish, real_remove, real_open_sink = (
+    real_publish, real_remove, real_open_sink, real_create = (
         Location.publish,
         Location.remove,
         Location.open_sink,
+        Location.create_exclusive,
     )
     real_replace, real_unlink = os.replace, os.unlink
 
@@ -130,6 +131,12 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
         hooks.hit("before_publish", self.name, self.url)
         real_publish(self, data)
         hooks.hit("after_publish", self.name, self.url)
+
+    def create_exclusive(self: Location, data: bytes) -> bool:  # a claim: a publish too
+        hooks.hit("before_publish", self.name, self.url)
+        created = real_create(self, data)
+        hooks.hit("after_publish", self.name, self.url)
+        return created
 
     def remove(self: Location, *, recursive: bool = False, missing_ok: bool = True) -> None:
         if recursive:
@@ -170,6 +177,7 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
         return sink
 
     Location.publish = publish  # type: ignore[method-assign]
+    Location.create_exclusive = create_exclusive  # type: ignore[method-assign]
     Location.remove = remove  # type: ignore[method-assign]
     Location.open_sink = open_sink  # type: ignore[method-assign]
     os.replace = replace

@@ -150,11 +150,19 @@ class Location:
 
     # ---- queries -------------------------------------------------------------------------
     def exists(self) -> bool:
+        """True if the file or directory exists. A store that refuses to say (403, an
+        outage) raises its ``StorageError``: fsspec's ``exists`` would answer False."""
         if self.is_local:
             return os.path.exists(self.path)
-        return bool(
-            call_with_retries(lambda: self.fs.exists(self.path), url=self.url, action="stat")
-        )
+
+        def _exists() -> bool:
+            try:
+                self.fs.info(self.path)
+            except FileNotFoundError:
+                return False
+            return True
+
+        return bool(call_with_retries(_exists, url=self.url, action="stat"))
 
     def isdir(self) -> bool:
         if self.is_local:

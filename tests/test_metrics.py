@@ -36,8 +36,9 @@ def _event(step: int, *, ok: bool = True, nbytes: int = 1000, write_s: float = 0
 
 
 def test_events_from_real_handles(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_bytes(b"x")  # a file where the checkpoints directory must go
+    bad_root = tmp_path / "bad"
+    blocker = bad_root / "checkpoints" / "checkpoint-4" / "model-00001-of-00001.safetensors"
+    blocker.mkdir(parents=True)  # a directory where the writer must write the shard
     state = {"w": torch.arange(4096, dtype=torch.float32), "step": 3}
     with AsyncCheckpointer(tmp_path / "run") as ckpt:
         good = ckpt.save(3, state)
@@ -55,12 +56,12 @@ def test_events_from_real_handles(tmp_path: Path) -> None:
     assert event.nbytes_written is not None and event.nbytes_written > 4096 * 4  # + header
     assert event.nbytes_reused == 0 and event.pieces == 0 and event.snapshot_s is None
 
-    with AsyncCheckpointer(blocker) as bad_ckpt:
+    with AsyncCheckpointer(bad_root) as bad_ckpt:
         bad = bad_ckpt.save(4, state)
         assert isinstance(bad.exception(60), SaveFailedError)
         failed = event_from_handle(bad)
     assert not failed.ok and failed.error_type == "SaveFailedError"
-    assert failed.error and "not-a-directory" in failed.error
+    assert failed.error and "model-00001-of-00001.safetensors" in failed.error
     assert failed.write_bytes_per_s is None
 
 
