@@ -37,6 +37,7 @@ from . import knobs
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     StorageNotFoundError,
@@ -45,6 +46,7 @@ from .json_doc import read_doc_bytes
 from .layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from .storage import Location
+from .workers.commit import REPLACEMENT_SUFFIX
 
 __all__ = [
     "CheckpointInfo",
@@ -62,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^checkpoint-(.+)$")
+_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 #: files that make a manifest-less directory a legacy checkpoint (Forgather's order)
 LEGACY_WEIGHT_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME)
 
@@ -230,11 +233,37 @@ def list_checkpoints(
     except StorageNotFoundError:
         return []
     dirs = [root.join(c.name) for c in children if c.is_dir and _CKPT_RE.match(c.name)]
-    if not dirs:
+    successors = {  # ".checkpoint-N.ckptsvc-replace" -> "checkpoint-N"
+        c.name: c.name[1 : -len(REPLACEMENT_SUFFIX)]
+        for c in children
+        if c.is_dir and c.name.startswith(".") and c.name.endswith(REPLACEMENT_SUFFIX)
+    }
+    if not dirs and not successors:
         return []
     with ThreadPoolExecutor(max_workers=min(16, max(1, knobs.IO_THREADS.get() * 2))) as pool:
         infos = list(pool.map(_classify_entry, dirs))
+    if successors:
+        infos = _with_unswapped_successors(root, infos, successors)
     return sorted(infos, key=CheckpointInfo.sort_key)
+
+
+def _with_unswapped_successors(
+    root: Location, infos: list[CheckpointInfo], successors: dict[str, str]
+) -> list[CheckpointInfo]:
+    """A committed replacement whose target is not complete (a swap cut short on an object
+    store, or between the two renames where ``RENAME_EXCHANGE`` is missing) stands in for
+    its target until a later save of that step or ``gc`` moves it into place."""
+    by_name = {i.location.name: i for i in infos}
+    for hidden, target in sorted(successors.items()):
+        current = by_name.get(target)
+        if current is not None and current.status is CheckpointStatus.COMPLETE:
+            continue  # a replacement in flight (or one already swapped): not a checkpoint
+        info = _classify_entry(root.join(hidden))
+        if info.status is not CheckpointStatus.COMPLETE:
+            continue
+        logger.warning("%s was not swapped into %s yet; it stands in for it", info.url, target)
+        infos = [i for i in infos if i.location.name != target] + [info]
+    return infos
 
 
 def _classify_entry(loc: Location) -> CheckpointInfo:
@@ -294,7 +323,10 @@ def find_latest_checkpoint(
                     why,
                 )
                 continue
-        return next_checkpoint_path(model_dir, latest.checkpoint_id)  # the caller's spelling
+        name = latest.location.name  # the caller's spelling of model_dir, then the name
+        if "://" in str(model_dir):
+            return f"{str(model_dir).rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
+        return os.path.join(model_dir, CHECKPOINTS_DIR, name)
     logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
     return None
 
@@ -308,7 +340,26 @@ def validate_checkpoint(
 
 
 def next_checkpoint_path(model_dir: str, checkpoint_id: int | str) -> str:
-    """``<model_dir>/checkpoints/checkpoint-<id>`` (local path or URL)."""
+    """``<model_dir>/checkpoints/checkpoint-<id>`` (local path or URL). ``checkpoint_id``
+    is a non-negative int or a name of ``[A-Za-z0-9._-]`` (else ``ConfigError``)."""
+    checkpoint_id = _check_checkpoint_id(checkpoint_id)
     if "://" in str(model_dir):
         return f"{str(model_dir).rstrip('/')}/{CHECKPOINTS_DIR}/checkpoint-{checkpoint_id}"
     return os.path.join(model_dir, CHECKPOINTS_DIR, f"checkpoint-{checkpoint_id}")
+
+
+def _check_checkpoint_id(checkpoint_id: object) -> str:
+    """A step, or a name of letters, digits, ``.``, ``_`` and ``-`` (not ``.`` or ``..``)."""
+    if type(checkpoint_id) is int and checkpoint_id >= 0:
+        return str(checkpoint_id)
+    if (
+        not isinstance(checkpoint_id, str)
+        or not _ID_RE.fullmatch(checkpoint_id)
+        or checkpoint_id in (".", "..")
+        or len(checkpoint_id) > 200
+    ):
+        raise ConfigError(
+            f"checkpoint id must be a non-negative int or a name of [A-Za-z0-9._-], not "
+            f"{checkpoint_id!r}"
+        )
+    return checkpoint_id

@@ -4,8 +4,8 @@ Every save path (``AsyncCheckpointer.save`` / ``save_components``, the sync
 ``save_checkpoint``) resolves its directory here, in the saving process, before the save
 is registered (:mod:`ckptsvc.workers.claim` has the protocol):
 
-1. :func:`check_step` - a step is a non-negative ``int``; a checkpoint id (the Forgather
-   API's) a name of ``[A-Za-z0-9._-]``;
+1. :func:`check_step` - a step is a non-negative ``int`` (a checkpoint id of the Forgather
+   API may also be a name of ``[A-Za-z0-9._-]``: ``discovery.next_checkpoint_path``);
 2. :func:`claim_target` - a committed checkpoint is refused, unless ``overwrite``: then the
    save goes to its hidden successor (:func:`~ckptsvc.workers.commit.replacement_location`),
    which is swapped in only after it committed; the directory written is claimed
@@ -20,7 +20,6 @@ writers (``save_checkpoint``, ``ckptsvc cp``, tiering's replication).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +30,9 @@ from .storage import Location
 from .workers.claim import Claim, claim_checkpoint
 from .workers.commit import begin_checkpoint, replacement_location, swap_in
 
-__all__ = ["SaveTarget", "check_checkpoint_id", "check_step", "claim_target", "write_claimed"]
+__all__ = ["SaveTarget", "check_step", "claim_target", "write_claimed"]
 
 logger = logging.getLogger(__name__)
-
-_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def check_step(step: object) -> int:
@@ -46,23 +43,6 @@ def check_step(step: object) -> int:
             "the checkpoint directory checkpoint-<step>"
         )
     return step
-
-
-def check_checkpoint_id(checkpoint_id: object) -> str:
-    """A step, or a name of letters, digits, ``.``, ``_`` and ``-`` (not ``.`` or ``..``)."""
-    if type(checkpoint_id) is int:
-        return str(check_step(checkpoint_id))
-    if (
-        not isinstance(checkpoint_id, str)
-        or not _ID_RE.fullmatch(checkpoint_id)
-        or checkpoint_id in (".", "..")
-        or len(checkpoint_id) > 200
-    ):
-        raise ConfigError(
-            f"checkpoint id must be a non-negative int or a name of [A-Za-z0-9._-], not "
-            f"{checkpoint_id!r}"
-        )
-    return checkpoint_id
 
 
 @dataclass(frozen=True)

@@ -455,3 +455,28 @@ def test_concurrent_savers_with_kill_9_never_lose_a_committed_checkpoint(tmp_pat
     assert trials >= rounds * steps
     assert outcomes.get("CommitConflictError", 0) > 0, "the savers never raced"
     assert not lost, lost
+
+
+def test_a_committed_replacement_stands_in_when_the_swap_was_cut_short(tmp_path: Path) -> None:
+    """An object-store swap killed after the target lost its manifest (or a swap without
+    RENAME_EXCHANGE killed between its renames): discovery returns the replacement."""
+    root = tmp_path / "run"
+    final = root / "checkpoints" / "checkpoint-2"
+    ckptsvc.save_checkpoint(str(final), {"w": torch.zeros(4)}, safetensors=True, step=2)
+    stage = Path(replacement_location(Location.parse(str(final))).path)
+    ckptsvc.save_checkpoint(str(stage), {"w": torch.ones(4)}, safetensors=True, step=2)
+    assert find_latest_checkpoint(str(root)) == str(final)  # the target is complete: it wins
+    (final / MANIFEST_NAME).unlink()
+    (final / MARKER_NAME).write_text('{"replacing": true}')
+    latest = find_latest_checkpoint(str(root))
+    assert latest == str(stage)
+    assert torch.equal(ckptsvc.load_checkpoint(latest)["w"], torch.ones(4))
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".", "..", -1, 1.5, True, None])
+def test_next_checkpoint_path_refuses_unsafe_ids(bad: object) -> None:
+    from ckptsvc import next_checkpoint_path
+
+    with pytest.raises(ConfigError):
+        next_checkpoint_path("/run", bad)  # type: ignore[arg-type]
+    assert next_checkpoint_path("/run", "best-1.0_x") == "/run/checkpoints/checkpoint-best-1.0_x"
