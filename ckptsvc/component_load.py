@@ -34,18 +34,15 @@ import torch
 
 from .component_plan import DOC_FORMAT, DOC_VERSION, instance_suffix
 from .components import SharingPattern, StateComponent, check_unique_keys
-from .discovery import CheckpointStatus, checkpoint_info
+from .discovery import require_complete_checkpoint
 from .distributed import RankInfo, resolve_groups
 from .errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
-    IncompleteCheckpointError,
     StateMismatchError,
 )
 from .flatten import flatten_state, is_dtensor, unflatten_state
-from .json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes
-from .loading import check_inside
+from .loading import read_checked_doc
 from .manifest import ComponentRecord, Manifest, check_relpath
 from .resharding import Piece, RegionReader, local_region
 from .storage import Location
@@ -128,13 +125,8 @@ def _pick_instance(
 
 def _read_doc(ckpt: Location, name: str, *, manifest: Manifest | None) -> dict[str, Any]:
     """A component document, read bounded and checked against the manifest's record."""
-    loc = ckpt.join(check_relpath(name, where=ckpt.url))
-    check_inside(ckpt, loc)
-    raw = read_doc_bytes(loc, what="component document")
-    check_doc_against_manifest(
-        raw, rel_path=name, url=loc.url, manifest=manifest, what="component document"
-    )
-    doc = parse_json_doc(raw, where=loc.url, what="component document")
+    doc = read_checked_doc(ckpt, name, manifest=manifest, what="component document")
+    loc = ckpt.join(name)  # a safe relative path: read_checked_doc checked it
     if not isinstance(doc, dict) or doc.get("format") != DOC_FORMAT or "state" not in doc:
         raise CorruptCheckpointError(f"{loc.url}: not a ckptsvc component document")
     if not isinstance(doc.get("version"), int) or doc["version"] > DOC_VERSION:
@@ -236,17 +228,7 @@ def load_components(
         raise ValueError(f"world_size_policy must be one of {WORLD_SIZE_POLICIES}")
     check_unique_keys(list(components))
     ckpt = Location.parse(path_or_url, storage_options)
-    status = checkpoint_info(ckpt)
-    if status.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(
-            f"{ckpt.url} is an incomplete checkpoint ({status.reason}); resume from "
-            "find_latest_checkpoint(...) instead"
-        )
-    if status.manifest is None:
-        raise CheckpointNotFoundError(
-            f"{ckpt.url}: no checkpoint manifest (not a complete checkpoint)"
-        )
-    manifest = status.manifest
+    manifest = require_complete_checkpoint(ckpt)
     info = RankInfo.current(rank=rank)
     records = {r.key: r for r in manifest.components}
     for c in components:

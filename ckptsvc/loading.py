@@ -13,10 +13,13 @@ import io
 import logging
 import os
 from collections.abc import Collection
+from typing import Any
 
 import torch
 
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes
+from .manifest import check_relpath
 from .safetensors_stream import (
     ShardLayout,
     dtype_to_torch,
@@ -41,6 +44,16 @@ def check_inside(ckpt: Location, loc: Location) -> None:
                 f"{loc.url} resolves to {real}, outside the checkpoint {root}: refusing to "
                 "follow it"
             )
+
+
+def read_checked_doc(ckpt: Location, rel_path: str, *, manifest: Any, what: str) -> Any:
+    """A JSON document of ``ckpt``: inside it, read and parsed bounded, and (with a
+    ``manifest``) of the size and CRC-32C its record says; else ``CorruptCheckpointError``."""
+    loc = ckpt.join(check_relpath(rel_path, where=ckpt.url))
+    check_inside(ckpt, loc)
+    raw = read_doc_bytes(loc, what=what)
+    check_doc_against_manifest(raw, rel_path=rel_path, url=loc.url, manifest=manifest, what=what)
+    return parse_json_doc(raw, where=loc.url, what=what)
 
 
 def read_safetensors_header(loc: Location) -> tuple[ShardLayout, int]:

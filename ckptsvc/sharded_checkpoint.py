@@ -47,7 +47,7 @@ from .errors import (
     StateMismatchError,
     StorageNotFoundError,
 )
-from .json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes, read_json_doc
+from .json_doc import read_json_doc
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -57,7 +57,13 @@ from .layout import (
     index_file_name,
     make_index,
 )
-from .loading import check_inside, read_safetensors, read_safetensors_header, read_torch_file
+from .loading import (
+    check_inside,
+    read_checked_doc,
+    read_safetensors,
+    read_safetensors_header,
+    read_torch_file,
+)
 from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
 from .retention import maybe_delete_oldest_checkpoint
 from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
@@ -187,12 +193,7 @@ def load_shard_index(
 def _load_index(ckpt: Location, index_name: str, *, manifest: Manifest | None) -> ShardIndex:
     """Read (bounded), check against ``manifest`` when given (size and CRC-32C), validate."""
     loc = ckpt.join(check_relpath(index_name, where=ckpt.url))
-    check_inside(ckpt, loc)
-    raw = read_doc_bytes(loc, what="index")
-    check_doc_against_manifest(
-        raw, rel_path=index_name, url=loc.url, manifest=manifest, what="index"
-    )
-    doc = parse_json_doc(raw, where=loc.url, what="index")
+    doc = read_checked_doc(ckpt, index_name, manifest=manifest, what="index")
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CorruptCheckpointError(f"{loc.url}: index has no 'weight_map' object")
     for key, fname in doc["weight_map"].items():
