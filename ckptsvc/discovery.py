@@ -19,7 +19,8 @@ is classified on its own: one hostile or damaged entry never stops the listing.
 
 On object stores, discovery costs one listing of ``<root>/checkpoints/`` plus one GET of
 each candidate's manifest, issued in parallel; a directory is listed only when its
-manifest is missing.
+manifest is missing, and ``find_latest_checkpoint`` lists the one it returns (its files
+must match its manifest).
 """
 
 from __future__ import annotations
