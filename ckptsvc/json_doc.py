@@ -33,15 +33,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: longest integer literal accepted (a signed 64-bit value has at most 20 characters)
-MAX_INT_DIGITS = 40
+MAX_INT_DIGITS = 1000  # what save() accepts (flatten: |v| < 10**1000)
 #: deepest nesting of arrays/objects accepted; a state skeleton nests as deep as the saved
 #: state, and Python's recursion limit (1000) already bounds what a save can write
 MAX_JSON_DEPTH = 1000
 
 
 def _parse_int(text: str) -> int:
-    if len(text) > MAX_INT_DIGITS:
-        raise _BadValue(f"integer literal of {len(text)} digits (limit {MAX_INT_DIGITS})")
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise _BadValue(f"integer literal of {digits} digits (limit {MAX_INT_DIGITS})")
     return int(text)
 
 

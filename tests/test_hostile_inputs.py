@@ -426,7 +426,8 @@ def test_skeleton_naming_a_missing_tensor_is_corrupt() -> None:
 # ---- pickle ----------------------------------------------------------------------------------
 
 _PACKAGE_DIRS = ("ckptsvc", "workers", "storage")
-_PICKLE_ALLOWED = {"workers/protocol.py"}  # the writer protocol's restricted unpickler
+# restricted unpicklers: the writer protocol's, DCP metadata's
+_PICKLE_ALLOWED = {"workers/protocol.py", "ckptsvc/dcp/reader.py"}
 
 
 def _python_files() -> list[Path]:

@@ -91,7 +91,7 @@ class StorageReader(_DcpReader):
                 f"{ckpt.join(METADATA_NAME).url}: {len(raw)} bytes, CRC-32C {crc32c_hex(raw)}; "
                 f"the manifest says {rec.nbytes} bytes, {rec.crc32c}"
             )
-        metadata = pickle.loads(raw)  # checked against the manifest: the bytes we wrote
+        metadata = _load_metadata(raw, where=ckpt.join(METADATA_NAME).url)
         if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
             raise CorruptCheckpointError(f"{ckpt.url}: {METADATA_NAME} is not DCP metadata")
         storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
@@ -254,3 +254,37 @@ def _row_range(ext: RawExtent, item: ReadItem) -> tuple[int, int]:
     if (first + rows) * row > ext.length:
         raise CorruptCheckpointError(f"{item.storage_index.fqn}: read box outside its chunk")
     return rows, first * row
+
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` pickle, restricted to the classes it is made of: DCP's metadata
+    dataclasses, torch dtypes, ``torch.Size``, the layout helper and our extent record.
+    Anything else (``os.system``, ``builtins.eval``) is refused, even in a checkpoint whose
+    manifest vouches for the bytes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == _DCP_METADATA and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        if (module, name) in (
+            ("torch.serialization", "_get_layout"),
+            ("collections", "OrderedDict"),
+        ):
+            return super().find_class(module, name)
+        if module == "ckptsvc.dcp.format" and name == "RawExtent":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_metadata(raw: bytes, *, where: str) -> Any:
+    """DCP metadata from ``raw`` through :class:`_MetadataUnpickler`."""
+    try:
+        return _MetadataUnpickler(io.BytesIO(raw)).load()
+    except Exception as e:
+        raise CorruptCheckpointError(f"{where}: not DCP metadata this reader accepts: {e}") from e
