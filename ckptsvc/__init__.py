@@ -34,11 +34,11 @@ from .errors import (
 
 if TYPE_CHECKING:  # the names below load on first use: the writer process imports no torch
     from .async_checkpointer import AsyncCheckpointer, SaveHandle, SaveTimings, load_components
+    from .component_load import load_state
     from .components import RNGState, SharingPattern, StateComponent, Stateful, StatefulProvider
     from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
     from .distributed import RankInfo
     from .export import ExportResult, export_hf
-    from .flatten import load_state
     from .gc import GcReport, collect_garbage
     from .manager import CheckpointConfig, CheckpointManager, default_checkpoint_id
     from .manifest import Manifest
@@ -131,7 +131,7 @@ _LAZY: dict[str, str] = {
     "load_checkpoint_metrics": "sharded_checkpoint",
     "load_shard_index": "sharded_checkpoint",
     "load_sharded_checkpoint": "sharded_checkpoint",
-    "load_state": "flatten",
+    "load_state": "component_load",
     "make_cannonical_names": "sharded_checkpoint",
     "make_shard_index": "sharded_checkpoint",
     "map_cannonical_names": "sharded_checkpoint",

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from . import knobs, metrics
-from .component_load import load_components
+from .component_load import load_components, load_state
 from .component_plan import ComponentPlan, PartReport, StagedFile, plan_components
 from .component_save import commit_job, data_job, stage_components
 from .components import StateComponent
@@ -69,7 +69,6 @@ from .errors import (
     StorageError,
     WriterDiedError,
 )
-from .flatten import FlatState, flatten_state, load_state
 from .incremental import IncrementalBase, base_fields
 from .manifest import FileRecord
 from .overlap import OverlappedSnapshots, PreparedSnapshot, component_sources
@@ -79,13 +78,13 @@ from .piecewise import (
     PieceStreamer,
     Segment,
     component_segments,
-    flat_segments,
 )
+from .plan_cache import PlanCache
 from .reports import Merged, RankReport
 from .save_handle import SaveBook, SaveHandle, SaveTimings
 from .save_target import SaveTarget, check_step, claim_target
 from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
-from .state_save import PlanCache, StatePlan, copy_state, plan_state, state_job
+from .state_components import components_of_state
 from .storage import Location
 from .workers.client import WriterClient
 from .workers.protocol import JobDone, JobFailed, SaveJob, check_wire_safe
@@ -159,7 +158,6 @@ class AsyncCheckpointer:
             on_discard=self._arena_discarded,
             budget_bytes=self._budget.budget_bytes,
         )
-        self._plans: PlanCache[StatePlan] = PlanCache()
         self._job_ids = itertools.count(1)
         self._book = SaveBook()
         self._snapshots = OverlappedSnapshots()  # overlapped saves' copies (overlap=True)
@@ -225,60 +223,14 @@ class AsyncCheckpointer:
                 f"{self._info.rank} of {self._info.world_size}; call save_components(step, "
                 "components) with sharing patterns (GLOBAL, PER_RANK, REPLICATED, ...)"
             )
-        started = time.perf_counter()
-        path = self._free_path(step, None)
-        flat = flatten_state(state)
-        plan = self._plan_for(flat)
-        target = self._claim(path, overwrite=overwrite)
-        streamer: PieceStreamer | None = None
-        submitted = False
-        arena: StagingArena | None = None
-        try:
-            streamed = self._budget.streams(plan.arena.nbytes)  # bigger than the budget: pieces
-            ring_nbytes = self._budget.ring_nbytes if streamed else plan.arena.nbytes
-            arena, arena_wait_s = self._pool.acquire(ring_nbytes)
-            copy_started = time.perf_counter()
-            overlap = overlap and not streamed
-            snapshot = self._snapshots.prepare(step, [state], flat.tensors) if overlap else None
-            if snapshot is None and not streamed:
-                self._copy(flat, plan, arena)
-            copy_s = time.perf_counter() - copy_started
-            handle = SaveHandle(
-                step=step,
-                path=path,
-                started=started,
-                timings=SaveTimings(plan.total_nbytes, 0.0, arena_wait_s, copy_s),
-            )
-            job = self._job(step, target, flat, plan, arena, metadata)
-            on_outcome = self._outcome_callback(handle, arena, None)
-            if streamed:
-                segments = flat_segments(plan.arena, plan.views, flat.tensors)
-                streamer, job = self._streamer(
-                    job, handle, arena, plan.arena.nbytes, segments, on_outcome
-                )
-                on_outcome = streamer.deliver
-            self._book.add(handle, on_done=target.release)
-            try:
-                if snapshot is None:
-                    client = self._submit(job, on_outcome)
-                else:
-                    sources = tuple((n, snapshot.source(t)) for n, t in flat.tensors)
-                    copy = partial(self._copy, replace(flat, tensors=sources), plan, arena)
-                    self._start_snapshot(snapshot, handle, arena, None, job, copy)
-            except BaseException:
-                self._book.discard(handle)
-                raise
-            submitted = True
-        finally:
-            if not submitted:
-                target.abandon()
-                if arena is not None:
-                    self._pool.release(arena)
-        if streamer is not None:
-            self._run_stream(streamer, client, job.job_id, handle)
-        handle._set_blocking(time.perf_counter() - started)
-        logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
-        return handle
+        return self._save(
+            step,
+            components_of_state(state),
+            owners=[state],
+            metadata=metadata,
+            overlap=overlap,
+            overwrite=overwrite,
+        )
 
     def save_components(
         self,
@@ -305,17 +257,35 @@ class AsyncCheckpointer:
         and no rank's writer ever writes into a committed one.
         """
         self._check_usable("save_components")
+        return self._save(
+            step,
+            components,
+            owners=[c.stateful for c in components],
+            process_groups=process_groups,
+            metadata=metadata,
+            checkpoint_path=checkpoint_path,
+            overlap=overlap,
+            overwrite=overwrite,
+        )
+
+    def _save(
+        self,
+        step: int,
+        components: Sequence[StateComponent],
+        *,
+        owners: Sequence[Any],
+        process_groups: Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        checkpoint_path: str | None = None,
+        overlap: bool = False,
+        overwrite: bool = False,
+    ) -> SaveHandle:
+        """The one save pipeline (see the module docstring for the call order); ``owners``
+        are the objects the caller handed over, searched for optimizers by ``overlap``."""
         started = time.perf_counter()
         path = self._free_path(step, checkpoint_path)
         user_meta = _json_metadata({**self._metadata, **(metadata or {})})
-        plans = plan_components(
-            components,
-            info=self._info,
-            process_groups=process_groups,
-            max_shard_size=self._max_shard_size,
-            user_metadata=user_meta,
-            incremental=self._incremental,
-        )
+        plans = self._plan(components, process_groups=process_groups, user_metadata=user_meta)
         staged = [f for p in plans for f in p.files]
         layout = self._arena_plan_for(staged)
         target = self._claim(path, overwrite=overwrite)
@@ -331,9 +301,7 @@ class AsyncCheckpointer:
                 arena, arena_wait_s = self._pool.acquire(ring_nbytes)
             copy_started = time.perf_counter()
             snapshot = (
-                self._snapshots.prepare(
-                    step, [c.stateful for c in components], component_sources(plans)
-                )
+                self._snapshots.prepare(step, owners, component_sources(plans))
                 if overlap and arena is not None and not streamed
                 else None
             )
@@ -437,7 +405,8 @@ class AsyncCheckpointer:
     def reserve(self, state: Any) -> None:
         """Optional warm-up: plan ``state``'s layout and create every arena now (allocating
         and pre-faulting costs ~0.4 s per GiB), so the first saves pay only the copy."""
-        nbytes = self._plan_for(flatten_state(state)).arena.nbytes
+        plans = self._plan(components_of_state(state), process_groups=None, user_metadata={})
+        nbytes = self._arena_plan_for([f for p in plans for f in p.files]).nbytes
         streamed = self._budget.streams(nbytes)  # bigger than the budget: the ring
         self._pool.reserve(self._budget.ring_nbytes if streamed else nbytes)
 
@@ -551,6 +520,22 @@ class AsyncCheckpointer:
             claim=self._info.rank == 0 or self._coordinator is None,
         )
 
+    def _plan(
+        self,
+        components: Sequence[StateComponent],
+        *,
+        process_groups: Mapping[str, Any] | None,
+        user_metadata: dict[str, Any],
+    ) -> list[ComponentPlan]:
+        return plan_components(
+            components,
+            info=self._info,
+            process_groups=process_groups,
+            max_shard_size=self._max_shard_size,
+            user_metadata=user_metadata,
+            incremental=self._incremental,
+        )
+
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:
         key = tuple((f.plan.file_name, f.plan.layout.header) for f in staged)
         return self._arena_plans.get(key, lambda: plan_arena([f.plan for f in staged]))
@@ -567,49 +552,6 @@ class AsyncCheckpointer:
                 world_size=self._info.world_size,
             )
         )
-
-    def _plan_for(self, flat: FlatState) -> StatePlan:
-        return self._plans.get(
-            flat.signature(),
-            lambda: plan_state(
-                flat, max_shard_size=self._max_shard_size, incremental=self._incremental
-            ),
-        )
-
-    def _copy(self, flat: FlatState, plan: StatePlan, arena: StagingArena) -> None:
-        copy_state(
-            flat,
-            plan,
-            arena,
-            copy=copy_into,  # looked up now: fault-injection hooks replace it
-            threads=self._copy_threads,
-            executor=self._copy_pool,
-        )
-
-    def _job(
-        self,
-        step: int,
-        target: SaveTarget,
-        flat: FlatState,
-        plan: StatePlan,
-        arena: StagingArena,
-        metadata: dict[str, Any] | None,
-    ) -> SaveJob:
-        job = state_job(
-            job_id=next(self._job_ids),
-            step=step,
-            ckpt_url=Location.parse(target.write_path, self._storage_options).url,
-            storage_options=self._storage_options,
-            flat=flat,
-            plan=plan,
-            arena_name=arena.name,
-            user_metadata=_json_metadata({**self._metadata, **(metadata or {})}),
-            **self._base_kwargs(target.write_path, plan.frozen_files),
-        )
-        if job.commit is None:
-            return job
-        commit = replace(job.commit, claim_id=target.claim_id, replace_url=target.replace_url)
-        return replace(job, commit=commit)
 
     def _base_kwargs(self, path: str, candidates: frozenset[str]) -> dict[str, Any]:
         """``SaveJob`` fields naming the base checkpoint and its records of ``candidates``."""

@@ -81,7 +81,7 @@ class LoraLike(nn.Module):
 
 def _two_saves(root: str, model: LoraLike, *, incremental: bool, **opts: Any) -> dict[str, Any]:
     from .async_checkpointer import AsyncCheckpointer
-    from .flatten import load_state
+    from .component_load import load_state
 
     with AsyncCheckpointer(root, incremental=incremental, **opts) as ckpt:
         ckpt.save(1, {"model": model}).wait()

@@ -42,12 +42,14 @@ from .errors import (
     StateMismatchError,
 )
 from .flatten import flatten_state, is_dtensor, unflatten_state
+from .legacy import load_legacy_state
 from .loading import read_checked_doc
 from .manifest import ComponentRecord, Manifest, check_relpath
 from .resharding import Piece, RegionReader, local_region
+from .state_components import STATE_ROOT, HeldState
 from .storage import Location
 
-__all__ = ["WORLD_SIZE_POLICIES", "load_components"]
+__all__ = ["WORLD_SIZE_POLICIES", "load_components", "load_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,23 +243,107 @@ def load_components(
                 raise StateMismatchError(msg)
             logger.warning("%s; skipping it", msg)
             continue
-        instances, saved_world = _instances(rec, ckpt.url)
-        suffix = _pick_instance(
-            c, rec, instances, saved_world, info=info, process_groups=process_groups,
-            policy=world_size_policy, where=ckpt.url,
+        loaded = _read_component(
+            ckpt, manifest, c, rec, info=info, process_groups=process_groups,
+            policy=world_size_policy,
         )  # fmt: skip
-        if suffix is None:
-            continue
-        doc_file = instances[suffix].get("doc")
-        if not doc_file:
-            raise CorruptCheckpointError(
-                f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
-            )
-        doc = _read_doc(ckpt, doc_file, manifest=manifest)
-        tensors = _read_tensors(ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest))
-        state = unflatten_state(doc, tensors)
-        _apply(c, state, strict=strict, where=ckpt.url)
-        logger.debug("loaded component %r from %s (%s)", c.key, ckpt.url, doc_file)
+        if loaded is not None:
+            _apply(c, loaded[0], strict=strict, where=ckpt.url)
+
+
+def _read_component(
+    ckpt: Location,
+    manifest: Manifest,
+    c: StateComponent,
+    rec: ComponentRecord,
+    *,
+    info: RankInfo,
+    process_groups: Mapping[str, Any] | None,
+    policy: str,
+) -> tuple[Any] | None:
+    """Steps 2-4 for one component: ``(its state,)``, or ``None`` when the policy skips it."""
+    instances, saved_world = _instances(rec, ckpt.url)
+    suffix = _pick_instance(
+        c, rec, instances, saved_world, info=info, process_groups=process_groups,
+        policy=policy, where=ckpt.url,
+    )  # fmt: skip
+    if suffix is None:
+        return None
+    doc_file = instances[suffix].get("doc")
+    if not doc_file:
+        raise CorruptCheckpointError(
+            f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
+        )
+    doc = _read_doc(ckpt, doc_file, manifest=manifest)
+    tensors = _read_tensors(ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest))
+    logger.debug("read component %r from %s (%s)", c.key, ckpt.url, doc_file)
+    return (unflatten_state(doc, tensors),)
+
+
+def _is_component_layout(manifest: Manifest) -> bool:
+    return all(isinstance(r.metadata.get("ckptsvc"), dict) for r in manifest.components)
+
+
+def load_state(
+    path_or_url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    rank: int | None = None,
+) -> Any:
+    """The state a checkpoint holds, rebuilt: what ``AsyncCheckpointer.save(step, state)``
+    was given (its modules and optimizers as their state dicts), or, for a checkpoint of
+    ``save_components``, ``{key: state}`` for every component (the instance this rank
+    would load), in the manifest's order. Tensors are moved to ``device``.
+
+    Checkpoints written before the component layout (``ckptsvc_state.json``) load as
+    before; a checkpoint of ``save_checkpoint`` returns its flat ``{fqn: tensor}`` dict.
+    Raises :class:`~ckptsvc.errors.CheckpointNotFoundError` /
+    :class:`~ckptsvc.errors.IncompleteCheckpointError` unless the checkpoint is complete.
+    """
+    ckpt = Location.parse(path_or_url, storage_options)
+    manifest = require_complete_checkpoint(ckpt)
+    if not manifest.components or not _is_component_layout(manifest):
+        return load_legacy_state(ckpt, manifest, device=device)
+    info = RankInfo.current(rank=rank)
+    out: dict[str, Any] = {}
+    for rec in manifest.components:
+        holder = HeldState(None)
+        c = StateComponent(
+            key=rec.key,
+            stateful=holder,
+            sharing_pattern=SharingPattern.GLOBAL,  # _pick_instance reads the record's
+            process_group_name=rec.group_name,
+        )
+        loaded = _read_component(
+            ckpt, manifest, c, rec, info=info, process_groups=None, policy="error"
+        )
+        state = _to_device(loaded[0] if loaded else None, torch.device(device))
+        if rec.metadata.get(STATE_ROOT):
+            return state
+        out[rec.key] = state
+    return out
+
+
+def _to_device(state: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return state
+    memo: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            if id(v) not in memo:
+                memo[id(v)] = v.to(device)
+            return memo[id(v)]
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return v
+
+    return move(state)
 
 
 def _apply(c: StateComponent, state: Any, *, strict: bool, where: str) -> None:

@@ -47,6 +47,7 @@ from .flatten import (
     invalid_state_error,
     is_dtensor,
 )
+from .hf_files import pretrained_files
 from .incremental import frozen_files
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -318,6 +319,8 @@ def _plan_plain(
                 param_sharing=[list(g) for g in flat.param_sharing] or None,
             )
             docs[SAFE_WEIGHTS_INDEX_NAME] = json.dumps(index, indent=4, ensure_ascii=True).encode()
+        if c.key == MODEL_KEY and not suffix and getattr(c.stateful, "config", None) is not None:
+            docs.update(pretrained_files(c.stateful))  # config.json: from_pretrained works
     nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(
         map(len, docs.values())
     )

@@ -375,7 +375,7 @@ class _Campaign:
         return lost, latest
 
     def _verify_and_load(self, info: Any, seeds: dict[str, int | None]) -> list[str]:
-        from .flatten import load_state
+        from .component_load import load_state
         from .sharded_checkpoint import load_checkpoint
         from .verify import verify_checkpoint
 

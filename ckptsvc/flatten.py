@@ -53,7 +53,6 @@ __all__ = [
     "frozen_parameter_names",
     "invalid_state_error",
     "is_dtensor",
-    "load_state",
     "parse_skeleton",
     "unflatten_state",
     "with_frozen_parameters",
@@ -511,40 +510,3 @@ def _unflatten(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
         return {k: decode(x) for k, x in v.items()}
 
     return decode(skeleton["state"])
-
-
-def load_state(
-    path_or_url: str, *, storage_options: dict[str, Any] | None = None, device: str = "cpu"
-) -> Any:
-    """Rebuild the nested state of a checkpoint written by ``AsyncCheckpointer``.
-
-    Tensors load through :func:`ckptsvc.sharded_checkpoint.load_checkpoint` (tied names
-    come back as one tensor); a checkpoint without a state skeleton (written by
-    ``save_checkpoint``) returns its flat ``{fqn: tensor}`` dict.
-
-    When the checkpoint has a manifest, the skeleton (like the index and every shard) must
-    match its size and CRC-32C record: a skeleton from another save is corruption.
-    """
-    from .discovery import read_manifest
-    from .errors import StorageNotFoundError
-    from .json_doc import check_doc_against_manifest, read_doc_bytes
-    from .sharded_checkpoint import load_checkpoint
-    from .storage import Location
-
-    ckpt = Location.parse(path_or_url, storage_options)
-    manifest = read_manifest(ckpt)
-    tensors = load_checkpoint(path_or_url, device=device, storage_options=storage_options) or {}
-    skeleton_loc = ckpt.join(SKELETON_NAME)
-    try:
-        raw = read_doc_bytes(skeleton_loc, what="state skeleton")
-    except StorageNotFoundError:
-        if manifest is not None and manifest.file(SKELETON_NAME) is not None:
-            raise CorruptCheckpointError(
-                f"{skeleton_loc.url}: the manifest lists the state skeleton but it is missing; "
-                "resume from an intact checkpoint"
-            ) from None
-        return tensors
-    check_doc_against_manifest(
-        raw, rel_path=SKELETON_NAME, url=skeleton_loc.url, manifest=manifest, what="state skeleton"
-    )
-    return unflatten_state(parse_skeleton(raw, where=skeleton_loc.url), tensors)

@@ -40,6 +40,8 @@ from .errors import (
     StateMismatchError,
     StorageNotFoundError,
 )
+from .flatten import SKELETON_NAME, parse_skeleton, unflatten_state
+from .json_doc import check_doc_against_manifest, read_doc_bytes
 from .manifest import Manifest
 from .storage import Location
 
@@ -256,3 +258,32 @@ def load_legacy_checkpoint(
                 ) from e
             logger.info("restored legacy state of callback %s", key)
     return meta
+
+
+def load_legacy_state(ckpt: Location, manifest: Manifest, *, device: str | torch.device) -> Any:
+    """The state of a checkpoint written by ``AsyncCheckpointer.save`` before the component
+    layout (tensors of every key in the HF shards, the rest in ``ckptsvc_state.json``), or
+    the flat ``{fqn: tensor}`` of a ``save_checkpoint`` checkpoint (no skeleton).
+
+    The skeleton (like the index and every shard) must match its manifest record: a
+    skeleton from another save is corruption.
+    """
+    from .sharded_checkpoint import load_checkpoint
+
+    tensors = (
+        load_checkpoint(ckpt.url, device=str(device), storage_options=ckpt.storage_options) or {}
+    )
+    skeleton_loc = ckpt.join(SKELETON_NAME)
+    if manifest.file(SKELETON_NAME) is None:
+        return tensors
+    try:
+        raw = read_doc_bytes(skeleton_loc, what="state skeleton")
+    except StorageNotFoundError:
+        raise CorruptCheckpointError(
+            f"{skeleton_loc.url}: the manifest lists the state skeleton but it is missing; "
+            "resume from an intact checkpoint"
+        ) from None
+    check_doc_against_manifest(
+        raw, rel_path=SKELETON_NAME, url=skeleton_loc.url, manifest=manifest, what="state skeleton"
+    )
+    return unflatten_state(parse_skeleton(raw, where=skeleton_loc.url), tensors)

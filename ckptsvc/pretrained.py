@@ -10,9 +10,7 @@ config files are written to a temporary local directory and uploaded.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 
 from .discovery import validate_checkpoint
 from .errors import CommitConflictError, InvalidStateError
+from .hf_files import pretrained_files
 from .quantized import has_quantized_tensors
 
 __all__ = ["save_pretrained"]
@@ -63,32 +62,6 @@ def save_pretrained(
         safetensors=safetensors,
         max_shard_size=max_shard_size or 2**31,
         storage_options=opts,
-        extra_files=_pretrained_files(model, preprocessor),
+        extra_files=pretrained_files(model, preprocessor=preprocessor),
     )
     logger.info("model exported to %s", out)
-
-
-def _pretrained_files(model: nn.Module, preprocessor: Any) -> dict[str, bytes]:
-    """What ``save_pretrained`` writes besides the weights (``config.json``,
-    ``generation_config.json``, the preprocessor's files), by relative path."""
-    config = getattr(model, "config", None)
-    writers: list[Callable[[str], Any]] = []
-    if config is not None and callable(getattr(config, "save_pretrained", None)):
-        writers.append(config.save_pretrained)
-    elif config is not None and callable(getattr(config, "to_json_file", None)):
-        writers.append(lambda d: config.to_json_file(os.path.join(d, "config.json")))
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and callable(getattr(generation, "save_pretrained", None)):
-        writers.append(generation.save_pretrained)
-    if preprocessor is not None and callable(getattr(preprocessor, "save_pretrained", None)):
-        writers.append(preprocessor.save_pretrained)
-    files: dict[str, bytes] = {}
-    with tempfile.TemporaryDirectory(prefix="ckptsvc-export-") as tmp:
-        for write in writers:
-            write(tmp)
-        for root, _, names in os.walk(tmp):
-            for name in names:
-                rel = os.path.relpath(os.path.join(root, name), tmp).replace(os.sep, "/")
-                with open(os.path.join(root, name), "rb") as f:
-                    files[rel] = f.read()
-    return files

@@ -29,7 +29,7 @@ from ckptsvc.discovery import (
     next_checkpoint_path,
 )
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError
-from ckptsvc.flatten import load_state
+from ckptsvc import load_state
 from ckptsvc.gc import collect_garbage
 from ckptsvc.json_doc import parse_json_doc, read_json_doc
 from ckptsvc.manifest import MANIFEST_NAME, FileRecord, Manifest
