@@ -49,6 +49,7 @@ from .flatten import (
 )
 from .hf_files import pretrained_files
 from .incremental import frozen_files
+from .state_components import STATE_ROOT
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     FilePlan,
@@ -391,7 +392,9 @@ def plan_components(
                 f"component {c.key!r}: state_dict() failed ({type(e).__name__}: {e})"
             ) from e
         try:
-            flats.append(flatten_state(state, allow_dtensor=True, key_prefix=c.key))
+            # keys in messages are dotted from what the caller handed over
+            prefix = "" if c.metadata.get(STATE_ROOT) else c.key
+            flats.append(flatten_state(state, allow_dtensor=True, key_prefix=prefix))
         except InvalidStateError as e:
             if not e.problems:
                 raise

@@ -213,7 +213,8 @@ class _Flattener:
         if any(part == "" for part in path):
             self.problem(path, "an empty key cannot name a tensor (its name would be ambiguous)")
             return None
-        name = ".".join(path)
+        # a tensor at the root is named by the component's key (``{"w": t}`` -> ``w``)
+        name = ".".join(path) or ".".join(self.prefix)
         if name in self.tensors:
             self.problem(
                 path,

@@ -121,16 +121,17 @@ def test_save_is_a_normal_complete_checkpoint(node: str, tmp_path: Path) -> None
     path = Path(handle.path)
     assert find_latest_checkpoint(str(tmp_path)) == handle.path
     index = json.loads((path / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["param_sharing"] == [["model.embed.weight", "model.head.weight"]]
+    assert index["metadata"]["param_sharing"] == [["embed.weight", "head.weight"]]
     assert index["metadata"]["run"] == "t"
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) > 1
     from_shards = {
         k: v for s in shards for k, v in load_file(str(s)).items()
     }  # the reference reader
-    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    sd = model.state_dict()  # the model shards hold exactly its keys (tied: stored once)
     assert_state_dicts_bitwise_equal(load_checkpoint(handle.path), sd)  # type: ignore[arg-type]
-    assert sorted(from_shards) == sorted(k for k in sd if k != "model.head.weight")
+    assert sorted(from_shards) == sorted(k for k in sd if k != "head.weight")
+    assert (path / "meta_state.json").exists()  # the other keys in files of their own
     back = load_state(handle.path)
     assert back["meta"] == {"epoch": 3, "name": "run", "betas": (0.9, 0.95)}
     assert back["model"]["head.weight"] is back["model"]["embed.weight"]

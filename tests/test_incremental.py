@@ -59,7 +59,7 @@ def assert_loads(handle: SaveHandle, model: torch.nn.Module, opts: dict[str, Any
     assert report.ok, report.problems
 
 
-def assert_hf_readable(ckpt: str, model: torch.nn.Module, *, prefix: str = "model.") -> None:
+def assert_hf_readable(ckpt: str, model: torch.nn.Module, *, prefix: str = "") -> None:
     """Every shard loads with safetensors alone; the index maps every tensor."""
     weight_map = shard_files(ckpt)
     want = {prefix + k: v for k, v in model.state_dict().items()}
@@ -101,7 +101,7 @@ def test_second_save_writes_only_the_trainable_shards(tmp_path: Path) -> None:
 
     weight_map = shard_files(second.path)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    frozen_shards = {weight_map[f"model.{n}"] for n in frozen}
+    frozen_shards = {weight_map[n] for n in frozen}
     trainable_shards = set(weight_map.values()) - frozen_shards
     assert frozen_shards and trainable_shards
     assert inc.nbytes_reused == sum(f.nbytes for f in second.files if f.path in frozen_shards)
@@ -132,7 +132,7 @@ def test_a_changed_frozen_tensor_is_written_not_linked(tmp_path: Path) -> None:
         model.trainable_step()
         third = ckpt.save(3, {"model": model})
         third.wait()
-    edited = shard_files(second.path)["model.base.0.weight"]
+    edited = shard_files(second.path)["base.0.weight"]
     a, b = os.stat(os.path.join(first.path, edited)), os.stat(os.path.join(second.path, edited))
     assert a.st_ino != b.st_ino and b.st_nlink == 1
     assert second.timings.nbytes_reused > 0  # the other frozen shards were linked
@@ -167,7 +167,7 @@ def test_a_base_file_that_cannot_be_copied_is_written(tmp_path: Path) -> None:
     with AsyncCheckpointer(tmp_path, max_shard_size=SHARD) as ckpt:
         first = ckpt.save(1, {"model": model})
         first.wait()
-        frozen_file = shard_files(first.path)["model.base.0.weight"]
+        frozen_file = shard_files(first.path)["base.0.weight"]
         os.unlink(os.path.join(first.path, frozen_file))  # damaged base: link fails
         second = ckpt.save(2, {"model": model})
         second.wait()
@@ -306,7 +306,7 @@ def test_manager_links_frozen_shards_after_a_resume(tmp_path: Path) -> None:
     assert os.stat(os.path.join(first, name)).st_ino == os.stat(os.path.join(third, name)).st_ino
     for path in (first, second, third):
         assert verify_checkpoint(path).ok
-    assert_hf_readable(third, resumed, prefix="")
+    assert_hf_readable(third, resumed)
 
 
 def test_bench_probe_meets_the_target(tmp_path: Path) -> None:
