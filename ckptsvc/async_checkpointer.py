@@ -9,33 +9,35 @@ Usage::
                 ckpt.save(step, {"model": model, "optimizer": opt, "step": step})
     state = load_state(find_latest_checkpoint("s3://bucket/run1", storage_options=opts))
 
-Each save produces a normal complete checkpoint at ``next_checkpoint_path(root, step)``:
-HF safetensors shards + ``model.safetensors.index.json`` + ``ckptsvc_state.json`` (the
-non-tensor state, see :mod:`ckptsvc.flatten`) + ``checkpoint_manifest.json`` written last.
+Each save produces a normal complete checkpoint at ``next_checkpoint_path(root, step)`` in
+the one layout of docs/reference/formats.md: the model as plain HF shards +
+``model.safetensors.index.json`` (+ ``config.json`` for a transformers model), every other
+component in files of its own, ``checkpoint_manifest.json`` written last.
 
-Call order of one ``save`` (process / thread that runs each step; DESIGN.md section 1):
+``save(step, state)`` is :meth:`save_components` of the components
+:func:`~ckptsvc.state_components.components_of_state` derives (one GLOBAL component per key
+of the state). Call order of one save (process / thread that runs each step):
 
-1. flatten the state (training thread);
-2. look up the layout plan cached for the state's signature (names, dtypes, shapes);
-3. take a free staging arena - back-pressure: waits while every arena is still being
-   written (``timings.arena_wait_s``);
-4. copy every tensor into the arena (CPU threads, or D2H on a side stream), synchronised;
-5. send the job to the node writer (started or reconnected here if needed); return the
-   :class:`SaveHandle`. Steps 1-5 are ``timings.blocking_s``.
-6. the node writer streams the shards, publishes the index and skeleton, writes the
-   manifest last (writer process), then reports; the client reader thread releases the
-   arena and completes the handle (``wait`` / ``done`` / ``exception``).
-
-``save_components(step, components)`` is the same pipeline for :class:`StateComponent`
-lists (every rank of a distributed job calls it; see :mod:`ckptsvc.component_plan` for
-who writes what and the file names): step 1-2 become ``plan_components`` (each
-``stateful.state_dict()``), step 4 also computes the checksums ``validate_replication``
-needs. In one process step 6 is unchanged. With several ranks the writer only reports
-this rank's files; the client reader thread releases the arena and hands the report to
-the :class:`~ckptsvc.distributed.Coordinator`, whose background thread publishes it in the
-job's store; rank 0's commit thread merges every rank's report and has its writer write
-the index, the documents and the manifest last; every rank's handle completes with rank
-0's verdict. No collective runs, and nothing runs on the training thread after step 5.
+1. plan every component (training thread; :func:`~ckptsvc.component_plan.plan_components`
+   calls each ``stateful.state_dict()``, flattens it and decides this rank's files);
+   claim the checkpoint directory (rank 0 or the only process);
+2. take a free staging arena - back-pressure: waits while every arena is still being
+   written (``timings.arena_wait_s``); a state bigger than the memory budget streams
+   through a ring in pieces instead (:mod:`ckptsvc.piecewise`);
+3. copy every staged tensor into the arena (CPU threads, or D2H on a side stream) and
+   compute the CRCs ``validate_replication`` needs (:mod:`ckptsvc.component_save`); with
+   ``overlap`` this runs on the snapshot thread after ``save`` returns;
+4. send the job to the node writer (started or reconnected here if needed); return the
+   :class:`SaveHandle`. Steps 1-4 are ``timings.blocking_s``.
+5. the node writer streams the files (writer process). In one process the job carries the
+   commit too: documents, index and the manifest last, then the report; the client reader
+   thread releases the arena and completes the handle (``wait`` / ``done`` /
+   ``exception``). With several ranks the writer reports this rank's files; the client
+   reader thread hands the report to the :class:`~ckptsvc.distributed.Coordinator`, whose
+   background thread publishes it in the job's store; rank 0's commit thread merges every
+   rank's report and has its writer write the index, the documents and the manifest last;
+   every rank's handle completes with rank 0's verdict. No collective runs, and nothing
+   runs on the training thread after step 4.
 """
 
 from __future__ import annotations

@@ -49,16 +49,17 @@ from .flatten import (
 )
 from .hf_files import pretrained_files
 from .incremental import frozen_files
-from .state_components import STATE_ROOT
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     FilePlan,
     TensorSpec,
     assign_shards,
+    encode_index,
     frozen_groups,
     make_index,
 )
 from .safetensors_stream import dtype_from_torch, plan_shard
+from .state_components import STATE_ROOT
 
 __all__ = [
     "DOC_FORMAT",
@@ -319,7 +320,7 @@ def _plan_plain(
                 metadata=dict(user_metadata),
                 param_sharing=[list(g) for g in flat.param_sharing] or None,
             )
-            docs[SAFE_WEIGHTS_INDEX_NAME] = json.dumps(index, indent=4, ensure_ascii=True).encode()
+            docs[SAFE_WEIGHTS_INDEX_NAME] = encode_index(index)
         if c.key == MODEL_KEY and not suffix and getattr(c.stateful, "config", None) is not None:
             docs.update(pretrained_files(c.stateful))  # config.json: from_pretrained works
     nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(

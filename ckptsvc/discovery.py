@@ -57,6 +57,7 @@ __all__ = [
     "list_checkpoints",
     "next_checkpoint_path",
     "read_manifest",
+    "refuse_unloadable",
     "require_complete_checkpoint",
     "validate_checkpoint",
 ]
@@ -203,24 +204,38 @@ def checkpoint_info(
     )
 
 
-def require_complete_checkpoint(ckpt: Location) -> Manifest:
-    """The manifest of the complete checkpoint ``ckpt``; a loader's first check.
+#: what a refused checkpoint's message tells a resuming user to do
+RESUME_HINT = "resume from find_latest_checkpoint(...) instead, or delete it with `ckptsvc gc`"
 
-    Raises :class:`IncompleteCheckpointError` for a save that never committed (a marker,
-    or a manifest that does not parse) and :class:`CheckpointNotFoundError` when there is
-    no manifest at all (nothing, or a checkpoint written without ckptsvc).
-    """
-    info = checkpoint_info(ckpt)
+
+def refuse_unloadable(
+    info: CheckpointInfo, *, legacy_ok: bool = False, hint: str = RESUME_HINT
+) -> None:
+    """The one check every reader makes before it reads a checkpoint (load, load_state,
+    export, cp, tiering, restore, DCP): raises :class:`IncompleteCheckpointError` for a
+    save that never committed (a marker, a manifest that does not parse, files that do not
+    match it) and :class:`CheckpointNotFoundError` for nothing there - or for a directory
+    without a manifest (written without ckptsvc) unless ``legacy_ok``. ``hint`` ends the
+    message: what to do instead."""
     if info.status is CheckpointStatus.INCOMPLETE:
         raise IncompleteCheckpointError(
-            f"{ckpt.url} is an incomplete checkpoint ({info.reason}); resume from "
-            "find_latest_checkpoint(...) instead, or delete it with `ckptsvc gc`"
+            f"{info.url} is an incomplete checkpoint ({info.reason}); {hint}"
         )
-    if info.manifest is None:
+    if info.manifest is None and not (legacy_ok and info.status is CheckpointStatus.LEGACY):
         raise CheckpointNotFoundError(
-            f"{ckpt.url}: no checkpoint manifest ({info.status.value}; not a complete "
-            "checkpoint written by ckptsvc)"
+            f"{info.url}: no checkpoint manifest ({info.status.value}"
+            + (f": {info.reason}" if info.reason else "")
+            + "; not a complete checkpoint written by ckptsvc)"
         )
+
+
+def require_complete_checkpoint(ckpt: Location) -> Manifest:
+    """The manifest of the complete checkpoint ``ckpt``; a loader's first check
+    (:func:`refuse_unloadable`)."""
+    info = checkpoint_info(ckpt)
+    refuse_unloadable(info)
+    if info.manifest is None:  # refuse_unloadable raised; for the type checker
+        raise CheckpointNotFoundError(f"{ckpt.url}: no checkpoint manifest")
     return info.manifest
 
 

@@ -27,10 +27,17 @@ from typing import Any
 
 from . import knobs
 from .component_plan import MODEL_KEY
-from .discovery import CheckpointStatus, checkpoint_info
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from .discovery import checkpoint_info, refuse_unloadable
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .json_doc import read_json_doc
-from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files, weight_map_of
+from .layout import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    TensorSpec,
+    encode_index,
+    make_index,
+    plan_files,
+    weight_map_of,
+)
 from .loading import read_safetensors_header
 from .manifest import Manifest, check_relpath
 from .resharding import Piece, RegionReader
@@ -152,12 +159,7 @@ def export_hf(
     dst_opts = storage_options if dst_storage_options is None else dst_storage_options
     dst_loc = Location.parse(dst, dst_opts)
     info = checkpoint_info(src_loc)
-    if info.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(
-            f"{src_loc.url} is an incomplete checkpoint ({info.reason})"
-        )
-    if info.status is CheckpointStatus.ABSENT:
-        raise CheckpointNotFoundError(f"no checkpoint in {src_loc.url}")
+    refuse_unloadable(info, legacy_ok=True, hint="export a complete one (`ckptsvc ls`)")
     found = _from_document(src_loc, info.manifest, component) if info.manifest else None
     if found is None:
         if component != MODEL_KEY:
@@ -190,7 +192,7 @@ def export_hf(
         metadata=dict(metadata or {}),
         param_sharing=sharing or None,
     )
-    data = json.dumps(index, indent=4, ensure_ascii=True).encode()
+    data = encode_index(index)
     dst_loc.join(SAFE_WEIGHTS_INDEX_NAME).publish(data)
     return ExportResult(
         tuple(p.file_name for p in plans), SAFE_WEIGHTS_INDEX_NAME, written + len(data)

@@ -9,6 +9,7 @@ counting *tensor* bytes (Forgather counted whole storages, so views inflated sha
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "FilePlan",
     "TensorSpec",
     "assign_shards",
+    "encode_index",
     "frozen_groups",
     "index_file_name",
     "make_index",
@@ -164,6 +166,12 @@ def make_index(
     if param_sharing:
         meta["param_sharing"] = [list(g) for g in param_sharing]
     return {"metadata": meta, "weight_map": dict(weight_map)}
+
+
+def encode_index(index: Mapping[str, Any]) -> bytes:
+    """The bytes of an index document, as Hugging Face writes them (indent 4, ASCII): the
+    one place an index is encoded."""
+    return json.dumps(index, indent=4, ensure_ascii=True).encode("ascii")
 
 
 def weight_map_of(plans: Sequence[FilePlan]) -> dict[str, str]:

@@ -36,13 +36,13 @@ from .discovery import (
     find_latest_checkpoint,
     next_checkpoint_path,
     read_manifest,
+    refuse_unloadable,
     validate_checkpoint,
 )
 from .errors import (
     CheckpointNotFoundError,
     CommitConflictError,
     CorruptCheckpointError,
-    IncompleteCheckpointError,
     InvalidStateError,
     StateMismatchError,
     StorageNotFoundError,
@@ -54,6 +54,7 @@ from .layout import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     assign_shards,
+    encode_index,
     index_file_name,
     make_index,
 )
@@ -179,7 +180,7 @@ def save_shard_index(
     """Write an index file atomically (``safetensors`` is accepted and ignored, as in Forgather)."""
     loc = Location.parse(output_dir, storage_options)
     loc.makedirs()
-    loc.join(index_name).publish(json.dumps(shard_index, indent=4, ensure_ascii=True).encode())
+    loc.join(index_name).publish(encode_index(shard_index))
 
 
 def load_shard_index(
@@ -336,9 +337,7 @@ def _write_committed(
         weight_map, total_size=total, metadata=metadata, param_sharing=sharing or None
     )
     index_name = index_file_name(safetensors)
-    records.append(
-        publish_file(ckpt, index_name, json.dumps(index, indent=4, ensure_ascii=True).encode())
-    )
+    records.append(publish_file(ckpt, index_name, encode_index(index)))
     manifest = Manifest(
         checkpoint_path=Location.parse(target.path, ckpt.storage_options).url,
         world_size=1,
@@ -622,11 +621,8 @@ def load_checkpoint(
                 f"{ckpt.url}: its files do not match its manifest: {why}; a copy or transfer "
                 "cut short, or damaged files: resume from find_latest_checkpoint(...) instead"
             )
-    if info.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(
-            f"{ckpt.url} is an incomplete checkpoint ({info.reason}); resume from "
-            "find_latest_checkpoint(...) instead, or delete it with `ckptsvc gc`"
-        )
+    if info.status is not CheckpointStatus.ABSENT:  # ABSENT: the error below names layouts
+        refuse_unloadable(info, legacy_ok=True)
     meta = get_checkpoint_metadata(ckpt.url, storage_options=storage_options)
     if meta is None and info.manifest is not None and info.manifest.components:
         component_keys = sorted(c.key for c in info.manifest.components)

@@ -30,7 +30,7 @@ from .discovery import (
     CheckpointStatus,
     checkpoint_info,
     list_checkpoints,
-    read_manifest,
+    refuse_unloadable,
 )
 from .errors import CorruptCheckpointError, IncompleteCheckpointError
 from .manifest import FileRecord, Manifest
@@ -124,11 +124,11 @@ def replicate_checkpoint(local: Location | str, remote: Location | str) -> Manif
     """
     src = Location.parse(local)
     dst = Location.parse(remote)
-    manifest = read_manifest(src)
-    if manifest is None:
-        raise IncompleteCheckpointError(
-            f"{src.url} has no manifest: only committed checkpoints are replicated"
-        )
+    info = checkpoint_info(src)
+    refuse_unloadable(info, hint="only committed checkpoints are replicated")
+    manifest = info.manifest
+    if manifest is None:  # refuse_unloadable raised; for the type checker
+        raise IncompleteCheckpointError(f"{src.url} has no manifest")
     remote_manifest = dataclasses.replace(manifest, checkpoint_path=dst.url)
     records = list(manifest.files)
     threads = max(1, min(knobs.IO_THREADS.get(), len(records)))

@@ -51,13 +51,13 @@ from .discovery import (
     CheckpointStatus,
     checkpoint_info,
     list_checkpoints,
+    refuse_unloadable,
 )
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CommitConflictError,
     CorruptCheckpointError,
-    IncompleteCheckpointError,
 )
 from .manifest import FileRecord, Manifest
 from .retention import delete_checkpoint, select_for_deletion
@@ -237,11 +237,9 @@ def _copy_records(
 def _source_manifest(info: CheckpointInfo) -> Manifest:
     if info.status is CheckpointStatus.COMPLETE and info.manifest is not None:
         return info.manifest
-    if info.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(
-            f"{info.url} is an incomplete checkpoint ({info.reason}); copy a complete one "
-            "(`ckptsvc ls` shows which are)"
-        )
+    refuse_unloadable(
+        info, legacy_ok=True, hint="copy a complete one (`ckptsvc ls` shows which are)"
+    )
     if info.status is CheckpointStatus.LEGACY:
         raise CheckpointError(
             f"{info.url} has no checkpoint manifest (a legacy checkpoint): there is nothing "

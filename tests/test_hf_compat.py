@@ -157,3 +157,51 @@ def test_round_trip_through_both(tmp_path: Path) -> None:
     load_checkpoint(str(b), end)
     assert is_tied(end)
     assert_same_weights(end, src)
+
+
+@pytest.mark.parametrize("max_shard_size", [2**31, 4096], ids=["one-shard", "sharded"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_async_save_of_model_and_optimizer_loads_with_from_pretrained(
+    tmp_path: Path, name: str, max_shard_size: int, node: str
+) -> None:
+    """``ckpt.save(step, {"model": hf_model, "optimizer": opt})``: ``from_pretrained`` on the
+    checkpoint as it is (config.json written by the save), the ``model-*`` shards hold
+    exactly the model's keys, and ``load_state`` restores the optimizer."""
+    from safetensors import safe_open
+
+    from ckptsvc import AsyncCheckpointer, load_state
+
+    src = build(name, seed=0)
+    src.train()
+    opt = torch.optim.AdamW(src.parameters(), lr=1e-3)
+    src(IDS, labels=IDS).loss.backward()
+    opt.step()
+    with AsyncCheckpointer(tmp_path, max_shard_size=max_shard_size) as ckpt:
+        handle = ckpt.save(3, {"model": src, "optimizer": opt, "step": 3})
+        handle.wait(120)
+    out = Path(handle.path)
+    assert (out / "config.json").exists() and (out / "generation_config.json").exists()
+    shard_keys: set[str] = set()
+    for shard in out.glob("model-*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            shard_keys |= set(f.keys())
+    stored = set(load_shard_index(str(out), SAFE_WEIGHTS_INDEX_NAME)["weight_map"])
+    assert shard_keys == stored and stored <= set(src.state_dict())
+    assert len(stored) == len(src.state_dict()) - int(is_tied(src))  # tied: stored once
+
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert is_tied(loaded) == is_tied(src)
+    assert_same_weights(loaded, src)
+
+    state = load_state(handle.path)
+    assert state["step"] == 3
+    fresh = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    fresh.load_state_dict(state["optimizer"])
+    want, got = opt.state_dict(), fresh.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    for i, slots in want["state"].items():
+        for k, v in slots.items():
+            assert_bitwise_equal(got["state"][i][k], v, name=f"{i}.{k}")

@@ -1,0 +1,116 @@
+"""The on-disk layout of ``AsyncCheckpointer.save(step, state)`` (docs/reference/formats.md):
+golden file names, sizes and CRC-32C of every file, and the manifest's components.
+
+Regenerate the golden file (only on a deliberate layout change, documented in formats.md)
+with ``CKPTSVC_REGENERATE_GOLDEN=1 pytest tests/test_checkpoint_layout.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptsvc import AsyncCheckpointer, load_state
+from ckptsvc.manifest import MANIFEST_NAME
+
+GOLDEN = Path(__file__).parent / "golden" / "layout.json"
+REGENERATE = os.environ.get("CKPTSVC_REGENERATE_GOLDEN") == "1"
+
+
+class Tiny(nn.Module):
+    """Deterministic weights (no RNG), a tied head and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(4, 3)
+        self.proj = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 4, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("steps", torch.tensor([7], dtype=torch.int64))
+        with torch.no_grad():
+            for i, p in enumerate(self.parameters()):
+                p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (i + 1))
+
+
+def golden_state() -> dict[str, Any]:
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return {"model": model, "optimizer": opt, "step": 3, "data": {"epoch": 1, "pos": [2, 5]}}
+
+
+def layout_of(path: Path) -> dict[str, Any]:
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    ours = manifest["metadata"]["ckptsvc"]
+    return {
+        "listing": sorted(p.name for p in path.iterdir()),
+        "files": ours["files"],
+        "components": [
+            {k: c[k] for k in ("key", "sharing_pattern", "ranks", "size_bytes", "metadata")}
+            for c in manifest["components"].values()
+        ],
+        "index": json.loads((path / "model.safetensors.index.json").read_text()),
+    }
+
+
+def test_layout_matches_the_golden_file(tmp_path: Path, node: str) -> None:
+    state = golden_state()
+    with AsyncCheckpointer(tmp_path, metadata={"run": "golden"}) as ckpt:
+        handle = ckpt.save(3, state)
+        handle.wait(60)
+    got = layout_of(Path(handle.path))
+    if REGENERATE:
+        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert GOLDEN.exists(), "run with CKPTSVC_REGENERATE_GOLDEN=1 once to create the golden file"
+    want = json.loads(GOLDEN.read_text())
+    assert got == want, "the checkpoint layout changed: update formats.md and regenerate"
+    # the layout's promises, spelled out (the golden file could be regenerated wrongly)
+    assert got["listing"] == [
+        MANIFEST_NAME,
+        "data_state.json",
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+        "model_state.json",
+        "optimizer_state.json",
+        "optimizer_state.safetensors",
+        "step_state.json",
+    ]
+    assert sorted(got["index"]["weight_map"]) == ["embed.weight", "proj.bias", "proj.weight", "steps"]
+    assert got["index"]["metadata"]["param_sharing"] == [["embed.weight", "head.weight"]]
+    assert [c["key"] for c in got["components"]] == ["model", "optimizer", "step", "data"]
+    back = load_state(handle.path)
+    assert list(back) == ["model", "optimizer", "step", "data"]
+    assert back["data"] == {"epoch": 1, "pos": [2, 5]} and back["step"] == 3
+    assert back["model"]["head.weight"] is back["model"]["embed.weight"]
+
+
+def test_a_module_or_a_list_is_the_state_itself(tmp_path: Path, node: str) -> None:
+    """A state that is not a mapping of names is one component, marked as the root:
+    ``load_state`` returns it as it was given (a module as its state dict)."""
+    model = Tiny()
+    pair = [torch.arange(3.0), {"k": 1}]
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        a = ckpt.save(1, model)
+        b = ckpt.save(2, pair)
+        c = ckpt.save(3, {1: torch.ones(2)})  # a key that cannot name a component
+        for h in (a, b, c):
+            h.wait(60)
+    assert (Path(a.path) / "model.safetensors.index.json").exists()
+    got = load_state(a.path)
+    assert sorted(got) == sorted(model.state_dict())
+    back = load_state(b.path)
+    assert isinstance(back, list) and torch.equal(back[0], pair[0]) and back[1] == {"k": 1}
+    assert sorted(os.listdir(b.path)) == [
+        MANIFEST_NAME,
+        "state_state.json",
+        "state_state.safetensors",
+    ]
+    keyed = load_state(c.path)
+    assert list(keyed) == [1] and torch.equal(keyed[1], torch.ones(2))
