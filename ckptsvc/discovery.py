@@ -88,6 +88,8 @@ class CheckpointInfo:
     manifest: Manifest | None
     mtime_s: float | None
     reason: str = ""
+    #: a manifest parsed, but the files do not match it (a copy cut short, damage)
+    mismatch: bool = False
 
     @property
     def url(self) -> str:
@@ -183,6 +185,7 @@ def checkpoint_info(
                 None,
                 None,
                 reason=f"its files do not match its manifest: {why}",
+                mismatch=True,
             )
         return CheckpointInfo(loc, CheckpointStatus.COMPLETE, manifest, None)
     try:
@@ -212,11 +215,15 @@ def refuse_unloadable(
     info: CheckpointInfo, *, legacy_ok: bool = False, hint: str = RESUME_HINT
 ) -> None:
     """The one check every reader makes before it reads a checkpoint (load, load_state,
-    export, cp, tiering, restore, DCP): raises :class:`IncompleteCheckpointError` for a
-    save that never committed (a marker, a manifest that does not parse, files that do not
-    match it) and :class:`CheckpointNotFoundError` for nothing there - or for a directory
+    export, cp, tiering, DCP): raises :class:`CorruptCheckpointError` when its files do not
+    match its manifest, :class:`IncompleteCheckpointError` for a save that never committed
+    (a marker, a manifest that does not parse) and :class:`CheckpointNotFoundError` for nothing there - or for a directory
     without a manifest (written without ckptsvc) unless ``legacy_ok``. ``hint`` ends the
     message: what to do instead."""
+    if info.mismatch:
+        raise CorruptCheckpointError(
+            f"{info.url}: {info.reason} (a copy or transfer cut short, or damaged files); {hint}"
+        )
     if info.status is CheckpointStatus.INCOMPLETE:
         raise IncompleteCheckpointError(
             f"{info.url} is an incomplete checkpoint ({info.reason}); {hint}"

@@ -32,7 +32,6 @@ from .checksum import Crc32c, crc32c_hex
 from .discovery import (
     CheckpointStatus,
     checkpoint_info,
-    files_mismatch,
     find_latest_checkpoint,
     next_checkpoint_path,
     read_manifest,
@@ -613,14 +612,7 @@ def load_checkpoint(
     :class:`IncompleteCheckpointError` for a save that never committed.
     """
     ckpt = Location.parse(model_dir, storage_options)
-    info = checkpoint_info(ckpt, check_files=False)
-    if info.manifest is not None:
-        why = files_mismatch(ckpt, info.manifest)
-        if why:
-            raise CorruptCheckpointError(
-                f"{ckpt.url}: its files do not match its manifest: {why}; a copy or transfer "
-                "cut short, or damaged files: resume from find_latest_checkpoint(...) instead"
-            )
+    info = checkpoint_info(ckpt)
     if info.status is not CheckpointStatus.ABSENT:  # ABSENT: the error below names layouts
         refuse_unloadable(info, legacy_ok=True)
     meta = get_checkpoint_metadata(ckpt.url, storage_options=storage_options)

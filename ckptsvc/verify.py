@@ -62,7 +62,7 @@ class Problem:
     """One thing wrong: the file (relative to the checkpoint), a short kind, details.
 
     Kinds: ``missing``, ``size``, ``checksum``, ``symlink``, ``header``, ``index``,
-    ``skeleton``, ``incomplete``, ``manifest``.
+    ``skeleton``, ``document``, ``incomplete``, ``manifest``.
     """
 
     path: str
@@ -283,6 +283,79 @@ def _check_skeleton(ckpt: Location, rel_path: str, mapped: set[str]) -> list[Pro
     ]
 
 
+def _doc_names(manifest: Manifest) -> list[str]:
+    """Every component document the manifest's components list (component layout)."""
+    out: list[str] = []
+    for c in manifest.components:
+        ours = c.metadata.get("ckptsvc")
+        instances = ours.get("instances") if isinstance(ours, dict) else None
+        for inst in (instances or {}).values():
+            doc = inst.get("doc") if isinstance(inst, dict) else None
+            if isinstance(doc, str) and doc not in out:
+                out.append(doc)
+    return out
+
+
+def _check_document(ckpt: Location, rel_path: str, listed: set[str]) -> list[Problem]:
+    """A component document parses, every tensor its state names is in its ``tensors``
+    (or tied to one), and every tensor is held by a listed file whose header has it."""
+    loc = ckpt.join(rel_path)
+    try:
+        doc = read_json_doc(loc, what="component document")
+    except CorruptCheckpointError as e:
+        return [Problem(rel_path, "document", str(e))]
+    tensors = doc.get("tensors") if isinstance(doc, dict) else None
+    if not isinstance(tensors, dict):
+        return [Problem(rel_path, "document", f"{loc.url}: no 'tensors' object")]
+    known = set(tensors)
+    for group in doc.get("param_sharing") or []:
+        if isinstance(group, list) and known & set(group):
+            known |= {n for n in group if isinstance(n, str)}
+    problems: list[Problem] = []
+    absent = sorted({repr(r) for r in _tensor_refs(doc.get("state")) if r not in known})
+    if absent:
+        problems.append(
+            Problem(
+                rel_path,
+                "document",
+                f"{loc.url} names {len(absent)} tensor(s) it does not describe, "
+                f"e.g. {absent[:_MAX_REPORTED_KEYS]}",
+            )
+        )
+    by_file: dict[str, set[str]] = {}  # file -> names its header must hold
+    for fqn, info in tensors.items():
+        if not isinstance(info, dict):
+            problems.append(Problem(rel_path, "document", f"{loc.url}: tensor {fqn!r} malformed"))
+            continue
+        if isinstance(info.get("pieces"), list):  # sharded state: pieces are named per rank
+            for p in info["pieces"]:
+                by_file.setdefault(str(p.get("file") if isinstance(p, dict) else None), set())
+        else:
+            by_file.setdefault(str(info.get("file")), set()).add(fqn)
+    for fname, names in sorted(by_file.items()):
+        if fname not in listed:
+            problems.append(
+                Problem(rel_path, "document", f"{loc.url} places tensors in {fname!r}, "
+                        "which the manifest does not list")
+            )  # fmt: skip
+            continue
+        held = _header_names(ckpt, fname) if names else set()
+        if isinstance(held, Problem):
+            problems.append(held)
+            continue
+        missing = sorted(names - held)
+        if missing:
+            problems.append(
+                Problem(
+                    fname,
+                    "document",
+                    f"{rel_path} places {len(missing)} tensor(s) in {fname} that it does not "
+                    f"hold, e.g. {missing[:_MAX_REPORTED_KEYS]}",
+                )
+            )
+    return problems
+
+
 # ---- the public functions --------------------------------------------------------------------
 
 
@@ -314,6 +387,11 @@ def verify_checkpoint(
     problems += index_problems
     if deep and SKELETON_NAME in {f.path for f in files} and SKELETON_NAME not in bad_files:
         problems += _check_skeleton(ckpt, SKELETON_NAME, mapped)
+    if deep:
+        listed = {f.path for f in files}
+        for name in _doc_names(manifest):
+            if name in listed and name not in bad_files:
+                problems += _check_document(ckpt, name, listed - bad_files)
     return VerifyReport(
         url=ckpt.url,
         status=info.status.value,

@@ -82,7 +82,12 @@ def test_layout_matches_the_golden_file(tmp_path: Path, node: str) -> None:
         "optimizer_state.safetensors",
         "step_state.json",
     ]
-    assert sorted(got["index"]["weight_map"]) == ["embed.weight", "proj.bias", "proj.weight", "steps"]
+    assert sorted(got["index"]["weight_map"]) == [
+        "embed.weight",
+        "proj.bias",
+        "proj.weight",
+        "steps",
+    ]
     assert got["index"]["metadata"]["param_sharing"] == [["embed.weight", "head.weight"]]
     assert [c["key"] for c in got["components"]] == ["model", "optimizer", "step", "data"]
     back = load_state(handle.path)

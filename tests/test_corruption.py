@@ -52,7 +52,7 @@ def save_two(root: StorageRoot, kind: str) -> tuple[str, str]:
     else:
         with AsyncCheckpointer(root.url, storage_options=opts, max_shard_size=512) as ckpt:
             for step in (1, 2):
-                ckpt.save(step, {"w": state(step)}).wait(120)
+                ckpt.save(step, {"model": state(step)}).wait(120)
     return next_checkpoint_path(root.url, 1), next_checkpoint_path(root.url, 2)
 
 

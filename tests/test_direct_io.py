@@ -305,7 +305,7 @@ def test_async_save_round_trip_with_direct_io(
     monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
     state = _state()
     with AsyncCheckpointer(str(tmp_path / "run"), max_shard_size=64 * KiB) as ckpt:
-        handle = ckpt.save(1, state)
+        handle = ckpt.save(1, {"model": state})
         handle.wait(120)
     got = load_checkpoint(handle.path)
     assert got is not None and all(torch.equal(got[k], state[k]) for k in state)

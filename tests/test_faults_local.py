@@ -246,7 +246,7 @@ ASYNC_FAULTS = {
     "write-EIO-shard": ("write", "EIO", SHARD),
     "close-EIO-shard": ("close", "EIO", SHARD),
     "open-EIO-shard": ("open", "EIO", SHARD),
-    "publish-ENOSPC-skeleton": ("publish", "ENOSPC", "ckptsvc_state.json"),
+    "publish-ENOSPC-document": ("publish", "ENOSPC", "model_state.json"),
     "publish-EIO-manifest": ("publish", "EIO", MANIFEST_NAME),
 }
 
@@ -259,10 +259,10 @@ def test_async_save_fault(tmp_path: Path, writer_faults: Callable[..., Path], ca
     switch.unlink()  # off for the first save
     with AsyncCheckpointer(root, max_shard_size=48 * 1024) as ckpt:
         writer = ckpt.writer_pid
-        first = ckpt.save(1, state(1))
+        first = ckpt.save(1, {"model": state(1)})
         first.wait(120)
         switch.touch()
-        bad = ckpt.save(2, state(2))  # training goes on: save returns at once
+        bad = ckpt.save(2, {"model": state(2)})  # training goes on: save returns at once
         error = bad.exception(120)
         assert isinstance(error, SaveFailedError), error
         assert isinstance(error.__cause__, StorageError), error.__cause__
@@ -271,7 +271,7 @@ def test_async_save_fault(tmp_path: Path, writer_faults: Callable[..., Path], ca
         assert CAUSE[errno_name] in text.lower(), text
         assert find_latest_checkpoint(root) == first.path
         switch.unlink()
-        third = ckpt.save(3, state(3))
+        third = ckpt.save(3, {"model": state(3)})
         third.wait(120)
     assert find_latest_checkpoint(root) == third.path
     for path in (first.path, third.path):
@@ -288,10 +288,10 @@ def test_async_hang_blocks_neither_training_nor_discovery(
     hang = tmp_path / "hang"
     writer_faults("write", hang_path=str(hang), match=SHARD)
     with AsyncCheckpointer(root, max_shard_size=48 * 1024, arenas_per_rank=2) as ckpt:
-        first = ckpt.save(1, state(1))
+        first = ckpt.save(1, {"model": state(1)})
         first.wait(120)
         hang.touch()
-        second = ckpt.save(2, state(2))  # returned although the storage hangs
+        second = ckpt.save(2, {"model": state(2)})  # returned although the storage hangs
         with pytest.raises(TimeoutError):
             second.wait(0.2)
         assert hang.exists() and not second.done()

@@ -291,16 +291,17 @@ def _save_async(root: Path, node: str) -> tuple[Path, Path]:
     with AsyncCheckpointer(str(root)) as ck:
         for step in (1, 2):
             ck.save(
-                step, {"w": torch.full((4,), float(step)), "step": step, "tag": f"t{step}"}
+                step,
+                {"model": {"w": torch.full((4,), float(step))}, "step": step, "tag": f"t{step}"},
             ).wait(120)
     return Path(next_checkpoint_path(str(root), 1)), Path(next_checkpoint_path(str(root), 2))
 
 
-def test_load_state_refuses_a_skeleton_from_another_save(tmp_path: Path, node: str) -> None:
+def test_load_state_refuses_a_document_from_another_save(tmp_path: Path, node: str) -> None:
     one, two = _save_async(tmp_path, node)
     assert load_state(str(two))["step"] == 2
-    shutil.copyfile(one / "ckptsvc_state.json", two / "ckptsvc_state.json")
-    with pytest.raises(CorruptCheckpointError, match=r"ckptsvc_state\.json.*CRC-32C"):
+    shutil.copyfile(one / "tag_state.json", two / "tag_state.json")  # same size, other bytes
+    with pytest.raises(CorruptCheckpointError, match=r"tag_state\.json.*CRC-32C"):
         load_state(str(two))
 
 

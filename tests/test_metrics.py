@@ -37,7 +37,7 @@ def _event(step: int, *, ok: bool = True, nbytes: int = 1000, write_s: float = 0
 
 def test_events_from_real_handles(tmp_path: Path) -> None:
     bad_root = tmp_path / "bad"
-    blocker = bad_root / "checkpoints" / "checkpoint-4" / "model-00001-of-00001.safetensors"
+    blocker = bad_root / "checkpoints" / "checkpoint-4" / "w_state.safetensors"
     blocker.mkdir(parents=True)  # a directory where the writer must write the shard
     state = {"w": torch.arange(4096, dtype=torch.float32), "step": 3}
     with AsyncCheckpointer(tmp_path / "run") as ckpt:
@@ -61,7 +61,7 @@ def test_events_from_real_handles(tmp_path: Path) -> None:
         assert isinstance(bad.exception(60), SaveFailedError)
         failed = event_from_handle(bad)
     assert not failed.ok and failed.error_type == "SaveFailedError"
-    assert failed.error and "model-00001-of-00001.safetensors" in failed.error
+    assert failed.error and "w_state.safetensors" in failed.error
     assert failed.write_bytes_per_s is None
 
 

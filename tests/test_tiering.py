@@ -157,7 +157,7 @@ def test_rotted_local_copy_is_never_replicated(tmp_path: Path, storage_root: Sto
 def test_replicate_needs_a_committed_checkpoint(tmp_path: Path) -> None:
     with TieredStore(str(tmp_path / "local"), str(tmp_path / "remote")) as store:
         unfinished_save(Location.parse(store.local_path(7)))
-        with pytest.raises(IncompleteCheckpointError, match="no manifest"):
+        with pytest.raises(IncompleteCheckpointError, match="only committed checkpoints"):
             store.replicate(7).result(timeout=60)
         with pytest.raises(ValueError, match="checkpoint-<id>"):
             store.on_local_commit(str(tmp_path / "elsewhere" / "checkpoint-1"))

@@ -8,6 +8,7 @@ dead processes) and never a complete checkpoint or anything that may still be in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -120,7 +121,7 @@ def test_verify_reports_a_bad_header_even_when_sizes_match(tmp_path: Path) -> No
     assert verify_checkpoint(path, deep=False).ok
 
 
-def test_verify_async_skeleton_naming_a_missing_tensor(
+def test_verify_a_component_document_naming_a_missing_tensor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ckptsvc.async_checkpointer import AsyncCheckpointer
@@ -130,26 +131,33 @@ def test_verify_async_skeleton_naming_a_missing_tensor(
     monkeypatch.setenv("CKPTSVC_NODE_ID", f"vg{uuid.uuid4().hex[:10]}")
     monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
     with AsyncCheckpointer(tmp_path) as ckpt:
-        handle = ckpt.save(1, {"w": torch.ones(4), "step": 1})
+        handle = ckpt.save(1, {"model": {"w": torch.ones(4)}, "step": 1})
         handle.wait(120)
     assert verify_checkpoint(handle.path).ok
-    skeleton = Path(handle.path, SKELETON_NAME)
-    doc = json.loads(skeleton.read_text())
-    doc["state"]["extra"] = {"__tensor__": "not.saved"}
-    raw = json.dumps(doc).encode()
-    skeleton.write_bytes(raw)
-    m = Manifest.from_json(Path(handle.path, MANIFEST_NAME).read_bytes(), where="t")
-    files = tuple(
-        FileRecord(f.path, len(raw), crc32c_hex(raw)) if f.path == SKELETON_NAME else f
-        for f in m.files
-    )
-    from dataclasses import replace
 
-    Path(handle.path, MANIFEST_NAME).write_bytes(replace(m, files=files).to_json())
+    def rewrite(name: str, edit: Any) -> None:
+        doc_path = Path(handle.path, name)
+        doc = json.loads(doc_path.read_text())
+        edit(doc)
+        raw = json.dumps(doc).encode()
+        doc_path.write_bytes(raw)
+        m = Manifest.from_json(Path(handle.path, MANIFEST_NAME).read_bytes(), where="t")
+        files = tuple(
+            FileRecord(f.path, len(raw), crc32c_hex(raw)) if f.path == name else f for f in m.files
+        )
+        Path(handle.path, MANIFEST_NAME).write_bytes(dataclasses.replace(m, files=files).to_json())
+
+    rewrite("model_state.json", lambda d: d["state"].update(extra={"__tensor__": "not.saved"}))
     report = verify_checkpoint(handle.path)
-    assert [(p.path, p.kind) for p in report.problems] == [(SKELETON_NAME, "skeleton")]
+    assert [(p.path, p.kind) for p in report.problems] == [("model_state.json", "document")]
     assert "not.saved" in report.problems[0].detail
     assert verify_checkpoint(handle.path, deep=False).ok
+    rewrite(
+        "model_state.json",
+        lambda d: d["tensors"].update(ghost={**d["tensors"]["w"]}) or d["state"].pop("extra"),
+    )
+    report = verify_checkpoint(handle.path)
+    assert [(p.kind, "ghost" in p.detail) for p in report.problems] == [("document", True)]
 
 
 def test_verify_of_incomplete_legacy_and_absent(tmp_path: Path) -> None:
