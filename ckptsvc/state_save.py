@@ -28,7 +28,7 @@ from .layout import SAFE_WEIGHTS_INDEX_NAME, TensorSpec, make_index, plan_files,
 from .manifest import ComponentRecord, FileRecord
 from .safetensors_stream import dtype_to_torch
 from .staging import ArenaPlan, StagingArena, plan_arena
-from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile
+from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile, WriterOptions
 
 __all__ = ["PlanCache", "StatePlan", "copy_state", "plan_state", "state_job"]
 
@@ -125,6 +125,7 @@ def state_job(
     user_metadata: dict[str, Any],
     base_url: str,
     base_files: tuple[FileRecord, ...],
+    writer_options: WriterOptions,
 ) -> SaveJob:
     """The writer job of one ``save``: shards, index, skeleton, and the manifest last. The
     manifest lists one component, ``state``, with every file."""
@@ -166,4 +167,5 @@ def state_job(
         commit=commit,
         base_url=base_url,
         base_files=base_files,
+        options=writer_options,
     )
