@@ -100,7 +100,7 @@ def _launch_key(environ: Mapping[str, str] | None = None) -> str:
 
 def _short(text: str) -> str:
     """``text`` if it is a short plain name, else a digest of it."""
-    if re.fullmatch(r"[A-Za-z0-9_.]{1,24}", text):
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text):
         return text
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
