@@ -9,8 +9,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,10 +22,20 @@ from conftest import StorageRoot
 from ckptsvc import WriterOptions
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import ConfigError
-from ckptsvc.staging import node_id
+from ckptsvc.staging import node_id, pid_alive
+from ckptsvc.workers.client import writer_log_path
 
 MiB = 2**20
 PART = 5 * MiB  # S3's smallest part but the last
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
 
 # Settings the node writer must take from each job, never from its environment: set to
 # values a read would refuse (ConfigError), so a writer that read one fails the save.
@@ -130,9 +143,11 @@ _TRAINER = """
 import json, sys, torch
 from ckptsvc.async_checkpointer import AsyncCheckpointer
 from ckptsvc.staging import node_id
+from ckptsvc.workers.client import writer_socket_path
 with AsyncCheckpointer(sys.argv[1]) as c:
     c.save(1, {"w": torch.ones(8)}).wait()
-    print(json.dumps({"writer": c.writer_pid, "node": node_id()}), flush=True)
+    report = {"writer": c.writer_pid, "node": node_id(), "socket": writer_socket_path(node_id())}
+    print(json.dumps(report), flush=True)
     sys.stdin.read()  # stay (and keep the writer) until the test has heard from both
 """
 
@@ -151,7 +166,7 @@ _LAUNCH_VARS = (
 )
 
 
-def _writers_of_two_processes(tmp_path: Path, extra_env: dict[str, str]) -> list[dict[str, str]]:
+def _writers_of_two_processes(tmp_path: Path, extra_env: dict[str, str]) -> list[dict[str, Any]]:
     """Start two trainer processes at once; each saves once and reports its writer pid
     and node id while both are still alive."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
@@ -187,6 +202,10 @@ def test_two_plain_processes_get_their_own_writers(tmp_path: Path) -> None:
     first, second = _writers_of_two_processes(tmp_path, {})
     assert first["node"] != second["node"]
     assert first["writer"] != second["writer"]
+    for report in (first, second):  # a writer per process leaves no files behind
+        wait_until(lambda r=report: not pid_alive(int(r["writer"])), "the writer to exit")
+        assert not os.path.exists(report["socket"])
+        assert not os.path.exists(writer_log_path(report["socket"]))
 
 
 @pytest.mark.timeout(120)

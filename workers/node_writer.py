@@ -63,6 +63,7 @@ from ckptsvc.manifest import FileRecord, Manifest, now_iso
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
+from .client import writer_log_path
 from .commit import (
     abandon_checkpoint,
     begin_checkpoint,
@@ -563,6 +564,16 @@ def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def _drop_empty_log(socket_path: str) -> None:
+    """Remove this writer's log if nothing was written to it (a writer per plain process
+    would leave one each). Called while the socket still names this writer, so no
+    successor writes to that file yet."""
+    log = writer_log_path(socket_path)
+    with contextlib.suppress(OSError):
+        if os.path.getsize(log) == 0:
+            os.unlink(log)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckptsvc-node-writer")
     parser.add_argument("--socket", required=True)
@@ -591,11 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("SIGTERM: cancelling in-flight saves and exiting")
         writer.cancel_all()
     finally:
+        reclaim_stale_segments(args.node_id)
         with contextlib.suppress(OSError):
             if os.stat(args.socket).st_ino == ino:
+                _drop_empty_log(args.socket)
                 os.unlink(args.socket)
         listener.close()
-        reclaim_stale_segments(args.node_id)
     return 0
 
 
