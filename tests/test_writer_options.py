@@ -22,7 +22,8 @@ from conftest import StorageRoot
 from ckptsvc import WriterOptions
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import ConfigError
-from ckptsvc.staging import node_id, pid_alive
+from ckptsvc.staging import ArenaPool, ShmSegment, node_id, pid_alive, segment_prefix
+from ckptsvc.storage import Location
 from ckptsvc.workers.client import writer_log_path
 
 MiB = 2**20
@@ -238,3 +239,32 @@ def test_default_node_id_names_the_launched_job(monkeypatch: pytest.MonkeyPatch)
     assert node_id().endswith("_slurm123.4")
     monkeypatch.setenv("CKPTSVC_NODE_ID", "shared-by-choice")
     assert node_id() == "shared_by_choice"
+
+
+def test_new_pool_reclaims_arenas_of_dead_processes_of_any_node_id(tmp_path: Path) -> None:
+    """A plain process's node id is its own (``u<uid>_p<pid>``): once it and its writer
+    died, no later process shares that id, so a new pool sweeps every node id's dead
+    owners (a live process's arena stays)."""
+    shm = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = f"{segment_prefix(f'u{os.getuid()}_p{proc.pid}')}{proc.pid}-0"
+    live = f"{segment_prefix('someone_else')}{os.getpid()}-0"
+    for name in (dead, live):
+        ShmSegment.create(name, 4096, shm_dir=shm).close()
+    pool = ArenaPool(max_arenas=1, node=f"u{os.getuid()}_p{os.getpid()}", shm_dir=shm)
+    arena, _ = pool.acquire(4096)
+    try:
+        assert sorted(os.listdir(shm)) == sorted([live, arena.name])
+    finally:
+        pool.release(arena)
+        pool.close()
+        os.unlink(os.path.join(shm, live))
+
+
+def test_a_location_keeps_its_settings_through_join_and_parent(tmp_path: Path) -> None:
+    settings = WriterOptions(retry_attempts=3, part_size_bytes=PART).io_settings()
+    root = Location.parse(str(tmp_path), settings=settings)
+    child = root.join("a", "b.bin").parent.join("c.bin")
+    assert child.settings is settings and child.retry_policy().attempts == 3
+    assert Location.parse(str(tmp_path)).settings is None  # knobs, read at use
