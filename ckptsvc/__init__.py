@@ -75,6 +75,7 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from .training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
     from .transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
     from .verify import Problem, VerifyReport, find_latest_verified, verify_checkpoint
+    from .workers.protocol import WriterOptions
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
@@ -145,6 +146,7 @@ _LAZY: dict[str, str] = {
     "validate_checkpoint": "sharded_checkpoint",
     "validate_output_dir": "sharded_checkpoint",
     "verify_checkpoint": "verify",
+    "WriterOptions": "workers.protocol",
 }
 
 
@@ -208,6 +210,7 @@ __all__ = [
     "TrainingProgress",
     "VerifyReport",
     "WriterDiedError",
+    "WriterOptions",
     "__version__",
     "add_listener",
     "collect_garbage",

@@ -89,7 +89,7 @@ from .staging import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
 from .state_components import components_of_state
 from .storage import Location
 from .workers.client import WriterClient
-from .workers.protocol import JobDone, JobFailed, SaveJob, check_wire_safe
+from .workers.protocol import JobDone, JobFailed, SaveJob, WriterOptions, check_wire_safe
 from .writer_link import WriterLink
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_components", "load_state"]
@@ -105,7 +105,9 @@ class AsyncCheckpointer:
     In a distributed job create it on every rank after ``init_process_group`` (rank,
     world and node come from :class:`~ckptsvc.distributed.RankInfo`; ``store`` defaults to
     the default process group's Store, and without a process group ranks coordinate
-    through fragment files under the checkpoint).
+    through fragment files under the checkpoint). ``writer_options``
+    (:class:`~ckptsvc.WriterOptions`: fsync, I/O threads, part size, retries, direct I/O)
+    travel with every save to the node writer; default ``WriterOptions.resolve()`` here.
     ``close`` (also on ``with`` exit and at interpreter exit) waits for in-flight saves,
     then unlinks the arenas; it never raises a save's error - ``wait_all`` and the
     handles do.
@@ -125,7 +127,10 @@ class AsyncCheckpointer:
         store: Any | None = None,
         incremental: bool | None = None,
         memory_budget_bytes: int | None = None,
+        writer_options: WriterOptions | None = None,
     ) -> None:
+        # how the node writer writes this checkpointer's saves; None: the CKPTSVC_* knobs now
+        self._writer_options = writer_options or WriterOptions.resolve()
         self._root = Location.parse(os.fspath(root), storage_options)
         if self._root.protocol == "memory":
             raise StorageError(
@@ -344,6 +349,7 @@ class AsyncCheckpointer:
                 layout=layout,
                 arena=arena,
                 single_process=self._coordinator is None,
+                writer_options=self._writer_options,
                 **self._base_kwargs(
                     target.write_path, frozenset().union(*(p.frozen_files for p in plans))
                 ),
@@ -552,6 +558,7 @@ class AsyncCheckpointer:
                 pending=pending,
                 merged=merged,
                 world_size=self._info.world_size,
+                writer_options=self._writer_options,
             )
         )
 

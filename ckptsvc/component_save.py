@@ -25,7 +25,7 @@ from .manifest import FileRecord
 from .reports import Merged, merge_reports
 from .safetensors_stream import dtype_to_torch
 from .staging import ArenaPlan, StagingArena, copy_into
-from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile
+from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile, WriterOptions
 
 __all__ = ["commit_job", "data_job", "stage_components"]
 
@@ -104,8 +104,9 @@ def data_job(
     single_process: bool,
     base_url: str = "",
     base_files: tuple[FileRecord, ...] = (),
+    writer_options: WriterOptions,
 ) -> SaveJob:
-    """This rank's writer job; ``base_url`` / ``base_files`` name the committed checkpoint
+    """This rank's writer job, written with ``writer_options``; ``base_url`` / ``base_files`` name the committed checkpoint
     unchanged files may be copied from (incremental saves, :mod:`ckptsvc.incremental`)."""
     files = tuple(
         FileJob(f.plan.file_name, f.plan.layout, off)
@@ -133,6 +134,7 @@ def data_job(
         commit=commit,
         base_url=base_url,
         base_files=base_files,
+        options=writer_options,
     )
 
 
@@ -144,6 +146,7 @@ def commit_job(
     pending: PendingCommit,
     merged: Merged,
     world_size: int,
+    writer_options: WriterOptions,
 ) -> SaveJob:
     return SaveJob(
         job_id=job_id,
@@ -153,4 +156,5 @@ def commit_job(
         files=(),
         small_files=tuple(SmallFile(n, b) for n, b in sorted(merged.small_files.items())),
         commit=commit_info(pending, merged, world_size=world_size),
+        options=writer_options,
     )

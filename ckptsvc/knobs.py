@@ -184,7 +184,9 @@ WRITE_CHUNK_BYTES = _knob(
 READ_CHUNK_BYTES = _knob(
     "read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.", min_value=1
 )
-IO_THREADS = _knob("io_threads", 4, "Threads that write or read shards in parallel.", min_value=1)
+IO_THREADS = _knob(
+    "io_threads", 4, "Threads that write (per save) or read shards in parallel.", min_value=1
+)
 MAX_HEADER_BYTES = _knob(
     "max_header_bytes", 100 * 2**20, "Largest safetensors JSON header accepted.", min_value=1
 )
@@ -331,7 +333,13 @@ CLAIM_LEASE_S = _knob(
     min_value=0,
     min_inclusive=False,
 )
-NODE_ID = _knob("node_id", "", "Names this node's writer socket and arenas ('' = per user).")
+NODE_ID = _knob(
+    "node_id",
+    "",
+    "Names the node writer socket and arenas; processes with the same id share one writer "
+    "('' = per launched job: torchrun run id, Slurm job + step, MASTER_ADDR:MASTER_PORT; "
+    "else per process).",
+)
 WRITER_SOCKET = _knob(
     "writer_socket", "", "Unix socket path of the node writer ('' = derived from the node id)."
 )

@@ -110,7 +110,7 @@ def write_claimed(
     removed (it may have filled the disk), a failed first save stays incomplete for ``gc``.
     """
     target = claim_target(dst.url, storage_options=dst.storage_options, overwrite=overwrite)
-    directory = Location.parse(target.write_path, dst.storage_options)
+    directory = Location.parse(target.write_path, dst.storage_options, settings=dst.settings)
     committed = False
     try:
         begin_checkpoint(directory)

@@ -80,6 +80,7 @@ from .tied_params import (
     stored_aliases,
 )
 from .workers.commit import commit_checkpoint, publish_file
+from .workers.protocol import WriterOptions
 from .workers.shard_writer import ChecksummedWriter, write_shard
 
 __all__ = [
@@ -235,14 +236,19 @@ def _write_file(
 
 
 def _write_files(
-    ckpt: Location, weight_map: Mapping[str, str], sd: Mapping[str, Tensor], *, safetensors: bool
+    ckpt: Location,
+    weight_map: Mapping[str, str],
+    sd: Mapping[str, Tensor],
+    *,
+    safetensors: bool,
+    io_threads: int,
 ) -> list[FileRecord]:
-    """Write every file of ``weight_map`` that holds tensors of ``sd``, in parallel."""
+    """Write every file of ``weight_map`` that holds tensors of ``sd``, ``io_threads`` at a time."""
     by_file: dict[str, dict[str, Tensor]] = {}
     for k in weight_map:
         if k in sd:
             by_file.setdefault(weight_map[k], {})[k] = sd[k]
-    threads = max(1, min(knobs.IO_THREADS.get(), len(by_file)))
+    threads = max(1, min(io_threads, len(by_file)))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return list(
             pool.map(
@@ -266,8 +272,13 @@ def save_checkpoint(
     step: int | None = None,
     overwrite: bool = True,
     extra_files: Mapping[str, bytes] | None = None,
+    writer_options: WriterOptions | None = None,
 ) -> None:
     """Save a module or raw state dict as a sharded, committed checkpoint in ``output_dir``.
+
+    ``writer_options`` (fsync, I/O threads, part size, retries, direct I/O; default
+    :meth:`WriterOptions.resolve() <ckptsvc.WriterOptions.resolve>` now) apply as they do
+    to an ``AsyncCheckpointer``'s saves, here in the calling process.
 
     ``extra_files`` (relative path -> bytes, e.g. ``config.json``) are written with the
     weights and listed in the manifest, so they are part of the checkpoint.
@@ -300,8 +311,9 @@ def save_checkpoint(
     sizes = [(k, t.numel() * t.element_size()) for k, t in to_write.items()]
     weight_map = assign_shards([sizes], max_shard_size=max_shard_size, safetensors=safetensors)
 
+    options = writer_options or WriterOptions.resolve()
     write_claimed(
-        Location.parse(output_dir, storage_options),
+        Location.parse(output_dir, storage_options, settings=options.io_settings()),
         overwrite=overwrite,
         write=partial(
             _write_committed,
@@ -312,6 +324,7 @@ def save_checkpoint(
             step=step,
             safetensors=safetensors,
             extra_files=dict(extra_files or {}),
+            io_threads=options.io_threads,
         ),
     )
 
@@ -327,9 +340,12 @@ def _write_committed(
     step: int | None,
     safetensors: bool,
     extra_files: dict[str, bytes],
+    io_threads: int,
 ) -> None:
     """``save_checkpoint``'s files, index and manifest in the claimed directory ``ckpt``."""
-    records = _write_files(ckpt, weight_map, to_write, safetensors=safetensors)
+    records = _write_files(
+        ckpt, weight_map, to_write, safetensors=safetensors, io_threads=io_threads
+    )
     records += [publish_file(ckpt, name, data) for name, data in sorted(extra_files.items())]
     total = sum(t.numel() * t.element_size() for t in to_write.values())
     index = make_index(
@@ -387,7 +403,13 @@ def save_sharded_checkpoint(
             len(set(sd) & set(shard_index["weight_map"])),
             len(shard_index["weight_map"]),
         )
-    _write_files(ckpt, shard_index["weight_map"], sd, safetensors=safetensors)
+    _write_files(
+        ckpt,
+        shard_index["weight_map"],
+        sd,
+        safetensors=safetensors,
+        io_threads=knobs.IO_THREADS.get(),
+    )
 
 
 def validate_output_dir(

@@ -10,7 +10,9 @@ Ownership (who unlinks):
 - A trainer killed by SIGKILL cannot unlink: segment names carry the owner's pid and pid
   namespace (``ckptsvc-<node>-<pidns>-<pid>-<serial>``), and both the writer (when the
   trainer's connection closes, and periodically) and every new pool (at its first arena)
-  unlink the segments of dead owners with :func:`reclaim_stale_segments`.
+  unlink the segments of dead owners with :func:`reclaim_stale_segments` (the writer those
+  of its node id; a new pool those of every node id, since a plain process has a node id of
+  its own and a dead one's writer may have died with it).
 
 Layout: :func:`plan_arena` puts each shard file's data section contiguously, in
 ``layout.entries`` order, at a page-aligned offset, so the writer streams a file with a
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import itertools
 import logging
 import mmap
@@ -31,7 +34,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,15 +71,38 @@ _serial = itertools.count()
 
 
 def node_id(explicit: str | None = None) -> str:
-    """This node's id, reduced to ``[A-Za-z0-9_.]``: ``CKPTSVC_NODE_ID``, else ``u<uid>``
-    plus the job id when a launcher sets one (``SLURM_JOB_ID``, torchrun's
-    ``TORCHELASTIC_RUN_ID``), so two jobs of one user on a node get separate writers (each
-    with its own environment and credentials)."""
+    """This process's writer id, reduced to ``[A-Za-z0-9_.]``: ``CKPTSVC_NODE_ID`` (how
+    processes ask to share one node writer), else ``u<uid>`` plus the launched job this
+    process belongs to, so that the local ranks of one job share a writer and unrelated
+    jobs never do: torchrun's ``TORCHELASTIC_RUN_ID``; Slurm's ``SLURM_JOB_ID`` and
+    ``SLURM_STEP_ID`` (an ``srun`` step); ``MASTER_ADDR`` and ``MASTER_PORT`` (any other
+    multi-process launch); else this process alone (``p<pid>``)."""
     raw = knobs.NODE_ID.get(explicit)
     if not raw:
-        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
-        raw = f"u{os.getuid()}" + (f"-{job}" if job and job != "none" else "")
+        raw = f"u{os.getuid()}_{_launch_key()}"
     return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:64]
+
+
+def _launch_key(environ: Mapping[str, str] | None = None) -> str:
+    """The launched job of this process, as a short name (see :func:`node_id`)."""
+    env = os.environ if environ is None else environ
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":  # torchrun without --rdzv-id says "none"
+        return "te" + _short(run_id)
+    job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
+    if job and step:
+        return f"slurm{_short(job)}.{_short(step)}"
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    if addr and port:
+        return "m" + hashlib.sha256(f"{addr}:{port}".encode()).hexdigest()[:12]
+    return f"p{os.getpid()}"
+
+
+def _short(text: str) -> str:
+    """``text`` if it is a short plain name, else a digest of it."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text):
+        return text
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def segment_prefix(node: str) -> str:
@@ -470,7 +496,9 @@ class ArenaPool:
     def _create(self, nbytes: int) -> StagingArena:
         if not self._swept:
             self._swept = True
-            reclaim_stale_segments(self._node, shm_dir=self._shm_dir)
+            # every node id's: a plain process's node id is its own (``p<pid>``), so no
+            # later process shares the id of a dead one whose writer died with it
+            reclaim_stale_segments(None, shm_dir=self._shm_dir)
         size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         t0 = time.monotonic()
         seg = ShmSegment.create(_new_segment_name(self._node), size, shm_dir=self._shm_dir)

@@ -5,6 +5,7 @@ This layer knows nothing of torch or checkpoints; it moves bytes and names them.
 
 from .copies import CopyMethod, copy_file
 from .errors import classify, is_transient, storage_errors
+from .io_settings import IOSettings
 from .location import ChildInfo, Location, ShardSink, fsync_dir, url_to_fs
 from .reads import RangeRead, plan_reads
 from .retry import RetryPolicy, acall_with_retries, call_with_retries
@@ -12,6 +13,7 @@ from .retry import RetryPolicy, acall_with_retries, call_with_retries
 __all__ = [
     "ChildInfo",
     "CopyMethod",
+    "IOSettings",
     "Location",
     "RangeRead",
     "RetryPolicy",

@@ -105,13 +105,21 @@ def copy_file(
         return CopyMethod.SERVER
     if src.protocol in GCS_PROTOCOLS:
         call_with_retries(
-            lambda: src.fs.cp_file(src.path, dst.path), url=dst.url, action="copy (rewrite) to"
+            lambda: src.fs.cp_file(src.path, dst.path),
+            url=dst.url,
+            policy=dst.retry_policy(),
+            action="copy (rewrite) to",
         )
         dst.fs.invalidate_cache(dst.path)
         return CopyMethod.SERVER
     if not allow_plain_copy:
         return None
-    call_with_retries(lambda: src.fs.cp_file(src.path, dst.path), url=dst.url, action="copy to")
+    call_with_retries(
+        lambda: src.fs.cp_file(src.path, dst.path),
+        url=dst.url,
+        policy=dst.retry_policy(),
+        action="copy to",
+    )
     dst.fs.invalidate_cache(dst.path)
     return CopyMethod.PLAIN
 
@@ -171,11 +179,21 @@ def _copy_s3(
         def _basic() -> None:
             sync(fs.loop, fs._copy_basic, src.path, dst.path)
 
-        call_with_retries(_basic, url=dst.url, action=f"copy (CopyObject) from {src.url} to")
+        call_with_retries(
+            _basic,
+            url=dst.url,
+            policy=dst.retry_policy(),
+            action=f"copy (CopyObject) from {src.url} to",
+        )
     else:
 
         def _managed() -> None:
             sync(fs.loop, fs._copy_managed, src.path, dst.path, size, block=part_bytes)
 
-        call_with_retries(_managed, url=dst.url, action=f"copy (UploadPartCopy) from {src.url} to")
+        call_with_retries(
+            _managed,
+            url=dst.url,
+            policy=dst.retry_policy(),
+            action=f"copy (UploadPartCopy) from {src.url} to",
+        )
     fs.invalidate_cache(dst.path)

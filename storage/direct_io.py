@@ -127,9 +127,16 @@ def filesystem_type(directory: str) -> str:
     return kind
 
 
-def want_direct(directory: str, *, mode: DirectIOMode, size_hint_bytes: int | None) -> bool:
+def want_direct(
+    directory: str,
+    *,
+    mode: DirectIOMode,
+    size_hint_bytes: int | None,
+    min_bytes: int | None = None,
+) -> bool:
     """Whether a new file of about ``size_hint_bytes`` in ``directory`` should be written
-    with ``O_DIRECT`` (see the module docstring)."""
+    with ``O_DIRECT`` (see the module docstring; ``min_bytes`` wins over
+    ``CKPTSVC_DIRECT_IO_MIN_BYTES``)."""
     if mode == "off":
         return False
     try:
@@ -141,7 +148,7 @@ def want_direct(directory: str, *, mode: DirectIOMode, size_hint_bytes: int | No
             return False
     if mode == "on":
         return True
-    if size_hint_bytes is None or size_hint_bytes < knobs.DIRECT_IO_MIN_BYTES.get():
+    if size_hint_bytes is None or size_hint_bytes < knobs.DIRECT_IO_MIN_BYTES.get(min_bytes):
         return False
     return filesystem_type(directory) in AUTO_FILESYSTEMS
 

@@ -14,7 +14,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -33,8 +33,9 @@ from ckptsvc.errors import (
 from .copies import CopyMethod, copy_file
 from .deletes import delete_s3_tree
 from .errors import classify, storage_errors
+from .io_settings import IOSettings
 from .reads import RangeRead, plan_reads, read_ranges
-from .retry import call_with_retries
+from .retry import RetryPolicy, call_with_retries
 from .sinks import GCS_PROTOCOLS, S3_PROTOCOLS, ShardSink, open_sink, write_all
 
 __all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
@@ -94,13 +95,21 @@ class Location:
     path: str
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    settings: IOSettings | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(
-        cls, url: str | os.PathLike[str] | Location, storage_options: dict[str, Any] | None = None
+        cls,
+        url: str | os.PathLike[str] | Location,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        settings: IOSettings | None = None,
     ) -> Location:
+        """The location of ``url``; with ``settings`` (:class:`~.io_settings.IOSettings`),
+        every write and request made through it (and its ``join``/``parent``) uses those
+        instead of the ``CKPTSVC_*`` knobs."""
         if isinstance(url, Location):
-            return url
+            return url if settings is None else replace(url, settings=settings)
         opts = dict(storage_options or {})
         fs, path = url_to_fs(url, **opts)
         text = os.fspath(url)
@@ -108,8 +117,17 @@ class Location:
             path = os.path.abspath(path)
             text = path if "://" not in text else text
         return cls(
-            fs=fs, path=path.rstrip("/") or "/", url=text.rstrip("/") or text, storage_options=opts
+            fs=fs,
+            path=path.rstrip("/") or "/",
+            url=text.rstrip("/") or text,
+            storage_options=opts,
+            settings=settings,
         )
+
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of requests made through this location: its ``settings``'s,
+        else the ``CKPTSVC_RETRY_*`` knobs (read now)."""
+        return self.settings.retry if self.settings is not None else RetryPolicy.from_knobs()
 
     # ---- naming --------------------------------------------------------------------------
     @property
@@ -132,6 +150,7 @@ class Location:
             path=posixpath.dirname(self.path.rstrip("/")) or "/",
             url=self.url.rstrip("/").rsplit("/", 1)[0] if "/" in self.url.rstrip("/") else self.url,
             storage_options=self.storage_options,
+            settings=self.settings,
         )
 
     def join(self, *parts: str) -> Location:
@@ -143,7 +162,13 @@ class Location:
                     raise ValueError(f"unsafe path component {part!r} under {self.url}")
             path = posixpath.join(path, part)
             url = f"{url.rstrip('/')}/{part}"
-        return Location(fs=self.fs, path=path, url=url, storage_options=self.storage_options)
+        return Location(
+            fs=self.fs,
+            path=path,
+            url=url,
+            storage_options=self.storage_options,
+            settings=self.settings,
+        )
 
     def __str__(self) -> str:
         return self.url
@@ -162,20 +187,34 @@ class Location:
                 return False
             return True
 
-        return bool(call_with_retries(_exists, url=self.url, action="stat"))
+        return bool(
+            call_with_retries(_exists, url=self.url, policy=self.retry_policy(), action="stat")
+        )
 
     def isdir(self) -> bool:
         if self.is_local:
             return os.path.isdir(self.path)
         return bool(
-            call_with_retries(lambda: self.fs.isdir(self.path), url=self.url, action="stat")
+            call_with_retries(
+                lambda: self.fs.isdir(self.path),
+                url=self.url,
+                policy=self.retry_policy(),
+                action="stat",
+            )
         )
 
     def size(self) -> int:
         if self.is_local:
             with storage_errors(self.url, "stat"):
                 return os.path.getsize(self.path)
-        return int(call_with_retries(lambda: self.fs.size(self.path), url=self.url, action="stat"))
+        return int(
+            call_with_retries(
+                lambda: self.fs.size(self.path),
+                url=self.url,
+                policy=self.retry_policy(),
+                action="stat",
+            )
+        )
 
     def stored_crc32c(self) -> str | None:
         """The CRC-32C the store itself keeps for this object, as 8 hex digits (GCS does,
@@ -183,7 +222,9 @@ class Location:
         if self.protocol not in GCS_PROTOCOLS:
             return None
         self.fs.invalidate_cache(self.path)
-        info = call_with_retries(lambda: self.fs.info(self.path), url=self.url, action="stat")
+        info = call_with_retries(
+            lambda: self.fs.info(self.path), url=self.url, policy=self.retry_policy(), action="stat"
+        )
         raw = info.get("crc32c")
         return base64.b64decode(raw).hex() if raw else None
 
@@ -202,7 +243,7 @@ class Location:
             self.fs.invalidate_cache(self.path)
             return list(self.fs.ls(self.path, detail=True))
 
-        entries = call_with_retries(_ls, url=self.url, action="list")
+        entries = call_with_retries(_ls, url=self.url, policy=self.retry_policy(), action="list")
         result = []
         for info in entries:
             name = posixpath.basename(str(info["name"]).rstrip("/"))
@@ -227,7 +268,10 @@ class Location:
         kwargs = {"max_concurrency": 1} if self.protocol in S3_PROTOCOLS else {}
         return bytes(
             call_with_retries(
-                lambda: self.fs.cat_file(self.path, **kwargs), url=self.url, action="read"
+                lambda: self.fs.cat_file(self.path, **kwargs),
+                url=self.url,
+                policy=self.retry_policy(),
+                action="read",
             )
         )
 
@@ -247,6 +291,7 @@ class Location:
                 call_with_retries(
                     lambda: self.fs.cat_file(self.path, start=start, end=end),
                     url=self.url,
+                    policy=self.retry_policy(),
                     action="read",
                 )
             )
@@ -343,7 +388,10 @@ class Location:
                 fsync_dir(directory)
             return
         call_with_retries(
-            lambda: self.fs.pipe_file(self.path, data), url=self.url, action="publish"
+            lambda: self.fs.pipe_file(self.path, data),
+            url=self.url,
+            policy=self.retry_policy(),
+            action="publish",
         )
 
     def create_exclusive(self, data: bytes) -> bool:
@@ -374,6 +422,7 @@ class Location:
                 call_with_retries(
                     lambda: self.fs.pipe_file(self.path, data, mode="create"),
                     url=self.url,
+                    policy=self.retry_policy(),
                     action="create",
                 )
             except FileExistsError:  # 412 Precondition Failed, as fsspec maps it
@@ -406,7 +455,7 @@ class Location:
             self.fs.invalidate_cache(self.path)
             return dict(self.fs.info(self.path))
 
-        info = call_with_retries(_info, url=self.url, action="stat")
+        info = call_with_retries(_info, url=self.url, policy=self.retry_policy(), action="stat")
         return _timestamp(
             info.get("mtime")
             or info.get("LastModified")
@@ -459,14 +508,19 @@ class Location:
         if not missing_ok and not self.exists():
             raise StorageNotFoundError(f"delete {self.url}: not found", url=self.url)
         if recursive and self.protocol in S3_PROTOCOLS:
-            call_with_retries(lambda: delete_s3_tree(self), url=self.url, action="delete")
+            call_with_retries(
+                lambda: delete_s3_tree(self),
+                url=self.url,
+                policy=self.retry_policy(),
+                action="delete",
+            )
             return
 
         def _rm() -> None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.path, recursive=recursive)
 
-        call_with_retries(_rm, url=self.url, action="delete")
+        call_with_retries(_rm, url=self.url, policy=self.retry_policy(), action="delete")
         self.fs.invalidate_cache(self.path)
 
     def remove_children(self, *, keep: Collection[str] = ()) -> None:
@@ -491,7 +545,10 @@ class Location:
             return
         if self.protocol in S3_PROTOCOLS:
             call_with_retries(
-                lambda: delete_s3_tree(self, keep=keep), url=self.url, action="delete"
+                lambda: delete_s3_tree(self, keep=keep),
+                url=self.url,
+                policy=self.retry_policy(),
+                action="delete",
             )
             return
         try:
@@ -505,7 +562,7 @@ class Location:
                 self.fs.rm(doomed, recursive=True)
 
         if doomed:
-            call_with_retries(_rm, url=self.url, action="delete")
+            call_with_retries(_rm, url=self.url, policy=self.retry_policy(), action="delete")
         self.fs.invalidate_cache(self.path)
 
     def copy_to(self, dst: Location, *, allow_plain_copy: bool = True) -> CopyMethod | None:
@@ -518,7 +575,10 @@ class Location:
     def walk_files(self) -> Iterator[tuple[str, int]]:
         """(relative path, size) of every file below this directory."""
         found: dict[str, dict[str, Any]] = call_with_retries(
-            lambda: self.fs.find(self.path, detail=True), url=self.url, action="list"
+            lambda: self.fs.find(self.path, detail=True),
+            url=self.url,
+            policy=self.retry_policy(),
+            action="list",
         )
         base = self.path.rstrip("/") + "/"
         for name, info in sorted(found.items()):

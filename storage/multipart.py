@@ -26,7 +26,7 @@ from fsspec.asyn import sync
 from ckptsvc.errors import StorageError, StorageNotFoundError
 
 from .part_buffer import PartFiller
-from .retry import RetryPolicy, acall_with_retries, call_with_retries
+from .retry import acall_with_retries, call_with_retries
 
 if TYPE_CHECKING:
     from .location import Location
@@ -144,7 +144,7 @@ class S3MultipartSink:
         self._part_nbytes = max(part_size_bytes, S3_MIN_PART_BYTES)
         self._max_in_flight = max(1, parts_in_flight)
         self._max_buffers = self._max_in_flight + 1
-        self._policy = RetryPolicy.from_knobs()
+        self._policy = loc.retry_policy()
         self._cond = threading.Condition()
         self._free: list[bytearray] = []  # guarded by _cond, like the four below
         self._nbuffers = 0
@@ -199,7 +199,9 @@ class S3MultipartSink:
                 self._create_tries += 1
                 return self._s3("create_multipart_upload", Bucket=self._bucket, Key=self._key)
 
-            out = call_with_retries(create, url=self._loc.url, action="start multipart upload of")
+            out = call_with_retries(
+                create, url=self._loc.url, policy=self._policy, action="start multipart upload of"
+            )
             self._upload_id = str(out["UploadId"])
         number = self._next_part
         if number > S3_MAX_PARTS:
@@ -276,6 +278,7 @@ class S3MultipartSink:
         call_with_retries(
             lambda: self._s3("put_object", Bucket=self._bucket, Key=self._key, Body=PartBody(view)),
             url=self._loc.url,
+            policy=self._policy,
             action="upload",
         )
 
@@ -301,7 +304,9 @@ class S3MultipartSink:
             )
 
         try:
-            call_with_retries(complete, url=self._loc.url, action="complete upload of")
+            call_with_retries(
+                complete, url=self._loc.url, policy=self._policy, action="complete upload of"
+            )
         except StorageNotFoundError:
             # A retry after a completion whose answer was lost finds no upload any more:
             # that is success if the object is there.
@@ -375,7 +380,7 @@ class S3MultipartSink:
             except FileNotFoundError:  # NoSuchUpload: an earlier attempt got there
                 return
 
-        call_with_retries(abort, url=self._loc.url, action="abort upload of")
+        call_with_retries(abort, url=self._loc.url, policy=self._policy, action="abort upload of")
 
     def _abort_strays(self) -> None:
         """After a retried CreateMultipartUpload, abort the uploads of this key that the
@@ -387,6 +392,7 @@ class S3MultipartSink:
             out = call_with_retries(
                 lambda: self._s3("list_multipart_uploads", Bucket=self._bucket, Prefix=self._key),
                 url=url,
+                policy=self._policy,
                 action="list uploads of",
             )
             for up in out.get("Uploads") or []:

@@ -34,7 +34,7 @@ from fsspec.asyn import AsyncFileSystem, sync
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError
 
 from .errors import classify, storage_errors
-from .retry import RetryPolicy, call_with_retries
+from .retry import call_with_retries
 
 if TYPE_CHECKING:
     from .location import Location
@@ -235,6 +235,7 @@ def _read_threads(loc: Location, reads: Sequence[RangeRead], *, threads: int) ->
             data = call_with_retries(
                 lambda: loc.fs.cat_file(loc.path, start=rr.offset, end=rr.offset + rr.nbytes),
                 url=loc.url,
+                policy=loc.retry_policy(),
                 action="read",
             )
         except CheckpointError as e:
@@ -257,7 +258,7 @@ _RangeFn = Callable[[Any, str, str, RangeRead, _Scatter], Awaitable[None]]
 
 
 def _read_on_loop(loc: Location, reads: Sequence[RangeRead], in_flight: int, fn: _RangeFn) -> None:
-    policy = RetryPolicy.from_knobs()
+    policy = loc.retry_policy()
 
     async def retried(rr: RangeRead, gate: asyncio.Semaphore) -> None:
         async with gate:

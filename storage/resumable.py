@@ -30,7 +30,7 @@ from ckptsvc.errors import CheckpointError, StorageError
 from .errors import classify
 from .multipart import on_loop
 from .part_buffer import PartFiller
-from .retry import RetryPolicy, call_with_retries
+from .retry import call_with_retries
 
 if TYPE_CHECKING:
     from .location import Location
@@ -87,7 +87,7 @@ class GcsResumableSink:
         self._chunk_nbytes = max(
             GCS_CHUNK_MULTIPLE, part_size_bytes // GCS_CHUNK_MULTIPLE * GCS_CHUNK_MULTIPLE
         )
-        self._policy = RetryPolicy.from_knobs()
+        self._policy = loc.retry_policy()
         self._spare: bytearray | None = None
         self._filler = PartFiller(take=self._take_buffer, on_full=self._send_full)
         self._offset = 0  # bytes handed to the session so far
@@ -137,7 +137,9 @@ class GcsResumableSink:
         def start() -> str:
             return str(sync(self._fs.loop, initiate_upload, self._fs, self._bucket, self._key))
 
-        return call_with_retries(start, url=self._loc.url, action="start resumable upload of")
+        return call_with_retries(
+            start, url=self._loc.url, policy=self._policy, action="start resumable upload of"
+        )
 
     async def _upload_chunk(self, view: memoryview, offset: int, final_nbytes: int | None) -> None:
         """Send ``view`` (file bytes from ``offset``); re-send what the server lacks."""
@@ -250,6 +252,7 @@ class GcsResumableSink:
                 call_with_retries(
                     lambda: self._fs.pipe_file(self._loc.path, data),
                     url=self._loc.url,
+                    policy=self._policy,
                     action="upload",
                 )
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fsspec.spec import AbstractBufferedFile
@@ -58,17 +59,24 @@ def open_sink(
 ) -> ShardSink:
     """The right streaming writer for ``loc`` (see the module docstring).
 
-    Local files only: ``direct_io`` (``"auto"`` | ``"on"`` | ``"off"``, default
-    ``CKPTSVC_DIRECT_IO``) and ``size_hint_bytes`` (the expected file size, which ``auto``
-    needs) choose ``O_DIRECT``; see :mod:`ckptsvc.storage.direct_io`.
+    Each setting is the explicit argument, else ``loc.settings``'s
+    (:class:`~.io_settings.IOSettings`), else its ``CKPTSVC_*`` knob. Local files only:
+    ``direct_io`` (``"auto"`` | ``"on"`` | ``"off"``) and ``size_hint_bytes`` (the expected
+    file size, which ``auto`` needs) choose ``O_DIRECT``; see :mod:`ckptsvc.storage.direct_io`.
     """
+    s = loc.settings
     if loc.is_local:
         return LocalSink(
             loc,
-            fsync=knobs.FSYNC.get(fsync),
-            direct_io=direct_io_mode(direct_io),
+            fsync=knobs.FSYNC.get(s.fsync if fsync is None and s is not None else fsync),
+            direct_io=direct_io_mode(
+                s.direct_io if direct_io is None and s is not None else direct_io
+            ),
             size_hint_bytes=size_hint_bytes,
         )
+    if s is not None:
+        part_size_bytes = s.part_size_bytes if part_size_bytes is None else part_size_bytes
+        parts_in_flight = s.upload_parts_in_flight if parts_in_flight is None else parts_in_flight
     part = knobs.PART_SIZE_BYTES.get(part_size_bytes)
     in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
     if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
@@ -120,11 +128,17 @@ class LocalSink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(loc.path)
             mode = direct_io_mode(direct_io)
-            if want_direct(directory, mode=mode, size_hint_bytes=size_hint_bytes):
+            s = loc.settings
+            min_bytes = s.direct_io_min_bytes if s is not None else None
+            if want_direct(
+                directory, mode=mode, size_hint_bytes=size_hint_bytes, min_bytes=min_bytes
+            ):
                 with contextlib.suppress(DirectIORefused):
                     self._direct = DirectFile(
                         loc.path,
-                        chunk_nbytes=knobs.DIRECT_IO_BUFFER_BYTES.get(),
+                        chunk_nbytes=knobs.DIRECT_IO_BUFFER_BYTES.get(
+                            s.direct_io_buffer_bytes if s is not None else None
+                        ),
                         size_hint_bytes=size_hint_bytes,
                         fsync=fsync,
                     )
@@ -215,7 +229,8 @@ class FsspecSink:
         f, loc = self._f, self._loc
         try:
             if loc.protocol in _DISCARDING_PROTOCOLS:
-                call_with_retries(f.discard, url=loc.url, action="abort upload of", attempts=3)
+                policy = replace(loc.retry_policy(), attempts=3)
+                call_with_retries(f.discard, url=loc.url, action="abort upload of", policy=policy)
             else:
                 f.close()
                 loc.fs.rm_file(loc.path)

@@ -38,6 +38,7 @@ from ckptsvc.workers.protocol import (
     ProtocolError,
     SaveJob,
     SmallFile,
+    WriterOptions,
     check_wire_safe,
     recv_message,
     send_message,
@@ -89,7 +90,13 @@ class Staged:
     tensors: dict[str, torch.Tensor]
 
     def job(
-        self, job_id: int, url: str, *, commit: bool = True, options: dict | None = None
+        self,
+        job_id: int,
+        url: str,
+        *,
+        commit: bool = True,
+        options: dict | None = None,
+        writer_options: WriterOptions | None = None,
     ) -> SaveJob:
         info = CommitInfo(
             step=job_id,
@@ -106,6 +113,7 @@ class Staged:
             files=self.files,
             small_files=(SmallFile("extra.json", b'{"a": 1}'),),
             commit=info if commit else None,
+            options=writer_options or WriterOptions.resolve(),
         )
 
 
@@ -321,7 +329,7 @@ import torch
 from ckptsvc.layout import TensorSpec, plan_files
 from ckptsvc.staging import ShmSegment, plan_arena, segment_prefix
 from ckptsvc.workers.client import WriterClient
-from ckptsvc.workers.protocol import FileJob, SaveJob
+from ckptsvc.workers.protocol import FileJob, SaveJob, WriterOptions
 node, url, gate = sys.argv[1:4]
 specs = [TensorSpec("w", "F32", (4096,))]
 plans = plan_files(specs, max_shard_size=1 << 20)
@@ -329,7 +337,8 @@ arena = plan_arena(plans)
 seg = ShmSegment.create(f"{segment_prefix(node)}{os.getpid()}-0", arena.nbytes)
 client = WriterClient.connect_or_start(node=node)
 job = SaveJob(1, url, {"gate_path": gate}, seg.name,
-              tuple(FileJob(p.file_name, p.layout, o) for p, o in zip(plans, arena.file_offsets)), (), None)
+              tuple(FileJob(p.file_name, p.layout, o) for p, o in zip(plans, arena.file_offsets)), (), None,
+              options=WriterOptions.resolve())
 client.submit(job, print)
 print(json.dumps({"segment": seg.name, "writer": client.writer_pid}), flush=True)
 time.sleep(600)
@@ -404,7 +413,14 @@ class Evil:
 def stage_free_job() -> SaveJob:
     (plan,) = plan_files([TensorSpec("w", "BF16", (3, 2))], max_shard_size=1 << 20)
     return SaveJob(
-        7, "s3://b/c", {"key": "k"}, "seg", (FileJob(plan.file_name, plan.layout, 0),), (), None
+        7,
+        "s3://b/c",
+        {"key": "k"},
+        "seg",
+        (FileJob(plan.file_name, plan.layout, 0),),
+        (),
+        None,
+        options=WriterOptions(),
     )
 
 

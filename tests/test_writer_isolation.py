@@ -174,11 +174,14 @@ def test_identity_covers_credentials_and_installation_but_not_ranks() -> None:
     same = current_identity(base)
     assert current_identity({**base, "RANK": "3", "LOCAL_RANK": "3"}) == same
     assert current_identity({**base, "CKPTSVC_NODE_ID": "n2"}).key == same.key
+    # settings that travel with each job (WriterOptions) never split writers
+    for per_job in ({"CKPTSVC_FSYNC": "0"}, {"CKPTSVC_PART_SIZE_BYTES": "5242880"}):
+        assert current_identity({**base, **per_job}).key == same.key, per_job
     for extra in (
         {"AWS_ACCESS_KEY_ID": "other"},
         {"AWS_ENDPOINT_URL": "http://x"},
         {"GOOGLE_APPLICATION_CREDENTIALS": "/k.json"},
-        {"CKPTSVC_FSYNC": "0"},
+        {"CKPTSVC_WRITER_PRELOAD": "my_fs"},
         {"SLURM_JOB_ID": "7"},
         {"FSSPEC_S3": "{}"},
     ):

@@ -103,8 +103,10 @@ def publish_file(ckpt: Location, rel_path: str, data: bytes) -> FileRecord:
 
 
 def sync_local_dirs(ckpt: Location, rel_paths: Iterable[str]) -> None:
-    """fsync the local directories that received files, so their entries are durable."""
-    if not ckpt.is_local or not knobs.FSYNC.get():
+    """fsync the local directories that received files, so their entries are durable
+    (unless ``ckpt.settings`` - else ``CKPTSVC_FSYNC`` - turns fsync off)."""
+    fsync = ckpt.settings.fsync if ckpt.settings is not None else knobs.FSYNC.get()
+    if not ckpt.is_local or not fsync:
         return
     dirs = {os.path.dirname(os.path.join(ckpt.path, p)) for p in rel_paths} | {ckpt.path}
     for d in sorted(dirs):

@@ -2,15 +2,18 @@
 
 The node writer keeps the environment of the process that started it and builds every
 filesystem (s3fs, gcsfs, local) from that environment: credentials, endpoints, proxies,
-CA bundles and the ``CKPTSVC_*`` settings it reads. So a writer may only serve processes
-whose environment would have built the same filesystems, from the same installation:
+CA bundles and the ``CKPTSVC_*`` settings of the writer process. So a writer may only
+serve processes whose environment would have built the same filesystems, from the same
+installation:
 
 - ``package_dir`` / ``prefix`` / ``version``: the ckptsvc package directory, the Python
   environment (``sys.prefix``: another venv has other s3fs/gcsfs versions) and
   ``ckptsvc.__version__``;
 - ``env_digest``: a SHA-256 of every variable :func:`job_environment` selects (cloud
   credentials and settings, proxies, CA bundles, ``HOME`` for ``~/.aws``, the launcher's
-  job id and every ``CKPTSVC_*`` knob except the two that name the writer itself).
+  job id and every ``CKPTSVC_*`` knob except the two that name the writer itself and
+  those each job carries in its ``WriterOptions``: fsync, I/O threads, chunk and part
+  sizes, retries and direct I/O settings never split writers).
 
 The identity's ``key`` is part of the writer's socket name, so two jobs that differ in any
 of these start separate writers even with the same ``CKPTSVC_NODE_ID``; the handshake
@@ -26,7 +29,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from .protocol import WriterIdentity
+from .protocol import PER_JOB_VARIABLES, WriterIdentity
 
 __all__ = ["current_identity", "job_environment"]
 
@@ -62,8 +65,9 @@ _NAMES = frozenset(
         "CURL_CA_BUNDLE",
     }
 )
-# They name the writer (socket path, node id): part of the socket path already.
-_IGNORED = frozenset({"CKPTSVC_NODE_ID", "CKPTSVC_WRITER_SOCKET"})
+# They name the writer (socket path, node id): part of the socket path already. The per-job
+# settings (``WriterOptions``) travel with each job: the writer never reads them.
+_IGNORED = frozenset({"CKPTSVC_NODE_ID", "CKPTSVC_WRITER_SOCKET"}) | PER_JOB_VARIABLES
 
 
 def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:

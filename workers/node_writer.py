@@ -18,13 +18,26 @@ Call order (process / thread that runs each step):
    ``CancelJob`` frames go to their streamed job's inbox). On EOF it cancels the
    trainer's jobs, waits for them, unmaps its arenas and reclaims them if the trainer died.
 4. ``_run_job`` (job thread): ``begin_checkpoint``; every shard to the I/O pool
-   (``IO_THREADS`` threads, ``stream_file``: header, then zero-copy slices of the arena,
+   (``options.io_threads`` threads of the job's own, ``stream_file``: header, then zero-copy slices of the arena,
    CRC-32C while streaming, durable on return; a shard whose bytes equal the job's base
    checkpoint's copy is linked / copied server-side instead, ``workers.reuse``); the
    small files; then, when the job asks,
    ``finish_checkpoint`` writes the manifest last; finally ``JobDone`` / ``JobFailed``.
    A streamed job (``SaveJob.stream``: the trainer's state exceeds its memory budget)
    writes its shards one after the other from the pieces instead (``workers.piece_stream``).
+
+Settings. Everything that shapes one job's writes (fsync, I/O threads, write chunk, part
+size and uploads in flight, retries, direct I/O) comes with the job
+(``SaveJob.options``, a :class:`~.protocol.WriterOptions` the trainer resolved) and is
+applied to that job alone: its ``Location`` carries them to storage
+(:class:`~ckptsvc.storage.IOSettings`) and its shards get a pool of its ``io_threads``.
+The writer reads no per-job setting from its environment, since one writer serves jobs
+of several trainers. Only settings of the writer process itself come from the
+environment it was started with: ``CKPTSVC_WRITER_NICE``, ``CKPTSVC_WRITER_LINGER_S``,
+``CKPTSVC_WRITER_LOG_LEVEL``, ``CKPTSVC_WRITER_PRELOAD``, ``CKPTSVC_SHM_DIR`` (where
+arenas live) and the socket and node id it is given on its command line; and the
+filesystems' own environment (credentials, endpoints), which is why a writer serves only
+trainers of its identity (``workers.identity``).
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from ckptsvc.manifest import FileRecord, Manifest, now_iso
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
+from .client import writer_log_path
 from .commit import (
     abandon_checkpoint,
     begin_checkpoint,
@@ -107,16 +121,22 @@ class JobCancelled(CheckpointError):
 
 
 def stream_file(
-    ckpt: Location, fj: FileJob, arena: memoryview, cancelled: threading.Event
+    ckpt: Location,
+    fj: FileJob,
+    arena: memoryview,
+    cancelled: threading.Event,
+    *,
+    chunk_nbytes: int,
 ) -> FileRecord:
-    """Write one shard from its arena slice; durable on return; aborted on any failure."""
+    """Write one shard from its arena slice, ``chunk_nbytes`` per write; durable on
+    return; aborted on any failure."""
     data = arena[fj.arena_offset : fj.arena_offset + fj.layout.data_nbytes]
     if data.nbytes != fj.layout.data_nbytes:
         raise CheckpointError(
             f"{fj.rel_path}: the arena holds {data.nbytes} of the {fj.layout.data_nbytes} bytes "
             "the layout needs (arena smaller than the plan)"
         )
-    step = knobs.WRITE_CHUNK_BYTES.get()
+    step = chunk_nbytes
 
     def chunks() -> Iterator[memoryview]:
         for start in range(0, data.nbytes, step):
@@ -146,7 +166,9 @@ def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileReco
     )
     commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
     if info.replace_url:
-        swap_in(ckpt, Location.parse(info.replace_url, ckpt.storage_options))
+        swap_in(
+            ckpt, Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
+        )
     return manifest
 
 
@@ -336,7 +358,7 @@ class _Connection:
 
 
 class NodeWriter:
-    """The writer's state: listening socket, connections, the shared I/O pool."""
+    """The writer's state: listening socket, connections, jobs in flight."""
 
     def __init__(
         self,
@@ -344,16 +366,12 @@ class NodeWriter:
         socket_path: str,
         node: str,
         linger_s: float | None = None,
-        io_threads: int | None = None,
         identity: WriterIdentity | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.node = node
         self.identity = identity if identity is not None else current_identity()
         self.linger_s = knobs.WRITER_LINGER_S.get(linger_s)
-        self.io_pool = ThreadPoolExecutor(
-            max_workers=max(1, knobs.IO_THREADS.get(io_threads)), thread_name_prefix="ckptsvc-io"
-        )
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
         self._jobs = 0
@@ -427,6 +445,7 @@ class NodeWriter:
             inbox=state.pieces,
             cancelled=state.cancelled,
             ack=lambda seq: conn.send(PieceDone(job.job_id, seq)),
+            chunk_nbytes=job.options.write_chunk_bytes,
         )
 
     def run_job(self, conn: _Connection, state: _Job) -> None:
@@ -437,6 +456,7 @@ class NodeWriter:
         reuse: ReuseSource | None = None
         reused: list[FileRecord] = []
         began: Location | None = None  # the directory whose marker this job wrote
+        pool: ThreadPoolExecutor | None = None  # this job's shards, io_threads at a time
 
         def one(fj: FileJob) -> FileRecord:
             starts.append(time.monotonic())
@@ -448,11 +468,15 @@ class NodeWriter:
                 if record is not None:
                     reused.append(record)
                     return record
-            return stream_file(ckpt, fj, arena, state.cancelled)
+            return stream_file(
+                ckpt, fj, arena, state.cancelled, chunk_nbytes=job.options.write_chunk_bytes
+            )
 
         try:
             state.doing = "opening storage"
-            ckpt = Location.parse(job.ckpt_url, job.storage_options)
+            ckpt = Location.parse(
+                job.ckpt_url, job.storage_options, settings=job.options.io_settings()
+            )
             arena = conn.arena(job.arena_name) if job.arena_name else None
             if job.files and arena is None:
                 raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
@@ -461,7 +485,12 @@ class NodeWriter:
             began = ckpt
             state.doing = "writing shards"
             reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None
-            futures = [self.io_pool.submit(one, fj) for fj in job.files] if not job.stream else []
+            if job.files and not job.stream:
+                pool = ThreadPoolExecutor(
+                    max_workers=job.options.io_threads,
+                    thread_name_prefix=f"ckptsvc-io-{job.job_id}",
+                )
+                futures = [pool.submit(one, fj) for fj in job.files]
             records = self._write_streamed(conn, state, ckpt, arena) if job.stream else []
             state.doing = "publishing small files"
             records += [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]
@@ -509,6 +538,8 @@ class NodeWriter:
                 state.reported = True
                 conn.send(JobFailed(job.job_id, ErrorInfo.from_exception(e)))
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
             if arena is not None:
                 arena.release()
             conn.job_finished(state)
@@ -531,6 +562,16 @@ class _Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
+
+
+def _drop_empty_log(socket_path: str) -> None:
+    """Remove this writer's log if nothing was written to it (a writer per plain process
+    would leave one each). Called while the socket still names this writer, so no
+    successor writes to that file yet."""
+    log = writer_log_path(socket_path)
+    with contextlib.suppress(OSError):
+        if os.path.getsize(log) == 0:
+            os.unlink(log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -561,12 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("SIGTERM: cancelling in-flight saves and exiting")
         writer.cancel_all()
     finally:
+        reclaim_stale_segments(args.node_id)
         with contextlib.suppress(OSError):
             if os.stat(args.socket).st_ino == ino:
+                _drop_empty_log(args.socket)
                 os.unlink(args.socket)
         listener.close()
-        writer.io_pool.shutdown(wait=True, cancel_futures=True)
-        reclaim_stale_segments(args.node_id)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from ckptsvc import knobs
 from ckptsvc.errors import CheckpointError
 from ckptsvc.manifest import FileRecord
 from ckptsvc.storage import Location
@@ -93,6 +92,7 @@ class _Cursor:
         cancelled: threading.Event,
         ack: Callable[[int], None],
         what: str,
+        chunk_nbytes: int,
     ) -> None:
         self._spec = spec
         self._ring = ring
@@ -102,7 +102,7 @@ class _Cursor:
         self._what = what
         self._piece: PieceReady | None = None
         self._next_seq = 0
-        self._chunk_nbytes = knobs.WRITE_CHUNK_BYTES.get()
+        self._chunk_nbytes = chunk_nbytes
 
     def _take(self) -> PieceReady:
         seq = self._next_seq
@@ -169,10 +169,20 @@ def write_streamed(
     inbox: PieceInbox,
     cancelled: threading.Event,
     ack: Callable[[int], None],
+    chunk_nbytes: int,
 ) -> list[FileRecord]:
-    """Write ``files`` (in layout order) from the pieces of a streamed job; every file is
-    durable on return. ``ack(seq)`` is called when piece ``seq``'s slot may be refilled."""
-    cursor = _Cursor(spec=spec, ring=ring, inbox=inbox, cancelled=cancelled, ack=ack, what=ckpt.url)
+    """Write ``files`` (in layout order) from the pieces of a streamed job, handing
+    storage slices of at most ``chunk_nbytes``; every file is durable on return.
+    ``ack(seq)`` is called when piece ``seq``'s slot may be refilled."""
+    cursor = _Cursor(
+        spec=spec,
+        ring=ring,
+        inbox=inbox,
+        cancelled=cancelled,
+        ack=ack,
+        what=ckpt.url,
+        chunk_nbytes=chunk_nbytes,
+    )
     records = []
     ordered = sorted(files, key=lambda f: f.arena_offset)
     for i, fj in enumerate(ordered):

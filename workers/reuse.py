@@ -32,7 +32,6 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from ckptsvc import knobs
 from ckptsvc.checksum import Crc32c
 from ckptsvc.errors import CheckpointError
 from ckptsvc.manifest import MANIFEST_NAME, FileRecord
@@ -46,11 +45,12 @@ __all__ = ["ReuseSource", "file_crc32c"]
 logger = logging.getLogger(__name__)
 
 
-def file_crc32c(fj: FileJob, data: memoryview) -> str:
-    """CRC-32C of the shard ``fj`` would write: its header, then ``data`` (its arena bytes)."""
+def file_crc32c(fj: FileJob, data: memoryview, *, chunk_nbytes: int) -> str:
+    """CRC-32C of the shard ``fj`` would write: its header, then ``data`` (its arena
+    bytes), ``chunk_nbytes`` at a time."""
     crc = Crc32c()
     crc.update(fj.layout.header)
-    step = knobs.WRITE_CHUNK_BYTES.get()
+    step = chunk_nbytes
     for start in range(0, data.nbytes, step):
         crc.update(data[start : start + step])
     return crc.hexdigest()
@@ -63,6 +63,7 @@ class ReuseSource:
     base: Location
     ckpt: Location
     records: dict[str, FileRecord]
+    chunk_nbytes: int
 
     @classmethod
     def open(cls, job: SaveJob, ckpt: Location) -> ReuseSource | None:
@@ -70,7 +71,7 @@ class ReuseSource:
         if not job.base_url or not job.base_files:
             return None
         try:
-            base = Location.parse(job.base_url, job.storage_options)
+            base = Location.parse(job.base_url, job.storage_options, settings=ckpt.settings)
             if base.url.rstrip("/") == ckpt.url.rstrip("/") or not same_store(base, ckpt):
                 logger.debug("base %s cannot serve %s", base.url, ckpt.url)
                 return None
@@ -82,7 +83,12 @@ class ReuseSource:
         except (CheckpointError, OSError, ValueError) as e:
             logger.info("base checkpoint %s unusable (%s); writing every file", job.base_url, e)
             return None
-        return cls(base=base, ckpt=ckpt, records={r.path: r for r in job.base_files})
+        return cls(
+            base=base,
+            ckpt=ckpt,
+            records={r.path: r for r in job.base_files},
+            chunk_nbytes=job.options.write_chunk_bytes,
+        )
 
     def try_reuse(
         self, fj: FileJob, arena: memoryview, cancelled: threading.Event
@@ -95,7 +101,7 @@ class ReuseSource:
         try:
             if data.nbytes != fj.layout.data_nbytes:
                 return None  # the writer's own check reports it
-            crc = file_crc32c(fj, data)
+            crc = file_crc32c(fj, data, chunk_nbytes=self.chunk_nbytes)
         finally:
             data.release()
         if crc != rec.crc32c:

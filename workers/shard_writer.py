@@ -81,7 +81,8 @@ class ChecksummedWriter:
         self._loc = loc
         self._rel_path = rel_path
         self._crc = Crc32c()
-        self._step = knobs.WRITE_CHUNK_BYTES.get()
+        s = loc.settings  # the job's settings in the node writer; else the knob
+        self._step = s.write_chunk_bytes if s is not None else knobs.WRITE_CHUNK_BYTES.get()
         self.nbytes = 0
         # the expected size lets direct_io=auto pick O_DIRECT for big local files
         self._sink = loc.open_sink(size_hint_bytes=size_hint_bytes)
