@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -31,6 +29,7 @@ from .errors import (
     TornSnapshotError,
     WriterDiedError,
 )
+from .version import __version__
 
 if TYPE_CHECKING:  # the names below load on first use: the writer process imports no torch
     from .async_checkpointer import AsyncCheckpointer, SaveHandle, SaveTimings, load_components

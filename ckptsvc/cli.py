@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from . import __version__
 from .errors import CheckpointError
+from .version import __version__
 
 __all__ = ["main"]
 

@@ -25,6 +25,7 @@ from .manifest import FileRecord
 from .reports import Merged, merge_reports
 from .safetensors_stream import dtype_to_torch
 from .staging import ArenaPlan, StagingArena, copy_into
+from .version import __version__
 from .workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile, WriterOptions
 
 __all__ = ["commit_job", "data_job", "stage_components"]
@@ -76,8 +77,6 @@ def stage_components(
 
 def commit_info(pending: PendingCommit, merged: Merged, *, world_size: int) -> CommitInfo:
     """What the writer needs for the manifest; ``extra_files`` are the other files."""
-    from . import __version__
-
     return CommitInfo(
         step=pending.step,
         world_size=world_size,

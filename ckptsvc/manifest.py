@@ -12,12 +12,13 @@ A checkpoint directory is complete if and only if this file exists and parses.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from .errors import CorruptCheckpointError
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -161,6 +162,34 @@ class Manifest:
     library_version: str = ""
     format_version: int = FORMAT_VERSION
     user_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        checkpoint_path: str,
+        world_size: int,
+        step: int | None,
+        files: Iterable[FileRecord],
+        components: Iterable[ComponentRecord],
+        pytorch_version: str | None,
+        user_metadata: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """The manifest of a commit happening now: every save builds it here (the node
+        writer, the synchronous save, the DCP plugin). Files are listed once each, by path;
+        the library version is this one's."""
+        by_path = {f.path: f for f in files}
+        return cls(
+            checkpoint_path=checkpoint_path,
+            world_size=world_size,
+            timestamp=now_iso(),
+            step=step,
+            files=tuple(by_path[p] for p in sorted(by_path)),
+            components=tuple(components),
+            pytorch_version=pytorch_version,
+            library_version=__version__,
+            user_metadata=dict(user_metadata or {}),
+        )
 
     @property
     def total_nbytes(self) -> int:

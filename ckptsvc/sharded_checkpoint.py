@@ -64,7 +64,7 @@ from .loading import (
     read_safetensors_header,
     read_torch_file,
 )
-from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath, now_iso
+from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath
 from .retention import maybe_delete_oldest_checkpoint
 from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
 from .save_target import SaveTarget, check_step, write_claimed
@@ -353,12 +353,11 @@ def _write_committed(
     )
     index_name = index_file_name(safetensors)
     records.append(publish_file(ckpt, index_name, encode_index(index)))
-    manifest = Manifest(
+    manifest = Manifest.new(
         checkpoint_path=Location.parse(target.path, ckpt.storage_options).url,
         world_size=1,
-        timestamp=now_iso(),
         step=step,
-        files=tuple(records),
+        files=records,
         components=(
             ComponentRecord(
                 key="model",
@@ -369,15 +368,8 @@ def _write_committed(
             ),
         ),
         pytorch_version=torch.__version__,
-        library_version=_version(),
     )
     commit_checkpoint(ckpt, manifest, claim_id=target.claim_id)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def save_sharded_checkpoint(

@@ -29,6 +29,9 @@ import os
 import sys
 from collections.abc import Mapping
 
+from ckptsvc import version as version_module
+from ckptsvc.version import __version__
+
 from .protocol import PER_JOB_VARIABLES, WriterIdentity
 
 __all__ = ["current_identity", "job_environment"]
@@ -82,14 +85,12 @@ def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def current_identity(environ: Mapping[str, str] | None = None) -> WriterIdentity:
     """This process's identity (read now: the environment may change before a writer starts)."""
-    import ckptsvc
-
     digest = hashlib.sha256()
     for k, v in job_environment(environ).items():
         digest.update(f"{k}={v}\0".encode(errors="surrogateescape"))
     return WriterIdentity(
-        package_dir=os.path.dirname(os.path.abspath(ckptsvc.__file__)),
-        version=str(ckptsvc.__version__),
+        package_dir=os.path.dirname(os.path.abspath(version_module.__file__)),
+        version=__version__,
         prefix=os.path.abspath(sys.prefix),
         env_digest=digest.hexdigest(),
     )

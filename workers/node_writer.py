@@ -59,7 +59,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from ckptsvc import knobs
 from ckptsvc.errors import CheckpointError
-from ckptsvc.manifest import FileRecord, Manifest, now_iso
+from ckptsvc.manifest import FileRecord, Manifest
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
@@ -152,17 +152,14 @@ def stream_file(
 
 def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileRecord]) -> Manifest:
     """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last."""
-    every = {f.path: f for f in (*info.extra_files, *files)}
-    manifest = Manifest(
+    manifest = Manifest.new(
         checkpoint_path=info.replace_url or ckpt.url,
         world_size=info.world_size,
-        timestamp=now_iso(),
         step=info.step,
-        files=tuple(sorted(every.values(), key=lambda f: f.path)),
+        files=(*info.extra_files, *files),
         components=info.components,
         pytorch_version=info.pytorch_version,
-        library_version=info.library_version,
-        user_metadata=dict(info.user_metadata),
+        user_metadata=info.user_metadata,
     )
     commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
     if info.replace_url:

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ..errors import CommitConflictError, ConfigError, CorruptCheckpointError
-from ..manifest import MANIFEST_NAME, ComponentRecord, FileRecord, Manifest, now_iso
+from ..manifest import MANIFEST_NAME, ComponentRecord, FileRecord, Manifest
 from ..save_target import SaveTarget, claim_target
 from ..storage import Location
 from ..workers.commit import (
@@ -273,12 +273,11 @@ class StorageWriter(_DcpWriter):
         directory = pending.directory
         meta_rec = publish_file(directory, METADATA_NAME, pickle.dumps(metadata))
         records = [*sorted(files.values(), key=lambda r: r.path), meta_rec]
-        manifest = Manifest(
+        manifest = Manifest.new(
             checkpoint_path=final.url,
             world_size=len(results),
-            timestamp=now_iso(),
             step=self._step if self._step is not None else _step_of(final),
-            files=tuple(records),
+            files=records,
             components=(
                 ComponentRecord(
                     key="dcp",
@@ -294,7 +293,6 @@ class StorageWriter(_DcpWriter):
                 ),
             ),
             pytorch_version=torch.__version__,
-            library_version=_version(),
         )
         commit_checkpoint(directory, manifest, claim_id=pending.target.claim_id)
         if pending.target.replace_url:
@@ -325,12 +323,6 @@ class StorageWriter(_DcpWriter):
                 "checkpoint: pass overwrite=True to replace it (the old one stays until the "
                 "new one commits), or save under another step"
             )
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 def _step_of(loc: Location) -> int | None:
