@@ -246,7 +246,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_crashtest(args: argparse.Namespace) -> int:
-    from .crashtest import PointResult, run_campaign
+    from .testing.crashtest import PointResult, run_campaign
 
     opts = _storage_options(args)
 
@@ -276,7 +276,7 @@ def cmd_crashtest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(
         output=args.output,
@@ -421,7 +421,8 @@ def _parser() -> argparse.ArgumentParser:
         "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import bench, cli_extra, export
+    from . import cli_extra, export
+    from .tools import bench
 
     cli_extra.add_cp_parser(sub)
     cli_extra.add_prune_parser(sub)

@@ -25,7 +25,6 @@ from conftest import StorageRoot
 
 from ckptsvc import knobs
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components, load_state
-from ckptsvc.bench_budget import measure_budget_peak
 from ckptsvc.checksum import crc32c_hex
 from ckptsvc.components import SharingPattern, StateComponent
 from ckptsvc.discovery import find_latest_checkpoint
@@ -41,6 +40,7 @@ from ckptsvc.piecewise import (
 )
 from ckptsvc.safetensors_stream import dtype_from_torch, dtype_to_torch
 from ckptsvc.staging import ArenaPool, ShmSegment, StagingArena, copy_into, pid_alive, plan_arena
+from ckptsvc.tools.bench_budget import measure_budget_peak
 from ckptsvc.verify import verify_checkpoint
 from ckptsvc.workers.protocol import PieceDone, PieceReady
 

@@ -2,7 +2,7 @@
 loads it too).
 
 Two mechanisms, both switched on in a process by a call, and in the node writer through
-its preload (``CKPTSVC_WRITER_PRELOAD=ckptsvc.crash_child``, whose import calls
+its preload (``CKPTSVC_WRITER_PRELOAD=ckptsvc.testing.crash_child``, whose import calls
 :func:`install_from_env`):
 
 - :func:`install_hooks` (``CKPTSVC_CRASHTEST_PLAN``): stop this process at one exact step
@@ -39,7 +39,7 @@ __all__ = [
 
 PLAN_ENV = "CKPTSVC_CRASHTEST_PLAN"
 #: the module the node writer imports to get the hooks and faults of its environment
-PRELOAD_MODULE = "ckptsvc.crash_child"
+PRELOAD_MODULE = "ckptsvc.testing.crash_child"
 
 
 # ---- hooks (in the child trainer and, through the preload, in the node writer) ---------------
@@ -116,7 +116,7 @@ class _Hooks:
 
 def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
     """Wrap the storage layer (and, in the trainer, the snapshot) with ``plan``'s hooks."""
-    from .storage import Location
+    from ..storage import Location
 
     hooks = _Hooks(plan, role)
     real_publish, real_remove, real_open_sink, real_create = (
@@ -188,8 +188,8 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
 
 
 def _install_snapshot_hooks(hooks: _Hooks) -> None:
-    from . import async_checkpointer
-    from .workers.client import WriterClient
+    from .. import async_checkpointer
+    from ..workers.client import WriterClient
 
     real_copy = async_checkpointer.copy_into
     real_submit = WriterClient.submit
@@ -250,7 +250,9 @@ class OsFault:
             import errno
 
             code = getattr(errno, self.errno_name)
-            raise OSError(code, f"{os.strerror(code)} (injected by ckptsvc.crashtest)", path)
+            raise OSError(
+                code, f"{os.strerror(code)} (injected by ckptsvc.testing.crashtest)", path
+            )
 
 
 def _fd_path(fd: int) -> str:
