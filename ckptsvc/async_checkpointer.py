@@ -338,7 +338,6 @@ class AsyncCheckpointer:
                 else None
             )
             if snapshot is None and not streamed:
-                # copy_into looked up now: fault-injection hooks replace it
                 parts = self._stage(plans, staged, layout, arena, copy_into)
             else:
                 parts = tuple(p.part for p in plans)  # the CRCs come after the copy
@@ -490,7 +489,7 @@ class AsyncCheckpointer:
             layout_nbytes=layout_nbytes,
             segments=segments,
             on_outcome=on_outcome,
-            copy=copy_into,  # looked up now: fault-injection hooks replace it
+            copy=copy_into,
             threads=self._copy_threads,
             executor=self._copy_pool,
             what=f"save of step {handle.step} to {handle.path}",
@@ -581,7 +580,7 @@ class AsyncCheckpointer:
             flat,
             plan,
             arena,
-            copy=copy_into,  # looked up now: fault-injection hooks replace it
+            copy=copy_into,
             threads=self._copy_threads,
             executor=self._copy_pool,
         )
@@ -701,7 +700,7 @@ class AsyncCheckpointer:
         save time where there are some) and the CRCs it yields for the rank's report."""
 
         def copy(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], **kw: Any) -> None:
-            copy_into(dsts, snapshot.sources(srcs), **kw)  # looked up now, as in save
+            copy_into(dsts, snapshot.sources(srcs), **kw)
 
         pending.report = replace(
             pending.report, parts=self._stage(plans, staged, layout, arena, copy)

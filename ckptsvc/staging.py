@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import knobs
+from . import hooks, knobs
 from .errors import CheckpointError, StorageError
 from .liveness import pid_alive, pid_namespace
 
@@ -539,9 +539,12 @@ def copy_into(
     synchronize. CPU sources: big contiguous tensors are cut into pieces and all pieces are
     spread over ``threads`` threads (``copy_`` releases the GIL); below
     ``_SINGLE_THREAD_COPY_BYTES`` in all, the calling thread copies alone (handing work to
-    threads would cost more than it saves).
+    threads would cost more than it saves). Hook points ``snapshot.copy.before``/``.after``
+    (:mod:`ckptsvc.hooks`) surround the copy.
     """
     import torch
+
+    hooks.point("snapshot.copy.before")
 
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
     cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
@@ -583,3 +586,4 @@ def copy_into(
             fut.result()
     for stream in streams.values():  # the snapshot is complete before save() returns
         stream.synchronize()
+    hooks.point("snapshot.copy.after")

@@ -103,8 +103,8 @@ def copy_state(
     executor: Executor | None,
 ) -> None:
     """Copy every tensor of ``flat`` into its view of ``arena``; returns when all bytes
-    landed. ``copy`` is :func:`ckptsvc.staging.copy_into` as the caller looked it up (the
-    crash campaign's hooks replace it)."""
+    landed. ``copy`` is :func:`ckptsvc.staging.copy_into` (or a wrapper of it, such as
+    the overlapped save's)."""
     srcs = [t for _, t in flat.tensors]
     if any(t.device.type == "cuda" for t in srcs):
         arena.pin()

@@ -49,7 +49,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
-from ckptsvc import knobs
+from ckptsvc import hooks, knobs
 from ckptsvc.errors import CheckpointError, WriterDiedError
 
 from .identity import current_identity
@@ -469,6 +469,7 @@ class WriterClient:
                 raise WriterDiedError(
                     self._wedged or f"the node writer (pid {self.writer_pid}) is gone: {e}"
                 ) from e
+        hooks.point("job.submitted", url=job.ckpt_url)
 
     def watch_pieces(self, job_id: int, callback: Callable[[PieceDone], None]) -> None:
         """Call ``callback`` (reader thread) with each ``PieceDone`` of a streamed job, until
