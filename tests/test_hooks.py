@@ -51,7 +51,7 @@ def test_nothing_installed_is_a_no_op() -> None:
 
 
 def test_unknown_point_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="unknown hook point 'publish.befor'"):
+    with pytest.raises(ConfigError, match=r"unknown hook point 'publish\.befor'"):
         hooks.install("publish.befor", lambda **_: None)
 
 
