@@ -79,21 +79,25 @@ class WriterDiedError(CheckpointError, RuntimeError):
 
 
 class StorageError(CheckpointError, OSError):
-    """An I/O operation on local disk or an object store failed. The message names the URL."""
+    """An I/O operation on local disk or an object store failed. The message names the URL;
+    ``errno`` is the OS's error number when the OS reported one (``None`` otherwise)."""
 
-    def __init__(self, message: str, *, url: str | None = None) -> None:
+    def __init__(self, message: str, *, url: str | None = None, errno: int | None = None) -> None:
         super().__init__(message)
         self.url = url
+        self.errno = errno
 
     def __str__(self) -> str:  # OSError.__str__ would format errno/strerror instead
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self) -> tuple[object, ...]:  # keep pickling (writer -> trainer) lossless
-        return (_rebuild_storage_error, (type(self), str(self), self.url))
+        return (_rebuild_storage_error, (type(self), str(self), self.url, self.errno))
 
 
-def _rebuild_storage_error(cls: type[StorageError], message: str, url: str | None) -> StorageError:
-    return cls(message, url=url)
+def _rebuild_storage_error(
+    cls: type[StorageError], message: str, url: str | None, errno: int | None = None
+) -> StorageError:
+    return cls(message, url=url, errno=errno)
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):

@@ -16,6 +16,7 @@ ENOSPC also comes from a 4 MiB tmpfs when this machine lets us mount one (root).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import threading
@@ -266,6 +267,7 @@ def test_async_save_fault(tmp_path: Path, writer_faults: Callable[..., Path], ca
         error = bad.exception(120)
         assert isinstance(error, SaveFailedError), error
         assert isinstance(error.__cause__, StorageError), error.__cause__
+        assert error.__cause__.errno == getattr(errno, errno_name), error.__cause__.errno
         text = str(error)
         assert "checkpoint-2" in text and match.strip(".") in text, text
         assert CAUSE[errno_name] in text.lower(), text
