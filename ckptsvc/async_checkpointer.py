@@ -63,8 +63,9 @@ from .components import StateComponent
 from .discovery import next_checkpoint_path
 from .distributed import Coordinator, PendingCommit, RankInfo
 from .errors import (
-    CheckpointError,
+    ConfigError,
     InvalidStateError,
+    LifecycleError,
     SaveFailedError,
     StorageError,
     WriterDiedError,
@@ -220,7 +221,7 @@ class AsyncCheckpointer:
         """
         self._check_usable("save")
         if self._info.distributed:
-            raise CheckpointError(
+            raise ConfigError(
                 f"save(step, state) writes one process's state, but this is rank "
                 f"{self._info.rank} of {self._info.world_size}; call save_components(step, "
                 "components) with sharing patterns (GLOBAL, PER_RANK, REPLICATED, ...)"
@@ -530,9 +531,9 @@ class AsyncCheckpointer:
 
     def _check_usable(self, what: str) -> None:
         if self._closed:
-            raise CheckpointError(f"{what}() on a closed AsyncCheckpointer")
+            raise LifecycleError(f"{what}() on a closed AsyncCheckpointer")
         if os.getpid() != self._owner_pid:
-            raise CheckpointError(f"{what}() in a forked child: create an AsyncCheckpointer there")
+            raise LifecycleError(f"{what}() in a forked child: create an AsyncCheckpointer there")
 
     def _free_path(self, step: int, checkpoint_path: str | None) -> str:
         check_step(step)

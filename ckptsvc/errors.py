@@ -19,6 +19,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "InvalidStateError",
+    "LifecycleError",
     "ReplicationMismatchError",
     "SaveFailedError",
     "StateMismatchError",
@@ -65,9 +66,15 @@ class InvalidStateError(CheckpointError, TypeError):
 
 
 class ConfigError(CheckpointError, ValueError):
-    """A ``CKPTSVC_*`` environment variable or an explicit tuning argument has a value of the
-    wrong type or outside its allowed range; the message names the variable, the value and
-    what is allowed."""
+    """A configuration mistake: a ``CKPTSVC_*`` environment variable or an argument has a
+    value of the wrong type, outside its allowed range, or one ckptsvc does not support
+    (e.g. a distributed setting it cannot serve); the message names the variable or
+    argument, the value and what is allowed."""
+
+
+class LifecycleError(CheckpointError, RuntimeError):
+    """An object was used in a way or at a time it does not support: after ``close()``, in
+    a forked child, before its setup, started twice, or loading into a write-only view."""
 
 
 class SaveFailedError(CheckpointError, RuntimeError):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import hooks, knobs
-from .errors import CheckpointError, StorageError
+from .errors import ConfigError, LifecycleError, SaveFailedError, StorageError
 from .liveness import pid_alive, pid_namespace
 
 if TYPE_CHECKING:
@@ -296,7 +296,7 @@ class StagingArena:
         if cached is not None:
             return cached
         if self._base is None:
-            raise CheckpointError(f"staging arena {self.name} is closed")
+            raise LifecycleError(f"staging arena {self.name} is closed")
         out = []
         for start, dtype, shape in specs:
             nbytes = dtype.itemsize
@@ -309,9 +309,9 @@ class StagingArena:
     def bytes_at(self, start: int, nbytes: int) -> torch.Tensor:
         """A uint8 tensor over arena bytes ``[start, start + nbytes)`` (not cached)."""
         if self._base is None:
-            raise CheckpointError(f"staging arena {self.name} is closed")
+            raise LifecycleError(f"staging arena {self.name} is closed")
         if start < 0 or start + nbytes > self.nbytes:
-            raise CheckpointError(
+            raise SaveFailedError(
                 f"staging arena {self.name}: bytes {start}+{nbytes} outside its {self.nbytes}"
             )
         return self._base[start : start + nbytes]
@@ -371,7 +371,7 @@ class ArenaPool:
         budget_bytes: int | None = None,
     ) -> None:
         if max_arenas < 1:
-            raise ValueError(f"arenas_per_rank must be >= 1, got {max_arenas}")
+            raise ConfigError(f"arenas_per_rank must be >= 1, got {max_arenas}")
         self._max = max_arenas
         self._budget = budget_bytes
         self._creating_nbytes = 0
@@ -394,13 +394,13 @@ class ArenaPool:
     def acquire(self, nbytes: int, *, timeout_s: float | None = None) -> tuple[StagingArena, float]:
         size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         if self._budget is not None and size > self._budget:
-            raise ValueError(f"an arena of {size} bytes exceeds the {self._budget}-byte budget")
+            raise ConfigError(f"an arena of {size} bytes exceeds the {self._budget}-byte budget")
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
         with self._cond:
             while True:
                 if self._closed:
-                    raise CheckpointError("the checkpointer is closed")
+                    raise LifecycleError("the checkpointer is closed")
                 fits = [a for a in self._free if a.nbytes >= nbytes]
                 if fits:
                     arena = min(fits, key=lambda a: a.nbytes)
@@ -431,7 +431,7 @@ class ArenaPool:
             self._busy.add(arena.name)
             if self._closed:
                 self._drop(arena)
-                raise CheckpointError("the checkpointer is closed")
+                raise LifecycleError("the checkpointer is closed")
         return arena, waited
 
     def reserve(self, nbytes: int) -> None:

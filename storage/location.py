@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ckptsvc import hooks, knobs
 from ckptsvc.errors import (
+    ConfigError,
     CorruptCheckpointError,
     StorageError,
     StorageNotFoundError,
@@ -62,7 +63,7 @@ def url_to_fs(
     """Resolve a local path or URL (``file://``, ``memory://``, ``s3://``, ``gs://``, ...)."""
     text = os.fspath(url)
     if not text:
-        raise ValueError("empty path or URL")
+        raise ConfigError("empty path or URL")
     with storage_errors(text, "open filesystem for"):
         fs, path = fsspec.core.url_to_fs(text, **_with_retry_defaults(text, storage_options))
     return fs, path
@@ -140,7 +141,7 @@ class Location:
         for part in parts:
             for piece in part.split("/"):
                 if piece in ("", ".", "..") or "\\" in piece or "\x00" in piece:
-                    raise ValueError(f"unsafe path component {part!r} under {self.url}")
+                    raise ConfigError(f"unsafe path component {part!r} under {self.url}")
             path = posixpath.join(path, part)
             url = f"{url.rstrip('/')}/{part}"
         return Location(fs=self.fs, path=path, url=url, storage_options=self.storage_options)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from ckptsvc import knobs
 from ckptsvc.checksum import Crc32c
-from ckptsvc.errors import CheckpointError
+from ckptsvc.errors import CheckpointError, CorruptCheckpointError
 from ckptsvc.manifest import MANIFEST_NAME, FileRecord
 from ckptsvc.storage import Location
 from ckptsvc.storage.copies import copy_file, same_store
@@ -108,10 +108,12 @@ class ReuseSource:
                 return None
             size = dst.size()
             if size != rec.nbytes:
-                raise CheckpointError(f"{dst.url}: copy has {size} bytes, expected {rec.nbytes}")
+                raise CorruptCheckpointError(
+                    f"{dst.url}: copy has {size} bytes, expected {rec.nbytes}"
+                )
             stored = dst.stored_crc32c()
             if stored is not None and stored != rec.crc32c:
-                raise CheckpointError(
+                raise CorruptCheckpointError(
                     f"{dst.url}: copy has CRC-32C {stored}, expected {rec.crc32c}"
                 )
         except (CheckpointError, OSError) as e:
