@@ -385,7 +385,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"ckptsvc bench: {message}", file=sys.stderr)
+    print(f"ckptsvc bench: error: {message}", file=sys.stderr)
     return 2
 
 
