@@ -65,8 +65,9 @@ from .components import StateComponent
 from .discovery import next_checkpoint_path
 from .distributed import Coordinator, PendingCommit, RankInfo
 from .errors import (
-    CheckpointError,
+    ConfigError,
     InvalidStateError,
+    LifecycleError,
     SaveFailedError,
     StorageError,
     WriterDiedError,
@@ -225,7 +226,7 @@ class AsyncCheckpointer:
         """
         self._check_usable("save")
         if self._info.distributed:
-            raise CheckpointError(
+            raise ConfigError(
                 f"save(step, state) writes one process's state, but this is rank "
                 f"{self._info.rank} of {self._info.world_size}; call save_components(step, "
                 "components) with sharing patterns (GLOBAL, PER_RANK, REPLICATED, ...)"
@@ -313,7 +314,6 @@ class AsyncCheckpointer:
                 else None
             )
             if snapshot is None and not streamed:
-                # copy_into looked up now: fault-injection hooks replace it
                 parts = self._stage(plans, staged, layout, arena, copy_into)
             else:
                 parts = tuple(p.part for p in plans)  # the CRCs come after the copy
@@ -467,7 +467,7 @@ class AsyncCheckpointer:
             layout_nbytes=layout_nbytes,
             segments=segments,
             on_outcome=on_outcome,
-            copy=copy_into,  # looked up now: fault-injection hooks replace it
+            copy=copy_into,
             threads=self._copy_threads,
             executor=self._copy_pool,
             what=f"save of step {handle.step} to {handle.path}",
@@ -508,9 +508,9 @@ class AsyncCheckpointer:
 
     def _check_usable(self, what: str) -> None:
         if self._closed:
-            raise CheckpointError(f"{what}() on a closed AsyncCheckpointer")
+            raise LifecycleError(f"{what}() on a closed AsyncCheckpointer")
         if os.getpid() != self._owner_pid:
-            raise CheckpointError(f"{what}() in a forked child: create an AsyncCheckpointer there")
+            raise LifecycleError(f"{what}() in a forked child: create an AsyncCheckpointer there")
 
     def _free_path(self, step: int, checkpoint_path: str | None) -> str:
         check_step(step)
@@ -652,7 +652,7 @@ class AsyncCheckpointer:
         save time where there are some) and the CRCs it yields for the rank's report."""
 
         def copy(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], **kw: Any) -> None:
-            copy_into(dsts, snapshot.sources(srcs), **kw)  # looked up now, as in save
+            copy_into(dsts, snapshot.sources(srcs), **kw)
 
         pending.report = replace(
             pending.report, parts=self._stage(plans, staged, layout, arena, copy)

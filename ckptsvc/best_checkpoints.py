@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from .discovery import list_checkpoints
-from .errors import CheckpointError
+from .errors import StorageError
 from .retention import delete_checkpoint, select_for_deletion
 from .storage import Location
 
@@ -256,7 +256,11 @@ class Retention:
             f.result()
         if self._errors:
             first, self._errors = self._errors[0], []
-            raise CheckpointError(f"deleting old checkpoints failed: {first}") from first
+            raise StorageError(
+                f"deleting old checkpoints failed: {first}",
+                url=getattr(first, "url", None) or getattr(first, "filename", None),
+                errno=getattr(first, "errno", None),
+            ) from first
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

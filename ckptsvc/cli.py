@@ -1,7 +1,9 @@
 """The ``ckptsvc`` command line: ``version``, ``ls``, ``inspect``, ``verify``, ``demo``, ``bench``.
 
 Every command takes local paths and URLs, prints a human table by default and JSON with
-``--json``, and exits non-zero with a one-line cause on error.
+``--json``. A failure of any kind prints one line, ``ckptsvc <command>: error: <cause>``, to
+stderr, never a traceback (``ckptsvc --debug ...`` adds it), and exits 1; a usage or
+configuration mistake (argparse's, or a ``ConfigError``) exits 2, Ctrl-C 130.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .version import __version__
 
 __all__ = ["main"]
@@ -36,9 +39,9 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     try:
         opts = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"ckptsvc: --storage-options is not valid JSON: {e}") from e
+        raise ConfigError(f"--storage-options is not valid JSON: {e}") from e
     if not isinstance(opts, dict):
-        raise SystemExit("ckptsvc: --storage-options must be a JSON object")
+        raise ConfigError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
     return opts
 
 
@@ -246,7 +249,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_crashtest(args: argparse.Namespace) -> int:
-    from .crashtest import PointResult, run_campaign
+    from .testing.crashtest import PointResult, run_campaign
 
     opts = _storage_options(args)
 
@@ -276,7 +279,7 @@ def cmd_crashtest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(
         output=args.output,
@@ -298,6 +301,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
+    p.add_argument("--debug", action="store_true", help="on a failure, print the traceback too")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(
@@ -421,7 +425,8 @@ def _parser() -> argparse.ArgumentParser:
         "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import bench, cli_extra, export
+    from . import cli_extra, export
+    from .tools import bench
 
     cli_extra.add_cp_parser(sub)
     cli_extra.add_prune_parser(sub)
@@ -430,21 +435,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: ckptsvc's messages as they are, others with their type name."""
+    text = str(exc) or repr(exc)
+    if not isinstance(exc, CheckpointError):
+        text = f"{type(exc).__name__}: {text}"
+        if not isinstance(exc, (OSError, ValueError)):
+            text += " (unexpected; rerun with --debug for the traceback)"
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ckptsvc`` console script."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``ckptsvc`` console script: the command's exit status; 1 with one
+    line on stderr for any failure, 2 for a usage or configuration mistake, 130 on Ctrl-C."""
+    args = _parser().parse_args(argv)  # a usage error: argparse's message, exit 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.fn(args))
-    except CheckpointError as e:
-        print(f"ckptsvc: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head` and friends
         return 0
     except KeyboardInterrupt:
-        print("ckptsvc: interrupted", file=sys.stderr)
+        print(f"ckptsvc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ckptsvc {args.command}: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The ``ckptsvc cp`` and ``ckptsvc prune`` subcommands.
 
 ``cli.py`` registers them with :func:`add_cp_parser` and :func:`add_prune_parser`; each
-binds its handler (``args.fn``), which returns the exit status. Errors that are
-``CheckpointError`` propagate to ``cli.main``, which prints one line and exits 2.
+binds its handler (``args.fn``), which returns the exit status. Errors propagate to
+``cli.main``, which prints one line and exits 1 (2 for a ``ConfigError``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 from typing import Any
+
+from .errors import ConfigError
 
 __all__ = ["add_cp_parser", "add_prune_parser", "cmd_cp", "cmd_prune"]
 
@@ -54,9 +56,9 @@ def _json_object(raw: str | None, flag: str) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"ckptsvc: {flag} is not valid JSON: {e}") from e
+        raise ConfigError(f"{flag} is not valid JSON: {e}") from e
     if not isinstance(value, dict):
-        raise SystemExit(f"ckptsvc: {flag} must be a JSON object")
+        raise ConfigError(f"{flag} must be a JSON object")
     return value
 
 

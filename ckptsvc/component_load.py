@@ -38,6 +38,7 @@ from .discovery import require_complete_checkpoint
 from .distributed import RankInfo, resolve_groups
 from .errors import (
     CheckpointError,
+    ConfigError,
     CorruptCheckpointError,
     StateMismatchError,
 )
@@ -227,7 +228,9 @@ def load_components(
     missing *required* component is also only a warning.
     """
     if world_size_policy not in WORLD_SIZE_POLICIES:
-        raise ValueError(f"world_size_policy must be one of {WORLD_SIZE_POLICIES}")
+        raise ConfigError(
+            f"world_size_policy must be one of {WORLD_SIZE_POLICIES}, not {world_size_policy!r}"
+        )
     check_unique_keys(list(components))
     ckpt = Location.parse(path_or_url, storage_options)
     manifest = require_complete_checkpoint(ckpt)

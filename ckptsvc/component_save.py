@@ -48,7 +48,7 @@ def stage_components(
     copy: Callable[..., None] = copy_into,
 ) -> tuple[PartReport, ...]:
     """Copy into the arena (with ``copy``, :func:`ckptsvc.staging.copy_into` unless a
-    caller hooks it); return each component's part (with CRCs when validated)."""
+    caller wraps it); return each component's part (with CRCs when validated)."""
     if arena is None:
         return tuple(p.part for p in plans)
     specs: list[tuple[int, torch.dtype, tuple[int, ...]]] = []

@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .errors import ConfigError, InvalidStateError
+
 __all__ = [
     "RNGState",
     "SharingPattern",
@@ -84,24 +86,24 @@ class StateComponent:
 
     def __post_init__(self) -> None:
         if not self.key or "/" in self.key or self.key.startswith("."):
-            raise ValueError(
+            raise ConfigError(
                 f"StateComponent key {self.key!r} must be a non-empty name without '/'"
             )
         if not isinstance(self.sharing_pattern, SharingPattern):
-            raise ValueError(
+            raise ConfigError(
                 f"StateComponent '{self.key}': sharing_pattern must be a SharingPattern"
             )
         if self.sharing_pattern is SharingPattern.PER_GROUP and not self.process_group_name:
-            raise ValueError(
+            raise ConfigError(
                 f"StateComponent '{self.key}' with PER_GROUP pattern must specify process_group_name"
             )
         if self.validate_replication and self.sharing_pattern is not SharingPattern.REPLICATED:
-            raise ValueError(
+            raise ConfigError(
                 f"StateComponent '{self.key}' has validate_replication=True but sharing_pattern is "
                 f"{self.sharing_pattern.value}. Replication validation only applies to REPLICATED pattern."
             )
         if self.validation_level not in VALIDATION_LEVELS:
-            raise ValueError(
+            raise ConfigError(
                 f"StateComponent '{self.key}': validation_level must be one of {VALIDATION_LEVELS}"
             )
 
@@ -119,7 +121,7 @@ def check_unique_keys(components: list[StateComponent]) -> None:
     counts = Counter(c.key for c in components)
     dups = sorted(k for k, n in counts.items() if n > 1)
     if dups:
-        raise ValueError(f"duplicate StateComponent keys: {dups}")
+        raise ConfigError(f"duplicate StateComponent keys: {dups}")
 
 
 class RNGState:
@@ -134,7 +136,9 @@ class RNGState:
         py_version, py_state, py_gauss = random.getstate()
         np_state = np.random.get_state(legacy=False)
         if not isinstance(np_state, dict):  # pragma: no cover - legacy=False returns a dict
-            raise TypeError("unexpected NumPy RNG state")
+            raise InvalidStateError(
+                "unexpected NumPy RNG state: get_state(legacy=False) gave no dict"
+            )
         state: dict[str, Any] = {
             "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
             "numpy": {
@@ -171,7 +175,7 @@ class RNGState:
         cuda = state_dict.get("torch_cuda")
         if cuda and torch.cuda.is_available():
             if len(cuda) != torch.cuda.device_count():
-                raise ValueError(
+                raise ConfigError(
                     f"RNG state holds {len(cuda)} CUDA generators but this process sees "
                     f"{torch.cuda.device_count()} devices"
                 )

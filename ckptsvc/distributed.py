@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import knobs
-from .errors import CheckpointError, CoordinationError, SaveFailedError, StorageNotFoundError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    CoordinationError,
+    SaveFailedError,
+    StorageNotFoundError,
+)
 from .staging import node_id
 from .storage import Location
 
@@ -48,7 +54,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw) if raw.strip() else default
     except ValueError as e:
-        raise CheckpointError(f"environment variable {name}={raw!r} is not an integer") from e
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from e
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class RankInfo:
         local_rank = _env_int("LOCAL_RANK", found_rank % max(1, local_world))
         node_index = _env_int("GROUP_RANK", found_rank // max(1, local_world))
         if not 0 <= found_rank < max(1, world):
-            raise CheckpointError(f"rank {found_rank} is outside the world of {world} ranks")
+            raise ConfigError(f"rank {found_rank} is outside the world of {world} ranks")
         return cls(
             found_rank, max(1, world), local_rank, max(1, local_world), node_index, node_id(node)
         )
@@ -106,7 +112,7 @@ def group_ranks(name: str, group: Any, info: RankInfo) -> tuple[int, ...]:
 
         return tuple(sorted(dist.get_process_group_ranks(group)))
     except Exception as e:
-        raise CheckpointError(
+        raise ConfigError(
             f"process group {name!r}: cannot list its ranks ({type(e).__name__}: {e}); pass a "
             "torch.distributed ProcessGroup, a list of global ranks, or None for the world"
         ) from e
@@ -123,13 +129,13 @@ def resolve_groups(
                 out[name] = (0,)
                 continue
             known = sorted(groups) if groups else []
-            raise CheckpointError(
+            raise ConfigError(
                 f"no process group named {name!r} (known: {known}); pass it in process_groups= "
                 "or return it from get_process_groups()"
             )
         ranks = group_ranks(name, groups[name], info)
         if info.rank not in ranks:
-            raise CheckpointError(
+            raise ConfigError(
                 f"process group {name!r} has ranks {list(ranks)}, which do not include this "
                 f"rank {info.rank}; give each rank the group it belongs to"
             )

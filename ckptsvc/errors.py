@@ -19,6 +19,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "InvalidStateError",
+    "LifecycleError",
     "ReplicationMismatchError",
     "SaveFailedError",
     "StateMismatchError",
@@ -65,9 +66,15 @@ class InvalidStateError(CheckpointError, TypeError):
 
 
 class ConfigError(CheckpointError, ValueError):
-    """A ``CKPTSVC_*`` environment variable or an explicit tuning argument has a value of the
-    wrong type or outside its allowed range; the message names the variable, the value and
-    what is allowed."""
+    """A configuration mistake: a ``CKPTSVC_*`` environment variable or an argument has a
+    value of the wrong type, outside its allowed range, or one ckptsvc does not support
+    (e.g. a distributed setting it cannot serve); the message names the variable or
+    argument, the value and what is allowed."""
+
+
+class LifecycleError(CheckpointError, RuntimeError):
+    """An object was used in a way or at a time it does not support: after ``close()``, in
+    a forked child, before its setup, started twice, or loading into a write-only view."""
 
 
 class SaveFailedError(CheckpointError, RuntimeError):
@@ -79,21 +86,25 @@ class WriterDiedError(CheckpointError, RuntimeError):
 
 
 class StorageError(CheckpointError, OSError):
-    """An I/O operation on local disk or an object store failed. The message names the URL."""
+    """An I/O operation on local disk or an object store failed. The message names the URL;
+    ``errno`` is the OS's error number when the OS reported one (``None`` otherwise)."""
 
-    def __init__(self, message: str, *, url: str | None = None) -> None:
+    def __init__(self, message: str, *, url: str | None = None, errno: int | None = None) -> None:
         super().__init__(message)
         self.url = url
+        self.errno = errno
 
     def __str__(self) -> str:  # OSError.__str__ would format errno/strerror instead
         return str(self.args[0]) if self.args else ""
 
     def __reduce__(self) -> tuple[object, ...]:  # keep pickling (writer -> trainer) lossless
-        return (_rebuild_storage_error, (type(self), str(self), self.url))
+        return (_rebuild_storage_error, (type(self), str(self), self.url, self.errno))
 
 
-def _rebuild_storage_error(cls: type[StorageError], message: str, url: str | None) -> StorageError:
-    return cls(message, url=url)
+def _rebuild_storage_error(
+    cls: type[StorageError], message: str, url: str | None, errno: int | None = None
+) -> StorageError:
+    return cls(message, url=url, errno=errno)
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):

@@ -28,7 +28,7 @@ from typing import Any
 from . import knobs
 from .component_plan import MODEL_KEY
 from .discovery import checkpoint_info, refuse_unloadable
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .json_doc import read_json_doc
 from .layout import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -216,7 +216,12 @@ def add_cli(subparsers: Any) -> None:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
-    opts = json.loads(args.storage_options) if args.storage_options else None
+    try:
+        opts = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--storage-options is not valid JSON: {e}") from e
+    if opts is not None and not isinstance(opts, dict):
+        raise ConfigError("--storage-options must be a JSON object")
     result = export_hf(
         args.src, args.dst, component=args.component, max_shard_size=args.max_shard_size,
         storage_options=opts,

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidStateError
+from .errors import ConfigError, InvalidStateError
 from .safetensors_stream import DTYPE_SIZES, ShardLayout, plan_shard
 
 __all__ = [
@@ -85,7 +85,7 @@ def assign_shards(
     to itself). Returns ``{name: file_name}`` in input order.
     """
     if max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+        raise ConfigError(f"max_shard_size must be positive, got {max_shard_size}")
     shards: list[list[str]] = []
     for group in groups:
         current: list[str] = []

@@ -61,6 +61,8 @@ from .discovery import (
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    ConfigError,
+    LifecycleError,
     SaveFailedError,
 )
 from .flatten import with_frozen_parameters
@@ -155,9 +157,9 @@ class CheckpointManager:
         callbacks: Mapping[str, Any] | Sequence[Any] | None = None,
     ) -> None:
         if model is None:
-            raise ValueError("CheckpointManager needs the model")
+            raise ConfigError("CheckpointManager needs the model")
         if config.save_on_each_node:
-            raise CheckpointError(
+            raise ConfigError(
                 "save_on_each_node=True (node-local storage) is not supported: ckptsvc commits "
                 "one checkpoint per job to shared storage (a path every rank sees, or an object store)"
             )
@@ -299,7 +301,7 @@ class CheckpointManager:
         """Snapshot the training state and return the checkpoint's path; the writer makes
         it durable in the background (``async_save=False``: returns once committed)."""
         if self._closed:
-            raise CheckpointError("save_checkpoint() on a closed CheckpointManager")
+            raise LifecycleError("save_checkpoint() on a closed CheckpointManager")
         self._raise_finished_failures()
         if not checkpoint_path:
             checkpoint_path = next_checkpoint_path(
@@ -308,7 +310,7 @@ class CheckpointManager:
             )
         step = self._step_for(step, checkpoint_id, checkpoint_path)
         if self._tiering is not None and _STEP_RE.search(checkpoint_path) is None:
-            raise CheckpointError(
+            raise ConfigError(
                 f"with tiering, checkpoints must be <output_dir>/checkpoints/checkpoint-<id>; "
                 f"got {checkpoint_path}"
             )
@@ -412,7 +414,7 @@ class CheckpointManager:
         for r in replications:
             error = r.exception(timeout_s)
             if error is not None:
-                raise CheckpointError(
+                raise SaveFailedError(
                     f"replicating {r.local_handle.path} to {r.path} failed: {error}; the "
                     "local copy is complete and is retried by the next manager's start"
                 ) from error
@@ -575,7 +577,7 @@ class _Snapshot:
         return self._state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover
-        raise CheckpointError("a save snapshot cannot be loaded into")
+        raise LifecycleError("a save snapshot cannot be loaded into")
 
 
 def _usable(path: str, opts: dict[str, Any]) -> bool:

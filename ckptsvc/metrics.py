@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from .errors import CheckpointError
+from .errors import LifecycleError
 
 __all__ = [
     "Listener",
@@ -136,7 +136,9 @@ def event_from_handle(handle: _Handle) -> SaveEvent:
     ``retries`` comes from ``timings.retries`` when the engine records it, else 0.
     """
     if not handle.done():
-        raise ValueError(f"save of step {handle.step} to {handle.path} is still in flight")
+        raise LifecycleError(
+            f"save of step {handle.step} to {handle.path} is still in flight: wait for it first"
+        )
     t = handle.timings
     error = handle.failure  # never marks the failure observed: wait_all must still raise it
     return SaveEvent(
@@ -327,7 +329,7 @@ class PrometheusExporter:
         import prometheus_client as prom
 
         if self._server is not None:
-            raise CheckpointError(
+            raise LifecycleError(
                 f"the metrics server is already running ({self._server.server_address})"
             )
         self._server, self._server_thread = prom.start_http_server(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, StateMismatchError
+from .errors import CheckpointError, ConfigError, StateMismatchError
 from .quantized import (
     QuantizedSplit,
     install_quantized,
@@ -50,7 +50,7 @@ class ModelState:
 
     def __init__(self, parts: Sequence[nn.Module]) -> None:
         if not parts:
-            raise ValueError("ModelState needs at least one module")
+            raise ConfigError("ModelState needs at least one module")
         self.parts = list(parts)
         self._description: Mapping[str, Any] = {}
         self.where = "checkpoint"
@@ -64,7 +64,7 @@ class ModelState:
             sd = part.state_dict()
             clash = sorted(set(sd) & set(merged))
             if clash:
-                raise ValueError(
+                raise ConfigError(
                     f"model part {i} repeats keys of an earlier part, e.g. {clash[:4]}; "
                     "model parts must hold disjoint parameters"
                 )

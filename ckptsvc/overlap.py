@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import CheckpointError, SaveFailedError, TornSnapshotError
+from .errors import CheckpointError, LifecycleError, SaveFailedError, TornSnapshotError
 from .flatten import is_dtensor
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class OverlappedSnapshots:
         Returns ``None`` when nothing is guarded (the caller then copies synchronously).
         """
         if self._closed:
-            raise CheckpointError("overlapped save on a closed AsyncCheckpointer")
+            raise LifecycleError("overlapped save on a closed AsyncCheckpointer")
         found = _find_owners(owners)
         for opt in found.optimizers:
             self._watch(opt)
@@ -260,7 +260,7 @@ class OverlappedSnapshots:
         save (all three run on the snapshot thread; the arena now belongs to it)."""
         with self._cond:
             if self._closed:
-                raise CheckpointError("overlapped save on a closed AsyncCheckpointer")
+                raise LifecycleError("overlapped save on a closed AsyncCheckpointer")
             self._queued_seq += 1
             task = _Task(prepared, handle, copy, submit, fail, self._queued_seq)
             self._copying.append(handle)

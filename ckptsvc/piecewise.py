@@ -52,7 +52,7 @@ import torch
 from . import knobs
 from .checksum import Crc32c
 from .component_plan import ComponentPlan, PartReport, StagedFile
-from .errors import CheckpointError, SaveFailedError, WriterDiedError
+from .errors import ConfigError, LifecycleError, SaveFailedError, WriterDiedError
 from .safetensors_stream import dtype_to_torch
 from .staging import ALIGN_BYTES, ArenaPlan, StagingArena
 from .workers.protocol import CancelJob, JobDone, JobFailed, PieceDone, PieceReady, StreamSpec
@@ -105,13 +105,15 @@ class MemoryBudget:
         budget = knobs.MEMORY_BUDGET_BYTES.get(memory_budget_bytes)
         arenas = knobs.ARENAS_PER_RANK.get(arenas_per_rank)
         if arenas < 0:
-            raise ValueError(f"arenas_per_rank must be >= 1 (or 0 for automatic), got {arenas}")
+            raise ConfigError(f"arenas_per_rank must be >= 1 (or 0 for automatic), got {arenas}")
         if budget < 0:
-            raise ValueError(f"memory_budget_bytes must be >= 0 (0 = one state copy), got {budget}")
+            raise ConfigError(
+                f"memory_budget_bytes must be >= 0 (0 = one state copy), got {budget}"
+            )
         if budget == 0:
             return cls(None, arenas or 1)
         if budget < MIN_BUDGET_BYTES:
-            raise ValueError(
+            raise ConfigError(
                 f"memory_budget_bytes={budget} is too small to be useful: a streamed save needs "
                 f"at least {MIN_BUDGET_BYTES} bytes (two 1 MiB slots); use a larger budget, or "
                 "0 for one state copy"
@@ -128,7 +130,7 @@ class MemoryBudget:
     def ring_nbytes(self) -> int:
         """Size of the ring arena of a streamed save (the budget, whole pages)."""
         if self.budget_bytes is None:
-            raise CheckpointError("no memory budget: saves are never streamed")
+            raise LifecycleError("no memory budget: saves are never streamed")
         return self.budget_bytes // ALIGN_BYTES * ALIGN_BYTES
 
     @property
@@ -271,7 +273,7 @@ class PieceStreamer:
         crc_segments: Collection[int] = (),
     ) -> None:
         if piece_nbytes <= 0 or piece_nbytes % ALIGN_BYTES or 2 * piece_nbytes > ring.nbytes:
-            raise CheckpointError(
+            raise ConfigError(
                 f"{what}: pieces of {piece_nbytes} bytes do not fit twice in the "
                 f"{ring.nbytes}-byte ring arena"
             )
@@ -379,7 +381,7 @@ class PieceStreamer:
             lo, hi = max(begin, seg.offset), min(end, seg.offset + seg.nbytes)
             size = seg.dtype.itemsize
             if (lo - seg.offset) % size or (hi - seg.offset) % size or (slot + lo - begin) % size:
-                raise CheckpointError(
+                raise SaveFailedError(
                     f"{self._what}: a piece boundary cuts an element of a {seg.dtype} tensor "
                     f"at layout offset {seg.offset} (layout not aligned)"
                 )

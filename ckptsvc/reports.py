@@ -19,7 +19,7 @@ from typing import Any
 
 from .component_plan import PartReport, doc_name
 from .errors import (
-    CheckpointError,
+    CoordinationError,
     CorruptCheckpointError,
     ReplicationMismatchError,
     SaveFailedError,
@@ -153,7 +153,7 @@ def merge_reports(
     for r in reports:
         for f in r.files:
             if f.path in owner:
-                raise CheckpointError(
+                raise CoordinationError(
                     f"{f.path} was written by rank {owner[f.path]} and rank {r.rank}; check "
                     "LOCAL_RANK / GROUP_RANK / process groups (two ranks claim one instance)"
                 )

@@ -41,6 +41,7 @@ from .discovery import (
 from .errors import (
     CheckpointNotFoundError,
     CommitConflictError,
+    ConfigError,
     CorruptCheckpointError,
     InvalidStateError,
     StateMismatchError,
@@ -696,7 +697,7 @@ def create_pretrained_symlinks(
     """Symlink the latest checkpoint's weight files into ``model_dir`` (local disk only),
     so ``from_pretrained(model_dir)`` loads them. Returns the links (to be) created."""
     if "://" in model_dir and not model_dir.startswith("file://"):
-        raise ValueError(f"create_pretrained_symlinks needs a local directory, not {model_dir}")
+        raise ConfigError(f"create_pretrained_symlinks needs a local directory, not {model_dir}")
     latest = find_latest_checkpoint(model_dir)
     if not latest:
         raise CheckpointNotFoundError(f"no complete checkpoint under {model_dir}")

@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import knobs
-from .errors import CheckpointError, StorageError
+from . import hooks, knobs
+from .errors import ConfigError, LifecycleError, SaveFailedError, StorageError
 from .liveness import pid_alive, pid_namespace
 
 if TYPE_CHECKING:
@@ -322,7 +322,7 @@ class StagingArena:
         if cached is not None:
             return cached
         if self._base is None:
-            raise CheckpointError(f"staging arena {self.name} is closed")
+            raise LifecycleError(f"staging arena {self.name} is closed")
         out = []
         for start, dtype, shape in specs:
             nbytes = dtype.itemsize
@@ -335,9 +335,9 @@ class StagingArena:
     def bytes_at(self, start: int, nbytes: int) -> torch.Tensor:
         """A uint8 tensor over arena bytes ``[start, start + nbytes)`` (not cached)."""
         if self._base is None:
-            raise CheckpointError(f"staging arena {self.name} is closed")
+            raise LifecycleError(f"staging arena {self.name} is closed")
         if start < 0 or start + nbytes > self.nbytes:
-            raise CheckpointError(
+            raise SaveFailedError(
                 f"staging arena {self.name}: bytes {start}+{nbytes} outside its {self.nbytes}"
             )
         return self._base[start : start + nbytes]
@@ -397,7 +397,7 @@ class ArenaPool:
         budget_bytes: int | None = None,
     ) -> None:
         if max_arenas < 1:
-            raise ValueError(f"arenas_per_rank must be >= 1, got {max_arenas}")
+            raise ConfigError(f"arenas_per_rank must be >= 1, got {max_arenas}")
         self._max = max_arenas
         self._budget = budget_bytes
         self._creating_nbytes = 0
@@ -420,13 +420,13 @@ class ArenaPool:
     def acquire(self, nbytes: int, *, timeout_s: float | None = None) -> tuple[StagingArena, float]:
         size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         if self._budget is not None and size > self._budget:
-            raise ValueError(f"an arena of {size} bytes exceeds the {self._budget}-byte budget")
+            raise ConfigError(f"an arena of {size} bytes exceeds the {self._budget}-byte budget")
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s
         with self._cond:
             while True:
                 if self._closed:
-                    raise CheckpointError("the checkpointer is closed")
+                    raise LifecycleError("the checkpointer is closed")
                 fits = [a for a in self._free if a.nbytes >= nbytes]
                 if fits:
                     arena = min(fits, key=lambda a: a.nbytes)
@@ -457,7 +457,7 @@ class ArenaPool:
             self._busy.add(arena.name)
             if self._closed:
                 self._drop(arena)
-                raise CheckpointError("the checkpointer is closed")
+                raise LifecycleError("the checkpointer is closed")
         return arena, waited
 
     def reserve(self, nbytes: int) -> None:
@@ -567,9 +567,12 @@ def copy_into(
     synchronize. CPU sources: big contiguous tensors are cut into pieces and all pieces are
     spread over ``threads`` threads (``copy_`` releases the GIL); below
     ``_SINGLE_THREAD_COPY_BYTES`` in all, the calling thread copies alone (handing work to
-    threads would cost more than it saves).
+    threads would cost more than it saves). Hook points ``snapshot.copy.before``/``.after``
+    (:mod:`ckptsvc.hooks`) surround the copy.
     """
     import torch
+
+    hooks.point("snapshot.copy.before")
 
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
     cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
@@ -611,3 +614,4 @@ def copy_into(
             fut.result()
     for stream in streams.values():  # the snapshot is complete before save() returns
         stream.synchronize()
+    hooks.point("snapshot.copy.after")

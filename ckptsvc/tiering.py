@@ -32,7 +32,7 @@ from .discovery import (
     list_checkpoints,
     refuse_unloadable,
 )
-from .errors import CorruptCheckpointError, IncompleteCheckpointError
+from .errors import ConfigError, CorruptCheckpointError, IncompleteCheckpointError
 from .manifest import FileRecord, Manifest
 from .retention import delete_checkpoint
 from .save_target import SaveTarget, write_claimed
@@ -177,7 +177,7 @@ class TieredStore:
         verify_remote_crc: bool = False,
     ) -> None:
         if keep_local < 1:
-            raise ValueError(f"keep_local must be at least 1, not {keep_local}")
+            raise ConfigError(f"keep_local must be at least 1, not {keep_local}")
         self.local_root = local_root
         self.remote_root = remote_root
         self.keep_local = keep_local
@@ -233,7 +233,7 @@ class TieredStore:
         if loc.parent.path != self._local.join(CHECKPOINTS_DIR).path or not loc.name.startswith(
             prefix
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{loc.url} is not a checkpoint-<id> directory under "
                 f"{self._local.join(CHECKPOINTS_DIR).url}"
             )

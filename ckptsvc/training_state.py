@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .components import SharingPattern, StateComponent, Stateful
-from .errors import CheckpointError, StateMismatchError
+from .errors import CheckpointError, ConfigError, StateMismatchError
 
 __all__ = [
     "DistInfo",
@@ -87,9 +87,9 @@ class NamedStates:
     def __init__(self, items: Mapping[str, Stateful], *, what: str = "state") -> None:
         for name, item in items.items():
             if not isinstance(name, str) or not name:
-                raise ValueError(f"{what} names must be non-empty strings, got {name!r}")
+                raise ConfigError(f"{what} names must be non-empty strings, got {name!r}")
             if not _is_stateful(item):
-                raise ValueError(f"{what} {name!r} has no state_dict()/load_state_dict()")
+                raise ConfigError(f"{what} {name!r} has no state_dict()/load_state_dict()")
         self.items = dict(items)
         self.what = what
 
@@ -103,7 +103,7 @@ class NamedStates:
                 continue
             name = stateful_name(obj)
             if name in items:
-                raise ValueError(
+                raise ConfigError(
                     f"two Stateful {what}s are both named {name!r}; give them distinct `name` "
                     f"attributes or pass a {{name: {what}}} mapping"
                 )

@@ -54,9 +54,9 @@ from .discovery import (
     refuse_unloadable,
 )
 from .errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     CommitConflictError,
+    ConfigError,
     CorruptCheckpointError,
 )
 from .manifest import FileRecord, Manifest
@@ -241,7 +241,7 @@ def _source_manifest(info: CheckpointInfo) -> Manifest:
         info, legacy_ok=True, hint="copy a complete one (`ckptsvc ls` shows which are)"
     )
     if info.status is CheckpointStatus.LEGACY:
-        raise CheckpointError(
+        raise ConfigError(
             f"{info.url} has no checkpoint manifest (a legacy checkpoint): there is nothing "
             "to verify the copy against; copy it with your storage tool instead"
         )
@@ -277,7 +277,7 @@ def _up_to_date(manifest: Manifest, dst: Location, *, overwrite: bool) -> bool:
 
 def _check_distinct(src: Location, dst: Location) -> None:
     if type(src.fs) is type(dst.fs) and src.path.rstrip("/") == dst.path.rstrip("/"):
-        raise CheckpointError(f"source and destination are the same location: {src.url}")
+        raise ConfigError(f"source and destination are the same location: {src.url}")
 
 
 def _copy_one(
@@ -301,7 +301,7 @@ def _copy_one(
 def _jobs(jobs: int | None) -> int:
     n = knobs.IO_THREADS.get() if jobs is None else jobs
     if n < 1:
-        raise ValueError(f"jobs must be at least 1, not {n}")
+        raise ConfigError(f"jobs must be at least 1, not {n}")
     return n
 
 
@@ -533,7 +533,7 @@ def prune(
     torn complete one.
     """
     if keep < 1:
-        raise ValueError(f"keep must be at least 1, not {keep}")
+        raise ConfigError(f"keep must be at least 1, not {keep}")
     root_loc = Location.parse(root, storage_options)
     infos = list_checkpoints(root_loc)
     spared = [*_best_checkpoints(infos), *preserved]

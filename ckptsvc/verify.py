@@ -39,7 +39,7 @@ from .discovery import (
     list_checkpoints,
     next_checkpoint_path,
 )
-from .errors import CorruptCheckpointError, StorageNotFoundError
+from .errors import ConfigError, CorruptCheckpointError, StorageNotFoundError
 from .json_doc import read_doc_bytes, read_json_doc
 from .layout import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME
 from .manifest import FileRecord, Manifest, check_relpath
@@ -428,7 +428,7 @@ def _normalise_mode(verify: bool | str) -> VerifyMode:
         return "deep"
     if verify == "shallow":
         return "shallow"
-    raise ValueError(f"verify must be False, True, 'shallow' or 'deep', not {verify!r}")
+    raise ConfigError(f"verify must be False, True, 'shallow' or 'deep', not {verify!r}")
 
 
 def find_latest_verified(

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Literal
 
 from ckptsvc import knobs
+from ckptsvc.errors import ConfigError
 
 __all__ = [
     "ALIGN_BYTES",
@@ -87,7 +88,7 @@ def direct_io_mode(value: str | bool | None = None) -> DirectIOMode:
         "true": "on", "false": "off", "yes": "on", "no": "off",
     }  # fmt: skip
     if raw not in aliases:
-        raise ValueError(f"direct_io={raw!r}: use 'auto', 'on' or 'off' (CKPTSVC_DIRECT_IO)")
+        raise ConfigError(f"direct_io={raw!r}: use 'auto', 'on' or 'off' (CKPTSVC_DIRECT_IO)")
     return aliases[raw]
 
 

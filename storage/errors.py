@@ -113,7 +113,15 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def classify(exc: BaseException, url: str, action: str) -> StorageError:
-    """Wrap ``exc`` in the matching ``StorageError`` leaf, naming ``url`` and ``action``."""
+    """Wrap ``exc`` in the matching ``StorageError`` leaf, naming ``url`` and ``action``
+    (with ``exc``'s errno, when it has one)."""
+    error = _classify(exc, url, action)
+    if error.errno is None and isinstance(exc, OSError):
+        error.errno = exc.errno
+    return error
+
+
+def _classify(exc: BaseException, url: str, action: str) -> StorageError:
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, FileNotFoundError) or (
         isinstance(exc, OSError) and exc.errno == errno.ENOENT

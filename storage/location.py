@@ -22,8 +22,9 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptsvc import knobs
+from ckptsvc import hooks, knobs
 from ckptsvc.errors import (
+    ConfigError,
     CorruptCheckpointError,
     StorageError,
     StorageNotFoundError,
@@ -63,7 +64,7 @@ def url_to_fs(
     """Resolve a local path or URL (``file://``, ``memory://``, ``s3://``, ``gs://``, ...)."""
     text = os.fspath(url)
     if not text:
-        raise ValueError("empty path or URL")
+        raise ConfigError("empty path or URL")
     with storage_errors(text, "open filesystem for"):
         fs, path = fsspec.core.url_to_fs(text, **_with_retry_defaults(text, storage_options))
     return fs, path
@@ -159,7 +160,7 @@ class Location:
         for part in parts:
             for piece in part.split("/"):
                 if piece in ("", ".", "..") or "\\" in piece or "\x00" in piece:
-                    raise ValueError(f"unsafe path component {part!r} under {self.url}")
+                    raise ConfigError(f"unsafe path component {part!r} under {self.url}")
             path = posixpath.join(path, part)
             url = f"{url.rstrip('/')}/{part}"
         return Location(
@@ -369,6 +370,11 @@ class Location:
         Local: temp file in the same directory, fsync, ``os.replace``, fsync the directory.
         Object stores: one PUT, which S3 and GCS make visible atomically.
         """
+        hooks.point("publish.before", name=self.name, url=self.url)
+        self._publish(data)
+        hooks.point("publish.after", name=self.name, url=self.url)
+
+    def _publish(self, data: bytes) -> None:
         if self.is_local:
             directory = os.path.dirname(self.path)
             tmp = os.path.join(directory, f".{self.name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -381,6 +387,7 @@ class Location:
                 finally:
                     os.close(fd)
                 try:
+                    hooks.point("rename.before", path=self.path)
                     os.replace(tmp, self.path)
                 except BaseException:
                     os.unlink(tmp)
@@ -402,6 +409,12 @@ class Location:
         wins. Other filesystems have no conditional write: an existence check, then a
         write (two writers racing within one round trip could both win; logged once).
         """
+        hooks.point("publish.before", name=self.name, url=self.url)  # a claim: a publish too
+        created = self._create_exclusive(data)
+        hooks.point("publish.after", name=self.name, url=self.url)
+        return created
+
+    def _create_exclusive(self, data: bytes) -> bool:
         if self.is_local:
             directory = os.path.dirname(self.path)
             with storage_errors(self.url, "create"):
@@ -475,7 +488,7 @@ class Location:
         """A streaming writer: local files are fsynced on close (``O_DIRECT`` per
         ``direct_io`` / ``size_hint_bytes``); S3 gets a parallel multipart upload, GCS a
         pipelined resumable one (see ``storage.sinks``)."""
-        return open_sink(
+        sink = open_sink(
             self,
             fsync=fsync,
             part_size_bytes=part_size_bytes,
@@ -483,12 +496,19 @@ class Location:
             direct_io=direct_io,
             size_hint_bytes=size_hint_bytes,
         )
+        return hooks.wrap("sink.open", sink, name=self.name, url=self.url)
 
     def remove(self, *, recursive: bool = False, missing_ok: bool = True) -> None:
         """Delete the file (with ``recursive``: the whole directory tree).
 
         A missing target is fine unless ``missing_ok=False`` (then ``StorageNotFoundError``).
         """
+        info = {"name": self.name, "url": self.url, "recursive": recursive}
+        hooks.point("remove.before", **info)
+        self._remove(recursive=recursive, missing_ok=missing_ok)
+        hooks.point("remove.after", **info)
+
+    def _remove(self, *, recursive: bool, missing_ok: bool) -> None:
         if self.is_local:
             import shutil
 
@@ -497,6 +517,7 @@ class Location:
                     shutil.rmtree(self.path)
                 else:
                     os.unlink(self.path)
+                    hooks.point("unlink.after", path=self.path)
             except FileNotFoundError as e:
                 if not missing_ok:
                     raise classify(e, self.url, "delete") from e
@@ -538,6 +559,7 @@ class Location:
                         shutil.rmtree(entry.path)
                     else:
                         os.unlink(entry.path)
+                        hooks.point("unlink.after", path=entry.path)
             except FileNotFoundError:
                 return
             except OSError as e:

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from ckptsvc import bench
-from ckptsvc.bench_probes import IO_CHUNK_BYTES, _parts, make_specs, read_file, write_file
-from ckptsvc.bench_report import Row, evaluate_targets, format_table
+from ckptsvc.tools import bench
+from ckptsvc.tools.bench_probes import IO_CHUNK_BYTES, _parts, make_specs, read_file, write_file
+from ckptsvc.tools.bench_report import Row, evaluate_targets, format_table
 
 MiB = 1 << 20
 
@@ -29,7 +29,7 @@ def run_bench(
     *args: str, env: dict[str, str] | None = None, timeout_s: float = 240
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ckptsvc.bench", "--quiet", "--reps", "1", *args],
+        [sys.executable, "-m", "ckptsvc.tools.bench", "--quiet", "--reps", "1", *args],
         capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
     )  # fmt: skip
 

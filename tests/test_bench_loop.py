@@ -20,16 +20,16 @@ import pytest
 import torch
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_state
-from ckptsvc.bench_loop import (
+from ckptsvc.flatten import flatten_state
+from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.tools.bench_loop import (
     OVERLAP_TARGET,
     evaluate_loop_target,
     format_loop_table,
     merge_rounds,
     worker_env,
 )
-from ckptsvc.bench_loop_worker import MODES, ModeResult, interval_means
-from ckptsvc.flatten import flatten_state
-from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.tools.bench_loop_worker import MODES, ModeResult, interval_means
 
 HAS_OVERLAP = "overlap" in inspect.signature(AsyncCheckpointer.save).parameters
 CLI = "import sys; from ckptsvc.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -59,7 +59,7 @@ def saved_tensors(mode: str, path: str) -> dict[str, torch.Tensor]:
         return dict(flatten_state(load_state(path)).tensors)
     import torch.distributed.checkpoint as dcp
 
-    from ckptsvc.bench_loop_worker import LoopConfig, _build
+    from ckptsvc.tools.bench_loop_worker import LoopConfig, _build
 
     cfg = LoopConfig("dcp_async", 1, 0, 1, 0.5, 8, root="", result_path="")
     model = _build(cfg)[0]

@@ -30,7 +30,7 @@ from ckptsvc.manifest import MARKER_NAME
 from ckptsvc.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, plan_reads
-from ckptsvc.storage.faults import FaultProxy, RequestRecord
+from ckptsvc.testing.fault_proxy import FaultProxy, RequestRecord
 from ckptsvc.workers.shard_writer import write_stream
 
 MiB = 2**20

@@ -1,4 +1,4 @@
-"""The crash-consistency campaign (:mod:`ckptsvc.crashtest`): kill -9 the trainer, the node
+"""The crash-consistency campaign (:mod:`ckptsvc.testing.crashtest`): kill -9 the trainer, the node
 writer or both at seeded points of real saves - snapshot, streaming, commit, retention - on
 local disk and on the S3 emulator, and check after each point that the latest checkpoint
 is complete, verifies and loads bit for bit, that no committed checkpoint was damaged, that
@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import StorageRoot
 
-from ckptsvc.crash_child import _templates
-from ckptsvc.crashtest import (
+from ckptsvc.manifest import MARKER_NAME
+from ckptsvc.storage import Location
+from ckptsvc.testing.crash_child import _templates
+from ckptsvc.testing.crashtest import (
     CampaignReport,
     CrashPoint,
     PointResult,
@@ -28,8 +30,6 @@ from ckptsvc.crashtest import (
     run_campaign,
     run_points,
 )
-from ckptsvc.manifest import MARKER_NAME
-from ckptsvc.storage import Location
 
 pytestmark = pytest.mark.multiproc
 

@@ -18,7 +18,6 @@ import torch
 
 from ckptsvc.checksum import crc32c_hex
 from ckptsvc.errors import StorageError
-from ckptsvc.faultinject import OsFault, install_os_faults
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, direct_io
 from ckptsvc.storage.direct_io import (
@@ -28,6 +27,7 @@ from ckptsvc.storage.direct_io import (
     filesystem_type,
     want_direct,
 )
+from ckptsvc.testing.faultinject import OsFault, install_os_faults
 from ckptsvc.workers.shard_writer import write_stream
 
 KiB, MiB = 1024, 2**20

@@ -1,6 +1,6 @@
 """Retries against real faults: a fault-injecting HTTP proxy in front of the real emulators.
 
-``ckptsvc.storage.faults.FaultProxy`` sits between s3fs/gcsfs and moto / SeaweedFS /
+``ckptsvc.testing.fault_proxy.FaultProxy`` sits between s3fs/gcsfs and moto / SeaweedFS /
 the GCS emulator on loopback and, by a seeded schedule, answers 500 / 503 SlowDown /
 403, resets connections before answering or halfway through a body, and holds answers
 longer than the client's read timeout. Saves and loads must succeed through transient
@@ -21,7 +21,7 @@ from conftest import StorageRoot
 from ckptsvc.errors import StoragePermissionError, StorageTransientError
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.storage.faults import FaultPlan, FaultProxy, RequestRecord
+from ckptsvc.testing.fault_proxy import FaultPlan, FaultProxy, RequestRecord
 from ckptsvc.verify import verify_checkpoint
 
 MiB = 2**20

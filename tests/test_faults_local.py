@@ -8,7 +8,7 @@ path. The promises, after every fault:
 - training goes on: the next ``save`` call is accepted (and fails or succeeds on its own);
 - once the fault ends, the next save succeeds, and ``gc`` reclaims the failed save's debris.
 
-Faults come from :func:`ckptsvc.faultinject.install_os_faults`, which wraps the ``os`` calls
+Faults come from :func:`ckptsvc.testing.faultinject.install_os_faults`, which wraps the ``os`` calls
 under one directory (in this process; in the node writer through its preload). Real
 ENOSPC also comes from a 4 MiB tmpfs when this machine lets us mount one (root).
 """
@@ -16,6 +16,7 @@ ENOSPC also comes from a 4 MiB tmpfs when this machine lets us mount one (root).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import threading
@@ -31,12 +32,12 @@ from ckptsvc.async_checkpointer import AsyncCheckpointer
 from ckptsvc.discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
 from ckptsvc.discovery import next_checkpoint_path as ckpt_path
 from ckptsvc.errors import CheckpointError, SaveFailedError, StorageError
-from ckptsvc.faultinject import OsFault, faults_env, install_os_faults
 from ckptsvc.gc import collect_garbage
 from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.retention import maybe_delete_oldest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.staging import pid_alive
+from ckptsvc.testing.faultinject import OsFault, faults_env, install_os_faults
 from ckptsvc.verify import verify_checkpoint
 
 MiB = 2**20
@@ -266,6 +267,7 @@ def test_async_save_fault(tmp_path: Path, writer_faults: Callable[..., Path], ca
         error = bad.exception(120)
         assert isinstance(error, SaveFailedError), error
         assert isinstance(error.__cause__, StorageError), error.__cause__
+        assert error.__cause__.errno == getattr(errno, errno_name), error.__cause__.errno
         text = str(error)
         assert "checkpoint-2" in text and match.strip(".") in text, text
         assert CAUSE[errno_name] in text.lower(), text

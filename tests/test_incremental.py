@@ -16,8 +16,6 @@ from conftest import StorageRoot
 from safetensors.torch import load_file
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
-from ckptsvc.bench_incremental import LoraLike, measure_incremental
-from ckptsvc.bench_report import incremental_target
 from ckptsvc.discovery import next_checkpoint_path, read_manifest
 from ckptsvc.flatten import flatten_state
 from ckptsvc.layout import SAFE_WEIGHTS_INDEX_NAME
@@ -25,6 +23,8 @@ from ckptsvc.manager import CheckpointConfig, CheckpointManager
 from ckptsvc.retention import delete_checkpoint
 from ckptsvc.storage import Location
 from ckptsvc.storage.copies import CopyMethod, copy_file
+from ckptsvc.tools.bench_incremental import LoraLike, measure_incremental
+from ckptsvc.tools.bench_report import incremental_target
 from ckptsvc.training_state import SimpleStatefulProvider
 from ckptsvc.verify import verify_checkpoint
 
@@ -319,7 +319,7 @@ def test_bench_probe_meets_the_target(tmp_path: Path) -> None:
 
 
 def test_bench_incremental_cli_writes_json(tmp_path: Path) -> None:
-    from ckptsvc import bench
+    from ckptsvc.tools import bench
 
     out = tmp_path / "inc.json"
     argv = ["--incremental", "--size", "2MiB", "--dir", str(tmp_path), "--json", str(out)]

@@ -23,9 +23,8 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc import knobs
+from ckptsvc import hooks, knobs
 from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components, load_state
-from ckptsvc.bench_budget import measure_budget_peak
 from ckptsvc.checksum import crc32c_hex
 from ckptsvc.components import SharingPattern, StateComponent
 from ckptsvc.discovery import find_latest_checkpoint
@@ -41,6 +40,7 @@ from ckptsvc.piecewise import (
 )
 from ckptsvc.safetensors_stream import dtype_from_torch, dtype_to_torch
 from ckptsvc.staging import ArenaPool, ShmSegment, StagingArena, copy_into, pid_alive, plan_arena
+from ckptsvc.tools.bench_budget import measure_budget_peak
 from ckptsvc.verify import verify_checkpoint
 from ckptsvc.workers.protocol import PieceDone, PieceReady
 
@@ -370,26 +370,22 @@ def test_storage_error_mid_stream_fails_the_save_and_nothing_commits(
     assert latest is not None and latest.endswith("checkpoint-2")
 
 
-def test_trainer_error_mid_stream_cancels_the_job(
-    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from ckptsvc import async_checkpointer
-
-    real = async_checkpointer.copy_into
+def test_trainer_error_mid_stream_cancels_the_job(node: str, tmp_path: Path) -> None:
     calls = []
 
-    def flaky(*args: Any, **kwargs: Any) -> None:
+    def flaky() -> None:
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("copy exploded")
-        real(*args, **kwargs)
 
     root = str(tmp_path / "root")
     with AsyncCheckpointer(root, memory_budget_bytes=2 * MiB) as ckpt:
-        monkeypatch.setattr(async_checkpointer, "copy_into", flaky)
-        with pytest.raises(RuntimeError, match="copy exploded"):
-            ckpt.save(1, mixed_state(1))
-        monkeypatch.setattr(async_checkpointer, "copy_into", real)
+        remove = hooks.install("snapshot.copy.before", flaky)
+        try:
+            with pytest.raises(RuntimeError, match="copy exploded"):
+                ckpt.save(1, mixed_state(1))
+        finally:
+            remove()
         h = ckpt.save(2, mixed_state(2))  # waits for the cancelled job to give the ring back
         h.wait(60)
         ckpt.wait_all(60)

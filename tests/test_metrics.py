@@ -14,7 +14,7 @@ import torch
 
 from ckptsvc import metrics
 from ckptsvc.async_checkpointer import AsyncCheckpointer
-from ckptsvc.errors import SaveFailedError
+from ckptsvc.errors import LifecycleError, SaveFailedError
 from ckptsvc.metrics import PrometheusExporter, SaveEvent, add_listener, emit, event_from_handle
 
 
@@ -69,7 +69,7 @@ def test_event_from_handle_refuses_a_save_in_flight() -> None:
     from ckptsvc.async_checkpointer import SaveHandle, SaveTimings
 
     pending = SaveHandle(step=1, path="/x", timings=SaveTimings(1, 0.0, 0.0, 0.0), started=0.0)
-    with pytest.raises(ValueError, match="still in flight"):
+    with pytest.raises(LifecycleError, match="still in flight"):
         event_from_handle(pending)
 
 

@@ -2,9 +2,10 @@
 a snapshot copies leaves each checkpoint with exactly its step's values, every illegal way
 fails the save with nothing committed. Real writer process and shared memory.
 
-The races are made deterministic with :class:`SlowCopy`, which replaces the engine's
-``copy_into`` (looked up at call time) so that the snapshot thread's copy waits for a
-permit the test hands out; the copy on the training thread is never held back.
+The races are made deterministic with :class:`SlowCopy`, installed at the hook points
+``snapshot.copy.before``/``.after`` of :mod:`ckptsvc.hooks` (around every ``copy_into``) so
+that the snapshot thread's copy waits for a permit the test hands out; the copy on the
+training thread is never held back.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dist_workers.launch import free_port
 from helpers_models import assert_bitwise_equal
 from torch import nn
 
-import ckptsvc.async_checkpointer as engine
+from ckptsvc import hooks
 from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
 from ckptsvc.components import SharingPattern, StateComponent
 from ckptsvc.discovery import find_latest_checkpoint
@@ -53,10 +54,9 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 class SlowCopy:
-    """Stands in for ``copy_into``: a copy on the snapshot thread starts only with a permit."""
+    """Hooks around ``copy_into``: a copy on the snapshot thread starts only with a permit."""
 
-    def __init__(self, real: Callable[..., None]) -> None:
-        self.real = real
+    def __init__(self) -> None:
         self._permits = threading.Semaphore(0)
         self._cond = threading.Condition()
         self.entered = 0  # snapshot-thread copies that reached the gate
@@ -71,27 +71,43 @@ class SlowCopy:
         with self._cond:
             assert self._cond.wait_for(lambda: self.entered >= n, 60), "snapshot copy never ran"
 
-    def __call__(self, dsts: Any, srcs: Any, **kwargs: Any) -> None:
+    def before(self) -> None:
         if threading.current_thread().name != SNAPSHOT_THREAD:
             self.other_threads += 1
-            self.real(dsts, srcs, **kwargs)
             return
         with self._cond:
             self.entered += 1
             self._cond.notify_all()
         if not self._permits.acquire(timeout=60):
             raise RuntimeError("the test never allowed this snapshot copy")
-        self.real(dsts, srcs, **kwargs)
+
+    def after(self) -> None:
+        if threading.current_thread().name != SNAPSHOT_THREAD:
+            return
         with self._cond:
             self.done += 1
             self._cond.notify_all()
 
+    def install(self) -> Callable[[], None]:
+        """Install the gate; returns the function that removes it."""
+        removers = [
+            hooks.install("snapshot.copy.before", self.before),
+            hooks.install("snapshot.copy.after", self.after),
+        ]
+
+        def remove() -> None:
+            for undo in removers:
+                undo()
+
+        return remove
+
 
 @pytest.fixture
-def slow_copy(monkeypatch: pytest.MonkeyPatch) -> SlowCopy:
-    gate = SlowCopy(engine.copy_into)
-    monkeypatch.setattr(engine, "copy_into", gate)
-    return gate
+def slow_copy() -> Iterator[SlowCopy]:
+    gate = SlowCopy()
+    remove = gate.install()
+    yield gate
+    remove()
 
 
 class Net(nn.Module):
@@ -428,8 +444,8 @@ def _rank_main(rank: int, world: int, port: int, root: str, node: str, out: str)
         CKPTSVC_WRITER_LINGER_S="1",
     )
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    gate = SlowCopy(engine.copy_into)
-    engine.copy_into = gate
+    gate = SlowCopy()
+    gate.install()
     loop = Loop()
     loop.train_step()
     comps = [

@@ -17,8 +17,8 @@ import torch
 
 from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle
 from ckptsvc.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
-from ckptsvc.faultinject import OsFault, faults_env
 from ckptsvc.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.testing.faultinject import OsFault, faults_env
 from ckptsvc.verify import verify_checkpoint
 
 SAVES = 200

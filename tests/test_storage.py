@@ -678,7 +678,7 @@ def test_s3_save_with_default_retries_rides_out_an_endpoint_outage(
     import torch
 
     from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
-    from ckptsvc.storage.faults import FaultProxy
+    from ckptsvc.testing.fault_proxy import FaultProxy
 
     _default_retry_knobs(monkeypatch)
     monkeypatch.setenv("CKPTSVC_PART_SIZE_BYTES", str(5 * 2**20))
@@ -721,7 +721,7 @@ def test_s3_upload_of_a_save_failed_by_an_outage_is_aborted_once_the_store_is_ba
     import threading
 
     from ckptsvc.storage import multipart
-    from ckptsvc.storage.faults import FaultProxy
+    from ckptsvc.testing.fault_proxy import FaultProxy
 
     monkeypatch.setenv("CKPTSVC_RETRY_MAX_S", "1.0")
     monkeypatch.setenv("CKPTSVC_RETRY_MAX_DELAY_S", "0.2")

@@ -7,7 +7,6 @@ shards each); copies go to and from every backend (local, memory, S3, GCS, Seawe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -21,7 +20,7 @@ import pytest
 import torch
 from conftest import StorageRoot, unfinished_save
 
-from ckptsvc.cli_extra import add_cp_parser, add_prune_parser
+from ckptsvc.cli import main as cli_main
 from ckptsvc.discovery import (
     CheckpointStatus,
     checkpoint_info,
@@ -334,23 +333,13 @@ def test_prune_on_s3(s3_root: StorageRoot) -> None:
 
 
 def _cli(argv: list[str]) -> tuple[int, str, str]:
-    """Parse with a parser built from the two registration functions; run like cli.main."""
-    parser = argparse.ArgumentParser(prog="ckptsvc")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cp_parser(sub)
-    add_prune_parser(sub)
+    """Run ``ckptsvc`` (cli.main) in this process: exit status, stdout, stderr."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            args = parser.parse_args(argv)
-            code = int(args.fn(args))
-        except CheckpointError as e:
-            print(f"ckptsvc: error: {e}", file=err)
-            code = 2
-        except SystemExit as e:
-            code = int(e.code or 0) if not isinstance(e.code, str) else 2
-            if isinstance(e.code, str):
-                print(e.code, file=err)
+            code = cli_main(argv)
+        except SystemExit as e:  # argparse: a usage error
+            code = int(e.code or 0)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -371,7 +360,7 @@ def test_cli_cp_json_and_progress(tmp_path: Path) -> None:
 
 def test_cli_cp_errors_are_one_line(tmp_path: Path) -> None:
     code, _, err = _cli(["cp", str(tmp_path / "missing"), str(tmp_path / "d")])
-    assert code == 2 and err.startswith("ckptsvc: error:") and err.count("\n") == 1
+    assert code == 1 and err.startswith("ckptsvc cp: error:") and err.count("\n") == 1
     code, _, err = _cli(["cp", "a", "b", "--jobs", "0"])
     assert code == 2 and "--jobs" in err
     code, _, err = _cli(["cp", "a", "b", "--storage-options", "{not json"])

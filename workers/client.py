@@ -49,8 +49,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
-from ckptsvc import knobs
-from ckptsvc.errors import CheckpointError, WriterDiedError
+from ckptsvc import hooks, knobs
+from ckptsvc.errors import ConfigError, WriterDiedError
 
 from .identity import current_identity
 from .protocol import (
@@ -163,7 +163,7 @@ def _private_dir(directory: str) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.stat(directory)
     if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise CheckpointError(
+        raise ConfigError(
             f"{directory} (the node writer's socket directory) must be owned by uid "
             f"{os.getuid()} with mode 0700; remove it or set CKPTSVC_WRITER_SOCKET elsewhere"
         )
@@ -330,7 +330,7 @@ class WriterClient:
                 )
             except _OtherWriter as e:
                 if explicit:
-                    raise CheckpointError(
+                    raise ConfigError(
                         f"{e}; CKPTSVC_WRITER_SOCKET={path} is used by another job or "
                         "installation: give each job its own socket"
                     ) from e
@@ -469,6 +469,7 @@ class WriterClient:
                 raise WriterDiedError(
                     self._wedged or f"the node writer (pid {self.writer_pid}) is gone: {e}"
                 ) from e
+        hooks.point("job.submitted", url=job.ckpt_url)
 
     def watch_pieces(self, job_id: int, callback: Callable[[PieceDone], None]) -> None:
         """Call ``callback`` (reader thread) with each ``PieceDone`` of a streamed job, until

@@ -58,7 +58,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from ckptsvc import knobs
-from ckptsvc.errors import CheckpointError
+from ckptsvc.errors import CheckpointError, SaveFailedError
 from ckptsvc.manifest import FileRecord, Manifest
 from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
@@ -132,7 +132,7 @@ def stream_file(
     return; aborted on any failure."""
     data = arena[fj.arena_offset : fj.arena_offset + fj.layout.data_nbytes]
     if data.nbytes != fj.layout.data_nbytes:
-        raise CheckpointError(
+        raise SaveFailedError(
             f"{fj.rel_path}: the arena holds {data.nbytes} of the {fj.layout.data_nbytes} bytes "
             "the layout needs (arena smaller than the plan)"
         )
@@ -433,7 +433,7 @@ class NodeWriter:
         """A job bigger than the trainer's memory budget: its pieces, through the ring."""
         job = state.job
         if job.stream is None or ring is None:
-            raise CheckpointError(f"{job.ckpt_url}: a streamed job needs a ring arena")
+            raise SaveFailedError(f"{job.ckpt_url}: a streamed job needs a ring arena")
         return write_streamed(
             ckpt,
             job.files,
@@ -476,7 +476,7 @@ class NodeWriter:
             )
             arena = conn.arena(job.arena_name) if job.arena_name else None
             if job.files and arena is None:
-                raise CheckpointError(f"{job.ckpt_url}: a job with shard files names no arena")
+                raise SaveFailedError(f"{job.ckpt_url}: a job with shard files names no arena")
             state.doing = "starting the checkpoint"
             begin_checkpoint(ckpt)
             began = ckpt

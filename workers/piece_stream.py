@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from ckptsvc.errors import CheckpointError
+from ckptsvc.errors import CheckpointError, SaveFailedError
 from ckptsvc.manifest import FileRecord
 from ckptsvc.storage import Location
 
@@ -107,7 +107,7 @@ class _Cursor:
     def _take(self) -> PieceReady:
         seq = self._next_seq
         if seq >= self._spec.npieces:
-            raise CheckpointError(f"{self._what}: the layout reads past its last piece ({seq})")
+            raise SaveFailedError(f"{self._what}: the layout reads past its last piece ({seq})")
         piece = self._inbox.take(seq, self._cancelled, what=self._what)
         expected = seq * self._spec.piece_nbytes
         if (
@@ -116,7 +116,7 @@ class _Cursor:
             or piece.arena_offset < 0
             or piece.arena_offset + piece.nbytes > self._ring.nbytes
         ):
-            raise CheckpointError(
+            raise SaveFailedError(
                 f"{self._what}: piece {seq} ({piece.offset}+{piece.nbytes} at ring offset "
                 f"{piece.arena_offset}) does not fit the stream or the {self._ring.nbytes}-byte ring"
             )
@@ -139,7 +139,7 @@ class _Cursor:
                 self._piece = self._take()
             piece = self._piece
             if pos < piece.offset:
-                raise CheckpointError(f"{self._what}: layout offset {pos} read out of order")
+                raise SaveFailedError(f"{self._what}: layout offset {pos} read out of order")
             stop = min(end, piece.offset + piece.nbytes)
             for lo in range(pos, stop, self._chunk_nbytes):
                 if self._cancelled.is_set():
@@ -189,7 +189,7 @@ def write_streamed(
         end = fj.arena_offset + fj.layout.data_nbytes
         next_begin = ordered[i + 1].arena_offset if i + 1 < len(ordered) else spec.nbytes
         if end > spec.nbytes:
-            raise CheckpointError(
+            raise SaveFailedError(
                 f"{ckpt.join(fj.rel_path).url}: data ends at {end}, past the streamed "
                 f"{spec.nbytes} bytes"
             )

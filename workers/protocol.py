@@ -31,6 +31,7 @@ directory, and even so a peer cannot make the other side run code. Errors travel
 
 from __future__ import annotations
 
+import errno as _errno
 import hashlib
 import io
 import pickle
@@ -366,25 +367,79 @@ class Pong:
     activity: str = ""
 
 
+#: attributes of an exception that travel with it (when plain data): the errno and file
+#: of an ``OSError``, a ``KeyError``'s key, the details of ckptsvc's leaves
+_DETAILS = ("errno", "filename", "filename2", "key", "tensor", "step", "problems", "missing")
+
+
+def _plain(value: object) -> bool:
+    if value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return False
+
+
 @dataclass(frozen=True)
 class ErrorInfo:
-    """An exception, flattened for the wire; ``to_exception`` rebuilds a ckptsvc error."""
+    """An exception, flattened for the wire; ``to_exception`` rebuilds a ckptsvc error.
+
+    ``details``: the exception's plain-data attributes named in ``_DETAILS`` (``errno``,
+    ``filename``, a ``KeyError``'s ``key``, ``tensor``, ``problems``, ...); the rebuilt
+    exception has them again."""
 
     type_name: str
     message: str
     url: str | None = None
+    details: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        return cls(type(exc).__name__, str(exc) or repr(exc), getattr(exc, "url", None))
+        found: dict[str, Any] = {}
+        if isinstance(exc, KeyError) and exc.args:
+            found["key"] = exc.args[0]
+        for name in _DETAILS:
+            value = getattr(exc, name, None)
+            if value is not None and name not in found:
+                found[name] = value
+        cause = exc.__cause__
+        if "errno" not in found and isinstance(cause, OSError) and cause.errno is not None:
+            found["errno"] = cause.errno  # a StorageError wrapping the OS's error
+        details = tuple((k, v) for k, v in found.items() if _plain(v))
+        return cls(type(exc).__name__, str(exc) or repr(exc), getattr(exc, "url", None), details)
 
     def to_exception(self) -> CheckpointError:
         cls = getattr(_errors, self.type_name, None)
+        details = dict(self.details)
+        exc: CheckpointError
         if isinstance(cls, type) and issubclass(cls, _errors.StorageError):
-            return cls(self.message, url=self.url)
-        if isinstance(cls, type) and issubclass(cls, CheckpointError):
-            return cls(self.message)
-        return SaveFailedError(f"{self.type_name}: {self.message}")
+            exc = cls(self.message, url=self.url)
+        elif isinstance(cls, type) and issubclass(cls, CheckpointError):
+            exc = cls(self.message)
+        elif "errno" in details or self.type_name in _OS_ERRORS:
+            exc = _storage_leaf(self.type_name, details.get("errno"))(
+                f"{self.type_name}: {self.message}",
+                url=self.url or details.get("filename"),
+            )
+        else:
+            exc = SaveFailedError(f"{self.type_name}: {self.message}")
+        for name, value in details.items():
+            setattr(exc, name, tuple(value) if isinstance(value, list) else value)
+        return exc
+
+
+_OS_ERRORS = frozenset(
+    c.__name__ for c in (OSError, FileNotFoundError, PermissionError, TimeoutError)
+)
+
+
+def _storage_leaf(type_name: str, code: int | None) -> type[_errors.StorageError]:
+    """The ``StorageError`` leaf for an ``OSError`` of the writer (by type, then errno)."""
+    if type_name == "FileNotFoundError" or code == _errno.ENOENT:
+        return _errors.StorageNotFoundError
+    if type_name == "PermissionError" or code in (_errno.EACCES, _errno.EPERM):
+        return _errors.StoragePermissionError
+    return _errors.StorageError
 
 
 @dataclass(frozen=True)

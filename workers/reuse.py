@@ -33,7 +33,7 @@ import threading
 from dataclasses import dataclass
 
 from ckptsvc.checksum import Crc32c
-from ckptsvc.errors import CheckpointError
+from ckptsvc.errors import CheckpointError, CorruptCheckpointError
 from ckptsvc.manifest import MANIFEST_NAME, FileRecord
 from ckptsvc.storage import Location
 from ckptsvc.storage.copies import copy_file, same_store
@@ -114,10 +114,12 @@ class ReuseSource:
                 return None
             size = dst.size()
             if size != rec.nbytes:
-                raise CheckpointError(f"{dst.url}: copy has {size} bytes, expected {rec.nbytes}")
+                raise CorruptCheckpointError(
+                    f"{dst.url}: copy has {size} bytes, expected {rec.nbytes}"
+                )
             stored = dst.stored_crc32c()
             if stored is not None and stored != rec.crc32c:
-                raise CheckpointError(
+                raise CorruptCheckpointError(
                     f"{dst.url}: copy has CRC-32C {stored}, expected {rec.crc32c}"
                 )
         except (CheckpointError, OSError) as e:

@@ -63,7 +63,13 @@ from ..async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
 from ..best_checkpoints import Retention
 from ..components import RNGState, SharingPattern, StateComponent
 from ..discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
-from ..errors import CheckpointError, CheckpointNotFoundError, SaveFailedError
+from ..errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    LifecycleError,
+    SaveFailedError,
+    StateMismatchError,
+)
 from ..json_doc import read_json_doc
 from ..layout import SAFE_WEIGHTS_INDEX_NAME
 from ..storage import Location
@@ -106,7 +112,7 @@ class _TrainerStateJson:
         return {"trainer_state_json": text, "global_step": self._state.global_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover
-        raise CheckpointError("the trainer state is restored by Trainer from trainer_state.json")
+        raise LifecycleError("the trainer state is restored by Trainer from trainer_state.json")
 
 
 def _read_component(
@@ -245,7 +251,7 @@ class CkptsvcCallback(TrainerCallback):
 
     def _root_or_error(self) -> str:
         if self.root is None:
-            raise CheckpointError(
+            raise ConfigError(
                 "CkptsvcCallback has no root yet: pass root=... (or callbacks=[...] to the "
                 "Trainer constructor, which sets it to args.output_dir) before resume_path()"
             )
@@ -301,13 +307,13 @@ class CkptsvcCallback(TrainerCallback):
 
     def _refuse_unsupported(self, args: TrainingArguments) -> None:
         if args.load_best_model_at_end or args.save_strategy == "best":
-            raise CheckpointError(
+            raise ConfigError(
                 "CkptsvcCallback does not support load_best_model_at_end or save_strategy='best' "
                 "(the Trainer decides on the best model after callbacks run); use "
                 "save_strategy='steps' or 'epoch' and pick the best checkpoint from its metrics"
             )
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise CheckpointError(
+            raise ConfigError(
                 "CkptsvcCallback does not support DeepSpeed or FSDP trainers (they save through "
                 "their own engines); use ckptsvc.CheckpointManager with FSDP2"
             )
@@ -326,7 +332,7 @@ class CkptsvcCallback(TrainerCallback):
             return
         url, step = resume
         if step != state.global_step:
-            raise CheckpointError(
+            raise StateMismatchError(
                 f"the Trainer resumed at step {state.global_step}, but resume_path() prepared "
                 f"{url} (step {step}); pass the directory resume_path() returned"
             )
@@ -346,7 +352,7 @@ class CkptsvcCallback(TrainerCallback):
     ) -> list[StateComponent]:
         model = kw.get("model")
         if model is None:
-            raise CheckpointError("the Trainer passed no model to CkptsvcCallback")
+            raise ConfigError("the Trainer passed no model to CkptsvcCallback")
         comps = [
             StateComponent(MODEL_KEY, model, SharingPattern.GLOBAL),
             StateComponent(TRAINER_KEY, _TrainerStateJson(state), SharingPattern.GLOBAL),
@@ -376,7 +382,7 @@ class CkptsvcCallback(TrainerCallback):
         if self._last_saved_step == state.global_step:
             return
         if self._ckpt is None:
-            raise CheckpointError("CkptsvcCallback saw a save before on_train_begin")
+            raise LifecycleError("CkptsvcCallback saw a save before on_train_begin")
         self._raise_earlier_failure()
         exported: Any = state.stateful_callbacks  # a dict once TrainerState is built
         exported["TrainerControl"] = control_state

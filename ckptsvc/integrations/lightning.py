@@ -47,7 +47,7 @@ import torch
 
 from ..async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
 from ..components import SharingPattern, StateComponent
-from ..errors import CheckpointError, SaveFailedError
+from ..errors import ConfigError, SaveFailedError
 from ..retention import delete_checkpoint
 from ..storage import Location
 
@@ -120,7 +120,7 @@ class CkptsvcCheckpointIO(CheckpointIO):
                 and torch.distributed.is_initialized()
                 and (torch.distributed.get_world_size() > 1)
             ):
-                raise CheckpointError(
+                raise ConfigError(
                     "CkptsvcCheckpointIO supports single-process training only: Lightning calls "
                     "CheckpointIO on rank 0 alone, and ckptsvc's distributed commit needs every "
                     "rank; use ckptsvc.CheckpointManager for multi-rank jobs"

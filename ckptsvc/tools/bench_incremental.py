@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..storage import Location
 from .bench_report import Row, incremental_target, report_rows
-from .storage import Location
 
 __all__ = [
     "LoraLike",
@@ -80,8 +80,8 @@ class LoraLike(nn.Module):
 
 
 def _two_saves(root: str, model: LoraLike, *, incremental: bool, **opts: Any) -> dict[str, Any]:
-    from .async_checkpointer import AsyncCheckpointer
-    from .component_load import load_state
+    from ..async_checkpointer import AsyncCheckpointer
+    from ..component_load import load_state
 
     with AsyncCheckpointer(root, incremental=incremental, **opts) as ckpt:
         ckpt.save(1, {"model": model}).wait()

@@ -1,9 +1,9 @@
 """The child trainer of one crash-campaign point, and where points stop it.
 
-:mod:`ckptsvc.crashtest` (the campaign) plans points with :func:`plan_points` and runs
-each as ``python -m ckptsvc.crash_child PLAN``: this module's ``_child_main`` runs the
+:mod:`ckptsvc.testing.crashtest` (the campaign) plans points with :func:`plan_points` and runs
+each as ``python -m ckptsvc.testing.crash_child PLAN``: this module's ``_child_main`` runs the
 plan's saves (sync API or ``AsyncCheckpointer``), each followed by retention, and reports
-on stdout; the hooks of :mod:`ckptsvc.faultinject` pause it at the point's exact step. The
+on stdout; the hooks of :mod:`ckptsvc.testing.faultinject` pause it at the point's exact step. The
 node writer imports this module as its preload (``CKPTSVC_WRITER_PRELOAD``), which
 installs the writer's hooks from its environment. Importing it imports no torch (the
 writer is torch-free); the saved state is a pure function of its seed.
@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..manifest import MANIFEST_NAME, MARKER_NAME
 from .faultinject import install_from_env, install_hooks
-from .manifest import MANIFEST_NAME, MARKER_NAME
 
 __all__ = [
     "SAVE_NBYTES",
@@ -78,7 +78,9 @@ class CrashPoint:
 
 
 _SHARD1, _SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
-INDEX_NAME, SKELETON_NAME = "model.safetensors.index.json", "ckptsvc_state.json"
+INDEX_NAME = "model.safetensors.index.json"
+#: the async save's documents: the model component's, and the seed component's
+DOC_NAME, SEED_DOC_NAME = "model_state.json", "seed_state.json"
 
 # (api, victim, phase, event, name, hook_in); "local"/"remote" restrict a template.
 _TEMPLATES: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
@@ -108,7 +110,7 @@ _TEMPLATES: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("async", "writer", "streaming", "mid_write", None, "writer"),
     ("async", "writer", "streaming", "after_shard", _SHARD2, "writer"),
     ("async", "writer", "streaming", "timer", None, None),
-    ("async", "writer", "commit", "after_publish", SKELETON_NAME, "writer"),
+    ("async", "writer", "commit", "after_publish", DOC_NAME, "writer"),
     ("async", "writer", "commit", "before_publish", MANIFEST_NAME, "writer"),
     ("async", "writer", "commit", "before_rename", MANIFEST_NAME, "writer"),
     ("async", "writer", "commit", "after_publish", MANIFEST_NAME, "writer"),
@@ -188,15 +190,15 @@ def _say(*words: object) -> None:
 
 def _child_main(plan: dict[str, Any]) -> int:
     """Run the plan's saves, each followed by retention; report on stdout."""
-    from .errors import WriterDiedError
-    from .retention import maybe_delete_oldest_checkpoint
-    from .sharded_checkpoint import next_checkpoint_path, save_checkpoint
+    from ..errors import WriterDiedError
+    from ..retention import maybe_delete_oldest_checkpoint
+    from ..sharded_checkpoint import next_checkpoint_path, save_checkpoint
 
     hooks = install_hooks(plan, "trainer")
     root, opts = plan["root"], plan["storage_options"]
     ckpt = None
     if plan["api"] == "async":
-        from .async_checkpointer import AsyncCheckpointer
+        from ..async_checkpointer import AsyncCheckpointer
 
         ckpt = AsyncCheckpointer(root, storage_options=opts, max_shard_size=MAX_SHARD_BYTES)
         _say("WRITER", ckpt.writer_pid)
@@ -272,7 +274,7 @@ def _kill(pid: int, outcome: Outcome, who: str) -> None:
 
 def _wait_gone(pids: set[int], *, timeout_s: float) -> list[int]:
     """Wait for processes (not our children) to exit; SIGKILL the ones that do not."""
-    from .staging import pid_alive
+    from ..staging import pid_alive
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
@@ -290,7 +292,7 @@ def run_child(
     """Start the child, kill the victim at the point, let it finish, collect what it said."""
     outcome = Outcome()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsvc.crash_child", json.dumps(plan)],
+        [sys.executable, "-m", "ckptsvc.testing.crash_child", json.dumps(plan)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -2,16 +2,18 @@
 loads it too).
 
 Two mechanisms, both switched on in a process by a call, and in the node writer through
-its preload (``CKPTSVC_WRITER_PRELOAD=ckptsvc.crash_child``, whose import calls
+its preload (``CKPTSVC_WRITER_PRELOAD=ckptsvc.testing.crash_child``, whose import calls
 :func:`install_from_env`):
 
 - :func:`install_hooks` (``CKPTSVC_CRASHTEST_PLAN``): stop this process at one exact step
-  of one save - a ``Location.publish/remove/open_sink`` call, an ``os.replace`` or
-  ``os.unlink``, the snapshot copy or the job submission - by writing ``paused.json`` into
+  of one save - a ``Location.publish/remove/open_sink`` call, the ``os.replace`` or
+  ``os.unlink`` of a local file, the snapshot copy or the job submission, all hook points
+  of :mod:`ckptsvc.hooks` - by writing ``paused.json`` into
   the plan's control directory and waiting for ``release`` (the crash campaign kills the
   process meanwhile). It can also throttle every shard write.
 - :func:`install_os_faults` (``CKPTSVC_CRASHTEST_FAULTS``): a fault-injecting filesystem
-  at the ``os`` level for local files under one directory: errors (``EIO``, ``ENOSPC``,
+  at the ``os`` level for local files under one directory (it patches ``os`` and
+  ``builtins.open`` in this process: the only way to fail the OS calls themselves): errors (``EIO``, ``ENOSPC``,
   any errno), latency and hangs at each call type - open, write, close (fsync), publish
   (rename), list, read, remove - so the storage layer's real error paths run.
 """
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import hooks
+
 __all__ = [
     "FAULTS_ENV",
     "FAULT_OPS",
@@ -39,7 +43,7 @@ __all__ = [
 
 PLAN_ENV = "CKPTSVC_CRASHTEST_PLAN"
 #: the module the node writer imports to get the hooks and faults of its environment
-PRELOAD_MODULE = "ckptsvc.crash_child"
+PRELOAD_MODULE = "ckptsvc.testing.crash_child"
 
 
 # ---- hooks (in the child trainer and, through the preload, in the node writer) ---------------
@@ -115,96 +119,73 @@ class _Hooks:
 
 
 def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
-    """Wrap the storage layer (and, in the trainer, the snapshot) with ``plan``'s hooks."""
-    from .storage import Location
+    """Install ``plan``'s pauses at the hook points of :mod:`ckptsvc.hooks` (the storage
+    layer and, in the trainer, the snapshot copy and the job submission)."""
+    state = _Hooks(plan, role)
 
-    hooks = _Hooks(plan, role)
-    real_publish, real_remove, real_open_sink, real_create = (
-        Location.publish,
-        Location.remove,
-        Location.open_sink,
-        Location.create_exclusive,
-    )
-    real_replace, real_unlink = os.replace, os.unlink
+    def hit(event: str) -> Callable[..., None]:
+        def on_point(*, name: str | None = None, url: str | None = None, **_: Any) -> None:
+            state.hit(event, name, url)
 
-    def publish(self: Location, data: bytes) -> None:
-        hooks.hit("before_publish", self.name, self.url)
-        real_publish(self, data)
-        hooks.hit("after_publish", self.name, self.url)
+        return on_point
 
-    def create_exclusive(self: Location, data: bytes) -> bool:  # a claim: a publish too
-        hooks.hit("before_publish", self.name, self.url)
-        created = real_create(self, data)
-        hooks.hit("after_publish", self.name, self.url)
-        return created
-
-    def remove(self: Location, *, recursive: bool = False, missing_ok: bool = True) -> None:
+    def before_remove(*, recursive: bool, **_: Any) -> None:
         if recursive:
-            hooks.hit("before_remove_tree", None, None)
-        real_remove(self, recursive=recursive, missing_ok=missing_ok)
-        hooks.hit("after_remove", self.name, self.url)
+            state.hit("before_remove_tree", None, None)
 
-    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        hooks.hit("before_rename", os.path.basename(str(dst)), str(dst))
-        real_replace(src, dst, *args, **kwargs)
+    def before_rename(*, path: str) -> None:
+        state.hit("before_rename", os.path.basename(path), path)
 
-    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        real_unlink(path, *args, **kwargs)
-        if hooks.phase == "retention":
-            hooks.hit("unlink", os.path.basename(str(path)), None)
+    def after_unlink(*, path: str) -> None:
+        if state.phase == "retention":
+            state.hit("unlink", os.path.basename(path), None)
 
-    def open_sink(self: Location, **kwargs: Any) -> Any:
-        sink = real_open_sink(self, **kwargs)
-        inner_write, inner_close = sink.write, sink.close
+    def open_sink(sink: Any, *, name: str, url: str) -> Any:
+        return _PausingSink(sink, state, name=name, url=url)
 
-        def write(data: Any) -> None:
-            view = memoryview(data).cast("B")
-            if hooks.throttle_s:
-                time.sleep(hooks.throttle_s)
-            keep = hooks.written(self.url, view.nbytes)
-            if keep is not None:
-                inner_write(view[:keep])
-                hooks.pause(f"mid_write {self.url} at byte {hooks.plan['nbytes']}")
-                inner_write(view[keep:])
-                return
-            inner_write(view)
-
-        def close() -> None:
-            inner_close()
-            hooks.hit("after_shard", self.name, self.url)
-
-        sink.write, sink.close = write, close  # type: ignore[method-assign]
-        return sink
-
-    Location.publish = publish  # type: ignore[method-assign]
-    Location.create_exclusive = create_exclusive  # type: ignore[method-assign]
-    Location.remove = remove  # type: ignore[method-assign]
-    Location.open_sink = open_sink  # type: ignore[method-assign]
-    os.replace = replace
-    os.unlink = unlink
+    hooks.install("publish.before", hit("before_publish"))
+    hooks.install("publish.after", hit("after_publish"))
+    hooks.install("remove.before", before_remove)
+    hooks.install("remove.after", hit("after_remove"))
+    hooks.install("rename.before", before_rename)
+    hooks.install("unlink.after", after_unlink)
+    hooks.install("sink.open", open_sink)
     if role == "trainer" and plan["api"] == "async":
-        _install_snapshot_hooks(hooks)
-    return hooks
+        hooks.install("snapshot.copy.before", lambda: state.hit("before_copy"))
+        hooks.install("snapshot.copy.after", lambda: state.hit("after_copy"))
+        hooks.install("job.submitted", lambda *, url: state.hit("after_submit", None, url))
+    return state
 
 
-def _install_snapshot_hooks(hooks: _Hooks) -> None:
-    from . import async_checkpointer
-    from .workers.client import WriterClient
+class _PausingSink:
+    """A sink whose writes the plan throttles or pauses mid-way (``mid_write``), and whose
+    close is the ``after_shard`` event; everything else is the wrapped sink's."""
 
-    real_copy = async_checkpointer.copy_into
-    real_submit = WriterClient.submit
+    def __init__(self, sink: Any, state: _Hooks, *, name: str, url: str) -> None:
+        self._sink, self._state, self._name, self._url = sink, state, name, url
 
-    def copy_into(*args: Any, **kwargs: Any) -> None:
-        hooks.hit("before_copy")
-        real_copy(*args, **kwargs)
-        hooks.hit("after_copy")
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._sink, attr)
 
-    def submit(self: WriterClient, job: Any, callback: Any) -> None:
-        real_submit(self, job, callback)
-        hooks.hit("after_submit", None, getattr(job, "ckpt_url", None))
+    def write(self, data: Any) -> None:
+        state = self._state
+        view = memoryview(data).cast("B")
+        if state.throttle_s:
+            time.sleep(state.throttle_s)
+        keep = state.written(self._url, view.nbytes)
+        if keep is not None:
+            self._sink.write(view[:keep])
+            state.pause(f"mid_write {self._url} at byte {state.plan['nbytes']}")
+            self._sink.write(view[keep:])
+            return
+        self._sink.write(view)
 
-    async_checkpointer.copy_into = copy_into
-    WriterClient.submit = submit  # type: ignore[method-assign]
+    def close(self) -> None:
+        self._sink.close()
+        self._state.hit("after_shard", self._name, self._url)
+
+    def abort(self) -> None:
+        self._sink.abort()
 
 
 # ---- OS-level faults on local files (a fault-injecting filesystem, in this process) ------------
@@ -250,7 +231,9 @@ class OsFault:
             import errno
 
             code = getattr(errno, self.errno_name)
-            raise OSError(code, f"{os.strerror(code)} (injected by ckptsvc.crashtest)", path)
+            raise OSError(
+                code, f"{os.strerror(code)} (injected by ckptsvc.testing.crashtest)", path
+            )
 
 
 def _fd_path(fd: int) -> str:

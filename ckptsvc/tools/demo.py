@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .components import RNGState
-from .discovery import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints
-from .manager import CheckpointConfig, CheckpointManager
-from .retention import delete_checkpoint
-from .storage import Location
-from .training_state import SimpleStatefulProvider, TrainingProgress
-from .verify import verify_checkpoint
+from ..components import RNGState
+from ..discovery import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints
+from ..manager import CheckpointConfig, CheckpointManager
+from ..retention import delete_checkpoint
+from ..storage import Location
+from ..training_state import SimpleStatefulProvider, TrainingProgress
+from ..verify import verify_checkpoint
 
 __all__ = ["DemoSettings", "SyntheticCorpus", "TinyLM", "run_demo"]
 
@@ -303,7 +303,7 @@ def train(
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m ckptsvc.demo SETTINGS_JSON LOSSES_FILE [--resume]``: one training run
+    """``python -m ckptsvc.tools.demo SETTINGS_JSON LOSSES_FILE [--resume]``: one training run
     whose losses are appended to LOSSES_FILE as they happen (hex floats, exact)."""
     settings = DemoSettings(**json.loads(argv[0]))
     with open(argv[1], "a", encoding="ascii") as out:
@@ -318,7 +318,7 @@ def _child(argv: list[str]) -> int:
 
 def _spawn(s: DemoSettings, losses_file: str, *, resume: bool) -> int:
     settings = dataclasses.asdict(dataclasses.replace(s, kill_at=None) if resume else s)
-    cmd = [sys.executable, "-m", "ckptsvc.demo", json.dumps(settings), losses_file]
+    cmd = [sys.executable, "-m", "ckptsvc.tools.demo", json.dumps(settings), losses_file]
     sys.stdout.flush()  # the child writes to the same stdout
     return subprocess.call([*cmd, "--resume"] if resume else cmd)
 

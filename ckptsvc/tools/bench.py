@@ -1,15 +1,15 @@
 """``ckptsvc bench``: ckptsvc against the physical floors and the peer libraries, side by side.
 
-One run, one synthetic state (:func:`ckptsvc.bench_probes.make_specs`), every
-measurement in a fresh worker process (:mod:`ckptsvc.bench_workloads`). The parent:
+One run, one synthetic state (:func:`ckptsvc.tools.bench_probes.make_specs`), every
+measurement in a fresh worker process (:mod:`ckptsvc.tools.bench_workloads`). The parent:
 
 1. makes a scratch directory (local, or a prefix under ``--storage URL``);
 2. for each group (a save and the loads that read what it wrote): removes the old
    artifact and runs ``sync``, runs the save worker ``--reps`` times, then for each load
    drops the artifact from the page cache (cold reads) and runs the load worker;
-3. aggregates the samples into :class:`~ckptsvc.bench_report.Row`: the fastest rep for
+3. aggregates the samples into :class:`~ckptsvc.tools.bench_report.Row`: the fastest rep for
    the floors (noise only adds time), the median for every method; the max peak RSS;
-4. computes the issue's target ratios (:mod:`ckptsvc.bench_report`) and prints a table,
+4. computes the issue's target ratios (:mod:`ckptsvc.tools.bench_report`) and prints a table,
    or one JSON document with ``--json``;
 5. removes the scratch data (unless ``--keep``).
 
@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import CheckpointError
 from .bench_budget import add_budget_options, run_budget
 from .bench_incremental import add_incremental_options, run_incremental
 from .bench_loop import add_loop_options, run_loop
@@ -50,7 +51,6 @@ from .bench_report import (
     write_json,
 )
 from .bench_workloads import ARTIFACTS
-from .errors import CheckpointError
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
 
@@ -153,7 +153,7 @@ class _Runner:
             storage_options=self.plan.storage_options, remote=self.plan.remote,
             dcp_threads=self.plan.dcp_threads,
         )  # fmt: skip
-        cmd = [sys.executable, "-m", "ckptsvc.bench_workloads", cfg.to_json()]
+        cmd = [sys.executable, "-m", "ckptsvc.tools.bench_workloads", cfg.to_json()]
         # the worker leaves with os._exit: temp dirs of its libraries (multiprocessing's
         # pymp-* with sockets) go to a temp dir of ours, removed at the end
         env = dict(os.environ, TMPDIR=self.plan.worker_tmp)
@@ -385,7 +385,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"ckptsvc bench: {message}", file=sys.stderr)
+    print(f"ckptsvc bench: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m ckptsvc.bench [options]``."""
+    """Standalone entry: ``python -m ckptsvc.tools.bench [options]``."""
     parser = configure_parser(argparse.ArgumentParser(prog="ckptsvc bench", description=__doc__))
     return run(parser.parse_args(argv))
 

@@ -21,7 +21,7 @@ writer's lazy imports (fsspec, storage clients) are not counted as the save's me
 
 ``ckptsvc bench --budget [--size 1GiB] [--budget-fraction 0.25]`` runs it and checks
 issue 9's target (peak extra / budget <= 1.10). The probe itself is
-``python -m ckptsvc.bench_budget --state-bytes N --budget-bytes B --root R`` (prints one
+``python -m ckptsvc.tools.bench_budget --state-bytes N --budget-bytes B --root R`` (prints one
 JSON object).
 """
 
@@ -59,7 +59,7 @@ def measure_budget_peak(
     cmd = [
         sys.executable,
         "-m",
-        "ckptsvc.bench_budget",
+        "ckptsvc.tools.bench_budget",
         "--state-bytes",
         str(state_nbytes),
         "--budget-bytes",
@@ -154,9 +154,9 @@ def _shm_bytes(directory: str, prefix: str) -> int:
 def _child(state_nbytes: int, budget_nbytes: int, root: str) -> dict[str, Any]:
     import torch
 
-    from . import knobs
-    from .async_checkpointer import AsyncCheckpointer
-    from .staging import segment_prefix
+    from .. import knobs
+    from ..async_checkpointer import AsyncCheckpointer
+    from ..staging import segment_prefix
 
     ntensors = 8
     per = max(1, state_nbytes // ntensors // 4)
@@ -213,7 +213,7 @@ def _child(state_nbytes: int, budget_nbytes: int, root: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ckptsvc.bench_budget")
+    parser = argparse.ArgumentParser(prog="python -m ckptsvc.tools.bench_budget")
     parser.add_argument("--state-bytes", type=int, required=True)
     parser.add_argument("--budget-bytes", type=int, required=True)
     parser.add_argument("--root", required=True)

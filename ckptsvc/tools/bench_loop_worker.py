@@ -1,6 +1,6 @@
 """The worker of ``ckptsvc bench --loop``: one save mode's training loop, in its own process.
 
-:mod:`ckptsvc.bench_loop` starts ``python -m ckptsvc.bench_loop_worker CONFIG_JSON`` once
+:mod:`ckptsvc.tools.bench_loop` starts ``python -m ckptsvc.tools.bench_loop_worker CONFIG_JSON`` once
 per mode. In the worker (:func:`run_mode`):
 
 1. build the model (an MLP of ``LAYERS`` square layers, as wide as ``model_mb`` MiB
@@ -113,8 +113,8 @@ def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
 
 class _SyncSaver:
     def __init__(self, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        from .flatten import flatten_state
-        from .sharded_checkpoint import save_checkpoint
+        from ..flatten import flatten_state
+        from ..sharded_checkpoint import save_checkpoint
 
         self._flatten, self._save = flatten_state, save_checkpoint
         self._root, self._state = root, _training_state(model, opt)
@@ -139,7 +139,7 @@ class _AsyncSaver:
     def __init__(
         self, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, *, overlap: bool
     ) -> None:
-        from .async_checkpointer import AsyncCheckpointer
+        from ..async_checkpointer import AsyncCheckpointer
 
         if overlap and "overlap" not in inspect.signature(AsyncCheckpointer.save).parameters:
             raise _Unavailable(

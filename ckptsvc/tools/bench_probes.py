@@ -1,8 +1,8 @@
 """Measuring tools of ``ckptsvc bench``: the synthetic state, peak RSS, cold page cache,
 the raw-floor file I/O, and the worker's config and result records.
 
-Shared by the parent (:mod:`ckptsvc.bench`) and the worker processes
-(:mod:`ckptsvc.bench_workloads`). Torch is imported lazily so the parent stays light.
+Shared by the parent (:mod:`ckptsvc.tools.bench`) and the worker processes
+(:mod:`ckptsvc.tools.bench_workloads`). Torch is imported lazily so the parent stays light.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The crash-consistency campaign: kill -9 the trainer or the node writer at seeded random
 points of real saves, then prove that nothing committed was lost.
 
-One *point* = one child trainer process (``python -m ckptsvc.crash_child PLAN``, see :mod:`ckptsvc.crash_child`) that runs a
+One *point* = one child trainer process (``python -m ckptsvc.testing.crash_child PLAN``, see :mod:`ckptsvc.testing.crash_child`) that runs a
 few saves on the campaign's root (the synchronous API or ``AsyncCheckpointer``), each
 followed by retention (``maybe_delete_oldest_checkpoint``, keep 2), and is interrupted in
 one of them. Where the interruption lands:
 
-- a *hook* (the precise points, :func:`ckptsvc.faultinject.install_hooks`): a wrapper
+- a *hook* (the precise points, :func:`ckptsvc.testing.faultinject.install_hooks`): a wrapper
   around the storage layer (``Location.publish/remove/open_sink``, ``os.replace``,
   ``os.unlink``), the snapshot copy or the job submission stops the process at one exact
   step of the armed save - marker written, byte N of the shard stream, shard closed,
@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..manifest import MANIFEST_NAME
 from .crash_child import INDEX_NAME as _INDEX
 from .crash_child import (
     KEEP,
@@ -58,9 +59,8 @@ from .crash_child import (
     plan_points,
     run_child,
 )
-from .crash_child import SKELETON_NAME as _SKELETON
+from .crash_child import SEED_DOC_NAME as _SEED_DOC
 from .faultinject import PLAN_ENV, PRELOAD_MODULE
-from .manifest import MANIFEST_NAME
 
 __all__ = [
     "CampaignReport",
@@ -197,7 +197,7 @@ class _Campaign:
     def __init__(
         self, root: str, storage_options: dict[str, Any], *, seed: int, timeout_s: float
     ) -> None:
-        from .storage import Location
+        from ..storage import Location
 
         self.url = root
         self.opts = storage_options
@@ -212,7 +212,7 @@ class _Campaign:
 
     # -- state of the root --
     def _complete(self) -> dict[str, Any]:
-        from .discovery import CheckpointStatus, list_checkpoints
+        from ..discovery import CheckpointStatus, list_checkpoints
 
         self.loc.fs.invalidate_cache()
         infos = list_checkpoints(self.loc)
@@ -323,7 +323,7 @@ class _Campaign:
         outcome: Outcome,
         problems: list[str],
     ) -> tuple[list[str], str | None]:
-        from .discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+        from ..discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
 
         self.loc.fs.invalidate_cache()
         lost: list[str] = []
@@ -375,9 +375,9 @@ class _Campaign:
         return lost, latest
 
     def _verify_and_load(self, info: Any, seeds: dict[str, int | None]) -> list[str]:
-        from .component_load import load_state
-        from .sharded_checkpoint import load_checkpoint
-        from .verify import verify_checkpoint
+        from ..component_load import load_state
+        from ..sharded_checkpoint import load_checkpoint
+        from ..verify import verify_checkpoint
 
         name = info.location.name
         report = verify_checkpoint(info.location, deep=True)
@@ -389,7 +389,7 @@ class _Campaign:
             return [f"{name}: its index carries no crashtest seed"]
         files = {f.path for f in info.manifest.files}
         try:
-            if _SKELETON in files:
+            if _SEED_DOC in files:  # an async save: {"model": ..., "seed": ...}
                 got = load_state(info.url, storage_options=self.opts)
                 same = _tensors_equal(got["model"], crash_state(seed)) and got["seed"] == seed
             else:
@@ -401,9 +401,9 @@ class _Campaign:
         return [] if same else [f"{name}: loads, but not the bytes seed {seed} saved"]
 
     def _gc_and_check(self, node: str, latest: str | None, problems: list[str]) -> dict[str, int]:
-        from .discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
-        from .gc import collect_garbage, unfinished_uploads
-        from .staging import segment_prefix
+        from ..discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+        from ..gc import collect_garbage, unfinished_uploads
+        from ..staging import segment_prefix
 
         report = collect_garbage(self.url, storage_options=self.opts, node=node)
         for url, why in report.kept:
@@ -454,7 +454,7 @@ def run_campaign(
 ) -> CampaignReport:
     """Run ``points`` seeded crash points (:func:`plan_points`) under a fresh
     ``<root>/crashtest-<id>``, then one clean run that must save; see :func:`run_points`."""
-    from .storage import Location
+    from ..storage import Location
 
     local = Location.parse(root, storage_options).is_local
     return run_points(
@@ -483,7 +483,7 @@ def run_points(
     with the root there). ``report.ok`` is the verdict, ``report.checkpoints_lost`` the
     figure that must be zero.
     """
-    from .storage import Location
+    from ..storage import Location
 
     base = Location.parse(root, storage_options)
     run_root = base.join(f"crashtest-{uuid.uuid4().hex[:10]}")

@@ -1,15 +1,15 @@
 """The workloads of ``ckptsvc bench``: one measurement per method, in its own process.
 
-:mod:`ckptsvc.bench` starts ``python -m ckptsvc.bench_workloads CONFIG_JSON`` once per
+:mod:`ckptsvc.tools.bench` starts ``python -m ckptsvc.tools.bench_workloads CONFIG_JSON`` once per
 measurement, so that peak memory is per measurement. In the worker:
 
 1. :func:`run_worker_main` builds the synthetic state (not for loads);
-2. the workload enters :class:`~ckptsvc.bench_probes.PeakRss` (resets ``VmHWM``, reads the
+2. the workload enters :class:`~ckptsvc.tools.bench_probes.PeakRss` (resets ``VmHWM``, reads the
    baseline RSS, so "extra RSS" excludes the state itself) and times itself:
    ``blocking_s`` until the call returns, ``durable_s`` until the bytes are on stable
    storage (fsync'd, upload completed) or, for loads, until every page of every loaded
    tensor has been touched;
-3. the worker writes one JSON result (a :class:`~ckptsvc.bench_probes.Sample`, or
+3. the worker writes one JSON result (a :class:`~ckptsvc.tools.bench_probes.Sample`, or
    "unavailable"/"error" with the reason) and leaves with ``os._exit`` (DCP's background
    process sees its pipe close and stops by itself).
 

@@ -1,12 +1,12 @@
 """``ckptsvc bench --loop``: the step-time cost of checkpointing inside a real training loop.
 
 One small CPU training loop (an MLP trained with AdamW on a fixed batch), run once per
-save mode, each in a fresh worker process (:mod:`ckptsvc.bench_loop_worker`) so the modes
+save mode, each in a fresh worker process (:mod:`ckptsvc.tools.bench_loop_worker`) so the modes
 do not disturb each other. :func:`run_loop`, in the CLI process:
 
 1. makes a scratch directory; for each mode (the baseline ``none`` first) starts the
    worker, waits for it and then for the processes it left (DCP's daemon), up to a grace
-   period, and reads its :class:`~ckptsvc.bench_loop_worker.ModeResult`;
+   period, and reads its :class:`~ckptsvc.tools.bench_loop_worker.ModeResult`;
 2. removes the mode's checkpoints (unless ``--keep``);
 3. compares each mode's median step time with the baseline's (the same loop without
    saves), evaluates the issue's target (overlapped <= 1.05 x baseline, saving every
@@ -66,7 +66,7 @@ def worker_env() -> dict[str, str]:
 def _run_worker(cfg: LoopConfig, *, log_path: str, timeout_s: float) -> ModeResult:
     from .bench import _reap_group, _tail
 
-    cmd = [sys.executable, "-m", "ckptsvc.bench_loop_worker", json.dumps(asdict(cfg))]
+    cmd = [sys.executable, "-m", "ckptsvc.tools.bench_loop_worker", json.dumps(asdict(cfg))]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
