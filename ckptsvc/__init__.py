@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from ckptsvc.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CommitConflictError,
@@ -30,21 +30,30 @@ from .errors import (
     TornSnapshotError,
     WriterDiedError,
 )
-from .version import __version__
+from ckptsvc.version import __version__
 
 if TYPE_CHECKING:  # the names below load on first use: the writer process imports no torch
-    from .async_checkpointer import AsyncCheckpointer, SaveHandle, SaveTimings, load_components
-    from .component_load import load_state
-    from .components import RNGState, SharingPattern, StateComponent, Stateful, StatefulProvider
-    from .discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
-    from .distributed import RankInfo
-    from .export import ExportResult, export_hf
-    from .gc import GcReport, collect_garbage
-    from .manager import CheckpointConfig, CheckpointManager, default_checkpoint_id
-    from .manifest import Manifest
-    from .metrics import PrometheusExporter, SaveEvent, add_listener
-    from .retention import delete_checkpoint, delete_oldest_checkpoints_in_background
-    from .sharded_checkpoint import (
+    from ckptsvc.commit.coordinator import RankInfo
+    from ckptsvc.compat.training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
+    from ckptsvc.engine.async_checkpointer import (
+        AsyncCheckpointer,
+        SaveHandle,
+        SaveTimings,
+        load_components,
+    )
+    from ckptsvc.format.manifest import Manifest
+    from ckptsvc.manager import CheckpointConfig, CheckpointManager, default_checkpoint_id
+    from ckptsvc.metrics import PrometheusExporter, SaveEvent, add_listener
+    from ckptsvc.ops.export import ExportResult, export_hf
+    from ckptsvc.ops.gc import GcReport, collect_garbage
+    from ckptsvc.ops.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
+    from ckptsvc.ops.tiered_saves import TieringConfig
+    from ckptsvc.ops.tiering import ReplicationResult, TieredStore, replicate_checkpoint
+    from ckptsvc.ops.transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
+    from ckptsvc.read.component_load import load_state
+    from ckptsvc.read.discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
+    from ckptsvc.read.verify import Problem, VerifyReport, find_latest_verified, verify_checkpoint
+    from ckptsvc.sharded_checkpoint import (
         CheckpointMeta,
         create_pretrained_symlinks,
         create_sharing_metadata,
@@ -70,69 +79,71 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
         validate_checkpoint,
         validate_output_dir,
     )
-    from .tiered_saves import TieringConfig
-    from .tiering import ReplicationResult, TieredStore, replicate_checkpoint
-    from .training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
-    from .transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
-    from .verify import Problem, VerifyReport, find_latest_verified, verify_checkpoint
-    from .workers.protocol import WriterOptions
+    from ckptsvc.stage.components import (
+        RNGState,
+        SharingPattern,
+        StateComponent,
+        Stateful,
+        StatefulProvider,
+    )
+    from ckptsvc.workers.protocol import WriterOptions
 
 #: public name -> submodule that defines it
 _LAZY: dict[str, str] = {
-    "TieredStore": "tiering",
-    "ReplicationResult": "tiering",
-    "replicate_checkpoint": "tiering",
-    "delete_oldest_checkpoints_in_background": "retention",
-    "find_latest_verified": "verify",
+    "TieredStore": "ops.tiering",
+    "ReplicationResult": "ops.tiering",
+    "replicate_checkpoint": "ops.tiering",
+    "delete_oldest_checkpoints_in_background": "ops.retention",
+    "find_latest_verified": "read.verify",
     "CheckpointManager": "manager",
     "CheckpointConfig": "manager",
     "default_checkpoint_id": "manager",
-    "TieringConfig": "tiered_saves",
-    "TrainingProgress": "training_state",
-    "NamedStates": "training_state",
-    "SimpleStatefulProvider": "training_state",
-    "copy_checkpoint": "transfer",
-    "copy_tree": "transfer",
-    "prune": "transfer",
-    "CopyReport": "transfer",
-    "PruneReport": "transfer",
+    "TieringConfig": "ops.tiered_saves",
+    "TrainingProgress": "compat.training_state",
+    "NamedStates": "compat.training_state",
+    "SimpleStatefulProvider": "compat.training_state",
+    "copy_checkpoint": "ops.transfer",
+    "copy_tree": "ops.transfer",
+    "prune": "ops.transfer",
+    "CopyReport": "ops.transfer",
+    "PruneReport": "ops.transfer",
     "SaveEvent": "metrics",
     "add_listener": "metrics",
     "PrometheusExporter": "metrics",
-    "load_components": "async_checkpointer",
-    "RankInfo": "distributed",
-    "ExportResult": "export",
-    "export_hf": "export",
-    "AsyncCheckpointer": "async_checkpointer",
-    "CheckpointInfo": "discovery",
+    "load_components": "engine.async_checkpointer",
+    "RankInfo": "commit.coordinator",
+    "ExportResult": "ops.export",
+    "export_hf": "ops.export",
+    "AsyncCheckpointer": "engine.async_checkpointer",
+    "CheckpointInfo": "read.discovery",
     "CheckpointMeta": "sharded_checkpoint",
-    "CheckpointStatus": "discovery",
-    "GcReport": "gc",
-    "Manifest": "manifest",
-    "Problem": "verify",
-    "RNGState": "components",
-    "SaveHandle": "async_checkpointer",
-    "SaveTimings": "async_checkpointer",
-    "SharingPattern": "components",
-    "StateComponent": "components",
-    "Stateful": "components",
-    "StatefulProvider": "components",
-    "VerifyReport": "verify",
-    "collect_garbage": "gc",
+    "CheckpointStatus": "read.discovery",
+    "GcReport": "ops.gc",
+    "Manifest": "format.manifest",
+    "Problem": "read.verify",
+    "RNGState": "stage.components",
+    "SaveHandle": "engine.async_checkpointer",
+    "SaveTimings": "engine.async_checkpointer",
+    "SharingPattern": "stage.components",
+    "StateComponent": "stage.components",
+    "Stateful": "stage.components",
+    "StatefulProvider": "stage.components",
+    "VerifyReport": "read.verify",
+    "collect_garbage": "ops.gc",
     "create_pretrained_symlinks": "sharded_checkpoint",
     "create_sharing_metadata": "sharded_checkpoint",
-    "delete_checkpoint": "retention",
+    "delete_checkpoint": "ops.retention",
     "find_latest_checkpoint": "sharded_checkpoint",
     "get_all_fqns": "sharded_checkpoint",
     "get_checkpoint_metadata": "sharded_checkpoint",
     "id_to_fqn": "sharded_checkpoint",
     "index_file_name": "sharded_checkpoint",
-    "list_checkpoints": "discovery",
+    "list_checkpoints": "read.discovery",
     "load_checkpoint": "sharded_checkpoint",
     "load_checkpoint_metrics": "sharded_checkpoint",
     "load_shard_index": "sharded_checkpoint",
     "load_sharded_checkpoint": "sharded_checkpoint",
-    "load_state": "component_load",
+    "load_state": "read.component_load",
     "make_cannonical_names": "sharded_checkpoint",
     "make_shard_index": "sharded_checkpoint",
     "map_cannonical_names": "sharded_checkpoint",
@@ -145,7 +156,7 @@ _LAZY: dict[str, str] = {
     "save_sharded_checkpoint": "sharded_checkpoint",
     "validate_checkpoint": "sharded_checkpoint",
     "validate_output_dir": "sharded_checkpoint",
-    "verify_checkpoint": "verify",
+    "verify_checkpoint": "read.verify",
     "WriterOptions": "workers.protocol",
 }
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
-from .version import __version__
+from ckptsvc.errors import CheckpointError, ConfigError
+from ckptsvc.version import __version__
 
 __all__ = ["main"]
 
@@ -72,7 +72,7 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .discovery import CheckpointStatus, list_checkpoints
+    from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 
     infos = list_checkpoints(args.root, storage_options=_storage_options(args))
     latest = max(
@@ -125,9 +125,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .discovery import checkpoint_info
-    from .loading import check_inside, read_safetensors_header
-    from .storage import Location
+    from ckptsvc.read.discovery import checkpoint_info
+    from ckptsvc.read.loading import check_inside, read_safetensors_header
+    from ckptsvc.storage import Location
 
     ckpt = Location.parse(args.checkpoint, _storage_options(args))
     info = checkpoint_info(ckpt)
@@ -186,8 +186,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .discovery import CheckpointStatus, checkpoint_info, list_checkpoints
-    from .verify import verify_checkpoint
+    from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, list_checkpoints
+    from ckptsvc.read.verify import verify_checkpoint
 
     opts = _storage_options(args)
     targets = [args.checkpoint]
@@ -219,7 +219,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .gc import collect_garbage
+    from ckptsvc.ops.gc import collect_garbage
 
     report = collect_garbage(
         args.root,
@@ -249,7 +249,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_crashtest(args: argparse.Namespace) -> int:
-    from .testing.crashtest import PointResult, run_campaign
+    from ckptsvc.testing.crashtest import PointResult, run_campaign
 
     opts = _storage_options(args)
 
@@ -279,7 +279,7 @@ def cmd_crashtest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tools.demo import run_demo
+    from ckptsvc.tools.demo import run_demo
 
     return run_demo(
         output=args.output,
@@ -425,8 +425,9 @@ def _parser() -> argparse.ArgumentParser:
         "from the latest checkpoint, and compare the loss curve with an uninterrupted run",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from . import cli_extra, export
-    from .tools import bench
+    from ckptsvc import cli_extra
+    from ckptsvc.ops import export
+    from ckptsvc.tools import bench
 
     cli_extra.add_cp_parser(sub)
     cli_extra.add_prune_parser(sub)

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from .errors import ConfigError
+from ckptsvc.errors import ConfigError
 
 __all__ = ["add_cp_parser", "add_prune_parser", "cmd_cp", "cmd_prune"]
 
@@ -141,7 +141,7 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    from .transfer import copy
+    from ckptsvc.ops.transfer import copy
 
     opts = _json_object(args.storage_options, "--storage-options")
     dst_opts = _json_object(args.dst_storage_options, "--dst-storage-options")
@@ -198,7 +198,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .transfer import prune
+    from ckptsvc.ops.transfer import prune
 
     report = prune(
         args.root,

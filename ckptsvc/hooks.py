@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from ckptsvc.errors import ConfigError
 
 __all__ = ["POINTS", "install", "installed", "point", "wrap"]
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import ConfigError
+from ckptsvc.errors import ConfigError
 
 __all__ = ["Knob", "knob_table"]
 

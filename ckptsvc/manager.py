@@ -18,7 +18,7 @@ Call order of ``save_checkpoint`` (training thread unless noted):
 1. raise an earlier save's failure that nobody has seen yet;
 2. resolve the path (``<output_dir>/checkpoints/checkpoint-<id>``) and the step;
 3. snapshot the components: the model (parts merged, torchao weights split into plain
-   tensors + a JSON description, see :mod:`ckptsvc.model_state`), the provider's other
+   tensors + a JSON description, see :mod:`ckptsvc.compat.model_state`), the provider's other
    components, callback states by name; best-checkpoint list and quantization description
    go to the manifest's metadata;
 4. mark the path in flight for retention (waits if retention is deleting that very path);
@@ -48,9 +48,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .best_checkpoints import BestCheckpoints, Retention
-from .components import SharingPattern, StateComponent, StatefulProvider, check_unique_keys
-from .discovery import (
+from ckptsvc.compat.model_state import ModelState
+from ckptsvc.compat.restore import CALLBACKS_KEY, META_KEY, restore_checkpoint
+from ckptsvc.compat.training_state import DistInfo, NamedStates
+from ckptsvc.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    LifecycleError,
+    SaveFailedError,
+)
+from ckptsvc.format.manifest import FileRecord
+from ckptsvc.ops.best_checkpoints import BestCheckpoints, Retention
+from ckptsvc.ops.pretrained import save_pretrained
+from ckptsvc.ops.tiered_saves import Replication, Tiering, TieringConfig
+from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
     find_latest_checkpoint,
@@ -58,21 +70,14 @@ from .discovery import (
     read_manifest,
     validate_checkpoint,
 )
-from .errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    ConfigError,
-    LifecycleError,
-    SaveFailedError,
+from ckptsvc.stage.components import (
+    SharingPattern,
+    StateComponent,
+    StatefulProvider,
+    check_unique_keys,
 )
-from .flatten import with_frozen_parameters
-from .manifest import FileRecord
-from .model_state import ModelState
-from .pretrained import save_pretrained
-from .restore import CALLBACKS_KEY, META_KEY, restore_checkpoint
-from .storage import Location
-from .tiered_saves import Replication, Tiering, TieringConfig
-from .training_state import DistInfo, NamedStates
+from ckptsvc.stage.flatten import with_frozen_parameters
+from ckptsvc.storage import Location
 
 __all__ = ["CheckpointConfig", "CheckpointManager", "default_checkpoint_id"]
 
@@ -100,21 +105,21 @@ class CheckpointConfig:
     supported. ``async_save=False`` makes every save wait until committed.
     ``storage_options`` go to fsspec; ``max_shard_size`` caps weight shard files;
     ``metadata`` is added to every checkpoint's manifest. ``tiering``
-    (:class:`~ckptsvc.tiered_saves.TieringConfig`, or a dict of its fields): save to
+    (:class:`~ckptsvc.ops.tiered_saves.TieringConfig`, or a dict of its fields): save to
     ``output_dir`` (fast local disk), replicate each checkpoint to ``tiering.remote_root``;
     ``save_total_limit`` and the best checkpoints then apply to the remote tier, and
-    ``tiering.keep_local`` copies stay local (see :mod:`ckptsvc.tiered_saves`).
+    ``tiering.keep_local`` copies stay local (see :mod:`ckptsvc.ops.tiered_saves`).
     ``overlap``: parameters and optimizer state are copied after ``save_checkpoint``
     returns, while training goes on; the next ``step()`` of each optimizer among the
-    components waits for that copy (:mod:`ckptsvc.overlap`); call
+    components waits for that copy (:mod:`ckptsvc.stage.overlap`); call
     :meth:`CheckpointManager.fence` before changing weights in place elsewhere.
     ``incremental`` (default ``CKPTSVC_INCREMENTAL``, on): frozen parameters get shards of
     their own, and a shard unchanged since the previous checkpoint (the last one saved, or
     the one loaded) is hard-linked / copied server-side instead of written
-    (:mod:`ckptsvc.incremental`).
+    (:mod:`ckptsvc.stage.incremental`).
     ``memory_budget_bytes`` (default ``CKPTSVC_MEMORY_BUDGET_BYTES``, 0 = one state copy):
     shared-memory staging bytes; a bigger state is staged and written in pieces, and two
-    saves overlap only when two copies fit (:mod:`ckptsvc.piecewise`).
+    saves overlap only when two copies fit (:mod:`ckptsvc.stage.piecewise`).
     """
 
     output_dir: str
@@ -268,7 +273,7 @@ class CheckpointManager:
 
     def _engine(self) -> Any:
         if self._checkpointer is None:
-            from .async_checkpointer import AsyncCheckpointer
+            from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 
             if self._tiering is not None and self.dist.rank == 0:
                 for future in self._tiering.start():  # replications a crash left undone
@@ -518,7 +523,7 @@ class CheckpointManager:
     def save_model(
         self, output_dir: str | os.PathLike[str] | None = None, overwrite_output_dir: bool = False
     ) -> None:
-        """Export the model Hugging Face style (see :func:`ckptsvc.pretrained.save_pretrained`):
+        """Export the model Hugging Face style (see :func:`ckptsvc.ops.pretrained.save_pretrained`):
         weights, ``config.json`` when the model has a config, the preprocessor.
         Synchronous; rank 0 writes, every rank returns after it (barrier)."""
         out = os.fspath(output_dir) if output_dir is not None else self.config.output_dir

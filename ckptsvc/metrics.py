@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from .errors import LifecycleError
+from ckptsvc.errors import LifecycleError
 
 __all__ = [
     "Listener",

@@ -27,18 +27,9 @@ from typing import IO, Any, TypeAlias, cast
 import torch
 from torch import Tensor, nn
 
-from . import knobs
-from .checksum import Crc32c, crc32c_hex
-from .discovery import (
-    CheckpointStatus,
-    checkpoint_info,
-    find_latest_checkpoint,
-    next_checkpoint_path,
-    read_manifest,
-    refuse_unloadable,
-    validate_checkpoint,
-)
-from .errors import (
+from ckptsvc import knobs
+from ckptsvc.commit.target import SaveTarget, check_step, write_claimed
+from ckptsvc.errors import (
     CheckpointNotFoundError,
     CommitConflictError,
     ConfigError,
@@ -47,8 +38,9 @@ from .errors import (
     StateMismatchError,
     StorageNotFoundError,
 )
-from .json_doc import read_json_doc
-from .layout import (
+from ckptsvc.format.checksum import Crc32c, crc32c_hex
+from ckptsvc.format.json_doc import read_json_doc
+from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
@@ -58,19 +50,31 @@ from .layout import (
     index_file_name,
     make_index,
 )
-from .loading import (
+from ckptsvc.format.manifest import ComponentRecord, FileRecord, Manifest, check_relpath
+from ckptsvc.format.safetensors_stream import (
+    ShardLayout,
+    dtype_from_torch,
+    plan_shard,
+    tensor_bytes,
+)
+from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.read.discovery import (
+    CheckpointStatus,
+    checkpoint_info,
+    find_latest_checkpoint,
+    next_checkpoint_path,
+    read_manifest,
+    refuse_unloadable,
+    validate_checkpoint,
+)
+from ckptsvc.read.loading import (
     check_inside,
     read_checked_doc,
     read_safetensors,
     read_safetensors_header,
     read_torch_file,
 )
-from .manifest import ComponentRecord, FileRecord, Manifest, check_relpath
-from .retention import maybe_delete_oldest_checkpoint
-from .safetensors_stream import ShardLayout, dtype_from_torch, plan_shard, tensor_bytes
-from .save_target import SaveTarget, check_step, write_claimed
-from .storage import Location
-from .tied_params import (
+from ckptsvc.stage.tied_params import (
     create_sharing_metadata,
     get_all_fqns,
     id_to_fqn,
@@ -80,9 +84,10 @@ from .tied_params import (
     shared_tensor_groups,
     stored_aliases,
 )
-from .workers.commit import commit_checkpoint, publish_file
-from .workers.protocol import WriterOptions
-from .workers.shard_writer import ChecksummedWriter, write_shard
+from ckptsvc.storage import Location
+from ckptsvc.workers.commit import commit_checkpoint, publish_file
+from ckptsvc.workers.protocol import WriterOptions
+from ckptsvc.workers.shard_writer import ChecksummedWriter, write_shard
 
 __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",

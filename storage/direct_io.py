@@ -4,7 +4,7 @@
 flight at their own offsets (``pwrite``), as the device needs to stay busy. **Zero copy**:
 a big chunk whose memory is page aligned, arriving when the file so far ends on a block
 boundary, is written straight from the caller's memory. That is the common case: shards
-of 1 MiB or more pad their header to 4 KiB (:mod:`ckptsvc.safetensors_stream`), and the
+of 1 MiB or more pad their header to 4 KiB (:mod:`ckptsvc.format.safetensors_stream`), and the
 staging arena keeps each shard's data page aligned, so after the header's block every
 byte goes from shared memory to the device without a copy. Anything else is copied into
 page-aligned bounce slots (an anonymous mapping whose pages are touched only when used);

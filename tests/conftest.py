@@ -62,7 +62,7 @@ from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py
     start_seaweedfs,
 )
 
-from ckptsvc.manifest import MANIFEST_NAME
+from ckptsvc.format.manifest import MANIFEST_NAME
 from ckptsvc.storage import Location
 from ckptsvc.workers.claim import claim_checkpoint
 

@@ -22,8 +22,7 @@ from conftest import StorageRoot
 from helpers_models import TiedLM, TinyMLP, assert_bitwise_equal, assert_state_dicts_bitwise_equal
 from safetensors.torch import load_file
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
-from ckptsvc.discovery import find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
 from ckptsvc.errors import (
     CheckpointError,
     CommitConflictError,
@@ -32,9 +31,10 @@ from ckptsvc.errors import (
     StorageError,
     WriterDiedError,
 )
-from ckptsvc.manifest import MANIFEST_NAME
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.staging import pid_alive
+from ckptsvc.stage.arena import pid_alive
 from ckptsvc.workers.client import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)
@@ -171,7 +171,7 @@ def test_timings_are_reported(node: str, tmp_path: Path) -> None:
 
 
 def _tensors(state: dict[str, Any]) -> list[torch.Tensor]:
-    from ckptsvc.flatten import flatten_state
+    from ckptsvc.stage.flatten import flatten_state
 
     return [t for _, t in flatten_state(state).tensors]
 
@@ -291,7 +291,7 @@ def test_killed_writer_fails_the_save_and_the_next_save_restarts_it(
 _TRAINER = """
 import json, os, sys, time, torch
 import faulty_fs
-from ckptsvc.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 root, gate = sys.argv[1:3]
 ckpt = AsyncCheckpointer(root, storage_options={"gate_path": gate})
 w = torch.arange(100_000, dtype=torch.float32)
@@ -408,7 +408,7 @@ def test_closed_checkpointer_refuses_saves(node: str, tmp_path: Path) -> None:
 
 _RANK = """
 import json, sys, torch
-from ckptsvc.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 root, rank = sys.argv[1], int(sys.argv[2])
 with AsyncCheckpointer(root, rank=rank) as ckpt:
     handles = [ckpt.save(s, {"w": torch.full((50_000,), float(rank * 100 + s))}) for s in range(3)]
@@ -441,7 +441,7 @@ def test_two_local_ranks_share_one_writer(node: str, tmp_path: Path) -> None:
 
 _EXIT_WITHOUT_CLOSE = """
 import sys, torch
-from ckptsvc.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 ckpt = AsyncCheckpointer(sys.argv[1])
 ckpt.save(5, {"w": torch.ones(10_000)})
 """  # no wait, no close: atexit must finish the save and unlink the arena

@@ -21,12 +21,12 @@ import torch.distributed as dist
 from dist_workers.launch import free_port
 from torch import nn
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer
-from ckptsvc.components import SharingPattern, StateComponent
-from ckptsvc.discovery import find_latest_checkpoint
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.writer_link import WriterLink
 from ckptsvc.errors import WriterDiedError
-from ckptsvc.manifest import MANIFEST_NAME
-from ckptsvc.writer_link import WriterLink
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.stage.components import SharingPattern, StateComponent
 
 pytestmark = pytest.mark.multiproc
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import torch
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, load_state
-from ckptsvc.flatten import flatten_state
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.stage.flatten import flatten_state
 from ckptsvc.tools.bench_loop import (
     OVERLAP_TARGET,
     evaluate_loop_target,

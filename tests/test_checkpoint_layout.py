@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ckptsvc import AsyncCheckpointer, load_state
-from ckptsvc.manifest import MANIFEST_NAME
+from ckptsvc.format.manifest import MANIFEST_NAME
 
 GOLDEN = Path(__file__).parent / "golden" / "layout.json"
 REGENERATE = os.environ.get("CKPTSVC_REGENERATE_GOLDEN") == "1"

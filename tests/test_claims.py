@@ -25,7 +25,7 @@ from conftest import StorageRoot
 import ckptsvc
 from ckptsvc import AsyncCheckpointer, find_latest_checkpoint, load_state, verify_checkpoint
 from ckptsvc.errors import CommitConflictError, ConfigError, StorageError
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.storage import Location
 from ckptsvc.workers.claim import check_claim, claim_checkpoint, read_marker
 from ckptsvc.workers.commit import replacement_location

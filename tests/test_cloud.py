@@ -23,11 +23,11 @@ import torch
 from conftest import StorageRoot, unfinished_save
 
 import ckptsvc.storage.multipart as multipart
-from ckptsvc.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
 from ckptsvc.errors import CorruptCheckpointError, StoragePermissionError
-from ckptsvc.gc import collect_garbage
-from ckptsvc.manifest import MARKER_NAME
-from ckptsvc.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
+from ckptsvc.format.manifest import MARKER_NAME
+from ckptsvc.ops.gc import collect_garbage
+from ckptsvc.ops.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
+from ckptsvc.read.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, plan_reads
 from ckptsvc.testing.fault_proxy import FaultProxy, RequestRecord
@@ -386,7 +386,7 @@ def test_kill9_between_manifest_and_data_delete(s3_root: StorageRoot) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal
-        from ckptsvc.retention import delete_checkpoint
+        from ckptsvc.ops.retention import delete_checkpoint
         from ckptsvc.storage import Location
         def remove_children(self, **kw):
             os.kill(os.getpid(), signal.SIGKILL)

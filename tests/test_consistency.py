@@ -18,9 +18,9 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc.discovery import find_latest_checkpoint, next_checkpoint_path
 from ckptsvc.errors import CheckpointError
-from ckptsvc.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 
 SAVES = 12

@@ -21,14 +21,14 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer
-from ckptsvc.checksum import crc32c_hex
-from ckptsvc.discovery import find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import CheckpointError
-from ckptsvc.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.read.verify import find_latest_verified, verify_checkpoint
 from ckptsvc.sharded_checkpoint import SAFE_WEIGHTS_INDEX_NAME, load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.verify import find_latest_verified, verify_checkpoint
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import StorageRoot
 
-from ckptsvc.manifest import MARKER_NAME
+from ckptsvc.format.manifest import MARKER_NAME
 from ckptsvc.storage import Location
 from ckptsvc.testing.crash_child import _templates
 from ckptsvc.testing.crashtest import (

@@ -31,16 +31,16 @@ import pytest
 from conftest import StorageRoot
 from helpers_models import assert_state_dicts_bitwise_equal, crash_state
 
-from ckptsvc.discovery import (
+from ckptsvc.errors import IncompleteCheckpointError
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
     find_latest_checkpoint,
     next_checkpoint_path,
 )
-from ckptsvc.errors import IncompleteCheckpointError
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import index_file_name, load_checkpoint, validate_checkpoint
-from ckptsvc.verify import verify_checkpoint
 
 pytestmark = pytest.mark.multiproc
 

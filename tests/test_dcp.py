@@ -26,21 +26,21 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import ckptsvc.dcp
 from ckptsvc.cli import main as cli_main
-from ckptsvc.discovery import (
+from ckptsvc.errors import (
+    CheckpointError,
+    CommitConflictError,
+    IncompleteCheckpointError,
+)
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
     find_latest_checkpoint,
     list_checkpoints,
     next_checkpoint_path,
 )
-from ckptsvc.errors import (
-    CheckpointError,
-    CommitConflictError,
-    IncompleteCheckpointError,
-)
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
-from ckptsvc.retention import maybe_delete_oldest_checkpoint
-from ckptsvc.verify import verify_checkpoint
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.workers import shard_writer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP: "assuming no_dist"

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ckptsvc.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 
 
 def _demo(cwd: Path, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:

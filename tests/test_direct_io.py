@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from ckptsvc.checksum import crc32c_hex
 from ckptsvc.errors import StorageError
+from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, direct_io
 from ckptsvc.storage.direct_io import (
@@ -298,7 +298,7 @@ def test_async_save_round_trip_with_direct_io(
     """The node writer (a fresh one, which inherits CKPTSVC_DIRECT_IO=on) writes the shards."""
     import uuid
 
-    from ckptsvc.async_checkpointer import AsyncCheckpointer
+    from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 
     monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")
     monkeypatch.setenv("CKPTSVC_NODE_ID", f"dio{uuid.uuid4().hex[:10]}")

@@ -20,7 +20,8 @@ import torch
 from conftest import StorageRoot, unfinished_save
 from helpers_models import TinyMLP
 
-from ckptsvc.discovery import (
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
     find_latest_checkpoint,
@@ -29,7 +30,6 @@ from ckptsvc.discovery import (
     read_manifest,
     validate_checkpoint,
 )
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
 

@@ -28,16 +28,16 @@ from test_async_checkpointer import (
     wait_until,
 )
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components
-from ckptsvc.component_plan import PartReport
-from ckptsvc.components import RNGState, SharingPattern, StateComponent
-from ckptsvc.discovery import checkpoint_info, find_latest_checkpoint, next_checkpoint_path
-from ckptsvc.distributed import COORD_DIR
+from ckptsvc.commit.coordinator import COORD_DIR
+from ckptsvc.commit.reports import RankReport, ReplicationMismatchError, merge_reports
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_components
 from ckptsvc.errors import CheckpointError, SaveFailedError, StateMismatchError
-from ckptsvc.manifest import MANIFEST_NAME, FileRecord, Manifest
-from ckptsvc.reports import RankReport, ReplicationMismatchError, merge_reports
+from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptsvc.read.discovery import checkpoint_info, find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.verify import verify_checkpoint
+from ckptsvc.stage.component_plan import PartReport
+from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 
 SP = SharingPattern
 

@@ -13,13 +13,13 @@ from helpers_models import TiedLM, assert_bitwise_equal, random_tensor
 from safetensors.torch import load_file, save
 from test_async_checkpointer import node  # noqa: F401  (fixture: private writer and arenas)
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer
-from ckptsvc.checksum import crc32c_hex
-from ckptsvc.components import SharingPattern, StateComponent
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import CheckpointNotFoundError, IncompleteCheckpointError
-from ckptsvc.export import add_cli, export_hf
-from ckptsvc.manifest import ComponentRecord, FileRecord, Manifest, now_iso
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.manifest import ComponentRecord, FileRecord, Manifest, now_iso
+from ckptsvc.ops.export import add_cli, export_hf
 from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.storage import Location
 from ckptsvc.workers.commit import commit_checkpoint
 

@@ -19,10 +19,10 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc.errors import StoragePermissionError, StorageTransientError
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
 from ckptsvc.testing.fault_proxy import FaultPlan, FaultProxy, RequestRecord
-from ckptsvc.verify import verify_checkpoint
 
 MiB = 2**20
 PART = 5 * MiB

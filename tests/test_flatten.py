@@ -1,4 +1,4 @@
-"""Nested state <-> flat tensors + JSON skeleton (ckptsvc.flatten)."""
+"""Nested state <-> flat tensors + JSON skeleton (ckptsvc.stage.flatten)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from helpers_models import ALL_DTYPES, TiedLM, TinyMLP, assert_bitwise_equal, ra
 
 from ckptsvc import AsyncCheckpointer
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
-from ckptsvc.flatten import (
+from ckptsvc.stage.flatten import (
     MAX_DEPTH,
     MAX_INT_DIGITS,
     MAX_PROBLEMS_SHOWN,
@@ -336,9 +336,9 @@ def test_save_refuses_before_anything_is_written(node: str, tmp_path: Path) -> N
 
 
 def test_save_components_lists_problems_of_every_component() -> None:
-    from ckptsvc.component_plan import plan_components
-    from ckptsvc.components import SharingPattern, StateComponent
-    from ckptsvc.distributed import RankInfo
+    from ckptsvc.commit.coordinator import RankInfo
+    from ckptsvc.stage.component_plan import plan_components
+    from ckptsvc.stage.components import SharingPattern, StateComponent
 
     class S:
         def __init__(self, d: dict[object, object]) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ckptsvc import hooks
 from ckptsvc.errors import ConfigError
-from ckptsvc.staging import copy_into
+from ckptsvc.stage.arena import copy_into
 from ckptsvc.storage import Location
 
 REPO = Path(__file__).resolve().parents[1]

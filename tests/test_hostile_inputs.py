@@ -26,18 +26,18 @@ from hypothesis import HealthCheck, given, settings
 from safetensors.torch import save_file
 
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError
-from ckptsvc.flatten import parse_skeleton, unflatten_state
-from ckptsvc.loading import read_safetensors
-from ckptsvc.manifest import MANIFEST_NAME, Manifest, check_relpath
-from ckptsvc.safetensors_stream import DTYPE_SIZES, parse_header
+from ckptsvc.format.manifest import MANIFEST_NAME, Manifest, check_relpath
+from ckptsvc.format.safetensors_stream import DTYPE_SIZES, parse_header
+from ckptsvc.read.loading import read_safetensors
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
     load_checkpoint,
     load_shard_index,
     save_checkpoint,
 )
+from ckptsvc.stage.flatten import parse_skeleton, unflatten_state
 from ckptsvc.storage import Location
-from ckptsvc.verify import verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

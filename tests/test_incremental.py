@@ -15,18 +15,18 @@ import torch
 from conftest import StorageRoot
 from safetensors.torch import load_file
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
-from ckptsvc.discovery import next_checkpoint_path, read_manifest
-from ckptsvc.flatten import flatten_state
-from ckptsvc.layout import SAFE_WEIGHTS_INDEX_NAME
+from ckptsvc.compat.training_state import SimpleStatefulProvider
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
+from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.retention import delete_checkpoint
+from ckptsvc.ops.retention import delete_checkpoint
+from ckptsvc.read.discovery import next_checkpoint_path, read_manifest
+from ckptsvc.read.verify import verify_checkpoint
+from ckptsvc.stage.flatten import flatten_state
 from ckptsvc.storage import Location
 from ckptsvc.storage.copies import CopyMethod, copy_file
 from ckptsvc.tools.bench_incremental import LoraLike, measure_incremental
 from ckptsvc.tools.bench_report import incremental_target
-from ckptsvc.training_state import SimpleStatefulProvider
-from ckptsvc.verify import verify_checkpoint
 
 SHARD = 40_000  # bytes per shard: several frozen shards for the small model below
 

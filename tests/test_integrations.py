@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.errors import CheckpointError
-from ckptsvc.verify import verify_checkpoint
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.read.verify import verify_checkpoint
 
 # ---- Hugging Face Trainer ----------------------------------------------------------------------
 

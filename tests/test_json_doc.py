@@ -20,22 +20,22 @@ import pytest
 import torch
 
 from ckptsvc import load_state
-from ckptsvc.async_checkpointer import AsyncCheckpointer
-from ckptsvc.checksum import crc32c_hex
 from ckptsvc.cli import main as cli_main
-from ckptsvc.discovery import (
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.errors import CheckpointError, CorruptCheckpointError
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.json_doc import parse_json_doc, read_json_doc
+from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptsvc.ops.gc import collect_garbage
+from ckptsvc.read.discovery import (
     CheckpointStatus,
     find_latest_checkpoint,
     list_checkpoints,
     next_checkpoint_path,
 )
-from ckptsvc.errors import CheckpointError, CorruptCheckpointError
-from ckptsvc.gc import collect_garbage
-from ckptsvc.json_doc import parse_json_doc, read_json_doc
-from ckptsvc.manifest import MANIFEST_NAME, FileRecord, Manifest
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import SAFE_WEIGHTS_INDEX_NAME, load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.verify import verify_checkpoint
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -129,7 +129,7 @@ def test_one_hostile_manifest_never_stops_discovery(
     good = _save(tmp_path, 1)
     bad = _save(tmp_path, 2)
     HOSTILE_MANIFESTS[damage](bad)
-    with caplog.at_level(logging.WARNING, logger="ckptsvc.discovery"):
+    with caplog.at_level(logging.WARNING, logger="ckptsvc.read.discovery"):
         infos = {i.location.name: i for i in list_checkpoints(str(tmp_path))}
     assert infos[good.name].status is CheckpointStatus.COMPLETE
     assert infos[bad.name].status in (CheckpointStatus.INCOMPLETE, CheckpointStatus.DAMAGED)
@@ -266,7 +266,7 @@ def test_partial_load_checks_the_crc_of_the_covering_file(tmp_path: Path) -> Non
     raw = bytearray((ckpt / SHARD1).read_bytes())
     raw[-1] ^= 0x01  # the last tensor of shard 1
     (ckpt / SHARD1).write_bytes(bytes(raw))
-    from ckptsvc.loading import read_safetensors_header
+    from ckptsvc.read.loading import read_safetensors_header
 
     layout, _ = read_safetensors_header(Location.parse(str(ckpt / SHARD1)))
     first, last = layout.entries[0].name, layout.entries[-1].name
@@ -316,8 +316,8 @@ def test_load_state_refuses_an_index_from_another_save(tmp_path: Path, node: str
 def test_load_components_refuses_a_document_that_does_not_match_the_manifest(
     tmp_path: Path, node: str
 ) -> None:
-    from ckptsvc.async_checkpointer import load_components
-    from ckptsvc.components import SharingPattern, StateComponent
+    from ckptsvc.engine.async_checkpointer import load_components
+    from ckptsvc.stage.components import SharingPattern, StateComponent
 
     paths = []
     with AsyncCheckpointer(str(tmp_path)) as ck:

@@ -1,4 +1,4 @@
-"""Shard planning and the Hugging Face index (``ckptsvc.layout``), plus the Forgather-level
+"""Shard planning and the Hugging Face index (``ckptsvc.format.layout``), plus the Forgather-level
 ``make_shard_index`` built on it: tensor bytes (not storage bytes) decide the cuts, file
 names follow the HF convention, and the caller's metadata is never mutated."""
 
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 import ckptsvc.sharded_checkpoint as sc
 from ckptsvc.errors import InvalidStateError
-from ckptsvc.layout import (
+from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
@@ -27,7 +27,7 @@ from ckptsvc.layout import (
     plan_files,
     shard_file_name,
 )
-from ckptsvc.safetensors_stream import parse_header
+from ckptsvc.format.safetensors_stream import parse_header
 
 SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 BIN_RE = re.compile(r"^pytorch_model-(\d{5})-of-(\d{5})\.bin$")

@@ -18,12 +18,12 @@ import pytest
 import torch
 from helpers_models import TiedLM, assert_bitwise_equal
 
-from ckptsvc.components import RNGState
-from ckptsvc.discovery import find_latest_checkpoint
+from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
 from ckptsvc.errors import CorruptCheckpointError, StateMismatchError
-from ckptsvc.legacy import is_legacy_state_checkpoint
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.training_state import SimpleStatefulProvider, TrainingProgress
+from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.legacy import is_legacy_state_checkpoint
+from ckptsvc.stage.components import RNGState
 
 pytestmark = pytest.mark.usefixtures("node")  # a private node writer per test (conftest)
 

@@ -15,9 +15,7 @@ import torch
 from helpers_models import TiedLM, TinyMLP, assert_bitwise_equal
 from torch import nn
 
-from ckptsvc.best_checkpoints import BestCheckpoints, Retention
-from ckptsvc.components import RNGState, SharingPattern, StateComponent
-from ckptsvc.discovery import CheckpointStatus, list_checkpoints, next_checkpoint_path
+from ckptsvc.compat.training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
 from ckptsvc.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -25,12 +23,14 @@ from ckptsvc.errors import (
     SaveFailedError,
     StateMismatchError,
 )
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.ops.best_checkpoints import BestCheckpoints, Retention
+from ckptsvc.ops.tiered_saves import TieringConfig
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints, next_checkpoint_path
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import save_checkpoint
-from ckptsvc.tiered_saves import TieringConfig
-from ckptsvc.training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
-from ckptsvc.verify import verify_checkpoint
+from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 
 pytestmark = pytest.mark.usefixtures("node")  # a private node writer per test (conftest)
 

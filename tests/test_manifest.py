@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ckptsvc.errors import CorruptCheckpointError
-from ckptsvc.manifest import (
+from ckptsvc.format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MARKER_NAME,

@@ -24,24 +24,31 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc import hooks, knobs
-from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components, load_state
-from ckptsvc.checksum import crc32c_hex
-from ckptsvc.components import SharingPattern, StateComponent
-from ckptsvc.discovery import find_latest_checkpoint
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_components, load_state
 from ckptsvc.errors import SaveFailedError, StorageError, WriterDiedError
-from ckptsvc.layout import TensorSpec, plan_files
-from ckptsvc.manifest import MANIFEST_NAME
-from ckptsvc.piecewise import (
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.layout import TensorSpec, plan_files
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.format.safetensors_stream import dtype_from_torch, dtype_to_torch
+from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.verify import verify_checkpoint
+from ckptsvc.stage.arena import (
+    ArenaPool,
+    ShmSegment,
+    StagingArena,
+    copy_into,
+    pid_alive,
+    plan_arena,
+)
+from ckptsvc.stage.components import SharingPattern, StateComponent
+from ckptsvc.stage.piecewise import (
     MIN_BUDGET_BYTES,
     MemoryBudget,
     PieceStreamer,
     _row_major_views,
     flat_segments,
 )
-from ckptsvc.safetensors_stream import dtype_from_torch, dtype_to_torch
-from ckptsvc.staging import ArenaPool, ShmSegment, StagingArena, copy_into, pid_alive, plan_arena
 from ckptsvc.tools.bench_budget import measure_budget_peak
-from ckptsvc.verify import verify_checkpoint
 from ckptsvc.workers.protocol import PieceDone, PieceReady
 
 SHM = "/dev/shm"
@@ -414,7 +421,7 @@ def test_peak_extra_memory_of_a_state_4x_the_budget_stays_within_the_budget(
 _TRAINER = """
 import json, sys, threading, time, torch
 import faulty_fs
-from ckptsvc.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 root, gate = sys.argv[1:3]
 ckpt = AsyncCheckpointer(root, storage_options={"gate_path": gate}, memory_budget_bytes=2 << 20)
 w = torch.arange(2_000_000, dtype=torch.float32)  # 8 MiB: streamed

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ckptsvc import metrics
-from ckptsvc.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import LifecycleError, SaveFailedError
 from ckptsvc.metrics import PrometheusExporter, SaveEvent, add_listener, emit, event_from_handle
 
@@ -66,7 +66,7 @@ def test_events_from_real_handles(tmp_path: Path) -> None:
 
 
 def test_event_from_handle_refuses_a_save_in_flight() -> None:
-    from ckptsvc.async_checkpointer import SaveHandle, SaveTimings
+    from ckptsvc.engine.async_checkpointer import SaveHandle, SaveTimings
 
     pending = SaveHandle(step=1, path="/x", timings=SaveTimings(1, 0.0, 0.0, 0.0), started=0.0)
     with pytest.raises(LifecycleError, match="still in flight"):

@@ -23,12 +23,12 @@ import torch
 from helpers_models import assert_bitwise_equal, mixed_state_dict
 from safetensors.torch import load_file
 
-from ckptsvc.checksum import crc32c_hex
 from ckptsvc.errors import InvalidStateError, StorageError, WriterDiedError
-from ckptsvc.layout import TensorSpec, plan_files
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord, Manifest
-from ckptsvc.safetensors_stream import dtype_from_torch, tensor_bytes
-from ckptsvc.staging import ShmSegment, pid_alive, plan_arena, segment_prefix
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.layout import TensorSpec, plan_files
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord, Manifest
+from ckptsvc.format.safetensors_stream import dtype_from_torch, tensor_bytes
+from ckptsvc.stage.arena import ShmSegment, pid_alive, plan_arena, segment_prefix
 from ckptsvc.workers.client import WriterClient, writer_socket_path
 from ckptsvc.workers.protocol import (
     CommitInfo,
@@ -326,8 +326,8 @@ def test_commits_happen_in_submission_order(node: str, tmp_path: Path) -> None:
 _CHILD = """
 import json, os, sys, time, uuid
 import torch
-from ckptsvc.layout import TensorSpec, plan_files
-from ckptsvc.staging import ShmSegment, plan_arena, segment_prefix
+from ckptsvc.format.layout import TensorSpec, plan_files
+from ckptsvc.stage.arena import ShmSegment, plan_arena, segment_prefix
 from ckptsvc.workers.client import WriterClient
 from ckptsvc.workers.protocol import FileJob, SaveJob, WriterOptions
 node, url, gate = sys.argv[1:4]

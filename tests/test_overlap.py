@@ -27,14 +27,14 @@ from helpers_models import assert_bitwise_equal
 from torch import nn
 
 from ckptsvc import hooks
-from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
-from ckptsvc.components import SharingPattern, StateComponent
-from ckptsvc.discovery import find_latest_checkpoint
+from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_state
 from ckptsvc.errors import SaveFailedError, TornSnapshotError
-from ckptsvc.flatten import flatten_state
+from ckptsvc.format.manifest import MANIFEST_NAME
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.manifest import MANIFEST_NAME
-from ckptsvc.training_state import SimpleStatefulProvider, TrainingProgress
+from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.stage.components import SharingPattern, StateComponent
+from ckptsvc.stage.flatten import flatten_state
 
 SHM = "/dev/shm"
 SNAPSHOT_THREAD = "ckptsvc-snapshot"

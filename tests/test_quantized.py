@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError, StateMismatchError
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.quantized import (
+from ckptsvc.stage.quantized import (
     install_quantized,
     is_quantized_tensor,
     join_quantized,
     split_quantized,
 )
-from ckptsvc.training_state import SimpleStatefulProvider, TrainingProgress
 
 torchao = pytest.importorskip("torchao")
 from torchao.quantization import (  # noqa: E402

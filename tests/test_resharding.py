@@ -18,9 +18,9 @@ from helpers_models import assert_bitwise_equal, random_tensor
 from safetensors.torch import save
 
 from ckptsvc.errors import CorruptCheckpointError
-from ckptsvc.export import export_hf
-from ckptsvc.resharding import Piece, RegionReader
+from ckptsvc.ops.export import export_hf
 from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.stage.resharding import Piece, RegionReader
 
 # ---- region reads ----------------------------------------------------------------------------
 

@@ -64,9 +64,9 @@ def _worker(mode: str, root: str, opts: dict[str, Any], out: str) -> None:
 
     import numpy as np
 
-    from ckptsvc.components import RNGState
+    from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
     from ckptsvc.manager import CheckpointConfig, CheckpointManager
-    from ckptsvc.training_state import SimpleStatefulProvider, TrainingProgress
+    from ckptsvc.stage.components import RNGState
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

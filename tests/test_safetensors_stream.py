@@ -6,7 +6,7 @@ load bit for bit, for every dtype torch and safetensors share, 0-d, empty, non-c
 tensors and views sharing storage. A tiny shard is pinned byte for byte in
 ``tests/golden/tiny.safetensors``.
 
-Decoder: ``parse_header`` and ``ckptsvc.loading.read_safetensors`` reject every malformed
+Decoder: ``parse_header`` and ``ckptsvc.read.loading.read_safetensors`` reject every malformed
 file with ``CorruptCheckpointError`` naming the file, never another exception.
 
 Regenerate the golden file (only on a deliberate format change) with
@@ -33,8 +33,7 @@ from helpers_models import ALL_DTYPES, assert_bitwise_equal, random_tensor
 from hypothesis import HealthCheck, given, settings
 
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
-from ckptsvc.loading import read_safetensors
-from ckptsvc.safetensors_stream import (
+from ckptsvc.format.safetensors_stream import (
     DTYPE_SIZES,
     ShardLayout,
     dtype_from_torch,
@@ -43,6 +42,7 @@ from ckptsvc.safetensors_stream import (
     plan_shard,
     tensor_bytes,
 )
+from ckptsvc.read.loading import read_safetensors
 from ckptsvc.storage import Location
 from ckptsvc.workers.shard_writer import write_shard
 

@@ -31,8 +31,6 @@ from helpers_models import (
 from torch import nn
 
 import ckptsvc.sharded_checkpoint as sc
-from ckptsvc.checksum import crc32c_hex
-from ckptsvc.discovery import read_manifest
 from ckptsvc.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -40,9 +38,11 @@ from ckptsvc.errors import (
     IncompleteCheckpointError,
     InvalidStateError,
 )
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.read.discovery import read_manifest
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.verify import verify_checkpoint
 
 SHARD_RE = re.compile(r"^(model|pytorch_model)-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
 FORMATS = [pytest.param(True, id="safetensors"), pytest.param(False, id="torch")]

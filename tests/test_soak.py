@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, SaveHandle
-from ckptsvc.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
-from ckptsvc.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle
+from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.read.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.testing.faultinject import OsFault, faults_env
-from ckptsvc.verify import verify_checkpoint
 
 SAVES = 200
 WARMUP = 20

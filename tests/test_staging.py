@@ -1,4 +1,4 @@
-"""Staging arenas: real POSIX shared memory, real child processes (ckptsvc.staging)."""
+"""Staging arenas: real POSIX shared memory, real child processes (ckptsvc.stage.arena)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from helpers_models import ALL_DTYPES, assert_bitwise_equal, random_tensor
 
 from ckptsvc.errors import StorageError
-from ckptsvc.layout import TensorSpec, plan_files
-from ckptsvc.staging import (
+from ckptsvc.format.layout import TensorSpec, plan_files
+from ckptsvc.stage.arena import (
     ALIGN_BYTES,
     ArenaPool,
     ShmSegment,
@@ -75,7 +75,7 @@ def test_attach_sees_writes_and_never_unlinks(node: str) -> None:
         # A child attaches with our untracked mapping and exits: the segment must survive
         # (multiprocessing.shared_memory's resource tracker would unlink it here).
         code = (
-            "import sys; from ckptsvc.staging import ShmSegment; "
+            "import sys; from ckptsvc.stage.arena import ShmSegment; "
             f"s = ShmSegment.attach({name!r}); sys.stdout.write(bytes(s.buffer[:5]).decode()); s.close()"
         )
         out = subprocess.run(
@@ -168,7 +168,7 @@ def test_close_unlinks_busy_arenas_too(node: str) -> None:
 
 
 def _specs_and_sources() -> tuple[list[TensorSpec], list[torch.Tensor]]:
-    from ckptsvc.safetensors_stream import dtype_from_torch
+    from ckptsvc.format.safetensors_stream import dtype_from_torch
 
     srcs = [random_tensor(d, (7, 5), seed=i) for i, d in enumerate(ALL_DTYPES)]
     srcs.append(random_tensor(torch.float32, (5, 7), seed=99).t())  # non-contiguous

@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import StorageRoot, unfinished_save
 
-import ckptsvc.tiering as tiering
-from ckptsvc.discovery import find_latest_checkpoint, read_manifest
+import ckptsvc.ops.tiering as tiering
 from ckptsvc.errors import CorruptCheckpointError, IncompleteCheckpointError
-from ckptsvc.manifest import FileRecord
-from ckptsvc.retention import delete_checkpoint
+from ckptsvc.format.manifest import FileRecord
+from ckptsvc.ops.retention import delete_checkpoint
+from ckptsvc.ops.tiering import TieredStore
+from ckptsvc.read.discovery import find_latest_checkpoint, read_manifest
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.tiering import TieredStore
-from ckptsvc.verify import verify_checkpoint
 
 MiB = 2**20
 REMOTES = pytest.mark.parametrize("storage_root", ["s3", "gcs"], indirect=True)

@@ -1,4 +1,4 @@
-"""``ckptsvc.transfer`` and ``ckptsvc cp`` / ``ckptsvc prune``: verified copies between
+"""``ckptsvc.ops.transfer`` and ``ckptsvc cp`` / ``ckptsvc prune``: verified copies between
 backends with the commit protocol on the destination, and pruning.
 
 Source checkpoints are written with the synchronous ``save_checkpoint`` (several small
@@ -21,13 +21,6 @@ import torch
 from conftest import StorageRoot, unfinished_save
 
 from ckptsvc.cli import main as cli_main
-from ckptsvc.discovery import (
-    CheckpointStatus,
-    checkpoint_info,
-    find_latest_checkpoint,
-    list_checkpoints,
-    read_manifest,
-)
 from ckptsvc.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -35,11 +28,18 @@ from ckptsvc.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
 )
-from ckptsvc.manifest import MANIFEST_NAME
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.ops.transfer import copy, copy_checkpoint, copy_files, copy_tree, prune
+from ckptsvc.read.discovery import (
+    CheckpointStatus,
+    checkpoint_info,
+    find_latest_checkpoint,
+    list_checkpoints,
+    read_manifest,
+)
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
-from ckptsvc.transfer import copy, copy_checkpoint, copy_files, copy_tree, prune
-from ckptsvc.verify import verify_checkpoint
 
 SHARD_NBYTES = 64 * 1024
 

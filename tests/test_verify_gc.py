@@ -24,13 +24,13 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
-from ckptsvc.gc import CLOCK_SLACK_S as CLOCK_SLACK
-from ckptsvc.gc import collect_garbage, unfinished_uploads
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.ops.gc import CLOCK_SLACK_S as CLOCK_SLACK
+from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
+from ckptsvc.read.verify import SKELETON_NAME, find_latest_verified, verify_checkpoint
 from ckptsvc.sharded_checkpoint import save_checkpoint
-from ckptsvc.staging import segment_prefix
-from ckptsvc.verify import SKELETON_NAME, find_latest_verified, verify_checkpoint
+from ckptsvc.stage.arena import segment_prefix
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -80,7 +80,7 @@ def ckptsvc_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_skeleton_name_matches_flatten() -> None:
-    from ckptsvc.flatten import SKELETON_NAME as FLATTEN_SKELETON
+    from ckptsvc.stage.flatten import SKELETON_NAME as FLATTEN_SKELETON
 
     assert SKELETON_NAME == FLATTEN_SKELETON
 
@@ -124,9 +124,9 @@ def test_verify_reports_a_bad_header_even_when_sizes_match(tmp_path: Path) -> No
 def test_verify_a_component_document_naming_a_missing_tensor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ckptsvc.async_checkpointer import AsyncCheckpointer
-    from ckptsvc.checksum import crc32c_hex
-    from ckptsvc.manifest import FileRecord, Manifest
+    from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+    from ckptsvc.format.checksum import crc32c_hex
+    from ckptsvc.format.manifest import FileRecord, Manifest
 
     monkeypatch.setenv("CKPTSVC_NODE_ID", f"vg{uuid.uuid4().hex[:10]}")
     monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
@@ -536,7 +536,7 @@ def test_cli_gc_min_age(tmp_path: Path) -> None:
 
 _ARENA_CHILD = """
 import sys, time
-from ckptsvc.staging import ArenaPool, node_id
+from ckptsvc.stage.arena import ArenaPool, node_id
 pool = ArenaPool(max_arenas=1, node=sys.argv[1] or node_id())
 arena, _ = pool.acquire(8192)
 print(arena.name, flush=True)

@@ -25,10 +25,10 @@ import pytest
 import torch
 from servers import Server
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, load_state
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import CheckpointError, WriterDiedError
-from ckptsvc.manifest import MANIFEST_NAME
-from ckptsvc.staging import pid_alive
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.stage.arena import pid_alive
 from ckptsvc.workers.client import WriterClient, writer_socket_path
 from ckptsvc.workers.identity import current_identity
 
@@ -242,7 +242,7 @@ def test_writer_of_another_version_is_not_used(
 
 _JOB = """
 import json, sys, torch
-from ckptsvc.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 root = sys.argv[1]
 ckpt = AsyncCheckpointer(root)
 handle = ckpt.save(1, {"w": torch.arange(1000, dtype=torch.float32)})

@@ -20,9 +20,9 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc import WriterOptions
-from ckptsvc.async_checkpointer import AsyncCheckpointer, load_state
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import ConfigError
-from ckptsvc.staging import ArenaPool, ShmSegment, node_id, pid_alive, segment_prefix
+from ckptsvc.stage.arena import ArenaPool, ShmSegment, node_id, pid_alive, segment_prefix
 from ckptsvc.storage import Location
 from ckptsvc.workers.client import writer_log_path
 
@@ -142,8 +142,8 @@ def test_explicit_options_win_for_local_saves(
 
 _TRAINER = """
 import json, sys, torch
-from ckptsvc.async_checkpointer import AsyncCheckpointer
-from ckptsvc.staging import node_id
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.stage.arena import node_id
 from ckptsvc.workers.client import writer_socket_path
 with AsyncCheckpointer(sys.argv[1]) as c:
     c.save(1, {"w": torch.ones(8)}).wait()

@@ -46,8 +46,8 @@ from typing import Any
 
 from ckptsvc import knobs
 from ckptsvc.errors import CommitConflictError, StorageNotFoundError
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, now_iso
 from ckptsvc.liveness import owner_alive, pid_namespace
-from ckptsvc.manifest import MANIFEST_NAME, MARKER_NAME, now_iso
 from ckptsvc.storage import Location
 
 __all__ = ["Claim", "check_claim", "claim_checkpoint", "read_marker"]

@@ -39,9 +39,9 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from ckptsvc import knobs
-from ckptsvc.checksum import crc32c_hex
 from ckptsvc.errors import CommitConflictError, StorageError
-from ckptsvc.manifest import (
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.manifest import (
     MANIFEST_NAME,
     MARKER_NAME,
     FileRecord,

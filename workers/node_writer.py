@@ -59,8 +59,8 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from ckptsvc import knobs
 from ckptsvc.errors import CheckpointError, SaveFailedError
-from ckptsvc.manifest import FileRecord, Manifest
-from ckptsvc.staging import ShmSegment, pid_alive, reclaim_stale_segments
+from ckptsvc.format.manifest import FileRecord, Manifest
+from ckptsvc.stage.arena import ShmSegment, pid_alive, reclaim_stale_segments
 from ckptsvc.storage import Location
 
 from .client import writer_log_path

@@ -1,6 +1,6 @@
 """The writer's side of a streamed save: shards written from a ring arena, piece by piece.
 
-A save larger than the trainer's memory budget (``ckptsvc.piecewise``) is staged through a
+A save larger than the trainer's memory budget (``ckptsvc.stage.piecewise``) is staged through a
 ring arena of two slots. The layout is the one a full arena would have (``FileJob.
 arena_offset`` are offsets in it); the trainer copies window ``seq`` of it into a slot and
 sends ``PieceReady``. Call order (process / thread that runs each step):
@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from ckptsvc.errors import CheckpointError, SaveFailedError
-from ckptsvc.manifest import FileRecord
+from ckptsvc.format.manifest import FileRecord
 from ckptsvc.storage import Location
 
 from .protocol import CancelJob, FileJob, PieceReady, StreamSpec

@@ -43,8 +43,8 @@ from typing import Any
 from ckptsvc import errors as _errors
 from ckptsvc import knobs
 from ckptsvc.errors import CheckpointError, InvalidStateError, SaveFailedError, WriterDiedError
-from ckptsvc.manifest import ComponentRecord, FileRecord
-from ckptsvc.safetensors_stream import ShardLayout, TensorEntry
+from ckptsvc.format.manifest import ComponentRecord, FileRecord
+from ckptsvc.format.safetensors_stream import ShardLayout, TensorEntry
 from ckptsvc.storage import IOSettings, RetryPolicy
 from ckptsvc.storage.direct_io import DirectIOMode, direct_io_mode
 
@@ -479,8 +479,8 @@ class JobFailed:
 
 _ALLOWED: dict[str, frozenset[str]] = {
     __name__: frozenset(__all__),
-    "ckptsvc.safetensors_stream": frozenset({ShardLayout.__name__, TensorEntry.__name__}),
-    "ckptsvc.manifest": frozenset({FileRecord.__name__, ComponentRecord.__name__}),
+    "ckptsvc.format.safetensors_stream": frozenset({ShardLayout.__name__, TensorEntry.__name__}),
+    "ckptsvc.format.manifest": frozenset({FileRecord.__name__, ComponentRecord.__name__}),
     "builtins": frozenset(
         {
             "dict",

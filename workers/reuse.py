@@ -32,9 +32,9 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from ckptsvc.checksum import Crc32c
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError
-from ckptsvc.manifest import MANIFEST_NAME, FileRecord
+from ckptsvc.format.checksum import Crc32c
+from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord
 from ckptsvc.storage import Location
 from ckptsvc.storage.copies import copy_file, same_store
 

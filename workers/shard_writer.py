@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from ckptsvc import knobs
-from ckptsvc.checksum import Crc32c
 from ckptsvc.errors import InvalidStateError
-from ckptsvc.manifest import FileRecord
-from ckptsvc.safetensors_stream import ShardLayout
+from ckptsvc.format.checksum import Crc32c
+from ckptsvc.format.manifest import FileRecord
+from ckptsvc.format.safetensors_stream import ShardLayout
 from ckptsvc.storage import Location
 
 __all__ = ["PROGRESS", "ChecksummedWriter", "write_shard", "write_stream"]

@@ -16,7 +16,7 @@ Save: DCP's call order, and which rank (thread) runs each step:
 2. ``set_up_storage_writer``, ``prepare_local_plan`` (every rank): nothing is written;
 3. ``prepare_global_plan`` (the coordinator, rank 0; DCP runs it before it scatters the
    plans, so before any rank's ``write_data``): **claim** the directory
-   (:func:`~ckptsvc.save_target.claim_target`: exclusive in-progress marker; with
+   (:func:`~ckptsvc.commit.target.claim_target`: exclusive in-progress marker; with
    ``overwrite`` a committed checkpoint gets its successor written beside it). The plans
    go out unchanged: DCP's plan caching replays old plans, so nothing may travel in them;
 4. ``write_data`` (every rank; the thread that called ``dcp.save``, or DCP's upload thread
@@ -52,8 +52,8 @@ writes): read them with :class:`StorageReader`.
 
 from __future__ import annotations
 
-from .format import METADATA_NAME, RawExtent
-from .reader import StorageReader
-from .writer import StorageWriter
+from ckptsvc.dcp.format import METADATA_NAME, RawExtent
+from ckptsvc.dcp.reader import StorageReader
+from ckptsvc.dcp.writer import StorageWriter
 
 __all__ = ["METADATA_NAME", "RawExtent", "StorageReader", "StorageWriter"]

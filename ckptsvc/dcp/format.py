@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
-from ..manifest import FileRecord
+from ckptsvc.errors import ConfigError
+from ckptsvc.format.manifest import FileRecord
 
 __all__ = [
     "DATA_SUFFIX",

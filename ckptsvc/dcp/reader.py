@@ -22,17 +22,17 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
-from ..checksum import crc32c_hex
-from ..discovery import require_complete_checkpoint
-from ..errors import ConfigError, CorruptCheckpointError
-from ..manifest import Manifest
-from ..storage import Location
-from .format import (
+from ckptsvc.dcp.format import (
     METADATA_NAME,
     RawExtent,
     byte_view,
     checkpoint_url,
 )
+from ckptsvc.errors import ConfigError, CorruptCheckpointError
+from ckptsvc.format.checksum import crc32c_hex
+from ckptsvc.format.manifest import Manifest
+from ckptsvc.read.discovery import require_complete_checkpoint
+from ckptsvc.storage import Location
 
 __all__ = ["StorageReader"]
 

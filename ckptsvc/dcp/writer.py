@@ -34,20 +34,8 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from ..errors import CommitConflictError, ConfigError, CorruptCheckpointError
-from ..manifest import MANIFEST_NAME, ComponentRecord, FileRecord, Manifest
-from ..save_target import SaveTarget, claim_target
-from ..storage import Location
-from ..workers.commit import (
-    abandon_checkpoint,
-    begin_checkpoint,
-    commit_checkpoint,
-    publish_file,
-    replacement_location,
-    swap_in,
-)
-from ..workers.shard_writer import ChecksummedWriter
-from .format import (
+from ckptsvc.commit.target import SaveTarget, claim_target
+from ckptsvc.dcp.format import (
     DATA_SUFFIX,
     METADATA_NAME,
     RawExtent,
@@ -55,6 +43,18 @@ from .format import (
     byte_view,
     checkpoint_url,
 )
+from ckptsvc.errors import CommitConflictError, ConfigError, CorruptCheckpointError
+from ckptsvc.format.manifest import MANIFEST_NAME, ComponentRecord, FileRecord, Manifest
+from ckptsvc.storage import Location
+from ckptsvc.workers.commit import (
+    abandon_checkpoint,
+    begin_checkpoint,
+    commit_checkpoint,
+    publish_file,
+    replacement_location,
+    swap_in,
+)
+from ckptsvc.workers.shard_writer import ChecksummedWriter
 
 __all__ = ["StorageWriter"]
 

@@ -26,7 +26,7 @@ Call order (the training thread unless noted):
    (``save_components``: returns after the copy), then clear ``control.should_save`` so the
    ``Trainer``'s synchronous ``_save_checkpoint`` does not run. The node writer writes the
    checkpoint and commits its manifest last; ``save_total_limit`` is applied by
-   ``ckptsvc.best_checkpoints.Retention`` on a background thread after each commit;
+   ``ckptsvc.ops.best_checkpoints.Retention`` on a background thread after each commit;
 3. ``on_train_end``: wait for every save and raise the first failure (a run never ends
    believing it is checkpointed when it is not), then stop the engine.
 
@@ -59,21 +59,21 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
-from ..best_checkpoints import Retention
-from ..components import RNGState, SharingPattern, StateComponent
-from ..discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
-from ..errors import (
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
+from ckptsvc.errors import (
     CheckpointNotFoundError,
     ConfigError,
     LifecycleError,
     SaveFailedError,
     StateMismatchError,
 )
-from ..json_doc import read_json_doc
-from ..layout import SAFE_WEIGHTS_INDEX_NAME
-from ..storage import Location
-from ..transfer import copy_files
+from ckptsvc.format.json_doc import read_json_doc
+from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
+from ckptsvc.ops.best_checkpoints import Retention
+from ckptsvc.ops.transfer import copy_files
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
+from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
+from ckptsvc.storage import Location
 
 __all__ = ["CkptsvcCallback"]
 
@@ -408,7 +408,7 @@ class CkptsvcCallback(TrainerCallback):
         )
 
     def _path(self, step: int) -> str:
-        from ..discovery import next_checkpoint_path
+        from ckptsvc.read.discovery import next_checkpoint_path
 
         return next_checkpoint_path(self._root_or_error(), step)
 

@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from ..async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
-from ..components import SharingPattern, StateComponent
-from ..errors import ConfigError, SaveFailedError
-from ..retention import delete_checkpoint
-from ..storage import Location
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
+from ckptsvc.errors import ConfigError, SaveFailedError
+from ckptsvc.ops.retention import delete_checkpoint
+from ckptsvc.stage.components import SharingPattern, StateComponent
+from ckptsvc.storage import Location
 
 try:
     from lightning.fabric.plugins import CheckpointIO

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..manifest import MANIFEST_NAME, MARKER_NAME
-from .faultinject import install_from_env, install_hooks
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.testing.faultinject import install_from_env, install_hooks
 
 __all__ = [
     "SAVE_NBYTES",
@@ -190,15 +190,15 @@ def _say(*words: object) -> None:
 
 def _child_main(plan: dict[str, Any]) -> int:
     """Run the plan's saves, each followed by retention; report on stdout."""
-    from ..errors import WriterDiedError
-    from ..retention import maybe_delete_oldest_checkpoint
-    from ..sharded_checkpoint import next_checkpoint_path, save_checkpoint
+    from ckptsvc.errors import WriterDiedError
+    from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
+    from ckptsvc.sharded_checkpoint import next_checkpoint_path, save_checkpoint
 
     hooks = install_hooks(plan, "trainer")
     root, opts = plan["root"], plan["storage_options"]
     ckpt = None
     if plan["api"] == "async":
-        from ..async_checkpointer import AsyncCheckpointer
+        from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 
         ckpt = AsyncCheckpointer(root, storage_options=opts, max_shard_size=MAX_SHARD_BYTES)
         _say("WRITER", ckpt.writer_pid)
@@ -274,7 +274,7 @@ def _kill(pid: int, outcome: Outcome, who: str) -> None:
 
 def _wait_gone(pids: set[int], *, timeout_s: float) -> list[int]:
     """Wait for processes (not our children) to exit; SIGKILL the ones that do not."""
-    from ..staging import pid_alive
+    from ckptsvc.stage.arena import pid_alive
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):

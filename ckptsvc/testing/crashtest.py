@@ -48,9 +48,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..manifest import MANIFEST_NAME
-from .crash_child import INDEX_NAME as _INDEX
-from .crash_child import (
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.testing.crash_child import INDEX_NAME as _INDEX
+from ckptsvc.testing.crash_child import (
     KEEP,
     WRITE_DELAY_S,
     CrashPoint,
@@ -59,8 +59,8 @@ from .crash_child import (
     plan_points,
     run_child,
 )
-from .crash_child import SEED_DOC_NAME as _SEED_DOC
-from .faultinject import PLAN_ENV, PRELOAD_MODULE
+from ckptsvc.testing.crash_child import SEED_DOC_NAME as _SEED_DOC
+from ckptsvc.testing.faultinject import PLAN_ENV, PRELOAD_MODULE
 
 __all__ = [
     "CampaignReport",
@@ -197,7 +197,7 @@ class _Campaign:
     def __init__(
         self, root: str, storage_options: dict[str, Any], *, seed: int, timeout_s: float
     ) -> None:
-        from ..storage import Location
+        from ckptsvc.storage import Location
 
         self.url = root
         self.opts = storage_options
@@ -212,7 +212,7 @@ class _Campaign:
 
     # -- state of the root --
     def _complete(self) -> dict[str, Any]:
-        from ..discovery import CheckpointStatus, list_checkpoints
+        from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 
         self.loc.fs.invalidate_cache()
         infos = list_checkpoints(self.loc)
@@ -323,7 +323,11 @@ class _Campaign:
         outcome: Outcome,
         problems: list[str],
     ) -> tuple[list[str], str | None]:
-        from ..discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+        from ckptsvc.read.discovery import (
+            CheckpointStatus,
+            find_latest_checkpoint,
+            list_checkpoints,
+        )
 
         self.loc.fs.invalidate_cache()
         lost: list[str] = []
@@ -375,9 +379,9 @@ class _Campaign:
         return lost, latest
 
     def _verify_and_load(self, info: Any, seeds: dict[str, int | None]) -> list[str]:
-        from ..component_load import load_state
-        from ..sharded_checkpoint import load_checkpoint
-        from ..verify import verify_checkpoint
+        from ckptsvc.read.component_load import load_state
+        from ckptsvc.read.verify import verify_checkpoint
+        from ckptsvc.sharded_checkpoint import load_checkpoint
 
         name = info.location.name
         report = verify_checkpoint(info.location, deep=True)
@@ -401,9 +405,13 @@ class _Campaign:
         return [] if same else [f"{name}: loads, but not the bytes seed {seed} saved"]
 
     def _gc_and_check(self, node: str, latest: str | None, problems: list[str]) -> dict[str, int]:
-        from ..discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
-        from ..gc import collect_garbage, unfinished_uploads
-        from ..staging import segment_prefix
+        from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
+        from ckptsvc.read.discovery import (
+            CheckpointStatus,
+            find_latest_checkpoint,
+            list_checkpoints,
+        )
+        from ckptsvc.stage.arena import segment_prefix
 
         report = collect_garbage(self.url, storage_options=self.opts, node=node)
         for url, why in report.kept:
@@ -454,7 +462,7 @@ def run_campaign(
 ) -> CampaignReport:
     """Run ``points`` seeded crash points (:func:`plan_points`) under a fresh
     ``<root>/crashtest-<id>``, then one clean run that must save; see :func:`run_points`."""
-    from ..storage import Location
+    from ckptsvc.storage import Location
 
     local = Location.parse(root, storage_options).is_local
     return run_points(
@@ -483,7 +491,7 @@ def run_points(
     with the root there). ``report.ok`` is the verdict, ``report.checkpoints_lost`` the
     figure that must be zero.
     """
-    from ..storage import Location
+    from ckptsvc.storage import Location
 
     base = Location.parse(root, storage_options)
     run_root = base.join(f"crashtest-{uuid.uuid4().hex[:10]}")

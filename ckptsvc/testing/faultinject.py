@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import hooks
+from ckptsvc import hooks
 
 __all__ = [
     "FAULTS_ENV",

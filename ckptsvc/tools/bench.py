@@ -36,13 +36,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CheckpointError
-from .bench_budget import add_budget_options, run_budget
-from .bench_incremental import add_incremental_options, run_incremental
-from .bench_loop import add_loop_options, run_loop
-from .bench_plot import render_svg
-from .bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
-from .bench_report import (
+from ckptsvc.errors import CheckpointError
+from ckptsvc.tools.bench_budget import add_budget_options, run_budget
+from ckptsvc.tools.bench_incremental import add_incremental_options, run_incremental
+from ckptsvc.tools.bench_loop import add_loop_options, run_loop
+from ckptsvc.tools.bench_plot import render_svg
+from ckptsvc.tools.bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
+from ckptsvc.tools.bench_report import (
     Row,
     document,
     evaluate_targets,
@@ -50,7 +50,7 @@ from .bench_report import (
     print_rich,
     write_json,
 )
-from .bench_workloads import ARTIFACTS
+from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..storage import Location
-from .bench_report import Row, incremental_target, report_rows
+from ckptsvc.storage import Location
+from ckptsvc.tools.bench_report import Row, incremental_target, report_rows
 
 __all__ = [
     "LoraLike",
@@ -80,8 +80,8 @@ class LoraLike(nn.Module):
 
 
 def _two_saves(root: str, model: LoraLike, *, incremental: bool, **opts: Any) -> dict[str, Any]:
-    from ..async_checkpointer import AsyncCheckpointer
-    from ..component_load import load_state
+    from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+    from ckptsvc.read.component_load import load_state
 
     with AsyncCheckpointer(root, incremental=incremental, **opts) as ckpt:
         ckpt.save(1, {"model": model}).wait()
@@ -168,7 +168,7 @@ def add_incremental_options(parser: argparse.ArgumentParser) -> None:
 
 def run_incremental(args: argparse.Namespace) -> int:
     """``ckptsvc bench --incremental``: measure, print the row and the target (or JSON)."""
-    from .bench import parse_size
+    from ckptsvc.tools.bench import parse_size
 
     size = getattr(args, "size", None)
     nbytes = parse_size(size) if isinstance(size, str) else int(size or 256 << 20)

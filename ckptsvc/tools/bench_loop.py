@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
-from .bench_loop_worker import MODES, LoopConfig, ModeResult, trimmed_mean
-from .bench_report import Target, write_json
+from ckptsvc.tools.bench_loop_worker import MODES, LoopConfig, ModeResult, trimmed_mean
+from ckptsvc.tools.bench_report import Target, write_json
 
 __all__ = [
     "add_loop_options",
@@ -64,7 +64,7 @@ def worker_env() -> dict[str, str]:
 
 
 def _run_worker(cfg: LoopConfig, *, log_path: str, timeout_s: float) -> ModeResult:
-    from .bench import _reap_group, _tail
+    from ckptsvc.tools.bench import _reap_group, _tail
 
     cmd = [sys.executable, "-m", "ckptsvc.tools.bench_loop_worker", json.dumps(asdict(cfg))]
     with open(log_path, "wb") as log:

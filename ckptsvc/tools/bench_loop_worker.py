@@ -113,8 +113,8 @@ def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
 
 class _SyncSaver:
     def __init__(self, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        from ..flatten import flatten_state
-        from ..sharded_checkpoint import save_checkpoint
+        from ckptsvc.sharded_checkpoint import save_checkpoint
+        from ckptsvc.stage.flatten import flatten_state
 
         self._flatten, self._save = flatten_state, save_checkpoint
         self._root, self._state = root, _training_state(model, opt)
@@ -139,7 +139,7 @@ class _AsyncSaver:
     def __init__(
         self, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, *, overlap: bool
     ) -> None:
-        from ..async_checkpointer import AsyncCheckpointer
+        from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 
         if overlap and "overlap" not in inspect.signature(AsyncCheckpointer.save).parameters:
             raise _Unavailable(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from xml.sax.saxutils import escape
 
-from .bench_report import Row
+from ckptsvc.tools.bench_report import Row
 
 __all__ = ["render_svg"]
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .bench_probes import (
+from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     PeakRss,
     Sample,
@@ -449,7 +449,7 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
     then the measured save with changed values. Blocking = until ``save`` returns;
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
-    checkpointer_cls = _require("ckptsvc.async_checkpointer", "AsyncCheckpointer")
+    checkpointer_cls = _require("ckptsvc.engine.async_checkpointer", "AsyncCheckpointer")
     from ckptsvc import knobs
 
     state = ctx.state or {}

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..components import RNGState
-from ..discovery import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints
-from ..manager import CheckpointConfig, CheckpointManager
-from ..retention import delete_checkpoint
-from ..storage import Location
-from ..training_state import SimpleStatefulProvider, TrainingProgress
-from ..verify import verify_checkpoint
+from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
+from ckptsvc.manager import CheckpointConfig, CheckpointManager
+from ckptsvc.ops.retention import delete_checkpoint
+from ckptsvc.read.discovery import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints
+from ckptsvc.read.verify import verify_checkpoint
+from ckptsvc.stage.components import RNGState
+from ckptsvc.storage import Location
 
 __all__ = ["DemoSettings", "SyntheticCorpus", "TinyLM", "run_demo"]
 

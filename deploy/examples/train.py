@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ckptsvc
 from ckptsvc import SharingPattern, StateComponent
-from ckptsvc.async_checkpointer import load_components
+from ckptsvc.engine.async_checkpointer import load_components
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

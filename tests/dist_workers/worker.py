@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ckptsvc.async_checkpointer import AsyncCheckpointer, load_components
-from ckptsvc.components import RNGState, SharingPattern, StateComponent
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_components
+from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 
 SP = SharingPattern
 

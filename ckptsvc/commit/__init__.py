@@ -1,0 +1,1 @@
+"""commit layer of ckptsvc (see docs/design.md)."""

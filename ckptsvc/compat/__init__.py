@@ -1,0 +1,1 @@
+"""compat layer of ckptsvc (see docs/design.md)."""

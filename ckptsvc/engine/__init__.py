@@ -1,0 +1,1 @@
+"""engine layer of ckptsvc (see docs/design.md)."""

@@ -1,0 +1,1 @@
+"""format layer of ckptsvc (see docs/design.md)."""

@@ -1,0 +1,299 @@
+"""The checkpoint manifest: the commit record, written last.
+
+``checkpoint_manifest.json`` keeps Forgather's top-level fields (``checkpoint_path``,
+``world_size``, ``timestamp``, ``components`` with Forgather's eight per-component keys,
+``training_args_hash``, ``forgather_version``, ``pytorch_version``, ``metadata``) so
+Forgather can parse it. Everything ckptsvc adds lives under ``metadata["ckptsvc"]``:
+format version, step, library version and every file with its size and CRC-32C.
+
+A checkpoint directory is complete if and only if this file exists and parses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ckptsvc.errors import CorruptCheckpointError
+from ckptsvc.version import __version__
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MARKER_NAME",
+    "ComponentRecord",
+    "FileRecord",
+    "Manifest",
+    "check_relpath",
+    "now_iso",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "checkpoint_manifest.json"
+#: written first by every save, removed after the manifest: "ours, and not finished"
+MARKER_NAME = ".ckptsvc-in-progress"
+_OURS = "ckptsvc"
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601 with microseconds (sortable, parseable by Forgather)."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def check_relpath(name: object, *, where: str) -> str:
+    """Return ``name`` if it is a safe relative path inside a checkpoint, else raise.
+
+    Rejects absolute paths, URLs, ``..``, backslashes, NUL and empty components: a
+    manifest or index can never point a reader outside its checkpoint directory.
+    """
+    if not isinstance(name, str) or not name:
+        raise CorruptCheckpointError(f"{where}: file name {name!r} is not a non-empty string")
+    bad = (
+        name.startswith("/")
+        or "://" in name
+        or "\\" in name
+        or "\x00" in name
+        or any(p in ("", ".", "..") for p in name.split("/"))
+    )
+    if bad:
+        raise CorruptCheckpointError(
+            f"{where}: unsafe file name {name!r} (must stay inside the checkpoint)"
+        )
+    return name
+
+
+#: commit times outside these years are a damaged manifest (a clock or a hand edit gone wrong)
+MIN_YEAR, MAX_YEAR = 1970, 2999
+
+
+def _check_timestamp(text: str, *, where: str) -> None:
+    """Refuse a commit time that does not parse or lies outside ``MIN_YEAR..MAX_YEAR`` (a
+    year-9999 timestamp would otherwise make a checkpoint the newest forever)."""
+    try:
+        ts = datetime.fromisoformat(text)
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=timezone.utc)
+        year = ts.astimezone(timezone.utc).year
+    except (ValueError, OverflowError) as e:
+        raise CorruptCheckpointError(
+            f"{where}: manifest timestamp {text[:64]!r} is not an ISO 8601 time ({e})"
+        ) from e
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        raise CorruptCheckpointError(
+            f"{where}: manifest timestamp {text[:64]!r} lies outside the years "
+            f"{MIN_YEAR}..{MAX_YEAR} (damaged manifest)"
+        )
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a checkpoint: path relative to the checkpoint, size, CRC-32C hex."""
+
+    path: str
+    nbytes: int
+    crc32c: str
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    """A saved state component, with Forgather's eight keys."""
+
+    key: str
+    sharing_pattern: str
+    ranks: tuple[int, ...]
+    replicated_across: tuple[int, ...] | None = None
+    group_name: str | None = None
+    size_bytes: int = 0
+    checksum: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "sharing_pattern": self.sharing_pattern,
+            "ranks": list(self.ranks),
+            "replicated_across": None
+            if self.replicated_across is None
+            else list(self.replicated_across),
+            "group_name": self.group_name,
+            "size_bytes": self.size_bytes,
+            "checksum": self.checksum,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, *, where: str) -> ComponentRecord:
+        if not isinstance(d, dict) or not isinstance(d.get("key"), str):
+            raise CorruptCheckpointError(f"{where}: component entry is malformed")
+        try:
+            rep = d.get("replicated_across")
+            return cls(
+                key=d["key"],
+                sharing_pattern=str(d.get("sharing_pattern", "global")),
+                ranks=tuple(int(r) for r in d.get("ranks") or ()),
+                replicated_across=None if rep is None else tuple(int(r) for r in rep),
+                group_name=d.get("group_name"),
+                size_bytes=int(d.get("size_bytes") or 0),
+                checksum=d.get("checksum"),
+                metadata=dict(d.get("metadata") or {}),
+            )
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CorruptCheckpointError(
+                f"{where}: component {d.get('key')!r} is malformed ({e})"
+            ) from e
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed commit record of one checkpoint."""
+
+    checkpoint_path: str
+    world_size: int
+    timestamp: str
+    step: int | None
+    files: tuple[FileRecord, ...]
+    components: tuple[ComponentRecord, ...] = ()
+    training_args_hash: str | None = None
+    forgather_version: str | None = None
+    pytorch_version: str | None = None
+    library_version: str = ""
+    format_version: int = FORMAT_VERSION
+    user_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        checkpoint_path: str,
+        world_size: int,
+        step: int | None,
+        files: Iterable[FileRecord],
+        components: Iterable[ComponentRecord],
+        pytorch_version: str | None,
+        user_metadata: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """The manifest of a commit happening now: every save builds it here (the node
+        writer, the synchronous save, the DCP plugin). Files are listed once each, by path;
+        the library version is this one's."""
+        by_path = {f.path: f for f in files}
+        return cls(
+            checkpoint_path=checkpoint_path,
+            world_size=world_size,
+            timestamp=now_iso(),
+            step=step,
+            files=tuple(by_path[p] for p in sorted(by_path)),
+            components=tuple(components),
+            pytorch_version=pytorch_version,
+            library_version=__version__,
+            user_metadata=dict(user_metadata or {}),
+        )
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def file(self, path: str) -> FileRecord | None:
+        for f in self.files:
+            if f.path == path:
+                return f
+        return None
+
+    def timestamp_s(self) -> float:
+        """The commit time as epoch seconds (0.0 if unparseable)."""
+        try:
+            ts = datetime.fromisoformat(self.timestamp)
+            if ts.tzinfo is None:
+                ts = ts.replace(tzinfo=timezone.utc)
+            return ts.timestamp()
+        except (ValueError, OverflowError):
+            return 0.0
+
+    def to_json(self) -> bytes:
+        """Deterministic JSON bytes (golden-tested: change only with FORMAT_VERSION)."""
+        metadata = dict(self.user_metadata)
+        metadata[_OURS] = {
+            "format_version": self.format_version,
+            "library_version": self.library_version,
+            "step": self.step,
+            "files": {f.path: {"nbytes": f.nbytes, "crc32c": f.crc32c} for f in self.files},
+        }
+        doc = {
+            "checkpoint_path": self.checkpoint_path,
+            "world_size": self.world_size,
+            "timestamp": self.timestamp,
+            "components": {c.key: c.to_dict() for c in self.components},
+            "training_args_hash": self.training_args_hash,
+            "forgather_version": self.forgather_version,
+            "pytorch_version": self.pytorch_version,
+            "metadata": metadata,
+        }
+        return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, where: str) -> Manifest:
+        """Parse and validate; :class:`CorruptCheckpointError` names ``where`` on any fault."""
+        from ckptsvc.format.json_doc import (
+            parse_json_doc,
+        )  # json_doc reads through storage, which is heavier
+
+        doc = parse_json_doc(raw, where=where, what="manifest")
+        if not isinstance(doc, dict):
+            raise CorruptCheckpointError(f"{where}: manifest is not a JSON object")
+        meta = doc.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise CorruptCheckpointError(f"{where}: manifest 'metadata' is not an object")
+        meta = dict(meta)
+        ours = meta.pop(_OURS, None) or {}
+        if not isinstance(ours, dict):
+            raise CorruptCheckpointError(f"{where}: manifest 'metadata.{_OURS}' is not an object")
+        version = ours.get("format_version", 0)
+        if type(version) is not int or version < 0:
+            raise CorruptCheckpointError(f"{where}: manifest format version {version!r} is invalid")
+        if version > FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                f"{where}: manifest format version {version} is newer than this ckptsvc "
+                f"understands ({FORMAT_VERSION}); upgrade ckptsvc"
+            )
+        files = []
+        raw_files = ours.get("files") or {}
+        if not isinstance(raw_files, dict):
+            raise CorruptCheckpointError(f"{where}: manifest file list is not an object")
+        for path, info in raw_files.items():
+            check_relpath(path, where=where)
+            if (
+                not isinstance(info, dict)
+                or type(info.get("nbytes")) is not int
+                or info["nbytes"] < 0
+                or not isinstance(info.get("crc32c"), str)
+            ):
+                raise CorruptCheckpointError(f"{where}: manifest entry for {path!r} is malformed")
+            files.append(FileRecord(path, info["nbytes"], info["crc32c"]))
+        comps = doc.get("components") or {}
+        if not isinstance(comps, dict):
+            raise CorruptCheckpointError(f"{where}: manifest 'components' is not an object")
+        step = ours.get("step")
+        timestamp = doc.get("timestamp")
+        if not isinstance(timestamp, str):
+            raise CorruptCheckpointError(f"{where}: manifest has no timestamp")
+        _check_timestamp(timestamp, where=where)
+        try:
+            world_size = int(doc.get("world_size") or 1)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise CorruptCheckpointError(f"{where}: manifest world_size is not an integer") from e
+        return cls(
+            checkpoint_path=str(doc.get("checkpoint_path", "")),
+            world_size=world_size,
+            timestamp=timestamp,
+            step=step if type(step) is int else None,
+            files=tuple(files),
+            components=tuple(ComponentRecord.from_dict(c, where=where) for c in comps.values()),
+            training_args_hash=doc.get("training_args_hash"),
+            forgather_version=doc.get("forgather_version"),
+            pytorch_version=doc.get("pytorch_version"),
+            library_version=str(ours.get("library_version", "")),
+            format_version=version,
+            user_metadata=meta,
+        )

@@ -1,0 +1,304 @@
+"""Our own safetensors encoder and decoder, built for streaming.
+
+File layout (the reference format, byte for byte compatible):
+
+    [8-byte little-endian N][N bytes of JSON header, space-padded to a multiple of 8][data]
+
+Shards with at least ``PAGE_ALIGN_MIN_DATA_BYTES`` of data pad the header further (spaces,
+which every reader accepts) so that the data section starts at a 4 KiB boundary of the
+file: the node writer then writes it with ``O_DIRECT`` straight from the page-aligned
+staging arena, without a bounce copy, and memory-mapping readers get page-aligned tensors.
+
+The header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the start of the data section) plus an optional
+``"__metadata__": {str: str}``. Tensors are laid out without holes, ordered by dtype size
+(largest first) and then by name, as the reference writer does, so every tensor is
+naturally aligned.
+
+Writing never goes through ``safetensors.save_file``: :func:`plan_shard` computes the
+header once, and the caller streams the header and then each tensor's raw bytes from
+wherever they live (the tensor itself, or a shared-memory staging arena).
+
+Reading parses the header with a bounded read and validates it completely (lengths,
+dtypes, shapes, overlapping or out-of-range offsets) before any tensor byte is touched.
+
+Torch is imported lazily: the node writer process uses only the torch-free half.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptsvc import knobs
+from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPE_SIZES",
+    "ShardLayout",
+    "TensorEntry",
+    "dtype_from_torch",
+    "dtype_to_torch",
+    "parse_header",
+    "plan_shard",
+    "tensor_bytes",
+]
+
+#: safetensors dtype name -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "I64": 8, "U64": 8, "C64": 8,
+    "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
+}  # fmt: skip
+
+_TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+}  # fmt: skip
+
+_LEN = struct.Struct("<Q")
+#: most dimensions a stored tensor may have (torch allows 64)
+MAX_NDIM = 64
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor in a shard: offsets are relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A shard's header bytes and where each tensor lives in the file."""
+
+    header: bytes
+    entries: tuple[TensorEntry, ...]
+    metadata: Mapping[str, str] | None
+
+    @property
+    def data_offset(self) -> int:
+        """Byte offset in the file where the data section (tensor 0) starts."""
+        return len(self.header)
+
+    @property
+    def data_nbytes(self) -> int:
+        return self.entries[-1].end if self.entries else 0
+
+    @property
+    def file_nbytes(self) -> int:
+        return self.data_offset + self.data_nbytes
+
+    def entry(self, name: str) -> TensorEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    out = {}
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidStateError(
+                f"safetensors __metadata__ must map str to str; got {k!r}: {type(v).__name__}"
+            )
+        out[k] = v
+    return out
+
+
+#: shards with at least this much data start it at a ``PAGE_ALIGN_BYTES`` file offset
+PAGE_ALIGN_MIN_DATA_BYTES = 2**20
+PAGE_ALIGN_BYTES = 4096
+
+
+def plan_shard(
+    specs: Iterable[tuple[str, str, Sequence[int]]],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> ShardLayout:
+    """Lay out tensors given as ``(name, safetensors dtype, shape)`` and encode the header.
+
+    Order: dtype size descending, then name (the reference writer's order). Raises
+    :class:`InvalidStateError` for duplicate names, unknown dtypes or bad shapes.
+    """
+    items = []
+    seen: set[str] = set()
+    for name, dtype, shape in specs:
+        if not isinstance(name, str) or not name or name == METADATA_KEY:
+            raise InvalidStateError(f"invalid tensor name {name!r}")
+        if name in seen:
+            raise InvalidStateError(f"tensor name {name!r} appears twice in one shard")
+        seen.add(name)
+        if dtype not in DTYPE_SIZES:
+            raise InvalidStateError(f"tensor {name!r}: dtype {dtype!r} has no safetensors form")
+        dims = tuple(int(d) for d in shape)
+        if any(d < 0 for d in dims):
+            raise InvalidStateError(f"tensor {name!r}: negative dimension in shape {dims}")
+        items.append((name, dtype, dims))
+    items.sort(key=lambda it: (-DTYPE_SIZES[it[1]], it[0]))
+
+    entries = []
+    offset = 0
+    for name, dtype, dims in items:
+        nbytes = math.prod(dims) * DTYPE_SIZES[dtype]
+        entries.append(TensorEntry(name, dtype, dims, offset, offset + nbytes))
+        offset += nbytes
+
+    meta = _check_metadata(metadata)
+    doc: dict[str, Any] = {}
+    if meta:
+        doc[METADATA_KEY] = meta
+    for e in entries:
+        doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    align = PAGE_ALIGN_BYTES if offset >= PAGE_ALIGN_MIN_DATA_BYTES else 8
+    body += b" " * (-(8 + len(body)) % align)
+    return ShardLayout(header=_LEN.pack(len(body)) + body, entries=tuple(entries), metadata=meta)
+
+
+def header_length(prefix: bytes, *, file_nbytes: int | None, where: str) -> int:
+    """Validate the 8-byte prefix of a safetensors file and return the header length."""
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(
+            f"{where}: file is {len(prefix)} bytes, too short for safetensors"
+        )
+    (n,) = _LEN.unpack_from(prefix)
+    limit = knobs.MAX_HEADER_BYTES.get()
+    if n > limit:
+        raise CorruptCheckpointError(
+            f"{where}: safetensors header claims {n} bytes (limit {limit}; raise "
+            f"CKPTSVC_MAX_HEADER_BYTES only if you trust the file)"
+        )
+    if file_nbytes is not None and 8 + n > file_nbytes:
+        raise CorruptCheckpointError(
+            f"{where}: header length {n} runs past the end of the {file_nbytes}-byte file"
+        )
+    return int(n)
+
+
+def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLayout:
+    """Validate and decode ``raw`` = 8-byte prefix + JSON header of a safetensors file.
+
+    ``file_nbytes`` (when known) bounds every offset. ``where`` names the file in errors.
+    """
+    n = header_length(raw[:8], file_nbytes=file_nbytes, where=where)
+    if len(raw) < 8 + n:
+        raise CorruptCheckpointError(f"{where}: header truncated ({len(raw) - 8} of {n} bytes)")
+    from ckptsvc.format.json_doc import (
+        parse_json_doc,
+    )  # lazily: the writer process needs only the encoder
+
+    doc = parse_json_doc(raw[8 : 8 + n], where=where, what="safetensors header")
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: safetensors header is not a JSON object")
+
+    meta = doc.pop(METADATA_KEY, None)
+    if meta is not None and (
+        not isinstance(meta, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise CorruptCheckpointError(f"{where}: __metadata__ must map strings to strings")
+
+    entries = []
+    for name, info in doc.items():
+        key = f"{where}: tensor {name!r}"
+        if not name or not isinstance(info, dict):
+            raise CorruptCheckpointError(f"{key}: entry is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise CorruptCheckpointError(f"{key}: unknown dtype {dtype!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(type(d) is int and 0 <= d < 2**63 for d in shape)
+            or math.prod(d for d in shape if d) >= 2**63  # torch's strides must fit in int64
+        ):
+            raise CorruptCheckpointError(f"{key}: bad shape {shape!r}")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int and o >= 0 for o in offs)
+            or offs[0] > offs[1]
+        ):
+            raise CorruptCheckpointError(f"{key}: bad data_offsets {offs!r}")
+        if offs[1] - offs[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise CorruptCheckpointError(
+                f"{key}: data_offsets span {offs[1] - offs[0]} bytes but shape {shape} of "
+                f"{dtype} needs {math.prod(shape) * DTYPE_SIZES[dtype]}"
+            )
+        entries.append(TensorEntry(name, dtype, tuple(shape), offs[0], offs[1]))
+
+    entries.sort(key=lambda ent: (ent.begin, ent.end))
+    cursor = 0
+    for ent in entries:
+        if ent.begin < cursor:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {ent.name!r} overlaps the previous tensor"
+            )
+        cursor = ent.end
+    data_nbytes = cursor
+    if file_nbytes is not None and 8 + n + data_nbytes > file_nbytes:
+        raise CorruptCheckpointError(
+            f"{where}: tensors need {8 + n + data_nbytes} bytes but the file has {file_nbytes} "
+            "(truncated shard?)"
+        )
+    return ShardLayout(header=bytes(raw[: 8 + n]), entries=tuple(entries), metadata=meta)
+
+
+# ---- torch side ------------------------------------------------------------------------------
+
+
+def dtype_from_torch(dtype: torch.dtype, *, name: str = "?") -> str:
+    """The safetensors dtype name of a torch dtype; :class:`InvalidStateError` if none."""
+    text = str(dtype).removeprefix("torch.")
+    for st, tn in _TORCH_NAMES.items():
+        if tn == text:
+            return st
+    raise InvalidStateError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+
+
+def dtype_to_torch(dtype: str) -> torch.dtype:
+    import torch
+
+    try:
+        return getattr(torch, _TORCH_NAMES[dtype])
+    except (KeyError, AttributeError) as e:
+        raise CorruptCheckpointError(f"dtype {dtype!r} is not supported by this torch") from e
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor as a flat ``memoryview`` (copies only if non-contiguous)."""
+    import torch
+
+    flat = t.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return flat.view(torch.uint8).numpy().data.cast("B")

@@ -1,0 +1,1 @@
+"""ops layer of ckptsvc (see docs/design.md)."""

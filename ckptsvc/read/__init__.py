@@ -1,0 +1,1 @@
+"""read layer of ckptsvc (see docs/design.md)."""

@@ -1,0 +1,1 @@
+"""stage layer of ckptsvc (see docs/design.md)."""

@@ -1,0 +1,617 @@
+"""Staging arenas: named POSIX shared memory that holds the snapshot of one save.
+
+Ownership (who unlinks):
+
+- The **trainer** creates its arenas (``ArenaPool``, one pool per ``AsyncCheckpointer``)
+  and is their only owner: it unlinks them on ``close``, at ``atexit``, and when it replaces
+  one. Arenas are created, fallocated and pre-faulted once, then reused for every save.
+- The **node writer** only attaches (read-only, never through ``multiprocessing``'s
+  resource tracker, which would unlink the segment when the writer exits).
+- A trainer killed by SIGKILL cannot unlink: segment names carry the owner's pid and pid
+  namespace (``ckptsvc-<node>-<pidns>-<pid>-<serial>``), and both the writer (when the
+  trainer's connection closes, and periodically) and every new pool (at its first arena)
+  unlink the segments of dead owners with :func:`reclaim_stale_segments` (the writer those
+  of its node id; a new pool those of every node id, since a plain process has a node id of
+  its own and a dead one's writer may have died with it).
+
+Layout: :func:`plan_arena` puts each shard file's data section contiguously, in
+``layout.entries`` order, at a page-aligned offset, so the writer streams a file with a
+few large zero-copy slices of the mapping.
+
+This module's segment half is torch-free (the writer imports it); torch is imported
+lazily by the trainer half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import logging
+import mmap
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptsvc import hooks, knobs
+from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError, StorageError
+from ckptsvc.liveness import pid_alive, pid_namespace
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckptsvc.format.layout import FilePlan
+
+__all__ = [
+    "ArenaPlan",
+    "ArenaPool",
+    "ShmSegment",
+    "StagingArena",
+    "node_id",
+    "pid_alive",
+    "plan_arena",
+    "reclaim_stale_segments",
+    "segment_prefix",
+    "stale_segments",
+]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "ckptsvc"
+ALIGN_BYTES = 4096
+_serial = itertools.count()
+
+
+# ---- naming and liveness (torch-free) ------------------------------------------------------
+
+
+def node_id(explicit: str | None = None) -> str:
+    """This process's writer id, reduced to ``[A-Za-z0-9_.]``: ``CKPTSVC_NODE_ID`` (how
+    processes ask to share one node writer), else ``u<uid>`` plus the launched job this
+    process belongs to, so that the local ranks of one job share a writer and unrelated
+    jobs never do: torchrun's ``TORCHELASTIC_RUN_ID``; Slurm's ``SLURM_JOB_ID`` and
+    ``SLURM_STEP_ID`` (an ``srun`` step); ``MASTER_ADDR`` and ``MASTER_PORT`` (any other
+    multi-process launch); else this process alone (``p<pid>``)."""
+    raw = knobs.NODE_ID.get(explicit)
+    if not raw:
+        raw = f"u{os.getuid()}_{_launch_key()}"
+    return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:64]
+
+
+def _launch_key(environ: Mapping[str, str] | None = None) -> str:
+    """The launched job of this process, as a short name (see :func:`node_id`)."""
+    env = os.environ if environ is None else environ
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":  # torchrun without --rdzv-id says "none"
+        return "te" + _short(run_id)
+    job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
+    if job and step:
+        return f"slurm{_short(job)}.{_short(step)}"
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    if addr and port:
+        return "m" + hashlib.sha256(f"{addr}:{port}".encode()).hexdigest()[:12]
+    return f"p{os.getpid()}"
+
+
+def _short(text: str) -> str:
+    """``text`` if it is a short plain name, else a digest of it."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text):
+        return text
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def segment_prefix(node: str) -> str:
+    """Names of this pid namespace's segments for ``node`` start with this."""
+    return f"{PREFIX}-{node}-{pid_namespace()}-"
+
+
+def _new_segment_name(node: str) -> str:
+    return f"{segment_prefix(node)}{os.getpid()}-{next(_serial)}"
+
+
+#: ``ckptsvc-<node>-<pidns>-<pid>-<serial>``, parsed from the right (a node id given
+#: to :func:`segment_prefix` directly may hold dashes; :func:`node_id` never makes one)
+_SEGMENT_RE = re.compile(rf"^{PREFIX}-(?P<node>.+)-(?P<pidns>\d+)-(?P<pid>\d+)-(?P<serial>\d+)$")
+
+
+def stale_segments(node: str | None = None, *, shm_dir: str | None = None) -> list[str]:
+    """Names (sorted) of the segments in the shm directory whose owner process is dead:
+    of ``node``, or of every node when ``node`` is ``None``. Only this pid namespace's
+    segments are considered (a pid means nothing in another); this process's, a live
+    process's and names that are not ours are never listed."""
+    directory = knobs.SHM_DIR.get(shm_dir)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    pidns = pid_namespace()
+    stale = []
+    for name in sorted(names):
+        m = _SEGMENT_RE.match(name)
+        if m is None or m["pidns"] != pidns or (node is not None and m["node"] != node):
+            continue
+        owner = int(m["pid"])
+        if owner != os.getpid() and owner > 0 and not pid_alive(owner):
+            stale.append(name)
+    return stale
+
+
+def reclaim_stale_segments(node: str | None, *, shm_dir: str | None = None) -> list[str]:
+    """Unlink the segments of ``node`` (every node's when ``None``) whose owner process is
+    dead (:func:`stale_segments`); return their names. One that another user owns (and
+    we may not unlink) is left alone."""
+    directory = knobs.SHM_DIR.get(shm_dir)
+    reclaimed = []
+    for name in stale_segments(node, shm_dir=directory):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue  # someone else reclaimed it first
+        except PermissionError as e:
+            logger.debug("cannot unlink stale segment %s: %s", name, e)
+            continue
+        reclaimed.append(name)
+    if reclaimed:
+        logger.info(
+            "reclaimed %d shared-memory segments of dead processes: %s", len(reclaimed), reclaimed
+        )
+    return reclaimed
+
+
+# ---- one segment (torch-free) --------------------------------------------------------------
+
+
+def _no_space(nbytes: int, directory: str, free: int) -> StorageError:
+    return StorageError(
+        f"not enough shared memory for a {nbytes / 2**20:.1f} MiB staging arena in {directory} "
+        f"({free / 2**20:.1f} MiB free). Give the container more: `docker run --shm-size=<N>g`, "
+        "or in Kubernetes mount an `emptyDir: {medium: Memory, sizeLimit: <N>Gi}` at /dev/shm; "
+        "or set CKPTSVC_SHM_DIR to a local-disk directory (slower), or use fewer arenas "
+        "(arenas_per_rank=1), or stage in pieces within a smaller budget "
+        "(memory_budget_bytes=<bytes>, CKPTSVC_MEMORY_BUDGET_BYTES)",
+        url=directory,
+    )
+
+
+class ShmSegment:
+    """A named shared-memory file mapped into this process.
+
+    1. ``create`` (trainer): O_EXCL create, ``posix_fallocate`` (fails cleanly when
+       /dev/shm is too small, where touching pages would SIGBUS), map pre-faulted;
+       or ``attach`` (writer): map an existing segment read-only, untracked.
+    2. ``buffer`` is the mapping; callers slice ``memoryview(segment.buffer)``.
+    3. ``close`` unmaps (callers must drop every view first); the owner calls ``unlink``.
+    """
+
+    def __init__(self, name: str, path: str, buffer: mmap.mmap, *, owner: bool) -> None:
+        self.name = name
+        self.path = path
+        self.buffer = buffer
+        self.nbytes = len(buffer)
+        self.owner = owner
+
+    @classmethod
+    def create(cls, name: str, nbytes: int, *, shm_dir: str | None = None) -> ShmSegment:
+        directory = knobs.SHM_DIR.get(shm_dir)
+        path = os.path.join(directory, name)
+        try:
+            st = os.statvfs(directory)
+        except OSError as e:
+            raise StorageError(
+                f"cannot use {directory} for shared memory: {e}", url=directory
+            ) from e
+        free = st.f_bavail * st.f_frsize
+        if nbytes > free:
+            raise _no_space(nbytes, directory, free)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                    raise _no_space(nbytes, directory, free) from e
+                os.ftruncate(fd, nbytes)  # filesystems without fallocate
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            buffer = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return cls(name, path, buffer, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, *, shm_dir: str | None = None) -> ShmSegment:
+        """Map an existing segment read-only. Never unlinks it (``owner`` is False)."""
+        directory = knobs.SHM_DIR.get(shm_dir)
+        if "/" in name or name in ("", ".", ".."):
+            raise StorageError(f"invalid shared-memory segment name {name!r}", url=directory)
+        path = os.path.join(directory, name)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            nbytes = os.fstat(fd).st_size
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            buffer = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls(name, path, buffer, owner=False)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.buffer.close()
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+# ---- layout --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArenaPlan:
+    """Where every byte of one save lives in an arena (cached per state signature).
+
+    ``file_offsets[i]`` is the arena offset of ``files[i]``'s data section; a tensor's
+    bytes are at ``file_offsets[i] + entry.begin``. ``tensor_offsets`` maps FQN to that
+    offset, ``nbytes`` is the arena size the plan needs.
+    """
+
+    files: tuple[FilePlan, ...]
+    file_offsets: tuple[int, ...]
+    tensor_offsets: dict[str, int]
+    nbytes: int
+
+
+def plan_arena(files: Sequence[FilePlan], *, align_bytes: int = ALIGN_BYTES) -> ArenaPlan:
+    offsets = []
+    tensor_offsets: dict[str, int] = {}
+    cursor = 0
+    for plan in files:
+        offsets.append(cursor)
+        for e in plan.layout.entries:
+            tensor_offsets[e.name] = cursor + e.begin
+        cursor += -(-plan.layout.data_nbytes // align_bytes) * align_bytes
+    return ArenaPlan(tuple(files), tuple(offsets), tensor_offsets, max(cursor, align_bytes))
+
+
+# ---- trainer side (torch) ------------------------------------------------------------------
+
+
+class StagingArena:
+    """A trainer-owned segment plus torch views into it (built once per plan, cached)."""
+
+    def __init__(self, segment: ShmSegment) -> None:
+        import torch
+
+        self.segment = segment
+        self._base: torch.Tensor | None = torch.frombuffer(segment.buffer, dtype=torch.uint8)
+        self._views: dict[int, list[torch.Tensor]] = {}
+        self._pinned_ptr: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.segment.nbytes
+
+    def views(
+        self, plan: ArenaPlan, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
+    ) -> list[torch.Tensor]:
+        """Tensors over the arena, one per ``(fqn, dtype, shape)`` in ``specs`` order."""
+        cached = self._views.get(id(plan))
+        if cached is not None:
+            return cached
+        return self.views_at(
+            plan, [(plan.tensor_offsets[fqn], dtype, shape) for fqn, dtype, shape in specs]
+        )
+
+    def views_at(
+        self, plan: ArenaPlan, specs: Sequence[tuple[int, torch.dtype, tuple[int, ...]]]
+    ) -> list[torch.Tensor]:
+        """Tensors over the arena, one per ``(arena offset, dtype, shape)``; cached per plan."""
+        cached = self._views.get(id(plan))
+        if cached is not None:
+            return cached
+        if self._base is None:
+            raise LifecycleError(f"staging arena {self.name} is closed")
+        out = []
+        for start, dtype, shape in specs:
+            nbytes = dtype.itemsize
+            for d in shape:
+                nbytes *= d
+            out.append(self._base[start : start + nbytes].view(dtype).view(shape))
+        self._views = {id(plan): out}  # one plan at a time: a new signature evicts the old
+        return out
+
+    def bytes_at(self, start: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor over arena bytes ``[start, start + nbytes)`` (not cached)."""
+        if self._base is None:
+            raise LifecycleError(f"staging arena {self.name} is closed")
+        if start < 0 or start + nbytes > self.nbytes:
+            raise SaveFailedError(
+                f"staging arena {self.name}: bytes {start}+{nbytes} outside its {self.nbytes}"
+            )
+        return self._base[start : start + nbytes]
+
+    def pin(self) -> None:
+        """Register the mapping as page-locked CUDA host memory (once; best effort)."""
+        if self._pinned_ptr is not None or self._base is None:
+            return
+        import torch
+
+        ptr = self._base.data_ptr()
+        rc = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0)
+        if int(rc) != 0:
+            logger.warning(
+                "cudaHostRegister of arena %s failed (%s); D2H copies will be slower", self.name, rc
+            )
+            return
+        self._pinned_ptr = ptr
+
+    def close(self, *, unlink: bool) -> None:
+        """Drop the views, unpin, unmap; the owner unlinks."""
+        self._views.clear()
+        if self._pinned_ptr is not None:
+            import torch
+
+            with contextlib.suppress(Exception):
+                torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            self._pinned_ptr = None
+        self._base = None
+        self.segment.close()
+        if unlink:
+            self.segment.unlink()
+
+
+class ArenaPool:
+    """Up to ``max_arenas`` arenas of one trainer, handed out one save at a time.
+
+    With ``budget_bytes`` the arenas together never hold more than that many bytes (a
+    second arena exists only when two fit: double buffering within the budget).
+
+    1. ``acquire`` (training thread) returns a free arena big enough for the save,
+       creating one (up to ``max_arenas`` and the budget) or replacing too-small free
+       ones, else waits until the writer reports a job durable (back-pressure). Returns
+       the wait seconds.
+    2. ``release`` (client reader thread) returns an arena when its job is durable or
+       failed; ``discard`` drops one that must not be reused (its writer may still read it).
+    3. ``close`` (any thread; also at exit) unlinks every arena.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_arenas: int,
+        node: str,
+        shm_dir: str | None = None,
+        on_discard: Callable[[str], None] | None = None,
+        budget_bytes: int | None = None,
+    ) -> None:
+        if max_arenas < 1:
+            raise ConfigError(f"arenas_per_rank must be >= 1, got {max_arenas}")
+        self._max = max_arenas
+        self._budget = budget_bytes
+        self._creating_nbytes = 0
+        self._node = node
+        self._shm_dir = knobs.SHM_DIR.get(shm_dir)
+        self._on_discard = on_discard
+        self._cond = threading.Condition()
+        self._free: list[StagingArena] = []
+        self._busy: set[str] = set()
+        self._all: dict[str, StagingArena] = {}
+        self._creating = 0
+        self._closed = False
+        self._swept = False
+
+    @property
+    def names(self) -> list[str]:
+        with self._cond:
+            return sorted(self._all)
+
+    def acquire(self, nbytes: int, *, timeout_s: float | None = None) -> tuple[StagingArena, float]:
+        size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        if self._budget is not None and size > self._budget:
+            raise ConfigError(f"an arena of {size} bytes exceeds the {self._budget}-byte budget")
+        start = time.monotonic()
+        deadline = None if timeout_s is None else start + timeout_s
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise LifecycleError("the checkpointer is closed")
+                fits = [a for a in self._free if a.nbytes >= nbytes]
+                if fits:
+                    arena = min(fits, key=lambda a: a.nbytes)
+                    self._free.remove(arena)
+                    self._busy.add(arena.name)
+                    return arena, time.monotonic() - start
+                if self._free:  # free but too small for this state: replace one
+                    self._drop(self._free.pop(0))
+                while self._free and not self._room_for(size):  # (more, within a budget)
+                    self._drop(self._free.pop(0))
+                if self._room_for(size):
+                    self._creating += 1
+                    self._creating_nbytes += size
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no staging arena became free within {timeout_s} s")
+                self._cond.wait(remaining)
+        waited = time.monotonic() - start
+        try:
+            arena = self._create(nbytes)
+        finally:
+            with self._cond:
+                self._creating -= 1
+                self._creating_nbytes -= size
+        with self._cond:
+            self._all[arena.name] = arena
+            self._busy.add(arena.name)
+            if self._closed:
+                self._drop(arena)
+                raise LifecycleError("the checkpointer is closed")
+        return arena, waited
+
+    def reserve(self, nbytes: int) -> None:
+        """Create free arenas of ``nbytes`` up to ``max_arenas`` now, replacing free ones that
+        are too small (busy ones are left alone), so that no later save pays for creation."""
+        size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        while True:
+            with self._cond:
+                for small in [a for a in self._free if a.nbytes < nbytes]:
+                    self._free.remove(small)
+                    self._drop(small)
+                if self._closed or not self._room_for(size):
+                    return
+                self._creating += 1
+                self._creating_nbytes += size
+            try:
+                arena = self._create(nbytes)
+            finally:
+                with self._cond:
+                    self._creating -= 1
+                    self._creating_nbytes -= size
+            with self._cond:
+                self._all[arena.name] = arena
+                self._free.append(arena)
+                self._cond.notify_all()
+
+    def _room_for(self, size: int) -> bool:  # lock held
+        """One more arena of ``size`` bytes stays within ``max_arenas`` and the budget."""
+        if len(self._all) + self._creating >= self._max:
+            return False
+        if self._budget is None:
+            return True
+        held = sum(a.nbytes for a in self._all.values()) + self._creating_nbytes
+        return held + size <= self._budget
+
+    def _create(self, nbytes: int) -> StagingArena:
+        if not self._swept:
+            self._swept = True
+            # every node id's: a plain process's node id is its own (``p<pid>``), so no
+            # later process shares the id of a dead one whose writer died with it
+            reclaim_stale_segments(None, shm_dir=self._shm_dir)
+        size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        t0 = time.monotonic()
+        seg = ShmSegment.create(_new_segment_name(self._node), size, shm_dir=self._shm_dir)
+        logger.info(
+            "created staging arena %s (%d bytes) in %.3f s", seg.name, size, time.monotonic() - t0
+        )
+        return StagingArena(seg)
+
+    def release(self, arena: StagingArena) -> None:
+        with self._cond:
+            if arena.name not in self._busy:
+                return
+            self._busy.discard(arena.name)
+            if self._closed:
+                self._drop(arena)
+            else:
+                self._free.append(arena)
+            self._cond.notify_all()
+
+    def discard(self, arena: StagingArena) -> None:
+        with self._cond:
+            self._busy.discard(arena.name)
+            if arena in self._free:
+                self._free.remove(arena)
+            self._drop(arena)
+            self._cond.notify_all()
+
+    def _drop(self, arena: StagingArena) -> None:  # lock held
+        if self._all.pop(arena.name, None) is None:
+            return
+        arena.close(unlink=True)
+        if self._on_discard is not None:
+            with contextlib.suppress(Exception):  # best effort: the writer may be gone
+                self._on_discard(arena.name)
+
+    def close(self) -> None:
+        """Unlink every arena. Busy ones are unlinked too (their mapping lives on in the
+        writer until it finishes); their views are dropped when released."""
+        with self._cond:
+            self._closed = True
+            for arena in list(self._all.values()):
+                if arena.name in self._busy:
+                    arena.segment.unlink()
+                else:
+                    self._drop(arena)
+            self._free.clear()
+            self._cond.notify_all()
+
+
+# ---- the copy ------------------------------------------------------------------------------
+
+_PIECE_BYTES = 8 << 20
+_SINGLE_THREAD_COPY_BYTES = 32 << 20
+
+
+def copy_into(
+    dsts: Sequence[torch.Tensor],
+    srcs: Sequence[torch.Tensor],
+    *,
+    threads: int,
+    executor: Any | None = None,
+) -> None:
+    """Copy each ``srcs[i]`` into ``dsts[i]`` (arena views); returns when all bytes landed.
+
+    CUDA sources: one side stream, non-blocking D2H copies into pinned memory, then a
+    synchronize. CPU sources: big contiguous tensors are cut into pieces and all pieces are
+    spread over ``threads`` threads (``copy_`` releases the GIL); below
+    ``_SINGLE_THREAD_COPY_BYTES`` in all, the calling thread copies alone (handing work to
+    threads would cost more than it saves). Hook points ``snapshot.copy.before``/``.after``
+    (:mod:`ckptsvc.hooks`) surround the copy.
+    """
+    import torch
+
+    hooks.point("snapshot.copy.before")
+
+    cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
+    cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    for d, s in cuda_pairs:  # one side stream per device, after the work queued so far
+        stream = streams.get(s.device)
+        if stream is None:
+            with torch.cuda.device(s.device):
+                stream = streams[s.device] = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            d.copy_(s, non_blocking=True)
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cpu_nbytes = 0
+    for d, s in cpu_pairs:
+        nbytes = s.numel() * s.element_size()
+        cpu_nbytes += nbytes
+        if nbytes > 2 * _PIECE_BYTES and s.is_contiguous() and s.dim() > 0:
+            fd, fs = d.reshape(-1), s.reshape(-1)
+            step = max(1, _PIECE_BYTES // s.element_size())
+            pieces.extend((fd[i : i + step], fs[i : i + step]) for i in range(0, fs.numel(), step))
+        else:
+            pieces.append((d, s))
+    small = cpu_nbytes < _SINGLE_THREAD_COPY_BYTES
+    if threads <= 1 or executor is None or len(pieces) < 2 or small:
+        for d, s in pieces:
+            d.copy_(s)
+    else:
+        groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(threads)]
+        for i, pair in enumerate(pieces):
+            groups[i % threads].append(pair)
+
+        def _run(group: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            with torch.no_grad():
+                for d, s in group:
+                    d.copy_(s)
+
+        for fut in [executor.submit(_run, g) for g in groups if g]:
+            fut.result()
+    for stream in streams.values():  # the snapshot is complete before save() returns
+        stream.synchronize()
+    hooks.point("snapshot.copy.after")

@@ -1,0 +1,432 @@
+"""Which rank writes which part of each state component, under which file names.
+
+Every rank runs :func:`plan_components` on its own components and decides, from what
+every rank knows without communication (names, shapes, dtypes, sharing pattern, rank,
+world size, node index, group membership), what it writes. Two ranks that plan the same
+component therefore agree on the split without a collective.
+
+File naming (``base`` is ``model`` for the component keyed ``model``, else
+``<key>_state``; ``suffix`` names the instance):
+
+==============  =========================  ===============================================
+pattern         instance suffix            written by
+==============  =========================  ===============================================
+GLOBAL          ``""``                     rank 0
+REPLICATED      ``""``                     every rank: tensors split by bytes (LPT)
+PER_RANK        ``_rank_<r>``              every rank, its own
+PER_GROUP       ``_group_<name>_<leader>`` the lowest global rank of each group
+PER_NODE        ``_node_<node index>``     local rank 0 of each node
+DTensor inside  ``""``                     every rank its local shards (``-rank<r>`` files)
+==============  =========================  ===============================================
+
+Tensor files: ``model-<i>-of-<n>.safetensors`` (HF, plus ``model.safetensors.index.json``)
+for an unsharded model; ``<base><suffix>.safetensors`` or ``<base><suffix>-<i>-of-<n>``
+otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for sharded state. Every instance
+has one JSON document ``<key>_state<suffix>.json``: the non-tensor skeleton plus
+``tensors`` = ``{fqn: {"dtype", "shape", "file"}}`` or, for sharded state,
+``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ckptsvc.commit.coordinator import RankInfo, resolve_groups
+from ckptsvc.errors import InvalidStateError
+from ckptsvc.format.hf_files import pretrained_files
+from ckptsvc.format.layout import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    FilePlan,
+    TensorSpec,
+    assign_shards,
+    encode_index,
+    frozen_groups,
+    make_index,
+)
+from ckptsvc.format.safetensors_stream import dtype_from_torch, plan_shard
+from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
+from ckptsvc.stage.flatten import (
+    FlatState,
+    flatten_state,
+    frozen_parameter_names,
+    invalid_state_error,
+    is_dtensor,
+)
+from ckptsvc.stage.incremental import frozen_files
+from ckptsvc.stage.state_components import STATE_ROOT
+
+__all__ = [
+    "DOC_FORMAT",
+    "MODEL_KEY",
+    "ComponentPlan",
+    "PartReport",
+    "StagedFile",
+    "doc_name",
+    "instance_suffix",
+    "plan_components",
+]
+
+MODEL_KEY = "model"
+DOC_FORMAT = "ckptsvc-component"
+DOC_VERSION = 1
+_SHARD_META = {"format": "pt"}
+
+
+def base_name(key: str) -> str:
+    return MODEL_KEY if key == MODEL_KEY else f"{key}_state"
+
+
+def doc_name(key: str, suffix: str) -> str:
+    """The instance document of component ``key``: ``<key>_state<suffix>.json``."""
+    return f"{key}_state{suffix}.json"
+
+
+def instance_suffix(
+    pattern: SharingPattern,
+    *,
+    rank: int,
+    node_index: int,
+    group_name: str | None = None,
+    group_leader: int | None = None,
+) -> str:
+    if pattern is SharingPattern.PER_RANK:
+        return f"_rank_{rank}"
+    if pattern is SharingPattern.PER_NODE:
+        return f"_node_{node_index}"
+    if pattern is SharingPattern.PER_GROUP:
+        return f"_group_{group_name}_{group_leader}"
+    return ""
+
+
+@dataclass(frozen=True)
+class PartReport:
+    """What one rank contributes to one component (JSON-able; travels to rank 0).
+
+    ``instance`` is the suffix of the instance this rank writes (``None``: nothing).
+    ``crcs`` are per-tensor CRC-32C in plan order (``validate_replication`` only).
+    ``sharded`` holds this rank's pieces of sharded tensors (rank 0 merges them).
+    """
+
+    key: str
+    pattern: str
+    group_name: str | None
+    instance: str | None
+    doc: str | None
+    files: tuple[str, ...]
+    nbytes: int
+    signature: str
+    replicas: tuple[int, ...] | None = None
+    crcs: tuple[str, ...] | None = None
+    sharded: Mapping[str, Any] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "pattern": self.pattern,
+            "group_name": self.group_name,
+            "instance": self.instance,
+            "doc": self.doc,
+            "files": list(self.files),
+            "nbytes": self.nbytes,
+            "signature": self.signature,
+            "replicas": None if self.replicas is None else list(self.replicas),
+            "crcs": None if self.crcs is None else list(self.crcs),
+            "sharded": None if self.sharded is None else dict(self.sharded),
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PartReport:
+        return cls(
+            key=str(d["key"]),
+            pattern=str(d["pattern"]),
+            group_name=d.get("group_name"),
+            instance=d.get("instance"),
+            doc=d.get("doc"),
+            files=tuple(d.get("files") or ()),
+            nbytes=int(d.get("nbytes") or 0),
+            signature=str(d.get("signature", "")),
+            replicas=None if d.get("replicas") is None else tuple(d["replicas"]),
+            crcs=None if d.get("crcs") is None else tuple(d["crcs"]),
+            sharded=d.get("sharded"),
+            metadata=dict(d.get("metadata") or {}),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class StagedFile:
+    """A tensor file to stage in the arena: its plan, the source tensors by entry name,
+    and whether this rank sends it to its writer (validation stages others' files too)."""
+
+    plan: FilePlan
+    sources: Mapping[str, torch.Tensor]
+    write: bool
+
+
+@dataclass
+class ComponentPlan:
+    """One component as this rank saves it (built per save, on the training thread).
+
+    ``docs`` are the small files this rank publishes itself (instance documents, the HF
+    index); ``sharded_doc`` is the document rank 0 completes with every rank's pieces at
+    commit; ``crc_names`` lists the tensors whose CRC-32C ``validate_replication``
+    computes after the copy (into ``part.crcs``).
+    """
+
+    component: StateComponent
+    part: PartReport
+    files: list[StagedFile]
+    docs: dict[str, bytes]
+    sharded_doc: dict[str, Any] | None = None
+    crc_names: tuple[str, ...] = ()
+    frozen_files: frozenset[str] = frozenset()  # this rank's files of frozen tensors only
+
+
+def _signature(flat_specs: Sequence[tuple[Any, ...]], skeleton: Any) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([list(s) for s in flat_specs]).encode())
+    h.update(json.dumps(skeleton, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _doc(component: StateComponent, flat: FlatState, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "format": DOC_FORMAT,
+        "version": DOC_VERSION,
+        "key": component.key,
+        "sharing_pattern": component.sharing_pattern.value,
+        "param_sharing": [list(g) for g in flat.param_sharing],
+        "state": flat.skeleton["state"],
+        "tensors": dict(tensors),
+    }
+
+
+def _json_bytes(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def split_by_bytes(specs: Sequence[TensorSpec], ways: int) -> list[list[TensorSpec]]:
+    """Deterministic LPT split: biggest tensor first to the least-loaded part (ties: lowest
+    index); each part keeps the input order. Identical on every rank for identical specs."""
+    loads = [0] * ways
+    owner: dict[str, int] = {}
+    for s in sorted(specs, key=lambda s: (-s.nbytes, s.name)):
+        p = min(range(ways), key=lambda i: (loads[i], i))
+        owner[s.name] = p
+        loads[p] += s.nbytes
+    return [[s for s in specs if owner[s.name] == p] for p in range(ways)]
+
+
+def _file_name(key: str, suffix: str, number: int, count: int) -> str:
+    if key == MODEL_KEY and not suffix:
+        return f"model-{number:05}-of-{count:05}.safetensors"
+    if count == 1:
+        return f"{base_name(key)}{suffix}.safetensors"
+    return f"{base_name(key)}{suffix}-{number:05}-of-{count:05}.safetensors"
+
+
+def _plan_files(
+    key: str,
+    suffix: str,
+    parts: Sequence[Sequence[TensorSpec]],
+    *,
+    max_shard_size: int,
+    frozen: frozenset[str] = frozenset(),
+) -> list[list[FilePlan]]:
+    """Cut each part into files of at most ``max_shard_size`` tensor bytes, numbered
+    across all parts (``frozen`` tensors in files of their own); returns the file plans
+    of each part."""
+    assigned = assign_shards(
+        [g for part in parts for g in frozen_groups([(s.name, s.nbytes) for s in part], frozen)],
+        max_shard_size=max_shard_size,
+        safetensors=True,
+    )
+    numbers = sorted(set(assigned.values()))
+    rename = {old: _file_name(key, suffix, i + 1, len(numbers)) for i, old in enumerate(numbers)}
+    out: list[list[FilePlan]] = []
+    for part in parts:
+        by_file: dict[str, list[TensorSpec]] = {}
+        for s in part:
+            by_file.setdefault(rename[assigned[s.name]], []).append(s)
+        out.append(
+            [
+                FilePlan(
+                    name,
+                    plan_shard(((s.name, s.dtype, s.shape) for s in members), metadata=_SHARD_META),
+                )
+                for name, members in by_file.items()
+            ]
+        )
+    return out
+
+
+def _specs(flat: FlatState) -> list[TensorSpec]:
+    return [
+        TensorSpec(n, d, tuple(t.shape))
+        for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
+    ]
+
+
+def _plan_plain(
+    c: StateComponent,
+    flat: FlatState,
+    *,
+    info: RankInfo,
+    suffix: str,
+    writers: tuple[int, ...],
+    max_shard_size: int,
+    user_metadata: Mapping[str, Any],
+    incremental: bool = False,
+) -> ComponentPlan:
+    """A component without DTensors: one instance, its tensors split over ``writers``."""
+    specs = _specs(flat)
+    sig = _signature([(s.name, s.dtype, s.shape) for s in specs], flat.skeleton)
+    parts = split_by_bytes(specs, len(writers))
+    frozen = flat.frozen if incremental else frozenset()
+    plans = _plan_files(c.key, suffix, parts, max_shard_size=max_shard_size, frozen=frozen)
+    file_of = {e.name: fp.file_name for part in plans for fp in part for e in fp.layout.entries}
+    my_index = writers.index(info.rank) if info.rank in writers else None
+    # "quick" compares the structure (signature) only; "tensor" / "full" also every byte
+    validate = c.validate_replication and c.validation_level in ("tensor", "full")
+    sources = dict(flat.tensors)
+    staged: list[StagedFile] = []
+    for p, files_of_part in enumerate(plans):
+        if p != my_index and not (validate and my_index is not None):
+            continue
+        for fp in files_of_part:
+            src = {e.name: sources[e.name] for e in fp.layout.entries}
+            staged.append(StagedFile(fp, src, write=p == my_index))
+    mine = tuple(f.plan.file_name for f in staged if f.write)
+    docs: dict[str, bytes] = {}
+    doc_file = None
+    if my_index == 0:  # the first writer publishes the instance document (and HF index)
+        doc_file = doc_name(c.key, suffix)
+        tensors = {
+            s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]}
+            for s in specs
+        }
+        docs[doc_file] = _json_bytes(_doc(c, flat, tensors))
+        if c.key == MODEL_KEY and not suffix and specs:
+            index = make_index(
+                {s.name: file_of[s.name] for s in sorted(specs, key=lambda s: s.name)},
+                total_size=sum(s.nbytes for s in specs),
+                metadata=dict(user_metadata),
+                param_sharing=[list(g) for g in flat.param_sharing] or None,
+            )
+            docs[SAFE_WEIGHTS_INDEX_NAME] = encode_index(index)
+        if c.key == MODEL_KEY and not suffix and getattr(c.stateful, "config", None) is not None:
+            docs.update(pretrained_files(c.stateful))  # config.json: from_pretrained works
+    nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(
+        map(len, docs.values())
+    )
+    part = PartReport(
+        key=c.key,
+        pattern=c.sharing_pattern.value,
+        group_name=c.process_group_name,
+        instance=suffix if my_index is not None else None,
+        doc=doc_file,
+        files=tuple(sorted([*mine, *docs])),
+        nbytes=nbytes,
+        signature=sig,
+        replicas=writers if c.sharing_pattern is SharingPattern.REPLICATED else None,
+        metadata=dict(c.metadata),
+    )
+    crc_names = tuple(s.name for s in specs) if validate and my_index is not None else ()
+    reusable = frozen_files([f.plan for f in staged if f.write], frozen)
+    return ComponentPlan(c, part, staged, docs, crc_names=crc_names, frozen_files=reusable)
+
+
+def _writers(
+    c: StateComponent, info: RankInfo, groups: Mapping[str, tuple[int, ...]]
+) -> tuple[str, tuple[int, ...]]:
+    """(instance suffix, ranks that write it) for this rank's instance of ``c``."""
+    pattern = c.sharing_pattern
+    if pattern is SharingPattern.GLOBAL:
+        return "", (0,)
+    if pattern is SharingPattern.REPLICATED:
+        return "", tuple(range(info.world_size))
+    if pattern is SharingPattern.PER_RANK:
+        return instance_suffix(pattern, rank=info.rank, node_index=info.node_index), (info.rank,)
+    if pattern is SharingPattern.PER_NODE:
+        leader = info.rank - info.local_rank
+        return instance_suffix(pattern, rank=info.rank, node_index=info.node_index), (leader,)
+    ranks = groups[c.process_group_name or ""]
+    suffix = instance_suffix(
+        pattern, rank=info.rank, node_index=info.node_index,
+        group_name=c.process_group_name, group_leader=ranks[0],
+    )  # fmt: skip
+    return suffix, (ranks[0],)
+
+
+def plan_components(
+    components: Sequence[StateComponent],
+    *,
+    info: RankInfo,
+    process_groups: Mapping[str, Any] | None,
+    max_shard_size: int,
+    user_metadata: Mapping[str, Any],
+    incremental: bool = False,
+) -> list[ComponentPlan]:
+    """Plan every component for this rank (calls each ``stateful.state_dict()``).
+
+    With ``incremental``, frozen parameters (``requires_grad=False``) get files of their
+    own, listed in ``ComponentPlan.frozen_files`` (see :mod:`ckptsvc.stage.incremental`)."""
+    check_unique_keys(list(components))
+    names = {
+        c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
+    }
+    groups = resolve_groups({n for n in names if n}, process_groups, info)
+    flats = []
+    problems: list[tuple[str, str]] = []
+    for c in components:  # every component is checked before any is planned
+        try:
+            state = c.stateful.state_dict()
+        except Exception as e:
+            raise InvalidStateError(
+                f"component {c.key!r}: state_dict() failed ({type(e).__name__}: {e})"
+            ) from e
+        try:
+            # keys in messages are dotted from what the caller handed over
+            prefix = "" if c.metadata.get(STATE_ROOT) else c.key
+            flats.append(flatten_state(state, allow_dtensor=True, key_prefix=prefix))
+        except InvalidStateError as e:
+            if not e.problems:
+                raise
+            problems += e.problems
+    if problems:
+        raise invalid_state_error(problems, what="the components' state")
+    out = []
+    for c, flat in zip(components, flats, strict=True):
+        if incremental and isinstance(c.stateful, torch.nn.Module):  # state_dict() detached
+            frozen = flat.frozen | frozen_parameter_names(c.stateful)
+            flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))
+        if any(is_dtensor(t) for _, t in flat.tensors):
+            from ckptsvc.stage.resharding import plan_sharded
+
+            out.append(plan_sharded(c, flat, info=info, max_shard_size=max_shard_size))
+            continue
+        suffix, writers = _writers(c, info, groups)
+        out.append(
+            _plan_plain(
+                c,
+                flat,
+                info=info,
+                suffix=suffix,
+                writers=writers,
+                max_shard_size=max_shard_size,
+                user_metadata=user_metadata,
+                incremental=incremental,
+            )
+        )
+    return out
+
+
+def dtype_name(t: torch.Tensor, fqn: str) -> str:
+    return dtype_from_torch(t.dtype, name=fqn)
