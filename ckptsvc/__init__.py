@@ -33,7 +33,6 @@ from ckptsvc.errors import (
 from ckptsvc.version import __version__
 
 if TYPE_CHECKING:  # the names below load on first use: the writer process imports no torch
-    from ckptsvc.commit.coordinator import RankInfo
     from ckptsvc.compat.training_state import NamedStates, SimpleStatefulProvider, TrainingProgress
     from ckptsvc.engine.async_checkpointer import (
         AsyncCheckpointer,
@@ -50,9 +49,11 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from ckptsvc.ops.tiered_saves import TieringConfig
     from ckptsvc.ops.tiering import ReplicationResult, TieredStore, replicate_checkpoint
     from ckptsvc.ops.transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
+    from ckptsvc.ranks import RankInfo
     from ckptsvc.read.component_load import load_state
     from ckptsvc.read.discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
-    from ckptsvc.read.verify import Problem, VerifyReport, find_latest_verified, verify_checkpoint
+    from ckptsvc.read.latest import find_latest_verified
+    from ckptsvc.read.verify import Problem, VerifyReport, verify_checkpoint
     from ckptsvc.sharded_checkpoint import (
         CheckpointMeta,
         create_pretrained_symlinks,
@@ -94,7 +95,7 @@ _LAZY: dict[str, str] = {
     "ReplicationResult": "ops.tiering",
     "replicate_checkpoint": "ops.tiering",
     "delete_oldest_checkpoints_in_background": "ops.retention",
-    "find_latest_verified": "read.verify",
+    "find_latest_verified": "read.latest",
     "CheckpointManager": "manager",
     "CheckpointConfig": "manager",
     "default_checkpoint_id": "manager",
@@ -111,7 +112,7 @@ _LAZY: dict[str, str] = {
     "add_listener": "metrics",
     "PrometheusExporter": "metrics",
     "load_components": "engine.async_checkpointer",
-    "RankInfo": "commit.coordinator",
+    "RankInfo": "ranks",
     "ExportResult": "ops.export",
     "export_hf": "ops.export",
     "AsyncCheckpointer": "engine.async_checkpointer",

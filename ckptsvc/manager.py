@@ -65,11 +65,11 @@ from ckptsvc.ops.tiered_saves import Replication, Tiering, TieringConfig
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
-    find_latest_checkpoint,
     next_checkpoint_path,
     read_manifest,
     validate_checkpoint,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import (
     SharingPattern,
     StateComponent,

@@ -61,12 +61,12 @@ from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
-    find_latest_checkpoint,
     next_checkpoint_path,
     read_manifest,
     refuse_unloadable,
     validate_checkpoint,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.loading import (
     check_inside,
     read_checked_doc,

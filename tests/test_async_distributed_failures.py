@@ -25,7 +25,7 @@ from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.engine.writer_link import WriterLink
 from ckptsvc.errors import WriterDiedError
 from ckptsvc.format.manifest import MANIFEST_NAME
-from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import SharingPattern, StateComponent
 
 pytestmark = pytest.mark.multiproc

@@ -27,7 +27,8 @@ from ckptsvc.errors import CorruptCheckpointError, StoragePermissionError
 from ckptsvc.format.manifest import MARKER_NAME
 from ckptsvc.ops.gc import collect_garbage
 from ckptsvc.ops.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
-from ckptsvc.read.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, plan_reads
 from ckptsvc.testing.fault_proxy import FaultProxy, RequestRecord

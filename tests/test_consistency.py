@@ -20,7 +20,8 @@ from conftest import StorageRoot
 
 from ckptsvc.errors import CheckpointError
 from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
-from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.read.discovery import next_checkpoint_path
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 
 SAVES = 12

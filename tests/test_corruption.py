@@ -25,8 +25,9 @@ from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import CheckpointError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord, Manifest
-from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
-from ckptsvc.read.verify import find_latest_verified, verify_checkpoint
+from ckptsvc.read.discovery import next_checkpoint_path
+from ckptsvc.read.latest import find_latest_checkpoint, find_latest_verified
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import SAFE_WEIGHTS_INDEX_NAME, load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
 

@@ -36,9 +36,9 @@ from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
-    find_latest_checkpoint,
     next_checkpoint_path,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import index_file_name, load_checkpoint, validate_checkpoint
 

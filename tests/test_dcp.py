@@ -36,10 +36,10 @@ from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
-    find_latest_checkpoint,
     list_checkpoints,
     next_checkpoint_path,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.workers import shard_writer
 

@@ -24,12 +24,12 @@ from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
-    find_latest_checkpoint,
     list_checkpoints,
     next_checkpoint_path,
     read_manifest,
     validate_checkpoint,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
 

@@ -33,11 +33,12 @@ from ckptsvc.commit.reports import RankReport, ReplicationMismatchError, merge_r
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_components
 from ckptsvc.errors import CheckpointError, SaveFailedError, StateMismatchError
 from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord, Manifest
-from ckptsvc.read.discovery import checkpoint_info, find_latest_checkpoint, next_checkpoint_path
+from ckptsvc.read.discovery import checkpoint_info, next_checkpoint_path
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.stage.component_plan import PartReport
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
+from ckptsvc.stage.parts import PartReport
 
 SP = SharingPattern
 

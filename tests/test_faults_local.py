@@ -33,8 +33,9 @@ from ckptsvc.errors import CheckpointError, SaveFailedError, StorageError
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.ops.gc import collect_garbage
 from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
-from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
 from ckptsvc.read.discovery import next_checkpoint_path as ckpt_path
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.stage.arena import pid_alive

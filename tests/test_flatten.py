@@ -336,7 +336,7 @@ def test_save_refuses_before_anything_is_written(node: str, tmp_path: Path) -> N
 
 
 def test_save_components_lists_problems_of_every_component() -> None:
-    from ckptsvc.commit.coordinator import RankInfo
+    from ckptsvc.ranks import RankInfo
     from ckptsvc.stage.component_plan import plan_components
     from ckptsvc.stage.components import SharingPattern, StateComponent
 

@@ -19,7 +19,7 @@ import torch
 from helpers_models import assert_bitwise_equal
 from torch import nn
 
-from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
     load_checkpoint,

@@ -29,10 +29,10 @@ from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord, Manifest
 from ckptsvc.ops.gc import collect_garbage
 from ckptsvc.read.discovery import (
     CheckpointStatus,
-    find_latest_checkpoint,
     list_checkpoints,
     next_checkpoint_path,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import SAFE_WEIGHTS_INDEX_NAME, load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location

@@ -21,7 +21,7 @@ from helpers_models import TiedLM, assert_bitwise_equal
 from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
 from ckptsvc.errors import CorruptCheckpointError, StateMismatchError
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.legacy import is_legacy_state_checkpoint
 from ckptsvc.stage.components import RNGState
 

@@ -30,7 +30,7 @@ from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.layout import TensorSpec, plan_files
 from ckptsvc.format.manifest import MANIFEST_NAME
 from ckptsvc.format.safetensors_stream import dtype_from_torch, dtype_to_torch
-from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.stage.arena import (
     ArenaPool,

@@ -32,7 +32,7 @@ from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, loa
 from ckptsvc.errors import SaveFailedError, TornSnapshotError
 from ckptsvc.format.manifest import MANIFEST_NAME
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
-from ckptsvc.read.discovery import find_latest_checkpoint
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.stage.flatten import flatten_state
 

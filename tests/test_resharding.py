@@ -19,8 +19,8 @@ from safetensors.torch import save
 
 from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.ops.export import export_hf
+from ckptsvc.read.regions import Piece, RegionReader
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.stage.resharding import Piece, RegionReader
 
 # ---- region reads ----------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ import torch
 
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle
 from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
-from ckptsvc.read.discovery import CheckpointStatus, find_latest_checkpoint, list_checkpoints
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.testing.faultinject import OsFault, faults_env
 

@@ -15,7 +15,8 @@ from ckptsvc.errors import CorruptCheckpointError, IncompleteCheckpointError
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ops.retention import delete_checkpoint
 from ckptsvc.ops.tiering import TieredStore
-from ckptsvc.read.discovery import find_latest_checkpoint, read_manifest
+from ckptsvc.read.discovery import read_manifest
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location

@@ -33,10 +33,10 @@ from ckptsvc.ops.transfer import copy, copy_checkpoint, copy_files, copy_tree, p
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
-    find_latest_checkpoint,
     list_checkpoints,
     read_manifest,
 )
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location

@@ -24,7 +24,7 @@ from ckptsvc.errors import (
     SaveFailedError,
 )
 from ckptsvc.format.manifest import ComponentRecord, FileRecord
-from ckptsvc.stage.component_plan import PartReport, doc_name
+from ckptsvc.stage.parts import PartReport, doc_name
 
 __all__ = ["Merged", "RankReport", "ReplicationMismatchError", "merge_reports"]
 

@@ -58,11 +58,10 @@ from typing import Any
 import torch
 
 from ckptsvc import knobs, metrics
-from ckptsvc.commit.coordinator import Coordinator, PendingCommit, RankInfo
+from ckptsvc.commit.coordinator import Coordinator, PendingCommit
 from ckptsvc.commit.reports import Merged, RankReport
 from ckptsvc.commit.target import SaveTarget, check_step, claim_target
 from ckptsvc.engine.jobs import commit_job, data_job, stage_components
-from ckptsvc.engine.save_handle import SaveBook, SaveHandle, SaveTimings
 from ckptsvc.engine.writer_link import WriterLink
 from ckptsvc.errors import (
     ConfigError,
@@ -73,13 +72,15 @@ from ckptsvc.errors import (
     WriterDiedError,
 )
 from ckptsvc.format.manifest import FileRecord
+from ckptsvc.ranks import RankInfo
 from ckptsvc.read.component_load import load_components, load_state
 from ckptsvc.read.discovery import next_checkpoint_path
 from ckptsvc.stage.arena import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
-from ckptsvc.stage.component_plan import ComponentPlan, PartReport, StagedFile, plan_components
+from ckptsvc.stage.component_plan import plan_components
 from ckptsvc.stage.components import StateComponent
 from ckptsvc.stage.incremental import IncrementalBase, base_fields
 from ckptsvc.stage.overlap import OverlappedSnapshots, PreparedSnapshot, component_sources
+from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
 from ckptsvc.stage.piecewise import (
     ComponentSegments,
     MemoryBudget,
@@ -88,6 +89,7 @@ from ckptsvc.stage.piecewise import (
     component_segments,
 )
 from ckptsvc.stage.plan_cache import PlanCache
+from ckptsvc.stage.save_handle import SaveBook, SaveHandle, SaveTimings
 from ckptsvc.stage.state_components import components_of_state
 from ckptsvc.storage import Location
 from ckptsvc.workers.client import WriterClient
@@ -104,7 +106,7 @@ class AsyncCheckpointer:
     ``root`` is the model directory (path or URL); checkpoints go to
     ``<root>/checkpoints/checkpoint-<step>``. Options default to ``ckptsvc.knobs``.
     In a distributed job create it on every rank after ``init_process_group`` (rank,
-    world and node come from :class:`~ckptsvc.commit.coordinator.RankInfo`; ``store`` defaults to
+    world and node come from :class:`~ckptsvc.ranks.RankInfo`; ``store`` defaults to
     the default process group's Store, and without a process group ranks coordinate
     through fragment files under the checkpoint). ``writer_options``
     (:class:`~ckptsvc.WriterOptions`: fsync, I/O threads, part size, retries, direct I/O)

@@ -71,7 +71,8 @@ from ckptsvc.format.json_doc import read_json_doc
 from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
 from ckptsvc.ops.best_checkpoints import Retention
 from ckptsvc.ops.transfer import copy_files
-from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, find_latest_checkpoint
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.storage import Location
 

@@ -40,8 +40,8 @@ from ckptsvc.format.manifest import Manifest, check_relpath
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.discovery import checkpoint_info, refuse_unloadable
 from ckptsvc.read.loading import read_safetensors_header
-from ckptsvc.stage.component_plan import MODEL_KEY
-from ckptsvc.stage.resharding import Piece, RegionReader
+from ckptsvc.read.regions import Piece, RegionReader
+from ckptsvc.stage.parts import MODEL_KEY
 from ckptsvc.storage import Location
 from ckptsvc.workers.shard_writer import write_shard
 

@@ -7,7 +7,7 @@ Call order (every rank, training thread; no collective):
    (GLOBAL, REPLICATED, sharded), ``_rank_<r>`` (PER_RANK), ``_group_<name>_<leader>``
    (PER_GROUP) or ``_node_<i>`` (PER_NODE) - and read its JSON document;
 3. ask ``stateful.state_dict()`` for a template: a DTensor there means "load the region my
-   current layout needs" (:mod:`ckptsvc.stage.resharding`), anything else loads whole;
+   current layout needs" (:mod:`ckptsvc.read.regions`), anything else loads whole;
 4. read every tensor by byte ranges, rebuild the nested state from the document's
    skeleton, and call ``stateful.load_state_dict``.
 
@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from ckptsvc.commit.coordinator import RankInfo, resolve_groups
 from ckptsvc.errors import (
     CheckpointError,
     ConfigError,
@@ -40,13 +39,15 @@ from ckptsvc.errors import (
     StateMismatchError,
 )
 from ckptsvc.format.manifest import ComponentRecord, Manifest, check_relpath
+from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.read.discovery import require_complete_checkpoint
 from ckptsvc.read.legacy import load_legacy_state
 from ckptsvc.read.loading import read_checked_doc
-from ckptsvc.stage.component_plan import DOC_FORMAT, DOC_VERSION, instance_suffix
+from ckptsvc.read.regions import RegionReader
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
 from ckptsvc.stage.flatten import flatten_state, is_dtensor, unflatten_state
-from ckptsvc.stage.resharding import Piece, RegionReader, local_region
+from ckptsvc.stage.parts import DOC_FORMAT, DOC_VERSION, instance_suffix
+from ckptsvc.stage.sharded_plan import Piece, local_region
 from ckptsvc.stage.state_components import STATE_ROOT, HeldState
 from ckptsvc.storage import Location
 

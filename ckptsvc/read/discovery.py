@@ -58,7 +58,6 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointStatus",
     "checkpoint_info",
-    "find_latest_checkpoint",
     "list_checkpoints",
     "next_checkpoint_path",
     "read_manifest",
@@ -305,58 +304,6 @@ def _classify_entry(loc: Location) -> CheckpointInfo:
     if info.status in (CheckpointStatus.INCOMPLETE, CheckpointStatus.DAMAGED):
         logger.warning("checkpoint %s is %s: %s", loc.url, info.status.value, info.reason)
     return info
-
-
-def find_latest_checkpoint(
-    model_dir: str,
-    *,
-    verify: bool | str = False,
-    storage_options: dict[str, Any] | None = None,
-) -> str | None:
-    """The newest complete (or legacy) checkpoint under ``<model_dir>/checkpoints``.
-
-    Complete checkpoints are ordered by manifest timestamp, legacy ones by modification
-    time, ties broken by step. An incomplete checkpoint is never returned, not even when
-    it is the only one. Without a ``checkpoints`` directory, ``model_dir`` itself is
-    returned if it holds a checkpoint (Forgather's behaviour). The result is spelled like
-    ``model_dir`` (relative stays relative), as ``next_checkpoint_path`` would build it.
-
-    ``verify`` (``"shallow"``: sizes; ``"deep"`` or ``True``: sizes and CRC-32C) skips
-    checkpoints that are complete but damaged, newest first (see
-    :func:`ckptsvc.read.verify.find_latest_verified`).
-    """
-    if verify:
-        from ckptsvc.read.verify import find_latest_verified
-
-        return find_latest_verified(model_dir, verify=verify, storage_options=storage_options)  # type: ignore[arg-type]
-    root = Location.parse(model_dir, storage_options)
-    infos = list_checkpoints(root)
-    if not infos and not root.join(CHECKPOINTS_DIR).exists():
-        logger.info(
-            "no %s directory under %s; checking the directory itself", CHECKPOINTS_DIR, root.url
-        )
-        return model_dir if validate_checkpoint(root.url, storage_options=storage_options) else None
-    usable = [i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)]
-    for latest in sorted(usable, key=CheckpointInfo.sort_key, reverse=True):
-        if latest.manifest is not None and not latest.location.is_local:
-            # local files were stat'ed by checkpoint_info; remote: list only this candidate
-            try:
-                why = files_mismatch(latest.location, latest.manifest, listing=True)
-            except (CheckpointError, OSError, ValueError) as e:
-                why = f"cannot list its files ({type(e).__name__}: {e})"
-            if why:
-                logger.warning(
-                    "skipping checkpoint %s: incomplete, its files do not match its manifest: %s",
-                    latest.url,
-                    why,
-                )
-                continue
-        name = latest.location.name  # the caller's spelling of model_dir, then the name
-        if "://" in str(model_dir):
-            return f"{str(model_dir).rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
-        return os.path.join(model_dir, CHECKPOINTS_DIR, name)
-    logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
-    return None
 
 
 def validate_checkpoint(

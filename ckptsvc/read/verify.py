@@ -37,16 +37,12 @@ from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME
 from ckptsvc.format.manifest import FileRecord, Manifest, check_relpath
 from ckptsvc.format.safetensors_stream import header_length, parse_header
 from ckptsvc.read.discovery import (
-    CHECKPOINTS_DIR,
-    CheckpointInfo,
     CheckpointStatus,
     checkpoint_info,
-    list_checkpoints,
-    next_checkpoint_path,
 )
 from ckptsvc.storage import Location
 
-__all__ = ["Problem", "VerifyMode", "VerifyReport", "find_latest_verified", "verify_checkpoint"]
+__all__ = ["Problem", "VerifyMode", "VerifyReport", "verify_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +50,7 @@ VerifyMode = Literal["shallow", "deep"]
 _HEADER_FIRST_READ = 64 * 1024
 #: ``ckptsvc.stage.flatten.SKELETON_NAME``, spelled out because ``flatten`` imports torch
 SKELETON_NAME = "ckptsvc_state.json"
-_MAX_REPORTED_KEYS = 8
+MAX_REPORTED_KEYS = 8
 
 
 @dataclass(frozen=True)
@@ -235,7 +231,7 @@ def _check_index(
                         fname,
                         "index",
                         f"{name} maps {len(absent)} tensor(s) to {fname} that it does not "
-                        f"hold (stale index), e.g. {absent[:_MAX_REPORTED_KEYS]}",
+                        f"hold (stale index), e.g. {absent[:MAX_REPORTED_KEYS]}",
                     )
                 )
     return problems, mapped
@@ -278,7 +274,7 @@ def _check_skeleton(ckpt: Location, rel_path: str, mapped: set[str]) -> list[Pro
             rel_path,
             "skeleton",
             f"{loc.url} names {len(absent)} tensor(s) the index does not hold, "
-            f"e.g. {absent[:_MAX_REPORTED_KEYS]}",
+            f"e.g. {absent[:MAX_REPORTED_KEYS]}",
         )
     ]
 
@@ -319,7 +315,7 @@ def _check_document(ckpt: Location, rel_path: str, listed: set[str]) -> list[Pro
                 rel_path,
                 "document",
                 f"{loc.url} names {len(absent)} tensor(s) it does not describe, "
-                f"e.g. {absent[:_MAX_REPORTED_KEYS]}",
+                f"e.g. {absent[:MAX_REPORTED_KEYS]}",
             )
         )
     by_file: dict[str, set[str]] = {}  # file -> names its header must hold
@@ -350,7 +346,7 @@ def _check_document(ckpt: Location, rel_path: str, listed: set[str]) -> list[Pro
                     fname,
                     "document",
                     f"{rel_path} places {len(missing)} tensor(s) in {fname} that it does not "
-                    f"hold, e.g. {missing[:_MAX_REPORTED_KEYS]}",
+                    f"hold, e.g. {missing[:MAX_REPORTED_KEYS]}",
                 )
             )
     return problems
@@ -377,7 +373,7 @@ def verify_checkpoint(
     files = manifest.files
     if not files:  # a manifest without ckptsvc's file list (Forgather writes these)
         return VerifyReport(
-            ckpt.url, info.status.value, deep, problems=tuple(_unlisted_problems(ckpt))
+            ckpt.url, info.status.value, deep, problems=tuple(unlisted_problems(ckpt))
         )
     with ThreadPoolExecutor(max_workers=max(1, min(knobs.IO_THREADS.get(), len(files)))) as pool:
         found = list(pool.map(lambda r: _check_file(ckpt, r, deep), files))
@@ -402,7 +398,7 @@ def verify_checkpoint(
     )
 
 
-def _unlisted_problems(ckpt: Location) -> list[Problem]:
+def unlisted_problems(ckpt: Location) -> list[Problem]:
     """Without a file list (a legacy checkpoint, or a manifest written by Forgather) nothing
     can be checksummed: check that every file the index names exists."""
     names = {c.name for c in ckpt.list_children()}
@@ -423,53 +419,9 @@ def _unlisted_problems(ckpt: Location) -> list[Problem]:
     return problems
 
 
-def _normalise_mode(verify: bool | str) -> VerifyMode:
+def normalise_mode(verify: bool | str) -> VerifyMode:
     if verify is True or verify == "deep":
         return "deep"
     if verify == "shallow":
         return "shallow"
     raise ConfigError(f"verify must be False, True, 'shallow' or 'deep', not {verify!r}")
-
-
-def find_latest_verified(
-    model_dir: str,
-    *,
-    verify: bool | VerifyMode = "deep",
-    storage_options: dict[str, Any] | None = None,
-) -> str | None:
-    """The newest checkpoint under ``<model_dir>/checkpoints`` that passes verification.
-
-    Same order and spelling as ``find_latest_checkpoint``; a complete checkpoint that
-    fails :func:`verify_checkpoint` (``"shallow"``: sizes; ``"deep"``: CRC-32C, headers,
-    index, skeleton) is skipped with a warning naming its problems, and the next older one
-    is tried. A legacy checkpoint (no manifest) passes if every file its index names
-    exists. Without a ``checkpoints`` directory, ``model_dir`` itself is checked.
-    """
-    deep = _normalise_mode(verify) == "deep"
-    root = Location.parse(model_dir, storage_options)
-    infos = list_checkpoints(root)
-    candidates: list[tuple[CheckpointInfo, str]]
-    if not infos and not root.join(CHECKPOINTS_DIR).exists():
-        candidates = [(checkpoint_info(root), model_dir)]
-    else:
-        candidates = [(i, next_checkpoint_path(model_dir, i.checkpoint_id)) for i in infos]
-    usable = [
-        (i, p)
-        for i, p in candidates
-        if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)
-    ]
-    for info, spelled in sorted(usable, key=lambda c: c[0].sort_key(), reverse=True):
-        if info.status is CheckpointStatus.LEGACY:
-            issues = [p.detail for p in _unlisted_problems(info.location)]
-        else:
-            report = verify_checkpoint(info.location, deep=deep)
-            issues = [f"{p.kind}: {p.detail}" for p in report.problems]
-        if not issues:
-            return spelled
-        logger.warning(
-            "skipping checkpoint %s: it fails %s verification: %s",
-            info.url,
-            "deep" if deep else "shallow",
-            "; ".join(issues[:_MAX_REPORTED_KEYS]),
-        )
-    return None

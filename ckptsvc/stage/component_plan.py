@@ -29,15 +29,12 @@ has one JSON document ``<key>_state<suffix>.json``: the non-tensor skeleton plus
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ckptsvc.commit.coordinator import RankInfo, resolve_groups
 from ckptsvc.errors import InvalidStateError
 from ckptsvc.format.hf_files import pretrained_files
 from ckptsvc.format.layout import (
@@ -50,6 +47,7 @@ from ckptsvc.format.layout import (
     make_index,
 )
 from ckptsvc.format.safetensors_stream import dtype_from_torch, plan_shard
+from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
 from ckptsvc.stage.flatten import (
     FlatState,
@@ -59,6 +57,21 @@ from ckptsvc.stage.flatten import (
     is_dtensor,
 )
 from ckptsvc.stage.incremental import frozen_files
+from ckptsvc.stage.parts import (
+    DOC_FORMAT,
+    MODEL_KEY,
+    SHARD_META,
+    ComponentPlan,
+    PartReport,
+    StagedFile,
+    base_name,
+    component_doc,
+    doc_name,
+    instance_suffix,
+    json_bytes,
+    signature,
+)
+from ckptsvc.stage.sharded_plan import plan_sharded
 from ckptsvc.stage.state_components import STATE_ROOT
 
 __all__ = [
@@ -71,145 +84,6 @@ __all__ = [
     "instance_suffix",
     "plan_components",
 ]
-
-MODEL_KEY = "model"
-DOC_FORMAT = "ckptsvc-component"
-DOC_VERSION = 1
-_SHARD_META = {"format": "pt"}
-
-
-def base_name(key: str) -> str:
-    return MODEL_KEY if key == MODEL_KEY else f"{key}_state"
-
-
-def doc_name(key: str, suffix: str) -> str:
-    """The instance document of component ``key``: ``<key>_state<suffix>.json``."""
-    return f"{key}_state{suffix}.json"
-
-
-def instance_suffix(
-    pattern: SharingPattern,
-    *,
-    rank: int,
-    node_index: int,
-    group_name: str | None = None,
-    group_leader: int | None = None,
-) -> str:
-    if pattern is SharingPattern.PER_RANK:
-        return f"_rank_{rank}"
-    if pattern is SharingPattern.PER_NODE:
-        return f"_node_{node_index}"
-    if pattern is SharingPattern.PER_GROUP:
-        return f"_group_{group_name}_{group_leader}"
-    return ""
-
-
-@dataclass(frozen=True)
-class PartReport:
-    """What one rank contributes to one component (JSON-able; travels to rank 0).
-
-    ``instance`` is the suffix of the instance this rank writes (``None``: nothing).
-    ``crcs`` are per-tensor CRC-32C in plan order (``validate_replication`` only).
-    ``sharded`` holds this rank's pieces of sharded tensors (rank 0 merges them).
-    """
-
-    key: str
-    pattern: str
-    group_name: str | None
-    instance: str | None
-    doc: str | None
-    files: tuple[str, ...]
-    nbytes: int
-    signature: str
-    replicas: tuple[int, ...] | None = None
-    crcs: tuple[str, ...] | None = None
-    sharded: Mapping[str, Any] | None = None
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "pattern": self.pattern,
-            "group_name": self.group_name,
-            "instance": self.instance,
-            "doc": self.doc,
-            "files": list(self.files),
-            "nbytes": self.nbytes,
-            "signature": self.signature,
-            "replicas": None if self.replicas is None else list(self.replicas),
-            "crcs": None if self.crcs is None else list(self.crcs),
-            "sharded": None if self.sharded is None else dict(self.sharded),
-            "metadata": dict(self.metadata),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PartReport:
-        return cls(
-            key=str(d["key"]),
-            pattern=str(d["pattern"]),
-            group_name=d.get("group_name"),
-            instance=d.get("instance"),
-            doc=d.get("doc"),
-            files=tuple(d.get("files") or ()),
-            nbytes=int(d.get("nbytes") or 0),
-            signature=str(d.get("signature", "")),
-            replicas=None if d.get("replicas") is None else tuple(d["replicas"]),
-            crcs=None if d.get("crcs") is None else tuple(d["crcs"]),
-            sharded=d.get("sharded"),
-            metadata=dict(d.get("metadata") or {}),
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class StagedFile:
-    """A tensor file to stage in the arena: its plan, the source tensors by entry name,
-    and whether this rank sends it to its writer (validation stages others' files too)."""
-
-    plan: FilePlan
-    sources: Mapping[str, torch.Tensor]
-    write: bool
-
-
-@dataclass
-class ComponentPlan:
-    """One component as this rank saves it (built per save, on the training thread).
-
-    ``docs`` are the small files this rank publishes itself (instance documents, the HF
-    index); ``sharded_doc`` is the document rank 0 completes with every rank's pieces at
-    commit; ``crc_names`` lists the tensors whose CRC-32C ``validate_replication``
-    computes after the copy (into ``part.crcs``).
-    """
-
-    component: StateComponent
-    part: PartReport
-    files: list[StagedFile]
-    docs: dict[str, bytes]
-    sharded_doc: dict[str, Any] | None = None
-    crc_names: tuple[str, ...] = ()
-    frozen_files: frozenset[str] = frozenset()  # this rank's files of frozen tensors only
-
-
-def _signature(flat_specs: Sequence[tuple[Any, ...]], skeleton: Any) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([list(s) for s in flat_specs]).encode())
-    h.update(json.dumps(skeleton, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _doc(component: StateComponent, flat: FlatState, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "format": DOC_FORMAT,
-        "version": DOC_VERSION,
-        "key": component.key,
-        "sharing_pattern": component.sharing_pattern.value,
-        "param_sharing": [list(g) for g in flat.param_sharing],
-        "state": flat.skeleton["state"],
-        "tensors": dict(tensors),
-    }
-
-
-def _json_bytes(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
 def split_by_bytes(specs: Sequence[TensorSpec], ways: int) -> list[list[TensorSpec]]:
@@ -259,7 +133,7 @@ def _plan_files(
             [
                 FilePlan(
                     name,
-                    plan_shard(((s.name, s.dtype, s.shape) for s in members), metadata=_SHARD_META),
+                    plan_shard(((s.name, s.dtype, s.shape) for s in members), metadata=SHARD_META),
                 )
                 for name, members in by_file.items()
             ]
@@ -287,7 +161,7 @@ def _plan_plain(
 ) -> ComponentPlan:
     """A component without DTensors: one instance, its tensors split over ``writers``."""
     specs = _specs(flat)
-    sig = _signature([(s.name, s.dtype, s.shape) for s in specs], flat.skeleton)
+    sig = signature([(s.name, s.dtype, s.shape) for s in specs], flat.skeleton)
     parts = split_by_bytes(specs, len(writers))
     frozen = flat.frozen if incremental else frozenset()
     plans = _plan_files(c.key, suffix, parts, max_shard_size=max_shard_size, frozen=frozen)
@@ -312,7 +186,7 @@ def _plan_plain(
             s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]}
             for s in specs
         }
-        docs[doc_file] = _json_bytes(_doc(c, flat, tensors))
+        docs[doc_file] = json_bytes(component_doc(c, flat, tensors))
         if c.key == MODEL_KEY and not suffix and specs:
             index = make_index(
                 {s.name: file_of[s.name] for s in sorted(specs, key=lambda s: s.name)},
@@ -408,8 +282,6 @@ def plan_components(
             frozen = flat.frozen | frozen_parameter_names(c.stateful)
             flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))
         if any(is_dtensor(t) for _, t in flat.tensors):
-            from ckptsvc.stage.resharding import plan_sharded
-
             out.append(plan_sharded(c, flat, info=info, max_shard_size=max_shard_size))
             continue
         suffix, writers = _writers(c, info, groups)

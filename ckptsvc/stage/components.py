@@ -72,7 +72,7 @@ class StateComponent:
     ``"full"`` also compare a CRC-32C of every tensor's bytes through the job's store
     (each replica then stages the whole component, and checksums it at ~10 GB/s during
     the snapshot). A component holding DTensors is saved as shards with global offsets
-    whatever its pattern (:mod:`ckptsvc.stage.resharding`).
+    whatever its pattern (:mod:`ckptsvc.stage.sharded_plan`).
     """
 
     key: str

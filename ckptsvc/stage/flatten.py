@@ -382,7 +382,7 @@ def flatten_state(state: Any, *, allow_dtensor: bool = False, key_prefix: str = 
     """Split ``state`` into stored tensors and a JSON skeleton (see the module docstring).
 
     With ``allow_dtensor`` a DTensor is kept as is in ``tensors`` (the component saver
-    stores its local shard with global offsets, :mod:`ckptsvc.stage.resharding`); without, it
+    stores its local shard with global offsets, :mod:`ckptsvc.stage.sharded_plan`); without, it
     is refused. The whole state is checked first: one :class:`InvalidStateError` lists
     the key of every value that has no safe form (``key_prefix``, e.g. a component's key,
     is shown before each), with ``problems`` holding them all.

@@ -54,8 +54,8 @@ from ckptsvc.errors import CheckpointError, LifecycleError, SaveFailedError, Tor
 from ckptsvc.stage.flatten import is_dtensor
 
 if TYPE_CHECKING:
-    from ckptsvc.engine.save_handle import SaveHandle
-    from ckptsvc.stage.component_plan import ComponentPlan
+    from ckptsvc.stage.parts import ComponentPlan
+    from ckptsvc.stage.save_handle import SaveHandle
 
 __all__ = ["OverlappedSnapshots", "PreparedSnapshot", "component_sources"]
 

@@ -54,7 +54,7 @@ from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError, WriterD
 from ckptsvc.format.checksum import Crc32c
 from ckptsvc.format.safetensors_stream import dtype_to_torch
 from ckptsvc.stage.arena import ALIGN_BYTES, ArenaPlan, StagingArena
-from ckptsvc.stage.component_plan import ComponentPlan, PartReport, StagedFile
+from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
 from ckptsvc.workers.protocol import (
     CancelJob,
     JobDone,

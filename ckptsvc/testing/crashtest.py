@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.testing.crash_child import INDEX_NAME as _INDEX
 from ckptsvc.testing.crash_child import (
     KEEP,
@@ -325,7 +326,6 @@ class _Campaign:
     ) -> tuple[list[str], str | None]:
         from ckptsvc.read.discovery import (
             CheckpointStatus,
-            find_latest_checkpoint,
             list_checkpoints,
         )
 
@@ -408,7 +408,6 @@ class _Campaign:
         from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
         from ckptsvc.read.discovery import (
             CheckpointStatus,
-            find_latest_checkpoint,
             list_checkpoints,
         )
         from ckptsvc.stage.arena import segment_prefix

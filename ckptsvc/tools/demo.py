@@ -41,7 +41,8 @@ from torch import nn
 from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
 from ckptsvc.ops.retention import delete_checkpoint
-from ckptsvc.read.discovery import CHECKPOINTS_DIR, find_latest_checkpoint, list_checkpoints
+from ckptsvc.read.discovery import CHECKPOINTS_DIR, list_checkpoints
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.stage.components import RNGState
 from ckptsvc.storage import Location
