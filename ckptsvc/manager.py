@@ -51,6 +51,7 @@ from torch import nn
 from ckptsvc.compat.model_state import ModelState
 from ckptsvc.compat.restore import CALLBACKS_KEY, META_KEY, restore_checkpoint
 from ckptsvc.compat.training_state import DistInfo, NamedStates
+from ckptsvc.engine.pretrained import save_pretrained
 from ckptsvc.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -60,7 +61,6 @@ from ckptsvc.errors import (
 )
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ops.best_checkpoints import BestCheckpoints, Retention
-from ckptsvc.ops.pretrained import save_pretrained
 from ckptsvc.ops.tiered_saves import Replication, Tiering, TieringConfig
 from ckptsvc.read.discovery import (
     CheckpointStatus,
@@ -523,7 +523,7 @@ class CheckpointManager:
     def save_model(
         self, output_dir: str | os.PathLike[str] | None = None, overwrite_output_dir: bool = False
     ) -> None:
-        """Export the model Hugging Face style (see :func:`ckptsvc.ops.pretrained.save_pretrained`):
+        """Export the model Hugging Face style (see :func:`ckptsvc.engine.pretrained.save_pretrained`):
         weights, ``config.json`` when the model has a config, the preprocessor.
         Synchronous; rank 0 writes, every rank returns after it (barrier)."""
         out = os.fspath(output_dir) if output_dir is not None else self.config.output_dir

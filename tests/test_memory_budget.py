@@ -29,7 +29,6 @@ from ckptsvc.errors import SaveFailedError, StorageError, WriterDiedError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.layout import TensorSpec, plan_files
 from ckptsvc.format.manifest import MANIFEST_NAME
-from ckptsvc.format.safetensors_stream import dtype_from_torch, dtype_to_torch
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.stage.arena import (
@@ -48,6 +47,7 @@ from ckptsvc.stage.piecewise import (
     _row_major_views,
     flat_segments,
 )
+from ckptsvc.stage.tensors import dtype_from_torch, dtype_to_torch
 from ckptsvc.tools.bench_budget import measure_budget_peak
 from ckptsvc.workers.protocol import PieceDone, PieceReady
 

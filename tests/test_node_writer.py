@@ -27,8 +27,8 @@ from ckptsvc.errors import InvalidStateError, StorageError, WriterDiedError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.layout import TensorSpec, plan_files
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord, Manifest
-from ckptsvc.format.safetensors_stream import dtype_from_torch, tensor_bytes
 from ckptsvc.stage.arena import ShmSegment, pid_alive, plan_arena, segment_prefix
+from ckptsvc.stage.tensors import dtype_from_torch, tensor_bytes
 from ckptsvc.workers.client import WriterClient, writer_socket_path
 from ckptsvc.workers.protocol import (
     CommitInfo,

@@ -33,16 +33,9 @@ from helpers_models import ALL_DTYPES, assert_bitwise_equal, random_tensor
 from hypothesis import HealthCheck, given, settings
 
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
-from ckptsvc.format.safetensors_stream import (
-    DTYPE_SIZES,
-    ShardLayout,
-    dtype_from_torch,
-    dtype_to_torch,
-    parse_header,
-    plan_shard,
-    tensor_bytes,
-)
+from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout, parse_header, plan_shard
 from ckptsvc.read.loading import read_safetensors
+from ckptsvc.stage.tensors import dtype_from_torch, dtype_to_torch, tensor_bytes
 from ckptsvc.storage import Location
 from ckptsvc.workers.shard_writer import write_shard
 

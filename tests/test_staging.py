@@ -168,7 +168,7 @@ def test_close_unlinks_busy_arenas_too(node: str) -> None:
 
 
 def _specs_and_sources() -> tuple[list[TensorSpec], list[torch.Tensor]]:
-    from ckptsvc.format.safetensors_stream import dtype_from_torch
+    from ckptsvc.stage.tensors import dtype_from_torch
 
     srcs = [random_tensor(d, (7, 5), seed=i) for i, d in enumerate(ALL_DTYPES)]
     srcs.append(random_tensor(torch.float32, (5, 7), seed=99).t())  # non-contiguous

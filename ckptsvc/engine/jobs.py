@@ -22,9 +22,9 @@ from ckptsvc.commit.coordinator import PendingCommit
 from ckptsvc.commit.reports import Merged, merge_reports
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.manifest import FileRecord
-from ckptsvc.format.safetensors_stream import dtype_to_torch
 from ckptsvc.stage.arena import ArenaPlan, StagingArena, copy_into
 from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
+from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.version import __version__
 from ckptsvc.workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile, WriterOptions
 

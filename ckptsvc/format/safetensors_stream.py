@@ -22,7 +22,7 @@ wherever they live (the tensor itself, or a shared-memory staging arena).
 Reading parses the header with a bounded read and validates it completely (lengths,
 dtypes, shapes, overlapping or out-of-range offsets) before any tensor byte is touched.
 
-Torch is imported lazily: the node writer process uses only the torch-free half.
+Torch-free (the node writer imports it); the torch side is :mod:`ckptsvc.stage.tensors`.
 """
 
 from __future__ import annotations
@@ -32,23 +32,17 @@ import math
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckptsvc import knobs
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "DTYPE_SIZES",
     "ShardLayout",
     "TensorEntry",
-    "dtype_from_torch",
-    "dtype_to_torch",
     "parse_header",
     "plan_shard",
-    "tensor_bytes",
 ]
 
 #: safetensors dtype name -> bytes per element
@@ -60,7 +54,7 @@ DTYPE_SIZES: dict[str, int] = {
     "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
 }  # fmt: skip
 
-_TORCH_NAMES: dict[str, str] = {
+TORCH_NAMES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
@@ -271,34 +265,3 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
 
 
 # ---- torch side ------------------------------------------------------------------------------
-
-
-def dtype_from_torch(dtype: torch.dtype, *, name: str = "?") -> str:
-    """The safetensors dtype name of a torch dtype; :class:`InvalidStateError` if none."""
-    text = str(dtype).removeprefix("torch.")
-    for st, tn in _TORCH_NAMES.items():
-        if tn == text:
-            return st
-    raise InvalidStateError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
-
-
-def dtype_to_torch(dtype: str) -> torch.dtype:
-    import torch
-
-    try:
-        return getattr(torch, _TORCH_NAMES[dtype])
-    except (KeyError, AttributeError) as e:
-        raise CorruptCheckpointError(f"dtype {dtype!r} is not supported by this torch") from e
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of a CPU tensor as a flat ``memoryview`` (copies only if non-contiguous)."""
-    import torch
-
-    flat = t.detach()
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    flat = flat.resolve_conj().resolve_neg().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return flat.view(torch.uint8).numpy().data.cast("B")

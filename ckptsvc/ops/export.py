@@ -41,6 +41,7 @@ from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.discovery import checkpoint_info, refuse_unloadable
 from ckptsvc.read.loading import read_safetensors_header
 from ckptsvc.read.regions import Piece, RegionReader
+from ckptsvc.read.weights import load_shard_index
 from ckptsvc.stage.parts import MODEL_KEY
 from ckptsvc.storage import Location
 from ckptsvc.workers.shard_writer import write_shard
@@ -96,8 +97,6 @@ def _from_document(
 
 
 def _from_hf_index(src: Location) -> tuple[dict[str, _Stored], list[list[str]]]:
-    from ckptsvc.sharded_checkpoint import load_shard_index
-
     index = load_shard_index(src.url, SAFE_WEIGHTS_INDEX_NAME, storage_options=src.storage_options)
     out: dict[str, _Stored] = {}
     for fname in sorted(set(index["weight_map"].values())):

@@ -24,6 +24,7 @@ from typing import Any
 
 from ckptsvc import knobs
 from ckptsvc.commit.target import SaveTarget, write_claimed
+from ckptsvc.engine.sync_save import save_checkpoint
 from ckptsvc.errors import ConfigError, CorruptCheckpointError, IncompleteCheckpointError
 from ckptsvc.format.checksum import Crc32c
 from ckptsvc.format.manifest import FileRecord, Manifest
@@ -202,8 +203,6 @@ class TieredStore:
         self, checkpoint_id: int | str, module: Any, **save_kwargs: Any
     ) -> Future[ReplicationResult]:
         """``save_checkpoint`` to the local copy (blocking), then :meth:`replicate`."""
-        from ckptsvc.sharded_checkpoint import save_checkpoint
-
         save_checkpoint(
             self.local_path(checkpoint_id),
             module,

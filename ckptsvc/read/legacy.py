@@ -1,7 +1,7 @@
 """Loading training state from checkpoints written by Forgather's own CheckpointManager.
 
 Forgather's layout (``forgather.ml.trainer.checkpoint_coordinator``), next to the model
-weights (read by :func:`ckptsvc.sharded_checkpoint.load_checkpoint`):
+weights (read by :func:`ckptsvc.read.weights.load_checkpoint`):
 
 - ``{key}_state.pt``: a GLOBAL or REPLICATED component (saved by rank 0);
 - ``{key}_state_rank_{r}.pt``: a PER_RANK component, one file per rank;
@@ -41,6 +41,7 @@ from ckptsvc.errors import (
 )
 from ckptsvc.format.json_doc import check_doc_against_manifest, read_doc_bytes
 from ckptsvc.format.manifest import Manifest
+from ckptsvc.read.weights import load_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.stage.flatten import SKELETON_NAME, parse_skeleton, unflatten_state
 from ckptsvc.storage import Location
@@ -236,11 +237,9 @@ def load_legacy_checkpoint(
     part is on), the components, and the callbacks (Forgather keyed their states
     ``callback_{i}_{Type}`` by position in the trainer's callback list, Stateful or not).
     Returns ``checkpoint_metadata.pt`` (``{}`` if absent) for the best-checkpoint list."""
-    from ckptsvc.sharded_checkpoint import load_checkpoint as load_weights
-
     for part in model_parts:
         device = next((p.device for p in part.parameters()), torch.device("cpu"))
-        load_weights(
+        load_checkpoint(
             ckpt.url, part, device=str(device), strict=True, storage_options=ckpt.storage_options
         )
     load_legacy_components(ckpt, components, where=where, manifest=manifest)
@@ -268,8 +267,6 @@ def load_legacy_state(ckpt: Location, manifest: Manifest, *, device: str | torch
     The skeleton (like the index and every shard) must match its manifest record: a
     skeleton from another save is corruption.
     """
-    from ckptsvc.sharded_checkpoint import load_checkpoint
-
     tensors = (
         load_checkpoint(ckpt.url, device=str(device), storage_options=ckpt.storage_options) or {}
     )

@@ -20,12 +20,8 @@ import torch
 from ckptsvc.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckptsvc.format.json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes
 from ckptsvc.format.manifest import check_relpath
-from ckptsvc.format.safetensors_stream import (
-    ShardLayout,
-    dtype_to_torch,
-    header_length,
-    parse_header,
-)
+from ckptsvc.format.safetensors_stream import ShardLayout, header_length, parse_header
+from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.storage import Location
 
 __all__ = ["check_inside", "read_safetensors", "read_safetensors_header", "read_torch_file"]

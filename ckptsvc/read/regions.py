@@ -20,9 +20,10 @@ import torch
 from ckptsvc import knobs
 from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format.manifest import Manifest
-from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout, dtype_to_torch
+from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.loading import read_safetensors_header
 from ckptsvc.stage.sharded_plan import Piece
+from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.storage import Location
 
 __all__ = ["Piece", "RegionReader"]

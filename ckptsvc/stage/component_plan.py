@@ -46,7 +46,7 @@ from ckptsvc.format.layout import (
     frozen_groups,
     make_index,
 )
-from ckptsvc.format.safetensors_stream import dtype_from_torch, plan_shard
+from ckptsvc.format.safetensors_stream import plan_shard
 from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
 from ckptsvc.stage.flatten import (
@@ -73,6 +73,7 @@ from ckptsvc.stage.parts import (
 )
 from ckptsvc.stage.sharded_plan import plan_sharded
 from ckptsvc.stage.state_components import STATE_ROOT
+from ckptsvc.stage.tensors import dtype_from_torch
 
 __all__ = [
     "DOC_FORMAT",

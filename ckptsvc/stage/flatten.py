@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError, InvalidStateError
-from ckptsvc.format.safetensors_stream import dtype_from_torch
+from ckptsvc.stage.tensors import dtype_from_torch
 from ckptsvc.stage.tied_params import shared_tensor_groups
 
 __all__ = [

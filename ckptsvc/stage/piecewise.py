@@ -52,9 +52,9 @@ import torch
 from ckptsvc import knobs
 from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError, WriterDiedError
 from ckptsvc.format.checksum import Crc32c
-from ckptsvc.format.safetensors_stream import dtype_to_torch
 from ckptsvc.stage.arena import ALIGN_BYTES, ArenaPlan, StagingArena
 from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
+from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.workers.protocol import (
     CancelJob,
     JobDone,

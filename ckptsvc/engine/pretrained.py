@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckptsvc.engine.sync_save import save_checkpoint
 from ckptsvc.errors import CommitConflictError, InvalidStateError
 from ckptsvc.format.hf_files import pretrained_files
 from ckptsvc.read.discovery import validate_checkpoint
@@ -40,8 +41,6 @@ def save_pretrained(
     """Write ``model`` (its ``model_parts`` merged, if several) to ``out`` for
     ``from_pretrained``. Raises :class:`CommitConflictError` if a model is there and
     ``overwrite`` is False; :class:`InvalidStateError` for torchao-quantized weights."""
-    from ckptsvc.sharded_checkpoint import save_checkpoint
-
     parts = list(model_parts) if model_parts else [model]
     opts = dict(storage_options or {})
     if not overwrite and validate_checkpoint(out, storage_options=opts):
