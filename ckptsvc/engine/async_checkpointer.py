@@ -25,7 +25,7 @@ of the state). Call order of one save (process / thread that runs each step):
    written (``timings.arena_wait_s``); a state bigger than the memory budget streams
    through a ring in pieces instead (:mod:`ckptsvc.stage.piecewise`);
 3. copy every staged tensor into the arena (CPU threads, or D2H on a side stream) and
-   compute the CRCs ``validate_replication`` needs (:mod:`ckptsvc.engine.jobs`); with
+   compute the CRCs ``validate_replication`` needs (:mod:`ckptsvc.engine.copier`); with
    ``overlap`` this runs on the snapshot thread after ``save`` returns;
 4. send the job to the node writer (started or reconnected here if needed); return the
    :class:`SaveHandle`. Steps 1-4 are ``timings.blocking_s``.
@@ -44,32 +44,26 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import json
 import logging
 import os
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
-import torch
-
-from ckptsvc import knobs, metrics
+from ckptsvc import knobs
 from ckptsvc.commit.coordinator import Coordinator, PendingCommit
 from ckptsvc.commit.reports import Merged, RankReport
 from ckptsvc.commit.target import SaveTarget, check_step, claim_target
-from ckptsvc.engine.jobs import commit_job, data_job, stage_components
+from ckptsvc.engine.copier import SnapshotCopier
+from ckptsvc.engine.jobs import commit_job, data_job, json_metadata, pending_commit
+from ckptsvc.engine.outcomes import SaveOutcomes
 from ckptsvc.engine.writer_link import WriterLink
 from ckptsvc.errors import (
     ConfigError,
-    InvalidStateError,
     LifecycleError,
-    SaveFailedError,
     StorageError,
-    WriterDiedError,
 )
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ranks import RankInfo
@@ -80,12 +74,11 @@ from ckptsvc.stage.component_plan import plan_components
 from ckptsvc.stage.components import StateComponent
 from ckptsvc.stage.incremental import IncrementalBase, base_fields
 from ckptsvc.stage.overlap import OverlappedSnapshots, PreparedSnapshot, component_sources
-from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
+from ckptsvc.stage.parts import ComponentPlan, StagedFile
 from ckptsvc.stage.piecewise import (
     ComponentSegments,
     MemoryBudget,
     PieceStreamer,
-    Segment,
     component_segments,
 )
 from ckptsvc.stage.plan_cache import PlanCache
@@ -93,7 +86,7 @@ from ckptsvc.stage.save_handle import SaveBook, SaveHandle, SaveTimings
 from ckptsvc.stage.state_components import components_of_state
 from ckptsvc.storage import Location
 from ckptsvc.workers.client import WriterClient
-from ckptsvc.workers.protocol import JobDone, JobFailed, SaveJob, WriterOptions, check_wire_safe
+from ckptsvc.workers.protocol import JobDone, SaveJob, WriterOptions, check_wire_safe
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveTimings", "load_components", "load_state"]
 
@@ -151,17 +144,10 @@ class AsyncCheckpointer:
         self._metadata = dict(metadata or {})
         self._incremental = knobs.INCREMENTAL.get(incremental)
         self._base: IncrementalBase | None = None  # last committed checkpoint (incremental)
-        threads = knobs.COPY_THREADS.get(copy_threads) or min(8, len(os.sched_getaffinity(0)))
-        self._copy_threads = max(1, threads)
-        self._copy_pool = (
-            ThreadPoolExecutor(self._copy_threads, thread_name_prefix="ckptsvc-copy")
-            if self._copy_threads > 1
-            else None
-        )
         self._budget = MemoryBudget.resolve(
             memory_budget_bytes=memory_budget_bytes, arenas_per_rank=arenas_per_rank
         )
-        self._streamed_once = False  # the INFO line about streamed saves is logged once
+        self._copier = SnapshotCopier(copy_threads=copy_threads, budget=self._budget)
         self._pool = ArenaPool(
             max_arenas=self._budget.max_arenas,
             node=self._node,
@@ -184,6 +170,12 @@ class AsyncCheckpointer:
             )
             if self._info.distributed
             else None
+        )
+        self._outcomes = SaveOutcomes(
+            pool=self._pool,
+            book=self._book,
+            coordinator=self._coordinator,
+            on_durable=self._durable,
         )
         self._writer = WriterLink(node=self._node, rank=self._rank)
         self._atexit = _register_atexit(self)
@@ -294,7 +286,7 @@ class AsyncCheckpointer:
         are the objects the caller handed over, searched for optimizers by ``overlap``."""
         started = time.perf_counter()
         path = self._free_path(step, checkpoint_path)
-        user_meta = _json_metadata({**self._metadata, **(metadata or {})})
+        user_meta = json_metadata({**self._metadata, **(metadata or {})})
         plans = self._plan(components, process_groups=process_groups, user_metadata=user_meta)
         staged = [f for p in plans for f in p.files]
         layout = self._arena_plan_for(staged)
@@ -316,7 +308,7 @@ class AsyncCheckpointer:
                 else None
             )
             if snapshot is None and not streamed:
-                parts = self._stage(plans, staged, layout, arena, copy_into)
+                parts = self._copier.stage(plans, staged, layout, arena, copy_into)
             else:
                 parts = tuple(p.part for p in plans)  # the CRCs come after the copy
             copy_s = time.perf_counter() - copy_started
@@ -327,19 +319,12 @@ class AsyncCheckpointer:
                 started=started,
                 timings=SaveTimings(nbytes, 0.0, arena_wait_s, copy_s),
             )
-            report = RankReport(self._info.rank, step, path, parts)
-            pending = PendingCommit(
-                step=step,
-                path=target.write_path,
-                handle=handle,
-                report=report,
+            pending = pending_commit(
+                handle,
+                RankReport(self._info.rank, step, path, parts),
+                target=target,
+                plans=plans,
                 user_metadata=user_meta,
-                crc_names={p.component.key: p.crc_names for p in plans if p.crc_names},
-                sharded_docs={
-                    p.component.key: p.sharded_doc for p in plans if p.sharded_doc is not None
-                },
-                claim_id=target.claim_id,
-                replace_url=target.replace_url,
             )
             job = data_job(
                 job_id=next(self._job_ids),
@@ -356,10 +341,10 @@ class AsyncCheckpointer:
                     target.write_path, frozenset().union(*(p.frozen_files for p in plans))
                 ),
             )
-            on_outcome = self._outcome_callback(handle, arena, pending)
+            on_outcome = self._outcomes.callback(handle, arena, pending)
             if streamed and arena is not None:
                 segs = component_segments(plans, staged, layout)
-                streamer, job = self._streamer(
+                streamer, job = self._copier.streamer(
                     job, handle, arena, layout.nbytes, segs.segments, on_outcome, segs.crc_segments
                 )
                 on_outcome = streamer.deliver
@@ -373,13 +358,13 @@ class AsyncCheckpointer:
                     client = self._submit(job, on_outcome)
                 else:
                     copy = partial(
-                        self._stage_late, snapshot, plans, staged, layout, arena, pending
+                        self._copier.stage_late, snapshot, plans, staged, layout, arena, pending
                     )
                     self._start_snapshot(snapshot, handle, arena, pending, job, copy)
             except BaseException as e:
                 self._book.discard(handle)
                 if began:  # settle it: the next save's commit waits for it, other ranks too
-                    self._abandon(pending, e)
+                    self._outcomes.abandoned(pending, e)
                 raise
             submitted = True
         finally:
@@ -388,7 +373,7 @@ class AsyncCheckpointer:
                 if arena is not None:
                     self._pool.release(arena)
         if streamer is not None:
-            self._run_stream(streamer, client, job.job_id, handle, pending, segs)
+            self._copier.run_stream(streamer, client, job.job_id, handle, pending, segs)
         handle._set_blocking(time.perf_counter() - started)
         logger.debug("save step %s: snapshot in %.3f s", step, handle.timings.blocking_s)
         return handle
@@ -440,8 +425,7 @@ class AsyncCheckpointer:
             self._coordinator.close()
         self._writer.close()
         self._pool.close()
-        if self._copy_pool is not None:
-            self._copy_pool.shutdown(wait=True)
+        self._copier.close()
         atexit.unregister(self._atexit)
 
     def __enter__(self) -> AsyncCheckpointer:
@@ -451,62 +435,6 @@ class AsyncCheckpointer:
         self.close()
 
     # ---- steps of save ----------------------------------------------------------------------
-
-    def _streamer(
-        self,
-        job: SaveJob,
-        handle: SaveHandle,
-        ring: StagingArena,
-        layout_nbytes: int,
-        segments: Sequence[Segment],
-        on_outcome: Any,
-        crc_segments: frozenset[int] = frozenset(),
-    ) -> tuple[PieceStreamer, SaveJob]:
-        """A save bigger than the memory budget: its streamer, and the job marked streamed."""
-        streamer = PieceStreamer(
-            ring=ring,
-            piece_nbytes=self._budget.piece_nbytes,
-            layout_nbytes=layout_nbytes,
-            segments=segments,
-            on_outcome=on_outcome,
-            copy=copy_into,
-            threads=self._copy_threads,
-            executor=self._copy_pool,
-            what=f"save of step {handle.step} to {handle.path}",
-            crc_segments=crc_segments,
-        )
-        if not self._streamed_once:
-            self._streamed_once = True
-            logger.info(
-                "the state (%.1f MiB staged) exceeds memory_budget_bytes=%d: saves stage and "
-                "stream it in pieces of %.1f MiB; save() returns after the last piece",
-                layout_nbytes / 2**20,
-                self._budget.budget_bytes,
-                self._budget.piece_nbytes / 2**20,
-            )
-        return streamer, replace(job, stream=streamer.spec)
-
-    def _run_stream(
-        self,
-        streamer: PieceStreamer,
-        client: WriterClient,
-        job_id: int,
-        handle: SaveHandle,
-        pending: PendingCommit | None = None,
-        segs: ComponentSegments | None = None,
-    ) -> None:
-        """Training thread, after the job was sent: stream every piece. On failure the
-        error is raised here (the handle fails too, marked seen so wait_all skips it)."""
-        try:
-            stats = streamer.run(client, job_id)
-            if pending is not None and segs is not None and segs.crc_segments:
-                pending.report = replace(pending.report, parts=segs.parts(stats.crcs))
-            handle._set_streamed(stats.pieces, stats.copy_s, stats.piece_wait_s)
-        except BaseException:
-            handle._observed = True
-            raise
-        finally:
-            streamer.release()
 
     def _check_usable(self, what: str) -> None:
         if self._closed:
@@ -574,53 +502,8 @@ class AsyncCheckpointer:
         )
         return {"base_url": base_url, "base_files": base_files}
 
-    def _outcome_callback(
-        self, handle: SaveHandle, arena: StagingArena | None, pending: PendingCommit | None
-    ) -> Any:
-        def on_outcome(outcome: JobDone | JobFailed | WriterDiedError) -> None:
-            self._completed(handle, arena, outcome, pending)
-
-        return on_outcome
-
     def _submit(self, job: SaveJob, on_outcome: Any) -> WriterClient:
         return self._writer.submit(job, on_outcome)
-
-    def _completed(
-        self,
-        handle: SaveHandle,
-        arena: StagingArena | None,
-        outcome: object,
-        pending: PendingCommit | None,
-    ) -> None:
-        """Client reader thread: release the arena; then either complete the handle (single
-        process) or hand this rank's report to the coordinator (distributed)."""
-        error: BaseException | None = None
-        if isinstance(outcome, JobDone):
-            if arena is not None:
-                self._pool.release(arena)
-        elif isinstance(outcome, JobFailed):
-            if arena is not None:
-                self._pool.release(arena)  # the writer stopped reading it before reporting
-            cause = outcome.error.to_exception()
-            error = SaveFailedError(f"save of step {handle.step} to {handle.path} failed: {cause}")
-            error.__cause__ = cause
-        else:
-            if arena is not None:
-                self._pool.discard(arena)  # a writer that lost us may still be reading it
-            error = outcome if isinstance(outcome, BaseException) else WriterDiedError(str(outcome))
-        if pending is not None and self._coordinator is not None:
-            if isinstance(outcome, JobDone):
-                handle._set_written(outcome)
-                report = replace(pending.report, files=outcome.files)
-            else:
-                report = replace(pending.report, error=str(error), error_type=type(error).__name__)
-            self._coordinator.data_done(pending, report, on_done=self._committed, local_error=error)
-            return
-        if isinstance(outcome, JobDone):
-            handle._finish(outcome)
-            self._committed(handle, None)
-        else:
-            self._committed(handle, error)
 
     def _start_snapshot(
         self,
@@ -637,99 +520,17 @@ class AsyncCheckpointer:
             snapshot,
             handle=handle,
             copy=copy,
-            submit=lambda: self._submit(job, self._outcome_callback(handle, arena, pending)),
-            fail=lambda error: self._snapshot_failed(handle, arena, pending, error),
+            submit=lambda: self._submit(job, self._outcomes.callback(handle, arena, pending)),
+            fail=lambda error: self._outcomes.snapshot_failed(handle, arena, pending, error),
         )
 
-    def _stage_late(
-        self,
-        snapshot: PreparedSnapshot,
-        plans: Sequence[ComponentPlan],
-        staged: Sequence[StagedFile],
-        layout: ArenaPlan,
-        arena: StagingArena | None,
-        pending: PendingCommit,
-    ) -> None:
-        """Snapshot thread: an overlapped ``save_components``' copy (from the clones taken at
-        save time where there are some) and the CRCs it yields for the rank's report."""
-
-        def copy(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], **kw: Any) -> None:
-            copy_into(dsts, snapshot.sources(srcs), **kw)
-
-        pending.report = replace(
-            pending.report, parts=self._stage(plans, staged, layout, arena, copy)
-        )
-
-    def _stage(
-        self,
-        plans: Sequence[ComponentPlan],
-        staged: Sequence[StagedFile],
-        layout: ArenaPlan,
-        arena: StagingArena | None,
-        copy: Callable[..., None],
-    ) -> tuple[PartReport, ...]:
-        """Copy ``save_components``' tensors into the arena; this rank's CRCs per part."""
-        return stage_components(
-            plans,
-            staged,
-            layout,
-            arena,
-            threads=self._copy_threads,
-            executor=self._copy_pool,
-            copy=copy,
-        )
-
-    def _abandon(self, pending: PendingCommit, error: BaseException) -> None:
-        """Training thread: a distributed save that began but whose job was never sent
-        (``save_components`` raises ``error``). Its failed report still goes out, so the
-        other ranks fail it now and later saves' commits do not wait for it forever."""
-        if self._coordinator is None:
-            return
-        pending.handle._observed = True  # raised to the caller: wait_all need not repeat it
-        report = replace(pending.report, error=str(error), error_type=type(error).__name__)
-        self._coordinator.data_done(pending, report, on_done=self._book.finish, local_error=error)
-
-    def _snapshot_failed(
-        self,
-        handle: SaveHandle,
-        arena: StagingArena | None,
-        pending: PendingCommit | None,
-        error: BaseException,
-    ) -> None:
-        """Snapshot thread: an overlapped save failed before its job was sent (a torn
-        snapshot, a failed copy or send). Release the arena and fail the save; a
-        distributed save reports the error, so that rank 0 commits nothing."""
-        if arena is not None:
-            self._pool.release(arena)
-        if pending is not None and self._coordinator is not None:
-            report = replace(pending.report, error=str(error), error_type=type(error).__name__)
-            self._coordinator.data_done(pending, report, on_done=self._committed, local_error=error)
-            return
-        self._committed(handle, error)
-
-    def _committed(self, handle: SaveHandle, error: BaseException | None) -> None:
-        """Any thread: record a failure, complete the handle, and only then forget it
-        (``wait_all`` sees every failure of the saves it waited for)."""
-        if error is None:
-            logger.info(
-                "checkpoint step %s durable at %s: %s", handle.step, handle.path, handle.timings
-            )
-            if self._incremental:
-                self._base = IncrementalBase(handle.path, handle.files)
-        else:
-            logger.error("checkpoint step %s at %s failed: %s", handle.step, handle.path, error)
-        self._book.finish(handle, error)
-        metrics.emit(metrics.event_from_handle(handle))  # listeners, Prometheus, log line
+    def _durable(self, handle: SaveHandle) -> None:
+        """A save committed (any thread): with ``incremental`` it becomes the next base."""
+        if self._incremental:
+            self._base = IncrementalBase(handle.path, handle.files)
 
     def _arena_discarded(self, name: str) -> None:
         self._writer.release_arena(name)
-
-
-def _json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
-    except (TypeError, ValueError) as e:
-        raise InvalidStateError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
 
 
 def _register_atexit(ckpt: AsyncCheckpointer) -> Any:

@@ -1,16 +1,20 @@
-"""The trainer-side steps of ``save_components`` between planning and the writer.
+"""The trainer-side steps of a save between planning and the writer.
 
-1. :func:`stage_components` (training thread): copy every staged tensor into the arena
-   (CPU threads, or D2H on a side stream) and compute the per-tensor CRC-32C that
-   ``validate_replication`` compares across replicas, from the staged bytes;
-2. :func:`data_job` (training thread): the writer job for this rank's files and
-   documents - in a single process it also carries the commit (everything is known);
+1. :func:`stage_components` (training thread, or the snapshot thread): copy every staged
+   tensor into the arena (CPU threads, or D2H on a side stream) and compute the per-tensor
+   CRC-32C that ``validate_replication`` compares across replicas, from the staged bytes;
+2. :func:`pending_commit` and :func:`data_job` (training thread): this rank's save as the
+   coordinator tracks it, and the writer job for its files and documents - in a single
+   process the job also carries the commit (everything is known);
 3. :func:`commit_job` (rank 0's commit thread): index, merged documents and the manifest,
    with every other rank's file records.
+
+:func:`json_metadata` checks the user's metadata once, before anything is planned.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -19,11 +23,14 @@ from typing import Any
 import torch
 
 from ckptsvc.commit.coordinator import PendingCommit
-from ckptsvc.commit.reports import Merged, merge_reports
+from ckptsvc.commit.reports import Merged, RankReport, merge_reports
+from ckptsvc.commit.target import SaveTarget
+from ckptsvc.errors import InvalidStateError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.stage.arena import ArenaPlan, StagingArena, copy_into
 from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
+from ckptsvc.stage.save_handle import SaveHandle
 from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.version import __version__
 from ckptsvc.workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile, WriterOptions
@@ -73,6 +80,29 @@ def stage_components(
         crcs = tuple(crc32c_hex(_bytes_of(dsts[index[n]])) for n in p.crc_names)
         parts.append(replace(p.part, crcs=crcs))
     return tuple(parts)
+
+
+def pending_commit(
+    handle: SaveHandle,
+    report: RankReport,
+    *,
+    target: SaveTarget,
+    plans: Sequence[ComponentPlan],
+    user_metadata: dict[str, Any],
+) -> PendingCommit:
+    """This rank's save between its snapshot and its outcome: where it writes (the claimed
+    ``target``), what it reports, and what rank 0 needs to merge the reports."""
+    return PendingCommit(
+        step=handle.step,
+        path=target.write_path,
+        handle=handle,
+        report=report,
+        user_metadata=user_metadata,
+        crc_names={p.component.key: p.crc_names for p in plans if p.crc_names},
+        sharded_docs={p.component.key: p.sharded_doc for p in plans if p.sharded_doc is not None},
+        claim_id=target.claim_id,
+        replace_url=target.replace_url,
+    )
 
 
 def commit_info(pending: PendingCommit, merged: Merged, *, world_size: int) -> CommitInfo:
@@ -157,3 +187,11 @@ def commit_job(
         commit=commit_info(pending, merged, world_size=world_size),
         options=writer_options,
     )
+
+
+def json_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` as plain JSON data (a copy), or InvalidStateError."""
+    try:
+        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
+    except (TypeError, ValueError) as e:
+        raise InvalidStateError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
