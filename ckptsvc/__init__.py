@@ -1,8 +1,14 @@
 """ckptsvc: asynchronous, crash-consistent PyTorch checkpoints on local disk, S3 or GCS.
 
-The synchronous API is a drop-in for Forgather's ``forgather.ml.sharded_checkpoint``
-(also importable as ``ckptsvc.sharded_checkpoint``); every function takes a local path or
-an fsspec URL plus a keyword-only ``storage_options``.
+This package exports what a training script needs: save (``AsyncCheckpointer``,
+``save_checkpoint``, ``CheckpointManager``), load (``load_state``, ``load_components``,
+``load_checkpoint`` for weights), find (``find_latest_checkpoint``, ``list_checkpoints``),
+check and clean up (``verify_checkpoint``, ``collect_garbage``, ``prune``,
+``delete_checkpoint``), copy (``copy_checkpoint``, ``TieredStore``, ``export_hf``) and the
+errors. Forgather's other names stay importable where Forgather users import them:
+``ckptsvc.sharded_checkpoint`` and ``ckptsvc.manager``. Every function takes a local path
+or an fsspec URL plus a keyword-only ``storage_options``; names load on first use (the node
+writer process imports no torch).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from ckptsvc.metrics import PrometheusExporter, SaveEvent, add_listener
     from ckptsvc.ops.export import ExportResult, export_hf
     from ckptsvc.ops.gc import GcReport, collect_garbage
-    from ckptsvc.ops.retention import delete_checkpoint, delete_oldest_checkpoints_in_background
+    from ckptsvc.ops.retention import delete_checkpoint
     from ckptsvc.ops.tiered_saves import TieringConfig
     from ckptsvc.ops.tiering import ReplicationResult, TieredStore, replicate_checkpoint
     from ckptsvc.ops.transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
@@ -55,30 +61,10 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from ckptsvc.read.latest import find_latest_verified
     from ckptsvc.read.verify import Problem, VerifyReport, verify_checkpoint
     from ckptsvc.sharded_checkpoint import (
-        CheckpointMeta,
-        create_pretrained_symlinks,
-        create_sharing_metadata,
         find_latest_checkpoint,
-        get_all_fqns,
-        get_checkpoint_metadata,
-        id_to_fqn,
-        index_file_name,
         load_checkpoint,
-        load_checkpoint_metrics,
-        load_shard_index,
-        load_sharded_checkpoint,
-        make_cannonical_names,
-        make_shard_index,
-        map_cannonical_names,
-        maybe_delete_oldest_checkpoint,
         next_checkpoint_path,
-        retie_parameters,
         save_checkpoint,
-        save_checkpoint_metrics,
-        save_shard_index,
-        save_sharded_checkpoint,
-        validate_checkpoint,
-        validate_output_dir,
     )
     from ckptsvc.stage.components import (
         RNGState,
@@ -94,7 +80,6 @@ _LAZY: dict[str, str] = {
     "TieredStore": "ops.tiering",
     "ReplicationResult": "ops.tiering",
     "replicate_checkpoint": "ops.tiering",
-    "delete_oldest_checkpoints_in_background": "ops.retention",
     "find_latest_verified": "read.latest",
     "CheckpointManager": "manager",
     "CheckpointConfig": "manager",
@@ -117,7 +102,6 @@ _LAZY: dict[str, str] = {
     "export_hf": "ops.export",
     "AsyncCheckpointer": "engine.async_checkpointer",
     "CheckpointInfo": "read.discovery",
-    "CheckpointMeta": "sharded_checkpoint",
     "CheckpointStatus": "read.discovery",
     "GcReport": "ops.gc",
     "Manifest": "format.manifest",
@@ -131,32 +115,13 @@ _LAZY: dict[str, str] = {
     "StatefulProvider": "stage.components",
     "VerifyReport": "read.verify",
     "collect_garbage": "ops.gc",
-    "create_pretrained_symlinks": "sharded_checkpoint",
-    "create_sharing_metadata": "sharded_checkpoint",
     "delete_checkpoint": "ops.retention",
     "find_latest_checkpoint": "sharded_checkpoint",
-    "get_all_fqns": "sharded_checkpoint",
-    "get_checkpoint_metadata": "sharded_checkpoint",
-    "id_to_fqn": "sharded_checkpoint",
-    "index_file_name": "sharded_checkpoint",
     "list_checkpoints": "read.discovery",
     "load_checkpoint": "sharded_checkpoint",
-    "load_checkpoint_metrics": "sharded_checkpoint",
-    "load_shard_index": "sharded_checkpoint",
-    "load_sharded_checkpoint": "sharded_checkpoint",
     "load_state": "read.component_load",
-    "make_cannonical_names": "sharded_checkpoint",
-    "make_shard_index": "sharded_checkpoint",
-    "map_cannonical_names": "sharded_checkpoint",
-    "maybe_delete_oldest_checkpoint": "sharded_checkpoint",
     "next_checkpoint_path": "sharded_checkpoint",
-    "retie_parameters": "sharded_checkpoint",
     "save_checkpoint": "sharded_checkpoint",
-    "save_checkpoint_metrics": "sharded_checkpoint",
-    "save_shard_index": "sharded_checkpoint",
-    "save_sharded_checkpoint": "sharded_checkpoint",
-    "validate_checkpoint": "sharded_checkpoint",
-    "validate_output_dir": "sharded_checkpoint",
     "verify_checkpoint": "read.verify",
     "WriterOptions": "workers.protocol",
 }
@@ -181,7 +146,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
-    "CheckpointMeta",
     "CheckpointNotFoundError",
     "CheckpointStatus",
     "CommitConflictError",
@@ -229,38 +193,18 @@ __all__ = [
     "collect_garbage",
     "copy_checkpoint",
     "copy_tree",
-    "create_pretrained_symlinks",
-    "create_sharing_metadata",
     "default_checkpoint_id",
     "delete_checkpoint",
-    "delete_oldest_checkpoints_in_background",
     "export_hf",
     "find_latest_checkpoint",
     "find_latest_verified",
-    "get_all_fqns",
-    "get_checkpoint_metadata",
-    "id_to_fqn",
-    "index_file_name",
     "list_checkpoints",
     "load_checkpoint",
-    "load_checkpoint_metrics",
     "load_components",
-    "load_shard_index",
-    "load_sharded_checkpoint",
     "load_state",
-    "make_cannonical_names",
-    "make_shard_index",
-    "map_cannonical_names",
-    "maybe_delete_oldest_checkpoint",
     "next_checkpoint_path",
     "prune",
     "replicate_checkpoint",
-    "retie_parameters",
     "save_checkpoint",
-    "save_checkpoint_metrics",
-    "save_shard_index",
-    "save_sharded_checkpoint",
-    "validate_checkpoint",
-    "validate_output_dir",
     "verify_checkpoint",
 ]

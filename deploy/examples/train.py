@@ -169,8 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if rank == 0:
                     print(f"step {step}: loss {loss.item():.5f}; save blocked "
                           f"{handle.timings.blocking_s * 1e3:.1f} ms", flush=True)  # fmt: skip
-                    ckptsvc.maybe_delete_oldest_checkpoint(args.output, args.keep,
-                                                           storage_options=opts)  # fmt: skip
+                    ckptsvc.prune(args.output, keep=args.keep, storage_options=opts)
             if stop:
                 if handle is not None:
                     handle.wait()  # committed (every rank's files durable), or raises
