@@ -119,3 +119,33 @@ def test_a_module_or_a_list_is_the_state_itself(tmp_path: Path, node: str) -> No
     ]
     keyed = load_state(c.path)
     assert list(keyed) == [1] and torch.equal(keyed[1], torch.ones(2))
+
+
+def test_a_checkpoint_of_the_previous_layout_still_loads(tmp_path: Path) -> None:
+    """``tests/golden/v1_save_layout``: the same state saved by ``save`` before the component
+    layout (every tensor prefixed in the model shards, the rest in ``ckptsvc_state.json``),
+    written by that code. It verifies, loads with ``load_state`` and is found as latest."""
+    import shutil
+
+    from ckptsvc import find_latest_checkpoint, verify_checkpoint
+
+    root = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "golden" / "v1_save_layout", root / "checkpoints")
+    path = str(root / "checkpoints" / "checkpoint-3")
+    assert find_latest_checkpoint(str(root)) == path
+    assert verify_checkpoint(path).ok
+    back = load_state(path)
+    want = golden_state()
+    assert back["step"] == 3 and back["data"] == {"epoch": 1, "pos": [2, 5]}
+    # that checkpoint's model had no ``steps`` buffer
+    model_sd = {k: v for k, v in want["model"].state_dict().items() if k != "steps"}
+    assert sorted(back["model"]) == sorted(model_sd)
+    for k, v in model_sd.items():
+        assert torch.equal(back["model"][k], v), k
+    assert back["model"]["head.weight"] is back["model"]["embed.weight"]
+    opt = torch.optim.SGD(Tiny().parameters(), lr=0.5, momentum=0.9)
+    opt.load_state_dict(back["optimizer"])
+    for i, slots in want["optimizer"].state_dict()["state"].items():
+        assert torch.equal(
+            opt.state_dict()["state"][i]["momentum_buffer"], slots["momentum_buffer"]
+        )
