@@ -273,13 +273,15 @@ def test_sync_overwrite_that_fails_keeps_the_old_checkpoint(
 ) -> None:
     out = str(tmp_path / "c")
     ckptsvc.save_checkpoint(out, {"w": torch.zeros(8)}, safetensors=True)
-    real = ckptsvc.sharded_checkpoint._write_files
+    from ckptsvc.engine import sync_save
+
+    real = sync_save._write_files
 
     def fail_midway(*args: Any, **kwargs: Any) -> Any:
         real(*args, **kwargs)
         raise StorageError("simulated: no space left on device", url=out)
 
-    monkeypatch.setattr(ckptsvc.sharded_checkpoint, "_write_files", fail_midway)
+    monkeypatch.setattr(sync_save, "_write_files", fail_midway)
     with pytest.raises(StorageError):
         ckptsvc.save_checkpoint(out, {"w": torch.ones(8)}, safetensors=True)
     assert torch.equal(ckptsvc.load_checkpoint(out)["w"], torch.zeros(8))
