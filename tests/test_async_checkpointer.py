@@ -32,9 +32,9 @@ from ckptsvc.errors import (
     WriterDiedError,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.liveness import pid_alive
 from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.stage.arena import pid_alive
 from ckptsvc.workers.client import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)

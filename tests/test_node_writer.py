@@ -28,7 +28,8 @@ from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.layout import TensorSpec, plan_files
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord, Manifest
 from ckptsvc.format.safetensors_stream import dtype_from_torch, tensor_bytes
-from ckptsvc.stage.arena import ShmSegment, pid_alive, plan_arena, segment_prefix
+from ckptsvc.liveness import pid_alive
+from ckptsvc.stage.arena import plan_arena
 from ckptsvc.workers.client import WriterClient, writer_socket_path
 from ckptsvc.workers.protocol import (
     CommitInfo,
@@ -43,6 +44,7 @@ from ckptsvc.workers.protocol import (
     recv_message,
     send_message,
 )
+from ckptsvc.workers.shm import ShmSegment, segment_prefix
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -327,7 +329,8 @@ _CHILD = """
 import json, os, sys, time, uuid
 import torch
 from ckptsvc.format.layout import TensorSpec, plan_files
-from ckptsvc.stage.arena import ShmSegment, plan_arena, segment_prefix
+from ckptsvc.stage.arena import plan_arena
+from ckptsvc.workers.shm import ShmSegment, segment_prefix
 from ckptsvc.workers.client import WriterClient
 from ckptsvc.workers.protocol import FileJob, SaveJob, WriterOptions
 node, url, gate = sys.argv[1:4]

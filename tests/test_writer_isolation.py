@@ -28,7 +28,7 @@ from servers import Server
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import CheckpointError, WriterDiedError
 from ckptsvc.format.manifest import MANIFEST_NAME
-from ckptsvc.stage.arena import pid_alive
+from ckptsvc.liveness import pid_alive
 from ckptsvc.workers.client import WriterClient, writer_socket_path
 from ckptsvc.workers.identity import current_identity
 

@@ -60,8 +60,9 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from ckptsvc import knobs
 from ckptsvc.errors import CheckpointError, SaveFailedError
 from ckptsvc.format.manifest import FileRecord, Manifest
-from ckptsvc.stage.arena import ShmSegment, pid_alive, reclaim_stale_segments
+from ckptsvc.liveness import pid_alive
 from ckptsvc.storage import Location
+from ckptsvc.workers.shm import ShmSegment, reclaim_stale_segments
 
 from .client import writer_log_path
 from .commit import (

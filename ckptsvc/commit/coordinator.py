@@ -32,8 +32,8 @@ from ckptsvc.errors import (
     SaveFailedError,
     StorageNotFoundError,
 )
-from ckptsvc.stage.arena import node_id
 from ckptsvc.storage import Location
+from ckptsvc.workers.identity import node_id
 
 if TYPE_CHECKING:
     from ckptsvc.commit.reports import Merged, RankReport
