@@ -35,7 +35,7 @@ from ckptsvc.format.manifest import MANIFEST_NAME
 from ckptsvc.liveness import pid_alive
 from ckptsvc.read.discovery import find_latest_checkpoint, next_checkpoint_path
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.workers.client import writer_socket_path
+from ckptsvc.workers.launch import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)
 SHM = "/dev/shm"

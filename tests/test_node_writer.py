@@ -30,7 +30,8 @@ from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord,
 from ckptsvc.format.safetensors_stream import dtype_from_torch, tensor_bytes
 from ckptsvc.liveness import pid_alive
 from ckptsvc.stage.arena import plan_arena
-from ckptsvc.workers.client import WriterClient, writer_socket_path
+from ckptsvc.workers.client import WriterClient
+from ckptsvc.workers.launch import writer_socket_path
 from ckptsvc.workers.protocol import (
     CommitInfo,
     FileJob,
@@ -438,13 +439,13 @@ def test_errors_cross_the_wire_as_ckptsvc_errors() -> None:
 
 
 def test_writer_log_keeps_one_previous_file_once_it_grows(tmp_path: Path) -> None:
-    from ckptsvc.workers import client
+    from ckptsvc.workers import launch
 
     log = tmp_path / "writer.sock.log"
     log.write_bytes(b"small")
-    client._rotate_log(str(log))
+    launch._rotate_log(str(log))
     assert log.read_bytes() == b"small" and not (tmp_path / "writer.sock.log.1").exists()
-    log.write_bytes(b"x" * (client._LOG_ROTATE_BYTES + 1))
-    client._rotate_log(str(log))
+    log.write_bytes(b"x" * (launch._LOG_ROTATE_BYTES + 1))
+    launch._rotate_log(str(log))
     assert not log.exists()
-    assert (tmp_path / "writer.sock.log.1").stat().st_size == client._LOG_ROTATE_BYTES + 1
+    assert (tmp_path / "writer.sock.log.1").stat().st_size == launch._LOG_ROTATE_BYTES + 1

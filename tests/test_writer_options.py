@@ -25,8 +25,8 @@ from ckptsvc.errors import ConfigError
 from ckptsvc.liveness import pid_alive
 from ckptsvc.stage.arena import ArenaPool
 from ckptsvc.storage import Location
-from ckptsvc.workers.client import writer_log_path
 from ckptsvc.workers.identity import node_id
+from ckptsvc.workers.launch import writer_log_path
 from ckptsvc.workers.shm import ShmSegment, segment_prefix
 
 MiB = 2**20
@@ -147,7 +147,7 @@ _TRAINER = """
 import json, sys, torch
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.workers.identity import node_id
-from ckptsvc.workers.client import writer_socket_path
+from ckptsvc.workers.launch import writer_socket_path
 with AsyncCheckpointer(sys.argv[1]) as c:
     c.save(1, {"w": torch.ones(8)}).wait()
     report = {"writer": c.writer_pid, "node": node_id(), "socket": writer_socket_path(node_id())}

@@ -1,6 +1,6 @@
 """The node writer: one process per node that streams staged saves to storage.
 
-Started by ``workers.client`` as a fresh interpreter (the spawn method's semantics: no
+Started by ``workers.launch`` (for ``workers.client``) as a fresh interpreter (the spawn method's semantics: no
 forked state, so s3fs/gcsfs event loops are only ever created here, after start) and
 reached by every local trainer over a Unix socket. It imports no torch.
 
@@ -56,9 +56,9 @@ from ckptsvc import knobs
 from ckptsvc.liveness import pid_alive
 from ckptsvc.workers.shm import ShmSegment, reclaim_stale_segments
 
-from .client import writer_log_path
 from .identity import current_identity
 from .job_runner import JobState, run_job
+from .launch import writer_log_path
 from .protocol import (
     PROTOCOL_VERSION,
     CancelJob,
