@@ -38,7 +38,8 @@ from ckptsvc import knobs
 from ckptsvc import version as version_module
 from ckptsvc.version import __version__
 
-from .protocol import PER_JOB_VARIABLES, WriterIdentity
+from .options import PER_JOB_VARIABLES
+from .protocol import WriterIdentity
 
 __all__ = ["current_identity", "job_environment", "node_id"]
 
