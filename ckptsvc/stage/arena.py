@@ -21,8 +21,6 @@ trainer's half: the layout, the pool, the torch views and the copy.
 Layout: :func:`plan_arena` puts each shard file's data section contiguously, in
 ``layout.entries`` order, at a page-aligned offset, so the writer streams a file with a
 few large zero-copy slices of the mapping.
-
-torch is imported lazily (by ``StagingArena`` and ``copy_into``).
 """
 
 from __future__ import annotations
@@ -35,13 +33,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ckptsvc import hooks, knobs
 from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError
 from ckptsvc.workers.shm import ShmSegment, new_segment_name, reclaim_stale_segments
 
 if TYPE_CHECKING:
-    import torch
-
     from ckptsvc.format.layout import FilePlan
 
 __all__ = ["ALIGN_BYTES", "ArenaPlan", "ArenaPool", "StagingArena", "copy_into", "plan_arena"]
@@ -88,8 +86,6 @@ class StagingArena:
     """A trainer-owned segment plus torch views into it (built once per plan, cached)."""
 
     def __init__(self, segment: ShmSegment) -> None:
-        import torch
-
         self.segment = segment
         self._base: torch.Tensor | None = torch.frombuffer(segment.buffer, dtype=torch.uint8)
         self._views: dict[int, list[torch.Tensor]] = {}
@@ -146,8 +142,6 @@ class StagingArena:
         """Register the mapping as page-locked CUDA host memory (once; best effort)."""
         if self._pinned_ptr is not None or self._base is None:
             return
-        import torch
-
         ptr = self._base.data_ptr()
         rc = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0)
         if int(rc) != 0:
@@ -161,8 +155,6 @@ class StagingArena:
         """Drop the views, unpin, unmap; the owner unlinks."""
         self._views.clear()
         if self._pinned_ptr is not None:
-            import torch
-
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
             self._pinned_ptr = None
@@ -370,8 +362,6 @@ def copy_into(
     threads would cost more than it saves). Hook points ``snapshot.copy.before``/``.after``
     (:mod:`ckptsvc.hooks`) surround the copy.
     """
-    import torch
-
     hooks.point("snapshot.copy.before")
 
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
