@@ -3,7 +3,7 @@
 Rank and world size come from ``torch.distributed`` when it is initialised, else from the
 launcher's environment (``RANK``, ``WORLD_SIZE``); local rank and node from ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE`` and ``GROUP_RANK`` (the node index), and the node writer's id from
-``CKPTSVC_NODE_ID`` (:func:`~ckptsvc.stage.arena.node_id`). Named process groups resolve to
+``CKPTSVC_NODE_ID`` (:func:`~ckptsvc.workers.identity.node_id`). Named process groups resolve to
 their global ranks (:func:`resolve_groups`). Nothing here runs a collective; every module
 that needs the rank asks here.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ckptsvc.errors import ConfigError
-from ckptsvc.stage.arena import node_id
+from ckptsvc.workers.identity import node_id
 
 __all__ = ["RankInfo", "group_ranks", "resolve_groups"]
 

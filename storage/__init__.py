@@ -5,8 +5,9 @@ This layer knows nothing of torch or checkpoints; it moves bytes and names them.
 
 from .copies import CopyMethod, copy_file
 from .errors import classify, is_transient, storage_errors
+from .fs import ChildInfo, ShardSink, fsync_dir, url_to_fs
 from .io_settings import IOSettings
-from .location import ChildInfo, Location, ShardSink, fsync_dir, url_to_fs
+from .location import Location
 from .reads import RangeRead, plan_reads
 from .retry import RetryPolicy, acall_with_retries, call_with_retries
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 from fsspec.asyn import sync
 
 from .errors import classify, storage_errors
+from .fs import GCS_PROTOCOLS, S3_PROTOCOLS
 from .retry import call_with_retries
-from .sinks import GCS_PROTOCOLS, S3_PROTOCOLS
 
 if TYPE_CHECKING:
     from .location import Location

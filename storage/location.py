@@ -3,24 +3,25 @@
 Everything above this layer passes ``Location`` objects around instead of
 ``(fs, path)`` pairs, so that error messages always carry the user's URL and local
 files get the fast, durable code path (raw ``os`` calls, fsync, ``os.replace``).
+
+``Location`` is the one face of the storage layer; each of its jobs lives in a helper it
+imports (which sees ``Location`` only as a type): ``fs`` (resolving URLs, listing
+entries, the sink contract), ``sinks`` / ``multipart`` / ``resumable`` (streaming writes),
+``atomic`` (``publish``, ``create_exclusive``), ``reads`` (ranged and scattered reads),
+``copies`` (server-side copies), ``deletes`` (``remove``, ``remove_children``). Hook
+points (:mod:`ckptsvc.hooks`) run here, around the helpers.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import logging
 import os
 import posixpath
-import uuid
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
-import fsspec
 from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 
 from ckptsvc import hooks, knobs
 from ckptsvc.errors import (
@@ -31,57 +32,24 @@ from ckptsvc.errors import (
     StoragePermissionError,
 )
 
+from . import atomic, deletes
 from .copies import CopyMethod, copy_file
-from .deletes import delete_s3_tree
-from .errors import classify, storage_errors
+from .errors import storage_errors
+from .fs import (
+    GCS_PROTOCOLS,
+    S3_PROTOCOLS,
+    ChildInfo,
+    ShardSink,
+    is_local_fs,
+    listing_time,
+    url_to_fs,
+)
 from .io_settings import IOSettings
 from .reads import RangeRead, plan_reads, read_ranges
 from .retry import RetryPolicy, call_with_retries
-from .sinks import GCS_PROTOCOLS, S3_PROTOCOLS, ShardSink, open_sink, write_all
+from .sinks import open_sink
 
-__all__ = ["ChildInfo", "Location", "ShardSink", "url_to_fs"]
-
-logger = logging.getLogger(__name__)
-
-
-def _with_retry_defaults(text: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """ckptsvc retries S3 requests itself (``call_with_retries``: per request, bounded by
-    count and time). Unless the caller configured botocore's retries, turn them off so
-    that the bounds hold instead of multiplying; s3fs keeps its short retries of dropped
-    connections and SlowDown."""
-    if fsspec.core.split_protocol(text)[0] not in S3_PROTOCOLS:
-        return storage_options
-    config = dict(storage_options.get("config_kwargs") or {})
-    if "retries" in config:
-        return storage_options
-    config["retries"] = {"total_max_attempts": 1}
-    return {**storage_options, "config_kwargs": config}
-
-
-def url_to_fs(
-    url: str | os.PathLike[str], **storage_options: Any
-) -> tuple[AbstractFileSystem, str]:
-    """Resolve a local path or URL (``file://``, ``memory://``, ``s3://``, ``gs://``, ...)."""
-    text = os.fspath(url)
-    if not text:
-        raise ConfigError("empty path or URL")
-    with storage_errors(text, "open filesystem for"):
-        fs, path = fsspec.core.url_to_fs(text, **_with_retry_defaults(text, storage_options))
-    return fs, path
-
-
-def _is_local(fs: AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-@dataclass(frozen=True)
-class ChildInfo:
-    """One entry of a directory listing."""
-
-    name: str
-    is_dir: bool
-    nbytes: int
-    mtime: float | None
+__all__ = ["Location"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +82,7 @@ class Location:
         opts = dict(storage_options or {})
         fs, path = url_to_fs(url, **opts)
         text = os.fspath(url)
-        if _is_local(fs):
+        if is_local_fs(fs):
             path = os.path.abspath(path)
             text = path if "://" not in text else text
         return cls(
@@ -133,7 +101,7 @@ class Location:
     # ---- naming --------------------------------------------------------------------------
     @property
     def is_local(self) -> bool:
-        return _is_local(self.fs)
+        return is_local_fs(self.fs)
 
     @property
     def protocol(self) -> str:
@@ -250,7 +218,7 @@ class Location:
             name = posixpath.basename(str(info["name"]).rstrip("/"))
             if not name or str(info["name"]).rstrip("/") == self.path.rstrip("/"):
                 continue
-            mtime = _timestamp(
+            mtime = listing_time(
                 info.get("mtime")  # local, sftp, ...
                 or info.get("LastModified")  # S3
                 or info.get("updated")  # GCS
@@ -375,31 +343,7 @@ class Location:
         hooks.point("publish.after", name=self.name, url=self.url)
 
     def _publish(self, data: bytes) -> None:
-        if self.is_local:
-            directory = os.path.dirname(self.path)
-            tmp = os.path.join(directory, f".{self.name}.{uuid.uuid4().hex[:12]}.tmp")
-            with storage_errors(self.url, "publish"):
-                os.makedirs(directory, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    write_all(fd, memoryview(data))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                try:
-                    hooks.point("rename.before", path=self.path)
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    os.unlink(tmp)
-                    raise
-                fsync_dir(directory)
-            return
-        call_with_retries(
-            lambda: self.fs.pipe_file(self.path, data),
-            url=self.url,
-            policy=self.retry_policy(),
-            action="publish",
-        )
+        atomic.publish(self, data)
 
     def create_exclusive(self, data: bytes) -> bool:
         """Create the file with ``data`` only if it does not exist; ``False`` if it did.
@@ -415,48 +359,7 @@ class Location:
         return created
 
     def _create_exclusive(self, data: bytes) -> bool:
-        if self.is_local:
-            directory = os.path.dirname(self.path)
-            with storage_errors(self.url, "create"):
-                os.makedirs(directory, exist_ok=True)
-                try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                try:
-                    write_all(fd, memoryview(data))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                fsync_dir(directory)
-            return True
-        if self.protocol in S3_PROTOCOLS or self.protocol in GCS_PROTOCOLS:
-            try:
-                call_with_retries(
-                    lambda: self.fs.pipe_file(self.path, data, mode="create"),
-                    url=self.url,
-                    policy=self.retry_policy(),
-                    action="create",
-                )
-            except FileExistsError:  # 412 Precondition Failed, as fsspec maps it
-                return False
-            except StorageError as e:
-                if _precondition_failed(e):
-                    return False
-                raise
-            return True
-        global _warned_unconditional
-        if not _warned_unconditional:
-            _warned_unconditional = True
-            logger.warning(
-                "%s: this filesystem has no conditional write; claims of a checkpoint "
-                "directory are checked, then written (not atomic)",
-                self.url,
-            )
-        if self.exists():
-            return False
-        self.publish(data)
-        return True
+        return atomic.create_exclusive(self, data)
 
     def mtime_s(self) -> float | None:
         """Last modification time in seconds since the epoch (``None`` if not reported)."""
@@ -469,7 +372,7 @@ class Location:
             return dict(self.fs.info(self.path))
 
         info = call_with_retries(_info, url=self.url, policy=self.retry_policy(), action="stat")
-        return _timestamp(
+        return listing_time(
             info.get("mtime")
             or info.get("LastModified")
             or info.get("updated")
@@ -505,87 +408,14 @@ class Location:
         """
         info = {"name": self.name, "url": self.url, "recursive": recursive}
         hooks.point("remove.before", **info)
-        self._remove(recursive=recursive, missing_ok=missing_ok)
+        deletes.remove(self, recursive=recursive, missing_ok=missing_ok)
         hooks.point("remove.after", **info)
-
-    def _remove(self, *, recursive: bool, missing_ok: bool) -> None:
-        if self.is_local:
-            import shutil
-
-            try:
-                if recursive and os.path.isdir(self.path) and not os.path.islink(self.path):
-                    shutil.rmtree(self.path)
-                else:
-                    os.unlink(self.path)
-                    hooks.point("unlink.after", path=self.path)
-            except FileNotFoundError as e:
-                if not missing_ok:
-                    raise classify(e, self.url, "delete") from e
-            except OSError as e:
-                raise classify(e, self.url, "delete") from e
-            return
-
-        # object stores delete missing keys silently: look first when the caller cares
-        if not missing_ok and not self.exists():
-            raise StorageNotFoundError(f"delete {self.url}: not found", url=self.url)
-        if recursive and self.protocol in S3_PROTOCOLS:
-            call_with_retries(
-                lambda: delete_s3_tree(self),
-                url=self.url,
-                policy=self.retry_policy(),
-                action="delete",
-            )
-            return
-
-        def _rm() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path, recursive=recursive)
-
-        call_with_retries(_rm, url=self.url, policy=self.retry_policy(), action="delete")
-        self.fs.invalidate_cache(self.path)
 
     def remove_children(self, *, keep: Collection[str] = ()) -> None:
         """Delete everything below this directory except its direct children named in
         ``keep`` (batched on S3; the directory itself stays). Retention uses it to delete
         a checkpoint's data while its in-progress marker still stands."""
-        if self.is_local:
-            try:
-                with os.scandir(self.path) as it:
-                    entries = [e for e in it if e.name not in keep]
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        import shutil
-
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                        hooks.point("unlink.after", path=entry.path)
-            except FileNotFoundError:
-                return
-            except OSError as e:
-                raise classify(e, self.url, "delete") from e
-            return
-        if self.protocol in S3_PROTOCOLS:
-            call_with_retries(
-                lambda: delete_s3_tree(self, keep=keep),
-                url=self.url,
-                policy=self.retry_policy(),
-                action="delete",
-            )
-            return
-        try:
-            children = [c.name for c in self.list_children() if c.name not in keep]
-        except StorageNotFoundError:
-            return
-        doomed = [posixpath.join(self.path, name) for name in children]
-
-        def _rm() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(doomed, recursive=True)
-
-        if doomed:
-            call_with_retries(_rm, url=self.url, policy=self.retry_policy(), action="delete")
-        self.fs.invalidate_cache(self.path)
+        deletes.remove_children(self, keep=keep)
 
     def copy_to(self, dst: Location, *, allow_plain_copy: bool = True) -> CopyMethod | None:
         """Copy this file to ``dst`` on the same store without moving the bytes through
@@ -606,42 +436,3 @@ class Location:
         for name, info in sorted(found.items()):
             rel = name[len(base) :] if name.startswith(base) else posixpath.basename(name)
             yield rel, int(info.get("size") or 0)
-
-
-_warned_unconditional = False
-
-
-def _precondition_failed(error: BaseException) -> bool:
-    """True if ``error`` (or a cause) is an HTTP 412 / PreconditionFailed answer."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, FileExistsError):
-            return True
-        text = f"{type(seen).__name__} {seen}"
-        if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _timestamp(value: object) -> float | None:
-    """Seconds since the epoch from a listing's datetime, ISO string or number."""
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
-
-
-def fsync_dir(directory: str) -> None:
-    """fsync a local directory so that renames and creations in it are durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

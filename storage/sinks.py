@@ -7,8 +7,9 @@
 - GCS: :class:`~.resumable.GcsResumableSink` (pipelined resumable upload);
 - anything else fsspec knows (memory://, custom filesystems): :class:`FsspecSink`.
 
-Every sink follows the same contract: ``write`` chunks in order, then ``close`` (durable
-or visible on return) or ``abort`` (nothing is left behind; never raises).
+Every sink follows the same contract (``ShardSink``, in ``storage.fs``): ``write`` chunks
+in order, then ``close`` (durable or visible on return) or ``abort`` (nothing is left
+behind; never raises).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import os
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from fsspec.spec import AbstractBufferedFile
 
@@ -25,27 +26,20 @@ from ckptsvc import knobs
 
 from .direct_io import DirectFile, DirectIORefused, direct_io_mode, want_direct
 from .errors import storage_errors
+from .fs import GCS_PROTOCOLS, S3_PROTOCOLS, ShardSink, write_all
+from .multipart import S3MultipartSink
+from .resumable import GcsResumableSink, gcs_resumable_supported
 from .retry import call_with_retries
 
 if TYPE_CHECKING:
     from .location import Location
 
-__all__ = ["FsspecSink", "LocalSink", "ShardSink", "open_sink", "write_all"]
+__all__ = ["FsspecSink", "LocalSink", "open_sink"]
 
 logger = logging.getLogger(__name__)
 
-S3_PROTOCOLS = frozenset({"s3", "s3a"})
-GCS_PROTOCOLS = frozenset({"gs", "gcs"})
 # Object stores whose unfinished uploads are invisible and cancelled by ``discard()``.
 _DISCARDING_PROTOCOLS = S3_PROTOCOLS | GCS_PROTOCOLS
-
-
-class ShardSink(Protocol):
-    """A streaming write of one file: ``write`` chunks, then ``close`` (durable) or ``abort``."""
-
-    def write(self, data: memoryview | bytes) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 def open_sink(
@@ -80,23 +74,10 @@ def open_sink(
     part = knobs.PART_SIZE_BYTES.get(part_size_bytes)
     in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
     if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
-        from .multipart import S3MultipartSink
-
         return S3MultipartSink(loc, part_size_bytes=part, parts_in_flight=in_flight)
-    if loc.protocol in GCS_PROTOCOLS:
-        from .resumable import GcsResumableSink, gcs_resumable_supported
-
-        if gcs_resumable_supported(loc):
-            return GcsResumableSink(loc, part_size_bytes=part)
+    if loc.protocol in GCS_PROTOCOLS and gcs_resumable_supported(loc):
+        return GcsResumableSink(loc, part_size_bytes=part)
     return FsspecSink(loc, part_size_bytes=part)
-
-
-def write_all(fd: int, data: memoryview) -> None:
-    """``os.write`` until every byte of ``data`` is written."""
-    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    while view.nbytes:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class LocalSink:

@@ -32,11 +32,11 @@ from ckptsvc.errors import (
     WriterDiedError,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.liveness import pid_alive
 from ckptsvc.read.discovery import next_checkpoint_path
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.stage.arena import pid_alive
-from ckptsvc.workers.client import writer_socket_path
+from ckptsvc.workers.launch import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)
 SHM = "/dev/shm"

@@ -31,6 +31,7 @@ import torch
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import CheckpointError, SaveFailedError, StorageError
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.liveness import pid_alive
 from ckptsvc.ops.gc import collect_garbage
 from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
 from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
@@ -38,7 +39,6 @@ from ckptsvc.read.discovery import next_checkpoint_path as ckpt_path
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
-from ckptsvc.stage.arena import pid_alive
 from ckptsvc.testing.faultinject import OsFault, faults_env, install_os_faults
 
 MiB = 2**20

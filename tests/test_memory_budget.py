@@ -29,16 +29,10 @@ from ckptsvc.errors import SaveFailedError, StorageError, WriterDiedError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.layout import TensorSpec, plan_files
 from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.liveness import pid_alive
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
-from ckptsvc.stage.arena import (
-    ArenaPool,
-    ShmSegment,
-    StagingArena,
-    copy_into,
-    pid_alive,
-    plan_arena,
-)
+from ckptsvc.stage.arena import ArenaPool, StagingArena, copy_into, plan_arena
 from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.stage.piecewise import (
     MIN_BUDGET_BYTES,
@@ -50,6 +44,7 @@ from ckptsvc.stage.piecewise import (
 from ckptsvc.stage.tensors import dtype_from_torch, dtype_to_torch
 from ckptsvc.tools.bench_budget import measure_budget_peak
 from ckptsvc.workers.protocol import PieceDone, PieceReady
+from ckptsvc.workers.shm import ShmSegment
 
 SHM = "/dev/shm"
 MiB = 1 << 20

@@ -27,9 +27,11 @@ from ckptsvc.errors import InvalidStateError, StorageError, WriterDiedError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.layout import TensorSpec, plan_files
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, ComponentRecord, Manifest
-from ckptsvc.stage.arena import ShmSegment, pid_alive, plan_arena, segment_prefix
+from ckptsvc.liveness import pid_alive
+from ckptsvc.stage.arena import plan_arena
 from ckptsvc.stage.tensors import dtype_from_torch, tensor_bytes
-from ckptsvc.workers.client import WriterClient, writer_socket_path
+from ckptsvc.workers.client import WriterClient
+from ckptsvc.workers.launch import writer_socket_path
 from ckptsvc.workers.protocol import (
     CommitInfo,
     FileJob,
@@ -43,6 +45,7 @@ from ckptsvc.workers.protocol import (
     recv_message,
     send_message,
 )
+from ckptsvc.workers.shm import ShmSegment, segment_prefix
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -327,7 +330,8 @@ _CHILD = """
 import json, os, sys, time, uuid
 import torch
 from ckptsvc.format.layout import TensorSpec, plan_files
-from ckptsvc.stage.arena import ShmSegment, plan_arena, segment_prefix
+from ckptsvc.stage.arena import plan_arena
+from ckptsvc.workers.shm import ShmSegment, segment_prefix
 from ckptsvc.workers.client import WriterClient
 from ckptsvc.workers.protocol import FileJob, SaveJob, WriterOptions
 node, url, gate = sys.argv[1:4]
@@ -435,13 +439,13 @@ def test_errors_cross_the_wire_as_ckptsvc_errors() -> None:
 
 
 def test_writer_log_keeps_one_previous_file_once_it_grows(tmp_path: Path) -> None:
-    from ckptsvc.workers import client
+    from ckptsvc.workers import launch
 
     log = tmp_path / "writer.sock.log"
     log.write_bytes(b"small")
-    client._rotate_log(str(log))
+    launch._rotate_log(str(log))
     assert log.read_bytes() == b"small" and not (tmp_path / "writer.sock.log.1").exists()
-    log.write_bytes(b"x" * (client._LOG_ROTATE_BYTES + 1))
-    client._rotate_log(str(log))
+    log.write_bytes(b"x" * (launch._LOG_ROTATE_BYTES + 1))
+    launch._rotate_log(str(log))
     assert not log.exists()
-    assert (tmp_path / "writer.sock.log.1").stat().st_size == client._LOG_ROTATE_BYTES + 1
+    assert (tmp_path / "writer.sock.log.1").stat().st_size == launch._LOG_ROTATE_BYTES + 1

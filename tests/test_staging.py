@@ -1,4 +1,5 @@
-"""Staging arenas: real POSIX shared memory, real child processes (ckptsvc.stage.arena)."""
+"""Staging arenas: real POSIX shared memory, real child processes (ckptsvc.stage.arena,
+ckptsvc.workers.shm)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,9 @@ from helpers_models import ALL_DTYPES, assert_bitwise_equal, random_tensor
 
 from ckptsvc.errors import StorageError
 from ckptsvc.format.layout import TensorSpec, plan_files
-from ckptsvc.stage.arena import (
-    ALIGN_BYTES,
-    ArenaPool,
-    ShmSegment,
-    StagingArena,
-    copy_into,
-    pid_alive,
-    plan_arena,
-    reclaim_stale_segments,
-    segment_prefix,
-)
+from ckptsvc.liveness import pid_alive
+from ckptsvc.stage.arena import ALIGN_BYTES, ArenaPool, StagingArena, copy_into, plan_arena
+from ckptsvc.workers.shm import ShmSegment, reclaim_stale_segments, segment_prefix
 
 SHM = "/dev/shm"
 
@@ -75,7 +68,7 @@ def test_attach_sees_writes_and_never_unlinks(node: str) -> None:
         # A child attaches with our untracked mapping and exits: the segment must survive
         # (multiprocessing.shared_memory's resource tracker would unlink it here).
         code = (
-            "import sys; from ckptsvc.stage.arena import ShmSegment; "
+            "import sys; from ckptsvc.workers.shm import ShmSegment; "
             f"s = ShmSegment.attach({name!r}); sys.stdout.write(bytes(s.buffer[:5]).decode()); s.close()"
         )
         out = subprocess.run(

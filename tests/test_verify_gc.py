@@ -31,7 +31,7 @@ from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_check
 from ckptsvc.read.latest import find_latest_verified
 from ckptsvc.read.verify import SKELETON_NAME, verify_checkpoint
 from ckptsvc.sharded_checkpoint import save_checkpoint
-from ckptsvc.stage.arena import segment_prefix
+from ckptsvc.workers.shm import segment_prefix
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -537,7 +537,8 @@ def test_cli_gc_min_age(tmp_path: Path) -> None:
 
 _ARENA_CHILD = """
 import sys, time
-from ckptsvc.stage.arena import ArenaPool, node_id
+from ckptsvc.stage.arena import ArenaPool
+from ckptsvc.workers.identity import node_id
 pool = ArenaPool(max_arenas=1, node=sys.argv[1] or node_id())
 arena, _ = pool.acquire(8192)
 print(arena.name, flush=True)

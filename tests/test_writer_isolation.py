@@ -28,9 +28,10 @@ from servers import Server
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import CheckpointError, WriterDiedError
 from ckptsvc.format.manifest import MANIFEST_NAME
-from ckptsvc.stage.arena import pid_alive
-from ckptsvc.workers.client import WriterClient, writer_socket_path
+from ckptsvc.liveness import pid_alive
+from ckptsvc.workers.client import WriterClient
 from ckptsvc.workers.identity import current_identity
+from ckptsvc.workers.launch import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)
 
@@ -190,7 +191,7 @@ def test_identity_covers_credentials_and_installation_but_not_ranks() -> None:
 
 
 _FOREIGN_WRITER = (
-    "import sys, ckptsvc; ckptsvc.__version__ = '0.0.0+other'; "
+    "import sys, ckptsvc.version; ckptsvc.version.__version__ = '0.0.0+other'; "
     "from ckptsvc.workers.node_writer import main; sys.exit(main(sys.argv[1:]))"
 )
 

@@ -22,9 +22,12 @@ from conftest import StorageRoot
 from ckptsvc import WriterOptions
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
 from ckptsvc.errors import ConfigError
-from ckptsvc.stage.arena import ArenaPool, ShmSegment, node_id, pid_alive, segment_prefix
+from ckptsvc.liveness import pid_alive
+from ckptsvc.stage.arena import ArenaPool
 from ckptsvc.storage import Location
-from ckptsvc.workers.client import writer_log_path
+from ckptsvc.workers.identity import node_id
+from ckptsvc.workers.launch import writer_log_path
+from ckptsvc.workers.shm import ShmSegment, segment_prefix
 
 MiB = 2**20
 PART = 5 * MiB  # S3's smallest part but the last
@@ -143,8 +146,8 @@ def test_explicit_options_win_for_local_saves(
 _TRAINER = """
 import json, sys, torch
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-from ckptsvc.stage.arena import node_id
-from ckptsvc.workers.client import writer_socket_path
+from ckptsvc.workers.identity import node_id
+from ckptsvc.workers.launch import writer_socket_path
 with AsyncCheckpointer(sys.argv[1]) as c:
     c.save(1, {"w": torch.ones(8)}).wait()
     report = {"writer": c.writer_pid, "node": node_id(), "socket": writer_socket_path(node_id())}

@@ -6,7 +6,7 @@ Call order (process / thread that runs each step):
    node *and identity* (``writer-<node>-<identity key>.sock``: installation, version and
    the job's storage environment, ``workers.identity``); if nobody answers, take the start
    lock (``flock`` on the socket directory), check again, remove a stale socket file and
-   start the writer as a fresh interpreter with this process's ``sys.path`` and
+   start the writer (``workers.launch``) as a fresh interpreter with this process's ``sys.path`` and
    environment (spawn semantics, never fork), in its own session so the trainer's signals
    and exit do not touch it; wait until it accepts. ``Hello`` -> ``Welcome``: a writer of
    another identity is not used (the next candidate name is tried); a writer that does
@@ -31,28 +31,30 @@ Call order (process / thread that runs each step):
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import select
-import signal
 import socket
-import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeAlias
 
 from ckptsvc import hooks, knobs
 from ckptsvc.errors import ConfigError, WriterDiedError
 
 from .identity import current_identity
+from .launch import (
+    peer_pid,
+    private_dir,
+    retire_writer,
+    spawn_writer,
+    start_lock,
+    try_connect,
+    wait_for_socket,
+    writer_socket_path,
+)
 from .protocol import (
     PROTOCOL_VERSION,
     Hello,
@@ -71,181 +73,18 @@ from .protocol import (
     send_message,
 )
 
-__all__ = ["JobCallback", "JobOutcome", "WriterClient", "writer_socket_path"]
+__all__ = ["JobCallback", "JobOutcome", "WriterClient"]
 
 logger = logging.getLogger(__name__)
 
 JobOutcome: TypeAlias = "JobDone | JobFailed | WriterDiedError"
 JobCallback: TypeAlias = Callable[["JobDone | JobFailed | WriterDiedError"], None]
 
-_SUN_PATH_MAX = 107
 _CANDIDATES = 4  # socket names tried while writers of another identity hold the earlier ones
-_spawned: list[subprocess.Popen[bytes]] = []  # keeps Popen objects (and their reaping) alive
-
-
-def writer_socket_path(
-    node: str, explicit: str | None = None, *, key: str | None = None, attempt: int = 0
-) -> str:
-    """``CKPTSVC_WRITER_SOCKET``, or ``<tmp>/ckptsvc-<uid>/writer-<node>-<key>[-<n>].sock``
-    where ``key`` is this process's ``WriterIdentity.key`` (installation, version, job
-    environment) and ``attempt`` the candidate number (a writer of another identity holds
-    the earlier names)."""
-    path = knobs.WRITER_SOCKET.get(explicit)
-    if path:
-        return path
-    key = current_identity().key if key is None else key
-    name = f"writer-{node}-{key}" + (f"-{attempt}" if attempt else "")
-    directory = os.path.join(tempfile.gettempdir(), f"ckptsvc-{os.getuid()}")
-    path = os.path.join(directory, f"{name}.sock")
-    if len(path.encode()) > _SUN_PATH_MAX:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        path = os.path.join(f"/tmp/ckptsvc-{os.getuid()}", f"w-{digest}.sock")
-    return path
-
-
-def _try_connect(path: str) -> tuple[socket.socket, int | None] | None:
-    """A connected socket and the inode its name had just before (to remove that name
-    later only if it still is this writer's), or ``None`` when nobody listens."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        ino: int | None = os.stat(path).st_ino
-        sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        return None
-    except OSError:
-        sock.close()
-        raise
-    return sock, ino
-
-
-def _peer_pid(sock: socket.socket) -> int | None:
-    """The pid of the process that listens on the other end (Linux ``SO_PEERCRED``)."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return pid or None
-
-
-def _is_node_writer(pid: int) -> bool:
-    """``pid`` runs as this user and is a ckptsvc node writer (not a recycled pid)."""
-    try:
-        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-            return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"node_writer" in f.read()
-    except OSError:
-        return False
-
-
-def _retire(path: str, ino: int | None, pid: int | None, why: str) -> None:
-    """A wedged writer: SIGKILL it (if it still is this user's node writer) and remove its
-    socket name (if it still is its: a replacement may already listen there), so the next
-    start does not reach it. A writer stuck in the kernel (hung NFS) dies when the call
-    returns; until then it serves nobody new. Call under the start lock."""
-    if pid is not None and _is_node_writer(pid):
-        logger.error("killing the node writer (pid %d): %s", pid, why)
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        if ino is not None and os.stat(path).st_ino == ino:
-            os.unlink(path)
 
 
 class _OtherWriter(WriterDiedError):
     """The writer on the socket serves another installation, version or job."""
-
-
-def _private_dir(directory: str) -> None:
-    """Create the socket directory 0700, or check that an existing one is ours and private."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.stat(directory)
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ConfigError(
-            f"{directory} (the node writer's socket directory) must be owned by uid "
-            f"{os.getuid()} with mode 0700; remove it or set CKPTSVC_WRITER_SOCKET elsewhere"
-        )
-
-
-@contextlib.contextmanager
-def _start_lock(path: str) -> Iterator[None]:
-    """``flock`` on the socket's directory: no lock file to leave behind or race on."""
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def writer_log_path(socket_path: str) -> str:
-    """Where the node writer started for ``socket_path`` writes its output."""
-    return f"{socket_path}.log"
-
-
-_LOG_ROTATE_BYTES = 16 << 20
-
-
-def _rotate_log(log_path: str) -> None:
-    """Keep one previous writer log (``.log.1``) once the log passed ``_LOG_ROTATE_BYTES``.
-    Called under the start lock with no writer running, so nobody appends to it."""
-    with contextlib.suppress(OSError):
-        if os.stat(log_path).st_size > _LOG_ROTATE_BYTES:
-            os.replace(log_path, f"{log_path}.1")
-
-
-def _spawn_writer(path: str, node: str) -> subprocess.Popen[bytes]:
-    for old in list(_spawned):  # reap writers that exited since
-        if old.poll() is not None:
-            _spawned.remove(old)
-    bootstrap = (
-        "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-        "from ckptsvc.workers.node_writer import main; sys.exit(main(sys.argv[2:]))"
-    )
-    paths = [p for p in sys.path if p]
-    cmd = [sys.executable, "-c", bootstrap, json.dumps(paths), "--socket", path, "--node-id", node]
-    # The writer outlives this trainer: it must not hold the trainer's stdout/stderr pipes
-    # open (a `python train.py | tee log` would hang until the writer exits), so its
-    # output goes to a log file beside the socket.
-    _rotate_log(writer_log_path(path))
-    with open(writer_log_path(path), "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            close_fds=True,
-        )
-    _spawned.append(proc)
-    logger.info("started node writer pid %d on %s", proc.pid, path)
-    return proc
-
-
-def _wait_for_socket(
-    path: str, proc: subprocess.Popen[bytes], timeout_s: float
-) -> tuple[socket.socket, int | None]:
-    deadline = time.monotonic() + timeout_s
-    delay = 0.01
-    while True:
-        found = _try_connect(path)
-        if found is not None:
-            return found
-        code = proc.poll()
-        if code is not None:
-            raise WriterDiedError(
-                f"the node writer (pid {proc.pid}) exited with code {code} while starting on "
-                f"{path}; see its log {writer_log_path(path)}"
-            )
-        if time.monotonic() > deadline:
-            raise WriterDiedError(
-                f"the node writer (pid {proc.pid}) did not listen on {path} within {timeout_s} s "
-                "(raise CKPTSVC_WRITER_START_TIMEOUT_S on a slow machine)"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
 
 
 _clients: weakref.WeakSet[WriterClient] = weakref.WeakSet()
@@ -354,18 +193,18 @@ class WriterClient:
         if explicit:  # chosen by the user: their directory
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         else:
-            _private_dir(os.path.dirname(path))
+            private_dir(os.path.dirname(path))
         timeout_s = knobs.WRITER_START_TIMEOUT_S.get(start_timeout_s)
         last: BaseException | None = None
         for _attempt in range(3):
-            found = _try_connect(path)
+            found = try_connect(path)
             if found is None:
-                with _start_lock(path):
-                    found = _try_connect(path)
+                with start_lock(path):
+                    found = try_connect(path)
                     if found is None:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)  # stale: nobody listens on it
-                        found = _wait_for_socket(path, _spawn_writer(path, node), timeout_s)
+                        found = wait_for_socket(path, spawn_writer(path, node), timeout_s)
             sock, ino = found
             try:
                 return cls._handshake(
@@ -378,11 +217,13 @@ class WriterClient:
                     sock_ino=ino,
                 )
             except TimeoutError as e:  # it accepts (the kernel does) but does not answer
-                pid = _peer_pid(sock)
+                pid = peer_pid(sock)
                 sock.close()
                 last = e
-                with _start_lock(path):
-                    _retire(path, ino, pid, f"no answer to the handshake within {timeout_s} s")
+                with start_lock(path):
+                    retire_writer(
+                        path, ino, pid, f"no answer to the handshake within {timeout_s} s"
+                    )
             except _OtherWriter:
                 sock.close()
                 raise
@@ -437,8 +278,8 @@ class WriterClient:
         """After the writer was declared wedged: kill it (if it still is this user's node
         writer) and remove its socket name (if still its), so the next save starts a new
         one. Its arenas are the trainer's to discard, never to reuse."""
-        with contextlib.suppress(OSError), _start_lock(self.path):
-            _retire(self.path, self._sock_ino, self.writer_pid, self._wedged or "retired")
+        with contextlib.suppress(OSError), start_lock(self.path):
+            retire_writer(self.path, self._sock_ino, self.writer_pid, self._wedged or "retired")
 
     def submit(self, job: SaveJob, callback: JobCallback) -> None:
         """Send ``job``; ``callback`` runs once, on the reader thread, with the outcome."""

@@ -1,4 +1,8 @@
-"""Which node writer a process may use: :func:`current_identity`.
+"""Which node writer a process may use: :func:`node_id` and :func:`current_identity`.
+
+:func:`node_id` names the writer a process shares (its socket, its segments' names): the
+node's launched job, or ``CKPTSVC_NODE_ID``; :func:`current_identity` says whether a
+process may use a running writer at all.
 
 The node writer keeps the environment of the process that started it and builds every
 filesystem (s3fs, gcsfs, local) from that environment: credentials, endpoints, proxies,
@@ -26,15 +30,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Mapping
 
+from ckptsvc import knobs
 from ckptsvc import version as version_module
 from ckptsvc.version import __version__
 
-from .protocol import PER_JOB_VARIABLES, WriterIdentity
+from .options import PER_JOB_VARIABLES
+from .protocol import WriterIdentity
 
-__all__ = ["current_identity", "job_environment"]
+__all__ = ["current_identity", "job_environment", "node_id"]
 
 _PREFIXES = (
     "AWS_",
@@ -94,3 +101,38 @@ def current_identity(environ: Mapping[str, str] | None = None) -> WriterIdentity
         prefix=os.path.abspath(sys.prefix),
         env_digest=digest.hexdigest(),
     )
+
+
+def node_id(explicit: str | None = None) -> str:
+    """This process's writer id, reduced to ``[A-Za-z0-9_.]``: ``CKPTSVC_NODE_ID`` (how
+    processes ask to share one node writer), else ``u<uid>`` plus the launched job this
+    process belongs to, so that the local ranks of one job share a writer and unrelated
+    jobs never do: torchrun's ``TORCHELASTIC_RUN_ID``; Slurm's ``SLURM_JOB_ID`` and
+    ``SLURM_STEP_ID`` (an ``srun`` step); ``MASTER_ADDR`` and ``MASTER_PORT`` (any other
+    multi-process launch); else this process alone (``p<pid>``)."""
+    raw = knobs.NODE_ID.get(explicit)
+    if not raw:
+        raw = f"u{os.getuid()}_{_launch_key()}"
+    return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:64]
+
+
+def _launch_key(environ: Mapping[str, str] | None = None) -> str:
+    """The launched job of this process, as a short name (see :func:`node_id`)."""
+    env = os.environ if environ is None else environ
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":  # torchrun without --rdzv-id says "none"
+        return "te" + _short(run_id)
+    job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
+    if job and step:
+        return f"slurm{_short(job)}.{_short(step)}"
+    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
+    if addr and port:
+        return "m" + hashlib.sha256(f"{addr}:{port}".encode()).hexdigest()[:12]
+    return f"p{os.getpid()}"
+
+
+def _short(text: str) -> str:
+    """``text`` if it is a short plain name, else a digest of it."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text):
+        return text
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

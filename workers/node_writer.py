@@ -1,6 +1,6 @@
 """The node writer: one process per node that streams staged saves to storage.
 
-Started by ``workers.client`` as a fresh interpreter (the spawn method's semantics: no
+Started by ``workers.launch`` (for ``workers.client``) as a fresh interpreter (the spawn method's semantics: no
 forked state, so s3fs/gcsfs event loops are only ever created here, after start) and
 reached by every local trainer over a Unix socket. It imports no torch.
 
@@ -17,14 +17,10 @@ Call order (process / thread that runs each step):
    counter, what the trainer's oldest job is doing); each job gets a job thread (``PieceReady`` /
    ``CancelJob`` frames go to their streamed job's inbox). On EOF it cancels the
    trainer's jobs, waits for them, unmaps its arenas and reclaims them if the trainer died.
-4. ``_run_job`` (job thread): ``begin_checkpoint``; every shard to the I/O pool
-   (``options.io_threads`` threads of the job's own, ``stream_file``: header, then zero-copy slices of the arena,
-   CRC-32C while streaming, durable on return; a shard whose bytes equal the job's base
-   checkpoint's copy is linked / copied server-side instead, ``workers.reuse``); the
-   small files; then, when the job asks,
-   ``finish_checkpoint`` writes the manifest last; finally ``JobDone`` / ``JobFailed``.
-   A streamed job (``SaveJob.stream``: the trainer's state exceeds its memory budget)
-   writes its shards one after the other from the pieces instead (``workers.piece_stream``).
+4. ``job_runner.run_job`` (one job thread per job, ``workers.job_runner``): map the arena,
+   ``begin_checkpoint``, every shard on the job's I/O pool (or piece by piece for a
+   streamed job), the small files, the manifest last when the job asks, then ``JobDone``
+   / ``JobFailed``; a job commits only after the same trainer's previous job finished.
 
 Settings. Everything that shapes one job's writes (fsync, I/O threads, write chunk, part
 size and uploads in flight, retries, direct I/O) comes with the job
@@ -54,35 +50,19 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 
 from ckptsvc import knobs
-from ckptsvc.errors import CheckpointError, SaveFailedError
-from ckptsvc.format.manifest import FileRecord, Manifest
-from ckptsvc.stage.arena import ShmSegment, pid_alive, reclaim_stale_segments
-from ckptsvc.storage import Location
+from ckptsvc.liveness import pid_alive
+from ckptsvc.workers.shm import ShmSegment, reclaim_stale_segments
 
-from .client import writer_log_path
-from .commit import (
-    abandon_checkpoint,
-    begin_checkpoint,
-    commit_checkpoint,
-    publish_file,
-    swap_in,
-)
 from .identity import current_identity
-from .piece_stream import PieceInbox, write_streamed
+from .job_runner import JobState, run_job
+from .launch import writer_log_path
 from .protocol import (
     PROTOCOL_VERSION,
     CancelJob,
-    CommitInfo,
-    ErrorInfo,
-    FileJob,
     Hello,
-    JobDone,
-    JobFailed,
-    PieceDone,
     PieceReady,
     Ping,
     Pong,
@@ -94,79 +74,15 @@ from .protocol import (
     recv_message,
     send_message,
 )
-from .reuse import ReuseSource
-from .shard_writer import PROGRESS, write_shard
+from .shard_writer import PROGRESS
 
-__all__ = [
-    "JobCancelled",
-    "NodeWriter",
-    "finish_checkpoint",
-    "lower_priority",
-    "main",
-    "stream_file",
-]
+__all__ = ["NodeWriter", "lower_priority", "main"]
 
 logger = logging.getLogger(__name__)
 
 _TICK_S = 0.5
 _SWEEP_EVERY_S = 30.0
 _DEATH_GRACE_S = 3.0
-
-
-class JobCancelled(CheckpointError):
-    """The trainer that sent the job went away; the job stops without a manifest."""
-
-
-# ---- the steps of one job (module functions, so a distributed commit can reuse them) ------
-
-
-def stream_file(
-    ckpt: Location,
-    fj: FileJob,
-    arena: memoryview,
-    cancelled: threading.Event,
-    *,
-    chunk_nbytes: int,
-) -> FileRecord:
-    """Write one shard from its arena slice, ``chunk_nbytes`` per write; durable on
-    return; aborted on any failure."""
-    data = arena[fj.arena_offset : fj.arena_offset + fj.layout.data_nbytes]
-    if data.nbytes != fj.layout.data_nbytes:
-        raise SaveFailedError(
-            f"{fj.rel_path}: the arena holds {data.nbytes} of the {fj.layout.data_nbytes} bytes "
-            "the layout needs (arena smaller than the plan)"
-        )
-    step = chunk_nbytes
-
-    def chunks() -> Iterator[memoryview]:
-        for start in range(0, data.nbytes, step):
-            if cancelled.is_set():
-                raise JobCancelled(f"{ckpt.join(fj.rel_path).url}: save cancelled")
-            yield data[start : start + step]
-
-    try:
-        return write_shard(ckpt.join(fj.rel_path), fj.layout, chunks(), rel_path=fj.rel_path)
-    finally:
-        data.release()
-
-
-def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileRecord]) -> Manifest:
-    """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last."""
-    manifest = Manifest.new(
-        checkpoint_path=info.replace_url or ckpt.url,
-        world_size=info.world_size,
-        step=info.step,
-        files=(*info.extra_files, *files),
-        components=info.components,
-        pytorch_version=info.pytorch_version,
-        user_metadata=info.user_metadata,
-    )
-    commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
-    if info.replace_url:
-        swap_in(
-            ckpt, Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
-        )
-    return manifest
 
 
 # ---- process setup ---------------------------------------------------------------------------
@@ -193,23 +109,7 @@ def lower_priority(*, nice: int | None = None) -> None:
         logger.debug("ioprio_set unavailable: %s", e)
 
 
-# ---- connections and jobs --------------------------------------------------------------------
-
-
-class _Job:
-    """One job in the writer. ``previous`` is the same trainer's job before it: a job
-    commits only after that one finished, so manifests appear in save order."""
-
-    def __init__(self, job: SaveJob, received: float, previous: _Job | None) -> None:
-        self.job = job
-        self.received = received
-        self.previous = previous
-        self.cancelled = threading.Event()
-        self.finished = threading.Event()
-        self.reported = False  # its JobDone / JobFailed was sent
-        self.thread: threading.Thread | None = None
-        self.pieces = PieceInbox(job.job_id)  # a streamed job's PieceReady frames
-        self.doing = "queued"  # what it does now, for the trainer's Pong
+# ---- connections -----------------------------------------------------------------------------
 
 
 class _Connection:
@@ -221,8 +121,8 @@ class _Connection:
         self.send_lock = threading.Lock()
         self.hello: Hello | None = None
         self.arenas: dict[str, ShmSegment] = {}
-        self.jobs: dict[int, _Job] = {}
-        self.last_job: _Job | None = None
+        self.jobs: dict[int, JobState] = {}
+        self.last_job: JobState | None = None
         self.lock = threading.Lock()
 
     def send(self, message: object) -> None:
@@ -306,10 +206,10 @@ class _Connection:
 
     def start_job(self, job: SaveJob) -> None:
         with self.lock:
-            state = _Job(job, time.monotonic(), self.last_job)
+            state = JobState(job, time.monotonic(), self.last_job)
             self.jobs[job.job_id] = self.last_job = state
         state.thread = threading.Thread(
-            target=self.writer.run_job,
+            target=run_job,
             args=(self, state),
             name=f"ckptsvc-job-{job.job_id}",
             daemon=True,
@@ -317,7 +217,7 @@ class _Connection:
         self.writer.job_started()
         state.thread.start()
 
-    def job_finished(self, state: _Job) -> None:
+    def job_finished(self, state: JobState) -> None:
         PROGRESS.tick()
         state.finished.set()
         with self.lock:
@@ -426,120 +326,6 @@ class NodeWriter:
             with self._lock:
                 self._connections.add(conn)
             threading.Thread(target=conn.run, name="ckptsvc-conn", daemon=True).start()
-
-    def _write_streamed(
-        self, conn: _Connection, state: _Job, ckpt: Location, ring: memoryview | None
-    ) -> list[FileRecord]:
-        """A job bigger than the trainer's memory budget: its pieces, through the ring."""
-        job = state.job
-        if job.stream is None or ring is None:
-            raise SaveFailedError(f"{job.ckpt_url}: a streamed job needs a ring arena")
-        return write_streamed(
-            ckpt,
-            job.files,
-            spec=job.stream,
-            ring=ring,
-            inbox=state.pieces,
-            cancelled=state.cancelled,
-            ack=lambda seq: conn.send(PieceDone(job.job_id, seq)),
-            chunk_nbytes=job.options.write_chunk_bytes,
-        )
-
-    def run_job(self, conn: _Connection, state: _Job) -> None:
-        job = state.job
-        starts: list[float] = []
-        futures: list[Future[FileRecord]] = []
-        arena: memoryview | None = None
-        reuse: ReuseSource | None = None
-        reused: list[FileRecord] = []
-        began: Location | None = None  # the directory whose marker this job wrote
-        pool: ThreadPoolExecutor | None = None  # this job's shards, io_threads at a time
-
-        def one(fj: FileJob) -> FileRecord:
-            starts.append(time.monotonic())
-            state.doing = f"writing {fj.rel_path}"
-            if state.cancelled.is_set() or arena is None:
-                raise JobCancelled(f"{job.ckpt_url}: save cancelled")
-            if reuse is not None:  # incremental save: an unchanged shard is copied, not written
-                record = reuse.try_reuse(fj, arena, state.cancelled)
-                if record is not None:
-                    reused.append(record)
-                    return record
-            return stream_file(
-                ckpt, fj, arena, state.cancelled, chunk_nbytes=job.options.write_chunk_bytes
-            )
-
-        try:
-            state.doing = "opening storage"
-            ckpt = Location.parse(
-                job.ckpt_url, job.storage_options, settings=job.options.io_settings()
-            )
-            arena = conn.arena(job.arena_name) if job.arena_name else None
-            if job.files and arena is None:
-                raise SaveFailedError(f"{job.ckpt_url}: a job with shard files names no arena")
-            state.doing = "starting the checkpoint"
-            begin_checkpoint(ckpt)
-            began = ckpt
-            state.doing = "writing shards"
-            reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None
-            if job.files and not job.stream:
-                pool = ThreadPoolExecutor(
-                    max_workers=job.options.io_threads,
-                    thread_name_prefix=f"ckptsvc-io-{job.job_id}",
-                )
-                futures = [pool.submit(one, fj) for fj in job.files]
-            records = self._write_streamed(conn, state, ckpt, arena) if job.stream else []
-            state.doing = "publishing small files"
-            records += [publish_file(ckpt, f.rel_path, f.data) for f in job.small_files]
-            state.doing = "writing shards"
-            wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-            if failed is not None:
-                failed.result()  # raises the first shard's error
-            records += [f.result() for f in futures]
-            write_end = time.monotonic()
-            previous = state.previous
-            if previous is not None:
-                state.doing = "waiting for the previous save to finish"
-                previous.finished.wait()
-            if job.commit is not None:
-                state.doing = "committing (manifest)"
-                if state.cancelled.is_set():
-                    raise JobCancelled(f"{job.ckpt_url}: save cancelled before commit")
-                finish_checkpoint(ckpt, job.commit, records)
-            first = min(starts, default=state.received)
-            nbytes_reused = sum(r.nbytes for r in reused)
-            state.reported = True
-            conn.send(
-                JobDone(
-                    job_id=job.job_id,
-                    files=tuple(records),
-                    queue_wait_s=first - state.received,
-                    write_s=write_end - first,
-                    commit_s=time.monotonic() - write_end,
-                    committed=job.commit is not None,
-                    nbytes_written=sum(r.nbytes for r in records) - nbytes_reused,
-                    nbytes_reused=nbytes_reused,
-                )
-            )
-        except BaseException as e:
-            state.cancelled.set()  # stop sibling shards, then wait: nobody reads the arena after
-            wait(futures)  # each shard aborted its own upload on the way out
-            if began is not None:
-                claim_id = job.commit.claim_id if job.commit is not None else ""
-                abandon_checkpoint(began, f"{type(e).__name__}: {e}", claim_id=claim_id)
-            if isinstance(e, JobCancelled):
-                logger.info("%s", e)
-            else:
-                logger.warning("save to %s failed: %s: %s", job.ckpt_url, type(e).__name__, e)
-                state.reported = True
-                conn.send(JobFailed(job.job_id, ErrorInfo.from_exception(e)))
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
-            if arena is not None:
-                arena.release()
-            conn.job_finished(state)
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ckptsvc.format.manifest import FileRecord
 from ckptsvc.storage import Location
 
 from .protocol import CancelJob, FileJob, PieceReady, StreamSpec
-from .shard_writer import write_shard
+from .shard_writer import JobCancelled, write_shard
 
 __all__ = ["PieceInbox", "StreamAborted", "write_streamed"]
 
@@ -43,8 +43,6 @@ class StreamAborted(CheckpointError):
 
 
 def _cancelled(what: str) -> CheckpointError:
-    from .node_writer import JobCancelled  # node_writer imports this module
-
     return JobCancelled(f"{what}: save cancelled")
 
 

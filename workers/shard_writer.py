@@ -1,4 +1,9 @@
-"""Stream one file (a safetensors shard, or a legacy torch file) to storage, checksumming."""
+"""Stream one file (a safetensors shard, or a legacy torch file) to storage, checksumming.
+
+Runs on the node writer's I/O threads (``workers.job_runner``, ``workers.piece_stream``) and
+in the trainer for synchronous saves. :class:`JobCancelled` is how a writer job stops when
+its trainer went away (raised between chunks; no manifest, nothing reported).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,20 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from ckptsvc import knobs
-from ckptsvc.errors import InvalidStateError
+from ckptsvc.errors import CheckpointError, InvalidStateError
 from ckptsvc.format.checksum import Crc32c
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.format.safetensors_stream import ShardLayout
 from ckptsvc.storage import Location
 
-__all__ = ["PROGRESS", "ChecksummedWriter", "write_shard", "write_stream"]
+__all__ = ["PROGRESS", "ChecksummedWriter", "JobCancelled", "write_shard", "write_stream"]
 
 logger = logging.getLogger(__name__)
+
+
+class JobCancelled(CheckpointError):
+    """The trainer that sent the job went away; the job stops without a manifest."""
+
 
 #: pieces at least this big are checksummed on a helper thread while the sink writes them
 _OVERLAP_CRC_BYTES = 2**20

@@ -31,7 +31,7 @@ it, item 3):
    writes it first), or no directory. GCS resumable sessions expire by themselves;
 6. on this host, staging arenas (``/dev/shm/ckptsvc-<node>-<pidns>-<pid>-<n>``) of any
    node id whose owner process is dead in this pid namespace
-   (:func:`ckptsvc.stage.arena.reclaim_stale_segments` with no node).
+   (:func:`ckptsvc.workers.shm.reclaim_stale_segments` with no node).
 
 ``dry_run`` reports without changing anything. Every removal is logged and listed.
 """
@@ -61,8 +61,8 @@ from ckptsvc.read.discovery import (
     list_checkpoints,
     read_manifest,
 )
-from ckptsvc.stage.arena import reclaim_stale_segments, stale_segments
 from ckptsvc.storage import ChildInfo, Location, call_with_retries
+from ckptsvc.workers.shm import reclaim_stale_segments, stale_segments
 
 __all__ = ["GcReport", "collect_garbage", "unfinished_uploads"]
 

@@ -10,245 +10,43 @@ Ownership (who unlinks):
 - A trainer killed by SIGKILL cannot unlink: segment names carry the owner's pid and pid
   namespace (``ckptsvc-<node>-<pidns>-<pid>-<serial>``), and both the writer (when the
   trainer's connection closes, and periodically) and every new pool (at its first arena)
-  unlink the segments of dead owners with :func:`reclaim_stale_segments` (the writer those
+  unlink the segments of dead owners with ``reclaim_stale_segments`` (the writer those
   of its node id; a new pool those of every node id, since a plain process has a node id of
   its own and a dead one's writer may have died with it).
+
+The segments themselves (naming, creation, read-only attach, reclaiming) are the
+torch-free :mod:`ckptsvc.workers.shm`, which the writer imports; this module is the
+trainer's half: the layout, the pool, the torch views and the copy.
 
 Layout: :func:`plan_arena` puts each shard file's data section contiguously, in
 ``layout.entries`` order, at a page-aligned offset, so the writer streams a file with a
 few large zero-copy slices of the mapping.
-
-This module's segment half is torch-free (the writer imports it); torch is imported
-lazily by the trainer half.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
-import itertools
 import logging
-import mmap
-import os
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ckptsvc import hooks, knobs
-from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError, StorageError
-from ckptsvc.liveness import pid_alive, pid_namespace
+from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError
+from ckptsvc.workers.shm import ShmSegment, new_segment_name, reclaim_stale_segments
 
 if TYPE_CHECKING:
-    import torch
-
     from ckptsvc.format.layout import FilePlan
 
-__all__ = [
-    "ArenaPlan",
-    "ArenaPool",
-    "ShmSegment",
-    "StagingArena",
-    "node_id",
-    "pid_alive",
-    "plan_arena",
-    "reclaim_stale_segments",
-    "segment_prefix",
-    "stale_segments",
-]
+__all__ = ["ALIGN_BYTES", "ArenaPlan", "ArenaPool", "StagingArena", "copy_into", "plan_arena"]
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "ckptsvc"
 ALIGN_BYTES = 4096
-_serial = itertools.count()
-
-
-# ---- naming and liveness (torch-free) ------------------------------------------------------
-
-
-def node_id(explicit: str | None = None) -> str:
-    """This process's writer id, reduced to ``[A-Za-z0-9_.]``: ``CKPTSVC_NODE_ID`` (how
-    processes ask to share one node writer), else ``u<uid>`` plus the launched job this
-    process belongs to, so that the local ranks of one job share a writer and unrelated
-    jobs never do: torchrun's ``TORCHELASTIC_RUN_ID``; Slurm's ``SLURM_JOB_ID`` and
-    ``SLURM_STEP_ID`` (an ``srun`` step); ``MASTER_ADDR`` and ``MASTER_PORT`` (any other
-    multi-process launch); else this process alone (``p<pid>``)."""
-    raw = knobs.NODE_ID.get(explicit)
-    if not raw:
-        raw = f"u{os.getuid()}_{_launch_key()}"
-    return re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:64]
-
-
-def _launch_key(environ: Mapping[str, str] | None = None) -> str:
-    """The launched job of this process, as a short name (see :func:`node_id`)."""
-    env = os.environ if environ is None else environ
-    run_id = env.get("TORCHELASTIC_RUN_ID", "")
-    if run_id and run_id != "none":  # torchrun without --rdzv-id says "none"
-        return "te" + _short(run_id)
-    job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
-    if job and step:
-        return f"slurm{_short(job)}.{_short(step)}"
-    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
-    if addr and port:
-        return "m" + hashlib.sha256(f"{addr}:{port}".encode()).hexdigest()[:12]
-    return f"p{os.getpid()}"
-
-
-def _short(text: str) -> str:
-    """``text`` if it is a short plain name, else a digest of it."""
-    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", text):
-        return text
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def segment_prefix(node: str) -> str:
-    """Names of this pid namespace's segments for ``node`` start with this."""
-    return f"{PREFIX}-{node}-{pid_namespace()}-"
-
-
-def _new_segment_name(node: str) -> str:
-    return f"{segment_prefix(node)}{os.getpid()}-{next(_serial)}"
-
-
-#: ``ckptsvc-<node>-<pidns>-<pid>-<serial>``, parsed from the right (a node id given
-#: to :func:`segment_prefix` directly may hold dashes; :func:`node_id` never makes one)
-_SEGMENT_RE = re.compile(rf"^{PREFIX}-(?P<node>.+)-(?P<pidns>\d+)-(?P<pid>\d+)-(?P<serial>\d+)$")
-
-
-def stale_segments(node: str | None = None, *, shm_dir: str | None = None) -> list[str]:
-    """Names (sorted) of the segments in the shm directory whose owner process is dead:
-    of ``node``, or of every node when ``node`` is ``None``. Only this pid namespace's
-    segments are considered (a pid means nothing in another); this process's, a live
-    process's and names that are not ours are never listed."""
-    directory = knobs.SHM_DIR.get(shm_dir)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    pidns = pid_namespace()
-    stale = []
-    for name in sorted(names):
-        m = _SEGMENT_RE.match(name)
-        if m is None or m["pidns"] != pidns or (node is not None and m["node"] != node):
-            continue
-        owner = int(m["pid"])
-        if owner != os.getpid() and owner > 0 and not pid_alive(owner):
-            stale.append(name)
-    return stale
-
-
-def reclaim_stale_segments(node: str | None, *, shm_dir: str | None = None) -> list[str]:
-    """Unlink the segments of ``node`` (every node's when ``None``) whose owner process is
-    dead (:func:`stale_segments`); return their names. One that another user owns (and
-    we may not unlink) is left alone."""
-    directory = knobs.SHM_DIR.get(shm_dir)
-    reclaimed = []
-    for name in stale_segments(node, shm_dir=directory):
-        try:
-            os.unlink(os.path.join(directory, name))
-        except FileNotFoundError:
-            continue  # someone else reclaimed it first
-        except PermissionError as e:
-            logger.debug("cannot unlink stale segment %s: %s", name, e)
-            continue
-        reclaimed.append(name)
-    if reclaimed:
-        logger.info(
-            "reclaimed %d shared-memory segments of dead processes: %s", len(reclaimed), reclaimed
-        )
-    return reclaimed
-
-
-# ---- one segment (torch-free) --------------------------------------------------------------
-
-
-def _no_space(nbytes: int, directory: str, free: int) -> StorageError:
-    return StorageError(
-        f"not enough shared memory for a {nbytes / 2**20:.1f} MiB staging arena in {directory} "
-        f"({free / 2**20:.1f} MiB free). Give the container more: `docker run --shm-size=<N>g`, "
-        "or in Kubernetes mount an `emptyDir: {medium: Memory, sizeLimit: <N>Gi}` at /dev/shm; "
-        "or set CKPTSVC_SHM_DIR to a local-disk directory (slower), or use fewer arenas "
-        "(arenas_per_rank=1), or stage in pieces within a smaller budget "
-        "(memory_budget_bytes=<bytes>, CKPTSVC_MEMORY_BUDGET_BYTES)",
-        url=directory,
-    )
-
-
-class ShmSegment:
-    """A named shared-memory file mapped into this process.
-
-    1. ``create`` (trainer): O_EXCL create, ``posix_fallocate`` (fails cleanly when
-       /dev/shm is too small, where touching pages would SIGBUS), map pre-faulted;
-       or ``attach`` (writer): map an existing segment read-only, untracked.
-    2. ``buffer`` is the mapping; callers slice ``memoryview(segment.buffer)``.
-    3. ``close`` unmaps (callers must drop every view first); the owner calls ``unlink``.
-    """
-
-    def __init__(self, name: str, path: str, buffer: mmap.mmap, *, owner: bool) -> None:
-        self.name = name
-        self.path = path
-        self.buffer = buffer
-        self.nbytes = len(buffer)
-        self.owner = owner
-
-    @classmethod
-    def create(cls, name: str, nbytes: int, *, shm_dir: str | None = None) -> ShmSegment:
-        directory = knobs.SHM_DIR.get(shm_dir)
-        path = os.path.join(directory, name)
-        try:
-            st = os.statvfs(directory)
-        except OSError as e:
-            raise StorageError(
-                f"cannot use {directory} for shared memory: {e}", url=directory
-            ) from e
-        free = st.f_bavail * st.f_frsize
-        if nbytes > free:
-            raise _no_space(nbytes, directory, free)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                os.posix_fallocate(fd, 0, nbytes)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                    raise _no_space(nbytes, directory, free) from e
-                os.ftruncate(fd, nbytes)  # filesystems without fallocate
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            buffer = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            raise
-        os.close(fd)
-        return cls(name, path, buffer, owner=True)
-
-    @classmethod
-    def attach(cls, name: str, *, shm_dir: str | None = None) -> ShmSegment:
-        """Map an existing segment read-only. Never unlinks it (``owner`` is False)."""
-        directory = knobs.SHM_DIR.get(shm_dir)
-        if "/" in name or name in ("", ".", ".."):
-            raise StorageError(f"invalid shared-memory segment name {name!r}", url=directory)
-        path = os.path.join(directory, name)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            nbytes = os.fstat(fd).st_size
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            buffer = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        return cls(name, path, buffer, owner=False)
-
-    def close(self) -> None:
-        with contextlib.suppress(BufferError, ValueError):
-            self.buffer.close()
-
-    def unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 # ---- layout --------------------------------------------------------------------------------
@@ -288,8 +86,6 @@ class StagingArena:
     """A trainer-owned segment plus torch views into it (built once per plan, cached)."""
 
     def __init__(self, segment: ShmSegment) -> None:
-        import torch
-
         self.segment = segment
         self._base: torch.Tensor | None = torch.frombuffer(segment.buffer, dtype=torch.uint8)
         self._views: dict[int, list[torch.Tensor]] = {}
@@ -346,8 +142,6 @@ class StagingArena:
         """Register the mapping as page-locked CUDA host memory (once; best effort)."""
         if self._pinned_ptr is not None or self._base is None:
             return
-        import torch
-
         ptr = self._base.data_ptr()
         rc = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0)
         if int(rc) != 0:
@@ -361,8 +155,6 @@ class StagingArena:
         """Drop the views, unpin, unmap; the owner unlinks."""
         self._views.clear()
         if self._pinned_ptr is not None:
-            import torch
-
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
             self._pinned_ptr = None
@@ -501,7 +293,7 @@ class ArenaPool:
             reclaim_stale_segments(None, shm_dir=self._shm_dir)
         size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         t0 = time.monotonic()
-        seg = ShmSegment.create(_new_segment_name(self._node), size, shm_dir=self._shm_dir)
+        seg = ShmSegment.create(new_segment_name(self._node), size, shm_dir=self._shm_dir)
         logger.info(
             "created staging arena %s (%d bytes) in %.3f s", seg.name, size, time.monotonic() - t0
         )
@@ -570,8 +362,6 @@ def copy_into(
     threads would cost more than it saves). Hook points ``snapshot.copy.before``/``.after``
     (:mod:`ckptsvc.hooks`) surround the copy.
     """
-    import torch
-
     hooks.point("snapshot.copy.before")
 
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]

@@ -274,7 +274,7 @@ def _kill(pid: int, outcome: Outcome, who: str) -> None:
 
 def _wait_gone(pids: set[int], *, timeout_s: float) -> list[int]:
     """Wait for processes (not our children) to exit; SIGKILL the ones that do not."""
-    from ckptsvc.stage.arena import pid_alive
+    from ckptsvc.liveness import pid_alive
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):

@@ -410,7 +410,7 @@ class _Campaign:
             CheckpointStatus,
             list_checkpoints,
         )
-        from ckptsvc.stage.arena import segment_prefix
+        from ckptsvc.workers.shm import segment_prefix
 
         report = collect_garbage(self.url, storage_options=self.opts, node=node)
         for url, why in report.kept:

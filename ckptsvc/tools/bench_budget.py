@@ -156,7 +156,7 @@ def _child(state_nbytes: int, budget_nbytes: int, root: str) -> dict[str, Any]:
 
     from ckptsvc import knobs
     from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-    from ckptsvc.stage.arena import segment_prefix
+    from ckptsvc.workers.shm import segment_prefix
 
     ntensors = 8
     per = max(1, state_nbytes // ntensors // 4)
