@@ -1,1 +1,3 @@
-"""commit layer of ckptsvc (see docs/design.md)."""
+"""How a save commits: the claim of its directory (``target``), the reports of every rank
+merged (``reports``) and the coordination of ranks through the job's store without
+collectives (``coordinator``)."""

@@ -1,1 +1,2 @@
-"""compat layer of ckptsvc (see docs/design.md)."""
+"""Forgather's trainer-side vocabulary: statefuls and providers, model parts, and restoring a
+trainer (used by ``ckptsvc.manager``)."""

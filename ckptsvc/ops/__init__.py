@@ -1,1 +1,2 @@
-"""ops layer of ckptsvc (see docs/design.md)."""
+"""Operations on whole checkpoints and roots: garbage collection, retention and prune, verified
+copies and tiering, export to plain Hugging Face files, best-checkpoint records."""

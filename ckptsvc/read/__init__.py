@@ -1,1 +1,5 @@
-"""read layer of ckptsvc (see docs/design.md)."""
+"""Finding and reading checkpoints: classification (``discovery``), the latest usable one
+(``latest``), verification (``verify``), and the loaders - state and components
+(``component_load``), weights (``weights``), regions of sharded tensors (``regions``), older
+layouts (``legacy``). Every loader refuses an unloadable checkpoint through
+``discovery.refuse_unloadable``."""
