@@ -13,7 +13,7 @@ from typing import Any
 
 from ckptsvc.cli.common import add_common_options, json_object, positive_int, storage_options
 from ckptsvc.ops.gc import collect_garbage
-from ckptsvc.ops.transfer import prune
+from ckptsvc.ops.prune import prune
 
 __all__ = ["add_prune_parser", "cmd_gc", "cmd_prune"]
 
