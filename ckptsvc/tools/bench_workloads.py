@@ -32,6 +32,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ckptsvc import knobs
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import url_to_fs
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
@@ -390,7 +392,6 @@ def w_dcp_async(ctx: _Ctx) -> Sample:
 
 # ---------------------------------------------------------------------------- ckptsvc
 def w_ckptsvc_save(ctx: _Ctx) -> Sample:
-    save_checkpoint = _require("ckptsvc.sharded_checkpoint", "save_checkpoint")
     path = ctx.path(ARTIFACTS["ckptsvc_save"])
     kwargs = ctx.storage_kwargs(save_checkpoint)
     with PeakRss() as rss:
@@ -404,7 +405,6 @@ def w_ckptsvc_save(ctx: _Ctx) -> Sample:
 
 
 def w_ckptsvc_load(ctx: _Ctx) -> Sample:
-    load_checkpoint = _require("ckptsvc.sharded_checkpoint", "load_checkpoint")
     path = ctx.path(ARTIFACTS["ckptsvc_save"])
     kwargs = ctx.storage_kwargs(load_checkpoint)
     return _load_sample(ctx, lambda: load_checkpoint(path, **kwargs))
@@ -443,7 +443,7 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
     then the measured save with changed values. Blocking = until ``save`` returns;
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
-    checkpointer_cls = _require("ckptsvc.engine.async_checkpointer", "AsyncCheckpointer")
+    checkpointer_cls = AsyncCheckpointer
     state = ctx.state or {}
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
