@@ -396,7 +396,7 @@ def w_ckptsvc_save(ctx: _Ctx) -> Sample:
     kwargs = ctx.storage_kwargs(save_checkpoint)
     with PeakRss() as rss:
         t0 = time.perf_counter()
-        save_checkpoint(path, ctx.state, safetensors=True, **kwargs)
+        save_checkpoint(path, ctx.state or {}, safetensors=True, **kwargs)
         t1 = time.perf_counter()
         if not ctx.cfg.remote:
             fsync_tree(path)  # no-op cost if the library already made it durable
