@@ -51,10 +51,11 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from ckptsvc.metrics import PrometheusExporter, SaveEvent, add_listener
     from ckptsvc.ops.export import ExportResult, export_hf
     from ckptsvc.ops.gc import GcReport, collect_garbage
+    from ckptsvc.ops.prune import PruneReport, prune
     from ckptsvc.ops.retention import delete_checkpoint
     from ckptsvc.ops.tiered_saves import TieringConfig
     from ckptsvc.ops.tiering import ReplicationResult, TieredStore, replicate_checkpoint
-    from ckptsvc.ops.transfer import CopyReport, PruneReport, copy_checkpoint, copy_tree, prune
+    from ckptsvc.ops.transfer import CopyReport, copy_checkpoint, copy_tree
     from ckptsvc.ranks import RankInfo
     from ckptsvc.read.component_load import load_state
     from ckptsvc.read.discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
@@ -90,9 +91,9 @@ _LAZY: dict[str, str] = {
     "SimpleStatefulProvider": "compat.training_state",
     "copy_checkpoint": "ops.transfer",
     "copy_tree": "ops.transfer",
-    "prune": "ops.transfer",
+    "prune": "ops.prune",
     "CopyReport": "ops.transfer",
-    "PruneReport": "ops.transfer",
+    "PruneReport": "ops.prune",
     "SaveEvent": "metrics",
     "add_listener": "metrics",
     "PrometheusExporter": "metrics",

@@ -33,24 +33,39 @@ is checkpointed when it is not.
 
 ``load_checkpoint`` loads every component and fails if any required one cannot be
 loaded: training never continues on half-restored state.
+
+The configuration and checkpoint ids (:class:`CheckpointConfig`, :func:`default_checkpoint_id`)
+live in :mod:`ckptsvc.compat.manager_config`, which components a save or load consists of in
+:mod:`ckptsvc.compat.manager_components`; both names stay importable from here.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ckptsvc.compat.manager_components import (
+    callback_source,
+    callback_states,
+    manager_components,
+    process_groups,
+    snapshot_component,
+)
+from ckptsvc.compat.manager_config import (
+    CHECKPOINT_NAME_RE,
+    CheckpointConfig,
+    checkpoint_step,
+    default_checkpoint_id,
+)
 from ckptsvc.compat.model_state import ModelState
-from ckptsvc.compat.restore import CALLBACKS_KEY, META_KEY, restore_checkpoint
-from ckptsvc.compat.training_state import DistInfo, NamedStates
+from ckptsvc.compat.restore import META_KEY, restore_checkpoint
+from ckptsvc.compat.training_state import DistInfo
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.engine.pretrained import save_pretrained
 from ckptsvc.errors import (
     CheckpointError,
@@ -71,10 +86,8 @@ from ckptsvc.read.discovery import (
 )
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import (
-    SharingPattern,
     StateComponent,
     StatefulProvider,
-    check_unique_keys,
 )
 from ckptsvc.stage.flatten import with_frozen_parameters
 from ckptsvc.storage import Location
@@ -84,58 +97,6 @@ __all__ = ["CheckpointConfig", "CheckpointManager", "default_checkpoint_id"]
 logger = logging.getLogger(__name__)
 
 META_FORMAT = 1
-_STEP_RE = re.compile(r"checkpoint-(\d+)$")
-
-
-def default_checkpoint_id() -> str:
-    """A timestamp id, as Forgather's (``2026-01-31T12-00-00``)."""
-    return datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-
-
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    """Forgather's fields, then ckptsvc's.
-
-    ``output_dir``: model directory, local path or URL; checkpoints go to
-    ``<output_dir>/checkpoints/``. ``save_total_limit``: complete checkpoints to keep
-    (``None`` or <= 0 keeps all). ``save_safetensors``: format of :meth:`save_model`
-    exports (checkpoints are always safetensors + JSON). ``save_on_all_ranks`` and
-    ``save_on_local_rank`` are accepted for compatibility: who writes what follows each
-    component's sharing pattern. ``save_on_each_node`` (node-local storage) is not
-    supported. ``async_save=False`` makes every save wait until committed.
-    ``storage_options`` go to fsspec; ``max_shard_size`` caps weight shard files;
-    ``metadata`` is added to every checkpoint's manifest. ``tiering``
-    (:class:`~ckptsvc.ops.tiered_saves.TieringConfig`, or a dict of its fields): save to
-    ``output_dir`` (fast local disk), replicate each checkpoint to ``tiering.remote_root``;
-    ``save_total_limit`` and the best checkpoints then apply to the remote tier, and
-    ``tiering.keep_local`` copies stay local (see :mod:`ckptsvc.ops.tiered_saves`).
-    ``overlap``: parameters and optimizer state are copied after ``save_checkpoint``
-    returns, while training goes on; the next ``step()`` of each optimizer among the
-    components waits for that copy (:mod:`ckptsvc.stage.overlap`); call
-    :meth:`CheckpointManager.fence` before changing weights in place elsewhere.
-    ``incremental`` (default ``CKPTSVC_INCREMENTAL``, on): frozen parameters get shards of
-    their own, and a shard unchanged since the previous checkpoint (the last one saved, or
-    the one loaded) is hard-linked / copied server-side instead of written
-    (:mod:`ckptsvc.stage.incremental`).
-    ``memory_budget_bytes`` (default ``CKPTSVC_MEMORY_BUDGET_BYTES``, 0 = one state copy):
-    shared-memory staging bytes; a bigger state is staged and written in pieces, and two
-    saves overlap only when two copies fit (:mod:`ckptsvc.stage.piecewise`).
-    """
-
-    output_dir: str
-    save_total_limit: int | None
-    save_on_each_node: bool = False
-    save_safetensors: bool = True
-    save_on_local_rank: int = 0
-    save_on_all_ranks: bool = False
-    async_save: bool = True
-    storage_options: dict[str, Any] | None = None
-    max_shard_size: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    tiering: TieringConfig | dict[str, Any] | None = None
-    overlap: bool = False
-    incremental: bool | None = None
-    memory_budget_bytes: int | None = None
 
 
 class CheckpointManager:
@@ -221,42 +182,10 @@ class CheckpointManager:
 
     # ---- components -------------------------------------------------------------------------
 
-    def _callback_states(self) -> NamedStates | None:
-        source = self._callbacks
-        if source is None and self.trainer is not None:
-            source = getattr(self.trainer, "callbacks", None)
-        if not source:
-            return None
-        states = (
-            NamedStates(source, what="callback")
-            if isinstance(source, Mapping)
-            else NamedStates.from_objects(list(source), what="callback")
-        )
-        return states if len(states) else None
-
     def _components(self) -> tuple[StateComponent, list[StateComponent]]:
         """(model component, other components) for the current save or load."""
-        comps = list(self.stateful_provider.get_state_components() or [])
-        model_comp = next((c for c in comps if c.key == "model"), None)
-        others = [c for c in comps if c.key != "model"]
-        callbacks = self._callback_states()
-        if callbacks is not None:
-            others.append(StateComponent(CALLBACKS_KEY, callbacks, SharingPattern.GLOBAL))
-        pattern = model_comp.sharing_pattern if model_comp else SharingPattern.GLOBAL
-        model = StateComponent(
-            key="model",
-            stateful=self._model_state,
-            sharing_pattern=pattern,
-            process_group_name=model_comp.process_group_name if model_comp else None,
-            validate_replication=model_comp.validate_replication if model_comp else False,
-            validation_level=model_comp.validation_level if model_comp else "tensor",
-        )
-        check_unique_keys([model, *others])
-        return model, others
-
-    def _process_groups(self) -> dict[str, Any]:
-        get = getattr(self.stateful_provider, "get_process_groups", None)
-        return dict(get() or {}) if callable(get) else {}
+        states = callback_states(callback_source(self._callbacks, self.trainer))
+        return manager_components(self.stateful_provider, self._model_state, states)
 
     # ---- save -------------------------------------------------------------------------------
 
@@ -273,8 +202,6 @@ class CheckpointManager:
 
     def _engine(self) -> Any:
         if self._checkpointer is None:
-            from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-
             if self._tiering is not None and self.dist.rank == 0:
                 for future in self._tiering.start():  # replications a crash left undone
                     future.add_done_callback(_log_replication_failure)
@@ -313,21 +240,16 @@ class CheckpointManager:
                 self.config.output_dir,
                 checkpoint_id if checkpoint_id is not None else default_checkpoint_id(),
             )
-        step = self._step_for(step, checkpoint_id, checkpoint_path)
-        if self._tiering is not None and _STEP_RE.search(checkpoint_path) is None:
+        step = checkpoint_step(step, checkpoint_id, checkpoint_path, self._save_count)
+        if self._tiering is not None and CHECKPOINT_NAME_RE.search(checkpoint_path) is None:
             raise ConfigError(
                 f"with tiering, checkpoints must be <output_dir>/checkpoints/checkpoint-<id>; "
                 f"got {checkpoint_path}"
             )
         model_comp, others = self._components()
         split = self._model_state.snapshot()
-        frozen = StateComponent(
-            key="model",
-            stateful=_Snapshot(with_frozen_parameters(split.tensors, self.model_parts)),
-            sharing_pattern=model_comp.sharing_pattern,
-            process_group_name=model_comp.process_group_name,
-            validate_replication=model_comp.validate_replication,
-            validation_level=model_comp.validation_level,
+        frozen = snapshot_component(
+            model_comp, with_frozen_parameters(split.tensors, self.model_parts)
         )
         metadata = {
             **self.config.metadata,
@@ -347,7 +269,7 @@ class CheckpointManager:
             handle = self._engine().save_components(
                 step,
                 [frozen, *others],
-                process_groups=self._process_groups(),
+                process_groups=process_groups(self.stateful_provider),
                 metadata=metadata,
                 checkpoint_path=checkpoint_path,
                 overlap=self.config.overlap,
@@ -386,16 +308,6 @@ class CheckpointManager:
     def last_handle(self) -> Any:
         """The ``SaveHandle`` of the latest save (timings, ``wait``), or ``None``."""
         return self._pending[-1] if self._pending else None
-
-    def _step_for(self, step: int | None, checkpoint_id: object, path: str) -> int:
-        if step is not None:
-            return int(step)
-        if isinstance(checkpoint_id, int) or (
-            isinstance(checkpoint_id, str) and checkpoint_id.isdigit()
-        ):
-            return int(checkpoint_id)
-        m = _STEP_RE.search(path.rstrip("/"))
-        return int(m.group(1)) if m else self._save_count
 
     def _raise_finished_failures(self) -> None:
         """Raise (once) the failure of a save that finished since the last call."""
@@ -483,16 +395,14 @@ class CheckpointManager:
             where = checkpoint_path or f"{self.config.output_dir} (latest)"
             raise CheckpointNotFoundError(f"no complete checkpoint to load at {where}")
         model_comp, others = self._components()
-        source = self._callbacks
-        if source is None and self.trainer is not None:
-            source = getattr(self.trainer, "callbacks", None)
+        source = callback_source(self._callbacks, self.trainer)
         doc = restore_checkpoint(
             Location.parse(resolved, self._options_for(resolved)),
             model_state=self._model_state,
             model_component=model_comp,
             others=others,
             legacy_callbacks=list(source.values() if isinstance(source, Mapping) else source or []),
-            process_groups=self._process_groups(),
+            process_groups=process_groups(self.stateful_provider),
             dist=self.dist,
         )
         if "best_checkpoints" in doc:
@@ -570,19 +480,6 @@ class CheckpointManager:
             self.close()
         except CheckpointError as e:  # do not mask the exception already propagating
             logger.error("while unwinding: %s", e)
-
-
-class _Snapshot:
-    """A component whose state is a dict computed before the save was submitted."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover
-        raise LifecycleError("a save snapshot cannot be loaded into")
 
 
 def _usable(path: str, opts: dict[str, Any]) -> bool:

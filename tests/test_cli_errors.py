@@ -21,7 +21,7 @@ FAILURES = {
     "gc": (["gc", "{tmp}/afile"], 1, "Not a directory"),
     "crashtest": (["crashtest", "--storage", "nosuch://x", "--points", "1"], 1, "nosuch"),
     "demo": (["demo", "--output", "{tmp}/afile", "--steps", "2", "--no-progress"], 1, "afile"),
-    "cp": (["cp", "{tmp}/missing", "{tmp}/copy"], 1, "no checkpoint here"),
+    "cp": (["cp", "{tmp}/missing", "{tmp}/copy"], 1, "no checkpoint manifest"),
     "prune": (["prune", "nosuch://x", "--keep", "1"], 1, "Protocol not known"),
     "bench": (["bench", "--size", "lots"], 2, "cannot parse size"),
     "export-hf": (["export-hf", "{tmp}/missing", "{tmp}/out"], 1, "no checkpoint"),

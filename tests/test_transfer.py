@@ -29,7 +29,8 @@ from ckptsvc.errors import (
     IncompleteCheckpointError,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME
-from ckptsvc.ops.transfer import copy, copy_checkpoint, copy_files, copy_tree, prune
+from ckptsvc.ops.prune import prune
+from ckptsvc.ops.transfer import copy, copy_checkpoint, copy_files, copy_tree
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,

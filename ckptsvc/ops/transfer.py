@@ -1,5 +1,4 @@
-"""Copy checkpoints between any two locations (local, S3, GCS, any fsspec URL), verified;
-prune a model directory down to its newest checkpoints.
+"""Copy checkpoints between any two locations (local, S3, GCS, any fsspec URL), verified.
 
 - :func:`copy_checkpoint` copies one complete checkpoint;
 - :func:`copy_tree` copies every complete checkpoint under a model directory (into
@@ -8,7 +7,7 @@ prune a model directory down to its newest checkpoints.
 - :func:`copy` picks one of the two by what ``src`` is (``ckptsvc cp``);
 - :func:`copy_files` copies some files of a checkpoint into a plain directory (no commit
   protocol: the destination is not a checkpoint), each verified;
-- :func:`prune` keeps the newest ``keep`` checkpoints (``ckptsvc prune``).
+- :func:`prune` (``ckptsvc prune``) lives in :mod:`ckptsvc.ops.prune`.
 
 Call order of one checkpoint copy (the calling thread unless noted):
 
@@ -19,9 +18,9 @@ Call order of one checkpoint copy (the calling thread unless noted):
 3. claim ``dst`` (:func:`~ckptsvc.commit.target.write_claimed`): its in-progress marker,
    created exclusively; with ``overwrite`` a committed ``dst`` is kept while the copy goes
    to its hidden successor, swapped in after step 5;
-4. every file the manifest lists, largest first, on ``jobs`` copy threads: stream source
-   chunks into the destination's sink (multipart / resumable upload on object stores)
-   with CRC-32C on the way; a size or CRC mismatch aborts the upload *before* it is
+4. every file the manifest lists (:func:`ckptsvc.ops.verified_copy.copy_records`), largest
+   first, on ``jobs`` copy threads: stream source chunks into the destination's sink
+   (multipart / resumable upload on object stores) with CRC-32C on the way; a size or CRC mismatch aborts the upload *before* it is
    completed, so the destination never holds a wrong file. On GCS the store's own
    CRC-32C of the new object is compared as well;
 5. ``commit_checkpoint(dst, manifest)``: the source manifest (same timestamp, step and
@@ -35,25 +34,16 @@ its commit timestamp, so ``find_latest_checkpoint`` orders copies as it ordered 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ckptsvc import knobs
 from ckptsvc.commit.target import SaveTarget, write_claimed
-from ckptsvc.errors import (
-    CheckpointNotFoundError,
-    CommitConflictError,
-    ConfigError,
-    CorruptCheckpointError,
-)
-from ckptsvc.format.checksum import Crc32c
+from ckptsvc.errors import CheckpointNotFoundError, CommitConflictError, ConfigError
 from ckptsvc.format.manifest import FileRecord, Manifest
-from ckptsvc.ops.retention import delete_checkpoint, select_for_deletion
+from ckptsvc.ops.verified_copy import CopyProgress, ProgressFn, copy_records
 from ckptsvc.read.discovery import (
     CHECKPOINTS_DIR,
     CheckpointInfo,
@@ -69,21 +59,13 @@ __all__ = [
     "CopiedCheckpoint",
     "CopyReport",
     "ProgressFn",
-    "PruneReport",
     "copy",
     "copy_checkpoint",
     "copy_files",
     "copy_tree",
-    "prune",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: ``progress(bytes_done, bytes_total)``; called from copy threads, one call at a time
-ProgressFn = Callable[[int, int], None]
-
-#: ``ckptsvc.manager.META_KEY``, spelled out: the manager imports torch, prune does not
-_MANAGER_META_KEY = "ckptsvc_manager"
 
 
 @dataclass(frozen=True)
@@ -129,106 +111,6 @@ class CopyReport:
             "nbytes_copied": self.nbytes_copied,
             "elapsed_s": round(self.elapsed_s, 3),
         }
-
-
-# ---- one file ----------------------------------------------------------------------------------
-
-
-class _Progress:
-    """Thread-safe byte counter that reports to the caller's callback, one call at a time."""
-
-    def __init__(self, total_nbytes: int, callback: ProgressFn | None) -> None:
-        self.total_nbytes = total_nbytes
-        self.done_nbytes = 0
-        self._callback = callback
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int) -> None:
-        with self._lock:
-            self.done_nbytes += nbytes
-            if self._callback is not None:
-                self._callback(self.done_nbytes, self.total_nbytes)
-
-
-class _Cancelled(Exception):
-    """Another file of the same copy failed: stop streaming this one."""
-
-
-def _copy_file(
-    src: Location,
-    dst: Location,
-    rec: FileRecord,
-    *,
-    progress: _Progress,
-    stop: threading.Event,
-) -> None:
-    """Stream ``src`` to ``dst`` in chunks, checking size and CRC-32C against ``rec`` before
-    the destination file is completed (copy thread)."""
-    chunk_nbytes = knobs.WRITE_CHUNK_BYTES.get()
-    crc = Crc32c()
-    sink = dst.open_sink()
-    sent = 0
-    try:
-        while sent < rec.nbytes:
-            if stop.is_set():
-                raise _Cancelled
-            data = src.read_range(sent, min(rec.nbytes, sent + chunk_nbytes))
-            if not data:
-                break
-            crc.update(data)
-            sink.write(data)
-            sent += len(data)
-            progress.add(len(data))
-        if sent != rec.nbytes:  # the committed bytes are copied; a longer source is not read
-            raise CorruptCheckpointError(
-                f"{src.url} has {sent} bytes but the manifest says {rec.nbytes}; the source "
-                "checkpoint is damaged (run `ckptsvc verify` on it)"
-            )
-        if crc.hexdigest() != rec.crc32c:
-            raise CorruptCheckpointError(
-                f"{src.url}: CRC-32C of the bytes read is {crc.hexdigest()} but the manifest says "
-                f"{rec.crc32c}; the source checkpoint is damaged (run `ckptsvc verify` on it)"
-            )
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    stored = dst.stored_crc32c()
-    if stored is not None and stored != rec.crc32c:
-        raise CorruptCheckpointError(
-            f"{dst.url}: the store reports CRC-32C {stored} for the uploaded object but "
-            f"{rec.crc32c} was sent; copy again"
-        )
-
-
-def _copy_records(
-    src_dir: Location,
-    dst_dir: Location,
-    records: Sequence[FileRecord],
-    *,
-    jobs: int,
-    progress: _Progress,
-) -> None:
-    """Copy every record's file on ``jobs`` threads, largest first; the first error stops
-    the others (their partial uploads are aborted) and is raised."""
-    stop = threading.Event()
-
-    def one(rec: FileRecord) -> None:
-        try:
-            _copy_file(
-                src_dir.join(rec.path), dst_dir.join(rec.path), rec, progress=progress, stop=stop
-            )
-        except BaseException:
-            stop.set()
-            raise
-
-    ordered = sorted(records, key=lambda r: (-r.nbytes, r.path))
-    with ThreadPoolExecutor(max(1, min(jobs, len(ordered) or 1)), "ckptsvc-cp") as pool:
-        futures = [pool.submit(one, rec) for rec in ordered]
-    errors = [e for f in futures if (e := f.exception()) is not None]
-    real = [e for e in errors if not isinstance(e, _Cancelled)]
-    if real:
-        raise real[0]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -286,11 +168,11 @@ def _copy_one(
     dst: Location,
     *,
     jobs: int,
-    progress: _Progress,
+    progress: CopyProgress,
     overwrite: bool = False,
 ) -> CopiedCheckpoint:
     def write(directory: Location, target: SaveTarget) -> None:
-        _copy_records(src, directory, manifest.files, jobs=jobs, progress=progress)
+        copy_records(src, directory, manifest.files, jobs=jobs, progress=progress)
         committed = replace(manifest, checkpoint_path=dst.url)
         commit_checkpoint(directory, committed, claim_id=target.claim_id)
 
@@ -334,7 +216,7 @@ def copy_checkpoint(
             src_loc.url, dst_loc.url, "up-to-date", len(manifest.files), manifest.total_nbytes
         )
     else:
-        tracker = _Progress(manifest.total_nbytes, progress)
+        tracker = CopyProgress(manifest.total_nbytes, progress)
         done = _copy_one(
             src_loc, manifest, dst_loc, jobs=n_jobs, progress=tracker, overwrite=overwrite
         )
@@ -388,7 +270,7 @@ def copy_tree(
             )
             continue
         todo.append((info, info.manifest, target))
-    tracker = _Progress(sum(m.total_nbytes for _, m, _ in todo), progress)
+    tracker = CopyProgress(sum(m.total_nbytes for _, m, _ in todo), progress)
     for info, manifest, target in todo:
         done.append(
             _copy_one(
@@ -466,95 +348,6 @@ def copy_files(
             )
         records = tuple(r for r in manifest.files if r.path in set(wanted))
     dst_loc.makedirs()
-    tracker = _Progress(sum(r.nbytes for r in records), progress)
-    _copy_records(src_loc, dst_loc, records, jobs=_jobs(jobs), progress=tracker)
+    tracker = CopyProgress(sum(r.nbytes for r in records), progress)
+    copy_records(src_loc, dst_loc, records, jobs=_jobs(jobs), progress=tracker)
     return tuple(records)
-
-
-# ---- prune -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PruneReport:
-    """What :func:`prune` deleted (or would delete with ``dry_run``) and what it kept."""
-
-    root: str
-    keep: int
-    dry_run: bool
-    deleted: tuple[str, ...]
-    kept: tuple[str, ...]
-    preserved: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "root": self.root,
-            "keep": self.keep,
-            "dry_run": self.dry_run,
-            "deleted": list(self.deleted),
-            "kept": list(self.kept),
-            "preserved": list(self.preserved),
-        }
-
-
-def _best_checkpoints(infos: Sequence[CheckpointInfo]) -> list[str]:
-    """URLs of the best checkpoints the ``CheckpointManager`` recorded in the newest complete
-    manifest, matched by directory name (the recorded paths may predate a copy)."""
-    complete = [i for i in infos if i.manifest is not None]
-    if not complete:
-        return []
-    newest = max(complete, key=CheckpointInfo.sort_key)
-    section = (newest.manifest.user_metadata if newest.manifest else {}).get(_MANAGER_META_KEY)
-    if not isinstance(section, dict):
-        return []
-    recorded = [
-        str(e[0]) for e in section.get("best_checkpoints") or [] if isinstance(e, list) and e
-    ]
-    if section.get("best_checkpoint"):
-        recorded.append(str(section["best_checkpoint"]))
-    names = {os.path.basename(p.rstrip("/")) for p in recorded}
-    return [i.url for i in infos if i.location.name in names]
-
-
-def prune(
-    root: str | Location,
-    *,
-    keep: int,
-    dry_run: bool = False,
-    storage_options: dict[str, Any] | None = None,
-    preserved: Iterable[str] = (),
-) -> PruneReport:
-    """Delete the oldest checkpoints under ``<root>/checkpoints`` until ``keep`` remain.
-
-    Rules (``retention.select_for_deletion``): ``keep`` counts complete and legacy
-    checkpoints; the newest complete one, the ``preserved`` ones and the best ones a
-    ``CheckpointManager`` recorded are never deleted; incomplete directories are neither
-    counted nor deleted (they may be saves in flight: ``gc`` handles debris). Each delete
-    removes the manifest first, so a crash midway leaves an incomplete directory, never a
-    torn complete one.
-    """
-    if keep < 1:
-        raise ConfigError(f"keep must be at least 1, not {keep}")
-    root_loc = Location.parse(root, storage_options)
-    infos = list_checkpoints(root_loc)
-    spared = [*_best_checkpoints(infos), *preserved]
-    victims = select_for_deletion(infos, keep=keep, preserved=spared)
-    victim_urls = {v.url for v in victims}
-    for v in victims:
-        if dry_run:
-            logger.info("prune: would delete %s", v.url)
-        else:
-            delete_checkpoint(v.location)
-    kept = tuple(
-        i.url
-        for i in infos
-        if i.url not in victim_urls
-        and i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)
-    )
-    return PruneReport(
-        root=root_loc.url,
-        keep=keep,
-        dry_run=dry_run,
-        deleted=tuple(v.url for v in victims),
-        kept=kept,
-        preserved=tuple(u for u in spared if u in kept),
-    )

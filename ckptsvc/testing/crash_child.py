@@ -3,10 +3,9 @@
 :mod:`ckptsvc.testing.crashtest` (the campaign) plans points with :func:`plan_points` and runs
 each as ``python -m ckptsvc.testing.crash_child PLAN``: this module's ``_child_main`` runs the
 plan's saves (sync API or ``AsyncCheckpointer``), each followed by retention, and reports
-on stdout; the hooks of :mod:`ckptsvc.testing.faultinject` pause it at the point's exact step. The
-node writer imports this module as its preload (``CKPTSVC_WRITER_PRELOAD``), which
-installs the writer's hooks from its environment. Importing it imports no torch (the
-writer is torch-free); the saved state is a pure function of its seed.
+on stdout; the hooks of :mod:`ckptsvc.testing.faultinject` pause it at the point's exact step.
+This module is trainer-side (it imports torch); the node writer's preload is the torch-free
+:mod:`ckptsvc.testing.writer_preload`. The saved state is a pure function of its seed.
 """
 
 from __future__ import annotations
@@ -25,8 +24,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.errors import WriterDiedError
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
-from ckptsvc.testing.faultinject import install_from_env, install_hooks
+from ckptsvc.liveness import pid_alive
+from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
+from ckptsvc.sharded_checkpoint import next_checkpoint_path, save_checkpoint
+from ckptsvc.testing.faultinject import install_hooks
 
 __all__ = [
     "SAVE_NBYTES",
@@ -166,8 +172,6 @@ def plan_points(count: int, *, seed: int, local: bool) -> list[CrashPoint]:
 
 def crash_state(seed: int) -> dict[str, Any]:
     """7 MiB of float32 (one 6 MiB tensor + eight 128 KiB ones) and a counter, from ``seed``."""
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     state = {"big": torch.randn(BIG_NUMEL, generator=gen)}
     for i in range(8):
@@ -190,16 +194,10 @@ def _say(*words: object) -> None:
 
 def _child_main(plan: dict[str, Any]) -> int:
     """Run the plan's saves, each followed by retention; report on stdout."""
-    from ckptsvc.errors import WriterDiedError
-    from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
-    from ckptsvc.sharded_checkpoint import next_checkpoint_path, save_checkpoint
-
     hooks = install_hooks(plan, "trainer")
     root, opts = plan["root"], plan["storage_options"]
     ckpt = None
     if plan["api"] == "async":
-        from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-
         ckpt = AsyncCheckpointer(root, storage_options=opts, max_shard_size=MAX_SHARD_BYTES)
         _say("WRITER", ckpt.writer_pid)
     for step, seed in plan["saves"]:
@@ -274,8 +272,6 @@ def _kill(pid: int, outcome: Outcome, who: str) -> None:
 
 def _wait_gone(pids: set[int], *, timeout_s: float) -> list[int]:
     """Wait for processes (not our children) to exit; SIGKILL the ones that do not."""
-    from ckptsvc.liveness import pid_alive
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.05)
@@ -385,5 +381,3 @@ def _act(point: CrashPoint, child_pid: int, paused: str, ctl: str, outcome: Outc
 if __name__ == "__main__":  # the child trainer of one point
     logging.basicConfig(level=logging.WARNING)
     sys.exit(_child_main(json.loads(sys.argv[1])))
-else:  # imported: as the node writer's preload, install what its environment asks for
-    install_from_env()

@@ -12,8 +12,8 @@ one of them. Where the interruption lands:
   step of the armed save - marker written, byte N of the shard stream, shard closed,
   index/skeleton published, before or after the manifest, marker removed, each step of a
   retention delete - and waits to be killed; the node writer gets the same hooks because
-  importing this module (its ``CKPTSVC_WRITER_PRELOAD``) installs what the environment
-  asks for;
+  its ``CKPTSVC_WRITER_PRELOAD`` (:mod:`ckptsvc.testing.writer_preload`) installs what the
+  environment asks for;
 - a *timer* (the random points): writes are throttled and the victim is killed a seeded
   random delay after its save started.
 
@@ -49,7 +49,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
+from ckptsvc.read.component_load import load_state
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.read.latest import find_latest_checkpoint
+from ckptsvc.read.verify import verify_checkpoint
+from ckptsvc.sharded_checkpoint import load_checkpoint
+from ckptsvc.storage import Location
 from ckptsvc.testing.crash_child import INDEX_NAME as _INDEX
 from ckptsvc.testing.crash_child import (
     KEEP,
@@ -62,6 +68,7 @@ from ckptsvc.testing.crash_child import (
 )
 from ckptsvc.testing.crash_child import SEED_DOC_NAME as _SEED_DOC
 from ckptsvc.testing.faultinject import PLAN_ENV, PRELOAD_MODULE
+from ckptsvc.workers.shm import segment_prefix
 
 __all__ = [
     "CampaignReport",
@@ -198,8 +205,6 @@ class _Campaign:
     def __init__(
         self, root: str, storage_options: dict[str, Any], *, seed: int, timeout_s: float
     ) -> None:
-        from ckptsvc.storage import Location
-
         self.url = root
         self.opts = storage_options
         self.loc = Location.parse(root, storage_options)
@@ -213,8 +218,6 @@ class _Campaign:
 
     # -- state of the root --
     def _complete(self) -> dict[str, Any]:
-        from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
-
         self.loc.fs.invalidate_cache()
         infos = list_checkpoints(self.loc)
         return {i.location.name: i for i in infos if i.status is CheckpointStatus.COMPLETE}
@@ -324,11 +327,6 @@ class _Campaign:
         outcome: Outcome,
         problems: list[str],
     ) -> tuple[list[str], str | None]:
-        from ckptsvc.read.discovery import (
-            CheckpointStatus,
-            list_checkpoints,
-        )
-
         self.loc.fs.invalidate_cache()
         lost: list[str] = []
         infos = list_checkpoints(self.loc)
@@ -379,10 +377,6 @@ class _Campaign:
         return lost, latest
 
     def _verify_and_load(self, info: Any, seeds: dict[str, int | None]) -> list[str]:
-        from ckptsvc.read.component_load import load_state
-        from ckptsvc.read.verify import verify_checkpoint
-        from ckptsvc.sharded_checkpoint import load_checkpoint
-
         name = info.location.name
         report = verify_checkpoint(info.location, deep=True)
         seed = self._seed_of(info)
@@ -405,13 +399,6 @@ class _Campaign:
         return [] if same else [f"{name}: loads, but not the bytes seed {seed} saved"]
 
     def _gc_and_check(self, node: str, latest: str | None, problems: list[str]) -> dict[str, int]:
-        from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
-        from ckptsvc.read.discovery import (
-            CheckpointStatus,
-            list_checkpoints,
-        )
-        from ckptsvc.workers.shm import segment_prefix
-
         report = collect_garbage(self.url, storage_options=self.opts, node=node)
         for url, why in report.kept:
             problems.append(f"gc kept {url}: {why}")
@@ -461,8 +448,6 @@ def run_campaign(
 ) -> CampaignReport:
     """Run ``points`` seeded crash points (:func:`plan_points`) under a fresh
     ``<root>/crashtest-<id>``, then one clean run that must save; see :func:`run_points`."""
-    from ckptsvc.storage import Location
-
     local = Location.parse(root, storage_options).is_local
     return run_points(
         root,
@@ -490,8 +475,6 @@ def run_points(
     with the root there). ``report.ok`` is the verdict, ``report.checkpoints_lost`` the
     figure that must be zero.
     """
-    from ckptsvc.storage import Location
-
     base = Location.parse(root, storage_options)
     run_root = base.join(f"crashtest-{uuid.uuid4().hex[:10]}")
     url = run_root.path if run_root.is_local else run_root.url

@@ -2,7 +2,7 @@
 loads it too).
 
 Two mechanisms, both switched on in a process by a call, and in the node writer through
-its preload (``CKPTSVC_WRITER_PRELOAD=ckptsvc.testing.crash_child``, whose import calls
+its preload (``CKPTSVC_WRITER_PRELOAD=ckptsvc.testing.writer_preload``, whose import calls
 :func:`install_from_env`):
 
 - :func:`install_hooks` (``CKPTSVC_CRASHTEST_PLAN``): stop this process at one exact step
@@ -43,7 +43,7 @@ __all__ = [
 
 PLAN_ENV = "CKPTSVC_CRASHTEST_PLAN"
 #: the module the node writer imports to get the hooks and faults of its environment
-PRELOAD_MODULE = "ckptsvc.testing.crash_child"
+PRELOAD_MODULE = "ckptsvc.testing.writer_preload"
 
 
 # ---- hooks (in the child trainer and, through the preload, in the node writer) ---------------

@@ -20,12 +20,9 @@ The ``ckptsvc`` CLI registers the options with :func:`add_parser` (or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptsvc.errors import CheckpointError
+from ckptsvc.storage import Location
 from ckptsvc.tools.bench_budget import add_budget_options, run_budget
+from ckptsvc.tools.bench_common import GiB, parse_size, reap_group, tail_log
 from ckptsvc.tools.bench_incremental import add_incremental_options, run_incremental
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
 from ckptsvc.tools.bench_plot import render_svg
@@ -53,21 +52,6 @@ from ckptsvc.tools.bench_report import (
 from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
-
-GiB = 1 << 30
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"1GiB"``, ``"256MiB"``, ``"1.5G"``, ``"100MB"`` (decimal), ``"4096"`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
-    if not m:
-        raise ValueError(f"cannot parse size {text!r}: use e.g. 1GiB, 256MiB, 8MiB")
-    number, unit, binary, byte = m.groups()
-    scale = _UNITS[unit] if (binary or not byte or not unit) else 1000 ** "bkmgt".index(unit)
-    return int(float(number) * scale)
 
 
 @dataclass(frozen=True)
@@ -130,8 +114,6 @@ class _Runner:
 
     def _remove(self, name: str) -> None:
         if self.plan.remote:
-            from ckptsvc.storage import Location
-
             Location.parse(f"{self.plan.root}/{name}", self.plan.storage_options).remove(
                 recursive=True
             )
@@ -170,13 +152,13 @@ class _Runner:
                 rc = proc.wait(timeout=self.plan.timeout_s)
             except subprocess.TimeoutExpired:
                 rc = None
-            _reap_group(proc.pid, grace_s=10.0 if rc is not None else 0.0)
+            reap_group(proc.pid, grace_s=10.0 if rc is not None else 0.0)
             proc.wait()
         if rc is None:
             return {
                 "status": "error",
                 "reason": f"timed out after {self.plan.timeout_s:.0f} s",
-                "log_tail": _tail(log_path),
+                "log_tail": tail_log(log_path),
             }
         try:
             with open(result_path) as f:
@@ -184,10 +166,10 @@ class _Runner:
         except (OSError, ValueError):
             return {
                 "status": "error",
-                "reason": f"worker exited {rc} without a result: {_tail(log_path)}",
+                "reason": f"worker exited {rc} without a result: {tail_log(log_path)}",
             }
         if result.get("status") == "error":
-            result["log_tail"] = _tail(log_path)
+            result["log_tail"] = tail_log(log_path)
         return result
 
     def measure(self, method: Method, reps: int) -> list[dict[str, Any]]:
@@ -220,43 +202,6 @@ class _Runner:
     def cleanup(self, method: Method) -> None:
         for name in method.leaves:
             self._remove(name)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` still runs (zombies awaiting their reaper don't)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _reap_group(pgid: int, *, grace_s: float = 10.0) -> None:
-    """Wait for the worker's leftover processes (DCP daemon, writer) to stop by themselves,
-    then kill what remains of its own process group, so the next measurement runs alone."""
-    deadline = time.monotonic() + grace_s
-    while _group_alive(pgid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            return
-        time.sleep(0.05)
-
-
-def _tail(path: str, nchars: int = 1500) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return ""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return " / ".join(lines)[-nchars:]
 
 
 def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], None]) -> list[Row]:
@@ -405,8 +350,6 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
         )
     remote, parent = False, None
     if args.storage:
-        from ckptsvc.storage import Location
-
         loc = Location.parse(args.storage, options)
         remote, parent = not loc.is_local, loc.path
     nbytes = sum(s.nbytes for s in make_specs(total_nbytes))
@@ -433,8 +376,6 @@ def _remove_scratch(plan: _Plan) -> None:
     if plan.keep:
         return
     if plan.remote:
-        from ckptsvc.storage import Location
-
         Location.parse(plan.root, plan.storage_options).remove(recursive=True)
     else:
         shutil.rmtree(plan.root, ignore_errors=True)

@@ -39,7 +39,11 @@ import time
 import uuid
 from typing import Any
 
+from ckptsvc import knobs
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.tools.bench_common import parse_size
 from ckptsvc.tools.bench_report import Row, budget_target, report_rows
+from ckptsvc.workers.shm import segment_prefix
 
 __all__ = ["add_budget_options", "measure_budget_peak", "run_budget"]
 
@@ -91,8 +95,6 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
 
 def run_budget(args: argparse.Namespace) -> int:
     """``ckptsvc bench --budget``: measure, print the row and the target (or JSON)."""
-    from ckptsvc.tools.bench import parse_size
-
     size = getattr(args, "size", None)
     nbytes = parse_size(size) if isinstance(size, str) else int(size or 256 << 20)
     fraction = float(getattr(args, "budget_fraction", 0.25))
@@ -153,10 +155,6 @@ def _shm_bytes(directory: str, prefix: str) -> int:
 
 def _child(state_nbytes: int, budget_nbytes: int, root: str) -> dict[str, Any]:
     import torch
-
-    from ckptsvc import knobs
-    from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-    from ckptsvc.workers.shm import segment_prefix
 
     ntensors = 8
     per = max(1, state_nbytes // ntensors // 4)

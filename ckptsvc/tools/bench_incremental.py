@@ -28,7 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.read.component_load import load_state
 from ckptsvc.storage import Location
+from ckptsvc.tools.bench_common import parse_size
 from ckptsvc.tools.bench_report import Row, incremental_target, report_rows
 
 __all__ = [
@@ -80,9 +83,6 @@ class LoraLike(nn.Module):
 
 
 def _two_saves(root: str, model: LoraLike, *, incremental: bool, **opts: Any) -> dict[str, Any]:
-    from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-    from ckptsvc.read.component_load import load_state
-
     with AsyncCheckpointer(root, incremental=incremental, **opts) as ckpt:
         ckpt.save(1, {"model": model}).wait()
         model.trainable_step()
@@ -168,8 +168,6 @@ def add_incremental_options(parser: argparse.ArgumentParser) -> None:
 
 def run_incremental(args: argparse.Namespace) -> int:
     """``ckptsvc bench --incremental``: measure, print the row and the target (or JSON)."""
-    from ckptsvc.tools.bench import parse_size
-
     size = getattr(args, "size", None)
     nbytes = parse_size(size) if isinstance(size, str) else int(size or 256 << 20)
     storage = getattr(args, "storage", None)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
+from ckptsvc.tools.bench_common import reap_group, tail_log
 from ckptsvc.tools.bench_loop_worker import MODES, LoopConfig, ModeResult, trimmed_mean
 from ckptsvc.tools.bench_report import Target, write_json
 
@@ -64,8 +65,6 @@ def worker_env() -> dict[str, str]:
 
 
 def _run_worker(cfg: LoopConfig, *, log_path: str, timeout_s: float) -> ModeResult:
-    from ckptsvc.tools.bench import _reap_group, _tail
-
     cmd = [sys.executable, "-m", "ckptsvc.tools.bench_loop_worker", json.dumps(asdict(cfg))]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -76,24 +75,24 @@ def _run_worker(cfg: LoopConfig, *, log_path: str, timeout_s: float) -> ModeResu
             rc: int | None = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             rc = None
-        _reap_group(proc.pid, grace_s=10.0 if rc is not None else 0.0)
+        reap_group(proc.pid, grace_s=10.0 if rc is not None else 0.0)
         proc.wait()
     if rc is None:
         return ModeResult(
-            cfg.mode, "error", reason=f"timed out after {timeout_s:.0f} s: {_tail(log_path)}"
+            cfg.mode, "error", reason=f"timed out after {timeout_s:.0f} s: {tail_log(log_path)}"
         )
     try:
         with open(cfg.result_path) as f:
             raw = json.load(f)
     except (OSError, ValueError):
         return ModeResult(
-            cfg.mode, "error", reason=f"worker exited {rc} without a result: {_tail(log_path)}"
+            cfg.mode, "error", reason=f"worker exited {rc} without a result: {tail_log(log_path)}"
         )
     for key in ("checkpoints", "step_s_samples"):
         raw[key] = tuple(raw.get(key, ()))
     result = ModeResult(**raw)
     if result.status == "error":
-        result = ModeResult(result.mode, "error", reason=f"{result.reason} / {_tail(log_path)}")
+        result = ModeResult(result.mode, "error", reason=f"{result.reason} / {tail_log(log_path)}")
     return result
 
 

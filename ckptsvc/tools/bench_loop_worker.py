@@ -39,6 +39,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.sharded_checkpoint import save_checkpoint
+from ckptsvc.stage.flatten import flatten_state
+
 if TYPE_CHECKING:
     import torch
 
@@ -113,9 +117,6 @@ def _training_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[
 
 class _SyncSaver:
     def __init__(self, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        from ckptsvc.sharded_checkpoint import save_checkpoint
-        from ckptsvc.stage.flatten import flatten_state
-
         self._flatten, self._save = flatten_state, save_checkpoint
         self._root, self._state = root, _training_state(model, opt)
         self._paths: list[str] = []
@@ -139,8 +140,6 @@ class _AsyncSaver:
     def __init__(
         self, root: str, model: torch.nn.Module, opt: torch.optim.Optimizer, *, overlap: bool
     ) -> None:
-        from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
-
         if overlap and "overlap" not in inspect.signature(AsyncCheckpointer.save).parameters:
             raise _Unavailable(
                 "AsyncCheckpointer.save has no overlap= parameter in this ckptsvc build"

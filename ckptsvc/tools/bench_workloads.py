@@ -31,6 +31,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from ckptsvc import knobs
+from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
+from ckptsvc.storage import url_to_fs
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     PeakRss,
@@ -93,8 +97,6 @@ class _Ctx:
         self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes))
         self.fs: Any = None
         if cfg.remote:
-            from ckptsvc.storage import url_to_fs
-
             self.fs, _ = url_to_fs(cfg.root, **cfg.storage_options)
 
     def path(self, name: str) -> str:
@@ -179,8 +181,6 @@ def w_raw_write(ctx: _Ctx) -> Sample:
     ``IO_THREADS`` streams (the ckptsvc writer's parallelism), then fsync'd. Object
     stores: one streaming upload. One write per worker, like every other save: on virtual
     disks a second write into just-freed blocks is much faster than the first."""
-    from ckptsvc import knobs
-
     view = memoryview(_flat_copy(ctx.state or {}, ctx.nbytes).numpy())  # type: ignore[arg-type]
     streams = max(1, knobs.IO_THREADS.get())
     with PeakRss() as rss:
@@ -206,8 +206,6 @@ def w_raw_write_direct(ctx: _Ctx) -> Sample:
 
     import torch
 
-    from ckptsvc import knobs
-
     if ctx.cfg.remote:
         raise _Unavailable("O_DIRECT applies to local files only")
     view = aligned_buffer(ctx.nbytes)
@@ -229,8 +227,6 @@ def w_raw_write_direct(ctx: _Ctx) -> Sample:
 def w_raw_read(ctx: _Ctx) -> Sample:
     """The raw file read into a fresh buffer by ``IO_THREADS`` streams (cold: the parent
     dropped it from the page cache). Object stores: one GET."""
-    from ckptsvc import knobs
-
     name = ARTIFACTS["raw_write"]
     streams = max(1, knobs.IO_THREADS.get())
     with PeakRss() as rss:
@@ -396,12 +392,11 @@ def w_dcp_async(ctx: _Ctx) -> Sample:
 
 # ---------------------------------------------------------------------------- ckptsvc
 def w_ckptsvc_save(ctx: _Ctx) -> Sample:
-    save_checkpoint = _require("ckptsvc.sharded_checkpoint", "save_checkpoint")
     path = ctx.path(ARTIFACTS["ckptsvc_save"])
     kwargs = ctx.storage_kwargs(save_checkpoint)
     with PeakRss() as rss:
         t0 = time.perf_counter()
-        save_checkpoint(path, ctx.state, safetensors=True, **kwargs)
+        save_checkpoint(path, ctx.state or {}, safetensors=True, **kwargs)
         t1 = time.perf_counter()
         if not ctx.cfg.remote:
             fsync_tree(path)  # no-op cost if the library already made it durable
@@ -410,7 +405,6 @@ def w_ckptsvc_save(ctx: _Ctx) -> Sample:
 
 
 def w_ckptsvc_load(ctx: _Ctx) -> Sample:
-    load_checkpoint = _require("ckptsvc.sharded_checkpoint", "load_checkpoint")
     path = ctx.path(ARTIFACTS["ckptsvc_save"])
     kwargs = ctx.storage_kwargs(load_checkpoint)
     return _load_sample(ctx, lambda: load_checkpoint(path, **kwargs))
@@ -449,9 +443,7 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
     then the measured save with changed values. Blocking = until ``save`` returns;
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
-    checkpointer_cls = _require("ckptsvc.engine.async_checkpointer", "AsyncCheckpointer")
-    from ckptsvc import knobs
-
+    checkpointer_cls = AsyncCheckpointer
     state = ctx.state or {}
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
