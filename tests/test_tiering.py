@@ -12,7 +12,6 @@ from conftest import StorageRoot, unfinished_save
 
 import ckptsvc.ops.tiering as tiering
 from ckptsvc.errors import CorruptCheckpointError, IncompleteCheckpointError
-from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ops.retention import delete_checkpoint
 from ckptsvc.ops.tiering import TieredStore
 from ckptsvc.read.discovery import read_manifest
@@ -116,22 +115,22 @@ def test_newest_checkpoint_not_yet_replicated_resumes_locally(
 def test_local_copies_pruned_only_after_remote_commit(
     tmp_path: Path, storage_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_copy = tiering._copy_file
+    real_copy = tiering.copy_records
 
-    def copy_fails_for_2(src: Location, dst: Location, rec: FileRecord) -> None:
-        if "checkpoint-2" in dst.url:
+    def copy_fails_for_2(src: Location, dst: Location, *args: Any, **kwargs: Any) -> None:
+        if "checkpoint-2" in src.url:
             raise OSError("remote went away")
-        real_copy(src, dst, rec)
+        real_copy(src, dst, *args, **kwargs)
 
     with _store(tmp_path, storage_root, keep_local=1) as store:
         store.save(1, _state(1), safetensors=True).result(timeout=120)
-        monkeypatch.setattr(tiering, "_copy_file", copy_fails_for_2)
+        monkeypatch.setattr(tiering, "copy_records", copy_fails_for_2)
         with pytest.raises(OSError, match="remote went away"):
             store.save(2, _state(2), safetensors=True).result(timeout=120)
         store.save(3, _state(3), safetensors=True).result(timeout=120)
         local = sorted(p.name for p in (tmp_path / "local" / "checkpoints").iterdir())
         assert local == ["checkpoint-2", "checkpoint-3"]  # 1 pruned, 2 kept: not remote yet
-        monkeypatch.setattr(tiering, "_copy_file", real_copy)
+        monkeypatch.setattr(tiering, "copy_records", real_copy)
         store.replicate(2).result(timeout=120)
         local = sorted(p.name for p in (tmp_path / "local" / "checkpoints").iterdir())
         assert local == ["checkpoint-3"]
@@ -144,7 +143,7 @@ def test_rotted_local_copy_is_never_replicated(tmp_path: Path, storage_root: Sto
     with _store(tmp_path, storage_root) as store:
         save_checkpoint(store.local_path(1), _state(1), safetensors=True)
         _corrupt_shard(store.local_path(1))
-        with pytest.raises(CorruptCheckpointError, match="does not match its manifest"):
+        with pytest.raises(CorruptCheckpointError, match="the source checkpoint is damaged"):
             store.replicate(1).result(timeout=120)
         assert find_latest_checkpoint(storage_root.join("run"), storage_options=opts) is None
         if storage_root.server is not None and storage_root.server.kind == "s3":

@@ -26,9 +26,9 @@ from ckptsvc import knobs
 from ckptsvc.commit.target import SaveTarget, write_claimed
 from ckptsvc.engine.sync_save import save_checkpoint
 from ckptsvc.errors import ConfigError, CorruptCheckpointError, IncompleteCheckpointError
-from ckptsvc.format.checksum import Crc32c
-from ckptsvc.format.manifest import FileRecord, Manifest
+from ckptsvc.format.manifest import Manifest
 from ckptsvc.ops.retention import delete_checkpoint
+from ckptsvc.ops.verified_copy import CopyProgress, copy_records
 from ckptsvc.read.discovery import (
     CHECKPOINTS_DIR,
     CheckpointInfo,
@@ -56,45 +56,6 @@ class ReplicationResult:
     files: int
     nbytes: int
     seconds: float
-
-
-def _copy_file(src: Location, dst: Location, rec: FileRecord) -> None:
-    """Stream ``src`` to ``dst`` checking size and CRC-32C against ``rec`` before the
-    upload completes; a mismatch aborts it and raises ``CorruptCheckpointError``."""
-    chunk_nbytes = knobs.WRITE_CHUNK_BYTES.get()
-    crc = Crc32c()
-    if rec.nbytes <= chunk_nbytes:  # small files: one read, one PUT
-        data = src.read_range(0, rec.nbytes + 1)
-        crc.update(data)
-        _check_copy(src, rec, len(data), crc.hexdigest())
-        dst.publish(data)
-        return
-    sink = dst.open_sink()
-    try:
-        buf = bytearray(chunk_nbytes)
-        view = memoryview(buf)
-        for start in range(0, rec.nbytes, chunk_nbytes):
-            piece = view[: min(chunk_nbytes, rec.nbytes - start)]
-            src.read_into(start, piece)  # raises CorruptCheckpointError if src is short
-            crc.update(piece)
-            sink.write(piece)
-        if src.size() != rec.nbytes:
-            raise CorruptCheckpointError(
-                f"{src.url}: {src.size()} bytes, the manifest says {rec.nbytes}"
-            )
-        _check_copy(src, rec, rec.nbytes, crc.hexdigest())
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-
-
-def _check_copy(src: Location, rec: FileRecord, nbytes: int, crc: str) -> None:
-    if nbytes != rec.nbytes or crc != rec.crc32c:
-        raise CorruptCheckpointError(
-            f"{src.url}: local copy does not match its manifest ({nbytes} bytes, CRC-32C {crc}; "
-            f"expected {rec.nbytes} bytes, {rec.crc32c}); not replicating it"
-        )
 
 
 def _check_remote(remote: Location, manifest: Manifest) -> None:
@@ -131,14 +92,17 @@ def replicate_checkpoint(local: Location | str, remote: Location | str) -> Manif
     if manifest is None:  # refuse_unloadable raised; for the type checker
         raise IncompleteCheckpointError(f"{src.url} has no manifest")
     remote_manifest = dataclasses.replace(manifest, checkpoint_path=dst.url)
-    records = list(manifest.files)
-    threads = max(1, min(knobs.IO_THREADS.get(), len(records)))
+    threads = max(1, min(knobs.IO_THREADS.get(), len(manifest.files)))
 
     def write(directory: Location, target: SaveTarget) -> None:
-        with ThreadPoolExecutor(threads, thread_name_prefix="ckptsvc-replicate") as pool:
-            list(
-                pool.map(lambda r: _copy_file(src.join(r.path), directory.join(r.path), r), records)
-            )
+        # the one verified copy (cp's too): size and CRC-32C checked before each upload ends
+        copy_records(
+            src,
+            directory,
+            manifest.files,
+            jobs=threads,
+            progress=CopyProgress(manifest.total_nbytes, None),
+        )
         _check_remote(directory, manifest)
         commit_checkpoint(directory, remote_manifest, claim_id=target.claim_id)
 
