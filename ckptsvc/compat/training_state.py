@@ -16,7 +16,6 @@ Dataloader position: pass any Stateful. ``torchdata.stateful_dataloader.Stateful
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ckptsvc.errors import CheckpointError, ConfigError, StateMismatchError
+from ckptsvc.ranks import RankInfo
 from ckptsvc.stage.components import SharingPattern, StateComponent, Stateful
 
 __all__ = [
@@ -193,22 +193,22 @@ class DistInfo:
         initialised (local ranks from torchrun's environment), else a single process."""
         if dist is not None:
             world = int(getattr(dist, "world_size", 1))
-            local_world = int(
-                getattr(dist, "local_world_size", os.environ.get("LOCAL_WORLD_SIZE", world))
-            )
+            local_world = getattr(dist, "local_world_size", None)
             return cls(
                 rank=int(getattr(dist, "rank", 0)),
                 local_rank=int(getattr(dist, "local_rank", 0)),
                 world_size=world,
-                local_world_size=local_world,
+                local_world_size=int(
+                    local_world if local_world is not None else RankInfo.current().local_world_size
+                ),
             )
         td = torch.distributed
         if td.is_available() and td.is_initialized():
-            world = td.get_world_size()
+            info = RankInfo.current()  # the one parse of the launcher's environment
             return cls(
-                rank=td.get_rank(),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                world_size=world,
-                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+                rank=info.rank,
+                local_rank=info.local_rank,
+                world_size=info.world_size,
+                local_world_size=info.local_world_size,
             )
         return cls()

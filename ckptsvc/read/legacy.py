@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,6 @@ __all__ = [
     "legacy_state_file",
     "load_legacy_checkpoint",
     "load_legacy_components",
-    "node_rank_from_env",
     "read_legacy_metadata",
     "torch_load_safe",
 ]
@@ -215,13 +213,6 @@ def read_legacy_metadata(ckpt: Location) -> dict[str, Any] | None:
             raise CorruptCheckpointError(f"{loc.url}: expected a dict, found {type(doc).__name__}")
         return doc if name == LEGACY_METADATA_NAMES[0] else {"callback_states": doc}
     return None
-
-
-def node_rank_from_env() -> int:
-    """``RANK // LOCAL_WORLD_SIZE`` as torchrun sets them (0 outside torchrun)."""
-    rank = int(os.environ.get("RANK", "0") or 0)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return rank // max(local, 1)
 
 
 def load_legacy_checkpoint(
