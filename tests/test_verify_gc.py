@@ -25,11 +25,12 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
+from ckptsvc.format.skeleton import SKELETON_NAME
 from ckptsvc.ops.gc import CLOCK_SLACK_S as CLOCK_SLACK
 from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
 from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
 from ckptsvc.read.latest import find_latest_verified
-from ckptsvc.read.verify import SKELETON_NAME, verify_checkpoint
+from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import save_checkpoint
 from ckptsvc.workers.shm import segment_prefix
 

@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckptsvc import knobs
+from ckptsvc.commit.reports import Merged, RankReport, merge_reports
 from ckptsvc.errors import (
     CheckpointError,
     CoordinationError,
@@ -28,9 +29,6 @@ from ckptsvc.errors import (
 )
 from ckptsvc.ranks import RankInfo
 from ckptsvc.storage import Location
-
-if TYPE_CHECKING:
-    from ckptsvc.commit.reports import Merged, RankReport
 
 __all__ = [
     "CoordinationError",
@@ -330,8 +328,6 @@ class Coordinator:
     def _commit_round(
         self, pending: PendingCommit, own: RankReport, channel: _Channel
     ) -> BaseException | None:
-        from ckptsvc.commit.reports import merge_reports
-
         keys = [f"report/{r}" for r in range(self._info.world_size)]
         try:
             if own.error is not None:
@@ -366,8 +362,6 @@ class Coordinator:
     def _collect(
         self, pending: PendingCommit, channel: _Channel, keys: list[str]
     ) -> list[RankReport]:
-        from ckptsvc.commit.reports import RankReport
-
         deadline = self._deadline(1.0)
         delay = _POLL_MIN_S
         while True:

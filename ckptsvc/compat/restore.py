@@ -24,8 +24,8 @@ import torch
 
 from ckptsvc.compat.model_state import ModelState
 from ckptsvc.compat.training_state import DistInfo
-from ckptsvc.errors import IncompleteCheckpointError
-from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
+from ckptsvc.read.component_load import load_components
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, refuse_unloadable
 from ckptsvc.read.legacy import LegacyRank, is_legacy_state_checkpoint, load_legacy_checkpoint
 from ckptsvc.stage.components import StateComponent
 from ckptsvc.storage import Location
@@ -57,8 +57,7 @@ def restore_checkpoint(
     ``legacy_callbacks``. Returns the saved best-checkpoint document (may be empty).
     """
     info = checkpoint_info(ckpt)
-    if info.status is CheckpointStatus.INCOMPLETE:  # raced with a delete
-        raise IncompleteCheckpointError(f"{ckpt.url} became incomplete while loading")
+    refuse_unloadable(info, legacy_ok=True)  # it was complete when chosen: raced with a delete?
     children = [c.name for c in ckpt.list_children() if not c.is_dir]
     logger.info("loading checkpoint %s", ckpt.url)
     if is_legacy_state_checkpoint(children, info.manifest) or (
@@ -76,8 +75,6 @@ def restore_checkpoint(
             where=LegacyRank(dist.rank, dist.node_rank, group_ranks),
             manifest=info.manifest,
         )
-    from ckptsvc.engine.async_checkpointer import load_components
-
     section = dict((info.manifest.user_metadata if info.manifest else {}).get(META_KEY) or {})
     model_state.expect(section.get("quantized"), where=ckpt.url)
     load_components(

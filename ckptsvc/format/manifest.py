@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ckptsvc.errors import CorruptCheckpointError
+from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.version import __version__
 
 __all__ = [
@@ -235,9 +236,6 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: bytes, *, where: str) -> Manifest:
         """Parse and validate; :class:`CorruptCheckpointError` names ``where`` on any fault."""
-        from ckptsvc.format.json_doc import (
-            parse_json_doc,
-        )  # json_doc reads through storage, which is heavier
 
         doc = parse_json_doc(raw, where=where, what="manifest")
         if not isinstance(doc, dict):

@@ -36,6 +36,7 @@ from typing import Any
 
 from ckptsvc import knobs
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
+from ckptsvc.format.json_doc import parse_json_doc
 
 __all__ = [
     "DTYPE_SIZES",
@@ -203,9 +204,6 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
     n = header_length(raw[:8], file_nbytes=file_nbytes, where=where)
     if len(raw) < 8 + n:
         raise CorruptCheckpointError(f"{where}: header truncated ({len(raw) - 8} of {n} bytes)")
-    from ckptsvc.format.json_doc import (
-        parse_json_doc,
-    )  # lazily: the writer process needs only the encoder
 
     doc = parse_json_doc(raw[8 : 8 + n], where=where, what="safetensors header")
     if not isinstance(doc, dict):

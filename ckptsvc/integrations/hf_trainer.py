@@ -71,7 +71,7 @@ from ckptsvc.format.json_doc import read_json_doc
 from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
 from ckptsvc.ops.best_checkpoints import Retention
 from ckptsvc.ops.transfer import copy_files
-from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.storage import Location
@@ -409,8 +409,6 @@ class CkptsvcCallback(TrainerCallback):
         )
 
     def _path(self, step: int) -> str:
-        from ckptsvc.read.discovery import next_checkpoint_path
-
         return next_checkpoint_path(self._root_or_error(), step)
 
     def _raise_earlier_failure(self) -> None:

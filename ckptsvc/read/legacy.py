@@ -40,9 +40,10 @@ from ckptsvc.errors import (
 )
 from ckptsvc.format.json_doc import check_doc_against_manifest, read_doc_bytes
 from ckptsvc.format.manifest import Manifest
+from ckptsvc.format.skeleton import SKELETON_NAME, parse_skeleton
 from ckptsvc.read.weights import load_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
-from ckptsvc.stage.flatten import SKELETON_NAME, parse_skeleton, unflatten_state
+from ckptsvc.stage.flatten import unflatten_state
 from ckptsvc.storage import Location
 
 __all__ = [

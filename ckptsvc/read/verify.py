@@ -36,6 +36,7 @@ from ckptsvc.format.json_doc import read_doc_bytes, read_json_doc
 from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME
 from ckptsvc.format.manifest import FileRecord, Manifest, check_relpath
 from ckptsvc.format.safetensors_stream import header_length, parse_header
+from ckptsvc.format.skeleton import SKELETON_NAME, parse_skeleton
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 VerifyMode = Literal["shallow", "deep"]
 _HEADER_FIRST_READ = 64 * 1024
-#: ``ckptsvc.stage.flatten.SKELETON_NAME``, spelled out because ``flatten`` imports torch
-SKELETON_NAME = "ckptsvc_state.json"
 MAX_REPORTED_KEYS = 8
 
 
@@ -252,8 +251,6 @@ def _tensor_refs(node: Any) -> Iterator[Any]:
 
 
 def _check_skeleton(ckpt: Location, rel_path: str, mapped: set[str]) -> list[Problem]:
-    from ckptsvc.stage.flatten import parse_skeleton  # imports torch: only for async checkpoints
-
     loc = ckpt.join(rel_path)
     try:
         doc = parse_skeleton(read_doc_bytes(loc, what="state skeleton"), where=loc.url)

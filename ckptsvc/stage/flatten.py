@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError, InvalidStateError
+from ckptsvc.format.skeleton import SKELETON_FORMAT, SKELETON_NAME, SKELETON_VERSION, parse_skeleton
 from ckptsvc.stage.tensors import dtype_from_torch
 from ckptsvc.stage.tied_params import shared_tensor_groups
 
@@ -59,9 +60,6 @@ __all__ = [
 ]
 
 #: the JSON file of a checkpoint that holds the non-tensor state and the structure
-SKELETON_NAME = "ckptsvc_state.json"
-SKELETON_FORMAT = "ckptsvc-state"
-SKELETON_VERSION = 1
 
 #: containers (dicts, lists, tuples, objects with ``state_dict()``) nested below the root
 #: at most; deeper states are refused (the skeleton stays far from JSON recursion limits)
@@ -446,22 +444,6 @@ def frozen_parameter_names(module: torch.nn.Module, *, prefix: str = "") -> set[
         for name, p in module.named_parameters(remove_duplicate=False)
         if not p.requires_grad
     }
-
-
-def parse_skeleton(raw: bytes, *, where: str) -> dict[str, Any]:
-    """Decode and check a skeleton file's JSON; ``where`` names it in errors."""
-    from ckptsvc.format.json_doc import parse_json_doc
-
-    doc = parse_json_doc(raw, where=where, what="state skeleton")
-    if not isinstance(doc, dict) or doc.get("format") != SKELETON_FORMAT or "state" not in doc:
-        raise CorruptCheckpointError(f"{where}: not a ckptsvc state skeleton")
-    version = doc.get("version")
-    if not isinstance(version, int) or version > SKELETON_VERSION:
-        raise CorruptCheckpointError(
-            f"{where}: state skeleton version {version!r} is newer than this ckptsvc "
-            f"understands ({SKELETON_VERSION}); upgrade ckptsvc"
-        )
-    return doc
 
 
 def unflatten_state(skeleton: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
