@@ -33,6 +33,25 @@ ports and stopped at session end. A server that cannot start skips its tests wit
 reason, except under ``CI=true``: then they fail, so CI never passes by skipping.
 Buckets are emptied and listing caches of the (shared, instance-cached) fsspec
 filesystems invalidated after each test.
+
+One node writer per test, checked for leaks
+-------------------------------------------
+``node`` gives a test a node id of its own (``CKPTSVC_NODE_ID``, so its own node writer
+and its own shared-memory arenas; the writer lingers ``CKPTSVC_WRITER_LINGER_S`` = 0.2 s
+and can open ``faulty://``). ``checkpointer`` is a factory on top of it: it makes
+``AsyncCheckpointer`` instances on that node and closes those still open at teardown::
+
+    def test_x(checkpointer: Callable[..., AsyncCheckpointer], tmp_path: Path) -> None:
+        ckpt = checkpointer(tmp_path, max_shard_size=4096)   # AsyncCheckpointer's arguments
+
+    pytestmark = pytest.mark.usefixtures("node")   # or a whole module, with its own objects
+
+At teardown :func:`node_leaks` must find nothing, or the test fails: no shared-memory
+segment ``/dev/shm/ckptsvc-<node>-*`` left (they are removed), no node writer of the node
+still running once closed and lingered (a test that raised the linger above a few
+seconds gets its writer stopped with SIGTERM instead), no ``ckptsvc*`` thread started
+by the test still alive, no in-progress claim the test took still held. Tests that
+start their own writer processes or ranks use other node ids and check what they need.
 """
 
 from __future__ import annotations
@@ -45,6 +64,10 @@ import os
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import re
+import signal
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,9 +85,14 @@ from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py
     start_seaweedfs,
 )
 
+from ckptsvc import AsyncCheckpointer
 from ckptsvc.manifest import MANIFEST_NAME
 from ckptsvc.storage import Location
+from ckptsvc.workers import claim as claims_keeper
 from ckptsvc.workers.claim import claim_checkpoint
+from ckptsvc.workers.client import writer_socket_path
+
+pytest_plugins = ["pytester"]  # for tests of this conftest (test_leak_check.py)
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -128,16 +156,149 @@ def unfinished_save(loc: Location) -> None:
     claim_checkpoint(loc).release()
 
 
+SHM = "/dev/shm"
+NODE_LINGER_S = 0.2  # the node writer's linger in tests that use ``node``
+_LEAK_GRACE_S = 10.0  # how long teardown waits for threads and writers to finish exiting
+_LONG_LINGER_S = 3.0  # a test that set a longer linger gets its idle writer stopped
+
+
+def shm_segments(node: str) -> list[str]:
+    """The shared-memory segments of ``node`` in /dev/shm."""
+    if not os.path.isdir(SHM):
+        return []
+    return sorted(n for n in os.listdir(SHM) if n.startswith(f"ckptsvc-{node}-"))
+
+
+def node_writer_pids(node: str) -> list[int]:
+    """Running node-writer processes of this user serving ``node`` (zombies excluded)."""
+    pids = []
+    want = [b"--node-id", node.encode()]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        i = next((k for k in range(len(args) - 1) if args[k : k + 2] == want), None)
+        if i is not None and any(b"node_writer" in a for a in args[:i]):
+            pids.append(int(entry))
+    return pids
+
+
+def _ckptsvc_threads() -> set[threading.Thread]:
+    """Live ``ckptsvc*`` threads, but the process's claims keeper (one, started on first
+    use, never stops; the claims it holds are checked instead)."""
+    return {
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("ckptsvc") and t.name != "ckptsvc-claims" and t.is_alive()
+    }
+
+
+def _held_claims() -> set[str]:
+    """URLs whose in-progress claim this process holds (and keeps refreshing)."""
+    keeper = claims_keeper._KEEPER
+    with keeper._lock:
+        return set(keeper._held)
+
+
+@dataclass
+class LeakBaseline:
+    """What existed before the test: threads and claims that are not its leaks."""
+
+    threads: set[threading.Thread] = field(default_factory=_ckptsvc_threads)
+    claims: set[str] = field(default_factory=_held_claims)
+
+
+def node_leaks(
+    node: str, before: LeakBaseline, *, linger_s: float, grace_s: float = _LEAK_GRACE_S
+) -> list[str]:
+    """What a test on ``node`` left behind, once its checkpointers are closed: one line
+    per leak (empty: nothing). Leaked segments are removed and leaked writers stopped, so
+    one leaking test does not fail the next."""
+    leaks = []
+    left = shm_segments(node)  # the trainer unlinks its arenas in close(): no waiting
+    for name in left:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(SHM, name))
+    if left:
+        leaks.append(f"shared memory of node {node} left in {SHM}: {left}")
+    claims = _held_claims() - before.claims
+    if claims:
+        leaks.append(f"in-progress claims still held: {sorted(claims)}")
+    deadline = time.monotonic() + grace_s
+    if linger_s > _LONG_LINGER_S:  # the test asked for a long-lived writer: stop it now
+        for pid in node_writer_pids(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    else:
+        deadline += linger_s
+    while True:
+        threads = sorted(t.name for t in _ckptsvc_threads() - before.threads)
+        writers = node_writer_pids(node)
+        if (not threads and not writers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if threads:
+        leaks.append(f"ckptsvc threads still running: {threads}")
+    if writers:
+        for pid in writers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        leaks.append(f"node writers of node {node} still running (killed): pids {writers}")
+    return leaks
+
+
 @pytest.fixture
 def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A node id of this test alone: its own node writer (which exits a second after the
-    test, and can open ``faulty://``) and its own shared-memory arenas. Test modules that
-    also check for leaked arenas or sockets define their own."""
+    """A node id of this test alone (own node writer, own arenas); fails the test on a
+    leak (see the module docstring and :func:`node_leaks`)."""
     name = f"n{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
+    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", str(NODE_LINGER_S))
     monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
+    before = LeakBaseline()
     yield name
+    _remove_dead_socket(name)
+    linger_s = float(os.environ.get("CKPTSVC_WRITER_LINGER_S", NODE_LINGER_S))
+    leaks = node_leaks(name, before, linger_s=linger_s)
+    if leaks:
+        pytest.fail("the test leaked:\n  " + "\n  ".join(leaks), pytrace=False)
+
+
+def _remove_dead_socket(node: str) -> None:
+    """A writer killed with SIGKILL leaves its socket file (the next start would remove it)."""
+    path = writer_socket_path(node)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+@pytest.fixture
+def checkpointer(node: str) -> Iterator[Callable[..., AsyncCheckpointer]]:
+    """``checkpointer(root, **kwargs)``: an ``AsyncCheckpointer`` on the test's ``node``;
+    the ones still open are closed at teardown, before ``node`` checks for leaks."""
+    made: list[AsyncCheckpointer] = []
+
+    def make(*args: Any, **kwargs: Any) -> AsyncCheckpointer:
+        ckpt = AsyncCheckpointer(*args, **kwargs)
+        made.append(ckpt)
+        return ckpt
+
+    yield make
+    for ckpt in made:
+        ckpt.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,98 @@
+"""The leak check behind the ``node`` fixture (tests/conftest.py) finds each kind of leak."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHM, LeakBaseline, node_leaks, node_writer_pids, shm_segments
+
+from ckptsvc import AsyncCheckpointer
+from ckptsvc.storage import Location
+from ckptsvc.workers.claim import claim_checkpoint
+
+TESTS_DIR = Path(__file__).parent
+
+
+def test_a_clean_test_has_no_leaks(node: str, tmp_path: Path) -> None:
+    before = LeakBaseline()
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"w": torch.ones(8)}).wait(60)
+        assert node_writer_pids(node) == [ckpt.writer_pid]
+    assert node_leaks(node, before, linger_s=0.2) == []
+    assert node_writer_pids(node) == []
+
+
+@pytest.mark.skipif(not os.path.isdir(SHM), reason="needs /dev/shm")
+def test_a_left_segment_is_a_leak_and_is_removed(node: str) -> None:
+    before = LeakBaseline()
+    name = f"ckptsvc-{node}-0-{os.getpid()}-1"
+    Path(SHM, name).write_bytes(b"\0" * 64)
+    (leak,) = node_leaks(node, before, linger_s=0)
+    assert "shared memory" in leak and name in leak
+    assert shm_segments(node) == []
+
+
+def test_a_ckptsvc_thread_still_running_is_a_leak(node: str) -> None:
+    before = LeakBaseline()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="ckptsvc-test-leak", daemon=True)
+    thread.start()
+    try:
+        (leak,) = node_leaks(node, before, linger_s=0, grace_s=0.1)
+        assert "threads" in leak and "ckptsvc-test-leak" in leak
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_held_claim_is_a_leak(node: str, tmp_path: Path) -> None:
+    before = LeakBaseline()
+    claim = claim_checkpoint(Location.parse(str(tmp_path / "ckpt")))
+    try:
+        (leak,) = node_leaks(node, before, linger_s=0)
+        assert "claims" in leak and "ckpt" in leak
+    finally:
+        claim.release()
+    assert node_leaks(node, before, linger_s=0) == []
+
+
+def test_an_unclosed_checkpointer_leaks_its_arena_writer_and_threads(
+    node: str, tmp_path: Path
+) -> None:
+    before = LeakBaseline()
+    ckpt = AsyncCheckpointer(tmp_path)
+    ckpt.save(1, {"w": torch.ones(1024)}).wait(60)
+    writer = ckpt.writer_pid
+    try:
+        leaks = node_leaks(node, before, linger_s=0.2, grace_s=1.0)
+    finally:
+        ckpt.close()  # the writer was killed: close() only unlinks and disconnects
+    assert len(leaks) == 3, leaks
+    assert "shared memory" in leaks[0]
+    assert "threads" in leaks[1] and "ckptsvc-writer-client" in leaks[1]
+    assert "node writers" in leaks[2] and str(writer) in leaks[2]
+    assert node_leaks(node, LeakBaseline(), linger_s=0.2) == []
+
+
+@pytest.mark.slow
+def test_the_node_fixture_fails_a_leaking_test(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest((TESTS_DIR / "conftest.py").read_text())
+    pytester.makepyfile(
+        test_leaky=f"""
+        import os
+        def test_leaky(node):
+            open(os.path.join({SHM!r}, f"ckptsvc-{{node}}-0-1-1"), "wb").close()
+        def test_clean(node):
+            pass
+        """
+    )
+    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*the test leaked:*", "*shared memory of node*"])
