@@ -37,9 +37,9 @@ filesystems invalidated after each test.
 One node writer per test, checked for leaks
 -------------------------------------------
 ``node`` gives a test a node id of its own (``CKPTSVC_NODE_ID``, so its own node writer
-and its own shared-memory arenas; the writer lingers ``CKPTSVC_WRITER_LINGER_S`` = 0.2 s
-and can open ``faulty://``). ``checkpointer`` is a factory on top of it: it makes
-``AsyncCheckpointer`` instances on that node and closes those still open at teardown::
+and its own shared-memory arenas; the writer lingers 1 s and can open ``faulty://``).
+``checkpointer`` is a factory on top of it: it makes ``AsyncCheckpointer`` instances on
+that node and closes those still open at teardown::
 
     def test_x(checkpointer: Callable[..., AsyncCheckpointer], tmp_path: Path) -> None:
         ckpt = checkpointer(tmp_path, max_shard_size=4096)   # AsyncCheckpointer's arguments
@@ -47,11 +47,12 @@ and can open ``faulty://``). ``checkpointer`` is a factory on top of it: it make
     pytestmark = pytest.mark.usefixtures("node")   # or a whole module, with its own objects
 
 At teardown :func:`node_leaks` must find nothing, or the test fails: no shared-memory
-segment ``/dev/shm/ckptsvc-<node>-*`` left (they are removed), no node writer of the node
-still running once closed and lingered (a test that raised the linger above a few
-seconds gets its writer stopped with SIGTERM instead), no ``ckptsvc*`` thread started
-by the test still alive, no in-progress claim the test took still held. Tests that
-start their own writer processes or ranks use other node ids and check what they need.
+segment ``/dev/shm/ckptsvc-<node>-*`` left (they are removed), no ``ckptsvc*`` thread
+started by the test still alive, no in-progress claim the test took still held, and the
+node's writer idle (no trainer connection, no job): it is then stopped with SIGTERM and
+must exit, instead of waiting out its death grace and linger (~4 s a test); one still
+serving a connection is killed and reported. Tests that start their own writer processes
+or ranks use other node ids and check what they need.
 """
 
 from __future__ import annotations
@@ -157,9 +158,7 @@ def unfinished_save(loc: Location) -> None:
 
 
 SHM = "/dev/shm"
-NODE_LINGER_S = 0.2  # the node writer's linger in tests that use ``node``
-_LEAK_GRACE_S = 10.0  # how long teardown waits for threads and writers to finish exiting
-_LONG_LINGER_S = 3.0  # a test that set a longer linger gets its idle writer stopped
+_LEAK_GRACE_S = 10.0  # how long teardown waits for threads and writers to finish
 
 
 def shm_segments(node: str) -> list[str]:
@@ -214,12 +213,34 @@ class LeakBaseline:
     claims: set[str] = field(default_factory=_held_claims)
 
 
-def node_leaks(
-    node: str, before: LeakBaseline, *, linger_s: float, grace_s: float = _LEAK_GRACE_S
-) -> list[str]:
-    """What a test on ``node`` left behind, once its checkpointers are closed: one line
-    per leak (empty: nothing). Leaked segments are removed and leaked writers stopped, so
-    one leaking test does not fail the next."""
+def _connected_unix_sockets(pid: int) -> int:
+    """How many connected, named Unix sockets ``pid`` holds: a node writer holds one per
+    trainer connection (closed once the trainer is gone and its jobs ended)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    inodes = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    # an accepted connection carries the listener's path; socketpairs (asyncio) have none
+    return sum(1 for row in rows if len(row) >= 8 and row[6] in inodes and row[5] == "03")
+
+
+def node_leaks(node: str, before: LeakBaseline, *, grace_s: float = _LEAK_GRACE_S) -> list[str]:
+    """What a test on ``node`` left behind once its checkpointers are closed, one line per
+    leak (empty: nothing). Leaked segments are removed and leaked writers killed, so one
+    leaking test does not fail the next.
+
+    A closed trainer's writer is idle (no connection, no job) but would live on for the
+    writer's death grace (3 s: is the trainer dying?) plus its linger; rather than wait,
+    an idle writer is stopped with SIGTERM and must exit. A writer that still serves a
+    connection after ``grace_s`` is a leak."""
     leaks = []
     left = shm_segments(node)  # the trainer unlinks its arenas in close(): no waiting
     for name in left:
@@ -231,25 +252,25 @@ def node_leaks(
     if claims:
         leaks.append(f"in-progress claims still held: {sorted(claims)}")
     deadline = time.monotonic() + grace_s
-    if linger_s > _LONG_LINGER_S:  # the test asked for a long-lived writer: stop it now
-        for pid in node_writer_pids(node):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-    else:
-        deadline += linger_s
-    while True:
+    while True:  # threads that are ending and writers still closing a connection
         threads = sorted(t.name for t in _ckptsvc_threads() - before.threads)
-        writers = node_writer_pids(node)
-        if (not threads and not writers) or time.monotonic() > deadline:
+        busy = [pid for pid in node_writer_pids(node) if _connected_unix_sockets(pid)]
+        if (not threads and not busy) or time.monotonic() > deadline:
             break
         time.sleep(0.02)
     if threads:
         leaks.append(f"ckptsvc threads still running: {threads}")
+    for pid in node_writer_pids(node):
+        if pid not in busy:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    while (writers := node_writer_pids(node)) and time.monotonic() < deadline + 1.0:
+        time.sleep(0.02)
     if writers:
         for pid in writers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        leaks.append(f"node writers of node {node} still running (killed): pids {writers}")
+        leaks.append(f"node writers of node {node} still serving a connection: pids {writers}")
     return leaks
 
 
@@ -259,13 +280,12 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     leak (see the module docstring and :func:`node_leaks`)."""
     name = f"n{uuid.uuid4().hex[:10]}"
     monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", str(NODE_LINGER_S))
+    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
     monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
     before = LeakBaseline()
     yield name
     _remove_dead_socket(name)
-    linger_s = float(os.environ.get("CKPTSVC_WRITER_LINGER_S", NODE_LINGER_S))
-    leaks = node_leaks(name, before, linger_s=linger_s)
+    leaks = node_leaks(name, before)
     if leaks:
         pytest.fail("the test leaked:\n  " + "\n  ".join(leaks), pytrace=False)
 

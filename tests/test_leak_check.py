@@ -22,7 +22,7 @@ def test_a_clean_test_has_no_leaks(node: str, tmp_path: Path) -> None:
     with AsyncCheckpointer(tmp_path) as ckpt:
         ckpt.save(1, {"w": torch.ones(8)}).wait(60)
         assert node_writer_pids(node) == [ckpt.writer_pid]
-    assert node_leaks(node, before, linger_s=0.2) == []
+    assert node_leaks(node, before) == []  # the idle writer was stopped
     assert node_writer_pids(node) == []
 
 
@@ -31,7 +31,7 @@ def test_a_left_segment_is_a_leak_and_is_removed(node: str) -> None:
     before = LeakBaseline()
     name = f"ckptsvc-{node}-0-{os.getpid()}-1"
     Path(SHM, name).write_bytes(b"\0" * 64)
-    (leak,) = node_leaks(node, before, linger_s=0)
+    (leak,) = node_leaks(node, before)
     assert "shared memory" in leak and name in leak
     assert shm_segments(node) == []
 
@@ -42,7 +42,7 @@ def test_a_ckptsvc_thread_still_running_is_a_leak(node: str) -> None:
     thread = threading.Thread(target=stop.wait, name="ckptsvc-test-leak", daemon=True)
     thread.start()
     try:
-        (leak,) = node_leaks(node, before, linger_s=0, grace_s=0.1)
+        (leak,) = node_leaks(node, before, grace_s=0.1)
         assert "threads" in leak and "ckptsvc-test-leak" in leak
     finally:
         stop.set()
@@ -53,11 +53,11 @@ def test_a_held_claim_is_a_leak(node: str, tmp_path: Path) -> None:
     before = LeakBaseline()
     claim = claim_checkpoint(Location.parse(str(tmp_path / "ckpt")))
     try:
-        (leak,) = node_leaks(node, before, linger_s=0)
+        (leak,) = node_leaks(node, before)
         assert "claims" in leak and "ckpt" in leak
     finally:
         claim.release()
-    assert node_leaks(node, before, linger_s=0) == []
+    assert node_leaks(node, before) == []
 
 
 def test_an_unclosed_checkpointer_leaks_its_arena_writer_and_threads(
@@ -68,14 +68,14 @@ def test_an_unclosed_checkpointer_leaks_its_arena_writer_and_threads(
     ckpt.save(1, {"w": torch.ones(1024)}).wait(60)
     writer = ckpt.writer_pid
     try:
-        leaks = node_leaks(node, before, linger_s=0.2, grace_s=1.0)
+        leaks = node_leaks(node, before, grace_s=1.0)
     finally:
         ckpt.close()  # the writer was killed: close() only unlinks and disconnects
     assert len(leaks) == 3, leaks
     assert "shared memory" in leaks[0]
     assert "threads" in leaks[1] and "ckptsvc-writer-client" in leaks[1]
     assert "node writers" in leaks[2] and str(writer) in leaks[2]
-    assert node_leaks(node, LeakBaseline(), linger_s=0.2) == []
+    assert node_leaks(node, LeakBaseline()) == []
 
 
 @pytest.mark.slow
