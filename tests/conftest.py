@@ -100,6 +100,7 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 ALL_BACKENDS = ("local", "memory", "s3", "gcs", "seaweedfs")
 FAST_BACKENDS = ("local", "memory", "s3")
 REMOTE_BACKENDS = frozenset({"s3", "gcs", "seaweedfs"})
+SLOW_BACKENDS = frozenset({"gcs", "seaweedfs"})  # see pytest_collection_modifyitems
 
 
 @dataclass(frozen=True)
@@ -421,11 +422,36 @@ def s3_root(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
     yield from _make_root(request, "s3")
 
 
+def _root_backend(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)  # (indirect) parametrization of a root
+    if callspec is None:
+        return None
+    for name in ("storage_root", "storage_root_fast"):
+        if name in callspec.params:
+            return str(callspec.params[name])
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by these marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests that use a server (fixture or remote root) ``cloud``; skip ``gpu`` without CUDA."""
+    """Mark tests that use a server (fixture or remote root) ``cloud``; skip ``gpu`` without
+    CUDA. The GCS and SeaweedFS variants of a test that also runs on local, memory or S3
+    (moto) are ``slow``: the fast lane (``-m "not slow"``) runs each such test on the cheap
+    backends; tests of only GCS or SeaweedFS stay in it."""
     servers = {"moto_server", "seaweedfs_server", "gcs_server", "s3_root"}
+    cheap = {
+        (str(item.path), getattr(item, "originalname", ""))
+        for item in items
+        if _root_backend(item) in FAST_BACKENDS
+    }
     gpu_items = []
     for item in items:
+        backend = _root_backend(item)
+        if (
+            backend in SLOW_BACKENDS
+            and (str(item.path), getattr(item, "originalname", "")) in cheap
+        ):
+            item.add_marker(pytest.mark.slow)
         if servers & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cloud)
         callspec = getattr(item, "callspec", None)  # indirect parametrization of a root

@@ -69,6 +69,7 @@ def saved_tensors(mode: str, path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.slow
 def test_every_mode_runs_saves_and_checkpoints_agree(tmp_path: Path) -> None:
     out = tmp_path / "loop.json"
     proc = run_loop_cli(
@@ -119,6 +120,7 @@ def test_every_mode_runs_saves_and_checkpoints_agree(tmp_path: Path) -> None:
     assert not torch.equal(first["model.0.0.weight"], last["model.0.0.weight"])  # it trained
 
 
+@pytest.mark.slow
 def test_every_n_and_a_subset_of_modes(tmp_path: Path) -> None:
     out = tmp_path / "loop.json"
     proc = run_loop_cli(

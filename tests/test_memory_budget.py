@@ -430,6 +430,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_trainer_killed_mid_stream_leaves_no_manifest_and_no_shared_memory(
     node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

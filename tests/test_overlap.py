@@ -458,6 +458,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, node: str, out: str)
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_distributed_torn_rank_fails_the_commit_everywhere(node: str, tmp_path: Path) -> None:
     root, out = str(tmp_path / "run"), str(tmp_path / "result")
     torch.multiprocessing.spawn(

@@ -483,6 +483,7 @@ def test_cli_verify_human_json_and_exit_status(tmp_path: Path) -> None:
     assert doc["ok"] is False and doc["problems"][0]["path"] == SHARD2
 
 
+@pytest.mark.slow
 def test_cli_verify_a_model_directory(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 1)
@@ -497,6 +498,7 @@ def test_cli_verify_a_model_directory(tmp_path: Path) -> None:
     assert ckptsvc_cli("verify", root).returncode == 1
 
 
+@pytest.mark.slow
 def test_cli_verify_on_s3(s3_root: StorageRoot) -> None:
     path = save(s3_root.url, 1, opts=s3_root.storage_options)
     out = ckptsvc_cli("verify", path, "--storage-options", json.dumps(s3_root.storage_options))
@@ -517,6 +519,7 @@ def test_cli_gc_dry_run_then_real(tmp_path: Path) -> None:
     assert again.returncode == 0 and "removed 0 checkpoint dirs/files" in again.stdout
 
 
+@pytest.mark.slow
 def test_cli_gc_min_age(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 1)
