@@ -78,6 +78,7 @@ from typing import Any
 import fsspec
 import pytest
 from fsspec import AbstractFileSystem
+from hypothesis import settings
 from servers import (  # tests/ is on sys.path (rootdir conftest, no __init__.py)
     Server,
     ServerStartError,
@@ -420,6 +421,17 @@ def storage_root_fast(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
 def s3_root(request: pytest.FixtureRequest) -> Iterator[StorageRoot]:
     """A fresh root in a fresh bucket on moto's S3 (no parametrization)."""
     yield from _make_root(request, "s3")
+
+
+# Property tests without their own max_examples run the profile's: 200 examples in the full
+# suite, 25 in the fast lane (-m "not slow"); HYPOTHESIS_PROFILE=full|fast picks one.
+settings.register_profile("full", max_examples=200, deadline=None)
+settings.register_profile("fast", max_examples=25, deadline=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    fast = "not slow" in (config.option.markexpr or "")
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("fast" if fast else "full"))
 
 
 def _root_backend(item: pytest.Item) -> str | None:

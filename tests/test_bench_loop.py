@@ -139,6 +139,7 @@ def test_every_n_and_a_subset_of_modes(tmp_path: Path) -> None:
     assert doc["target"]["verdict"] == "n/a" and "overlapped" in doc["target"]["note"]
 
 
+@pytest.mark.slow
 def test_json_to_stdout_and_scratch_removed_without_keep(tmp_path: Path) -> None:
     proc = run_loop_cli(
         "--only", "none,sync", "--steps", "2", "--warmup", "0", "--reps", "1", "--model-mb", "0.5",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,13 @@ def test_a_clean_test_has_no_leaks(node: str, tmp_path: Path) -> None:
         assert node_writer_pids(node) == [ckpt.writer_pid]
     assert node_leaks(node, before) == []  # the idle writer was stopped
     assert node_writer_pids(node) == []
+
+
+def test_checkpointer_factory_closes_what_it_made_before_the_check(
+    checkpointer: Callable[..., AsyncCheckpointer], tmp_path: Path
+) -> None:
+    ckpt = checkpointer(tmp_path, max_shard_size=4096)
+    ckpt.save(1, {"w": torch.ones(4096)}).wait(60)  # left open: the teardown closes it
 
 
 @pytest.mark.skipif(not os.path.isdir(SHM), reason="needs /dev/shm")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,21 +34,10 @@ from ckptsvc.manager import CheckpointConfig, CheckpointManager
 from ckptsvc.manifest import MANIFEST_NAME
 from ckptsvc.training_state import SimpleStatefulProvider, TrainingProgress
 
-SHM = "/dev/shm"
 SNAPSHOT_THREAD = "ckptsvc-snapshot"
 
 
-@pytest.fixture
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private node writer per test (exits soon after); no shared memory may leak."""
-    name = f"o{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    yield name
-    leaked = sorted(n for n in os.listdir(SHM) if n.startswith(f"ckptsvc-{name}-"))
-    for left in leaked:
-        os.unlink(os.path.join(SHM, left))
-    assert not leaked, f"shared memory leaked: {leaked}"
+# ``node`` (tests/conftest.py): a private node writer per test, checked for leaks
 
 
 class SlowCopy:

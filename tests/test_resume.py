@@ -143,9 +143,8 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize(
-    "storage_root", ["local", pytest.param("s3", marks=pytest.mark.slow)], indirect=True
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
 def test_bitwise_resume_across_processes(storage_root: Any, tmp_path: Path) -> None:
     env = {
         **os.environ,

@@ -505,6 +505,7 @@ def test_cli_verify_on_s3(s3_root: StorageRoot) -> None:
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_cli_gc_dry_run_then_real(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 1)
