@@ -120,15 +120,11 @@ def test_verify_reports_a_bad_header_even_when_sizes_match(tmp_path: Path) -> No
     assert verify_checkpoint(path, deep=False).ok
 
 
-def test_verify_async_skeleton_naming_a_missing_tensor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_verify_async_skeleton_naming_a_missing_tensor(node: str, tmp_path: Path) -> None:
     from ckptsvc.async_checkpointer import AsyncCheckpointer
     from ckptsvc.checksum import crc32c_hex
     from ckptsvc.manifest import FileRecord, Manifest
 
-    monkeypatch.setenv("CKPTSVC_NODE_ID", f"vg{uuid.uuid4().hex[:10]}")
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
     with AsyncCheckpointer(tmp_path) as ckpt:
         handle = ckpt.save(1, {"w": torch.ones(4), "step": 1})
         handle.wait(120)
