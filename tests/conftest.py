@@ -94,8 +94,6 @@ from ckptsvc.workers import claim as claims_keeper
 from ckptsvc.workers.claim import claim_checkpoint
 from ckptsvc.workers.client import writer_socket_path
 
-pytest_plugins = ["pytester"]  # for tests of this conftest (test_leak_check.py)
-
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 
 ALL_BACKENDS = ("local", "memory", "s3", "gcs", "seaweedfs")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -87,20 +89,26 @@ def test_an_unclosed_checkpointer_leaks_its_arena_writer_and_threads(
 
 
 @pytest.mark.slow
-def test_the_node_fixture_fails_a_leaking_test(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pytester.makeconftest((TESTS_DIR / "conftest.py").read_text())
-    pytester.makepyfile(
-        test_leaky=f"""
-        import os
-        def test_leaky(node):
-            open(os.path.join({SHM!r}, f"ckptsvc-{{node}}-0-1-1"), "wb").close()
-        def test_clean(node):
-            pass
-        """
+def test_the_node_fixture_fails_a_leaking_test(tmp_path: Path) -> None:
+    """End to end: a pytest session with this conftest fails a test that leaks."""
+    (tmp_path / "conftest.py").write_text((TESTS_DIR / "conftest.py").read_text())
+    (tmp_path / "test_leaky.py").write_text(
+        "import os\n"
+        "def test_leaky(node):\n"
+        f"    open(os.path.join({SHM!r}, f'ckptsvc-{{node}}-0-1-1'), 'wb').close()\n"
+        "def test_clean(node):\n"
+        "    pass\n"
     )
-    monkeypatch.setenv("PYTHONPATH", str(TESTS_DIR))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, errors=1)
-    result.stdout.fnmatch_lines(["*the test leaked:*", "*shared memory of node*"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(tmp_path)])}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "2 passed, 1 error" in run.stdout, run.stdout
+    assert "the test leaked:" in run.stdout and "shared memory of node" in run.stdout
