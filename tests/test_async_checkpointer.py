@@ -384,6 +384,7 @@ with AsyncCheckpointer(root, rank=rank) as ckpt:
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_two_local_ranks_share_one_writer(node: str, tmp_path: Path) -> None:
     procs = [
         subprocess.Popen(

@@ -226,6 +226,7 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
     assert _big_shm_segments(nbytes) - shm_before == set()  # arenas unlinked
 
 
+@pytest.mark.slow
 def test_only_runs_the_needed_save_and_table_output(tmp_path: Path) -> None:
     proc = run_bench("--size", "2MiB", "--only", "raw_read,memcpy", "--dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]

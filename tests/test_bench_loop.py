@@ -156,9 +156,10 @@ def test_json_to_stdout_and_scratch_removed_without_keep(tmp_path: Path) -> None
     "args, message",
     [
         (("--only", "none,bogus"), "unknown loop mode(s) bogus"),
-        (("--every", "0"), "--every"),
-        (("--model-mb", "0"), "--model-mb"),
-        (("--reps", "0"), "--reps"),
+        # one subprocess each: the fast lane checks the first
+        pytest.param(("--every", "0"), "--every", marks=pytest.mark.slow),
+        pytest.param(("--model-mb", "0"), "--model-mb", marks=pytest.mark.slow),
+        pytest.param(("--reps", "0"), "--reps", marks=pytest.mark.slow),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
