@@ -284,8 +284,8 @@ def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
     before = LeakBaseline()
     yield name
-    _remove_dead_socket(name)
     leaks = node_leaks(name, before)
+    _remove_dead_socket(name)  # after the writer is gone: a probe would be a connection
     if leaks:
         pytest.fail("the test leaked:\n  " + "\n  ".join(leaks), pytrace=False)
 
