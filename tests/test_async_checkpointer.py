@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import faulty_fs  # noqa: F401  (registers faulty:// in this process)
 import pytest
 import torch
 from conftest import StorageRoot
+from conftest import shm_segments as segments
 from helpers_models import TiedLM, TinyMLP, assert_bitwise_equal, assert_state_dicts_bitwise_equal
 from safetensors.torch import load_file
 
@@ -36,42 +35,9 @@ from ckptsvc.liveness import pid_alive
 from ckptsvc.read.discovery import next_checkpoint_path
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint
-from ckptsvc.workers.launch import writer_socket_path
 
 TESTS_DIR = str(Path(__file__).parent)
-SHM = "/dev/shm"
-
-
-@pytest.fixture
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private node id (own writer, own arenas); the writer exits soon after the test."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", "faulty_fs")
-    yield name
-    remove_stale_socket(name)
-    leaked = segments(name)
-    for left in leaked:
-        os.unlink(os.path.join(SHM, left))
-    assert not leaked, f"shared memory leaked: {leaked}"
-
-
-def remove_stale_socket(node: str) -> None:
-    """A writer killed with SIGKILL leaves its socket file; the next start would remove it."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(writer_socket_path(node))
-    except ConnectionRefusedError:
-        os.unlink(writer_socket_path(node))
-    except FileNotFoundError:
-        pass
-    finally:
-        probe.close()
-
-
-def segments(node: str) -> list[str]:
-    return sorted(n for n in os.listdir(SHM) if n.startswith(f"ckptsvc-{node}-"))
+# ``node`` (tests/conftest.py): a private node writer per test, checked for leaks
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
@@ -420,6 +386,7 @@ with AsyncCheckpointer(root, rank=rank) as ckpt:
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_two_local_ranks_share_one_writer(node: str, tmp_path: Path) -> None:
     procs = [
         subprocess.Popen(

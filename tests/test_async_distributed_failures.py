@@ -71,6 +71,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, node: str, out: str)
         json.dump(result, f)
 
 
+@pytest.mark.slow
 def test_a_rank_whose_job_was_never_sent_fails_the_save_everywhere_and_the_next_commits(
     tmp_path: Path,
 ) -> None:

@@ -226,6 +226,7 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
     assert _big_shm_segments(nbytes) - shm_before == set()  # arenas unlinked
 
 
+@pytest.mark.slow
 def test_only_runs_the_needed_save_and_table_output(tmp_path: Path) -> None:
     proc = run_bench("--size", "2MiB", "--only", "raw_read,memcpy", "--dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -237,6 +238,7 @@ def test_only_runs_the_needed_save_and_table_output(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_missing_library_makes_rows_unavailable(tmp_path: Path) -> None:
     """Workers that cannot import a method's library report "unavailable", not a crash, and
     a load whose save is unavailable says so. (torch.distributed.checkpoint is blocked:
@@ -270,6 +272,7 @@ def test_missing_library_makes_rows_unavailable(tmp_path: Path) -> None:
     assert os.listdir(scratch) == []
 
 
+@pytest.mark.slow
 def test_object_store_run(s3_root: Any, tmp_path: Path) -> None:
     methods = "raw_read,dcp_save,ckptsvc_load"  # raw_write and ckptsvc_save run as prerequisites
     proc = run_bench(
@@ -289,6 +292,7 @@ def test_object_store_run(s3_root: Any, tmp_path: Path) -> None:
     assert fs.find(s3_root.url) == []  # the bench's prefix was removed
 
 
+@pytest.mark.slow
 def test_plot_writes_an_svg_bar_per_method_that_ran(tmp_path: Path) -> None:
     import xml.etree.ElementTree as ET
 

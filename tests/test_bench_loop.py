@@ -69,6 +69,7 @@ def saved_tensors(mode: str, path: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+@pytest.mark.slow
 def test_every_mode_runs_saves_and_checkpoints_agree(tmp_path: Path) -> None:
     out = tmp_path / "loop.json"
     proc = run_loop_cli(
@@ -119,6 +120,7 @@ def test_every_mode_runs_saves_and_checkpoints_agree(tmp_path: Path) -> None:
     assert not torch.equal(first["model.0.0.weight"], last["model.0.0.weight"])  # it trained
 
 
+@pytest.mark.slow
 def test_every_n_and_a_subset_of_modes(tmp_path: Path) -> None:
     out = tmp_path / "loop.json"
     proc = run_loop_cli(
@@ -137,6 +139,7 @@ def test_every_n_and_a_subset_of_modes(tmp_path: Path) -> None:
     assert doc["target"]["verdict"] == "n/a" and "overlapped" in doc["target"]["note"]
 
 
+@pytest.mark.slow
 def test_json_to_stdout_and_scratch_removed_without_keep(tmp_path: Path) -> None:
     proc = run_loop_cli(
         "--only", "none,sync", "--steps", "2", "--warmup", "0", "--reps", "1", "--model-mb", "0.5",
@@ -153,9 +156,10 @@ def test_json_to_stdout_and_scratch_removed_without_keep(tmp_path: Path) -> None
     "args, message",
     [
         (("--only", "none,bogus"), "unknown loop mode(s) bogus"),
-        (("--every", "0"), "--every"),
-        (("--model-mb", "0"), "--model-mb"),
-        (("--reps", "0"), "--reps"),
+        # one subprocess each: the fast lane checks the first
+        pytest.param(("--every", "0"), "--every", marks=pytest.mark.slow),
+        pytest.param(("--model-mb", "0"), "--model-mb", marks=pytest.mark.slow),
+        pytest.param(("--reps", "0"), "--reps", marks=pytest.mark.slow),
     ],
 )
 def test_bad_arguments_exit_2(tmp_path: Path, args: tuple[str, ...], message: str) -> None:

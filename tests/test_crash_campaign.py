@@ -71,6 +71,7 @@ def test_points_are_seeded_and_cover_every_template() -> None:
 # ---- the CI sample ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_campaign_sample_local(tmp_path: Path) -> None:
     report = run_campaign(str(tmp_path), points=14, seed=SEED)
     assert_campaign_passed(report, 14)
@@ -79,6 +80,7 @@ def test_campaign_sample_local(tmp_path: Path) -> None:
 
 
 @pytest.mark.cloud
+@pytest.mark.slow
 def test_campaign_sample_s3(s3_root: StorageRoot) -> None:
     report = run_campaign(
         s3_root.url, points=8, seed=SEED + 1, storage_options=s3_root.storage_options
@@ -86,6 +88,7 @@ def test_campaign_sample_s3(s3_root: StorageRoot) -> None:
     assert_campaign_passed(report, 8)
 
 
+@pytest.mark.slow
 def test_writer_killed_mid_multipart_upload_is_reclaimed_on_s3(s3_root: StorageRoot) -> None:
     """The node writer dies after 5.5 MiB of a 6 MiB shard: one part uploaded, the upload
     left unfinished; gc must abort it, and the same trainer saves again."""
@@ -107,6 +110,7 @@ def test_writer_killed_mid_multipart_upload_is_reclaimed_on_s3(s3_root: StorageR
     assert len(result.committed_seeds) == 1, "the trainer went on and committed a new save"
 
 
+@pytest.mark.slow
 def test_node_death_leaves_shared_memory_for_gc(tmp_path: Path) -> None:
     point = CrashPoint(0, "async", "node", "snapshot", "after_copy", hook_in="trainer")
     report = run_points(str(tmp_path), [point])
@@ -117,6 +121,7 @@ def test_node_death_leaves_shared_memory_for_gc(tmp_path: Path) -> None:
 # ---- the campaign can fail -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_campaign_catches_a_damaged_commit(tmp_path: Path) -> None:
     """Damage the newest checkpoint between two points: the next point must report it."""
     damaged: list[str] = []
@@ -140,6 +145,7 @@ def test_the_campaign_catches_a_damaged_commit(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm")
+@pytest.mark.slow
 def test_retention_killed_right_after_its_marker_went(tmp_path: Path) -> None:
     """On tmpfs readdir lists the newest file first: a tree removal took the (re-written)
     marker first, and a crash then left index and shards without marker or manifest - a

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,15 @@ S3_SCENARIOS = (
     "overwrite-older-mid-shard",
 )
 
+# The fast lane's sample (a first save killed mid-shard, a second one killed before its
+# manifest's rename); every other scenario is marked slow and runs in the full suite.
+FAST_SCENARIOS = frozenset({"first-save-mid-shard", "second-save-before-manifest-rename"})
+
+
+def _lane(names: Iterable[str], fast: Iterable[str] = FAST_SCENARIOS) -> list[Any]:
+    keep = set(fast)
+    return [pytest.param(n, marks=() if n in keep else pytest.mark.slow) for n in names]
+
 
 # ---- running the child -----------------------------------------------------------------------
 
@@ -343,7 +353,7 @@ def check_after_kill(root: str, opts: dict[str, Any], sc: Scenario, outcome: Out
 # ---- tests -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("name", _lane(sorted(SCENARIOS)))
 def test_kill_during_save_local(tmp_path: Path, name: str) -> None:
     sc = SCENARIOS[name]
     root = str(tmp_path / "run")
@@ -355,7 +365,7 @@ def test_kill_during_save_local(tmp_path: Path, name: str) -> None:
         assert leftovers, "the kill landed with the manifest written to its temp name only"
 
 
-@pytest.mark.parametrize("name", S3_SCENARIOS)
+@pytest.mark.parametrize("name", _lane(S3_SCENARIOS, {"second-save-after-index"}))
 def test_kill_during_save_s3(s3_root: StorageRoot, name: str) -> None:
     sc = SCENARIOS[name]
     outcome = run_and_kill(s3_root.url, s3_root.storage_options, sc)

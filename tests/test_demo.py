@@ -45,6 +45,7 @@ def test_demo_trains_saves_and_verifies(tmp_path: Path) -> None:
     assert complete == [20, 30, 40]  # keeps 3 (retention)
 
 
+@pytest.mark.slow
 def test_demo_kill_and_resume(tmp_path: Path) -> None:
     proc = _demo(tmp_path, "--output", str(tmp_path / "run"), "--steps", "40",
                  "--save-every", "10", "--kill-at", "25")  # fmt: skip
@@ -56,6 +57,7 @@ def test_demo_kill_and_resume(tmp_path: Path) -> None:
     assert "bitwise identical to the uninterrupted run" in out
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors").write_bytes(b"x")
@@ -64,6 +66,7 @@ def test_demo_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "checkpoint-1" / "model.safetensors").read_bytes() == b"x"
 
 
+@pytest.mark.slow
 def test_running_the_demo_again_replaces_its_own_checkpoints(tmp_path: Path) -> None:
     first = _demo(tmp_path, "--steps", "12", "--save-every", "4")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -76,11 +79,13 @@ def test_running_the_demo_again_replaces_its_own_checkpoints(tmp_path: Path) -> 
     assert after == ["checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.slow
 def test_demo_rejects_a_kill_step_outside_the_run(tmp_path: Path) -> None:
     proc = _demo(tmp_path, "--steps", "10", "--kill-at", "10")
     assert proc.returncode == 2 and "--kill-at" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_writes_to_s3(tmp_path: Path, s3_root: Any) -> None:
     proc = _demo(tmp_path, "--output", s3_root.url, "--storage-options",
                  json.dumps(s3_root.storage_options), "--steps", "20", "--save-every", "10")  # fmt: skip

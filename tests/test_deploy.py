@@ -412,6 +412,7 @@ def test_readme_refers_to_existing_files_and_commands() -> None:
     assert not unknown, f"deploy/README.md names unknown subcommands {unknown}"
 
 
+@pytest.mark.slow
 def test_ensure_bucket_gives_up_when_nothing_listens(tmp_path: Path) -> None:
     import socket
 
@@ -591,6 +592,7 @@ def iter_sbatch_directives() -> Iterator[str]:
             yield line.removeprefix("#SBATCH ").strip()
 
 
+@pytest.mark.slow
 def test_sbatch_runs_one_torchrun_per_node_with_rendezvous() -> None:
     directives = {k: v for k, _, v in (d.partition("=") for d in iter_sbatch_directives())}
     assert directives["--ntasks-per-node"] == "1", "one torchrun agent per node"

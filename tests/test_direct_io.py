@@ -293,16 +293,12 @@ def test_sync_save_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, m
 
 @pytest.mark.multiproc
 def test_async_save_round_trip_with_direct_io(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The node writer (a fresh one, which inherits CKPTSVC_DIRECT_IO=on) writes the shards."""
-    import uuid
-
     from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 
-    monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")
-    monkeypatch.setenv("CKPTSVC_NODE_ID", f"dio{uuid.uuid4().hex[:10]}")
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
+    monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")  # before the test's node writer starts
     state = _state()
     with AsyncCheckpointer(str(tmp_path / "run"), max_shard_size=64 * KiB) as ckpt:
         handle = ckpt.save(1, {"model": state})

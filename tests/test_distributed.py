@@ -18,15 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import StorageRoot
+from conftest import SHM, StorageRoot
 from dist_workers.launch import RankRun, describe, launch
 from helpers_models import assert_bitwise_equal
 from safetensors.torch import load_file
-from test_async_checkpointer import (
-    SHM,
-    node,  # noqa: F401  (fixture: private writer and arenas)
-    wait_until,
-)
+from test_async_checkpointer import wait_until
 
 from ckptsvc.commit.coordinator import COORD_DIR
 from ckptsvc.commit.reports import RankReport, ReplicationMismatchError, merge_reports
@@ -83,7 +79,7 @@ def components(model: Any, opt: Any, progress: Any, **extra: Any) -> list[StateC
 
 
 @pytest.fixture
-def saved(node: str, tmp_path: Path) -> Iterator[tuple[str, Any, Any, Progress]]:  # noqa: F811
+def saved(node: str, tmp_path: Path) -> Iterator[tuple[str, Any, Any, Progress]]:
     model, opt = trained()
     progress = Progress(7)
     with AsyncCheckpointer(tmp_path, max_shard_size=512) as ckpt:
@@ -174,7 +170,7 @@ def test_per_rank_state_at_another_world_size(
     )
 
 
-def test_checkpoint_path_override(node: str, tmp_path: Path) -> None:  # noqa: F811
+def test_checkpoint_path_override(node: str, tmp_path: Path) -> None:
     target = str(tmp_path / "elsewhere" / "ckpt")
     with AsyncCheckpointer(tmp_path / "root") as ckpt:
         handle = ckpt.save_components(
@@ -188,7 +184,7 @@ def test_checkpoint_path_override(node: str, tmp_path: Path) -> None:  # noqa: F
 
 
 def test_save_refused_in_a_multi_rank_world(
-    node: str,  # noqa: F811
+    node: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -269,6 +265,7 @@ def _manifest(path: str, storage_options: dict[str, Any] | None = None) -> Manif
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_four_ranks_two_nodes_every_pattern(nodes: str, tmp_path: Path) -> None:
     """4 ranks on 2 simulated nodes: DDP model REPLICATED (validated, split over 4 ranks),
     PER_RANK, PER_NODE, PER_GROUP (two dp groups), GLOBAL; each rank gets back bitwise
@@ -305,6 +302,7 @@ def test_four_ranks_two_nodes_every_pattern(nodes: str, tmp_path: Path) -> None:
 
 @pytest.mark.multiproc
 @pytest.mark.cloud
+@pytest.mark.slow
 def test_distributed_save_to_s3(nodes: str, s3_root: StorageRoot) -> None:
     args = {"root": s3_root.url, "storage_options": s3_root.storage_options}
     results = _ok(launch("replicated_job", args, world=4, nodes=2, node_prefix=nodes))
@@ -316,6 +314,7 @@ def test_distributed_save_to_s3(nodes: str, s3_root: StorageRoot) -> None:
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_diverged_replica_fails_the_save_everywhere(nodes: str, tmp_path: Path) -> None:
     root = str(tmp_path / "run")
     args = {"root": root, "diverge_rank": 3}
@@ -330,6 +329,7 @@ def test_diverged_replica_fails_the_save_everywhere(nodes: str, tmp_path: Path) 
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_killed_rank_fails_the_save_and_the_restarted_job_saves(nodes: str, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     gate.touch()

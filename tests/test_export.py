@@ -11,7 +11,6 @@ import torch
 from conftest import StorageRoot, unfinished_save
 from helpers_models import TiedLM, assert_bitwise_equal, random_tensor
 from safetensors.torch import load_file, save
-from test_async_checkpointer import node  # noqa: F401  (fixture: private writer and arenas)
 
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import CheckpointNotFoundError, IncompleteCheckpointError
@@ -115,7 +114,7 @@ def test_export_to_object_storage(s3_root: StorageRoot, tmp_path: Path) -> None:
         assert_bitwise_equal(weights[k], v, name=k)
 
 
-def test_unsharded_checkpoint_is_resharded(node: str, tmp_path: Path) -> None:  # noqa: F811
+def test_unsharded_checkpoint_is_resharded(node: str, tmp_path: Path) -> None:
     model = TiedLM()
     with AsyncCheckpointer(tmp_path / "run") as ckpt:
         handle = ckpt.save_components(1, [StateComponent("model", model, SharingPattern.GLOBAL)])

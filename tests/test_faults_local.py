@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -280,6 +281,8 @@ def test_async_save_fault(tmp_path: Path, writer_faults: Callable[..., Path], ca
     for path in (first.path, third.path):
         assert verify_checkpoint(path).ok
     assert not Path(bad.path, MANIFEST_NAME).exists()
+    if writer is not None:  # idle now: stop it rather than wait out its grace and linger
+        os.kill(writer, signal.SIGTERM)
     wait_gone(writer)  # the failed save's marker names the writer: gc waits for its exit
     assert bad.path in collect_garbage(root, shared_memory=False).removed
 

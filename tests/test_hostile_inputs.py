@@ -40,7 +40,7 @@ from ckptsvc.stage.flatten import parse_skeleton, unflatten_state
 from ckptsvc.storage import Location
 
 REPO = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(suppress_health_check=[HealthCheck.too_slow])  # examples: conftest profile
 
 # ---- strategies ------------------------------------------------------------------------------
 

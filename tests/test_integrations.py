@@ -110,6 +110,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     return _weights(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
 def test_hf_trainer_saves_async_and_resumes_exactly(
     tmp_path: Path, storage_root: StorageRoot, uninterrupted: dict[str, torch.Tensor]

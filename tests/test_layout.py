@@ -115,7 +115,7 @@ def test_empty_input_gives_empty_map() -> None:
     assert assign_shards([], max_shard_size=10, safetensors=True) == {}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # max_examples: the conftest profile (200; fast lane 25)
 @given(
     sizes=st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=40),
     limit=st.integers(min_value=1, max_value=400),

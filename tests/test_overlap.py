@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -36,21 +35,10 @@ from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.stage.flatten import flatten_state
 
-SHM = "/dev/shm"
 SNAPSHOT_THREAD = "ckptsvc-snapshot"
 
 
-@pytest.fixture
-def node(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A private node writer per test (exits soon after); no shared memory may leak."""
-    name = f"o{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CKPTSVC_NODE_ID", name)
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
-    yield name
-    leaked = sorted(n for n in os.listdir(SHM) if n.startswith(f"ckptsvc-{name}-"))
-    for left in leaked:
-        os.unlink(os.path.join(SHM, left))
-    assert not leaked, f"shared memory leaked: {leaked}"
+# ``node`` (tests/conftest.py): a private node writer per test, checked for leaks
 
 
 class SlowCopy:
@@ -474,6 +462,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, node: str, out: str)
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_distributed_torn_rank_fails_the_commit_everywhere(node: str, tmp_path: Path) -> None:
     root, out = str(tmp_path / "run"), str(tmp_path / "result")
     torch.multiprocessing.spawn(

@@ -133,6 +133,7 @@ def fsdp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_fsdp2_saved_sharded_with_global_offsets(fsdp_checkpoint: dict[str, Any]) -> None:
     path = Path(fsdp_checkpoint["path"])
     doc = json.loads((path / "model_state.json").read_text())
@@ -150,6 +151,7 @@ def test_fsdp2_saved_sharded_with_global_offsets(fsdp_checkpoint: dict[str, Any]
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world,fsdp", [(2, True), (1, False)], ids=["fsdp2-at-2", "plain-at-1"])
+@pytest.mark.slow
 def test_fsdp2_loads_at_another_world_size(
     fsdp_checkpoint: dict[str, Any], world: int, fsdp: bool
 ) -> None:
@@ -167,6 +169,7 @@ def test_fsdp2_loads_at_another_world_size(
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_fsdp2_checkpoint_exports_to_plain_hf(
     fsdp_checkpoint: dict[str, Any], tmp_path: Path
 ) -> None:

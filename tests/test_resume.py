@@ -143,6 +143,7 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
 def test_bitwise_resume_across_processes(storage_root: Any, tmp_path: Path) -> None:
     env = {

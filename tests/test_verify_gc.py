@@ -123,15 +123,11 @@ def test_verify_reports_a_bad_header_even_when_sizes_match(tmp_path: Path) -> No
     assert verify_checkpoint(path, deep=False).ok
 
 
-def test_verify_a_component_document_naming_a_missing_tensor(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_verify_a_component_document_naming_a_missing_tensor(node: str, tmp_path: Path) -> None:
     from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
     from ckptsvc.format.checksum import crc32c_hex
     from ckptsvc.format.manifest import FileRecord, Manifest
 
-    monkeypatch.setenv("CKPTSVC_NODE_ID", f"vg{uuid.uuid4().hex[:10]}")
-    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "1")
     with AsyncCheckpointer(tmp_path) as ckpt:
         handle = ckpt.save(1, {"model": {"w": torch.ones(4)}, "step": 1})
         handle.wait(120)
@@ -493,6 +489,7 @@ def test_cli_verify_human_json_and_exit_status(tmp_path: Path) -> None:
     assert doc["ok"] is False and doc["problems"][0]["path"] == SHARD2
 
 
+@pytest.mark.slow
 def test_cli_verify_a_model_directory(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 1)
@@ -507,12 +504,14 @@ def test_cli_verify_a_model_directory(tmp_path: Path) -> None:
     assert ckptsvc_cli("verify", root).returncode == 1
 
 
+@pytest.mark.slow
 def test_cli_verify_on_s3(s3_root: StorageRoot) -> None:
     path = save(s3_root.url, 1, opts=s3_root.storage_options)
     out = ckptsvc_cli("verify", path, "--storage-options", json.dumps(s3_root.storage_options))
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_cli_gc_dry_run_then_real(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 1)
@@ -527,6 +526,7 @@ def test_cli_gc_dry_run_then_real(tmp_path: Path) -> None:
     assert again.returncode == 0 and "removed 0 checkpoint dirs/files" in again.stdout
 
 
+@pytest.mark.slow
 def test_cli_gc_min_age(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 1)

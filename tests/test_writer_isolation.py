@@ -268,6 +268,7 @@ def _run_job(root: str, env: dict[str, str]) -> dict[str, object]:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_second_job_with_other_credentials_gets_its_own_writer(
     moto_server: Server, tmp_path: Path
 ) -> None:
