@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def delete_checkpoint(
-    ckpt: Location | str, *, storage_options: dict[str, Any] | None = None
+    path: Location | str, *, storage_options: dict[str, Any] | None = None
 ) -> None:
     """Delete one checkpoint: marker, manifest gone, the data, the marker, the directory.
 
@@ -38,7 +38,7 @@ def delete_checkpoint(
     leaves an incomplete checkpoint (invisible to discovery, collectable by ``gc``) or an
     empty directory; never manifest-less weights that would look like a legacy one.
     """
-    loc = Location.parse(ckpt, storage_options)
+    loc = Location.parse(path, storage_options)
     loc.join(MARKER_NAME).publish(b'{"deleting": true}')
     loc.join(MANIFEST_NAME).remove(missing_ok=True)
     loc.remove_children(keep=(MARKER_NAME,))  # the data; batched on object stores

@@ -214,7 +214,7 @@ def _read_tensors(
 
 
 def load_components(
-    path_or_url: str,
+    path: str,
     components: Sequence[StateComponent],
     *,
     process_groups: Mapping[str, Any] | None = None,
@@ -233,7 +233,7 @@ def load_components(
             f"world_size_policy must be one of {WORLD_SIZE_POLICIES}, not {world_size_policy!r}"
         )
     check_unique_keys(list(components))
-    ckpt = Location.parse(path_or_url, storage_options)
+    ckpt = Location.parse(path, storage_options)
     manifest = require_complete_checkpoint(ckpt)
     info = RankInfo.current(rank=rank)
     records = {r.key: r for r in manifest.components}
@@ -289,7 +289,7 @@ def _is_component_layout(manifest: Manifest) -> bool:
 
 
 def load_state(
-    path_or_url: str,
+    path: str,
     *,
     storage_options: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
@@ -305,7 +305,7 @@ def load_state(
     Raises :class:`~ckptsvc.errors.CheckpointNotFoundError` /
     :class:`~ckptsvc.errors.IncompleteCheckpointError` unless the checkpoint is complete.
     """
-    ckpt = Location.parse(path_or_url, storage_options)
+    ckpt = Location.parse(path, storage_options)
     manifest = require_complete_checkpoint(ckpt)
     if not manifest.components or not _is_component_layout(manifest):
         return load_legacy_state(ckpt, manifest, device=device)

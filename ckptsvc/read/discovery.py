@@ -165,7 +165,7 @@ def files_mismatch(ckpt: Location, manifest: Manifest, *, listing: bool = False)
 
 
 def checkpoint_info(
-    ckpt: Location | str,
+    path: Location | str,
     *,
     storage_options: dict[str, Any] | None = None,
     check_files: bool = True,
@@ -175,7 +175,7 @@ def checkpoint_info(
     ``check_files=False`` skips comparing a local checkpoint's files with its manifest
     (for callers that check each file themselves and report it by name: verify, load).
     """
-    loc = Location.parse(ckpt, storage_options)
+    loc = Location.parse(path, storage_options)
     try:
         manifest = read_manifest(loc)
     except CorruptCheckpointError as e:
@@ -251,15 +251,15 @@ def require_complete_checkpoint(ckpt: Location) -> Manifest:
 
 
 def list_checkpoints(
-    model_dir: Location | str, *, storage_options: dict[str, Any] | None = None
+    root: Location | str, *, storage_options: dict[str, Any] | None = None
 ) -> list[CheckpointInfo]:
-    """Every ``checkpoints/checkpoint-*`` directory under ``model_dir``, oldest first."""
-    root = Location.parse(model_dir, storage_options).join(CHECKPOINTS_DIR)
+    """Every ``checkpoints/checkpoint-*`` directory under ``root``, oldest first."""
+    folder = Location.parse(root, storage_options).join(CHECKPOINTS_DIR)
     try:
-        children = root.list_children()
+        children = folder.list_children()
     except StorageNotFoundError:
         return []
-    dirs = [root.join(c.name) for c in children if c.is_dir and _CKPT_RE.match(c.name)]
+    dirs = [folder.join(c.name) for c in children if c.is_dir and _CKPT_RE.match(c.name)]
     successors = {  # ".checkpoint-N.ckptsvc-replace" -> "checkpoint-N"
         c.name: c.name[1 : -len(REPLACEMENT_SUFFIX)]
         for c in children
@@ -270,7 +270,7 @@ def list_checkpoints(
     with ThreadPoolExecutor(max_workers=min(16, max(1, knobs.IO_THREADS.get() * 2))) as pool:
         infos = list(pool.map(_classify_entry, dirs))
     if successors:
-        infos = _with_unswapped_successors(root, infos, successors)
+        infos = _with_unswapped_successors(folder, infos, successors)
     return sorted(infos, key=CheckpointInfo.sort_key)
 
 
