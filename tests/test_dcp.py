@@ -29,6 +29,7 @@ from ckptsvc.cli import main as cli_main
 from ckptsvc.errors import (
     CheckpointError,
     CommitConflictError,
+    CorruptCheckpointError,
     IncompleteCheckpointError,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
@@ -189,7 +190,7 @@ def test_verify_and_load_catch_damage(tmp_path: Path) -> None:
     assert find_latest_checkpoint(str(tmp_path), verify="deep") is None
 
     data.write_bytes(bytes(raw[:-5]))  # truncated: its files no longer match the manifest
-    with pytest.raises(IncompleteCheckpointError, match="do not match its manifest"):
+    with pytest.raises(CorruptCheckpointError, match="do not match its manifest"):
         load(url, zeros_like_state(state))
 
     data.write_bytes(bytes(raw))

@@ -906,7 +906,8 @@ def test_positional_forgather_calls(tmp_path: Path) -> None:
 
 
 def test_top_level_package_exports_the_api() -> None:
-    """The issue: the API lives in ``ckptsvc`` and is also importable as ``ckptsvc.sharded_checkpoint``."""
+    """``ckptsvc`` exports what a training script needs; every Forgather name stays
+    importable from ``ckptsvc.sharded_checkpoint``, where Forgather users import it."""
     import ckptsvc
 
     for name in (
@@ -914,12 +915,14 @@ def test_top_level_package_exports_the_api() -> None:
         "load_checkpoint",
         "find_latest_checkpoint",
         "next_checkpoint_path",
-        "validate_checkpoint",
-        "CheckpointMeta",
         "verify_checkpoint",
     ):
         assert hasattr(ckptsvc, name), f"ckptsvc.{name} is missing"
     assert ckptsvc.save_checkpoint is sc.save_checkpoint
+    for name in sc.__all__:
+        assert hasattr(sc, name), f"ckptsvc.sharded_checkpoint.{name} is missing"
+    assert "validate_checkpoint" in sc.__all__ and "CheckpointMeta" in sc.__all__
+    assert not hasattr(ckptsvc, "make_cannonical_names")  # Forgather internals stay there
 
 
 def test_retention_honours_relative_preserved_paths(

@@ -78,6 +78,19 @@ def ckptsvc_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def ckptsvc_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The CLI in this process (``ckptsvc_cli`` pays a torch import per call): its exit
+    status and stdout."""
+    from ckptsvc.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return int(code or 0), capsys.readouterr().out
+
+
 # ---- verify ----------------------------------------------------------------------------------
 
 
@@ -472,21 +485,24 @@ def test_gc_aborts_the_uploads_of_directories_it_removes(s3_root: StorageRoot) -
 # ---- the commands ----------------------------------------------------------------------------
 
 
-def test_cli_verify_human_json_and_exit_status(tmp_path: Path) -> None:
+def test_cli_verify_human_json_and_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = str(tmp_path)
     good = save(root, 1)
     bad = save(root, 2)
     Path(bad, SHARD2).write_bytes(Path(bad, SHARD2).read_bytes()[:-1] + b"\x7f")
 
-    ok = ckptsvc_cli("verify", good)
-    assert ok.returncode == 0 and f"{good}: OK" in ok.stdout, ok.stdout + ok.stderr
-    failed = ckptsvc_cli("verify", bad)
-    assert failed.returncode == 1
-    assert f"checksum: {SHARD2}:" in failed.stdout
-    shallow = ckptsvc_cli("verify", bad, "--no-deep", "--json")
-    assert shallow.returncode == 0 and json.loads(shallow.stdout)["ok"] is True
-    doc = json.loads(ckptsvc_cli("verify", bad, "--deep", "--json").stdout)
-    assert doc["ok"] is False and doc["problems"][0]["path"] == SHARD2
+    code, out = ckptsvc_main(capsys, "verify", good)
+    assert code == 0 and f"{good}: OK" in out, out
+    code, out = ckptsvc_main(capsys, "verify", bad)
+    assert code == 1
+    assert f"checksum: {SHARD2}:" in out
+    code, out = ckptsvc_main(capsys, "verify", bad, "--no-deep", "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+    code, out = ckptsvc_main(capsys, "verify", bad, "--deep", "--json")
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False and doc["problems"][0]["path"] == SHARD2
 
 
 @pytest.mark.slow
