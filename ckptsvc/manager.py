@@ -249,7 +249,7 @@ class CheckpointManager:
         model_comp, others = self._components()
         split = self._model_state.snapshot()
         frozen = snapshot_component(
-            model_comp, with_frozen_parameters(split.tensors, self.model_parts)
+            model_comp, with_frozen_parameters(split.tensors, self.model_parts), model=self.model
         )
         metadata = {
             **self.config.metadata,

@@ -445,6 +445,23 @@ def test_save_model_exports_hf_with_config(tmp_path: Path) -> None:
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_manager_checkpoints_load_with_from_pretrained(tmp_path: Path, node: str) -> None:
+    """A checkpoint the manager saves holds config.json: from_pretrained needs no extra step."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    cfg = CheckpointConfig(output_dir=str(tmp_path / "run"), save_total_limit=None)
+    with CheckpointManager(
+        config=cfg, stateful_provider=SimpleStatefulProvider({}), model=model
+    ) as m:
+        path = m.save_checkpoint(checkpoint_id=1)
+        m.wait()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
+    want = model.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.items())
+
+
 def test_save_model_to_s3(s3_root: Any) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)

@@ -78,12 +78,14 @@ def process_groups(provider: StatefulProvider) -> dict[str, Any]:
     return dict(get() or {}) if callable(get) else {}
 
 
-def snapshot_component(model_comp: StateComponent, state: dict[str, Any]) -> StateComponent:
+def snapshot_component(
+    model_comp: StateComponent, state: dict[str, Any], *, model: object = None
+) -> StateComponent:
     """The model component of one save: ``state`` (computed before the save is submitted)
     with ``model_comp``'s sharing pattern and validation."""
     return StateComponent(
         key="model",
-        stateful=_Snapshot(state),
+        stateful=_Snapshot(state, model=model),
         sharing_pattern=model_comp.sharing_pattern,
         process_group_name=model_comp.process_group_name,
         validate_replication=model_comp.validate_replication,
@@ -92,10 +94,14 @@ def snapshot_component(model_comp: StateComponent, state: dict[str, Any]) -> Sta
 
 
 class _Snapshot:
-    """A component whose state is a dict computed before the save was submitted."""
+    """A component whose state is a dict computed before the save was submitted; for a
+    ``transformers`` model it carries the model's ``config`` and ``generation_config``, so
+    the checkpoint gets ``config.json`` like any save of the model (from_pretrained works)."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
+    def __init__(self, state: dict[str, Any], *, model: object = None) -> None:
         self._state = state
+        self.config = getattr(model, "config", None)
+        self.generation_config = getattr(model, "generation_config", None)
 
     def state_dict(self) -> dict[str, Any]:
         return self._state
