@@ -189,6 +189,7 @@ class CheckpointManager:
 
     @property
     def best_checkpoints(self) -> list[tuple[str, float]]:
+        """``(path, metric)`` of the best checkpoints, best first (Forgather's attribute)."""
         return list(self._best.entries)
 
     @best_checkpoints.setter
@@ -197,6 +198,7 @@ class CheckpointManager:
 
     @property
     def best_checkpoint(self) -> str | None:
+        """The single best checkpoint (Forgather's deprecated attribute), or ``None``."""
         return self._best.best_checkpoint
 
     # ---- components -------------------------------------------------------------------------
@@ -378,6 +380,7 @@ class CheckpointManager:
         self._best.best_checkpoint = best_checkpoint
 
     def get_best_checkpoints_summary(self, metric_key: str = "loss") -> str:
+        """The best checkpoints with their ``metric_key`` values, one per line."""
         return self._best.summary(metric_key)
 
     # ---- load -------------------------------------------------------------------------------

@@ -120,11 +120,11 @@ def test_manifest_reads_a_checkpoint_ckptsvc_wrote(tmp_path: Path) -> None:
 
 
 def test_manifest_load_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointNotFoundError, match="no manifest at .*nowhere"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no manifest at .*nowhere"):
         CheckpointManifest.from_checkpoint(str(tmp_path / "nowhere"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"world_size": 1}')
-    with pytest.raises(CorruptCheckpointError, match="bad.json: not a checkpoint manifest"):
+    with pytest.raises(CorruptCheckpointError, match=r"bad\.json: not a checkpoint manifest"):
         CheckpointManifest.load(str(bad))
 
 
@@ -155,8 +155,7 @@ def test_loaders_given_none_say_no_checkpoint(tmp_path: Path) -> None:
 )
 def test_a_wrong_stateful_provider_is_a_config_error(tmp_path: Path, provider: object) -> None:
     config = CheckpointConfig(output_dir=str(tmp_path), save_total_limit=None)
-    with pytest.raises(ConfigError, match="stateful_provider must be a StatefulProvider.*"
-                       "SimpleStatefulProvider"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stateful_provider must be a StatefulProvider.*Simple"):
         CheckpointManager(config=config, stateful_provider=provider, model=TinyMLP(seed=0))  # type: ignore[arg-type]
 
 

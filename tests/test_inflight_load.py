@@ -58,7 +58,9 @@ def gate(tmp_path: Path) -> Iterator[OpenGateWhenWaiting]:
         path.unlink(missing_ok=True)  # never leave a writer blocked
 
 
-def manager(root: str, opts: dict[str, Any], model: torch.nn.Module, progress: TrainingProgress) -> CheckpointManager:
+def manager(
+    root: str, opts: dict[str, Any], model: torch.nn.Module, progress: TrainingProgress
+) -> CheckpointManager:
     config = CheckpointConfig(output_dir=root, save_total_limit=None, storage_options=opts)
     provider = SimpleStatefulProvider({"progress": progress})
     return CheckpointManager(config=config, stateful_provider=provider, model=model)

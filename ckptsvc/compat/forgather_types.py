@@ -140,7 +140,10 @@ class CheckpointManifest:
         )
 
     def save(
-        self, manifest_path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+        self,
+        manifest_path: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         """Write the manifest as JSON (``indent=2``, as Forgather) to ``manifest_path``, a
         local path or fsspec URL, atomically (a reader sees the old file or the new one)."""
@@ -177,7 +180,10 @@ class CheckpointManifest:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint_path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+        cls,
+        checkpoint_path: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
     ) -> CheckpointManifest:
         """Read ``<checkpoint_path>/checkpoint_manifest.json`` (see :meth:`load`)."""
         loc = Location.parse(os.fspath(checkpoint_path), storage_options).join(MANIFEST_NAME)
