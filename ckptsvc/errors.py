@@ -22,6 +22,7 @@ __all__ = [
     "LifecycleError",
     "ReplicationMismatchError",
     "SaveFailedError",
+    "SaveInFlightError",
     "StateMismatchError",
     "StorageError",
     "StorageNotFoundError",
@@ -79,6 +80,11 @@ class LifecycleError(CheckpointError, RuntimeError):
 
 class SaveFailedError(CheckpointError, RuntimeError):
     """An asynchronous save failed; ``__cause__`` holds the underlying error."""
+
+
+class SaveInFlightError(CheckpointError, TimeoutError):
+    """A load waited for a save of this process to that root or path, and the save was
+    still in flight when the wait's timeout ran out; the message names its step and path."""
 
 
 class WriterDiedError(CheckpointError, RuntimeError):

@@ -36,7 +36,9 @@ loaded: training never continues on half-restored state.
 
 The configuration and checkpoint ids (:class:`CheckpointConfig`, :func:`default_checkpoint_id`)
 live in :mod:`ckptsvc.compat.manager_config`, which components a save or load consists of in
-:mod:`ckptsvc.compat.manager_components`; both names stay importable from here.
+:mod:`ckptsvc.compat.manager_components`; both names stay importable from here, as do
+Forgather's ``CheckpointManifest``, ``ComponentManifest``, ``compute_state_hash``,
+``Statefuls`` and ``ModelParts`` (:mod:`ckptsvc.compat.forgather_types`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckptsvc.compat.forgather_types import (
+    CheckpointManifest,
+    ComponentManifest,
+    ModelParts,
+    Statefuls,
+    compute_state_hash,
+)
 from ckptsvc.compat.manager_components import (
     callback_source,
     callback_states,
@@ -66,6 +75,7 @@ from ckptsvc.compat.model_state import ModelState
 from ckptsvc.compat.restore import META_KEY, restore_checkpoint
 from ckptsvc.compat.training_state import DistInfo
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
+from ckptsvc.engine.inflight import wait_for_saves
 from ckptsvc.engine.pretrained import save_pretrained
 from ckptsvc.errors import (
     CheckpointError,
@@ -92,7 +102,16 @@ from ckptsvc.stage.components import (
 from ckptsvc.stage.flatten import with_frozen_parameters
 from ckptsvc.storage import Location
 
-__all__ = ["CheckpointConfig", "CheckpointManager", "default_checkpoint_id"]
+__all__ = [
+    "CheckpointConfig",
+    "CheckpointManager",
+    "CheckpointManifest",
+    "ComponentManifest",
+    "ModelParts",
+    "Statefuls",
+    "compute_state_hash",
+    "default_checkpoint_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +189,7 @@ class CheckpointManager:
 
     @property
     def best_checkpoints(self) -> list[tuple[str, float]]:
+        """``(path, metric)`` of the best checkpoints, best first (Forgather's attribute)."""
         return list(self._best.entries)
 
     @best_checkpoints.setter
@@ -178,6 +198,7 @@ class CheckpointManager:
 
     @property
     def best_checkpoint(self) -> str | None:
+        """The single best checkpoint (Forgather's deprecated attribute), or ``None``."""
         return self._best.best_checkpoint
 
     # ---- components -------------------------------------------------------------------------
@@ -359,24 +380,26 @@ class CheckpointManager:
         self._best.best_checkpoint = best_checkpoint
 
     def get_best_checkpoints_summary(self, metric_key: str = "loss") -> str:
+        """The best checkpoints with their ``metric_key`` values, one per line."""
         return self._best.summary(metric_key)
 
     # ---- load -------------------------------------------------------------------------------
 
-    def _wait_for_saves(self, path: str | None) -> None:
-        """Let pending saves (all, or the one to ``path``) finish; errors stay for ``wait``."""
-        opts = self._storage_options
-        target = Location.parse(path, opts).url if path else None
-        for h in list(self._pending):
-            if target is None or Location.parse(h.path, opts).url == target:
-                h.exception()
-
-    def resolve_checkpoint_path(self, checkpoint_path: str | None) -> str | None:
+    def resolve_checkpoint_path(
+        self, checkpoint_path: str | None, *, wait_s: float | None = None
+    ) -> str | None:
         """``checkpoint_path`` if it holds a complete checkpoint, else ``None`` (warned);
-        with ``None``, the latest complete checkpoint under ``output_dir`` (pending saves
-        of this manager are waited for first, so "latest" includes them). With tiering,
-        the latest on either tier, and a local path falls back to its remote copy."""
-        self._wait_for_saves(checkpoint_path)
+        with ``None``, the latest complete checkpoint under ``output_dir``. Saves of this
+        process still in flight to that path (or under ``output_dir``), this manager's or
+        any other checkpointer's, are waited for first, so a checkpoint saved a moment ago
+        is found; past ``wait_s`` seconds (``None``: no limit)
+        :class:`~ckptsvc.errors.SaveInFlightError` names the step still in flight. With
+        tiering, the latest on either tier, and a local path falls back to its remote copy."""
+        wait_for_saves(
+            checkpoint_path or self.config.output_dir,
+            storage_options=self._storage_options,
+            timeout_s=wait_s,
+        )
         if self._tiering is not None:
             return self._tiering.resolve(checkpoint_path)
         opts = self._storage_options
@@ -387,10 +410,13 @@ class CheckpointManager:
             return latest
         return checkpoint_path if _usable(checkpoint_path, opts) else None
 
-    def load_checkpoint(self, checkpoint_path: str | None = None) -> str:
+    def load_checkpoint(
+        self, checkpoint_path: str | None = None, *, wait_s: float | None = None
+    ) -> str:
         """Restore every component from ``checkpoint_path`` (default: the latest); return
-        the path loaded. Any component that cannot be restored raises."""
-        resolved = self.resolve_checkpoint_path(checkpoint_path)
+        the path loaded. Any component that cannot be restored raises. Saves of this
+        process in flight there are waited for first (see :meth:`resolve_checkpoint_path`)."""
+        resolved = self.resolve_checkpoint_path(checkpoint_path, wait_s=wait_s)
         if resolved is None:
             where = checkpoint_path or f"{self.config.output_dir} (latest)"
             raise CheckpointNotFoundError(f"no complete checkpoint to load at {where}")

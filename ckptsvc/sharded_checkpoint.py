@@ -14,10 +14,13 @@ against Forgather runs unchanged after swapping the import. Differences, all fix
 
 This module is the facade Forgather users import; the code lives by layer:
 :mod:`ckptsvc.engine.sync_save` (saving), :mod:`ckptsvc.read.weights` (loading),
-:mod:`ckptsvc.read.latest` and :mod:`ckptsvc.read.discovery` (finding checkpoints),
+:mod:`ckptsvc.read.latest` and :mod:`ckptsvc.read.discovery` (finding checkpoints;
+:func:`find_latest_checkpoint` here first waits for this process's saves in flight, see
+:mod:`ckptsvc.engine.inflight`),
 :mod:`ckptsvc.stage.tied_params` (tied parameters).
 """
 
+from ckptsvc.engine.inflight import find_latest_checkpoint
 from ckptsvc.engine.sync_save import (
     create_pretrained_symlinks,
     make_shard_index,
@@ -36,7 +39,6 @@ from ckptsvc.format.layout import (
 )
 from ckptsvc.ops.retention import maybe_delete_oldest_checkpoint
 from ckptsvc.read.discovery import next_checkpoint_path, validate_checkpoint
-from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.weights import (
     CheckpointMeta,
     ShardIndex,

@@ -13,7 +13,7 @@ from typing import Any
 from ckptsvc.compat.model_state import ModelState
 from ckptsvc.compat.restore import CALLBACKS_KEY
 from ckptsvc.compat.training_state import NamedStates
-from ckptsvc.errors import LifecycleError
+from ckptsvc.errors import ConfigError, LifecycleError
 from ckptsvc.stage.components import (
     SharingPattern,
     StateComponent,
@@ -53,8 +53,28 @@ def callback_states(source: Mapping[str, Any] | Sequence[Any] | None) -> NamedSt
 def manager_components(
     provider: StatefulProvider, model_state: ModelState, callbacks: NamedStates | None
 ) -> tuple[StateComponent, list[StateComponent]]:
-    """(model component, other components) for the current save or load."""
-    comps = list(provider.get_state_components() or [])
+    """(model component, other components) for the current save or load.
+
+    Raises :class:`~ckptsvc.errors.ConfigError` when ``provider`` is not a
+    :class:`~ckptsvc.stage.components.StatefulProvider` or lists something other than
+    :class:`~ckptsvc.stage.components.StateComponent` objects.
+    """
+    get = getattr(provider, "get_state_components", None)
+    if not callable(get):
+        raise ConfigError(
+            "stateful_provider must be a StatefulProvider: an object with "
+            "get_state_components() returning StateComponents (and get_process_groups()), "
+            "e.g. ckptsvc.SimpleStatefulProvider({'optimizer': opt, 'rng': RNGState()}) "
+            f"or your trainer; got a {type(provider).__module__}.{type(provider).__qualname__}"
+        )
+    comps = list(get() or [])
+    bad = [c for c in comps if not isinstance(c, StateComponent)]
+    if bad:
+        raise ConfigError(
+            f"stateful_provider.get_state_components() must return StateComponent objects; "
+            f"got a {type(bad[0]).__qualname__} ({bad[0]!r:.80}): wrap each stateful as "
+            "StateComponent(key, stateful, SharingPattern.GLOBAL)"
+        )
     model_comp = next((c for c in comps if c.key == "model"), None)
     others = [c for c in comps if c.key != "model"]
     if callbacks is not None:

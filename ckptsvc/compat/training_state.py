@@ -143,7 +143,18 @@ class NamedStates:
 class SimpleStatefulProvider:
     """A StatefulProvider from ``{key: stateful}``: ``"rng"`` is PER_RANK, the rest GLOBAL
     (single-process and replicated-data-parallel training). ``optional`` keys may be
-    missing from a checkpoint."""
+    missing from a checkpoint.
+
+    What :class:`~ckptsvc.manager.CheckpointManager`'s ``stateful_provider`` must be when
+    there is no trainer object providing ``get_state_components()``. ``patterns`` overrides
+    the sharing pattern of some keys::
+
+        provider = SimpleStatefulProvider(
+            {"optimizer": opt, "scheduler": sched, "rng": RNGState()},
+            patterns={"optimizer": SharingPattern.REPLICATED},
+            optional=["scheduler"],
+        )
+    """
 
     def __init__(
         self,
@@ -157,6 +168,7 @@ class SimpleStatefulProvider:
         self._optional = set(optional)
 
     def get_state_components(self) -> list[StateComponent]:
+        """One :class:`~ckptsvc.stage.components.StateComponent` per key, in the mapping's order."""
         return [
             StateComponent(
                 key=key,
@@ -170,6 +182,7 @@ class SimpleStatefulProvider:
         ]
 
     def get_process_groups(self) -> dict[str, Any]:
+        """No named process groups (``{}``)."""
         return {}
 
 

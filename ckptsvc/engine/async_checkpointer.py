@@ -57,6 +57,7 @@ from ckptsvc.commit.coordinator import Coordinator, PendingCommit
 from ckptsvc.commit.reports import Merged, RankReport
 from ckptsvc.commit.target import SaveTarget, check_step, claim_target
 from ckptsvc.engine.copier import SnapshotCopier
+from ckptsvc.engine.inflight import track
 from ckptsvc.engine.jobs import commit_job, data_job, json_metadata, pending_commit
 from ckptsvc.engine.outcomes import SaveOutcomes
 from ckptsvc.engine.writer_link import WriterLink
@@ -367,6 +368,7 @@ class AsyncCheckpointer:
                     self._outcomes.abandoned(pending, e)
                 raise
             submitted = True
+            track(handle, storage_options=self._storage_options)  # loaders here wait for it
         finally:
             if not submitted:
                 target.abandon()

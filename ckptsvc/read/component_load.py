@@ -40,7 +40,7 @@ from ckptsvc.errors import (
 )
 from ckptsvc.format.manifest import ComponentRecord, Manifest, check_relpath
 from ckptsvc.ranks import RankInfo, resolve_groups
-from ckptsvc.read.discovery import require_complete_checkpoint
+from ckptsvc.read.discovery import require_checkpoint_path, require_complete_checkpoint
 from ckptsvc.read.legacy import load_legacy_state
 from ckptsvc.read.loading import read_checked_doc
 from ckptsvc.read.regions import RegionReader
@@ -226,8 +226,10 @@ def load_components(
     """Restore each component's state from the checkpoint (see the module docstring).
 
     ``strict`` is passed to ``nn.Module.load_state_dict``; with ``strict=False`` a
-    missing *required* component is also only a warning.
+    missing *required* component is also only a warning. ``path=None`` (no checkpoint
+    found) raises :class:`~ckptsvc.errors.CheckpointNotFoundError`.
     """
+    require_checkpoint_path(path, caller="load_components")
     if world_size_policy not in WORLD_SIZE_POLICIES:
         raise ConfigError(
             f"world_size_policy must be one of {WORLD_SIZE_POLICIES}, not {world_size_policy!r}"
@@ -303,8 +305,10 @@ def load_state(
     Checkpoints written before the component layout (``ckptsvc_state.json``) load as
     before; a checkpoint of ``save_checkpoint`` returns its flat ``{fqn: tensor}`` dict.
     Raises :class:`~ckptsvc.errors.CheckpointNotFoundError` /
-    :class:`~ckptsvc.errors.IncompleteCheckpointError` unless the checkpoint is complete.
+    :class:`~ckptsvc.errors.IncompleteCheckpointError` unless the checkpoint is complete,
+    also for ``path=None`` (what ``find_latest_checkpoint`` returns when there is none).
     """
+    require_checkpoint_path(path, caller="load_state")
     ckpt = Location.parse(path, storage_options)
     manifest = require_complete_checkpoint(ckpt)
     if not manifest.components or not _is_component_layout(manifest):

@@ -62,6 +62,7 @@ __all__ = [
     "next_checkpoint_path",
     "read_manifest",
     "refuse_unloadable",
+    "require_checkpoint_path",
     "require_complete_checkpoint",
     "validate_checkpoint",
 ]
@@ -237,6 +238,17 @@ def refuse_unloadable(
             f"{info.url}: no checkpoint manifest ({info.status.value}"
             + (f": {info.reason}" if info.reason else "")
             + "; not a complete checkpoint written by ckptsvc)"
+        )
+
+
+def require_checkpoint_path(path: object, *, caller: str) -> None:
+    """Refuse ``path=None`` with :class:`CheckpointNotFoundError`: what a loader gets from
+    ``find_latest_checkpoint`` when a root holds no complete checkpoint yet."""
+    if path is None:
+        raise CheckpointNotFoundError(
+            f"no checkpoint: {caller}() was given None as the checkpoint path, which is what "
+            "find_latest_checkpoint returns when the root holds no complete checkpoint; check "
+            "its result before loading (`if latest is not None:`)"
         )
 
 

@@ -40,6 +40,7 @@ from ckptsvc.read.discovery import (
     checkpoint_info,
     read_manifest,
     refuse_unloadable,
+    require_checkpoint_path,
 )
 from ckptsvc.read.loading import (
     check_inside,
@@ -331,9 +332,11 @@ def load_checkpoint(
     """Load a checkpoint of any supported layout (sharded or single file, safetensors or
     torch). With ``module``, load into it and return ``None``; else return the tensors.
 
-    Raises :class:`CheckpointNotFoundError` if nothing is there and
-    :class:`IncompleteCheckpointError` for a save that never committed.
+    Raises :class:`CheckpointNotFoundError` if nothing is there (or ``model_dir`` is
+    ``None``: no checkpoint found) and :class:`IncompleteCheckpointError` for a save that
+    never committed.
     """
+    require_checkpoint_path(model_dir, caller="load_checkpoint")
     ckpt = Location.parse(model_dir, storage_options)
     info = checkpoint_info(ckpt)
     if info.status is not CheckpointStatus.ABSENT:  # ABSENT: the error below names layouts

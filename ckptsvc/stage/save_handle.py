@@ -97,6 +97,12 @@ class SaveHandle:
         if error is not None:
             raise error
 
+    def settled(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` (``None``: no limit) until the save is done, durable or
+        failed; ``True`` if it is. Unlike :meth:`exception` the outcome stays unobserved, so
+        its owner's ``wait`` still raises a failure (what a loader waiting for it uses)."""
+        return self._event.wait(timeout_s)
+
     def exception(self, timeout_s: float | None = None) -> BaseException | None:
         """The save's error once done (``None`` on success); ``TimeoutError`` if not done in time."""
         if not self._event.wait(timeout_s):
