@@ -47,19 +47,20 @@ def build(seed: int) -> tuple[Accelerator, Any, Any, Any, Any, Counter]:
     """A fresh accelerator and prepared model, optimizer, dataloader, scheduler, counter."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    set_seed(0)  # the data (and the seedable sampler's seed) are the same in every run
+    set_seed(0)  # the data are the same in every run
     g = torch.Generator().manual_seed(1234)
     data = TensorDataset(torch.randn(SAMPLES, 4, generator=g), torch.randn(SAMPLES, 1, generator=g))
     set_seed(seed)  # the initial weights differ: a resume must restore them
-    accelerator = Accelerator(
-        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
-    )
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
     # its own generator: the per-epoch base seed is drawn from it, not from the global RNG,
     # so a mid-epoch resume (skip_first_batches) draws the same numbers as an uninterrupted run
     dl = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator())
+    set_seed(0)  # the seedable sampler takes its seed from here (a script's set_seed(...))
+    accelerator = Accelerator(
+        cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+    )
     model, opt, dl, sched = accelerator.prepare(model, opt, dl, sched)
     counter = Counter()
     accelerator.register_for_checkpointing(counter)
