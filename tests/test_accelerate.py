@@ -19,15 +19,20 @@ import torch
 
 pytest.importorskip("accelerate", reason="needs accelerate (ckptsvc[hf])")
 
-from accelerate import Accelerator  # noqa: E402
-from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from dist_workers.accelerate_worker import Counter, build, train  # noqa: E402
-from dist_workers.launch import free_port  # noqa: E402
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from dist_workers.accelerate_worker import Counter, build, train
+from dist_workers.launch import free_port
 
-from ckptsvc.errors import ConfigError, StateMismatchError, UnsafeCheckpointError  # noqa: E402
-from ckptsvc.integrations import accelerate as ckpt_accel  # noqa: E402
-from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints  # noqa: E402
-from ckptsvc.read.verify import verify_checkpoint  # noqa: E402
+from ckptsvc.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    StateMismatchError,
+    UnsafeCheckpointError,
+)
+from ckptsvc.integrations import accelerate as ckpt_accel
+from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.read.verify import verify_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "dist_workers" / "accelerate_worker.py"
@@ -68,7 +73,9 @@ def test_save_async_and_resume_with_identical_losses(
     assert {c.key for c in manifest.components} == COMPONENTS
     assert verify_checkpoint(infos[-1].url, deep=True).ok
     # the weights are Hugging Face shards under their unwrapped names
-    index = json.loads((tmp_path / "run/checkpoints/checkpoint-8/model.safetensors.index.json").read_text())
+    index = json.loads(
+        (tmp_path / "run/checkpoints/checkpoint-8/model.safetensors.index.json").read_text()
+    )
     assert sorted(index["weight_map"]) == ["0.bias", "0.weight", "3.bias", "3.weight"]
 
     second = train(root, seed=99, resume=root)["losses"]  # other initial weights
@@ -157,7 +164,7 @@ def test_pickled_objects_are_refused_unless_allowed(tmp_path: Path, node: str) -
     dst = _HoldsObject()
     dst.inner = _Opaque(0)
     acc = _bare_accelerator(dst)
-    with pytest.raises(UnsafeCheckpointError, match="custom_checkpoint_0.pkl.*allow_pickle=True"):
+    with pytest.raises(UnsafeCheckpointError, match=r"custom_checkpoint_0\.pkl.*allow_pickle=True"):
         ckpt_accel.load_state(acc, str(tmp_path))
     assert dst.inner == _Opaque(0)
     ckpt_accel.load_state(acc, str(tmp_path), allow_pickle=True)
@@ -178,6 +185,13 @@ def test_mismatches_and_an_empty_root(tmp_path: Path, node: str) -> None:
         ckpt_accel.load_state(two, str(tmp_path / "acc"))
     ckpt_accel.close(two)
 
+    # a damaged checkpoint is refused, never taken for "nothing to resume"
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    with (ckpt / "custom_0_state.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(CorruptCheckpointError, match="checkpoint-1"):
+        ckpt_accel.load_state(acc, str(ckpt))
+
 
 def test_refuses_state_pre_hooks(tmp_path: Path) -> None:
     acc = _bare_accelerator()
@@ -189,9 +203,10 @@ def test_refuses_state_pre_hooks(tmp_path: Path) -> None:
 # ---- two processes under `accelerate launch` ---------------------------------------------------
 
 
-def _launch(args: dict[str, Any]) -> dict[int, dict[int, float]]:
+def _launch(args: dict[str, Any], out: Path) -> dict[int, dict[int, float]]:
     """Run the worker on 2 CPU processes (torchrun through ``accelerate launch``, gloo);
     the losses of each rank."""
+    out.mkdir()
     cmd = [
         sys.executable,
         "-m",
@@ -204,7 +219,7 @@ def _launch(args: dict[str, Any]) -> dict[int, dict[int, float]]:
         "--dynamo_backend=no",
         f"--main_process_port={free_port()}",
         str(WORKER),
-        json.dumps(args),
+        json.dumps({**args, "out": str(out)}),
     ]
     env = {
         **os.environ,
@@ -213,18 +228,14 @@ def _launch(args: dict[str, Any]) -> dict[int, dict[int, float]]:
     }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out: dict[int, dict[int, float]] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT ") :])
-            out[result["rank"]] = {int(k): v for k, v in result["losses"].items()}
-    assert sorted(out) == [0, 1], proc.stdout[-3000:]
-    return out
+    results = [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    return {r["rank"]: {int(k): v for k, v in r["losses"].items()} for r in results}
 
 
 @pytest.fixture(scope="module")
 def reference_2proc(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[int, float]]:
-    return _launch({"root": str(tmp_path_factory.mktemp("reference-2"))})
+    base = tmp_path_factory.mktemp("reference-2")
+    return _launch({"root": str(base / "run")}, base / "out")
 
 
 @pytest.mark.slow
@@ -232,14 +243,16 @@ def test_two_processes_save_async_and_resume_with_identical_losses(
     tmp_path: Path, node: str, reference_2proc: dict[int, dict[int, float]]
 ) -> None:
     root = str(tmp_path / "run")
-    first = _launch({"root": root, "stop_after": 4, "save_every": 2})  # mid-epoch 2 of 3
+    first = _launch(
+        {"root": root, "stop_after": 4, "save_every": 2}, tmp_path / "out1"
+    )  # mid-epoch 2 of 3
     info = list_checkpoints(root)[-1]
     assert info.location.name == "checkpoint-4" and info.status is CheckpointStatus.COMPLETE
     assert verify_checkpoint(info.url, deep=True).ok
     names = set(os.listdir(info.location.path))
     assert {"rng_state_rank_0.json", "rng_state_rank_1.json"} <= names  # PER_RANK
     assert "optimizer_state_rank_1.json" not in names  # GLOBAL: rank 0 wrote it once
-    second = _launch({"root": root, "seed": 99, "resume": root})
+    second = _launch({"root": root, "seed": 99, "resume": root}, tmp_path / "out2")
     for rank in (0, 1):
         assert _resumed(first[rank], second[rank], 4) == reference_2proc[rank], rank
 
@@ -249,8 +262,10 @@ def test_two_processes_resume_from_accelerator_save_state(
     tmp_path: Path, node: str, reference_2proc: dict[int, dict[int, float]]
 ) -> None:
     root = str(tmp_path / "run")
-    first = _launch({"root": root, "stop_after": 4, "save_every": 2, "use_accelerate": True})
+    first = _launch(
+        {"root": root, "stop_after": 4, "save_every": 2, "use_accelerate": True}, tmp_path / "out1"
+    )
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(f"{root}/step_4"))
-    second = _launch({"root": root, "seed": 99, "resume": f"{root}/step_4"})
+    second = _launch({"root": root, "seed": 99, "resume": f"{root}/step_4"}, tmp_path / "out2")
     for rank in (0, 1):
         assert _resumed(first[rank], second[rank], 4) == reference_2proc[rank], rank

@@ -16,21 +16,18 @@ Checkpoints go to ``<root>/checkpoints/checkpoint-<step>`` (so ``ckptsvc ls``, `
 ``prune`` and ``gc`` work on the run) and hold what ``accelerator.save_state`` saves, as
 ckptsvc components (safetensors + JSON, nothing pickled):
 
-===================  ==========================================================  ==========
-component            what                                                        pattern
-===================  ==========================================================  ==========
-``model``,           each prepared model, unwrapped (``accelerator.unwrap_model``): GLOBAL
-``model_1`` ...      the first is Hugging Face shards + ``model.safetensors.index.json``
-``optimizer`` ...    each prepared optimizer's ``state_dict``                    GLOBAL
-``scheduler`` ...    each prepared scheduler's ``state_dict``                    GLOBAL
-``scaler``           the ``GradScaler`` (mixed precision fp16), if any           GLOBAL
-``custom_0`` ...     each object given to ``register_for_checkpointing``         GLOBAL
-``accelerator``      ``accelerator.step`` (the gradient-accumulation counter)    GLOBAL
-``dataloader``       per prepared dataloader: its epoch (``iteration``), the     PER_RANK
-                     seedable sampler's epoch and seed, the sampler's generator
-                     state, a stateful dataloader's ``state_dict``
-``rng``              Python, NumPy, torch CPU and every CUDA generator           PER_RANK
-===================  ==========================================================  ==========
+- ``model``, ``model_1``, ...: each prepared model, unwrapped (``accelerator.unwrap_model``;
+  the first as Hugging Face shards + ``model.safetensors.index.json``), GLOBAL;
+- ``optimizer``, ``optimizer_1``, ...: each prepared optimizer's ``state_dict``, GLOBAL;
+- ``scheduler``, ``scheduler_1``, ...: each prepared scheduler's ``state_dict``, GLOBAL;
+- ``scaler``: the ``GradScaler`` (fp16 mixed precision), if any, GLOBAL;
+- ``custom_0``, ``custom_1``, ...: each ``register_for_checkpointing`` object, GLOBAL;
+- ``accelerator``: ``accelerator.step`` (the gradient-accumulation counter), GLOBAL;
+- ``dataloader``: per prepared dataloader its epoch (``iteration``), the seedable
+  sampler's epoch and seed, its generator's state and a stateful dataloader's
+  ``state_dict``, PER_RANK;
+- ``rng``: Python, NumPy, torch CPU and every CUDA generator
+  (:class:`~ckptsvc.stage.components.RNGState`), PER_RANK.
 
 Why these patterns: under DDP (and on one process) model, optimizer, scheduler and scaler
 are identical on every rank by construction (gradients are all-reduced before each
@@ -84,7 +81,7 @@ from ckptsvc.errors import (
     StateMismatchError,
 )
 from ckptsvc.integrations.accelerate_files import is_accelerate_dir, load_accelerate_dir
-from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, refuse_unloadable
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.storage import Location
@@ -378,8 +375,10 @@ def load_state(
 
     Raises :class:`~ckptsvc.errors.StateMismatchError` when the checkpoint holds other
     models, optimizers, dataloaders or registered objects than the accelerator prepared,
-    and :class:`~ckptsvc.errors.CheckpointNotFoundError` when ``path`` is neither a
-    checkpoint nor a root.
+    :class:`~ckptsvc.errors.CheckpointNotFoundError` when ``path`` is neither a checkpoint
+    nor a root, and :class:`~ckptsvc.errors.CorruptCheckpointError` /
+    :class:`~ckptsvc.errors.IncompleteCheckpointError` for a checkpoint whose files do not
+    match its manifest or that never committed.
 
     Example::
 
@@ -395,6 +394,9 @@ def load_state(
         load_accelerate_dir(accelerator, loc.path, allow_pickle=allow_pickle)
         logger.info("restored %s (written by accelerator.save_state)", loc.url)
         return Restored(loc.url, None)
+    if info.mismatch or info.status in (CheckpointStatus.INCOMPLETE, CheckpointStatus.DAMAGED):
+        # a checkpoint that cannot be loaded, never "nothing to resume"
+        refuse_unloadable(info, hint="pass the run's root to load its newest complete one")
     if info.status is not CheckpointStatus.COMPLETE:
         found = find_latest_checkpoint(loc.url, storage_options=opts)
         if found is None:

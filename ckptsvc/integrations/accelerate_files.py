@@ -104,7 +104,9 @@ def _load_models(accelerator: Accelerator, root: Path, allow_pickle: bool) -> No
         if safe.is_file():
             load_model(model, str(safe), strict=True, device="cpu")
         else:
-            state = read_pickle(root / _indexed("pytorch_model", i, "bin"), allow_pickle=allow_pickle)
+            state = read_pickle(
+                root / _indexed("pytorch_model", i, "bin"), allow_pickle=allow_pickle
+            )
             model.load_state_dict(state)
 
 

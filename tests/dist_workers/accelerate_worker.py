@@ -2,7 +2,7 @@
 
 Imported by tests/test_accelerate.py (one process) and run under ``accelerate launch
 --num_processes 2 --cpu`` (``python accelerate_worker.py '<json args>'``, each process
-printing ``RESULT <json>`` last). The loss of every step depends on the model, the
+writing its losses to a file). The loss of every step depends on the model, the
 optimizer (AdamW moments), the scheduler, the data order (seedable shuffling, mid-epoch
 resume through ``skip_first_batches``), dropout (torch RNG), Python's and NumPy's RNG and a
 registered custom object, so a resume that misses any of them changes the losses.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,10 +120,13 @@ def train(
 
 
 def main() -> None:
+    """``argv[1]``: the JSON arguments of :func:`train` plus ``out``, a directory where each
+    process writes ``rank_<n>.json`` (processes share stdout, so lines may interleave)."""
     args = json.loads(sys.argv[1])
+    out = Path(args.pop("out"))
     result = train(**args)
     result["losses"] = {str(k): v for k, v in result["losses"].items()}
-    print("RESULT " + json.dumps(result), flush=True)
+    (out / f"rank_{result['rank']}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
