@@ -269,3 +269,18 @@ def test_two_processes_resume_from_accelerator_save_state(
     second = _launch({"root": root, "seed": 99, "resume": f"{root}/step_4"}, tmp_path / "out2")
     for rank in (0, 1):
         assert _resumed(first[rank], second[rank], 4) == reference_2proc[rank], rank
+
+
+@pytest.mark.slow
+def test_two_processes_validate_replication(tmp_path: Path, node: str) -> None:
+    root = str(tmp_path / "run")
+    _launch(
+        {"root": root, "stop_after": 2, "save_every": 2, "validate_replication": True},
+        tmp_path / "out",
+    )
+    info = list_checkpoints(root)[-1]
+    assert info.status is CheckpointStatus.COMPLETE and info.manifest is not None
+    patterns = {c.key: c.sharing_pattern for c in info.manifest.components}
+    assert patterns["model"] == patterns["optimizer"] == "replicated", patterns
+    assert patterns["scheduler"] == "global" and patterns["rng"] == "per_rank", patterns
+    assert verify_checkpoint(info.url, deep=True).ok

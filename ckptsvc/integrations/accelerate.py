@@ -127,7 +127,8 @@ _REGISTRY: weakref.WeakKeyDictionary[Accelerator, _Engines] = weakref.WeakKeyDic
 
 
 def _close_engines(engines: _Engines) -> None:
-    for ckpt, _ in engines.by_root.values():
+    held, engines.by_root = list(engines.by_root.values()), {}
+    for ckpt, _ in held:
         ckpt.close()
 
 

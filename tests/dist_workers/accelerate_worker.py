@@ -77,6 +77,7 @@ def train(
     save_every: int = 0,
     resume: str | None = None,
     use_accelerate: bool = False,
+    validate_replication: bool = False,
 ) -> dict[str, Any]:
     """Train EPOCHS epochs (or until ``stop_after`` steps), saving every ``save_every`` steps
     to ``root`` (ckptsvc; or ``root/step_<n>`` with ``accelerator.save_state``); with
@@ -111,7 +112,9 @@ def train(
                     if use_accelerate:
                         accelerator.save_state(f"{root}/step_{step}")
                     else:
-                        ckpt_accel.save_state(accelerator, root, step)
+                        ckpt_accel.save_state(
+                            accelerator, root, step, validate_replication=validate_replication
+                        )
                 if stop_after is not None and step >= stop_after:
                     return {"losses": losses, "rank": accelerator.process_index}
         return {"losses": losses, "rank": accelerator.process_index}
