@@ -62,6 +62,7 @@ and read files of Accelerate's own directory layout).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -86,7 +87,14 @@ from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.storage import Location
 
-__all__ = ["Restored", "close", "load_state", "save_state"]
+__all__ = [
+    "Restored",
+    "accelerator_components",
+    "close",
+    "load_state",
+    "save_state",
+    "wait_for_saves",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +321,7 @@ def accelerator_components(
 
 def save_state(
     accelerator: Accelerator,
-    root: str,
+    root: str | os.PathLike[str],
     step: int,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -342,7 +350,7 @@ def save_state(
     options = {"max_shard_size": max_shard_size, "metadata": dict(metadata or {})}
     engines = _engines(accelerator)
     _raise_failed(engines)
-    ckpt = _engine(accelerator, root, options, opts)
+    ckpt = _engine(accelerator, os.fspath(root), options, opts)
     comps = accelerator_components(accelerator, validate_replication=validate_replication)
     handle = ckpt.save_components(step, comps, overwrite=overwrite)
     with _LOCK:
@@ -358,7 +366,7 @@ def save_state(
 
 def load_state(
     accelerator: Accelerator,
-    path: str,
+    path: str | os.PathLike[str],
     *,
     storage_options: dict[str, Any] | None = None,
     allow_pickle: bool = False,
@@ -389,7 +397,7 @@ def load_state(
     _check_supported(accelerator, f"load_state({path!r})")
     opts = dict(storage_options or {})
     wait_for_saves(accelerator)
-    loc = Location.parse(str(path), opts)
+    loc = Location.parse(os.fspath(path), opts)
     info = checkpoint_info(loc)
     if info.manifest is None and loc.is_local and is_accelerate_dir(loc.path):
         load_accelerate_dir(accelerator, loc.path, allow_pickle=allow_pickle)
