@@ -29,6 +29,7 @@ __all__ = [
     "StoragePermissionError",
     "StorageTransientError",
     "TornSnapshotError",
+    "UnsafeCheckpointError",
     "WriterDiedError",
 ]
 
@@ -47,6 +48,11 @@ class IncompleteCheckpointError(CheckpointError, FileNotFoundError):
 
 class CorruptCheckpointError(CheckpointError, ValueError):
     """A checkpoint file exists but its bytes are wrong: bad header, size, checksum, JSON."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A file written by another tool (a pickle) can only be read by running arbitrary
+    code (``torch.load(weights_only=False)``); refused unless the caller opts in."""
 
 
 class CommitConflictError(CheckpointError, FileExistsError):
