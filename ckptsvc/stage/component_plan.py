@@ -319,7 +319,20 @@ def plan_components(
                 incremental=incremental,
             )
         )
+    _check_files_unique(out)
     return out
+
+
+def _check_files_unique(plans: Sequence[ComponentPlan]) -> None:
+    """A component's ``files`` must not name a file another component writes here."""
+    for p in plans:
+        others = {f for q in plans if q is not p for f in q.part.files}
+        clash = sorted(set(p.component.files) & others)
+        if clash:
+            raise ConfigError(
+                f"StateComponent {p.component.key!r}: files {clash} would overwrite files "
+                "another component writes in the checkpoint; rename them"
+            )
 
 
 def dtype_name(t: torch.Tensor, fqn: str) -> str:
