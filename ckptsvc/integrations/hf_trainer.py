@@ -216,7 +216,7 @@ class CkptsvcCallback(TrainerCallback):
     def _prepare_output_dir(self, args: TrainingArguments, state: TrainerState) -> None:
         """Step 1: make ``get_last_checkpoint(args.output_dir)`` find what it should."""
         root = Location.parse(self._root_or_error(), self.storage_options)
-        out = Path(args.output_dir).absolute()
+        out = Path(str(args.output_dir)).absolute()
         if root.is_local and Path(root.path).absolute() == out:
             if state.is_world_process_zero and out.is_dir():
                 collect_garbage(str(out), shared_memory=False)  # dead saves, never live ones
