@@ -10,7 +10,11 @@ import json
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc.errors import CheckpointError
+from ckptsvc.format.manifest import MARKER_NAME
+from ckptsvc.liveness import pid_namespace
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
@@ -210,6 +216,40 @@ def test_hf_resume_local_with_hf_layout(
         "checkpoint-6",
     ]
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_hf_resume_true_skips_a_save_a_dead_process_left(
+    tmp_path: Path,
+    node: str,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
+) -> None:
+    """``get_last_checkpoint`` takes the highest step, complete or not: the callback's
+    constructor has ``gc`` remove a dead process's incomplete save first."""
+    out = tmp_path / "out"
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(), _StopAt(4)],
+    ).train()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = out / "checkpoint-6"
+    torn.mkdir()
+    (torn / "model-00001-of-00001.safetensors").write_bytes(b"torn")
+    marker = {
+        "pid": dead.pid,
+        "host": socket.gethostname(),
+        "pidns": pid_namespace(),
+        "started": datetime.now(timezone.utc).isoformat(),
+    }
+    (torn / MARKER_NAME).write_text(json.dumps(marker))
+    assert get_last_checkpoint(str(out)) == str(torn)
+
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback())
+    assert not torn.exists()
+    _resume_and_check(trainer, True, uninterrupted)
 
 
 @pytest.mark.slow
