@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc.errors import CheckpointError
+from ckptsvc.errors import CheckpointError, StateMismatchError
 from ckptsvc.format.manifest import MARKER_NAME
 from ckptsvc.liveness import pid_namespace
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
@@ -250,6 +250,56 @@ def test_hf_resume_true_skips_a_save_a_dead_process_left(
     trainer = _fresh_trainer(_args(out), CkptsvcCallback())
     assert not torn.exists()
     _resume_and_check(trainer, True, uninterrupted)
+
+
+@pytest.mark.slow
+def test_hf_resume_true_with_another_local_root(
+    tmp_path: Path,
+    node: str,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
+) -> None:
+    """A root other than output_dir: the newest checkpoint is linked into output_dir for
+    ``resume_from_checkpoint=True``, and the link is gone after training."""
+    out, root = tmp_path / "out", tmp_path / "ckpts"
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(root), _StopAt(4)],
+    ).train()
+    assert not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback(root))
+    assert (out / "checkpoint-4").resolve() == (root / "checkpoint-4").resolve()
+    _resume_and_check(trainer, True, uninterrupted)
+    assert not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+    assert (root / "checkpoint-4" / "trainer_state.json").is_file()  # the link only went
+    assert [i.location.name for i in list_checkpoints(str(root))] == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+
+
+@pytest.mark.slow
+def test_hf_resume_from_a_foreign_copy_is_refused(tmp_path: Path, node: str) -> None:
+    """The Trainer resumed from a directory whose trainer state is not that of
+    ``<root>/checkpoint-<step>``: the callback cannot know which optimizer state belongs to
+    it and says so, instead of restoring the wrong one."""
+    out = tmp_path / "out"
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(), _StopAt(4)],
+    ).train()
+    other = tmp_path / "other" / "checkpoint-4"
+    shutil.copytree(out / "checkpoint-4", other)
+    state = json.loads((other / "trainer_state.json").read_text())
+    state["log_history"][0]["loss"] += 1.0  # another run's history
+    (other / "trainer_state.json").write_text(json.dumps(state))
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback())
+    with pytest.raises(StateMismatchError, match="resume_path"):
+        trainer.train(resume_from_checkpoint=str(other))
 
 
 @pytest.mark.slow

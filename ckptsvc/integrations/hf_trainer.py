@@ -29,12 +29,11 @@ Call order (the training thread unless noted):
    ``<output_dir>/checkpoint-<step>`` (a symlink on local disk; downloaded, CRC-verified,
    from an object store) so ``resume_from_checkpoint=True`` finds it (``stage_resume=False``
    turns this off); it is removed at train end or :meth:`CkptsvcCallback.close`;
-2. ``on_train_begin``: the ``AsyncCheckpointer`` starts (its node writer process too). If
-   the ``Trainer`` resumed (it has restored weights, trainer state and - later, in the
-   epoch loop - RNG states from the directory by then), the optimizer and scheduler are
-   restored from the components of the checkpoint it resumed from: the one staged or
-   prepared by :meth:`CkptsvcCallback.resume_path`, else ``<root>/checkpoint-<step>``,
-   checked against the resumed ``TrainerState`` (same step and log history);
+2. ``on_train_begin``: if the ``Trainer`` resumed (weights and trainer state are loaded by
+   then, RNG states follow in its epoch loop), optimizer and scheduler are restored from
+   the components of the checkpoint it resumed from - the one staged or prepared by
+   :meth:`CkptsvcCallback.resume_path`, else ``<root>/checkpoint-<step>`` if its trainer
+   state is the resumed one (else an error) - then the ``AsyncCheckpointer`` starts;
 3. ``on_step_end`` / ``on_epoch_end``, right after ``DefaultFlowCallback`` decided to save:
    snapshot model, optimizer, scheduler, RNG and trainer state into shared memory
    (``save_components``: returns after the copy), then clear ``control.should_save`` so the
@@ -45,11 +44,11 @@ Call order (the training thread unless noted):
    believing it is checkpointed when it is not), stop the engine, remove resume views.
 
 Resuming from an object store: the ``Trainer`` reads a *local* directory. With one process
-``resume_from_checkpoint=True`` works (step 1). Otherwise pass
-``resume_from_checkpoint=ckpt.resume_path()``: a temporary directory holding the weights,
-configs, ``trainer_state.json`` and RNG files of the newest checkpoint (not the optimizer:
-that is read straight from the store), removed at train end or ``close()``. On local disk
-``resume_path()`` returns the checkpoint directory itself.
+``resume_from_checkpoint=True`` works (step 1); otherwise pass ``ckpt.resume_path()``: a
+temporary directory of the newest checkpoint's weights, configs, ``trainer_state.json`` and
+RNG files (the optimizer is read from the store), removed at train end or ``close()``. On
+local disk ``resume_path()`` returns the checkpoint itself; for a checkpoint of an earlier
+version (``<root>/checkpoints/checkpoint-<step>``) it builds that directory.
 
 Not supported (refused with an error where detectable): ``save_strategy="best"`` and
 ``load_best_model_at_end`` (the best-model decision runs after the callbacks, so the save
@@ -262,6 +261,11 @@ class CkptsvcCallback(TrainerCallback):
         self._refuse_unsupported(args)
         if self.root is None:
             self.root = str(args.output_dir)
+        try:
+            self._restore(state, kw.get("optimizer"), kw.get("lr_scheduler"))
+        except BaseException:
+            self.close()  # the resume views go; no engine was started
+            raise
         if self._ckpt is None:
             self._ckpt = AsyncCheckpointer(
                 self.root,
@@ -277,7 +281,6 @@ class CkptsvcCallback(TrainerCallback):
                     preserved=lambda: (),
                     storage_options=self.storage_options,
                 )
-        self._restore(state, kw.get("optimizer"), kw.get("lr_scheduler"))
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
