@@ -13,6 +13,7 @@ import torch
 from ckptsvc.cli import main as cli_main
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import ConfigError
+from ckptsvc.ops.transfer import copy_tree
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.read.latest import find_latest_checkpoint, find_latest_verified
 from ckptsvc.read.verify import verify_checkpoint
@@ -92,3 +93,15 @@ def test_discovery_lists_both_layouts(
     assert cli_main(["ls", str(root)]) in (0, None)
     out = capsys.readouterr().out
     assert "checkpoint-1" in out and "checkpoint-2" in out
+
+
+def test_copy_tree_keeps_the_hf_trainer_layout(tmp_path: Path, node: str) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _save(src, 1, src / "checkpoint-1")
+    _save(src, 2, src / "checkpoints" / "checkpoint-2")
+    copy_tree(str(src), str(dst))
+    assert [i.url for i in list_checkpoints(str(dst))] == [
+        str(dst / "checkpoint-1"),
+        str(dst / "checkpoints" / "checkpoint-2"),
+    ]
+    assert verify_checkpoint(str(dst / "checkpoint-1"), deep=True).ok
