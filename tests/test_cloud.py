@@ -282,9 +282,10 @@ def test_find_latest_costs_one_listing_plus_manifests(
     records = proxy.records()
     listings = [r for r in records if _is_listing(r)]
     reads = [r for r in records if not _is_listing(r)]
-    # checkpoints/, the manifest-less checkpoint-7, and checkpoint-6 (the one returned: its
-    # files must match its manifest)
-    assert len(listings) == 3
+    # checkpoints/, the root itself (checkpoint-* there: the HF Trainer's layout), the
+    # manifest-less checkpoint-7, and checkpoint-6 (the one returned: its files must match
+    # its manifest)
+    assert len(listings) == 4
     assert len(reads) == n + 1  # one manifest GET per candidate (the in-flight one: 404)
     assert all(r.method == "GET" and "checkpoint_manifest.json" in r.path for r in reads)
 

@@ -6,8 +6,15 @@ uninterrupted one (deterministic CPU kernels; dropout makes that depend on the R
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +22,11 @@ import pytest
 import torch
 from conftest import StorageRoot
 
-from ckptsvc.errors import CheckpointError
+from ckptsvc.errors import CheckpointError, StateMismatchError
+from ckptsvc.format.manifest import MARKER_NAME
+from ckptsvc.liveness import pid_namespace
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 
 # ---- Hugging Face Trainer ----------------------------------------------------------------------
@@ -31,7 +41,7 @@ from transformers import (  # noqa: E402
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import load_sharded_checkpoint  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from ckptsvc.integrations.hf_trainer import CkptsvcCallback  # noqa: E402
 
@@ -98,38 +108,85 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _losses(trainer: Trainer) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """Final weights of 6 steps with no interruption (saving through ckptsvc as well)."""
+def uninterrupted(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, torch.Tensor], dict[int, float]]:
+    """Final weights and per-step losses of 6 steps with no interruption (saving through
+    ckptsvc as well)."""
     out = tmp_path_factory.mktemp("hf-reference")
     model = _tiny_gpt2(seed=0)
     trainer = Trainer(
         model=model, args=_args(out), train_dataset=_dataset(), callbacks=[CkptsvcCallback()]
     )
     trainer.train()
-    return _weights(model)
+    return _weights(model), _losses(trainer)
+
+
+def _own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp dir of this test alone (``tempfile.gettempdir()``), to check it stays empty."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def _fresh_trainer(args: TrainingArguments, *callbacks: TrainerCallback) -> Trainer:
+    """A new run on a model of another init (the resume must overwrite every weight)."""
+    return Trainer(
+        model=_tiny_gpt2(seed=123), args=args, train_dataset=_dataset(), callbacks=list(callbacks)
+    )
+
+
+def _resume_and_check(
+    trainer: Trainer,
+    resume: str | bool,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
+) -> None:
+    """Resume ``trainer`` to the end: its weights and the losses of the resumed steps equal
+    the uninterrupted run's."""
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.state.global_step == MAX_STEPS
+    weights, losses = uninterrupted
+    got = _weights(trainer.model)  # type: ignore[arg-type]
+    for k, v in weights.items():
+        assert torch.equal(got[k], v), f"{k} differs from the uninterrupted run"
+    resumed = {s: v for s, v in _losses(trainer).items() if s > 4}
+    assert resumed == {s: v for s, v in losses.items() if s > 4}
+    assert len(resumed) == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True)
-def test_hf_trainer_saves_async_and_resumes_exactly(
-    tmp_path: Path, storage_root: StorageRoot, uninterrupted: dict[str, torch.Tensor]
+def test_hf_resume_local_with_hf_layout(
+    tmp_path: Path,
+    node: str,
+    monkeypatch: pytest.MonkeyPatch,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
 ) -> None:
+    tmp = _own_tempdir(tmp_path, monkeypatch)
     out = tmp_path / "out"
-    root, opts = storage_root.url, storage_root.storage_options
-    first = CkptsvcCallback(root, storage_options=opts)
     model = _tiny_gpt2(seed=0)
     Trainer(
-        model=model, args=_args(out), train_dataset=_dataset(), callbacks=[first, _StopAt(4)]
+        model=model,
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(), _StopAt(4)],
     ).train()
 
-    infos = list_checkpoints(root, storage_options=opts)
+    # the Trainer's layout: HF finds the newest checkpoint itself
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-4")
+    assert find_latest_checkpoint(str(out)) == str(out / "checkpoint-4")
+    infos = list_checkpoints(str(out))
     assert [(i.location.name, i.status) for i in infos] == [
         ("checkpoint-2", CheckpointStatus.COMPLETE),
         ("checkpoint-4", CheckpointStatus.COMPLETE),
     ]
     for i in infos:
-        assert verify_checkpoint(i.url, deep=True, storage_options=opts).ok
+        assert verify_checkpoint(i.url, deep=True).ok
         assert {c.key for c in i.manifest.components} == {  # type: ignore[union-attr]
             "model",
             "optimizer",
@@ -137,34 +194,151 @@ def test_hf_trainer_saves_async_and_resumes_exactly(
             "rng",
             "hf_trainer",
         }
-    # the Trainer's own synchronous save never ran
+        names = set(os.listdir(i.url))
+        assert {"trainer_state.json", "rng_state.pth", "config.json"} <= names
+        assert not names & {"optimizer.pt", "scheduler.pt"}  # restored from components
+        state = json.loads((Path(i.url) / "trainer_state.json").read_text())
+        assert state["global_step"] == int(i.location.name.split("-")[1])
+
+    # from_pretrained reads the checkpoint directory as it is
+    loaded = GPT2LMHeadModel.from_pretrained(out / "checkpoint-4")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    copy = tmp_path / "copy"  # the explicit-directory resume gets its own run directory
+    shutil.copytree(out, copy)
+    _resume_and_check(_fresh_trainer(_args(out), CkptsvcCallback()), True, uninterrupted)
+    explicit = str(copy / "checkpoint-4")
+    _resume_and_check(_fresh_trainer(_args(copy), CkptsvcCallback()), explicit, uninterrupted)
+    assert [i.location.name for i in list_checkpoints(str(copy))] == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_hf_resume_true_skips_a_save_a_dead_process_left(
+    tmp_path: Path,
+    node: str,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
+) -> None:
+    """``get_last_checkpoint`` takes the highest step, complete or not: the callback's
+    constructor has ``gc`` remove a dead process's incomplete save first."""
+    out = tmp_path / "out"
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(), _StopAt(4)],
+    ).train()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    torn = out / "checkpoint-6"
+    torn.mkdir()
+    (torn / "model-00001-of-00001.safetensors").write_bytes(b"torn")
+    marker = {
+        "pid": dead.pid,
+        "host": socket.gethostname(),
+        "pidns": pid_namespace(),
+        "started": datetime.now(timezone.utc).isoformat(),
+    }
+    (torn / MARKER_NAME).write_text(json.dumps(marker))
+    assert get_last_checkpoint(str(out)) == str(torn)
+
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback())
+    assert not torn.exists()
+    _resume_and_check(trainer, True, uninterrupted)
+
+
+@pytest.mark.slow
+def test_hf_resume_true_with_another_local_root(
+    tmp_path: Path,
+    node: str,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
+) -> None:
+    """A root other than output_dir: the newest checkpoint is linked into output_dir for
+    ``resume_from_checkpoint=True``, and the link is gone after training."""
+    out, root = tmp_path / "out", tmp_path / "ckpts"
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(root), _StopAt(4)],
+    ).train()
     assert not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback(root))
+    assert (out / "checkpoint-4").resolve() == (root / "checkpoint-4").resolve()
+    _resume_and_check(trainer, True, uninterrupted)
+    assert not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+    assert (root / "checkpoint-4" / "trainer_state.json").is_file()  # the link only went
+    assert [i.location.name for i in list_checkpoints(str(root))] == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
 
-    # the weights are standard HF shards: transformers' own sharded loader reads them
-    if storage_root.backend == "local":
-        loaded = _tiny_gpt2(seed=7)
-        result = load_sharded_checkpoint(loaded, infos[-1].url, strict=False)
-        assert set(result.missing_keys) < {"lm_head.weight", "transformer.wte.weight"}  # tied
-        assert not result.unexpected_keys
-        for k, v in loaded.state_dict().items():
-            assert torch.equal(v, model.state_dict()[k]), k
 
-    # a fresh process-like start: different init, new trainer, resume from the latest
-    second = CkptsvcCallback(root, storage_options=opts)
-    resumed_model = _tiny_gpt2(seed=123)
-    trainer = Trainer(
-        model=resumed_model, args=_args(out), train_dataset=_dataset(), callbacks=[second]
-    )
-    resume = second.resume_path(local_dir=tmp_path / "resume")
-    assert resume is not None and resume.endswith("checkpoint-4")
-    trainer.train(resume_from_checkpoint=resume)
+@pytest.mark.slow
+def test_hf_resume_from_a_foreign_copy_is_refused(tmp_path: Path, node: str) -> None:
+    """The Trainer resumed from a directory whose trainer state is not that of
+    ``<root>/checkpoint-<step>``: the callback cannot know which optimizer state belongs to
+    it and says so, instead of restoring the wrong one."""
+    out = tmp_path / "out"
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(), _StopAt(4)],
+    ).train()
+    other = tmp_path / "other" / "checkpoint-4"
+    shutil.copytree(out / "checkpoint-4", other)
+    state = json.loads((other / "trainer_state.json").read_text())
+    state["log_history"][0]["loss"] += 1.0  # another run's history
+    (other / "trainer_state.json").write_text(json.dumps(state))
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback())
+    with pytest.raises(StateMismatchError, match="resume_path"):
+        trainer.train(resume_from_checkpoint=str(other))
 
-    assert trainer.state.global_step == MAX_STEPS
-    got = _weights(resumed_model)
-    for k, v in uninterrupted.items():
-        assert torch.equal(got[k], v), f"{k} differs from the uninterrupted run"
-    names = [i.location.name for i in list_checkpoints(root, storage_options=opts)]
-    assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+@pytest.mark.slow
+def test_hf_resume_from_s3(
+    tmp_path: Path,
+    node: str,
+    s3_root: StorageRoot,
+    monkeypatch: pytest.MonkeyPatch,
+    uninterrupted: tuple[dict[str, torch.Tensor], dict[int, float]],
+) -> None:
+    tmp = _own_tempdir(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    root, opts = s3_root.url, s3_root.storage_options
+    Trainer(
+        model=_tiny_gpt2(seed=0),
+        args=_args(out),
+        train_dataset=_dataset(),
+        callbacks=[CkptsvcCallback(root, storage_options=opts), _StopAt(4)],
+    ).train()
+    infos = list_checkpoints(root, storage_options=opts)
+    assert [i.url for i in infos] == [f"{root}/checkpoint-2", f"{root}/checkpoint-4"]
+    assert all(i.status is CheckpointStatus.COMPLETE for i in infos)
+    assert not out.exists() or not [p for p in os.listdir(out) if p.startswith("checkpoint-")]
+
+    # resume_from_checkpoint=True: the constructor made the newest one visible locally
+    trainer = _fresh_trainer(_args(out), CkptsvcCallback(root, storage_options=opts))
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+    _resume_and_check(trainer, True, uninterrupted)
+    assert not [p for p in os.listdir(out) if p.startswith("checkpoint-")]  # view removed
+
+    # an explicit checkpoint: resume_path() of its URL (stops at 5, so nothing is saved)
+    cb2 = CkptsvcCallback(root, storage_options=opts, stage_resume=False)
+    trainer2 = _fresh_trainer(_args(out), cb2, _StopAt(5))
+    path = cb2.resume_path(f"{root}/checkpoint-4")
+    assert path is not None and Path(path).is_relative_to(tmp)
+    assert not (Path(path) / "optimizer_state.safetensors").exists()  # read from S3
+    trainer2.train(resume_from_checkpoint=path)
+    assert _losses(trainer2)[5] == uninterrupted[1][5]
+    assert list(tmp.iterdir()) == []
 
 
 def test_hf_resume_path_without_checkpoints_and_save_total_limit(tmp_path: Path) -> None:
@@ -185,7 +359,14 @@ def test_hf_resume_path_without_checkpoints_and_save_total_limit(tmp_path: Path)
 def test_hf_failed_save_fails_the_run(tmp_path: Path) -> None:
     blocker = tmp_path / "file-not-dir"
     blocker.write_bytes(b"x")
-    cb = CkptsvcCallback(blocker)
+    with pytest.raises(CheckpointError, match="file-not-dir"):  # looking for a resume
+        Trainer(
+            model=_tiny_gpt2(0),
+            args=_args(tmp_path / "out", max_steps=2),
+            train_dataset=_dataset(),
+            callbacks=[CkptsvcCallback(blocker)],
+        )
+    cb = CkptsvcCallback(blocker, stage_resume=False)
     trainer = Trainer(
         model=_tiny_gpt2(0),
         args=_args(tmp_path / "out", max_steps=2),

@@ -470,6 +470,22 @@ def test_gc_aborts_unfinished_uploads(s3_root: StorageRoot) -> None:
     assert verify_checkpoint(committed, storage_options=opts).ok
 
 
+def test_gc_aborts_unfinished_uploads_in_the_hf_trainer_layout(s3_root: StorageRoot) -> None:
+    """``<root>/checkpoint-*`` (the HF Trainer layout) is a checkpoint folder too; other
+    keys directly under the root are not ckptsvc's."""
+    opts = s3_root.storage_options
+    gone = _start_upload(s3_root, "checkpoint-5/model-00001-of-00001.safetensors")
+    outside = _start_upload(s3_root, "runs.log")
+    assert [u.split(" ")[0] for u in unfinished_uploads(s3_root.url, storage_options=opts)] == [
+        gone
+    ]
+    report = collect_garbage(s3_root.url, storage_options=opts)
+    assert [u.split(" ")[0] for u in report.aborted_uploads] == [gone]
+    client = s3_root.server.boto3_client()  # type: ignore[union-attr]
+    keys = [u["Key"] for u in client.list_multipart_uploads(Bucket=s3_root.bucket)["Uploads"]]
+    assert keys == [outside.split("/", 3)[3]]
+
+
 def test_gc_aborts_the_uploads_of_directories_it_removes(s3_root: StorageRoot) -> None:
     opts = s3_root.storage_options
     loc = s3_root.location("checkpoints", "checkpoint-1")

@@ -24,7 +24,8 @@ CP_EPILOG = """examples:
       --dst-storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'
 
 A checkpoint directory is copied to DST (the new checkpoint directory); a model directory
-has each complete checkpoint copied to DST/checkpoints/<name>, oldest first, skipping
+has each complete checkpoint copied to DST/checkpoints/<name> (DST/<name> for the HF
+Trainer layout, checkpoint-* directly under the run), oldest first, skipping
 incomplete ones and those already at DST. Every file's CRC-32C is checked against the
 source manifest before its upload completes; the manifest is written last, so an
 interrupted copy leaves nothing that looks complete: run it again to finish.

@@ -6,72 +6,90 @@ Usage (``pip install 'ckptsvc[hf]'``)::
 
     ckpt = CkptsvcCallback()                 # root: args.output_dir; or root="s3://bucket/run1"
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ckpt])
-    trainer.train(resume_from_checkpoint=ckpt.resume_path())   # None: nothing to resume
+    trainer.train(resume_from_checkpoint=True)      # or a checkpoint directory, as with HF
 
-Checkpoints go to ``<root>/checkpoints/checkpoint-<global_step>`` (so ``ckptsvc ls``,
-``verify``, ``cp``, ``prune`` and ``gc`` work on the run) and hold: the model as Hugging Face
-safetensors shards + ``model.safetensors.index.json`` (``from_pretrained(ckpt, config=...)``
-loads them), and the optimizer, LR scheduler, RNG states (per rank) and ``TrainerState`` as
-ckptsvc components (``<key>_state.*``: safetensors + JSON, nothing pickled).
+Layout: the ``Trainer``'s own. Each checkpoint is ``<root>/checkpoint-<global_step>`` and
+holds the model as Hugging Face safetensors shards + ``model.safetensors.index.json`` +
+``config.json`` (``from_pretrained(<checkpoint>)`` loads it), ``trainer_state.json`` and
+``rng_state.pth`` (``rng_state_<process_index>.pth`` with several processes) as the
+``Trainer`` writes them, and the optimizer, LR scheduler, RNG states and trainer step as
+ckptsvc components (``<key>_state.*``: safetensors + JSON); all in one commit,
+``checkpoint_manifest.json`` last. ckptsvc's discovery lists ``<root>/checkpoint-*`` besides
+``<root>/checkpoints/checkpoint-*``, so ``find_latest_checkpoint``, ``ckptsvc ls``,
+``verify``, ``prune`` and ``gc`` work on the run. What the ``Trainer`` reads on resume, and
+why no ``optimizer.pt`` is written: :mod:`ckptsvc.integrations.hf_resume`.
 
 Call order (the training thread unless noted):
 
-1. ``on_init_end`` / ``on_train_begin``: the root defaults to ``args.output_dir``; at train
-   begin the ``AsyncCheckpointer`` starts (its node writer process too) and, when
-   :meth:`CkptsvcCallback.resume_path` prepared a resume, the optimizer and scheduler are
-   restored from the checkpoint (the ``Trainer`` has restored weights, trainer state and RNG
-   from the resume directory by then);
-2. ``on_step_end`` / ``on_epoch_end``, right after ``DefaultFlowCallback`` decided to save:
+1. ``on_init_end`` (the ``Trainer`` constructor): the root defaults to ``args.output_dir``.
+   When the root *is* the output directory, on the world's process zero ``ckptsvc.gc``
+   removes saves a dead process left incomplete (``get_last_checkpoint`` would pick such
+   a directory). When it is not (an ``s3://`` root, another local directory) and a
+   complete checkpoint exists, a single-process run makes the newest one visible as
+   ``<output_dir>/checkpoint-<step>`` (a symlink on local disk; downloaded, CRC-verified,
+   from an object store) so ``resume_from_checkpoint=True`` finds it (``stage_resume=False``
+   turns this off); it is removed at train end or :meth:`CkptsvcCallback.close`;
+2. ``on_train_begin``: if the ``Trainer`` resumed (weights and trainer state are loaded by
+   then, RNG states follow in its epoch loop), optimizer and scheduler are restored from
+   the components of the checkpoint it resumed from - the one staged or prepared by
+   :meth:`CkptsvcCallback.resume_path`, else ``<root>/checkpoint-<step>`` if its trainer
+   state is the resumed one (else an error) - then the ``AsyncCheckpointer`` starts;
+3. ``on_step_end`` / ``on_epoch_end``, right after ``DefaultFlowCallback`` decided to save:
    snapshot model, optimizer, scheduler, RNG and trainer state into shared memory
    (``save_components``: returns after the copy), then clear ``control.should_save`` so the
    ``Trainer``'s synchronous ``_save_checkpoint`` does not run. The node writer writes the
    checkpoint and commits its manifest last; ``save_total_limit`` is applied by
    ``ckptsvc.ops.best_checkpoints.Retention`` on a background thread after each commit;
-3. ``on_train_end``: wait for every save and raise the first failure (a run never ends
-   believing it is checkpointed when it is not), then stop the engine.
+4. ``on_train_end``: wait for every save and raise the first failure (a run never ends
+   believing it is checkpointed when it is not), stop the engine, remove resume views.
 
-Resuming: ``Trainer.train(resume_from_checkpoint=dir)`` reads ``trainer_state.json``,
-weights and ``rng_state.pth`` from a *local* directory. :meth:`CkptsvcCallback.resume_path`
-builds one (a "resume view", never the committed checkpoint itself) from the newest complete
-checkpoint under the root, or the one given: weight files are linked (local disk) or copied
-and CRC-verified (object stores), ``trainer_state.json`` and ``rng_state.pth`` are written
-from the checkpoint's components. The optimizer and scheduler are loaded in step 1 straight
-from the checkpoint, wherever it is.
+Resuming from an object store: the ``Trainer`` reads a *local* directory. With one process
+``resume_from_checkpoint=True`` works (step 1); otherwise pass ``ckpt.resume_path()``: a
+temporary directory of the newest checkpoint's weights, configs, ``trainer_state.json`` and
+RNG files (the optimizer is read from the store), removed at train end or ``close()``. On
+local disk ``resume_path()`` returns the checkpoint itself; for a checkpoint of an earlier
+version (``<root>/checkpoints/checkpoint-<step>``) it builds that directory.
 
 Not supported (refused with an error where detectable): ``save_strategy="best"`` and
 ``load_best_model_at_end`` (the best-model decision runs after the callbacks, so the save
 cannot be intercepted), DeepSpeed and FSDP trainers (they save through their own engines).
-Not saved: the fp16 ``GradScaler`` state, the ``Trainer``'s ``config.json`` / tokenizer
-copies (call ``trainer.save_model()`` for an export), and the states of other
-``ExportableState`` callbacks (a callback cannot see them).
+Not saved: the fp16 ``GradScaler`` state, ``training_args.bin`` (the ``Trainer`` does not
+read it on resume), the tokenizer (call ``trainer.save_model()`` for an export), and the
+states of other ``ExportableState`` callbacks (a callback cannot see them).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
 from ckptsvc.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     LifecycleError,
     SaveFailedError,
     StateMismatchError,
 )
-from ckptsvc.format.json_doc import read_json_doc
-from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
+from ckptsvc.format.manifest import Manifest
+from ckptsvc.integrations.hf_resume import (
+    TRAINER_STATE_NAME,
+    make_resume_view,
+    read_trainer_state,
+    remove_view,
+    rng_file,
+    trainer_state_file,
+)
 from ckptsvc.ops.best_checkpoints import Retention
-from ckptsvc.ops.transfer import copy_files
-from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
+from ckptsvc.ops.gc import collect_garbage
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.stage.components import RNGState, SharingPattern, StateComponent
 from ckptsvc.storage import Location
@@ -86,76 +104,29 @@ OPTIMIZER_KEY = "optimizer"
 SCHEDULER_KEY = "scheduler"
 RNG_KEY = "rng"
 TRAINER_KEY = "hf_trainer"
-_TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 
 
-class _Captured:
-    """A stateful that only records what is loaded into it (to read a component as data)."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.state = state_dict
-
-
-class _TrainerStateJson:
-    """The ``TrainerState`` as the exact JSON ``TrainerState.save_to_json`` writes."""
+class _TrainerStep:
+    """The ``hf_trainer`` component: the step (its ``trainer_state.json`` is a file of it)."""
 
     def __init__(self, state: TrainerState) -> None:
-        self._state = state
+        self._step = state.global_step
 
     def state_dict(self) -> dict[str, Any]:
-        text = json.dumps(dataclasses.asdict(self._state), indent=2, sort_keys=True) + "\n"
-        return {"trainer_state_json": text, "global_step": self._state.global_step}
+        return {"global_step": self._step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # pragma: no cover
         raise LifecycleError("the trainer state is restored by Trainer from trainer_state.json")
 
 
-def _read_component(
-    ckpt: str, key: str, pattern: SharingPattern, opts: dict[str, Any], *, required: bool = True
-) -> Any:
-    """Component ``key`` as data (``None`` when an optional one is absent)."""
-    box = _Captured()
-    load_components(
-        ckpt, [StateComponent(key, box, pattern, required=required)], storage_options=opts
-    )
-    return box.state
-
-
-def _hf_rng_state(saved: dict[str, Any], *, distributed: bool) -> dict[str, Any]:
-    """An ``RNGState`` state dict in the layout ``Trainer._load_rng_state`` reads."""
-    py = saved["python"]
-    npd = saved["numpy"]
-    key = torch.as_tensor(npd["key"]).numpy().astype("uint32")
-    out: dict[str, Any] = {
-        "python": (int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss"]),
-        "numpy": (
-            npd["bit_generator"],
-            key,
-            int(npd["pos"]),
-            int(npd["has_gauss"]),
-            float(npd["gauss"]),
-        ),
-        "cpu": torch.as_tensor(saved["torch_cpu"], dtype=torch.uint8),
-    }
-    cuda = saved.get("torch_cuda")
-    if cuda and torch.cuda.is_available():
-        states = [torch.as_tensor(s, dtype=torch.uint8) for s in cuda]
-        out["cuda"] = states if distributed else states[torch.cuda.current_device()]
-    return out
-
-
 class CkptsvcCallback(TrainerCallback):
     """Replaces the ``Trainer``'s synchronous checkpoint saves with ckptsvc async saves.
 
-    See the module docstring for the call order. ``root`` (path or URL; default
-    ``args.output_dir``) is the model directory; ``storage_options`` go to fsspec;
-    ``max_shard_size`` caps weight shard files; ``metadata`` goes to every manifest.
+    See the module docstring for the layout and call order. ``root`` (path or URL; default
+    ``args.output_dir``) is where ``checkpoint-<step>`` directories go; ``storage_options``
+    go to fsspec; ``max_shard_size`` caps weight shard files; ``metadata`` goes to every
+    manifest; ``stage_resume`` (default on) makes the newest checkpoint of a root other than
+    ``args.output_dir`` visible there so ``resume_from_checkpoint=True`` finds it.
     """
 
     def __init__(
@@ -165,16 +136,21 @@ class CkptsvcCallback(TrainerCallback):
         storage_options: dict[str, Any] | None = None,
         max_shard_size: int | None = None,
         metadata: dict[str, Any] | None = None,
+        stage_resume: bool = True,
     ) -> None:
         self.root: str | None = None if root is None else os.fspath(root)
         self.storage_options = dict(storage_options or {})
         self._max_shard_size = max_shard_size
         self._metadata = dict(metadata or {})
+        self._stage_resume = stage_resume
         self._ckpt: AsyncCheckpointer | None = None
         self._retention: Retention | None = None
         self._handles: list[SaveHandle] = []
         self._last_saved_step: int | None = None
-        self._resume_from: tuple[str, int] | None = None
+        #: (checkpoint URL, step, prepared by an explicit resume_path() call)
+        self._resume_from: tuple[str, int, bool] | None = None
+        self._views: list[str] = []
+        self._finalizer = weakref.finalize(self, _remove_views, self._views)
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -185,10 +161,28 @@ class CkptsvcCallback(TrainerCallback):
 
         ``checkpoint``: a checkpoint written by this callback (path or URL); default: the
         newest complete one under the root (``None`` is returned when there is none, which
-        makes the ``Trainer`` start fresh). ``local_dir``: where the resume directory is
-        made (default: a new temporary directory); weights of a remote checkpoint are
-        downloaded there.
+        makes the ``Trainer`` start fresh). A checkpoint on local disk is returned as it is
+        (unless ``local_dir`` is given); otherwise a resume directory is made under
+        ``local_dir`` (default: a new temporary directory) with the weights, configs,
+        ``trainer_state.json`` and RNG files, and removed at train end or :meth:`close`.
         """
+        found = self._find(checkpoint)
+        if found is None:
+            return None
+        ckpt, manifest, step = found
+        self._resume_from = (ckpt.url, step, True)
+        if ckpt.is_local and local_dir is None and manifest.file(TRAINER_STATE_NAME) is not None:
+            logger.info("resume from %s (step %s)", ckpt.path, step)
+            return ckpt.path
+        base = local_dir if local_dir is not None else tempfile.mkdtemp(prefix="ckptsvc-hf-")
+        view = Path(base) / ckpt.name
+        self._views.append(str(base) if local_dir is None else str(view))
+        make_resume_view(ckpt, manifest, view, trainer_key=TRAINER_KEY, rng_key=RNG_KEY)
+        logger.info("resume directory for %s (step %s): %s", ckpt.url, step, view)
+        return str(view)
+
+    def _find(self, checkpoint: str | None) -> tuple[Location, Manifest, int] | None:
+        """The complete checkpoint of this callback to resume from (``None``: none yet)."""
         opts = self.storage_options
         if checkpoint is None:
             checkpoint = find_latest_checkpoint(self._root_or_error(), storage_options=opts)
@@ -198,57 +192,17 @@ class CkptsvcCallback(TrainerCallback):
         ckpt = Location.parse(checkpoint, opts)
         info = checkpoint_info(ckpt)
         keys = {c.key for c in info.manifest.components} if info.manifest is not None else set()
-        if info.status is not CheckpointStatus.COMPLETE or not {MODEL_KEY, TRAINER_KEY} <= keys:
+        if (
+            info.status is not CheckpointStatus.COMPLETE
+            or info.manifest is None
+            or not {MODEL_KEY, TRAINER_KEY} <= keys
+        ):
             raise CheckpointNotFoundError(
                 f"{ckpt.url} is not a complete checkpoint written by CkptsvcCallback "
-                f"({info.status.value}{', components ' + str(sorted(keys)) if keys else ''})"
+                f"({info.status.value}{', components ' + str(sorted(keys)) if keys else ''}); "
+                "pass a checkpoint-<step> directory the callback wrote"
             )
-        step = info.step if info.step is not None else -1
-        base = (
-            Path(local_dir)
-            if local_dir is not None
-            else Path(tempfile.mkdtemp(prefix="ckptsvc-hf-resume-"))
-        )
-        view = base / ckpt.name
-        view.mkdir(parents=True, exist_ok=True)
-        self._link_or_copy_weights(ckpt, view)
-        trainer_state = _read_component(ckpt.url, TRAINER_KEY, SharingPattern.GLOBAL, opts)
-        (view / _TRAINER_STATE_NAME).write_text(str((trainer_state or {})["trainer_state_json"]))
-        self._write_rng_state(ckpt.url, view)
-        self._resume_from = (ckpt.url, step)
-        logger.info("resume directory for %s (step %s): %s", ckpt.url, step, view)
-        return str(view)
-
-    def _link_or_copy_weights(self, ckpt: Location, view: Path) -> None:
-        index = read_json_doc(ckpt.join(SAFE_WEIGHTS_INDEX_NAME), what="index")
-        names = sorted({SAFE_WEIGHTS_INDEX_NAME, *index["weight_map"].values()})
-        if not ckpt.is_local:
-            copy_files(
-                ckpt,
-                str(view),
-                paths=names,
-                storage_options=self.storage_options,
-                dst_storage_options={},
-            )
-            return
-        for name in names:
-            link = view / name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            os.symlink(os.path.join(ckpt.path, name), link)
-
-    def _write_rng_state(self, ckpt_url: str, view: Path) -> None:
-        """HF's ``rng_state[_<rank>].pth`` (a tiny pickle of plain values, which the
-        ``Trainer`` loads with ``weights_only=True``) from this rank's RNG component."""
-        saved = _read_component(
-            ckpt_url, RNG_KEY, SharingPattern.PER_RANK, self.storage_options, required=False
-        )  # save_only_model checkpoints hold none
-        if not saved:
-            return
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = torch.distributed.get_rank() if distributed else 0
-        name = f"rng_state_{rank}.pth" if distributed else "rng_state.pth"
-        torch.save(_hf_rng_state(saved, distributed=distributed), view / name)
+        return ckpt, info.manifest, info.step if info.step is not None else -1
 
     def _root_or_error(self) -> str:
         if self.root is None:
@@ -258,6 +212,40 @@ class CkptsvcCallback(TrainerCallback):
             )
         return self.root
 
+    def _prepare_output_dir(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Step 1: make ``get_last_checkpoint(args.output_dir)`` find what it should."""
+        root = Location.parse(self._root_or_error(), self.storage_options)
+        out = Path(str(args.output_dir)).absolute()
+        if root.is_local and Path(root.path).absolute() == out:
+            if state.is_world_process_zero and out.is_dir():
+                collect_garbage(str(out), shared_memory=False)  # dead saves, never live ones
+            return
+        if not self._stage_resume:
+            return
+        if args.world_size > 1:
+            logger.info(
+                "checkpoints are under %s, not output_dir: pass resume_from_checkpoint="
+                "ckpt.resume_path() to resume (each process gets its own directory)",
+                root.url,
+            )
+            return
+        found = self._find(None)
+        if found is None:
+            return
+        ckpt, manifest, step = found
+        view = out / ckpt.name
+        if view.is_symlink() or view.exists():
+            logger.warning("%s exists: not replacing it with a view of %s", view, ckpt.url)
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self._views.append(str(view))
+        if ckpt.is_local and manifest.file(TRAINER_STATE_NAME) is not None:
+            os.symlink(ckpt.path, view, target_is_directory=True)
+        else:
+            make_resume_view(ckpt, manifest, view, trainer_key=TRAINER_KEY, rng_key=RNG_KEY)
+        self._resume_from = (ckpt.url, step, False)
+        logger.info("newest checkpoint %s visible as %s for resume_from_checkpoint", ckpt.url, view)
+
     # ---- TrainerCallback events -------------------------------------------------------------
 
     def on_init_end(
@@ -265,6 +253,7 @@ class CkptsvcCallback(TrainerCallback):
     ) -> None:
         if self.root is None:
             self.root = str(args.output_dir)
+        self._prepare_output_dir(args, state)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -272,6 +261,11 @@ class CkptsvcCallback(TrainerCallback):
         self._refuse_unsupported(args)
         if self.root is None:
             self.root = str(args.output_dir)
+        try:
+            self._restore(state, kw.get("optimizer"), kw.get("lr_scheduler"))
+        except BaseException:
+            self.close()  # the resume views go; no engine was started
+            raise
         if self._ckpt is None:
             self._ckpt = AsyncCheckpointer(
                 self.root,
@@ -287,7 +281,6 @@ class CkptsvcCallback(TrainerCallback):
                     preserved=lambda: (),
                     storage_options=self.storage_options,
                 )
-        self._restore(state, kw.get("optimizer"), kw.get("lr_scheduler"))
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
@@ -320,23 +313,18 @@ class CkptsvcCallback(TrainerCallback):
             )
 
     def _restore(self, state: TrainerState, optimizer: Any, scheduler: Any) -> None:
-        """Step 1 of a resume: optimizer and scheduler from the checkpoint."""
-        resume, self._resume_from = self._resume_from, None
-        if resume is None:
-            if state.global_step > 0:
-                logger.warning(
-                    "the Trainer resumed at step %d from a directory resume_path() did not "
-                    "prepare: optimizer and scheduler are restored only if it holds the "
-                    "Trainer's own optimizer.pt / scheduler.pt",
-                    state.global_step,
+        """Step 2 of a resume: optimizer and scheduler from the checkpoint resumed from."""
+        prepared, self._resume_from = self._resume_from, None
+        if state.global_step == 0:
+            if prepared is not None and prepared[2]:
+                raise StateMismatchError(
+                    f"resume_path() prepared {prepared[0]} (step {prepared[1]}), but the "
+                    "Trainer started fresh; pass its result as resume_from_checkpoint"
                 )
             return
-        url, step = resume
-        if step != state.global_step:
-            raise StateMismatchError(
-                f"the Trainer resumed at step {state.global_step}, but resume_path() prepared "
-                f"{url} (step {step}); pass the directory resume_path() returned"
-            )
+        url = self._resumed_checkpoint(state, prepared)
+        if url is None:
+            return
         comps = [
             StateComponent(key, obj, SharingPattern.GLOBAL)
             for key, obj in ((OPTIMIZER_KEY, optimizer), (SCHEDULER_KEY, scheduler))
@@ -348,6 +336,57 @@ class CkptsvcCallback(TrainerCallback):
         load_components(url, comps, storage_options=self.storage_options)
         logger.info("restored %s from %s", [c.key for c in comps], url)
 
+    def _resumed_checkpoint(
+        self, state: TrainerState, prepared: tuple[str, int, bool] | None
+    ) -> str | None:
+        """The URL of the checkpoint the ``Trainer`` resumed from, or ``None`` (with a
+        warning) when it is no checkpoint of this callback."""
+        step = state.global_step
+        if prepared is not None:
+            if prepared[1] == step:
+                return prepared[0]
+            if prepared[2]:
+                raise StateMismatchError(
+                    f"the Trainer resumed at step {step}, but resume_path() prepared "
+                    f"{prepared[0]} (step {prepared[1]}); pass the directory resume_path() "
+                    "returned"
+                )
+        ckpt = Location.parse(self._path(step), self.storage_options)
+        try:
+            info = checkpoint_info(ckpt)
+            ours = (
+                info.status is CheckpointStatus.COMPLETE
+                and info.manifest is not None
+                and TRAINER_KEY in {c.key for c in info.manifest.components}
+            )
+            saved = (
+                read_trainer_state(ckpt, info.manifest, trainer_key=TRAINER_KEY)
+                if ours and info.manifest is not None
+                else None
+            )
+        except (CheckpointError, OSError, ValueError) as e:
+            raise CheckpointNotFoundError(
+                f"the Trainer resumed at step {step}; reading {ckpt.url} to restore the "
+                f"optimizer and scheduler failed ({type(e).__name__}: {e}); check it with "
+                "`ckptsvc verify`"
+            ) from e
+        if saved is None:
+            logger.warning(
+                "the Trainer resumed at step %d from a directory that is no checkpoint of "
+                "CkptsvcCallback (%s is none): optimizer and scheduler are restored only if it "
+                "holds the Trainer's own optimizer.pt / scheduler.pt",
+                step,
+                ckpt.url,
+            )
+            return None
+        if saved.get("global_step") != step or saved.get("log_history") != state.log_history:
+            raise StateMismatchError(
+                f"the Trainer resumed at step {step} from a directory whose trainer state "
+                f"differs from {ckpt.url}'s; resume from {ckpt.url} itself, or pass "
+                "ckpt.resume_path(<checkpoint>) for a checkpoint elsewhere"
+            )
+        return ckpt.url
+
     def _components(
         self, args: TrainingArguments, state: TrainerState, kw: dict[str, Any]
     ) -> list[StateComponent]:
@@ -356,7 +395,12 @@ class CkptsvcCallback(TrainerCallback):
             raise ConfigError("the Trainer passed no model to CkptsvcCallback")
         comps = [
             StateComponent(MODEL_KEY, model, SharingPattern.GLOBAL),
-            StateComponent(TRAINER_KEY, _TrainerStateJson(state), SharingPattern.GLOBAL),
+            StateComponent(
+                TRAINER_KEY,
+                _TrainerStep(state),
+                SharingPattern.GLOBAL,
+                files={TRAINER_STATE_NAME: trainer_state_file(state)},
+            ),
         ]
         if args.save_only_model:
             return comps
@@ -366,7 +410,10 @@ class CkptsvcCallback(TrainerCallback):
         ):
             if obj is not None:
                 comps.append(StateComponent(key, obj, SharingPattern.GLOBAL))
-        comps.append(StateComponent(RNG_KEY, RNGState(), SharingPattern.PER_RANK))
+        name, data = rng_file(args)
+        comps.append(
+            StateComponent(RNG_KEY, RNGState(), SharingPattern.PER_RANK, files={name: data})
+        )
         return comps
 
     def _maybe_save(
@@ -392,7 +439,7 @@ class CkptsvcCallback(TrainerCallback):
         if self._retention is not None:
             self._retention.begin_save(path)
         try:
-            handle = self._ckpt.save_components(state.global_step, comps)
+            handle = self._ckpt.save_components(state.global_step, comps, checkpoint_path=path)
         except BaseException:
             if self._retention is not None:
                 self._retention.cancel_save(path)
@@ -409,7 +456,11 @@ class CkptsvcCallback(TrainerCallback):
         )
 
     def _path(self, step: int) -> str:
-        return next_checkpoint_path(self._root_or_error(), step)
+        """``<root>/checkpoint-<step>``: the ``Trainer``'s layout."""
+        root = self._root_or_error()
+        if "://" in root:
+            return f"{root.rstrip('/')}/checkpoint-{step}"
+        return os.path.join(root, f"checkpoint-{step}")
 
     def _raise_earlier_failure(self) -> None:
         failed = [h for h in self._handles if h.done() and h.exception(0) is not None]
@@ -422,8 +473,9 @@ class CkptsvcCallback(TrainerCallback):
             ) from first.exception(0)
 
     def close(self, *, raise_errors: bool = False) -> None:
-        """Wait for in-flight saves and stop the engine; with ``raise_errors`` raise the
-        first failed save (``on_train_end`` does)."""
+        """Wait for in-flight saves, stop the engine and remove the resume directories this
+        callback made; with ``raise_errors`` raise the first failed save (``on_train_end``
+        does)."""
         ckpt, self._ckpt = self._ckpt, None
         retention, self._retention = self._retention, None
         handles, self._handles = self._handles, []
@@ -435,7 +487,14 @@ class CkptsvcCallback(TrainerCallback):
             if retention is not None and raise_errors:
                 retention.wait()
         finally:
+            _remove_views(self._views)
             if ckpt is not None:
                 ckpt.close()
             if retention is not None:
                 retention.close()
+
+
+def _remove_views(views: list[str]) -> None:
+    """Remove the resume directories in ``views`` (at close, or at exit if never closed)."""
+    while views:
+        remove_view(views.pop())

@@ -1,6 +1,7 @@
 """``gc``: reclaim the debris of saves and deletions that never finished.
 
-What counts as debris under a model directory's ``checkpoints/`` (a complete checkpoint,
+What counts as debris under a model directory's ``checkpoints/`` and its ``checkpoint-*``
+directories (the HF Trainer layout) (a complete checkpoint,
 one whose manifest parses, is only ever removed when retention already chose to delete
 it, item 3):
 
@@ -21,7 +22,7 @@ it, item 3):
    leftover in-progress marker (older than the manifest, its writer dead or elsewhere),
    and shard files (``model-0000i-of-0000N.*``) the manifest does not list that are older
    than the manifest (left by an overwrite with fewer shards);
-5. on S3, unfinished multipart uploads under ``checkpoints/`` whose save can no longer
+5. on S3, unfinished multipart uploads under ``checkpoints/`` or ``checkpoint-*`` whose save can no longer
    finish: every one except those of a directory kept above because a save may still be
    writing it (a live writer and trainer on this host, a save newer than the newest
    commit, anything younger than ``min_age_s``) and those that started after gc did. So
@@ -251,11 +252,13 @@ def _is_remains(info: CheckpointInfo, *, now_s: float, min_age_s: float) -> bool
 # ---- S3 multipart uploads ----------------------------------------------------------------------
 
 
-def _s3_uploads(ckpts: Location) -> list[dict[str, Any]]:
-    """Every unfinished multipart upload under ``ckpts`` (paginated ListMultipartUploads)."""
+def _s3_uploads(ckpts: Location, names: str = "") -> list[dict[str, Any]]:
+    """Every unfinished multipart upload under ``ckpts`` whose path there starts with
+    ``names`` (paginated ListMultipartUploads); ``Rel`` is the path under ``ckpts``."""
     fs: Any = ckpts.fs
     bucket, key, _ = fs.split_path(ckpts.path)
-    prefix = key.rstrip("/") + "/"
+    folder = key.rstrip("/") + "/"
+    prefix = folder + names
     uploads: list[dict[str, Any]] = []
     page: dict[str, str] = {}
     while True:
@@ -266,19 +269,27 @@ def _s3_uploads(ckpts: Location) -> list[dict[str, Any]]:
             action="list unfinished uploads under",
         )
         for up in out.get("Uploads") or []:
-            uploads.append({**up, "Bucket": bucket, "Rel": str(up["Key"])[len(prefix) :]})
+            uploads.append({**up, "Bucket": bucket, "Rel": str(up["Key"])[len(folder) :]})
         if not out.get("IsTruncated"):
             return uploads
         page = {"KeyMarker": out["NextKeyMarker"], "UploadIdMarker": out["NextUploadIdMarker"]}
 
 
 def unfinished_uploads(root: str, *, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """URLs of unfinished multipart uploads under ``root/checkpoints`` (S3; else empty)."""
+    """URLs of unfinished multipart uploads under ``root/checkpoints`` and ``root/checkpoint-*`` (S3; else empty)."""
     root_loc = Location.parse(root, storage_options)
     if root_loc.protocol not in _S3_PROTOCOLS or not hasattr(root_loc.fs, "call_s3"):
         return []
-    ckpts = root_loc.join(CHECKPOINTS_DIR)
-    return [f"s3://{u['Bucket']}/{u['Key']} (upload {u['UploadId']})" for u in _s3_uploads(ckpts)]
+    return [
+        f"s3://{u['Bucket']}/{u['Key']} (upload {u['UploadId']})"
+        for folder, names in _upload_folders(root_loc)
+        for u in _s3_uploads(folder, names)
+    ]
+
+
+def _upload_folders(root: Location) -> tuple[tuple[Location, str], ...]:
+    """Where a root's checkpoints are: ``checkpoints/*`` and ``checkpoint-*`` (HF layout)."""
+    return ((root.join(CHECKPOINTS_DIR), ""), (root, "checkpoint-"))
 
 
 def _abort_upload(ckpts: Location, up: dict[str, Any]) -> None:
@@ -301,6 +312,7 @@ def _initiated_s(up: dict[str, Any]) -> float | None:
 
 def _collect_uploads(
     ckpts: Location,
+    names: str,
     *,
     live_dirs: dict[str, str],
     started_s: float,
@@ -310,7 +322,7 @@ def _collect_uploads(
     """Abort the uploads of saves that can no longer finish (see the module docstring)."""
     aborted: list[str] = []
     kept: list[tuple[str, str]] = []
-    for up in _s3_uploads(ckpts):
+    for up in _s3_uploads(ckpts, names):
         url = f"s3://{up['Bucket']}/{up['Key']}"
         label = f"{url} (upload {up['UploadId']})"
         directory = str(up["Rel"]).split("/", 1)[0]
@@ -348,7 +360,7 @@ def collect_garbage(
     shared_memory: bool = True,
     node: str | None = None,
 ) -> GcReport:
-    """Reclaim the debris under ``root/checkpoints`` (see the module docstring).
+    """Reclaim the debris under ``root/checkpoints`` and ``root/checkpoint-*`` (see the module docstring).
 
     ``min_age_s`` keeps anything younger (a guard for saves in flight on other hosts);
     ``shared_memory`` also unlinks this host's staging arenas whose owner process is dead
@@ -400,16 +412,18 @@ def collect_garbage(
                 elif not dry_run:
                     target.remove(missing_ok=True)
     aborted: list[str] = []
-    ckpts = root_loc.join(CHECKPOINTS_DIR)
     if root_loc.protocol in _S3_PROTOCOLS and hasattr(root_loc.fs, "call_s3"):
-        aborted, kept_uploads = _collect_uploads(
-            ckpts,
-            live_dirs=live_dirs,
-            started_s=now_s,
-            min_age_s=min_age_s,
-            dry_run=dry_run,
-        )
-        kept += kept_uploads
+        for folder, names in _upload_folders(root_loc):
+            gone, kept_uploads = _collect_uploads(
+                folder,
+                names,
+                live_dirs=live_dirs,
+                started_s=now_s,
+                min_age_s=min_age_s,
+                dry_run=dry_run,
+            )
+            aborted += gone
+            kept += kept_uploads
     segments: list[str] = []
     if shared_memory:
         segments = stale_segments(node) if dry_run else reclaim_stale_segments(node)

@@ -48,6 +48,7 @@ from ckptsvc.read.discovery import (
     CHECKPOINTS_DIR,
     CheckpointInfo,
     CheckpointStatus,
+    checkpoint_folder_of,
     checkpoint_info,
     list_checkpoints,
     refuse_unloadable,
@@ -233,8 +234,9 @@ def copy_tree(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
 ) -> CopyReport:
-    """Copy every complete checkpoint under the model directory ``src`` to
-    ``<dst>/checkpoints/<same name>``, oldest first, each with the commit protocol.
+    """Copy every complete checkpoint under the model directory ``src`` to the same place
+    under ``dst`` (``<dst>/checkpoints/<name>``, or ``<dst>/<name>`` for the HF Trainer
+    layout), oldest first, each with the commit protocol.
     Checkpoints already at the destination are skipped, so an interrupted copy resumes."""
     started = time.monotonic()
     n_jobs = _jobs(jobs)
@@ -246,8 +248,8 @@ def copy_tree(
     infos = list_checkpoints(src_root)
     if not infos:
         raise CheckpointNotFoundError(
-            f"no checkpoints under {src_root.join(CHECKPOINTS_DIR).url} (and {src_root.url} is "
-            "not a checkpoint itself)"
+            f"no checkpoints under {src_root.join(CHECKPOINTS_DIR).url} or {src_root.url} (and "
+            f"{src_root.url} is not a checkpoint itself)"
         )
     skipped: list[tuple[str, str]] = []
     todo: list[tuple[CheckpointInfo, Manifest, Location]] = []
@@ -257,7 +259,8 @@ def copy_tree(
             why = info.reason or "no manifest (legacy): nothing to verify against"
             skipped.append((info.url, f"{info.status.value}: {why}"))
             continue
-        target = dst_root.join(CHECKPOINTS_DIR, info.location.name)
+        folder = checkpoint_folder_of(src_root, info)
+        target = dst_root.join(*[p for p in (folder, info.location.name) if p])
         if _up_to_date(info.manifest, target, overwrite=overwrite):
             done.append(
                 CopiedCheckpoint(

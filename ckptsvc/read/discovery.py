@@ -17,7 +17,10 @@ cut short by ``cp -r``/rsync copies the manifest first). On object stores the li
 done only for the candidate :func:`find_latest_checkpoint` is about to return. Each entry
 is classified on its own: one hostile or damaged entry never stops the listing.
 
-On object stores, discovery costs one listing of ``<root>/checkpoints/`` plus one GET of
+Checkpoints are listed in two layouts: ``<root>/checkpoints/checkpoint-*`` (ckptsvc's) and
+``<root>/checkpoint-*`` (the Hugging Face ``Trainer``'s, which the HF callback writes).
+On object stores, discovery costs one listing each of ``<root>/checkpoints/`` and
+``<root>/`` plus one GET of
 each candidate's manifest, issued in parallel; a directory is listed only when its
 manifest is missing, and ``find_latest_checkpoint`` lists the one it returns (its files
 must match its manifest).
@@ -57,6 +60,7 @@ from ckptsvc.workers.commit import REPLACEMENT_SUFFIX
 __all__ = [
     "CheckpointInfo",
     "CheckpointStatus",
+    "checkpoint_folder_of",
     "checkpoint_info",
     "list_checkpoints",
     "next_checkpoint_path",
@@ -265,8 +269,19 @@ def require_complete_checkpoint(ckpt: Location) -> Manifest:
 def list_checkpoints(
     root: Location | str, *, storage_options: dict[str, Any] | None = None
 ) -> list[CheckpointInfo]:
-    """Every ``checkpoints/checkpoint-*`` directory under ``root``, oldest first."""
-    folder = Location.parse(root, storage_options).join(CHECKPOINTS_DIR)
+    """Every checkpoint directory under ``root``, oldest first: ``checkpoints/checkpoint-*``
+    (ckptsvc's layout) and ``checkpoint-*`` directly under ``root`` (the Hugging Face
+    ``Trainer``'s layout, which :class:`~ckptsvc.integrations.hf_trainer.CkptsvcCallback`
+    writes)."""
+    root_loc = Location.parse(root, storage_options)
+    infos: list[CheckpointInfo] = []
+    for folder in (root_loc.join(CHECKPOINTS_DIR), root_loc):
+        infos += _list_folder(folder)
+    return sorted(infos, key=CheckpointInfo.sort_key)
+
+
+def _list_folder(folder: Location) -> list[CheckpointInfo]:
+    """The ``checkpoint-*`` directories of one folder (and unswapped replacements)."""
     try:
         children = folder.list_children()
     except StorageNotFoundError:
@@ -275,7 +290,7 @@ def list_checkpoints(
     successors = {  # ".checkpoint-N.ckptsvc-replace" -> "checkpoint-N"
         c.name: c.name[1 : -len(REPLACEMENT_SUFFIX)]
         for c in children
-        if c.is_dir and c.name.startswith(".") and c.name.endswith(REPLACEMENT_SUFFIX)
+        if c.is_dir and c.name.startswith(".checkpoint-") and c.name.endswith(REPLACEMENT_SUFFIX)
     }
     if not dirs and not successors:
         return []
@@ -283,7 +298,18 @@ def list_checkpoints(
         infos = list(pool.map(_classify_entry, dirs))
     if successors:
         infos = _with_unswapped_successors(folder, infos, successors)
-    return sorted(infos, key=CheckpointInfo.sort_key)
+    return infos
+
+
+def checkpoint_folder_of(root: Location, info: CheckpointInfo) -> str | None:
+    """``"checkpoints"`` or ``""``: where under ``root`` the listed checkpoint ``info`` lies
+    (``None`` when it is not a child of either folder)."""
+    parent = info.location.parent.path.rstrip("/")
+    if parent == root.join(CHECKPOINTS_DIR).path.rstrip("/"):
+        return CHECKPOINTS_DIR
+    if parent == root.path.rstrip("/"):
+        return ""
+    return None
 
 
 def _with_unswapped_successors(

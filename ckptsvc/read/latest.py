@@ -14,10 +14,10 @@ from ckptsvc.read.discovery import (
     CHECKPOINTS_DIR,
     CheckpointInfo,
     CheckpointStatus,
+    checkpoint_folder_of,
     checkpoint_info,
     files_mismatch,
     list_checkpoints,
-    next_checkpoint_path,
     validate_checkpoint,
 )
 from ckptsvc.read.verify import (
@@ -40,7 +40,8 @@ def find_latest_checkpoint(
     verify: bool | str = False,
     storage_options: dict[str, Any] | None = None,
 ) -> str | None:
-    """The newest complete (or legacy) checkpoint under ``<model_dir>/checkpoints``.
+    """The newest complete (or legacy) checkpoint under ``<model_dir>/checkpoints`` or
+    directly under ``model_dir`` (``<model_dir>/checkpoint-*``, the HF ``Trainer``'s layout).
 
     Complete checkpoints are ordered by manifest timestamp, legacy ones by modification
     time, ties broken by step. An incomplete checkpoint is never returned, not even when
@@ -76,12 +77,20 @@ def find_latest_checkpoint(
                     why,
                 )
                 continue
-        name = latest.location.name  # the caller's spelling of model_dir, then the name
-        if "://" in str(model_dir):
-            return f"{str(model_dir).rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
-        return os.path.join(model_dir, CHECKPOINTS_DIR, name)
-    logger.warning("no complete checkpoint under %s", root.join(CHECKPOINTS_DIR).url)
+        return _spelled(model_dir, root, latest)
+    logger.warning("no complete checkpoint under %s", root.url)
     return None
+
+
+def _spelled(model_dir: str, root: Location, info: CheckpointInfo) -> str:
+    """The caller's spelling of ``model_dir``, then the listed checkpoint's folder and name."""
+    folder = checkpoint_folder_of(root, info)
+    if folder is None:  # a child of neither folder: only its URL names it
+        return info.url
+    parts = [p for p in (folder, info.location.name) if p]
+    if "://" in str(model_dir):
+        return "/".join([str(model_dir).rstrip("/"), *parts])
+    return os.path.join(model_dir, *parts)
 
 
 def find_latest_verified(
@@ -90,7 +99,7 @@ def find_latest_verified(
     verify: bool | VerifyMode = "deep",
     storage_options: dict[str, Any] | None = None,
 ) -> str | None:
-    """The newest checkpoint under ``<model_dir>/checkpoints`` that passes verification.
+    """The newest checkpoint under ``model_dir`` (both layouts) that passes verification.
 
     Same order and spelling as ``find_latest_checkpoint``; a complete checkpoint that
     fails :func:`verify_checkpoint` (``"shallow"``: sizes; ``"deep"``: CRC-32C, headers,
@@ -105,7 +114,7 @@ def find_latest_verified(
     if not infos and not root.join(CHECKPOINTS_DIR).exists():
         candidates = [(checkpoint_info(root), model_dir)]
     else:
-        candidates = [(i, next_checkpoint_path(model_dir, i.checkpoint_id)) for i in infos]
+        candidates = [(i, _spelled(model_dir, root, i)) for i in infos]
     usable = [
         (i, p)
         for i, p in candidates

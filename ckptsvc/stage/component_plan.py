@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ckptsvc.errors import InvalidStateError
+from ckptsvc.errors import ConfigError, InvalidStateError
 from ckptsvc.format.hf_files import pretrained_files
 from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -46,6 +46,7 @@ from ckptsvc.format.layout import (
     frozen_groups,
     make_index,
 )
+from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.format.safetensors_stream import plan_shard
 from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
@@ -198,6 +199,7 @@ def _plan_plain(
             docs[SAFE_WEIGHTS_INDEX_NAME] = encode_index(index)
         if c.key == MODEL_KEY and not suffix and getattr(c.stateful, "config", None) is not None:
             docs.update(pretrained_files(c.stateful))  # config.json: from_pretrained works
+        _add_component_files(c, docs, mine)
     nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(
         map(len, docs.values())
     )
@@ -216,6 +218,20 @@ def _plan_plain(
     crc_names = tuple(s.name for s in specs) if validate and my_index is not None else ()
     reusable = frozen_files([f.plan for f in staged if f.write], frozen)
     return ComponentPlan(c, part, staged, docs, crc_names=crc_names, frozen_files=reusable)
+
+
+def _add_component_files(
+    c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]
+) -> None:
+    """``c.files`` join the instance's small files; a name ckptsvc writes itself is refused."""
+    reserved = {*docs, *shards, MANIFEST_NAME, MARKER_NAME}
+    clash = sorted(set(c.files) & reserved)
+    if clash:
+        raise ConfigError(
+            f"StateComponent {c.key!r}: files {clash} would overwrite files ckptsvc writes "
+            "in the checkpoint; rename them"
+        )
+    docs.update(c.files)
 
 
 def _writers(
@@ -283,6 +299,11 @@ def plan_components(
             frozen = flat.frozen | frozen_parameter_names(c.stateful)
             flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))
         if any(is_dtensor(t) for _, t in flat.tensors):
+            if c.files:
+                raise ConfigError(
+                    f"StateComponent {c.key!r} holds DTensors and files {sorted(c.files)}: "
+                    "sharded components take no files; put them in a GLOBAL component"
+                )
             out.append(plan_sharded(c, flat, info=info, max_shard_size=max_shard_size))
             continue
         suffix, writers = _writers(c, info, groups)
@@ -298,7 +319,20 @@ def plan_components(
                 incremental=incremental,
             )
         )
+    _check_files_unique(out)
     return out
+
+
+def _check_files_unique(plans: Sequence[ComponentPlan]) -> None:
+    """A component's ``files`` must not name a file another component writes here."""
+    for p in plans:
+        others = {f for q in plans if q is not p for f in q.part.files}
+        clash = sorted(set(p.component.files) & others)
+        if clash:
+            raise ConfigError(
+                f"StateComponent {p.component.key!r}: files {clash} would overwrite files "
+                "another component writes in the checkpoint; rename them"
+            )
 
 
 def dtype_name(t: torch.Tensor, fqn: str) -> str:

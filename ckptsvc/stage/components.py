@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -55,6 +56,7 @@ class SharingPattern(enum.Enum):
 
 
 VALIDATION_LEVELS = ("none", "quick", "tensor", "full")
+_FILE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 
 
 @dataclass
@@ -83,6 +85,7 @@ class StateComponent:
     validate_replication: bool = False
     validation_level: str = "tensor"
     metadata: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.key or "/" in self.key or self.key.startswith("."):
@@ -106,6 +109,17 @@ class StateComponent:
             raise ConfigError(
                 f"StateComponent '{self.key}': validation_level must be one of {VALIDATION_LEVELS}"
             )
+        for name, data in self.files.items():
+            if not isinstance(name, str) or not _FILE_NAME_RE.fullmatch(name):
+                raise ConfigError(
+                    f"StateComponent '{self.key}': file name {name!r} must be a plain name of "
+                    "[A-Za-z0-9._-] not starting with '.'"
+                )
+            if not isinstance(data, bytes):
+                raise ConfigError(
+                    f"StateComponent '{self.key}': file {name!r} must be bytes, not "
+                    f"{type(data).__name__}"
+                )
 
 
 @runtime_checkable
@@ -122,6 +136,10 @@ def check_unique_keys(components: list[StateComponent]) -> None:
     dups = sorted(k for k, n in counts.items() if n > 1)
     if dups:
         raise ConfigError(f"duplicate StateComponent keys: {dups}")
+    names = Counter(name for c in components for name in c.files)
+    dup_files = sorted(n for n, k in names.items() if k > 1)
+    if dup_files:
+        raise ConfigError(f"StateComponent files named by more than one component: {dup_files}")
 
 
 class RNGState:
