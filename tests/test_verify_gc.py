@@ -26,7 +26,7 @@ from conftest import StorageRoot
 
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.format.skeleton import SKELETON_NAME
-from ckptsvc.ops.gc import CLOCK_SLACK_S as CLOCK_SLACK
+import ckptsvc.ops.gc as gc_module
 from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
 from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
 from ckptsvc.read.latest import find_latest_verified
@@ -470,6 +470,14 @@ def test_gc_aborts_unfinished_uploads(s3_root: StorageRoot) -> None:
     assert verify_checkpoint(committed, storage_options=opts).ok
 
 
+@pytest.fixture
+def short_clock_slack(monkeypatch: pytest.MonkeyPatch) -> float:
+    """gc's clock slack (2 s) shortened, so that uploads can predate gc without a 2.5 s
+    sleep; moto's clock is this host's and its ``Initiated`` is never later than the truth."""
+    monkeypatch.setattr(gc_module, "CLOCK_SLACK_S", 0.5)
+    return 0.5
+
+
 def test_gc_aborts_the_uploads_of_directories_it_removes(s3_root: StorageRoot) -> None:
     opts = s3_root.storage_options
     loc = s3_root.location("checkpoints", "checkpoint-1")
@@ -654,7 +662,7 @@ def _uploads_left(root: StorageRoot) -> list[str]:
 
 
 def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
-    s3_root: StorageRoot,
+    s3_root: StorageRoot, short_clock_slack: float
 ) -> None:
     """The writer lives on (a sleeper stands in), but its save failed: its trainer is
     dead, or the writer marked the save failed, or no marker claims the directory. Those
@@ -691,7 +699,7 @@ def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
         ups = {
             n: _start_upload(s3_root, f"checkpoints/checkpoint-{n}/{shard}") for n in (2, 3, 4, 5)
         }
-        time.sleep(CLOCK_SLACK + 0.5)  # the uploads predate gc
+        time.sleep(short_clock_slack + 0.5)  # the uploads predate gc
         dry = collect_garbage(s3_root.url, storage_options=opts, dry_run=True)
         assert sorted(u.split(" ")[0] for u in dry.aborted_uploads) == sorted(
             ups[n] for n in (2, 3, 4)
@@ -707,13 +715,13 @@ def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
 
 
 def test_gc_aborts_the_upload_of_a_damaged_commit_but_keeps_the_directory(
-    s3_root: StorageRoot,
+    s3_root: StorageRoot, short_clock_slack: float
 ) -> None:
     opts = s3_root.storage_options
     path = save(s3_root.url, 1, opts=opts)
     s3_root.location("checkpoints", "checkpoint-1").join(MANIFEST_NAME).publish(b"{not json")
     up = _start_upload(s3_root, "checkpoints/checkpoint-1/model-00009-of-00009.safetensors")
-    time.sleep(CLOCK_SLACK + 0.5)
+    time.sleep(short_clock_slack + 0.5)
     report = collect_garbage(s3_root.url, storage_options=opts)
     assert report.removed == () and any("damaged" in why for _, why in report.kept)
     assert [u.split(" ")[0] for u in report.aborted_uploads] == [up]

@@ -174,7 +174,7 @@ def _writers_of_two_processes(tmp_path: Path, extra_env: dict[str, str]) -> list
     """Start two trainer processes at once; each saves once and reports its writer pid
     and node id while both are still alive."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(extra_env, CKPTSVC_WRITER_LINGER_S="1")
+    env.update(extra_env, CKPTSVC_WRITER_LINGER_S="0.2")  # both stay connected till told
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _TRAINER, str(tmp_path / f"run{i}")],
