@@ -24,9 +24,9 @@ import pytest
 import torch
 from conftest import StorageRoot
 
+import ckptsvc.ops.gc as gc_module
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.format.skeleton import SKELETON_NAME
-import ckptsvc.ops.gc as gc_module
 from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
 from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
 from ckptsvc.read.latest import find_latest_verified
