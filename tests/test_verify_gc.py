@@ -513,19 +513,18 @@ def test_cli_verify_human_json_and_exit_status(
     assert code == 1 and doc["ok"] is False and doc["problems"][0]["path"] == SHARD2
 
 
-@pytest.mark.slow
-def test_cli_verify_a_model_directory(tmp_path: Path) -> None:
+def test_cli_verify_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(tmp_path)
     save(root, 1)
     incomplete(root, 2, pid=dead_pid(), host=socket.gethostname(), started=iso())
-    out = ckptsvc_cli("verify", root)
-    assert out.returncode == 0, out.stdout  # an uncommitted save is reported, not a failure
-    assert "1 passed, 0 failed" in out.stdout and "INCOMPLETE" in out.stdout
-    docs = json.loads(ckptsvc_cli("verify", root, "--json").stdout)
+    code, out = ckptsvc_main(capsys, "verify", root)
+    assert code == 0, out  # an uncommitted save is reported, not a failure
+    assert "1 passed, 0 failed" in out and "INCOMPLETE" in out
+    docs = json.loads(ckptsvc_main(capsys, "verify", root, "--json")[1])
     assert sorted(d["status"] for d in docs) == ["complete", "incomplete"]
     bad = save(root, 3)
     Path(bad, SHARD1).unlink()
-    assert ckptsvc_cli("verify", root).returncode == 1
+    assert ckptsvc_main(capsys, "verify", root)[0] == 1
 
 
 @pytest.mark.slow
@@ -535,28 +534,25 @@ def test_cli_verify_on_s3(s3_root: StorageRoot) -> None:
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.slow
-def test_cli_gc_dry_run_then_real(tmp_path: Path) -> None:
+def test_cli_gc_dry_run_then_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(tmp_path)
     save(root, 1)
     debris = incomplete(root, 2, pid=dead_pid(), host=socket.gethostname(), started=iso())
-    dry = ckptsvc_cli("gc", root, "--dry-run")
-    assert dry.returncode == 0 and f"would remove {debris}" in dry.stdout
+    code, out = ckptsvc_main(capsys, "gc", root, "--dry-run")
+    assert code == 0 and f"would remove {debris}" in out
     assert os.path.exists(debris)
-    doc = json.loads(ckptsvc_cli("gc", root, "--json", "--no-shared-memory").stdout)
+    doc = json.loads(ckptsvc_main(capsys, "gc", root, "--json", "--no-shared-memory")[1])
     assert doc["removed"] == [debris] and doc["dry_run"] is False and doc["reclaimed"] == 1
     assert not os.path.exists(debris)
-    again = ckptsvc_cli("gc", root)
-    assert again.returncode == 0 and "removed 0 checkpoint dirs/files" in again.stdout
+    code, out = ckptsvc_main(capsys, "gc", root)
+    assert code == 0 and "removed 0 checkpoint dirs/files" in out
 
 
-@pytest.mark.slow
-def test_cli_gc_min_age(tmp_path: Path) -> None:
+def test_cli_gc_min_age(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(tmp_path)
     save(root, 1)
     incomplete(root, 2, pid=dead_pid(), host=socket.gethostname(), started=iso())
-    out = ckptsvc_cli("gc", root, "--min-age-s", "3600", "--json")
-    doc = json.loads(out.stdout)
+    doc = json.loads(ckptsvc_main(capsys, "gc", root, "--min-age-s", "3600", "--json")[1])
     assert doc["removed"] == [] and "min_age_s" in doc["kept"][0]["why"]
 
 
