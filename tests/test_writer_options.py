@@ -201,6 +201,10 @@ def _writers_of_two_processes(tmp_path: Path, extra_env: dict[str, str]) -> list
     return reports
 
 
+# slow (two trainer processes, ~5 s): the fast lane runs the same harness in the torchrun
+# test below, a plain process's own node id in test_default_node_id_names_the_launched_job
+# and an idle writer's exit in test_node_writer's test_idle_writer_exits_and_removes_its_socket
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_plain_processes_get_their_own_writers(tmp_path: Path) -> None:
     first, second = _writers_of_two_processes(tmp_path, {})
