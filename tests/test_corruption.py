@@ -4,7 +4,9 @@
 intact one.
 
 Each test saves two checkpoints (sync API or ``AsyncCheckpointer``, on local disk or the
-S3 emulator), damages the second one in one way, and checks the three promises. Damage
+S3 emulator), damages the second one in one way, and checks the three promises. The
+``AsyncCheckpointer`` saves on local disk are made once per module (one writer process)
+and each test damages its own copy of those bytes. Damage
 that the manifest itself would reveal (a stale index, a wrong size) is made consistent in
 the manifest too, so the test hits the check it is about and not an incidental CRC.
 """
