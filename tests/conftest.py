@@ -58,6 +58,7 @@ or ranks use other node ids and check what they need.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 # gcsfs reads this at import time; its default probes bucket types over gRPC with a 60 s
@@ -481,3 +482,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
             for item in gpu_items:
                 item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection built (torch, transformers, test modules: ~10^6 objects)
+    into the garbage collector's permanent generation: its full collections, automatic
+    or a test's ``gc.collect()``, then only scan what the tests made (~0.3 s saved each)."""
+    gc.collect()
+    gc.freeze()

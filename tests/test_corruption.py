@@ -4,7 +4,9 @@
 intact one.
 
 Each test saves two checkpoints (sync API or ``AsyncCheckpointer``, on local disk or the
-S3 emulator), damages the second one in one way, and checks the three promises. Damage
+S3 emulator), damages the second one in one way, and checks the three promises. The
+``AsyncCheckpointer`` saves on local disk are made once per module (one writer process)
+and each test damages its own copy of those bytes. Damage
 that the manifest itself would reveal (a stale index, a wrong size) is made consistent in
 the manifest too, so the test hits the check it is about and not an incidental CRC.
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import StorageRoot
+from conftest import LeakBaseline, StorageRoot, node_leaks
 
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.errors import CheckpointError
@@ -43,6 +47,11 @@ def state(step: int) -> dict[str, torch.Tensor]:
 
 def save_two(root: StorageRoot, kind: str) -> tuple[str, str]:
     """checkpoint-1 and checkpoint-2 under the root, by the sync or the async API."""
+    if kind == "async" and root.backend == "local" and _ASYNC_LOCAL:
+        # the bytes AsyncCheckpointer wrote once for this module (a writer process per
+        # test costs ~0.5 s): each test damages a fresh copy
+        shutil.copytree(_ASYNC_LOCAL[0], root.url)
+        return next_checkpoint_path(root.url, 1), next_checkpoint_path(root.url, 2)
     opts = root.storage_options
     if kind == "sync":
         for step in (1, 2):
@@ -55,6 +64,28 @@ def save_two(root: StorageRoot, kind: str) -> tuple[str, str]:
             for step in (1, 2):
                 ckpt.save(step, {"model": state(step)}).wait(120)
     return next_checkpoint_path(root.url, 1), next_checkpoint_path(root.url, 2)
+
+
+_ASYNC_LOCAL: list[str] = []  # the root async_local_saved wrote, while the module runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def async_local_saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Two checkpoints saved once by ``AsyncCheckpointer`` on local disk, on a node of
+    their own (checked for leaks like the ``node`` fixture's), copied by ``save_two``."""
+    name = f"n{uuid.uuid4().hex[:10]}"
+    root = StorageRoot("local", str(tmp_path_factory.mktemp("async-saved") / "root"), {})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKPTSVC_NODE_ID", name)
+        mp.setenv("CKPTSVC_WRITER_LINGER_S", "1")
+        before = LeakBaseline()
+        save_two(root, "async")
+        leaks = node_leaks(name, before)
+    assert not leaks, leaks
+    _ASYNC_LOCAL.append(root.url)
+    yield
+    _ASYNC_LOCAL.clear()
+    shutil.rmtree(root.url, ignore_errors=True)
 
 
 # ---- the damage ------------------------------------------------------------------------------

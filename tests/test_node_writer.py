@@ -248,7 +248,10 @@ def test_writer_runs_at_lower_cpu_priority(node: str) -> None:
         client.close()
 
 
-def test_idle_writer_exits_and_removes_its_socket(node: str) -> None:
+def test_idle_writer_exits_and_removes_its_socket(
+    node: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CKPTSVC_WRITER_LINGER_S", "0.2")  # the node fixture's 1 s, shorter
     client = WriterClient.connect_or_start(node=node)
     pid, path = client.writer_pid, writer_socket_path(node)
     assert os.path.exists(path)

@@ -24,9 +24,9 @@ import pytest
 import torch
 from conftest import StorageRoot
 
+import ckptsvc.ops.gc as gc_module
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.format.skeleton import SKELETON_NAME
-from ckptsvc.ops.gc import CLOCK_SLACK_S as CLOCK_SLACK
 from ckptsvc.ops.gc import collect_garbage, unfinished_uploads
 from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, next_checkpoint_path
 from ckptsvc.read.latest import find_latest_verified
@@ -486,6 +486,14 @@ def test_gc_aborts_unfinished_uploads_in_the_hf_trainer_layout(s3_root: StorageR
     assert keys == [outside.split("/", 3)[3]]
 
 
+@pytest.fixture
+def short_clock_slack(monkeypatch: pytest.MonkeyPatch) -> float:
+    """gc's clock slack (2 s) shortened, so that uploads can predate gc without a 2.5 s
+    sleep; moto's clock is this host's and its ``Initiated`` is never later than the truth."""
+    monkeypatch.setattr(gc_module, "CLOCK_SLACK_S", 0.5)
+    return 0.5
+
+
 def test_gc_aborts_the_uploads_of_directories_it_removes(s3_root: StorageRoot) -> None:
     opts = s3_root.storage_options
     loc = s3_root.location("checkpoints", "checkpoint-1")
@@ -521,19 +529,18 @@ def test_cli_verify_human_json_and_exit_status(
     assert code == 1 and doc["ok"] is False and doc["problems"][0]["path"] == SHARD2
 
 
-@pytest.mark.slow
-def test_cli_verify_a_model_directory(tmp_path: Path) -> None:
+def test_cli_verify_a_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(tmp_path)
     save(root, 1)
     incomplete(root, 2, pid=dead_pid(), host=socket.gethostname(), started=iso())
-    out = ckptsvc_cli("verify", root)
-    assert out.returncode == 0, out.stdout  # an uncommitted save is reported, not a failure
-    assert "1 passed, 0 failed" in out.stdout and "INCOMPLETE" in out.stdout
-    docs = json.loads(ckptsvc_cli("verify", root, "--json").stdout)
+    code, out = ckptsvc_main(capsys, "verify", root)
+    assert code == 0, out  # an uncommitted save is reported, not a failure
+    assert "1 passed, 0 failed" in out and "INCOMPLETE" in out
+    docs = json.loads(ckptsvc_main(capsys, "verify", root, "--json")[1])
     assert sorted(d["status"] for d in docs) == ["complete", "incomplete"]
     bad = save(root, 3)
     Path(bad, SHARD1).unlink()
-    assert ckptsvc_cli("verify", root).returncode == 1
+    assert ckptsvc_main(capsys, "verify", root)[0] == 1
 
 
 @pytest.mark.slow
@@ -543,28 +550,25 @@ def test_cli_verify_on_s3(s3_root: StorageRoot) -> None:
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.slow
-def test_cli_gc_dry_run_then_real(tmp_path: Path) -> None:
+def test_cli_gc_dry_run_then_real(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(tmp_path)
     save(root, 1)
     debris = incomplete(root, 2, pid=dead_pid(), host=socket.gethostname(), started=iso())
-    dry = ckptsvc_cli("gc", root, "--dry-run")
-    assert dry.returncode == 0 and f"would remove {debris}" in dry.stdout
+    code, out = ckptsvc_main(capsys, "gc", root, "--dry-run")
+    assert code == 0 and f"would remove {debris}" in out
     assert os.path.exists(debris)
-    doc = json.loads(ckptsvc_cli("gc", root, "--json", "--no-shared-memory").stdout)
+    doc = json.loads(ckptsvc_main(capsys, "gc", root, "--json", "--no-shared-memory")[1])
     assert doc["removed"] == [debris] and doc["dry_run"] is False and doc["reclaimed"] == 1
     assert not os.path.exists(debris)
-    again = ckptsvc_cli("gc", root)
-    assert again.returncode == 0 and "removed 0 checkpoint dirs/files" in again.stdout
+    code, out = ckptsvc_main(capsys, "gc", root)
+    assert code == 0 and "removed 0 checkpoint dirs/files" in out
 
 
-@pytest.mark.slow
-def test_cli_gc_min_age(tmp_path: Path) -> None:
+def test_cli_gc_min_age(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = str(tmp_path)
     save(root, 1)
     incomplete(root, 2, pid=dead_pid(), host=socket.gethostname(), started=iso())
-    out = ckptsvc_cli("gc", root, "--min-age-s", "3600", "--json")
-    doc = json.loads(out.stdout)
+    doc = json.loads(ckptsvc_main(capsys, "gc", root, "--min-age-s", "3600", "--json")[1])
     assert doc["removed"] == [] and "min_age_s" in doc["kept"][0]["why"]
 
 
@@ -670,7 +674,7 @@ def _uploads_left(root: StorageRoot) -> list[str]:
 
 
 def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
-    s3_root: StorageRoot,
+    s3_root: StorageRoot, short_clock_slack: float
 ) -> None:
     """The writer lives on (a sleeper stands in), but its save failed: its trainer is
     dead, or the writer marked the save failed, or no marker claims the directory. Those
@@ -707,7 +711,7 @@ def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
         ups = {
             n: _start_upload(s3_root, f"checkpoints/checkpoint-{n}/{shard}") for n in (2, 3, 4, 5)
         }
-        time.sleep(CLOCK_SLACK + 0.5)  # the uploads predate gc
+        time.sleep(short_clock_slack + 0.5)  # the uploads predate gc
         dry = collect_garbage(s3_root.url, storage_options=opts, dry_run=True)
         assert sorted(u.split(" ")[0] for u in dry.aborted_uploads) == sorted(
             ups[n] for n in (2, 3, 4)
@@ -723,13 +727,13 @@ def test_gc_aborts_the_uploads_of_failed_saves_while_the_writer_lives(
 
 
 def test_gc_aborts_the_upload_of_a_damaged_commit_but_keeps_the_directory(
-    s3_root: StorageRoot,
+    s3_root: StorageRoot, short_clock_slack: float
 ) -> None:
     opts = s3_root.storage_options
     path = save(s3_root.url, 1, opts=opts)
     s3_root.location("checkpoints", "checkpoint-1").join(MANIFEST_NAME).publish(b"{not json")
     up = _start_upload(s3_root, "checkpoints/checkpoint-1/model-00009-of-00009.safetensors")
-    time.sleep(CLOCK_SLACK + 0.5)
+    time.sleep(short_clock_slack + 0.5)
     report = collect_garbage(s3_root.url, storage_options=opts)
     assert report.removed == () and any("damaged" in why for _, why in report.kept)
     assert [u.split(" ")[0] for u in report.aborted_uploads] == [up]

@@ -174,7 +174,7 @@ def _writers_of_two_processes(tmp_path: Path, extra_env: dict[str, str]) -> list
     """Start two trainer processes at once; each saves once and reports its writer pid
     and node id while both are still alive."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(extra_env, CKPTSVC_WRITER_LINGER_S="1")
+    env.update(extra_env, CKPTSVC_WRITER_LINGER_S="0.2")  # both stay connected till told
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _TRAINER, str(tmp_path / f"run{i}")],
@@ -201,6 +201,10 @@ def _writers_of_two_processes(tmp_path: Path, extra_env: dict[str, str]) -> list
     return reports
 
 
+# slow (two trainer processes, ~5 s): the fast lane runs the same harness in the torchrun
+# test below, a plain process's own node id in test_default_node_id_names_the_launched_job
+# and an idle writer's exit in test_node_writer's test_idle_writer_exits_and_removes_its_socket
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_plain_processes_get_their_own_writers(tmp_path: Path) -> None:
     first, second = _writers_of_two_processes(tmp_path, {})

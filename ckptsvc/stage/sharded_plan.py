@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
 from ckptsvc.format.layout import FilePlan, assign_shards
@@ -77,6 +76,10 @@ def _check_placements(fqn: str, t: Any) -> None:
 
 def local_region(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(global offsets, local shape) of this rank's shard of DTensor ``t``."""
+    # imported here: torch.distributed.tensor pulls sympy (~1.5 s per process); a DTensor
+    # exists only once its module was imported, so this costs nothing when it is needed
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return tuple(int(x) for x in offsets), tuple(int(x) for x in shape)
 
