@@ -369,7 +369,6 @@ def load_state(
     path: str | os.PathLike[str],
     *,
     storage_options: dict[str, Any] | None = None,
-    allow_pickle: bool = False,
 ) -> Restored | None:
     """Restore ``accelerator``'s state from ``path`` on every process.
 
@@ -379,8 +378,8 @@ def load_state(
     in flight are waited for first. Accelerate's pickled files are read with
     ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling (a pickled
     sampler, a custom object's state holding classes) is refused with
-    :class:`~ckptsvc.errors.CorruptCheckpointError` naming it, unless ``allow_pickle``
-    (only for files you trust: unpickling runs code).
+    :class:`~ckptsvc.errors.UnsafeCheckpointError` naming it (ckptsvc never unpickles
+    objects).
 
     Raises :class:`~ckptsvc.errors.StateMismatchError` when the checkpoint holds other
     models, optimizers, dataloaders or registered objects than the accelerator prepared,
@@ -400,7 +399,7 @@ def load_state(
     loc = Location.parse(os.fspath(path), opts)
     info = checkpoint_info(loc)
     if info.manifest is None and loc.is_local and is_accelerate_dir(loc.path):
-        load_accelerate_dir(accelerator, loc.path, allow_pickle=allow_pickle)
+        load_accelerate_dir(accelerator, loc.path)
         logger.info("restored %s (written by accelerator.save_state)", loc.url)
         return Restored(loc.url, None)
     if info.mismatch or info.status in (CheckpointStatus.INCOMPLETE, CheckpointStatus.DAMAGED):

@@ -18,8 +18,10 @@ object after the first):
 Every pickle is read with ``torch.load(weights_only=True)`` (tensors, containers, numbers,
 strings, and NumPy arrays for the RNG states - what Accelerate itself allows). A file that
 needs more (``sampler.bin`` always pickles the sampler object; a custom state may hold
-classes) raises :class:`~ckptsvc.errors.UnsafeCheckpointError` naming it, unless the caller
-passes ``allow_pickle=True`` (unpickling runs code: only for files you trust).
+classes) raises :class:`~ckptsvc.errors.UnsafeCheckpointError` naming it: ckptsvc never
+unpickles arbitrary objects (unpickling runs code). Resume such a run once with Accelerate's
+own ``load_state``, then save it with :func:`ckptsvc.integrations.accelerate.save_state`,
+which stores every state as tensors and JSON.
 """
 
 from __future__ import annotations
@@ -71,24 +73,22 @@ def is_accelerate_dir(path: str) -> bool:
     return any(_RNG_RE.match(n) or n == "optimizer.bin" for n in names)
 
 
-def read_pickle(path: Path, *, allow_pickle: bool = False) -> Any:
+def read_pickle(path: Path) -> Any:
     """A file written by ``torch.save``, read with ``weights_only=True`` (NumPy arrays
-    allowed); content that needs more raises :class:`UnsafeCheckpointError` unless
-    ``allow_pickle``."""
+    allowed); content that needs more raises :class:`UnsafeCheckpointError`."""
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"{path}: missing; the directory written by accelerator.save_state must hold it "
             "for the state this accelerator prepared"
         )
-    if allow_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle it: it holds more than tensors and plain values "
-            f"({str(e).splitlines()[0]}); if you trust the file, pass allow_pickle=True"
+            f"({str(e).splitlines()[0]}); ckptsvc never unpickles objects: resume this run with "
+            "accelerator.load_state, then save it with ckptsvc.integrations.accelerate.save_state"
         ) from e
     except (EOFError, RuntimeError) as e:
         raise CorruptCheckpointError(f"{path}: not a readable torch file ({e})") from e
@@ -98,34 +98,32 @@ def _indexed(base: str, i: int, ext: str) -> str:
     return f"{base}{'' if i == 0 else f'_{i}'}.{ext}"
 
 
-def _load_models(accelerator: Accelerator, root: Path, allow_pickle: bool) -> None:
+def _load_models(accelerator: Accelerator, root: Path) -> None:
     for i, model in enumerate(accelerator._models):
         safe = root / _indexed("model", i, "safetensors")
         if safe.is_file():
             load_model(model, str(safe), strict=True, device="cpu")
         else:
-            state = read_pickle(
-                root / _indexed("pytorch_model", i, "bin"), allow_pickle=allow_pickle
-            )
+            state = read_pickle(root / _indexed("pytorch_model", i, "bin"))
             model.load_state_dict(state)
 
 
-def _load_dataloaders(accelerator: Accelerator, root: Path, allow_pickle: bool) -> None:
+def _load_dataloaders(accelerator: Accelerator, root: Path) -> None:
     for i, dl in enumerate(accelerator._dataloaders):
         sampler_file = root / _indexed("sampler", i, "bin")
         if sampler_file.is_file():
-            dl.set_sampler(read_pickle(sampler_file, allow_pickle=allow_pickle))
+            dl.set_sampler(read_pickle(sampler_file))
         state_file = root / _indexed("dl_state_dict", i, "bin")
         if getattr(dl, "use_stateful_dataloader", False) and state_file.is_file():
-            dl.load_state_dict(read_pickle(state_file, allow_pickle=allow_pickle))
+            dl.load_state_dict(read_pickle(state_file))
 
 
-def _load_rng(accelerator: Accelerator, root: Path, allow_pickle: bool) -> None:
+def _load_rng(accelerator: Accelerator, root: Path) -> None:
     path = root / f"random_states_{accelerator.process_index}.pkl"
     if not path.is_file():
         logger.warning("%s: missing; random states not restored (as Accelerate does)", path)
         return
-    states = read_pickle(path, allow_pickle=allow_pickle)
+    states = read_pickle(path)
     if "step" in states:
         accelerator.step = int(states["step"])
     random.setstate(states["random_state"])
@@ -136,7 +134,7 @@ def _load_rng(accelerator: Accelerator, root: Path, allow_pickle: bool) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _load_custom(accelerator: Accelerator, root: Path, allow_pickle: bool) -> None:
+def _load_custom(accelerator: Accelerator, root: Path) -> None:
     found = sorted(n for n in os.listdir(root) if _CUSTOM_RE.match(n))
     objects = list(accelerator._custom_objects)
     if len(found) != len(objects):
@@ -146,29 +144,21 @@ def _load_custom(accelerator: Accelerator, root: Path, allow_pickle: bool) -> No
             "run that saved"
         )
     for i, obj in enumerate(objects):
-        obj.load_state_dict(
-            read_pickle(root / f"custom_checkpoint_{i}.pkl", allow_pickle=allow_pickle)
-        )
+        obj.load_state_dict(read_pickle(root / f"custom_checkpoint_{i}.pkl"))
 
 
-def load_accelerate_dir(accelerator: Accelerator, path: str, *, allow_pickle: bool = False) -> None:
+def load_accelerate_dir(accelerator: Accelerator, path: str) -> None:
     """Restore ``accelerator`` from a directory written by ``accelerator.save_state``: what
     ``accelerator.load_state(path)`` restores, reading pickles only as described in the
     module docstring."""
     root = Path(path)
-    _load_models(accelerator, root, allow_pickle)
+    _load_models(accelerator, root)
     for i, opt in enumerate(accelerator._optimizers):
-        opt.load_state_dict(
-            read_pickle(root / _indexed("optimizer", i, "bin"), allow_pickle=allow_pickle)
-        )
+        opt.load_state_dict(read_pickle(root / _indexed("optimizer", i, "bin")))
     for i, sched in enumerate(accelerator._schedulers):
-        sched.load_state_dict(
-            read_pickle(root / _indexed("scheduler", i, "bin"), allow_pickle=allow_pickle)
-        )
-    _load_dataloaders(accelerator, root, allow_pickle)
+        sched.load_state_dict(read_pickle(root / _indexed("scheduler", i, "bin")))
+    _load_dataloaders(accelerator, root)
     if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(
-            read_pickle(root / "scaler.pt", allow_pickle=allow_pickle)
-        )
-    _load_rng(accelerator, root, allow_pickle)
-    _load_custom(accelerator, root, allow_pickle)
+        accelerator.scaler.load_state_dict(read_pickle(root / "scaler.pt"))
+    _load_rng(accelerator, root)
+    _load_custom(accelerator, root)
