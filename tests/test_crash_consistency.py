@@ -373,6 +373,7 @@ def test_kill_during_save_s3(s3_root: StorageRoot, name: str) -> None:
     check_after_kill(s3_root.url, s3_root.storage_options, sc, outcome)
 
 
+@pytest.mark.slow  # the fast lane keeps test_kill_during_save_local[first-save-mid-shard]
 def test_torn_first_save_returns_none_then_recovers(tmp_path: Path) -> None:
     """After a torn first save, the next save to the same id completes normally."""
     root = str(tmp_path / "run")

@@ -55,6 +55,7 @@ def _cont_and_kill(pid: int | None) -> None:
 # ---- a wedged writer ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the fast lane keeps the stuck-writer case below (the same watchdog)
 @pytest.mark.timeout(60)
 def test_stopped_writer_fails_the_save_in_time_and_a_new_writer_takes_the_next(
     node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -151,6 +152,7 @@ def test_writer_stuck_in_a_storage_call_is_declared_wedged_and_replaced(
     )
 
 
+@pytest.mark.slow  # waits out a watchdog period on purpose (~5 s)
 @pytest.mark.timeout(90)
 def test_slow_storage_that_makes_progress_is_not_wedged(
     node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
