@@ -130,6 +130,9 @@ def main() -> None:
     result = train(**args)
     result["losses"] = {str(k): v for k, v in result["losses"].items()}
     (out / f"rank_{result['rank']}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():  # gloo's threads abort the exit otherwise
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
