@@ -121,6 +121,13 @@ def test_a_module_or_a_list_is_the_state_itself(tmp_path: Path, node: str) -> No
     assert list(keyed) == [1] and torch.equal(keyed[1], torch.ones(2))
 
 
+def test_an_empty_state_round_trips(tmp_path: Path, node: str) -> None:
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        handle = ckpt.save(1, {})
+        handle.wait(60)
+    assert load_state(handle.path) == {}
+
+
 def test_a_checkpoint_of_the_previous_layout_still_loads(tmp_path: Path) -> None:
     """``tests/golden/v1_save_layout``: the same state saved by ``save`` before the component
     layout (every tensor prefixed in the model shards, the rest in ``ckptsvc_state.json``),

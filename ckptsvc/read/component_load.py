@@ -311,6 +311,8 @@ def load_state(
     require_checkpoint_path(path, caller="load_state")
     ckpt = Location.parse(path, storage_options)
     manifest = require_complete_checkpoint(ckpt)
+    if not manifest.components and not manifest.files:  # save(step, {}): nothing to hold
+        return {}
     if not manifest.components or not _is_component_layout(manifest):
         return load_legacy_state(ckpt, manifest, device=device)
     info = RankInfo.current(rank=rank)
