@@ -22,7 +22,7 @@ why no ``optimizer.pt`` is written: :mod:`ckptsvc.integrations.hf_resume`.
 Call order (the training thread unless noted):
 
 1. ``on_init_end`` (the ``Trainer`` constructor): the root defaults to ``args.output_dir``.
-   When the root *is* the output directory, on the world's process zero ``ckptsvc.gc``
+   When the root *is* the output directory, on the world's process zero ``ckptsvc.ops.gc``
    removes saves a dead process left incomplete (``get_last_checkpoint`` would pick such
    a directory). When it is not (an ``s3://`` root, another local directory) and a
    complete checkpoint exists, a single-process run makes the newest one visible as
