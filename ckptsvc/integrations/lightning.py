@@ -40,7 +40,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -48,7 +47,9 @@ import torch
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
 from ckptsvc.errors import ConfigError, SaveFailedError
 from ckptsvc.ops.retention import delete_checkpoint
+from ckptsvc.read.component_load import to_device
 from ckptsvc.stage.components import SharingPattern, StateComponent
+from ckptsvc.stage.state_components import HeldState
 from ckptsvc.storage import Location
 
 try:
@@ -63,29 +64,6 @@ logger = logging.getLogger(__name__)
 MODEL_KEY = "model"
 REST_KEY = "lightning"
 _STATE_DICT = "state_dict"
-
-
-class _Held:
-    """A stateful holding a dict: saves it, or records what is loaded into it."""
-
-    def __init__(self, state: dict[str, Any] | None = None) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state or {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.state = state_dict
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 class CkptsvcCheckpointIO(CheckpointIO):
@@ -152,9 +130,9 @@ class CkptsvcCheckpointIO(CheckpointIO):
         rest = {k: v for k, v in checkpoint.items() if k != _STATE_DICT}
         components = [
             StateComponent(
-                MODEL_KEY, _Held(dict(checkpoint.get(_STATE_DICT) or {})), SharingPattern.GLOBAL
+                MODEL_KEY, HeldState(dict(checkpoint.get(_STATE_DICT) or {})), SharingPattern.GLOBAL
             ),
-            StateComponent(REST_KEY, _Held(rest), SharingPattern.GLOBAL),
+            StateComponent(REST_KEY, HeldState(rest), SharingPattern.GLOBAL),
         ]
         step = int(checkpoint.get("global_step") or 0)
         handle = self._engine(url).save_components(step, components, checkpoint_path=url)
@@ -172,7 +150,7 @@ class CkptsvcCheckpointIO(CheckpointIO):
         ``weights_only`` changes nothing)."""
         url = self._url(path)
         self._wait_for(url)
-        model, rest = _Held(), _Held()
+        model, rest = HeldState(None), HeldState(None)
         load_components(
             url,
             [
@@ -181,10 +159,10 @@ class CkptsvcCheckpointIO(CheckpointIO):
             ],
             storage_options=self.storage_options,
         )
-        checkpoint = dict(rest.state or {})
-        checkpoint[_STATE_DICT] = dict(model.state or {})
+        checkpoint = dict(rest.value or {})
+        checkpoint[_STATE_DICT] = dict(model.value or {})
         if isinstance(map_location, (str, torch.device)):
-            checkpoint = _to_device(checkpoint, torch.device(map_location))
+            checkpoint = to_device(checkpoint, torch.device(map_location))
         return checkpoint
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:

@@ -51,7 +51,7 @@ from ckptsvc.stage.sharded_plan import Piece, local_region
 from ckptsvc.stage.state_components import STATE_ROOT, HeldState
 from ckptsvc.storage import Location
 
-__all__ = ["WORLD_SIZE_POLICIES", "load_components", "load_state"]
+__all__ = ["WORLD_SIZE_POLICIES", "load_components", "load_state", "to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -328,14 +328,16 @@ def load_state(
         loaded = _read_component(
             ckpt, manifest, c, rec, info=info, process_groups=None, policy="error"
         )
-        state = _to_device(loaded[0] if loaded else None, torch.device(device))
+        state = to_device(loaded[0] if loaded else None, torch.device(device))
         if rec.metadata.get(STATE_ROOT):
             return state
         out[rec.key] = state
     return out
 
 
-def _to_device(state: Any, device: torch.device) -> Any:
+def to_device(state: Any, device: torch.device) -> Any:
+    """``state`` with every tensor moved to ``device`` (containers rebuilt; tensors that are
+    one object stay one object, so tied weights stay tied)."""
     if device.type == "cpu":
         return state
     memo: dict[int, torch.Tensor] = {}  # tied tensors stay tied
