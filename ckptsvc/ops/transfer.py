@@ -158,9 +158,22 @@ def _up_to_date(manifest: Manifest, dst: Location, *, overwrite: bool) -> bool:
     return False
 
 
-def _check_distinct(src: Location, dst: Location) -> None:
-    if type(src.fs) is type(dst.fs) and src.path.rstrip("/") == dst.path.rstrip("/"):
-        raise ConfigError(f"source and destination are the same location: {src.url}")
+def _endpoints(
+    src: str | Location,
+    dst: str | Location,
+    storage_options: dict[str, Any] | None,
+    dst_storage_options: dict[str, Any] | None,
+) -> tuple[Location, Location]:
+    """Source and destination of a copy (``dst_storage_options`` default to the source's);
+    the same location twice is a :class:`ConfigError`."""
+    src_loc = Location.parse(src, storage_options)
+    dst_loc = Location.parse(
+        dst, storage_options if dst_storage_options is None else dst_storage_options
+    )
+    same_path = src_loc.path.rstrip("/") == dst_loc.path.rstrip("/")
+    if type(src_loc.fs) is type(dst_loc.fs) and same_path:
+        raise ConfigError(f"source and destination are the same location: {src_loc.url}")
+    return src_loc, dst_loc
 
 
 def _copy_one(
@@ -203,11 +216,7 @@ def copy_checkpoint(
     them. ``jobs`` files are copied at once (default ``CKPTSVC_IO_THREADS``)."""
     started = time.monotonic()
     n_jobs = _jobs(jobs)
-    src_loc = Location.parse(src, storage_options)
-    dst_loc = Location.parse(
-        dst, storage_options if dst_storage_options is None else dst_storage_options
-    )
-    _check_distinct(src_loc, dst_loc)
+    src_loc, dst_loc = _endpoints(src, dst, storage_options, dst_storage_options)
     manifest = _source_manifest(
         checkpoint_info(src_loc, check_files=False)
     )  # each file checked as copied
@@ -240,11 +249,7 @@ def copy_tree(
     Checkpoints already at the destination are skipped, so an interrupted copy resumes."""
     started = time.monotonic()
     n_jobs = _jobs(jobs)
-    src_root = Location.parse(src, storage_options)
-    dst_root = Location.parse(
-        dst, storage_options if dst_storage_options is None else dst_storage_options
-    )
-    _check_distinct(src_root, dst_root)
+    src_root, dst_root = _endpoints(src, dst, storage_options, dst_storage_options)
     infos = list_checkpoints(src_root)
     if not infos:
         raise CheckpointNotFoundError(
@@ -331,11 +336,7 @@ def copy_files(
     """Copy files of the complete checkpoint ``src`` (``paths``, default: every file its
     manifest lists) into the plain directory ``dst_dir``, each verified against the
     manifest. No marker or manifest is written: ``dst_dir`` is not a checkpoint."""
-    src_loc = Location.parse(src, storage_options)
-    dst_loc = Location.parse(
-        dst_dir, storage_options if dst_storage_options is None else dst_storage_options
-    )
-    _check_distinct(src_loc, dst_loc)
+    src_loc, dst_loc = _endpoints(src, dst_dir, storage_options, dst_storage_options)
     manifest = _source_manifest(
         checkpoint_info(src_loc, check_files=False)
     )  # each file checked as copied
