@@ -217,7 +217,12 @@ DIRECT_IO_BUFFER_BYTES = _knob(
 
 # --- object stores ------------------------------------------------------------------------
 PART_SIZE_BYTES = _knob(
-    "part_size_bytes", 64 * 2**20, "Multipart/resumable upload part size.", min_value=1
+    "part_size_bytes",
+    64 * 2**20,
+    "Largest multipart (S3) part, and the resumable (GCS) chunk: an S3 file smaller than "
+    "upload_parts_in_flight such parts gets smaller ones (at least 5 MiB), so it still "
+    "uploads that many at once.",
+    min_value=1,
 )
 RETRY_ATTEMPTS = _knob(
     "retry_attempts",

@@ -28,7 +28,6 @@ import ctypes
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import queue
 import threading
@@ -38,6 +37,9 @@ from typing import Literal
 
 from ckptsvc import knobs
 from ckptsvc.errors import ConfigError
+
+from . import bounce
+from .bounce import BounceSlot
 
 __all__ = [
     "ALIGN_BYTES",
@@ -64,9 +66,11 @@ _REFUSING_ERRNOS = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 _GIL_FREE_COPY_BYTES = 64 * 1024
 #: chunks at least this big, page aligned at a block-aligned file offset, skip the bounce
 _ZERO_COPY_MIN_BYTES = 2**20
-#: direct writes of one file in flight, and bounce slots (each ``CKPTSVC_DIRECT_IO_BUFFER_BYTES``)
+#: direct writes of one file in flight, and its bounce slots (each
+#: ``CKPTSVC_DIRECT_IO_BUFFER_BYTES``): one more than in flight, so the caller fills the next
+#: slot while ``_IN_FLIGHT`` writes keep the device busy
 _IN_FLIGHT = 4
-_SLOTS = 4
+_SLOTS = _IN_FLIGHT + 1
 
 _lock = threading.Lock()
 _refused_devices: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
@@ -216,9 +220,10 @@ class DirectFile:
     """A new local file written with ``O_DIRECT``, several writes in flight.
 
     1. ``__init__`` (caller thread): create the file with ``O_DIRECT`` (:class:`DirectIORefused`
-       where the filesystem does not accept it) and map the bounce buffer: ``_SLOTS`` slots
-       of ``chunk_nbytes`` (rounded to pages; smaller for a small ``size_hint_bytes``),
-       whose pages are touched only when used;
+       where the filesystem does not accept it). Bounce slots of ``chunk_nbytes``
+       (rounded to pages; smaller for a small ``size_hint_bytes``), at most ``_SLOTS``,
+       are taken from the process's :mod:`.bounce` pool when first needed and given back
+       on ``close`` / ``abort``, so the next file reuses them already faulted in;
     2. ``write`` (caller thread, one at a time): a big page-aligned chunk at a block-aligned
        file offset is written from where it lies (zero copy); anything else is copied into
        the filling slot. Full slots and zero-copy chunks become ``pwrite`` s at their own
@@ -251,19 +256,9 @@ class DirectFile:
         if size_hint_bytes is not None:
             slot = min(slot, _round_up(max(1, size_hint_bytes)))
         self._slot_nbytes = slot
-        try:
-            self._map = mmap.mmap(-1, _SLOTS * slot)
-        except BaseException:
-            os.close(self._fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        self._view = memoryview(self._map)
-        self._dst = ctypes.c_char.from_buffer(self._map)  # the bounce buffer's address
-        self._free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for index in range(1, _SLOTS):
-            self._free_slots.put(index)
-        self._slot = 0  # the slot being filled
+        self._slots: list[BounceSlot] = []  # taken from the pool, given back at the end
+        self._free_slots: queue.SimpleQueue[BounceSlot] = queue.SimpleQueue()
+        self._slot: BounceSlot | None = None  # the slot being filled
         self._filled = 0  # bytes in it
         self._offset = 0  # file offset of the next write handed out
         self._pool: ThreadPoolExecutor | None = None
@@ -294,12 +289,13 @@ class DirectFile:
             pos = self._write_through(view)
         while pos < total:
             self._raise_error()
+            slot = self._filling()
             n = min(total - pos, slot_nbytes - self._filled)
-            base = self._slot * slot_nbytes + self._filled
+            base = self._filled
             if src_addr is not None and n >= _GIL_FREE_COPY_BYTES:
-                ctypes.memmove(ctypes.addressof(self._dst) + base, src_addr + pos, n)
+                ctypes.memmove(slot.address + base, src_addr + pos, n)
             else:
-                self._view[base : base + n] = view[pos : pos + n]
+                slot.view[base : base + n] = view[pos : pos + n]
             self._filled += n
             pos += n
             if self._filled == slot_nbytes:
@@ -332,12 +328,28 @@ class DirectFile:
             future.result()  # the first error, once no write reads ``view`` any more
         return nbytes
 
+    def _filling(self) -> BounceSlot:
+        """The slot to fill: the current one, a free one, a new one from the pool while
+        fewer than ``_SLOTS`` are taken, else the next one a write gives back (waits)."""
+        if self._slot is None:
+            try:
+                self._slot = self._free_slots.get_nowait()
+            except queue.Empty:
+                if len(self._slots) < _SLOTS:
+                    self._slot = bounce.POOL.take(self._slot_nbytes)
+                    self._slots.append(self._slot)
+                else:
+                    self._slot = self._free_slots.get()
+                    self._raise_error()
+        return self._slot
+
     def _submit_slot(self) -> None:
-        """Hand the filling slot's bytes out; continue in a free slot (waits for one)."""
-        index, nbytes = self._slot, self._filled
-        base = index * self._slot_nbytes
-        self._start(self._view[base : base + nbytes], release=lambda: self._free_slots.put(index))
-        self._slot, self._filled = self._free_slots.get(), 0
+        """Hand the filling slot's bytes out; the next write fills another slot."""
+        slot, nbytes = self._slot, self._filled
+        if slot is None:
+            return
+        self._slot, self._filled = None, 0
+        self._start(slot.view[:nbytes], release=lambda: self._free_slots.put(slot))
         self._raise_error()
 
     def _start(self, chunk: memoryview, *, release: Callable[[], None]) -> None:
@@ -369,11 +381,11 @@ class DirectFile:
             return
         self._open = False
         try:
-            if self._filled:
+            if self._filled and self._slot is not None:
                 end = _round_up(self._filled) if self._direct else self._filled
-                base = self._slot * self._slot_nbytes
-                self._view[base + self._filled : base + end] = bytes(end - self._filled)
-                self._pwrite_all(self._view[base : base + end], self._offset)
+                view = self._slot.view
+                view[self._filled : end] = bytes(end - self._filled)
+                self._pwrite_all(view[:end], self._offset)
             self._drain()
             self._raise_error()
             if os.fstat(self._fd).st_size != self.nbytes:
@@ -403,10 +415,9 @@ class DirectFile:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-        self._view.release()
-        self._dst = None  # type: ignore[assignment]  # drops its export of the map
-        with contextlib.suppress(BufferError):
-            self._map.close()
+        slots, self._slots, self._slot = self._slots, [], None
+        for slot in slots:  # every write is done: nothing reads them any more
+            bounce.POOL.give(slot)
 
     # ---- pool threads (and the caller for the first and the last write) ---------------------
     def _run(self, chunk: memoryview, offset: int, release: Callable[[], None]) -> None:

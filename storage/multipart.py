@@ -37,6 +37,7 @@ __all__ = [
     "PartBody",
     "S3MultipartSink",
     "on_loop",
+    "part_size_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,29 @@ _ABORT_WAIT_S = 300.0
 #: an abort that failed is tried again in the background for this long, a pause between
 _ABORT_LATER_S = 1800.0
 _ABORT_LATER_PAUSE_S = 1.0
+
+
+_PART_ROUND_BYTES = 2**20
+
+
+def part_size_for(
+    size_hint_bytes: int | None, *, part_size_bytes: int, parts_in_flight: int
+) -> int:
+    """The part size for a file of about ``size_hint_bytes``: ``part_size_bytes`` at most,
+    but small enough that the file fills ``parts_in_flight`` parts (so one big shard
+    uploads that many parts at once, however many shards the checkpoint has), never below
+    S3's 5 MiB minimum, and big enough that the file fits in 10,000 parts. Rounded up to a
+    MiB. Without a hint: ``part_size_bytes`` (at least the minimum)."""
+    part = max(part_size_bytes, S3_MIN_PART_BYTES)
+    if size_hint_bytes is None or size_hint_bytes <= 0:
+        return part
+
+    def round_up(n: int) -> int:
+        return -(-n // _PART_ROUND_BYTES) * _PART_ROUND_BYTES
+
+    spread = round_up(-(-size_hint_bytes // max(1, parts_in_flight)))
+    part = max(S3_MIN_PART_BYTES, min(part, spread))
+    return max(part, round_up(-(-size_hint_bytes // S3_MAX_PARTS)))
 
 
 class PartBody(io.RawIOBase):
@@ -122,6 +146,9 @@ async def _s3_request(fs: Any, method: str, **kwargs: Any) -> Any:
 
 class S3MultipartSink:
     """One S3 object written as a parallel multipart upload with bounded memory.
+
+    Parts are ``part_size_bytes`` (:func:`part_size_for` picks them from the file's
+    expected size in ``open_sink``).
 
     1. ``write`` (the caller's thread) copies bytes into the current part buffer. When it
        is full and more bytes follow, the first full part creates the upload

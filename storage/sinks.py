@@ -27,7 +27,7 @@ from ckptsvc import knobs
 from .direct_io import DirectFile, DirectIORefused, direct_io_mode, want_direct
 from .errors import storage_errors
 from .fs import GCS_PROTOCOLS, S3_PROTOCOLS, ShardSink, write_all
-from .multipart import S3MultipartSink
+from .multipart import S3MultipartSink, part_size_for
 from .resumable import GcsResumableSink, gcs_resumable_supported
 from .retry import call_with_retries
 
@@ -54,9 +54,11 @@ def open_sink(
     """The right streaming writer for ``loc`` (see the module docstring).
 
     Each setting is the explicit argument, else ``loc.settings``'s
-    (:class:`~.io_settings.IOSettings`), else its ``CKPTSVC_*`` knob. Local files only:
-    ``direct_io`` (``"auto"`` | ``"on"`` | ``"off"``) and ``size_hint_bytes`` (the expected
-    file size, which ``auto`` needs) choose ``O_DIRECT``; see :mod:`ckptsvc.storage.direct_io`.
+    (:class:`~.io_settings.IOSettings`), else its ``CKPTSVC_*`` knob. ``size_hint_bytes``
+    is the expected file size. Local files: it and ``direct_io`` (``"auto"`` | ``"on"`` |
+    ``"off"``) choose ``O_DIRECT`` (see :mod:`ckptsvc.storage.direct_io`). S3: it sizes the
+    parts so that the file alone keeps ``parts_in_flight`` parts uploading
+    (:func:`~.multipart.part_size_for`; ``part_size_bytes`` is the largest part).
     """
     s = loc.settings
     if loc.is_local:
@@ -74,6 +76,7 @@ def open_sink(
     part = knobs.PART_SIZE_BYTES.get(part_size_bytes)
     in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
     if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
+        part = part_size_for(size_hint_bytes, part_size_bytes=part, parts_in_flight=in_flight)
         return S3MultipartSink(loc, part_size_bytes=part, parts_in_flight=in_flight)
     if loc.protocol in GCS_PROTOCOLS and gcs_resumable_supported(loc):
         return GcsResumableSink(loc, part_size_bytes=part)

@@ -233,17 +233,23 @@ def _write_committed(
     extra_files: dict[str, bytes],
     io_threads: int,
 ) -> None:
-    """``save_checkpoint``'s files, index and manifest in the claimed directory ``ckpt``."""
-    records = _write_files(
-        ckpt, weight_map, to_write, safetensors=safetensors, io_threads=io_threads
-    )
-    records += [publish_file(ckpt, name, data) for name, data in sorted(extra_files.items())]
+    """``save_checkpoint``'s files, index and manifest in the claimed directory ``ckpt``.
+
+    The small files (``extra_files``, the index) depend on no shard byte: they are
+    published on a side thread while the shards stream, so their fsyncs are off the
+    critical path; the manifest waits for both."""
     total = sum(t.numel() * t.element_size() for t in to_write.values())
     index = make_index(
         weight_map, total_size=total, metadata=metadata, param_sharing=sharing or None
     )
     index_name = index_file_name(safetensors)
-    records.append(publish_file(ckpt, index_name, encode_index(index)))
+    small = sorted(extra_files.items()) + [(index_name, encode_index(index))]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-small-files") as side:
+        published = side.submit(lambda: [publish_file(ckpt, n, data) for n, data in small])
+        records = _write_files(
+            ckpt, weight_map, to_write, safetensors=safetensors, io_threads=io_threads
+        )
+        records += published.result()
     manifest = Manifest.new(
         checkpoint_path=Location.parse(target.path, ckpt.storage_options).url,
         world_size=1,
