@@ -49,6 +49,7 @@ from ckptsvc.tools.bench_report import (
     print_rich,
     write_json,
 )
+from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_ARTIFACTS, remote_save_targets
 from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
@@ -57,13 +58,15 @@ __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse
 @dataclass(frozen=True)
 class Method:
     """One row of the bench. ``needs``: the save whose artifact this load reads;
-    ``leaves``: names under the scratch root that the method creates."""
+    ``leaves``: names under the scratch root that the method creates; ``remote_only``:
+    run by default only with ``--storage`` on an object store."""
 
     name: str
     kind: str  # "floor" | "save" | "load"
     label: str
     needs: str | None = None
     leaves: tuple[str, ...] = ()
+    remote_only: bool = False
 
 
 _A = ARTIFACTS
@@ -74,6 +77,13 @@ METHODS: tuple[Method, ...] = (
         "raw_write_direct", "floor", "raw write floor (O_DIRECT)", leaves=(_A["raw_write_direct"],)
     ),
     Method("raw_read", "floor", "raw read floor", needs="raw_write"),
+    *(
+        Method(name, "floor", label, leaves=(REMOTE_SAVE_ARTIFACTS[name],), remote_only=True)
+        for name, label in (
+            ("s3fs_put", "s3fs put, one object"),
+            ("s3fs_put_multi", "s3fs put, parallel objects"),
+        )
+    ),
     Method("torch_save", "save", "torch.save", leaves=(_A["torch_save"],)),
     Method("safetensors_save", "save", "safetensors save_file", leaves=(_A["safetensors_save"],)),
     Method("dcp_save", "save", "DCP save", leaves=(_A["dcp_save"],)),
@@ -342,7 +352,7 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
     if args.reps < 1:
         raise ValueError("--reps must be at least 1")
     options = json.loads(args.storage_options) if args.storage_options else {}
-    selected = [m.strip() for m in (args.only or "").split(",") if m.strip()] or list(_BY_NAME)
+    selected = [m.strip() for m in (args.only or "").split(",") if m.strip()]
     unknown = [m for m in selected if m not in _BY_NAME]
     if unknown:
         raise ValueError(
@@ -352,6 +362,7 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
     if args.storage:
         loc = Location.parse(args.storage, options)
         remote, parent = not loc.is_local, loc.path
+    selected = selected or [m.name for m in METHODS if remote or not m.remote_only]
     nbytes = sum(s.nbytes for s in make_specs(total_nbytes))
     local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
     if remote:
@@ -384,7 +395,7 @@ def _remove_scratch(plan: _Plan) -> None:
 
 def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float) -> None:
     """The table on stdout (unless ``--json`` alone) and the JSON document if asked."""
-    targets = evaluate_targets(rows)
+    targets = evaluate_targets(rows) + remote_save_targets(rows)
     specs = make_specs(plan.total_nbytes)
     nbytes = sum(s.nbytes for s in specs)
     where = f"remote {args.storage}" if plan.remote else "local disk"

@@ -50,6 +50,7 @@ from ckptsvc.tools.bench_probes import (
     touch_pages,
     write_file,
 )
+from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_WORKLOADS, RemoteOnly
 
 if TYPE_CHECKING:
     import torch
@@ -495,6 +496,7 @@ WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
     "ckptsvc_save": (w_ckptsvc_save, True),
     "ckptsvc_load": (w_ckptsvc_load, False),
     "ckptsvc_async": (w_ckptsvc_async, True),
+    **REMOTE_SAVE_WORKLOADS,
 }
 
 
@@ -506,7 +508,7 @@ def _measure(cfg: WorkerConfig) -> dict[str, Any]:
     ctx = _Ctx(cfg, state)
     try:
         return {"status": "ok", "sample": asdict(workload(ctx))}
-    except _Unavailable as e:
+    except (_Unavailable, RemoteOnly) as e:
         return {"status": "unavailable", "reason": str(e)}
 
 

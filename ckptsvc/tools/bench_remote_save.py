@@ -1,0 +1,125 @@
+"""The save side of ``ckptsvc bench --storage``: s3fs moving the same bytes, and ckptsvc's
+saves against the best of it.
+
+Two rows run only against an object store (``--storage s3://...``), each in its own
+worker like every other row (:mod:`ckptsvc.tools.bench_workloads` dispatches to them):
+
+- ``s3fs_put``: the state's bytes as one object, ``fs.pipe_file`` (s3fs's own upload:
+  one PUT, or its multipart upload for big objects);
+- ``s3fs_put_multi``: the same bytes as ``IO_THREADS`` objects put in parallel
+  (``fs.pipe`` of a dict): what a checkpoint with that many shards could reach.
+
+:func:`remote_save_targets` adds the issue's targets: ckptsvc's sync save and the async
+save's write phase at >= 0.9 x the best of those rows and the streaming upload
+(``raw_write``), all of the same bytes to the same server in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ckptsvc import knobs
+from ckptsvc.tools.bench_probes import PeakRss, Sample, copy_into
+from ckptsvc.tools.bench_report import Row, Target
+
+__all__ = [
+    "REMOTE_SAVE_ARTIFACTS",
+    "REMOTE_SAVE_WORKLOADS",
+    "RemoteOnly",
+    "remote_save_targets",
+    "w_s3fs_put",
+    "w_s3fs_put_multi",
+]
+
+#: each row's artifact under the scratch root
+REMOTE_SAVE_ARTIFACTS = {"s3fs_put": "s3fs_put.bin", "s3fs_put_multi": "s3fs_put_multi"}
+#: the threshold of both targets (ckptsvc's throughput / the best s3fs throughput)
+_AT_LEAST = 0.9
+_PUT_ROWS = ("raw_write", "s3fs_put", "s3fs_put_multi")
+
+
+class RemoteOnly(Exception):
+    """The row measures object stores only (the worker reports it "unavailable")."""
+
+
+def _state_bytes(ctx: Any) -> bytes:
+    """The state's bytes, flat (copied before any timing starts)."""
+    import torch
+
+    buf = torch.empty(ctx.nbytes, dtype=torch.uint8)
+    copy_into(ctx.state or {}, buf)
+    return bytes(buf.numpy().data)
+
+
+def _timed(ctx: Any, put: Any, extras: dict[str, Any]) -> Sample:
+    """Run ``put()`` inside :class:`PeakRss`; one Sample (blocking = durable: the upload
+    is complete when s3fs returns)."""
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        put()
+        took_s = time.perf_counter() - t0
+    return Sample(
+        ctx.cfg.method, ctx.nbytes, took_s, took_s, rss.base_bytes, rss.peak_bytes,
+        rss.child_peak_bytes, {**extras, "rss_reset": rss.reset_ok},
+    )  # fmt: skip
+
+
+def w_s3fs_put(ctx: Any) -> Sample:
+    """The bytes as one object through s3fs's ``pipe_file``."""
+    if not ctx.cfg.remote:
+        raise RemoteOnly("s3fs_put measures object stores (--storage) only")
+    data = _state_bytes(ctx)
+    path = ctx.fs_path(REMOTE_SAVE_ARTIFACTS["s3fs_put"])
+    return _timed(ctx, lambda: ctx.fs.pipe_file(path, data), {"objects": 1})
+
+
+def w_s3fs_put_multi(ctx: Any) -> Sample:
+    """The bytes as ``IO_THREADS`` objects of equal size, put in parallel by s3fs."""
+    if not ctx.cfg.remote:
+        raise RemoteOnly("s3fs_put_multi measures object stores (--storage) only")
+    data = _state_bytes(ctx)
+    streams = max(1, knobs.IO_THREADS.get())
+    step = -(-len(data) // streams)
+    base = ctx.fs_path(REMOTE_SAVE_ARTIFACTS["s3fs_put_multi"])
+    view = memoryview(data)
+    objects = {
+        f"{base}/part-{i:03d}": bytes(view[lo : lo + step])
+        for i, lo in enumerate(range(0, len(data), step))
+    }
+    return _timed(ctx, lambda: ctx.fs.pipe(objects), {"objects": len(objects)})
+
+
+#: row -> (workload, needs the state built), merged into ``bench_workloads.WORKLOADS``
+REMOTE_SAVE_WORKLOADS = {"s3fs_put": (w_s3fs_put, True), "s3fs_put_multi": (w_s3fs_put_multi, True)}
+
+
+def remote_save_targets(rows: Sequence[Row]) -> list[Target]:
+    """ckptsvc's saves against the best s3fs upload of the same bytes in this run
+    (throughput ratios, >= 0.9 to pass); none unless an s3fs row ran (a remote run)."""
+    ok = {r.method: r for r in rows if r.status == "ok" and r.durable_s}
+    puts = [m for m in _PUT_ROWS if m in ok]
+    if not any(m in ok for m in REMOTE_SAVE_ARTIFACTS):
+        return []
+    best = min(puts, key=lambda m: float(ok[m].durable_s or 0.0))
+    best_s = float(ok[best].durable_s or 0.0)
+    note = f"best s3fs upload: {best} ({best_s:.2f} s)"
+    targets = []
+    for name, formula, method, part in (
+        ("remote sync save vs best s3fs upload", "best s3fs put.durable / ckptsvc_save.durable",
+         "ckptsvc_save", lambda r: float(r.durable_s or 0.0)),
+        ("remote async write phase vs best s3fs upload",
+         "best s3fs put.durable / (ckptsvc_async.durable - blocking)", "ckptsvc_async",
+         lambda r: float(r.durable_s or 0.0) - float(r.blocking_s or 0.0)),
+    ):  # fmt: skip
+        row = ok.get(method)
+        if row is None or part(row) <= 0:
+            targets.append(
+                Target(name, formula, ">=", _AT_LEAST, None, "n/a", f"missing {method}")
+            )
+            continue
+        value = best_s / part(row)
+        verdict = "PASS" if value >= _AT_LEAST else "FAIL"
+        targets.append(Target(name, formula, ">=", _AT_LEAST, value, verdict, note))
+    return targets
