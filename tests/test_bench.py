@@ -188,7 +188,7 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
     assert doc["schema"] == "ckptsvc-bench/1"
     assert doc["config"]["nbytes"] == nbytes and doc["config"]["cold_reads"] is True
     rows = rows_by_method(doc)
-    assert list(rows) == [m.name for m in bench.METHODS]
+    assert list(rows) == [m.name for m in bench.METHODS if not m.remote_only]
     for name, row in rows.items():
         assert row["status"] == "ok", f"{name}: {row['reason']}"
         assert row["nbytes"] == nbytes
@@ -310,3 +310,47 @@ def test_plot_writes_an_svg_bar_per_method_that_ran(tmp_path: Path) -> None:
     assert len(bars) == 4, titles
     assert any(t.startswith("torch.save: durable") for t in titles)
     assert all(float(el.get("width", "0")) > 0 for el in bars)
+
+
+# ---------------------------------------------------------------------------- remote saves
+def test_remote_save_targets_compare_with_the_best_s3fs_upload() -> None:
+    from ckptsvc.tools.bench_remote_save import remote_save_targets
+
+    local = [_row("raw_write", 1.0, 1.0), _row("ckptsvc_save", 1.0, 1.0)]
+    assert remote_save_targets(local) == []  # no s3fs row: not a remote run
+    rows = [
+        _row("raw_write", 4.0, 4.0),
+        _row("s3fs_put", 3.0, 3.0),
+        _row("s3fs_put_multi", 2.0, 2.0),  # the best
+        _row("ckptsvc_save", 2.1, 2.1),
+        _row("ckptsvc_async", 0.2, 3.2),
+    ]
+    sync, write_phase = remote_save_targets(rows)
+    assert sync.value == pytest.approx(2.0 / 2.1) and sync.verdict == "PASS"
+    assert write_phase.value == pytest.approx(2.0 / 3.0) and write_phase.verdict == "FAIL"
+    assert "s3fs_put_multi" in sync.note
+    (missing_sync, missing_async) = remote_save_targets(rows[:3])
+    assert missing_sync.verdict == missing_async.verdict == "n/a"
+
+
+@pytest.mark.slow
+def test_object_store_run_reports_saves_against_s3fs(s3_root: Any, tmp_path: Path) -> None:
+    proc = run_bench(
+        "--size", "2MiB", "--only", "s3fs_put,s3fs_put_multi,ckptsvc_save", "--json",
+        "--dir", str(tmp_path), "--storage", s3_root.url,
+        "--storage-options", json.dumps(s3_root.storage_options),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    rows = rows_by_method(doc)
+    for name in ("s3fs_put", "s3fs_put_multi", "ckptsvc_save"):
+        assert rows[name]["status"] == "ok", f"{name}: {rows[name]['reason']}"
+    assert rows["s3fs_put_multi"]["extras"]["objects"] > 1
+    targets = {t["name"]: t for t in doc["targets"]}
+    assert targets["remote sync save vs best s3fs upload"]["value"] > 0
+
+
+def test_remote_only_rows_are_unavailable_locally(tmp_path: Path) -> None:
+    proc = run_bench("--size", "1MiB", "--only", "s3fs_put", "--json", "--dir", str(tmp_path))
+    row = rows_by_method(json.loads(proc.stdout))["s3fs_put"]
+    assert row["status"] == "unavailable" and "--storage" in row["reason"]
