@@ -23,6 +23,7 @@ its bytes are identical either way.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -32,7 +33,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Literal
 
 from ckptsvc import knobs
@@ -71,6 +72,12 @@ _ZERO_COPY_MIN_BYTES = 2**20
 #: slot while ``_IN_FLIGHT`` writes keep the device busy
 _IN_FLIGHT = 4
 _SLOTS = _IN_FLIGHT + 1
+#: zero-copy writes from a stable source queued or in flight before ``write`` waits
+_WINDOW = 2 * _IN_FLIGHT
+
+
+def _no_op() -> None:
+    """A zero-copy write's release: nothing to give back."""
 
 _lock = threading.Lock()
 _refused_devices: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
@@ -230,7 +237,10 @@ class DirectFile:
        file offsets on a pool of ``_IN_FLIGHT`` threads, so the device sees several
        requests at once (one stream of synchronous writes leaves it idle between them);
        the caller waits for a free slot, and for its zero-copy writes (its memory is
-       free again when ``write`` returns);
+       free again when ``write`` returns) - unless ``stable_source`` (the caller's memory
+       stays valid until ``close``/``abort``: the node writer's arena): then up to
+       ``_WINDOW`` zero-copy writes stay queued or in flight across ``write`` calls, so the
+       device never waits for the slowest write of a chunk;
     3. ``close`` (caller thread): write the last slot zero-padded to a block, wait for every
        write, ``ftruncate`` to the real size, ``fsync`` (when asked), close; or ``abort``:
        wait for the writes, close, unlink (never raises).
@@ -241,10 +251,18 @@ class DirectFile:
     """
 
     def __init__(
-        self, path: str, *, chunk_nbytes: int, size_hint_bytes: int | None, fsync: bool
+        self,
+        path: str,
+        *,
+        chunk_nbytes: int,
+        size_hint_bytes: int | None,
+        fsync: bool,
+        stable_source: bool = False,
     ) -> None:
         self.path = path
         self._fsync = fsync
+        self._stable_source = stable_source
+        self._pending: collections.deque[Future[None]] = collections.deque()
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         except OSError as e:
@@ -322,6 +340,13 @@ class DirectFile:
         if not self._proven:  # the first direct write tells whether O_DIRECT is taken
             self._pwrite_all(*pieces.pop(0))
             self._proven = True
+        if self._stable_source:  # the memory outlives the writes: no barrier, a window
+            for piece, offset in pieces:
+                self._pending.append(self._executor().submit(self._run, piece, offset, _no_op))
+            while len(self._pending) > _WINDOW:
+                self._pending.popleft().result()  # errors come through ``_error``
+            self._raise_error()
+            return nbytes
         futures = [self._executor().submit(self._pwrite_all, *piece) for piece in pieces]
         wait(futures)
         for future in futures:
@@ -400,16 +425,18 @@ class DirectFile:
         """Stop writing and delete the file; never raises."""
         self._open = False
         with contextlib.suppress(BaseException):
-            self._drain()
+            self._drain(cancel=True)
         with contextlib.suppress(OSError):
             self._release()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def _drain(self) -> None:
+    def _drain(self, *, cancel: bool = False) -> None:
+        """Wait for the writes (``cancel``: drop those not started yet)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
+        self._pending.clear()
 
     def _release(self) -> None:
         if self._fd >= 0:

@@ -387,10 +387,12 @@ class Location:
         parts_in_flight: int | None = None,
         direct_io: str | bool | None = None,
         size_hint_bytes: int | None = None,
+        stable_source: bool = False,
     ) -> ShardSink:
         """A streaming writer: local files are fsynced on close (``O_DIRECT`` per
         ``direct_io`` / ``size_hint_bytes``); S3 gets a parallel multipart upload, GCS a
-        pipelined resumable one (see ``storage.sinks``)."""
+        pipelined resumable one (see ``storage.sinks``). ``stable_source``: the caller's
+        buffers stay valid and unchanged until ``close``/``abort`` (see ``open_sink``)."""
         sink = open_sink(
             self,
             fsync=fsync,
@@ -398,6 +400,7 @@ class Location:
             parts_in_flight=parts_in_flight,
             direct_io=direct_io,
             size_hint_bytes=size_hint_bytes,
+            stable_source=stable_source,
         )
         return hooks.wrap("sink.open", sink, name=self.name, url=self.url)
 

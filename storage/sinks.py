@@ -50,6 +50,7 @@ def open_sink(
     parts_in_flight: int | None = None,
     direct_io: str | bool | None = None,
     size_hint_bytes: int | None = None,
+    stable_source: bool = False,
 ) -> ShardSink:
     """The right streaming writer for ``loc`` (see the module docstring).
 
@@ -59,6 +60,10 @@ def open_sink(
     ``"off"``) choose ``O_DIRECT`` (see :mod:`ckptsvc.storage.direct_io`). S3: it sizes the
     parts so that the file alone keeps ``parts_in_flight`` parts uploading
     (:func:`~.multipart.part_size_for`; ``part_size_bytes`` is the largest part).
+    ``stable_source``: the memory of every chunk given to ``write`` stays valid and
+    unchanged until ``close`` / ``abort`` returns (the node writer's arena), so an
+    ``O_DIRECT`` file may keep writing from it after ``write`` returned (no barrier per
+    chunk); the object-store sinks copy into their part buffers either way.
     """
     s = loc.settings
     if loc.is_local:
@@ -69,6 +74,7 @@ def open_sink(
                 s.direct_io if direct_io is None and s is not None else direct_io
             ),
             size_hint_bytes=size_hint_bytes,
+            stable_source=stable_source,
         )
     if s is not None:
         part_size_bytes = s.part_size_bytes if part_size_bytes is None else part_size_bytes
@@ -98,6 +104,7 @@ class LocalSink:
         fsync: bool,
         direct_io: str = "off",
         size_hint_bytes: int | None = None,
+        stable_source: bool = False,
     ) -> None:
         self._loc = loc
         self._fsync = fsync
@@ -125,6 +132,7 @@ class LocalSink:
                         ),
                         size_hint_bytes=size_hint_bytes,
                         fsync=fsync,
+                        stable_source=stable_source,
                     )
             if self._direct is None:
                 self._fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

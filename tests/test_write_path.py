@@ -236,3 +236,80 @@ def test_sync_save_bytes_identical_with_and_without_direct_io(
             loaded.update(load_file(str(tmp_path / "on" / name)))
     assert sorted(loaded) == sorted(state)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+# ---- local: zero-copy writes from a stable source (the node writer's arena) ---------------
+def _arena(nbytes: int) -> tuple[Any, memoryview]:
+    import mmap
+
+    arena = mmap.mmap(-1, nbytes)
+    arena[:] = os.urandom(nbytes)
+    return arena, memoryview(arena)
+
+
+def test_stable_source_keeps_writes_in_flight_across_chunks(
+    tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a stable source, ``write`` returns while its zero-copy writes are still held
+    back (a chunk does not wait for its writes); the file is whole after ``close``. The
+    writes from the source wait on a gate that opens only after ``write`` returned: a
+    ``write`` that waited for them would see the gate's patience run out first."""
+    import threading
+
+    _direct_or_skip(tmp_path)
+    arena, source = _arena(12 * MiB)
+    gate = threading.Event()
+    done_from_source = []
+    real = os.pwrite
+
+    def gated(fd: int, data: Any, offset: int) -> int:
+        from_source = memoryview(data).obj is arena
+        if from_source:
+            gate.wait(30)
+        n = real(fd, data, offset)
+        if from_source:
+            done_from_source.append(n)
+        return n
+
+    monkeypatch.setattr(os, "pwrite", gated)
+    header = bytes(4096)
+    f = DirectFile(
+        str(tmp_path / "f"), chunk_nbytes=MiB, size_hint_bytes=None, fsync=True, stable_source=True
+    )
+    f.write(header)
+    f.write(source[: 4 * MiB])  # the header block's write proves O_DIRECT; these queue
+    assert done_from_source == []
+    gate.set()
+    for lo in range(4 * MiB, 12 * MiB, 2 * MiB):
+        f.write(source[lo : lo + 2 * MiB])
+    f.close()
+    source.release()
+    assert (tmp_path / "f").read_bytes() == header + arena[:]
+    assert sum(done_from_source) == 12 * MiB
+
+
+def test_stable_source_write_error_surfaces_and_abort_removes_the_file(
+    tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued zero-copy write that fails is raised by a later ``write`` or ``close``,
+    with the file's name; ``abort`` drops queued writes and deletes the file."""
+    _direct_or_skip(tmp_path)
+    _, source = _arena(8 * MiB)
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def failing(fd: int, data: Any, offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    path = tmp_path / "f"
+    sink = Location.parse(str(path)).open_sink(direct_io="on", stable_source=True)
+    with pytest.raises(StorageError, match="f"):
+        for lo in range(0, 8 * MiB, 2 * MiB):
+            sink.write(source[lo : lo + 2 * MiB])
+        sink.close()
+    sink.abort()
+    assert not path.exists()

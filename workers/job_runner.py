@@ -70,7 +70,8 @@ def stream_file(
     chunk_nbytes: int,
 ) -> FileRecord:
     """Write one shard from its arena slice, ``chunk_nbytes`` per write; durable on
-    return; aborted on any failure."""
+    return; aborted on any failure. The arena outlives the file (it is released after the
+    job), so the sink may keep several chunks' writes in flight (``stable_source``)."""
     data = arena[fj.arena_offset : fj.arena_offset + fj.layout.data_nbytes]
     if data.nbytes != fj.layout.data_nbytes:
         raise SaveFailedError(
@@ -86,7 +87,9 @@ def stream_file(
             yield data[start : start + step]
 
     try:
-        return write_shard(ckpt.join(fj.rel_path), fj.layout, chunks(), rel_path=fj.rel_path)
+        return write_shard(
+            ckpt.join(fj.rel_path), fj.layout, chunks(), rel_path=fj.rel_path, stable_source=True
+        )
     finally:
         data.release()
 

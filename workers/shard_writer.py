@@ -84,10 +84,19 @@ class ChecksummedWriter:
        it, and both are done when ``write`` returns: the caller may reuse its memory);
     2. ``finish`` makes the file durable and returns its :class:`FileRecord`;
        or ``abort`` deletes the partial file / aborts the multipart upload.
-    Usable as ``torch.save``'s target.
+    Usable as ``torch.save``'s target. ``stable_source``: every buffer given to ``write``
+    stays valid and unchanged until ``finish`` / ``abort`` (the node writer's arena), so the
+    sink may go on writing from it after ``write`` returned (``open_sink``).
     """
 
-    def __init__(self, loc: Location, *, rel_path: str, size_hint_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        loc: Location,
+        *,
+        rel_path: str,
+        size_hint_bytes: int | None = None,
+        stable_source: bool = False,
+    ) -> None:
         self._loc = loc
         self._rel_path = rel_path
         self._crc = Crc32c()
@@ -95,7 +104,7 @@ class ChecksummedWriter:
         self._step = s.write_chunk_bytes if s is not None else knobs.WRITE_CHUNK_BYTES.get()
         self.nbytes = 0
         # the expected size lets direct_io=auto pick O_DIRECT for big local files
-        self._sink = loc.open_sink(size_hint_bytes=size_hint_bytes)
+        self._sink = loc.open_sink(size_hint_bytes=size_hint_bytes, stable_source=stable_source)
 
     def write(self, data: memoryview | bytes | bytearray) -> int:
         view = memoryview(data).cast("B")
@@ -136,13 +145,17 @@ def write_stream(
     *,
     rel_path: str,
     expect_nbytes: int | None = None,
+    stable_source: bool = False,
 ) -> FileRecord:
     """Write ``chunks`` in order to ``loc``; durable (fsync / upload completed) on return.
 
     On any failure the partial file or multipart upload is aborted and the error
-    propagates. ``expect_nbytes`` guards against a layout/bytes mismatch.
+    propagates. ``expect_nbytes`` guards against a layout/bytes mismatch;
+    ``stable_source`` as for :class:`ChecksummedWriter`.
     """
-    out = ChecksummedWriter(loc, rel_path=rel_path, size_hint_bytes=expect_nbytes)
+    out = ChecksummedWriter(
+        loc, rel_path=rel_path, size_hint_bytes=expect_nbytes, stable_source=stable_source
+    )
     try:
         for chunk in chunks:
             out.write(chunk)
@@ -157,14 +170,22 @@ def write_stream(
 
 
 def write_shard(
-    loc: Location, layout: ShardLayout, chunks: Iterable[memoryview | bytes], *, rel_path: str
+    loc: Location,
+    layout: ShardLayout,
+    chunks: Iterable[memoryview | bytes],
+    *,
+    rel_path: str,
+    stable_source: bool = False,
 ) -> FileRecord:
     """Write a safetensors shard: ``layout.header`` then ``chunks``, which must hold each
     entry's bytes in ``layout.entries`` order (one chunk per tensor, or any re-slicing of
-    the contiguous data section). The total size is checked against the layout."""
+    the contiguous data section). The total size is checked against the layout.
+    ``stable_source`` as for :class:`ChecksummedWriter`."""
 
     def _all() -> Iterable[memoryview | bytes]:
         yield layout.header
         yield from chunks
 
-    return write_stream(loc, _all(), rel_path=rel_path, expect_nbytes=layout.file_nbytes)
+    return write_stream(
+        loc, _all(), rel_path=rel_path, expect_nbytes=layout.file_nbytes, stable_source=stable_source
+    )
