@@ -100,7 +100,8 @@ def test_two_checkpointers_share_one_writer_each_with_its_own_options(
         AsyncCheckpointer(s3_root.join("x"), storage_options=s3_root.storage_options)
     state = {"w": torch.arange(3 * MiB, dtype=torch.float32)}  # one 12 MiB shard
     small = WriterOptions(part_size_bytes=PART, upload_parts_in_flight=2)
-    large = WriterOptions(part_size_bytes=64 * MiB)
+    # one part in flight: a 12 MiB file fits one (else its parts shrink to keep 4 uploading)
+    large = WriterOptions(part_size_bytes=64 * MiB, upload_parts_in_flight=1)
     opts = s3_root.storage_options
     a = AsyncCheckpointer(s3_root.join("a"), storage_options=opts, writer_options=small)
     b = AsyncCheckpointer(s3_root.join("b"), storage_options=opts, writer_options=large)
