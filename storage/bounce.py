@@ -21,7 +21,7 @@ import os
 import threading
 from collections import OrderedDict
 
-__all__ = ["IDLE_BYTES_MAX", "BouncePool", "BounceSlot", "POOL"]
+__all__ = ["IDLE_BYTES_MAX", "POOL", "BouncePool", "BounceSlot"]
 
 #: idle bytes kept for reuse per process (five 16 MiB slots: one direct file's set)
 IDLE_BYTES_MAX = 80 * 2**20

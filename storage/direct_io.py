@@ -79,6 +79,7 @@ _WINDOW = 2 * _IN_FLIGHT
 def _no_op() -> None:
     """A zero-copy write's release: nothing to give back."""
 
+
 _lock = threading.Lock()
 _refused_devices: set[int] = set()  # st_dev of filesystems that refused O_DIRECT
 _fs_types: dict[int, str] = {}  # st_dev -> filesystem type, from /proc/self/mountinfo

@@ -196,7 +196,9 @@ def test_sync_save_maps_one_set_of_slots_for_all_its_shards(
     state = {f"t{i}": torch.randn(300_000 + i) for i in range(4)}  # ~1.2 MB each
     opts = WriterOptions.resolve(io_threads=1, direct_io_buffer_bytes=256 * 1024)
     path = tmp_path / "ckpt"
-    save_checkpoint(str(path), state, safetensors=True, max_shard_size=1_300_000, writer_options=opts)
+    save_checkpoint(
+        str(path), state, safetensors=True, max_shard_size=1_300_000, writer_options=opts
+    )
     assert len(list(path.glob("model-*.safetensors"))) == 4
     assert 0 < pool.mapped <= direct_io._SLOTS
     got = load_checkpoint(str(path))

@@ -187,5 +187,9 @@ def write_shard(
         yield from chunks
 
     return write_stream(
-        loc, _all(), rel_path=rel_path, expect_nbytes=layout.file_nbytes, stable_source=stable_source
+        loc,
+        _all(),
+        rel_path=rel_path,
+        expect_nbytes=layout.file_nbytes,
+        stable_source=stable_source,
     )

@@ -243,7 +243,7 @@ def _write_committed(
         weight_map, total_size=total, metadata=metadata, param_sharing=sharing or None
     )
     index_name = index_file_name(safetensors)
-    small = sorted(extra_files.items()) + [(index_name, encode_index(index))]
+    small = [*sorted(extra_files.items()), (index_name, encode_index(index))]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-small-files") as side:
         published = side.submit(lambda: [publish_file(ckpt, n, data) for n, data in small])
         records = _write_files(

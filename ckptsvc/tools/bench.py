@@ -41,6 +41,7 @@ from ckptsvc.tools.bench_incremental import add_incremental_options, run_increme
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
 from ckptsvc.tools.bench_plot import render_svg
 from ckptsvc.tools.bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
+from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_ARTIFACTS, remote_save_targets
 from ckptsvc.tools.bench_report import (
     Row,
     document,
@@ -49,7 +50,6 @@ from ckptsvc.tools.bench_report import (
     print_rich,
     write_json,
 )
-from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_ARTIFACTS, remote_save_targets
 from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]

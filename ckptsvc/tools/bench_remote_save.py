@@ -115,9 +115,7 @@ def remote_save_targets(rows: Sequence[Row]) -> list[Target]:
     ):  # fmt: skip
         row = ok.get(method)
         if row is None or part(row) <= 0:
-            targets.append(
-                Target(name, formula, ">=", _AT_LEAST, None, "n/a", f"missing {method}")
-            )
+            targets.append(Target(name, formula, ">=", _AT_LEAST, None, "n/a", f"missing {method}"))
             continue
         value = best_s / part(row)
         verdict = "PASS" if value >= _AT_LEAST else "FAIL"
