@@ -211,7 +211,8 @@ DIRECT_IO_MIN_BYTES = _knob(
 DIRECT_IO_BUFFER_BYTES = _knob(
     "direct_io_buffer_bytes",
     16 * 2**20,
-    "Bytes per O_DIRECT write; each direct file maps two such bounce buffers.",
+    "Bytes per O_DIRECT bounce slot (the writes of unaligned bytes); a direct file uses up "
+    "to five, from a per-process pool reused across files.",
     min_value=1,
 )
 
