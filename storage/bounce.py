@@ -31,7 +31,7 @@ class BounceSlot:
     """One page-aligned anonymous mapping of ``nbytes``: ``view`` to fill, ``address`` for
     ``memmove``. Owned by one writer between ``take`` and ``give``."""
 
-    __slots__ = ("_map", "address", "nbytes", "uses", "view")
+    __slots__ = ("_map", "address", "nbytes", "view")
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -40,7 +40,6 @@ class BounceSlot:
         anchor = ctypes.c_char.from_buffer(self._map)
         self.address = ctypes.addressof(anchor)
         del anchor  # the address stays valid while the map lives; the export does not
-        self.uses = 0  # how many files this slot served (tests check reuse)
 
     def unmap(self) -> None:
         """Release the memory (the slot is unusable afterwards)."""
@@ -66,12 +65,9 @@ class BouncePool:
                 if slot.nbytes == nbytes:
                     del self._idle[key]
                     self._idle_bytes -= nbytes
-                    slot.uses += 1
                     return slot
             self.mapped += 1
-        slot = BounceSlot(nbytes)
-        slot.uses = 1
-        return slot
+        return BounceSlot(nbytes)
 
     def give(self, slot: BounceSlot) -> None:
         """Keep ``slot`` for the next writer; unmap the oldest idle ones beyond the cap."""
