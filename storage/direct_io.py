@@ -244,7 +244,8 @@ class DirectFile:
        device never waits for the slowest write of a chunk;
     3. ``close`` (caller thread): write the last slot zero-padded to a block, wait for every
        write, ``ftruncate`` to the real size, ``fsync`` (when asked), close; or ``abort``:
-       wait for the writes, close, unlink (never raises).
+       drop the writes not started, wait for the running ones, close, unlink (never
+       raises). Either way the slots go back to the pool.
 
     The first write runs on the caller thread: if the filesystem refuses it (``EINVAL``),
     the descriptor drops ``O_DIRECT`` and the same bytes go through the page cache (logged
