@@ -440,8 +440,10 @@ def _timings(handle: Any) -> dict[str, Any]:
 
 
 def w_ckptsvc_async(ctx: _Ctx) -> Sample:
-    """``AsyncCheckpointer.save``: a warm-up save (allocates the arena, starts the writer),
-    then the measured save with changed values. Blocking = until ``save`` returns;
+    """``AsyncCheckpointer.save`` of ``{"model": state}`` (one component: HF shards, as
+    ``save_checkpoint`` writes; a flat dict would be one component per tensor, two files
+    each): a warm-up save (allocates the arena, starts the writer), then the measured save
+    with changed values. Blocking = until ``save`` returns;
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
     checkpointer_cls = AsyncCheckpointer
@@ -452,14 +454,14 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
     try:
         with PeakRss() as rss:
             t0 = time.perf_counter()
-            handle = ckpt.save(0, state)
+            handle = ckpt.save(0, {"model": state})
             t1 = time.perf_counter()
             handle.wait()
             first = (t1 - t0, time.perf_counter() - t0)
             rss_after_first = proc_status_bytes("self", "VmRSS")
             _perturb(state)
             t0 = time.perf_counter()
-            handle = ckpt.save(1, state)
+            handle = ckpt.save(1, {"model": state})
             t1 = time.perf_counter()
             handle.wait()
             t2 = time.perf_counter()
