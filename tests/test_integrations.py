@@ -479,6 +479,8 @@ def test_lightning_checkpoint_io_saves_async_and_resumes(tmp_path: Path) -> None
     assert saved[:2] == ["step=2.ckpt", "step=4.ckpt"]
     for name in saved:  # each "file" is a complete, verified ckptsvc checkpoint directory
         assert verify_checkpoint(str(ckpt_dir / name), deep=True).ok
+    # the dirpath is a root to discovery (ls, verify, gc, prune): Lightning's names, in order
+    assert [i.location.name for i in list_checkpoints(str(ckpt_dir))] == saved
 
     plugin = CkptsvcCheckpointIO()
     ours = plugin.load_checkpoint(ckpt_dir / "step=4.ckpt")

@@ -102,7 +102,8 @@ class AsyncCheckpointer:
     In a distributed job create it on every rank after ``init_process_group`` (rank,
     world and node come from :class:`~ckptsvc.ranks.RankInfo`; ``store`` defaults to
     the default process group's Store, and without a process group ranks coordinate
-    through fragment files under the checkpoint). ``writer_options``
+    through fragment files under the checkpoint; ``single_process=True``: save alone, as a
+    plugin called on rank 0 only does, e.g. Lightning's). ``writer_options``
     (:class:`~ckptsvc.WriterOptions`: fsync, I/O threads, part size, retries, direct I/O)
     travel with every save to the node writer; default ``WriterOptions.resolve()`` here.
     ``close`` (also on ``with`` exit and at interpreter exit) waits for in-flight saves,
@@ -125,6 +126,7 @@ class AsyncCheckpointer:
         incremental: bool | None = None,
         memory_budget_bytes: int | None = None,
         writer_options: WriterOptions | None = None,
+        single_process: bool = False,
     ) -> None:
         # how the node writer writes this checkpointer's saves; None: the CKPTSVC_* knobs now
         self._writer_options = writer_options or WriterOptions.resolve()
@@ -139,7 +141,8 @@ class AsyncCheckpointer:
         self._storage_options = dict(storage_options or {})
         check_wire_safe(self._storage_options, what="storage_options")
         self._max_shard_size = knobs.MAX_SHARD_SIZE.get(max_shard_size)
-        self._info = RankInfo.current(rank=rank, node=node)
+        info = RankInfo.current(rank=rank, node=node)
+        self._info = info.alone() if single_process else info
         self._node = self._info.node_id
         self._rank = self._info.rank if rank is None else rank  # the writer's label for us
         self._metadata = dict(metadata or {})
