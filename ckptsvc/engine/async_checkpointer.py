@@ -57,7 +57,7 @@ from ckptsvc.commit.coordinator import Coordinator, PendingCommit
 from ckptsvc.commit.reports import Merged, RankReport
 from ckptsvc.commit.target import SaveTarget, check_step, claim_target
 from ckptsvc.engine.copier import SnapshotCopier
-from ckptsvc.engine.inflight import track
+from ckptsvc.engine.inflight import load_components, load_state, track
 from ckptsvc.engine.jobs import commit_job, data_job, json_metadata, pending_commit
 from ckptsvc.engine.outcomes import SaveOutcomes
 from ckptsvc.engine.writer_link import WriterLink
@@ -68,7 +68,6 @@ from ckptsvc.errors import (
 )
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ranks import RankInfo
-from ckptsvc.read.component_load import load_components, load_state
 from ckptsvc.read.discovery import next_checkpoint_path
 from ckptsvc.stage.arena import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
 from ckptsvc.stage.component_plan import plan_components

@@ -57,6 +57,7 @@ from ckptsvc.format.layout import (
 )
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from ckptsvc.storage import Location
+from ckptsvc.workers.claim import describe_claim
 from ckptsvc.workers.commit import REPLACEMENT_SUFFIX
 
 __all__ = [
@@ -76,6 +77,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
+#: the reason of an incomplete checkpoint that holds our in-progress marker
+NEVER_COMMITTED = "save never committed"
 _CKPT_RE = re.compile(r"^checkpoint-(.+)$")
 #: how Lightning's ``ModelCheckpoint`` names a checkpoint (``<dirpath>/step=400.ckpt``)
 LIGHTNING_SUFFIX = ".ckpt"
@@ -206,9 +209,7 @@ def checkpoint_info(
     except StorageNotFoundError:
         return CheckpointInfo(loc, CheckpointStatus.ABSENT, None, None, reason="no such directory")
     if MARKER_NAME in children:
-        return CheckpointInfo(
-            loc, CheckpointStatus.INCOMPLETE, None, None, reason="save never committed"
-        )
+        return CheckpointInfo(loc, CheckpointStatus.INCOMPLETE, None, None, reason=NEVER_COMMITTED)
     weights = [n for n in LEGACY_WEIGHT_FILES if n in children]
     if weights:
         mtime = max((children[n].mtime or 0.0) for n in weights)
@@ -238,9 +239,10 @@ def refuse_unloadable(
             f"{info.url}: {info.reason} (a copy or transfer cut short, or damaged files); {hint}"
         )
     if info.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(
-            f"{info.url} is an incomplete checkpoint ({info.reason}); {hint}"
-        )
+        why = info.reason
+        if why == NEVER_COMMITTED:  # whose save: this process's in flight, another's, a dead one
+            why = f"{why}: {describe_claim(info.location)}"
+        raise IncompleteCheckpointError(f"{info.url} is an incomplete checkpoint ({why}); {hint}")
     if info.manifest is None and not (legacy_ok and info.status is CheckpointStatus.LEGACY):
         raise CheckpointNotFoundError(
             f"{info.url}: no checkpoint manifest ({info.status.value}"
