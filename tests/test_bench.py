@@ -310,3 +310,34 @@ def test_plot_writes_an_svg_bar_per_method_that_ran(tmp_path: Path) -> None:
     assert len(bars) == 4, titles
     assert any(t.startswith("torch.save: durable") for t in titles)
     assert all(float(el.get("width", "0")) > 0 for el in bars)
+
+
+@pytest.mark.slow
+def test_dcp_mode_compares_both_writers_in_one_run(tmp_path: Path) -> None:
+    """``--dcp``: dcp.save / async_save / load with DCP's FileSystemWriter/Reader and with
+    ckptsvc's StorageWriter/Reader, every row measured, the three ratios computed."""
+    proc = run_bench("--size", "2MiB", "--dcp", "--json", "--dir", str(tmp_path), timeout_s=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    rows = rows_by_method(doc)
+    assert list(rows) == [
+        "dcp_save", "dcp_async", "ckptsvc_dcp_save", "ckptsvc_dcp_async", "dcp_load",
+        "ckptsvc_dcp_load",
+    ]  # fmt: skip
+    for name, row in rows.items():
+        assert row["status"] == "ok", f"{name}: {row['reason']}"
+        assert row["nbytes"] == doc["config"]["nbytes"]
+        assert 0 < row["blocking_s"] <= row["durable_s"], name
+    for name in ("dcp_async", "ckptsvc_dcp_async"):  # the same DCP executor for both writers
+        assert rows[name]["extras"]["mode"] == rows["dcp_async"]["extras"]["mode"]
+        assert (
+            0 < rows[name]["extras"]["first_blocking_s"] <= rows[name]["extras"]["first_durable_s"]
+        )
+    targets = {t["formula"]: t for t in doc["targets"]}
+    for formula in (
+        "ckptsvc_dcp_async.blocking / dcp_async.blocking",
+        "ckptsvc_dcp_async.durable / dcp_async.durable",
+        "ckptsvc_dcp_save.durable / dcp_save.durable",
+    ):
+        assert targets[formula]["verdict"] in ("PASS", "FAIL") and targets[formula]["value"] > 0
+    assert os.listdir(tmp_path) == []  # scratch data removed

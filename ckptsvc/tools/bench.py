@@ -37,6 +37,7 @@ from ckptsvc.errors import CheckpointError
 from ckptsvc.storage import Location
 from ckptsvc.tools.bench_budget import add_budget_options, run_budget
 from ckptsvc.tools.bench_common import GiB, parse_size, reap_group, tail_log
+from ckptsvc.tools.bench_dcp import DCP_METHODS
 from ckptsvc.tools.bench_incremental import add_incremental_options, run_incremental
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
 from ckptsvc.tools.bench_plot import render_svg
@@ -80,11 +81,22 @@ METHODS: tuple[Method, ...] = (
     Method("dcp_async", "save", "DCP async_save", leaves=("dcp_async", "dcp_async_warmup")),
     Method("ckptsvc_save", "save", "ckptsvc save_checkpoint", leaves=(_A["ckptsvc_save"],)),
     Method("ckptsvc_async", "save", "ckptsvc AsyncCheckpointer", leaves=("ckptsvc_async",)),
+    Method(
+        "ckptsvc_dcp_save", "save", "DCP save, ckptsvc StorageWriter",
+        leaves=(_A["ckptsvc_dcp_save"],),
+    ),
+    Method(
+        "ckptsvc_dcp_async", "save", "DCP async_save, ckptsvc StorageWriter",
+        leaves=("ckptsvc_dcp_async", "ckptsvc_dcp_async_warmup"),
+    ),
     Method("torch_load", "load", "torch.load", needs="torch_save"),
     Method("safetensors_load", "load", "safetensors load_file", needs="safetensors_save"),
     Method("dcp_load", "load", "DCP load (in place)", needs="dcp_save"),
     Method("ckptsvc_load", "load", "ckptsvc load_checkpoint", needs="ckptsvc_save"),
-)
+    Method(
+        "ckptsvc_dcp_load", "load", "DCP load, ckptsvc StorageReader", needs="ckptsvc_dcp_save"
+    ),
+)  # fmt: skip
 _BY_NAME = {m.name: m for m in METHODS}
 
 
@@ -135,7 +147,8 @@ class _Runner:
             storage_options=self.plan.storage_options, remote=self.plan.remote,
             dcp_threads=self.plan.dcp_threads,
         )  # fmt: skip
-        cmd = [sys.executable, "-m", "ckptsvc.tools.bench_workloads", cfg.to_json()]
+        module = "bench_dcp" if method in DCP_METHODS else "bench_workloads"
+        cmd = [sys.executable, "-m", f"ckptsvc.tools.{module}", cfg.to_json()]
         # the worker leaves with os._exit: temp dirs of its libraries (multiprocessing's
         # pymp-* with sockets) go to a temp dir of ours, removed at the end
         env = dict(os.environ, TMPDIR=self.plan.worker_tmp)
@@ -273,6 +286,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     parser.add_argument("--only", default=None, help=f"comma-separated methods: {names}")
     parser.add_argument(
+        "--dcp",
+        action="store_true",
+        help="only torch.distributed.checkpoint: dcp.save, dcp.async_save and dcp.load with "
+        "DCP's FileSystemWriter/Reader and with ckptsvc's StorageWriter/Reader",
+    )
+    parser.add_argument(
         "--dir", default=None, help="local scratch parent directory (default: system temp)"
     )
     parser.add_argument(
@@ -342,7 +361,12 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
     if args.reps < 1:
         raise ValueError("--reps must be at least 1")
     options = json.loads(args.storage_options) if args.storage_options else {}
-    selected = [m.strip() for m in (args.only or "").split(",") if m.strip()] or list(_BY_NAME)
+    selected = [m.strip() for m in (args.only or "").split(",") if m.strip()]
+    if getattr(args, "dcp", False):
+        if selected:
+            raise ValueError("--dcp selects the DCP methods itself: leave out --only")
+        selected = list(DCP_METHODS)
+    selected = selected or list(_BY_NAME)
     unknown = [m for m in selected if m not in _BY_NAME]
     if unknown:
         raise ValueError(

@@ -115,6 +115,16 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
          raw_note("ckptsvc_async", after_copy)),
         ("async peak extra RSS vs arena size", "ckptsvc_async.RSS+ / arena bytes", "<=", 1.10,
          ("ckptsvc_async",), lambda: v("ckptsvc_async", "rss_extra_bytes") / arena_nbytes(), arena_note),
+        # DCP through ckptsvc's StorageWriter is no slower than through DCP's own writer
+        # (async blocking is DCP's stager copy for both: within noise of each other)
+        ("DCP async_save blocking, ckptsvc vs FileSystemWriter",
+         "ckptsvc_dcp_async.blocking / dcp_async.blocking", "<=", 1.10, ("ckptsvc_dcp_async", "dcp_async"),
+         lambda: v("ckptsvc_dcp_async", "blocking_s") / v("dcp_async", "blocking_s"), ""),
+        ("DCP async_save durable, ckptsvc vs FileSystemWriter",
+         "ckptsvc_dcp_async.durable / dcp_async.durable", "<=", 1.0, ("ckptsvc_dcp_async", "dcp_async"),
+         lambda: v("ckptsvc_dcp_async") / v("dcp_async"), ""),
+        ("DCP save durable, ckptsvc vs FileSystemWriter", "ckptsvc_dcp_save.durable / dcp_save.durable",
+         "<=", 1.0, ("ckptsvc_dcp_save", "dcp_save"), lambda: v("ckptsvc_dcp_save") / v("dcp_save"), ""),
     ]  # fmt: skip
     targets = []
     for name, formula, op, threshold, needs, compute, note in specs:
