@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_verify_gc import ckptsvc_main
 
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.read.verify import verify_checkpoint
@@ -36,17 +37,6 @@ def _fit(out: Path, *, ckpt_path: Path | None = None) -> dict[int, dict[str, str
     return {r: json.loads((out / f"losses-rank{r}.json").read_text()) for r in (0, 1)}
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    from ckptsvc.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return int(code or 0), capsys.readouterr().out
-
-
 @pytest.mark.slow  # two 2-rank Lightning runs, ~15-25 s each on 2 cores
 def test_ddp_two_ranks_resume_with_identical_losses_and_the_cli_sees_them(
     tmp_path: Path, node: str, capsys: pytest.CaptureFixture[str]
@@ -69,15 +59,15 @@ def test_ddp_two_ranks_resume_with_identical_losses_and_the_cli_sees_them(
         assert info.manifest is not None and info.manifest.world_size == 1
         assert not any("rank" in f.path for f in info.manifest.files), info.url
 
-    code, out = _cli(capsys, "ls", str(ckpts))
+    code, out = ckptsvc_main(capsys, "ls", str(ckpts))
     assert code == 0 and all(f"step={s}.ckpt" in out for s in (2, 4, 6)), out
-    code, out = _cli(capsys, "verify", str(ckpts))
+    code, out = ckptsvc_main(capsys, "verify", str(ckpts))
     assert code == 0 and "3 passed, 0 failed" in out, out
     (ckpts / "step=8.ckpt").mkdir()  # a save cut short: a marker and a stray shard
     (ckpts / "step=8.ckpt" / ".ckptsvc-in-progress").write_text("{}")
-    code, out = _cli(capsys, "gc", str(ckpts), "--dry-run")
+    code, out = ckptsvc_main(capsys, "gc", str(ckpts), "--dry-run")
     assert code == 0 and "step=8.ckpt" in out, out
-    code, out = _cli(capsys, "prune", str(ckpts), "--keep", "1")
+    code, out = ckptsvc_main(capsys, "prune", str(ckpts), "--keep", "1")
     assert code == 0 and "deleted 2" in out, out
     assert sorted(p.name for p in ckpts.iterdir()) == ["step=6.ckpt", "step=8.ckpt"]
     assert verify_checkpoint(str(ckpts / "step=6.ckpt"), deep=True).ok

@@ -23,9 +23,6 @@ import torch
 
 from ckptsvc.integrations.lightning import CkptsvcCheckpointIO
 
-warnings.filterwarnings("ignore")  # Lightning's advice on workers, sanity checks, ...
-
-
 class Tiny(pl.LightningModule):
     def __init__(self, seed: int) -> None:
         super().__init__()
@@ -56,6 +53,7 @@ class RecordLosses(pl.Callback):
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore")  # Lightning's advice on workers, sanity checks, ...
     out, max_steps = Path(sys.argv[1]), int(sys.argv[2])
     ckpt_path = sys.argv[3] if len(sys.argv) > 3 else None
     g = torch.Generator().manual_seed(0)
