@@ -23,6 +23,7 @@ import torch
 
 from ckptsvc.integrations.lightning import CkptsvcCheckpointIO
 
+
 class Tiny(pl.LightningModule):
     def __init__(self, seed: int) -> None:
         super().__init__()
