@@ -83,6 +83,7 @@ from ckptsvc.stage.piecewise import (
     component_segments,
 )
 from ckptsvc.stage.plan_cache import PlanCache
+from ckptsvc.stage.plan_reuse import PlanReuse
 from ckptsvc.stage.save_handle import SaveBook, SaveHandle, SaveTimings
 from ckptsvc.stage.state_components import components_of_state
 from ckptsvc.storage import Location
@@ -161,6 +162,7 @@ class AsyncCheckpointer:
         self._closed = False
         self._owner_pid = os.getpid()
         self._arena_plans: PlanCache[ArenaPlan] = PlanCache()
+        self._plan_reuse = PlanReuse(incremental=self._incremental)
         self._coordinator = (
             Coordinator(
                 self._info,
@@ -474,6 +476,7 @@ class AsyncCheckpointer:
             max_shard_size=self._max_shard_size,
             user_metadata=user_metadata,
             incremental=self._incremental,
+            reuse=self._plan_reuse,
         )
 
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:
