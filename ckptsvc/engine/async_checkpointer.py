@@ -70,7 +70,7 @@ from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ranks import RankInfo
 from ckptsvc.read.component_load import load_components, load_state
 from ckptsvc.read.discovery import next_checkpoint_path
-from ckptsvc.stage.arena import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
+from ckptsvc.stage.arena import ArenaPlan, ArenaPool, StagingArena, plan_arena
 from ckptsvc.stage.component_plan import plan_components
 from ckptsvc.stage.components import StateComponent
 from ckptsvc.stage.incremental import IncrementalBase, base_fields
@@ -311,11 +311,11 @@ class AsyncCheckpointer:
                 else None
             )
             if snapshot is None and not streamed:
-                parts = self._copier.stage(plans, staged, layout, arena, copy_into)
+                parts = self._copier.stage(plans, staged, layout, arena)
             else:
                 parts = tuple(p.part for p in plans)  # the CRCs come after the copy
             copy_s = time.perf_counter() - copy_started
-            nbytes = sum(e.nbytes for f in staged if f.write for e in f.plan.layout.entries)
+            nbytes = sum(f.plan.layout.data_nbytes for f in staged if f.write)
             handle = SaveHandle(
                 step=step,
                 path=path,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "DOC_FORMAT",
     "DOC_VERSION",
     "MODEL_KEY",
+    "OrderedSources",
     "SHARD_META",
     "ComponentPlan",
     "DocInputs",
@@ -125,6 +126,33 @@ class PartReport:
             sharded=d.get("sharded"),
             metadata=dict(d.get("metadata") or {}),
         )
+
+
+class OrderedSources(Mapping[str, torch.Tensor]):
+    """Source tensors by entry name, built from the names and the tensors in one order
+    (the file's entries'): ``values_in_order`` gives them without a lookup per name, and
+    the mapping itself is built only if someone asks by name."""
+
+    def __init__(self, names: Sequence[str], values: Sequence[torch.Tensor]) -> None:
+        if len(names) != len(values):
+            raise ValueError(f"{len(names)} names for {len(values)} tensors")
+        self.names = tuple(names)
+        self.values_in_order = tuple(values)
+        self._by_name: dict[str, torch.Tensor] | None = None
+
+    def _mapping(self) -> dict[str, torch.Tensor]:
+        if self._by_name is None:
+            self._by_name = dict(zip(self.names, self.values_in_order, strict=True))
+        return self._by_name
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._mapping()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass(frozen=True, eq=False)

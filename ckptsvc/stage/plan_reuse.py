@@ -3,16 +3,15 @@
 The first save of a component plans it (:func:`~ckptsvc.stage.component_plan.plan_components`);
 :meth:`PlanReuse.remember` then keeps a *template* of the state it planned: its structure
 (mapping keys, list lengths, which values are tensors, in walk order), the signature of
-every tensor (type, dtype, shape, strides, device, data pointer, and ``requires_grad`` of
-parameters) and the parts of its documents that depend on the structure only, encoded
+every tensor (type, dtype, shape, data pointer, and ``requires_grad`` of parameters) and the parts of its documents that depend on the structure only, encoded
 once. A later save walks the component's new ``state_dict()`` along the template
 (:meth:`PlanReuse.rebind`): a mapping of tensors is taken whole (one comparison of its
 keys, its values in one call), the signatures are compared tuple against tuple, and only
 the non-tensor values are encoded again; the plan's files get the new tensors as sources.
 No per-tensor storage walk, layout, header or JSON encoding is repeated.
 
-Any difference - a key, a shape, a dtype, strides, a device, a tensor newly tied or
-untied, a value of another kind, a frozen parameter (``incremental``) - returns None and
+Any difference - a key, a shape, a dtype, a tensor newly tied or untied, a tensor
+without storage, a value of another kind, a frozen parameter (``incremental``) - returns None and
 the component is planned afresh (and that plan remembered). Data pointers: the same
 tensors at the same addresses cannot have changed their sharing; when pointers moved
 (new tensors), the tied groups are recomputed from the signatures already taken
@@ -25,6 +24,7 @@ lists, tuples and JSON scalars (NumPy scalars, say).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
@@ -48,6 +48,7 @@ from ckptsvc.stage.flatten import MARKERS, MAX_INT_DIGITS, FlatState, frozen_par
 from ckptsvc.stage.parts import (
     ComponentPlan,
     DocInputs,
+    OrderedSources,
     PartReport,
     StagedFile,
     component_doc,
@@ -194,15 +195,19 @@ def _names(node: _Node, out: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class _Signature:
-    """Every tensor's type, dtype, device, number of dimensions and of elements, data
-    pointer, in walk order; the full shapes of the tensors of 2 or more dimensions (a
-    1-d tensor's shape is its numel: ``torch.Size`` objects are the slowest part to
-    build); ``requires_grad`` of the parameters among them. Strides are taken only when
-    they matter (:meth:`strides_of`)."""
+    """Every tensor's type, dtype, number of dimensions and of elements and data pointer,
+    in walk order; the full shapes of the tensors of 2 or more dimensions only (a 1-d
+    tensor's shape is its numel, and ``torch.Size`` objects are the slowest part to
+    build); ``requires_grad`` of the parameters among them.
+
+    Not in it: devices (the plan does not depend on them: the copy looks at each save's
+    tensors; a tensor without storage, on the meta device, has data pointer 0, and any 0
+    makes :meth:`PlanReuse.rebind` replan) and strides (they matter only for tied views:
+    with every pointer where it was and all distinct, nothing can be tied; otherwise the
+    groups are recomputed with strides)."""
 
     types: tuple[type, ...]
     dtypes: tuple[torch.dtype, ...]
-    devices: tuple[torch.device, ...]
     dims: tuple[int, ...]
     numels: tuple[int, ...]
     ptrs: tuple[int, ...]
@@ -215,16 +220,21 @@ class _Signature:
         without strides or sizes (sparse, nested) raise RuntimeError: the caller replans."""
         types = tuple(map(type, tensors))
         dims = tuple(map(torch.Tensor.dim, tensors))
-        params = [t for t, ty in zip(tensors, types, strict=True) if ty is torch.nn.Parameter]
+        grads: tuple[bool, ...] = ()
+        if torch.nn.Parameter in set(types):
+            params = [t for t, ty in zip(tensors, types, strict=True) if ty is torch.nn.Parameter]
+            grads = tuple(map(_GRAD, params))
+        shapes: tuple[torch.Size, ...] = ()
+        if dims and max(dims) > 1:
+            shapes = tuple(t.shape for t, d in zip(tensors, dims, strict=True) if d > 1)
         return cls(
             types,
             tuple(map(_DTYPE, tensors)),
-            tuple(map(_DEVICE, tensors)),
             dims,
             tuple(map(torch.Tensor.numel, tensors)),
             tuple(map(torch.Tensor.data_ptr, tensors)),
-            tuple(t.shape for t, d in zip(tensors, dims, strict=True) if d > 1),
-            tuple(map(_GRAD, params)),
+            shapes,
+            grads,
         )
 
     def same_layout(self, other: _Signature) -> bool:
@@ -232,14 +242,13 @@ class _Signature:
         return (
             self.types == other.types
             and self.dtypes == other.dtypes
-            and self.devices == other.devices
             and self.dims == other.dims
             and self.numels == other.numels
             and self.shapes == other.shapes
             and self.grads == other.grads
         )
 
-    @property
+    @functools.cached_property
     def pointers_distinct(self) -> bool:
         """No two tensors start at the same address: none can be tied, whatever strides."""
         return len(set(self.ptrs)) == len(self.ptrs) and 0 not in self.numels
@@ -256,7 +265,6 @@ def _groups(
 
 
 _DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
 _GRAD = operator.attrgetter("requires_grad")
 
 
@@ -273,7 +281,7 @@ class _StagedTemplate:
     def bind(self, tensors: Sequence[torch.Tensor]) -> StagedFile:
         taken = self.take(tensors) if self.names else ()
         values = (taken,) if self.single else taken
-        return StagedFile(self.file.plan, dict(zip(self.names, values, strict=True)), self.file.write)
+        return StagedFile(self.file.plan, OrderedSources(self.names, values), self.file.write)
 
 
 @dataclass(frozen=True, eq=False)
@@ -421,8 +429,8 @@ class PlanReuse:
             signature = _Signature.of(tensors)
         except (_Mismatch, RuntimeError):
             return None
-        if not signature.same_layout(t.signature):
-            return None
+        if 0 in signature.ptrs or not signature.same_layout(t.signature):
+            return None  # (a pointer 0: an empty or meta tensor; the planner decides)
         same_views = signature.ptrs == t.signature.ptrs and t.signature.pointers_distinct
         if not same_views and _groups(tensors, t.names) != t.groups:
             return None  # (with distinct pointers as before no tensor can be tied now)
