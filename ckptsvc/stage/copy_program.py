@@ -78,11 +78,16 @@ def copy_program(files: Sequence[FilePlan], file_offsets: Sequence[int]) -> Copy
     specs: list[Spec] = []
     sizes: list[int] = []
     names = []
+    dtypes: dict[str, torch.dtype] = {}
     for plan, base in zip(files, file_offsets, strict=True):
-        names.append(tuple(e.name for e in plan.layout.entries))
-        for e in plan.layout.entries:
-            specs.append((base + e.begin, dtype_to_torch(e.dtype), e.shape))
-            sizes.append(e.nbytes)
+        entries = plan.layout.entries
+        names.append(tuple(e.name for e in entries))
+        for e in entries:
+            dtype = dtypes.get(e.dtype)
+            if dtype is None:
+                dtype = dtypes[e.dtype] = dtype_to_torch(e.dtype)
+            specs.append((base + e.begin, dtype, e.shape))
+            sizes.append(e.end - e.begin)
     runs: list[CopyRun] = []
     singles: list[int] = []
     i = 0

@@ -427,7 +427,7 @@ class PlanReuse:
             if len(tensors) != len(t.names):
                 return None
             signature = _Signature.of(tensors)
-        except (_Mismatch, RuntimeError):
+        except (_Mismatch, RuntimeError, TypeError):  # TypeError: a value in place of a tensor
             return None
         if 0 in signature.ptrs or not signature.same_layout(t.signature):
             return None  # (a pointer 0: an empty or meta tensor; the planner decides)
