@@ -21,10 +21,10 @@ from helpers_models import TiedLM, TinyMLP, assert_bitwise_equal
 
 from ckptsvc import hooks
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, load_state
-from ckptsvc.format.manifest import MANIFEST_NAME
-from ckptsvc.format.safetensors_stream import ShardLayout, plan_shard
-from ckptsvc.stage.copy_program import RUN_TENSOR_BYTES, copy_program
 from ckptsvc.format.layout import FilePlan
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.format.safetensors_stream import plan_shard
+from ckptsvc.stage.copy_program import RUN_TENSOR_BYTES, copy_program
 
 
 @contextmanager
@@ -247,7 +247,7 @@ def test_copy_program_cuts_runs_at_dtype_shape_size_and_rank() -> None:
     assert {"e", "g"} <= singles  # 0-d; bigger than RUN_TENSOR_BYTES
     assert ["a", "b"] in runs and ["c", "d"] in runs
     for r in program.runs:
-        start, dtype, shape = r.spec
+        start, _dtype, shape = r.spec
         assert start == program.specs[r.first][0]
         assert shape[0] == sum(program.specs[i][2][0] for i in range(r.first, r.stop))
 

@@ -78,7 +78,9 @@ def stage_components(
                 [srcs[i] for i in program.singles],
                 threads=threads,
                 executor=executor,
-                runs=[(v, srcs[r.first : r.stop]) for v, r in zip(views, program.runs, strict=True)],
+                runs=[
+                    (v, srcs[r.first : r.stop]) for v, r in zip(views, program.runs, strict=True)
+                ],
             )
     return tuple(_with_crcs(p, staged, program, arena) for p in plans)
 

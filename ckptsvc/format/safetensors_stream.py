@@ -97,6 +97,8 @@ class ShardLayout:
 
     header: bytes
     metadata: Mapping[str, str] | None
+    _entries: tuple[TensorEntry, ...] | None
+    _data_nbytes: int | None
 
     def __init__(
         self,
@@ -137,7 +139,7 @@ class ShardLayout:
         if self._entries is None:
             parsed = parse_header(self.header, file_nbytes=None, where="shard header")
             object.__setattr__(self, "_entries", parsed.entries)
-        return self._entries  # type: ignore[return-value]
+        return self._entries or ()
 
     @property
     def data_offset(self) -> int:

@@ -381,7 +381,7 @@ def copy_into(
     """
     hooks.point("snapshot.copy.before")
     for view, sources in runs:
-        torch.cat(sources, out=view)
+        torch.cat(list(sources), out=view)
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
     cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
     streams: dict[torch.device, torch.cuda.Stream] = {}

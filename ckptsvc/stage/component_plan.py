@@ -247,9 +247,7 @@ def model_files(c: StateComponent, suffix: str) -> dict[str, bytes]:
     return cached_pretrained_files(c.stateful)
 
 
-def add_component_files(
-    c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]
-) -> None:
+def add_component_files(c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]) -> None:
     """``c.files`` join the instance's small files; a name ckptsvc writes itself is refused."""
     reserved = {*docs, *shards, MANIFEST_NAME, MARKER_NAME}
     clash = sorted(set(c.files) & reserved)

@@ -254,13 +254,9 @@ class _Signature:
         return len(set(self.ptrs)) == len(self.ptrs) and 0 not in self.numels
 
 
-def _groups(
-    tensors: Sequence[torch.Tensor], names: Sequence[str]
-) -> tuple[tuple[str, ...], ...]:
+def _groups(tensors: Sequence[torch.Tensor], names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     """Tied groups, exactly as :func:`~ckptsvc.stage.tied_params.shared_tensor_groups`."""
-    keys = [
-        None if t.device.type == "meta" or t.numel() == 0 else view_key(t) for t in tensors
-    ]
+    keys = [None if t.device.type == "meta" or t.numel() == 0 else view_key(t) for t in tensors]
     return tuple(tuple(g) for g in groups_of_views(names, keys))
 
 
@@ -279,8 +275,8 @@ class _StagedTemplate:
     single: bool
 
     def bind(self, tensors: Sequence[torch.Tensor]) -> StagedFile:
-        taken = self.take(tensors) if self.names else ()
-        values = (taken,) if self.single else taken
+        taken: Any = self.take(tensors) if self.names else ()
+        values: Sequence[torch.Tensor] = (taken,) if self.single else taken
         return StagedFile(self.file.plan, OrderedSources(self.names, values), self.file.write)
 
 
@@ -325,9 +321,7 @@ class PlanReuse:
         self._incremental = incremental
         self._templates: OrderedDict[str, _Template] = OrderedDict()
 
-    def _config(
-        self, c: StateComponent, suffix: str, writers: tuple[int, ...]
-    ) -> tuple[Any, ...]:
+    def _config(self, c: StateComponent, suffix: str, writers: tuple[int, ...]) -> tuple[Any, ...]:
         """What a plan depends on besides the state itself."""
         return (
             c.sharing_pattern,
@@ -386,7 +380,9 @@ class PlanReuse:
             doc_fragments[placeholder] = json_bytes(inputs.tensors)
             doc_head = component_doc(c, flat, {})
             doc_head["tensors"] = placeholder
-        specs = [(n, d, tuple(t.shape)) for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)]
+        specs = [
+            (n, d, tuple(t.shape)) for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
+        ]
         template = _Template(
             config=self._config(c, suffix, writers),
             root=root,

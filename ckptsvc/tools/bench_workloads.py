@@ -94,7 +94,7 @@ class _Ctx:
     def __init__(self, cfg: WorkerConfig, state: dict[str, torch.Tensor] | None) -> None:
         self.cfg = cfg
         self.state = state
-        self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes))
+        self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes, tensors=cfg.tensors))
         self.fs: Any = None
         if cfg.remote:
             self.fs, _ = url_to_fs(cfg.root, **cfg.storage_options)
@@ -343,7 +343,9 @@ def w_dcp_save(ctx: _Ctx) -> Sample:
 
 def w_dcp_load(ctx: _Ctx) -> Sample:
     dcp = _dcp_init()
-    target = build_state(make_specs(ctx.cfg.total_nbytes), fill=False)  # in-place load target
+    target = build_state(
+        make_specs(ctx.cfg.total_nbytes, tensors=ctx.cfg.tensors), fill=False
+    )  # in-place load target
     if ctx.cfg.remote:
         reader = _require("torch.distributed.checkpoint._fsspec_filesystem", "FsspecReader")(
             ctx.path(ARTIFACTS["dcp_save"]), **ctx.cfg.storage_options
@@ -444,7 +446,8 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
     checkpointer_cls = AsyncCheckpointer
-    state = ctx.state or {}
+    tensors = ctx.state or {}
+    state: Any = {"model": tensors} if ctx.cfg.tensors else tensors  # --tensors: one component
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
     ckpt = checkpointer_cls(root=ctx.path("ckptsvc_async"), **kwargs)
@@ -456,7 +459,7 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
             handle.wait()
             first = (t1 - t0, time.perf_counter() - t0)
             rss_after_first = proc_status_bytes("self", "VmRSS")
-            _perturb(state)
+            _perturb(tensors)
             t0 = time.perf_counter()
             handle = ckpt.save(1, state)
             t1 = time.perf_counter()
@@ -502,7 +505,7 @@ def _measure(cfg: WorkerConfig) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before any timing, for loads too)
 
     workload, needs_state = WORKLOADS[cfg.method]
-    state = build_state(make_specs(cfg.total_nbytes)) if needs_state else None
+    state = build_state(make_specs(cfg.total_nbytes, tensors=cfg.tensors)) if needs_state else None
     ctx = _Ctx(cfg, state)
     try:
         return {"status": "ok", "sample": asdict(workload(ctx))}
