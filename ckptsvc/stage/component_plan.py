@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -77,6 +77,9 @@ from ckptsvc.stage.parts import (
 from ckptsvc.stage.sharded_plan import plan_sharded
 from ckptsvc.stage.state_components import STATE_ROOT
 from ckptsvc.stage.tensors import dtype_from_torch
+
+if TYPE_CHECKING:  # plan_reuse builds on this module
+    from ckptsvc.stage.plan_reuse import PlanReuse
 
 __all__ = [
     "DOC_FORMAT",
@@ -279,35 +282,6 @@ def _writers(
         group_name=c.process_group_name, group_leader=ranks[0],
     )  # fmt: skip
     return suffix, (ranks[0],)
-
-
-class PlanReuse(Protocol):
-    """What :func:`plan_components` asks a cache of plans (:mod:`ckptsvc.stage.plan_reuse`)."""
-
-    def rebind(
-        self,
-        c: StateComponent,
-        state: Any,
-        *,
-        suffix: str,
-        writers: tuple[int, ...],
-        user_metadata: Mapping[str, Any],
-    ) -> ComponentPlan | None:
-        """The cached plan of ``c`` bound to ``state``, or None (plan it)."""
-        ...
-
-    def remember(
-        self,
-        c: StateComponent,
-        state: Any,
-        flat: FlatState,
-        plan: ComponentPlan,
-        *,
-        suffix: str,
-        writers: tuple[int, ...],
-    ) -> None:
-        """Keep ``plan`` (made from ``state``) for the next saves of ``c``."""
-        ...
 
 
 def component_state(c: StateComponent) -> Any:
