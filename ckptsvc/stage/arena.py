@@ -381,7 +381,13 @@ def copy_into(
     """
     hooks.point("snapshot.copy.before")
     for view, sources in runs:
-        torch.cat(list(sources), out=view)
+        try:
+            torch.cat(list(sources), out=view)
+        except (RuntimeError, NotImplementedError):  # a dtype without cat in this torch
+            flat, at = view.reshape(-1), 0
+            for s in sources:
+                flat[at : at + s.numel()].view(s.shape).copy_(s)
+                at += s.numel()
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
     cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
     streams: dict[torch.device, torch.cuda.Stream] = {}
