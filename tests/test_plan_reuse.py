@@ -8,8 +8,10 @@ fresh checkpointer writes for the same state (and load back to it).
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -281,3 +283,19 @@ def test_transformers_config_files_are_cached_while_unchanged(node: str, tmp_pat
         assert seen == [("model", True)]
         assert Path(path, "config.json").read_bytes() == changed["config.json"]
         assert_same_checkpoint(files_of(path), fresh_files(tmp_path, 1, {"model": model}))
+
+
+def test_a_kept_plan_holds_no_old_tensor(node: str, tmp_path: Path) -> None:
+    """The template of a component keeps no tensor of the state it was made from (a
+    training loop that saves fresh copies must not keep the first one alive)."""
+    old = torch.randn(64)
+    gone = weakref.ref(old)
+    with AsyncCheckpointer(tmp_path / "run") as ckpt:
+        saved(ckpt, 0, {"model": {"w": old}})
+        del old
+        with planned() as seen:
+            path = saved(ckpt, 1, {"model": {"w": torch.ones(64)}})
+        assert seen == [("model", True)]
+        gc.collect()
+        assert gone() is None
+        assert torch.equal(load_state(path)["model"]["w"], torch.ones(64))

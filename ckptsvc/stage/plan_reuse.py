@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
+from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME, FilePlan
 from ckptsvc.stage.component_plan import (
     add_component_files,
     files_nbytes,
@@ -266,10 +266,11 @@ _GRAD = operator.attrgetter("requires_grad")
 
 @dataclass(frozen=True, eq=False)
 class _StagedTemplate:
-    """One staged file of the plan: its entries' names and where their tensors are in
-    the walk order."""
+    """One staged file of the plan (without its sources): its entries' names and where
+    their tensors are in the walk order."""
 
-    file: StagedFile
+    plan: FilePlan
+    write: bool
     names: tuple[str, ...]
     take: Callable[[Sequence[torch.Tensor]], Any]
     single: bool
@@ -277,12 +278,14 @@ class _StagedTemplate:
     def bind(self, tensors: Sequence[torch.Tensor]) -> StagedFile:
         taken: Any = self.take(tensors) if self.names else ()
         values: Sequence[torch.Tensor] = (taken,) if self.single else taken
-        return StagedFile(self.file.plan, OrderedSources(self.names, values), self.file.write)
+        return StagedFile(self.plan, OrderedSources(self.names, values), self.write)
 
 
 @dataclass(frozen=True, eq=False)
 class _Template:
-    """Everything a save of one component reuses (see the module docstring)."""
+    """Everything a save of one component reuses (see the module docstring). It holds no
+    tensor and nothing of the component's state: a template never keeps an old state
+    alive."""
 
     config: tuple[Any, ...]
     root: _Node
@@ -295,7 +298,10 @@ class _Template:
     doc_fragments: dict[str, bytes]  # the same plus the document's "tensors"
     digest: Any
     skeleton_head: dict[str, Any]
-    plan: ComponentPlan
+    part: PartReport
+    crc_names: tuple[str, ...]
+    frozen_files: frozenset[str]
+    doc_inputs: DocInputs | None
     doc_head: dict[str, Any] | None
     index: list[tuple[str, bytes]]  # (the user metadata's JSON, the index bytes), last only
 
@@ -371,7 +377,7 @@ class PlanReuse:
             entry_names = tuple(e.name for e in f.plan.layout.entries)
             where = [position[n] for n in entry_names]
             take = operator.itemgetter(*where) if where else (lambda _: ())
-            files.append(_StagedTemplate(f, entry_names, take, len(where) == 1))
+            files.append(_StagedTemplate(f.plan, f.write, entry_names, take, len(where) == 1))
         doc_head = None
         doc_fragments = dict(fragments)
         inputs = plan.doc_inputs
@@ -379,6 +385,7 @@ class PlanReuse:
             placeholder = f"{nonce}-tensors"
             doc_fragments[placeholder] = json_bytes(inputs.tensors)
             doc_head = component_doc(c, flat, {})
+            doc_head["state"] = None  # each save's own
             doc_head["tensors"] = placeholder
         specs = [
             (n, d, tuple(t.shape)) for (n, t), d in zip(flat.tensors, flat.dtypes, strict=True)
@@ -395,7 +402,10 @@ class PlanReuse:
             doc_fragments=doc_fragments,
             digest=spec_digest(specs),
             skeleton_head={k: v for k, v in flat.skeleton.items() if k != "state"},
-            plan=plan,
+            part=plan.part,
+            crc_names=plan.crc_names,
+            frozen_files=plan.frozen_files,
+            doc_inputs=plan.doc_inputs,
             doc_head=doc_head,
             index=[],
         )
@@ -436,7 +446,7 @@ class PlanReuse:
         if skeleton is None:
             return None
         docs: dict[str, bytes] = {}
-        inputs = t.plan.doc_inputs
+        inputs = t.doc_inputs
         if inputs is not None and t.doc_head is not None:
             doc = t.encode({**t.doc_head, "state": skeleton_state}, t.doc_fragments)
             if doc is None:
@@ -449,8 +459,16 @@ class PlanReuse:
         mine = tuple(f.plan.file_name for f in staged if f.write)
         if inputs is not None:
             add_component_files(c, docs, mine)
-        part = _part(t.plan.part, c, mine, docs, staged, signature_of(t.digest, skeleton))
-        return replace(t.plan, component=c, part=part, files=staged, docs=docs)
+        part = _part(t.part, c, mine, docs, staged, signature_of(t.digest, skeleton))
+        return ComponentPlan(
+            c,
+            part,
+            staged,
+            docs,
+            crc_names=t.crc_names,
+            frozen_files=t.frozen_files,
+            doc_inputs=inputs,
+        )
 
     @staticmethod
     def _index(t: _Template, inputs: DocInputs, user_metadata: Mapping[str, Any]) -> bytes:
