@@ -432,7 +432,8 @@ def run(args: argparse.Namespace) -> int:
     progress: Callable[[str], None] = (
         (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     )
-    progress(f"ckptsvc bench: {plan.total_nbytes / GiB:.2f} GiB under {plan.root}")
+    what = f"{plan.tensors} tensors" if plan.tensors else f"{plan.total_nbytes / GiB:.2f} GiB"
+    progress(f"ckptsvc bench: {what} under {plan.root}")
     started = time.time()
     try:
         rows = run_bench(plan, selected, progress)
