@@ -85,13 +85,61 @@ class TensorEntry:
         return self.end - self.begin
 
 
-@dataclass(frozen=True)
 class ShardLayout:
-    """A shard's header bytes and where each tensor lives in the file."""
+    """A shard's header bytes and where each tensor lives in the file (immutable).
+
+    Pickled (the node writer's jobs) as the header, metadata and data size only: the
+    writer needs no entry, and 100,000 entries cost 0.4 s to pickle on the training thread.
+    ``entries`` of such a copy are parsed from the header on first use.
+    """
+
+    __slots__ = ("_data_nbytes", "_entries", "header", "metadata")
 
     header: bytes
-    entries: tuple[TensorEntry, ...]
     metadata: Mapping[str, str] | None
+    _entries: tuple[TensorEntry, ...] | None
+    _data_nbytes: int | None
+
+    def __init__(
+        self,
+        header: bytes,
+        entries: tuple[TensorEntry, ...] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        data_nbytes: int | None = None,
+    ) -> None:
+        if entries is None and data_nbytes is None:
+            raise ValueError("ShardLayout needs its entries or its data size")
+        object.__setattr__(self, "header", header)
+        object.__setattr__(self, "metadata", metadata)
+        object.__setattr__(self, "_entries", entries)
+        if data_nbytes is None and entries is not None:
+            data_nbytes = entries[-1].end if entries else 0
+        object.__setattr__(self, "_data_nbytes", data_nbytes)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ShardLayout is immutable (setting {name!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ShardLayout, (self.header, None, self.metadata, self._data_nbytes))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardLayout):
+            return NotImplemented
+        return self.header == other.header and self.metadata == other.metadata
+
+    def __hash__(self) -> int:
+        return hash(self.header)
+
+    def __repr__(self) -> str:
+        return f"ShardLayout({len(self.header)}-byte header, {self.data_nbytes} data bytes)"
+
+    @property
+    def entries(self) -> tuple[TensorEntry, ...]:
+        """Every tensor in data-offset order (parsed from the header if not kept)."""
+        if self._entries is None:
+            parsed = parse_header(self.header, file_nbytes=None, where="shard header")
+            object.__setattr__(self, "_entries", parsed.entries)
+        return self._entries or ()
 
     @property
     def data_offset(self) -> int:
@@ -100,7 +148,7 @@ class ShardLayout:
 
     @property
     def data_nbytes(self) -> int:
-        return self.entries[-1].end if self.entries else 0
+        return int(self._data_nbytes or 0)
 
     @property
     def file_nbytes(self) -> int:

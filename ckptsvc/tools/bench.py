@@ -114,6 +114,7 @@ class _Plan:
     dcp_threads: int
     keep: bool
     worker_tmp: str  # TMPDIR of the workers: short, for AF_UNIX socket paths under it
+    tensors: int = 0  # --tensors N: N tensors of 16 floats instead of --size's mix
 
 
 class _Runner:
@@ -145,7 +146,7 @@ class _Runner:
             method=method, total_nbytes=self.plan.total_nbytes, root=self.plan.root,
             local_dir=self.plan.local_dir, result_path=result_path,
             storage_options=self.plan.storage_options, remote=self.plan.remote,
-            dcp_threads=self.plan.dcp_threads,
+            dcp_threads=self.plan.dcp_threads, tensors=self.plan.tensors,
         )  # fmt: skip
         module = "bench_dcp" if method in DCP_METHODS else "bench_workloads"
         cmd = [sys.executable, "-m", f"ckptsvc.tools.{module}", cfg.to_json()]
@@ -282,6 +283,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--size", default="1GiB", help="state size, e.g. 1GiB, 256MiB (default 1GiB)"
     )
     parser.add_argument(
+        "--tensors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N tensors of 16 floats instead of --size's mix (per-tensor costs; ckptsvc "
+        "saves them as one component)",
+    )
+    parser.add_argument(
         "--reps", type=int, default=3, help="runs per method (default 3); times are medians"
     )
     parser.add_argument("--only", default=None, help=f"comma-separated methods: {names}")
@@ -376,7 +385,9 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
     if args.storage:
         loc = Location.parse(args.storage, options)
         remote, parent = not loc.is_local, loc.path
-    nbytes = sum(s.nbytes for s in make_specs(total_nbytes))
+    if args.tensors < 0:
+        raise ValueError("--tensors must be at least 0")
+    nbytes = sum(s.nbytes for s in make_specs(total_nbytes, tensors=args.tensors))
     local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
     if remote:
         root = f"{args.storage.rstrip('/')}/ckptsvc-bench-{uuid.uuid4().hex[:8]}"
@@ -391,7 +402,7 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
             )
     worker_tmp = tempfile.mkdtemp(prefix="ckptsvc-bench-tmp-")
     plan = _Plan(total_nbytes, args.reps, root, local_dir, remote, options, not args.warm_reads,
-                 args.timeout_s, args.dcp_threads, args.keep, worker_tmp)  # fmt: skip
+                 args.timeout_s, args.dcp_threads, args.keep, worker_tmp, args.tensors)  # fmt: skip
     return plan, selected
 
 
@@ -409,13 +420,11 @@ def _remove_scratch(plan: _Plan) -> None:
 def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float) -> None:
     """The table on stdout (unless ``--json`` alone) and the JSON document if asked."""
     targets = evaluate_targets(rows)
-    specs = make_specs(plan.total_nbytes)
+    specs = make_specs(plan.total_nbytes, tensors=plan.tensors)
     nbytes = sum(s.nbytes for s in specs)
     where = f"remote {args.storage}" if plan.remote else "local disk"
-    title = (
-        f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors (bf16 model + fp32 "
-        f"optimizer), {where}, reps {plan.reps}, {'cold' if plan.cold_reads and not plan.remote else 'warm'} reads"
-    )
+    mix = "fp32, 16 floats each" if plan.tensors else "bf16 model + fp32 optimizer"
+    title = f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors ({mix}), {where}, reps {plan.reps}, {'cold' if plan.cold_reads and not plan.remote else 'warm'} reads"
     if args.json is not None:
         config = {
             "nbytes": nbytes, "ntensors": len(specs), "reps": plan.reps, "remote": plan.remote,
@@ -447,7 +456,8 @@ def run(args: argparse.Namespace) -> int:
     progress: Callable[[str], None] = (
         (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     )
-    progress(f"ckptsvc bench: {plan.total_nbytes / GiB:.2f} GiB under {plan.root}")
+    what = f"{plan.tensors} tensors" if plan.tensors else f"{plan.total_nbytes / GiB:.2f} GiB"
+    progress(f"ckptsvc bench: {what} under {plan.root}")
     started = time.time()
     try:
         rows = run_bench(plan, selected, progress)

@@ -139,7 +139,7 @@ def w_async(ctx: Ctx, *, ours: bool) -> Sample:
 def w_load(ctx: Ctx, *, ours: bool) -> Sample:
     """``dcp.load`` in place of what ``*_save`` wrote through the same writer's reader."""
     dcp = _dcp_init()
-    target = build_state(make_specs(ctx.cfg.total_nbytes), fill=False)
+    target = build_state(make_specs(ctx.cfg.total_nbytes, tensors=ctx.cfg.tensors), fill=False)
     reader = _reader(ctx, _save_name(ours), ours=ours)
 
     def load() -> dict[str, Any]:

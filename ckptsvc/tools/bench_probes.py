@@ -58,11 +58,16 @@ class TensorSpec:
     nbytes: int
 
 
-def make_specs(total_nbytes: int, *, seed: int = 0) -> list[TensorSpec]:
+def make_specs(total_nbytes: int, *, seed: int = 0, tensors: int = 0) -> list[TensorSpec]:
     """A realistic mix adding up to about ``total_nbytes``: 5 large tensors (62.5 % of the
     bytes), up to 140 tiny ones (4-64 KiB: norms, biases; at most 5 % of the bytes) and
     the rest 1-4 MiB (scaled down for small totals). Every third tensor is a bf16 model
-    weight, the others fp32 optimizer state (``exp_avg``/``exp_avg_sq``)."""
+    weight, the others fp32 optimizer state (``exp_avg``/``exp_avg_sq``).
+
+    With ``tensors`` (``bench --tensors N``): N tensors of 16 floats instead, the
+    per-tensor costs' workload (``total_nbytes`` is ignored)."""
+    if tensors > 0:
+        return [TensorSpec(f"layers.{i}.weight", "float32", (16,), 64) for i in range(tensors)]
     rng = random.Random(seed)
     sizes = [int(total_nbytes * f) // 4096 * 4096 for f in (0.25, 0.125, 0.125, 0.0625, 0.0625)]
     rest = total_nbytes - sum(sizes)
@@ -359,6 +364,7 @@ class WorkerConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     remote: bool = False
     dcp_threads: int = 1
+    tensors: int = 0  # N tensors of 16 floats instead of the size mix (make_specs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -105,7 +105,7 @@ class Ctx:
     def __init__(self, cfg: WorkerConfig, state: dict[str, torch.Tensor] | None) -> None:
         self.cfg = cfg
         self.state = state
-        self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes))
+        self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes, tensors=cfg.tensors))
         self.fs: Any = None
         if cfg.remote:
             self.fs, _ = url_to_fs(cfg.root, **cfg.storage_options)
@@ -385,7 +385,8 @@ def w_ckptsvc_async(ctx: Ctx) -> Sample:
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
     checkpointer_cls = AsyncCheckpointer
-    state = ctx.state or {}
+    tensors = ctx.state or {}
+    state: Any = {"model": tensors} if ctx.cfg.tensors else tensors  # --tensors: one component
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
     ckpt = checkpointer_cls(root=ctx.path("ckptsvc_async"), **kwargs)
@@ -397,7 +398,7 @@ def w_ckptsvc_async(ctx: Ctx) -> Sample:
             handle.wait()
             first = (t1 - t0, time.perf_counter() - t0)
             rss_after_first = proc_status_bytes("self", "VmRSS")
-            perturb(state)
+            perturb(tensors)
             t0 = time.perf_counter()
             handle = ckpt.save(1, state)
             t1 = time.perf_counter()
@@ -440,7 +441,7 @@ def _measure(cfg: WorkerConfig, workloads: dict[str, Workload]) -> dict[str, Any
     import torch  # noqa: F401  (imported before any timing, for loads too)
 
     workload, needs_state = workloads[cfg.method]
-    state = build_state(make_specs(cfg.total_nbytes)) if needs_state else None
+    state = build_state(make_specs(cfg.total_nbytes, tensors=cfg.tensors)) if needs_state else None
     ctx = Ctx(cfg, state)
     try:
         return {"status": "ok", "sample": asdict(workload(ctx))}
