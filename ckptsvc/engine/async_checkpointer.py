@@ -9,18 +9,17 @@ Usage::
                 ckpt.save(step, {"model": model, "optimizer": opt, "step": step})
     state = load_state(find_latest_checkpoint("s3://bucket/run1", storage_options=opts))
 
-Each save produces a normal complete checkpoint at ``next_checkpoint_path(root, step)`` in
-the one layout of docs/reference/formats.md: the model as plain HF shards +
-``model.safetensors.index.json`` (+ ``config.json`` for a transformers model), every other
-component in files of its own, ``checkpoint_manifest.json`` written last.
+Each save is a complete checkpoint at ``next_checkpoint_path(root, step)`` in the layout of
+docs/reference/formats.md (the model as plain HF shards + index, the manifest last).
 
 ``save(step, state)`` is :meth:`save_components` of the components
 :func:`~ckptsvc.stage.state_components.components_of_state` derives (one GLOBAL component per key
 of the state). Call order of one save (process / thread that runs each step):
 
 1. plan every component (training thread; :func:`~ckptsvc.stage.component_plan.plan_components`
-   calls each ``stateful.state_dict()``, flattens it and decides this rank's files);
-   claim the checkpoint directory (rank 0 or the only process);
+   calls each ``stateful.state_dict()`` and decides this rank's files, or rebinds the last
+   plan when the state's signature is unchanged: :mod:`ckptsvc.stage.plan_reuse`); claim
+   the checkpoint directory (rank 0 or the only process);
 2. take a free staging arena - back-pressure: waits while every arena is still being
    written (``timings.arena_wait_s``); a state bigger than the memory budget streams
    through a ring in pieces instead (:mod:`ckptsvc.stage.piecewise`);
@@ -128,7 +127,6 @@ class AsyncCheckpointer:
         writer_options: WriterOptions | None = None,
         single_process: bool = False,
     ) -> None:
-        # how the node writer writes this checkpointer's saves; None: the CKPTSVC_* knobs now
         self._writer_options = writer_options or WriterOptions.resolve()
         self._root = Location.parse(os.fspath(root), storage_options)
         if self._root.protocol == "memory":
