@@ -214,6 +214,12 @@ DIRECT_IO_BUFFER_BYTES = _knob(
     "Bytes per O_DIRECT write; each direct file maps two such bounce buffers.",
     min_value=1,
 )
+DIRECT_IO_READS = _knob(
+    "direct_io_reads",
+    "auto",
+    "O_DIRECT for loading local shards into block-aligned memory: auto (ext4/xfs), on, off.",
+    choices=("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
+)
 
 # --- object stores ------------------------------------------------------------------------
 PART_SIZE_BYTES = _knob(
