@@ -74,6 +74,16 @@ METHODS: tuple[Method, ...] = (
         "raw_write_direct", "floor", "raw write floor (O_DIRECT)", leaves=(_A["raw_write_direct"],)
     ),
     Method("raw_read", "floor", "raw read floor", needs="raw_write"),
+    Method("raw_read_direct", "floor", "raw read floor (O_DIRECT)", needs="raw_write"),
+    Method(
+        "raw_write_objects",
+        "floor",
+        "raw put, 4 objects in parallel",
+        leaves=(_A["raw_write_objects"],),
+    ),
+    Method(
+        "raw_read_objects", "floor", "raw get, 4 objects in parallel", needs="raw_write_objects"
+    ),
     Method("torch_save", "save", "torch.save", leaves=(_A["torch_save"],)),
     Method("safetensors_save", "save", "safetensors save_file", leaves=(_A["safetensors_save"],)),
     Method("dcp_save", "save", "DCP save", leaves=(_A["dcp_save"],)),

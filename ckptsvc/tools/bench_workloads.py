@@ -35,6 +35,7 @@ from ckptsvc import knobs
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import url_to_fs
+from ckptsvc.tools import bench_reads
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     PeakRss,
@@ -63,6 +64,7 @@ ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "safetensors_save": "ckpt.safetensors",
     "dcp_save": "dcp",
     "ckptsvc_save": "ckptsvc",
+    **bench_reads.READ_ARTIFACTS,
 }
 
 
@@ -478,6 +480,11 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
     return _sample(ctx, rss, (t1 - t0, t2 - t0, extras))
 
 
+def _floor(fn: Callable[[Any], tuple[PeakRss, Timed]]) -> Callable[[_Ctx], Sample]:
+    """A read floor of :mod:`ckptsvc.tools.bench_reads` as a workload."""
+    return lambda ctx: _sample(ctx, *fn(ctx))
+
+
 # ---------------------------------------------------------------------------- registry
 #: method -> (workload, needs the state built)
 WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
@@ -495,6 +502,9 @@ WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
     "ckptsvc_save": (w_ckptsvc_save, True),
     "ckptsvc_load": (w_ckptsvc_load, False),
     "ckptsvc_async": (w_ckptsvc_async, True),
+    "raw_read_direct": (_floor(bench_reads.raw_read_direct), False),
+    "raw_write_objects": (_floor(bench_reads.raw_write_objects), True),
+    "raw_read_objects": (_floor(bench_reads.raw_read_objects), False),
 }
 
 
@@ -506,7 +516,7 @@ def _measure(cfg: WorkerConfig) -> dict[str, Any]:
     ctx = _Ctx(cfg, state)
     try:
         return {"status": "ok", "sample": asdict(workload(ctx))}
-    except _Unavailable as e:
+    except (_Unavailable, bench_reads.Unavailable) as e:
         return {"status": "unavailable", "reason": str(e)}
 
 
