@@ -22,9 +22,11 @@ the last of them is (``safetensors.load_file`` behaves the same with its mapping
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ __all__ = ["ShardRead", "byte_view", "fits_in_place", "read_shard"]
 logger = logging.getLogger(__name__)
 
 _PAGE = 4096
+_CRC_THREADS = 2  # checksum helpers per shard read (CRC-32C runs at several GB/s each)
 
 
 @dataclass(frozen=True)
@@ -74,20 +77,37 @@ def fits_in_place(dest: torch.Tensor | None, entry: TensorEntry) -> bool:
 
 
 class _Checksums:
-    """CRC-32C of ranges, computed by the threads that read them; joined in file order."""
+    """CRC-32C of ranges as they complete, on helper threads (``crc32c`` releases the GIL),
+    so a reader thread issues its next read at once; joined in file order at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
         self._lock = threading.Lock()
         self._parts: list[tuple[int, int, int]] = []
+        self._pending: list[Future[None]] = []
 
     def on_range(self, rr: RangeRead) -> None:
+        fut = self._pool.submit(self._crc, rr)
+        with self._lock:
+            self._pending.append(fut)
+
+    def _crc(self, rr: RangeRead) -> None:
         crc = 0
         for v in rr.views:
             crc = crc32c_value(v, crc)
         with self._lock:
             self._parts.append((rr.offset, rr.nbytes, crc))
 
+    def wait(self) -> None:
+        """Wait for every checksum started (re-raising the first failure)."""
+        with self._lock:
+            pending = list(self._pending)
+        for fut in pending:
+            fut.result()
+
     def file_crc(self, header: bytes, file_nbytes: int, url: str) -> str:
+        """The whole file's CRC-32C: the header's, then every range's in file order."""
+        self.wait()
         crc = crc32c_value(header)
         cursor = len(header)
         for offset, nbytes, part in sorted(self._parts):
@@ -206,31 +226,33 @@ def read_shard(
         tensors[e.name] = dests[e.name]
         extents.append((data + e.begin, byte_view(dests[e.name])))
 
-    checksums = None
-    streamed_check = False
-    if expected_crc32c is not None:
-        gaps = _gaps(extents, start=data, end=file_nbytes)
-        if sum(n for _, n in gaps) <= 4 * knobs.READ_CHUNK_BYTES.get():
-            checksums = _Checksums()
-            extents += [(off, memoryview(bytearray(n))) for off, n in gaps]
-        else:
-            streamed_check = True
+    gaps = _gaps(extents, start=data, end=file_nbytes) if expected_crc32c is not None else []
+    streamed_check = sum(n for _, n in gaps) > 4 * knobs.READ_CHUNK_BYTES.get()
+    if not streamed_check:  # bytes nobody asked for: read into scratch, checked the same way
+        extents += [(off, memoryview(bytearray(n))) for off, n in gaps]
     direct = flat_direct and loc.is_local and want_direct_read(loc.path)
-    loc.read_scattered(extents, on_range=checksums.on_range if checksums else None, direct=direct)
-    if expected_crc32c is not None:
-        got = (
-            checksums.file_crc(layout.header, file_nbytes, loc.url)
-            if checksums is not None
-            else _streamed_crc(loc, layout, extents, file_nbytes)
-        )
-        if got != expected_crc32c:
-            raise CorruptCheckpointError(
-                f"{loc.url}: CRC-32C {got} differs from the manifest's {expected_crc32c} (the "
-                "file was damaged after it was written); resume from an older checkpoint"
+    with ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="ckptsvc-load-crc") as pool:
+        checksums = _Checksums(pool) if expected_crc32c is not None and not streamed_check else None
+        try:
+            loc.read_scattered(
+                extents, on_range=checksums.on_range if checksums else None, direct=direct
             )
-        logger.debug(
-            "%s: CRC-32C checked (%s)", loc.url, "streamed" if streamed_check else "ranges"
-        )
+        finally:
+            if checksums is not None:  # no checksum thread may outlive the read's memory
+                with contextlib.suppress(Exception):
+                    checksums.wait()
+        if expected_crc32c is not None:
+            got = (
+                checksums.file_crc(layout.header, file_nbytes, loc.url)
+                if checksums is not None
+                else _streamed_crc(loc, layout, extents, file_nbytes)
+            )
+            if got != expected_crc32c:
+                raise CorruptCheckpointError(
+                    f"{loc.url}: CRC-32C {got} differs from the manifest's {expected_crc32c} "
+                    "(the file was damaged after it was written); resume from an older "
+                    "checkpoint"
+                )
     return ShardRead(tensors, in_place_names)
 
 
