@@ -49,6 +49,7 @@ from ckptsvc.tools.bench_report import (
     print_rich,
     write_json,
 )
+from ckptsvc.tools.bench_resume import add_resume_options, run_resume
 from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
@@ -319,6 +320,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add_loop_options(parser)
     add_incremental_options(parser)
     add_budget_options(parser)
+    add_resume_options(parser)
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",
@@ -426,6 +428,8 @@ def run(args: argparse.Namespace) -> int:
         return run_incremental(args)
     if getattr(args, "budget", False):
         return run_budget(args)
+    if getattr(args, "resume", False):
+        return run_resume(args)
     try:
         plan, selected = _plan_from_args(args)
     except (ValueError, CheckpointError) as e:
