@@ -10,9 +10,9 @@
    ``preadv``, with ``O_DIRECT`` for the aligned flat buffer where
    ``CKPTSVC_DIRECT_IO_READS`` allows; on object stores ranged GETs, a big shard split
    into ``CKPTSVC_READ_RANGES_IN_FLIGHT`` ranges.
-4. With an expected CRC-32C (the manifest's), every range is checksummed by the thread
-   that read it, right after reading it, and the ranges are joined in file order
-   (``crc32c_combine``): one pass over each file. Bytes the caller did not ask for are read
+4. With an expected CRC-32C (the manifest's), every range is checksummed as soon as it is
+   read, on helper threads, while the readers go on, and the ranges are joined in file
+   order (``crc32c_combine``): one pass over each file. Bytes the caller did not ask for are read
    into scratch memory so the whole file is checked; a partial load whose unwanted bytes
    exceed ``CKPTSVC_READ_CHUNK_BYTES`` x 4 checks them in a second, streaming pass.
 
@@ -39,7 +39,7 @@ from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.storage import Location
 from ckptsvc.storage.reads import RangeRead, want_direct_read
 
-__all__ = ["ShardRead", "byte_view", "fits_in_place", "read_shard"]
+__all__ = ["Checksums", "ShardRead", "byte_view", "check_crc", "fits_in_place", "read_shard"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fits_in_place(dest: torch.Tensor | None, entry: TensorEntry) -> bool:
     )
 
 
-class _Checksums:
+class Checksums:
     """CRC-32C of ranges as they complete, on helper threads (``crc32c`` releases the GIL),
     so a reader thread issues its next read at once; joined in file order at the end."""
 
@@ -122,6 +122,15 @@ class _Checksums:
                 f"{url}: internal error: checksummed {cursor} of {file_nbytes} bytes"
             )
         return f"{crc:08x}"
+
+
+def check_crc(got: str, expected: str, url: str) -> None:
+    """Raise :class:`CorruptCheckpointError` unless the file's CRC-32C is the manifest's."""
+    if got != expected:
+        raise CorruptCheckpointError(
+            f"{url}: CRC-32C {got} differs from the manifest's {expected} (the file was "
+            "damaged after it was written); resume from an older checkpoint"
+        )
 
 
 def _aligned_flat(nbytes: int, file_offset: int) -> torch.Tensor:
@@ -232,7 +241,7 @@ def read_shard(
         extents += [(off, memoryview(bytearray(n))) for off, n in gaps]
     direct = flat_direct and loc.is_local and want_direct_read(loc.path)
     with ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="ckptsvc-load-crc") as pool:
-        checksums = _Checksums(pool) if expected_crc32c is not None and not streamed_check else None
+        checksums = Checksums(pool) if expected_crc32c is not None and not streamed_check else None
         try:
             loc.read_scattered(
                 extents, on_range=checksums.on_range if checksums else None, direct=direct
@@ -247,12 +256,7 @@ def read_shard(
                 if checksums is not None
                 else _streamed_crc(loc, layout, extents, file_nbytes)
             )
-            if got != expected_crc32c:
-                raise CorruptCheckpointError(
-                    f"{loc.url}: CRC-32C {got} differs from the manifest's {expected_crc32c} "
-                    "(the file was damaged after it was written); resume from an older "
-                    "checkpoint"
-                )
+            check_crc(got, expected_crc32c, loc.url)
     return ShardRead(tensors, in_place_names)
 
 

@@ -33,6 +33,7 @@ from ckptsvc.format.layout import (
     WEIGHTS_NAME,
 )
 from ckptsvc.format.manifest import Manifest, check_relpath
+from ckptsvc.read.device_read import read_to_device
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
@@ -152,6 +153,17 @@ def get_checkpoint_metadata(
     return None
 
 
+def _staging_device(device: str, destinations: Mapping[str, Tensor] | None) -> torch.device:
+    """Where a shard's bytes go: ``device``, or the one CUDA device a module to fill in
+    place lives on (read through pinned staging, not through pageable host memory)."""
+    target = torch.device(device)
+    if target.type != "cuda" and destinations:
+        devices = {v.device for v in destinations.values()}
+        if len(devices) == 1 and next(iter(devices)).type == "cuda":
+            return next(iter(devices))
+    return target
+
+
 def _read_file(
     ckpt: Location,
     fname: str,
@@ -179,6 +191,21 @@ def _read_file(
             )
 
     try:
+        if safetensors and _staging_device(device, destinations).type == "cuda":
+            layout, file_nbytes = read_safetensors_header(loc)
+            check_size(file_nbytes)
+            entries = [e for e in layout.entries if names is None or e.name in names]
+            if names is not None and len(entries) != len(names):
+                read_shard(loc, layout, file_nbytes=file_nbytes, names=names)  # names what lacks
+            tensors = read_to_device(
+                loc, layout, device=_staging_device(device, destinations), file_nbytes=file_nbytes,
+                entries=entries, destinations=destinations,
+                expected_crc32c=record.crc32c if record is not None else None,
+            )  # fmt: skip
+            return ShardRead(
+                tensors,
+                frozenset(k for k, v in tensors.items() if (destinations or {}).get(k) is v),
+            )
         if safetensors:
             layout, file_nbytes = read_safetensors_header(loc)  # one size request per file
             check_size(file_nbytes)
@@ -249,15 +276,10 @@ def _in_place_targets(module: nn.Module, state: Mapping[str, Tensor]) -> dict[st
         if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
             return {}
     own = {
-        t.untyped_storage().data_ptr()
+        (t.device, t.untyped_storage().data_ptr())
         for t in (*module.parameters(), *module.buffers())
-        if t.device.type == "cpu"
     }
-    return {
-        k: v
-        for k, v in state.items()
-        if v.device.type == "cpu" and v.untyped_storage().data_ptr() in own
-    }
+    return {k: v for k, v in state.items() if (v.device, v.untyped_storage().data_ptr()) in own}
 
 
 def _load_shards(
