@@ -39,6 +39,7 @@ from ckptsvc.tools.bench_budget import add_budget_options, run_budget
 from ckptsvc.tools.bench_common import GiB, parse_size, reap_group, tail_log
 from ckptsvc.tools.bench_incremental import add_incremental_options, run_incremental
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
+from ckptsvc.tools.bench_many import add_many_options, run_many
 from ckptsvc.tools.bench_plot import render_svg
 from ckptsvc.tools.bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
 from ckptsvc.tools.bench_report import (
@@ -321,6 +322,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add_incremental_options(parser)
     add_budget_options(parser)
     add_resume_options(parser)
+    add_many_options(parser)
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",
@@ -430,6 +432,8 @@ def run(args: argparse.Namespace) -> int:
         return run_budget(args)
     if getattr(args, "resume", False):
         return run_resume(args)
+    if getattr(args, "many_tensors", 0):
+        return run_many(args)
     try:
         plan, selected = _plan_from_args(args)
     except (ValueError, CheckpointError) as e:

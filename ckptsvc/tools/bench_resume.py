@@ -81,7 +81,7 @@ def _fs(root: str, options: dict[str, Any]) -> Any:
 def _save_all(root: str, options: dict[str, Any], model_mb: float, methods: list[str]) -> None:
     import torch
 
-    from ckptsvc import AsyncCheckpointer
+    from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 
     model, opt, width = _build(model_mb)
     _step(model, opt, width)
@@ -137,7 +137,9 @@ def _load(method: str, root: str, options: dict[str, Any], model: Any, opt: Any)
     import torch
 
     if method == "ckptsvc":
-        from ckptsvc import SharingPattern, StateComponent, find_latest_checkpoint, load_components
+        from ckptsvc.read.component_load import load_components
+        from ckptsvc.read.latest import find_latest_checkpoint
+        from ckptsvc.stage.components import SharingPattern, StateComponent
 
         path = find_latest_checkpoint(_join(root, "ckptsvc"), storage_options=options or None)
         comps = [
