@@ -1,5 +1,5 @@
-"""``ckptsvc bench --resume`` runs and reports its fields (issue 15). No timing asserts:
-the figures are the bench's to report, not a test's to check."""
+"""``ckptsvc bench --resume`` and ``--many-tensors`` run and report their fields (issue 15).
+No timing asserts: the figures are the bench's to report, not a test's to check."""
 
 from __future__ import annotations
 
@@ -38,3 +38,17 @@ def test_resume_mode_reports_every_method(tmp_path: Path, capsys: pytest.Capture
 def test_resume_mode_refuses_unknown_methods(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--resume", "--only", "nope"]) == 2
     assert "choose --only" in capsys.readouterr().err
+
+
+def test_many_tensors_mode_reports_both_loads(tmp_path: Path) -> None:
+    out = tmp_path / "many.json"
+    rc = bench.main(["--many-tensors", "50", "--reps", "1", "--dir", str(tmp_path), "--json",
+                     str(out), "--quiet"])  # fmt: skip
+    doc = json.loads(out.read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {"ckptsvc_load", "safetensors_load"}
+    assert all(r["ntensors"] == 50 and r["load_s"] > 0 for r in rows.values())
+    assert doc["target"]["ratio"] == pytest.approx(
+        rows["ckptsvc_load"]["load_s"] / rows["safetensors_load"]["load_s"]
+    )
+    assert rc == (0 if doc["target"]["verdict"] == "PASS" else 1)
