@@ -239,7 +239,7 @@ def _read_local(
         def one(rr: RangeRead) -> None:
             with storage_errors(loc.url, "read"):
                 span = _direct_span(rr) if direct_fd is not None else None
-                if span is None:
+                if span is None or direct_fd is None:
                     fill(rr.views, rr.offset, rr.nbytes, fd)
                 else:
                     view = _byte_view(rr.views[0])

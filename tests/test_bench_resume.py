@@ -14,7 +14,9 @@ from ckptsvc.tools.bench_resume import RESUME_METHODS
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("node")]
 
 
-def test_resume_mode_reports_every_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_mode_reports_every_method(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "resume.json"
     rc = bench.main(
         ["--resume", "--model-mb", "0.25", "--reps", "1", "--dir", str(tmp_path), "--json",

@@ -91,12 +91,12 @@ def many_rows(
                 raise RuntimeError(f"{method} loaded {out['ntensors']} tensors, not {n}")
             times[method].append(out["load_s"])
             progress(f"many-tensors {method} rep {rep + 1}/{reps}: {out['load_s']:.3f} s")
-    rows = [
-        {"method": m, "label": label, "ntensors": n, "load_s": statistics.median(times[m]),
-         "reps_s": times[m]}
+    medians = {m: statistics.median(times[m]) for m in _METHODS}
+    rows: list[dict[str, Any]] = [
+        {"method": m, "label": label, "ntensors": n, "load_s": medians[m], "reps_s": times[m]}
         for m, label in _METHODS.items()
-    ]  # fmt: skip
-    rows[0]["vs_safetensors"] = rows[0]["load_s"] / rows[1]["load_s"]
+    ]
+    rows[0]["vs_safetensors"] = medians["ckptsvc_load"] / medians["safetensors_load"]
     return rows
 
 

@@ -126,7 +126,7 @@ def _dcp_io(root: str, options: dict[str, Any], *, write: bool) -> Any:
     path = _join(root, "dcp")
     if "://" not in root:
         return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
-    from torch.distributed.checkpoint import FsspecReader, FsspecWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     return FsspecWriter(path, **options) if write else FsspecReader(path, **options)
 
@@ -160,21 +160,20 @@ def _load(method: str, root: str, options: dict[str, Any], model: Any, opt: Any)
         path = _join(root, "safetensors", "ckpt.safetensors")
         tensors = load_file(path) if "://" not in root else load(fs.cat_file(path))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, Any]] = {}
+        opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
                 _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
+                opt_state.setdefault(int(i), {})[name] = v
         groups = json.loads(fs.cat_file(_join(root, "safetensors", "optim.json")))
-        opt.load_state_dict({"state": state, "param_groups": groups})
+        opt.load_state_dict({"state": opt_state, "param_groups": groups})
     elif method == "dcp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, opt)
-        sd = {"model": msd, "optim": osd}
-        dcp.load(sd, storage_reader=_dcp_io(root, options, write=False))
-        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        dcp.load({"model": msd, "optim": osd}, storage_reader=_dcp_io(root, options, write=False))
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     else:
         raise ValueError(f"unknown method {method!r}")
 
@@ -255,7 +254,7 @@ def resume_rows(
                 samples[m].append(out)
             else:
                 errors[m] = out["reason"]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in methods:
         got = samples[m]
         if not got:
@@ -266,12 +265,13 @@ def resume_rows(
         for key in ("start_to_step_s", "interpreter_s", "import_s", "build_s", "load_s", "step_s"):
             row[key] = statistics.median(s[key] for s in got)
         rows.append(row)
-    ok = [r for r in rows if r["status"] == "ok" and r["method"] != "ckptsvc"]
+    peers = {r["method"]: float(r["start_to_step_s"]) for r in rows if r["status"] == "ok"}
     ours = next((r for r in rows if r["method"] == "ckptsvc" and r["status"] == "ok"), None)
-    if ours and ok:
-        best = min(ok, key=lambda r: r["start_to_step_s"])
-        ours["vs_best_peer"] = ours["start_to_step_s"] / best["start_to_step_s"]
-        ours["best_peer"] = best["method"]
+    others = {m: t for m, t in peers.items() if m != "ckptsvc"}
+    if ours is not None and others:
+        best = min(others, key=others.__getitem__)
+        ours["vs_best_peer"] = peers["ckptsvc"] / others[best]
+        ours["best_peer"] = best
     return rows
 
 
