@@ -54,12 +54,18 @@ def _mixed_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def test_full_load_matches_safetensors_and_builds_views_of_one_buffer(tmp_path: Path) -> None:
+def _reference_file(tmp_path: Path) -> tuple[Path, Location, Any, int, dict[str, torch.Tensor]]:
+    """The mixed state written by safetensors itself, and its parsed header."""
     state = _mixed_state()
     path = tmp_path / "ref.safetensors"
     save_file(state, str(path))
     loc = Location.parse(str(path))
     layout, size = read_safetensors_header(loc)
+    return path, loc, layout, size, state
+
+
+def test_full_load_matches_safetensors_and_builds_views_of_one_buffer(tmp_path: Path) -> None:
+    path, loc, layout, size, _ = _reference_file(tmp_path)
     got = read_shard(loc, layout, file_nbytes=size).tensors
     ref = load_file(str(path))
     assert set(got) == set(ref)
@@ -71,11 +77,7 @@ def test_full_load_matches_safetensors_and_builds_views_of_one_buffer(tmp_path: 
 
 
 def test_partial_load_reads_only_the_names_asked_for(tmp_path: Path) -> None:
-    state = _mixed_state()
-    path = tmp_path / "ref.safetensors"
-    save_file(state, str(path))
-    loc = Location.parse(str(path))
-    layout, size = read_safetensors_header(loc)
+    _, loc, layout, size, state = _reference_file(tmp_path)
     got = read_shard(loc, layout, file_nbytes=size, names=["small.007", "bf16"]).tensors
     assert set(got) == {"small.007", "bf16"}
     assert torch.equal(got["bf16"], state["bf16"]) and torch.equal(

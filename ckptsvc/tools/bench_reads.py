@@ -19,12 +19,11 @@ sample; :mod:`ckptsvc.tools.bench_workloads` registers them.
 from __future__ import annotations
 
 import errno
-import os
 import time
 from typing import Any
 
 from ckptsvc import knobs
-from ckptsvc.tools.bench_probes import IO_CHUNK_BYTES, PeakRss, _in_threads, _parts
+from ckptsvc.tools.bench_probes import IO_CHUNK_BYTES, PeakRss, read_file
 
 __all__ = [
     "OBJECTS",
@@ -49,52 +48,21 @@ class Unavailable(Exception):
 
 
 def raw_read_direct(ctx: Any) -> tuple[PeakRss, Timed]:
-    """Read the raw file with ``O_DIRECT`` into a fresh page-aligned buffer, ``IO_THREADS``
-    streams of ``IO_CHUNK_BYTES`` reads; the unaligned tail buffered. Local only."""
+    """Read the raw file with ``O_DIRECT`` into fresh page-aligned memory, ``IO_THREADS``
+    streams (:func:`~ckptsvc.tools.bench_probes.read_file`). Local only."""
     if ctx.cfg.remote:
         raise Unavailable("O_DIRECT applies to local files only")
-    path, nbytes = ctx.path(RAW_FILE), ctx.nbytes
     streams = max(1, knobs.IO_THREADS.get())
     with PeakRss() as rss:
-        t0 = time.perf_counter()
-        view = _fresh_aligned(nbytes)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            read_s, got = read_file(ctx.path(RAW_FILE), streams=streams, direct=True)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             raise Unavailable(f"the filesystem refuses O_DIRECT: {e}") from e
-        try:
-            body = nbytes // 4096 * 4096
-
-            def read(lo: int, hi: int) -> int:
-                start = lo
-                while lo < hi:
-                    n = os.preadv(fd, [view[lo : min(lo + IO_CHUNK_BYTES, hi)]], lo)
-                    if n == 0:
-                        break
-                    lo += n
-                return lo - start
-
-            got = sum(_in_threads(read, _parts(body, streams)))
-        finally:
-            os.close(fd)
-        if body < nbytes:
-            with open(path, "rb") as f:
-                f.seek(body)
-                got += f.readinto(view[body:])
-        read_s = time.perf_counter() - t0
-    if got != nbytes:
-        raise RuntimeError(f"raw direct read got {got} bytes, expected {nbytes}")
+    if got != ctx.nbytes:
+        raise RuntimeError(f"raw direct read got {got} bytes, expected {ctx.nbytes}")
     return rss, (read_s, read_s, {"streams": streams, "mode": "O_DIRECT"})
-
-
-def _fresh_aligned(nbytes: int) -> memoryview:
-    """A page-aligned buffer whose pages are *not* touched yet (like a loader's fresh
-    tensors: the read pays the page faults, as in ``raw_read``)."""
-    import mmap
-
-    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
 
 
 def _object_paths(fs_path: str) -> list[str]:
