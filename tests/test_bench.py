@@ -208,7 +208,7 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
     assert doc["schema"] == "ckptsvc-bench/1"
     assert doc["config"]["nbytes"] == nbytes and doc["config"]["cold_reads"] is True
     rows = rows_by_method(doc)
-    assert list(rows) == [m.name for m in bench.METHODS]
+    assert list(rows) == [m.name for m in bench.METHODS if m.name not in bench.OBJECT_STORE_ONLY]
     for name, row in rows.items():
         assert row["status"] == "ok", f"{name}: {row['reason']}"
         assert row["nbytes"] == nbytes
@@ -222,7 +222,8 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
         assert rows[name]["rss_extra_bytes"] >= 0.9 * nbytes, name
     # cold reads: the parent dropped the files from the page cache before each load
     if shutil.which("fincore"):
-        for name in ("raw_read", "torch_load", "safetensors_load", "dcp_load", "ckptsvc_load"):
+        for name in ("raw_read", "raw_read_direct", "torch_load", "safetensors_load", "dcp_load",
+                     "ckptsvc_load"):  # fmt: skip
             assert rows[name]["extras"]["cached_before_bytes"] < nbytes // 2, name
 
     assert rows["raw_write"]["extras"]["fsync_s"] == pytest.approx(
@@ -294,7 +295,7 @@ def test_missing_library_makes_rows_unavailable(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_object_store_run(s3_root: Any, tmp_path: Path) -> None:
-    methods = "raw_read,dcp_save,ckptsvc_load"  # raw_write and ckptsvc_save run as prerequisites
+    methods = "raw_read,raw_read_objects,dcp_save,ckptsvc_load"  # and their saves first
     proc = run_bench(
         "--size", "2MiB", "--only", methods, "--json", "--dir", str(tmp_path),
         "--storage", s3_root.url, "--storage-options", json.dumps(s3_root.storage_options),
@@ -303,7 +304,7 @@ def test_object_store_run(s3_root: Any, tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     assert doc["config"]["remote"] is True and doc["config"]["root"].startswith(s3_root.url)
     rows = rows_by_method(doc)
-    assert list(rows) == ["raw_read", "dcp_save", "ckptsvc_load"]
+    assert list(rows) == ["raw_read", "raw_read_objects", "dcp_save", "ckptsvc_load"]
     for name, row in rows.items():
         assert row["status"] == "ok", f"{name}: {row['reason']}"
         assert 0 < row["blocking_s"] <= row["durable_s"]

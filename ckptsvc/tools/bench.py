@@ -98,6 +98,10 @@ METHODS: tuple[Method, ...] = (
     Method("ckptsvc_load", "load", "ckptsvc load_checkpoint", needs="ckptsvc_save"),
 )
 _BY_NAME = {m.name: m for m in METHODS}
+#: floors a run without ``--only`` leaves out where they do not apply (with ``--only`` they
+#: report "unavailable" instead)
+OBJECT_STORE_ONLY = frozenset({"raw_write_objects", "raw_read_objects"})
+LOCAL_ONLY = frozenset({"raw_read_direct"})
 
 
 # ---------------------------------------------------------------------------- running
@@ -366,6 +370,9 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
     if args.storage:
         loc = Location.parse(args.storage, options)
         remote, parent = not loc.is_local, loc.path
+    if not args.only:  # by default only the read floors that apply where the bench runs
+        skip = LOCAL_ONLY if remote else OBJECT_STORE_ONLY
+        selected = [m for m in selected if m not in skip]
     nbytes = sum(s.nbytes for s in make_specs(total_nbytes))
     local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
     if remote:
