@@ -22,7 +22,7 @@ from ckptsvc.format.checksum import crc32c_combine, crc32c_value
 from ckptsvc.format.layout import SAFE_WEIGHTS_NAME
 from ckptsvc.read.device_read import read_to_device
 from ckptsvc.read.discovery import read_manifest
-from ckptsvc.read.loading import read_safetensors_header
+from ckptsvc.read.loading import read_safetensors, read_safetensors_header
 from ckptsvc.read.shard_read import read_shard
 from ckptsvc.storage import Location
 from ckptsvc.storage.reads import RangeRead, plan_reads, read_ranges
@@ -72,8 +72,25 @@ def test_full_load_matches_safetensors_and_builds_views_of_one_buffer(tmp_path: 
     for k, v in ref.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
         assert torch.equal(got[k], v), k
-    storages = {t.untyped_storage().data_ptr() for t in got.values() if t.numel()}
-    assert len(storages) == 1  # views of one flat buffer, not one allocation per tensor
+    for k, t in got.items():  # each its own storage, as safetensors returns them
+        assert t.storage_offset() == 0, k
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), k
+
+
+def test_loaded_tensors_behave_as_their_own(tmp_path: Path) -> None:
+    """No loaded tensor drags the shard's buffer along: torch.save of one writes its bytes
+    only, and torch.set_rng_state (which ignores storage offsets) takes a loaded state."""
+    rng = torch.get_rng_state()
+    state = {"rng": rng, "big": torch.randn(300_000), "small": torch.randn(7)}
+    path = tmp_path / "s.safetensors"
+    save_file(state, str(path))
+    got = read_safetensors(Location.parse(str(path)))
+    torch.set_rng_state(got["rng"])
+    assert torch.equal(torch.get_rng_state(), rng)
+    out = tmp_path / "one.pt"
+    torch.save(got["small"], out)
+    assert out.stat().st_size < 4096
+    assert torch.equal(got["big"], state["big"])
 
 
 def test_partial_load_reads_only_the_names_asked_for(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ __all__ = ["Checksums", "ShardRead", "byte_view", "check_crc", "fits_in_place", 
 logger = logging.getLogger(__name__)
 
 _PAGE = 4096
+_OWN_MIN_BYTES = 64 * 1024  # tensors this big share the read buffer's memory; smaller: copied
 _CRC_THREADS = 2  # checksum helpers per shard read (CRC-32C runs at several GB/s each)
 
 
@@ -191,6 +192,8 @@ def read_shard(
 ) -> ShardRead:
     """Read the tensors ``names`` (all if ``None``) of one shard in one pass (module doc).
 
+    Every returned tensor has a storage of its own at offset 0 (:func:`_own_storages`).
+
     ``destinations``: tensors to fill in place where they fit (:func:`fits_in_place`); the
     others are allocated. ``expected_crc32c``: the whole file's CRC-32C from the manifest;
     a mismatch is :class:`CorruptCheckpointError`. Every name asked for must be in the
@@ -213,24 +216,29 @@ def read_shard(
     extents: list[tuple[int, memoryview]] = []
     data = layout.data_offset
     flat_direct = False
-    if fresh:
-        base, end = fresh[0].begin, fresh[-1].end
-        fresh_nbytes = sum(e.nbytes for e in fresh)
-        if 2 * fresh_nbytes >= end - base:  # mostly wanted: one flat buffer, views into it
+    alone: list[TensorEntry] = []
+    shared = fresh
+    flat = None
+    if shared:
+        base, end = shared[0].begin, shared[-1].end
+        if 2 * sum(e.nbytes for e in shared) >= end - base:  # mostly wanted: one flat buffer
             flat = _aligned_flat(end - base, data + base)
-            tensors.update(zip((e.name for e in fresh), _views(flat, base, fresh), strict=True))
+            views = _views(flat, base, shared)
+            tensors.update(zip((e.name for e in shared), views, strict=True))
             flat_bytes = flat.numpy().data.cast("B") if end > base else memoryview(b"")
-            for run in _runs(fresh):
+            for run in _runs(shared):
                 lo, hi = run[0].begin - base, run[-1].end - base
                 if hi > lo:
                     extents.append((data + base + lo, flat_bytes[lo:hi]))
             flat_direct = True
         else:
-            for e in fresh:
-                t = torch.empty(e.shape, dtype=dtype_to_torch(e.dtype))
-                tensors[e.name] = t
-                if e.nbytes:
-                    extents.append((data + e.begin, byte_view(t)))
+            alone += shared
+            shared = []
+    for e in alone:
+        t = torch.empty(e.shape, dtype=dtype_to_torch(e.dtype))
+        tensors[e.name] = t
+        if e.nbytes:
+            extents.append((data + e.begin, byte_view(t)))
     for e in in_place:
         tensors[e.name] = dests[e.name]
         extents.append((data + e.begin, byte_view(dests[e.name])))
@@ -257,7 +265,30 @@ def read_shard(
                 else _streamed_crc(loc, layout, extents, file_nbytes)
             )
             check_crc(got, expected_crc32c, loc.url)
+    if flat is not None:
+        tensors.update(_own_storages(flat, shared[0].begin, shared, tensors))
     return ShardRead(tensors, in_place_names)
+
+
+def _own_storages(
+    flat: torch.Tensor, base: int, entries: Sequence[TensorEntry], views: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each tensor with a storage of its own at offset 0, as ``safetensors.load_file``
+    returns them (``torch.save`` of one tensor writes its bytes only, and code that ignores
+    a storage offset, such as ``torch.set_rng_state``, sees the right bytes): big tensors
+    get a slice of the flat buffer's storage (no copy; the buffer lives while any does),
+    small ones are copied out (a few microseconds each)."""
+    storage = flat.untyped_storage()
+    shift = flat.storage_offset()
+    out: dict[str, torch.Tensor] = {}
+    for e in entries:
+        if e.nbytes >= _OWN_MIN_BYTES and not (shift + e.begin - base) % DTYPE_SIZES[e.dtype]:
+            lo = shift + e.begin - base
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage[lo : lo + e.nbytes])
+            out[e.name] = raw.view(dtype_to_torch(e.dtype)).view(e.shape)
+        else:
+            out[e.name] = views[e.name].clone()
+    return out
 
 
 def _gaps(
