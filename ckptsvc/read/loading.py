@@ -1,10 +1,7 @@
-"""Read tensors from checkpoint files into preallocated tensors by byte range.
-
-Safetensors shards are never downloaded whole or copied twice: the header is read with
-a bounded read and validated, each wanted tensor is allocated once, and its bytes are read
-straight into its memory (``preadv`` locally, ranged GETs on object stores), several
-tensors in parallel. Legacy ``.bin`` files load only through
-``torch.load(weights_only=True)``.
+"""Reading checkpoint files: safetensors headers (bounded, validated), whole shards
+(through :mod:`ckptsvc.read.shard_read`: one pass, ranged reads straight into the
+tensors), JSON documents checked against the manifest, and legacy ``.bin`` files, which
+load only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
