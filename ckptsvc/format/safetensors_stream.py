@@ -27,6 +27,7 @@ Torch-free (the node writer imports it); the torch side is :mod:`ckptsvc.stage.t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -154,11 +155,14 @@ class ShardLayout:
     def file_nbytes(self) -> int:
         return self.data_offset + self.data_nbytes
 
+    @functools.cached_property
+    def by_name(self) -> dict[str, TensorEntry]:
+        """Entries by tensor name (built on first use)."""
+        return {e.name: e for e in self.entries}
+
     def entry(self, name: str) -> TensorEntry:
-        for e in self.entries:
-            if e.name == name:
-                return e
-        raise KeyError(name)
+        """The entry of tensor ``name``; ``KeyError`` if the shard has none."""
+        return self.by_name[name]
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -244,6 +248,34 @@ def header_length(prefix: bytes, *, file_nbytes: int | None, where: str) -> int:
     return int(n)
 
 
+def _entry_error(name: str, info: Any, where: str) -> CorruptCheckpointError:
+    """What is wrong with one tensor entry of a header (the slow, precise check)."""
+    key = f"{where}: tensor {name!r}"
+    if not name or not isinstance(info, dict):
+        return CorruptCheckpointError(f"{key}: entry is not an object")
+    dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        return CorruptCheckpointError(f"{key}: unknown dtype {dtype!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_NDIM
+        or not all(type(d) is int and 0 <= d < 2**63 for d in shape)
+        or math.prod(d for d in shape if d) >= 2**63
+    ):
+        return CorruptCheckpointError(f"{key}: bad shape {shape!r}")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(type(o) is int and o >= 0 for o in offs)
+        or offs[0] > offs[1]
+    ):
+        return CorruptCheckpointError(f"{key}: bad data_offsets {offs!r}")
+    return CorruptCheckpointError(
+        f"{key}: data_offsets span {offs[1] - offs[0]} bytes but shape {shape} of "
+        f"{dtype} needs {math.prod(shape) * DTYPE_SIZES[dtype]}"
+    )
+
+
 def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLayout:
     """Validate and decode ``raw`` = 8-byte prefix + JSON header of a safetensors file.
 
@@ -253,7 +285,9 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
     if len(raw) < 8 + n:
         raise CorruptCheckpointError(f"{where}: header truncated ({len(raw) - 8} of {n} bytes)")
 
-    doc = parse_json_doc(raw[8 : 8 + n], where=where, what="safetensors header")
+    doc = parse_json_doc(
+        raw[8 : 8 + n], where=where, what="safetensors header", check_depth=False
+    )  # the shape of every value is checked below
     if not isinstance(doc, dict):
         raise CorruptCheckpointError(f"{where}: safetensors header is not a JSON object")
 
@@ -265,35 +299,37 @@ def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLay
         raise CorruptCheckpointError(f"{where}: __metadata__ must map strings to strings")
 
     entries = []
-    for name, info in doc.items():
-        key = f"{where}: tensor {name!r}"
-        if not name or not isinstance(info, dict):
-            raise CorruptCheckpointError(f"{key}: entry is not an object")
-        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
-            raise CorruptCheckpointError(f"{key}: unknown dtype {dtype!r}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_NDIM
-            or not all(type(d) is int and 0 <= d < 2**63 for d in shape)
-            or math.prod(d for d in shape if d) >= 2**63  # torch's strides must fit in int64
-        ):
-            raise CorruptCheckpointError(f"{key}: bad shape {shape!r}")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(type(o) is int and o >= 0 for o in offs)
-            or offs[0] > offs[1]
-        ):
-            raise CorruptCheckpointError(f"{key}: bad data_offsets {offs!r}")
-        if offs[1] - offs[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
-            raise CorruptCheckpointError(
-                f"{key}: data_offsets span {offs[1] - offs[0]} bytes but shape {shape} of "
-                f"{dtype} needs {math.prod(shape) * DTYPE_SIZES[dtype]}"
+    in_order, last = True, (0, 0)
+    sizes = DTYPE_SIZES
+    prod = math.prod
+    for name, info in doc.items():  # hot at 100k tensors: the checks of _entry_error, inlined
+        try:
+            dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+            begin, end = offs
+            dims = tuple(shape)
+            ok = (
+                name
+                and type(begin) is int
+                and type(end) is int
+                and 0 <= begin <= end
+                and type(shape) is list
+                and len(dims) <= MAX_NDIM
+                and all(type(d) is int and 0 <= d < 2**63 for d in dims)
+                and type(offs) is list
+                and end - begin == prod(dims) * sizes[dtype]
+                # torch's strides must fit in int64
+                and (prod(d for d in dims if d) if 0 in dims else end - begin) < 2**63
             )
-        entries.append(TensorEntry(name, dtype, tuple(shape), offs[0], offs[1]))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _entry_error(name, info, where)
+        entries.append(TensorEntry(name, dtype, dims, begin, end))
+        in_order = in_order and (begin > last[0] or (begin == last[0] and end >= last[1]))
+        last = (begin, end)
 
-    entries.sort(key=lambda ent: (ent.begin, ent.end))
+    if not in_order:  # files written by the reference writer are in offset order already
+        entries.sort(key=lambda ent: (ent.begin, ent.end))
     cursor = 0
     for ent in entries:
         if ent.begin < cursor:

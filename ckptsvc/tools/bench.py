@@ -40,6 +40,7 @@ from ckptsvc.tools.bench_common import GiB, parse_size, reap_group, tail_log
 from ckptsvc.tools.bench_dcp import DCP_METHODS
 from ckptsvc.tools.bench_incremental import add_incremental_options, run_incremental
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
+from ckptsvc.tools.bench_many import add_many_options, run_many
 from ckptsvc.tools.bench_plot import render_svg
 from ckptsvc.tools.bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
 from ckptsvc.tools.bench_report import (
@@ -50,6 +51,7 @@ from ckptsvc.tools.bench_report import (
     print_rich,
     write_json,
 )
+from ckptsvc.tools.bench_resume import add_resume_options, run_resume
 from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
@@ -75,6 +77,16 @@ METHODS: tuple[Method, ...] = (
         "raw_write_direct", "floor", "raw write floor (O_DIRECT)", leaves=(_A["raw_write_direct"],)
     ),
     Method("raw_read", "floor", "raw read floor", needs="raw_write"),
+    Method("raw_read_direct", "floor", "raw read floor (O_DIRECT)", needs="raw_write"),
+    Method(
+        "raw_write_objects",
+        "floor",
+        "raw put, 4 objects in parallel",
+        leaves=(_A["raw_write_objects"],),
+    ),
+    Method(
+        "raw_read_objects", "floor", "raw get, 4 objects in parallel", needs="raw_write_objects"
+    ),
     Method("torch_save", "save", "torch.save", leaves=(_A["torch_save"],)),
     Method("safetensors_save", "save", "safetensors save_file", leaves=(_A["safetensors_save"],)),
     Method("dcp_save", "save", "DCP save", leaves=(_A["dcp_save"],)),
@@ -98,6 +110,10 @@ METHODS: tuple[Method, ...] = (
     ),
 )  # fmt: skip
 _BY_NAME = {m.name: m for m in METHODS}
+#: floors a run without ``--only`` leaves out where they do not apply (with ``--only`` they
+#: report "unavailable" instead)
+OBJECT_STORE_ONLY = frozenset({"raw_write_objects", "raw_read_objects"})
+LOCAL_ONLY = frozenset({"raw_read_direct"})
 
 
 # ---------------------------------------------------------------------------- running
@@ -337,6 +353,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add_loop_options(parser)
     add_incremental_options(parser)
     add_budget_options(parser)
+    add_resume_options(parser)
+    add_many_options(parser)
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",
@@ -387,6 +405,9 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
         remote, parent = not loc.is_local, loc.path
     if args.tensors < 0:
         raise ValueError("--tensors must be at least 0")
+    if not args.only:  # by default only the read floors that apply where the bench runs
+        skip = LOCAL_ONLY if remote else OBJECT_STORE_ONLY
+        selected = [m for m in selected if m not in skip]
     nbytes = sum(s.nbytes for s in make_specs(total_nbytes, tensors=args.tensors))
     local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
     if remote:
@@ -449,6 +470,10 @@ def run(args: argparse.Namespace) -> int:
         return run_incremental(args)
     if getattr(args, "budget", False):
         return run_budget(args)
+    if getattr(args, "resume", False):
+        return run_resume(args)
+    if getattr(args, "many_tensors", 0):
+        return run_many(args)
     try:
         plan, selected = _plan_from_args(args)
     except (ValueError, CheckpointError) as e:

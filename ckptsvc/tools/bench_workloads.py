@@ -35,10 +35,12 @@ from ckptsvc import knobs
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import url_to_fs
+from ckptsvc.tools import bench_reads
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     PeakRss,
     Sample,
+    Unavailable,
     WorkerConfig,
     aligned_buffer,
     build_state,
@@ -74,11 +76,8 @@ ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "dcp_save": "dcp",
     "ckptsvc_dcp_save": "ckptsvc_dcp",
     "ckptsvc_save": "ckptsvc",
+    **bench_reads.READ_ARTIFACTS,
 }
-
-
-class Unavailable(Exception):
-    """The method's library is missing or too old; the row says why (not a failure)."""
 
 
 def require(module: str, attr: str) -> Any:
@@ -420,6 +419,11 @@ def w_ckptsvc_async(ctx: Ctx) -> Sample:
     return sample(ctx, rss, (t1 - t0, t2 - t0, extras))
 
 
+def _floor(fn: Callable[[Any], tuple[PeakRss, Timed]]) -> Callable[[Ctx], Sample]:
+    """A read floor of :mod:`ckptsvc.tools.bench_reads` as a workload."""
+    return lambda ctx: sample(ctx, *fn(ctx))
+
+
 # ---------------------------------------------------------------------------- registry
 #: method -> (workload, needs the state built)
 WORKLOADS: dict[str, Workload] = {
@@ -434,6 +438,9 @@ WORKLOADS: dict[str, Workload] = {
     "ckptsvc_save": (w_ckptsvc_save, True),
     "ckptsvc_load": (w_ckptsvc_load, False),
     "ckptsvc_async": (w_ckptsvc_async, True),
+    "raw_read_direct": (_floor(bench_reads.raw_read_direct), False),
+    "raw_write_objects": (_floor(bench_reads.raw_write_objects), True),
+    "raw_read_objects": (_floor(bench_reads.raw_read_objects), False),
 }
 
 
