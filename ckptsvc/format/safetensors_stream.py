@@ -27,7 +27,6 @@ Torch-free (the node writer imports it); the torch side is :mod:`ckptsvc.stage.t
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import struct
@@ -94,12 +93,13 @@ class ShardLayout:
     ``entries`` of such a copy are parsed from the header on first use.
     """
 
-    __slots__ = ("_data_nbytes", "_entries", "header", "metadata")
+    __slots__ = ("_by_name", "_data_nbytes", "_entries", "header", "metadata")
 
     header: bytes
     metadata: Mapping[str, str] | None
     _entries: tuple[TensorEntry, ...] | None
     _data_nbytes: int | None
+    _by_name: dict[str, TensorEntry] | None
 
     def __init__(
         self,
@@ -116,6 +116,7 @@ class ShardLayout:
         if data_nbytes is None and entries is not None:
             data_nbytes = entries[-1].end if entries else 0
         object.__setattr__(self, "_data_nbytes", data_nbytes)
+        object.__setattr__(self, "_by_name", None)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"ShardLayout is immutable (setting {name!r})")
@@ -155,10 +156,12 @@ class ShardLayout:
     def file_nbytes(self) -> int:
         return self.data_offset + self.data_nbytes
 
-    @functools.cached_property
+    @property
     def by_name(self) -> dict[str, TensorEntry]:
         """Entries by tensor name (built on first use)."""
-        return {e.name: e for e in self.entries}
+        if self._by_name is None:
+            object.__setattr__(self, "_by_name", {e.name: e for e in self.entries})
+        return self._by_name or {}
 
     def entry(self, name: str) -> TensorEntry:
         """The entry of tensor ``name``; ``KeyError`` if the shard has none."""
