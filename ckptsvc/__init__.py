@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
         SaveTimings,
         load_components,
     )
+    from ckptsvc.engine.inflight import load_state
     from ckptsvc.format.manifest import Manifest
     from ckptsvc.manager import CheckpointConfig, CheckpointManager, default_checkpoint_id
     from ckptsvc.metrics import PrometheusExporter, SaveEvent, add_listener
@@ -58,7 +59,6 @@ if TYPE_CHECKING:  # the names below load on first use: the writer process impor
     from ckptsvc.ops.tiering import ReplicationResult, TieredStore, replicate_checkpoint
     from ckptsvc.ops.transfer import CopyReport, copy_checkpoint, copy_tree
     from ckptsvc.ranks import RankInfo
-    from ckptsvc.read.component_load import load_state
     from ckptsvc.read.discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
     from ckptsvc.read.latest import find_latest_verified
     from ckptsvc.read.verify import Problem, VerifyReport, verify_checkpoint
@@ -121,7 +121,7 @@ _LAZY: dict[str, str] = {
     "find_latest_checkpoint": "sharded_checkpoint",
     "list_checkpoints": "read.discovery",
     "load_checkpoint": "sharded_checkpoint",
-    "load_state": "read.component_load",
+    "load_state": "engine.inflight",
     "next_checkpoint_path": "sharded_checkpoint",
     "save_checkpoint": "sharded_checkpoint",
     "verify_checkpoint": "read.verify",

@@ -88,9 +88,10 @@ class SaveFailedError(CheckpointError, RuntimeError):
     """An asynchronous save failed; ``__cause__`` holds the underlying error."""
 
 
-class SaveInFlightError(CheckpointError, TimeoutError):
+class SaveInFlightError(IncompleteCheckpointError, TimeoutError):
     """A load waited for a save of this process to that root or path, and the save was
-    still in flight when the wait's timeout ran out; the message names its step and path."""
+    still in flight when the wait's timeout ran out; the message names its step and path.
+    The checkpoint is not committed yet, so this is also an ``IncompleteCheckpointError``."""
 
 
 class WriterDiedError(CheckpointError, RuntimeError):

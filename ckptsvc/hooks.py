@@ -18,7 +18,9 @@ Points (``name``: the keyword arguments it passes):
 - ``"sink.open"`` (:func:`wrap`): the sink ``Location.open_sink`` returns; ``name``, ``url``;
 - ``"snapshot.copy.before"`` / ``"snapshot.copy.after"``: the trainer's copy of a state into
   its shared-memory arena (no arguments);
-- ``"job.submitted"``: ``url`` - a save job handed to the node writer.
+- ``"job.submitted"``: ``url`` - a save job handed to the node writer;
+- ``"plan.component"``: ``key``, ``reused`` - a component of a save planned (``reused``
+  False) or its cached plan rebound (:mod:`ckptsvc.stage.plan_reuse`).
 
 Torch-free and importing nothing from ckptsvc but its errors: the node writer and the storage layer use it.
 """
@@ -49,6 +51,7 @@ POINTS = frozenset(
         "snapshot.copy.before",
         "snapshot.copy.after",
         "job.submitted",
+        "plan.component",
     }
 )
 

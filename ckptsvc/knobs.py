@@ -184,6 +184,12 @@ WRITE_CHUNK_BYTES = _knob(
 READ_CHUNK_BYTES = _knob(
     "read_chunk_bytes", 64 * 2**20, "Bytes per ranged read when loading.", min_value=1
 )
+LOAD_STAGING_BYTES = _knob(
+    "load_staging_bytes",
+    64 * 2**20,
+    "Bytes per pinned staging buffer (two per shard) when loading onto a CUDA device.",
+    min_value=4096,
+)
 IO_THREADS = _knob(
     "io_threads", 4, "Threads that write (per save) or read shards in parallel.", min_value=1
 )
@@ -214,6 +220,12 @@ DIRECT_IO_BUFFER_BYTES = _knob(
     "Bytes per O_DIRECT bounce slot (the writes of unaligned bytes); a direct file uses up "
     "to five, from a per-process pool reused across files.",
     min_value=1,
+)
+DIRECT_IO_READS = _knob(
+    "direct_io_reads",
+    "auto",
+    "O_DIRECT for loading local shards into block-aligned memory: auto (ext4/xfs), on, off.",
+    choices=("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
 )
 
 # --- object stores ------------------------------------------------------------------------

@@ -46,6 +46,11 @@ class RankInfo:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def alone(self) -> RankInfo:
+        """This process as the only one of its job (rank 0 of 1, same node): for a saver that
+        runs on one rank while the others do not take part."""
+        return RankInfo(0, 1, 0, 1, 0, self.node_id)
+
     @classmethod
     def current(cls, *, rank: int | None = None, node: str | None = None) -> RankInfo:
         """Discover rank, world and node (explicit ``rank`` / ``node`` win)."""

@@ -15,12 +15,13 @@ against Forgather runs unchanged after swapping the import. Differences, all fix
 This module is the facade Forgather users import; the code lives by layer:
 :mod:`ckptsvc.engine.sync_save` (saving), :mod:`ckptsvc.read.weights` (loading),
 :mod:`ckptsvc.read.latest` and :mod:`ckptsvc.read.discovery` (finding checkpoints;
-:func:`find_latest_checkpoint` here first waits for this process's saves in flight, see
+:func:`find_latest_checkpoint` and :func:`load_checkpoint` here first wait for this
+process's saves in flight, see
 :mod:`ckptsvc.engine.inflight`),
 :mod:`ckptsvc.stage.tied_params` (tied parameters).
 """
 
-from ckptsvc.engine.inflight import find_latest_checkpoint
+from ckptsvc.engine.inflight import find_latest_checkpoint, load_checkpoint
 from ckptsvc.engine.sync_save import (
     create_pretrained_symlinks,
     make_shard_index,
@@ -43,7 +44,6 @@ from ckptsvc.read.weights import (
     CheckpointMeta,
     ShardIndex,
     get_checkpoint_metadata,
-    load_checkpoint,
     load_checkpoint_metrics,
     load_shard_index,
     load_sharded_checkpoint,

@@ -45,7 +45,7 @@ from .fs import (
     url_to_fs,
 )
 from .io_settings import IOSettings
-from .reads import RangeRead, plan_reads, read_ranges
+from .reads import OnRange, RangeRead, plan_reads, read_ranges
 from .retry import RetryPolicy, call_with_retries
 from .sinks import open_sink
 
@@ -303,11 +303,14 @@ class Location:
         extents: Sequence[tuple[int, memoryview]],
         *,
         in_flight: int | None = None,
+        on_range: OnRange | None = None,
+        direct: bool = False,
     ) -> None:
         """Fill each view with the file's bytes from its offset, in parallel ranged reads.
 
         Nearby extents share one request and huge ones are split (``storage.reads``);
         on object stores the bytes go from the response straight into the views.
+        ``on_range`` and ``direct``: see :func:`ckptsvc.storage.reads.read_ranges`.
         Raises ``CorruptCheckpointError`` if the file ends before an extent does.
         """
         if in_flight is None:
@@ -320,7 +323,7 @@ class Location:
             max_gap_bytes=knobs.READ_COALESCE_GAP_BYTES.get(),
             min_ranges=in_flight,
         )
-        read_ranges(self, reads, in_flight=in_flight)
+        read_ranges(self, reads, in_flight=in_flight, on_range=on_range, direct=direct)
 
     # ---- writes --------------------------------------------------------------------------
     def makedirs(self) -> None:

@@ -136,6 +136,28 @@ def test_async_save_roundtrip(tmp_path: Path) -> None:
     assert verify_checkpoint(url, deep=True).ok
 
 
+def test_async_save_stages_like_filesystemwriter(tmp_path: Path) -> None:
+    """The writer is its own DCP stager (a ``BlockingAsyncStager``, as ``FileSystemWriter``
+    is), so ``async_save`` stages the same way for both: a CPU copy taken before
+    ``async_save`` returns, which later changes to the state do not reach."""
+    from torch.distributed.checkpoint.staging import AsyncStager, BlockingAsyncStager
+
+    url = next_checkpoint_path(str(tmp_path), 1)
+    writer = ckptsvc.dcp.StorageWriter(url)
+    assert isinstance(writer, BlockingAsyncStager)
+    assert isinstance(dcp.FileSystemWriter(str(tmp_path / "fs")), AsyncStager)
+    state = make_state(3)
+    want = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+    future = dcp.async_save(state, storage_writer=writer)
+    for v in state.values():
+        if torch.is_tensor(v):
+            v.add_(1)  # after async_save returned: not in the checkpoint
+    future.result(timeout=120)
+    got = zeros_like_state(want)
+    load(url, got)
+    assert_same_state(got, want)
+
+
 def test_threads_write_several_files_per_rank(tmp_path: Path) -> None:
     state = make_state(2)
     url = next_checkpoint_path(str(tmp_path), 1)

@@ -10,6 +10,7 @@
   the environment as the page tells users to do. A sample marked
   ``<!-- docs-test: torchrun -->`` runs under ``torchrun`` with two processes, twice (the
   second run must resume).
+- ``README.md`` counts as a page: its samples are checked and run the same way.
 - ``mkdocs build --strict`` passes (slow). Without mkdocs the test skips, except with
   ``CI=true``, where it fails: CI must not pass by skipping the docs.
 """
@@ -37,6 +38,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
+README = REPO / "README.md"
 MKDOCS_YML = REPO / "mkdocs.yml"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
 VENV_BIN = str(Path(sys.executable).parent)
@@ -55,23 +57,28 @@ _BUCKET_RE = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/")
 class Sample:
     """One fenced code block of a page."""
 
-    page: str  # relative to docs/
+    page: str  # relative to docs/ (the README: ../README.md)
     line: int  # 1-based line of the opening fence
     lang: str
     code: str
     mode: str  # "run" | "skip" | "torchrun"
 
     def __str__(self) -> str:
-        return f"docs/{self.page}:{self.line}"
+        return f"{os.path.normpath(f'docs/{self.page}')}:{self.line}"
 
 
 def pages() -> list[Path]:
     return sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.relative_to(DOCS).parts)
 
 
+def sample_pages() -> list[Path]:
+    """The pages whose samples are checked and run: the site's and the README."""
+    return [*pages(), README]
+
+
 def samples_of(page: Path) -> list[Sample]:
     """Fenced blocks at column 0, each with the docs-test mark on the line before it."""
-    rel = str(page.relative_to(DOCS))
+    rel = os.path.relpath(page, DOCS)
     lines = page.read_text().splitlines()
     out: list[Sample] = []
     i = 0
@@ -93,7 +100,11 @@ def samples_of(page: Path) -> list[Sample]:
 
 def all_samples(lang: str) -> list[Sample]:
     return [
-        s for p in pages() if p.name not in NOT_SAMPLES for s in samples_of(p) if s.lang == lang
+        s
+        for p in sample_pages()
+        if p.name not in NOT_SAMPLES
+        for s in samples_of(p)
+        if s.lang == lang
     ]
 
 
@@ -311,14 +322,14 @@ def run(argv: list[str], *, cwd: Path, env: dict[str, str], what: str) -> str:
 
 def runnable_pages() -> list[Any]:
     params = []
-    for page in pages():
+    for page in sample_pages():
         if page.name in NOT_SAMPLES:
             continue
         samples = [s for s in samples_of(page) if s.mode == "run" and s.lang in ("python", "bash")]
         if not samples:
             continue
         uses_s3 = any("s3://" in s.code for s in samples)
-        rel = str(page.relative_to(DOCS))
+        rel = os.path.relpath(page, DOCS)
         params.append(pytest.param(rel, id=rel, marks=[pytest.mark.cloud] if uses_s3 else []))
     return params
 

@@ -20,7 +20,7 @@ import ckptsvc
 from ckptsvc.compat.forgather_types import CheckpointManifest
 from ckptsvc.compat.training_state import SimpleStatefulProvider, TrainingProgress
 from ckptsvc.engine import inflight
-from ckptsvc.errors import SaveInFlightError
+from ckptsvc.errors import IncompleteCheckpointError, SaveInFlightError
 from ckptsvc.manager import CheckpointConfig, CheckpointManager
 
 pytestmark = pytest.mark.usefixtures("node")  # real node writers, ~1 s a test
@@ -111,3 +111,45 @@ def test_find_latest_checkpoint_waits_for_an_async_save_of_this_process(
     assert loaded["step"] == 3 and torch.equal(loaded["w"], state["w"])
     handle.wait()  # the loader's wait left the outcome to the owner
     assert inflight.in_flight(root, storage_options=opts) == []
+
+
+def test_loads_of_a_checkpoint_path_wait_for_its_save_in_flight(
+    tmp_path: Path, gate: OpenGateWhenWaiting, checkpointer: Any
+) -> None:
+    """``load_state`` / ``load_checkpoint`` / ``load_components`` of an explicit path this
+    process is still saving wait for it; with ``wait_s=0`` they say which step is in
+    flight (an ``IncompleteCheckpointError``), and the read layer, which does not wait,
+    says that this process is still saving it."""
+    from ckptsvc.read.component_load import load_state as read_only_load_state
+
+    opts = {"gate_path": str(gate.gate)}
+    ckpt = checkpointer(f"faulty://{tmp_path}/run", storage_options=opts)
+    model = TinyMLP(seed=1)
+
+    def via_load_components(path: str, **kw: Any) -> dict[str, Any]:
+        target = TinyMLP(seed=2)
+        component = ckptsvc.StateComponent("model", target, ckptsvc.SharingPattern.GLOBAL)
+        ckptsvc.load_components(path, [component], storage_options=opts, **kw)
+        return target.state_dict()
+
+    loaders = {
+        "load_state": lambda p, **kw: ckptsvc.load_state(p, storage_options=opts, **kw)["model"],
+        "load_checkpoint": lambda p, **kw: ckptsvc.load_checkpoint(p, storage_options=opts, **kw),
+        "load_components": via_load_components,
+    }
+    for step, (name, load) in enumerate(loaders.items(), start=1):
+        gate.gate.touch()
+        handle = ckpt.save(step, {"model": model, "step": step})
+        assert not handle.done(), name
+        gate.armed = False
+        with pytest.raises(IncompleteCheckpointError, match=rf"step {step} to .*checkpoint-{step}"):
+            load(handle.path, wait_s=0.0)
+        with pytest.raises(IncompleteCheckpointError, match=r"this process \(pid \d+\) is still"):
+            read_only_load_state(handle.path, storage_options=opts)
+        assert not handle.done(), name
+        gate.waited.clear()
+        gate.armed = True
+        loaded = load(handle.path)  # waits; its log line opens the gate
+        assert gate.waited, f"{name} did not wait for the save in flight"
+        assert_state_dicts_bitwise_equal(loaded, model.state_dict())
+        handle.wait()

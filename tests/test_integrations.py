@@ -398,25 +398,9 @@ def _lightning() -> Any:
 
 
 def _lit_module(pl: Any, seed: int) -> Any:
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(seed)
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-            )
-            self.save_hyperparameters({"hidden": 16, "lr": 0.05})
+    from dist_workers.lightning_worker import Tiny  # the DDP test's module (imports lightning)
 
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x), y)
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.AdamW(self.parameters(), lr=0.05)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    return Tiny()
+    return Tiny(seed)
 
 
 def _lit_data() -> Any:
@@ -479,6 +463,8 @@ def test_lightning_checkpoint_io_saves_async_and_resumes(tmp_path: Path) -> None
     assert saved[:2] == ["step=2.ckpt", "step=4.ckpt"]
     for name in saved:  # each "file" is a complete, verified ckptsvc checkpoint directory
         assert verify_checkpoint(str(ckpt_dir / name), deep=True).ok
+    # the dirpath is a root to discovery (ls, verify, gc, prune): Lightning's names, in order
+    assert [i.location.name for i in list_checkpoints(str(ckpt_dir))] == saved
 
     plugin = CkptsvcCheckpointIO()
     ours = plugin.load_checkpoint(ckpt_dir / "step=4.ckpt")

@@ -207,6 +207,9 @@ def test_writer_of_another_version_is_not_used(
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+        # idle, it must outlive the whole test (the fixture's 1 s linger did not under load,
+        # and the explicit-socket check then started a writer of ours in its place)
+        "CKPTSVC_WRITER_LINGER_S": "600",
     }
     foreign = subprocess.Popen(
         [sys.executable, "-c", _FOREIGN_WRITER, "--socket", path, "--node-id", node], env=env

@@ -50,7 +50,7 @@ from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, now_iso
 from ckptsvc.liveness import owner_alive, pid_namespace
 from ckptsvc.storage import Location
 
-__all__ = ["Claim", "check_claim", "claim_checkpoint", "read_marker"]
+__all__ = ["Claim", "check_claim", "claim_checkpoint", "describe_claim", "read_marker"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,26 @@ def read_marker(ckpt: Location) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def describe_claim(ckpt: Location) -> str:
+    """Who holds ``ckpt``'s in-progress marker, for a message that refuses to load it: a
+    save of this process still in flight, a live save elsewhere, or a dead owner."""
+    owner = read_marker(ckpt)
+    if owner is None:
+        return "no in-progress marker"
+    if not owner:
+        return "its in-progress marker is damaged"
+    if owner.get("pid") == os.getpid() and _KEEPER.holds(ckpt.url):
+        return (
+            f"this process (pid {os.getpid()}) is still saving it: wait for that save "
+            "(its SaveHandle.wait()) first, or load through ckptsvc.load_state / "
+            "load_checkpoint / load_components, which wait for this process's saves"
+        )
+    alive = owner_alive(owner.get("host"), owner.get("pidns"), owner.get("pid"))
+    if alive is False:
+        return f"its saver is gone ({_describe(owner)}): `ckptsvc gc` removes it"
+    return f"a save may still be writing it ({_describe(owner)})"
 
 
 # ---- staleness and takeover ------------------------------------------------------------------

@@ -26,7 +26,10 @@ writer's ``workers.node_writer``):
 Frame: 8-byte little-endian length, then a pickle of one message. Unpickling is
 restricted to the classes below and to plain builtins: the socket lives in a 0700
 directory, and even so a peer cannot make the other side run code. Errors travel as
-:class:`ErrorInfo` (type name, message, URL), never as pickled exceptions.
+:class:`ErrorInfo` (type name, message, URL), never as pickled exceptions. A
+``FileJob``'s :class:`~ckptsvc.format.safetensors_stream.ShardLayout` travels as its header
+bytes and data size only (protocol 6): no per-tensor object is pickled, so a job of
+100,000 tensors is a few large byte strings.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ __all__ = [
     "send_message",
 ]
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME_BYTES = 1 << 30
 _LEN = struct.Struct("<Q")
 

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -97,7 +98,7 @@ def _abandon(pending: _Pending, reason: str) -> None:
     logger.info("gave back the claim of %s: %s", pending.directory.url, reason)
 
 
-class StorageWriter(_DcpWriter):
+class StorageWriter(_DcpWriter, BlockingAsyncStager):
     """A DCP ``StorageWriter`` that saves through ckptsvc (see :mod:`ckptsvc.dcp` for the
     call order and which rank runs each step).
 
@@ -108,6 +109,11 @@ class StorageWriter(_DcpWriter):
     :class:`~ckptsvc.errors.CommitConflictError`. ``step``: recorded in the manifest
     (default: parsed from a ``checkpoint-<step>`` name). ``thread_count``: files (and
     writing threads) per rank.
+
+    For ``dcp.async_save`` it is also its own stager, as DCP's ``FileSystemWriter`` is
+    (``BlockingAsyncStager``: a CPU copy of the state on the calling thread), so both
+    stage alike (without it DCP would stage through its ``DefaultStager``, which in
+    process mode is slower to block and to finish).
     """
 
     def __init__(
@@ -119,7 +125,8 @@ class StorageWriter(_DcpWriter):
         step: int | None = None,
         thread_count: int = 1,
     ) -> None:
-        super().__init__()
+        _DcpWriter.__init__(self)
+        BlockingAsyncStager.__init__(self)
         if type(thread_count) is not int or thread_count < 1:
             raise ConfigError(f"thread_count must be a positive int, not {thread_count!r}")
         self._url = checkpoint_url(path)

@@ -9,18 +9,17 @@ Usage::
                 ckpt.save(step, {"model": model, "optimizer": opt, "step": step})
     state = load_state(find_latest_checkpoint("s3://bucket/run1", storage_options=opts))
 
-Each save produces a normal complete checkpoint at ``next_checkpoint_path(root, step)`` in
-the one layout of docs/reference/formats.md: the model as plain HF shards +
-``model.safetensors.index.json`` (+ ``config.json`` for a transformers model), every other
-component in files of its own, ``checkpoint_manifest.json`` written last.
+Each save is a complete checkpoint at ``next_checkpoint_path(root, step)`` in the layout of
+docs/reference/formats.md (the model as plain HF shards + index, the manifest last).
 
 ``save(step, state)`` is :meth:`save_components` of the components
 :func:`~ckptsvc.stage.state_components.components_of_state` derives (one GLOBAL component per key
 of the state). Call order of one save (process / thread that runs each step):
 
 1. plan every component (training thread; :func:`~ckptsvc.stage.component_plan.plan_components`
-   calls each ``stateful.state_dict()``, flattens it and decides this rank's files);
-   claim the checkpoint directory (rank 0 or the only process);
+   calls each ``stateful.state_dict()`` and decides this rank's files, or rebinds the last
+   plan when the state's signature is unchanged: :mod:`ckptsvc.stage.plan_reuse`); claim
+   the checkpoint directory (rank 0 or the only process);
 2. take a free staging arena - back-pressure: waits while every arena is still being
    written (``timings.arena_wait_s``); a state bigger than the memory budget streams
    through a ring in pieces instead (:mod:`ckptsvc.stage.piecewise`);
@@ -57,7 +56,7 @@ from ckptsvc.commit.coordinator import Coordinator, PendingCommit
 from ckptsvc.commit.reports import Merged, RankReport
 from ckptsvc.commit.target import SaveTarget, check_step, claim_target
 from ckptsvc.engine.copier import SnapshotCopier
-from ckptsvc.engine.inflight import track
+from ckptsvc.engine.inflight import load_components, load_state, track
 from ckptsvc.engine.jobs import commit_job, data_job, json_metadata, pending_commit
 from ckptsvc.engine.outcomes import SaveOutcomes
 from ckptsvc.engine.writer_link import WriterLink
@@ -68,9 +67,8 @@ from ckptsvc.errors import (
 )
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.ranks import RankInfo
-from ckptsvc.read.component_load import load_components, load_state
 from ckptsvc.read.discovery import next_checkpoint_path
-from ckptsvc.stage.arena import ArenaPlan, ArenaPool, StagingArena, copy_into, plan_arena
+from ckptsvc.stage.arena import ArenaPlan, ArenaPool, StagingArena, plan_arena
 from ckptsvc.stage.component_plan import plan_components
 from ckptsvc.stage.components import StateComponent
 from ckptsvc.stage.incremental import IncrementalBase, base_fields
@@ -83,6 +81,7 @@ from ckptsvc.stage.piecewise import (
     component_segments,
 )
 from ckptsvc.stage.plan_cache import PlanCache
+from ckptsvc.stage.plan_reuse import PlanReuse
 from ckptsvc.stage.save_handle import SaveBook, SaveHandle, SaveTimings
 from ckptsvc.stage.state_components import components_of_state
 from ckptsvc.storage import Location
@@ -102,7 +101,8 @@ class AsyncCheckpointer:
     In a distributed job create it on every rank after ``init_process_group`` (rank,
     world and node come from :class:`~ckptsvc.ranks.RankInfo`; ``store`` defaults to
     the default process group's Store, and without a process group ranks coordinate
-    through fragment files under the checkpoint). ``writer_options``
+    through fragment files under the checkpoint; ``single_process=True``: save alone, as a
+    plugin called on rank 0 only does, e.g. Lightning's). ``writer_options``
     (:class:`~ckptsvc.WriterOptions`: fsync, I/O threads, part size, retries, direct I/O)
     travel with every save to the node writer; default ``WriterOptions.resolve()`` here.
     ``close`` (also on ``with`` exit and at interpreter exit) waits for in-flight saves,
@@ -125,8 +125,8 @@ class AsyncCheckpointer:
         incremental: bool | None = None,
         memory_budget_bytes: int | None = None,
         writer_options: WriterOptions | None = None,
+        single_process: bool = False,
     ) -> None:
-        # how the node writer writes this checkpointer's saves; None: the CKPTSVC_* knobs now
         self._writer_options = writer_options or WriterOptions.resolve()
         self._root = Location.parse(os.fspath(root), storage_options)
         if self._root.protocol == "memory":
@@ -139,7 +139,8 @@ class AsyncCheckpointer:
         self._storage_options = dict(storage_options or {})
         check_wire_safe(self._storage_options, what="storage_options")
         self._max_shard_size = knobs.MAX_SHARD_SIZE.get(max_shard_size)
-        self._info = RankInfo.current(rank=rank, node=node)
+        info = RankInfo.current(rank=rank, node=node)
+        self._info = info.alone() if single_process else info
         self._node = self._info.node_id
         self._rank = self._info.rank if rank is None else rank  # the writer's label for us
         self._metadata = dict(metadata or {})
@@ -161,6 +162,7 @@ class AsyncCheckpointer:
         self._closed = False
         self._owner_pid = os.getpid()
         self._arena_plans: PlanCache[ArenaPlan] = PlanCache()
+        self._plan_reuse = PlanReuse(incremental=self._incremental)
         self._coordinator = (
             Coordinator(
                 self._info,
@@ -309,11 +311,11 @@ class AsyncCheckpointer:
                 else None
             )
             if snapshot is None and not streamed:
-                parts = self._copier.stage(plans, staged, layout, arena, copy_into)
+                parts = self._copier.stage(plans, staged, layout, arena)
             else:
                 parts = tuple(p.part for p in plans)  # the CRCs come after the copy
             copy_s = time.perf_counter() - copy_started
-            nbytes = sum(e.nbytes for f in staged if f.write for e in f.plan.layout.entries)
+            nbytes = sum(f.plan.layout.data_nbytes for f in staged if f.write)
             handle = SaveHandle(
                 step=step,
                 path=path,
@@ -400,8 +402,8 @@ class AsyncCheckpointer:
         return self._snapshots.fence(timeout_s)
 
     def reserve(self, state: Any) -> None:
-        """Optional warm-up: plan ``state``'s layout and create every arena now (allocating
-        and pre-faulting costs ~0.4 s per GiB), so the first saves pay only the copy."""
+        """Optional warm-up: create every arena for ``state`` now, so the first saves pay
+        only the copy (creating costs ~3x a memcpy: 0.5 s/GiB against 0.15, design.md 7)."""
         plans = self._plan(components_of_state(state), process_groups=None, user_metadata={})
         nbytes = self._arena_plan_for([f for p in plans for f in p.files]).nbytes
         streamed = self._budget.streams(nbytes)  # bigger than the budget: the ring
@@ -474,6 +476,7 @@ class AsyncCheckpointer:
             max_shard_size=self._max_shard_size,
             user_metadata=user_metadata,
             incremental=self._incremental,
+            reuse=self._plan_reuse,
         )
 
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:

@@ -63,9 +63,10 @@ class SnapshotCopier:
         staged: Sequence[StagedFile],
         layout: ArenaPlan,
         arena: StagingArena | None,
-        copy: Callable[..., None],
+        sources: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
     ) -> tuple[PartReport, ...]:
-        """Copy ``save_components``' tensors into the arena; this rank's CRCs per part."""
+        """Copy ``save_components``' tensors (or what ``sources`` maps them to) into the
+        arena; this rank's CRCs per part."""
         return stage_components(
             plans,
             staged,
@@ -73,7 +74,7 @@ class SnapshotCopier:
             arena,
             threads=self.threads,
             executor=self._executor,
-            copy=copy,
+            sources=sources,
         )
 
     def stage_late(
@@ -87,12 +88,8 @@ class SnapshotCopier:
     ) -> None:
         """Snapshot thread: an overlapped ``save_components``' copy (from the clones taken at
         save time where there are some) and the CRCs it yields for the rank's report."""
-
-        def copy(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], **kw: Any) -> None:
-            copy_into(dsts, snapshot.sources(srcs), **kw)
-
         pending.report = replace(
-            pending.report, parts=self.stage(plans, staged, layout, arena, copy)
+            pending.report, parts=self.stage(plans, staged, layout, arena, snapshot.sources)
         )
 
     def streamer(

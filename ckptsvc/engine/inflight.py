@@ -9,13 +9,17 @@ would have found the checkpoint) must not be told "no checkpoint" meanwhile. So:
    handle here (:func:`track`, training thread, before its job goes out); a handle that
    is done is forgotten at the next look;
 2. the public loaders that take a root or a path call :func:`wait_for_saves` first:
-   :func:`find_latest_checkpoint` here (``ckptsvc.find_latest_checkpoint`` and
-   ``ckptsvc.sharded_checkpoint.find_latest_checkpoint``) and
+   :func:`find_latest_checkpoint`, :func:`load_state`, :func:`load_components` and
+   :func:`load_checkpoint` here (what ``ckptsvc.find_latest_checkpoint``,
+   ``ckptsvc.load_state``, ``ckptsvc.load_components``, ``ckptsvc.load_checkpoint`` and
+   ``ckptsvc.sharded_checkpoint``'s two are) and
    :class:`~ckptsvc.manager.CheckpointManager`'s load path. They wait for every save of
    this process to the path or under the root (any checkpointer's, not only their own),
-   or, past ``timeout_s``, raise :class:`~ckptsvc.errors.SaveInFlightError` naming the
-   step still in flight. Waiting does not consume a save's failure: its owner still
-   raises it from ``wait``.
+   or, past ``wait_s``, raise :class:`~ckptsvc.errors.SaveInFlightError` (an
+   ``IncompleteCheckpointError``) naming the step still in flight. Waiting does not
+   consume a save's failure: its owner still raises it from ``wait``. A reader that did
+   not wait (the read layer's own functions) and finds the checkpoint uncommitted says
+   whose save it is (``workers.claim.describe_claim``): this process's, in flight.
 
 Why here: the registry is the engine's bookkeeping, and the read layer (below the
 engine) cannot import it. The read layer's functions stay pure readers of the store; the
@@ -30,14 +34,28 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+from torch import Tensor, nn
+
 from ckptsvc.errors import SaveInFlightError
+from ckptsvc.read import component_load, weights
 from ckptsvc.read.latest import find_latest_checkpoint as _find_latest
+from ckptsvc.stage.components import StateComponent
 from ckptsvc.stage.save_handle import SaveHandle
 from ckptsvc.storage import Location
 
-__all__ = ["find_latest_checkpoint", "in_flight", "track", "wait_for_saves"]
+__all__ = [
+    "find_latest_checkpoint",
+    "in_flight",
+    "load_checkpoint",
+    "load_components",
+    "load_state",
+    "track",
+    "wait_for_saves",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +128,68 @@ def find_latest_checkpoint(
     """
     wait_for_saves(model_dir, storage_options=storage_options, timeout_s=wait_s)
     return _find_latest(model_dir, verify=verify, storage_options=storage_options)
+
+
+def load_state(
+    path: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    rank: int | None = None,
+    wait_s: float | None = None,
+) -> Any:
+    """:func:`ckptsvc.read.component_load.load_state` of ``path`` once no save of this
+    process to it is in flight (up to ``wait_s`` seconds, ``None``: no limit; then
+    :class:`~ckptsvc.errors.SaveInFlightError` names the step)."""
+    _wait_unless_none(path, storage_options, wait_s)
+    return component_load.load_state(
+        path, storage_options=storage_options, device=device, rank=rank
+    )
+
+
+def load_components(
+    path: str,
+    components: Sequence[StateComponent],
+    *,
+    process_groups: Mapping[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    strict: bool = True,
+    world_size_policy: str = "error",
+    rank: int | None = None,
+    wait_s: float | None = None,
+) -> None:
+    """:func:`ckptsvc.read.component_load.load_components`, after waiting for this
+    process's saves to ``path`` as :func:`load_state` does."""
+    _wait_unless_none(path, storage_options, wait_s)
+    component_load.load_components(
+        path, components, process_groups=process_groups, storage_options=storage_options,
+        strict=strict, world_size_policy=world_size_policy, rank=rank,
+    )  # fmt: skip
+
+
+def load_checkpoint(
+    model_dir: str,
+    module: nn.Module | None = None,
+    device: str = "cpu",
+    strict: bool = True,
+    assign: bool = False,
+    keys: set[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    wait_s: float | None = None,
+) -> dict[str, Tensor] | None:
+    """:func:`ckptsvc.read.weights.load_checkpoint` (Forgather's signature), after waiting
+    for this process's saves to ``model_dir`` (or under it) as :func:`load_state` does."""
+    _wait_unless_none(model_dir, storage_options, wait_s)
+    return weights.load_checkpoint(
+        model_dir, module, device, strict, assign, keys, storage_options=storage_options
+    )
+
+
+def _wait_unless_none(
+    path: str | None, storage_options: dict[str, Any] | None, wait_s: float | None
+) -> None:
+    """Wait for the saves to ``path``; ``None`` (no checkpoint found) is left to the loader,
+    whose error says so."""
+    if path is not None:
+        wait_for_saves(path, storage_options=storage_options, timeout_s=wait_s)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -29,19 +30,13 @@ from ckptsvc.errors import InvalidStateError
 from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.manifest import FileRecord
 from ckptsvc.stage.arena import ArenaPlan, StagingArena, copy_into
-from ckptsvc.stage.parts import ComponentPlan, PartReport, StagedFile
+from ckptsvc.stage.copy_program import CopyProgram
+from ckptsvc.stage.parts import ComponentPlan, OrderedSources, PartReport, StagedFile
 from ckptsvc.stage.save_handle import SaveHandle
-from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.version import __version__
 from ckptsvc.workers.protocol import CommitInfo, FileJob, SaveJob, SmallFile, WriterOptions
 
 __all__ = ["commit_job", "data_job", "stage_components"]
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    if t.numel() == 0:
-        return memoryview(b"")
-    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def stage_components(
@@ -52,34 +47,67 @@ def stage_components(
     *,
     threads: int,
     executor: Executor | None,
-    copy: Callable[..., None] = copy_into,
+    sources: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> tuple[PartReport, ...]:
-    """Copy into the arena (with ``copy``, :func:`ckptsvc.stage.arena.copy_into` unless a
-    caller wraps it); return each component's part (with CRCs when validated)."""
+    """Copy every staged tensor into the arena and return each component's part (with
+    CRCs when validated). CPU tensors: runs of small ones by one ``torch.cat`` each, the
+    rest one by one (:mod:`ckptsvc.stage.copy_program`); with any CUDA source, every tensor
+    one by one (D2H on a side stream into the pinned arena). ``sources`` maps the staged
+    tensors to the ones to copy (an overlapped save's clones)."""
     if arena is None:
         return tuple(p.part for p in plans)
-    specs: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
+    program = layout.program
     srcs: list[torch.Tensor] = []
-    where: dict[tuple[int, str], int] = {}  # (id of the staged file, tensor name) -> index
-    for i, f in enumerate(staged):
-        for e in f.plan.layout.entries:
-            where[(id(f), e.name)] = len(specs)
-            specs.append((layout.file_offsets[i] + e.begin, dtype_to_torch(e.dtype), e.shape))
-            srcs.append(f.sources[e.name])
-    if any(t.device.type == "cuda" for t in srcs):
-        arena.pin()
-    dsts = arena.views_at(layout, specs)
+    for f, names in zip(staged, program.names, strict=True):
+        if isinstance(f.sources, OrderedSources) and f.sources.names == names:
+            srcs.extend(f.sources.values_in_order)  # a reused plan's: no lookup per name
+        else:
+            srcs.extend(map(f.sources.__getitem__, names))
+    if sources is not None:
+        srcs = sources(srcs)
     with torch.no_grad():
-        copy(dsts, srcs, threads=threads, executor=executor)
-    parts = []
-    for p in plans:
-        if not p.crc_names:
-            parts.append(p.part)
-            continue
-        index = {name: where[(id(f), name)] for f in p.files for name in f.sources}
-        crcs = tuple(crc32c_hex(_bytes_of(dsts[index[n]])) for n in p.crc_names)
-        parts.append(replace(p.part, crcs=crcs))
-    return tuple(parts)
+        if any(map(_IS_CUDA, srcs)):
+            arena.pin()
+            dsts = arena.views_at(layout, program.specs)
+            copy_into(dsts, srcs, threads=threads, executor=executor)
+        else:
+            dsts = arena.views_at(layout, program.single_specs, kind="singles")
+            views = arena.views_at(layout, program.run_specs, kind="runs")
+            copy_into(
+                dsts,
+                [srcs[i] for i in program.singles],
+                threads=threads,
+                executor=executor,
+                runs=[
+                    (v, srcs[r.first : r.stop]) for v, r in zip(views, program.runs, strict=True)
+                ],
+            )
+    return tuple(_with_crcs(p, staged, program, arena) for p in plans)
+
+
+_IS_CUDA = operator.attrgetter("is_cuda")
+
+
+def _with_crcs(
+    p: ComponentPlan, staged: Sequence[StagedFile], program: CopyProgram, arena: StagingArena
+) -> PartReport:
+    """``p.part`` with the CRC-32C of each of ``p.crc_names``, read back from the arena."""
+    if not p.crc_names:
+        return p.part
+    mine = {id(f) for f in p.files}
+    index: dict[str, int] = {}
+    first = 0
+    for f, names in zip(staged, program.names, strict=True):
+        if id(f) in mine:
+            index.update((name, first + j) for j, name in enumerate(names))
+        first += len(names)
+    crcs = []
+    for name in p.crc_names:
+        i = index[name]
+        nbytes = program.nbytes(i)
+        data = arena.bytes_at(program.specs[i][0], nbytes).numpy().data if nbytes else b""
+        crcs.append(crc32c_hex(data))
+    return replace(p.part, crcs=tuple(crcs))
 
 
 def pending_commit(

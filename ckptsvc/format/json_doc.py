@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: longest integer literal accepted (a signed 64-bit value has at most 20 characters)
 MAX_INT_DIGITS = 1000  # what save() accepts (flatten: |v| < 10**1000)
+_INT_BOUND = 10**MAX_INT_DIGITS  # integers accepted lie strictly between -bound and bound
 #: deepest nesting of arrays/objects accepted; a state skeleton nests as deep as the saved
 #: state, and Python's recursion limit (1000) already bounds what a save can write
 MAX_JSON_DEPTH = 1000
@@ -55,32 +56,48 @@ class _BadValue(ValueError):
 
 
 def _check_depth(doc: Any, *, where: str, what: str) -> None:
-    """Iterative walk: refuse nesting deeper than ``MAX_JSON_DEPTH``."""
+    """Iterative walk: refuse nesting deeper than ``MAX_JSON_DEPTH`` and integers of more
+    than ``MAX_INT_DIGITS`` digits."""
     stack: list[tuple[Any, int]] = [(doc, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
+        children: Any = node.values() if isinstance(node, dict) else node
         if depth > MAX_JSON_DEPTH:
             raise CorruptCheckpointError(
                 f"{where}: {what} nests deeper than {MAX_JSON_DEPTH} levels (damaged or hostile "
                 "file); resume from another checkpoint"
             )
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        for c in children:
+            kind = type(c)
+            if kind is dict or kind is list:
+                stack.append((c, depth + 1))
+            elif kind is int and not -_INT_BOUND < c < _INT_BOUND:
+                digits = len(str(abs(c)))
+                raise CorruptCheckpointError(
+                    f"{where}: {what} is not acceptable JSON: integer literal of {digits} "
+                    f"digits (limit {MAX_INT_DIGITS})"
+                )
 
 
-def parse_json_doc(raw: bytes | bytearray | memoryview, *, where: str, what: str) -> Any:
+def parse_json_doc(
+    raw: bytes | bytearray | memoryview, *, where: str, what: str, check_depth: bool = True
+) -> Any:
     """Parse a checkpoint document: UTF-8, bounded integers and depth, no NaN/Infinity.
 
     ``where`` (the file's URL) and ``what`` ("manifest", "index", ...) name it in errors.
+    The C decoder runs without per-value Python hooks (Python's own limit bounds the
+    digits it converts); the nesting walk after it also refuses integers of more than
+    ``MAX_INT_DIGITS`` digits. ``check_depth=False``: the caller validates the whole shape
+    and every value of the document itself (a safetensors header), so the walk is skipped;
+    the parse itself stays bounded by the interpreter's recursion limit.
     """
     try:
-        text = bytes(raw).decode("utf-8")
-        doc = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+        data = bytes(raw)
+        text = data.decode("utf-8")
+        if b"NaN" in data or b"Infinity" in data:  # maybe a constant: the hooks decide
+            doc = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+        else:
+            doc = json.loads(text)
     except _BadValue as e:
         raise CorruptCheckpointError(f"{where}: {what} is not acceptable JSON: {e}") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -90,8 +107,14 @@ def parse_json_doc(raw: bytes | bytearray | memoryview, *, where: str, what: str
             f"{where}: {what} nests too deeply to parse (damaged or hostile file)"
         ) from e
     except (ValueError, MemoryError, OverflowError) as e:
+        if "integer string conversion" in str(e):  # Python's own digit limit (4300)
+            raise CorruptCheckpointError(
+                f"{where}: {what} is not acceptable JSON: integer literal of more than "
+                f"{MAX_INT_DIGITS} digits ({e})"
+            ) from e
         raise CorruptCheckpointError(f"{where}: {what} cannot be parsed ({e})") from e
-    _check_depth(doc, where=where, what=what)
+    if check_depth:
+        _check_depth([doc], where=where, what=what)
     return doc
 
 

@@ -19,9 +19,11 @@ Call order (the training thread unless noted):
 1. :meth:`~CkptsvcCheckpointIO.save_checkpoint` (Lightning calls it on global rank 0):
    snapshot the checkpoint's tensors into shared memory and return; the node writer process
    writes the directory and commits its manifest last (in the background);
-2. :meth:`~CkptsvcCheckpointIO.load_checkpoint`: wait for a save to that path still in
-   flight, then read both components back into one checkpoint dict (tensors on CPU, or
-   on ``map_location`` when it names a device);
+2. :meth:`~CkptsvcCheckpointIO.load_checkpoint` (Lightning calls it on every rank): wait
+   for a save to that path still in flight (rank 0, the only one that saves), under DDP a
+   barrier (so no rank reads before rank 0's save committed), then read both components
+   back into one checkpoint dict (tensors on CPU, or on ``map_location`` when it names a
+   device);
 3. :meth:`~CkptsvcCheckpointIO.remove_checkpoint` (``save_top_k`` rotation): wait for a
    save to that path, then delete it, manifest first;
 4. :meth:`~CkptsvcCheckpointIO.teardown` (end of ``fit``): wait for every save, stop the
@@ -29,8 +31,16 @@ Call order (the training thread unless noted):
 
 Values must be tensors or JSON-like (dicts, lists, numbers, strings, ``None``):
 ``save_hyperparameters`` with other objects raises ``InvalidStateError`` naming the key.
-Single process only: Lightning calls ``CheckpointIO`` on rank 0 alone, and ckptsvc's
-distributed commit needs every rank (use ``ckptsvc.CheckpointManager`` for multi-rank jobs).
+
+Under DDP (``strategy="ddp"``) only global rank 0 writes: Lightning calls ``save_checkpoint``
+and ``remove_checkpoint`` there alone, and the model and optimizer are replicated, so rank 0's
+state is the whole checkpoint (an ``AsyncCheckpointer(single_process=True)``: no
+cross-rank commit). Every rank loads it whole. Sharded strategies (FSDP, DeepSpeed) save
+per-rank state through their own ``CheckpointIO`` paths and are not covered.
+
+Lightning's ``ModelCheckpoint(dirpath=...)`` names checkpoints ``<dirpath>/<name>.ckpt``;
+discovery lists such directories (:mod:`ckptsvc.read.discovery`), so ``ckptsvc ls``,
+``verify``, ``gc`` and ``prune`` given ``dirpath`` see them.
 The base class comes from ``lightning`` (``lightning.fabric``) if installed, else from the
 standalone ``lightning_fabric`` that ``pytorch_lightning`` uses.
 """
@@ -45,7 +55,7 @@ from typing import Any
 import torch
 
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer, SaveHandle, load_components
-from ckptsvc.errors import ConfigError, SaveFailedError
+from ckptsvc.errors import SaveFailedError
 from ckptsvc.ops.retention import delete_checkpoint
 from ckptsvc.read.component_load import to_device
 from ckptsvc.stage.components import SharingPattern, StateComponent
@@ -93,22 +103,13 @@ class CkptsvcCheckpointIO(CheckpointIO):
 
     def _engine(self, url: str) -> AsyncCheckpointer:
         if self._ckpt is None:
-            if (
-                torch.distributed.is_available()
-                and torch.distributed.is_initialized()
-                and (torch.distributed.get_world_size() > 1)
-            ):
-                raise ConfigError(
-                    "CkptsvcCheckpointIO supports single-process training only: Lightning calls "
-                    "CheckpointIO on rank 0 alone, and ckptsvc's distributed commit needs every "
-                    "rank; use ckptsvc.CheckpointManager for multi-rank jobs"
-                )
             parent = Location.parse(url, self.storage_options).parent.url
             self._ckpt = AsyncCheckpointer(
                 parent,
                 storage_options=self.storage_options,
                 max_shard_size=self._max_shard_size,
                 metadata=self._metadata,
+                single_process=True,  # Lightning saves on global rank 0 alone, also under DDP
             )
         return self._ckpt
 
@@ -150,6 +151,8 @@ class CkptsvcCheckpointIO(CheckpointIO):
         ``weights_only`` changes nothing)."""
         url = self._url(path)
         self._wait_for(url)
+        if _world_size() > 1:  # rank 0's save to ``url`` is durable before any rank reads
+            torch.distributed.barrier()
         model, rest = HeldState(None), HeldState(None)
         load_components(
             url,
@@ -206,3 +209,9 @@ class CkptsvcCheckpointIO(CheckpointIO):
                 raise SaveFailedError(
                     f"checkpoint save to {h.path} (step {h.step}) failed: {error}"
                 ) from error
+
+
+def _world_size() -> int:
+    """The ranks of the default process group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

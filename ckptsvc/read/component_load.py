@@ -168,8 +168,15 @@ _OPT_STATE = re.compile(r"^state\.(\d+)\.[^.]+$")
 
 
 def _read_tensors(
-    ckpt: Location, doc: Mapping[str, Any], template: Mapping[str, Any], reader: RegionReader
+    ckpt: Location,
+    doc: Mapping[str, Any],
+    template: Mapping[str, Any],
+    reader: RegionReader,
+    *,
+    in_place: bool = False,
 ) -> dict[str, Any]:
+    """Every tensor of a component document: whole stored tensors in one pass per file
+    (into the live tensors of ``template`` when ``in_place``), regions of sharded ones."""
     where = ckpt.url
     tensors = doc.get("tensors") or {}
     if not isinstance(tensors, dict):
@@ -194,11 +201,14 @@ def _read_tensors(
                     f"live DTensor has {list(live.shape)}"
                 )
             offsets, local_shape = local_region(live)
+        elif "pieces" not in info:  # a whole stored tensor: one pass over its file
+            dest = live if in_place and isinstance(live, torch.Tensor) else None
+            reader.want_whole(fqn, dtype, pieces[0].file, shape, dest)
+            continue
         else:
             offsets, local_shape = (0,) * len(shape), shape
         pending.append((fqn, reader.want(fqn, dtype, pieces, offsets, local_shape), live))
-    reader.run()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = reader.run()
     for fqn, t, live in pending:
         if live is not None and is_dtensor(live):
             from torch.distributed.tensor import DTensor
@@ -281,9 +291,23 @@ def _read_component(
             f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
         )
     doc = _read_doc(ckpt, doc_file, manifest=manifest)
-    tensors = _read_tensors(ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest))
+    tensors = _read_tensors(
+        ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest),
+        in_place=_loads_in_place(c.stateful),
+    )  # fmt: skip
     logger.debug("read component %r from %s (%s)", c.key, ckpt.url, doc_file)
     return (unflatten_state(doc, tensors),)
+
+
+def _loads_in_place(stateful: Any) -> bool:
+    """A module's state is read straight into its parameters and buffers (its
+    ``load_state_dict`` then copies each onto itself, which torch skips); other statefuls
+    (an optimizer's state is replaced, not filled) get fresh tensors."""
+    if not isinstance(stateful, torch.nn.Module):
+        return False
+    return not any(
+        m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for m in stateful.modules()
+    )
 
 
 def _is_component_layout(manifest: Manifest) -> bool:

@@ -17,8 +17,10 @@ cut short by ``cp -r``/rsync copies the manifest first). On object stores the li
 done only for the candidate :func:`find_latest_checkpoint` is about to return. Each entry
 is classified on its own: one hostile or damaged entry never stops the listing.
 
-Checkpoints are listed in two layouts: ``<root>/checkpoints/checkpoint-*`` (ckptsvc's) and
-``<root>/checkpoint-*`` (the Hugging Face ``Trainer``'s, which the HF callback writes).
+Checkpoints are listed in three layouts: ``<root>/checkpoints/checkpoint-*`` (ckptsvc's),
+``<root>/checkpoint-*`` (the Hugging Face ``Trainer``'s, which the HF callback writes) and
+``<root>/*.ckpt`` directories (a Lightning ``ModelCheckpoint`` ``dirpath`` as root, which
+the Lightning plugin writes; Lightning's own ``.ckpt`` *files* are not checkpoints here).
 On object stores, discovery costs one listing each of ``<root>/checkpoints/`` and
 ``<root>/`` plus one GET of
 each candidate's manifest, issued in parallel; a directory is listed only when its
@@ -55,6 +57,7 @@ from ckptsvc.format.layout import (
 )
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, Manifest
 from ckptsvc.storage import Location
+from ckptsvc.workers.claim import describe_claim
 from ckptsvc.workers.commit import REPLACEMENT_SUFFIX
 
 __all__ = [
@@ -74,7 +77,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
+#: the reason of an incomplete checkpoint that holds our in-progress marker
+NEVER_COMMITTED = "save never committed"
 _CKPT_RE = re.compile(r"^checkpoint-(.+)$")
+#: how Lightning's ``ModelCheckpoint`` names a checkpoint (``<dirpath>/step=400.ckpt``)
+LIGHTNING_SUFFIX = ".ckpt"
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 #: files that make a manifest-less directory a legacy checkpoint (Forgather's order)
 LEGACY_WEIGHT_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME)
@@ -202,9 +209,7 @@ def checkpoint_info(
     except StorageNotFoundError:
         return CheckpointInfo(loc, CheckpointStatus.ABSENT, None, None, reason="no such directory")
     if MARKER_NAME in children:
-        return CheckpointInfo(
-            loc, CheckpointStatus.INCOMPLETE, None, None, reason="save never committed"
-        )
+        return CheckpointInfo(loc, CheckpointStatus.INCOMPLETE, None, None, reason=NEVER_COMMITTED)
     weights = [n for n in LEGACY_WEIGHT_FILES if n in children]
     if weights:
         mtime = max((children[n].mtime or 0.0) for n in weights)
@@ -234,9 +239,10 @@ def refuse_unloadable(
             f"{info.url}: {info.reason} (a copy or transfer cut short, or damaged files); {hint}"
         )
     if info.status is CheckpointStatus.INCOMPLETE:
-        raise IncompleteCheckpointError(
-            f"{info.url} is an incomplete checkpoint ({info.reason}); {hint}"
-        )
+        why = info.reason
+        if why == NEVER_COMMITTED:  # whose save: this process's in flight, another's, a dead one
+            why = f"{why}: {describe_claim(info.location)}"
+        raise IncompleteCheckpointError(f"{info.url} is an incomplete checkpoint ({why}); {hint}")
     if info.manifest is None and not (legacy_ok and info.status is CheckpointStatus.LEGACY):
         raise CheckpointNotFoundError(
             f"{info.url}: no checkpoint manifest ({info.status.value}"
@@ -270,9 +276,11 @@ def list_checkpoints(
     root: Location | str, *, storage_options: dict[str, Any] | None = None
 ) -> list[CheckpointInfo]:
     """Every checkpoint directory under ``root``, oldest first: ``checkpoints/checkpoint-*``
-    (ckptsvc's layout) and ``checkpoint-*`` directly under ``root`` (the Hugging Face
-    ``Trainer``'s layout, which :class:`~ckptsvc.integrations.hf_trainer.CkptsvcCallback`
-    writes)."""
+    (ckptsvc's layout), and ``checkpoint-*`` (the Hugging Face ``Trainer``'s layout, which
+    :class:`~ckptsvc.integrations.hf_trainer.CkptsvcCallback` writes) and ``*.ckpt``
+    (Lightning's ``ModelCheckpoint`` names, which
+    :class:`~ckptsvc.integrations.lightning.CkptsvcCheckpointIO` writes) directly under
+    ``root``."""
     root_loc = Location.parse(root, storage_options)
     infos: list[CheckpointInfo] = []
     for folder in (root_loc.join(CHECKPOINTS_DIR), root_loc):
@@ -286,11 +294,14 @@ def _list_folder(folder: Location) -> list[CheckpointInfo]:
         children = folder.list_children()
     except StorageNotFoundError:
         return []
-    dirs = [folder.join(c.name) for c in children if c.is_dir and _CKPT_RE.match(c.name)]
+    dirs = [folder.join(c.name) for c in children if c.is_dir and _is_checkpoint_name(c.name)]
     successors = {  # ".checkpoint-N.ckptsvc-replace" -> "checkpoint-N"
         c.name: c.name[1 : -len(REPLACEMENT_SUFFIX)]
         for c in children
-        if c.is_dir and c.name.startswith(".checkpoint-") and c.name.endswith(REPLACEMENT_SUFFIX)
+        if c.is_dir
+        and c.name.startswith(".")
+        and c.name.endswith(REPLACEMENT_SUFFIX)
+        and _is_checkpoint_name(c.name[1 : -len(REPLACEMENT_SUFFIX)])
     }
     if not dirs and not successors:
         return []
@@ -299,6 +310,13 @@ def _list_folder(folder: Location) -> list[CheckpointInfo]:
     if successors:
         infos = _with_unswapped_successors(folder, infos, successors)
     return infos
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """``checkpoint-*`` (ckptsvc's and the HF Trainer's names) or ``*.ckpt`` (Lightning's)."""
+    return bool(_CKPT_RE.match(name)) or (
+        name.endswith(LIGHTNING_SUFFIX) and len(name) > len(LIGHTNING_SUFFIX)
+    )
 
 
 def checkpoint_folder_of(root: Location, info: CheckpointInfo) -> str | None:

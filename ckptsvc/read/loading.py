@@ -1,10 +1,7 @@
-"""Read tensors from checkpoint files into preallocated tensors by byte range.
-
-Safetensors shards are never downloaded whole or copied twice: the header is read with
-a bounded read and validated, each wanted tensor is allocated once, and its bytes are read
-straight into its memory (``preadv`` locally, ranged GETs on object stores), several
-tensors in parallel. Legacy ``.bin`` files load only through
-``torch.load(weights_only=True)``.
+"""Reading checkpoint files: safetensors headers (bounded, validated), whole shards
+(through :mod:`ckptsvc.read.shard_read`: one pass, ranged reads straight into the
+tensors), JSON documents checked against the manifest, and legacy ``.bin`` files, which
+load only through ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from ckptsvc.errors import CheckpointError, CheckpointNotFoundError, CorruptChec
 from ckptsvc.format.json_doc import check_doc_against_manifest, parse_json_doc, read_doc_bytes
 from ckptsvc.format.manifest import check_relpath
 from ckptsvc.format.safetensors_stream import ShardLayout, header_length, parse_header
-from ckptsvc.stage.tensors import dtype_to_torch
+from ckptsvc.read.shard_read import read_shard
 from ckptsvc.storage import Location
 
 __all__ = ["check_inside", "read_safetensors", "read_safetensors_header", "read_torch_file"]
@@ -62,11 +59,6 @@ def read_safetensors_header(loc: Location) -> tuple[ShardLayout, int]:
     return parse_header(head, file_nbytes=file_nbytes, where=loc.url), file_nbytes
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """The tensor's memory as a writable byte view (the tensor must be contiguous, on CPU)."""
-    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-
-
 def read_safetensors(
     loc: Location,
     *,
@@ -76,19 +68,17 @@ def read_safetensors(
 ) -> dict[str, torch.Tensor]:
     """Tensors of one safetensors file (all, or those in ``names``), on ``device``.
 
-    Each tensor is allocated once and its bytes are read straight into it: neighbouring
-    tensors share one ranged read, big ones are split into parallel ranges
-    (``Location.read_scattered``). Pass ``layout`` when the header was already read with
-    :func:`read_safetensors_header` (saves a request on object stores).
+    One pass straight into the tensors (:func:`~ckptsvc.read.shard_read.read_shard`; no
+    checksum: the caller has no manifest record). Pass ``layout`` when the header was
+    already read with :func:`read_safetensors_header` (saves a request on object stores).
     """
     if layout is None:
-        layout, _ = read_safetensors_header(loc)
-    wanted = [e for e in layout.entries if names is None or e.name in names]
-    tensors = {e.name: torch.empty(e.shape, dtype=dtype_to_torch(e.dtype)) for e in wanted}
-    extents = [
-        (layout.data_offset + e.begin, _byte_view(tensors[e.name])) for e in wanted if e.nbytes
-    ]
-    loc.read_scattered(extents)
+        layout, file_nbytes = read_safetensors_header(loc)
+    else:
+        file_nbytes = layout.file_nbytes
+    if names is not None:
+        names = [n for n in names if n in layout.by_name]
+    tensors = read_shard(loc, layout, file_nbytes=file_nbytes, names=names).tensors
     target = torch.device(device)
     if target.type == "cpu":
         return tensors

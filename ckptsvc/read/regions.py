@@ -22,6 +22,7 @@ from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format.manifest import Manifest
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.loading import read_safetensors_header
+from ckptsvc.read.shard_read import read_shard
 from ckptsvc.stage.sharded_plan import Piece
 from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.storage import Location
@@ -84,6 +85,7 @@ class RegionReader:
         self._extents: dict[str, list[tuple[int, memoryview]]] = {}
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._keep: list[torch.Tensor] = []
+        self._whole: dict[str, dict[str, torch.Tensor | None]] = {}
 
     @property
     def planned_nbytes(self) -> int:
@@ -186,21 +188,62 @@ class RegionReader:
         view = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
         self._extents.setdefault(file, []).append((offset, view))
 
-    def run(self) -> None:
-        files = sorted(self._extents)
+    def want_whole(
+        self,
+        name: str,
+        dtype: str,
+        file: str,
+        shape: Sequence[int],
+        dest: torch.Tensor | None = None,
+    ) -> None:
+        """Ask for the whole stored tensor ``name`` of ``file``; ``run`` returns it, read
+        into ``dest`` in place when it fits (:func:`~ckptsvc.read.shard_read.fits_in_place`)."""
+        self._entry(name, dtype, Piece(file, (0,) * len(shape), tuple(shape)))
+        self._whole.setdefault(file, {})[name] = dest
 
-        def one(file: str) -> None:
-            self._ckpt.join(file).read_scattered(self._extents[file])
+    def _read_whole(self, file: str) -> dict[str, torch.Tensor]:
+        """One pass over ``file`` for its whole tensors (read_shard); the file's CRC-32C is
+        checked beside the read unless regions of it are read separately."""
+        loc = self._ckpt.join(file)
+        layout = self.header(file)
+        record = self._manifest.file(file) if self._manifest is not None else None
+        wanted = self._whole[file]
+        got = read_shard(
+            loc, layout,
+            file_nbytes=record.nbytes if record is not None else layout.file_nbytes,
+            names=list(wanted),
+            destinations={k: v for k, v in wanted.items() if v is not None},
+            expected_crc32c=(
+                record.crc32c if record is not None and file not in self._extents else None
+            ),
+        )  # fmt: skip
+        return got.tensors
 
-        threads = max(1, min(knobs.IO_THREADS.get(), len(files)))
+    def run(self) -> dict[str, torch.Tensor]:
+        """Read everything asked for: fills the tensors ``want`` returned, and returns the
+        tensors of ``want_whole`` by name."""
+        jobs: list[tuple[str, bool]] = [(f, False) for f in sorted(self._extents)]
+        jobs += [(f, True) for f in sorted(self._whole)]
+        whole: dict[str, torch.Tensor] = {}
+
+        def one(job: tuple[str, bool]) -> None:
+            file, is_whole = job
+            if is_whole:
+                whole.update(self._read_whole(file))
+            else:
+                self._ckpt.join(file).read_scattered(self._extents[file])
+
+        threads = max(1, min(knobs.IO_THREADS.get(), len(jobs)))
         if threads == 1:
-            for f in files:
-                one(f)
+            for job in jobs:
+                one(job)
         else:
             with ThreadPoolExecutor(threads, thread_name_prefix="ckptsvc-load") as pool:
-                list(pool.map(one, files))
+                list(pool.map(one, jobs))
         for dest, src in self._copies:
             dest.copy_(src)
         self._extents.clear()
         self._copies.clear()
         self._keep.clear()
+        self._whole.clear()
+        return whole

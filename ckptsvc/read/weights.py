@@ -17,7 +17,6 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from ckptsvc import knobs
 from ckptsvc.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -25,7 +24,7 @@ from ckptsvc.errors import (
     StateMismatchError,
     StorageNotFoundError,
 )
-from ckptsvc.format.checksum import Crc32c, crc32c_hex
+from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.json_doc import read_json_doc
 from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -34,7 +33,7 @@ from ckptsvc.format.layout import (
     WEIGHTS_NAME,
 )
 from ckptsvc.format.manifest import Manifest, check_relpath
-from ckptsvc.format.safetensors_stream import ShardLayout
+from ckptsvc.read.device_read import read_to_device
 from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
@@ -45,11 +44,10 @@ from ckptsvc.read.discovery import (
 from ckptsvc.read.loading import (
     check_inside,
     read_checked_doc,
-    read_safetensors,
     read_safetensors_header,
     read_torch_file,
 )
-from ckptsvc.stage.tensors import tensor_bytes
+from ckptsvc.read.shard_read import ShardRead, read_shard
 from ckptsvc.stage.tied_params import (
     create_sharing_metadata,
     retie_parameters,
@@ -116,8 +114,11 @@ def _load_index(ckpt: Location, index_name: str, *, manifest: Manifest | None) -
     doc = read_checked_doc(ckpt, index_name, manifest=manifest, what="index")
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CorruptCheckpointError(f"{loc.url}: index has no 'weight_map' object")
+    checked: set[str] = set()  # a few distinct files for many keys: each checked once
     for key, fname in doc["weight_map"].items():
-        check_relpath(fname, where=f"{loc.url} (key {key!r})")
+        if type(fname) is str and fname in checked:
+            continue
+        checked.add(check_relpath(fname, where=f"{loc.url} (key {key!r})"))
     meta = doc.setdefault("metadata", {})
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(f"{loc.url}: index 'metadata' is not an object")
@@ -152,40 +153,15 @@ def get_checkpoint_metadata(
     return None
 
 
-def _file_crc(
-    loc: Location, layout: ShardLayout, tensors: Mapping[str, Tensor], file_nbytes: int
-) -> str:
-    """CRC-32C of the whole safetensors file, in file order.
-
-    The header and the tensors already read come from memory; every other byte (tensors
-    not asked for by a partial load, gaps between tensors, a tail) is read from the file,
-    so a partial load checks the covering file as a whole load does.
-    """
-    crc = Crc32c()
-    crc.update(layout.header)
-    cursor = len(layout.header)
-    step = max(1, knobs.READ_CHUNK_BYTES.get())
-
-    def read_up_to(end: int) -> None:
-        nonlocal cursor
-        while cursor < end:
-            chunk = loc.read_range(cursor, min(end, cursor + step))
-            if not chunk:
-                raise CorruptCheckpointError(
-                    f"{loc.url}: file ends at byte {cursor}, before {end} (truncated)"
-                )
-            crc.update(chunk)
-            cursor += len(chunk)
-
-    for e in layout.entries:  # sorted by offset, no overlaps (parse_header)
-        if not e.nbytes or e.name not in tensors:
-            continue
-        start = layout.data_offset + e.begin
-        read_up_to(start)
-        crc.update(tensor_bytes(tensors[e.name]))
-        cursor = start + e.nbytes
-    read_up_to(file_nbytes)
-    return crc.hexdigest()
+def _staging_device(device: str, destinations: Mapping[str, Tensor] | None) -> torch.device:
+    """Where a shard's bytes go: ``device``, or the one CUDA device a module to fill in
+    place lives on (read through pinned staging, not through pageable host memory)."""
+    target = torch.device(device)
+    if target.type != "cuda" and destinations:
+        devices = {v.device for v in destinations.values()}
+        if len(devices) == 1 and next(iter(devices)).type == "cuda":
+            return next(iter(devices))
+    return target
 
 
 def _read_file(
@@ -196,11 +172,13 @@ def _read_file(
     names: set[str] | None,
     device: str,
     expected: Manifest | None,
-) -> dict[str, Tensor]:
+    destinations: Mapping[str, Tensor] | None = None,
+) -> ShardRead:
     """Tensors ``names`` (all if ``None``) of one file. Every name asked for must be there
     (a stale index is corruption). When the manifest lists the file, its size is checked,
-    and its CRC-32C too (bytes not asked for are read as well: a partial read is checked
-    against the covering file)."""
+    and its CRC-32C too, beside the read (bytes not asked for are read as well: a partial
+    read is checked against the covering file). ``destinations``: tensors to fill in
+    place (:func:`~ckptsvc.read.shard_read.read_shard`)."""
     loc = ckpt.join(check_relpath(fname, where=ckpt.url))
     check_inside(ckpt, loc)
     record = expected.file(fname) if expected is not None else None
@@ -213,15 +191,28 @@ def _read_file(
             )
 
     try:
+        if safetensors and _staging_device(device, destinations).type == "cuda":
+            layout, file_nbytes = read_safetensors_header(loc)
+            check_size(file_nbytes)
+            entries = [e for e in layout.entries if names is None or e.name in names]
+            if names is not None and len(entries) != len(names):
+                read_shard(loc, layout, file_nbytes=file_nbytes, names=names)  # names what lacks
+            tensors = read_to_device(
+                loc, layout, device=_staging_device(device, destinations), file_nbytes=file_nbytes,
+                entries=entries, destinations=destinations,
+                expected_crc32c=record.crc32c if record is not None else None,
+            )  # fmt: skip
+            return ShardRead(
+                tensors,
+                frozenset(k for k, v in tensors.items() if (destinations or {}).get(k) is v),
+            )
         if safetensors:
             layout, file_nbytes = read_safetensors_header(loc)  # one size request per file
             check_size(file_nbytes)
-            sd = read_safetensors(loc, names=names, device="cpu", layout=layout)
-            if record is not None and _file_crc(loc, layout, sd, file_nbytes) != record.crc32c:
-                raise CorruptCheckpointError(
-                    f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c} (the file "
-                    "was damaged after it was written); resume from an older checkpoint"
-                )
+            got = read_shard(
+                loc, layout, file_nbytes=file_nbytes, names=names, destinations=destinations,
+                expected_crc32c=record.crc32c if record is not None else None,
+            )  # fmt: skip
         else:
             if record is not None:
                 raw = loc.read_bytes()
@@ -231,17 +222,23 @@ def _read_file(
                         f"{loc.url}: CRC-32C differs from the manifest's {record.crc32c}"
                     )
             sd = read_torch_file(loc, device="cpu")
+            if names is not None:
+                absent = sorted(names - set(sd))
+                if absent:
+                    raise CorruptCheckpointError(
+                        f"{loc.url}: the index maps {absent[:5]} to this file, which does not "
+                        "hold them (stale or mismatched index)"
+                    )
+                sd = {k: v for k, v in sd.items() if k in names}
+            got = ShardRead(sd, frozenset())
     except StorageNotFoundError as e:
         raise CorruptCheckpointError(f"{loc.url}: shard listed in the index is missing") from e
-    if names is not None:
-        absent = sorted(names - set(sd))
-        if absent:
-            raise CorruptCheckpointError(
-                f"{loc.url}: the index maps {absent[:5]} to this file, which does not hold them "
-                "(stale or mismatched index)"
-            )
-        sd = {k: v for k, v in sd.items() if k in names}
-    return sd if torch.device(device).type == "cpu" else {k: v.to(device) for k, v in sd.items()}
+    if torch.device(device).type == "cpu":
+        return got
+    return ShardRead(
+        {k: v if k in got.in_place else v.to(device) for k, v in got.tensors.items()},
+        got.in_place,
+    )
 
 
 def load_sharded_checkpoint(
@@ -265,32 +262,64 @@ def load_sharded_checkpoint(
     ``keys`` when given), aliases of tied parameters included.
     """
     ckpt = Location.parse(model_dir, storage_options)
-    manifest = read_manifest(ckpt)
+    return _load_shards(
+        ckpt, shard_index, module, manifest=read_manifest(ckpt), device=device,
+        safetensors=safetensors, strict=strict, assign=assign, debug=debug, keys=keys,
+    )  # fmt: skip
+
+
+def _in_place_targets(module: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of ``module.state_dict()`` that are the module's own parameters and
+    buffers (not copies made by a hook), for a module without load hooks: where a load may
+    write the bytes straight in. Empty when any submodule has a load_state_dict hook."""
+    for m in module.modules():
+        if m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks:
+            return {}
+    own = {
+        (t.device, t.untyped_storage().data_ptr())
+        for t in (*module.parameters(), *module.buffers())
+    }
+    return {k: v for k, v in state.items() if (v.device, v.untyped_storage().data_ptr()) in own}
+
+
+def _load_shards(
+    ckpt: Location,
+    shard_index: ShardIndex,
+    module: nn.Module | None,
+    *,
+    manifest: Manifest | None,
+    device: str,
+    safetensors: bool,
+    strict: bool,
+    assign: bool,
+    debug: bool,
+    keys: set[str] | None,
+) -> set[str] | dict[str, Tensor]:
+    """:func:`load_sharded_checkpoint` with the manifest already read."""
     weight_map: dict[str, str] = shard_index["weight_map"]
     sharing: SharingMetadataT = shard_index.get("metadata", {}).get("param_sharing") or []
     if module is None:
         aliases = stored_aliases(sharing, weight_map)
         wanted = set(weight_map) | set(aliases) if keys is None else set(keys)
         need = {aliases.get(k, k) for k in wanted} & set(weight_map)
+        by_file: dict[str, set[str]] = {}
+        for k in need:
+            by_file.setdefault(weight_map[k], set()).add(k)
         result: dict[str, Tensor] = {}
-        for fname in sorted({weight_map[k] for k in need}):
-            here = {k for k in need if weight_map[k] == fname}
+        for fname in sorted(by_file):
             result.update(
                 _read_file(
-                    ckpt,
-                    fname,
-                    safetensors=safetensors,
-                    names=here,
-                    device=device,
+                    ckpt, fname, safetensors=safetensors, names=by_file[fname], device=device,
                     expected=manifest,
-                )
-            )
+                ).tensors
+            )  # fmt: skip
         for k in sorted(wanted):
             if k not in result and aliases.get(k) in result:
                 result[k] = result[aliases[k]]
         return {k: result[k] for k in sorted(result) if k in wanted}
 
-    module_keys = set(module.state_dict().keys())
+    state = module.state_dict()
+    module_keys = set(state)
     groups = sharing + [g for g in create_sharing_metadata(module) if g not in sharing]
     tied_aliases = set(stored_aliases(groups, weight_map))
     missing = sorted(module_keys - set(weight_map) - tied_aliases)
@@ -298,17 +327,31 @@ def load_sharded_checkpoint(
         raise StateMismatchError(
             f"{ckpt.url}: the checkpoint has no entry for {len(missing)} module keys, e.g. {missing[:8]}"
         )
+    targets = {} if assign else _in_place_targets(module, state)
     unloaded = module_keys - tied_aliases
     wanted_keys = module_keys & set(weight_map)
-    for fname in sorted({weight_map[k] for k in wanted_keys}):
-        here = {k for k in wanted_keys if weight_map[k] == fname}
-        part = _read_file(
-            ckpt, fname, safetensors=safetensors, names=here, device=device, expected=manifest
-        )
+    by_file = {}
+    for k in wanted_keys:
+        by_file.setdefault(weight_map[k], set()).add(k)
+    for fname in sorted(by_file):
+        got = _read_file(
+            ckpt, fname, safetensors=safetensors, names=by_file[fname], device=device,
+            expected=manifest, destinations=targets,
+        )  # fmt: skip
         if debug:
-            logger.debug("loading %d tensors from %s", len(part), fname)
-        result_keys = module.load_state_dict(part, strict=False, assign=assign)
-        unloaded -= set(part) - set(result_keys.unexpected_keys)
+            logger.debug(
+                "loaded %d tensors from %s (%d in place)",
+                len(got.tensors),
+                fname,
+                len(got.in_place),
+            )
+        rest = {k: v for k, v in got.tensors.items() if k not in got.in_place}
+        unexpected: set[str] = set()
+        if rest:
+            unexpected = set(
+                module.load_state_dict(rest, strict=False, assign=assign).unexpected_keys
+            )
+        unloaded -= set(got.tensors) - unexpected
     if groups:
         retie_parameters(module, groups)
     if unloaded:
@@ -356,19 +399,23 @@ def load_checkpoint(
         )
     if meta.is_index:
         index = _load_index(ckpt, meta.file_name, manifest=info.manifest)
+    elif meta.safetensors:  # one file: its header names the tensors (read once, below)
+        loc = ckpt.join(meta.file_name)
+        check_inside(ckpt, loc)
+        try:
+            layout, _ = read_safetensors_header(loc)
+        except StorageNotFoundError as e:
+            raise CorruptCheckpointError(f"{loc.url}: weights file is missing") from e
+        index = {"metadata": {}, "weight_map": dict.fromkeys(layout.by_name, meta.file_name)}
     else:
         sd = _read_file(
-            ckpt,
-            meta.file_name,
-            safetensors=meta.safetensors,
-            names=None,
-            device=device,
+            ckpt, meta.file_name, safetensors=False, names=None, device=device,
             expected=info.manifest,
-        )
+        ).tensors  # fmt: skip
         index = {"metadata": {}, "weight_map": dict.fromkeys(sd, meta.file_name)}
-    result = load_sharded_checkpoint(
-        ckpt.url, index, module, device=device, safetensors=meta.safetensors,
-        strict=strict, assign=assign, keys=keys, storage_options=storage_options,
+    result = _load_shards(
+        ckpt, index, module, manifest=info.manifest, device=device,
+        safetensors=meta.safetensors, strict=strict, assign=assign, debug=False, keys=keys,
     )  # fmt: skip
     return None if module is not None else result  # type: ignore[return-value]
 

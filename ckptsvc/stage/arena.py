@@ -26,6 +26,7 @@ few large zero-copy slices of the mapping.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ import torch
 
 from ckptsvc import hooks, knobs
 from ckptsvc.errors import ConfigError, LifecycleError, SaveFailedError
+from ckptsvc.stage.copy_program import CopyProgram, copy_program
 from ckptsvc.workers.shm import ShmSegment, new_segment_name, reclaim_stale_segments
 
 if TYPE_CHECKING:
@@ -66,6 +68,11 @@ class ArenaPlan:
     tensor_offsets: dict[str, int]
     nbytes: int
 
+    @functools.cached_property
+    def program(self) -> CopyProgram:
+        """How a save's tensors are copied into this layout (built once, on first use)."""
+        return copy_program(self.files, self.file_offsets)
+
 
 def plan_arena(files: Sequence[FilePlan], *, align_bytes: int = ALIGN_BYTES) -> ArenaPlan:
     offsets = []
@@ -88,7 +95,7 @@ class StagingArena:
     def __init__(self, segment: ShmSegment) -> None:
         self.segment = segment
         self._base: torch.Tensor | None = torch.frombuffer(segment.buffer, dtype=torch.uint8)
-        self._views: dict[int, list[torch.Tensor]] = {}
+        self._views: dict[tuple[int, str], list[torch.Tensor]] = {}
         self._pinned_ptr: int | None = None
 
     @property
@@ -103,7 +110,7 @@ class StagingArena:
         self, plan: ArenaPlan, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
     ) -> list[torch.Tensor]:
         """Tensors over the arena, one per ``(fqn, dtype, shape)`` in ``specs`` order."""
-        cached = self._views.get(id(plan))
+        cached = self._views.get((id(plan), "entries"))
         if cached is not None:
             return cached
         return self.views_at(
@@ -111,10 +118,15 @@ class StagingArena:
         )
 
     def views_at(
-        self, plan: ArenaPlan, specs: Sequence[tuple[int, torch.dtype, tuple[int, ...]]]
+        self,
+        plan: ArenaPlan,
+        specs: Sequence[tuple[int, torch.dtype, tuple[int, ...]]],
+        *,
+        kind: str = "entries",
     ) -> list[torch.Tensor]:
-        """Tensors over the arena, one per ``(arena offset, dtype, shape)``; cached per plan."""
-        cached = self._views.get(id(plan))
+        """Tensors over the arena, one per ``(arena offset, dtype, shape)``; cached per plan
+        and ``kind`` (one plan at a time: a new signature evicts the old one's views)."""
+        cached = self._views.get((id(plan), kind))
         if cached is not None:
             return cached
         if self._base is None:
@@ -125,7 +137,8 @@ class StagingArena:
             for d in shape:
                 nbytes *= d
             out.append(self._base[start : start + nbytes].view(dtype).view(shape))
-        self._views = {id(plan): out}  # one plan at a time: a new signature evicts the old
+        self._views = {k: v for k, v in self._views.items() if k[0] == id(plan)}
+        self._views[(id(plan), kind)] = out
         return out
 
     def bytes_at(self, start: int, nbytes: int) -> torch.Tensor:
@@ -352,8 +365,12 @@ def copy_into(
     *,
     threads: int,
     executor: Any | None = None,
+    runs: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]] = (),
 ) -> None:
     """Copy each ``srcs[i]`` into ``dsts[i]`` (arena views); returns when all bytes landed.
+
+    ``runs`` (CPU sources only, :mod:`ckptsvc.stage.copy_program`): ``(view, sources)``
+    pairs, each copied first by one ``torch.cat(sources, out=view)``.
 
     CUDA sources: one side stream, non-blocking D2H copies into pinned memory, then a
     synchronize. CPU sources: big contiguous tensors are cut into pieces and all pieces are
@@ -363,7 +380,14 @@ def copy_into(
     (:mod:`ckptsvc.hooks`) surround the copy.
     """
     hooks.point("snapshot.copy.before")
-
+    for view, sources in runs:
+        try:
+            torch.cat(list(sources), out=view)
+        except (RuntimeError, NotImplementedError):  # a dtype without cat in this torch
+            flat, at = view.reshape(-1), 0
+            for s in sources:
+                flat[at : at + s.numel()].view(s.shape).copy_(s)
+                at += s.numel()
     cuda_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type == "cuda"]
     cpu_pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if s.device.type != "cuda"]
     streams: dict[torch.device, torch.cuda.Stream] = {}

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ckptsvc import hooks
 from ckptsvc.errors import ConfigError, InvalidStateError
-from ckptsvc.format.hf_files import pretrained_files
+from ckptsvc.format.hf_files import cached_pretrained_files
 from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     FilePlan,
@@ -63,6 +64,7 @@ from ckptsvc.stage.parts import (
     MODEL_KEY,
     SHARD_META,
     ComponentPlan,
+    DocInputs,
     PartReport,
     StagedFile,
     base_name,
@@ -75,6 +77,9 @@ from ckptsvc.stage.parts import (
 from ckptsvc.stage.sharded_plan import plan_sharded
 from ckptsvc.stage.state_components import STATE_ROOT
 from ckptsvc.stage.tensors import dtype_from_torch
+
+if TYPE_CHECKING:  # plan_reuse builds on this module
+    from ckptsvc.stage.plan_reuse import PlanReuse
 
 __all__ = [
     "DOC_FORMAT",
@@ -181,48 +186,71 @@ def _plan_plain(
             staged.append(StagedFile(fp, src, write=p == my_index))
     mine = tuple(f.plan.file_name for f in staged if f.write)
     docs: dict[str, bytes] = {}
-    doc_file = None
+    inputs = None
     if my_index == 0:  # the first writer publishes the instance document (and HF index)
-        doc_file = doc_name(c.key, suffix)
         tensors = {
             s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]}
             for s in specs
         }
-        docs[doc_file] = json_bytes(component_doc(c, flat, tensors))
-        if c.key == MODEL_KEY and not suffix and specs:
-            index = make_index(
-                {s.name: file_of[s.name] for s in sorted(specs, key=lambda s: s.name)},
-                total_size=sum(s.nbytes for s in specs),
-                metadata=dict(user_metadata),
-                param_sharing=[list(g) for g in flat.param_sharing] or None,
-            )
-            docs[SAFE_WEIGHTS_INDEX_NAME] = encode_index(index)
-        if c.key == MODEL_KEY and not suffix and getattr(c.stateful, "config", None) is not None:
-            docs.update(pretrained_files(c.stateful))  # config.json: from_pretrained works
-        _add_component_files(c, docs, mine)
-    nbytes = sum(f.plan.layout.file_nbytes for f in staged if f.write) + sum(
-        map(len, docs.values())
-    )
+        indexed = c.key == MODEL_KEY and not suffix and specs
+        inputs = DocInputs(
+            doc_name(c.key, suffix),
+            tensors,
+            weight_map={s.name: file_of[s.name] for s in sorted(specs, key=lambda s: s.name)}
+            if indexed
+            else None,
+            total_size=sum(s.nbytes for s in specs),
+            param_sharing=flat.param_sharing,
+        )
+        docs[inputs.doc_file] = json_bytes(component_doc(c, flat, tensors))
+        if inputs.weight_map is not None:
+            docs[SAFE_WEIGHTS_INDEX_NAME] = index_bytes(inputs, user_metadata)
+        docs.update(model_files(c, suffix))
+        add_component_files(c, docs, mine)
     part = PartReport(
         key=c.key,
         pattern=c.sharing_pattern.value,
         group_name=c.process_group_name,
         instance=suffix if my_index is not None else None,
-        doc=doc_file,
+        doc=None if inputs is None else inputs.doc_file,
         files=tuple(sorted([*mine, *docs])),
-        nbytes=nbytes,
+        nbytes=files_nbytes(staged) + sum(map(len, docs.values())),
         signature=sig,
         replicas=writers if c.sharing_pattern is SharingPattern.REPLICATED else None,
         metadata=dict(c.metadata),
     )
     crc_names = tuple(s.name for s in specs) if validate and my_index is not None else ()
     reusable = frozen_files([f.plan for f in staged if f.write], frozen)
-    return ComponentPlan(c, part, staged, docs, crc_names=crc_names, frozen_files=reusable)
+    return ComponentPlan(
+        c, part, staged, docs, crc_names=crc_names, frozen_files=reusable, doc_inputs=inputs
+    )
 
 
-def _add_component_files(
-    c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]
-) -> None:
+def files_nbytes(staged: Sequence[StagedFile]) -> int:
+    """Bytes of the tensor files this rank writes."""
+    return sum(f.plan.layout.file_nbytes for f in staged if f.write)
+
+
+def index_bytes(inputs: DocInputs, user_metadata: Mapping[str, Any]) -> bytes:
+    """The HF index of a model component (``inputs.weight_map`` set), with the user's metadata."""
+    index = make_index(
+        inputs.weight_map or {},
+        total_size=inputs.total_size,
+        metadata=dict(user_metadata),
+        param_sharing=[list(g) for g in inputs.param_sharing] or None,
+    )
+    return encode_index(index)
+
+
+def model_files(c: StateComponent, suffix: str) -> dict[str, bytes]:
+    """``config.json`` & co. of a transformers model component (so ``from_pretrained``
+    works), cached while the configs' JSON is unchanged; ``{}`` for anything else."""
+    if c.key != MODEL_KEY or suffix or getattr(c.stateful, "config", None) is None:
+        return {}
+    return cached_pretrained_files(c.stateful)
+
+
+def add_component_files(c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]) -> None:
     """``c.files`` join the instance's small files; a name ckptsvc writes itself is refused."""
     reserved = {*docs, *shards, MANIFEST_NAME, MARKER_NAME}
     clash = sorted(set(c.files) & reserved)
@@ -256,6 +284,16 @@ def _writers(
     return suffix, (ranks[0],)
 
 
+def component_state(c: StateComponent) -> Any:
+    """``c.stateful.state_dict()``; a failure is an :class:`InvalidStateError` naming ``c``."""
+    try:
+        return c.stateful.state_dict()
+    except Exception as e:
+        raise InvalidStateError(
+            f"component {c.key!r}: state_dict() failed ({type(e).__name__}: {e})"
+        ) from e
+
+
 def plan_components(
     components: Sequence[StateComponent],
     *,
@@ -264,25 +302,37 @@ def plan_components(
     max_shard_size: int,
     user_metadata: Mapping[str, Any],
     incremental: bool = False,
+    reuse: PlanReuse | None = None,
 ) -> list[ComponentPlan]:
     """Plan every component for this rank (calls each ``stateful.state_dict()``).
 
     With ``incremental``, frozen parameters (``requires_grad=False``) get files of their
-    own, listed in ``ComponentPlan.frozen_files`` (see :mod:`ckptsvc.stage.incremental`)."""
+    own, listed in ``ComponentPlan.frozen_files`` (see :mod:`ckptsvc.stage.incremental`).
+    With ``reuse``, a component whose state has the signature of its last save takes
+    that plan rebound to the new tensors instead (:mod:`ckptsvc.stage.plan_reuse`); the
+    hook point ``plan.component`` reports each component planned or reused."""
     check_unique_keys(list(components))
     names = {
         c.process_group_name for c in components if c.sharing_pattern is SharingPattern.PER_GROUP
     }
     groups = resolve_groups({n for n in names if n}, process_groups, info)
-    flats = []
+    out: list[ComponentPlan | None] = []
+    flats: list[FlatState | None] = []
+    states: list[Any] = []
     problems: list[tuple[str, str]] = []
     for c in components:  # every component is checked before any is planned
-        try:
-            state = c.stateful.state_dict()
-        except Exception as e:
-            raise InvalidStateError(
-                f"component {c.key!r}: state_dict() failed ({type(e).__name__}: {e})"
-            ) from e
+        state = component_state(c)
+        states.append(state)
+        reused = None
+        if reuse is not None:
+            suffix, writers = _writers(c, info, groups)
+            reused = reuse.rebind(
+                c, state, suffix=suffix, writers=writers, user_metadata=user_metadata
+            )
+        out.append(reused)
+        if reused is not None:
+            flats.append(None)
+            continue
         try:
             # keys in messages are dotted from what the caller handed over
             prefix = "" if c.metadata.get(STATE_ROOT) else c.key
@@ -293,34 +343,62 @@ def plan_components(
             problems += e.problems
     if problems:
         raise invalid_state_error(problems, what="the components' state")
-    out = []
-    for c, flat in zip(components, flats, strict=True):
-        if incremental and isinstance(c.stateful, torch.nn.Module):  # state_dict() detached
-            frozen = flat.frozen | frozen_parameter_names(c.stateful)
-            flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))
-        if any(is_dtensor(t) for _, t in flat.tensors):
-            if c.files:
-                raise ConfigError(
-                    f"StateComponent {c.key!r} holds DTensors and files {sorted(c.files)}: "
-                    "sharded components take no files; put them in a GLOBAL component"
-                )
-            out.append(plan_sharded(c, flat, info=info, max_shard_size=max_shard_size))
-            continue
-        suffix, writers = _writers(c, info, groups)
-        out.append(
-            _plan_plain(
+    for i, (c, flat) in enumerate(zip(components, flats, strict=True)):
+        hooks.point("plan.component", key=c.key, reused=flat is None)
+        if flat is not None:
+            out[i] = _plan_flat(
                 c,
                 flat,
+                states[i],
                 info=info,
-                suffix=suffix,
-                writers=writers,
+                groups=groups,
                 max_shard_size=max_shard_size,
                 user_metadata=user_metadata,
                 incremental=incremental,
+                reuse=reuse,
             )
-        )
-    _check_files_unique(out)
-    return out
+    plans = [p for p in out if p is not None]
+    _check_files_unique(plans)
+    return plans
+
+
+def _plan_flat(
+    c: StateComponent,
+    flat: FlatState,
+    state: Any,
+    *,
+    info: RankInfo,
+    groups: Mapping[str, tuple[int, ...]],
+    max_shard_size: int,
+    user_metadata: Mapping[str, Any],
+    incremental: bool,
+    reuse: PlanReuse | None,
+) -> ComponentPlan:
+    """Plan one flattened component (sharded when it holds DTensors)."""
+    if incremental and isinstance(c.stateful, torch.nn.Module):  # state_dict() detached
+        frozen = flat.frozen | frozen_parameter_names(c.stateful)
+        flat = replace(flat, frozen=frozenset(n for n, _ in flat.tensors if n in frozen))
+    if any(is_dtensor(t) for _, t in flat.tensors):
+        if c.files:
+            raise ConfigError(
+                f"StateComponent {c.key!r} holds DTensors and files {sorted(c.files)}: "
+                "sharded components take no files; put them in a GLOBAL component"
+            )
+        return plan_sharded(c, flat, info=info, max_shard_size=max_shard_size)
+    suffix, writers = _writers(c, info, groups)
+    plan = _plan_plain(
+        c,
+        flat,
+        info=info,
+        suffix=suffix,
+        writers=writers,
+        max_shard_size=max_shard_size,
+        user_metadata=user_metadata,
+        incremental=incremental,
+    )
+    if reuse is not None:
+        reuse.remember(c, state, flat, plan, suffix=suffix, writers=writers)
+    return plan
 
 
 def _check_files_unique(plans: Sequence[ComponentPlan]) -> None:

@@ -47,6 +47,8 @@ from ckptsvc.stage.tensors import dtype_from_torch
 from ckptsvc.stage.tied_params import shared_tensor_groups
 
 __all__ = [
+    "MARKERS",
+    "MAX_INT_DIGITS",
     "SKELETON_FORMAT",
     "SKELETON_NAME",
     "FlatState",
@@ -73,6 +75,8 @@ MAX_PROBLEMS_SHOWN = 20
 
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
 _MARKERS = frozenset({_TENSOR, _TUPLE, _DICT, _FLOAT})
+#: the skeleton's marker keys by what they mark (:mod:`ckptsvc.stage.plan_reuse` rebuilds them)
+MARKERS = {"tensor": _TENSOR, "tuple": _TUPLE, "dict": _DICT, "float": _FLOAT}
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,8 @@ __all__ = [
     "MODEL_KEY",
     "SHARD_META",
     "ComponentPlan",
+    "DocInputs",
+    "OrderedSources",
     "PartReport",
     "StagedFile",
     "base_name",
@@ -34,6 +36,8 @@ __all__ = [
     "instance_suffix",
     "json_bytes",
     "signature",
+    "signature_of",
+    "spec_digest",
 ]
 
 MODEL_KEY = "model"
@@ -124,6 +128,33 @@ class PartReport:
         )
 
 
+class OrderedSources(Mapping[str, torch.Tensor]):
+    """Source tensors by entry name, built from the names and the tensors in one order
+    (the file's entries'): ``values_in_order`` gives them without a lookup per name, and
+    the mapping itself is built only if someone asks by name."""
+
+    def __init__(self, names: Sequence[str], values: Sequence[torch.Tensor]) -> None:
+        if len(names) != len(values):
+            raise ValueError(f"{len(names)} names for {len(values)} tensors")
+        self.names = tuple(names)
+        self.values_in_order = tuple(values)
+        self._by_name: dict[str, torch.Tensor] | None = None
+
+    def _mapping(self) -> dict[str, torch.Tensor]:
+        if self._by_name is None:
+            self._by_name = dict(zip(self.names, self.values_in_order, strict=True))
+        return self._by_name
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._mapping()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @dataclass(frozen=True, eq=False)
 class StagedFile:
     """A tensor file to stage in the arena: its plan, the source tensors by entry name,
@@ -132,6 +163,20 @@ class StagedFile:
     plan: FilePlan
     sources: Mapping[str, torch.Tensor]
     write: bool
+
+
+@dataclass(frozen=True)
+class DocInputs:
+    """What a plain component's documents are built from besides its skeleton, kept so a
+    reused plan (:mod:`ckptsvc.stage.plan_reuse`) re-encodes only what changes per save:
+    the instance document's name and ``tensors``, and the HF index's weight map, total size
+    and tied groups (``weight_map`` None: no index)."""
+
+    doc_file: str
+    tensors: Mapping[str, Any]
+    weight_map: Mapping[str, str] | None = None
+    total_size: int = 0
+    param_sharing: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass
@@ -151,13 +196,26 @@ class ComponentPlan:
     sharded_doc: dict[str, Any] | None = None
     crc_names: tuple[str, ...] = ()
     frozen_files: frozenset[str] = frozenset()  # this rank's files of frozen tensors only
+    doc_inputs: DocInputs | None = None  # plain components whose documents this rank writes
 
 
-def signature(flat_specs: Sequence[tuple[Any, ...]], skeleton: Any) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([list(s) for s in flat_specs]).encode())
-    h.update(json.dumps(skeleton, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+def spec_digest(flat_specs: Sequence[tuple[Any, ...]]) -> Any:
+    """The running hash of a component's tensor specs (names, dtypes, shapes): the first
+    half of :func:`signature`, kept by a reused plan."""
+    return hashlib.sha256(json.dumps([list(s) for s in flat_specs]).encode())
+
+
+def signature_of(digest: Any, skeleton_json: bytes) -> str:
+    """A part's signature from :func:`spec_digest` and the skeleton's :func:`json_bytes`."""
+    h = digest.copy()
+    h.update(skeleton_json)
+    return str(h.hexdigest()[:16])
+
+
+def signature(flat_specs: Sequence[tuple[Any, ...]], skeleton: Mapping[str, Any]) -> str:
+    """What replicas of a component compare: tensor specs and the whole skeleton (values
+    included), hashed; a reused plan computes the same from its pre-encoded pieces."""
+    return signature_of(spec_digest(flat_specs), json_bytes(skeleton))
 
 
 def component_doc(

@@ -19,12 +19,14 @@ from torch import nn
 __all__ = [
     "create_sharing_metadata",
     "get_all_fqns",
+    "groups_of_views",
     "id_to_fqn",
     "make_cannonical_names",
     "map_cannonical_names",
     "retie_parameters",
     "shared_tensor_groups",
     "stored_aliases",
+    "view_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,26 +98,37 @@ def create_sharing_metadata(model: nn.Module) -> list[list[str]]:
     return sorted(groups, key=lambda g: [position(n) for n in g])
 
 
+def view_key(t: torch.Tensor) -> tuple[object, ...]:
+    """What makes two tensors the *same view*: device, data pointer, dtype, shape, strides
+    (the data pointer is the storage's plus the offset: no storage object is built)."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def groups_of_views(
+    names: Sequence[str], keys: Sequence[tuple[object, ...] | None]
+) -> list[list[str]]:
+    """Names whose :func:`view_key` is equal (``None``: never grouped), in input order."""
+    by_view: dict[tuple[object, ...], list[str]] = defaultdict(list)
+    for name, key in zip(names, keys, strict=True):
+        if key is not None:
+            by_view[key].append(name)
+    return [g for g in by_view.values() if len(g) > 1]
+
+
 def shared_tensor_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Names in a raw state dict that are the *same view* of one storage (aliases).
 
-    Same data pointer, dtype, shape and strides. Partially overlapping views are not
-    aliases: each is saved as its own bytes.
+    Same device, data pointer, dtype, shape and strides (:func:`view_key`). Partially
+    overlapping views are not aliases: each is saved as its own bytes.
     """
-    by_view: dict[tuple[object, ...], list[str]] = defaultdict(list)
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
-            continue
-        key = (
-            t.device.type,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            t.dtype,
-            tuple(t.shape),
-            t.stride(),
-        )
-        by_view[key].append(name)
-    return [g for g in by_view.values() if len(g) > 1]  # state-dict order, like the module
+    names = list(state_dict)
+    keys = [
+        view_key(t)
+        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() != 0
+        else None
+        for t in state_dict.values()
+    ]
+    return groups_of_views(names, keys)  # state-dict order, like the module
 
 
 def _resolve(module: nn.Module, fqn: str) -> object:

@@ -37,8 +37,10 @@ from ckptsvc.errors import CheckpointError
 from ckptsvc.storage import Location
 from ckptsvc.tools.bench_budget import add_budget_options, run_budget
 from ckptsvc.tools.bench_common import GiB, parse_size, reap_group, tail_log
+from ckptsvc.tools.bench_dcp import DCP_METHODS
 from ckptsvc.tools.bench_incremental import add_incremental_options, run_incremental
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
+from ckptsvc.tools.bench_many import add_many_options, run_many
 from ckptsvc.tools.bench_plot import render_svg
 from ckptsvc.tools.bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
 from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_ARTIFACTS, remote_save_targets
@@ -50,6 +52,7 @@ from ckptsvc.tools.bench_report import (
     print_rich,
     write_json,
 )
+from ckptsvc.tools.bench_resume import add_resume_options, run_resume
 from ckptsvc.tools.bench_workloads import ARTIFACTS
 
 __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse_size", "run"]
@@ -58,15 +61,13 @@ __all__ = ["METHODS", "Method", "add_parser", "configure_parser", "main", "parse
 @dataclass(frozen=True)
 class Method:
     """One row of the bench. ``needs``: the save whose artifact this load reads;
-    ``leaves``: names under the scratch root that the method creates; ``remote_only``:
-    run by default only with ``--storage`` on an object store."""
+    ``leaves``: names under the scratch root that the method creates."""
 
     name: str
     kind: str  # "floor" | "save" | "load"
     label: str
     needs: str | None = None
     leaves: tuple[str, ...] = ()
-    remote_only: bool = False
 
 
 _A = ARTIFACTS
@@ -77,12 +78,16 @@ METHODS: tuple[Method, ...] = (
         "raw_write_direct", "floor", "raw write floor (O_DIRECT)", leaves=(_A["raw_write_direct"],)
     ),
     Method("raw_read", "floor", "raw read floor", needs="raw_write"),
-    *(
-        Method(name, "floor", label, leaves=(REMOTE_SAVE_ARTIFACTS[name],), remote_only=True)
-        for name, label in (
-            ("s3fs_put", "s3fs put, one object"),
-            ("s3fs_put_multi", "s3fs put, parallel objects"),
-        )
+    Method("s3fs_put", "floor", "s3fs put, one object", leaves=(REMOTE_SAVE_ARTIFACTS["s3fs_put"],)),
+    Method("raw_read_direct", "floor", "raw read floor (O_DIRECT)", needs="raw_write"),
+    Method(
+        "raw_write_objects",
+        "floor",
+        "raw put, 4 objects in parallel",
+        leaves=(_A["raw_write_objects"],),
+    ),
+    Method(
+        "raw_read_objects", "floor", "raw get, 4 objects in parallel", needs="raw_write_objects"
     ),
     Method("torch_save", "save", "torch.save", leaves=(_A["torch_save"],)),
     Method("safetensors_save", "save", "safetensors save_file", leaves=(_A["safetensors_save"],)),
@@ -90,12 +95,27 @@ METHODS: tuple[Method, ...] = (
     Method("dcp_async", "save", "DCP async_save", leaves=("dcp_async", "dcp_async_warmup")),
     Method("ckptsvc_save", "save", "ckptsvc save_checkpoint", leaves=(_A["ckptsvc_save"],)),
     Method("ckptsvc_async", "save", "ckptsvc AsyncCheckpointer", leaves=("ckptsvc_async",)),
+    Method(
+        "ckptsvc_dcp_save", "save", "DCP save, ckptsvc StorageWriter",
+        leaves=(_A["ckptsvc_dcp_save"],),
+    ),
+    Method(
+        "ckptsvc_dcp_async", "save", "DCP async_save, ckptsvc StorageWriter",
+        leaves=("ckptsvc_dcp_async", "ckptsvc_dcp_async_warmup"),
+    ),
     Method("torch_load", "load", "torch.load", needs="torch_save"),
     Method("safetensors_load", "load", "safetensors load_file", needs="safetensors_save"),
     Method("dcp_load", "load", "DCP load (in place)", needs="dcp_save"),
     Method("ckptsvc_load", "load", "ckptsvc load_checkpoint", needs="ckptsvc_save"),
-)
+    Method(
+        "ckptsvc_dcp_load", "load", "DCP load, ckptsvc StorageReader", needs="ckptsvc_dcp_save"
+    ),
+)  # fmt: skip
 _BY_NAME = {m.name: m for m in METHODS}
+#: floors a run without ``--only`` leaves out where they do not apply (with ``--only`` they
+#: report "unavailable" instead)
+OBJECT_STORE_ONLY = frozenset({"raw_write_objects", "raw_read_objects", "s3fs_put"})
+LOCAL_ONLY = frozenset({"raw_read_direct"})
 
 
 # ---------------------------------------------------------------------------- running
@@ -112,6 +132,7 @@ class _Plan:
     dcp_threads: int
     keep: bool
     worker_tmp: str  # TMPDIR of the workers: short, for AF_UNIX socket paths under it
+    tensors: int = 0  # --tensors N: N tensors of 16 floats instead of --size's mix
 
 
 class _Runner:
@@ -143,9 +164,10 @@ class _Runner:
             method=method, total_nbytes=self.plan.total_nbytes, root=self.plan.root,
             local_dir=self.plan.local_dir, result_path=result_path,
             storage_options=self.plan.storage_options, remote=self.plan.remote,
-            dcp_threads=self.plan.dcp_threads,
+            dcp_threads=self.plan.dcp_threads, tensors=self.plan.tensors,
         )  # fmt: skip
-        cmd = [sys.executable, "-m", "ckptsvc.tools.bench_workloads", cfg.to_json()]
+        module = "bench_dcp" if method in DCP_METHODS else "bench_workloads"
+        cmd = [sys.executable, "-m", f"ckptsvc.tools.{module}", cfg.to_json()]
         # the worker leaves with os._exit: temp dirs of its libraries (multiprocessing's
         # pymp-* with sockets) go to a temp dir of ours, removed at the end
         env = dict(os.environ, TMPDIR=self.plan.worker_tmp)
@@ -279,9 +301,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--size", default="1GiB", help="state size, e.g. 1GiB, 256MiB (default 1GiB)"
     )
     parser.add_argument(
+        "--tensors",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N tensors of 16 floats instead of --size's mix (per-tensor costs; ckptsvc "
+        "saves them as one component)",
+    )
+    parser.add_argument(
         "--reps", type=int, default=3, help="runs per method (default 3); times are medians"
     )
     parser.add_argument("--only", default=None, help=f"comma-separated methods: {names}")
+    parser.add_argument(
+        "--dcp",
+        action="store_true",
+        help="only torch.distributed.checkpoint: dcp.save, dcp.async_save and dcp.load with "
+        "DCP's FileSystemWriter/Reader and with ckptsvc's StorageWriter/Reader",
+    )
     parser.add_argument(
         "--dir", default=None, help="local scratch parent directory (default: system temp)"
     )
@@ -319,6 +355,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add_loop_options(parser)
     add_incremental_options(parser)
     add_budget_options(parser)
+    add_resume_options(parser)
+    add_many_options(parser)
     parser.add_argument(
         "--plot",
         metavar="FILE.svg",
@@ -353,6 +391,11 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
         raise ValueError("--reps must be at least 1")
     options = json.loads(args.storage_options) if args.storage_options else {}
     selected = [m.strip() for m in (args.only or "").split(",") if m.strip()]
+    if getattr(args, "dcp", False):
+        if selected:
+            raise ValueError("--dcp selects the DCP methods itself: leave out --only")
+        selected = list(DCP_METHODS)
+    selected = selected or list(_BY_NAME)
     unknown = [m for m in selected if m not in _BY_NAME]
     if unknown:
         raise ValueError(
@@ -362,8 +405,12 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
     if args.storage:
         loc = Location.parse(args.storage, options)
         remote, parent = not loc.is_local, loc.path
-    selected = selected or [m.name for m in METHODS if remote or not m.remote_only]
-    nbytes = sum(s.nbytes for s in make_specs(total_nbytes))
+    if args.tensors < 0:
+        raise ValueError("--tensors must be at least 0")
+    if not args.only:  # by default only the read floors that apply where the bench runs
+        skip = LOCAL_ONLY if remote else OBJECT_STORE_ONLY
+        selected = [m for m in selected if m not in skip]
+    nbytes = sum(s.nbytes for s in make_specs(total_nbytes, tensors=args.tensors))
     local_dir = tempfile.mkdtemp(prefix="ckptsvc-bench-", dir=args.dir)
     if remote:
         root = f"{args.storage.rstrip('/')}/ckptsvc-bench-{uuid.uuid4().hex[:8]}"
@@ -378,7 +425,7 @@ def _plan_from_args(args: argparse.Namespace) -> tuple[_Plan, list[str]]:
             )
     worker_tmp = tempfile.mkdtemp(prefix="ckptsvc-bench-tmp-")
     plan = _Plan(total_nbytes, args.reps, root, local_dir, remote, options, not args.warm_reads,
-                 args.timeout_s, args.dcp_threads, args.keep, worker_tmp)  # fmt: skip
+                 args.timeout_s, args.dcp_threads, args.keep, worker_tmp, args.tensors)  # fmt: skip
     return plan, selected
 
 
@@ -396,13 +443,11 @@ def _remove_scratch(plan: _Plan) -> None:
 def _emit(args: argparse.Namespace, plan: _Plan, rows: list[Row], started: float) -> None:
     """The table on stdout (unless ``--json`` alone) and the JSON document if asked."""
     targets = evaluate_targets(rows) + remote_save_targets(rows)
-    specs = make_specs(plan.total_nbytes)
+    specs = make_specs(plan.total_nbytes, tensors=plan.tensors)
     nbytes = sum(s.nbytes for s in specs)
     where = f"remote {args.storage}" if plan.remote else "local disk"
-    title = (
-        f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors (bf16 model + fp32 "
-        f"optimizer), {where}, reps {plan.reps}, {'cold' if plan.cold_reads and not plan.remote else 'warm'} reads"
-    )
+    mix = "fp32, 16 floats each" if plan.tensors else "bf16 model + fp32 optimizer"
+    title = f"ckptsvc bench: {nbytes / GiB:.2f} GiB in {len(specs)} tensors ({mix}), {where}, reps {plan.reps}, {'cold' if plan.cold_reads and not plan.remote else 'warm'} reads"
     if args.json is not None:
         config = {
             "nbytes": nbytes, "ntensors": len(specs), "reps": plan.reps, "remote": plan.remote,
@@ -427,6 +472,10 @@ def run(args: argparse.Namespace) -> int:
         return run_incremental(args)
     if getattr(args, "budget", False):
         return run_budget(args)
+    if getattr(args, "resume", False):
+        return run_resume(args)
+    if getattr(args, "many_tensors", 0):
+        return run_many(args)
     try:
         plan, selected = _plan_from_args(args)
     except (ValueError, CheckpointError) as e:
@@ -434,7 +483,8 @@ def run(args: argparse.Namespace) -> int:
     progress: Callable[[str], None] = (
         (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     )
-    progress(f"ckptsvc bench: {plan.total_nbytes / GiB:.2f} GiB under {plan.root}")
+    what = f"{plan.tensors} tensors" if plan.tensors else f"{plan.total_nbytes / GiB:.2f} GiB"
+    progress(f"ckptsvc bench: {what} under {plan.root}")
     started = time.time()
     try:
         rows = run_bench(plan, selected, progress)

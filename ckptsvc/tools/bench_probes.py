@@ -27,6 +27,7 @@ __all__ = [
     "PeakRss",
     "Sample",
     "TensorSpec",
+    "Unavailable",
     "WorkerConfig",
     "aligned_buffer",
     "build_state",
@@ -47,6 +48,10 @@ MiB = 1 << 20
 IO_CHUNK_BYTES = 32 * MiB  # one write/read call of the raw floors (as the reference tool)
 
 
+class Unavailable(Exception):
+    """A method or floor does not apply or cannot run here; its row says why (not a failure)."""
+
+
 # ---------------------------------------------------------------------------- the state
 @dataclass(frozen=True)
 class TensorSpec:
@@ -58,11 +63,16 @@ class TensorSpec:
     nbytes: int
 
 
-def make_specs(total_nbytes: int, *, seed: int = 0) -> list[TensorSpec]:
+def make_specs(total_nbytes: int, *, seed: int = 0, tensors: int = 0) -> list[TensorSpec]:
     """A realistic mix adding up to about ``total_nbytes``: 5 large tensors (62.5 % of the
     bytes), up to 140 tiny ones (4-64 KiB: norms, biases; at most 5 % of the bytes) and
     the rest 1-4 MiB (scaled down for small totals). Every third tensor is a bf16 model
-    weight, the others fp32 optimizer state (``exp_avg``/``exp_avg_sq``)."""
+    weight, the others fp32 optimizer state (``exp_avg``/``exp_avg_sq``).
+
+    With ``tensors`` (``bench --tensors N``): N tensors of 16 floats instead, the
+    per-tensor costs' workload (``total_nbytes`` is ignored)."""
+    if tensors > 0:
+        return [TensorSpec(f"layers.{i}.weight", "float32", (16,), 64) for i in range(tensors)]
     rng = random.Random(seed)
     sizes = [int(total_nbytes * f) // 4096 * 4096 for f in (0.25, 0.125, 0.125, 0.0625, 0.0625)]
     rest = total_nbytes - sum(sizes)
@@ -319,15 +329,24 @@ def write_all_at(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def read_file(path: str, *, streams: int) -> tuple[float, int]:
-    """Read the file into a fresh buffer with ``streams`` threads of pread: (seconds, bytes)."""
+def read_file(path: str, *, streams: int, direct: bool = False) -> tuple[float, int]:
+    """Read the file into a fresh buffer with ``streams`` threads of pread: (seconds, bytes).
+
+    ``direct``: with ``O_DIRECT`` into fresh page-aligned memory (an untouched anonymous
+    mapping: the read pays the page faults, as into a fresh tensor); the tail that is not
+    a whole 4 KiB block is read buffered. OSError (EINVAL) where the filesystem refuses it.
+    """
     import torch
 
     t0 = time.perf_counter()
     size = os.path.getsize(path)
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy())  # type: ignore[arg-type]
-    fd = os.open(path, os.O_RDONLY)
+    if direct:
+        view = memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+    else:
+        buf = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
+    body = size // 4096 * 4096 if direct else size
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     try:
 
         def read(lo: int, hi: int) -> int:
@@ -339,9 +358,13 @@ def read_file(path: str, *, streams: int) -> tuple[float, int]:
                 lo += n
             return lo - start
 
-        got = sum(_in_threads(read, _parts(size, streams)))
+        got = sum(_in_threads(read, _parts(body, streams)))
     finally:
         os.close(fd)
+    if body < size:
+        with open(path, "rb") as f:
+            f.seek(body)
+            got += f.readinto(view[body:]) or 0
     return time.perf_counter() - t0, got
 
 
@@ -359,6 +382,7 @@ class WorkerConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     remote: bool = False
     dcp_threads: int = 1
+    tensors: int = 0  # N tensors of 16 floats instead of the size mix (make_specs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,17 +1,15 @@
 """The save side of ``ckptsvc bench --storage``: s3fs moving the same bytes, and ckptsvc's
 saves against the best of it.
 
-Two rows run only against an object store (``--storage s3://...``), each in its own
-worker like every other row (:mod:`ckptsvc.tools.bench_workloads` dispatches to them):
-
-- ``s3fs_put``: the state's bytes as one object, ``fs.pipe_file`` (s3fs's own upload:
-  one PUT, or its multipart upload for big objects);
-- ``s3fs_put_multi``: the same bytes as ``IO_THREADS`` objects put in parallel
-  (``fs.pipe`` of a dict): what a checkpoint with that many shards could reach.
+The row ``s3fs_put`` runs only against an object store (``--storage s3://...``), in its
+own worker like every other row (:mod:`ckptsvc.tools.bench_workloads` dispatches to it):
+the state's bytes as one object, ``fs.pipe_file`` (s3fs's own upload: one PUT, or its
+multipart upload for big objects). The same bytes as several objects put in parallel
+are the floor ``raw_write_objects`` (:mod:`ckptsvc.tools.bench_reads`).
 
 :func:`remote_save_targets` adds the issue's targets: ckptsvc's sync save and the async
-save's write phase at >= 0.9 x the best of those rows and the streaming upload
-(``raw_write``), all of the same bytes to the same server in the same run.
+save's write phase at >= 0.9 x the best of ``s3fs_put``, ``raw_write_objects`` and the
+streaming upload (``raw_write``), all of the same bytes to the same server in one run.
 """
 
 from __future__ import annotations
@@ -20,28 +18,21 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ckptsvc import knobs
-from ckptsvc.tools.bench_probes import PeakRss, Sample, copy_into
+from ckptsvc.tools.bench_probes import PeakRss, Sample, Unavailable, copy_into
 from ckptsvc.tools.bench_report import Row, Target
 
 __all__ = [
     "REMOTE_SAVE_ARTIFACTS",
     "REMOTE_SAVE_WORKLOADS",
-    "RemoteOnly",
     "remote_save_targets",
     "w_s3fs_put",
-    "w_s3fs_put_multi",
 ]
 
 #: each row's artifact under the scratch root
-REMOTE_SAVE_ARTIFACTS = {"s3fs_put": "s3fs_put.bin", "s3fs_put_multi": "s3fs_put_multi"}
+REMOTE_SAVE_ARTIFACTS = {"s3fs_put": "s3fs_put.bin"}
 #: the threshold of both targets (ckptsvc's throughput / the best s3fs throughput)
 _AT_LEAST = 0.9
-_PUT_ROWS = ("raw_write", "s3fs_put", "s3fs_put_multi")
-
-
-class RemoteOnly(Exception):
-    """The row measures object stores only (the worker reports it "unavailable")."""
+_PUT_ROWS = ("raw_write", "raw_write_objects", "s3fs_put")
 
 
 def _state_bytes(ctx: Any) -> bytes:
@@ -69,30 +60,14 @@ def _timed(ctx: Any, put: Any, extras: dict[str, Any]) -> Sample:
 def w_s3fs_put(ctx: Any) -> Sample:
     """The bytes as one object through s3fs's ``pipe_file``."""
     if not ctx.cfg.remote:
-        raise RemoteOnly("s3fs_put measures object stores (--storage) only")
+        raise Unavailable("s3fs_put measures object stores (--storage) only")
     data = _state_bytes(ctx)
     path = ctx.fs_path(REMOTE_SAVE_ARTIFACTS["s3fs_put"])
     return _timed(ctx, lambda: ctx.fs.pipe_file(path, data), {"objects": 1})
 
 
-def w_s3fs_put_multi(ctx: Any) -> Sample:
-    """The bytes as ``IO_THREADS`` objects of equal size, put in parallel by s3fs."""
-    if not ctx.cfg.remote:
-        raise RemoteOnly("s3fs_put_multi measures object stores (--storage) only")
-    data = _state_bytes(ctx)
-    streams = max(1, knobs.IO_THREADS.get())
-    step = -(-len(data) // streams)
-    base = ctx.fs_path(REMOTE_SAVE_ARTIFACTS["s3fs_put_multi"])
-    view = memoryview(data)
-    objects = {
-        f"{base}/part-{i:03d}": bytes(view[lo : lo + step])
-        for i, lo in enumerate(range(0, len(data), step))
-    }
-    return _timed(ctx, lambda: ctx.fs.pipe(objects), {"objects": len(objects)})
-
-
 #: row -> (workload, needs the state built), merged into ``bench_workloads.WORKLOADS``
-REMOTE_SAVE_WORKLOADS = {"s3fs_put": (w_s3fs_put, True), "s3fs_put_multi": (w_s3fs_put_multi, True)}
+REMOTE_SAVE_WORKLOADS = {"s3fs_put": (w_s3fs_put, True)}
 
 
 def remote_save_targets(rows: Sequence[Row]) -> list[Target]:
@@ -100,8 +75,8 @@ def remote_save_targets(rows: Sequence[Row]) -> list[Target]:
     (throughput ratios, >= 0.9 to pass); none unless an s3fs row ran (a remote run)."""
     ok = {r.method: r for r in rows if r.status == "ok" and r.durable_s}
     puts = [m for m in _PUT_ROWS if m in ok]
-    if not any(m in ok for m in REMOTE_SAVE_ARTIFACTS):
-        return []
+    if not any(m in ok for m in ("s3fs_put", "raw_write_objects")):
+        return []  # not a remote run
     best = min(puts, key=lambda m: float(ok[m].durable_s or 0.0))
     best_s = float(ok[best].durable_s or 0.0)
     note = f"best s3fs upload: {best} ({best_s:.2f} s)"

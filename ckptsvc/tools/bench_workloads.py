@@ -35,10 +35,12 @@ from ckptsvc import knobs
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import url_to_fs
+from ckptsvc.tools import bench_reads
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     PeakRss,
     Sample,
+    Unavailable,
     WorkerConfig,
     aligned_buffer,
     build_state,
@@ -50,12 +52,22 @@ from ckptsvc.tools.bench_probes import (
     touch_pages,
     write_file,
 )
-from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_WORKLOADS, RemoteOnly
+from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_WORKLOADS
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ARTIFACTS", "WORKLOADS", "run_worker_main"]
+__all__ = [
+    "ARTIFACTS",
+    "WORKLOADS",
+    "Ctx",
+    "Unavailable",
+    "load_sample",
+    "perturb",
+    "require",
+    "run_worker_main",
+    "sample",
+]
 
 ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "raw_write": "raw.bin",
@@ -63,21 +75,19 @@ ARTIFACTS = {  # the file or directory a save leaves and the matching load reads
     "torch_save": "ckpt.pt",
     "safetensors_save": "ckpt.safetensors",
     "dcp_save": "dcp",
+    "ckptsvc_dcp_save": "ckptsvc_dcp",
     "ckptsvc_save": "ckptsvc",
+    **bench_reads.READ_ARTIFACTS,
 }
 
 
-class _Unavailable(Exception):
-    """Internal: the method's library is missing or too old; the row says why."""
-
-
-def _require(module: str, attr: str) -> Any:
-    """``module.attr`` (``attr`` may be a submodule), or :class:`_Unavailable` saying why not."""
+def require(module: str, attr: str) -> Any:
+    """``module.attr`` (``attr`` may be a submodule), or :class:`Unavailable` saying why not."""
     try:
         mod = __import__(module, fromlist=[attr])
         return getattr(mod, attr)
     except (ImportError, AttributeError) as e:
-        raise _Unavailable(f"{module}.{attr}: {type(e).__name__}: {e}") from e
+        raise Unavailable(f"{module}.{attr}: {type(e).__name__}: {e}") from e
 
 
 def _accepts(fn: Callable[..., Any], name: str) -> bool:
@@ -88,14 +98,14 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-class _Ctx:
+class Ctx:
     """What a workload gets: the config, the state (None for loads) and path helpers. The
     object-store filesystem is created here, before any timing starts."""
 
     def __init__(self, cfg: WorkerConfig, state: dict[str, torch.Tensor] | None) -> None:
         self.cfg = cfg
         self.state = state
-        self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes))
+        self.nbytes = sum(s.nbytes for s in make_specs(cfg.total_nbytes, tensors=cfg.tensors))
         self.fs: Any = None
         if cfg.remote:
             self.fs, _ = url_to_fs(cfg.root, **cfg.storage_options)
@@ -117,9 +127,11 @@ class _Ctx:
 
 
 Timed = tuple[float, float, dict[str, Any]]  # blocking_s, durable_s, extras
+Workload = tuple[Callable[[Ctx], Sample], bool]  # the workload, whether it needs the state
 
 
-def _sample(ctx: _Ctx, rss: PeakRss, timed: Timed) -> Sample:
+def sample(ctx: Ctx, rss: PeakRss, timed: Timed) -> Sample:
+    """The :class:`Sample` of one timed workload (``timed``: blocking, durable, extras)."""
     blocking_s, durable_s, extras = timed
     extras = {**extras, "rss_reset": rss.reset_ok}
     return Sample(
@@ -129,7 +141,7 @@ def _sample(ctx: _Ctx, rss: PeakRss, timed: Timed) -> Sample:
 
 
 # ---------------------------------------------------------------------------- floors
-def w_memcpy(ctx: _Ctx) -> Sample:
+def w_memcpy(ctx: Ctx) -> Sample:
     """Copy the state into one pre-touched buffer, best of 3 (the floor); extras: the first
     copy into fresh heap pages, and best of 3 into pre-touched shared memory."""
     from multiprocessing import shared_memory
@@ -166,7 +178,7 @@ def w_memcpy(ctx: _Ctx) -> Sample:
         "shm_pretouched_s": min(shm_runs),
         "runs_s": runs,
     }
-    return _sample(ctx, rss, (min(runs), min(runs), extras))
+    return sample(ctx, rss, (min(runs), min(runs), extras))
 
 
 def _flat_copy(state: dict[str, torch.Tensor], nbytes: int) -> torch.Tensor:
@@ -177,7 +189,7 @@ def _flat_copy(state: dict[str, torch.Tensor], nbytes: int) -> torch.Tensor:
     return buf
 
 
-def w_raw_write(ctx: _Ctx) -> Sample:
+def w_raw_write(ctx: Ctx) -> Sample:
     """The state's bytes (one flat buffer) written to one new file in 32 MiB calls by
     ``IO_THREADS`` streams (the ckptsvc writer's parallelism), then fsync'd. Object
     stores: one streaming upload. One write per worker, like every other save: on virtual
@@ -196,10 +208,10 @@ def w_raw_write(ctx: _Ctx) -> Sample:
                 ctx.path(ARTIFACTS["raw_write"]), view, streams=streams
             )
     extras = {} if ctx.cfg.remote else {"streams": streams, "fsync_s": durable_s - written_s}
-    return _sample(ctx, rss, (written_s, durable_s, extras))
+    return sample(ctx, rss, (written_s, durable_s, extras))
 
 
-def w_raw_write_direct(ctx: _Ctx) -> Sample:
+def w_raw_write_direct(ctx: Ctx) -> Sample:
     """The raw write floor without the page cache: the state's bytes in one page-aligned
     buffer, written with ``O_DIRECT`` by ``IO_THREADS`` streams, then fsync'd. Local only;
     "unavailable" where the filesystem refuses ``O_DIRECT``."""
@@ -208,7 +220,7 @@ def w_raw_write_direct(ctx: _Ctx) -> Sample:
     import torch
 
     if ctx.cfg.remote:
-        raise _Unavailable("O_DIRECT applies to local files only")
+        raise Unavailable("O_DIRECT applies to local files only")
     view = aligned_buffer(ctx.nbytes)
     copy_into(ctx.state or {}, torch.frombuffer(view, dtype=torch.uint8))
     streams = max(1, knobs.IO_THREADS.get())
@@ -220,12 +232,12 @@ def w_raw_write_direct(ctx: _Ctx) -> Sample:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            raise _Unavailable(f"the filesystem refuses O_DIRECT: {e}") from e
+            raise Unavailable(f"the filesystem refuses O_DIRECT: {e}") from e
     extras = {"streams": streams, "fsync_s": durable_s - written_s, "mode": "O_DIRECT"}
-    return _sample(ctx, rss, (written_s, durable_s, extras))
+    return sample(ctx, rss, (written_s, durable_s, extras))
 
 
-def w_raw_read(ctx: _Ctx) -> Sample:
+def w_raw_read(ctx: Ctx) -> Sample:
     """The raw file read into a fresh buffer by ``IO_THREADS`` streams (cold: the parent
     dropped it from the page cache). Object stores: one GET."""
     name = ARTIFACTS["raw_write"]
@@ -239,11 +251,11 @@ def w_raw_read(ctx: _Ctx) -> Sample:
         read_s = time.perf_counter() - t0
     if got != ctx.nbytes:
         raise RuntimeError(f"raw read got {got} bytes, expected {ctx.nbytes}")
-    return _sample(ctx, rss, (read_s, read_s, {} if ctx.cfg.remote else {"streams": streams}))
+    return sample(ctx, rss, (read_s, read_s, {} if ctx.cfg.remote else {"streams": streams}))
 
 
 # ---------------------------------------------------------------------------- peers
-def w_torch_save(ctx: _Ctx) -> Sample:
+def w_torch_save(ctx: Ctx) -> Sample:
     import torch
 
     with PeakRss() as rss:
@@ -257,15 +269,15 @@ def w_torch_save(ctx: _Ctx) -> Sample:
             t1 = time.perf_counter()
             fsync_tree(ctx.path(ARTIFACTS["torch_save"]))
             t2 = time.perf_counter()
-    return _sample(ctx, rss, (t1 - t0, t2 - t0, {}))
+    return sample(ctx, rss, (t1 - t0, t2 - t0, {}))
 
 
-def w_safetensors_save(ctx: _Ctx) -> Sample:
-    save_file = _require("safetensors.torch", "save_file")
+def w_safetensors_save(ctx: Ctx) -> Sample:
+    save_file = require("safetensors.torch", "save_file")
     with PeakRss() as rss:
         t0 = time.perf_counter()
         if ctx.cfg.remote:
-            to_bytes = _require("safetensors.torch", "save")
+            to_bytes = require("safetensors.torch", "save")
             ctx.fs.pipe_file(ctx.fs_path(ARTIFACTS["safetensors_save"]), to_bytes(ctx.state))
             t1 = t2 = time.perf_counter()
         else:
@@ -273,10 +285,10 @@ def w_safetensors_save(ctx: _Ctx) -> Sample:
             t1 = time.perf_counter()
             fsync_tree(ctx.path(ARTIFACTS["safetensors_save"]))
             t2 = time.perf_counter()
-    return _sample(ctx, rss, (t1 - t0, t2 - t0, {}))
+    return sample(ctx, rss, (t1 - t0, t2 - t0, {}))
 
 
-def _load_sample(ctx: _Ctx, load: Callable[[], Any]) -> Sample:
+def load_sample(ctx: Ctx, load: Callable[[], Any]) -> Sample:
     """Time ``load()`` (blocking) and then touching every page of what it returned."""
     with PeakRss() as rss:
         t0 = time.perf_counter()
@@ -289,110 +301,38 @@ def _load_sample(ctx: _Ctx, load: Callable[[], Any]) -> Sample:
         raise RuntimeError(
             f"{ctx.cfg.method} returned {covered} tensor bytes, expected {ctx.nbytes}"
         )
-    return _sample(ctx, rss, (t1 - t0, t2 - t0, {"ntensors": len(values)}))
+    return sample(ctx, rss, (t1 - t0, t2 - t0, {"ntensors": len(values)}))
 
 
-def w_torch_load(ctx: _Ctx) -> Sample:
+def w_torch_load(ctx: Ctx) -> Sample:
     import torch
 
     name = ARTIFACTS["torch_save"]
     if ctx.cfg.remote:
-        return _load_sample(
+        return load_sample(
             ctx,
             lambda: torch.load(io.BytesIO(ctx.fs.cat_file(ctx.fs_path(name))), weights_only=True),
         )
-    return _load_sample(ctx, lambda: torch.load(ctx.path(name), weights_only=True))
+    return load_sample(ctx, lambda: torch.load(ctx.path(name), weights_only=True))
 
 
-def w_safetensors_load(ctx: _Ctx) -> Sample:
+def w_safetensors_load(ctx: Ctx) -> Sample:
     name = ARTIFACTS["safetensors_save"]
     if ctx.cfg.remote:
-        from_bytes = _require("safetensors.torch", "load")
-        return _load_sample(ctx, lambda: from_bytes(ctx.fs.cat_file(ctx.fs_path(name))))
-    load_file = _require("safetensors.torch", "load_file")
-    return _load_sample(ctx, lambda: load_file(ctx.path(name)))
+        from_bytes = require("safetensors.torch", "load")
+        return load_sample(ctx, lambda: from_bytes(ctx.fs.cat_file(ctx.fs_path(name))))
+    load_file = require("safetensors.torch", "load_file")
+    return load_sample(ctx, lambda: load_file(ctx.path(name)))
 
 
-def _dcp_init() -> Any:
-    dcp = _require("torch.distributed", "checkpoint")
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        raise _Unavailable("torch.distributed is not available in this torch build")
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return dcp
-
-
-def _dcp_writer(ctx: _Ctx, name: str) -> Any:
-    dcp = _dcp_init()
-    if ctx.cfg.remote:
-        writer = _require("torch.distributed.checkpoint._fsspec_filesystem", "FsspecWriter")
-        return writer(ctx.path(name), thread_count=ctx.cfg.dcp_threads, **ctx.cfg.storage_options)
-    return dcp.FileSystemWriter(ctx.path(name), thread_count=ctx.cfg.dcp_threads)
-
-
-def w_dcp_save(ctx: _Ctx) -> Sample:
-    dcp = _dcp_init()
-    writer = _dcp_writer(ctx, ARTIFACTS["dcp_save"])
-    with PeakRss() as rss:
-        t0 = time.perf_counter()
-        dcp.save(ctx.state, storage_writer=writer)  # FileSystemWriter fsyncs (sync_files=True)
-        t1 = time.perf_counter()
-    return _sample(ctx, rss, (t1 - t0, t1 - t0, {}))
-
-
-def w_dcp_load(ctx: _Ctx) -> Sample:
-    dcp = _dcp_init()
-    target = build_state(make_specs(ctx.cfg.total_nbytes), fill=False)  # in-place load target
-    if ctx.cfg.remote:
-        reader = _require("torch.distributed.checkpoint._fsspec_filesystem", "FsspecReader")(
-            ctx.path(ARTIFACTS["dcp_save"]), **ctx.cfg.storage_options
-        )
-    else:
-        reader = dcp.FileSystemReader(ctx.path(ARTIFACTS["dcp_save"]))
-
-    def load() -> dict[str, Any]:
-        dcp.load(target, storage_reader=reader)
-        return target
-
-    return _load_sample(ctx, load)
-
-
-def _perturb(state: dict[str, torch.Tensor]) -> None:
+def perturb(state: dict[str, torch.Tensor]) -> None:
     """Change every value between the warm-up and the measured save (as a step would)."""
     for t in state.values():
         t.neg_()
 
 
-def w_dcp_async(ctx: _Ctx) -> Sample:
-    """``dcp.async_save``, process-based where this torch has it: a warm-up save (pays the
-    daemon start), then the measured save with changed values. Blocking = until
-    ``async_save`` returns; durable = until its future completes."""
-    dcp = _dcp_init()
-    state = ctx.state or {}
-    kinds = _require("torch.distributed.checkpoint.state_dict_saver", "AsyncCheckpointerType")
-    kind = getattr(kinds, "PROCESS", None) or kinds.THREAD
-
-    def one(name: str) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        fut = dcp.async_save(
-            state, storage_writer=_dcp_writer(ctx, name), async_checkpointer_type=kind
-        )
-        t1 = time.perf_counter()
-        (getattr(fut, "upload_completion", None) or fut).result()
-        return t1 - t0, time.perf_counter() - t0
-
-    with PeakRss() as rss:
-        first = one("dcp_async_warmup")
-        _perturb(state)
-        blocking_s, durable_s = one("dcp_async")
-    extras = {"mode": kind.value, "first_blocking_s": first[0], "first_durable_s": first[1]}
-    return _sample(ctx, rss, (blocking_s, durable_s, extras))
-
-
 # ---------------------------------------------------------------------------- ckptsvc
-def w_ckptsvc_save(ctx: _Ctx) -> Sample:
+def w_ckptsvc_save(ctx: Ctx) -> Sample:
     path = ctx.path(ARTIFACTS["ckptsvc_save"])
     kwargs = ctx.storage_kwargs(save_checkpoint)
     with PeakRss() as rss:
@@ -402,13 +342,13 @@ def w_ckptsvc_save(ctx: _Ctx) -> Sample:
         if not ctx.cfg.remote:
             fsync_tree(path)  # no-op cost if the library already made it durable
         t2 = time.perf_counter()
-    return _sample(ctx, rss, (t1 - t0, t2 - t0, {"extra_fsync_s": t2 - t1}))
+    return sample(ctx, rss, (t1 - t0, t2 - t0, {"extra_fsync_s": t2 - t1}))
 
 
-def w_ckptsvc_load(ctx: _Ctx) -> Sample:
+def w_ckptsvc_load(ctx: Ctx) -> Sample:
     path = ctx.path(ARTIFACTS["ckptsvc_save"])
     kwargs = ctx.storage_kwargs(load_checkpoint)
-    return _load_sample(ctx, lambda: load_checkpoint(path, **kwargs))
+    return load_sample(ctx, lambda: load_checkpoint(path, **kwargs))
 
 
 def _mapped_shm(shm_dir: str) -> dict[str, int]:
@@ -439,29 +379,28 @@ def _timings(handle: Any) -> dict[str, Any]:
     return {k: v for k, v in items.items() if isinstance(v, (int, float, str, bool))}
 
 
-def w_ckptsvc_async(ctx: _Ctx) -> Sample:
-    """``AsyncCheckpointer.save`` of ``{"model": state}`` (one component: HF shards, as
-    ``save_checkpoint`` writes; a flat dict would be one component per tensor, two files
-    each): a warm-up save (allocates the arena, starts the writer), then the measured save
-    with changed values. Blocking = until ``save`` returns;
+def w_ckptsvc_async(ctx: Ctx) -> Sample:
+    """``AsyncCheckpointer.save``: a warm-up save (allocates the arena, starts the writer),
+    then the measured save with changed values. Blocking = until ``save`` returns;
     durable = until ``handle.wait()`` returns (committed). Extra RSS spans both saves,
     from the built state, i.e. it includes the arena."""
     checkpointer_cls = AsyncCheckpointer
-    state = ctx.state or {}
+    tensors = ctx.state or {}
+    state: Any = {"model": tensors} if ctx.cfg.tensors else tensors  # --tensors: one component
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
     ckpt = checkpointer_cls(root=ctx.path("ckptsvc_async"), **kwargs)
     try:
         with PeakRss() as rss:
             t0 = time.perf_counter()
-            handle = ckpt.save(0, {"model": state})
+            handle = ckpt.save(0, state)
             t1 = time.perf_counter()
             handle.wait()
             first = (t1 - t0, time.perf_counter() - t0)
             rss_after_first = proc_status_bytes("self", "VmRSS")
-            _perturb(state)
+            perturb(tensors)
             t0 = time.perf_counter()
-            handle = ckpt.save(1, {"model": state})
+            handle = ckpt.save(1, state)
             t1 = time.perf_counter()
             handle.wait()
             t2 = time.perf_counter()
@@ -478,12 +417,17 @@ def w_ckptsvc_async(ctx: _Ctx) -> Sample:
         "shm_leaked_nbytes": sum(arenas[n] for n in leaked),
     }
     extras.update({f"handle_{k}": v for k, v in _timings(handle).items()})
-    return _sample(ctx, rss, (t1 - t0, t2 - t0, extras))
+    return sample(ctx, rss, (t1 - t0, t2 - t0, extras))
+
+
+def _floor(fn: Callable[[Any], tuple[PeakRss, Timed]]) -> Callable[[Ctx], Sample]:
+    """A read floor of :mod:`ckptsvc.tools.bench_reads` as a workload."""
+    return lambda ctx: sample(ctx, *fn(ctx))
 
 
 # ---------------------------------------------------------------------------- registry
 #: method -> (workload, needs the state built)
-WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
+WORKLOADS: dict[str, Workload] = {
     "memcpy": (w_memcpy, True),
     "raw_write": (w_raw_write, True),
     "raw_write_direct": (w_raw_write_direct, True),
@@ -492,34 +436,36 @@ WORKLOADS: dict[str, tuple[Callable[[_Ctx], Sample], bool]] = {
     "torch_load": (w_torch_load, False),
     "safetensors_save": (w_safetensors_save, True),
     "safetensors_load": (w_safetensors_load, False),
-    "dcp_save": (w_dcp_save, True),
-    "dcp_load": (w_dcp_load, False),
-    "dcp_async": (w_dcp_async, True),
     "ckptsvc_save": (w_ckptsvc_save, True),
     "ckptsvc_load": (w_ckptsvc_load, False),
     "ckptsvc_async": (w_ckptsvc_async, True),
     **REMOTE_SAVE_WORKLOADS,
+    "raw_read_direct": (_floor(bench_reads.raw_read_direct), False),
+    "raw_write_objects": (_floor(bench_reads.raw_write_objects), True),
+    "raw_read_objects": (_floor(bench_reads.raw_read_objects), False),
 }
 
 
-def _measure(cfg: WorkerConfig) -> dict[str, Any]:
+def _measure(cfg: WorkerConfig, workloads: dict[str, Workload]) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before any timing, for loads too)
 
-    workload, needs_state = WORKLOADS[cfg.method]
-    state = build_state(make_specs(cfg.total_nbytes)) if needs_state else None
-    ctx = _Ctx(cfg, state)
+    workload, needs_state = workloads[cfg.method]
+    state = build_state(make_specs(cfg.total_nbytes, tensors=cfg.tensors)) if needs_state else None
+    ctx = Ctx(cfg, state)
     try:
         return {"status": "ok", "sample": asdict(workload(ctx))}
-    except (_Unavailable, RemoteOnly) as e:
+    except Unavailable as e:
         return {"status": "unavailable", "reason": str(e)}
 
 
-def run_worker_main(argv: list[str]) -> None:
-    """Worker entry: measure, write the result JSON, leave without teardown."""
+def run_worker_main(argv: list[str], *, workloads: dict[str, Workload] | None = None) -> None:
+    """Worker entry: measure with ``workloads`` (default :data:`WORKLOADS`; the DCP ones
+    are :data:`ckptsvc.tools.bench_dcp.DCP_WORKLOADS`), write the result JSON, leave
+    without teardown."""
     cfg = WorkerConfig.from_json(argv[0])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # DCP's process daemon needs one
     try:
-        result = _measure(cfg)
+        result = _measure(cfg, WORKLOADS if workloads is None else workloads)
     except Exception as e:  # reported as the row's error; the traceback goes to stderr
         import traceback
 
