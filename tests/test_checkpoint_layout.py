@@ -156,3 +156,31 @@ def test_a_checkpoint_of_the_previous_layout_still_loads(tmp_path: Path) -> None
         assert torch.equal(
             opt.state_dict()["state"][i]["momentum_buffer"], slots["momentum_buffer"]
         )
+
+
+def test_a_state_dict_is_one_model_component_not_a_file_per_tensor(
+    tmp_path: Path, node: str
+) -> None:
+    from safetensors.torch import load_file
+
+    model = Tiny()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        handle = ckpt.save(5, sd)
+        handle.wait(60)
+    path = Path(handle.path)
+    listing = sorted(p.name for p in path.iterdir())
+    shards = [n for n in listing if n.endswith(".safetensors")]
+    assert shards == ["model-00001-of-00001.safetensors"], listing  # not a file per tensor
+    assert [n for n in listing if n.endswith("_state.json")] == ["model_state.json"], listing
+    on_disk = load_file(path / shards[0])  # plain HF weights of exactly its keys
+    assert sorted(on_disk) == sorted(sd)
+    loaded = load_state(str(path))
+    assert list(loaded) == list(sd)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    # a mapping that also holds a non-tensor keeps one component per key
+    with AsyncCheckpointer(tmp_path / "mixed") as ckpt:
+        handle = ckpt.save(1, {"w": sd["proj.weight"], "step": 1})
+        handle.wait(60)
+    mixed = Path(handle.path)
+    assert (mixed / "w_state.safetensors").exists() and (mixed / "step_state.json").exists()

@@ -11,7 +11,10 @@ the components :func:`components_of_state` derives (one pipeline, one layout):
   "step": 7}`` writes the model as plain Hugging Face shards (``model-0000k-of-0000N``,
   keys exactly ``model.state_dict()``'s), the optimizer in ``optimizer_state*`` files and
   the step in ``step_state.json``;
-- an ``nn.Module``: the component ``model``, marked as the root of the state;
+- an ``nn.Module``, or a non-empty mapping whose values are all tensors (a state dict,
+  ``model.state_dict()``): the component ``model`` (plain Hugging Face shards of exactly
+  those keys), marked as the root of the state - not one component and one file per
+  tensor;
 - anything else (a list, a tuple, a tensor, a mapping with a key that cannot name a
   component): the single component ``state``, marked as the root.
 
@@ -68,9 +71,18 @@ def _component(key: str, value: Any, *, root: bool = False) -> StateComponent:
     )
 
 
+def _is_tensor_dict(state: object) -> bool:
+    """A non-empty mapping of tensors only: a state dict, saved as one model component."""
+    return (
+        isinstance(state, Mapping)
+        and len(state) > 0
+        and all(isinstance(v, torch.Tensor) for v in state.values())
+    )
+
+
 def components_of_state(state: Any) -> list[StateComponent]:
     """The GLOBAL components ``save(step, state)`` writes (see the module docstring)."""
-    if isinstance(state, torch.nn.Module):
+    if isinstance(state, torch.nn.Module) or _is_tensor_dict(state):
         return [_component("model", state, root=True)]
     if isinstance(state, Mapping) and all(isinstance(k, str) and _KEY_RE.match(k) for k in state):
         return [_component(k, v) for k, v in state.items()]
