@@ -66,7 +66,7 @@ from ckptsvc.workers.commit import begin_checkpoint, publish_file
 from ckptsvc.workers.job_runner import finish_checkpoint
 from ckptsvc.workers.shard_writer import write_shard
 
-__all__ = ["SimResult", "add_parser", "run", "simulate"]
+__all__ = ["CountingStore", "SimResult", "SimulatedJob", "add_parser", "run", "simulate"]
 
 _BUCKET = "ckptsvc-simulate"
 _WRITES = ("PUT", "POST", "DELETE")
@@ -152,7 +152,7 @@ class SimResult:
 
 
 @dataclass
-class _Rank:
+class SimRank:
     info: RankInfo
     store: CountingStore
     coordinator: Coordinator
@@ -168,29 +168,44 @@ def _state(rank: int) -> list[StateComponent]:
     return [
         StateComponent("model", HeldState(model), SharingPattern.REPLICATED),
         StateComponent(
-            "optimizer", HeldState({"exp_avg": torch.full((16,), float(rank))}),
+            "optimizer",
+            HeldState({"exp_avg": torch.full((16,), float(rank))}),
             SharingPattern.PER_RANK,
-        ),  # fmt: skip
+        ),
     ]
 
 
-class _Job:
-    """The simulated job: its store, its object store and its ranks."""
+class SimulatedJob:
+    """A simulated job: its ranks (threads of this process, each with its own client of
+    one ``TCPStore`` wrapped in a :class:`CountingStore`) saving under ``root``."""
 
-    def __init__(self, *, ranks: int, ranks_per_node: int, root: str, opts: dict[str, Any]):
+    def __init__(
+        self,
+        *,
+        ranks: int,
+        ranks_per_node: int,
+        root: str,
+        opts: dict[str, Any],
+        timeout_s: float | None = None,
+    ) -> None:
         self.root = root
         self.opts = opts
         self.master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        self.ranks: list[_Rank] = []
+        self.ranks: list[SimRank] = []
         for r in range(ranks):
             local = min(ranks_per_node, ranks)
             info = RankInfo(r, ranks, r % local, local, r // local, f"sim{r // local}")
             client = dist.TCPStore("127.0.0.1", self.master.port, is_master=False)
             store = CountingStore(client)
             coordinator = Coordinator(
-                info, root=root, store=store, commit=self._commit, storage_options=opts
+                info,
+                root=root,
+                store=store,
+                commit=self._commit,
+                storage_options=opts,
+                timeout_s=timeout_s,
             )
-            self.ranks.append(_Rank(info, store, coordinator, threading.Event()))
+            self.ranks.append(SimRank(info, store, coordinator, threading.Event()))
 
     def _commit(self, pending: PendingCommit, merged: Merged) -> Any:
         """Rank 0's commit, as its writer runs a commit job (``run_job``)."""
@@ -201,26 +216,39 @@ class _Job:
         finish_checkpoint(ckpt, commit_info(pending, merged, world_size=len(self.ranks)), records)
         return _Done(time.monotonic() - started)
 
-    def save(self, step: int, pool: ThreadPoolExecutor) -> None:
+    def save(
+        self,
+        step: int,
+        pool: ThreadPoolExecutor,
+        *,
+        failing: frozenset[int] = frozenset(),
+        silent: frozenset[int] = frozenset(),
+    ) -> dict[int, BaseException | None]:
+        """Every rank saves ``step``; ranks in ``failing`` report an error, ranks in
+        ``silent`` never report (a dead rank). Returns each reporting rank's outcome."""
         path = f"{self.root}/checkpoint-{step}"
+        live = [r for r in self.ranks if r.info.rank not in silent]
         for r in self.ranks:
             r.done.clear()
             r.error = None
-        list(pool.map(lambda r: self._save_rank(r, step, path), self.ranks))
-        for r in self.ranks:
+        list(pool.map(lambda r: self._save_rank(r, step, path, r.info.rank in failing), live))
+        for r in live:
             if not r.done.wait(600):
                 raise TimeoutError(f"rank {r.info.rank} saw no outcome of step {step}")
-        failed = [r for r in self.ranks if r.error is not None]
-        if failed:
-            raise RuntimeError(f"rank {failed[0].info.rank}: {failed[0].error}")
+        return {r.info.rank: r.error for r in live}
 
-    def _save_rank(self, r: _Rank, step: int, path: str) -> None:
+    def _save_rank(self, r: SimRank, step: int, path: str, fail: bool) -> None:
         plans = plan_components(
-            _state(r.info.rank), info=r.info, process_groups=None, max_shard_size=1 << 30,
-            user_metadata={}, incremental=False,
-        )  # fmt: skip
-        target = claim_target(path, storage_options=self.opts, overwrite=False,
-                              claim=r.info.rank == 0)  # fmt: skip
+            _state(r.info.rank),
+            info=r.info,
+            process_groups=None,
+            max_shard_size=1 << 30,
+            user_metadata={},
+            incremental=False,
+        )
+        target = claim_target(
+            path, storage_options=self.opts, overwrite=False, claim=r.info.rank == 0
+        )
         handle = SaveHandle(
             step=step, path=path, started=time.perf_counter(), timings=SaveTimings(0, 0.0, 0.0, 0.0)
         )
@@ -233,8 +261,9 @@ class _Job:
         for f in (f for p in plans for f in p.files if f.write):
             chunks = (tensor_bytes(f.sources[e.name]) for e in f.plan.layout.entries)
             records.append(
-                write_shard(ckpt.join(f.plan.file_name), f.plan.layout, chunks,
-                            rel_path=f.plan.file_name)  # fmt: skip
+                write_shard(
+                    ckpt.join(f.plan.file_name), f.plan.layout, chunks, rel_path=f.plan.file_name
+                )
             )
         records += [publish_file(ckpt, n, b) for p in plans for n, b in sorted(p.docs.items())]
 
@@ -244,14 +273,16 @@ class _Job:
             target.release()
             r.done.set()
 
+        error = OSError(f"rank {r.info.rank}: simulated disk full") if fail else None
+        report = replace(report, files=tuple(records))
+        if error is not None:
+            report = replace(report, error=str(error), error_type=type(error).__name__)
         r.reported_at = time.monotonic()
-        r.coordinator.data_done(
-            pending, replace(report, files=tuple(records)), on_done=on_done, local_error=None
-        )
+        r.coordinator.data_done(pending, report, on_done=on_done, local_error=error)
 
-    def close(self) -> None:
-        for r in self.ranks:
-            r.coordinator.close(timeout_s=5.0)
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Rank 0 waits (bounded) for every rank to read the outcomes."""
+        self.ranks[0].coordinator.close(timeout_s=timeout_s)
 
 
 @dataclass(frozen=True)
@@ -275,8 +306,9 @@ def _moto(endpoint: str | None, workdir: str) -> Iterator[str]:
     with open(os.path.join(workdir, "moto.log"), "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -314,9 +346,12 @@ def _create_bucket(endpoint: str) -> None:
     import boto3  # moto's own dependency: there wherever moto_server is
 
     client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
-        aws_secret_access_key="testing", region_name="us-east-1",
-    )  # fmt: skip
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=_BUCKET)
 
@@ -338,24 +373,29 @@ def simulate(
     module docstring); return the per-save means and the resume's counts."""
     if ranks < 1 or ranks_per_node < 1 or saves < 1:
         raise ValueError("ranks, ranks_per_node and saves must be at least 1")
-    with tempfile.TemporaryDirectory(prefix="ckptsvc-sim-") as workdir, _moto(
-        endpoint, workdir
-    ) as upstream, _environment(ranks, ranks_per_node):
+    with (
+        tempfile.TemporaryDirectory(prefix="ckptsvc-sim-") as workdir,
+        _moto(endpoint, workdir) as upstream,
+        _environment(ranks, ranks_per_node),
+    ):
         proxy = FaultProxy(upstream).start()
         opts = {
-            "key": "testing", "secret": "testing",
+            "key": "testing",
+            "secret": "testing",
             "client_kwargs": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"},
-        }  # fmt: skip
+        }
         _create_bucket(upstream)
         root = f"s3://{_BUCKET}/run-{uuid.uuid4().hex[:8]}"
-        job = _Job(ranks=ranks, ranks_per_node=ranks_per_node, root=root, opts=opts)
+        job = SimulatedJob(ranks=ranks, ranks_per_node=ranks_per_node, root=root, opts=opts)
         rows: list[dict[str, float]] = []
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for step in range(saves):
                 for r in job.ranks:
                     r.store.ops.clear()
                 proxy.reset_records()
-                job.save(step, pool)
+                failed = {r: e for r, e in job.save(step, pool).items() if e is not None}
+                if failed:
+                    raise RuntimeError(f"step {step}: rank {min(failed)}: {failed[min(failed)]}")
                 records = proxy.records()
                 writes = [x for x in records if x.method in _WRITES]
                 prefixes = Counter(x.path.rsplit("/", 1)[0] for x in writes)
@@ -373,15 +413,26 @@ def simulate(
             job.close()
             sizes = _object_sizes(opts, root)
             proxy.reset_records()
-            paths = list(pool.map(lambda r: resolve_latest(root, storage_options=opts,
-                                                           store=r.store, rank=r.info.rank),
-                                  job.ranks))  # fmt: skip
+            paths = list(
+                pool.map(
+                    lambda r: resolve_latest(
+                        root, storage_options=opts, store=r.store, rank=r.info.rank
+                    ),
+                    job.ranks,
+                )
+            )
             discovery = len(proxy.records())
             if len(set(paths)) != 1 or paths[0] is None:
-                raise RuntimeError(f"ranks resolved different checkpoints: {sorted(set(map(str, paths)))}")
+                raise RuntimeError(
+                    f"ranks resolved different checkpoints: {sorted(set(map(str, paths)))}"
+                )
             proxy.reset_records()
-            list(pool.map(lambda r: load_state(paths[0], storage_options=opts, rank=r.info.rank),
-                          job.ranks))  # fmt: skip
+            list(
+                pool.map(
+                    lambda r: load_state(paths[0], storage_options=opts, rank=r.info.rank),
+                    job.ranks,
+                )
+            )
             loads = proxy.records()
         proxy.stop()
         meta = sum(
@@ -457,16 +508,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         sizes = [int(x) for x in str(args.ranks).split(",") if x.strip()]
     except ValueError:
-        print(f"ckptsvc simulate: error: --ranks {args.ranks!r} is not a list of integers",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ckptsvc simulate: error: --ranks {args.ranks!r} is not a list of integers",
+            file=sys.stderr,
+        )
         return 2
     results = []
     for n in sizes:
         started = time.monotonic()
         res = simulate(
-            ranks=n, ranks_per_node=args.ranks_per_node, saves=args.saves,
-            endpoint=args.endpoint, threads=args.threads,
-        )  # fmt: skip
+            ranks=n,
+            ranks_per_node=args.ranks_per_node,
+            saves=args.saves,
+            endpoint=args.endpoint,
+            threads=args.threads,
+        )
         results.append(res)
         print(f"{n} ranks simulated in {time.monotonic() - started:.1f} s", file=sys.stderr)
     if args.json:
