@@ -19,7 +19,7 @@ Then every rank resumes: resolves the latest checkpoint
 
 Counted, per save: the store operations of rank 0 and of all ranks (every rank's store is
 wrapped in a counting ``Store``); the time from the last rank's report to rank 0's
-outcome; object-store requests (at a counting proxy in front of the server: by method,
+outcome; object-store requests (counted in the S3 client, retries included: by method,
 writes, and the most writes under one prefix); per resume: discovery requests, load
 requests, bytes of JSON metadata read per rank. Nothing here is timed against a target:
 the table is for comparing runs and ranks counts within one run.
@@ -31,8 +31,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +40,6 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -61,76 +58,20 @@ from ckptsvc.stage.save_handle import SaveHandle, SaveTimings
 from ckptsvc.stage.state_components import HeldState
 from ckptsvc.stage.tensors import tensor_bytes
 from ckptsvc.storage import Location
-from ckptsvc.testing.fault_proxy import FaultProxy
+from ckptsvc.tools.simulate_probes import (
+    BUCKET,
+    CountingStore,
+    RequestLog,
+    create_bucket,
+    moto_server,
+)
 from ckptsvc.workers.commit import begin_checkpoint, publish_file
 from ckptsvc.workers.job_runner import finish_checkpoint
 from ckptsvc.workers.shard_writer import write_shard
 
 __all__ = ["CountingStore", "SimResult", "SimulatedJob", "add_parser", "run", "simulate"]
 
-_BUCKET = "ckptsvc-simulate"
 _WRITES = ("PUT", "POST", "DELETE")
-
-
-class CountingStore(dist.Store):
-    """A ``Store`` that forwards to ``inner`` and counts every operation (one round trip each)."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
-        self.ops: Counter[str] = Counter()
-
-    def _n(self, op: str) -> None:
-        self.ops[op] += 1
-
-    def set(self, key: str, value: Any) -> None:
-        self._n("set")
-        self.inner.set(key, value)
-
-    def get(self, key: str) -> bytes:
-        self._n("get")
-        return bytes(self.inner.get(key))
-
-    def add(self, key: str, value: int) -> int:
-        self._n("add")
-        return int(self.inner.add(key, value))
-
-    def check(self, keys: list[str]) -> bool:
-        self._n("check")
-        return bool(self.inner.check(keys))
-
-    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
-        self._n("wait")
-        if timeout is None:
-            self.inner.wait(keys)
-        else:
-            self.inner.wait(keys, timeout)
-
-    def delete_key(self, key: str) -> bool:
-        self._n("delete_key")
-        return bool(self.inner.delete_key(key))
-
-    def multi_get(self, keys: list[str]) -> list[bytes]:
-        self._n("multi_get")
-        return [bytes(v) for v in self.inner.multi_get(keys)]
-
-    def multi_set(self, keys: list[str], values: list[Any]) -> None:
-        self._n("multi_set")
-        self.inner.multi_set(keys, values)
-
-    def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
-        self._n("compare_set")
-        return bytes(self.inner.compare_set(key, expected, desired))
-
-    def num_keys(self) -> int:
-        return int(self.inner.num_keys())
-
-    def set_timeout(self, timeout: timedelta) -> None:
-        self.inner.set_timeout(timeout)
-
-    @property
-    def timeout(self) -> timedelta:
-        return self.inner.timeout  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -142,6 +83,7 @@ class SimResult:
     rank0_store_ops: float
     store_ops_per_rank: float
     commit_after_last_report_ms: float
+    commit_storage_ms: float
     requests_per_save: float
     writes_per_save: float
     max_writes_one_prefix: float
@@ -189,6 +131,7 @@ class SimulatedJob:
         timeout_s: float | None = None,
     ) -> None:
         self.root = root
+        self.commit_storage_s = 0.0  # rank 0's last commit: its requests to the storage
         self.opts = opts
         self.master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         self.ranks: list[SimRank] = []
@@ -214,7 +157,8 @@ class SimulatedJob:
         begin_checkpoint(ckpt)
         records = [publish_file(ckpt, n, b) for n, b in sorted(merged.small_files.items())]
         finish_checkpoint(ckpt, commit_info(pending, merged, world_size=len(self.ranks)), records)
-        return _Done(time.monotonic() - started)
+        self.commit_storage_s = time.monotonic() - started
+        return _Done(self.commit_storage_s)
 
     def save(
         self,
@@ -290,40 +234,6 @@ class _Done:
     commit_s: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _moto(endpoint: str | None, workdir: str) -> Iterator[str]:
-    """``endpoint`` or a fresh ``moto_server`` (stopped on exit)."""
-    if endpoint:
-        yield endpoint
-        return
-    port = _free_port()
-    with open(os.path.join(workdir, "moto.log"), "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start (log in {workdir}/moto.log)")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-
-
 @contextlib.contextmanager
 def _environment(ranks: int, ranks_per_node: int) -> Iterator[None]:
     """The launcher variables ``RankInfo.current`` reads on load (restored on exit)."""
@@ -340,20 +250,6 @@ def _environment(ranks: int, ranks_per_node: int) -> Iterator[None]:
                 os.environ.pop(n, None)
             else:
                 os.environ[n] = v
-
-
-def _create_bucket(endpoint: str) -> None:
-    import boto3  # moto's own dependency: there wherever moto_server is
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-        client.create_bucket(Bucket=_BUCKET)
 
 
 def _object_sizes(opts: dict[str, Any], root: str) -> dict[str, int]:
@@ -375,28 +271,28 @@ def simulate(
         raise ValueError("ranks, ranks_per_node and saves must be at least 1")
     with (
         tempfile.TemporaryDirectory(prefix="ckptsvc-sim-") as workdir,
-        _moto(endpoint, workdir) as upstream,
+        moto_server(endpoint, workdir) as upstream,
         _environment(ranks, ranks_per_node),
     ):
-        proxy = FaultProxy(upstream).start()
         opts = {
             "key": "testing",
             "secret": "testing",
-            "client_kwargs": {"endpoint_url": proxy.endpoint_url, "region_name": "us-east-1"},
+            "client_kwargs": {"endpoint_url": upstream, "region_name": "us-east-1"},
         }
-        _create_bucket(upstream)
-        root = f"s3://{_BUCKET}/run-{uuid.uuid4().hex[:8]}"
+        create_bucket(upstream)
+        root = f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}"
+        requests = RequestLog(root, opts)
         job = SimulatedJob(ranks=ranks, ranks_per_node=ranks_per_node, root=root, opts=opts)
         rows: list[dict[str, float]] = []
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for step in range(saves):
                 for r in job.ranks:
                     r.store.ops.clear()
-                proxy.reset_records()
+                requests.reset_records()
                 failed = {r: e for r, e in job.save(step, pool).items() if e is not None}
                 if failed:
                     raise RuntimeError(f"step {step}: rank {min(failed)}: {failed[min(failed)]}")
-                records = proxy.records()
+                records = requests.records()
                 writes = [x for x in records if x.method in _WRITES]
                 prefixes = Counter(x.path.rsplit("/", 1)[0] for x in writes)
                 rows.append(
@@ -405,6 +301,7 @@ def simulate(
                         "all": sum(sum(r.store.ops.values()) for r in job.ranks) / ranks,
                         "commit_ms": 1000
                         * (job.ranks[0].outcome_at - max(r.reported_at for r in job.ranks)),
+                        "storage_ms": 1000 * job.commit_storage_s,
                         "requests": len(records),
                         "writes": len(writes),
                         "prefix": max(prefixes.values(), default=0),
@@ -412,7 +309,7 @@ def simulate(
                 )
             job.close()
             sizes = _object_sizes(opts, root)
-            proxy.reset_records()
+            requests.reset_records()
             paths = list(
                 pool.map(
                     lambda r: resolve_latest(
@@ -421,20 +318,19 @@ def simulate(
                     job.ranks,
                 )
             )
-            discovery = len(proxy.records())
+            discovery = len(requests.records())
             if len(set(paths)) != 1 or paths[0] is None:
                 raise RuntimeError(
                     f"ranks resolved different checkpoints: {sorted(set(map(str, paths)))}"
                 )
-            proxy.reset_records()
+            requests.reset_records()
             list(
                 pool.map(
                     lambda r: load_state(paths[0], storage_options=opts, rank=r.info.rank),
                     job.ranks,
                 )
             )
-            loads = proxy.records()
-        proxy.stop()
+            loads = requests.records()
         meta = sum(
             sizes.get(x.path, 0) for x in loads if x.method == "GET" and x.path.endswith(".json")
         )
@@ -449,6 +345,7 @@ def simulate(
         rank0_store_ops=mean("rank0"),
         store_ops_per_rank=mean("all"),
         commit_after_last_report_ms=mean("commit_ms"),
+        commit_storage_ms=mean("storage_ms"),
         requests_per_save=mean("requests"),
         writes_per_save=mean("writes"),
         max_writes_one_prefix=mean("prefix"),
@@ -465,6 +362,7 @@ _COLUMNS = (
     ("rank0_store_ops", "rank-0 store ops/save"),
     ("store_ops_per_rank", "store ops/rank/save"),
     ("commit_after_last_report_ms", "commit after last report (ms)"),
+    ("commit_storage_ms", "of which storage requests (ms)"),
     ("requests_per_save", "requests/save"),
     ("writes_per_save", "writes/save"),
     ("max_writes_one_prefix", "max writes one prefix"),
