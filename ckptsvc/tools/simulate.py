@@ -319,14 +319,15 @@ def simulate(
                 )
             )
             discovery = len(requests.records())
-            if len(set(paths)) != 1 or paths[0] is None:
+            latest = paths[0]
+            if len(set(paths)) != 1 or latest is None:
                 raise RuntimeError(
                     f"ranks resolved different checkpoints: {sorted(set(map(str, paths)))}"
                 )
             requests.reset_records()
             list(
                 pool.map(
-                    lambda r: load_state(paths[0], storage_options=opts, rank=r.info.rank),
+                    lambda r: load_state(latest, storage_options=opts, rank=r.info.rank),
                     job.ranks,
                 )
             )

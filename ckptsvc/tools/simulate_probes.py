@@ -84,7 +84,8 @@ class CountingStore(dist.Store):
 
     @property
     def timeout(self) -> timedelta:
-        return self.inner.timeout  # type: ignore[no-any-return]
+        value: timedelta = self.inner.timeout
+        return value
 
 
 @dataclass(frozen=True)
