@@ -8,12 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import StorageRoot
 
+from ckptsvc.commit.resume import resolve_latest
 from ckptsvc.errors import CoordinationError, SaveFailedError
 from ckptsvc.format.manifest import MANIFEST_NAME
 from ckptsvc.read.component_load import load_state
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.tools.simulate import SimulatedJob
+from ckptsvc.tools.simulate_probes import RequestLog
 
 
 def _rank0_ops(job: SimulatedJob) -> int:
@@ -80,3 +83,53 @@ def test_a_rank_that_never_reports_is_named_within_the_timeout(tmp_path: Path) -
     assert isinstance(outcomes[0], CoordinationError)
     assert all("ranks [5] did not report" in str(e) for e in outcomes.values()), outcomes
     assert not (tmp_path / "checkpoint-0" / MANIFEST_NAME).exists()
+
+
+@pytest.mark.cloud
+def test_one_discovery_per_job_on_s3(s3_root: StorageRoot) -> None:
+    """16 ranks resume: rank 0 lists the run, the others learn the answer through the
+    store; the S3 client sees exactly the requests of one ``find_latest_checkpoint``."""
+    opts = s3_root.storage_options
+    with ThreadPoolExecutor(16) as pool:
+        job = SimulatedJob(ranks=16, ranks_per_node=4, root=s3_root.url, opts=opts)
+        for step in (1, 2):
+            assert all(e is None for e in job.save(step, pool).values())
+        job.close()
+        log = RequestLog(s3_root.url, opts)
+        assert find_latest_checkpoint(s3_root.url, storage_options=opts) is not None
+        one_chain = len(log.records())
+        log.reset_records()
+        paths = list(
+            pool.map(
+                lambda r: resolve_latest(
+                    s3_root.url,
+                    storage_options=opts,
+                    store=r.store,
+                    rank=r.info.rank,
+                    world_size=16,
+                ),
+                job.ranks,
+            )
+        )
+    assert set(paths) == {f"{s3_root.url}/checkpoint-2"}
+    assert len(log.records()) == one_chain > 0
+
+
+def test_rank_0s_failure_to_resolve_reaches_every_rank(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    with ThreadPoolExecutor(4) as pool:
+        job = SimulatedJob(ranks=4, ranks_per_node=2, root=str(tmp_path / "run"), opts={})
+
+        def resolve(rank: int) -> BaseException | None:
+            try:
+                resolve_latest(
+                    f"nosuch://{afile}", store=job.ranks[rank].store, rank=rank, world_size=4
+                )
+            except Exception as e:
+                return e
+            return None
+
+        errors = list(pool.map(resolve, range(4)))
+    assert all(e is not None for e in errors), errors
+    assert all("rank 0 could not resolve" in str(e) for e in errors[1:]), errors
