@@ -423,7 +423,10 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
         results.append(res)
-        print(f"{n} ranks simulated in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(
+            f"{n} ranks simulated in {time.monotonic() - started:.1f} s: {json.dumps(asdict(res))}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:

@@ -98,20 +98,27 @@ class Request:
 
 
 class RequestLog:
-    """Every request of this process's S3 client for ``opts`` (a botocore ``before-send``
-    handler on the one cached s3fs instance every ``Location`` of those options uses)."""
+    """Every request of this process's S3 client for ``opts`` that got an HTTP answer (a
+    botocore ``needs-retry`` handler, which sees each attempt, on the one cached s3fs
+    instance every ``Location`` of those options uses): retries after an error answer
+    count, attempts that never reached the server (connect timeouts) do not."""
 
     def __init__(self, root: str, opts: dict[str, Any]) -> None:
         self._lock = threading.Lock()
         self._records: list[Request] = []
         fs = Location.parse(root, opts).fs
         fs.connect()
-        fs.s3.meta.events.register("before-send.s3", self._seen)
+        fs.s3.meta.events.register("needs-retry.s3", self._seen)
 
-    def _seen(self, request: Any, **_: Any) -> None:
-        parts = urlsplit(request.url)
+    def _seen(self, response: Any = None, request_dict: Any = None, **_: Any) -> None:
+        if response is None or request_dict is None:
+            return None
+        parts = urlsplit(str(request_dict.get("url", "")))
         with self._lock:
-            self._records.append(Request(request.method, parts.path, parts.query))
+            self._records.append(
+                Request(str(request_dict.get("method", "")), parts.path, parts.query)
+            )
+        return None  # no opinion on retrying
 
     def records(self) -> list[Request]:
         with self._lock:
