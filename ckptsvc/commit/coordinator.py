@@ -104,7 +104,8 @@ class Coordinator:
        merges and validates them, waits for the previous save's commit (manifests appear
        in save order), has its writer write index, documents and manifest last, publishes
        ``outcome``; other ranks: one blocking wait, up to twice that, for ``outcome``;
-       every rank then deletes the keys it wrote and counts itself in ``acks``.
+       every rank then deletes the keys it wrote (after a success only: after a failure a
+       node may still be gathering, and those few keys stay) and counts itself in ``acks``.
     4. ``on_done(handle, error)`` completes the handle on every rank with the same verdict.
 
     Rank 0's store operations per save: about 10 plus one ``multi_get`` per 256 nodes, plus
@@ -254,10 +255,11 @@ class Coordinator:
             else:
                 if local_error is None:
                     error = self._await_outcome(pending, channel)
-                with contextlib.suppress(
-                    CheckpointError
-                ):  # best effort; before the handle completes
-                    channel.delete(written)
+                # best effort, before the handle completes; the keys go only after a
+                # success (after a failure a node may still be gathering them)
+                with contextlib.suppress(CheckpointError):
+                    if error is None:
+                        channel.delete(written)
                     channel.add("acks", 1)
                 if error is None:
                     pending.handle._finish_committed(
@@ -313,8 +315,9 @@ class Coordinator:
         (registered before the handle completes, so ``close`` sees it)."""
         gone = set(getattr(error, "missing", ()))
         readers = sum(1 for r in range(1, self._info.world_size) if r not in gone)
-        with contextlib.suppress(CheckpointError):
-            channel.delete(written)
+        if error is None:  # after a failure a node may still be gathering: the keys stay
+            with contextlib.suppress(CheckpointError):
+                channel.delete(written)
         with self._lock:
             self._unacked.append((channel, readers))
 
