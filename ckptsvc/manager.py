@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckptsvc.commit.resume import resolve_latest
 from ckptsvc.compat.forgather_types import (
     CheckpointManifest,
     ComponentManifest,
@@ -416,7 +417,20 @@ class CheckpointManager:
         """Restore every component from ``checkpoint_path`` (default: the latest); return
         the path loaded. Any component that cannot be restored raises. Saves of this
         process in flight there are waited for first (see :meth:`resolve_checkpoint_path`)."""
-        resolved = self.resolve_checkpoint_path(checkpoint_path, wait_s=wait_s)
+        if checkpoint_path is None and self._tiering is None and self.dist.world_size > 1:
+            # every rank loads: rank 0 alone lists the run and tells the others (one
+            # discovery per job, not per rank; ckptsvc.commit.resume)
+            wait_for_saves(
+                self.config.output_dir, storage_options=self._storage_options, timeout_s=wait_s
+            )
+            resolved = resolve_latest(
+                self.config.output_dir,
+                storage_options=self._storage_options,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
+        else:
+            resolved = self.resolve_checkpoint_path(checkpoint_path, wait_s=wait_s)
         if resolved is None:
             where = checkpoint_path or f"{self.config.output_dir} (latest)"
             raise CheckpointNotFoundError(f"no complete checkpoint to load at {where}")

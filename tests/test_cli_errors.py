@@ -24,6 +24,7 @@ FAILURES = {
     "cp": (["cp", "{tmp}/missing", "{tmp}/copy"], 1, "no checkpoint manifest"),
     "prune": (["prune", "nosuch://x", "--keep", "1"], 1, "Protocol not known"),
     "bench": (["bench", "--size", "lots"], 2, "cannot parse size"),
+    "simulate": (["simulate", "--ranks", "8,lots"], 2, "not a list of integers"),
     "export-hf": (["export-hf", "{tmp}/missing", "{tmp}/out"], 1, "no checkpoint"),
     "bad-json": (["ls", "{tmp}", "--storage-options", "{x"], 2, "not valid JSON"),
 }

@@ -293,6 +293,37 @@ def test_retention_with_saves_in_flight_and_an_overwrite(tmp_path: Path) -> None
     assert fresh.progress.global_step == 5
 
 
+def test_retention_keeps_up_with_back_to_back_saves(tmp_path: Path) -> None:
+    """Thirty saves back to back with save_total_limit=3: at every moment a watcher looks,
+    the complete checkpoints are at most 3 + the saves in flight (a committed save counts
+    until the retention pass that makes room for it is done); 3 remain at the end. The old
+    retention queued one full pass per commit and reached 3 + 7."""
+    root = str(tmp_path / "run")
+    t = Trainer(0)
+    worst: list[int] = []
+    stop = threading.Event()
+
+    def watch(m: CheckpointManager) -> None:
+        while not stop.is_set():
+            in_flight = m._retention.in_flight()  # read first: it only drops after deletes
+            complete = len(list(tmp_path.glob("run/checkpoints/*/" + MANIFEST_NAME)))
+            worst.append(complete - in_flight)
+
+    with t.manager(root, save_total_limit=3) as m:
+        watcher = threading.Thread(target=watch, args=(m,))
+        watcher.start()
+        try:
+            for step in range(1, 31):
+                t.step()
+                m.save_checkpoint(checkpoint_id=step)
+            m.wait()
+        finally:
+            stop.set()
+            watcher.join()
+    assert worst and max(worst) <= 3, max(worst)
+    assert _complete(root) == ["checkpoint-28", "checkpoint-29", "checkpoint-30"]
+
+
 class DoneHandle:
     def __init__(self, path: str) -> None:
         self.path = path

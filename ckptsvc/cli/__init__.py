@@ -26,7 +26,7 @@ from ckptsvc.cli.tool_cmds import cmd_crashtest, cmd_demo
 from ckptsvc.cli.transfer_cmds import add_cp_parser
 from ckptsvc.errors import CheckpointError, ConfigError
 from ckptsvc.ops import export
-from ckptsvc.tools import bench
+from ckptsvc.tools import bench, simulate
 
 __all__ = ["main"]
 
@@ -177,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     add_cp_parser(sub)
     add_prune_parser(sub)
     bench.add_parser(sub).set_defaults(fn=bench.run)
+    simulate.add_parser(sub).set_defaults(fn=simulate.run)
     export.add_cli(sub)
     return p
 

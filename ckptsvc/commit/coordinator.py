@@ -2,8 +2,11 @@
 
 Coordination of one distributed save (:class:`Coordinator`, whose docstring gives the
 keys): every rank's background thread publishes a :class:`~ckptsvc.commit.reports.RankReport`;
-rank 0's commit thread waits for all of them, commits, and publishes the outcome that
-every other rank's background thread waits for.
+the last rank of each node to report forwards its node's reports as one batch; rank 0's
+commit thread waits (one blocking wait) until every rank is in, fetches the node batches
+(``multi_get``), commits, and publishes the outcome that every other rank's background
+thread waits for (one blocking wait). Rank 0's store operations per save grow with the
+nodes, not the ranks (design.md, "Scale").
 """
 
 from __future__ import annotations
@@ -12,25 +15,25 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ckptsvc import knobs
+from ckptsvc.commit.channels import COORD_DIR, Channel, FileChannel, StoreChannel
 from ckptsvc.commit.reports import Merged, RankReport, merge_reports
 from ckptsvc.errors import (
     CheckpointError,
     CoordinationError,
     SaveFailedError,
-    StorageNotFoundError,
 )
 from ckptsvc.ranks import RankInfo
 from ckptsvc.storage import Location
 
 __all__ = [
+    "COORD_DIR",
     "CoordinationError",
     "Coordinator",
     "PendingCommit",
@@ -60,101 +63,6 @@ class PendingCommit:
     settled: threading.Event = field(default_factory=threading.Event)
 
 
-class _Channel:
-    """Keys and values (bytes) shared by the ranks of one save."""
-
-    def put(self, key: str, value: bytes) -> None:
-        raise NotImplementedError
-
-    def get(self, key: str) -> bytes:
-        raise NotImplementedError
-
-    def present(self, keys: Sequence[str]) -> set[str]:
-        """Which of ``keys`` exist (a cheap all-present check first)."""
-        raise NotImplementedError
-
-    def delete(self, keys: Sequence[str]) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Every key of this save was read by everyone: release what is left."""
-
-
-class _StoreChannel(_Channel):
-    """A ``torch.distributed`` Store under a per-save prefix (``PrefixStore``)."""
-
-    def __init__(self, store: Any, prefix: str) -> None:
-        from torch.distributed import PrefixStore
-
-        self._store = PrefixStore(prefix, store)
-        self._prefix = prefix
-
-    def _call(self, what: str, fn: Any) -> Any:
-        try:
-            return fn()
-        except Exception as e:
-            raise CoordinationError(
-                f"the job's torch.distributed store failed during {what} under {self._prefix!r} "
-                f"({type(e).__name__}: {e}); rank 0 (which hosts it) or the network is gone"
-            ) from e
-
-    def put(self, key: str, value: bytes) -> None:
-        # Store.set takes bytes too (its stub says str): no decode/encode round trip
-        self._call(f"set {key}", lambda: self._store.set(key, value))  # type: ignore[arg-type]
-
-    def get(self, key: str) -> bytes:
-        return bytes(self._call(f"get {key}", lambda: self._store.get(key)))
-
-    def present(self, keys: Sequence[str]) -> set[str]:
-        if not keys:
-            return set()
-        if self._call("check", lambda: self._store.check(list(keys))):
-            return set(keys)
-        return {k for k in keys if self._call(f"check {k}", lambda k=k: self._store.check([k]))}
-
-    def delete(self, keys: Sequence[str]) -> None:
-        for k in keys:
-            with contextlib.suppress(Exception):
-                self._store.delete_key(k)
-
-
-class _FileChannel(_Channel):
-    """Fragment files under ``<checkpoint>/.ckptsvc-coord/<seq>/`` (no store in the job)."""
-
-    def __init__(self, loc: Location) -> None:
-        self._loc = loc
-
-    def put(self, key: str, value: bytes) -> None:
-        self._loc.join(key.replace("/", "-")).publish(value)
-
-    def get(self, key: str) -> bytes:
-        return self._loc.join(key.replace("/", "-")).read_bytes()
-
-    def present(self, keys: Sequence[str]) -> set[str]:
-        try:
-            names = {c.name for c in self._loc.list_children()}
-        except StorageNotFoundError:
-            return set()
-        return {k for k in keys if k.replace("/", "-") in names}
-
-    def delete(self, keys: Sequence[str]) -> None:
-        for k in keys:
-            with contextlib.suppress(Exception):
-                self._loc.join(k.replace("/", "-")).remove(missing_ok=True)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._loc.remove(recursive=True, missing_ok=True)
-        if self._loc.is_local:
-            with contextlib.suppress(OSError):
-                os.rmdir(self._loc.parent.path)  # only if no other save's keys are left
-
-
-COORD_DIR = ".ckptsvc-coord"
-_POLL_MIN_S = 0.005
-_POLL_MAX_S = 0.2
-
-
 def default_store() -> Any | None:
     """The default process group's Store, or ``None`` when there is no process group."""
     try:
@@ -176,22 +84,38 @@ class Coordinator:
     save in the same order; ``instance`` counts this rank's checkpointers on the same root,
     so a restarted job that keeps the store never reads stale keys):
 
-    - ``report/<rank>``: the rank's :class:`RankReport` (files + parts, or its error);
-    - ``failed``: a copy of the first failing rank's report (rank 0 fails fast on it);
-    - ``outcome``: rank 0's verdict, ``{"ok": true}`` or ``{"ok": false, "error": ...}``.
+    - ``n<node>/l<local rank>``: a rank's :class:`RankReport` (files + parts, or its error);
+      ``n<node>/count``: how many ranks of the node reported;
+    - ``batch/<slot>``: one node's reports (newline-separated), ``slots`` their count,
+      ``in`` how many ranks the batches hold;
+    - ``failed``: a copy of a failing rank's report; ``wake``: set once every rank is in,
+      or by a failing rank (rank 0 waits on this one key and fails fast on ``failed``);
+    - ``outcome``: rank 0's verdict, ``{"ok": true}`` or ``{"ok": false, "error": ...}``;
+      ``acks``: how many ranks read it.
 
     1. ``begin`` (training thread, in ``save_components``): number the save.
     2. ``data_done`` (client reader thread, when this rank's writer reported): start the
-       save's background thread, which publishes ``report/<rank>`` (and ``failed``), then
-    3. rank 0: waits up to ``COMMIT_TIMEOUT_S`` for every report (a rank that never
-       reports is named in the error), merges and validates them, waits for the previous
-       save's commit (manifests appear in save order), has its writer write index,
-       documents and manifest last, publishes ``outcome`` and deletes the reports;
-       other ranks: wait up to twice that for ``outcome``.
+       save's background thread, which publishes the rank's report and counts it on its
+       node; the node's last rank (the counter reaches ``local_world_size``) fetches the
+       node's reports in one ``multi_get``, publishes them as one batch and adds them to
+       ``in``; the batch that completes ``in`` sets ``wake``. Then
+    3. rank 0: waits up to ``COMMIT_TIMEOUT_S`` for ``wake`` (a rank that never reports
+       is named in the error), fetches the batches (``multi_get``, 256 keys a round trip),
+       merges and validates them, waits for the previous save's commit (manifests appear
+       in save order), has its writer write index, documents and manifest last, publishes
+       ``outcome``; other ranks: one blocking wait, up to twice that, for ``outcome``;
+       every rank then deletes the keys it wrote (after a success only: after a failure a
+       node may still be gathering, and those few keys stay) and counts itself in ``acks``.
     4. ``on_done(handle, error)`` completes the handle on every rank with the same verdict.
 
+    Rank 0's store operations per save: about 10 plus one ``multi_get`` per 256 nodes, plus
+    its own node's gathering when it is that node's last rank. Nodes are ``node_index``
+    and ``local_world_size`` of :class:`~ckptsvc.ranks.RankInfo` (``GROUP_RANK``,
+    ``LOCAL_WORLD_SIZE``); without them the whole job is one node (still no polling).
+
     Without a store (ranks from the environment but no process group) the keys are
-    fragment files under ``<checkpoint>/.ckptsvc-coord/<seq>/`` instead.
+    fragment files under ``<checkpoint>/.ckptsvc-coord/<seq>/`` instead
+    (:class:`~ckptsvc.commit.channels.FileChannel`).
     """
 
     def __init__(
@@ -213,8 +137,8 @@ class Coordinator:
         self._seq = itertools.count()
         self._last: PendingCommit | None = None
         self._lock = threading.Lock()
-        # rank 0: outcomes not yet read by every rank, with the ranks expected to read them
-        self._unacked: list[tuple[_Channel, tuple[int, ...]]] = []
+        # rank 0: outcomes not yet read by every rank, with how many ranks must read them
+        self._unacked: list[tuple[Channel, int]] = []
         digest = hashlib.sha256(root.encode()).hexdigest()[:12]
         self._prefix = f"ckptsvc/{digest}"
         if self._store is not None:
@@ -231,8 +155,10 @@ class Coordinator:
         exiting, which takes the store down with it, cannot fail another rank's handle."""
         limit_s = min(30.0, knobs.COMMIT_TIMEOUT_S.get(self._timeout_s))
         deadline = time.monotonic() + (limit_s if timeout_s is None else timeout_s)
+        delay = 0.005
         while self._sweep() and time.monotonic() < deadline:
-            time.sleep(_POLL_MAX_S)
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
 
     def _sweep(self) -> int:
         """Delete the keys of outcomes every rank acknowledged; return how many remain."""
@@ -240,14 +166,13 @@ class Coordinator:
             pending = list(self._unacked)
         done = []
         for entry in pending:
-            channel, ranks = entry
-            acks = [f"ack/{r}" for r in ranks]
+            channel, readers = entry
             try:
-                finished = len(channel.present(acks)) == len(acks)
+                finished = channel.add("acks", 0) >= readers
             except CheckpointError:
                 finished = True  # the store is gone: nobody can read it anyway
             if finished:
-                channel.delete(["outcome", "failed", *acks])
+                channel.delete(["outcome", "failed", "wake", "slots", "in", "acks"])
                 channel.close()
                 done.append(entry)
         with self._lock:
@@ -275,11 +200,41 @@ class Coordinator:
 
     # ---- the background thread of one save --------------------------------------------------
 
-    def _channel(self, pending: PendingCommit) -> _Channel:
+    def _channel(self, pending: PendingCommit) -> Channel:
         if self._store is not None:
-            return _StoreChannel(self._store, f"{self._prefix}/{pending.seq}/")
+            return StoreChannel(self._store, f"{self._prefix}/{pending.seq}/")
         loc = Location.parse(pending.path, self._storage_options)
-        return _FileChannel(loc.join(COORD_DIR, str(pending.seq)))
+        return FileChannel(loc.join(COORD_DIR, str(pending.seq)))
+
+    def _report_key(self, rank: int) -> str:
+        """Where ``rank`` puts its report (ranks are laid out node by node, as launchers do;
+        only the error path maps a rank number to its key)."""
+        local = self._info.local_world_size
+        if rank == self._info.rank:
+            return f"n{self._info.node_index}/l{self._info.local_rank}"
+        return f"n{rank // local}/l{rank % local}"
+
+    def _publish(self, channel: Channel, report: RankReport) -> list[str]:
+        """Step 2: this rank's report, its node's batch if it is the node's last rank;
+        returns the keys this rank wrote (deleted once the outcome is out)."""
+        info = self._info
+        raw = report.to_json()
+        if report.error is not None:
+            channel.put("failed", raw)
+            channel.put("wake", b"failed")
+        node = f"n{info.node_index}"
+        own = self._report_key(info.rank)
+        channel.put(own, raw)
+        written = [own]
+        if channel.add(f"{node}/count", 1) == info.local_world_size:
+            keys = [f"{node}/l{i}" for i in range(info.local_world_size)]
+            batch = b"\n".join(channel.get_many(keys))
+            slot = f"batch/{channel.add('slots', 1)}"
+            channel.put(slot, batch)
+            written += [slot, f"{node}/count"]
+            if channel.add("in", info.local_world_size) >= info.world_size:
+                channel.put("wake", b"in")
+        return written
 
     def _run(
         self,
@@ -289,26 +244,23 @@ class Coordinator:
         local_error: BaseException | None,
     ) -> None:
         error: BaseException | None = local_error
+        written: list[str] = []
+        channel: Channel | None = None
         try:
             channel = self._channel(pending)
-            raw = report.to_json()
-            channel.put(f"report/{self._info.rank}", raw)
-            if report.error is not None:
-                channel.put("failed", raw)
+            written = self._publish(channel, report)
             if self._info.rank == 0:
                 self._sweep()
-                error = self._commit_round(pending, report, channel)
-                gone = set(getattr(error, "missing", ()))
-                readers = tuple(r for r in range(1, self._info.world_size) if r not in gone)
-                with self._lock:
-                    self._unacked.append((channel, readers))
+                error = self._commit_round(pending, report, channel, written)
             else:
                 if local_error is None:
                     error = self._await_outcome(pending, channel)
-                with contextlib.suppress(
-                    CheckpointError
-                ):  # best effort; before the handle completes
-                    channel.put(f"ack/{self._info.rank}", b"1")
+                # best effort, before the handle completes; the keys go only after a
+                # success (after a failure a node may still be gathering them)
+                with contextlib.suppress(CheckpointError):
+                    if error is None:
+                        channel.delete(written)
+                    channel.add("acks", 1)
                 if error is None:
                     pending.handle._finish_committed(
                         report.files, write_s=pending.handle.timings.write_s, commit_s=None
@@ -322,17 +274,16 @@ class Coordinator:
             pending.settled.set()
         on_done(pending.handle, error)
 
-    def _deadline(self, factor: float) -> float:
-        return time.monotonic() + knobs.COMMIT_TIMEOUT_S.get(self._timeout_s) * factor
+    def _timeout(self, factor: float) -> float:
+        return knobs.COMMIT_TIMEOUT_S.get(self._timeout_s) * factor
 
     def _commit_round(
-        self, pending: PendingCommit, own: RankReport, channel: _Channel
+        self, pending: PendingCommit, own: RankReport, channel: Channel, written: list[str]
     ) -> BaseException | None:
-        keys = [f"report/{r}" for r in range(self._info.world_size)]
         try:
             if own.error is not None:
                 raise SaveFailedError(f"rank 0 failed to write its part: {own.error}")
-            reports = self._collect(pending, channel, keys)
+            reports = self._collect(pending, channel)
             merged = merge_reports(
                 reports,
                 world_size=self._info.world_size,
@@ -350,55 +301,69 @@ class Coordinator:
                 error.__cause__ = e
             with contextlib.suppress(CheckpointError):
                 channel.put("outcome", _outcome(error))
-            channel.delete(keys)
+            self._published(channel, written, error)
             return error
         channel.put("outcome", _outcome(None))
-        channel.delete(keys)
+        self._published(channel, written, None)
         pending.handle._finish_committed(
             merged.files, write_s=pending.handle.timings.write_s, commit_s=done.commit_s
         )
         return None
 
-    def _collect(
-        self, pending: PendingCommit, channel: _Channel, keys: list[str]
-    ) -> list[RankReport]:
-        deadline = self._deadline(1.0)
-        delay = _POLL_MIN_S
-        while True:
-            if channel.present(["failed"]):
-                failed = RankReport.from_json(channel.get("failed"), where="failed report")
-                raise SaveFailedError(
-                    f"rank {failed.rank} failed to write its part of step {pending.step}: "
-                    f"{failed.error_type}: {failed.error}"
-                )
-            got = channel.present(keys)
-            if len(got) == len(keys):
-                return [RankReport.from_json(channel.get(k), where=k) for k in keys]
-            if time.monotonic() > deadline:
-                missing = [int(k.rsplit("/", 1)[1]) for k in keys if k not in got]
-                raise CoordinationError(
-                    f"save of step {pending.step} to {pending.path}: ranks {missing} did not "
-                    f"report within {knobs.COMMIT_TIMEOUT_S.get(self._timeout_s)} s "
-                    "(CKPTSVC_COMMIT_TIMEOUT_S); they died or never called save for this step. "
-                    "No manifest was written",
-                    missing=missing,
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
+    def _published(self, channel: Channel, written: list[str], error: BaseException | None) -> None:
+        """Rank 0, the outcome out: drop its own keys and wait for the other ranks' acks
+        (registered before the handle completes, so ``close`` sees it)."""
+        gone = set(getattr(error, "missing", ()))
+        readers = sum(1 for r in range(1, self._info.world_size) if r not in gone)
+        if error is None:  # after a failure a node may still be gathering: the keys stay
+            with contextlib.suppress(CheckpointError):
+                channel.delete(written)
+        with self._lock:
+            self._unacked.append((channel, readers))
 
-    def _await_outcome(self, pending: PendingCommit, channel: _Channel) -> BaseException | None:
-        deadline = self._deadline(2.0)
-        delay = _POLL_MIN_S
-        while not channel.present(["outcome"]):
-            if time.monotonic() > deadline:
-                return CoordinationError(
-                    f"save of step {pending.step} to {pending.path}: rank 0 published no outcome "
-                    f"within {2 * knobs.COMMIT_TIMEOUT_S.get(self._timeout_s)} s; the checkpoint "
-                    "is not committed"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
-        doc = json.loads(channel.get("outcome"))
+    def _collect(self, pending: PendingCommit, channel: Channel) -> list[RankReport]:
+        world = self._info.world_size
+        if not channel.wait(["wake"], self._timeout(1.0)):
+            keys = [self._report_key(r) for r in range(world)]
+            got = channel.present(keys)
+            missing = [r for r, k in enumerate(keys) if k not in got]
+            raise CoordinationError(
+                f"save of step {pending.step} to {pending.path}: ranks {missing} did not "
+                f"report within {self._timeout(1.0)} s (CKPTSVC_COMMIT_TIMEOUT_S); they died or "
+                "never called save for this step. No manifest was written",
+                missing=missing,
+            )
+        if channel.present(["failed"]):
+            (raw,) = channel.get_many(["failed"])
+            failed = RankReport.from_json(raw, where="failed report")
+            raise SaveFailedError(
+                f"rank {failed.rank} failed to write its part of step {pending.step}: "
+                f"{failed.error_type}: {failed.error}"
+            )
+        slots = channel.add("slots", 0)
+        batches = channel.get_many([f"batch/{i}" for i in range(1, slots + 1)])
+        reports = [
+            RankReport.from_json(line, where=f"node batch {i + 1}")
+            for i, batch in enumerate(batches)
+            for line in batch.split(b"\n")
+        ]
+        reports.sort(key=lambda r: r.rank)
+        if [r.rank for r in reports] != list(range(world)):
+            raise CoordinationError(
+                f"save of step {pending.step} to {pending.path}: the node batches hold ranks "
+                f"{[r.rank for r in reports][:20]}..., not 0..{world - 1}; LOCAL_WORLD_SIZE / "
+                "GROUP_RANK must describe the job's nodes (every node the same size)"
+            )
+        return reports
+
+    def _await_outcome(self, pending: PendingCommit, channel: Channel) -> BaseException | None:
+        if not channel.wait(["outcome"], self._timeout(2.0)):
+            return CoordinationError(
+                f"save of step {pending.step} to {pending.path}: rank 0 published no outcome "
+                f"within {self._timeout(2.0)} s; the checkpoint is not committed"
+            )
+        (raw,) = channel.get_many(["outcome"])
+        doc = json.loads(raw)
         if doc.get("ok"):
             return None
         return SaveFailedError(

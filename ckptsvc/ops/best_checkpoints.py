@@ -139,10 +139,12 @@ class Retention:
     """Background retention for one model directory (see the module docstring).
 
     Call order: :meth:`begin_save` (training thread, before the save is submitted), then
-    :meth:`after_save` with its handle; a waiter thread waits for the handle and forgets
-    the path as in flight; if the save committed, the retention thread (one, so passes
-    never overlap) deletes what the rules allow, calling ``on_deleted(url)`` after each
-    (the tiered manager deletes the local copy there).
+    :meth:`after_save` with its handle; a waiter thread waits for the handle; if the save
+    committed, the retention thread (one, so passes never overlap) deletes what the rules
+    allow, calling ``on_deleted(url)`` after each (the tiered manager deletes the local
+    copy there), and only then forgets the save as in flight. Commits that arrive while a
+    pass is queued share it (the pass lists after them), so passes never pile up behind
+    back-to-back saves: complete checkpoints never exceed ``keep`` + :meth:`in_flight`.
     :meth:`wait` joins the queued work and raises the first deletion error; :meth:`close`
     stops the thread.
     """
@@ -167,6 +169,8 @@ class Retention:
         self._futures: list[Future[None]] = []
         self._waiters: list[threading.Thread] = []
         self._errors: list[BaseException] = []
+        self._committed: list[str] = []  # committed saves the next pass makes room for
+        self._queued = False  # a pass is queued and has not started (it covers new commits)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-retention")
 
     def _url(self, path: str) -> str:
@@ -206,31 +210,51 @@ class Retention:
             self._waiters = [w for w in self._waiters if w.is_alive()] + [waiter]
         waiter.start()
 
+    def in_flight(self) -> int:
+        """Saves begun whose retention pass has not finished (a committed save counts
+        until the pass that makes room for it is done): complete checkpoints never exceed
+        ``keep`` plus this, apart from preserved ones."""
+        with self._lock:
+            return sum(self._in_flight.values())
+
     def _await(self, handle: _Handle) -> None:
         url = self._url(handle.path)
+        error: BaseException | None = None
         try:
             error = handle.exception()
         finally:
-            self._done(url)
+            if error is not None or self._keep is None or self._keep <= 0:
+                self._done(url)
         if error is not None or self._keep is None or self._keep <= 0:
             return
         with self._lock:
+            self._committed.append(url)
+            if self._queued:
+                return  # the queued pass lists after this commit: it covers this save too
+            self._queued = True
             self._futures = [f for f in self._futures if not f.done()]
             self._futures.append(self._pool.submit(self._run))
 
     def _run(self) -> None:
+        with self._lock:
+            batch, self._committed, self._queued = self._committed, [], False
         try:
-            self._apply()
+            self._apply(batch)
         except Exception as e:
             logger.error("retention under %s failed: %s", self._root.url, e)
             self._errors.append(e)
+        finally:
+            for url in batch:
+                self._done(url)
 
-    def _apply(self) -> None:
+    def _apply(self, batch: list[str]) -> None:
+        """One pass: list, delete the oldest beyond ``keep``; the saves of ``batch`` have
+        committed (they are no longer writing, though still counted in flight)."""
         infos = list_checkpoints(self._root)
         preserved = list(self._preserved())
         for victim in select_for_deletion(infos, keep=int(self._keep or 0), preserved=preserved):
             with self._lock:
-                if victim.url in self._in_flight:
+                if self._in_flight.get(victim.url, 0) > batch.count(victim.url):
                     logger.info("not deleting %s: a save to it is in flight", victim.url)
                     continue
                 event = self._deleting[victim.url] = threading.Event()

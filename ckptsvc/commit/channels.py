@@ -1,0 +1,180 @@
+"""Where the ranks of one save exchange keys: the job's ``torch.distributed`` store, or
+fragment files when the job has none (:class:`~ckptsvc.commit.coordinator.Coordinator`
+says which keys).
+
+Both offer the same six operations, each one round trip on a store: ``put``, ``get_many``
+(a ``multi_get`` of keys known to exist), ``add`` (an atomic counter, returns the new
+value), ``wait`` (block until keys exist, bounded), ``present`` (which keys exist: only on
+the error path) and ``delete``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from ckptsvc.errors import CoordinationError, StorageNotFoundError
+from ckptsvc.storage import Location
+
+__all__ = ["COORD_DIR", "Channel", "FileChannel", "StoreChannel"]
+
+COORD_DIR = ".ckptsvc-coord"
+_POLL_MIN_S = 0.005
+_POLL_MAX_S = 0.2
+#: keys per ``multi_get``: one round trip each, replies of a few MiB at most
+GET_BATCH = 256
+
+
+class Channel:
+    """Keys and values (bytes) shared by the ranks of one save."""
+
+    def put(self, key: str, value: bytes) -> None:
+        raise NotImplementedError
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes]:
+        """The values of ``keys``, which must exist."""
+        raise NotImplementedError
+
+    def add(self, key: str, amount: int) -> int:
+        """Add ``amount`` to the counter ``key`` (0 reads it); return its new value."""
+        raise NotImplementedError
+
+    def wait(self, keys: Sequence[str], timeout_s: float) -> bool:
+        """Block until every key exists (``True``) or ``timeout_s`` passed (``False``)."""
+        raise NotImplementedError
+
+    def present(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` exist (a cheap all-present check first)."""
+        raise NotImplementedError
+
+    def delete(self, keys: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Every key of this save was read by everyone: release what is left."""
+
+
+class StoreChannel(Channel):
+    """A ``torch.distributed`` Store under a per-save prefix (``PrefixStore``)."""
+
+    def __init__(self, store: Any, prefix: str) -> None:
+        from torch.distributed import PrefixStore
+
+        self._store = PrefixStore(prefix, store)
+        self._prefix = prefix
+
+    def _call(self, what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            raise CoordinationError(
+                f"the job's torch.distributed store failed during {what} under {self._prefix!r} "
+                f"({type(e).__name__}: {e}); rank 0 (which hosts it) or the network is gone"
+            ) from e
+
+    def put(self, key: str, value: bytes) -> None:
+        # Store.set takes bytes too (its stub says str): no decode/encode round trip
+        self._call(f"set {key}", lambda: self._store.set(key, value))  # type: ignore[arg-type]
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes]:
+        out: list[bytes] = []
+        for i in range(0, len(keys), GET_BATCH):
+            batch = list(keys[i : i + GET_BATCH])
+            values = self._call(
+                f"multi_get {batch[0]}...", lambda b=batch: self._store.multi_get(b)
+            )
+            out.extend(bytes(v) for v in values)
+        return out
+
+    def add(self, key: str, amount: int) -> int:
+        return int(self._call(f"add {key}", lambda: self._store.add(key, amount)))
+
+    def wait(self, keys: Sequence[str], timeout_s: float) -> bool:
+        try:
+            self._store.wait(list(keys), timedelta(seconds=max(0.001, timeout_s)))
+        except Exception as e:
+            if "timeout" in str(e).lower() or "timed out" in str(e).lower():
+                return False
+            raise CoordinationError(
+                f"the job's torch.distributed store failed while waiting for {list(keys)} under "
+                f"{self._prefix!r} ({type(e).__name__}: {e}); rank 0 (which hosts it) or the "
+                "network is gone"
+            ) from e
+        return True
+
+    def present(self, keys: Sequence[str]) -> set[str]:
+        if not keys:
+            return set()
+        if self._call("check", lambda: self._store.check(list(keys))):
+            return set(keys)
+        return {k for k in keys if self._call(f"check {k}", lambda k=k: self._store.check([k]))}
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            with contextlib.suppress(Exception):
+                self._store.delete_key(k)
+
+
+class FileChannel(Channel):
+    """Fragment files under ``<checkpoint>/.ckptsvc-coord/<seq>/`` (no store in the job).
+
+    A counter is a run of files ``<key>.1``, ``<key>.2``, ... each created exclusively, so
+    of two adders each gets its own value; waiting polls the listing."""
+
+    def __init__(self, loc: Location) -> None:
+        self._loc = loc
+
+    def _file(self, key: str) -> Location:
+        return self._loc.join(key.replace("/", "-"))
+
+    def put(self, key: str, value: bytes) -> None:
+        self._file(key).publish(value)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes]:
+        return [self._file(k).read_bytes() for k in keys]
+
+    def _names(self) -> set[str]:
+        try:
+            return {c.name for c in self._loc.list_children()}
+        except StorageNotFoundError:
+            return set()
+
+    def add(self, key: str, amount: int) -> int:
+        base = key.replace("/", "-")
+        names = self._names()
+        value = sum(1 for n in names if n.startswith(base + ".") and n[len(base) + 1 :].isdigit())
+        for _ in range(amount):
+            value += 1
+            while not self._loc.join(f"{base}.{value}").create_exclusive(b"1"):
+                value += 1  # another adder took this value
+        return value
+
+    def wait(self, keys: Sequence[str], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        delay = _POLL_MIN_S
+        while len(self.present(keys)) < len(keys):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+        return True
+
+    def present(self, keys: Sequence[str]) -> set[str]:
+        names = self._names()
+        return {k for k in keys if k.replace("/", "-") in names}
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            with contextlib.suppress(Exception):
+                self._file(k).remove(missing_ok=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loc.remove(recursive=True, missing_ok=True)
+        if self._loc.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._loc.parent.path)  # only if no other save's keys are left

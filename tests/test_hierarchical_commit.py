@@ -1,0 +1,135 @@
+"""The hierarchical commit (``ckptsvc.commit.coordinator``) with many ranks as threads of
+this process: real Coordinators, a real TCPStore, real files (``SimulatedJob`` of
+``ckptsvc simulate``). Store operations are counted by a wrapping Store, not timed."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import StorageRoot
+
+from ckptsvc.commit.resume import resolve_latest
+from ckptsvc.errors import CoordinationError, SaveFailedError
+from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.read.component_load import load_state
+from ckptsvc.read.latest import find_latest_checkpoint
+from ckptsvc.tools.simulate import SimulatedJob
+from ckptsvc.tools.simulate_probes import RequestLog
+
+
+def _rank0_ops(job: SimulatedJob) -> int:
+    return sum(job.ranks[0].store.ops.values())
+
+
+@pytest.mark.parametrize("ranks_per_node", [4, 8])
+def test_rank0_store_operations_grow_with_nodes_not_ranks(
+    ranks_per_node: int, tmp_path: Path
+) -> None:
+    counts = {}
+    with ThreadPoolExecutor(16) as pool:
+        for ranks in (8, 64):
+            job = SimulatedJob(
+                ranks=ranks, ranks_per_node=ranks_per_node, root=f"{tmp_path}/r{ranks}", opts={}
+            )
+            assert all(e is None for e in job.save(0, pool).values())
+            for r in job.ranks:
+                r.store.ops.clear()
+            assert all(e is None for e in job.save(1, pool).values())
+            counts[ranks] = _rank0_ops(job)
+            job.close()
+            assert (tmp_path / f"r{ranks}" / "checkpoint-1" / MANIFEST_NAME).exists()
+    # 8x the ranks, 8x the nodes: rank 0 never polls key by key and fetches node batches in
+    # multi_gets of 256, so its count stays the same (its own node's gathering included)
+    assert counts[64] <= counts[8] + 2, counts
+    assert counts[8] <= 20 + ranks_per_node, counts
+
+
+def test_every_rank_loads_its_own_state_after_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with ThreadPoolExecutor(8) as pool:
+        job = SimulatedJob(ranks=16, ranks_per_node=4, root=str(tmp_path), opts={})
+        assert all(e is None for e in job.save(3, pool).values())
+        job.close()
+    path = find_latest_checkpoint(str(tmp_path))
+    assert path is not None and path.endswith("checkpoint-3")
+    for rank in (0, 5, 15):
+        state = load_state(path, rank=rank)
+        assert set(state) == {"model", "optimizer"}
+        assert state["optimizer"]["exp_avg"].eq(rank).all()
+
+
+def test_a_failing_rank_fails_the_save_everywhere(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        job = SimulatedJob(ranks=12, ranks_per_node=4, root=str(tmp_path), opts={})
+        outcomes = job.save(0, pool, failing=frozenset({6}))
+        job.close()
+    assert isinstance(outcomes.pop(6), OSError)  # the failing rank keeps its own error
+    assert all(isinstance(e, SaveFailedError) for e in outcomes.values()), outcomes
+    assert all("rank 6" in str(e) and "disk full" in str(e) for e in outcomes.values())
+    assert not (tmp_path / "checkpoint-0" / MANIFEST_NAME).exists()
+
+
+def test_a_rank_that_never_reports_is_named_within_the_timeout(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        job = SimulatedJob(ranks=8, ranks_per_node=4, root=str(tmp_path), opts={}, timeout_s=1.0)
+        outcomes = job.save(0, pool, silent=frozenset({5}))
+        job.close(timeout_s=1.0)
+    assert set(outcomes) == {0, 1, 2, 3, 4, 6, 7}
+    assert isinstance(outcomes[0], CoordinationError)
+    assert all("ranks [5] did not report" in str(e) for e in outcomes.values()), outcomes
+    assert not (tmp_path / "checkpoint-0" / MANIFEST_NAME).exists()
+
+
+@pytest.mark.cloud
+def test_one_discovery_per_job_on_s3(s3_root: StorageRoot) -> None:
+    """16 ranks resume: rank 0 lists the run, the others learn the answer through the
+    store; the S3 client sees exactly the requests of one ``find_latest_checkpoint``."""
+    opts = s3_root.storage_options
+    with ThreadPoolExecutor(16) as pool:
+        job = SimulatedJob(ranks=16, ranks_per_node=4, root=s3_root.url, opts=opts)
+        for step in (1, 2):
+            assert all(e is None for e in job.save(step, pool).values())
+        job.close()
+        log = RequestLog(s3_root.url, opts)
+        assert find_latest_checkpoint(s3_root.url, storage_options=opts) is not None
+        one_chain = len(log.records())
+        log.reset_records()
+        paths = list(
+            pool.map(
+                lambda r: resolve_latest(
+                    s3_root.url,
+                    storage_options=opts,
+                    store=r.store,
+                    rank=r.info.rank,
+                    world_size=16,
+                ),
+                job.ranks,
+            )
+        )
+    assert set(paths) == {f"{s3_root.url}/checkpoint-2"}
+    assert len(log.records()) == one_chain > 0
+
+
+def test_rank_0s_failure_to_resolve_reaches_every_rank(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    with ThreadPoolExecutor(4) as pool:
+        job = SimulatedJob(ranks=4, ranks_per_node=2, root=str(tmp_path / "run"), opts={})
+
+        def resolve(rank: int) -> BaseException | None:
+            try:
+                resolve_latest(
+                    f"nosuch://{afile}", store=job.ranks[rank].store, rank=rank, world_size=4
+                )
+            except Exception as e:
+                return e
+            return None
+
+        errors = list(pool.map(resolve, range(4)))
+    assert all(e is not None for e in errors), errors
+    assert all("rank 0 could not resolve" in str(e) for e in errors[1:]), errors
