@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -66,6 +67,15 @@ _TRANSIENT_WORDS = (
 
 # exception classes whose attribute holds the HTTP status of a server's answer
 _STATUS_ATTRS = {"clientresponseerror": "status", "httperror": "code"}  # aiohttp, gcsfs/urllib
+
+
+# a server's verdict in an error's text; status codes as whole words only (a port such as
+# 127.0.0.1:34017 or a byte count holds "401" too)
+_PERMISSION_TEXT = re.compile(
+    r"accessdenied|access denied|forbidden|invalidaccesskeyid|signaturedoesnotmatch"
+    r"|(?<![\w.:])40[13](?![\w.])"
+)
+_NOT_FOUND_TEXT = re.compile(r"nosuchbucket|no such bucket|nosuchkey|(?<![\w.:])404(?![\w.])")
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -145,24 +155,17 @@ def _classify(exc: BaseException, url: str, action: str) -> StorageError:
         )
     if status == 404:
         return StorageNotFoundError(f"{action} {url}: not found ({detail})", url=url)
-    text = str(exc).lower()
-    if any(
-        w in text
-        for w in (
-            "accessdenied",
-            "access denied",
-            "forbidden",
-            "403",
-            "401",
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
+    if isinstance(exc, (TimeoutError, ConnectionError)):  # no answer: its text is no verdict
+        return StorageTransientError(
+            f"{action} {url}: transient failure persisted ({detail})", url=url
         )
-    ):
+    text = str(exc).lower()
+    if _PERMISSION_TEXT.search(text):
         return StoragePermissionError(
             f"{action} {url}: permission denied ({detail}); check credentials and bucket policy",
             url=url,
         )
-    if any(w in text for w in ("nosuchbucket", "no such bucket", "nosuchkey", "404")):
+    if _NOT_FOUND_TEXT.search(text):
         return StorageNotFoundError(f"{action} {url}: not found ({detail})", url=url)
     if is_transient(exc):
         return StorageTransientError(

@@ -432,6 +432,15 @@ def test_storage_error_pickles_with_url() -> None:
         (ConnectionResetError(104, "Connection reset by peer"), StorageTransientError),
         (OSError("503 SlowDown: please reduce your request rate"), StorageTransientError),
         (ValueError("something odd"), StorageError),
+        # a port or a byte count holding "401"/"404" is no HTTP status; a timeout is transient
+        (TimeoutError("connect to 127.0.0.1:34017 timed out"), StorageTransientError),
+        (
+            OSError("Connect timeout on endpoint URL: http://127.0.0.1:34017/"),
+            StorageTransientError,
+        ),
+        (OSError("short write: 14041 of 40960 bytes"), StorageError),
+        (OSError("An error occurred (403) when calling PutObject"), StoragePermissionError),
+        (OSError("server answered 404"), StorageNotFoundError),
     ],
 )
 def test_classify(exc: BaseException, leaf: type[StorageError]) -> None:
