@@ -133,3 +133,27 @@ def test_rank_0s_failure_to_resolve_reaches_every_rank(tmp_path: Path) -> None:
         errors = list(pool.map(resolve, range(4)))
     assert all(e is not None for e in errors), errors
     assert all("rank 0 could not resolve" in str(e) for e in errors[1:]), errors
+
+
+def test_a_save_waiting_on_the_store_does_not_block_another_saves_keys() -> None:
+    """Two saves in flight share the job's store: save A's blocking wait (rank 0 waiting for
+    reports, another rank for its outcome) must not hold up save B's writes. On one shared
+    client it did, and two ranks deadlocked (Accelerate's 2-process test hung)."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from ckptsvc.commit.channels import StoreChannel
+
+    store = TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=60))
+    waiting_a, other_b = StoreChannel(store, "job/1/"), StoreChannel(store, "job/2/")
+    got: list[bool] = []
+    waiter = threading.Thread(target=lambda: got.append(waiting_a.wait(["outcome"], 30.0)))
+    waiter.start()
+    time.sleep(0.3)  # let the waiter block first (if it has not, the test proves less)
+    other_b.put("report", b"r")  # behind A's wait on a shared client: stuck until it times out
+    StoreChannel(store, "job/1/").put("outcome", b"ok")
+    waiter.join(60)
+    assert got == [True]  # A saw its outcome: B's put did not wait for A's wait to time out

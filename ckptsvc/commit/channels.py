@@ -64,7 +64,7 @@ class StoreChannel(Channel):
     def __init__(self, store: Any, prefix: str) -> None:
         from torch.distributed import PrefixStore
 
-        self._store = PrefixStore(prefix, store)
+        self._store = PrefixStore(prefix, _own_connection(store))
         self._prefix = prefix
 
     def _call(self, what: str, fn: Any) -> Any:
@@ -117,6 +117,22 @@ class StoreChannel(Channel):
         for k in keys:
             with contextlib.suppress(Exception):
                 self._store.delete_key(k)
+
+
+def _own_connection(store: Any) -> Any:
+    """A client of ``store`` for this save alone (``Store.clone``: same keys, its own
+    connection). A blocking ``wait`` holds its client's connection until it returns; with
+    one client shared by two saves in flight, rank 0 waiting for the reports of save B
+    blocked its own outcome of save A, while another rank, waiting for A's outcome, could
+    not publish its report of B: a deadlock across ranks. A store that cannot be cloned
+    is used as it is."""
+    clone = getattr(store, "clone", None)
+    if clone is None:
+        return store
+    try:
+        return clone()
+    except (NotImplementedError, RuntimeError):
+        return store
 
 
 class FileChannel(Channel):
