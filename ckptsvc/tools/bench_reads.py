@@ -31,6 +31,7 @@ __all__ = [
     "raw_read_direct",
     "raw_read_objects",
     "raw_write_objects",
+    "state_bytes",
 ]
 
 #: objects the multi-object floors split the bytes into
@@ -70,16 +71,20 @@ def _cuts(nbytes: int) -> list[tuple[int, int]]:
     return [(lo, min(nbytes, lo + step)) for lo in range(0, nbytes, step)]
 
 
-def raw_write_objects(ctx: Any) -> tuple[PeakRss, Timed]:
-    """The state's bytes as ``OBJECTS`` objects, put concurrently (``fs.pipe`` of a dict)."""
+def state_bytes(ctx: Any) -> bytes:
+    """The state's bytes, flat (built before any timing starts)."""
     import torch
 
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in (ctx.state or {}).values()])
+    return flat.numpy().tobytes()
+
+
+def raw_write_objects(ctx: Any) -> tuple[PeakRss, Timed]:
+    """The state's bytes as ``OBJECTS`` objects, put concurrently (``fs.pipe`` of a dict)."""
     if not ctx.cfg.remote:
         raise Unavailable("a multi-object put applies to object stores only")
     fs, fs_path = ctx.fs, ctx.fs_path(OBJECTS_ARTIFACT)
-    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in (ctx.state or {}).values()])
-    data = flat.numpy().tobytes()
-    del flat
+    data = state_bytes(ctx)
     paths = _object_paths(fs_path)
     parts = {paths[i]: data[lo:hi] for i, (lo, hi) in enumerate(_cuts(len(data)))}
     with PeakRss() as rss:

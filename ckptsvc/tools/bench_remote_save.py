@@ -18,14 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ckptsvc.tools.bench_probes import PeakRss, Sample, Unavailable, copy_into
+from ckptsvc.tools.bench_probes import PeakRss, Unavailable
+from ckptsvc.tools.bench_reads import Timed, state_bytes
 from ckptsvc.tools.bench_report import Row, Target
 
 __all__ = [
     "REMOTE_SAVE_ARTIFACTS",
-    "REMOTE_SAVE_WORKLOADS",
     "remote_save_targets",
-    "w_s3fs_put",
+    "s3fs_put",
 ]
 
 #: each row's artifact under the scratch root
@@ -35,39 +35,18 @@ _AT_LEAST = 0.9
 _PUT_ROWS = ("raw_write", "raw_write_objects", "s3fs_put")
 
 
-def _state_bytes(ctx: Any) -> bytes:
-    """The state's bytes, flat (copied before any timing starts)."""
-    import torch
-
-    buf = torch.empty(ctx.nbytes, dtype=torch.uint8)
-    copy_into(ctx.state or {}, buf)
-    return bytes(buf.numpy().data)
-
-
-def _timed(ctx: Any, put: Any, extras: dict[str, Any]) -> Sample:
-    """Run ``put()`` inside :class:`PeakRss`; one Sample (blocking = durable: the upload
+def s3fs_put(ctx: Any) -> tuple[PeakRss, Timed]:
+    """The bytes as one object through s3fs's ``pipe_file`` (blocking = durable: the upload
     is complete when s3fs returns)."""
-    with PeakRss() as rss:
-        t0 = time.perf_counter()
-        put()
-        took_s = time.perf_counter() - t0
-    return Sample(
-        ctx.cfg.method, ctx.nbytes, took_s, took_s, rss.base_bytes, rss.peak_bytes,
-        rss.child_peak_bytes, {**extras, "rss_reset": rss.reset_ok},
-    )  # fmt: skip
-
-
-def w_s3fs_put(ctx: Any) -> Sample:
-    """The bytes as one object through s3fs's ``pipe_file``."""
     if not ctx.cfg.remote:
         raise Unavailable("s3fs_put measures object stores (--storage) only")
-    data = _state_bytes(ctx)
+    data = state_bytes(ctx)
     path = ctx.fs_path(REMOTE_SAVE_ARTIFACTS["s3fs_put"])
-    return _timed(ctx, lambda: ctx.fs.pipe_file(path, data), {"objects": 1})
-
-
-#: row -> (workload, needs the state built), merged into ``bench_workloads.WORKLOADS``
-REMOTE_SAVE_WORKLOADS = {"s3fs_put": (w_s3fs_put, True)}
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        ctx.fs.pipe_file(path, data)
+        took_s = time.perf_counter() - t0
+    return rss, (took_s, took_s, {"objects": 1})
 
 
 def remote_save_targets(rows: Sequence[Row]) -> list[Target]:

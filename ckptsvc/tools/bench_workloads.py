@@ -35,7 +35,7 @@ from ckptsvc import knobs
 from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import url_to_fs
-from ckptsvc.tools import bench_reads
+from ckptsvc.tools import bench_reads, bench_remote_save
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     PeakRss,
@@ -52,7 +52,6 @@ from ckptsvc.tools.bench_probes import (
     touch_pages,
     write_file,
 )
-from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_WORKLOADS
 
 if TYPE_CHECKING:
     import torch
@@ -439,7 +438,7 @@ WORKLOADS: dict[str, Workload] = {
     "ckptsvc_save": (w_ckptsvc_save, True),
     "ckptsvc_load": (w_ckptsvc_load, False),
     "ckptsvc_async": (w_ckptsvc_async, True),
-    **REMOTE_SAVE_WORKLOADS,
+    "s3fs_put": (_floor(bench_remote_save.s3fs_put), True),
     "raw_read_direct": (_floor(bench_reads.raw_read_direct), False),
     "raw_write_objects": (_floor(bench_reads.raw_write_objects), True),
     "raw_read_objects": (_floor(bench_reads.raw_read_objects), False),
