@@ -20,7 +20,12 @@ Points (``name``: the keyword arguments it passes):
   its shared-memory arena (no arguments);
 - ``"job.submitted"``: ``url`` - a save job handed to the node writer;
 - ``"plan.component"``: ``key``, ``reused`` - a component of a save planned (``reused``
-  False) or its cached plan rebound (:mod:`ckptsvc.stage.plan_reuse`).
+  False) or its cached plan rebound (:mod:`ckptsvc.stage.plan_reuse`);
+- ``"commit.phase"``: ``phase``, ``step``, ``wall_s``, ``cpu_s`` - rank 0's commit thread
+  finished one phase of a distributed commit (``wake``, ``fetch``, ``decode``, ``merge``,
+  ``previous``, ``storage``, ``outcome``; ``cpu_s``: that thread's CPU time in it);
+- ``"store.connect"`` (no arguments): a checkpointer's coordination opened a store
+  connection (``Store.clone``; :class:`ckptsvc.commit.channels.StorePool`).
 
 Torch-free and importing nothing from ckptsvc but its errors: the node writer and the storage layer use it.
 """
@@ -52,6 +57,8 @@ POINTS = frozenset(
         "snapshot.copy.after",
         "job.submitted",
         "plan.component",
+        "commit.phase",
+        "store.connect",
     }
 )
 

@@ -40,6 +40,7 @@ from .commit import (
     publish_file,
     swap_in,
 )
+from .latest_pointer import advance_pointer
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     CommitInfo,
@@ -95,7 +96,8 @@ def stream_file(
 
 
 def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileRecord]) -> Manifest:
-    """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last."""
+    """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last,
+    then the folder's ``latest`` pointer (:mod:`ckptsvc.workers.latest_pointer`)."""
     manifest = Manifest.new(
         checkpoint_path=info.replace_url or ckpt.url,
         world_size=info.world_size,
@@ -106,10 +108,11 @@ def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileReco
         user_metadata=info.user_metadata,
     )
     commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
+    final = ckpt
     if info.replace_url:
-        swap_in(
-            ckpt, Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
-        )
+        final = Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
+        swap_in(ckpt, final)
+    advance_pointer(final, manifest)
     return manifest
 
 

@@ -6,21 +6,30 @@ Both offer the same six operations, each one round trip on a store: ``put``, ``g
 (a ``multi_get`` of keys known to exist), ``add`` (an atomic counter, returns the new
 value), ``wait`` (block until keys exist, bounded), ``present`` (which keys exist: only on
 the error path) and ``delete``.
+
+A :class:`StoreChannel` talks through a store connection that no other save uses at the
+same time (a blocking ``wait`` holds its connection: two saves in flight on one client
+deadlocked across ranks). The connections come from a :class:`StorePool`, one per
+checkpointer: a save takes one when it first talks to the store and gives it back when its
+background thread ends, so a rank opens as many connections as it ever has saves in
+flight, not one per save.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+from ckptsvc import hooks
 from ckptsvc.errors import CoordinationError, StorageNotFoundError
 from ckptsvc.storage import Location
 
-__all__ = ["COORD_DIR", "Channel", "FileChannel", "StoreChannel"]
+__all__ = ["COORD_DIR", "Channel", "FileChannel", "StoreChannel", "StorePool"]
 
 COORD_DIR = ".ckptsvc-coord"
 _POLL_MIN_S = 0.005
@@ -54,18 +63,75 @@ class Channel:
     def delete(self, keys: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """This save's thread is done with the channel for now: give back its connection
+        (a later operation takes one again)."""
+
     def close(self) -> None:
         """Every key of this save was read by everyone: release what is left."""
+        self.release()
+
+
+class StorePool:
+    """Connections to one ``torch.distributed`` store, each used by one save at a time.
+
+    :meth:`take` hands out an idle connection or opens one (``Store.clone``: same keys,
+    its own socket; a ``store.connect`` hook point each time); :meth:`give` takes it back.
+    So the connections open at once never exceed the most saves in flight so far (plus
+    rank 0's sweep of acknowledged outcomes). A store that cannot be cloned is shared as
+    it is (then blocking waits of two saves in flight queue behind each other)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self.opened = 0
+
+    def take(self) -> Any:
+        """An idle connection, or a new one."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        client = _own_connection(self._store)
+        if client is not self._store:
+            with self._lock:
+                self.opened += 1
+            hooks.point("store.connect")
+        return client
+
+    def give(self, client: Any) -> None:
+        """``client`` (from :meth:`take`) is free again."""
+        if client is not self._store:
+            with self._lock:
+                self._idle.append(client)
 
 
 class StoreChannel(Channel):
-    """A ``torch.distributed`` Store under a per-save prefix (``PrefixStore``)."""
+    """A ``torch.distributed`` Store under a per-save prefix (``PrefixStore``), through a
+    connection of ``pool`` (default: a pool of its own, so a connection of its own)."""
 
-    def __init__(self, store: Any, prefix: str) -> None:
-        from torch.distributed import PrefixStore
-
-        self._store = PrefixStore(prefix, _own_connection(store))
+    def __init__(self, store: Any, prefix: str, *, pool: StorePool | None = None) -> None:
+        self._pool = pool if pool is not None else StorePool(store)
         self._prefix = prefix
+        self._client: Any = None
+        self._held: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def _store(self) -> Any:
+        with self._lock:
+            if self._held is None:
+                from torch.distributed import PrefixStore
+
+                self._client = self._pool.take()
+                self._held = PrefixStore(self._prefix, self._client)
+            return self._held
+
+    def release(self) -> None:
+        with self._lock:
+            client, self._client, self._held = self._client, None, None
+        if client is not None:
+            self._pool.give(client)
 
     def _call(self, what: str, fn: Any) -> Any:
         try:
@@ -120,12 +186,11 @@ class StoreChannel(Channel):
 
 
 def _own_connection(store: Any) -> Any:
-    """A client of ``store`` for this save alone (``Store.clone``: same keys, its own
-    connection). A blocking ``wait`` holds its client's connection until it returns; with
-    one client shared by two saves in flight, rank 0 waiting for the reports of save B
-    blocked its own outcome of save A, while another rank, waiting for A's outcome, could
-    not publish its report of B: a deadlock across ranks. A store that cannot be cloned
-    is used as it is."""
+    """A new client of ``store`` (``Store.clone``: same keys, its own connection). A
+    blocking ``wait`` holds its client's connection until it returns; with one client
+    shared by two saves in flight, rank 0 waiting for the reports of save B blocked its own
+    outcome of save A, while another rank, waiting for A's outcome, could not publish its
+    report of B: a deadlock across ranks. A store that cannot be cloned is used as it is."""
     clone = getattr(store, "clone", None)
     if clone is None:
         return store
@@ -189,6 +254,7 @@ class FileChannel(Channel):
                 self._file(k).remove(missing_ok=True)
 
     def close(self) -> None:
+        super().close()
         with contextlib.suppress(Exception):
             self._loc.remove(recursive=True, missing_ok=True)
         if self._loc.is_local:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptsvc import knobs
-from ckptsvc.commit.channels import COORD_DIR, Channel, FileChannel, StoreChannel
+from ckptsvc import hooks, knobs
+from ckptsvc.commit.channels import COORD_DIR, Channel, FileChannel, StoreChannel, StorePool
 from ckptsvc.commit.reports import Merged, RankReport, merge_reports
 from ckptsvc.errors import (
     CheckpointError,
@@ -61,6 +61,30 @@ class PendingCommit:
     seq: int = -1
     previous: PendingCommit | None = None
     settled: threading.Event = field(default_factory=threading.Event)
+
+
+class _Phases:
+    """Rank 0's commit, phase by phase, reported at the ``commit.phase`` hook point (wall
+    and this thread's CPU time since the previous mark); nothing when no hook is installed."""
+
+    def __init__(self, step: int | None) -> None:
+        self._step = step
+        self._on = hooks.installed("commit.phase")
+        self._wall = time.perf_counter()
+        self._cpu = time.thread_time()
+
+    def mark(self, phase: str) -> None:
+        if not self._on:
+            return
+        wall, cpu = time.perf_counter(), time.thread_time()
+        hooks.point(
+            "commit.phase",
+            phase=phase,
+            step=self._step,
+            wall_s=wall - self._wall,
+            cpu_s=cpu - self._cpu,
+        )
+        self._wall, self._cpu = wall, cpu
 
 
 def default_store() -> Any | None:
@@ -132,6 +156,8 @@ class Coordinator:
         self._root = root
         self._storage_options = dict(storage_options or {})
         self._store = store if store is not None else default_store()
+        # each save's thread talks through a connection of its own, reused by later saves
+        self._pool = StorePool(self._store) if self._store is not None else None
         self._commit = commit
         self._timeout_s = timeout_s
         self._seq = itertools.count()
@@ -175,6 +201,8 @@ class Coordinator:
                 channel.delete(["outcome", "failed", "wake", "slots", "in", "acks"])
                 channel.close()
                 done.append(entry)
+            else:
+                channel.release()
         with self._lock:
             self._unacked = [e for e in self._unacked if e not in done]
             return len(self._unacked)
@@ -202,7 +230,7 @@ class Coordinator:
 
     def _channel(self, pending: PendingCommit) -> Channel:
         if self._store is not None:
-            return StoreChannel(self._store, f"{self._prefix}/{pending.seq}/")
+            return StoreChannel(self._store, f"{self._prefix}/{pending.seq}/", pool=self._pool)
         loc = Location.parse(pending.path, self._storage_options)
         return FileChannel(loc.join(COORD_DIR, str(pending.seq)))
 
@@ -268,6 +296,8 @@ class Coordinator:
         except BaseException as e:
             error = error or e
         finally:
+            if channel is not None:
+                channel.release()
             previous, pending.previous = pending.previous, None
             if previous is not None:
                 previous.settled.wait()
@@ -283,16 +313,20 @@ class Coordinator:
         try:
             if own.error is not None:
                 raise SaveFailedError(f"rank 0 failed to write its part: {own.error}")
-            reports = self._collect(pending, channel)
+            phases = _Phases(pending.step)
+            reports = self._collect(pending, channel, phases)
             merged = merge_reports(
                 reports,
                 world_size=self._info.world_size,
                 crc_names=pending.crc_names,
                 sharded_docs=pending.sharded_docs,
             )
+            phases.mark("merge")
             if pending.previous is not None:
                 pending.previous.settled.wait()  # manifests appear in save order
+            phases.mark("previous")
             done = self._commit(pending, merged)
+            phases.mark("storage")
         except BaseException as e:
             error = (
                 e if isinstance(e, CheckpointError) else SaveFailedError(f"{type(e).__name__}: {e}")
@@ -304,6 +338,7 @@ class Coordinator:
             self._published(channel, written, error)
             return error
         channel.put("outcome", _outcome(None))
+        phases.mark("outcome")
         self._published(channel, written, None)
         pending.handle._finish_committed(
             merged.files, write_s=pending.handle.timings.write_s, commit_s=done.commit_s
@@ -321,9 +356,13 @@ class Coordinator:
         with self._lock:
             self._unacked.append((channel, readers))
 
-    def _collect(self, pending: PendingCommit, channel: Channel) -> list[RankReport]:
+    def _collect(
+        self, pending: PendingCommit, channel: Channel, phases: _Phases
+    ) -> list[RankReport]:
         world = self._info.world_size
-        if not channel.wait(["wake"], self._timeout(1.0)):
+        woke = channel.wait(["wake"], self._timeout(1.0))
+        phases.mark("wake")
+        if not woke:
             keys = [self._report_key(r) for r in range(world)]
             got = channel.present(keys)
             missing = [r for r, k in enumerate(keys) if k not in got]
@@ -342,12 +381,14 @@ class Coordinator:
             )
         slots = channel.add("slots", 0)
         batches = channel.get_many([f"batch/{i}" for i in range(1, slots + 1)])
+        phases.mark("fetch")
         reports = [
             RankReport.from_json(line, where=f"node batch {i + 1}")
             for i, batch in enumerate(batches)
             for line in batch.split(b"\n")
         ]
         reports.sort(key=lambda r: r.rank)
+        phases.mark("decode")
         if [r.rank for r in reports] != list(range(world)):
             raise CoordinationError(
                 f"save of step {pending.step} to {pending.path}: the node batches hold ranks "

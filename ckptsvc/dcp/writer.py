@@ -55,6 +55,7 @@ from ckptsvc.workers.commit import (
     replacement_location,
     swap_in,
 )
+from ckptsvc.workers.latest_pointer import advance_pointer
 from ckptsvc.workers.shard_writer import ChecksummedWriter
 
 __all__ = ["StorageWriter"]
@@ -304,6 +305,7 @@ class StorageWriter(_DcpWriter, BlockingAsyncStager):
         commit_checkpoint(directory, manifest, claim_id=pending.target.claim_id)
         if pending.target.replace_url:
             swap_in(directory, final)
+        advance_pointer(final, manifest)
 
     def storage_meta(self) -> StorageMeta | None:
         """DCP's request-level record: the checkpoint URL and this save's id."""

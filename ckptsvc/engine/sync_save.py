@@ -53,6 +53,7 @@ from ckptsvc.stage.tied_params import (
 )
 from ckptsvc.storage import Location
 from ckptsvc.workers.commit import commit_checkpoint, publish_file
+from ckptsvc.workers.latest_pointer import advance_pointer
 from ckptsvc.workers.protocol import WriterOptions
 from ckptsvc.workers.shard_writer import ChecksummedWriter, write_shard
 
@@ -267,6 +268,9 @@ def _write_committed(
         pytorch_version=torch.__version__,
     )
     commit_checkpoint(ckpt, manifest, claim_id=target.claim_id)
+    # names the final directory (a replacement is swapped in by the caller; until then the
+    # pointer's timestamp does not match and readers list the folder)
+    advance_pointer(Location.parse(target.path, ckpt.storage_options), manifest)
 
 
 def save_sharded_checkpoint(

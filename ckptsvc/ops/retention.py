@@ -18,6 +18,7 @@ from typing import Any
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.read.discovery import CheckpointInfo, CheckpointStatus, list_checkpoints
 from ckptsvc.storage import Location
+from ckptsvc.workers.latest_pointer import drop_pointer_to
 
 __all__ = [
     "delete_checkpoint",
@@ -34,11 +35,13 @@ def delete_checkpoint(
 ) -> None:
     """Delete one checkpoint: marker, manifest gone, the data, the marker, the directory.
 
-    Until the last file goes the directory holds the marker, so a crash at any point
+    First the folder's ``latest`` pointer goes if it names this checkpoint (a pointer never
+    names a deleted checkpoint; discovery lists the folder until the next save). Until the last file goes the directory holds the marker, so a crash at any point
     leaves an incomplete checkpoint (invisible to discovery, collectable by ``gc``) or an
     empty directory; never manifest-less weights that would look like a legacy one.
     """
     loc = Location.parse(path, storage_options)
+    drop_pointer_to(loc)
     loc.join(MARKER_NAME).publish(b'{"deleting": true}')
     loc.join(MANIFEST_NAME).remove(missing_ok=True)
     loc.remove_children(keep=(MARKER_NAME,))  # the data; batched on object stores

@@ -65,6 +65,8 @@ __all__ = [
     "CheckpointStatus",
     "checkpoint_folder_of",
     "checkpoint_info",
+    "classify_entry",
+    "is_checkpoint_name",
     "list_checkpoints",
     "next_checkpoint_path",
     "read_manifest",
@@ -294,25 +296,25 @@ def _list_folder(folder: Location) -> list[CheckpointInfo]:
         children = folder.list_children()
     except StorageNotFoundError:
         return []
-    dirs = [folder.join(c.name) for c in children if c.is_dir and _is_checkpoint_name(c.name)]
+    dirs = [folder.join(c.name) for c in children if c.is_dir and is_checkpoint_name(c.name)]
     successors = {  # ".checkpoint-N.ckptsvc-replace" -> "checkpoint-N"
         c.name: c.name[1 : -len(REPLACEMENT_SUFFIX)]
         for c in children
         if c.is_dir
         and c.name.startswith(".")
         and c.name.endswith(REPLACEMENT_SUFFIX)
-        and _is_checkpoint_name(c.name[1 : -len(REPLACEMENT_SUFFIX)])
+        and is_checkpoint_name(c.name[1 : -len(REPLACEMENT_SUFFIX)])
     }
     if not dirs and not successors:
         return []
     with ThreadPoolExecutor(max_workers=min(16, max(1, knobs.IO_THREADS.get() * 2))) as pool:
-        infos = list(pool.map(_classify_entry, dirs))
+        infos = list(pool.map(classify_entry, dirs))
     if successors:
         infos = _with_unswapped_successors(folder, infos, successors)
     return infos
 
 
-def _is_checkpoint_name(name: str) -> bool:
+def is_checkpoint_name(name: str) -> bool:
     """``checkpoint-*`` (ckptsvc's and the HF Trainer's names) or ``*.ckpt`` (Lightning's)."""
     return bool(_CKPT_RE.match(name)) or (
         name.endswith(LIGHTNING_SUFFIX) and len(name) > len(LIGHTNING_SUFFIX)
@@ -341,7 +343,7 @@ def _with_unswapped_successors(
         current = by_name.get(target)
         if current is not None and current.status is CheckpointStatus.COMPLETE:
             continue  # a replacement in flight (or one already swapped): not a checkpoint
-        info = _classify_entry(root.join(hidden))
+        info = classify_entry(root.join(hidden))
         if info.status is not CheckpointStatus.COMPLETE:
             continue
         logger.warning("%s was not swapped into %s yet; it stands in for it", info.url, target)
@@ -349,7 +351,7 @@ def _with_unswapped_successors(
     return infos
 
 
-def _classify_entry(loc: Location) -> CheckpointInfo:
+def classify_entry(loc: Location) -> CheckpointInfo:
     """:func:`checkpoint_info` for one listed entry; whatever goes wrong stays with it."""
     try:
         info = checkpoint_info(loc)
