@@ -157,3 +157,58 @@ def test_a_save_waiting_on_the_store_does_not_block_another_saves_keys() -> None
     StoreChannel(store, "job/1/").put("outcome", b"ok")
     waiter.join(60)
     assert got == [True]  # A saw its outcome: B's put did not wait for A's wait to time out
+
+
+def test_store_connections_are_reused_across_saves_not_opened_per_save() -> None:
+    """A checkpointer's saves take their store connection from a pool: two saves in flight
+    hold two (save A's blocking wait does not hold up save B), and later saves reuse them."""
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from ckptsvc.commit.channels import StoreChannel, StorePool
+    from ckptsvc.tools.simulate_probes import CountingStore
+
+    master = TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=60))
+    store = CountingStore(TCPStore("127.0.0.1", master.port, 1, False))
+    pool = StorePool(store)
+    a, b = StoreChannel(store, "job/1/", pool=pool), StoreChannel(store, "job/2/", pool=pool)
+    got: list[bool] = []
+    entered = threading.Event()
+
+    def wait_a() -> None:
+        a.add("entered", 1)  # a holds its connection from here on
+        entered.set()
+        got.append(a.wait(["outcome"], 30.0))
+
+    waiter = threading.Thread(target=wait_a)
+    waiter.start()
+    assert entered.wait(30)
+    b.put("report", b"r")  # its own connection: not behind a's wait
+    outcome = StoreChannel(store, "job/1/", pool=pool)  # a third holder: a third connection
+    outcome.put("outcome", b"ok")
+    outcome.release()
+    waiter.join(60)
+    assert got == [True]
+    assert pool.opened == 3
+    a.release()
+    b.release()
+    for seq in range(3, 10):  # later saves, one at a time: no new connection
+        c = StoreChannel(store, f"job/{seq}/", pool=pool)
+        c.put("report", b"r")
+        c.release()
+    assert pool.opened == 3 and store.ops["connect"] == 3
+
+
+def test_a_simulated_job_opens_its_connections_on_the_first_save_only(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        job = SimulatedJob(ranks=8, ranks_per_node=4, root=str(tmp_path), opts={})
+        first = []
+        for step in range(3):
+            assert all(e is None for e in job.save(step, pool).values())
+            first.append(sum(r.store.ops["connect"] for r in job.ranks))
+        job.close()
+    # save 0: one per rank; save 1: rank 0 one more (its sweep of save 0's acknowledged
+    # outcome runs while save 1 holds the first); then none
+    assert first == [8, 9, 9], first

@@ -61,6 +61,7 @@ from ckptsvc.storage import Location
 from ckptsvc.tools.simulate_probes import (
     BUCKET,
     CountingStore,
+    PhaseLog,
     RequestLog,
     create_bucket,
     moto_server,
@@ -82,7 +83,11 @@ class SimResult:
     nodes: int
     rank0_store_ops: float
     store_ops_per_rank: float
+    store_connects_per_save: float
+    first_save_store_connects: float
     commit_after_last_report_ms: float
+    rank0_commit_cpu_ms: float
+    decode_merge_ms: float
     commit_storage_ms: float
     requests_per_save: float
     writes_per_save: float
@@ -229,6 +234,11 @@ class SimulatedJob:
         self.ranks[0].coordinator.close(timeout_s=timeout_s)
 
 
+def _round_trips(store: CountingStore) -> int:
+    """Store operations of one rank (connects counted apart)."""
+    return sum(n for op, n in store.ops.items() if op != "connect")
+
+
 @dataclass(frozen=True)
 class _Done:
     commit_s: float
@@ -282,9 +292,10 @@ def simulate(
         create_bucket(upstream)
         root = f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}"
         requests = RequestLog(root, opts)
+        phases = PhaseLog()
         job = SimulatedJob(ranks=ranks, ranks_per_node=ranks_per_node, root=root, opts=opts)
         rows: list[dict[str, float]] = []
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with phases.installed(), ThreadPoolExecutor(max_workers=threads) as pool:
             for step in range(saves):
                 for r in job.ranks:
                     r.store.ops.clear()
@@ -297,8 +308,11 @@ def simulate(
                 prefixes = Counter(x.path.rsplit("/", 1)[0] for x in writes)
                 rows.append(
                     {
-                        "rank0": sum(job.ranks[0].store.ops.values()),
-                        "all": sum(sum(r.store.ops.values()) for r in job.ranks) / ranks,
+                        "rank0": _round_trips(job.ranks[0].store),
+                        "all": sum(_round_trips(r.store) for r in job.ranks) / ranks,
+                        "connects": sum(r.store.ops["connect"] for r in job.ranks),
+                        "rank0_cpu_ms": 1000 * phases.cpu_s(step),
+                        "merge_ms": 1000 * phases.wall_s(step, "decode", "merge"),
                         "commit_ms": 1000
                         * (job.ranks[0].outcome_at - max(r.reported_at for r in job.ranks)),
                         "storage_ms": 1000 * job.commit_storage_s,
@@ -345,7 +359,11 @@ def simulate(
         nodes=(ranks + ranks_per_node - 1) // ranks_per_node,
         rank0_store_ops=mean("rank0"),
         store_ops_per_rank=mean("all"),
+        store_connects_per_save=mean("connects"),
+        first_save_store_connects=rows[0]["connects"],
         commit_after_last_report_ms=mean("commit_ms"),
+        rank0_commit_cpu_ms=mean("rank0_cpu_ms"),
+        decode_merge_ms=mean("merge_ms"),
         commit_storage_ms=mean("storage_ms"),
         requests_per_save=mean("requests"),
         writes_per_save=mean("writes"),
@@ -362,7 +380,10 @@ _COLUMNS = (
     ("nodes", "nodes"),
     ("rank0_store_ops", "rank-0 store ops/save"),
     ("store_ops_per_rank", "store ops/rank/save"),
+    ("store_connects_per_save", "store connects/save (all ranks)"),
     ("commit_after_last_report_ms", "commit after last report (ms)"),
+    ("rank0_commit_cpu_ms", "rank-0 commit CPU (ms)"),
+    ("decode_merge_ms", "decode + merge (ms)"),
     ("commit_storage_ms", "of which storage requests (ms)"),
     ("requests_per_save", "requests/save"),
     ("writes_per_save", "writes/save"),

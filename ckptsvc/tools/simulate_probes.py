@@ -19,20 +19,60 @@ from urllib.parse import urlsplit
 
 import torch.distributed as dist
 
+from ckptsvc import hooks
 from ckptsvc.storage import Location
 
-__all__ = ["BUCKET", "CountingStore", "Request", "RequestLog", "create_bucket", "moto_server"]
+__all__ = [
+    "BUCKET",
+    "CountingStore",
+    "PhaseLog",
+    "Request",
+    "RequestLog",
+    "create_bucket",
+    "moto_server",
+]
 
 BUCKET = "ckptsvc-simulate"
 
 
-class CountingStore(dist.Store):
-    """A ``Store`` that forwards to ``inner`` and counts every operation (one round trip each)."""
+class PhaseLog:
+    """Rank 0's commit phases (the ``commit.phase`` hook point): wall and CPU time of its
+    commit thread per phase, by step."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        remove = hooks.install("commit.phase", lambda **row: self.rows.append(row))
+        try:
+            yield
+        finally:
+            remove()
+
+    def wall_s(self, step: int, *phases: str) -> float:
+        """Wall time of ``phases`` of the commit of ``step``."""
+        return sum(r["wall_s"] for r in self.rows if r["step"] == step and r["phase"] in phases)
+
+    def cpu_s(self, step: int) -> float:
+        """CPU time of rank 0's commit thread from its wake to its outcome (``step``)."""
+        return sum(r["cpu_s"] for r in self.rows if r["step"] == step and r["phase"] != "wake")
+
+
+class CountingStore(dist.Store):
+    """A ``Store`` that forwards to ``inner`` and counts every operation (one round trip
+    each). :meth:`clone` opens a new connection of ``inner`` counted in the same ``ops``
+    (called from Python, as :class:`~ckptsvc.commit.channels.StorePool` does; torch's C++
+    side cannot call a Python ``clone``)."""
+
+    def __init__(self, inner: Any, ops: Counter[str] | None = None) -> None:
         super().__init__()
         self.inner = inner
-        self.ops: Counter[str] = Counter()
+        self.ops: Counter[str] = Counter() if ops is None else ops
+
+    def clone(self) -> CountingStore:
+        self._n("connect")
+        return CountingStore(self.inner.clone(), self.ops)
 
     def _n(self, op: str) -> None:
         self.ops[op] += 1
