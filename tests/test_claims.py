@@ -29,6 +29,7 @@ from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.storage import Location
 from ckptsvc.workers.claim import check_claim, claim_checkpoint, read_marker
 from ckptsvc.workers.commit import replacement_location
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,7 +226,10 @@ def test_resave_of_a_committed_step_is_refused_unless_overwrite(node: str, tmp_p
     path = str(root / "checkpoints" / "checkpoint-5")
     assert _seed_of(path) == 3
     verify_checkpoint(path, deep=True)
-    assert sorted(os.listdir(root / "checkpoints")) == ["checkpoint-5"]  # no successor left
+    assert sorted(os.listdir(root / "checkpoints")) == [
+        "checkpoint-5",
+        POINTER_NAME,
+    ]  # no successor
     manifest = json.loads((root / "checkpoints" / "checkpoint-5" / MANIFEST_NAME).read_text())
     assert manifest["checkpoint_path"] == path
 

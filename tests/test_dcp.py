@@ -43,6 +43,7 @@ from ckptsvc.read.discovery import (
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.workers import shard_writer
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # DCP: "assuming no_dist"
 
@@ -194,6 +195,7 @@ def test_committed_directory_is_never_rewritten(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.joinpath("checkpoints").iterdir()) == [
         "checkpoint-5",
         "checkpoint-6",
+        POINTER_NAME,
     ]
     assert verify_checkpoint(url, deep=True).ok
 
@@ -358,7 +360,7 @@ def test_killed_rank_leaves_no_commit_and_next_job_saves(tmp_path: Path) -> None
     saved = _ok(launch("save", args, world=2, node_prefix=prefix, worker=DCP_WORKER))
     assert all(r["error"] is None for r in saved), saved
     assert Path(url, MANIFEST_NAME).read_bytes() != before
-    assert sorted(os.listdir(Path(root, "checkpoints"))) == ["checkpoint-2"]
+    assert sorted(os.listdir(Path(root, "checkpoints"))) == ["checkpoint-2", POINTER_NAME]
     assert verify_checkpoint(url, deep=True).ok
     loaded = _ok(launch("load", {"path": url}, world=2, node_prefix=prefix, worker=DCP_WORKER))
     assert [r["mismatch"] for r in loaded] == [[], []]

@@ -41,6 +41,7 @@ from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.testing.faultinject import OsFault, faults_env, install_os_faults
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 MiB = 2**20
 SHARD = "model-0000"
@@ -126,7 +127,11 @@ def test_sync_save_fault(tmp_path: Path, faults: Callable[..., Path], case: str)
     assert_intact(third, 3)
     report = collect_garbage(root, shared_memory=False)
     assert ckpt_path(root, 2) in report.removed
-    assert sorted(os.listdir(Path(root, "checkpoints"))) == ["checkpoint-1", "checkpoint-3"]
+    assert sorted(os.listdir(Path(root, "checkpoints"))) == [
+        "checkpoint-1",
+        "checkpoint-3",
+        POINTER_NAME,
+    ]
 
 
 def test_sync_latency_only_slows_the_save(tmp_path: Path, faults: Callable[..., Path]) -> None:
@@ -213,7 +218,11 @@ def test_remove_fault_during_retention_loses_nothing(
         assert_intact(path, step)
     switch.unlink()
     collect_garbage(root, shared_memory=False)  # finishes the interrupted deletion
-    assert sorted(os.listdir(Path(root, "checkpoints"))) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(os.listdir(Path(root, "checkpoints"))) == [
+        "checkpoint-2",
+        "checkpoint-3",
+        POINTER_NAME,
+    ]
 
 
 # ---- async path: faults in the node writer -----------------------------------------------------

@@ -28,6 +28,7 @@ from ckptsvc.liveness import pid_namespace
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 # ---- Hugging Face Trainer ----------------------------------------------------------------------
 
@@ -458,7 +459,7 @@ def test_lightning_checkpoint_io_saves_async_and_resumes(tmp_path: Path) -> None
     ):
         assert torch.equal(v, w), f"{k} differs from the run resumed by TorchCheckpointIO"
 
-    saved = sorted(p.name for p in ckpt_dir.iterdir())
+    saved = sorted(p.name for p in ckpt_dir.iterdir() if p.name != POINTER_NAME)
     assert saved == sorted(p.name for p in (tmp_path / "torch" / "ckpts").iterdir())
     assert saved[:2] == ["step=2.ckpt", "step=4.ckpt"]
     for name in saved:  # each "file" is a complete, verified ckptsvc checkpoint directory

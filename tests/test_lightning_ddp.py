@@ -16,6 +16,7 @@ from test_verify_gc import ckptsvc_main
 
 from ckptsvc.read.discovery import CheckpointStatus, list_checkpoints
 from ckptsvc.read.verify import verify_checkpoint
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 pytest.importorskip("lightning.pytorch", reason="needs lightning (ckptsvc[lightning])")
 
@@ -43,7 +44,12 @@ def test_ddp_two_ranks_resume_with_identical_losses_and_the_cli_sees_them(
 ) -> None:
     unbroken = _fit(tmp_path)
     ckpts = tmp_path / "ckpts"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        POINTER_NAME,
+        "step=2.ckpt",
+        "step=4.ckpt",
+        "step=6.ckpt",
+    ]
     assert set(unbroken[0]) == set(unbroken[1]) == {str(s) for s in range(1, 7)}
     assert unbroken[0] != unbroken[1]  # each rank trained on its own half of the data
 

@@ -147,10 +147,8 @@ def read_marker(ckpt: Location) -> dict[str, Any] | None:
     try:
         if marker.is_local:
             raw = _read_local(marker.path)
-        elif marker.size() > _MAX_MARKER_BYTES:
-            return {}
-        else:
-            raw = marker.read_bytes()
+        else:  # one bounded GET (no HEAD first: the commit waits on this round trip)
+            raw = marker.read_range(0, _MAX_MARKER_BYTES + 1)
     except (StorageNotFoundError, FileNotFoundError):
         return None
     except Exception as e:  # a marker we cannot read is a damaged one, not a crash

@@ -40,7 +40,7 @@ from .commit import (
     publish_file,
     swap_in,
 )
-from .latest_pointer import advance_pointer
+from .latest_pointer import advance_pointer, current_pointer, is_pointer_name
 from .piece_stream import PieceInbox, write_streamed
 from .protocol import (
     CommitInfo,
@@ -107,12 +107,18 @@ def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileReco
         pytorch_version=info.pytorch_version,
         user_metadata=info.user_metadata,
     )
-    commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
     final = ckpt
     if info.replace_url:
         final = Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
-        swap_in(ckpt, final)
-    advance_pointer(final, manifest)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-pointer") as side:
+        # the pointer's read overlaps the claim check and the manifest's upload
+        current = (
+            side.submit(current_pointer, final.parent) if is_pointer_name(final.name) else None
+        )
+        commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
+        if info.replace_url:
+            swap_in(ckpt, final)
+        advance_pointer(final, manifest, current=current)
     return manifest
 
 

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import stat
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError, StorageNotFoundError
@@ -37,7 +38,9 @@ __all__ = [
     "POINTER_NAME",
     "LatestPointer",
     "advance_pointer",
+    "current_pointer",
     "drop_pointer_to",
+    "is_pointer_name",
     "read_pointer",
 ]
 
@@ -126,26 +129,36 @@ def read_pointer(folder: Location) -> LatestPointer | None:
     return LatestPointer.from_json(raw, where=loc.url)
 
 
-def advance_pointer(ckpt: Location, manifest: Manifest) -> bool:
+def current_pointer(folder: Location) -> LatestPointer | None:
+    """The pointer in ``folder`` as a writer sees it: ``None`` when there is none, or when it
+    is damaged or unreadable (logged; the next write replaces it)."""
+    try:
+        return read_pointer(folder)
+    except (CheckpointError, OSError) as e:
+        logger.warning("replacing a damaged or unreadable latest pointer in %s: %s", folder.url, e)
+        return None
+
+
+def advance_pointer(
+    ckpt: Location, manifest: Manifest, *, current: Future[LatestPointer | None] | None = None
+) -> bool:
     """After the commit of ``ckpt`` (its ``manifest`` published): point its folder's
-    ``latest`` at it, unless the pointer there already names a higher step. Returns whether
-    it wrote. Best effort: the checkpoint is committed whatever happens here (a failure is
-    logged; readers fall back to listing the folder)."""
-    if not _NAME_RE.fullmatch(ckpt.name) or ckpt.name.startswith("."):
+    ``latest`` at it, unless the pointer there already names a higher step. ``current``:
+    the folder's pointer read ahead (:func:`current_pointer`, overlapping the commit's
+    other requests); else it is read now. Returns whether it wrote. Best effort: the
+    checkpoint is committed whatever happens here (a failure is logged; readers fall back
+    to listing the folder)."""
+    if not is_pointer_name(ckpt.name):
         return False  # a hidden successor: the swap names the checkpoint, not this directory
     folder = ckpt.parent
     try:
-        try:
-            current = read_pointer(folder)
-        except CorruptCheckpointError as e:
-            logger.warning("replacing a damaged latest pointer: %s", e)
-            current = None
-        if current is not None and _behind(manifest.step, current.step):
+        now = current.result() if current is not None else current_pointer(folder)
+        if now is not None and _behind(manifest.step, now.step):
             logger.info(
                 "latest pointer in %s stays at %s (step %s): %s is step %s",
                 folder.url,
-                current.name,
-                current.step,
+                now.name,
+                now.step,
                 ckpt.name,
                 manifest.step,
             )
@@ -155,6 +168,11 @@ def advance_pointer(ckpt: Location, manifest: Manifest) -> bool:
     except (CheckpointError, OSError) as e:
         logger.warning("could not update the latest pointer in %s: %s", folder.url, e)
         return False
+
+
+def is_pointer_name(name: str) -> bool:
+    """Whether a pointer may name the directory ``name`` (not a hidden successor)."""
+    return bool(_NAME_RE.fullmatch(name)) and not name.startswith(".")
 
 
 def _behind(step: int | None, current: int | None) -> bool:

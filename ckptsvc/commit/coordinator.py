@@ -164,7 +164,8 @@ class Coordinator:
         self._last: PendingCommit | None = None
         self._lock = threading.Lock()
         # rank 0: outcomes not yet read by every rank, with how many ranks must read them
-        self._unacked: list[tuple[Channel, int]] = []
+        # and the keys rank 0 wrote, deleted with them (after a success only)
+        self._unacked: list[tuple[Channel, int, tuple[str, ...]]] = []
         digest = hashlib.sha256(root.encode()).hexdigest()[:12]
         self._prefix = f"ckptsvc/{digest}"
         if self._store is not None:
@@ -192,13 +193,13 @@ class Coordinator:
             pending = list(self._unacked)
         done = []
         for entry in pending:
-            channel, readers = entry
+            channel, readers, own = entry
             try:
                 finished = channel.add("acks", 0) >= readers
             except CheckpointError:
                 finished = True  # the store is gone: nobody can read it anyway
             if finished:
-                channel.delete(["outcome", "failed", "wake", "slots", "in", "acks"])
+                channel.delete(["outcome", "failed", "wake", "slots", "in", "acks", *own])
                 channel.close()
                 done.append(entry)
             else:
@@ -346,15 +347,15 @@ class Coordinator:
         return None
 
     def _published(self, channel: Channel, written: list[str], error: BaseException | None) -> None:
-        """Rank 0, the outcome out: drop its own keys and wait for the other ranks' acks
-        (registered before the handle completes, so ``close`` sees it)."""
+        """Rank 0, the outcome out: wait for the other ranks' acks (registered before the
+        handle completes, so ``close`` sees it); its own keys go with the outcome's, in a
+        later sweep (no round trip between the outcome and the handle's completion)."""
         gone = set(getattr(error, "missing", ()))
         readers = sum(1 for r in range(1, self._info.world_size) if r not in gone)
-        if error is None:  # after a failure a node may still be gathering: the keys stay
-            with contextlib.suppress(CheckpointError):
-                channel.delete(written)
+        # after a failure a node may still be gathering: the keys stay
+        own = tuple(written) if error is None else ()
         with self._lock:
-            self._unacked.append((channel, readers))
+            self._unacked.append((channel, readers, own))
 
     def _collect(
         self, pending: PendingCommit, channel: Channel, phases: _Phases
@@ -382,8 +383,9 @@ class Coordinator:
         slots = channel.add("slots", 0)
         batches = channel.get_many([f"batch/{i}" for i in range(1, slots + 1)])
         phases.mark("fetch")
+        shared: dict[Any, Any] = {}
         reports = [
-            RankReport.from_json(line, where=f"node batch {i + 1}")
+            RankReport.from_json(line, where=f"node batch {i + 1}", shared=shared)
             for i, batch in enumerate(batches)
             for line in batch.split(b"\n")
         ]

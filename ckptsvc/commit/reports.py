@@ -42,12 +42,16 @@ class RankReport:
     error_type: str | None = None
 
     def to_json(self) -> bytes:
+        """The report as rank 0 receives it: JSON, with each part's ``replicas`` as a range
+        (``{"range": [start, stop, step]}``) when it is one - every replica of a component
+        lists all of them, so listed out N reports would hold N^2 numbers (5.7 KB per report
+        and 160 ms of decoding at 1,024 ranks)."""
         return json.dumps(
             {
                 "rank": self.rank,
                 "step": self.step,
                 "path": self.path,
-                "parts": [p.to_dict() for p in self.parts],
+                "parts": [_compact(p.to_dict()) for p in self.parts],
                 "files": [[f.path, f.nbytes, f.crc32c] for f in self.files],
                 "error": self.error,
                 "error_type": self.error_type,
@@ -57,20 +61,48 @@ class RankReport:
         ).encode("ascii")
 
     @classmethod
-    def from_json(cls, raw: bytes, *, where: str) -> RankReport:
+    def from_json(
+        cls, raw: bytes, *, where: str, shared: dict[Any, Any] | None = None
+    ) -> RankReport:
+        """Parse one report (:class:`CorruptCheckpointError` naming ``where`` if malformed).
+        ``shared``: a dict kept across the reports of one save, so equal ``replicas``
+        ranges become one tuple (decoded once, compared by identity in the merge)."""
         try:
             d = json.loads(raw.decode("utf-8"))
+            memo: dict[Any, Any] = {} if shared is None else shared
             return cls(
                 rank=int(d["rank"]),
                 step=d.get("step"),
                 path=str(d["path"]),
-                parts=tuple(PartReport.from_dict(p) for p in d.get("parts") or ()),
+                parts=tuple(PartReport.from_dict(_expand(p, memo)) for p in d.get("parts") or ()),
                 files=tuple(FileRecord(str(p), int(n), str(c)) for p, n, c in d.get("files") or ()),
                 error=d.get("error"),
                 error_type=d.get("error_type"),
             )
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(f"{where}: malformed rank report ({e})") from e
+
+
+def _compact(part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` with its ``replicas`` written as a range when they form one."""
+    reps = part.get("replicas")
+    if isinstance(reps, list) and len(reps) > 2:
+        step = reps[1] - reps[0]
+        if step > 0 and reps == list(range(reps[0], reps[-1] + 1, step)):
+            return {**part, "replicas": {"range": [reps[0], reps[-1] + 1, step]}}
+    return part
+
+
+def _expand(part: dict[str, Any], memo: dict[Any, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_compact`; equal ranges share one tuple through ``memo``."""
+    reps = part.get("replicas")
+    if isinstance(reps, dict):
+        start, stop, step = (int(x) for x in reps["range"])
+        key = ("replicas", start, stop, step)
+        if key not in memo:
+            memo[key] = tuple(range(start, stop, step))
+        part["replicas"] = memo[key]
+    return part
 
 
 @dataclass(frozen=True)
