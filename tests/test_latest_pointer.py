@@ -238,3 +238,30 @@ def test_pointer_in_the_hf_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert (tmp_path / POINTER_NAME).is_file()
     no_listing(monkeypatch)
     assert find_latest_checkpoint(root) == path
+
+
+@pytest.mark.cloud
+def test_discovery_requests_on_s3_do_not_grow_with_the_checkpoints(s3_root: StorageRoot) -> None:
+    """With the pointer: 2 LIST + pointer GET + its manifest GET + 1 LIST of its files,
+    whatever the number of checkpoints; without it (the fallback) one GET more per
+    checkpoint."""
+    from ckptsvc.tools.simulate_probes import RequestLog
+
+    root, opts = s3_root.url, s3_root.storage_options
+    log = RequestLog(root, opts)
+    counts = {}
+    step = 0
+    for total in (2, 8):
+        while step < total:
+            step += 1
+            save(root, step, opts)
+        log.reset_records()
+        assert find_latest_checkpoint(root, storage_options=opts) == next_checkpoint_path(
+            root, total
+        )
+        counts[total] = len(log.records())
+    assert counts[2] == counts[8] == 5, counts
+    Location.parse(root, opts).join("checkpoints", POINTER_NAME).remove()
+    log.reset_records()
+    assert find_latest_checkpoint(root, storage_options=opts) == next_checkpoint_path(root, 8)
+    assert len(log.records()) >= 8 + 3  # the listing: a manifest GET per checkpoint
