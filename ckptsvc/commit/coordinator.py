@@ -373,15 +373,19 @@ class Coordinator:
                 "never called save for this step. No manifest was written",
                 missing=missing,
             )
-        if channel.present(["failed"]):
+        # "in": every node's batch is there (a failed rank's report among them: the merge
+        # names it); "failed": a rank failed before everyone was in (it sets "wake" before
+        # it counts itself, so a later "in" overwrites it only once all batches exist)
+        (why,) = channel.get_many(["wake"])
+        if why != b"in":
             (raw,) = channel.get_many(["failed"])
             failed = RankReport.from_json(raw, where="failed report")
             raise SaveFailedError(
                 f"rank {failed.rank} failed to write its part of step {pending.step}: "
                 f"{failed.error_type}: {failed.error}"
             )
-        slots = channel.add("slots", 0)
-        batches = channel.get_many([f"batch/{i}" for i in range(1, slots + 1)])
+        nodes = -(-world // self._info.local_world_size)  # one batch per node
+        batches = channel.get_many([f"batch/{i}" for i in range(1, nodes + 1)])
         phases.mark("fetch")
         shared: dict[Any, Any] = {}
         reports = [
