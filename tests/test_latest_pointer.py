@@ -69,12 +69,19 @@ def test_each_save_moves_the_pointer_and_discovery_needs_no_listing(
     assert find_latest_checkpoint(root, storage_options=opts) == last
 
 
-def test_pointer_never_moves_back_to_a_lower_step(tmp_path: Path) -> None:
+def test_pointer_follows_commits_and_never_moves_back_to_an_earlier_one(tmp_path: Path) -> None:
     root = str(tmp_path)
     save(root, 5)
-    save(root, 3)  # a lower step saved later (another saver on the same root)
+    three = save(root, 3)  # a job that rolled back: a later commit, a lower step
     pointer = pointer_of(root)
-    assert pointer is not None and pointer.name == "checkpoint-5"
+    assert pointer is not None and pointer.name == "checkpoint-3"
+    assert find_latest_checkpoint(root) == three  # what the listing says too
+    # a slow saver of step 5 whose commit came first must not move it back
+    manifest = read_manifest(Location.parse(next_checkpoint_path(root, 5)))
+    assert manifest is not None
+    assert not advance_pointer(Location.parse(next_checkpoint_path(root, 5)), manifest)
+    pointer = pointer_of(root)
+    assert pointer is not None and pointer.name == "checkpoint-3"
 
 
 def test_a_pointer_gone_back_in_a_race_still_finds_the_newest(tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ the Hugging Face ``Trainer``'s)::
 ``/``, ``\\``, ``..`` or an absolute path is refused when read), ``step`` and
 ``manifest_timestamp`` are copied from its manifest, so a reader can tell the checkpoint it
 points at was not replaced or deleted since. The pointer is written only when it moves
-forward (a higher step than the one it names, or none named); two savers racing on one
-folder can still make it go back, which readers detect (:mod:`ckptsvc.read.latest`: the
-pointer is a hint, verified against the manifest and the folder's listing).
+forward in discovery's order (manifest timestamp, then step): never back to a checkpoint
+committed before the one it names. Two savers racing on one folder (each reads the
+pointer, then writes) can still make it go back, which readers detect
+(:mod:`ckptsvc.read.latest`: the pointer is a hint, verified against the manifest and the
+folder's listing).
 
 Torch-free: the node writer writes it after the manifest (:func:`advance_pointer`), and
 retention / ``gc`` drop it before deleting the checkpoint it names (:func:`drop_pointer_to`).
@@ -28,6 +30,7 @@ import re
 import stat
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from ckptsvc.errors import CheckpointError, CorruptCheckpointError, StorageNotFoundError
 from ckptsvc.format.manifest import Manifest
@@ -143,7 +146,8 @@ def advance_pointer(
     ckpt: Location, manifest: Manifest, *, current: Future[LatestPointer | None] | None = None
 ) -> bool:
     """After the commit of ``ckpt`` (its ``manifest`` published): point its folder's
-    ``latest`` at it, unless the pointer there already names a higher step. ``current``:
+    ``latest`` at it, unless the pointer there already names a newer checkpoint (a later
+    commit, or the same time and a higher step: discovery's order). ``current``:
     the folder's pointer read ahead (:func:`current_pointer`, overlapping the commit's
     other requests); else it is read now. Returns whether it wrote. Best effort: the
     checkpoint is committed whatever happens here (a failure is logged; readers fall back
@@ -153,7 +157,8 @@ def advance_pointer(
     folder = ckpt.parent
     try:
         now = current.result() if current is not None else current_pointer(folder)
-        if now is not None and _behind(manifest.step, now.step):
+        ours = _order(manifest.timestamp, manifest.step)
+        if now is not None and _order(now.manifest_timestamp, now.step) > ours:
             logger.info(
                 "latest pointer in %s stays at %s (step %s): %s is step %s",
                 folder.url,
@@ -171,13 +176,25 @@ def advance_pointer(
 
 
 def is_pointer_name(name: str) -> bool:
-    """Whether a pointer may name the directory ``name`` (not a hidden successor)."""
-    return bool(_NAME_RE.fullmatch(name)) and not name.startswith(".")
+    """Whether a pointer may name the directory ``name``: a name discovery lists
+    (``checkpoint-*``, Lightning's ``*.ckpt``), not a hidden successor."""
+    return (
+        bool(_NAME_RE.fullmatch(name))
+        and not name.startswith(".")
+        and (name.startswith("checkpoint-") or (name.endswith(".ckpt") and name != ".ckpt"))
+    )
 
 
-def _behind(step: int | None, current: int | None) -> bool:
-    """A save of ``step`` must not move a pointer at step ``current`` back."""
-    return step is not None and current is not None and step < current
+def _order(timestamp: str, step: int | None) -> tuple[float, int]:
+    """Discovery's order (manifest timestamp, then step): a later commit is newer."""
+    try:
+        ts = datetime.fromisoformat(timestamp)
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=timezone.utc)
+        when = ts.timestamp()
+    except (ValueError, OverflowError):
+        when = 0.0
+    return (when, -1 if step is None else step)
 
 
 def drop_pointer_to(ckpt: Location) -> None:

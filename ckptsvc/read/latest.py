@@ -21,10 +21,12 @@ warning.
 Anything else - no pointer, a damaged or hostile one (garbage, too large, a path instead
 of a name), one naming a deleted, incomplete or replaced checkpoint - falls back to the
 listing of every checkpoint (1 GET per checkpoint), with a warning for a bad pointer.
-What the pointer path does not see: a complete checkpoint with a *lower* step committed
-after the pointed one (a job that rolled back and saves lower steps again beside higher
-ones): the listing orders by timestamp and would return it; the pointer keeps the highest
-step. Delete ``ckptsvc-latest.json`` (or the higher checkpoints) to resume from the lower.
+What the pointer path does not see: a checkpoint committed after the pointed one whose
+committer did not move the pointer (it died between the manifest and the pointer, or it
+writes none: ``ckptsvc cp``, tiering) *and* whose name holds a step no higher than the
+pointed one's - a job that rolled back to an older checkpoint and was killed in that
+window of its first save. Higher steps (the normal case of such a kill) are read. Delete
+``ckptsvc-latest.json`` to make discovery list every checkpoint.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def _pointed(folder: Location, children: dict[str, ChildInfo]) -> CheckpointInfo
         if pointer is None:
             return None  # deleted since the listing
         child = children.get(pointer.name)
-        if child is None or not child.is_dir:
+        if child is None or not child.is_dir or not is_checkpoint_name(pointer.name):
             raise CorruptCheckpointError(
                 f"{where} names {pointer.name!r}, which is not a checkpoint there (deleted?)"
             )

@@ -18,8 +18,10 @@ Then every rank resumes: resolves the latest checkpoint
 (:func:`~ckptsvc.commit.resume.resolve_latest`) and loads its state (``load_state``).
 
 Counted, per save: the store operations of rank 0 and of all ranks (every rank's store is
-wrapped in a counting ``Store``); the time from the last rank's report to rank 0's
-outcome; object-store requests (counted in the S3 client, retries included: by method,
+wrapped in a counting ``Store``; its connections apart); the time from the last rank's
+report to rank 0's wake, to its outcome published, and to its handle completed; the CPU
+time of rank 0's commit thread from its wake to the outcome and its decode + merge (the
+``commit.phase`` hook); object-store requests (counted in the S3 client, retries included: by method,
 writes, and the most writes under one prefix); per resume: discovery requests, load
 requests, bytes of JSON metadata read per rank. Nothing here is timed against a target:
 the table is for comparing runs and ranks counts within one run.
@@ -86,6 +88,8 @@ class SimResult:
     store_connects_per_save: float
     first_save_store_connects: float
     commit_after_last_report_ms: float
+    wake_after_last_report_ms: float
+    outcome_after_last_report_ms: float
     rank0_commit_cpu_ms: float
     decode_merge_ms: float
     commit_storage_ms: float
@@ -304,6 +308,7 @@ def simulate(
                 if failed:
                     raise RuntimeError(f"step {step}: rank {min(failed)}: {failed[min(failed)]}")
                 records = requests.records()
+                last = max(r.reported_at for r in job.ranks)
                 writes = [x for x in records if x.method in _WRITES]
                 prefixes = Counter(x.path.rsplit("/", 1)[0] for x in writes)
                 rows.append(
@@ -313,8 +318,9 @@ def simulate(
                         "connects": sum(r.store.ops["connect"] for r in job.ranks),
                         "rank0_cpu_ms": 1000 * phases.cpu_s(step),
                         "merge_ms": 1000 * phases.wall_s(step, "decode", "merge"),
-                        "commit_ms": 1000
-                        * (job.ranks[0].outcome_at - max(r.reported_at for r in job.ranks)),
+                        "commit_ms": 1000 * (job.ranks[0].outcome_at - last),
+                        "wake_ms": 1000 * (phases.at(step, "wake") - last),
+                        "outcome_ms": 1000 * (phases.at(step, "outcome") - last),
                         "storage_ms": 1000 * job.commit_storage_s,
                         "requests": len(records),
                         "writes": len(writes),
@@ -362,6 +368,8 @@ def simulate(
         store_connects_per_save=mean("connects"),
         first_save_store_connects=rows[0]["connects"],
         commit_after_last_report_ms=mean("commit_ms"),
+        wake_after_last_report_ms=mean("wake_ms"),
+        outcome_after_last_report_ms=mean("outcome_ms"),
         rank0_commit_cpu_ms=mean("rank0_cpu_ms"),
         decode_merge_ms=mean("merge_ms"),
         commit_storage_ms=mean("storage_ms"),
@@ -381,7 +389,9 @@ _COLUMNS = (
     ("rank0_store_ops", "rank-0 store ops/save"),
     ("store_ops_per_rank", "store ops/rank/save"),
     ("store_connects_per_save", "store connects/save (all ranks)"),
-    ("commit_after_last_report_ms", "commit after last report (ms)"),
+    ("wake_after_last_report_ms", "rank 0 wakes after last report (ms)"),
+    ("outcome_after_last_report_ms", "outcome out after last report (ms)"),
+    ("commit_after_last_report_ms", "rank 0's handle done after last report (ms)"),
     ("rank0_commit_cpu_ms", "rank-0 commit CPU (ms)"),
     ("decode_merge_ms", "decode + merge (ms)"),
     ("commit_storage_ms", "of which storage requests (ms)"),

@@ -44,7 +44,9 @@ class PhaseLog:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        remove = hooks.install("commit.phase", lambda **row: self.rows.append(row))
+        remove = hooks.install(
+            "commit.phase", lambda **row: self.rows.append({**row, "at": time.monotonic()})
+        )
         try:
             yield
         finally:
@@ -53,6 +55,10 @@ class PhaseLog:
     def wall_s(self, step: int, *phases: str) -> float:
         """Wall time of ``phases`` of the commit of ``step``."""
         return sum(r["wall_s"] for r in self.rows if r["step"] == step and r["phase"] in phases)
+
+    def at(self, step: int, phase: str) -> float:
+        """When (``time.monotonic``) rank 0 ended ``phase`` of the commit of ``step``."""
+        return next(r["at"] for r in self.rows if r["step"] == step and r["phase"] == phase)
 
     def cpu_s(self, step: int) -> float:
         """CPU time of rank 0's commit thread from its wake to its outcome (``step``)."""
