@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from ckptsvc import knobs
@@ -113,16 +113,26 @@ def sync_local_dirs(ckpt: Location, rel_paths: Iterable[str]) -> None:
         fsync_dir(d)
 
 
-def commit_checkpoint(ckpt: Location, manifest: Manifest, *, claim_id: str = "") -> None:
+def commit_checkpoint(
+    ckpt: Location,
+    manifest: Manifest,
+    *,
+    claim_id: str = "",
+    committed: Callable[[], object] | None = None,
+) -> None:
     """Step 3: the manifest, last and atomic; then the marker goes.
 
     The caller guarantees every file listed in ``manifest.files`` is durable. With
     ``claim_id`` the marker must still carry it (:func:`~ckptsvc.workers.claim.check_claim`).
+    ``committed`` runs once the manifest is published, before the marker goes (the
+    writer starts the ``latest`` pointer's upload there, beside the marker's delete).
     """
     sync_local_dirs(ckpt, (f.path for f in manifest.files))
     if claim_id:
         check_claim(ckpt, claim_id)
     ckpt.join(MANIFEST_NAME).publish(manifest.to_json())
+    if committed is not None:
+        committed()
     ckpt.join(MARKER_NAME).remove(missing_ok=True)
     logger.info(
         "committed %s (step %s, %d files, %d bytes)",

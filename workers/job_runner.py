@@ -111,15 +111,25 @@ def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileReco
     if info.replace_url:
         final = Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-pointer") as side:
-        # the pointer's read overlaps the claim check and the manifest's upload
-        current = (
-            side.submit(current_pointer, final.parent) if is_pointer_name(final.name) else None
-        )
-        commit_checkpoint(ckpt, manifest, claim_id=info.claim_id)
+        # the pointer's read overlaps the claim check and the manifest's upload, its write
+        # the marker's delete (a replacement's pointer waits for the swap)
+        named = is_pointer_name(final.name)
+        current = side.submit(current_pointer, final.parent) if named else None
+
+        def committed() -> None:
+            if named and not info.replace_url:
+                side.submit(advance_pointer, final, manifest, current=current)
+
+        commit_checkpoint(ckpt, manifest, claim_id=info.claim_id, committed=committed)
         if info.replace_url:
             swap_in(ckpt, final)
-        advance_pointer(final, manifest, current=current)
+            advance_pointer(final, manifest, current=current)
     return manifest
+
+
+def _claimed_commit(job: SaveJob) -> bool:
+    """Whether ``job`` commits a directory claimed by this save (checked at the commit)."""
+    return job.commit is not None and bool(job.commit.claim_id)
 
 
 # ---- a job's state and its connection --------------------------------------------------------
@@ -209,7 +219,10 @@ def run_job(conn: JobConnection, state: JobState) -> None:
         if job.files and arena is None:
             raise SaveFailedError(f"{job.ckpt_url}: a job with shard files names no arena")
         state.doing = "starting the checkpoint"
-        begin_checkpoint(ckpt)
+        if job.files or job.small_files or job.stream or not _claimed_commit(job):
+            begin_checkpoint(ckpt)
+        # else a distributed save's commit: its directory exists (the claim's marker is in
+        # it) and the claim check at the commit refuses a committed one: no HEAD here
         began = ckpt
         state.doing = "writing shards"
         reuse = ReuseSource.open(job, ckpt) if job.files and job.stream is None else None

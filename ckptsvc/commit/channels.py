@@ -144,7 +144,7 @@ class StoreChannel(Channel):
 
     def put(self, key: str, value: bytes) -> None:
         # Store.set takes bytes too (its stub says str): no decode/encode round trip
-        self._call(f"set {key}", lambda: self._store.set(key, value))  # type: ignore[arg-type]
+        self._call(f"set {key}", lambda: self._store.set(key, value))
 
     def get_many(self, keys: Sequence[str]) -> list[bytes]:
         out: list[bytes] = []

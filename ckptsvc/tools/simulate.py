@@ -163,7 +163,8 @@ class SimulatedJob:
         """Rank 0's commit, as its writer runs a commit job (``run_job``)."""
         started = time.monotonic()
         ckpt = Location.parse(pending.path, self.opts)
-        begin_checkpoint(ckpt)
+        if merged.small_files or not pending.claim_id:
+            begin_checkpoint(ckpt)
         records = [publish_file(ckpt, n, b) for n, b in sorted(merged.small_files.items())]
         finish_checkpoint(ckpt, commit_info(pending, merged, world_size=len(self.ranks)), records)
         self.commit_storage_s = time.monotonic() - started
