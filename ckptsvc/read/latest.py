@@ -98,19 +98,14 @@ def find_latest_checkpoint(
         return model_dir if validate_checkpoint(root.url, storage_options=storage_options) else None
     usable = [i for i in infos if i.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)]
     for latest in sorted(usable, key=CheckpointInfo.sort_key, reverse=True):
-        if latest.manifest is not None and not latest.location.is_local:
-            # local files were stat'ed by checkpoint_info; remote: list only this candidate
-            try:
-                why = files_mismatch(latest.location, latest.manifest, listing=True)
-            except (CheckpointError, OSError, ValueError) as e:
-                why = f"cannot list its files ({type(e).__name__}: {e})"
-            if why:
-                logger.warning(
-                    "skipping checkpoint %s: incomplete, its files do not match its manifest: %s",
-                    latest.url,
-                    why,
-                )
-                continue
+        why = _remote_mismatch(latest)
+        if why:
+            logger.warning(
+                "skipping checkpoint %s: incomplete, its files do not match its manifest: %s",
+                latest.url,
+                why,
+            )
+            continue
         return _spelled(model_dir, root, latest)
     logger.warning("no complete checkpoint under %s", root.url)
     return None
@@ -154,19 +149,23 @@ def _via_pointer(root: Location) -> CheckpointInfo | None:
         for info in map(classify_entry, rivals)
         if info.status in (CheckpointStatus.COMPLETE, CheckpointStatus.LEGACY)
     ]
-    for latest in sorted(candidates, key=CheckpointInfo.sort_key, reverse=True):
-        if latest.manifest is not None and not latest.location.is_local:
-            try:
-                why = files_mismatch(latest.location, latest.manifest, listing=True)
-            except (CheckpointError, OSError, ValueError) as e:
-                why = f"cannot list its files ({type(e).__name__}: {e})"
-            if why:
-                logger.warning(
-                    "skipping checkpoint %s: its files do not match: %s", latest.url, why
-                )
-                return None  # the listing decides (and warns again for it)
-        return latest
-    return None
+    if not candidates:
+        return None
+    latest = max(candidates, key=CheckpointInfo.sort_key)
+    # its files do not match its manifest: the listing decides (and warns for it)
+    return None if _remote_mismatch(latest) else latest
+
+
+def _remote_mismatch(info: CheckpointInfo) -> str:
+    """Why a complete checkpoint on an object store does not match its manifest (one
+    listing of its files; ``""`` when it does). Local files were stat'ed by
+    ``checkpoint_info`` already."""
+    if info.manifest is None or info.location.is_local:
+        return ""
+    try:
+        return files_mismatch(info.location, info.manifest, listing=True)
+    except (CheckpointError, OSError, ValueError) as e:
+        return f"cannot list its files ({type(e).__name__}: {e})"
 
 
 def _pointed(folder: Location, children: dict[str, ChildInfo]) -> CheckpointInfo | None:
