@@ -16,6 +16,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location, plan_reads
 from ckptsvc.testing.fault_proxy import FaultProxy, RequestRecord
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 from ckptsvc.workers.shard_writer import write_stream
 
 MiB = 2**20
@@ -282,10 +284,28 @@ def test_find_latest_costs_one_listing_plus_manifests(
     records = proxy.records()
     listings = [r for r in records if _is_listing(r)]
     reads = [r for r in records if not _is_listing(r)]
-    # checkpoints/, the root itself (checkpoint-* there: the HF Trainer's layout), the
-    # manifest-less checkpoint-7, and checkpoint-6 (the one returned: its files must match
-    # its manifest)
+    # with the latest pointer (naming checkpoint-6): checkpoints/, the root itself, the
+    # manifest-less checkpoint-7 (a higher step: it is read) and checkpoint-6's files;
+    # GETs of the pointer, checkpoint-6's manifest and checkpoint-7's (404)
     assert len(listings) == 4
+    assert sorted(unquote(r.path).rsplit("/", 2)[-2] for r in reads) == [
+        "checkpoint-6",
+        "checkpoint-7",
+        "checkpoints",
+    ]
+    # without it, the listing: the same 2 listings again (first the pointer was looked
+    # for), then every checkpoint's manifest
+    Location.parse(f"{root}/checkpoints/{POINTER_NAME}", opts).remove()
+    Location.parse(root, opts).fs.invalidate_cache()
+    proxy.reset_records()
+    assert (
+        find_latest_checkpoint(root, storage_options=opts)
+        == f"{root}/checkpoints/checkpoint-{n - 1}"
+    )
+    records = proxy.records()
+    listings = [r for r in records if _is_listing(r)]
+    reads = [r for r in records if not _is_listing(r)]
+    assert len(listings) == 2 + 4
     assert len(reads) == n + 1  # one manifest GET per candidate (the in-flight one: 404)
     assert all(r.method == "GET" and "checkpoint_manifest.json" in r.path for r in reads)
 
@@ -308,10 +328,14 @@ def test_delete_goes_marker_manifest_then_batched_data(
     save_checkpoint(url, sd, safetensors=True, max_shard_size=3000, storage_options=opts)
     nfiles = len(list(Location.parse(url, opts).walk_files()))
     assert nfiles > 20
+    Location.parse(url, opts).parent.join(POINTER_NAME).remove()  # tests/test_latest_pointer.py
     proxy.reset_records()
     delete_checkpoint(url, storage_options=opts)
     records = proxy.records()
     assert not Location.parse(url, opts).exists()
+    # first the latest pointer is read (removed above: a 404), to drop it if it named this
+    assert records[0].method == "GET" and POINTER_NAME in unquote(records[0].path)
+    records = records[1:]
     writes = [r for r in records if r.method != "GET"]
     assert writes[0].method in ("PUT", "POST") and writes[0].nbytes  # the marker first
     if storage_root.backend == "s3":
