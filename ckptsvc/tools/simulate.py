@@ -405,6 +405,13 @@ _COLUMNS = (
 )
 
 
+def _cell(value: object) -> str:
+    """A table cell: floats without decimals, or with one when below 10 (0.5 connects)."""
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
 def format_table(results: list[SimResult]) -> str:
     """A markdown table of ``results`` (one row per job size)."""
     lines = [
@@ -413,7 +420,7 @@ def format_table(results: list[SimResult]) -> str:
     ]
     for res in results:
         d = asdict(res)
-        cells = [f"{d[k]:.0f}" if isinstance(d[k], float) else str(d[k]) for k, _ in _COLUMNS]
+        cells = [_cell(d[k]) for k, _ in _COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
