@@ -281,6 +281,7 @@ class Coordinator:
             if self._info.rank == 0:
                 self._sweep()
                 error = self._commit_round(pending, report, channel, written)
+                channel = None  # released and handed to the sweep (``_published``)
             else:
                 if local_error is None:
                     error = self._await_outcome(pending, channel)
@@ -354,6 +355,7 @@ class Coordinator:
         readers = sum(1 for r in range(1, self._info.world_size) if r not in gone)
         # after a failure a node may still be gathering: the keys stay
         own = tuple(written) if error is None else ()
+        channel.release()  # a sweep takes a connection when it needs one
         with self._lock:
             self._unacked.append((channel, readers, own))
 
