@@ -43,6 +43,7 @@ from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
 from ckptsvc.read.discovery import read_manifest
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.storage import Location
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 SHARD_RE = re.compile(r"^(model|pytorch_model)-(\d{5})-of-(\d{5})\.(safetensors|bin)$")
 FORMATS = [pytest.param(True, id="safetensors"), pytest.param(False, id="torch")]
@@ -766,14 +767,21 @@ def test_maybe_delete_oldest_checkpoint(
     ckpts = root / "checkpoints"
     first = str(ckpts / "checkpoint-10")
     sc.maybe_delete_oldest_checkpoint(str(root), 4)
-    assert len(list(ckpts.iterdir())) == 4, "at the limit nothing is deleted"
+    listed = [p for p in ckpts.iterdir() if p.name != POINTER_NAME]
+    assert len(listed) == 4, "at the limit nothing is deleted"
     sc.maybe_delete_oldest_checkpoint(str(root), 2, preserved_checkpoints=[first])
-    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-10", "checkpoint-40"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "checkpoint-10",
+        "checkpoint-40",
+        POINTER_NAME,
+    ]
     assert sc.find_latest_checkpoint(str(root)) == str(ckpts / "checkpoint-40")
     sc.maybe_delete_oldest_checkpoint(str(root), 1, best_checkpoint=first)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-10", "checkpoint-40"], (
-        "neither the best nor the newest complete checkpoint is ever deleted"
-    )
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "checkpoint-10",
+        "checkpoint-40",
+        POINTER_NAME,
+    ], "neither the best nor the newest complete checkpoint is ever deleted"
 
 
 # ---- API surface: Forgather's names, signatures and defaults ---------------------------------
@@ -941,6 +949,7 @@ def test_retention_honours_relative_preserved_paths(
     assert sorted(os.listdir(os.path.join("run", "checkpoints"))) == [
         "checkpoint-1",
         "checkpoint-3",
+        POINTER_NAME,
     ]
 
 

@@ -19,6 +19,7 @@ from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import load_checkpoint, save_checkpoint
 from ckptsvc.storage import Location
+from ckptsvc.workers.latest_pointer import POINTER_NAME
 
 MiB = 2**20
 REMOTES = pytest.mark.parametrize("storage_root", ["s3", "gcs"], indirect=True)
@@ -129,11 +130,15 @@ def test_local_copies_pruned_only_after_remote_commit(
             store.save(2, _state(2), safetensors=True).result(timeout=120)
         store.save(3, _state(3), safetensors=True).result(timeout=120)
         local = sorted(p.name for p in (tmp_path / "local" / "checkpoints").iterdir())
-        assert local == ["checkpoint-2", "checkpoint-3"]  # 1 pruned, 2 kept: not remote yet
+        assert local == [
+            "checkpoint-2",
+            "checkpoint-3",
+            POINTER_NAME,
+        ]  # 1 pruned, 2 kept: not remote yet
         monkeypatch.setattr(tiering, "copy_records", real_copy)
         store.replicate(2).result(timeout=120)
         local = sorted(p.name for p in (tmp_path / "local" / "checkpoints").iterdir())
-        assert local == ["checkpoint-3"]
+        assert local == ["checkpoint-3", POINTER_NAME]
         assert store.find_latest() == store.local_path(3)
 
 
