@@ -275,15 +275,7 @@ def test_find_latest_costs_one_listing_plus_manifests(
         save_checkpoint(f"{root}/checkpoints/checkpoint-{i}", {"w": torch.full((4,), float(i))},
                         safetensors=True, storage_options=opts, step=i)  # fmt: skip
     unfinished_save(Location.parse(f"{root}/checkpoints/checkpoint-{n}", opts))  # in flight
-    Location.parse(root, opts).fs.invalidate_cache()
-    proxy.reset_records()
-    assert (
-        find_latest_checkpoint(root, storage_options=opts)
-        == f"{root}/checkpoints/checkpoint-{n - 1}"
-    )
-    records = proxy.records()
-    listings = [r for r in records if _is_listing(r)]
-    reads = [r for r in records if not _is_listing(r)]
+    listings, reads = _discovery_requests(proxy, root, opts, f"checkpoint-{n - 1}")
     # with the latest pointer (naming checkpoint-6): checkpoints/, the root itself, the
     # manifest-less checkpoint-7 (a higher step: it is read) and checkpoint-6's files;
     # GETs of the pointer, checkpoint-6's manifest and checkpoint-7's (404)
@@ -296,18 +288,22 @@ def test_find_latest_costs_one_listing_plus_manifests(
     # without it, the listing: the same 2 listings again (first the pointer was looked
     # for), then every checkpoint's manifest
     Location.parse(f"{root}/checkpoints/{POINTER_NAME}", opts).remove()
-    Location.parse(root, opts).fs.invalidate_cache()
-    proxy.reset_records()
-    assert (
-        find_latest_checkpoint(root, storage_options=opts)
-        == f"{root}/checkpoints/checkpoint-{n - 1}"
-    )
-    records = proxy.records()
-    listings = [r for r in records if _is_listing(r)]
-    reads = [r for r in records if not _is_listing(r)]
+    listings, reads = _discovery_requests(proxy, root, opts, f"checkpoint-{n - 1}")
     assert len(listings) == 2 + 4
     assert len(reads) == n + 1  # one manifest GET per candidate (the in-flight one: 404)
     assert all(r.method == "GET" and "checkpoint_manifest.json" in r.path for r in reads)
+
+
+def _discovery_requests(
+    proxy: FaultProxy, root: str, opts: dict[str, Any], latest: str
+) -> tuple[list[RequestRecord], list[RequestRecord]]:
+    """The listings and the reads of one ``find_latest_checkpoint`` (which must find
+    ``latest``), with a cold listing cache."""
+    Location.parse(root, opts).fs.invalidate_cache()
+    proxy.reset_records()
+    assert find_latest_checkpoint(root, storage_options=opts) == f"{root}/checkpoints/{latest}"
+    records = proxy.records()
+    return [r for r in records if _is_listing(r)], [r for r in records if not _is_listing(r)]
 
 
 def _is_listing(r: RequestRecord) -> bool:
