@@ -75,5 +75,5 @@ def test_ddp_two_ranks_resume_with_identical_losses_and_the_cli_sees_them(
     assert code == 0 and "step=8.ckpt" in out, out
     code, out = ckptsvc_main(capsys, "prune", str(ckpts), "--keep", "1")
     assert code == 0 and "deleted 2" in out, out
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step=6.ckpt", "step=8.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [POINTER_NAME, "step=6.ckpt", "step=8.ckpt"]
     assert verify_checkpoint(str(ckpts / "step=6.ckpt"), deep=True).ok
