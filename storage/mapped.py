@@ -6,7 +6,8 @@ file's page-cache pages become the tensors' memory (no anonymous pages to zero, 
 from the page cache), and a write to a tensor copies that page for this process only,
 never touching the file. :func:`fault_in` then brings the mapped bytes in by
 ``threads`` parallel passes of ``chunk_nbytes`` each: with ``on_range`` (the loaders'
-CRC-32C) the callback reads the range, which faults it in; without, the kernel populates
+CRC-32C) the chunk's readahead is asked for at once (``MADV_WILLNEED``) and the callback
+reads the range, which faults it in; without, the kernel populates
 it (``MADV_POPULATE_READ``, Linux 5.14; older kernels get ``MADV_WILLNEED``).
 
 Writers never truncate a published file in place (the local sink unlinks before it
@@ -94,7 +95,9 @@ def fault_in(
         lo, hi = span
         if on_range is None:
             _populate(mapping, lo, hi)
-        else:
+        else:  # the whole chunk's readahead at once, then read it as it arrives
+            start = lo - lo % mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_WILLNEED, start, hi - start)
             on_range(RangeRead(lo, (view[lo:hi],)))
 
     if len(ranges) <= 1 or threads <= 1:

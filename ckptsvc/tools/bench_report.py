@@ -150,9 +150,9 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     return targets
 
 
-#: the read floors a load is held to: the best of them (buffered, O_DIRECT, or s3fs's
+#: the read floors a load is held to: the best of them (buffered, O_DIRECT, mapped, or s3fs's
 #: single-object and multi-object gets on an object store)
-READ_FLOORS = ("raw_read", "raw_read_direct", "raw_read_objects")
+READ_FLOORS = ("raw_read", "raw_read_direct", "raw_read_mapped", "raw_read_objects")
 
 
 def _load_targets(
