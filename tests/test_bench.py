@@ -380,6 +380,9 @@ def test_remote_save_targets_compare_with_the_best_s3fs_upload() -> None:
     assert sync.value == pytest.approx(2.0 / 2.1) and sync.verdict == "PASS"
     assert write_phase.value == pytest.approx(2.0 / 3.0) and write_phase.verdict == "FAIL"
     assert "raw_write_objects" in sync.note
+    rows[2] = _floor_with_reps("raw_write_objects", [1.0, 3.5, 3.6])  # fastest 1.0, median 3.5
+    sync, _ = remote_save_targets(rows)  # s3fs_put (3.0) is the best by median
+    assert sync.value == pytest.approx(3.0 / 2.1) and "s3fs_put" in sync.note
     (missing_sync, missing_async) = remote_save_targets(rows[:3])
     assert missing_sync.verdict == missing_async.verdict == "n/a"
 

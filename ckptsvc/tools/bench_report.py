@@ -24,6 +24,7 @@ __all__ = [
     "evaluate_targets",
     "format_table",
     "incremental_target",
+    "median_rep",
     "print_rich",
     "report_rows",
     "write_json",
@@ -65,6 +66,14 @@ class Target:
     note: str = ""
 
 
+def median_rep(row: Row, attr: str = "durable_s") -> float:
+    """A floor's median rep (its row shows the fastest): the like-for-like figure a target
+    against the best floor compares a method's median with (on a noisy disk the fastest
+    rep against a median is unfair). A row without samples: its own figure."""
+    reps = [float(s[attr]) for s in row.samples if s.get(attr) is not None]
+    return statistics.median(reps) if reps else float(getattr(row, attr) or 0.0)
+
+
 def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     """The issue's targets as ratios of this run's rows ("n/a" where a row is missing)."""
     ok = {r.method: r for r in rows if r.status == "ok"}
@@ -75,12 +84,8 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     def arena_nbytes() -> float:
         return float(ok["ckptsvc_async"].extras.get("arena_nbytes") or ok["ckptsvc_async"].nbytes)
 
-    def floor_median(method: str, attr: str = "durable_s") -> float:
-        """A floor's median rep (its row holds the fastest): the like-for-like figure the
-        "vs best floor" targets compare a method's median with (a noisy disk makes
-        fastest-of-reps against a median unfair)."""
-        reps = [float(s[attr]) for s in ok[method].samples]
-        return statistics.median(reps) if reps else v(method, attr)
+    def floor_median(method: str) -> float:
+        return median_rep(ok[method])
 
     raws = [m for m in ("raw_write", "raw_write_direct") if m in ok]
     best_raw = min(raws, key=floor_median, default="raw_write")
