@@ -227,6 +227,14 @@ DIRECT_IO_READS = _knob(
     "O_DIRECT for loading local shards into block-aligned memory: auto (ext4/xfs), on, off.",
     choices=("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
 )
+MAPPED_READS = _knob(
+    "mapped_reads",
+    "on",
+    "Load fresh tensors of local shards from a private copy-on-write mapping of the file, "
+    "faulted in by parallel threads (no anonymous memory to zero, no copy): on, off "
+    "(read into fresh memory; CKPTSVC_DIRECT_IO_READS applies).",
+    choices=("on", "off", "1", "0", "true", "false", "yes", "no"),
+)
 
 # --- object stores ------------------------------------------------------------------------
 PART_SIZE_BYTES = _knob(

@@ -156,6 +156,36 @@ def test_load_targets_use_the_best_read_floor() -> None:
     assert (best.verdict, best.value) == ("PASS", pytest.approx(1.0 / 0.6))
 
 
+def _floor_with_reps(method: str, reps: list[float]) -> Row:
+    """A floor row as the bench aggregates it: the fastest rep, the reps kept as samples."""
+    samples = tuple({"blocking_s": r, "durable_s": r} for r in reps)
+    return Row(method, "floor", method, "ok", nbytes=1 << 30, blocking_s=min(reps),
+               durable_s=min(reps), samples=samples)  # fmt: skip
+
+
+def test_targets_against_a_best_floor_compare_median_with_median() -> None:
+    """On a noisy disk a floor's fastest rep against a method's median is unfair: the
+    "best floor" targets divide by the floor's median rep and name the fastest-rep ratio."""
+    rows = [
+        _floor_with_reps("raw_write_direct", [1.0, 1.6, 1.5]),  # median 1.5
+        _floor_with_reps("raw_write", [1.2, 1.8, 2.0]),  # fastest 1.2 is not the best median
+        _row("ckptsvc_save", 1.6, 1.6),
+        _row("ckptsvc_async", 0.1, 1.6, rss_extra_bytes=1 << 30),
+        _floor_with_reps("raw_read", [0.5, 0.9, 1.0]),  # median 0.9
+        _floor_with_reps("raw_read_direct", [0.6, 0.7, 0.8]),  # median 0.7: the best
+        _row("ckptsvc_load", 0.75, 0.75),
+    ]
+    targets = {t.formula: t for t in evaluate_targets(rows)}
+    save = targets["ckptsvc_save.durable / best raw write"]
+    assert (save.verdict, save.value) == ("FAIL", pytest.approx(1.6 / 1.5))
+    assert "raw_write_direct" in save.note and "fastest rep 1.60" in save.note
+    phase = targets["(ckptsvc_async.durable - blocking) / best raw write"]
+    assert (phase.verdict, phase.value) == ("PASS", pytest.approx(1.5 / 1.5))
+    load = targets["ckptsvc_load.GB/s / best raw read.GB/s"]
+    assert (load.verdict, load.value) == ("PASS", pytest.approx(0.7 / 0.75))
+    assert "best read floor: raw_read_direct" in load.note and "fastest rep 0.80" in load.note
+
+
 def _outcome(blocking_s: float, durable_s: float, peak: int) -> dict[str, Any]:
     sample = {"method": "m", "nbytes": 10**9, "blocking_s": blocking_s, "durable_s": durable_s,
               "rss_base_bytes": 100, "rss_peak_bytes": peak, "child_rss_peak_bytes": 0,
@@ -350,6 +380,9 @@ def test_remote_save_targets_compare_with_the_best_s3fs_upload() -> None:
     assert sync.value == pytest.approx(2.0 / 2.1) and sync.verdict == "PASS"
     assert write_phase.value == pytest.approx(2.0 / 3.0) and write_phase.verdict == "FAIL"
     assert "raw_write_objects" in sync.note
+    rows[2] = _floor_with_reps("raw_write_objects", [1.0, 3.5, 3.6])  # fastest 1.0, median 3.5
+    sync, _ = remote_save_targets(rows)  # s3fs_put (3.0) is the best by median
+    assert sync.value == pytest.approx(3.0 / 2.1) and "s3fs_put" in sync.note
     (missing_sync, missing_async) = remote_save_targets(rows[:3])
     assert missing_sync.verdict == missing_async.verdict == "n/a"
 

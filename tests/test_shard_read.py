@@ -20,6 +20,7 @@ from ckptsvc import load_checkpoint, save_checkpoint
 from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format.checksum import crc32c_combine, crc32c_value
 from ckptsvc.format.layout import SAFE_WEIGHTS_NAME
+from ckptsvc.read import shard_read
 from ckptsvc.read.device_read import read_to_device
 from ckptsvc.read.discovery import read_manifest
 from ckptsvc.read.loading import read_safetensors, read_safetensors_header
@@ -64,7 +65,11 @@ def _reference_file(tmp_path: Path) -> tuple[Path, Location, Any, int, dict[str,
     return path, loc, layout, size, state
 
 
-def test_full_load_matches_safetensors_and_builds_views_of_one_buffer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", ["on", "off"])
+def test_full_load_matches_safetensors_and_builds_views_of_one_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: str
+) -> None:
+    monkeypatch.setenv("CKPTSVC_MAPPED_READS", mapped)
     path, loc, layout, size, _ = _reference_file(tmp_path)
     got = read_shard(loc, layout, file_nbytes=size).tensors
     ref = load_file(str(path))
@@ -144,12 +149,15 @@ def _flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+@pytest.mark.parametrize("mapped", ["on", "off"])
 @pytest.mark.parametrize("chunk", [None, "4096"])
 def test_partial_load_checks_the_whole_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: str | None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: str | None, mapped: str
 ) -> None:
     """Damage in a tensor nobody asked for is still found: read into scratch beside the
-    wanted ones, or (many unwanted bytes: a tiny read chunk) in a second streaming pass."""
+    wanted ones, or (many unwanted bytes: a tiny read chunk) in a second streaming pass;
+    mapped, the whole mapping is checksummed."""
+    monkeypatch.setenv("CKPTSVC_MAPPED_READS", mapped)
     if chunk:
         monkeypatch.setenv("CKPTSVC_READ_CHUNK_BYTES", chunk)
     state = {"keep": torch.randn(64), "skip": torch.randn(256, 256)}
@@ -170,6 +178,7 @@ def test_direct_and_buffered_reads_give_the_same_tensors(
 ) -> None:
     """Both read modes (and the fallback where the filesystem refuses O_DIRECT: /dev/shm
     is tmpfs) load the same values, and the checksum still matches."""
+    monkeypatch.setenv("CKPTSVC_MAPPED_READS", "off")
     monkeypatch.setenv("CKPTSVC_DIRECT_IO_READS", mode)
     gen = torch.Generator().manual_seed(1)
     state = {"w": torch.randn(3 * 2**20 + 17, generator=gen), "b": torch.randn(5, generator=gen)}
@@ -202,27 +211,81 @@ def test_on_range_sees_every_range_once_with_its_bytes(tmp_path: Path) -> None:
         assert b"".join(bytes(v) for v in rr.views) == data[rr.offset : rr.offset + rr.nbytes]
 
 
-def test_single_file_load_reads_the_file_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped", ["on", "off"])
+def test_single_file_load_reads_the_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: str
+) -> None:
     """``model.safetensors`` without an index: the header names the tensors; the data
-    is read once (before, the whole file was read twice)."""
+    is read (or mapped) once (before, the whole file was read twice)."""
+    monkeypatch.setenv("CKPTSVC_MAPPED_READS", mapped)
     state = {"x": torch.randn(10), "y": torch.randn(3, 3)}
     ck = tmp_path / "single"
     ck.mkdir()
     save_file(state, str(ck / SAFE_WEIGHTS_NAME))
-    calls: list[int] = []
-    real = Location.read_scattered
+    calls: list[str] = []
+    real_read, real_map = Location.read_scattered, shard_read.map_private
 
-    def counting(self: Location, extents, **kw):  # type: ignore[no-untyped-def]
-        calls.append(len(extents))
-        return real(self, extents, **kw)
+    def counting_read(self: Location, extents, **kw):  # type: ignore[no-untyped-def]
+        calls.append("read")
+        return real_read(self, extents, **kw)
 
-    pytest.MonkeyPatch().setattr(Location, "read_scattered", counting)
-    try:
-        got = load_checkpoint(str(ck))
-    finally:
-        pytest.MonkeyPatch().undo()
+    def counting_map(path: str, **kw):  # type: ignore[no-untyped-def]
+        calls.append("map")
+        return real_map(path, **kw)
+
+    monkeypatch.setattr(Location, "read_scattered", counting_read)
+    monkeypatch.setattr(shard_read, "map_private", counting_map)
+    got = load_checkpoint(str(ck))
     assert got is not None and all(torch.equal(got[k], v) for k, v in state.items())
-    assert len(calls) == 1
+    assert calls == (["map"] if mapped == "on" else ["read"])
+
+
+def _saved_shard(tmp_path: Path, state: dict[str, torch.Tensor]) -> tuple[Path, Path]:
+    ck = tmp_path / "ck"
+    save_checkpoint(str(ck), state, safetensors=True)
+    return ck, next(p for p in ck.iterdir() if p.suffix == ".safetensors")
+
+
+def test_mapped_tensors_are_private_copies_on_write(tmp_path: Path) -> None:
+    """A loaded tensor is the file's mapping, copy-on-write: writing to it changes neither
+    the file nor a second load; a later save into the same directory (a new inode) leaves
+    the loaded values as they were."""
+    gen = torch.Generator().manual_seed(3)
+    # < 1 MiB: no writer CRC pool (a process-wide pool the leak check would see)
+    state = {"w": torch.randn(200, 1000, generator=gen), "b": torch.randn(7, generator=gen)}
+    ck, shard = _saved_shard(tmp_path, state)
+    before = shard.read_bytes()
+    got = load_checkpoint(str(ck))
+    assert got is not None and torch.equal(got["w"], state["w"])
+    got["w"].add_(1.0)
+    assert shard.read_bytes() == before
+    again = load_checkpoint(str(ck))
+    assert again is not None and torch.equal(again["w"], state["w"])
+    save_checkpoint(str(ck), {"w": torch.zeros(200, 1000), "b": torch.zeros(7)}, safetensors=True)
+    assert torch.equal(again["w"], state["w"]) and torch.equal(got["w"], state["w"] + 1.0)
+
+
+def test_mapped_load_fills_in_place_destinations_and_fresh_tensors(tmp_path: Path) -> None:
+    """Mixed: destinations that fit are filled from the mapping, the others are fresh."""
+    _, loc, layout, size, state = _reference_file(tmp_path)
+    dest = torch.empty_like(state["big"])
+    wrong = torch.empty(3)  # does not fit "i64": a fresh tensor instead
+    got = read_shard(loc, layout, file_nbytes=size, destinations={"big": dest, "i64": wrong})
+    assert got.in_place == frozenset({"big"}) and got.tensors["big"] is dest
+    assert torch.equal(dest, state["big"]) and torch.equal(got.tensors["i64"], state["i64"])
+    assert set(got.tensors) == set(state)
+
+
+def test_mapped_load_without_a_checksum_and_of_a_truncated_file(tmp_path: Path) -> None:
+    """No expected CRC: the wanted bytes are populated, values right; a file shorter than
+    the checkpoint says is CorruptCheckpointError, not a crash on a page past its end."""
+    path, loc, layout, size, state = _reference_file(tmp_path)
+    got = read_shard(loc, layout, file_nbytes=size, names=["big", "bf16"]).tensors
+    assert torch.equal(got["big"], state["big"]) and torch.equal(got["bf16"], state["bf16"])
+    with open(path, "r+b") as f:
+        f.truncate(size - 4096)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        read_shard(loc, layout, file_nbytes=size)
 
 
 def _staged_case(tmp_path: Path) -> tuple[Location, Any, int, dict[str, torch.Tensor], str]:

@@ -37,6 +37,7 @@ from ckptsvc.format.checksum import crc32c_combine, crc32c_value
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout, TensorEntry
 from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.storage import Location
+from ckptsvc.storage.mapped import fault_in, map_private, want_mapped_read
 from ckptsvc.storage.reads import RangeRead, want_direct_read
 
 __all__ = ["Checksums", "ShardRead", "byte_view", "check_crc", "fits_in_place", "read_shard"]
@@ -81,18 +82,22 @@ class Checksums:
     """CRC-32C of ranges as they complete, on helper threads (``crc32c`` releases the GIL),
     so a reader thread issues its next read at once; joined in file order at the end."""
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool = pool
+    def __init__(self, pool: ThreadPoolExecutor | None = None) -> None:
+        self._pool = pool  # None: every range is checksummed by ``add`` in its reader
         self._lock = threading.Lock()
         self._parts: list[tuple[int, int, int]] = []
         self._pending: list[Future[None]] = []
 
     def on_range(self, rr: RangeRead) -> None:
-        fut = self._pool.submit(self._crc, rr)
+        if self._pool is None:
+            self.add(rr)
+            return
+        fut = self._pool.submit(self.add, rr)
         with self._lock:
             self._pending.append(fut)
 
-    def _crc(self, rr: RangeRead) -> None:
+    def add(self, rr: RangeRead) -> None:
+        """Checksum ``rr`` now, in the calling thread (a mapped range: reading it faults it in)."""
         crc = 0
         for v in rr.views:
             crc = crc32c_value(v, crc)
@@ -221,7 +226,10 @@ def read_shard(
     flat = None
     if shared:
         base, end = shared[0].begin, shared[-1].end
-        if 2 * sum(e.nbytes for e in shared) >= end - base:  # mostly wanted: one flat buffer
+        mostly_wanted = 2 * sum(e.nbytes for e in shared) >= end - base
+        if mostly_wanted and end > base and loc.is_local and want_mapped_read():
+            return _read_mapped(loc, layout, file_nbytes, shared, in_place, dests, expected_crc32c)
+        if mostly_wanted:  # one flat buffer
             flat = _aligned_flat(end - base, data + base)
             views = _views(flat, base, shared)
             tensors.update(zip((e.name for e in shared), views, strict=True))
@@ -268,6 +276,51 @@ def read_shard(
     if flat is not None:
         tensors.update(_own_storages(flat, shared[0].begin, shared, tensors))
     return ShardRead(tensors, in_place_names)
+
+
+def _read_mapped(
+    loc: Location,
+    layout: ShardLayout,
+    file_nbytes: int,
+    fresh: Sequence[TensorEntry],
+    in_place: Sequence[TensorEntry],
+    dests: Mapping[str, torch.Tensor],
+    expected_crc32c: str | None,
+) -> ShardRead:
+    """:func:`read_shard` for a local file: fresh tensors are views of a private mapping of
+    the file (``storage.mapped``), faulted in by ``CKPTSVC_IO_THREADS`` threads that
+    checksum each range as they go (the whole file when a CRC is expected, else only the
+    wanted bytes are populated); in-place destinations are copied from the mapping."""
+    data = layout.data_offset
+    mapping = map_private(loc.path, nbytes=file_nbytes, url=loc.url)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    if bytes(whole[:data].numpy()) != layout.header:
+        raise CorruptCheckpointError(
+            f"{loc.url}: the file's header changed while it was being loaded (replaced "
+            "during the load?); load again"
+        )
+    threads = max(1, knobs.IO_THREADS.get())
+    chunk = knobs.READ_CHUNK_BYTES.get()
+    if expected_crc32c is not None:
+        checksums = Checksums()  # in the faulting threads: reading a range faults it in
+        fault_in(
+            mapping, data, file_nbytes, threads=threads, chunk_nbytes=chunk,
+            on_range=checksums.on_range,
+        )  # fmt: skip
+        check_crc(checksums.file_crc(layout.header, file_nbytes, loc.url), expected_crc32c, loc.url)
+    else:
+        lo = data + min(e.begin for e in (*fresh, *in_place))
+        hi = data + max(e.end for e in (*fresh, *in_place))
+        fault_in(mapping, lo, hi, threads=threads, chunk_nbytes=chunk)
+    base, end = fresh[0].begin, fresh[-1].end
+    flat = whole[data + base : data + end]
+    views = dict(zip((e.name for e in fresh), _views(flat, base, fresh), strict=True))
+    tensors = _own_storages(flat, base, fresh, views)
+    for e in in_place:
+        dest = dests[e.name]
+        dest.detach().view(-1).view(torch.uint8).copy_(whole[data + e.begin : data + e.end])
+        tensors[e.name] = dest
+    return ShardRead(tensors, frozenset(e.name for e in in_place))
 
 
 def _own_storages(

@@ -80,6 +80,7 @@ METHODS: tuple[Method, ...] = (
     Method("raw_read", "floor", "raw read floor", needs="raw_write"),
     Method("s3fs_put", "floor", "s3fs put, one object", leaves=(REMOTE_SAVE_ARTIFACTS["s3fs_put"],)),
     Method("raw_read_direct", "floor", "raw read floor (O_DIRECT)", needs="raw_write"),
+    Method("raw_read_mapped", "floor", "raw read floor (mapped)", needs="raw_write"),
     Method(
         "raw_write_objects",
         "floor",
@@ -115,7 +116,7 @@ _BY_NAME = {m.name: m for m in METHODS}
 #: floors a run without ``--only`` leaves out where they do not apply (with ``--only`` they
 #: report "unavailable" instead)
 OBJECT_STORE_ONLY = frozenset({"raw_write_objects", "raw_read_objects", "s3fs_put"})
-LOCAL_ONLY = frozenset({"raw_read_direct"})
+LOCAL_ONLY = frozenset({"raw_read_direct", "raw_read_mapped"})
 
 
 # ---------------------------------------------------------------------------- running

@@ -6,6 +6,10 @@ measured against (issue 15).
   (``CKPTSVC_DIRECT_IO_READS``), so the floor a load is held to is the better of the
   buffered and the direct read of the same bytes, both cold (the parent drops the file
   from the page cache before each; ``O_DIRECT`` bypasses it anyway).
+- ``raw_read_mapped`` (local): the raw file mapped privately and faulted in by
+  ``IO_THREADS`` threads touching one byte per page (fault-around and readahead bring
+  the rest): the loader maps local shards (``CKPTSVC_MAPPED_READS``), so this is the floor
+  of that way of reading, and a load is held to the best of the three local floors.
 - ``raw_write_objects`` / ``raw_read_objects`` (object stores): the same bytes as
   ``OBJECTS`` objects, put and got in parallel through the filesystem's own bulk calls
   (``fs.pipe`` / ``fs.cat`` of several paths: s3fs runs them concurrently on its loop).
@@ -19,7 +23,9 @@ sample; :mod:`ckptsvc.tools.bench_workloads` registers them.
 from __future__ import annotations
 
 import errno
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptsvc import knobs
@@ -29,6 +35,7 @@ __all__ = [
     "OBJECTS",
     "READ_ARTIFACTS",
     "raw_read_direct",
+    "raw_read_mapped",
     "raw_read_objects",
     "raw_write_objects",
     "state_bytes",
@@ -39,6 +46,7 @@ OBJECTS = 4
 OBJECTS_ARTIFACT = "raw_objects"
 READ_ARTIFACTS = {"raw_write_objects": OBJECTS_ARTIFACT}
 RAW_FILE = "raw.bin"  # ARTIFACTS["raw_write"] of bench_workloads
+_MAPPED_CHUNK_BYTES = 64 * 2**20
 
 Timed = tuple[float, float, dict[str, Any]]
 
@@ -59,6 +67,30 @@ def raw_read_direct(ctx: Any) -> tuple[PeakRss, Timed]:
     if got != ctx.nbytes:
         raise RuntimeError(f"raw direct read got {got} bytes, expected {ctx.nbytes}")
     return rss, (read_s, read_s, {"streams": streams, "mode": "O_DIRECT"})
+
+
+def raw_read_mapped(ctx: Any) -> tuple[PeakRss, Timed]:
+    """Map the raw file privately and fault it in: ``IO_THREADS`` threads each touch one
+    byte per 4 KiB page of 64 MiB chunks (torch reductions release the GIL). Local only."""
+    if ctx.cfg.remote:
+        raise Unavailable("a file mapping applies to local files only")
+    import torch
+
+    from ckptsvc.storage.mapped import map_private
+
+    streams = max(1, knobs.IO_THREADS.get())
+    path = ctx.path(RAW_FILE)
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        nbytes = os.path.getsize(path)
+        flat = torch.frombuffer(map_private(path, nbytes=nbytes, url=path), dtype=torch.uint8)
+        chunks = range(0, nbytes, _MAPPED_CHUNK_BYTES)
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(lambda lo: int(flat[lo : lo + _MAPPED_CHUNK_BYTES : 4096].sum()), chunks))
+        read_s = time.perf_counter() - t0
+    if flat.numel() != ctx.nbytes:
+        raise RuntimeError(f"mapped read got {flat.numel()} bytes, expected {ctx.nbytes}")
+    return rss, (read_s, read_s, {"streams": streams, "mode": "mapped"})
 
 
 def _object_paths(fs_path: str) -> list[str]:

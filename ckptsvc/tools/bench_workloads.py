@@ -440,6 +440,7 @@ WORKLOADS: dict[str, Workload] = {
     "ckptsvc_async": (w_ckptsvc_async, True),
     "s3fs_put": (_floor(bench_remote_save.s3fs_put), True),
     "raw_read_direct": (_floor(bench_reads.raw_read_direct), False),
+    "raw_read_mapped": (_floor(bench_reads.raw_read_mapped), False),
     "raw_write_objects": (_floor(bench_reads.raw_write_objects), True),
     "raw_read_objects": (_floor(bench_reads.raw_read_objects), False),
 }
