@@ -22,9 +22,13 @@ DTensor inside  ``""``                     every rank its local shards (``-rank<
 Tensor files: ``model-<i>-of-<n>.safetensors`` (HF, plus ``model.safetensors.index.json``)
 for an unsharded model; ``<base><suffix>.safetensors`` or ``<base><suffix>-<i>-of-<n>``
 otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for sharded state. Every instance
-has one JSON document ``<key>_state<suffix>.json``: the non-tensor skeleton plus
+has one JSON document: the non-tensor skeleton plus
 ``tensors`` = ``{fqn: {"dtype", "shape", "file"}}`` or, for sharded state,
-``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``.
+``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``. It is the
+file ``<key>_state<suffix>.json``, except for an instance with a suffix (per rank, node or
+group) that has tensor files: there it is the string ``__metadata__["ckptsvc_component"]``
+of its first tensor file's safetensors header (:func:`fold_document`), so such an
+instance is one object; the manifest names that file as the instance's ``doc``.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from ckptsvc.format.layout import (
     make_index,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
-from ckptsvc.format.safetensors_stream import plan_shard
+from ckptsvc.format.safetensors_stream import plan_shard, with_metadata
 from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
 from ckptsvc.stage.flatten import (
@@ -61,6 +65,7 @@ from ckptsvc.stage.flatten import (
 from ckptsvc.stage.incremental import frozen_files
 from ckptsvc.stage.parts import (
     DOC_FORMAT,
+    DOC_META_KEY,
     MODEL_KEY,
     SHARD_META,
     ComponentPlan,
@@ -88,6 +93,7 @@ __all__ = [
     "PartReport",
     "StagedFile",
     "doc_name",
+    "fold_document",
     "instance_suffix",
     "plan_components",
 ]
@@ -329,6 +335,7 @@ def plan_components(
             reused = reuse.rebind(
                 c, state, suffix=suffix, writers=writers, user_metadata=user_metadata
             )
+            reused = None if reused is None else fold_document(reused)
         out.append(reused)
         if reused is not None:
             flats.append(None)
@@ -398,7 +405,41 @@ def _plan_flat(
     )
     if reuse is not None:
         reuse.remember(c, state, flat, plan, suffix=suffix, writers=writers)
-    return plan
+    return fold_document(plan)
+
+
+def fold_document(plan: ComponentPlan) -> ComponentPlan:
+    """``plan`` with its instance document moved into the ``__metadata__`` of its first
+    written tensor file (by name; not a file of frozen tensors that an incremental save
+    may take from an older checkpoint), when the instance has a suffix (per rank, node or
+    group) and such a file: one object per instance instead of two. Other plans as they
+    are (the model's HF files and the GLOBAL/REPLICATED documents keep their names)."""
+    inputs, part = plan.doc_inputs, plan.part
+    if inputs is None or not part.instance or inputs.doc_file not in plan.docs:
+        return plan
+    ours = [
+        i for i, f in enumerate(plan.files)
+        if f.write and f.plan.file_name not in plan.frozen_files
+    ]  # fmt: skip
+    if not ours:
+        return plan
+    i = min(ours, key=lambda i: plan.files[i].plan.file_name)
+    old = plan.files[i]
+    docs = dict(plan.docs)
+    doc = docs.pop(inputs.doc_file).decode("ascii")
+    layout = with_metadata(old.plan.layout, {**SHARD_META, DOC_META_KEY: doc})
+    files = list(plan.files)
+    files[i] = replace(
+        old, plan=FilePlan(old.plan.file_name, layout), arena_header=old.plan.layout.header
+    )
+    grown = layout.file_nbytes - old.plan.layout.file_nbytes - len(doc)
+    part = replace(
+        part,
+        doc=old.plan.file_name,
+        files=tuple(f for f in part.files if f != inputs.doc_file),
+        nbytes=part.nbytes + grown,
+    )
+    return replace(plan, part=part, files=files, docs=docs)
 
 
 def _check_files_unique(plans: Sequence[ComponentPlan]) -> None:

@@ -22,6 +22,7 @@ from ckptsvc.stage.flatten import FlatState
 
 __all__ = [
     "DOC_FORMAT",
+    "DOC_META_KEY",
     "DOC_VERSION",
     "MODEL_KEY",
     "SHARD_META",
@@ -44,6 +45,8 @@ MODEL_KEY = "model"
 DOC_FORMAT = "ckptsvc-component"
 DOC_VERSION = 1
 SHARD_META = {"format": "pt"}
+#: the ``__metadata__`` key of a per-rank instance's first shard that holds its document
+DOC_META_KEY = "ckptsvc_component"
 
 
 def base_name(key: str) -> str:
@@ -163,6 +166,13 @@ class StagedFile:
     plan: FilePlan
     sources: Mapping[str, torch.Tensor]
     write: bool
+    #: the header before a document was folded into it (what the arena's layout depends
+    #: on: the same for every save of one plan); None: ``plan.layout.header``
+    arena_header: bytes | None = None
+
+    @property
+    def arena_key(self) -> tuple[str, bytes]:
+        return (self.plan.file_name, self.arena_header or self.plan.layout.header)
 
 
 @dataclass(frozen=True)
