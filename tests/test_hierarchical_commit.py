@@ -157,3 +157,36 @@ def test_a_save_waiting_on_the_store_does_not_block_another_saves_keys() -> None
     StoreChannel(store, "job/1/").put("outcome", b"ok")
     waiter.join(60)
     assert got == [True]  # A saw its outcome: B's put did not wait for A's wait to time out
+
+
+@pytest.mark.cloud
+def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
+    s3_root: StorageRoot,
+) -> None:
+    """16 ranks save ``simulate``'s state (a small REPLICATED model, a PER_RANK optimizer)
+    on S3: one object per rank (its shard, its document inside), one object for the model
+    (too small to split over writers), and the constant: the model's document and HF
+    index, the manifest, the in-progress marker's PUT and DELETE."""
+    opts = s3_root.storage_options
+    with ThreadPoolExecutor(16) as pool:
+        job = SimulatedJob(ranks=16, ranks_per_node=4, root=s3_root.url, opts=opts)
+        assert all(e is None for e in job.save(1, pool).values())
+        log = RequestLog(s3_root.url, opts)
+        assert all(e is None for e in job.save(2, pool).values())
+        job.close()
+    writes = sorted(
+        ("POST", "?delete") if r.query == "delete" else (r.method, r.path.rsplit("/", 1)[1])
+        for r in log.records()
+        if r.method in ("PUT", "POST", "DELETE")
+    )
+    per_rank = [("PUT", f"optimizer_state_rank_{r}.safetensors") for r in range(16)]
+    constant = [
+        ("POST", "?delete"),  # the marker's removal (DeleteObjects)
+        ("PUT", ".ckptsvc-in-progress"),
+        ("PUT", "checkpoint_manifest.json"),
+        ("PUT", "model-00001-of-00001.safetensors"),
+        ("PUT", "model.safetensors.index.json"),
+        ("PUT", "model_state.json"),
+    ]
+    assert writes == sorted(per_rank + constant)
+    assert len(writes) == 16 + 6

@@ -12,7 +12,10 @@ File naming (``base`` is ``model`` for the component keyed ``model``, else
 pattern         instance suffix            written by
 ==============  =========================  ===============================================
 GLOBAL          ``""``                     rank 0
-REPLICATED      ``""``                     every rank: tensors split by bytes (LPT)
+REPLICATED      ``""``                     ranks spread over the job, one per
+                                           ``CKPTSVC_REPLICATED_WRITER_MIN_BYTES`` of
+                                           tensors (at most every rank): split by bytes
+                                           (LPT)
 PER_RANK        ``_rank_<r>``              every rank, its own
 PER_GROUP       ``_group_<name>_<leader>`` the lowest global rank of each group
 PER_NODE        ``_node_<node index>``     local rank 0 of each node
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckptsvc import hooks
+from ckptsvc import hooks, knobs
 from ckptsvc.errors import ConfigError, InvalidStateError
 from ckptsvc.format.hf_files import cached_pretrained_files
 from ckptsvc.format.layout import (
@@ -222,7 +225,11 @@ def _plan_plain(
         files=tuple(sorted([*mine, *docs])),
         nbytes=files_nbytes(staged) + sum(map(len, docs.values())),
         signature=sig,
-        replicas=writers if c.sharing_pattern is SharingPattern.REPLICATED else None,
+        replicas=(
+            tuple(range(info.world_size))
+            if c.sharing_pattern is SharingPattern.REPLICATED
+            else None
+        ),
         metadata=dict(c.metadata),
     )
     crc_names = tuple(s.name for s in specs) if validate and my_index is not None else ()
@@ -269,14 +276,19 @@ def add_component_files(c: StateComponent, docs: dict[str, bytes], shards: tuple
 
 
 def _writers(
-    c: StateComponent, info: RankInfo, groups: Mapping[str, tuple[int, ...]]
-) -> tuple[str, tuple[int, ...]]:
-    """(instance suffix, ranks that write it) for this rank's instance of ``c``."""
+    c: StateComponent,
+    info: RankInfo,
+    groups: Mapping[str, tuple[int, ...]],
+    nbytes: int | None,
+) -> tuple[str, tuple[int, ...] | None]:
+    """(instance suffix, ranks that write it) for this rank's instance of ``c``; the
+    writers of a REPLICATED component depend on its tensor bytes (``nbytes`` None: not
+    known yet, None - a reused plan keeps its writers)."""
     pattern = c.sharing_pattern
     if pattern is SharingPattern.GLOBAL:
         return "", (0,)
     if pattern is SharingPattern.REPLICATED:
-        return "", tuple(range(info.world_size))
+        return "", None if nbytes is None else replicated_writers(c, info.world_size, nbytes)
     if pattern is SharingPattern.PER_RANK:
         return instance_suffix(pattern, rank=info.rank, node_index=info.node_index), (info.rank,)
     if pattern is SharingPattern.PER_NODE:
@@ -288,6 +300,18 @@ def _writers(
         group_name=c.process_group_name, group_leader=ranks[0],
     )  # fmt: skip
     return suffix, (ranks[0],)
+
+
+def replicated_writers(c: StateComponent, world_size: int, nbytes: int) -> tuple[int, ...]:
+    """The ranks that write a REPLICATED component of ``nbytes`` tensor bytes: enough
+    that each writes ``CKPTSVC_REPLICATED_WRITER_MIN_BYTES`` or more (every rank when the
+    replicas' bytes are compared: each stages them), spread evenly over the ranks (so
+    over the nodes). The same on every rank (the same state, the same sizes)."""
+    ranks = tuple(range(world_size))
+    if c.validate_replication and c.validation_level in ("tensor", "full"):
+        return ranks
+    k = max(1, min(world_size, -(-nbytes // knobs.REPLICATED_WRITER_MIN_BYTES.get())))
+    return tuple(ranks[i * world_size // k] for i in range(k))
 
 
 def component_state(c: StateComponent) -> Any:
@@ -331,7 +355,7 @@ def plan_components(
         states.append(state)
         reused = None
         if reuse is not None:
-            suffix, writers = _writers(c, info, groups)
+            suffix, writers = _writers(c, info, groups, None)
             reused = reuse.rebind(
                 c, state, suffix=suffix, writers=writers, user_metadata=user_metadata
             )
@@ -392,7 +416,10 @@ def _plan_flat(
                 "sharded components take no files; put them in a GLOBAL component"
             )
         return plan_sharded(c, flat, info=info, max_shard_size=max_shard_size)
-    suffix, writers = _writers(c, info, groups)
+    nbytes = sum(t.numel() * t.element_size() for _, t in flat.tensors)
+    suffix, writers = _writers(c, info, groups, nbytes)
+    if writers is None:  # unreachable: with nbytes every pattern has its writers
+        raise ValueError(f"component {c.key!r}: no writers")
     plan = _plan_plain(
         c,
         flat,

@@ -304,6 +304,7 @@ class _Template:
     doc_inputs: DocInputs | None
     doc_head: dict[str, Any] | None
     index: list[tuple[str, bytes]]  # (the user metadata's JSON, the index bytes), last only
+    writers: tuple[int, ...] = ()  # the ranks that write the instance
 
     @staticmethod
     def encode(obj: Any, fragments: Mapping[str, bytes]) -> bytes | None:
@@ -408,6 +409,7 @@ class PlanReuse:
             doc_inputs=plan.doc_inputs,
             doc_head=doc_head,
             index=[],
+            writers=writers,
         )
         self._templates[c.key] = template
         while len(self._templates) > MAX_COMPONENTS:
@@ -419,13 +421,17 @@ class PlanReuse:
         state: Any,
         *,
         suffix: str,
-        writers: tuple[int, ...],
+        writers: tuple[int, ...] | None,
         user_metadata: Mapping[str, Any],
     ) -> ComponentPlan | None:
         """The plan of ``c``'s last save with ``state``'s tensors as sources and its
         documents re-encoded where values changed; None when the signature differs."""
         t = self._templates.get(c.key)
-        if t is None or t.config != self._config(c, suffix, writers):
+        if t is None:
+            return None
+        if writers is None:  # decided by the tensors' bytes: the same signature, the same
+            writers = t.writers
+        if t.config != self._config(c, suffix, writers):
             return None
         tensors: list[torch.Tensor] = []
         try:
