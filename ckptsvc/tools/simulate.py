@@ -61,6 +61,7 @@ from ckptsvc.storage import Location
 from ckptsvc.tools.simulate_probes import (
     BUCKET,
     CountingStore,
+    Request,
     RequestLog,
     create_bucket,
     moto_server,
@@ -252,6 +253,26 @@ def _environment(ranks: int, ranks_per_node: int) -> Iterator[None]:
                 os.environ[n] = v
 
 
+def _metadata_bytes(loads: list[Request], sizes: dict[str, int], opts: dict[str, Any]) -> int:
+    """Bytes of metadata the load read: every JSON object it fetched, and the header
+    (length prefix + JSON, documents folded into it included) of every safetensors file
+    whose head it read."""
+    total = 0
+    headers: dict[str, int] = {}
+    for x in loads:
+        if x.method != "GET":
+            continue
+        if x.path.endswith(".json"):
+            total += sizes.get(x.path, 0)
+        elif x.path.endswith(".safetensors") and x.range.startswith("bytes=0-"):
+            if x.path not in headers:
+                bucket_key = x.path.lstrip("/")
+                head = Location.parse(f"s3://{bucket_key}", opts).read_range(0, 8)
+                headers[x.path] = 8 + int.from_bytes(head, "little")
+            total += headers[x.path]
+    return total
+
+
 def _object_sizes(opts: dict[str, Any], root: str) -> dict[str, int]:
     loc = Location.parse(root, opts)
     return {f"/{loc.path}/{rel}": n for rel, n in loc.walk_files()}
@@ -332,9 +353,7 @@ def simulate(
                 )
             )
             loads = requests.records()
-        meta = sum(
-            sizes.get(x.path, 0) for x in loads if x.method == "GET" and x.path.endswith(".json")
-        )
+        meta = _metadata_bytes(loads, sizes, opts)
         ckpts = {p.split("/checkpoint-")[1].split("/")[0] for p in sizes if "/checkpoint-" in p}
 
     def mean(k: str) -> float:
