@@ -190,3 +190,46 @@ def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
     ]
     assert writes == sorted(per_rank + constant)
     assert len(writes) == 16 + 6
+
+
+def test_a_replicated_component_is_written_by_one_rank_per_64_mib() -> None:
+    """Writers of a REPLICATED component: ceil(bytes / 64 MiB), spread over the ranks;
+    every rank when the replicas' bytes are compared; a reused plan keeps them."""
+    import torch
+
+    from ckptsvc import hooks
+    from ckptsvc.ranks import RankInfo
+    from ckptsvc.stage.component_plan import plan_components, replicated_writers
+    from ckptsvc.stage.components import SharingPattern, StateComponent
+    from ckptsvc.stage.plan_reuse import PlanReuse
+    from ckptsvc.stage.state_components import HeldState
+
+    model = {f"w{i}": torch.ones(16) for i in range(4)}
+    small = StateComponent("model", HeldState(model), SharingPattern.REPLICATED)
+    checked = StateComponent(
+        "model", HeldState(model), SharingPattern.REPLICATED, validate_replication=True
+    )
+    mib = 2**20
+    assert replicated_writers(small, 1024, 256) == (0,)
+    assert replicated_writers(small, 16, 200 * mib) == (0, 4, 8, 12)
+    assert replicated_writers(small, 3, 10_000 * mib) == (0, 1, 2)
+    assert replicated_writers(checked, 8, 256) == tuple(range(8))
+
+    def parts(rank: int, reuse: PlanReuse) -> list[str | None]:
+        info = RankInfo(rank, 16, rank % 4, 4, rank // 4, f"n{rank // 4}")
+        plans = plan_components(
+            [small], info=info, process_groups=None, max_shard_size=1 << 30,
+            user_metadata={}, reuse=reuse,
+        )  # fmt: skip
+        return [p.part.instance for p in plans]
+
+    seen: list[bool] = []
+    remove = hooks.install("plan.component", lambda *, key, reused: seen.append(reused))
+    try:
+        for rank in (0, 5):
+            reuse = PlanReuse()
+            first, second = parts(rank, reuse), parts(rank, reuse)
+            assert first == second == ([""] if rank == 0 else [None])  # rank 0 alone writes
+    finally:
+        remove()
+    assert seen == [False, True, False, True]

@@ -279,16 +279,15 @@ def _writers(
     c: StateComponent,
     info: RankInfo,
     groups: Mapping[str, tuple[int, ...]],
-    nbytes: int | None,
-) -> tuple[str, tuple[int, ...] | None]:
-    """(instance suffix, ranks that write it) for this rank's instance of ``c``; the
-    writers of a REPLICATED component depend on its tensor bytes (``nbytes`` None: not
-    known yet, None - a reused plan keeps its writers)."""
+    nbytes: int,
+) -> tuple[str, tuple[int, ...]]:
+    """(instance suffix, ranks that write it) for this rank's instance of ``c``, whose
+    tensors hold ``nbytes`` (the writers of a REPLICATED component depend on them)."""
     pattern = c.sharing_pattern
     if pattern is SharingPattern.GLOBAL:
         return "", (0,)
     if pattern is SharingPattern.REPLICATED:
-        return "", None if nbytes is None else replicated_writers(c, info.world_size, nbytes)
+        return "", replicated_writers(c, info.world_size, nbytes)
     if pattern is SharingPattern.PER_RANK:
         return instance_suffix(pattern, rank=info.rank, node_index=info.node_index), (info.rank,)
     if pattern is SharingPattern.PER_NODE:
@@ -355,7 +354,8 @@ def plan_components(
         states.append(state)
         reused = None
         if reuse is not None:
-            suffix, writers = _writers(c, info, groups, None)
+            # a reused plan has the same tensors, so the bytes of the last save's
+            suffix, writers = _writers(c, info, groups, reuse.tensor_nbytes(c.key))
             reused = reuse.rebind(
                 c, state, suffix=suffix, writers=writers, user_metadata=user_metadata
             )
@@ -418,8 +418,6 @@ def _plan_flat(
         return plan_sharded(c, flat, info=info, max_shard_size=max_shard_size)
     nbytes = sum(t.numel() * t.element_size() for _, t in flat.tensors)
     suffix, writers = _writers(c, info, groups, nbytes)
-    if writers is None:  # unreachable: with nbytes every pattern has its writers
-        raise ValueError(f"component {c.key!r}: no writers")
     plan = _plan_plain(
         c,
         flat,

@@ -304,7 +304,7 @@ class _Template:
     doc_inputs: DocInputs | None
     doc_head: dict[str, Any] | None
     index: list[tuple[str, bytes]]  # (the user metadata's JSON, the index bytes), last only
-    writers: tuple[int, ...] = ()  # the ranks that write the instance
+    nbytes: int = 0  # the tensors' bytes (what a REPLICATED component's writers depend on)
 
     @staticmethod
     def encode(obj: Any, fragments: Mapping[str, bytes]) -> bytes | None:
@@ -409,11 +409,16 @@ class PlanReuse:
             doc_inputs=plan.doc_inputs,
             doc_head=doc_head,
             index=[],
-            writers=writers,
+            nbytes=sum(t.numel() * t.element_size() for _, t in flat.tensors),
         )
         self._templates[c.key] = template
         while len(self._templates) > MAX_COMPONENTS:
             self._templates.popitem(last=False)
+
+    def tensor_nbytes(self, key: str) -> int:
+        """The tensor bytes of component ``key``'s last plan (0: none kept)."""
+        t = self._templates.get(key)
+        return 0 if t is None else t.nbytes
 
     def rebind(
         self,
@@ -421,17 +426,13 @@ class PlanReuse:
         state: Any,
         *,
         suffix: str,
-        writers: tuple[int, ...] | None,
+        writers: tuple[int, ...],
         user_metadata: Mapping[str, Any],
     ) -> ComponentPlan | None:
         """The plan of ``c``'s last save with ``state``'s tensors as sources and its
         documents re-encoded where values changed; None when the signature differs."""
         t = self._templates.get(c.key)
-        if t is None:
-            return None
-        if writers is None:  # decided by the tensors' bytes: the same signature, the same
-            writers = t.writers
-        if t.config != self._config(c, suffix, writers):
+        if t is None or t.config != self._config(c, suffix, writers):
             return None
         tensors: list[torch.Tensor] = []
         try:
