@@ -203,3 +203,23 @@ def test_with_metadata_gives_the_header_plan_shard_would() -> None:
         assert with_metadata(folded, {"format": "pt"}).header == base.header
     with pytest.raises(ValueError):
         with_metadata(plan_shard(specs), {"format": "pt"})
+
+
+def test_a_large_document_stays_a_file_of_its_own(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document over ``MAX_FOLDED_DOC_BYTES`` (16 MiB: safetensors readers refuse
+    headers over 100 MB) is not folded: the JSON file beside the shard, read as before."""
+    monkeypatch.setattr("ckptsvc.stage.component_plan.MAX_FOLDED_DOC_BYTES", 64)
+    state, counter = golden_state(), Counter()
+    with AsyncCheckpointer(tmp_path / "run") as ckpt:
+        handle = ckpt.save_components(2, components(state, counter))
+        handle.wait(60)
+    manifest = manifest_of(handle.path)
+    assert manifest["metadata"]["ckptsvc"]["format_version"] == PLAIN_FORMAT_VERSION
+    assert instance(manifest, "optimizer", "_rank_0")["doc"] == "optimizer_state_rank_0.json"
+    with safe_open(str(Path(handle.path, "optimizer_state_rank_0.safetensors")), "pt") as f:
+        assert DOC_META_KEY not in f.metadata()
+    assert verify_checkpoint(handle.path).ok
+    opt, back = restored(handle.path)
+    assert back.n == 4 and opt.param_groups[0]["lr"] == 0.5

@@ -69,6 +69,7 @@ from ckptsvc.stage.incremental import frozen_files
 from ckptsvc.stage.parts import (
     DOC_FORMAT,
     DOC_META_KEY,
+    MAX_FOLDED_DOC_BYTES,
     MODEL_KEY,
     SHARD_META,
     ComponentPlan,
@@ -437,10 +438,13 @@ def fold_document(plan: ComponentPlan) -> ComponentPlan:
     """``plan`` with its instance document moved into the ``__metadata__`` of its first
     written tensor file (by name; not a file of frozen tensors that an incremental save
     may take from an older checkpoint), when the instance has a suffix (per rank, node or
-    group) and such a file: one object per instance instead of two. Other plans as they
-    are (the model's HF files and the GLOBAL/REPLICATED documents keep their names)."""
+    group) and such a file, and the document is at most ``MAX_FOLDED_DOC_BYTES``: one
+    object per instance instead of two. Other plans as they are (the model's HF files and
+    the GLOBAL/REPLICATED documents keep their names)."""
     inputs, part = plan.doc_inputs, plan.part
     if inputs is None or not part.instance or inputs.doc_file not in plan.docs:
+        return plan
+    if len(plan.docs[inputs.doc_file]) > MAX_FOLDED_DOC_BYTES:
         return plan
     ours = [
         i for i, f in enumerate(plan.files)

@@ -24,6 +24,7 @@ __all__ = [
     "DOC_FORMAT",
     "DOC_META_KEY",
     "DOC_VERSION",
+    "MAX_FOLDED_DOC_BYTES",
     "MODEL_KEY",
     "SHARD_META",
     "ComponentPlan",
@@ -47,6 +48,9 @@ DOC_VERSION = 1
 SHARD_META = {"format": "pt"}
 #: the ``__metadata__`` key of a per-rank instance's first shard that holds its document
 DOC_META_KEY = "ckptsvc_component"
+#: a larger document stays a file of its own (safetensors readers refuse headers over
+#: 100 MB, ``CKPTSVC_MAX_HEADER_BYTES`` ours)
+MAX_FOLDED_DOC_BYTES = 16 * 2**20
 
 
 def base_name(key: str) -> str:
