@@ -174,6 +174,13 @@ def knob_table() -> list[tuple[str, object, str]]:
 MAX_SHARD_SIZE = _knob(
     "max_shard_size", 2**31, "Default bytes per shard file for async saves.", min_value=1
 )
+REPLICATED_WRITER_MIN_BYTES = _knob(
+    "replicated_writer_min_bytes",
+    64 * 2**20,
+    "A REPLICATED component is split over at most ceil(its tensor bytes / this) ranks, "
+    "spread over the job (not over every rank: each writer's part is an object of its own).",
+    min_value=1,
+)
 WRITE_CHUNK_BYTES = _knob(
     "write_chunk_bytes",
     64 * 2**20,

@@ -248,8 +248,10 @@ def test_two_processes_save_async_and_resume_with_identical_losses(
     assert info.location.name == "checkpoint-4" and info.status is CheckpointStatus.COMPLETE
     assert verify_checkpoint(info.url, deep=True).ok
     names = set(os.listdir(info.location.path))
-    assert {"rng_state_rank_0.json", "rng_state_rank_1.json"} <= names  # PER_RANK
-    assert "optimizer_state_rank_1.json" not in names  # GLOBAL: rank 0 wrote it once
+    # PER_RANK: one object per rank (its document is in the shard's header)
+    assert {"rng_state_rank_0.safetensors", "rng_state_rank_1.safetensors"} <= names
+    assert not {"rng_state_rank_0.json", "rng_state_rank_1.json"} & names
+    assert not any(n.startswith("optimizer_state_rank_") for n in names)  # GLOBAL: rank 0 once
     second = _launch({"root": root, "seed": 99, "resume": root}, tmp_path / "out2")
     for rank in (0, 1):
         assert _resumed(first[rank], second[rank], 4) == reference_2proc[rank], rank

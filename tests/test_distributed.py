@@ -118,7 +118,11 @@ def test_manifest_lists_every_component_with_its_files(saved: tuple[str, Any, An
         assert rec["ranks"] == [0]
         for inst in rec["metadata"]["ckptsvc"]["instances"].values():
             assert set(inst["files"]) <= files and inst["doc"] in inst["files"]
-    assert "optimizer_state_rank_0.json" in files and "trainer_state.json" in files
+    # a per-rank instance with tensors: its document is in its first shard's header
+    opt = comps["optimizer"]["metadata"]["ckptsvc"]["instances"]["_rank_0"]
+    assert opt["doc"] == opt["files"][0] == "optimizer_state_rank_0-00001-of-00005.safetensors"
+    assert all(f.endswith(".safetensors") for f in opt["files"]) and "trainer_state.json" in files
+    assert "optimizer_state_rank_0.json" not in files
     assert files == {p.name for p in path.iterdir() if p.name != MANIFEST_NAME}
     for name in files:  # every tensor file loads with the reference reader
         if name.endswith(".safetensors"):

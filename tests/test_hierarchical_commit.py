@@ -212,3 +212,80 @@ def test_a_simulated_job_opens_its_connections_on_the_first_save_only(tmp_path: 
     # save 0: one per rank; save 1: rank 0 one more (its sweep of save 0's acknowledged
     # outcome runs while save 1 holds the first); then none
     assert first == [8, 9, 9], first
+
+
+@pytest.mark.cloud
+def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
+    s3_root: StorageRoot,
+) -> None:
+    """16 ranks save ``simulate``'s state (a small REPLICATED model, a PER_RANK optimizer)
+    on S3: one object per rank (its shard, its document inside), one object for the model
+    (too small to split over writers), and the constant: the model's document and HF
+    index, the manifest, the in-progress marker's PUT and DELETE, the ``latest`` pointer."""
+    opts = s3_root.storage_options
+    with ThreadPoolExecutor(16) as pool:
+        job = SimulatedJob(ranks=16, ranks_per_node=4, root=s3_root.url, opts=opts)
+        assert all(e is None for e in job.save(1, pool).values())
+        log = RequestLog(s3_root.url, opts)
+        assert all(e is None for e in job.save(2, pool).values())
+        job.close()
+    writes = sorted(
+        ("POST", "?delete") if r.query == "delete" else (r.method, r.path.rsplit("/", 1)[1])
+        for r in log.records()
+        if r.method in ("PUT", "POST", "DELETE")
+    )
+    per_rank = [("PUT", f"optimizer_state_rank_{r}.safetensors") for r in range(16)]
+    constant = [
+        ("POST", "?delete"),  # the marker's removal (DeleteObjects)
+        ("PUT", ".ckptsvc-in-progress"),
+        ("PUT", "checkpoint_manifest.json"),
+        ("PUT", "model-00001-of-00001.safetensors"),
+        ("PUT", "model.safetensors.index.json"),
+        ("PUT", "model_state.json"),
+        ("PUT", "ckptsvc-latest.json"),  # the latest pointer, beside the checkpoints
+    ]
+    assert writes == sorted(per_rank + constant)
+    assert len(writes) == 16 + 7
+
+
+def test_a_replicated_component_is_written_by_one_rank_per_64_mib() -> None:
+    """Writers of a REPLICATED component: ceil(bytes / 64 MiB), spread over the ranks;
+    every rank when the replicas' bytes are compared; a reused plan keeps them."""
+    import torch
+
+    from ckptsvc import hooks
+    from ckptsvc.ranks import RankInfo
+    from ckptsvc.stage.component_plan import plan_components, replicated_writers
+    from ckptsvc.stage.components import SharingPattern, StateComponent
+    from ckptsvc.stage.plan_reuse import PlanReuse
+    from ckptsvc.stage.state_components import HeldState
+
+    model = {f"w{i}": torch.ones(16) for i in range(4)}
+    small = StateComponent("model", HeldState(model), SharingPattern.REPLICATED)
+    checked = StateComponent(
+        "model", HeldState(model), SharingPattern.REPLICATED, validate_replication=True
+    )
+    mib = 2**20
+    assert replicated_writers(small, 1024, 256) == (0,)
+    assert replicated_writers(small, 16, 200 * mib) == (0, 4, 8, 12)
+    assert replicated_writers(small, 3, 10_000 * mib) == (0, 1, 2)
+    assert replicated_writers(checked, 8, 256) == tuple(range(8))
+
+    def parts(rank: int, reuse: PlanReuse) -> list[str | None]:
+        info = RankInfo(rank, 16, rank % 4, 4, rank // 4, f"n{rank // 4}")
+        plans = plan_components(
+            [small], info=info, process_groups=None, max_shard_size=1 << 30,
+            user_metadata={}, reuse=reuse,
+        )  # fmt: skip
+        return [p.part.instance for p in plans]
+
+    seen: list[bool] = []
+    remove = hooks.install("plan.component", lambda *, key, reused: seen.append(reused))
+    try:
+        for rank in (0, 5):
+            reuse = PlanReuse()
+            first, second = parts(rank, reuse), parts(rank, reuse)
+            assert first == second == ([""] if rank == 0 else [None])  # rank 0 alone writes
+    finally:
+        remove()
+    assert seen == [False, True, False, True]

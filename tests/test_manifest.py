@@ -21,6 +21,7 @@ from ckptsvc.format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MARKER_NAME,
+    PLAIN_FORMAT_VERSION,
     ComponentRecord,
     FileRecord,
     Manifest,
@@ -178,7 +179,7 @@ def test_top_level_is_forgathers() -> None:
     # the caller's own metadata stays at the top of "metadata"; ours sits under one key
     assert parsed["metadata"]["run"] == "golden"
     ours = parsed["metadata"]["ckptsvc"]
-    assert ours["format_version"] == FORMAT_VERSION
+    assert ours["format_version"] == PLAIN_FORMAT_VERSION
     assert ours["step"] == 100
     assert ours["files"]["model-00001-of-00002.safetensors"] == {
         "nbytes": 4096,

@@ -480,7 +480,7 @@ class AsyncCheckpointer:
         )
 
     def _arena_plan_for(self, staged: Sequence[StagedFile]) -> ArenaPlan:
-        key = tuple((f.plan.file_name, f.plan.layout.header) for f in staged)
+        key = tuple(f.arena_key for f in staged)
         return self._arena_plans.get(key, lambda: plan_arena([f.plan for f in staged]))
 
     def _commit(self, pending: PendingCommit, merged: Merged) -> JobDone:

@@ -25,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MARKER_NAME",
+    "PLAIN_FORMAT_VERSION",
     "ComponentRecord",
     "FileRecord",
     "Manifest",
@@ -32,7 +33,12 @@ __all__ = [
     "now_iso",
 ]
 
-FORMAT_VERSION = 1
+#: the newest manifest format this code reads. 1: every component document is a JSON
+#: file; 2: some instance's document is in its first tensor file's safetensors header
+#: (``instances[...]["doc"]`` names a ``.safetensors`` file). A save writes the lowest
+#: version that describes it, so readers of version 1 still read what they can.
+FORMAT_VERSION = 2
+PLAIN_FORMAT_VERSION = 1
 MANIFEST_NAME = "checkpoint_manifest.json"
 #: written first by every save, removed after the manifest: "ours, and not finished"
 MARKER_NAME = ".ckptsvc-in-progress"
@@ -161,7 +167,7 @@ class Manifest:
     forgather_version: str | None = None
     pytorch_version: str | None = None
     library_version: str = ""
-    format_version: int = FORMAT_VERSION
+    format_version: int = PLAIN_FORMAT_VERSION
     user_metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -180,15 +186,17 @@ class Manifest:
         writer, the synchronous save, the DCP plugin). Files are listed once each, by path;
         the library version is this one's."""
         by_path = {f.path: f for f in files}
+        components = tuple(components)
         return cls(
             checkpoint_path=checkpoint_path,
             world_size=world_size,
             timestamp=now_iso(),
             step=step,
             files=tuple(by_path[p] for p in sorted(by_path)),
-            components=tuple(components),
+            components=components,
             pytorch_version=pytorch_version,
             library_version=__version__,
+            format_version=_version_for(components),
             user_metadata=dict(user_metadata or {}),
         )
 
@@ -295,3 +303,14 @@ class Manifest:
             format_version=version,
             user_metadata=meta,
         )
+
+
+def _version_for(components: Iterable[ComponentRecord]) -> int:
+    """2 when an instance's document is folded into a tensor file, else 1."""
+    for c in components:
+        ours = c.metadata.get(_OURS)
+        instances = ours.get("instances") if isinstance(ours, dict) else None
+        for inst in (instances or {}).values():
+            if str(inst.get("doc") or "").endswith(".safetensors"):
+                return FORMAT_VERSION
+    return PLAIN_FORMAT_VERSION

@@ -44,6 +44,7 @@ __all__ = [
     "TensorEntry",
     "parse_header",
     "plan_shard",
+    "with_metadata",
 ]
 
 #: safetensors dtype name -> bytes per element
@@ -226,9 +227,36 @@ def plan_shard(
     for e in entries:
         doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    align = PAGE_ALIGN_BYTES if offset >= PAGE_ALIGN_MIN_DATA_BYTES else 8
+    return ShardLayout(header=_padded(body, offset), entries=tuple(entries), metadata=meta)
+
+
+def _padded(body: bytes, data_nbytes: int) -> bytes:
+    """The length prefix + ``body`` space-padded so the data starts aligned."""
+    align = PAGE_ALIGN_BYTES if data_nbytes >= PAGE_ALIGN_MIN_DATA_BYTES else 8
     body += b" " * (-(8 + len(body)) % align)
-    return ShardLayout(header=_LEN.pack(len(body)) + body, entries=tuple(entries), metadata=meta)
+    return _LEN.pack(len(body)) + body
+
+
+def _metadata_json(meta: Mapping[str, str]) -> bytes:
+    return json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def with_metadata(layout: ShardLayout, metadata: Mapping[str, str]) -> ShardLayout:
+    """``layout`` (made by :func:`plan_shard` with a non-empty ``metadata``) with
+    ``__metadata__`` replaced by ``metadata``: the same tensors at the same data offsets,
+    only the header's JSON changes (its length too). Costs O(header bytes), no per-tensor
+    work: what a save does each time a document carried in the header changes."""
+    meta = _check_metadata(metadata)
+    if not layout.metadata or not meta:
+        raise ValueError("with_metadata needs a layout and new metadata that both have some")
+    head = b'{"' + METADATA_KEY.encode() + b'":' + _metadata_json(layout.metadata)
+    body = layout.header[8:].rstrip(b" ")
+    if not body.startswith(head):
+        raise ValueError("with_metadata needs a header made by plan_shard")
+    new_head = b'{"' + METADATA_KEY.encode() + b'":' + _metadata_json(meta)
+    header = _padded(new_head + body[len(head) :], layout.data_nbytes)
+    return ShardLayout(header=header, entries=layout._entries, metadata=meta,
+                       data_nbytes=layout.data_nbytes)  # fmt: skip
 
 
 def header_length(prefix: bytes, *, file_nbytes: int | None, where: str) -> int:

@@ -127,9 +127,15 @@ def _pick_instance(
     )
 
 
-def _read_doc(ckpt: Location, name: str, *, manifest: Manifest | None) -> dict[str, Any]:
-    """A component document, read bounded and checked against the manifest's record."""
-    doc = read_checked_doc(ckpt, name, manifest=manifest, what="component document")
+def _read_doc(
+    ckpt: Location, name: str, *, manifest: Manifest | None, reader: RegionReader
+) -> dict[str, Any]:
+    """A component document, read bounded and checked against the manifest's record: a
+    JSON file, or the header of the tensor file it was folded into (``.safetensors``)."""
+    if name.endswith(".safetensors"):
+        doc = reader.document(check_relpath(name, where=ckpt.url))
+    else:
+        doc = read_checked_doc(ckpt, name, manifest=manifest, what="component document")
     loc = ckpt.join(name)  # a safe relative path: read_checked_doc checked it
     if not isinstance(doc, dict) or doc.get("format") != DOC_FORMAT or "state" not in doc:
         raise CorruptCheckpointError(f"{loc.url}: not a ckptsvc component document")
@@ -290,11 +296,11 @@ def _read_component(
         raise CorruptCheckpointError(
             f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
         )
-    doc = _read_doc(ckpt, doc_file, manifest=manifest)
+    reader = RegionReader(ckpt, manifest=manifest)
+    doc = _read_doc(ckpt, doc_file, manifest=manifest, reader=reader)
     tensors = _read_tensors(
-        ckpt, doc, _template(c, doc), RegionReader(ckpt, manifest=manifest),
-        in_place=_loads_in_place(c.stateful),
-    )  # fmt: skip
+        ckpt, doc, _template(c, doc), reader, in_place=_loads_in_place(c.stateful)
+    )
     logger.debug("read component %r from %s (%s)", c.key, ckpt.url, doc_file)
     return (unflatten_state(doc, tensors),)
 

@@ -19,10 +19,12 @@ import torch
 
 from ckptsvc import knobs
 from ckptsvc.errors import CorruptCheckpointError
+from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.format.manifest import Manifest
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.loading import read_safetensors_header
 from ckptsvc.read.shard_read import read_shard
+from ckptsvc.stage.parts import DOC_META_KEY
 from ckptsvc.stage.sharded_plan import Piece
 from ckptsvc.stage.tensors import dtype_to_torch
 from ckptsvc.storage import Location
@@ -105,6 +107,22 @@ class RegionReader:
                 )
             self._headers[file] = layout
         return layout
+
+    def document(self, file: str, *, what: str = "component document") -> Any:
+        """The JSON document a tensor file carries in its header's
+        ``__metadata__["ckptsvc_component"]`` (a per-rank instance's document; see
+        :mod:`ckptsvc.stage.component_plan`), parsed with the bounds of every document.
+        The header is kept for the reads that follow (no second request); the file's
+        CRC-32C is checked when its tensors are read whole."""
+        layout = self.header(file)
+        text = (layout.metadata or {}).get(DOC_META_KEY)
+        url = self._ckpt.join(file).url
+        if text is None:
+            raise CorruptCheckpointError(
+                f"{url}: the manifest names this file as a {what}, but its safetensors "
+                f"header has no __metadata__ {DOC_META_KEY!r}"
+            )
+        return parse_json_doc(text.encode("utf-8"), where=url, what=what)
 
     def want(
         self,

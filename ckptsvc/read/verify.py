@@ -41,6 +41,7 @@ from ckptsvc.read.discovery import (
     CheckpointStatus,
     checkpoint_info,
 )
+from ckptsvc.read.regions import RegionReader
 from ckptsvc.storage import Location
 
 __all__ = ["Problem", "VerifyMode", "VerifyReport", "verify_checkpoint"]
@@ -294,7 +295,10 @@ def _check_document(ckpt: Location, rel_path: str, listed: set[str]) -> list[Pro
     (or tied to one), and every tensor is held by a listed file whose header has it."""
     loc = ckpt.join(rel_path)
     try:
-        doc = read_json_doc(loc, what="component document")
+        if rel_path.endswith(".safetensors"):  # folded into that file's header
+            doc = RegionReader(ckpt).document(rel_path)
+        else:
+            doc = read_json_doc(loc, what="component document")
     except CorruptCheckpointError as e:
         return [Problem(rel_path, "document", str(e))]
     tensors = doc.get("tensors") if isinstance(doc, dict) else None

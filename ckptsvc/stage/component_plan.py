@@ -12,7 +12,10 @@ File naming (``base`` is ``model`` for the component keyed ``model``, else
 pattern         instance suffix            written by
 ==============  =========================  ===============================================
 GLOBAL          ``""``                     rank 0
-REPLICATED      ``""``                     every rank: tensors split by bytes (LPT)
+REPLICATED      ``""``                     ranks spread over the job, one per
+                                           ``CKPTSVC_REPLICATED_WRITER_MIN_BYTES`` of
+                                           tensors (at most every rank): split by bytes
+                                           (LPT)
 PER_RANK        ``_rank_<r>``              every rank, its own
 PER_GROUP       ``_group_<name>_<leader>`` the lowest global rank of each group
 PER_NODE        ``_node_<node index>``     local rank 0 of each node
@@ -22,9 +25,13 @@ DTensor inside  ``""``                     every rank its local shards (``-rank<
 Tensor files: ``model-<i>-of-<n>.safetensors`` (HF, plus ``model.safetensors.index.json``)
 for an unsharded model; ``<base><suffix>.safetensors`` or ``<base><suffix>-<i>-of-<n>``
 otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for sharded state. Every instance
-has one JSON document ``<key>_state<suffix>.json``: the non-tensor skeleton plus
+has one JSON document: the non-tensor skeleton plus
 ``tensors`` = ``{fqn: {"dtype", "shape", "file"}}`` or, for sharded state,
-``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``.
+``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``. It is the
+file ``<key>_state<suffix>.json``, except for an instance with a suffix (per rank, node or
+group) that has tensor files: there it is the string ``__metadata__["ckptsvc_component"]``
+of its first tensor file's safetensors header (:func:`fold_document`), so such an
+instance is one object; the manifest names that file as the instance's ``doc``.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckptsvc import hooks
+from ckptsvc import hooks, knobs
 from ckptsvc.errors import ConfigError, InvalidStateError
 from ckptsvc.format.hf_files import cached_pretrained_files
 from ckptsvc.format.layout import (
@@ -48,7 +55,7 @@ from ckptsvc.format.layout import (
     make_index,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME
-from ckptsvc.format.safetensors_stream import plan_shard
+from ckptsvc.format.safetensors_stream import plan_shard, with_metadata
 from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
 from ckptsvc.stage.flatten import (
@@ -61,6 +68,8 @@ from ckptsvc.stage.flatten import (
 from ckptsvc.stage.incremental import frozen_files
 from ckptsvc.stage.parts import (
     DOC_FORMAT,
+    DOC_META_KEY,
+    MAX_FOLDED_DOC_BYTES,
     MODEL_KEY,
     SHARD_META,
     ComponentPlan,
@@ -88,6 +97,7 @@ __all__ = [
     "PartReport",
     "StagedFile",
     "doc_name",
+    "fold_document",
     "instance_suffix",
     "plan_components",
 ]
@@ -216,7 +226,11 @@ def _plan_plain(
         files=tuple(sorted([*mine, *docs])),
         nbytes=files_nbytes(staged) + sum(map(len, docs.values())),
         signature=sig,
-        replicas=writers if c.sharing_pattern is SharingPattern.REPLICATED else None,
+        replicas=(
+            tuple(range(info.world_size))
+            if c.sharing_pattern is SharingPattern.REPLICATED
+            else None
+        ),
         metadata=dict(c.metadata),
     )
     crc_names = tuple(s.name for s in specs) if validate and my_index is not None else ()
@@ -263,14 +277,18 @@ def add_component_files(c: StateComponent, docs: dict[str, bytes], shards: tuple
 
 
 def _writers(
-    c: StateComponent, info: RankInfo, groups: Mapping[str, tuple[int, ...]]
+    c: StateComponent,
+    info: RankInfo,
+    groups: Mapping[str, tuple[int, ...]],
+    nbytes: int,
 ) -> tuple[str, tuple[int, ...]]:
-    """(instance suffix, ranks that write it) for this rank's instance of ``c``."""
+    """(instance suffix, ranks that write it) for this rank's instance of ``c``, whose
+    tensors hold ``nbytes`` (the writers of a REPLICATED component depend on them)."""
     pattern = c.sharing_pattern
     if pattern is SharingPattern.GLOBAL:
         return "", (0,)
     if pattern is SharingPattern.REPLICATED:
-        return "", tuple(range(info.world_size))
+        return "", replicated_writers(c, info.world_size, nbytes)
     if pattern is SharingPattern.PER_RANK:
         return instance_suffix(pattern, rank=info.rank, node_index=info.node_index), (info.rank,)
     if pattern is SharingPattern.PER_NODE:
@@ -282,6 +300,18 @@ def _writers(
         group_name=c.process_group_name, group_leader=ranks[0],
     )  # fmt: skip
     return suffix, (ranks[0],)
+
+
+def replicated_writers(c: StateComponent, world_size: int, nbytes: int) -> tuple[int, ...]:
+    """The ranks that write a REPLICATED component of ``nbytes`` tensor bytes: enough
+    that each writes ``CKPTSVC_REPLICATED_WRITER_MIN_BYTES`` or more (every rank when the
+    replicas' bytes are compared: each stages them), spread evenly over the ranks (so
+    over the nodes). The same on every rank (the same state, the same sizes)."""
+    ranks = tuple(range(world_size))
+    if c.validate_replication and c.validation_level in ("tensor", "full"):
+        return ranks
+    k = max(1, min(world_size, -(-nbytes // knobs.REPLICATED_WRITER_MIN_BYTES.get())))
+    return tuple(ranks[i * world_size // k] for i in range(k))
 
 
 def component_state(c: StateComponent) -> Any:
@@ -325,10 +355,12 @@ def plan_components(
         states.append(state)
         reused = None
         if reuse is not None:
-            suffix, writers = _writers(c, info, groups)
+            # a reused plan has the same tensors, so the bytes of the last save's
+            suffix, writers = _writers(c, info, groups, reuse.tensor_nbytes(c.key))
             reused = reuse.rebind(
                 c, state, suffix=suffix, writers=writers, user_metadata=user_metadata
             )
+            reused = None if reused is None else fold_document(reused)
         out.append(reused)
         if reused is not None:
             flats.append(None)
@@ -385,7 +417,8 @@ def _plan_flat(
                 "sharded components take no files; put them in a GLOBAL component"
             )
         return plan_sharded(c, flat, info=info, max_shard_size=max_shard_size)
-    suffix, writers = _writers(c, info, groups)
+    nbytes = sum(t.numel() * t.element_size() for _, t in flat.tensors)
+    suffix, writers = _writers(c, info, groups, nbytes)
     plan = _plan_plain(
         c,
         flat,
@@ -398,7 +431,44 @@ def _plan_flat(
     )
     if reuse is not None:
         reuse.remember(c, state, flat, plan, suffix=suffix, writers=writers)
-    return plan
+    return fold_document(plan)
+
+
+def fold_document(plan: ComponentPlan) -> ComponentPlan:
+    """``plan`` with its instance document moved into the ``__metadata__`` of its first
+    written tensor file (by name; not a file of frozen tensors that an incremental save
+    may take from an older checkpoint), when the instance has a suffix (per rank, node or
+    group) and such a file, and the document is at most ``MAX_FOLDED_DOC_BYTES``: one
+    object per instance instead of two. Other plans as they are (the model's HF files and
+    the GLOBAL/REPLICATED documents keep their names)."""
+    inputs, part = plan.doc_inputs, plan.part
+    if inputs is None or not part.instance or inputs.doc_file not in plan.docs:
+        return plan
+    if len(plan.docs[inputs.doc_file]) > MAX_FOLDED_DOC_BYTES:
+        return plan
+    ours = [
+        i for i, f in enumerate(plan.files)
+        if f.write and f.plan.file_name not in plan.frozen_files
+    ]  # fmt: skip
+    if not ours:
+        return plan
+    i = min(ours, key=lambda i: plan.files[i].plan.file_name)
+    old = plan.files[i]
+    docs = dict(plan.docs)
+    doc = docs.pop(inputs.doc_file).decode("ascii")
+    layout = with_metadata(old.plan.layout, {**SHARD_META, DOC_META_KEY: doc})
+    files = list(plan.files)
+    files[i] = replace(
+        old, plan=FilePlan(old.plan.file_name, layout), arena_header=old.plan.layout.header
+    )
+    grown = layout.file_nbytes - old.plan.layout.file_nbytes - len(doc)
+    part = replace(
+        part,
+        doc=old.plan.file_name,
+        files=tuple(f for f in part.files if f != inputs.doc_file),
+        nbytes=part.nbytes + grown,
+    )
+    return replace(plan, part=part, files=files, docs=docs)
 
 
 def _check_files_unique(plans: Sequence[ComponentPlan]) -> None:

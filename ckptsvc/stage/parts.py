@@ -22,7 +22,9 @@ from ckptsvc.stage.flatten import FlatState
 
 __all__ = [
     "DOC_FORMAT",
+    "DOC_META_KEY",
     "DOC_VERSION",
+    "MAX_FOLDED_DOC_BYTES",
     "MODEL_KEY",
     "SHARD_META",
     "ComponentPlan",
@@ -44,6 +46,11 @@ MODEL_KEY = "model"
 DOC_FORMAT = "ckptsvc-component"
 DOC_VERSION = 1
 SHARD_META = {"format": "pt"}
+#: the ``__metadata__`` key of a per-rank instance's first shard that holds its document
+DOC_META_KEY = "ckptsvc_component"
+#: a larger document stays a file of its own (safetensors readers refuse headers over
+#: 100 MB, ``CKPTSVC_MAX_HEADER_BYTES`` ours)
+MAX_FOLDED_DOC_BYTES = 16 * 2**20
 
 
 def base_name(key: str) -> str:
@@ -163,6 +170,13 @@ class StagedFile:
     plan: FilePlan
     sources: Mapping[str, torch.Tensor]
     write: bool
+    #: the header before a document was folded into it (what the arena's layout depends
+    #: on: the same for every save of one plan); None: ``plan.layout.header``
+    arena_header: bytes | None = None
+
+    @property
+    def arena_key(self) -> tuple[str, bytes]:
+        return (self.plan.file_name, self.arena_header or self.plan.layout.header)
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,7 @@ class _Template:
     doc_inputs: DocInputs | None
     doc_head: dict[str, Any] | None
     index: list[tuple[str, bytes]]  # (the user metadata's JSON, the index bytes), last only
+    nbytes: int = 0  # the tensors' bytes (what a REPLICATED component's writers depend on)
 
     @staticmethod
     def encode(obj: Any, fragments: Mapping[str, bytes]) -> bytes | None:
@@ -408,10 +409,16 @@ class PlanReuse:
             doc_inputs=plan.doc_inputs,
             doc_head=doc_head,
             index=[],
+            nbytes=sum(t.numel() * t.element_size() for _, t in flat.tensors),
         )
         self._templates[c.key] = template
         while len(self._templates) > MAX_COMPONENTS:
             self._templates.popitem(last=False)
+
+    def tensor_nbytes(self, key: str) -> int:
+        """The tensor bytes of component ``key``'s last plan (0: none kept)."""
+        t = self._templates.get(key)
+        return 0 if t is None else t.nbytes
 
     def rebind(
         self,

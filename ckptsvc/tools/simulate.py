@@ -64,6 +64,7 @@ from ckptsvc.tools.simulate_probes import (
     BUCKET,
     CountingStore,
     PhaseLog,
+    Request,
     RequestLog,
     create_bucket,
     moto_server,
@@ -99,6 +100,7 @@ class SimResult:
     discovery_requests: int
     load_requests: int
     metadata_bytes_per_rank: float
+    json_bytes_per_rank: float  # the JSON objects alone (what this column counted before)
     checkpoints_at_resume: int
 
 
@@ -267,6 +269,29 @@ def _environment(ranks: int, ranks_per_node: int) -> Iterator[None]:
                 os.environ[n] = v
 
 
+def _metadata_bytes(
+    loads: list[Request], sizes: dict[str, int], opts: dict[str, Any]
+) -> tuple[int, int]:
+    """Bytes of metadata the load read: every JSON object it fetched, and the header
+    (length prefix + JSON, documents folded into it included) of every safetensors file
+    whose head it read; and the JSON objects' bytes alone."""
+    json_nbytes = 0
+    total = 0
+    headers: dict[str, int] = {}
+    for x in loads:
+        if x.method != "GET":
+            continue
+        if x.path.endswith(".json"):
+            json_nbytes += sizes.get(x.path, 0)
+        elif x.path.endswith(".safetensors") and x.range.startswith("bytes=0-"):
+            if x.path not in headers:
+                bucket_key = x.path.lstrip("/")
+                head = Location.parse(f"s3://{bucket_key}", opts).read_range(0, 8)
+                headers[x.path] = 8 + int.from_bytes(head, "little")
+            total += headers[x.path]
+    return total + json_nbytes, json_nbytes
+
+
 def _object_sizes(opts: dict[str, Any], root: str) -> dict[str, int]:
     loc = Location.parse(root, opts)
     return {f"/{loc.path}/{rel}": n for rel, n in loc.walk_files()}
@@ -353,9 +378,7 @@ def simulate(
                 )
             )
             loads = requests.records()
-        meta = sum(
-            sizes.get(x.path, 0) for x in loads if x.method == "GET" and x.path.endswith(".json")
-        )
+        meta, json_meta = _metadata_bytes(loads, sizes, opts)
         ckpts = {p.split("/checkpoint-")[1].split("/")[0] for p in sizes if "/checkpoint-" in p}
 
     def mean(k: str) -> float:
@@ -380,6 +403,7 @@ def simulate(
         discovery_requests=discovery,
         load_requests=len(loads),
         metadata_bytes_per_rank=meta / ranks,
+        json_bytes_per_rank=json_meta / ranks,
         checkpoints_at_resume=len(ckpts),
     )
 
@@ -402,6 +426,7 @@ _COLUMNS = (
     ("discovery_requests", "discovery requests/job"),
     ("load_requests", "load requests"),
     ("metadata_bytes_per_rank", "metadata B read/rank"),
+    ("json_bytes_per_rank", "of which JSON B/rank"),
 )
 
 

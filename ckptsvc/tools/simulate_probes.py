@@ -141,6 +141,7 @@ class Request:
     method: str
     path: str
     query: str
+    range: str = ""  # the Range header ("bytes=0-65535"), "" for a whole object
 
 
 class RequestLog:
@@ -161,8 +162,14 @@ class RequestLog:
             return None
         parts = urlsplit(str(request_dict.get("url", "")))
         with self._lock:
+            headers = request_dict.get("headers") or {}
             self._records.append(
-                Request(str(request_dict.get("method", "")), parts.path, parts.query)
+                Request(
+                    str(request_dict.get("method", "")),
+                    parts.path,
+                    parts.query,
+                    str(headers.get("Range", "")),
+                )
             )
         return None  # no opinion on retrying
 
