@@ -415,7 +415,8 @@ def check_wire_safe(value: object, *, what: str) -> None:
 def send_message(sock: socket.socket, message: object) -> None:
     """Send one frame. Callers serialise sends on a socket (one lock per connection)."""
     payload = pickle.dumps(message, protocol=5)
-    sock.sendall(_LEN.pack(len(payload)) + payload)
+    sock.sendall(_LEN.pack(len(payload)))
+    sock.sendall(payload)  # (not joined to the length: a save job's frame is megabytes)
 
 
 def _recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:

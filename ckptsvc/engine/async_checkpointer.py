@@ -401,13 +401,13 @@ class AsyncCheckpointer:
         """
         return self._snapshots.fence(timeout_s)
 
-    def reserve(self, state: Any) -> None:
-        """Optional warm-up: create every arena for ``state`` now, so the first saves pay
-        only the copy (creating costs ~3x a memcpy: 0.5 s/GiB against 0.15, design.md 7)."""
+    def reserve(self, state: Any, *, wait: bool = False) -> None:
+        """Warm-up: plan ``state`` (the first save reuses it) and create its arenas in the
+        background unless ``wait`` (3-5x a memcpy, design.md 7: off the first save)."""
         plans = self._plan(components_of_state(state), process_groups=None, user_metadata={})
         nbytes = self._arena_plan_for([f for p in plans for f in p.files]).nbytes
         streamed = self._budget.streams(nbytes)  # bigger than the budget: the ring
-        self._pool.reserve(self._budget.ring_nbytes if streamed else nbytes)
+        self._pool.reserve(self._budget.ring_nbytes if streamed else nbytes, wait=wait)
 
     def wait_all(self, timeout_s: float | None = None) -> None:
         """Wait for every in-flight save; raise the first failure nobody has looked at yet."""
