@@ -291,7 +291,9 @@ class ArenaPool:
         try:
             self._reserve(nbytes)
         except Exception as e:  # the next acquire creates the arena and raises it there
-            logger.warning("creating a %d-byte staging arena in the background failed: %s", nbytes, e)
+            logger.warning(
+                "creating a %d-byte staging arena in the background failed: %s", nbytes, e
+            )
 
     def _reserve(self, nbytes: int) -> None:
         size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
