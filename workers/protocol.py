@@ -454,7 +454,7 @@ def recv_message(sock: socket.socket, *, blobs: ReceivedBlobs | None = None) -> 
     try:
         unpickler = _Unpickler(io.BytesIO(payload))
         if blobs is not None:
-            unpickler.persistent_load = blobs.persistent_load  # type: ignore[assignment]
+            unpickler.persistent_load = blobs.persistent_load  # type: ignore[method-assign]
         return unpickler.load()
     except Exception as e:
         raise ProtocolError(f"undecodable frame from peer: {e}") from e
