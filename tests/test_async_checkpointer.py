@@ -114,14 +114,73 @@ def test_save_is_a_normal_complete_checkpoint(node: str, tmp_path: Path) -> None
 def test_reserve_creates_every_arena_before_the_first_save(node: str, tmp_path: Path) -> None:
     with AsyncCheckpointer(tmp_path, arenas_per_rank=2) as ckpt:
         state = training_state(1)
-        ckpt.reserve(state)
+        ckpt.reserve(state, wait=True)
         created = segments(node)
         assert len(created) == 2
         ckpt.save(1, state).wait(60)
         ckpt.save(2, state).wait(60)
         assert segments(node) == created  # used, never re-created
-        ckpt.reserve({"w": torch.zeros(1 << 20)})  # bigger state: the free arenas are replaced
+        ckpt.reserve({"w": torch.zeros(1 << 20)}, wait=True)  # bigger: the free ones are replaced
         assert len(segments(node)) == 2 and not set(segments(node)) & set(created)
+
+
+class _HeldCreation:
+    """Patches the arena's segment creation so that it waits until :meth:`go` (the test
+    decides when the background creation ends, with no timing)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from ckptsvc.stage import arena
+
+        self.started = threading.Event()
+        self._go = threading.Event()
+        self.threads: list[str] = []
+        create = arena.ShmSegment.create
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.threads.append(threading.current_thread().name)
+            self.started.set()
+            assert self._go.wait(120)
+            return create(*args, **kwargs)
+
+        monkeypatch.setattr(arena.ShmSegment, "create", staticmethod(held))
+
+    def go(self) -> None:
+        self._go.set()
+
+
+def test_reserve_creates_the_arena_in_the_background_and_the_first_save_waits_for_it(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _HeldCreation(monkeypatch)
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        state = training_state(1)
+        ckpt.reserve(state)  # returns while the creation is held
+        assert held.started.wait(60) and segments(node) == []
+        box: dict[str, Any] = {}
+        saver = threading.Thread(target=lambda: box.update(handle=ckpt.save(1, state)))
+        saver.start()  # plans (reused), then waits in acquire for the arena being created
+        held.go()
+        saver.join(120)
+        box["handle"].wait(60)
+        assert held.threads == ["ckptsvc-arena-warmup"]  # the save created none itself
+        assert len(segments(node)) == 1
+        assert box["handle"].timings.arena_wait_s >= 0
+    back = load_state(box["handle"].path)["model"]
+    assert_state_dicts_bitwise_equal(back, state["model"].state_dict())
+
+
+def test_close_waits_for_a_background_creation_and_leaves_no_arena(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = _HeldCreation(monkeypatch)
+    ckpt = AsyncCheckpointer(tmp_path)
+    ckpt.reserve(training_state(1))
+    assert held.started.wait(60)
+    closer = threading.Thread(target=ckpt.close)
+    closer.start()
+    held.go()
+    closer.join(120)
+    assert not closer.is_alive() and segments(node) == []
 
 
 def test_timings_are_reported(node: str, tmp_path: Path) -> None:

@@ -115,7 +115,13 @@ def test_targets_pass_fail_and_missing() -> None:
             0.12,
             2.9,
             rss_extra_bytes=int(1.05 * (1 << 30)),
-            extras={"arena_nbytes": 1 << 30},
+            extras={"arena_nbytes": 1 << 30, "first_blocking_s": 0.5},
+        ),
+        _row(
+            "ckptsvc_async_reserved",
+            0.12,
+            2.9,
+            extras={"arena_nbytes": 1 << 29, "first_blocking_s": 0.11, "warmup_s": 0.15},
         ),
         _row("dcp_async", 0.3, 5.0),
         _row("ckptsvc_save", 2.4, 2.6),
@@ -132,6 +138,11 @@ def test_targets_pass_fail_and_missing() -> None:
     assert verdicts["ckptsvc_save.GB/s / torch_save.GB/s"] == ("PASS", pytest.approx(2.9 / 2.6))
     assert verdicts["ckptsvc_load.GB/s / best raw read.GB/s"] == ("n/a", None)  # no load row
     assert verdicts["ckptsvc_async.RSS+ / arena bytes"] == ("PASS", pytest.approx(1.05))
+    assert verdicts["ckptsvc_async.first blocking / memcpy"] == ("FAIL", pytest.approx(5.0))
+    reserved = verdicts["ckptsvc_async_reserved.first blocking / memcpy"]
+    assert reserved == ("PASS", pytest.approx(1.1))
+    # per GiB: 0.15 s over a 0.5 GiB arena, against 0.1 s for 1 GiB of memcpy
+    assert verdicts["warm-up s/GiB / memcpy s/GiB"] == ("FAIL", pytest.approx(3.0))
     text = format_table(rows, evaluate_targets(rows), "title")
     assert "ckptsvc_async.blocking / memcpy <= 1.25" in text and "missing ckptsvc_load" in text
 
@@ -259,9 +270,12 @@ def test_full_run_json_is_complete_and_consistent(tmp_path: Path) -> None:
     assert rows["raw_write"]["extras"]["fsync_s"] == pytest.approx(
         rows["raw_write"]["durable_s"] - rows["raw_write"]["blocking_s"]
     )
-    for name in ("dcp_async", "ckptsvc_async"):
+    for name in ("dcp_async", "ckptsvc_async", "ckptsvc_async_reserved"):
         extras = rows[name]["extras"]
         assert 0 < extras["first_blocking_s"] <= extras["first_durable_s"], name
+    reserved = rows["ckptsvc_async_reserved"]["extras"]
+    assert reserved["reserve_blocking_s"] > 0 and reserved["warmup_s"] > 0
+    assert reserved["arena_count"] == 1 and reserved["shm_leaked_nbytes"] == 0
     assert rows["dcp_async"]["extras"]["mode"] in ("process", "thread")
     async_extras = rows["ckptsvc_async"]["extras"]
     assert async_extras["arena_nbytes"] >= nbytes  # the staging arena was seen in /dev/shm

@@ -44,6 +44,7 @@ from typing import TypeAlias
 from ckptsvc import hooks, knobs
 from ckptsvc.errors import ConfigError, WriterDiedError
 
+from .frame_blobs import SentBlobs
 from .identity import current_identity
 from .launch import (
     peer_pid,
@@ -125,6 +126,7 @@ class WriterClient:
         self._ping_every = max(0.05, min(5.0, self.timeout_s / 5))
         self._lock = threading.Lock()  # _pending, _progress, _urls, _alive, clocks
         self._send_lock = threading.Lock()  # one frame at a time on the socket
+        self._blobs = SentBlobs()  # save jobs' byte strings the writer holds (protocol 7)
         self._pending: dict[int, JobCallback] = {}
         self._progress: dict[int, Callable[[PieceDone], None]] = {}
         self._urls: dict[int, str] = {}
@@ -294,7 +296,7 @@ class WriterClient:
                 self._pending[job.job_id] = callback
                 self._urls[job.job_id] = job.ckpt_url
             try:
-                send_message(self._sock, job)
+                send_message(self._sock, job, blobs=self._blobs)
             except OSError as e:
                 if isinstance(e, TimeoutError):
                     self._declare_wedged(

@@ -56,6 +56,7 @@ from ckptsvc import knobs
 from ckptsvc.liveness import pid_alive
 from ckptsvc.workers.shm import ShmSegment, reclaim_stale_segments
 
+from .frame_blobs import ReceivedBlobs
 from .identity import current_identity
 from .job_runner import JobState, run_job
 from .launch import writer_log_path
@@ -167,8 +168,9 @@ class _Connection:
                 return
             self.hello = hello
             logger.info("trainer pid %d rank %d connected", hello.pid, hello.rank)
+            blobs = ReceivedBlobs()  # what this trainer's save jobs name (protocol 7)
             while True:
-                msg = recv_message(self.sock)
+                msg = recv_message(self.sock, blobs=blobs)
                 if msg is None:
                     break
                 if isinstance(msg, SaveJob):

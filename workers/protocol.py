@@ -29,7 +29,8 @@ directory, and even so a peer cannot make the other side run code. Errors travel
 :class:`ErrorInfo` (type name, message, URL), never as pickled exceptions. A
 ``FileJob``'s :class:`~ckptsvc.format.safetensors_stream.ShardLayout` travels as its header
 bytes and data size only (protocol 6): no per-tensor object is pickled, so a job of
-100,000 tensors is a few large byte strings.
+100,000 tensors is a few large byte strings; and a byte string of a save job the writer
+got before on this connection is sent by name (protocol 7, :mod:`.frame_blobs`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ckptsvc.errors import CheckpointError, InvalidStateError, SaveFailedError, 
 from ckptsvc.format.manifest import ComponentRecord, FileRecord
 from ckptsvc.format.safetensors_stream import ShardLayout, TensorEntry
 
+from .frame_blobs import ReceivedBlobs, SentBlobs
 from .options import WriterOptions
 
 __all__ = [
@@ -75,7 +77,7 @@ __all__ = [
     "send_message",
 ]
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAX_FRAME_BYTES = 1 << 30
 _LEN = struct.Struct("<Q")
 
@@ -412,10 +414,13 @@ def check_wire_safe(value: object, *, what: str) -> None:
         ) from e
 
 
-def send_message(sock: socket.socket, message: object) -> None:
-    """Send one frame. Callers serialise sends on a socket (one lock per connection)."""
-    payload = pickle.dumps(message, protocol=5)
-    sock.sendall(_LEN.pack(len(payload)) + payload)
+def send_message(sock: socket.socket, message: object, *, blobs: SentBlobs | None = None) -> None:
+    """Send one frame. Callers serialise sends on a socket (one lock per connection).
+    With ``blobs``, large byte strings the peer already holds are sent by name
+    (:mod:`~ckptsvc.workers.frame_blobs`)."""
+    payload = pickle.dumps(message, protocol=5) if blobs is None else blobs.dumps(message)
+    sock.sendall(_LEN.pack(len(payload)))
+    sock.sendall(payload)  # (not joined to the length: a save job's frame is megabytes)
 
 
 def _recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:
@@ -434,8 +439,9 @@ def _recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:
     return bytes(buf)
 
 
-def recv_message(sock: socket.socket) -> object | None:
-    """Receive one frame; ``None`` on a clean EOF between frames."""
+def recv_message(sock: socket.socket, *, blobs: ReceivedBlobs | None = None) -> object | None:
+    """Receive one frame; ``None`` on a clean EOF between frames. ``blobs``: the byte
+    strings this connection's peer sent before (frames that name one need it)."""
     head = _recv_exact(sock, _LEN.size)
     if head is None:
         return None
@@ -446,6 +452,9 @@ def recv_message(sock: socket.socket) -> object | None:
     if payload is None:
         raise ProtocolError("connection closed between a frame's length and its body")
     try:
-        return _Unpickler(io.BytesIO(payload)).load()
+        unpickler = _Unpickler(io.BytesIO(payload))
+        if blobs is not None:
+            unpickler.persistent_load = blobs.persistent_load  # type: ignore[method-assign]
+        return unpickler.load()
     except Exception as e:
         raise ProtocolError(f"undecodable frame from peer: {e}") from e

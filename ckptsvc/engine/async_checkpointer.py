@@ -401,13 +401,13 @@ class AsyncCheckpointer:
         """
         return self._snapshots.fence(timeout_s)
 
-    def reserve(self, state: Any) -> None:
-        """Optional warm-up: create every arena for ``state`` now, so the first saves pay
-        only the copy (creating costs ~3x a memcpy: 0.5 s/GiB against 0.15, design.md 7)."""
+    def reserve(self, state: Any, *, wait: bool = False) -> None:
+        """Plan ``state`` and create its arenas in the background unless ``wait`` (design.md 7)."""
         plans = self._plan(components_of_state(state), process_groups=None, user_metadata={})
-        nbytes = self._arena_plan_for([f for p in plans for f in p.files]).nbytes
-        streamed = self._budget.streams(nbytes)  # bigger than the budget: the ring
-        self._pool.reserve(self._budget.ring_nbytes if streamed else nbytes)
+        layout = self._arena_plan_for([f for p in plans for f in p.files])
+        _ = layout.program  # the copy program: built now, not by the first save
+        ring = self._budget.streams(layout.nbytes)  # bigger than the budget: the ring
+        self._pool.reserve(self._budget.ring_nbytes if ring else layout.nbytes, wait=wait)
 
     def wait_all(self, timeout_s: float | None = None) -> None:
         """Wait for every in-flight save; raise the first failure nobody has looked at yet."""

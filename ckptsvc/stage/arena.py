@@ -216,6 +216,7 @@ class ArenaPool:
         self._creating = 0
         self._closed = False
         self._swept = False
+        self._warmups: list[threading.Thread] = []  # background reserve() threads
 
     @property
     def names(self) -> list[str]:
@@ -265,9 +266,36 @@ class ArenaPool:
                 raise LifecycleError("the checkpointer is closed")
         return arena, waited
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, *, wait: bool = True) -> None:
         """Create free arenas of ``nbytes`` up to ``max_arenas`` now, replacing free ones that
-        are too small (busy ones are left alone), so that no later save pays for creation."""
+        are too small (busy ones are left alone), so that no later save pays for creation.
+
+        ``wait=False``: create them on a background thread (``ckptsvc-arena-warmup``) and
+        return at once. A save that needs an arena meanwhile waits in :meth:`acquire` only
+        for the rest of that creation (``timings.arena_wait_s``); if the background creation
+        fails (``/dev/shm`` full, say), it is logged and the save creates its arena itself,
+        raising the error there. :meth:`close` waits for a creation in progress."""
+        if wait:
+            self._reserve(nbytes)
+            return
+        thread = threading.Thread(
+            target=self._reserve_logged, args=(nbytes,), name="ckptsvc-arena-warmup", daemon=True
+        )
+        with self._cond:
+            if self._closed:
+                return
+            self._warmups = [t for t in self._warmups if t.is_alive()] + [thread]
+            thread.start()
+
+    def _reserve_logged(self, nbytes: int) -> None:
+        try:
+            self._reserve(nbytes)
+        except Exception as e:  # the next acquire creates the arena and raises it there
+            logger.warning(
+                "creating a %d-byte staging arena in the background failed: %s", nbytes, e
+            )
+
+    def _reserve(self, nbytes: int) -> None:
         size = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
         while True:
             with self._cond:
@@ -284,8 +312,12 @@ class ArenaPool:
                 with self._cond:
                     self._creating -= 1
                     self._creating_nbytes -= size
+                    self._cond.notify_all()  # an acquire waiting for this creation retries
             with self._cond:
                 self._all[arena.name] = arena
+                if self._closed:
+                    self._drop(arena)
+                    return
                 self._free.append(arena)
                 self._cond.notify_all()
 
@@ -340,10 +372,16 @@ class ArenaPool:
                 self._on_discard(arena.name)
 
     def close(self) -> None:
-        """Unlink every arena. Busy ones are unlinked too (their mapping lives on in the
-        writer until it finishes); their views are dropped when released."""
+        """Unlink every arena, after a background creation in progress (:meth:`reserve`)
+        ended. Busy ones are unlinked too (their mapping lives on in the writer until it
+        finishes); their views are dropped when released."""
         with self._cond:
             self._closed = True
+            warmups, self._warmups = self._warmups, []
+        for thread in warmups:
+            if thread is not threading.current_thread():
+                thread.join()
+        with self._cond:
             for arena in list(self._all.values()):
                 if arena.name in self._busy:
                     arena.segment.unlink()

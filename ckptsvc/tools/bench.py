@@ -97,6 +97,10 @@ METHODS: tuple[Method, ...] = (
     Method("ckptsvc_save", "save", "ckptsvc save_checkpoint", leaves=(_A["ckptsvc_save"],)),
     Method("ckptsvc_async", "save", "ckptsvc AsyncCheckpointer", leaves=("ckptsvc_async",)),
     Method(
+        "ckptsvc_async_reserved", "save", "ckptsvc AsyncCheckpointer, reserve() first",
+        leaves=("ckptsvc_async_reserved",),
+    ),
+    Method(
         "ckptsvc_dcp_save", "save", "DCP save, ckptsvc StorageWriter",
         leaves=(_A["ckptsvc_dcp_save"],),
     ),
