@@ -51,13 +51,15 @@ def test_a_thread_inside_a_torch_call_at_exit_aborts_the_interpreter(tmp_path: P
     assert "terminate called without an active exception" in proc.stderr
 
 
-def test_close_joins_commit_threads_so_two_ranks_exit_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "left-to-exit"])
+def test_commit_threads_are_joined_so_two_ranks_exit_cleanly(close: bool, tmp_path: Path) -> None:
     """Every rank's commit thread runs a metrics listener after its handle completed
     (listeners run on the emitting thread) and stays in torch calls for a while: the
-    ranks must still exit 0, and no commit thread may be alive once ``close`` returned."""
+    ranks must still exit 0, whether they close the checkpointer or leave it to the
+    interpreter's exit, and no commit thread may be alive once ``close`` returned."""
     runs = launch(
         "slow_listener",
-        {"root": str(tmp_path / "run"), "hold_s": 4.0},
+        {"root": str(tmp_path / "run"), "hold_s": 4.0, "close": close},
         world=2,
         node_prefix=f"exit-{uuid.uuid4().hex[:8]}",
         timeout_s=240,
@@ -65,5 +67,5 @@ def test_close_joins_commit_threads_so_two_ranks_exit_cleanly(tmp_path: Path) ->
     assert [r.returncode for r in runs] == [0, 0], describe(runs)
     for r in runs:
         assert r.result is not None, describe(runs)
-        assert r.result["commit_threads_after_close"] == [], describe(runs)
+        assert r.result.get("commit_threads_after_close", []) == [], describe(runs)
     assert "terminate called" not in "".join(r.output for r in runs), describe(runs)

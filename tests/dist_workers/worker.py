@@ -314,7 +314,8 @@ def slow_listener(a: dict[str, Any]) -> dict[str, Any]:
     """Save once with a metrics listener that keeps the commit thread inside torch calls
     (``torch.mm`` releases the GIL) for ``hold_s`` after the handle completed, then close
     and exit. A commit thread still inside such a call when the interpreter finalizes
-    aborts the process (rc -6): ``close`` must have joined it."""
+    aborts the process (rc -6): ``close`` (or, with ``close`` false, the exit) must have
+    joined it."""
     from ckptsvc import metrics
 
     square = torch.randn(128, 128)
@@ -324,12 +325,14 @@ def slow_listener(a: dict[str, Any]) -> dict[str, Any]:
         while time.monotonic() < deadline:
             torch.mm(square, square)
 
-    listener = metrics.add_listener(hold)
-    with AsyncCheckpointer(a["root"]) as ckpt:
-        handle = ckpt.save_components(1, [StateComponent("data", Box({"x": square}), SP.PER_RANK)])
-        handle.wait(120)
+    metrics.add_listener(hold)
+    ckpt = AsyncCheckpointer(a["root"])
+    handle = ckpt.save_components(1, [StateComponent("data", Box({"x": square}), SP.PER_RANK)])
+    handle.wait(120)
+    if not a["close"]:  # left to the interpreter's exit (AsyncCheckpointer's atexit hook)
+        return {"path": handle.path}
+    ckpt.close()
     alive = [t.name for t in threading.enumerate() if t.name.startswith("ckptsvc-commit")]
-    listener.remove()
     return {"path": handle.path, "commit_threads_after_close": alive}
 
 
