@@ -51,6 +51,7 @@ def test_a_thread_inside_a_torch_call_at_exit_aborts_the_interpreter(tmp_path: P
     assert "terminate called without an active exception" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("close", [True, False], ids=["closed", "left-to-exit"])
 def test_commit_threads_are_joined_so_two_ranks_exit_cleanly(close: bool, tmp_path: Path) -> None:
     """Every rank's commit thread runs a metrics listener after its handle completed
