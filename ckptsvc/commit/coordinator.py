@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,16 @@ EXIT_JOIN_S = 10.0
 #: every commit thread started in this process that may still run (pruned as they end)
 _THREADS: set[threading.Thread] = set()
 _THREADS_LOCK = threading.Lock()
+
+
+def _forget_threads_in_child() -> None:
+    """A forked child has none of its parent's threads (and the lock may have been held)."""
+    global _THREADS_LOCK
+    _THREADS_LOCK = threading.Lock()
+    _THREADS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
 @dataclass
