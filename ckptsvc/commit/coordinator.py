@@ -414,7 +414,7 @@ def join_commit_threads(threads: list[threading.Thread], timeout_s: float) -> li
 
     A commit thread spends its time in torch's store calls, which release the GIL. One
     that comes back from such a call while the interpreter finalizes cannot take the GIL
-    back: CPython 3.11-3.13 end the thread with ``pthread_exit``, whose unwinding reaches
+    back: CPython before 3.14 ends the thread with ``pthread_exit``, whose unwinding reaches
     a ``noexcept`` C++ destructor (pybind11's GIL guard), and ``std::terminate`` aborts
     the process ("terminate called without an active exception", exit status -6) after
     its work was done. So every commit thread is finished before the interpreter is: by
