@@ -11,10 +11,13 @@ nodes, not the ranks (design.md, "Scale").
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import itertools
 import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +42,24 @@ __all__ = [
     "PendingCommit",
     "default_store",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: how long interpreter exit waits for commit threads that no ``close`` joined
+EXIT_JOIN_S = 10.0
+#: every commit thread started in this process that may still run (pruned as they end)
+_THREADS: set[threading.Thread] = set()
+_THREADS_LOCK = threading.Lock()
+
+
+def _forget_threads_in_child() -> None:
+    """A forked child has none of its parent's threads (and the lock may have been held)."""
+    global _THREADS_LOCK
+    _THREADS_LOCK = threading.Lock()
+    _THREADS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
 @dataclass
@@ -166,6 +187,7 @@ class Coordinator:
         # rank 0: outcomes not yet read by every rank, with how many ranks must read them
         # and the keys rank 0 wrote, deleted with them (after a success only)
         self._unacked: list[tuple[Channel, int, tuple[str, ...]]] = []
+        self._threads: list[threading.Thread] = []  # this coordinator's commit threads
         digest = hashlib.sha256(root.encode()).hexdigest()[:12]
         self._prefix = f"ckptsvc/{digest}"
         if self._store is not None:
@@ -179,13 +201,20 @@ class Coordinator:
 
     def close(self, timeout_s: float | None = None) -> None:
         """Rank 0: wait (bounded) until every live rank has read the outcomes, so that
-        exiting, which takes the store down with it, cannot fail another rank's handle."""
+        exiting, which takes the store down with it, cannot fail another rank's handle.
+        Every rank: join the commit threads (bounded the same way): a handle completes
+        before its thread has finished (metrics listeners, the store connection's
+        teardown), and a thread still inside a torch call when the interpreter finalizes
+        aborts the process (see :func:`join_commit_threads`)."""
         limit_s = min(30.0, knobs.COMMIT_TIMEOUT_S.get(self._timeout_s))
         deadline = time.monotonic() + (limit_s if timeout_s is None else timeout_s)
         delay = 0.005
         while self._sweep() and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(2 * delay, 0.2)
+        with self._lock:
+            threads, self._threads = self._threads, []
+        join_commit_threads(threads, max(0.0, deadline - time.monotonic()))
 
     def _sweep(self) -> int:
         """Delete the keys of outcomes every rank acknowledged; return how many remain."""
@@ -220,12 +249,20 @@ class Coordinator:
         on_done: Callable[[Any, BaseException | None], None],
         local_error: BaseException | None,
     ) -> None:
-        threading.Thread(
+        thread = threading.Thread(
             target=self._run,
             args=(pending, report, on_done, local_error),
             name=f"ckptsvc-commit-{pending.step}",
-            daemon=True,
-        ).start()
+            daemon=True,  # a rank whose peer died waits up to the commit timeout
+        )
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        with _THREADS_LOCK:
+            for t in [t for t in _THREADS if not t.is_alive()]:
+                _THREADS.discard(t)
+            _THREADS.add(thread)
+        thread.start()
 
     # ---- the background thread of one save --------------------------------------------------
 
@@ -419,6 +456,42 @@ class Coordinator:
             f"save of step {pending.step} to {pending.path} failed (rank 0's verdict): "
             f"{doc.get('error_type')}: {doc.get('error')}"
         )
+
+
+def join_commit_threads(threads: list[threading.Thread], timeout_s: float) -> list[str]:
+    """Join ``threads`` within ``timeout_s`` in all; return the names of those still running.
+
+    A commit thread spends its time in torch's store calls, which release the GIL. One
+    that comes back from such a call while the interpreter finalizes cannot take the GIL
+    back: CPython before 3.14 ends the thread with ``pthread_exit``, whose unwinding reaches
+    a ``noexcept`` C++ destructor (pybind11's GIL guard), and ``std::terminate`` aborts
+    the process ("terminate called without an active exception", exit status -6) after
+    its work was done. So every commit thread is finished before the interpreter is: by
+    ``close`` and, for a checkpointer never closed, at exit (``EXIT_JOIN_S``)."""
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        if t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive() and t is not threading.current_thread()]
+    if alive:
+        logger.warning(
+            "commit threads %s still running after %.1f s (a save whose outcome is still "
+            "awaited); if the interpreter exits while one is inside a store call, the "
+            "process aborts at exit",
+            alive,
+            timeout_s,
+        )
+    return alive
+
+
+@atexit.register
+def _join_at_exit() -> None:
+    """The last ``atexit`` callback of ckptsvc (registered first): commit threads of
+    checkpointers never closed, joined while the interpreter is whole."""
+    with _THREADS_LOCK:
+        threads = [t for t in _THREADS if t.is_alive()]
+    if threads:
+        join_commit_threads(threads, EXIT_JOIN_S)
 
 
 def _outcome(error: BaseException | None) -> bytes:

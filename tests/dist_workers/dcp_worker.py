@@ -133,9 +133,11 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    # The result is out and the group is down. Skip interpreter teardown: gloo's and the
-    # device mesh's C++ threads are sometimes still joinable when static destructors run,
-    # and std::terminate then aborts an exit whose work was complete (rc -6, seen in CI).
+    # The result is out and the group is down. Skip interpreter teardown: no ckptsvc
+    # thread is alive here, but gloo's threads are (the device mesh still holds the
+    # group), and one that needs the GIL while the interpreter finalizes aborts an exit
+    # whose work was complete (rc -6, seen once in CI; design.md section 12). ckptsvc's
+    # own exit is tested without this shortcut (test_clean_exit.py, the docs samples).
     sys.stdout.flush()
     os._exit(0)
 

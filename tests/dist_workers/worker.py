@@ -14,6 +14,8 @@ import os
 import random
 import signal
 import sys
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -308,7 +310,34 @@ def replicated_bench(a: dict[str, Any]) -> dict[str, Any]:
     return {"times": times}
 
 
+def slow_listener(a: dict[str, Any]) -> dict[str, Any]:
+    """Save once with a metrics listener that keeps the commit thread inside torch calls
+    (``torch.mm`` releases the GIL) for ``hold_s`` after the handle completed, then close
+    and exit. A commit thread still inside such a call when the interpreter finalizes
+    aborts the process (rc -6): ``close`` (or, with ``close`` false, the exit) must have
+    joined it."""
+    from ckptsvc import metrics
+
+    square = torch.randn(128, 128)
+
+    def hold(event: metrics.SaveEvent) -> None:
+        deadline = time.monotonic() + a["hold_s"]
+        while time.monotonic() < deadline:
+            torch.mm(square, square)
+
+    metrics.add_listener(hold)
+    ckpt = AsyncCheckpointer(a["root"])
+    handle = ckpt.save_components(1, [StateComponent("data", Box({"x": square}), SP.PER_RANK)])
+    handle.wait(120)
+    if not a["close"]:  # left to the interpreter's exit (AsyncCheckpointer's atexit hook)
+        return {"path": handle.path}
+    ckpt.close()
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("ckptsvc-commit")]
+    return {"path": handle.path, "commit_threads_after_close": alive}
+
+
 SCENARIOS = {
+    "slow_listener": slow_listener,
     "replicated_bench": replicated_bench,
     "without_store": without_store,
     "replicated_job": replicated_job,
