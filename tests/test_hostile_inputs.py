@@ -29,6 +29,7 @@ from ckptsvc.errors import CheckpointError, CorruptCheckpointError
 from ckptsvc.format.manifest import MANIFEST_NAME, Manifest, check_relpath
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, parse_header
 from ckptsvc.read.loading import read_safetensors
+from ckptsvc.read.regions import RegionReader
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.sharded_checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
@@ -497,3 +498,16 @@ def test_no_pickle_is_loaded_without_weights_only() -> None:
         o for p in files for o in pickle_offenders(p.read_text(), p.relative_to(REPO).as_posix())
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_region_read_refuses_a_symlink_out_of_the_checkpoint(tmp_path: Path) -> None:
+    """A per-rank or sharded load reads headers through RegionReader: a shard that is a
+    symlink to a valid file outside the checkpoint is refused, not read."""
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.full((4,), 42.0)}, str(outside))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    name = "optimizer_state_rank_0.safetensors"
+    os.symlink(outside, ckpt / name)
+    with pytest.raises(CorruptCheckpointError, match="outside the checkpoint"):
+        RegionReader(Location.parse(str(ckpt))).header(name)

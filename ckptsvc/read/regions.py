@@ -22,7 +22,7 @@ from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.format.manifest import Manifest
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
-from ckptsvc.read.loading import read_safetensors_header
+from ckptsvc.read.loading import check_inside, read_safetensors_header
 from ckptsvc.read.shard_read import read_shard
 from ckptsvc.stage.parts import DOC_META_KEY
 from ckptsvc.stage.sharded_plan import Piece
@@ -98,6 +98,7 @@ class RegionReader:
         layout = self._headers.get(file)
         if layout is None:
             loc = self._ckpt.join(file)
+            check_inside(self._ckpt, loc)  # as every loader does: never follow a link out
             layout, size = read_safetensors_header(loc)
             record = self._manifest.file(file) if self._manifest is not None else None
             if record is not None and record.nbytes != size:
