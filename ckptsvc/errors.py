@@ -20,6 +20,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "InvalidStateError",
     "LifecycleError",
+    "NodeCacheStalledError",
     "ReplicationMismatchError",
     "SaveFailedError",
     "SaveInFlightError",
@@ -92,6 +93,12 @@ class SaveInFlightError(IncompleteCheckpointError, TimeoutError):
     """A load waited for a save of this process to that root or path, and the save was
     still in flight when the wait's timeout ran out; the message names its step and path.
     The checkpoint is not committed yet, so this is also an ``IncompleteCheckpointError``."""
+
+
+class NodeCacheStalledError(CheckpointError, TimeoutError):
+    """A rank waited for another process of its node to download a replicated file into
+    the node cache (``CKPTSVC_NODE_CACHE_DIR``), and the download made no progress for
+    ``CKPTSVC_NODE_CACHE_STALL_S`` while its process lived; the message names the file."""
 
 
 class WriterDiedError(CheckpointError, RuntimeError):

@@ -243,6 +243,48 @@ MAPPED_READS = _knob(
     choices=("on", "off", "1", "0", "true", "false", "yes", "no"),
 )
 
+# --- node-local cache of replicated files (read/node_cache.py) ---------------------------
+NODE_CACHE = _knob(
+    "node_cache",
+    "auto",
+    "Node-local read-through cache of the replicated (and GLOBAL) files of remote "
+    "checkpoints: the first rank of a node downloads a file once, the node's other ranks "
+    "map the local copy. auto (object stores, more than one rank per node), on (object "
+    "stores, any job), off.",
+    choices=("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
+)
+NODE_CACHE_DIR = _knob(
+    "node_cache_dir",
+    "",
+    "Directory of the node cache ('' = /dev/shm/ckptsvc-node-cache-<uid> when /dev/shm "
+    "exists and holds at least 1 GiB, else the same name in the system temp dir; 'off' "
+    "disables the cache).",
+)
+NODE_CACHE_MAX_BYTES = _knob(
+    "node_cache_max_bytes",
+    0,
+    "Most bytes the node cache holds (0 = half of its filesystem's size); a download that "
+    "would exceed it evicts the least recently used unlocked entries first, and a file "
+    "that still does not fit is read directly.",
+    min_value=0,
+)
+NODE_CACHE_MAX_AGE_S = _knob(
+    "node_cache_max_age_s",
+    900.0,
+    "A process that adds an entry to the node cache deletes the entries of other "
+    "checkpoints not used for this long (never one another process holds).",
+    min_value=0,
+)
+NODE_CACHE_STALL_S = _knob(
+    "node_cache_stall_s",
+    120.0,
+    "A rank waiting for another rank's download into the node cache gives up (an error) "
+    "when the download made no progress for this long; a downloader that died releases "
+    "its lock at once and a waiter takes over.",
+    min_value=0,
+    min_inclusive=False,
+)
+
 # --- object stores ------------------------------------------------------------------------
 PART_SIZE_BYTES = _knob(
     "part_size_bytes",

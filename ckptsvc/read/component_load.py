@@ -43,6 +43,7 @@ from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.read.discovery import require_checkpoint_path, require_complete_checkpoint
 from ckptsvc.read.legacy import load_legacy_state
 from ckptsvc.read.loading import read_checked_doc
+from ckptsvc.read.node_cache import replicated_files
 from ckptsvc.read.regions import RegionReader
 from ckptsvc.stage.components import SharingPattern, StateComponent, check_unique_keys
 from ckptsvc.stage.flatten import flatten_state, is_dtensor, unflatten_state
@@ -296,11 +297,20 @@ def _read_component(
         raise CorruptCheckpointError(
             f"{ckpt.url}: component {c.key!r} instance {suffix!r} has no document"
         )
-    reader = RegionReader(ckpt, manifest=manifest)
-    doc = _read_doc(ckpt, doc_file, manifest=manifest, reader=reader)
-    tensors = _read_tensors(
-        ckpt, doc, _template(c, doc), reader, in_place=_loads_in_place(c.stateful)
-    )
+    files = replicated_files(  # one download per node of a replicated file (read.node_cache)
+        ckpt, manifest, sharing_pattern=rec.sharing_pattern,
+        sharded=bool(rec.metadata.get("ckptsvc", {}).get("sharded")),
+        local_world_size=info.local_world_size,
+    )  # fmt: skip
+    reader = RegionReader(ckpt, manifest=manifest, files=files)
+    try:
+        doc = _read_doc(ckpt, doc_file, manifest=manifest, reader=reader)
+        tensors = _read_tensors(
+            ckpt, doc, _template(c, doc), reader, in_place=_loads_in_place(c.stateful)
+        )
+    finally:
+        if files is not None:
+            files.close()
     logger.debug("read component %r from %s (%s)", c.key, ckpt.url, doc_file)
     return (unflatten_state(doc, tensors),)
 

@@ -23,6 +23,7 @@ from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.format.manifest import Manifest
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.loading import check_inside, read_safetensors_header
+from ckptsvc.read.node_cache import CachedFiles
 from ckptsvc.read.shard_read import read_shard
 from ckptsvc.stage.parts import DOC_META_KEY
 from ckptsvc.stage.sharded_plan import Piece
@@ -80,8 +81,10 @@ class RegionReader:
         *,
         manifest: Manifest | None = None,
         headers: dict[str, ShardLayout] | None = None,
+        files: CachedFiles | None = None,
     ) -> None:
         self._ckpt = ckpt
+        self._files = files  # the node cache's copies of replicated files (read.node_cache)
         self._manifest = manifest
         self._headers: dict[str, ShardLayout] = {} if headers is None else headers  # shared cache
         self._extents: dict[str, list[tuple[int, memoryview]]] = {}
@@ -94,11 +97,16 @@ class RegionReader:
         """Bytes the next ``run`` reads (before coalescing of nearby ranges)."""
         return sum(v.nbytes for extents in self._extents.values() for _, v in extents)
 
+    def _source(self, file: str) -> Location:
+        """Where ``file`` is read from: its node cache copy, else the checkpoint."""
+        return self._files.location(file) if self._files is not None else self._ckpt.join(file)
+
     def header(self, file: str) -> ShardLayout:
         layout = self._headers.get(file)
         if layout is None:
             loc = self._ckpt.join(file)
             check_inside(self._ckpt, loc)  # as every loader does: never follow a link out
+            loc = self._source(file)
             layout, size = read_safetensors_header(loc)
             record = self._manifest.file(file) if self._manifest is not None else None
             if record is not None and record.nbytes != size:
@@ -223,9 +231,10 @@ class RegionReader:
     def _read_whole(self, file: str) -> dict[str, torch.Tensor]:
         """One pass over ``file`` for its whole tensors (read_shard); the file's CRC-32C is
         checked beside the read unless regions of it are read separately."""
-        loc = self._ckpt.join(file)
         layout = self.header(file)
+        loc = self._source(file)
         record = self._manifest.file(file) if self._manifest is not None else None
+        checked = self._files is not None and self._files.verified(file)  # on download
         wanted = self._whole[file]
         got = read_shard(
             loc, layout,
@@ -233,7 +242,9 @@ class RegionReader:
             names=list(wanted),
             destinations={k: v for k, v in wanted.items() if v is not None},
             expected_crc32c=(
-                record.crc32c if record is not None and file not in self._extents else None
+                record.crc32c
+                if record is not None and file not in self._extents and not checked
+                else None
             ),
         )  # fmt: skip
         return got.tensors
@@ -250,7 +261,7 @@ class RegionReader:
             if is_whole:
                 whole.update(self._read_whole(file))
             else:
-                self._ckpt.join(file).read_scattered(self._extents[file])
+                self._source(file).read_scattered(self._extents[file])
 
         threads = max(1, min(knobs.IO_THREADS.get(), len(jobs)))
         if threads == 1:
