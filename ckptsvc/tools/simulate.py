@@ -23,7 +23,9 @@ report to rank 0's wake, to its outcome published, and to its handle completed; 
 time of rank 0's commit thread from its wake to the outcome and its decode + merge (the
 ``commit.phase`` hook); object-store requests (counted in the S3 client, retries included: by method,
 writes, and the most writes under one prefix); per resume: discovery requests, load
-requests, bytes of JSON metadata read per rank. Nothing here is timed against a target:
+requests (in all and per rank), GETs of the replicated model's shard (each simulated
+node of 8 ranks has a node cache directory of its own, ``read.node_cache``: one GET per
+node), bytes of JSON metadata read per rank. Nothing here is timed against a target:
 the table is for comparing runs and ranks counts within one run.
 """
 
@@ -54,6 +56,7 @@ from ckptsvc.commit.target import claim_target
 from ckptsvc.engine.jobs import commit_info, pending_commit
 from ckptsvc.ranks import RankInfo
 from ckptsvc.read.component_load import load_state
+from ckptsvc.read.node_cache import cache_dir_override
 from ckptsvc.stage.component_plan import plan_components
 from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.stage.save_handle import SaveHandle, SaveTimings
@@ -99,6 +102,8 @@ class SimResult:
     max_writes_one_prefix: float
     discovery_requests: int
     load_requests: int
+    load_requests_per_rank: float
+    replicated_shard_gets: int  # GETs of the REPLICATED model's shard(s) at load (per job)
     metadata_bytes_per_rank: float
     json_bytes_per_rank: float  # the JSON objects alone (what this column counted before)
     checkpoints_at_resume: int
@@ -371,12 +376,15 @@ def simulate(
                     f"ranks resolved different checkpoints: {sorted(set(map(str, paths)))}"
                 )
             requests.reset_records()
-            list(
-                pool.map(
-                    lambda r: load_state(latest, storage_options=opts, rank=r.info.rank),
-                    job.ranks,
-                )
-            )
+
+            def load(r: SimRank) -> None:
+                # each simulated node its own node cache (read.node_cache): its ranks are
+                # threads of this process, like every other node's
+                node_dir = os.path.join(workdir, f"node-cache-{r.info.node_index}")
+                with cache_dir_override(node_dir):
+                    load_state(latest, storage_options=opts, rank=r.info.rank)
+
+            list(pool.map(load, job.ranks))
             loads = requests.records()
         meta, json_meta = _metadata_bytes(loads, sizes, opts)
         ckpts = {p.split("/checkpoint-")[1].split("/")[0] for p in sizes if "/checkpoint-" in p}
@@ -402,6 +410,13 @@ def simulate(
         max_writes_one_prefix=mean("prefix"),
         discovery_requests=discovery,
         load_requests=len(loads),
+        load_requests_per_rank=len(loads) / ranks,
+        replicated_shard_gets=sum(
+            1
+            for x in loads
+            if x.method == "GET" and x.path.rsplit("/", 1)[-1].startswith("model-")
+            and x.path.endswith(".safetensors")
+        ),  # fmt: skip
         metadata_bytes_per_rank=meta / ranks,
         json_bytes_per_rank=json_meta / ranks,
         checkpoints_at_resume=len(ckpts),
@@ -425,6 +440,8 @@ _COLUMNS = (
     ("max_writes_one_prefix", "max writes one prefix"),
     ("discovery_requests", "discovery requests/job"),
     ("load_requests", "load requests"),
+    ("load_requests_per_rank", "load requests/rank"),
+    ("replicated_shard_gets", "replicated shard GETs/job"),
     ("metadata_bytes_per_rank", "metadata B read/rank"),
     ("json_bytes_per_rank", "of which JSON B/rank"),
 )
