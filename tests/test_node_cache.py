@@ -128,9 +128,7 @@ def test_four_processes_of_a_node_fetch_the_replicated_shard_once(
     assert all(len(torch.load(o)["shard_requests"]) >= 1 for o in outs)
 
 
-def test_a_killed_downloader_is_taken_over(
-    node: str, s3_root: StorageRoot, tmp_path: Path
-) -> None:
+def test_a_killed_downloader_is_taken_over(node: str, s3_root: StorageRoot, tmp_path: Path) -> None:
     path = _save(s3_root, 1, seed=2)
     cache = tmp_path / "cache"
     first = _start(path, s3_root, tmp_path / "first.pt", _child_env(cache, 0), mode="hang")

@@ -314,7 +314,9 @@ class NodeCache:
             raise
         finally:
             os.close(fd)
-        logger.debug("node cache: downloaded %s (%d bytes) into %s", original.url, record.nbytes, data)
+        logger.debug(
+            "node cache: downloaded %s (%d bytes) into %s", original.url, record.nbytes, data
+        )
         return True
 
     @staticmethod

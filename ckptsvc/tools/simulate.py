@@ -414,9 +414,10 @@ def simulate(
         replicated_shard_gets=sum(
             1
             for x in loads
-            if x.method == "GET" and x.path.rsplit("/", 1)[-1].startswith("model-")
+            if x.method == "GET"
+            and x.path.rsplit("/", 1)[-1].startswith("model-")
             and x.path.endswith(".safetensors")
-        ),  # fmt: skip
+        ),
         metadata_bytes_per_rank=meta / ranks,
         json_bytes_per_rank=json_meta / ranks,
         checkpoints_at_resume=len(ckpts),
