@@ -66,8 +66,10 @@ import os
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -431,6 +433,16 @@ settings.register_profile("fast", max_examples=25, deadline=None)
 def pytest_configure(config: pytest.Config) -> None:
     fast = "not slow" in (config.option.markexpr or "")
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("fast" if fast else "full"))
+    if not os.environ.get("CKPTSVC_NODE_CACHE_DIR"):  # multi-rank S3 loads: not /dev/shm
+        os.environ["CKPTSVC_NODE_CACHE_DIR"] = _NODE_CACHE_DIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_NODE_CACHE_DIR, ignore_errors=True)
+
+
+# the node cache (read/node_cache.py) of this test session and its subprocesses
+_NODE_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"ckptsvc-test-node-cache-{os.getpid()}")
 
 
 def _root_backend(item: pytest.Item) -> str | None:
