@@ -22,7 +22,7 @@ import torch
 from conftest import StorageRoot
 
 from ckptsvc import AsyncCheckpointer
-from ckptsvc.errors import NodeCacheStalledError
+from ckptsvc.errors import CorruptCheckpointError, NodeCacheStalledError
 from ckptsvc.format.manifest import MANIFEST_NAME, FileRecord
 from ckptsvc.read.component_load import load_state
 from ckptsvc.read.node_cache import entry_name
@@ -188,17 +188,50 @@ def test_off_and_an_unusable_directory_read_directly(
     assert len(warned) == 1 and "a-file" in warned[0].getMessage()  # once
 
 
-def test_a_waiter_gives_up_on_a_live_holder_without_progress(
+def test_auto_leaves_a_single_rank_per_node_alone(
     node: str, s3_root: StorageRoot, on: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _save(s3_root, 1, seed=6)
-    ckpt = Location.parse(path, s3_root.storage_options)
+    path = _save(s3_root, 1, seed=7)
+    monkeypatch.setenv("CKPTSVC_NODE_CACHE", "auto")
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _equal(load_state(path, storage_options=s3_root.storage_options)["model"], _model(7))
+    assert not _entries(on)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _equal(load_state(path, storage_options=s3_root.storage_options)["model"], _model(7))
+    assert len(_entries(on)) == 1
+
+
+def _shard(ckpt: Location) -> FileRecord:
     manifest = json.loads(ckpt.join(MANIFEST_NAME).read_bytes())
     (rel, info), = [
         (k, v) for k, v in manifest["metadata"]["ckptsvc"]["files"].items()
         if k.endswith(".safetensors")
     ]  # fmt: skip
-    record = FileRecord(rel, int(info["nbytes"]), str(info["crc32c"]))
+    return FileRecord(rel, int(info["nbytes"]), str(info["crc32c"]))
+
+
+def test_a_damaged_object_is_an_error_and_is_not_cached(
+    node: str, s3_root: StorageRoot, on: Path
+) -> None:
+    path = _save(s3_root, 1, seed=8)
+    ckpt = Location.parse(path, s3_root.storage_options)
+    shard = ckpt.join(_shard(ckpt).path)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    shard.publish(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="CRC-32C"):
+        load_state(path, storage_options=s3_root.storage_options)
+    assert not _entries(on) and not _entries(on, ".tmp-*")
+
+
+def test_a_waiter_gives_up_on_a_live_holder_without_progress(
+    node: str, s3_root: StorageRoot, on: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _save(s3_root, 1, seed=6)
+    ckpt = Location.parse(path, s3_root.storage_options)
+    record = _shard(ckpt)
     on.mkdir()
     fd = os.open(on / (entry_name(ckpt.url, record) + ".lock"), os.O_RDWR | os.O_CREAT)
     try:
