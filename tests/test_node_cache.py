@@ -33,7 +33,7 @@ from ckptsvc.storage import Location
 # A loading process: load_state with a counting S3 client; writes the model and the
 # requests that named the model's shard to argv[3].
 CHILD = r"""
-import json, sys, time
+import json, logging, sys, time
 import torch
 from ckptsvc.read.component_load import load_state
 from ckptsvc.tools.simulate_probes import RequestLog
@@ -41,6 +41,9 @@ from ckptsvc.storage import Location
 
 path, opts, out, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 log = RequestLog(path, opts)
+handler = logging.FileHandler(out + ".log")
+logging.getLogger("ckptsvc.read.node_cache").addHandler(handler)
+logging.getLogger("ckptsvc.read.node_cache").setLevel(logging.DEBUG)
 if mode == "hang":  # hold the entry's lock mid-download until killed
     real = Location.read_scattered
     def hang(self, extents, **kw):
@@ -139,8 +142,12 @@ def test_a_killed_downloader_is_taken_over(node: str, s3_root: StorageRoot, tmp_
             time.sleep(0.05)
         assert len(_entries(cache, ".tmp-*")) == 1 and not _entries(cache)  # a half download
         second = _start(path, s3_root, tmp_path / "second.pt", _child_env(cache, 1))
-        time.sleep(1.0)
-        assert second.poll() is None  # waiting for the lock holder
+        waiting = tmp_path / "second.pt.log"
+        while "waiting for another process" not in (
+            waiting.read_text() if waiting.exists() else ""
+        ):
+            assert second.poll() is None and time.monotonic() < deadline  # it waits on the lock
+            time.sleep(0.05)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)

@@ -279,6 +279,8 @@ class NodeCache:
             os.close(fd)
             progress = _progress(data)
             now = time.monotonic()
+            if seen == -1:
+                logger.debug("node cache: waiting for another process's download of %s", data)
             if progress != seen:
                 seen, since = progress, now
             elif now - since > stall_s:
