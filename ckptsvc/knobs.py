@@ -256,9 +256,9 @@ NODE_CACHE = _knob(
 NODE_CACHE_DIR = _knob(
     "node_cache_dir",
     "",
-    "Directory of the node cache ('' = /dev/shm/ckptsvc-node-cache-<uid> when /dev/shm "
-    "exists and holds at least 1 GiB, else the same name in the system temp dir; 'off' "
-    "disables the cache).",
+    "Directory of the node cache ('' = ckptsvc-node-cache-<uid> in the system temp dir; "
+    "a tmpfs such as /dev/shm is faster but holds the copies in memory the kernel cannot "
+    "reclaim; 'off' disables the cache).",
 )
 NODE_CACHE_MAX_BYTES = _knob(
     "node_cache_max_bytes",

@@ -3,7 +3,7 @@
 Every rank loads a REPLICATED (or GLOBAL) component whole, so without this each rank of
 a job fetches the same objects: 10,000 ranks, 10,000 GETs of the model's shards. Here the
 first rank of a node to need such a file downloads it once into a node-local directory
-(``CKPTSVC_NODE_CACHE_DIR``: ``/dev/shm`` when it is big enough, else the temp dir), and
+(``CKPTSVC_NODE_CACHE_DIR``, default the system temp dir), and
 the node's other ranks wait for it and read the local copy through the local load path
 (a private mapping of the file: the page cache holds one copy for the whole node).
 Loads stay non-collective: the processes of a node coordinate through the filesystem
@@ -40,8 +40,8 @@ other checkpoints not used (``.data`` mtime, touched on each use) for
 exceed ``CKPTSVC_NODE_CACHE_MAX_BYTES`` (0: half its filesystem) or leave less than 5 %
 of its filesystem free. An entry whose lock another process holds (reading or
 downloading) is never deleted. A file that still does not fit is read directly. A copy
-stays in the cache after the load until a later download evicts it: on ``/dev/shm``
-that is memory (set ``CKPTSVC_NODE_CACHE_DIR`` to a disk directory to avoid it).
+stays in the cache after the load until a later download evicts it: disk space and
+reclaimable page cache in the default directory, memory on a tmpfs such as ``/dev/shm``.
 
 Any local failure of the cache (a directory that cannot be created or written, a full
 filesystem, another user's default directory) makes the rank read the file directly,
@@ -91,7 +91,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MIN_SHM_BYTES = 2**30  # /dev/shm smaller than this (a container's 64 MiB): the temp dir
 _FREE_RESERVE = 20  # keep 1/20 of the cache's filesystem free
 _POLL_MAX_S = 0.05
 _ON = {"auto": "auto", "on": "on", "1": "on", "true": "on", "yes": "on",
@@ -116,15 +115,11 @@ def cache_dir_override(path: str) -> Iterator[None]:
 
 
 def default_cache_dir() -> str:
-    """``/dev/shm/ckptsvc-node-cache-<uid>`` when ``/dev/shm`` is a writable directory of at
-    least 1 GiB, else the same name in the system temp dir."""
-    name = f"ckptsvc-node-cache-{os.getuid()}"
-    shm = "/dev/shm"
-    with contextlib.suppress(OSError):
-        st = os.statvfs(shm)
-        if os.access(shm, os.W_OK | os.X_OK) and st.f_blocks * st.f_frsize >= _MIN_SHM_BYTES:
-            return os.path.join(shm, name)
-    return os.path.join(tempfile.gettempdir(), name)
+    """``ckptsvc-node-cache-<uid>`` in the system temp dir (``TMPDIR``). Not ``/dev/shm``
+    by default: a copy there is memory the kernel cannot reclaim for as long as it stays
+    in the cache, where a disk file's pages are page cache (point
+    ``CKPTSVC_NODE_CACHE_DIR`` at ``/dev/shm`` to trade that memory for speed)."""
+    return os.path.join(tempfile.gettempdir(), f"ckptsvc-node-cache-{os.getuid()}")
 
 
 def entry_name(ckpt_url: str, record: FileRecord) -> str:
