@@ -47,6 +47,7 @@ from ckptsvc.errors import ConfigError, InvalidStateError
 from ckptsvc.format.hf_files import cached_pretrained_files
 from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
     FilePlan,
     TensorSpec,
     assign_shards,
@@ -116,7 +117,9 @@ def split_by_bytes(specs: Sequence[TensorSpec], ways: int) -> list[list[TensorSp
 
 
 def _file_name(key: str, suffix: str, number: int, count: int) -> str:
-    if key == MODEL_KEY and not suffix:
+    if key == MODEL_KEY and not suffix:  # as transformers' save_pretrained names them
+        if count == 1:
+            return SAFE_WEIGHTS_NAME
         return f"model-{number:05}-of-{count:05}.safetensors"
     if count == 1:
         return f"{base_name(key)}{suffix}.safetensors"
@@ -202,7 +205,9 @@ def _plan_plain(
             s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]}
             for s in specs
         }
-        indexed = c.key == MODEL_KEY and not suffix and specs
+        # several model shards get the HF index; one is model.safetensors alone (as
+        # transformers writes it): its tied groups are in the document, in its header
+        indexed = c.key == MODEL_KEY and not suffix and len(set(file_of.values())) > 1
         inputs = DocInputs(
             doc_name(c.key, suffix),
             tensors,
@@ -437,12 +442,12 @@ def _plan_flat(
 def fold_document(plan: ComponentPlan) -> ComponentPlan:
     """``plan`` with its instance document moved into the ``__metadata__`` of its first
     written tensor file (by name; not a file of frozen tensors that an incremental save
-    may take from an older checkpoint), when the instance has a suffix (per rank, node or
-    group) and such a file, and the document is at most ``MAX_FOLDED_DOC_BYTES``: one
-    object per instance instead of two. Other plans as they are (the model's HF files and
-    the GLOBAL/REPLICATED documents keep their names)."""
+    may take from an older checkpoint), when this rank publishes the document (any
+    pattern: GLOBAL, REPLICATED, per rank, node or group) and writes such a file, and the
+    document is at most ``MAX_FOLDED_DOC_BYTES``: one object per instance instead of two.
+    Other plans as they are (a component without tensors keeps ``<key>_state.json``)."""
     inputs, part = plan.doc_inputs, plan.part
-    if inputs is None or not part.instance or inputs.doc_file not in plan.docs:
+    if inputs is None or part.instance is None or inputs.doc_file not in plan.docs:
         return plan
     if len(plan.docs[inputs.doc_file]) > MAX_FOLDED_DOC_BYTES:
         return plan
