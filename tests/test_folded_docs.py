@@ -1,8 +1,9 @@
 """A per-rank instance is one object (issue 16): its component document travels in its
 first tensor file's safetensors header (``__metadata__["ckptsvc_component"]``), not in a
-``<key>_state_rank_<r>.json`` beside it; an instance without tensors keeps its JSON file;
-the model's HF files are untouched. Older checkpoints (separate JSON documents, written by
-main at 7eefc68: ``tests/golden/per_rank_json_docs``) still verify and load.
+``<key>_state_rank_<r>.json`` beside it (so does a GLOBAL or REPLICATED instance's: the
+model's is in ``model.safetensors``); an instance without tensors keeps its JSON file.
+Older checkpoints (separate JSON documents, written by main at 7eefc68:
+``tests/golden/per_rank_json_docs``) still verify and load.
 
 ``node`` (tests/conftest.py): a private node writer per test, checked for leaks.
 """
@@ -86,9 +87,7 @@ def test_a_per_rank_instance_with_tensors_is_one_standard_safetensors_file(
     assert listing == [
         MANIFEST_NAME,
         "counter_state_rank_0.json",  # no tensors: its document stays a file
-        "model-00001-of-00001.safetensors",  # the model's HF files as before
-        "model.safetensors.index.json",
-        "model_state.json",
+        "model.safetensors",  # REPLICATED: its document in its header too, no index
         "optimizer_state_rank_0.safetensors",  # the document is inside
     ]
     manifest = manifest_of(path)
