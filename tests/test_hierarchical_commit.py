@@ -220,8 +220,9 @@ def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
 ) -> None:
     """16 ranks save ``simulate``'s state (a small REPLICATED model, a PER_RANK optimizer)
     on S3: one object per rank (its shard, its document inside), one object for the model
-    (too small to split over writers), and the constant: the model's document and HF
-    index, the manifest, the in-progress marker's PUT and DELETE, the ``latest`` pointer."""
+    (too small to split over writers: ``model.safetensors``, its document inside, no HF
+    index), and the constant: the manifest, the in-progress marker's PUT and DELETE, the
+    ``latest`` pointer. N + 5 in all."""
     opts = s3_root.storage_options
     with ThreadPoolExecutor(16) as pool:
         job = SimulatedJob(ranks=16, ranks_per_node=4, root=s3_root.url, opts=opts)
@@ -239,13 +240,11 @@ def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
         ("POST", "?delete"),  # the marker's removal (DeleteObjects)
         ("PUT", ".ckptsvc-in-progress"),
         ("PUT", "checkpoint_manifest.json"),
-        ("PUT", "model-00001-of-00001.safetensors"),
-        ("PUT", "model.safetensors.index.json"),
-        ("PUT", "model_state.json"),
+        ("PUT", "model.safetensors"),
         ("PUT", "ckptsvc-latest.json"),  # the latest pointer, beside the checkpoints
     ]
     assert writes == sorted(per_rank + constant)
-    assert len(writes) == 16 + 7
+    assert len(writes) == 16 + 5
 
 
 def test_a_replicated_component_is_written_by_one_rank_per_64_mib() -> None:

@@ -22,16 +22,18 @@ PER_NODE        ``_node_<node index>``     local rank 0 of each node
 DTensor inside  ``""``                     every rank its local shards (``-rank<r>`` files)
 ==============  =========================  ===============================================
 
-Tensor files: ``model-<i>-of-<n>.safetensors`` (HF, plus ``model.safetensors.index.json``)
-for an unsharded model; ``<base><suffix>.safetensors`` or ``<base><suffix>-<i>-of-<n>``
-otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for sharded state. Every instance
-has one JSON document: the non-tensor skeleton plus
+Tensor files: for an unsharded model as transformers' ``save_pretrained`` writes them,
+``model.safetensors`` in one shard, else ``model-<i>-of-<n>.safetensors`` plus
+``model.safetensors.index.json``; ``<base><suffix>.safetensors`` or
+``<base><suffix>-<i>-of-<n>`` otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for
+sharded state. Every instance has one JSON document: the non-tensor skeleton plus
 ``tensors`` = ``{fqn: {"dtype", "shape", "file"}}`` or, for sharded state,
-``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``. It is the
-file ``<key>_state<suffix>.json``, except for an instance with a suffix (per rank, node or
-group) that has tensor files: there it is the string ``__metadata__["ckptsvc_component"]``
-of its first tensor file's safetensors header (:func:`fold_document`), so such an
-instance is one object; the manifest names that file as the instance's ``doc``.
+``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``. For an
+instance with tensor files it is the string ``__metadata__["ckptsvc_component"]`` of its
+first tensor file's safetensors header (:func:`fold_document`), so the instance is its
+tensor files alone; the manifest names that file as the instance's ``doc``. It is the file
+``<key>_state<suffix>.json`` for an instance without tensors, a document over
+``MAX_FOLDED_DOC_BYTES``, and sharded state (rank 0 merges that document at commit).
 """
 
 from __future__ import annotations
