@@ -27,6 +27,7 @@ from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.manifest import FORMAT_VERSION, MANIFEST_NAME, PLAIN_FORMAT_VERSION
 from ckptsvc.format.safetensors_stream import plan_shard, with_metadata
 from ckptsvc.read.component_load import load_components
+from ckptsvc.read.weights import load_checkpoint
 from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.stage.parts import DOC_META_KEY
 
@@ -222,3 +223,8 @@ def test_a_large_document_stays_a_file_of_its_own(
     assert verify_checkpoint(handle.path).ok
     opt, back = restored(handle.path)
     assert back.n == 4 and opt.param_groups[0]["lr"] == 0.5
+    # the model in one file keeps no index: its tied groups come from model_state.json
+    assert instance(manifest, "model", "")["doc"] == "model_state.json"
+    assert not Path(handle.path, "model.safetensors.index.json").exists()
+    weights = load_checkpoint(handle.path)
+    assert weights["head.weight"] is weights["embed.weight"]
