@@ -20,7 +20,7 @@ from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.format.manifest import Manifest, check_relpath
 from ckptsvc.format.safetensors_stream import ShardLayout
-from ckptsvc.read.loading import read_checked_doc
+from ckptsvc.read.loading import read_checked_doc, read_safetensors_header
 from ckptsvc.read.regions import RegionReader
 from ckptsvc.stage.parts import DOC_META_KEY, MODEL_KEY
 from ckptsvc.storage import Location
@@ -86,8 +86,11 @@ def model_param_sharing(
     document was too large for the header). ``[]`` for a file without either (a model
     written by another tool: transformers ties weights from its config)."""
     doc: Any = None
-    where = ckpt.join(file_name).url
-    text = (layout.metadata or {}).get(DOC_META_KEY) if layout is not None else None
+    loc = ckpt.join(check_relpath(file_name, where=ckpt.url))
+    where = loc.url
+    if layout is None:
+        layout, _ = read_safetensors_header(loc)
+    text = (layout.metadata or {}).get(DOC_META_KEY)
     if text is not None:
         doc = parse_json_doc(text.encode("utf-8"), where=where, what=_WHAT)
     else:
