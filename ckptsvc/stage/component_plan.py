@@ -273,7 +273,15 @@ def model_files(c: StateComponent, suffix: str) -> dict[str, bytes]:
 
 def add_component_files(c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]) -> None:
     """``c.files`` join the instance's small files; a name ckptsvc writes itself is refused."""
-    reserved = {*docs, *shards, MANIFEST_NAME, MARKER_NAME}
+    # the HF weight names too: a reader would take such a file for the model's weights
+    reserved = {
+        *docs,
+        *shards,
+        MANIFEST_NAME,
+        MARKER_NAME,
+        SAFE_WEIGHTS_NAME,
+        SAFE_WEIGHTS_INDEX_NAME,
+    }
     clash = sorted(set(c.files) & reserved)
     if clash:
         raise ConfigError(
