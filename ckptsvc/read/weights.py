@@ -375,6 +375,8 @@ def load_checkpoint(
 ) -> dict[str, Tensor] | None:
     """Load a checkpoint of any supported layout (sharded or single file, safetensors or
     torch). With ``module``, load into it and return ``None``; else return the tensors.
+    Tied groups come from the index (``metadata.param_sharing``), or, for a single
+    ``model.safetensors`` saved by ckptsvc, from the model's document (in its header).
 
     Raises :class:`CheckpointNotFoundError` if nothing is there (or ``model_dir`` is
     ``None``: no checkpoint found) and :class:`IncompleteCheckpointError` for a save that
