@@ -185,3 +185,32 @@ def test_read_document_and_param_sharing_name_what_is_wrong(node: str, tmp_path:
     )
     with pytest.raises(CorruptCheckpointError, match="param_sharing"):
         model_param_sharing(Location.parse(str(bad)), None, file_name=ONE)
+
+
+def test_a_reused_plan_folds_each_saves_global_documents(node: str, tmp_path: Path) -> None:
+    """The second ``save`` of the same state reuses the plans of the GLOBAL model and
+    optimizer; their headers carry that save's document (the lr), byte for byte what a
+    fresh checkpointer writes."""
+    from ckptsvc import hooks
+
+    state = golden_state()
+    opt = state["optimizer"]
+    seen: list[tuple[str, bool]] = []
+    remove = hooks.install("plan.component", lambda *, key, reused: seen.append((key, reused)))
+    try:
+        with AsyncCheckpointer(tmp_path / "run") as ckpt:
+            for step, lr in ((1, 0.5), (2, 0.25)):
+                opt.param_groups[0]["lr"] = lr
+                handle = ckpt.save(step, state)
+                handle.wait(60)
+    finally:
+        remove()
+    assert ("optimizer", True) in seen and ("model", True) in seen
+    with AsyncCheckpointer(tmp_path / "fresh") as fresh:
+        want = fresh.save(2, state)
+        want.wait(60)
+    for name in (ONE, "optimizer_state.safetensors"):
+        assert Path(handle.path, name).read_bytes() == Path(want.path, name).read_bytes(), name
+    doc = header_doc(Path(handle.path, "optimizer_state.safetensors"))
+    assert doc is not None and '"lr": 0.25' in json.dumps(doc["state"])
+    assert load_state(handle.path)["optimizer"]["param_groups"][0]["lr"] == 0.25
