@@ -41,8 +41,12 @@ def test_rank0_store_operations_grow_with_nodes_not_ranks(
             job.close()
             assert (tmp_path / f"r{ranks}" / "checkpoint-1" / MANIFEST_NAME).exists()
     # 8x the ranks, 8x the nodes: rank 0 never polls key by key and fetches node batches in
-    # multi_gets of 256, so its count stays the same (its own node's gathering included)
-    assert counts[64] <= counts[8] + 2, counts
+    # multi_gets of 256, so its count stays the same. Rank 0 gathers its own node's
+    # reports (5 operations more, measured at 8 ranks: 2 add, 2 set, 1 multi_get) only
+    # when it is its node's last rank to report, which the threads' order decides, not N
+    # (rank 0 no longer writes the model's index and document, so it is not always last)
+    node_gather = 5
+    assert counts[64] <= counts[8] + 2 + node_gather, counts
     assert counts[8] <= 20 + ranks_per_node, counts
 
 
