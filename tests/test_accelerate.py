@@ -72,11 +72,13 @@ def test_save_async_and_resume_with_identical_losses(
     assert manifest is not None
     assert {c.key for c in manifest.components} == COMPONENTS
     assert verify_checkpoint(infos[-1].url, deep=True).ok
-    # the weights are Hugging Face shards under their unwrapped names
-    index = json.loads(
-        (tmp_path / "run/checkpoints/checkpoint-8/model.safetensors.index.json").read_text()
-    )
-    assert sorted(index["weight_map"]) == ["0.bias", "0.weight", "3.bias", "3.weight"]
+    # the weights are Hugging Face's model.safetensors (one shard) under unwrapped names
+    from safetensors import safe_open
+
+    ckpt8 = tmp_path / "run/checkpoints/checkpoint-8"
+    assert not (ckpt8 / "model.safetensors.index.json").exists()
+    with safe_open(str(ckpt8 / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["0.bias", "0.weight", "3.bias", "3.weight"]
 
     second = train(root, seed=99, resume=root)["losses"]  # other initial weights
     assert _resumed(first, second, 8) == reference

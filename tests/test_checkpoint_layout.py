@@ -17,6 +17,7 @@ from torch import nn
 
 from ckptsvc import AsyncCheckpointer, load_state
 from ckptsvc.format.manifest import MANIFEST_NAME
+from ckptsvc.stage.parts import DOC_META_KEY
 
 GOLDEN = Path(__file__).parent / "golden" / "layout.json"
 REGENERATE = os.environ.get("CKPTSVC_REGENERATE_GOLDEN") == "1"
@@ -56,8 +57,18 @@ def layout_of(path: Path) -> dict[str, Any]:
             {k: c[k] for k in ("key", "sharing_pattern", "ranks", "size_bytes", "metadata")}
             for c in manifest["components"].values()
         ],
-        "index": json.loads((path / "model.safetensors.index.json").read_text()),
+        "model_header": _header_metadata(path / "model.safetensors"),
     }
+
+
+def _header_metadata(path: Path) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file, its document parsed."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta[DOC_META_KEY] = json.loads(meta[DOC_META_KEY])
+    return meta
 
 
 def test_layout_matches_the_golden_file(tmp_path: Path, node: str) -> None:
@@ -72,23 +83,24 @@ def test_layout_matches_the_golden_file(tmp_path: Path, node: str) -> None:
     want = json.loads(GOLDEN.read_text())
     assert got == want, "the checkpoint layout changed: update formats.md and regenerate"
     # the layout's promises, spelled out (the golden file could be regenerated wrongly)
-    assert got["listing"] == [
+    assert got["listing"] == [  # a model in one shard: model.safetensors, no index (HF)
         MANIFEST_NAME,
         "data_state.json",
-        "model-00001-of-00001.safetensors",
-        "model.safetensors.index.json",
-        "model_state.json",
-        "optimizer_state.json",
+        "model.safetensors",
         "optimizer_state.safetensors",
         "step_state.json",
     ]
-    assert sorted(got["index"]["weight_map"]) == [
-        "embed.weight",
-        "proj.bias",
-        "proj.weight",
-        "steps",
-    ]
-    assert got["index"]["metadata"]["param_sharing"] == [["embed.weight", "head.weight"]]
+    doc = got["model_header"][DOC_META_KEY]  # the model's document, in its header
+    assert got["model_header"]["format"] == "pt"
+    assert sorted(doc["tensors"]) == ["embed.weight", "proj.bias", "proj.weight", "steps"]
+    assert doc["param_sharing"] == [["embed.weight", "head.weight"]]
+    instances = {c["key"]: c["metadata"]["ckptsvc"]["instances"][""] for c in got["components"]}
+    assert {k: i["doc"] for k, i in instances.items()} == {
+        "model": "model.safetensors",
+        "optimizer": "optimizer_state.safetensors",
+        "step": "step_state.json",
+        "data": "data_state.json",
+    }
     assert [c["key"] for c in got["components"]] == ["model", "optimizer", "step", "data"]
     back = load_state(handle.path)
     assert list(back) == ["model", "optimizer", "step", "data"]
@@ -107,16 +119,12 @@ def test_a_module_or_a_list_is_the_state_itself(tmp_path: Path, node: str) -> No
         c = ckpt.save(3, {1: torch.ones(2)})  # a key that cannot name a component
         for h in (a, b, c):
             h.wait(60)
-    assert (Path(a.path) / "model.safetensors.index.json").exists()
+    assert (Path(a.path) / "model.safetensors").exists()
     got = load_state(a.path)
     assert sorted(got) == sorted(model.state_dict())
     back = load_state(b.path)
     assert isinstance(back, list) and torch.equal(back[0], pair[0]) and back[1] == {"k": 1}
-    assert sorted(os.listdir(b.path)) == [
-        MANIFEST_NAME,
-        "state_state.json",
-        "state_state.safetensors",
-    ]
+    assert sorted(os.listdir(b.path)) == [MANIFEST_NAME, "state_state.safetensors"]
     keyed = load_state(c.path)
     assert list(keyed) == [1] and torch.equal(keyed[1], torch.ones(2))
 
@@ -171,8 +179,8 @@ def test_a_state_dict_is_one_model_component_not_a_file_per_tensor(
     path = Path(handle.path)
     listing = sorted(p.name for p in path.iterdir())
     shards = [n for n in listing if n.endswith(".safetensors")]
-    assert shards == ["model-00001-of-00001.safetensors"], listing  # not a file per tensor
-    assert [n for n in listing if n.endswith("_state.json")] == ["model_state.json"], listing
+    assert shards == ["model.safetensors"], listing  # not a file per tensor
+    assert [n for n in listing if n.endswith(".json")] == [MANIFEST_NAME], listing
     on_disk = load_file(path / shards[0])  # plain HF weights of exactly its keys
     assert sorted(on_disk) == sorted(sd)
     loaded = load_state(str(path))
@@ -184,3 +192,69 @@ def test_a_state_dict_is_one_model_component_not_a_file_per_tensor(
         handle.wait(60)
     mixed = Path(handle.path)
     assert (mixed / "w_state.safetensors").exists() and (mixed / "step_state.json").exists()
+
+
+def test_a_checkpoint_with_json_documents_and_an_index_still_loads(tmp_path: Path) -> None:
+    """``tests/golden/json_docs_v1``: ``save(3, golden_state())`` written by main at
+    773b28c, before the GLOBAL documents moved into the tensor files' headers and a
+    one-shard model lost its index (``model-00001-of-00001.safetensors`` +
+    ``model.safetensors.index.json`` + ``model_state.json``). It verifies, is found as
+    latest, loads with ``load_state`` and as HF weights (tied groups from the index)."""
+    import shutil
+
+    from ckptsvc import find_latest_checkpoint, verify_checkpoint
+    from ckptsvc.read.weights import load_checkpoint
+
+    root = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "golden" / "json_docs_v1", root / "checkpoints")
+    path = str(root / "checkpoints" / "checkpoint-3")
+    assert sorted(os.listdir(path))[2:5] == [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+        "model_state.json",
+    ]
+    assert find_latest_checkpoint(str(root)) == path
+    report = verify_checkpoint(path)
+    assert report.ok and report.files_checked == 7, report  # all but the manifest
+    back = load_state(path)
+    want = golden_state()
+    assert list(back) == ["model", "optimizer", "step", "data"]
+    assert back["step"] == 3 and back["data"] == {"epoch": 1, "pos": [2, 5]}
+    for k, v in want["model"].state_dict().items():
+        assert torch.equal(back["model"][k], v), k
+    assert back["model"]["head.weight"] is back["model"]["embed.weight"]
+    opt = torch.optim.SGD(Tiny().parameters(), lr=0.5, momentum=0.9)
+    opt.load_state_dict(back["optimizer"])
+    for i, slots in want["optimizer"].state_dict()["state"].items():
+        assert torch.equal(
+            opt.state_dict()["state"][i]["momentum_buffer"], slots["momentum_buffer"]
+        )
+    weights = load_checkpoint(path)
+    assert weights["head.weight"] is weights["embed.weight"]
+
+
+def test_a_one_file_model_keeps_its_tied_groups_for_every_reader(tmp_path: Path, node: str) -> None:
+    """No index in a one-shard save: ``load_checkpoint`` (module or state dict) and
+    ``export_hf`` take the tied groups from the document in ``model.safetensors``."""
+    from safetensors.torch import load_file
+
+    from ckptsvc.ops.export import export_hf
+    from ckptsvc.read.weights import load_checkpoint
+
+    with AsyncCheckpointer(tmp_path) as ckpt:
+        handle = ckpt.save(3, golden_state())
+        handle.wait(60)
+    path = Path(handle.path)
+    assert not (path / "model.safetensors.index.json").exists()
+    assert "head.weight" not in load_file(path / "model.safetensors")  # stored once
+    weights = load_checkpoint(str(path))
+    assert weights["head.weight"] is weights["embed.weight"]
+    fresh = Tiny()
+    with torch.no_grad():
+        fresh.embed.weight.zero_()
+    load_checkpoint(str(path), fresh)
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh.embed.weight, golden_state()["model"].embed.weight)
+    export_hf(str(path), str(tmp_path / "hf"))
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["param_sharing"] == [["embed.weight", "head.weight"]]

@@ -121,8 +121,13 @@ def test_manifest_lists_every_component_with_its_files(saved: tuple[str, Any, An
     # a per-rank instance with tensors: its document is in its first shard's header
     opt = comps["optimizer"]["metadata"]["ckptsvc"]["instances"]["_rank_0"]
     assert opt["doc"] == opt["files"][0] == "optimizer_state_rank_0-00001-of-00005.safetensors"
-    assert all(f.endswith(".safetensors") for f in opt["files"]) and "trainer_state.json" in files
+    assert all(f.endswith(".safetensors") for f in opt["files"])
     assert "optimizer_state_rank_0.json" not in files
+    # so is a GLOBAL one (the trainer holds a tensor; the model's is in its first shard)
+    trainer = comps["trainer"]["metadata"]["ckptsvc"]["instances"][""]
+    assert trainer["doc"] == "trainer_state.safetensors" and "trainer_state.json" not in files
+    model = comps["model"]["metadata"]["ckptsvc"]["instances"][""]
+    assert model["doc"] == "model-00001-of-00002.safetensors" and "model_state.json" not in files
     assert files == {p.name for p in path.iterdir() if p.name != MANIFEST_NAME}
     for name in files:  # every tensor file loads with the reference reader
         if name.endswith(".safetensors"):

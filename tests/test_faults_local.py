@@ -258,7 +258,7 @@ ASYNC_FAULTS = {
     "write-EIO-shard": ("write", "EIO", SHARD),
     "close-EIO-shard": ("close", "EIO", SHARD),
     "open-EIO-shard": ("open", "EIO", SHARD),
-    "publish-ENOSPC-document": ("publish", "ENOSPC", "model_state.json"),
+    "publish-ENOSPC-index": ("publish", "ENOSPC", "model.safetensors.index.json"),
     "publish-EIO-manifest": ("publish", "EIO", MANIFEST_NAME),
 }
 

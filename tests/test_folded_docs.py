@@ -1,8 +1,9 @@
 """A per-rank instance is one object (issue 16): its component document travels in its
 first tensor file's safetensors header (``__metadata__["ckptsvc_component"]``), not in a
-``<key>_state_rank_<r>.json`` beside it; an instance without tensors keeps its JSON file;
-the model's HF files are untouched. Older checkpoints (separate JSON documents, written by
-main at 7eefc68: ``tests/golden/per_rank_json_docs``) still verify and load.
+``<key>_state_rank_<r>.json`` beside it (so does a GLOBAL or REPLICATED instance's: the
+model's is in ``model.safetensors``); an instance without tensors keeps its JSON file.
+Older checkpoints (separate JSON documents, written by main at 7eefc68:
+``tests/golden/per_rank_json_docs``) still verify and load.
 
 ``node`` (tests/conftest.py): a private node writer per test, checked for leaks.
 """
@@ -26,6 +27,7 @@ from ckptsvc.format.checksum import crc32c_hex
 from ckptsvc.format.manifest import FORMAT_VERSION, MANIFEST_NAME, PLAIN_FORMAT_VERSION
 from ckptsvc.format.safetensors_stream import plan_shard, with_metadata
 from ckptsvc.read.component_load import load_components
+from ckptsvc.read.weights import load_checkpoint
 from ckptsvc.stage.components import SharingPattern, StateComponent
 from ckptsvc.stage.parts import DOC_META_KEY
 
@@ -86,9 +88,7 @@ def test_a_per_rank_instance_with_tensors_is_one_standard_safetensors_file(
     assert listing == [
         MANIFEST_NAME,
         "counter_state_rank_0.json",  # no tensors: its document stays a file
-        "model-00001-of-00001.safetensors",  # the model's HF files as before
-        "model.safetensors.index.json",
-        "model_state.json",
+        "model.safetensors",  # REPLICATED: its document in its header too, no index
         "optimizer_state_rank_0.safetensors",  # the document is inside
     ]
     manifest = manifest_of(path)
@@ -223,3 +223,8 @@ def test_a_large_document_stays_a_file_of_its_own(
     assert verify_checkpoint(handle.path).ok
     opt, back = restored(handle.path)
     assert back.n == 4 and opt.param_groups[0]["lr"] == 0.5
+    # the model in one file keeps no index: its tied groups come from model_state.json
+    assert instance(manifest, "model", "")["doc"] == "model_state.json"
+    assert not Path(handle.path, "model.safetensors.index.json").exists()
+    weights = load_checkpoint(handle.path)
+    assert weights["head.weight"] is weights["embed.weight"]

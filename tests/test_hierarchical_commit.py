@@ -41,8 +41,12 @@ def test_rank0_store_operations_grow_with_nodes_not_ranks(
             job.close()
             assert (tmp_path / f"r{ranks}" / "checkpoint-1" / MANIFEST_NAME).exists()
     # 8x the ranks, 8x the nodes: rank 0 never polls key by key and fetches node batches in
-    # multi_gets of 256, so its count stays the same (its own node's gathering included)
-    assert counts[64] <= counts[8] + 2, counts
+    # multi_gets of 256, so its count stays the same. Rank 0 gathers its own node's
+    # reports (5 operations more, measured at 8 ranks: 2 add, 2 set, 1 multi_get) only
+    # when it is its node's last rank to report, which the threads' order decides, not N
+    # (rank 0 no longer writes the model's index and document, so it is not always last)
+    node_gather = 5
+    assert counts[64] <= counts[8] + 2 + node_gather, counts
     assert counts[8] <= 20 + ranks_per_node, counts
 
 
@@ -220,8 +224,9 @@ def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
 ) -> None:
     """16 ranks save ``simulate``'s state (a small REPLICATED model, a PER_RANK optimizer)
     on S3: one object per rank (its shard, its document inside), one object for the model
-    (too small to split over writers), and the constant: the model's document and HF
-    index, the manifest, the in-progress marker's PUT and DELETE, the ``latest`` pointer."""
+    (too small to split over writers: ``model.safetensors``, its document inside, no HF
+    index), and the constant: the manifest, the in-progress marker's PUT and DELETE, the
+    ``latest`` pointer. N + 5 in all."""
     opts = s3_root.storage_options
     with ThreadPoolExecutor(16) as pool:
         job = SimulatedJob(ranks=16, ranks_per_node=4, root=s3_root.url, opts=opts)
@@ -239,13 +244,11 @@ def test_object_store_writes_per_save_are_one_per_rank_and_a_constant(
         ("POST", "?delete"),  # the marker's removal (DeleteObjects)
         ("PUT", ".ckptsvc-in-progress"),
         ("PUT", "checkpoint_manifest.json"),
-        ("PUT", "model-00001-of-00001.safetensors"),
-        ("PUT", "model.safetensors.index.json"),
-        ("PUT", "model_state.json"),
+        ("PUT", "model.safetensors"),
         ("PUT", "ckptsvc-latest.json"),  # the latest pointer, beside the checkpoints
     ]
     assert writes == sorted(per_rank + constant)
-    assert len(writes) == 16 + 7
+    assert len(writes) == 16 + 5
 
 
 def test_a_replicated_component_is_written_by_one_rank_per_64_mib() -> None:

@@ -306,19 +306,27 @@ def test_load_state_refuses_a_document_from_another_save(tmp_path: Path, node: s
 
 
 def test_load_state_refuses_an_index_from_another_save(tmp_path: Path, node: str) -> None:
-    _, two = _save_async(tmp_path, node)
+    with AsyncCheckpointer(str(tmp_path), max_shard_size=16) as ck:  # two shards: an index
+        handle = ck.save(2, {"model": {"v": torch.ones(4), "w": torch.zeros(4)}})
+        handle.wait(120)
+    two = Path(handle.path)
     index = two / SAFE_WEIGHTS_INDEX_NAME
     index.write_text(index.read_text() + " ")  # same meaning, not the recorded bytes
     with pytest.raises(CorruptCheckpointError, match=SAFE_WEIGHTS_INDEX_NAME):
         load_state(str(two))
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["json-file", "in-header"])
 def test_load_components_refuses_a_document_that_does_not_match_the_manifest(
-    tmp_path: Path, node: str
+    tmp_path: Path, node: str, monkeypatch: pytest.MonkeyPatch, folded: bool
 ) -> None:
+    """A document of another save, as a JSON file (over the fold limit) or in the header
+    of the model's shard (the whole file then: its CRC-32C is the manifest's check)."""
     from ckptsvc.engine.async_checkpointer import load_components
     from ckptsvc.stage.components import SharingPattern, StateComponent
 
+    if not folded:
+        monkeypatch.setattr("ckptsvc.stage.component_plan.MAX_FOLDED_DOC_BYTES", 0)
     paths = []
     with AsyncCheckpointer(str(tmp_path)) as ck:
         for step in (1, 2):
@@ -328,9 +336,13 @@ def test_load_components_refuses_a_document_that_does_not_match_the_manifest(
             h.wait(120)
             paths.append(Path(h.path))
     one, two = paths
-    docs = sorted(p.name for p in two.iterdir() if p.name.endswith("_state.json"))
-    assert docs, sorted(p.name for p in two.iterdir())
-    for name in docs:  # same size, not the recorded bytes (as a document of another save)
+    if folded:
+        docs = ["model.safetensors"]
+        (two / docs[0]).write_bytes((one / docs[0]).read_bytes())  # same size, other bytes
+    else:
+        docs = sorted(p.name for p in two.iterdir() if p.name.endswith("_state.json"))
+        assert docs, sorted(p.name for p in two.iterdir())
+    for name in docs if not folded else []:  # same size, not the recorded bytes
         (two / name).write_bytes((one / name).read_bytes().replace(b", ", b",\n", 1))
     fresh = torch.nn.Linear(2, 2)
     with pytest.raises(CorruptCheckpointError, match=re.escape(docs[0]) + ".*CRC-32C"):

@@ -78,7 +78,7 @@ def test_quantized_model_round_trip(tmp_path: Path, config: str) -> None:
     with _manager(str(tmp_path), model, TrainingProgress(global_step=3)) as m:
         path = m.save_checkpoint(checkpoint_id=3)
     # stored as plain tensors: inner tensors, no subclass, no pickle
-    stored = load_file(str(Path(path, "model-00001-of-00001.safetensors")))
+    stored = load_file(str(Path(path, "model.safetensors")))
     assert "up._weight_qdata" in stored and stored["up._weight_qdata"].dtype == torch.int8
     assert "up.weight" not in stored
 

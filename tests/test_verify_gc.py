@@ -136,35 +136,58 @@ def test_verify_reports_a_bad_header_even_when_sizes_match(tmp_path: Path) -> No
     assert verify_checkpoint(path, deep=False).ok
 
 
-def test_verify_a_component_document_naming_a_missing_tensor(node: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("folded", [True, False], ids=["in-header", "json-file"])
+def test_verify_a_component_document_naming_a_missing_tensor(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folded: bool
+) -> None:
+    """The model's document in ``model.safetensors``'s header, or (over the fold limit)
+    the file ``model_state.json``: verify finds what it names but does not hold."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     from ckptsvc.engine.async_checkpointer import AsyncCheckpointer
     from ckptsvc.format.checksum import crc32c_hex
     from ckptsvc.format.manifest import FileRecord, Manifest
+    from ckptsvc.stage.parts import DOC_META_KEY
 
+    if not folded:
+        monkeypatch.setattr("ckptsvc.stage.component_plan.MAX_FOLDED_DOC_BYTES", 0)
     with AsyncCheckpointer(tmp_path) as ckpt:
         handle = ckpt.save(1, {"model": {"w": torch.ones(4)}, "step": 1})
         handle.wait(120)
     assert verify_checkpoint(handle.path).ok
+    doc_name = "model.safetensors" if folded else "model_state.json"
+    m = Manifest.from_json(Path(handle.path, MANIFEST_NAME).read_bytes(), where="t")
+    assert m.components[0].metadata["ckptsvc"]["instances"][""]["doc"] == doc_name
 
     def rewrite(name: str, edit: Any) -> None:
         doc_path = Path(handle.path, name)
-        doc = json.loads(doc_path.read_text())
-        edit(doc)
-        raw = json.dumps(doc).encode()
-        doc_path.write_bytes(raw)
+        if folded:  # the same tensors, the edited document in the header
+            tensors = load_file(doc_path)
+            with safe_open(str(doc_path), "pt") as f:
+                meta = dict(f.metadata())
+            doc = json.loads(meta[DOC_META_KEY])
+            edit(doc)
+            save_file(tensors, doc_path, metadata={**meta, DOC_META_KEY: json.dumps(doc)})
+            raw = doc_path.read_bytes()
+        else:
+            doc = json.loads(doc_path.read_text())
+            edit(doc)
+            raw = json.dumps(doc).encode()
+            doc_path.write_bytes(raw)
         m = Manifest.from_json(Path(handle.path, MANIFEST_NAME).read_bytes(), where="t")
         files = tuple(
             FileRecord(f.path, len(raw), crc32c_hex(raw)) if f.path == name else f for f in m.files
         )
         Path(handle.path, MANIFEST_NAME).write_bytes(dataclasses.replace(m, files=files).to_json())
 
-    rewrite("model_state.json", lambda d: d["state"].update(extra={"__tensor__": "not.saved"}))
+    rewrite(doc_name, lambda d: d["state"].update(extra={"__tensor__": "not.saved"}))
     report = verify_checkpoint(handle.path)
-    assert [(p.path, p.kind) for p in report.problems] == [("model_state.json", "document")]
+    assert [(p.path, p.kind) for p in report.problems] == [(doc_name, "document")]
     assert "not.saved" in report.problems[0].detail
     assert verify_checkpoint(handle.path, deep=False).ok
     rewrite(
-        "model_state.json",
+        doc_name,
         lambda d: d["tensors"].update(ghost={**d["tensors"]["w"]}) or d["state"].pop("extra"),
     )
     report = verify_checkpoint(handle.path)

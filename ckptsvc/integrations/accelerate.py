@@ -17,7 +17,7 @@ Checkpoints go to ``<root>/checkpoints/checkpoint-<step>`` (so ``ckptsvc ls``, `
 ckptsvc components (safetensors + JSON, nothing pickled):
 
 - ``model``, ``model_1``, ...: each prepared model, unwrapped (``accelerator.unwrap_model``;
-  the first as Hugging Face shards + ``model.safetensors.index.json``), GLOBAL;
+  the first as Hugging Face ``model.safetensors``, or shards + its index), GLOBAL;
 - ``optimizer``, ``optimizer_1``, ...: each prepared optimizer's ``state_dict``, GLOBAL;
 - ``scheduler``, ``scheduler_1``, ...: each prepared scheduler's ``state_dict``, GLOBAL;
 - ``scaler``: the ``GradScaler`` (fp16 mixed precision), if any, GLOBAL;

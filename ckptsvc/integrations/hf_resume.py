@@ -6,7 +6,8 @@ from one *local* directory:
 - ``resume_from_checkpoint=True``: ``get_last_checkpoint(args.output_dir)``, the
   ``checkpoint-<n>`` directory with the highest ``n`` (it checks nothing else);
 - ``_load_from_checkpoint``: ``config.json`` (a version check) and the weights
-  (``model.safetensors.index.json`` + shards);
+  (``model.safetensors`` for a model in one file, else ``model.safetensors.index.json`` +
+  its shards);
 - ``TrainerState.load_from_json``: ``trainer_state.json``;
 - ``_load_rng_state``: ``rng_state.pth`` (``rng_state_<process_index>.pth`` when
   ``world_size > 1``), skipped with an info message when absent;
@@ -40,7 +41,7 @@ from transformers.training_args import ParallelMode
 
 from ckptsvc.engine.async_checkpointer import load_components
 from ckptsvc.format.json_doc import read_json_doc
-from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME
+from ckptsvc.format.layout import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from ckptsvc.format.manifest import Manifest
 from ckptsvc.ops.transfer import copy_files
 from ckptsvc.stage.components import SharingPattern, StateComponent
@@ -129,8 +130,10 @@ def make_resume_view(
     manifest) from an object store or linked on local disk; files an older callback did not
     write are made from its components."""
     names = set(_CONFIG_NAMES) | {TRAINER_STATE_NAME}
-    index = read_json_doc(ckpt.join(SAFE_WEIGHTS_INDEX_NAME), what="index")
-    names |= {SAFE_WEIGHTS_INDEX_NAME, *index["weight_map"].values()}
+    names.add(SAFE_WEIGHTS_NAME)  # a model in one file has no index (as transformers saves it)
+    if manifest.file(SAFE_WEIGHTS_INDEX_NAME) is not None:
+        index = read_json_doc(ckpt.join(SAFE_WEIGHTS_INDEX_NAME), what="index")
+        names |= {SAFE_WEIGHTS_INDEX_NAME, *index["weight_map"].values()}
     present = sorted(
         f.path
         for f in manifest.files

@@ -9,8 +9,8 @@ Usage (``pip install 'ckptsvc[hf]'``)::
     trainer.train(resume_from_checkpoint=True)      # or a checkpoint directory, as with HF
 
 Layout: the ``Trainer``'s own. Each checkpoint is ``<root>/checkpoint-<global_step>`` and
-holds the model as Hugging Face safetensors shards + ``model.safetensors.index.json`` +
-``config.json`` (``from_pretrained(<checkpoint>)`` loads it), ``trainer_state.json`` and
+holds the model as Hugging Face safetensors (``model.safetensors``, or shards +
+``model.safetensors.index.json``) + ``config.json`` (``from_pretrained(<checkpoint>)`` loads it), ``trainer_state.json`` and
 ``rng_state.pth`` (``rng_state_<process_index>.pth`` with several processes) as the
 ``Trainer`` writes them, and the optimizer, LR scheduler, RNG states and trainer step as
 ckptsvc components (``<key>_state.*``: safetensors + JSON); all in one commit,

@@ -8,8 +8,8 @@ Usage (``pip install 'ckptsvc[lightning]'``)::
     trainer.fit(model, ckpt_path="checkpoints/step=400.ckpt")    # resume as usual
 
 Every path Lightning saves to (``.../step=400.ckpt``) becomes a ckptsvc checkpoint
-*directory*: the LightningModule's ``state_dict`` as Hugging Face safetensors shards +
-``model.safetensors.index.json`` (component ``model``), everything else Lightning puts in a
+*directory*: the LightningModule's ``state_dict`` as Hugging Face safetensors
+(``model.safetensors``, or shards + ``model.safetensors.index.json``; component ``model``), everything else Lightning puts in a
 checkpoint (optimizer and scheduler states, loops, callbacks, hyper-parameters) as
 component ``lightning`` (safetensors + JSON, nothing pickled), and the manifest last.
 Paths may be URLs (``s3://...``, ``gs://...``) with ``storage_options``.

@@ -27,9 +27,9 @@ from typing import Any
 
 from ckptsvc import knobs
 from ckptsvc.errors import CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from ckptsvc.format.json_doc import read_json_doc
 from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
     TensorSpec,
     encode_index,
     make_index,
@@ -39,6 +39,7 @@ from ckptsvc.format.layout import (
 from ckptsvc.format.manifest import Manifest, check_relpath
 from ckptsvc.format.safetensors_stream import DTYPE_SIZES, ShardLayout
 from ckptsvc.read.discovery import checkpoint_info, refuse_unloadable
+from ckptsvc.read.documents import model_param_sharing, read_document
 from ckptsvc.read.loading import read_safetensors_header
 from ckptsvc.read.regions import Piece, RegionReader
 from ckptsvc.read.weights import load_shard_index
@@ -80,8 +81,8 @@ def _from_document(
     if not name:
         return None
     loc = src.join(check_relpath(name, where=src.url))
-    try:
-        doc = read_json_doc(loc, what="component document")
+    try:  # a JSON file, or the header of the tensor file it is folded into
+        doc = read_document(src, name, manifest=manifest)
         out: dict[str, _Stored] = {}
         for fqn, info in doc["tensors"].items():
             shape = tuple(int(x) for x in info["shape"])
@@ -97,6 +98,15 @@ def _from_document(
 
 
 def _from_hf_index(src: Location) -> tuple[dict[str, _Stored], list[list[str]]]:
+    if not src.join(SAFE_WEIGHTS_INDEX_NAME).exists():  # HF's one-file model: no index
+        layout, _ = read_safetensors_header(src.join(SAFE_WEIGHTS_NAME))
+        piece = {
+            e.name: _Stored(
+                e.dtype, e.shape, (Piece(SAFE_WEIGHTS_NAME, (0,) * len(e.shape), e.shape),)
+            )
+            for e in layout.entries
+        }
+        return piece, model_param_sharing(src, None, file_name=SAFE_WEIGHTS_NAME, layout=layout)
     index = load_shard_index(src.url, SAFE_WEIGHTS_INDEX_NAME, storage_options=src.storage_options)
     out: dict[str, _Stored] = {}
     for fname in sorted(set(index["weight_map"].values())):

@@ -41,6 +41,7 @@ from ckptsvc.read.discovery import (
     refuse_unloadable,
     require_checkpoint_path,
 )
+from ckptsvc.read.documents import model_param_sharing
 from ckptsvc.read.loading import (
     check_inside,
     read_checked_doc,
@@ -374,6 +375,8 @@ def load_checkpoint(
 ) -> dict[str, Tensor] | None:
     """Load a checkpoint of any supported layout (sharded or single file, safetensors or
     torch). With ``module``, load into it and return ``None``; else return the tensors.
+    Tied groups come from the index (``metadata.param_sharing``), or, for a single
+    ``model.safetensors`` saved by ckptsvc, from the model's document (in its header).
 
     Raises :class:`CheckpointNotFoundError` if nothing is there (or ``model_dir`` is
     ``None``: no checkpoint found) and :class:`IncompleteCheckpointError` for a save that
@@ -406,7 +409,13 @@ def load_checkpoint(
             layout, _ = read_safetensors_header(loc)
         except StorageNotFoundError as e:
             raise CorruptCheckpointError(f"{loc.url}: weights file is missing") from e
-        index = {"metadata": {}, "weight_map": dict.fromkeys(layout.by_name, meta.file_name)}
+        sharing = model_param_sharing(
+            ckpt, info.manifest, file_name=meta.file_name, layout=layout
+        )  # the tied groups an index would list (ckptsvc writes one file without an index)
+        index = {
+            "metadata": {"param_sharing": sharing} if sharing else {},
+            "weight_map": dict.fromkeys(layout.by_name, meta.file_name),
+        }
     else:
         sd = _read_file(
             ckpt, meta.file_name, safetensors=False, names=None, device=device,

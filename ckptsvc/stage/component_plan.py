@@ -22,16 +22,18 @@ PER_NODE        ``_node_<node index>``     local rank 0 of each node
 DTensor inside  ``""``                     every rank its local shards (``-rank<r>`` files)
 ==============  =========================  ===============================================
 
-Tensor files: ``model-<i>-of-<n>.safetensors`` (HF, plus ``model.safetensors.index.json``)
-for an unsharded model; ``<base><suffix>.safetensors`` or ``<base><suffix>-<i>-of-<n>``
-otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for sharded state. Every instance
-has one JSON document: the non-tensor skeleton plus
+Tensor files: for an unsharded model as transformers' ``save_pretrained`` writes them,
+``model.safetensors`` in one shard, else ``model-<i>-of-<n>.safetensors`` plus
+``model.safetensors.index.json``; ``<base><suffix>.safetensors`` or
+``<base><suffix>-<i>-of-<n>`` otherwise; ``<base>-rank<r>[-<i>-of-<n>].safetensors`` for
+sharded state. Every instance has one JSON document: the non-tensor skeleton plus
 ``tensors`` = ``{fqn: {"dtype", "shape", "file"}}`` or, for sharded state,
-``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``. It is the
-file ``<key>_state<suffix>.json``, except for an instance with a suffix (per rank, node or
-group) that has tensor files: there it is the string ``__metadata__["ckptsvc_component"]``
-of its first tensor file's safetensors header (:func:`fold_document`), so such an
-instance is one object; the manifest names that file as the instance's ``doc``.
+``{fqn: {"dtype", "shape" (global), "pieces": [{"file", "offsets", "shape"}]}}``. For an
+instance with tensor files it is the string ``__metadata__["ckptsvc_component"]`` of its
+first tensor file's safetensors header (:func:`fold_document`), so the instance is its
+tensor files alone; the manifest names that file as the instance's ``doc``. It is the file
+``<key>_state<suffix>.json`` for an instance without tensors, a document over
+``MAX_FOLDED_DOC_BYTES``, and sharded state (rank 0 merges that document at commit).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from ckptsvc.errors import ConfigError, InvalidStateError
 from ckptsvc.format.hf_files import cached_pretrained_files
 from ckptsvc.format.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
     FilePlan,
     TensorSpec,
     assign_shards,
@@ -116,7 +119,9 @@ def split_by_bytes(specs: Sequence[TensorSpec], ways: int) -> list[list[TensorSp
 
 
 def _file_name(key: str, suffix: str, number: int, count: int) -> str:
-    if key == MODEL_KEY and not suffix:
+    if key == MODEL_KEY and not suffix:  # as transformers' save_pretrained names them
+        if count == 1:
+            return SAFE_WEIGHTS_NAME
         return f"model-{number:05}-of-{count:05}.safetensors"
     if count == 1:
         return f"{base_name(key)}{suffix}.safetensors"
@@ -202,7 +207,9 @@ def _plan_plain(
             s.name: {"dtype": s.dtype, "shape": list(s.shape), "file": file_of[s.name]}
             for s in specs
         }
-        indexed = c.key == MODEL_KEY and not suffix and specs
+        # several model shards get the HF index; one is model.safetensors alone (as
+        # transformers writes it): its tied groups are in the document, in its header
+        indexed = c.key == MODEL_KEY and not suffix and len(set(file_of.values())) > 1
         inputs = DocInputs(
             doc_name(c.key, suffix),
             tensors,
@@ -266,7 +273,15 @@ def model_files(c: StateComponent, suffix: str) -> dict[str, bytes]:
 
 def add_component_files(c: StateComponent, docs: dict[str, bytes], shards: tuple[str, ...]) -> None:
     """``c.files`` join the instance's small files; a name ckptsvc writes itself is refused."""
-    reserved = {*docs, *shards, MANIFEST_NAME, MARKER_NAME}
+    # the HF weight names too: a reader would take such a file for the model's weights
+    reserved = {
+        *docs,
+        *shards,
+        MANIFEST_NAME,
+        MARKER_NAME,
+        SAFE_WEIGHTS_NAME,
+        SAFE_WEIGHTS_INDEX_NAME,
+    }
     clash = sorted(set(c.files) & reserved)
     if clash:
         raise ConfigError(
@@ -437,12 +452,12 @@ def _plan_flat(
 def fold_document(plan: ComponentPlan) -> ComponentPlan:
     """``plan`` with its instance document moved into the ``__metadata__`` of its first
     written tensor file (by name; not a file of frozen tensors that an incremental save
-    may take from an older checkpoint), when the instance has a suffix (per rank, node or
-    group) and such a file, and the document is at most ``MAX_FOLDED_DOC_BYTES``: one
-    object per instance instead of two. Other plans as they are (the model's HF files and
-    the GLOBAL/REPLICATED documents keep their names)."""
+    may take from an older checkpoint), when this rank publishes the document (any
+    pattern: GLOBAL, REPLICATED, per rank, node or group) and writes such a file, and the
+    document is at most ``MAX_FOLDED_DOC_BYTES``: one object per instance instead of two.
+    Other plans as they are (a component without tensors keeps ``<key>_state.json``)."""
     inputs, part = plan.doc_inputs, plan.part
-    if inputs is None or not part.instance or inputs.doc_file not in plan.docs:
+    if inputs is None or part.instance is None or inputs.doc_file not in plan.docs:
         return plan
     if len(plan.docs[inputs.doc_file]) > MAX_FOLDED_DOC_BYTES:
         return plan

@@ -8,8 +8,8 @@ the components :func:`components_of_state` derives (one pipeline, one layout):
   value with ``state_dict()`` and ``load_state_dict()`` (a module, optimizer, scheduler,
   any stateful) is the component's stateful; any other value (a state dict, a tensor, a
   number, nested containers) is held as is. So ``{"model": model, "optimizer": opt,
-  "step": 7}`` writes the model as plain Hugging Face shards (``model-0000k-of-0000N``,
-  keys exactly ``model.state_dict()``'s), the optimizer in ``optimizer_state*`` files and
+  "step": 7}`` writes the model as plain Hugging Face weights (``model.safetensors`` or
+  ``model-0000k-of-0000N`` shards, keys exactly ``model.state_dict()``'s), the optimizer in ``optimizer_state*`` files and
   the step in ``step_state.json``;
 - an ``nn.Module``, or a non-empty mapping whose values are all tensors (a state dict,
   ``model.state_dict()``): the component ``model`` (plain Hugging Face shards of exactly

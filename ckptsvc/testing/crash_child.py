@@ -85,8 +85,9 @@ class CrashPoint:
 
 _SHARD1, _SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-#: the async save's documents: the model component's, and the seed component's
-DOC_NAME, SEED_DOC_NAME = "model_state.json", "seed_state.json"
+#: the async save's document published as a file: the seed component's (no tensors; the
+#: model's document is in the header of its first shard)
+SEED_DOC_NAME = "seed_state.json"
 
 # (api, victim, phase, event, name, hook_in); "local"/"remote" restrict a template.
 _TEMPLATES: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
@@ -116,7 +117,7 @@ _TEMPLATES: tuple[tuple[str, str, str, str, str | None, str | None], ...] = (
     ("async", "writer", "streaming", "mid_write", None, "writer"),
     ("async", "writer", "streaming", "after_shard", _SHARD2, "writer"),
     ("async", "writer", "streaming", "timer", None, None),
-    ("async", "writer", "commit", "after_publish", DOC_NAME, "writer"),
+    ("async", "writer", "commit", "after_publish", SEED_DOC_NAME, "writer"),
     ("async", "writer", "commit", "before_publish", MANIFEST_NAME, "writer"),
     ("async", "writer", "commit", "before_rename", MANIFEST_NAME, "writer"),
     ("async", "writer", "commit", "after_publish", MANIFEST_NAME, "writer"),
