@@ -273,7 +273,7 @@ class Manifest:
 
         doc = parse_json_doc(raw, where=where, what="manifest")
         if isinstance(doc, dict) and manifest_v3.LAYOUT_KEY in doc:
-            doc = manifest_v3.decode(doc, where=where)
+            doc = manifest_v3.decode(doc, raw=bytes(raw), where=where)
         return cls.from_doc(doc, where=where)
 
     @classmethod

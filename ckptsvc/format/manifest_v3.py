@@ -79,7 +79,6 @@ _HEAD_MEMBERS = (
     "metadata",
 )
 _LINE_RE = re.compile(rb'\{"ckptsvc_layout": "v3 H=(\d{12}) T=(\d{12}) N=(\d{8})", *\n')
-_LAYOUT_RE = re.compile(r"v3 H=(\d{12}) T=(\d{12}) N=(\d{8})")
 _RANGE_RE = re.compile(r"(\d{1,9})\.\.(\d{1,9})")
 
 
@@ -236,11 +235,17 @@ def encode(doc: Mapping[str, Any]) -> bytes:
     table_offset = pos + len(opening)
     parts.append("".join(table).encode() + b'",\n')
     parts.append(f'"components": {_compact(forgather)}\n}}\n'.encode())
-    line = f'{{"{LAYOUT_KEY}": "v3 H={len(head):0{_NUM}d} T={table_offset:0{_NUM}d} N={n:08d}",'
+    line = f'{{"{LAYOUT_KEY}": "{_layout_text(Layout(len(head), table_offset, n))}",'
     first = (line.ljust(LINE_NBYTES - 1) + "\n").encode()
     if len(first) != LINE_NBYTES:
         raise ValueError(f"v3 layout line is {len(first)} bytes, not {LINE_NBYTES}")
     return first + head + b"".join(parts)
+
+
+def _layout_text(layout: Layout) -> str:
+    return (
+        f"v3 H={layout.head_nbytes:0{_NUM}d} T={layout.table_offset:0{_NUM}d} N={layout.ranks:08d}"
+    )
 
 
 def parse_layout_line(raw: bytes, *, where: str) -> Layout | None:
@@ -312,7 +317,10 @@ def _expand_head(doc: dict[str, Any], *, layout: Layout, where: str) -> dict[str
         c_meta = rec.get("metadata")
         if isinstance(c_meta, dict) and isinstance(c_meta.get(_OURS), dict):
             c_ours = dict(c_meta[_OURS])
-            c_ours["instances"] = dict(c_ours.get("instances") or {})
+            instances = c_ours.get("instances") or {}
+            if not isinstance(instances, dict):
+                raise CorruptCheckpointError(f"{where}: manifest component {key!r} is malformed")
+            c_ours["instances"] = dict(instances)
             rec["metadata"] = {**c_meta, _OURS: c_ours}
         components[key] = rec
     out["components"] = components
@@ -338,7 +346,8 @@ def merge_region(doc: dict[str, Any], region: Any, *, rank: int, where: str) -> 
         files[path] = info
     for key, insts in region["instances"].items():
         rec = doc["components"].get(key)
-        c_ours = rec.get("metadata", {}).get(_OURS) if isinstance(rec, dict) else None
+        c_meta = rec.get("metadata") if isinstance(rec, dict) else None
+        c_ours = c_meta.get(_OURS) if isinstance(c_meta, dict) else None
         if not isinstance(c_ours, dict) or not isinstance(insts, dict):
             raise CorruptCheckpointError(
                 f"{where}: manifest region of rank {rank} names component {key!r}, which the "
@@ -347,18 +356,20 @@ def merge_region(doc: dict[str, Any], region: Any, *, rank: int, where: str) -> 
         c_ours["instances"].update(insts)
 
 
-def decode(doc: Mapping[str, Any], *, where: str) -> dict[str, Any]:
-    """The v1-style document of a v3 manifest parsed whole (every region merged)."""
-    m = _LAYOUT_RE.fullmatch(str(doc.get(LAYOUT_KEY)))
-    if m is None:
+def decode(doc: Mapping[str, Any], *, raw: bytes, where: str) -> dict[str, Any]:
+    """The v1-style document of a v3 manifest parsed whole (every region merged), after
+    checking that its layout line and table point where a rank's view would read (``raw``:
+    the file's bytes): a whole read (``verify``) finds what would break a view."""
+    layout = parse_layout_line(raw, where=where)
+    if layout is None or doc.get(LAYOUT_KEY) != _layout_text(layout):
         raise CorruptCheckpointError(f"{where}: manifest's v3 layout member is malformed")
-    layout = _layout(int(m.group(1)), int(m.group(2)), int(m.group(3)), where=where)
     regions = doc.get(REGIONS_KEY)
     if not isinstance(regions, list) or len(regions) != layout.ranks:
         raise CorruptCheckpointError(
             f"{where}: manifest holds {len(regions) if isinstance(regions, list) else 'no'} "
             f"regions, its layout says {layout.ranks} (damaged file)"
         )
+    _check_table(doc, raw, layout, regions, where=where)
     out = _expand_head({k: doc.get(k) for k in _HEAD_MEMBERS}, layout=layout, where=where)
     for r, region in enumerate(regions):
         merge_region(out, region, rank=r, where=where)
@@ -370,3 +381,33 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
     ours = doc["metadata"][_OURS]
     ours["files"] = {p: ours["files"][p] for p in sorted(ours["files"])}
     return doc
+
+
+def _check_table(
+    doc: Mapping[str, Any], raw: bytes, layout: Layout, regions: list[Any], *, where: str
+) -> None:
+    """Refuse a v3 file whose head length, table or table entries do not point at its
+    head and regions (the view reader trusts them)."""
+    table = doc.get(TABLE_KEY)
+    n = layout.ranks
+    head = raw[LINE_NBYTES : LINE_NBYTES + layout.head_nbytes]
+    ok = (
+        isinstance(table, str)
+        and len(table) == ENTRY_DIGITS * n
+        and table.isdigit()
+        and table.isascii()
+        and raw[layout.table_offset : layout.table_offset + len(table)] == table.encode()
+        and head.endswith(b",\n")
+        and raw[LINE_NBYTES + layout.head_nbytes :].startswith(f'"{REGIONS_KEY}"'.encode())
+    )
+    for r in range(n if ok else 0):
+        entry = table[ENTRY_DIGITS * r : ENTRY_DIGITS * (r + 1)]  # type: ignore[index]
+        off, length = int(entry[:_NUM]), int(entry[_NUM:])
+        if raw[off : off + length] != _compact(regions[r]).encode():
+            ok = False
+            break
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{where}: manifest's v3 table does not point at its head and regions (damaged "
+            "file); resume from another checkpoint"
+        )
