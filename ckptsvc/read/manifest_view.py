@@ -10,7 +10,8 @@ number of bytes, whatever the job's size, with at most four ranged reads:
 4. the region.
 
 Reads that fall inside bytes already read cost nothing (a small manifest is one read).
-A v1/v2 manifest is read whole (one read when it is shorter than the guess). Every
+A v1/v2 manifest is read whole (one read when it is shorter than the guess, else one
+more for the rest). Every
 offset and length is checked against the layout, the file's size (where it is known) and
 ``CKPTSVC_MAX_JSON_BYTES`` before it is read; anything out of range, a table entry that
 is not digits, or a head or region that is not JSON is :class:`CorruptCheckpointError`
@@ -27,7 +28,7 @@ from types import TracebackType
 from ckptsvc import knobs
 from ckptsvc.errors import CorruptCheckpointError, StorageNotFoundError
 from ckptsvc.format import manifest_v3
-from ckptsvc.format.json_doc import parse_json_doc, read_doc_bytes
+from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.format.manifest import MANIFEST_NAME, Manifest
 from ckptsvc.storage import Location
 
@@ -134,10 +135,16 @@ def read_manifest_view(ckpt: Location, *, rank: int) -> Manifest | None:
             )
         first = src.read(0, min(guess, cap + 1))
         layout = manifest_v3.parse_layout_line(first, where=loc.url)
-        if layout is None:  # v1/v2: the whole file
-            if src.size is not None and src.size <= len(first) <= cap:
-                return Manifest.from_json(first, where=loc.url)
-            return Manifest.from_json(read_doc_bytes(loc, what="manifest"), where=loc.url)
+        if layout is None:  # v1/v2: the whole file (the rest of it, if any, in one read)
+            whole = first
+            if src.size is None or src.size > len(first):
+                whole += src.read(len(first), cap + 1)
+            if len(whole) > cap:
+                raise CorruptCheckpointError(
+                    f"{loc.url}: manifest is more than {cap} bytes (CKPTSVC_MAX_JSON_BYTES; "
+                    "raise it only if you trust the file)"
+                )
+            return Manifest.from_json(whole, where=loc.url)
         manifest = _view(src, first, layout, rank=rank, cap=cap)
     logger.debug(
         "%s: rank %d's view of the manifest: %d reads, %d bytes", loc.url, rank, src.reads,

@@ -23,7 +23,8 @@ report to rank 0's wake, to its outcome published, and to its handle completed; 
 time of rank 0's commit thread from its wake to the outcome and its decode + merge (the
 ``commit.phase`` hook); object-store requests (counted in the S3 client, retries included: by method,
 writes, and the most writes under one prefix); per resume: discovery requests, load
-requests, bytes of JSON metadata read per rank. Nothing here is timed against a target:
+requests, bytes of metadata read per rank (each GET by the bytes it returned: a ranged
+read of a v3 manifest counts its range, not the object). Nothing here is timed against a target:
 the table is for comparing runs and ranks counts within one run.
 """
 
