@@ -30,9 +30,11 @@ from ckptsvc.format.manifest import (
     FileRecord,
     Manifest,
 )
+from ckptsvc.ops.transfer import copy_checkpoint
 from ckptsvc.read import manifest_view
 from ckptsvc.read.component_load import load_state
-from ckptsvc.read.discovery import read_manifest
+from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info, read_manifest
+from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.manifest_view import read_manifest_view
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.storage import Location
@@ -345,3 +347,29 @@ def test_metadata_bytes_per_rank_do_not_grow_with_the_job_on_s3(moto_server: Ser
         large.json_bytes_per_rank,
     )
     assert large.load_requests / 64 <= small.load_requests / 16 + 2
+
+
+def test_a_views_file_check_covers_the_head_and_its_own_files_only(tmp_path: Path) -> None:
+    path = _save(str(tmp_path), 8)
+    Path(path, "optimizer_state_rank_5.safetensors").unlink()
+    other = checkpoint_info(path, view_rank=2)  # rank 2's files and the model's are intact
+    assert other.status is CheckpointStatus.COMPLETE and other.manifest is not None
+    assert other.manifest.view_rank == 2
+    own = checkpoint_info(path, view_rank=5)
+    assert own.mismatch and "optimizer_state_rank_5.safetensors" in own.reason
+    assert checkpoint_info(path).mismatch  # the whole manifest: every file
+
+
+def test_whole_manifest_tools_read_v3_as_before(tmp_path: Path) -> None:
+    path = _save(str(tmp_path / "run"), 8)
+    assert find_latest_checkpoint(str(tmp_path / "run")) == path
+    copied = str(tmp_path / "copy" / "checkpoint-1")
+    copy_checkpoint(path, copied)
+    assert Path(copied, MANIFEST_NAME).read_bytes().startswith(b'{"ckptsvc_layout"')
+    assert verify_checkpoint(copied).ok
+    whole, original = read_manifest(Location.parse(copied)), read_manifest(Location.parse(path))
+    assert whole is not None and original is not None and whole.format_version == FORMAT_VERSION
+    assert dataclasses.replace(whole, checkpoint_path=path) == original  # cp rewrites the path
+    assert len(whole.files) == 8 + 3  # 8 per-rank shards, the model's shard, index, document
+    with _environment(8, 8):
+        assert _bitwise(load_state(copied, rank=6), _expected(6))
