@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import StorageRoot
 from servers import Server
 
 from ckptsvc.errors import CorruptCheckpointError, LifecycleError
@@ -39,6 +40,7 @@ from ckptsvc.read.manifest_view import read_manifest_view
 from ckptsvc.read.verify import verify_checkpoint
 from ckptsvc.storage import Location
 from ckptsvc.tools.simulate import SimulatedJob, _environment, _state, simulate
+from ckptsvc.tools.simulate_probes import RequestLog
 
 GOLDEN = Path(__file__).parent / "golden" / "manifest_v3.json"
 REGENERATE = os.environ.get("CKPTSVC_REGENERATE_GOLDEN") == "1"
@@ -373,3 +375,24 @@ def test_whole_manifest_tools_read_v3_as_before(tmp_path: Path) -> None:
     assert len(whole.files) == 8 + 3  # 8 per-rank shards, the model's shard, index, document
     with _environment(8, 8):
         assert _bitwise(load_state(copied, rank=6), _expected(6))
+
+
+@pytest.mark.cloud
+@pytest.mark.parametrize("case", ["truncated", "offset_past_eof", "huge_n"])
+def test_hostile_v3_manifests_on_s3(s3_root: StorageRoot, case: str) -> None:
+    """On an object store the file's size is unknown until a read comes back short."""
+    ckpt = Location.parse(f"{s3_root.url}/checkpoint-7", s3_root.storage_options)
+    ckpt.join(MANIFEST_NAME).publish(_corrupt(sample_v3(64).to_json(), case))
+    with pytest.raises(CorruptCheckpointError, match="checkpoint-7"):
+        read_manifest_view(ckpt, rank=0)
+
+
+@pytest.mark.cloud
+def test_a_view_on_s3_is_three_ranged_reads(s3_root: StorageRoot) -> None:
+    ckpt = Location.parse(f"{s3_root.url}/checkpoint-7", s3_root.storage_options)
+    ckpt.join(MANIFEST_NAME).publish(sample_v3(64).to_json())
+    log = RequestLog(s3_root.url, s3_root.storage_options)
+    view = read_manifest_view(ckpt, rank=63)
+    assert view is not None and view.file("optimizer_state_rank_63.safetensors") is not None
+    gets = [r for r in log.records() if r.method == "GET"]
+    assert len(gets) == len(log.records()) == 3 and all(r.range for r in gets), gets
