@@ -208,6 +208,13 @@ MAX_JSON_BYTES = _knob(
     256 * 2**20,
     "Largest JSON document of a checkpoint (manifest, index, state skeleton) a reader accepts.",
 )
+MANIFEST_HEAD_GUESS = _knob(
+    "manifest_head_guess",
+    4096,
+    "Bytes a rank reads first of a v3 manifest (layout line and, usually, the whole head) "
+    "when it reads only its own view of it.",
+    min_value=128,
+)
 FSYNC = _knob("fsync", True, "fsync local shard files and directories before commit.")
 DIRECT_IO = _knob(
     "direct_io",

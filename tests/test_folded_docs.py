@@ -24,7 +24,7 @@ from test_checkpoint_layout import Tiny, golden_state
 from ckptsvc import AsyncCheckpointer, hooks, verify_checkpoint
 from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format.checksum import crc32c_hex
-from ckptsvc.format.manifest import FORMAT_VERSION, MANIFEST_NAME, PLAIN_FORMAT_VERSION
+from ckptsvc.format.manifest import FOLDED_FORMAT_VERSION, MANIFEST_NAME, PLAIN_FORMAT_VERSION
 from ckptsvc.format.safetensors_stream import plan_shard, with_metadata
 from ckptsvc.read.component_load import load_components
 from ckptsvc.read.weights import load_checkpoint
@@ -93,7 +93,7 @@ def test_a_per_rank_instance_with_tensors_is_one_standard_safetensors_file(
     ]
     manifest = manifest_of(path)
     ours = manifest["metadata"]["ckptsvc"]
-    assert ours["format_version"] == FORMAT_VERSION == 2
+    assert ours["format_version"] == FOLDED_FORMAT_VERSION == 2
     assert set(ours["files"]) == set(listing) - {MANIFEST_NAME}  # size + CRC of every file
     shard = "optimizer_state_rank_0.safetensors"
     assert instance(manifest, "optimizer", "_rank_0") == {

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ckptsvc.errors import CorruptCheckpointError
+from ckptsvc.errors import CorruptCheckpointError, LifecycleError
+from ckptsvc.format import manifest_v3
 from ckptsvc.format.json_doc import parse_json_doc
 from ckptsvc.version import __version__
 
 __all__ = [
+    "FOLDED_FORMAT_VERSION",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MARKER_NAME",
@@ -35,9 +37,12 @@ __all__ = [
 
 #: the newest manifest format this code reads. 1: every component document is a JSON
 #: file; 2: some instance's document is in its first tensor file's safetensors header
-#: (``instances[...]["doc"]`` names a ``.safetensors`` file). A save writes the lowest
+#: (``instances[...]["doc"]`` names a ``.safetensors`` file); 3: the same records laid out
+#: so that one rank reads only the head and its own region (``format/manifest_v3.py``),
+#: written when more than one rank wrote ``per_rank`` instances. A save writes the lowest
 #: version that describes it, so readers of version 1 still read what they can.
-FORMAT_VERSION = 2
+FORMAT_VERSION = manifest_v3.V3_FORMAT_VERSION
+FOLDED_FORMAT_VERSION = 2
 PLAIN_FORMAT_VERSION = 1
 MANIFEST_NAME = "checkpoint_manifest.json"
 #: written first by every save, removed after the manifest: "ours, and not finished"
@@ -169,6 +174,10 @@ class Manifest:
     library_version: str = ""
     format_version: int = PLAIN_FORMAT_VERSION
     user_metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: set when this is one rank's view of a v3 manifest (the head and that rank's region,
+    #: ``read.manifest_view``): ``files`` and the components' instances are the head's and
+    #: that rank's only, and what needs every rank (``to_json``, ``total_nbytes``) refuses
+    view_rank: int | None = None
 
     @classmethod
     def new(
@@ -196,12 +205,23 @@ class Manifest:
             components=components,
             pytorch_version=pytorch_version,
             library_version=__version__,
-            format_version=_version_for(components),
+            format_version=_version_for(components, world_size=world_size),
             user_metadata=dict(user_metadata or {}),
         )
 
+    def require_whole(self, what: str) -> None:
+        """Refuse (:class:`LifecycleError`) when this is one rank's view: ``what`` needs
+        every rank's records."""
+        if self.view_rank is not None:
+            raise LifecycleError(
+                f"{self.checkpoint_path}: {what} needs the whole manifest, but this is rank "
+                f"{self.view_rank}'s view of it (read_manifest_view); read it with "
+                "read_manifest() instead"
+            )
+
     @property
     def total_nbytes(self) -> int:
+        self.require_whole("total_nbytes")
         return sum(f.nbytes for f in self.files)
 
     def file(self, path: str) -> FileRecord | None:
@@ -221,7 +241,9 @@ class Manifest:
             return 0.0
 
     def to_json(self) -> bytes:
-        """Deterministic JSON bytes (golden-tested: change only with FORMAT_VERSION)."""
+        """Deterministic JSON bytes (golden-tested: change only with FORMAT_VERSION); the
+        v3 layout (``format/manifest_v3.py``) for format 3."""
+        self.require_whole("to_json")
         metadata = dict(self.user_metadata)
         metadata[_OURS] = {
             "format_version": self.format_version,
@@ -239,13 +261,25 @@ class Manifest:
             "pytorch_version": self.pytorch_version,
             "metadata": metadata,
         }
+        if self.format_version >= manifest_v3.V3_FORMAT_VERSION:
+            return manifest_v3.encode(doc)
         return (json.dumps(doc, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
     @classmethod
     def from_json(cls, raw: bytes, *, where: str) -> Manifest:
-        """Parse and validate; :class:`CorruptCheckpointError` names ``where`` on any fault."""
+        """Parse and validate; :class:`CorruptCheckpointError` names ``where`` on any fault.
+        A v3 manifest is read whole: every region merged back (the same ``Manifest`` as
+        formats 1 and 2 give)."""
 
         doc = parse_json_doc(raw, where=where, what="manifest")
+        if isinstance(doc, dict) and manifest_v3.LAYOUT_KEY in doc:
+            doc = manifest_v3.decode(doc, raw=bytes(raw), where=where)
+        return cls.from_doc(doc, where=where)
+
+    @classmethod
+    def from_doc(cls, doc: Any, *, where: str, view_rank: int | None = None) -> Manifest:
+        """Validate a parsed v1-style manifest document (``view_rank``: it is that rank's
+        view of a v3 manifest, see :attr:`view_rank`)."""
         if not isinstance(doc, dict):
             raise CorruptCheckpointError(f"{where}: manifest is not a JSON object")
         meta = doc.get("metadata") or {}
@@ -302,15 +336,21 @@ class Manifest:
             library_version=str(ours.get("library_version", "")),
             format_version=version,
             user_metadata=meta,
+            view_rank=view_rank,
         )
 
 
-def _version_for(components: Iterable[ComponentRecord]) -> int:
-    """2 when an instance's document is folded into a tensor file, else 1."""
+def _version_for(components: Iterable[ComponentRecord], *, world_size: int) -> int:
+    """3 when more than one rank wrote ``per_rank`` instances; else 2 when an instance's
+    document is folded into a tensor file; else 1."""
+    components = tuple(components)
+    records = [c.to_dict() for c in components]
+    if len(manifest_v3.regions_in(records, ranks=world_size)) > 1:
+        return manifest_v3.V3_FORMAT_VERSION
     for c in components:
         ours = c.metadata.get(_OURS)
         instances = ours.get("instances") if isinstance(ours, dict) else None
         for inst in (instances or {}).values():
             if str(inst.get("doc") or "").endswith(".safetensors"):
-                return FORMAT_VERSION
+                return FOLDED_FORMAT_VERSION
     return PLAIN_FORMAT_VERSION

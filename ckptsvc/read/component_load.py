@@ -2,7 +2,9 @@
 
 Call order (every rank, training thread; no collective):
 
-1. read and check the manifest (an incomplete or missing checkpoint is an error);
+1. read and check the manifest (an incomplete or missing checkpoint is an error); in a
+   multi-rank job only this rank's view of a v3 manifest (its head and this rank's
+   region, :mod:`ckptsvc.read.manifest_view`);
 2. for each requested component, pick the instance this rank loads - the single one
    (GLOBAL, REPLICATED, sharded), ``_rank_<r>`` (PER_RANK), ``_group_<name>_<leader>``
    (PER_GROUP) or ``_node_<i>`` (PER_NODE) - and read its JSON document;
@@ -253,8 +255,8 @@ def load_components(
         )
     check_unique_keys(list(components))
     ckpt = Location.parse(path, storage_options)
-    manifest = require_complete_checkpoint(ckpt)
     info = RankInfo.current(rank=rank)
+    manifest = _manifest_for(ckpt, info)
     records = {r.key: r for r in manifest.components}
     for c in components:
         rec = records.get(c.key)
@@ -272,6 +274,19 @@ def load_components(
         )  # fmt: skip
         if loaded is not None:
             _apply(c, loaded[0], strict=strict, where=ckpt.url)
+
+
+def _manifest_for(ckpt: Location, info: RankInfo) -> Manifest:
+    """The manifest a rank loads with: in a multi-rank job its own view of a v3 manifest
+    (the head and its region: bytes read independent of the job's size), the whole
+    manifest when the job's world size differs from the saved one (``wrap`` may need
+    another rank's region) or when the job has one rank."""
+    if info.world_size <= 1:
+        return require_complete_checkpoint(ckpt)
+    manifest = require_complete_checkpoint(ckpt, view_rank=info.rank)
+    if manifest.view_rank is not None and manifest.world_size != info.world_size:
+        return require_complete_checkpoint(ckpt)
+    return manifest
 
 
 def _read_component(
@@ -350,12 +365,12 @@ def load_state(
     """
     require_checkpoint_path(path, caller="load_state")
     ckpt = Location.parse(path, storage_options)
-    manifest = require_complete_checkpoint(ckpt)
+    info = RankInfo.current(rank=rank)
+    manifest = _manifest_for(ckpt, info)
     if not manifest.components and not manifest.files:  # save(step, {}): nothing to hold
         return {}
     if not manifest.components or not _is_component_layout(manifest):
         return load_legacy_state(ckpt, manifest, device=device)
-    info = RankInfo.current(rank=rank)
     out: dict[str, Any] = {}
     for rec in manifest.components:
         holder = HeldState(None)

@@ -56,6 +56,7 @@ from ckptsvc.format.layout import (
     WEIGHTS_NAME,
 )
 from ckptsvc.format.manifest import MANIFEST_NAME, MARKER_NAME, Manifest
+from ckptsvc.read.manifest_view import read_manifest_view
 from ckptsvc.storage import Location
 from ckptsvc.workers.claim import describe_claim
 from ckptsvc.workers.commit import REPLACEMENT_SUFFIX
@@ -133,8 +134,17 @@ class CheckpointInfo:
         return (ts, self.step if self.step is not None else -1)
 
 
-def read_manifest(ckpt: Location) -> Manifest | None:
-    """The parsed manifest, ``None`` if there is none; CorruptCheckpointError if unparseable."""
+def read_manifest(ckpt: Location, *, view_rank: int | None = None) -> Manifest | None:
+    """The parsed manifest, ``None`` if there is none; CorruptCheckpointError if unparseable.
+
+    ``view_rank``: only what that rank needs of a v3 manifest (the head and its region,
+    :func:`~ckptsvc.read.manifest_view.read_manifest_view`); a v1/v2 manifest is read whole.
+    """
+    if view_rank is not None:
+        try:
+            return read_manifest_view(ckpt, rank=view_rank)
+        except StorageNotFoundError:
+            return None
     loc = ckpt.join(MANIFEST_NAME)
     try:
         raw = read_doc_bytes(loc, what="manifest")  # bounded, regular files only
@@ -146,7 +156,7 @@ def read_manifest(ckpt: Location) -> Manifest | None:
 def files_mismatch(ckpt: Location, manifest: Manifest, *, listing: bool = False) -> str:
     """Why the files of ``ckpt`` do not match ``manifest`` (``""`` when they do).
 
-    Locally each listed file is stat'ed (must be a regular file of the recorded size).
+    Locally each listed file is stat'ed (of a view: the head's and that rank's files) (must be a regular file of the recorded size).
     Elsewhere nothing is checked unless ``listing`` is set; then one recursive listing
     of the checkpoint is compared with the manifest.
     """
@@ -183,15 +193,18 @@ def checkpoint_info(
     *,
     storage_options: dict[str, Any] | None = None,
     check_files: bool = True,
+    view_rank: int | None = None,
 ) -> CheckpointInfo:
     """Classify one directory (see the module docstring).
 
     ``check_files=False`` skips comparing a local checkpoint's files with its manifest
     (for callers that check each file themselves and report it by name: verify, load).
+    ``view_rank``: read only that rank's view of a v3 manifest (the files compared are
+    then the head's and that rank's).
     """
     loc = Location.parse(path, storage_options)
     try:
-        manifest = read_manifest(loc)
+        manifest = read_manifest(loc, view_rank=view_rank)
     except CorruptCheckpointError as e:
         return CheckpointInfo(loc, CheckpointStatus.INCOMPLETE, None, None, reason=str(e))
     if manifest is not None:
@@ -264,10 +277,10 @@ def require_checkpoint_path(path: object, *, caller: str) -> None:
         )
 
 
-def require_complete_checkpoint(ckpt: Location) -> Manifest:
+def require_complete_checkpoint(ckpt: Location, *, view_rank: int | None = None) -> Manifest:
     """The manifest of the complete checkpoint ``ckpt``; a loader's first check
-    (:func:`refuse_unloadable`)."""
-    info = checkpoint_info(ckpt)
+    (:func:`refuse_unloadable`). ``view_rank``: that rank's view of a v3 manifest."""
+    info = checkpoint_info(ckpt, view_rank=view_rank)
     refuse_unloadable(info)
     if info.manifest is None:  # refuse_unloadable raised; for the type checker
         raise CheckpointNotFoundError(f"{ckpt.url}: no checkpoint manifest")

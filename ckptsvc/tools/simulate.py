@@ -25,7 +25,8 @@ time of rank 0's commit thread from its wake to the outcome and its decode + mer
 writes, and the most writes under one prefix); per resume: discovery requests, load
 requests (in all and per rank), GETs of the replicated model's shard (each simulated
 node of 8 ranks has a node cache directory of its own, ``read.node_cache``: one GET per
-node), bytes of JSON metadata read per rank. Nothing here is timed against a target:
+node), bytes of metadata read per rank (each GET by the bytes it returned: a ranged read
+of a v3 manifest counts its range, not the object). Nothing here is timed against a target:
 the table is for comparing runs and ranks counts within one run.
 """
 
@@ -277,7 +278,8 @@ def _environment(ranks: int, ranks_per_node: int) -> Iterator[None]:
 def _metadata_bytes(
     loads: list[Request], sizes: dict[str, int], opts: dict[str, Any]
 ) -> tuple[int, int]:
-    """Bytes of metadata the load read: every JSON object it fetched, and the header
+    """Bytes of metadata the load read: every JSON object it fetched (the bytes of each
+    GET: a ranged read counts its range, clipped to the object's size), and the header
     (length prefix + JSON, documents folded into it included) of every safetensors file
     whose head it read; and the JSON objects' bytes alone."""
     json_nbytes = 0
@@ -287,7 +289,7 @@ def _metadata_bytes(
         if x.method != "GET":
             continue
         if x.path.endswith(".json"):
-            json_nbytes += sizes.get(x.path, 0)
+            json_nbytes += _got_nbytes(x.range, sizes.get(x.path, 0))
         elif x.path.endswith(".safetensors") and x.range.startswith("bytes=0-"):
             if x.path not in headers:
                 bucket_key = x.path.lstrip("/")
@@ -295,6 +297,23 @@ def _metadata_bytes(
                 headers[x.path] = 8 + int.from_bytes(head, "little")
             total += headers[x.path]
     return total + json_nbytes, json_nbytes
+
+
+def _got_nbytes(range_header: str, size: int) -> int:
+    """Bytes a GET of an object of ``size`` bytes returned: its ``Range`` (``bytes=a-b``,
+    ``bytes=a-``, ``bytes=-n``) clipped to the object, or the whole object."""
+    spec = range_header.removeprefix("bytes=")
+    if not range_header or "," in spec or "-" not in spec:
+        return size
+    first, _, last = spec.partition("-")
+    try:
+        if not first:
+            return min(int(last), size)
+        start = int(first)
+        end = size - 1 if not last else min(int(last), size - 1)
+    except ValueError:
+        return size
+    return max(0, end - start + 1)
 
 
 def _object_sizes(opts: dict[str, Any], root: str) -> dict[str, int]:
