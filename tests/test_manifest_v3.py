@@ -372,7 +372,7 @@ def test_whole_manifest_tools_read_v3_as_before(tmp_path: Path) -> None:
     whole, original = read_manifest(Location.parse(copied)), read_manifest(Location.parse(path))
     assert whole is not None and original is not None and whole.format_version == FORMAT_VERSION
     assert dataclasses.replace(whole, checkpoint_path=path) == original  # cp rewrites the path
-    assert len(whole.files) == 8 + 3  # 8 per-rank shards, the model's shard, index, document
+    assert len(whole.files) == 8 + 1  # 8 per-rank shards, model.safetensors (its document inside)
     with _environment(8, 8):
         assert _bitwise(load_state(copied, rank=6), _expected(6))
 
