@@ -436,3 +436,30 @@ def test_gathered_writes_of_many_pieces_keep_every_byte(
     f.close()
     assert (tmp_path / "f").read_bytes() == bytes(expected)
     assert 0 < calls["pwritev"] < len(pieces)
+
+
+def test_a_failed_gathered_write_commits_nothing(
+    tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync save whose gathered write fails raises with the file's name and leaves the
+    committed checkpoint it was to replace as it was."""
+    _direct_or_skip(tmp_path)
+    monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")
+    gen = torch.Generator().manual_seed(9)
+    old = {f"w{i}": torch.randn(2**19, generator=gen) for i in range(4)}
+    path = tmp_path / "ckpt"
+    save_checkpoint(str(path), old, safetensors=True)
+    new = {k: v + 1 for k, v in old.items()}
+    calls = {"n": 0}
+
+    def failing_v(fd: int, pieces: list[Any], offset: int) -> int:
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", failing_v)
+    with pytest.raises(StorageError, match="safetensors"):
+        save_checkpoint(str(path), new, safetensors=True)
+    monkeypatch.undo()
+    assert calls["n"] >= 1  # the failure came from a gathered write
+    got = load_checkpoint(str(path))
+    assert got is not None and all(torch.equal(got[k], old[k]) for k in old)
