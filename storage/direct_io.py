@@ -201,16 +201,19 @@ class DirectFile:
        (rounded to pages; smaller for a small ``size_hint_bytes``), at most ``_SLOTS``,
        are taken from the process's :mod:`.bounce` pool when first needed and given back
        on ``close`` / ``abort``, so the next file reuses them already faulted in;
-    2. ``write`` (caller thread, one at a time): a big page-aligned chunk at a block-aligned
-       file offset is written from where it lies (zero copy); anything else is copied into
-       the filling slot. Full slots and zero-copy chunks become ``pwrite`` s at their own
+    2. ``write`` (caller thread, one at a time): a big chunk whose memory reaches a page
+       boundary where the file reaches a block boundary (page-aligned at a block-aligned
+       offset, or in step past both) is written from where it lies after its head (zero
+       copy); anything else is copied into the filling slot. Full slots and zero-copy chunks become ``pwrite`` s at their own
        file offsets on a pool of ``_IN_FLIGHT`` threads, so the device sees several
        requests at once (one stream of synchronous writes leaves it idle between them);
        the caller waits for a free slot, and for its zero-copy writes (its memory is
        free again when ``write`` returns) - unless ``stable_source`` (the caller's memory
        stays valid until ``close``/``abort``: the node writer's arena): then up to
        ``_WINDOW`` zero-copy writes stay queued or in flight across ``write`` calls, so the
-       device never waits for the slowest write of a chunk;
+       device never waits for the slowest write of a chunk, and consecutive pieces (in
+       place or bounce blocks, which then share a slot) go out as one ``pwritev`` of
+       about ``_GATHER_BYTES``;
     3. ``close`` (caller thread): write the last slot zero-padded to a block, wait for every
        write, ``ftruncate`` to the real size, ``fsync`` (when asked), close; or ``abort``:
        drop the writes not started, wait for the running ones, close, unlink (never
