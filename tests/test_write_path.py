@@ -268,7 +268,7 @@ def test_stable_source_keeps_writes_in_flight_across_chunks(
     arena, source = _arena(12 * MiB)
     gate = threading.Event()
     done_from_source = []
-    real = os.pwrite
+    real, real_v = os.pwrite, os.pwritev
 
     def gated(fd: int, data: Any, offset: int) -> int:
         from_source = memoryview(data).obj is arena
@@ -279,7 +279,19 @@ def test_stable_source_keeps_writes_in_flight_across_chunks(
             done_from_source.append(n)
         return n
 
+    def gated_v(fd: int, pieces: list[Any], offset: int) -> int:  # gathered writes
+        from_source = [memoryview(p).obj is arena for p in pieces]
+        if any(from_source):
+            gate.wait(30)
+        n = real_v(fd, pieces, offset)
+        assert n == sum(memoryview(p).nbytes for p in pieces)
+        done_from_source.extend(
+            memoryview(p).nbytes for p, src in zip(pieces, from_source, strict=True) if src
+        )
+        return n
+
     monkeypatch.setattr(os, "pwrite", gated)
+    monkeypatch.setattr(os, "pwritev", gated_v)
     header = bytes(4096)
     f = DirectFile(
         str(tmp_path / "f"), chunk_nbytes=MiB, size_hint_bytes=None, fsync=True, stable_source=True
@@ -303,16 +315,23 @@ def test_stable_source_write_error_surfaces_and_abort_removes_the_file(
     with the file's name; ``abort`` drops queued writes and deletes the file."""
     _direct_or_skip(tmp_path)
     _, source = _arena(8 * MiB)
-    real = os.pwrite
+    real, real_v = os.pwrite, os.pwritev
     calls = {"n": 0}
 
     def failing(fd: int, data: Any, offset: int) -> int:
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] >= 2:  # the first proves O_DIRECT; a later one (queued) fails
             raise OSError(28, "No space left on device")
         return real(fd, data, offset)
 
+    def failing_v(fd: int, pieces: list[Any], offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError(28, "No space left on device")
+        return real_v(fd, pieces, offset)
+
     monkeypatch.setattr(os, "pwrite", failing)
+    monkeypatch.setattr(os, "pwritev", failing_v)
     path = tmp_path / "f"
     sink = Location.parse(str(path)).open_sink(direct_io="on", stable_source=True)
     with pytest.raises(StorageError, match="f"):
@@ -321,3 +340,126 @@ def test_stable_source_write_error_surfaces_and_abort_removes_the_file(
         sink.close()
     sink.abort()
     assert not path.exists()
+
+
+# ---- sync save: heap tensors written in place, pieces gathered ----------------------------
+def test_heap_tensors_in_step_with_the_file_are_written_from_where_they_lie(
+    tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``save_checkpoint`` pads the header so that big heap tensors (64 bytes past a page)
+    lie in step with their file offsets: their bytes go to the device from the tensors'
+    own memory, in gathered writes, only the blocks between them through bounce slots.
+    The file is what safetensors reads, and the manifest's CRC-32C matches its bytes."""
+    from ckptsvc.format.checksum import crc32c_hex
+    from ckptsvc.format.manifest import Manifest
+    from ckptsvc.format.safetensors_stream import PAGE_ALIGN_BYTES, header_length, parse_header
+    from ckptsvc.storage.buffer_address import address_of
+
+    _direct_or_skip(tmp_path)
+    monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")
+    gen = torch.Generator().manual_seed(5)
+    state = {f"w{i}": torch.randn(2**19 + 1024 * i, generator=gen) for i in range(6)}
+    state["bias"] = torch.randn(1000, generator=gen)
+    spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in state.values()]
+    from_tensors: list[int] = []
+    real, real_v = os.pwrite, os.pwritev
+
+    def note(piece: Any) -> None:
+        view = memoryview(piece)
+        addr = address_of(view)
+        if any(lo <= addr < hi for lo, hi in spans):
+            from_tensors.append(view.nbytes)
+
+    def recording(fd: int, data: Any, offset: int) -> int:
+        note(data)
+        return real(fd, data, offset)
+
+    def recording_v(fd: int, pieces: list[Any], offset: int) -> int:
+        for piece in pieces:
+            note(piece)
+        return real_v(fd, pieces, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording)
+    monkeypatch.setattr(os, "pwritev", recording_v)
+    path = tmp_path / "ckpt"
+    save_checkpoint(str(path), state, safetensors=True)
+    monkeypatch.undo()
+
+    (shard,) = path.glob("*.safetensors")
+    data = shard.read_bytes()
+    start = 8 + header_length(data[:8], file_nbytes=len(data), where=shard.name)
+    loaded = load_file(str(shard))  # the reference reader takes the padded header
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    entries = parse_header(data[:start], file_nbytes=len(data), where=shard.name).entries
+    in_step = [
+        e
+        for e in entries
+        if e.nbytes >= MiB and (state[e.name].data_ptr() - start - e.begin) % PAGE_ALIGN_BYTES == 0
+    ]
+    assert in_step  # the phase follows the big tensors' addresses
+    assert sum(from_tensors) >= sum(e.nbytes - 2 * PAGE_ALIGN_BYTES for e in in_step)
+    manifest = Manifest.from_json(
+        (path / "checkpoint_manifest.json").read_bytes(), where="checkpoint_manifest.json"
+    )
+    (record,) = [f for f in manifest.files if f.path == shard.name]
+    assert record.crc32c == crc32c_hex(data) and record.nbytes == len(data)
+
+
+def test_gathered_writes_of_many_pieces_keep_every_byte(
+    tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a stable source, pieces in step with the file (page-aligned chunks), pieces
+    that are not, and small ones go out as few ``pwritev`` s (bounce blocks of several
+    pieces share one slot); the file is byte for byte the input."""
+    _direct_or_skip(tmp_path)
+    _, source = _arena(24 * MiB)
+    calls = {"pwritev": 0}
+    real_v = os.pwritev
+
+    def counting(fd: int, pieces: list[Any], offset: int) -> int:
+        calls["pwritev"] += 1
+        return real_v(fd, pieces, offset)
+
+    monkeypatch.setattr(os, "pwritev", counting)
+    f = DirectFile(
+        str(tmp_path / "f"), chunk_nbytes=MiB, size_hint_bytes=None, fsync=True, stable_source=True
+    )
+    expected = bytearray()
+    pieces = [source[: 4096 + 64]]  # a header whose data starts 64 bytes past a block
+    lo = 64
+    for n in [2 * MiB, 1000, 3 * MiB + 8, 70_000, 2 * MiB, 5, 4 * MiB + 4096]:
+        pieces.append(source[lo + 8192 : lo + 8192 + n])  # 64 bytes past a page, or not
+        lo += n + 8192 + 8
+    for piece in pieces:
+        f.write(piece)
+        expected += piece
+    f.close()
+    assert (tmp_path / "f").read_bytes() == bytes(expected)
+    assert 0 < calls["pwritev"] < len(pieces)
+
+
+def test_a_failed_gathered_write_commits_nothing(
+    tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync save whose gathered write fails raises with the file's name and leaves the
+    committed checkpoint it was to replace as it was."""
+    _direct_or_skip(tmp_path)
+    monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")
+    gen = torch.Generator().manual_seed(9)
+    old = {f"w{i}": torch.randn(2**19, generator=gen) for i in range(4)}
+    path = tmp_path / "ckpt"
+    save_checkpoint(str(path), old, safetensors=True)
+    new = {k: v + 1 for k, v in old.items()}
+    calls = {"n": 0}
+
+    def failing_v(fd: int, pieces: list[Any], offset: int) -> int:
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwritev", failing_v)
+    with pytest.raises(StorageError, match="safetensors"):
+        save_checkpoint(str(path), new, safetensors=True)
+    monkeypatch.undo()
+    assert calls["n"] >= 1  # the failure came from a gathered write
+    got = load_checkpoint(str(path))
+    assert got is not None and all(torch.equal(got[k], old[k]) for k in old)

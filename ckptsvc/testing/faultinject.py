@@ -247,7 +247,9 @@ def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
     """Wrap this process's ``os``/``open`` calls with ``faults``; returns the undo function."""
     import builtins
 
-    wrapped = ("open", "write", "pwrite", "fsync", "replace", "scandir", "pread", "preadv")
+    wrapped = (
+        "open", "write", "pwrite", "pwritev", "fsync", "replace", "scandir", "pread", "preadv",
+    )  # fmt: skip
     real = {name: getattr(os, name) for name in (*wrapped, "unlink")}
     real_open = builtins.open
 
@@ -268,6 +270,10 @@ def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
     def os_pwrite(fd: int, data: Any, offset: int) -> int:
         check("write", _fd_path(fd))
         return int(real["pwrite"](fd, data, offset))
+
+    def os_pwritev(fd: int, buffers: Any, offset: int, *args: Any) -> int:
+        check("write", _fd_path(fd))
+        return int(real["pwritev"](fd, buffers, offset, *args))
 
     def os_fsync(fd: Any) -> None:
         check("close", _fd_path(fd if isinstance(fd, int) else fd.fileno()))
@@ -298,7 +304,8 @@ def install_os_faults(faults: list[OsFault]) -> Callable[[], None]:
         return real_open(file, mode, *args, **kwargs)
 
     wrappers = {
-        "open": os_open, "write": os_write, "pwrite": os_pwrite, "fsync": os_fsync,
+        "open": os_open, "write": os_write, "pwrite": os_pwrite, "pwritev": os_pwritev,
+        "fsync": os_fsync,
         "replace": os_replace,
         "scandir": os_scandir, "pread": os_pread, "preadv": os_preadv, "unlink": os_unlink,
     }  # fmt: skip
