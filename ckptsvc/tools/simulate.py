@@ -143,6 +143,7 @@ class SimulatedJob:
     ) -> None:
         self.root = root
         self.commit_storage_s = 0.0  # rank 0's last commit: its requests to the storage
+        self._cleanup: threading.Thread | None = None  # the last commit's marker / pointer
         self.opts = opts
         self.master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         self.ranks: list[SimRank] = []
@@ -162,15 +163,40 @@ class SimulatedJob:
             self.ranks.append(SimRank(info, store, coordinator, threading.Event()))
 
     def _commit(self, pending: PendingCommit, merged: Merged) -> Any:
-        """Rank 0's commit, as its writer runs a commit job (``run_job``)."""
+        """Rank 0's commit, as its writer runs a distributed commit job (``run_job`` with
+        ``report_when_durable``): it returns once the manifest is durable; the marker's
+        delete and the ``latest`` pointer go on in the background (joined before the next
+        commit and by :meth:`close`, as the writer chains a trainer's jobs)."""
         started = time.monotonic()
         ckpt = Location.parse(pending.path, self.opts)
         if merged.small_files or not pending.claim_id:
             begin_checkpoint(ckpt)
         records = [publish_file(ckpt, n, b) for n, b in sorted(merged.small_files.items())]
-        finish_checkpoint(ckpt, commit_info(pending, merged, world_size=len(self.ranks)), records)
+        info = commit_info(pending, merged, world_size=len(self.ranks))
+        durable = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                finish_checkpoint(ckpt, info, records, durable=lambda _m: durable.set())
+            except BaseException as e:
+                failed.append(e)
+            finally:
+                durable.set()
+
+        self._join_cleanup()
+        self._cleanup = threading.Thread(target=run, name="sim-commit", daemon=True)
+        self._cleanup.start()
+        durable.wait()
+        if failed:
+            raise failed[0]
         self.commit_storage_s = time.monotonic() - started
         return _Done(self.commit_storage_s)
+
+    def _join_cleanup(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup.join()
+            self._cleanup = None
 
     def save(
         self,
@@ -191,6 +217,7 @@ class SimulatedJob:
         for r in live:
             if not r.done.wait(600):
                 raise TimeoutError(f"rank {r.info.rank} saw no outcome of step {step}")
+        self._join_cleanup()  # this save's requests all counted in this save
         return {r.info.rank: r.error for r in live}
 
     def _save_rank(self, r: SimRank, step: int, path: str, fail: bool) -> None:
@@ -237,8 +264,10 @@ class SimulatedJob:
         r.coordinator.data_done(pending, report, on_done=on_done, local_error=error)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Rank 0 waits (bounded) for every rank to read the outcomes."""
+        """Rank 0 waits (bounded) for every rank to read the outcomes and for its last
+        commit's cleanup."""
         self.ranks[0].coordinator.close(timeout_s=timeout_s)
+        self._join_cleanup()
 
 
 def _round_trips(store: CountingStore) -> int:
