@@ -65,8 +65,8 @@ __all__ = [
     "commit_checkpoint",
     "publish_file",
     "replacement_location",
-    "swap_in",
     "start_claim_check",
+    "swap_in",
     "sync_local_dirs",
 ]
 
