@@ -26,7 +26,8 @@ from typing import Any
 
 from ckptsvc import hooks, knobs
 from ckptsvc.commit.channels import COORD_DIR, Channel, FileChannel, StoreChannel, StorePool
-from ckptsvc.commit.reports import Merged, RankReport, merge_reports
+from ckptsvc.commit.node_reports import decode_batches, premerge_batch
+from ckptsvc.commit.reports import Merged, RankReport, merge_node_reports
 from ckptsvc.errors import (
     CheckpointError,
     CoordinationError,
@@ -294,7 +295,7 @@ class Coordinator:
         written = [own]
         if channel.add(f"{node}/count", 1) == info.local_world_size:
             keys = [f"{node}/l{i}" for i in range(info.local_world_size)]
-            batch = b"\n".join(channel.get_many(keys))
+            batch = premerge_batch(channel.get_many(keys))  # one node report
             slot = f"batch/{channel.add('slots', 1)}"
             channel.put(slot, batch)
             written += [slot, f"{node}/count"]
@@ -353,9 +354,9 @@ class Coordinator:
             if own.error is not None:
                 raise SaveFailedError(f"rank 0 failed to write its part: {own.error}")
             phases = _Phases(pending.step)
-            reports = self._collect(pending, channel, phases)
-            merged = merge_reports(
-                reports,
+            nodes = self._collect(pending, channel, phases)
+            merged = merge_node_reports(
+                nodes,
                 world_size=self._info.world_size,
                 crc_names=pending.crc_names,
                 sharded_docs=pending.sharded_docs,
@@ -398,7 +399,7 @@ class Coordinator:
 
     def _collect(
         self, pending: PendingCommit, channel: Channel, phases: _Phases
-    ) -> list[RankReport]:
+    ) -> list[dict[str, Any]]:
         world = self._info.world_size
         woke = channel.wait(["wake"], self._timeout(1.0))
         phases.mark("wake")
@@ -426,18 +427,13 @@ class Coordinator:
         nodes = -(-world // self._info.local_world_size)  # one batch per node
         batches = channel.get_many([f"batch/{i}" for i in range(1, nodes + 1)])
         phases.mark("fetch")
-        shared: dict[Any, Any] = {}
-        reports = [
-            RankReport.from_json(line, where=f"node batch {i + 1}", shared=shared)
-            for i, batch in enumerate(batches)
-            for line in batch.split(b"\n")
-        ]
-        reports.sort(key=lambda r: r.rank)
+        reports = decode_batches(batches)
         phases.mark("decode")
-        if [r.rank for r in reports] != list(range(world)):
+        ranks = [r for node in reports for r in node["ranks"]]
+        if ranks != list(range(world)):
             raise CoordinationError(
                 f"save of step {pending.step} to {pending.path}: the node batches hold ranks "
-                f"{[r.rank for r in reports][:20]}..., not 0..{world - 1}; LOCAL_WORLD_SIZE / "
+                f"{ranks[:20]}..., not 0..{world - 1}; LOCAL_WORLD_SIZE / "
                 "GROUP_RANK must describe the job's nodes (every node the same size)"
             )
         return reports
