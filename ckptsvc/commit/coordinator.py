@@ -132,8 +132,10 @@ class Coordinator:
 
     - ``n<node>/l<local rank>``: a rank's :class:`RankReport` (files + parts, or its error);
       ``n<node>/count``: how many ranks of the node reported;
-    - ``batch/<slot>``: one node's reports (newline-separated), ``slots`` their count,
-      ``in`` how many ranks the batches hold;
+    - ``batch/<slot>``: one node's reports merged by its leader into one node report
+      (:mod:`ckptsvc.commit.node_reports`; the reports as they are, newline-separated,
+      when one failed or they disagree), ``slots`` their count, ``in`` how many ranks the
+      batches hold;
     - ``failed``: a copy of a failing rank's report; ``wake``: set once every rank is in,
       or by a failing rank (rank 0 waits on this one key and fails fast on ``failed``);
     - ``outcome``: rank 0's verdict, ``{"ok": true}`` or ``{"ok": false, "error": ...}``;
@@ -143,13 +145,16 @@ class Coordinator:
     2. ``data_done`` (client reader thread, when this rank's writer reported): start the
        save's background thread, which publishes the rank's report and counts it on its
        node; the node's last rank (the counter reaches ``local_world_size``) fetches the
-       node's reports in one ``multi_get``, publishes them as one batch and adds them to
-       ``in``; the batch that completes ``in`` sets ``wake``. Then
+       node's reports in one ``multi_get``, merges them into one node report, publishes it
+       as the node's batch and adds the node's ranks to ``in``; the batch that completes
+       ``in`` sets ``wake``. Then
     3. rank 0: waits up to ``COMMIT_TIMEOUT_S`` for ``wake`` (a rank that never reports
        is named in the error), fetches the batches (``multi_get``, 256 keys a round trip),
-       merges and validates them, waits for the previous save's commit (manifests appear
-       in save order), has its writer write index, documents and manifest last, publishes
-       ``outcome``; other ranks: one blocking wait, up to twice that, for ``outcome``;
+       decodes and merges the n node reports, waits for the previous save's commit
+       (manifests appear in save order), has its writer write the sharded documents and
+       the manifest last, publishes ``outcome`` as soon as the manifest is durable (the
+       writer deletes the marker and moves the ``latest`` pointer after that: design.md
+       section 4); other ranks: one blocking wait, up to twice that, for ``outcome``;
        every rank then deletes the keys it wrote (after a success only: after a failure a
        node may still be gathering, and those few keys stay) and counts itself in ``acks``.
     4. ``on_done(handle, error)`` completes the handle on every rank with the same verdict.
