@@ -15,7 +15,10 @@ thread unless said otherwise):
 3. The small files (``publish_file``); wait for the shards.
 4. Wait until the same trainer's previous job finished (manifests appear in save order);
    when the job asks, :func:`finish_checkpoint` writes the manifest last.
-5. ``JobDone`` / ``JobFailed`` to the trainer (``conn.send``); on any failure the
+5. ``JobDone`` / ``JobFailed`` to the trainer (``conn.send``); a distributed commit's
+   ``JobDone`` (``CommitInfo.report_when_durable``) goes as soon as the manifest is
+   durable, before the marker's delete and the ``latest`` pointer, which the job thread
+   finishes before the job counts as finished. On any failure before the report the
    checkpoint is abandoned (marker kept, no manifest). A cancelled job
    (:class:`~.shard_writer.JobCancelled`: the trainer went away) reports nothing.
 """
