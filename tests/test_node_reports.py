@@ -187,3 +187,40 @@ def test_sharded_pieces_arrive_in_rank_order() -> None:
 def test_a_malformed_batch_is_named() -> None:
     with pytest.raises(CorruptCheckpointError, match="node batch 2"):
         decode_batches([premerge_batch([_reports()[0][0].to_json()]), NODE_PREFIX + b"{oops"])
+
+
+def test_gc_held_nests_and_restores_the_collector() -> None:
+    """Rank 0's decode + merge runs with automatic collection off (``gc_held``); holds of
+    two saves in flight share one, and a collector the application disabled stays off."""
+    import gc
+    import threading
+
+    from ckptsvc.commit.gc_hold import gc_held
+
+    assert gc.isenabled()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other_save() -> None:
+        with gc_held():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_save)
+    t.start()
+    try:
+        assert inside.wait(10)
+        with gc_held():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the other save still holds it
+    finally:
+        release.set()
+        t.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_held():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the application's choice stands
+    finally:
+        gc.enable()

@@ -26,6 +26,7 @@ from typing import Any
 
 from ckptsvc import hooks, knobs
 from ckptsvc.commit.channels import COORD_DIR, Channel, FileChannel, StoreChannel, StorePool
+from ckptsvc.commit.gc_hold import gc_held
 from ckptsvc.commit.node_reports import decode_batches, premerge_batch
 from ckptsvc.commit.reports import Merged, RankReport, merge_node_reports
 from ckptsvc.errors import (
@@ -359,13 +360,17 @@ class Coordinator:
             if own.error is not None:
                 raise SaveFailedError(f"rank 0 failed to write its part: {own.error}")
             phases = _Phases(pending.step)
-            nodes = self._collect(pending, channel, phases)
-            merged = merge_node_reports(
-                nodes,
-                world_size=self._info.world_size,
-                crc_names=pending.crc_names,
-                sharded_docs=pending.sharded_docs,
-            )
+            woke = self._wake(pending, channel, phases)
+            # decoding and merging allocate: no collection's pause in the middle of them
+            # (a few ms of CPU; never held across a wait or a storage request)
+            with gc_held():
+                nodes = self._collect(pending, channel, phases, woke)
+                merged = merge_node_reports(
+                    nodes,
+                    world_size=self._info.world_size,
+                    crc_names=pending.crc_names,
+                    sharded_docs=pending.sharded_docs,
+                )
             phases.mark("merge")
             if pending.previous is not None:
                 pending.previous.settled.wait()  # manifests appear in save order
@@ -402,12 +407,16 @@ class Coordinator:
         with self._lock:
             self._unacked.append((channel, readers, own))
 
-    def _collect(
-        self, pending: PendingCommit, channel: Channel, phases: _Phases
-    ) -> list[dict[str, Any]]:
-        world = self._info.world_size
+    def _wake(self, pending: PendingCommit, channel: Channel, phases: _Phases) -> bool:
+        """Rank 0's one blocking wait: every rank is in, or one failed (``False``: timeout)."""
         woke = channel.wait(["wake"], self._timeout(1.0))
         phases.mark("wake")
+        return woke
+
+    def _collect(
+        self, pending: PendingCommit, channel: Channel, phases: _Phases, woke: bool
+    ) -> list[dict[str, Any]]:
+        world = self._info.world_size
         if not woke:
             keys = [self._report_key(r) for r in range(world)]
             got = channel.present(keys)
