@@ -177,6 +177,7 @@ class SimulatedJob:
         info = commit_info(pending, merged, world_size=len(self.ranks))
         durable = threading.Event()
         failed: list[BaseException] = []
+        cpu = 0.0  # the helper thread's CPU clock when it started
 
         def committed(_manifest: Any) -> None:
             self.commit_cpu_s = time.thread_time() - cpu
@@ -195,7 +196,6 @@ class SimulatedJob:
             finally:
                 durable.set()
 
-        cpu = 0.0
         self._join_cleanup()
         self._outcome_out.clear()
         self._cleanup = threading.Thread(target=run, name="sim-commit", daemon=True)
