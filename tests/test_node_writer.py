@@ -452,3 +452,87 @@ def test_writer_log_keeps_one_previous_file_once_it_grows(tmp_path: Path) -> Non
     launch._rotate_log(str(log))
     assert not log.exists()
     assert (tmp_path / "writer.sock.log.1").stat().st_size == launch._LOG_ROTATE_BYTES + 1
+
+
+def test_commit_reported_when_durable_then_writer_killed_before_marker_delete(
+    node: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A distributed commit job (``report_when_durable``) reports ``JobDone`` once its
+    manifest is published, before the marker's delete; a writer killed (SIGKILL) right
+    there leaves a complete checkpoint: discovery returns it, it verifies, ``gc`` keeps it
+    and removes the leftover marker, and a later save to it is refused as committed."""
+    from ckptsvc.errors import CommitConflictError
+    from ckptsvc.ops.gc import collect_garbage
+    from ckptsvc.read.discovery import CheckpointStatus, checkpoint_info
+    from ckptsvc.read.latest import find_latest_checkpoint
+    from ckptsvc.read.verify import verify_checkpoint
+    from ckptsvc.storage import Location
+    from ckptsvc.testing.faultinject import PLAN_ENV, PRELOAD_MODULE
+    from ckptsvc.workers.claim import claim_checkpoint
+
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    plan = {
+        "hook_in": "writer",
+        "api": "async",
+        "phase": "commit",
+        "event": "before_remove",
+        "name": MARKER_NAME,
+        "step": 1,
+        "ctl": str(ctl),
+    }
+    monkeypatch.setenv(PLAN_ENV, json.dumps(plan))
+    monkeypatch.setenv("CKPTSVC_WRITER_PRELOAD", f"faulty_fs,{PRELOAD_MODULE}")
+    root = tmp_path / "run"
+    ckpt = root / "checkpoints" / "checkpoint-1"
+    loc = Location.parse(str(ckpt))
+    claim = claim_checkpoint(loc)
+    staged = stage(node, mixed_state_dict())
+    client = WriterClient.connect_or_start(node=node)
+    try:
+        data = run_job(client, staged.job(1, str(ckpt), commit=False))
+        assert isinstance(data, JobDone) and not data.committed, data
+        info = CommitInfo(
+            step=1,
+            world_size=2,
+            components=(ComponentRecord("state", "global", (0,)),),
+            pytorch_version=str(torch.__version__),
+            library_version="test",
+            extra_files=data.files,
+            claim_id=claim.claim_id,
+            report_when_durable=True,
+        )
+        job = SaveJob(
+            job_id=2,
+            ckpt_url=str(ckpt),
+            storage_options={},
+            arena_name="",
+            files=(),
+            small_files=(),
+            commit=info,
+            options=WriterOptions.resolve(),
+        )
+        done = run_job(client, job)
+        assert isinstance(done, JobDone) and done.committed, done
+        wait_until(lambda: (ctl / "paused.json").exists(), "the writer paused at the marker")
+        paused = json.loads((ctl / "paused.json").read_text())
+        assert paused["pid"] == client.writer_pid and MARKER_NAME in paused["why"]
+        # reported committed while the marker is still there: the manifest is the record
+        assert (ckpt / MANIFEST_NAME).is_file() and (ckpt / MARKER_NAME).is_file()
+        os.kill(client.writer_pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(paused["pid"]), "the writer's death")
+    finally:
+        client.close()
+        staged.segment.unlink()
+    claim.release()
+    assert (ckpt / MARKER_NAME).is_file()  # the kill left it
+    assert checkpoint_info(loc).status is CheckpointStatus.COMPLETE
+    assert find_latest_checkpoint(str(root)) == str(ckpt)
+    report = verify_checkpoint(str(ckpt))
+    assert report.ok, report
+    gc = collect_garbage(str(root))
+    assert str(ckpt) not in [u.rstrip("/") for u in gc.removed]
+    assert (ckpt / MANIFEST_NAME).is_file() and not (ckpt / MARKER_NAME).exists()
+    assert find_latest_checkpoint(str(root)) == str(ckpt)
+    with pytest.raises(CommitConflictError, match="already committed"):
+        claim_checkpoint(loc)

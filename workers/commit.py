@@ -9,12 +9,16 @@ parses. Every save follows this order (DESIGN.md section 4):
    directory; refuse one that is committed. Committed files are never rewritten in place.
 2. The data: shards streamed by :mod:`ckptsvc.workers.shard_writer`, small JSON files
    through :func:`publish_file`. All durable before step 3.
-3. :func:`commit_checkpoint` - check the claim is still this save's, publish the manifest
-   atomically (temp + fsync + rename + directory fsync locally; one PUT on object stores),
-   then remove the marker.
+3. :func:`commit_checkpoint` - check the claim is still this save's (the check may have
+   been started ahead, :func:`start_claim_check`, overlapping the manifest's build), publish
+   the manifest atomically (temp + fsync + rename + directory fsync locally; one PUT on
+   object stores): the save is committed; then remove the marker (cleanup: with
+   ``durable`` the outcome is reported before it).
 
-A crash anywhere before step 3 leaves the marker and no manifest: "incomplete", never
-returned by discovery and collectable by ``gc``.
+A crash anywhere before step 3's publish leaves the marker and no manifest: "incomplete",
+never returned by discovery and collectable by ``gc``. A crash between the manifest and
+the marker's delete leaves a complete checkpoint with a leftover marker: discovery ranks
+the manifest above the marker, ``gc`` removes the marker once its owner is gone.
 
 **Replacing a committed checkpoint** (``overwrite=True``) never destroys it before its
 successor commits: the new one is saved, with this same protocol, to the hidden sibling
@@ -35,7 +39,9 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import replace
 
 from ckptsvc import knobs
@@ -59,6 +65,7 @@ __all__ = [
     "commit_checkpoint",
     "publish_file",
     "replacement_location",
+    "start_claim_check",
     "swap_in",
     "sync_local_dirs",
 ]
@@ -118,22 +125,26 @@ def commit_checkpoint(
     manifest: Manifest,
     *,
     claim_id: str = "",
-    committed: Callable[[], object] | None = None,
+    claim_check: Future[float] | None = None,
+    durable: Callable[[], object] | None = None,
 ) -> None:
     """Step 3: the manifest, last and atomic; then the marker goes.
 
     The caller guarantees every file listed in ``manifest.files`` is durable. With
-    ``claim_id`` the marker must still carry it (:func:`~ckptsvc.workers.claim.check_claim`).
-    ``committed`` runs once the manifest is published, before the marker goes (the
-    writer starts the ``latest`` pointer's upload there, beside the marker's delete).
+    ``claim_id`` the marker must still carry it (:func:`~ckptsvc.workers.claim.check_claim`);
+    ``claim_check``: that check started ahead (:func:`start_claim_check`, overlapping the
+    manifest's build), else it runs here, one round trip before the manifest's PUT.
+
+    ``durable`` runs once the manifest is published: the save is committed from there
+    (the writer reports it then; design.md section 4). With it, what follows - the
+    marker's delete - is cleanup: a failure is logged, not raised (the marker left in a
+    committed directory is debris ``gc`` removes; discovery ranks the manifest above it).
     """
     sync_local_dirs(ckpt, (f.path for f in manifest.files))
+    raw = manifest.to_json()  # encoded while a claim check started ahead is in flight
     if claim_id:
-        check_claim(ckpt, claim_id)
-    ckpt.join(MANIFEST_NAME).publish(manifest.to_json())
-    if committed is not None:
-        committed()
-    ckpt.join(MARKER_NAME).remove(missing_ok=True)
+        _claim_still_ours(ckpt, claim_id, claim_check)
+    ckpt.join(MANIFEST_NAME).publish(raw)
     logger.info(
         "committed %s (step %s, %d files, %d bytes)",
         ckpt.url,
@@ -141,6 +152,45 @@ def commit_checkpoint(
         len(manifest.files),
         manifest.total_nbytes,
     )
+    if durable is None:
+        ckpt.join(MARKER_NAME).remove(missing_ok=True)
+        return
+    durable()
+    try:
+        ckpt.join(MARKER_NAME).remove(missing_ok=True)
+    except Exception as e:
+        logger.warning(
+            "%s is committed but its in-progress marker could not be removed (%s: %s); "
+            "`ckptsvc gc` removes it",
+            ckpt.url,
+            type(e).__name__,
+            e,
+        )
+
+
+def start_claim_check(side: Executor, ckpt: Location, claim_id: str) -> Future[float] | None:
+    """Start :func:`~ckptsvc.workers.claim.check_claim` on ``side`` ahead of the commit
+    (its GET overlaps building and encoding the manifest); the future gives the
+    ``time.monotonic()`` at which the marker was seen to carry ``claim_id``."""
+    if not claim_id:
+        return None
+
+    def check() -> float:
+        check_claim(ckpt, claim_id)
+        return time.monotonic()
+
+    return side.submit(check)
+
+
+def _claim_still_ours(ckpt: Location, claim_id: str, ahead: Future[float] | None) -> None:
+    """The claim check before the manifest's PUT: the one started ahead if it is recent
+    (younger than a quarter lease, the claim keeper's refresh period: design.md section 4
+    gives the argument), else a fresh one."""
+    if ahead is not None:
+        seen = ahead.result()  # raises CommitConflictError if the claim was taken over
+        if time.monotonic() - seen < knobs.CLAIM_LEASE_S.get() / 4:
+            return
+    check_claim(ckpt, claim_id)
 
 
 # ---- replacing a committed checkpoint ------------------------------------------------------

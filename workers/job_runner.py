@@ -15,7 +15,10 @@ thread unless said otherwise):
 3. The small files (``publish_file``); wait for the shards.
 4. Wait until the same trainer's previous job finished (manifests appear in save order);
    when the job asks, :func:`finish_checkpoint` writes the manifest last.
-5. ``JobDone`` / ``JobFailed`` to the trainer (``conn.send``); on any failure the
+5. ``JobDone`` / ``JobFailed`` to the trainer (``conn.send``); a distributed commit's
+   ``JobDone`` (``CommitInfo.report_when_durable``) goes as soon as the manifest is
+   durable, before the marker's delete and the ``latest`` pointer, which the job thread
+   finishes before the job counts as finished. On any failure before the report the
    checkpoint is abandoned (marker kept, no manifest). A cancelled job
    (:class:`~.shard_writer.JobCancelled`: the trainer went away) reports nothing.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
@@ -38,6 +41,7 @@ from .commit import (
     begin_checkpoint,
     commit_checkpoint,
     publish_file,
+    start_claim_check,
     swap_in,
 )
 from .latest_pointer import advance_pointer, current_pointer, is_pointer_name
@@ -95,35 +99,54 @@ def stream_file(
         data.release()
 
 
-def finish_checkpoint(ckpt: Location, info: CommitInfo, files: Sequence[FileRecord]) -> Manifest:
+def finish_checkpoint(
+    ckpt: Location,
+    info: CommitInfo,
+    files: Sequence[FileRecord],
+    *,
+    durable: Callable[[Manifest], object] | None = None,
+) -> Manifest:
     """Commit: every file in ``files`` and ``info.extra_files`` is durable; manifest last,
-    then the folder's ``latest`` pointer (:mod:`ckptsvc.workers.latest_pointer`)."""
-    manifest = Manifest.new(
-        checkpoint_path=info.replace_url or ckpt.url,
-        world_size=info.world_size,
-        step=info.step,
-        files=(*info.extra_files, *files),
-        components=info.components,
-        pytorch_version=info.pytorch_version,
-        user_metadata=info.user_metadata,
-    )
+    then the folder's ``latest`` pointer (:mod:`ckptsvc.workers.latest_pointer`).
+
+    The claim check and the pointer's read start first, on a side thread, and overlap
+    building and encoding the manifest; the manifest's PUT is the one request the commit
+    waits for. ``durable(manifest)`` runs as soon as the checkpoint is committed (its
+    manifest published; for a replacement, swapped into place), before the marker's delete
+    and the pointer's write, which are cleanup (design.md section 4)."""
     final = ckpt
     if info.replace_url:
         final = Location.parse(info.replace_url, ckpt.storage_options, settings=ckpt.settings)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsvc-pointer") as side:
-        # the pointer's read overlaps the claim check and the manifest's upload, its write
-        # the marker's delete (a replacement's pointer waits for the swap)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptsvc-commit-side") as side:
+        claim = start_claim_check(side, ckpt, info.claim_id)
         named = is_pointer_name(final.name)
         current = side.submit(current_pointer, final.parent) if named else None
+        manifest = Manifest.new(
+            checkpoint_path=info.replace_url or ckpt.url,
+            world_size=info.world_size,
+            step=info.step,
+            files=(*info.extra_files, *files),
+            components=info.components,
+            pytorch_version=info.pytorch_version,
+            user_metadata=info.user_metadata,
+        )
+        if info.replace_url:  # committed once in place: the swap comes before the outcome
+            commit_checkpoint(ckpt, manifest, claim_id=info.claim_id, claim_check=claim)
+            swap_in(ckpt, final)
+            if durable is not None:
+                durable(manifest)
+            advance_pointer(final, manifest, current=current)
+            return manifest
 
         def committed() -> None:
-            if named and not info.replace_url:
+            if durable is not None:
+                durable(manifest)
+            if named:  # beside the marker's delete
                 side.submit(advance_pointer, final, manifest, current=current)
 
-        commit_checkpoint(ckpt, manifest, claim_id=info.claim_id, committed=committed)
-        if info.replace_url:
-            swap_in(ckpt, final)
-            advance_pointer(final, manifest, current=current)
+        commit_checkpoint(
+            ckpt, manifest, claim_id=info.claim_id, claim_check=claim, durable=committed
+        )
     return manifest
 
 
@@ -246,29 +269,41 @@ def run_job(conn: JobConnection, state: JobState) -> None:
         if previous is not None:
             state.doing = "waiting for the previous save to finish"
             previous.finished.wait()
+        first = min(starts, default=state.received)
+        nbytes_reused = sum(r.nbytes for r in reused)
+
+        def report_done(_manifest: Manifest | None = None) -> None:
+            """JobDone: for a commit job, as soon as the manifest is durable (the marker's
+            delete and the pointer follow it)."""
+            state.reported = True
+            conn.send(
+                JobDone(
+                    job_id=job.job_id,
+                    files=tuple(records),
+                    queue_wait_s=first - state.received,
+                    write_s=write_end - first,
+                    commit_s=time.monotonic() - write_end,
+                    committed=job.commit is not None,
+                    nbytes_written=sum(r.nbytes for r in records) - nbytes_reused,
+                    nbytes_reused=nbytes_reused,
+                )
+            )
+            state.doing = "cleaning up after the commit"
+
         if job.commit is not None:
             state.doing = "committing (manifest)"
             if state.cancelled.is_set():
                 raise JobCancelled(f"{job.ckpt_url}: save cancelled before commit")
-            finish_checkpoint(ckpt, job.commit, records)
-        first = min(starts, default=state.received)
-        nbytes_reused = sum(r.nbytes for r in reused)
-        state.reported = True
-        conn.send(
-            JobDone(
-                job_id=job.job_id,
-                files=tuple(records),
-                queue_wait_s=first - state.received,
-                write_s=write_end - first,
-                commit_s=time.monotonic() - write_end,
-                committed=job.commit is not None,
-                nbytes_written=sum(r.nbytes for r in records) - nbytes_reused,
-                nbytes_reused=nbytes_reused,
-            )
-        )
+            early = report_done if job.commit.report_when_durable else None
+            finish_checkpoint(ckpt, job.commit, records, durable=early)
+        if not state.reported:
+            report_done()
     except BaseException as e:
         state.cancelled.set()  # stop sibling shards, then wait: nobody reads the arena after
         wait(futures)  # each shard aborted its own upload on the way out
+        if state.reported:  # committed and reported: what failed was cleanup
+            logger.warning("after the commit of %s: %s: %s", job.ckpt_url, type(e).__name__, e)
+            return
         if began is not None:
             claim_id = job.commit.claim_id if job.commit is not None else ""
             abandon_checkpoint(began, f"{type(e).__name__}: {e}", claim_id=claim_id)

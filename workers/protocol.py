@@ -146,6 +146,9 @@ class CommitInfo:
     ``claim_id``: the in-progress marker must still carry it at commit
     (:mod:`ckptsvc.workers.claim`). ``replace_url``: this checkpoint is the successor of
     the committed one there, swapped in once committed (:func:`~ckptsvc.workers.commit.swap_in`).
+    ``report_when_durable``: send ``JobDone`` as soon as the manifest is durable, before the
+    marker's delete and the ``latest`` pointer (rank 0's distributed commit: the outcome
+    goes out to the ranks then; design.md section 4); else after them.
     """
 
     step: int | None
@@ -157,6 +160,7 @@ class CommitInfo:
     extra_files: tuple[FileRecord, ...] = ()
     claim_id: str = ""
     replace_url: str = ""
+    report_when_durable: bool = False
 
 
 @dataclass(frozen=True)

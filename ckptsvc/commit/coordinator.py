@@ -26,7 +26,9 @@ from typing import Any
 
 from ckptsvc import hooks, knobs
 from ckptsvc.commit.channels import COORD_DIR, Channel, FileChannel, StoreChannel, StorePool
-from ckptsvc.commit.reports import Merged, RankReport, merge_reports
+from ckptsvc.commit.gc_hold import gc_held
+from ckptsvc.commit.node_reports import decode_batches, premerge_batch
+from ckptsvc.commit.reports import Merged, RankReport, merge_node_reports
 from ckptsvc.errors import (
     CheckpointError,
     CoordinationError,
@@ -131,8 +133,10 @@ class Coordinator:
 
     - ``n<node>/l<local rank>``: a rank's :class:`RankReport` (files + parts, or its error);
       ``n<node>/count``: how many ranks of the node reported;
-    - ``batch/<slot>``: one node's reports (newline-separated), ``slots`` their count,
-      ``in`` how many ranks the batches hold;
+    - ``batch/<slot>``: one node's reports merged by its leader into one node report
+      (:mod:`ckptsvc.commit.node_reports`; the reports as they are, newline-separated,
+      when one failed or they disagree), ``slots`` their count, ``in`` how many ranks the
+      batches hold;
     - ``failed``: a copy of a failing rank's report; ``wake``: set once every rank is in,
       or by a failing rank (rank 0 waits on this one key and fails fast on ``failed``);
     - ``outcome``: rank 0's verdict, ``{"ok": true}`` or ``{"ok": false, "error": ...}``;
@@ -142,13 +146,16 @@ class Coordinator:
     2. ``data_done`` (client reader thread, when this rank's writer reported): start the
        save's background thread, which publishes the rank's report and counts it on its
        node; the node's last rank (the counter reaches ``local_world_size``) fetches the
-       node's reports in one ``multi_get``, publishes them as one batch and adds them to
-       ``in``; the batch that completes ``in`` sets ``wake``. Then
+       node's reports in one ``multi_get``, merges them into one node report, publishes it
+       as the node's batch and adds the node's ranks to ``in``; the batch that completes
+       ``in`` sets ``wake``. Then
     3. rank 0: waits up to ``COMMIT_TIMEOUT_S`` for ``wake`` (a rank that never reports
        is named in the error), fetches the batches (``multi_get``, 256 keys a round trip),
-       merges and validates them, waits for the previous save's commit (manifests appear
-       in save order), has its writer write index, documents and manifest last, publishes
-       ``outcome``; other ranks: one blocking wait, up to twice that, for ``outcome``;
+       decodes and merges the n node reports, waits for the previous save's commit
+       (manifests appear in save order), has its writer write the sharded documents and
+       the manifest last, publishes ``outcome`` as soon as the manifest is durable (the
+       writer deletes the marker and moves the ``latest`` pointer after that: design.md
+       section 4); other ranks: one blocking wait, up to twice that, for ``outcome``;
        every rank then deletes the keys it wrote (after a success only: after a failure a
        node may still be gathering, and those few keys stay) and counts itself in ``acks``.
     4. ``on_done(handle, error)`` completes the handle on every rank with the same verdict.
@@ -294,7 +301,7 @@ class Coordinator:
         written = [own]
         if channel.add(f"{node}/count", 1) == info.local_world_size:
             keys = [f"{node}/l{i}" for i in range(info.local_world_size)]
-            batch = b"\n".join(channel.get_many(keys))
+            batch = premerge_batch(channel.get_many(keys))  # one node report
             slot = f"batch/{channel.add('slots', 1)}"
             channel.put(slot, batch)
             written += [slot, f"{node}/count"]
@@ -353,13 +360,17 @@ class Coordinator:
             if own.error is not None:
                 raise SaveFailedError(f"rank 0 failed to write its part: {own.error}")
             phases = _Phases(pending.step)
-            reports = self._collect(pending, channel, phases)
-            merged = merge_reports(
-                reports,
-                world_size=self._info.world_size,
-                crc_names=pending.crc_names,
-                sharded_docs=pending.sharded_docs,
-            )
+            woke = self._wake(pending, channel, phases)
+            # decoding and merging allocate: no collection's pause in the middle of them
+            # (a few ms of CPU; never held across a wait or a storage request)
+            with gc_held():
+                nodes = self._collect(pending, channel, phases, woke)
+                merged = merge_node_reports(
+                    nodes,
+                    world_size=self._info.world_size,
+                    crc_names=pending.crc_names,
+                    sharded_docs=pending.sharded_docs,
+                )
             phases.mark("merge")
             if pending.previous is not None:
                 pending.previous.settled.wait()  # manifests appear in save order
@@ -396,12 +407,16 @@ class Coordinator:
         with self._lock:
             self._unacked.append((channel, readers, own))
 
-    def _collect(
-        self, pending: PendingCommit, channel: Channel, phases: _Phases
-    ) -> list[RankReport]:
-        world = self._info.world_size
+    def _wake(self, pending: PendingCommit, channel: Channel, phases: _Phases) -> bool:
+        """Rank 0's one blocking wait: every rank is in, or one failed (``False``: timeout)."""
         woke = channel.wait(["wake"], self._timeout(1.0))
         phases.mark("wake")
+        return woke
+
+    def _collect(
+        self, pending: PendingCommit, channel: Channel, phases: _Phases, woke: bool
+    ) -> list[dict[str, Any]]:
+        world = self._info.world_size
         if not woke:
             keys = [self._report_key(r) for r in range(world)]
             got = channel.present(keys)
@@ -426,18 +441,13 @@ class Coordinator:
         nodes = -(-world // self._info.local_world_size)  # one batch per node
         batches = channel.get_many([f"batch/{i}" for i in range(1, nodes + 1)])
         phases.mark("fetch")
-        shared: dict[Any, Any] = {}
-        reports = [
-            RankReport.from_json(line, where=f"node batch {i + 1}", shared=shared)
-            for i, batch in enumerate(batches)
-            for line in batch.split(b"\n")
-        ]
-        reports.sort(key=lambda r: r.rank)
+        reports = decode_batches(batches)
         phases.mark("decode")
-        if [r.rank for r in reports] != list(range(world)):
+        ranks = [r for node in reports for r in node["ranks"]]
+        if ranks != list(range(world)):
             raise CoordinationError(
                 f"save of step {pending.step} to {pending.path}: the node batches hold ranks "
-                f"{[r.rank for r in reports][:20]}..., not 0..{world - 1}; LOCAL_WORLD_SIZE / "
+                f"{ranks[:20]}..., not 0..{world - 1}; LOCAL_WORLD_SIZE / "
                 "GROUP_RANK must describe the job's nodes (every node the same size)"
             )
         return reports

@@ -2,10 +2,12 @@
 
 Each rank's background thread turns its writer's result into a :class:`RankReport`
 (JSON, a few KiB): the files it made durable with size and CRC-32C, its part of every
-component (:class:`~ckptsvc.stage.component_plan.PartReport`) or its error. Rank 0's commit
-thread calls :func:`merge_reports` on all of them; a single-process save merges its own
-report before the data is even written (everything but the file records is known at plan
-time). The merge checks what ranks must agree on: the same components with the same
+component (:class:`~ckptsvc.stage.component_plan.PartReport`) or its error. In a
+distributed save each node's leader merges its node's reports into a node report and
+rank 0's commit thread merges those (:mod:`ckptsvc.commit.node_reports`,
+:func:`merge_node_reports`); a single-process save merges its own report
+(:func:`merge_reports`) before the data is even written (everything but the file records
+is known at plan time). The merge checks what ranks must agree on: the same components with the same
 patterns, identical structure of replicated state, per-tensor checksums when
 ``validate_replication`` asks, and no file written by two ranks.
 """
@@ -17,16 +19,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptsvc.commit.node_reports import merge_nodes, node_of
 from ckptsvc.errors import (
-    CoordinationError,
     CorruptCheckpointError,
     ReplicationMismatchError,
     SaveFailedError,
 )
 from ckptsvc.format.manifest import ComponentRecord, FileRecord
-from ckptsvc.stage.parts import PartReport, doc_name
+from ckptsvc.stage.parts import PartReport
 
-__all__ = ["Merged", "RankReport", "ReplicationMismatchError", "merge_reports"]
+__all__ = [
+    "Merged",
+    "RankReport",
+    "ReplicationMismatchError",
+    "merge_node_reports",
+    "merge_reports",
+]
 
 
 @dataclass(frozen=True)
@@ -41,24 +49,24 @@ class RankReport:
     error: str | None = None
     error_type: str | None = None
 
+    def to_data(self) -> dict[str, Any]:
+        """The report as JSON data (what :meth:`to_json` encodes)."""
+        return {
+            "rank": self.rank,
+            "step": self.step,
+            "path": self.path,
+            "parts": [_compact(p.to_dict()) for p in self.parts],
+            "files": [[f.path, f.nbytes, f.crc32c] for f in self.files],
+            "error": self.error,
+            "error_type": self.error_type,
+        }
+
     def to_json(self) -> bytes:
-        """The report as rank 0 receives it: JSON, with each part's ``replicas`` as a range
-        (``{"range": [start, stop, step]}``) when it is one - every replica of a component
-        lists all of them, so listed out N reports would hold N^2 numbers (5.7 KB per report
-        and 160 ms of decoding at 1,024 ranks)."""
-        return json.dumps(
-            {
-                "rank": self.rank,
-                "step": self.step,
-                "path": self.path,
-                "parts": [_compact(p.to_dict()) for p in self.parts],
-                "files": [[f.path, f.nbytes, f.crc32c] for f in self.files],
-                "error": self.error,
-                "error_type": self.error_type,
-            },
-            ensure_ascii=True,
-            allow_nan=False,
-        ).encode("ascii")
+        """The report as its node's leader receives it: JSON, with each part's ``replicas``
+        as a range (``{"range": [start, stop, step]}``) when it is one - every replica of a
+        component lists all of them, so listed out N reports would hold N^2 numbers (5.7 KB
+        per report and 160 ms of decoding at 1,024 ranks)."""
+        return json.dumps(self.to_data(), ensure_ascii=True, allow_nan=False).encode("ascii")
 
     @classmethod
     def from_json(
@@ -114,53 +122,6 @@ class Merged:
     files: tuple[FileRecord, ...] = ()
 
 
-def _check_agreement(reports: Sequence[RankReport]) -> None:
-    first = reports[0]
-    want = [(p.key, p.pattern) for p in first.parts]
-    for r in reports[1:]:
-        got = [(p.key, p.pattern) for p in r.parts]
-        if got != want:
-            raise ReplicationMismatchError(
-                f"rank {r.rank} saved components {got} but rank {first.rank} saved {want}; "
-                "every rank must pass the same components in the same order"
-            )
-        if r.step != first.step or r.path != first.path:
-            raise ReplicationMismatchError(
-                f"rank {r.rank} saved step {r.step} to {r.path} but rank {first.rank} saved "
-                f"step {first.step} to {first.path}; every rank must call save in the same order"
-            )
-
-
-def _check_replicas(
-    key: str, parts: Sequence[tuple[int, PartReport]], names: Sequence[str] = ()
-) -> None:
-    """Structure (signature) and, when reported, per-tensor checksums must agree."""
-    base_rank, base = parts[0]
-    for rank, p in parts[1:]:
-        if p.signature != base.signature:
-            raise ReplicationMismatchError(
-                f"component {key!r}: rank {rank} holds a different structure (tensor names, "
-                f"shapes, dtypes or non-tensor values) than rank {base_rank}; REPLICATED state "
-                "must be identical on every rank"
-            )
-    with_crcs = [(r, p) for r, p in parts if p.crcs is not None]
-    if len(with_crcs) < 2:
-        return
-    ref_rank, ref = with_crcs[0]
-    for i, crc in enumerate(ref.crcs or ()):
-        values: dict[str, list[int]] = {}
-        for r, p in with_crcs:
-            values.setdefault((p.crcs or ())[i], []).append(r)
-        if len(values) > 1:
-            tensor = names[i] if i < len(names) else f"#{i}"
-            detail = "; ".join(f"ranks {ranks} crc32c {v}" for v, ranks in sorted(values.items()))
-            raise ReplicationMismatchError(
-                f"component {key!r}: tensor {tensor!r} differs across replicas ({detail}); "
-                f"rank {ref_rank} has {crc}. The replicas diverged: fix the training step "
-                "before saving"
-            )
-
-
 def merge_reports(
     reports: Sequence[RankReport],
     *,
@@ -172,6 +133,8 @@ def merge_reports(
 
     ``crc_names`` names each validated component's tensors in CRC order; ``sharded_docs``
     holds rank 0's instance documents of sharded components, which get every rank's pieces.
+    The merge is :func:`~ckptsvc.commit.node_reports.merge_nodes` of one node report of
+    all of ``reports`` (a distributed commit merges its node leaders' node reports).
     """
     failed = [r for r in reports if r.error is not None]
     if failed:
@@ -180,64 +143,21 @@ def merge_reports(
         raise SaveFailedError(
             f"rank {first.rank} failed to write its part: {first.error_type}: {first.error}{others}"
         )
-    _check_agreement(reports)
-    owner: dict[str, int] = {}
-    for r in reports:
-        for f in r.files:
-            if f.path in owner:
-                raise CoordinationError(
-                    f"{f.path} was written by rank {owner[f.path]} and rank {r.rank}; check "
-                    "LOCAL_RANK / GROUP_RANK / process groups (two ranks claim one instance)"
-                )
-            owner[f.path] = r.rank
-    records = []
-    small: dict[str, bytes] = {}
-    for i, head in enumerate(reports[0].parts):
-        parts = [(r.rank, r.parts[i]) for r in reports]
-        if head.pattern == "replicated" and head.key not in sharded_docs:
-            _check_replicas(head.key, parts, crc_names.get(head.key, ()))
-        instances: dict[str, dict[str, Any]] = {}
-        for rank, p in parts:
-            if p.instance is None:
-                continue
-            inst = instances.setdefault(p.instance, {"doc": None, "ranks": [], "files": []})
-            inst["ranks"].append(rank)
-            inst["files"].extend(p.files)
-            if p.doc:
-                inst["doc"] = p.doc
-        if head.key in sharded_docs:
-            _check_replicas(head.key, parts)
-            doc = sharded_docs[head.key]
-            for _rank, p in parts:
-                for fqn, pieces in (p.sharded or {}).items():
-                    doc["tensors"][fqn]["pieces"].extend(pieces)
-            name = doc_name(head.key, "")
-            small[name] = json.dumps(doc, ensure_ascii=True, allow_nan=False).encode("ascii")
-            inst = instances.setdefault("", {"doc": None, "ranks": [], "files": []})
-            inst["doc"] = name
-        writers = sorted({rank for inst in instances.values() for rank in inst["ranks"]})
-        for inst in instances.values():
-            inst["files"] = sorted(set(inst["files"]) | ({inst["doc"]} if inst["doc"] else set()))
-        nbytes = sum(p.nbytes for _, p in parts) + sum(
-            len(small[inst["doc"]]) for inst in instances.values() if inst["doc"] in small
-        )
-        records.append(
-            ComponentRecord(
-                key=head.key,
-                sharing_pattern=head.pattern,
-                ranks=tuple(writers or [0]),
-                replicated_across=head.replicas if head.pattern == "replicated" else None,
-                group_name=head.group_name,
-                size_bytes=nbytes,
-                metadata={
-                    **head.metadata,
-                    "ckptsvc": {
-                        "world_size": world_size,
-                        "sharded": head.key in sharded_docs,
-                        "instances": dict(sorted(instances.items())),
-                    },
-                },
-            )
-        )
-    files = tuple(f for r in reports for f in r.files)
-    return Merged(components=tuple(records), small_files=small, files=files)
+    node = node_of([r.to_data() for r in reports], strict=True)
+    return merge_node_reports(
+        [node], world_size=world_size, crc_names=crc_names, sharded_docs=sharded_docs
+    )
+
+
+def merge_node_reports(
+    nodes: Sequence[dict[str, Any]],
+    *,
+    world_size: int,
+    crc_names: Mapping[str, Sequence[str]],
+    sharded_docs: Mapping[str, dict[str, Any]],
+) -> Merged:
+    """:func:`~ckptsvc.commit.node_reports.merge_nodes` as a :class:`Merged`."""
+    components, small, files = merge_nodes(
+        nodes, world_size=world_size, crc_names=crc_names, sharded_docs=sharded_docs
+    )
+    return Merged(components=components, small_files=small, files=files)

@@ -218,7 +218,11 @@ def commit_job(
         arena_name="",
         files=(),
         small_files=tuple(SmallFile(n, b) for n, b in sorted(merged.small_files.items())),
-        commit=commit_info(pending, merged, world_size=world_size),
+        # the outcome goes out to the ranks once the manifest is durable: the marker's
+        # delete and the latest pointer follow it (design.md section 4)
+        commit=replace(
+            commit_info(pending, merged, world_size=world_size), report_when_durable=True
+        ),
         options=writer_options,
     )
 

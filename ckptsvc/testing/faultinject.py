@@ -129,9 +129,13 @@ def install_hooks(plan: dict[str, Any], role: str) -> _Hooks:
 
         return on_point
 
-    def before_remove(*, recursive: bool, **_: Any) -> None:
+    def before_remove(
+        *, recursive: bool, name: str | None = None, url: str | None = None, **_: Any
+    ) -> None:
         if recursive:
             state.hit("before_remove_tree", None, None)
+        else:  # one file: e.g. the marker's delete after the commit
+            state.hit("before_remove", name, url)
 
     def before_rename(*, path: str) -> None:
         state.hit("before_rename", os.path.basename(path), path)
