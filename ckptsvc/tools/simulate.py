@@ -68,11 +68,11 @@ from ckptsvc.tools.simulate_probes import (
     BUCKET,
     CountingStore,
     PhaseLog,
-    Request,
     RequestLog,
     create_bucket,
     moto_server,
 )
+from ckptsvc.tools.simulate_report import format_table, metadata_bytes, object_sizes
 from ckptsvc.workers.commit import begin_checkpoint, publish_file
 from ckptsvc.workers.job_runner import finish_checkpoint
 from ckptsvc.workers.shard_writer import write_shard
@@ -319,52 +319,6 @@ def _environment(ranks: int, ranks_per_node: int) -> Iterator[None]:
                 os.environ[n] = v
 
 
-def _metadata_bytes(
-    loads: list[Request], sizes: dict[str, int], opts: dict[str, Any]
-) -> tuple[int, int]:
-    """Bytes of metadata the load read: every JSON object it fetched (the bytes of each
-    GET: a ranged read counts its range, clipped to the object's size), and the header
-    (length prefix + JSON, documents folded into it included) of every safetensors file
-    whose head it read; and the JSON objects' bytes alone."""
-    json_nbytes = 0
-    total = 0
-    headers: dict[str, int] = {}
-    for x in loads:
-        if x.method != "GET":
-            continue
-        if x.path.endswith(".json"):
-            json_nbytes += _got_nbytes(x.range, sizes.get(x.path, 0))
-        elif x.path.endswith(".safetensors") and x.range.startswith("bytes=0-"):
-            if x.path not in headers:
-                bucket_key = x.path.lstrip("/")
-                head = Location.parse(f"s3://{bucket_key}", opts).read_range(0, 8)
-                headers[x.path] = 8 + int.from_bytes(head, "little")
-            total += headers[x.path]
-    return total + json_nbytes, json_nbytes
-
-
-def _got_nbytes(range_header: str, size: int) -> int:
-    """Bytes a GET of an object of ``size`` bytes returned: its ``Range`` (``bytes=a-b``,
-    ``bytes=a-``, ``bytes=-n``) clipped to the object, or the whole object."""
-    spec = range_header.removeprefix("bytes=")
-    if not range_header or "," in spec or "-" not in spec:
-        return size
-    first, _, last = spec.partition("-")
-    try:
-        if not first:
-            return min(int(last), size)
-        start = int(first)
-        end = size - 1 if not last else min(int(last), size - 1)
-    except ValueError:
-        return size
-    return max(0, end - start + 1)
-
-
-def _object_sizes(opts: dict[str, Any], root: str) -> dict[str, int]:
-    loc = Location.parse(root, opts)
-    return {f"/{loc.path}/{rel}": n for rel, n in loc.walk_files()}
-
-
 def simulate(
     *,
     ranks: int,
@@ -424,7 +378,7 @@ def simulate(
                     }
                 )
             job.close()
-            sizes = _object_sizes(opts, root)
+            sizes = object_sizes(opts, root)
             requests.reset_records()
             paths = list(
                 pool.map(
@@ -451,7 +405,7 @@ def simulate(
 
             list(pool.map(load, job.ranks))
             loads = requests.records()
-        meta, json_meta = _metadata_bytes(loads, sizes, opts)
+        meta, json_meta = metadata_bytes(loads, sizes, opts)
         ckpts = {p.split("/checkpoint-")[1].split("/")[0] for p in sizes if "/checkpoint-" in p}
 
     def mean(k: str) -> float:
@@ -487,50 +441,6 @@ def simulate(
         json_bytes_per_rank=json_meta / ranks,
         checkpoints_at_resume=len(ckpts),
     )
-
-
-_COLUMNS = (
-    ("ranks", "ranks"),
-    ("nodes", "nodes"),
-    ("rank0_store_ops", "rank-0 store ops/save"),
-    ("store_ops_per_rank", "store ops/rank/save"),
-    ("store_connects_per_save", "store connects/save (all ranks)"),
-    ("wake_after_last_report_ms", "rank 0 wakes after last report (ms)"),
-    ("outcome_after_last_report_ms", "outcome out after last report (ms)"),
-    ("commit_after_last_report_ms", "rank 0's handle done after last report (ms)"),
-    ("rank0_commit_cpu_ms", "rank-0 commit CPU (ms)"),
-    ("decode_merge_ms", "decode + merge (ms)"),
-    ("commit_storage_ms", "of which storage requests (ms)"),
-    ("requests_per_save", "requests/save"),
-    ("writes_per_save", "writes/save"),
-    ("max_writes_one_prefix", "max writes one prefix"),
-    ("discovery_requests", "discovery requests/job"),
-    ("load_requests", "load requests"),
-    ("load_requests_per_rank", "load requests/rank"),
-    ("replicated_shard_gets", "replicated shard GETs/job"),
-    ("metadata_bytes_per_rank", "metadata B read/rank"),
-    ("json_bytes_per_rank", "of which JSON B/rank"),
-)
-
-
-def _cell(value: object) -> str:
-    """A table cell: floats without decimals, or with one when below 10 (0.5 connects)."""
-    if isinstance(value, float):
-        return f"{value:.1f}" if abs(value) < 10 else f"{value:.0f}"
-    return str(value)
-
-
-def format_table(results: list[SimResult]) -> str:
-    """A markdown table of ``results`` (one row per job size)."""
-    lines = [
-        "| " + " | ".join(title for _, title in _COLUMNS) + " |",
-        "|" + "---|" * len(_COLUMNS),
-    ]
-    for res in results:
-        d = asdict(res)
-        cells = [_cell(d[k]) for k, _ in _COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
