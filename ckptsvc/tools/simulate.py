@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -291,6 +292,13 @@ class SimulatedJob:
         self._join_cleanup()
 
 
+def _is_model_shard(name: str) -> bool:
+    """``model.safetensors`` (one shard) or ``model-<i>-of-<n>.safetensors``."""
+    return name == "model.safetensors" or (
+        name.startswith("model-") and name.endswith(".safetensors")
+    )
+
+
 def _round_trips(store: CountingStore) -> int:
     """Store operations of one rank (connects counted apart)."""
     return sum(n for op, n in store.ops.items() if op != "connect")
@@ -352,7 +360,15 @@ def simulate(
                 for r in job.ranks:
                     r.store.ops.clear()
                 requests.reset_records()
-                failed = {r: e for r, e in job.save(step, pool).items() if e is not None}
+                # N ranks' objects share this one heap, where a real rank 0 (and its node
+                # writer, whose commit steps run here in-process) has its own: freeze what
+                # exists so a collection walks only what this save allocates
+                gc.collect()
+                gc.freeze()
+                try:
+                    failed = {r: e for r, e in job.save(step, pool).items() if e is not None}
+                finally:
+                    gc.unfreeze()
                 if failed:
                     raise RuntimeError(f"step {step}: rank {min(failed)}: {failed[min(failed)]}")
                 records = requests.records()
@@ -431,11 +447,7 @@ def simulate(
         load_requests=len(loads),
         load_requests_per_rank=len(loads) / ranks,
         replicated_shard_gets=sum(
-            1
-            for x in loads
-            if x.method == "GET"
-            and x.path.rsplit("/", 1)[-1].startswith("model-")
-            and x.path.endswith(".safetensors")
+            1 for x in loads if x.method == "GET" and _is_model_shard(x.path.rsplit("/", 1)[-1])
         ),
         metadata_bytes_per_rank=meta / ranks,
         json_bytes_per_rank=json_meta / ranks,
