@@ -488,20 +488,19 @@ class DirectFile:
 
     # ---- pool threads (and the caller for the first and the last write) ---------------------
     def _run(self, chunk: memoryview, offset: int, release: Callable[[], None]) -> None:
-        try:
-            if self._error is None:
-                self._pwrite_all(chunk, offset)
-        except BaseException as e:  # reported to the caller at its next call
-            self._error = self._error or e
-        finally:
-            release()
+        self._guarded(lambda: self._pwrite_all(chunk, offset), [release])
 
     def _run_gathered(
         self, pieces: list[memoryview], offset: int, releases: list[Callable[[], None]]
     ) -> None:
+        self._guarded(lambda: self._pwritev_all(pieces, offset), releases)
+
+    def _guarded(self, write: Callable[[], None], releases: list[Callable[[], None]]) -> None:
+        """Run one queued ``write`` unless an earlier one failed; keep its error for the
+        caller's next call; release its buffers whatever happened."""
         try:
             if self._error is None:
-                self._pwritev_all(pieces, offset)
+                write()
         except BaseException as e:  # reported to the caller at its next call
             self._error = self._error or e
         finally:
