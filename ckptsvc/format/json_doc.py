@@ -25,6 +25,7 @@ __all__ = [
     "MAX_INT_DIGITS",
     "MAX_JSON_DEPTH",
     "check_doc_against_manifest",
+    "open_regular_file",
     "parse_json_doc",
     "read_doc_bytes",
     "read_json_doc",
@@ -125,7 +126,11 @@ def _too_big(where: str, what: str, nbytes: int | str, cap: int) -> CorruptCheck
     )
 
 
-def _read_local(path: str, *, where: str, what: str, cap: int) -> bytes:
+def open_regular_file(path: str, *, where: str, what: str) -> tuple[int, int]:
+    """Open a local checkpoint file for reading without blocking on a FIFO: its
+    ``(fd, size)``, the caller closes ``fd``. :class:`StorageNotFoundError` when it does
+    not exist, :class:`CorruptCheckpointError` when it is not a regular file (a directory,
+    FIFO, device) or cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as e:
@@ -145,8 +150,20 @@ def _read_local(path: str, *, where: str, what: str, cap: int) -> bytes:
                 else "not a regular file"
             )
             raise CorruptCheckpointError(f"{where}: {what} is {kind}, not a regular file")
-        if st.st_size > cap:
-            raise _too_big(where, what, st.st_size, cap)
+    except OSError as e:
+        os.close(fd)
+        raise CorruptCheckpointError(f"{where}: {what} cannot be stat'ed ({e})") from e
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _read_local(path: str, *, where: str, what: str, cap: int) -> bytes:
+    fd, size = open_regular_file(path, where=where, what=what)
+    try:
+        if size > cap:
+            raise _too_big(where, what, size, cap)
         chunks: list[bytes] = []
         total = 0
         while total <= cap:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from types import TracebackType
 
 from ckptsvc import knobs
-from ckptsvc.errors import CorruptCheckpointError, StorageNotFoundError
+from ckptsvc.errors import CorruptCheckpointError
 from ckptsvc.format import manifest_v3
-from ckptsvc.format.json_doc import parse_json_doc
+from ckptsvc.format.json_doc import open_regular_file, parse_json_doc
 from ckptsvc.format.manifest import MANIFEST_NAME, Manifest
 from ckptsvc.storage import Location
 
@@ -52,21 +51,7 @@ class _Source:
             self._open_local()
 
     def _open_local(self) -> None:
-        try:
-            fd = os.open(self.loc.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError as e:
-            raise StorageNotFoundError(f"{self.where}: no such file", url=self.where) from e
-        except OSError as e:
-            raise CorruptCheckpointError(f"{self.where}: manifest cannot be opened ({e})") from e
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            os.close(fd)
-            raise CorruptCheckpointError(f"{self.where}: manifest cannot be stat'ed ({e})") from e
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise CorruptCheckpointError(f"{self.where}: manifest is not a regular file")
-        self._fd, self.size = fd, st.st_size
+        self._fd, self.size = open_regular_file(self.loc.path, where=self.where, what="manifest")
 
     def __enter__(self) -> _Source:
         return self
