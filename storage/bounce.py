@@ -8,6 +8,18 @@ size, so the slots are kept here once released and handed to the next file, alre
 faulted in. Idle slots are capped at :data:`IDLE_BYTES_MAX` (the least recently used are
 unmapped beyond it), so a process that wrote once keeps at most that much.
 
+**Physically contiguous**: a slot is private memory aligned to 2 MiB and advised as
+transparent huge pages (``MADV_HUGEPAGE``; Linux, where THP is ``madvise`` or
+``always``). An ``O_DIRECT`` write hands the device the physical pages of its buffer, and
+a block device takes a bounded number of segments per request (a virtio disk: 254): from
+4 KiB pages that the kernel handed out scattered - the usual case for memory faulted
+while other threads allocate, or recycled from its per-CPU free lists - a 4 MiB request
+shrinks to 1 MiB, and the same bytes need up to 4x the requests. Measured on the
+development VM (1 GiB, 4 writes in flight): the same write from fully scattered pages took
+1.4-1.5x as long as from sequentially faulted ones, and a sync save whose two first slots
+came out scattered 1.15-1.25x the floor; from huge-page slots it is at the floor. Where
+huge pages are unavailable the slot is ordinary memory (correct, possibly scattered).
+
 Call order: ``take(nbytes)`` (any thread) returns a :class:`BounceSlot`; ``give(slot)``
 (any thread, once) returns it. A forked child starts with an empty pool.
 """
@@ -23,23 +35,37 @@ from collections import OrderedDict
 
 __all__ = ["IDLE_BYTES_MAX", "POOL", "BouncePool", "BounceSlot"]
 
+#: slots are aligned to (and advised as) transparent huge pages of this size
+HUGE_PAGE_BYTES = 2 * 2**20
 #: idle bytes kept for reuse per process (five 16 MiB slots: one direct file's set)
 IDLE_BYTES_MAX = 80 * 2**20
 
 
 class BounceSlot:
-    """One page-aligned anonymous mapping of ``nbytes``: ``view`` to fill, ``address`` for
-    ``memmove``. Owned by one writer between ``take`` and ``give``."""
+    """``nbytes`` of private anonymous memory starting at a huge-page boundary (huge pages
+    advised where the platform has them): ``view`` to fill, ``address`` for ``memmove``.
+    Owned by one writer between ``take`` and ``give``."""
 
     __slots__ = ("_map", "address", "nbytes", "view")
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
-        self._map = mmap.mmap(-1, nbytes)
-        self.view = memoryview(self._map)
+        # private (transparent huge pages are for private memory); the spare huge page
+        # of address space lets the slot start on a boundary (only touched pages count)
+        self._map = mmap.mmap(
+            -1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        )
         anchor = ctypes.c_char.from_buffer(self._map)
-        self.address = ctypes.addressof(anchor)
+        base = ctypes.addressof(anchor)
         del anchor  # the address stays valid while the map lives; the export does not
+        skip = -base % HUGE_PAGE_BYTES
+        advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+        huge = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        if advice is not None and huge:
+            with contextlib.suppress(OSError):  # THP "never", or a kernel without THP
+                self._map.madvise(advice, skip, huge)
+        self.view = memoryview(self._map)[skip : skip + nbytes]
+        self.address = base + skip
 
     def unmap(self) -> None:
         """Release the memory (the slot is unusable afterwards)."""

@@ -552,26 +552,3 @@ def test_mutated_valid_file_only_raises_corrupt(
     layout = parse_header(data, file_nbytes=len(data), where="m")
     for entry in layout.entries:
         assert tuple(got[entry.name].shape) == entry.shape
-
-
-@pytest.mark.parametrize("phase", [0, 64, 4088])
-def test_data_phase_moves_only_the_data_start(phase: int, tmp_path: Path) -> None:
-    """``with_data_phase`` re-pads the header so the data starts ``phase`` bytes past a
-    4 KiB boundary: same tensors at the same data offsets; safetensors reads the file."""
-    from ckptsvc.format.safetensors_stream import PAGE_ALIGN_BYTES, with_data_phase
-
-    state = {"a": torch.randn(300_000), "b": torch.arange(10, dtype=torch.int64)}
-    specs = [(k, dtype_from_torch(t.dtype, name=k), tuple(t.shape)) for k, t in state.items()]
-    base = plan_shard(specs, metadata={"format": "pt"})
-    moved = with_data_phase(base, phase)
-    assert len(moved.header) % PAGE_ALIGN_BYTES == phase
-    assert moved.entries == base.entries and moved.data_nbytes == base.data_nbytes
-    path = tmp_path / "p.safetensors"
-    chunks = (tensor_bytes(state[e.name]) for e in moved.entries)
-    write_shard(Location.parse(str(path)), moved, chunks, rel_path=path.name)
-    loaded = safetensors.torch.load_file(str(path))
-    assert all(torch.equal(loaded[k], state[k]) for k in state)
-    small = plan_shard([("s", "F32", (4,))])
-    assert with_data_phase(small, 64) is small  # below a MiB of data: left as it is
-    with pytest.raises(ValueError, match="multiple of 8"):
-        with_data_phase(base, 4)

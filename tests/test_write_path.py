@@ -342,17 +342,16 @@ def test_stable_source_write_error_surfaces_and_abort_removes_the_file(
     assert not path.exists()
 
 
-# ---- sync save: heap tensors written in place, pieces gathered ----------------------------
-def test_heap_tensors_in_step_with_the_file_are_written_from_where_they_lie(
+# ---- sync save: heap tensors copied into huge-page slots ------------------------------
+def test_sync_save_writes_heap_tensors_through_the_slots_and_the_same_bytes_twice(
     tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``save_checkpoint`` pads the header so that big heap tensors (64 bytes past a page)
-    lie in step with their file offsets: their bytes go to the device from the tensors'
-    own memory, in gathered writes, only the blocks between them through bounce slots.
-    The file is what safetensors reads, and the manifest's CRC-32C matches its bytes."""
+    """``save_checkpoint`` copies the caller's heap tensors into the bounce slots (whose
+    pages are physically contiguous) instead of writing them from their own scattered
+    pages: no write reads the tensors' memory. Two saves of one state write identical
+    files, which safetensors reads, and the manifest's CRC-32C matches the bytes."""
     from ckptsvc.format.checksum import crc32c_hex
     from ckptsvc.format.manifest import Manifest
-    from ckptsvc.format.safetensors_stream import PAGE_ALIGN_BYTES, header_length, parse_header
     from ckptsvc.storage.buffer_address import address_of
 
     _direct_or_skip(tmp_path)
@@ -361,14 +360,14 @@ def test_heap_tensors_in_step_with_the_file_are_written_from_where_they_lie(
     state = {f"w{i}": torch.randn(2**19 + 1024 * i, generator=gen) for i in range(6)}
     state["bias"] = torch.randn(1000, generator=gen)
     spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in state.values()]
-    from_tensors: list[int] = []
+    written = {"from_tensors": 0, "total": 0}
     real, real_v = os.pwrite, os.pwritev
 
     def note(piece: Any) -> None:
         view = memoryview(piece)
-        addr = address_of(view)
-        if any(lo <= addr < hi for lo, hi in spans):
-            from_tensors.append(view.nbytes)
+        written["total"] += view.nbytes
+        if any(lo <= address_of(view) < hi for lo, hi in spans):
+            written["from_tensors"] += view.nbytes
 
     def recording(fd: int, data: Any, offset: int) -> int:
         note(data)
@@ -381,28 +380,53 @@ def test_heap_tensors_in_step_with_the_file_are_written_from_where_they_lie(
 
     monkeypatch.setattr(os, "pwrite", recording)
     monkeypatch.setattr(os, "pwritev", recording_v)
-    path = tmp_path / "ckpt"
-    save_checkpoint(str(path), state, safetensors=True)
+    save_checkpoint(str(tmp_path / "a"), state, safetensors=True)
     monkeypatch.undo()
+    save_checkpoint(str(tmp_path / "b"), state, safetensors=True)
 
-    (shard,) = path.glob("*.safetensors")
+    tensor_nbytes = sum(t.nbytes for t in state.values())
+    assert written["total"] > tensor_nbytes and written["from_tensors"] == 0
+    assert pool.mapped > 0  # the bytes went through slots
+    (shard,) = (tmp_path / "a").glob("*.safetensors")
     data = shard.read_bytes()
-    start = 8 + header_length(data[:8], file_nbytes=len(data), where=shard.name)
-    loaded = load_file(str(shard))  # the reference reader takes the padded header
+    assert data == (tmp_path / "b" / shard.name).read_bytes()
+    loaded = load_file(str(shard))
     assert all(torch.equal(loaded[k], state[k]) for k in state)
-    entries = parse_header(data[:start], file_nbytes=len(data), where=shard.name).entries
-    in_step = [
-        e
-        for e in entries
-        if e.nbytes >= MiB and (state[e.name].data_ptr() - start - e.begin) % PAGE_ALIGN_BYTES == 0
-    ]
-    assert in_step  # the phase follows the big tensors' addresses
-    assert sum(from_tensors) >= sum(e.nbytes - 2 * PAGE_ALIGN_BYTES for e in in_step)
     manifest = Manifest.from_json(
-        (path / "checkpoint_manifest.json").read_bytes(), where="checkpoint_manifest.json"
+        (tmp_path / "a" / "checkpoint_manifest.json").read_bytes(),
+        where="checkpoint_manifest.json",
     )
     (record,) = [f for f in manifest.files if f.path == shard.name]
     assert record.crc32c == crc32c_hex(data) and record.nbytes == len(data)
+
+
+def test_bounce_slots_start_on_a_huge_page_advised_as_huge(pool: BouncePool) -> None:
+    """A slot starts on a 2 MiB boundary and, where the kernel offers transparent huge
+    pages, its mapping carries the huge-page advice (``hg`` in ``/proc/self/smaps``)."""
+    slot = pool.take(bounce.HUGE_PAGE_BYTES * 2)
+    try:
+        assert slot.address % bounce.HUGE_PAGE_BYTES == 0 and slot.view.nbytes == slot.nbytes
+        slot.view[:] = b"x" * slot.nbytes  # writable, private memory
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+        if not thp.exists() or "[never]" in thp.read_text():
+            pytest.skip("no transparent huge pages on this kernel")
+        flags = _vm_flags_at(slot.address)
+        assert "hg" in flags, flags
+    finally:
+        pool.give(slot)
+
+
+def _vm_flags_at(address: int) -> list[str]:
+    """The ``VmFlags`` of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def test_gathered_writes_of_many_pieces_keep_every_byte(
@@ -438,28 +462,33 @@ def test_gathered_writes_of_many_pieces_keep_every_byte(
     assert 0 < calls["pwritev"] < len(pieces)
 
 
-def test_a_failed_gathered_write_commits_nothing(
+def test_a_failed_direct_write_commits_nothing(
     tmp_path: Path, pool: BouncePool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sync save whose gathered write fails raises with the file's name and leaves the
-    committed checkpoint it was to replace as it was."""
+    """A sync save whose slot writes fail (on the writing threads, after the first one
+    went through) raises with the file's name and leaves the committed checkpoint it was
+    to replace as it was."""
     _direct_or_skip(tmp_path)
     monkeypatch.setenv("CKPTSVC_DIRECT_IO", "on")
     gen = torch.Generator().manual_seed(9)
-    old = {f"w{i}": torch.randn(2**19, generator=gen) for i in range(4)}
+    old = {f"w{i}": torch.randn(2**21, generator=gen) for i in range(4)}  # 4 slots' worth
     path = tmp_path / "ckpt"
     save_checkpoint(str(path), old, safetensors=True)
     new = {k: v + 1 for k, v in old.items()}
-    calls = {"n": 0}
+    calls = {"n": 0, "failed": 0}
+    real = os.pwrite
 
-    def failing_v(fd: int, pieces: list[Any], offset: int) -> int:
+    def failing(fd: int, data: Any, offset: int) -> int:
         calls["n"] += 1
-        raise OSError(28, "No space left on device")
+        if calls["n"] > 1 and memoryview(data).nbytes >= MiB:
+            calls["failed"] += 1
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(os, "pwritev", failing_v)
+    monkeypatch.setattr(os, "pwrite", failing)
     with pytest.raises(StorageError, match="safetensors"):
         save_checkpoint(str(path), new, safetensors=True)
     monkeypatch.undo()
-    assert calls["n"] >= 1  # the failure came from a gathered write
+    assert calls["failed"] >= 1  # the failure came from a slot's write
     got = load_checkpoint(str(path))
     assert got is not None and all(torch.equal(got[k], old[k]) for k in old)

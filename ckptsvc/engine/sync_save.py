@@ -33,12 +33,7 @@ from ckptsvc.format.layout import (
     make_index,
 )
 from ckptsvc.format.manifest import ComponentRecord, FileRecord, Manifest, check_relpath
-from ckptsvc.format.safetensors_stream import (
-    PAGE_ALIGN_BYTES,
-    ShardLayout,
-    plan_shard,
-    with_data_phase,
-)
+from ckptsvc.format.safetensors_stream import plan_shard
 from ckptsvc.read.latest import find_latest_checkpoint
 from ckptsvc.read.weights import (
     METRICS_NAME,
@@ -73,10 +68,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: tensors at least this big count when choosing a shard's data phase (smaller ones go
-#: through the bounce slots anyway)
-_IN_STEP_MIN_BYTES = 2**20
 
 
 def _dedupe_tied(sd: dict[str, Tensor], sharing: SharingMetadataT) -> dict[str, Tensor]:
@@ -117,27 +108,6 @@ def save_shard_index(
     loc.join(index_name).publish(encode_index(shard_index))
 
 
-def _in_place(t: Tensor) -> bool:
-    """Whether ``tensor_bytes(t)`` is a view of ``t``'s own memory (no temporary copy), so
-    it stays valid, and bounded, while the save runs."""
-    return t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg())
-
-
-def _data_phase(layout: ShardLayout, part: Mapping[str, Tensor]) -> int:
-    """Where the data section should start modulo a page so that most bytes of big tensors
-    lie in step with the file (address - file offset a multiple of the page): the writer
-    then sends those from where they lie (``O_DIRECT`` needs aligned memory) instead of
-    copying each byte into a bounce slot. Heap tensors sit 64 bytes past a page, so this
-    is typically 64. 0 (the default layout) when nothing is gained."""
-    votes: dict[int, int] = {}
-    for e in layout.entries:
-        if e.nbytes >= _IN_STEP_MIN_BYTES:
-            phase = (part[e.name].data_ptr() - e.begin) % PAGE_ALIGN_BYTES
-            if phase % 8 == 0:
-                votes[phase] = votes.get(phase, 0) + e.nbytes
-    return max(votes, key=lambda p: (votes[p], p == 0), default=0)
-
-
 def _write_file(
     ckpt: Location, fname: str, part: Mapping[str, Tensor], *, safetensors: bool
 ) -> FileRecord:
@@ -146,13 +116,11 @@ def _write_file(
     if safetensors:
         specs = ((k, dtype_from_torch(t.dtype, name=k), tuple(t.shape)) for k, t in part.items())
         layout = plan_shard(specs, metadata={"format": "pt"})
-        # the caller's CPU tensors stay put until this call returns: an O_DIRECT file may
-        # write from them in place (stable_source: several writes in flight across tensors)
-        stable = all(_in_place(t) for t in part.values())
-        if stable:
-            layout = with_data_phase(layout, _data_phase(layout, part))
+        # Not written in place: an O_DIRECT write from the caller's heap pages (scattered
+        # in physical memory) takes the device several times the requests of one from the
+        # process's bounce slots (huge pages, storage/bounce.py); one copy is cheaper.
         chunks = (tensor_bytes(part[e.name]) for e in layout.entries)
-        return write_shard(loc, layout, chunks, rel_path=fname, stable_source=stable)
+        return write_shard(loc, layout, chunks, rel_path=fname)
     out = ChecksummedWriter(loc, rel_path=fname)
     try:
         torch.save({k: v.detach().cpu() for k, v in part.items()}, cast("IO[bytes]", out))

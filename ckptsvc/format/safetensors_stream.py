@@ -44,7 +44,6 @@ __all__ = [
     "TensorEntry",
     "parse_header",
     "plan_shard",
-    "with_data_phase",
     "with_metadata",
 ]
 
@@ -236,26 +235,6 @@ def _padded(body: bytes, data_nbytes: int) -> bytes:
     align = PAGE_ALIGN_BYTES if data_nbytes >= PAGE_ALIGN_MIN_DATA_BYTES else 8
     body += b" " * (-(8 + len(body)) % align)
     return _LEN.pack(len(body)) + body
-
-
-def with_data_phase(layout: ShardLayout, phase: int) -> ShardLayout:
-    """``layout`` with its header re-padded (spaces) so that the data section starts at a
-    file offset congruent to ``phase`` modulo ``PAGE_ALIGN_BYTES`` (a multiple of 8, so
-    every tensor stays naturally aligned): the same tensors at the same data offsets.
-
-    A synchronous save uses it to put each big tensor's file offset in step with its
-    address on the heap (``malloc`` puts them 64 bytes past a page), so ``O_DIRECT``
-    writes the tensor from where it lies, not through a bounce copy. Shards with less
-    than ``PAGE_ALIGN_MIN_DATA_BYTES`` of data are returned unchanged; phase 0 is the
-    default layout. ValueError for a phase that is not a multiple of 8 in range."""
-    if phase % 8 or not 0 <= phase < PAGE_ALIGN_BYTES:
-        raise ValueError(f"data phase {phase}: use a multiple of 8 below {PAGE_ALIGN_BYTES}")
-    if layout.data_nbytes < PAGE_ALIGN_MIN_DATA_BYTES:
-        return layout
-    body = layout.header[8:].rstrip(b" ")
-    body += b" " * ((phase - 8 - len(body)) % PAGE_ALIGN_BYTES)
-    return ShardLayout(header=_LEN.pack(len(body)) + body, entries=layout._entries,
-                       metadata=layout.metadata, data_nbytes=layout.data_nbytes)  # fmt: skip
 
 
 def _metadata_json(meta: Mapping[str, str]) -> bytes:
