@@ -4,9 +4,10 @@ One run, one synthetic state (:func:`ckptsvc.tools.bench_probes.make_specs`), ev
 measurement in a fresh worker process (:mod:`ckptsvc.tools.bench_workloads`). The parent:
 
 1. makes a scratch directory (local, or a prefix under ``--storage URL``);
-2. for each group (a save and the loads that read what it wrote): removes the old
-   artifact and runs ``sync``, runs the save worker ``--reps`` times, then for each load
-   drops the artifact from the page cache (cold reads) and runs the load worker;
+2. ``--reps`` rounds; in each, for each group (a save and the loads that read what it
+   wrote): removes the old artifact and runs ``sync``, runs the save worker, then for
+   each load drops the artifact from the page cache (cold reads) and runs the load
+   worker (round-robin: see :func:`run_bench`);
 3. aggregates the samples into :class:`~ckptsvc.tools.bench_report.Row`: the fastest rep for
    the floors (noise only adds time), the median for every method; the max peak RSS;
 4. computes the issue's target ratios (:mod:`ckptsvc.tools.bench_report`) and prints a table,
@@ -209,32 +210,27 @@ class _Runner:
             result["log_tail"] = tail_log(log_path)
         return result
 
-    def measure(self, method: Method, reps: int) -> list[dict[str, Any]]:
-        """Run ``reps`` workers of ``method``; stop at the first that is not ok."""
-        outcomes = []
-        for i in range(reps):
-            cached_before: int | None = None
-            if method.needs is None:
-                for name in method.leaves:
-                    self._remove(name)
-                os.sync()
-            elif not self.plan.remote:
-                path = os.path.join(self.plan.root, ARTIFACTS[method.needs or ""])
-                if self.plan.cold_reads:
-                    drop_page_cache(path)
-                cached_before = cached_bytes(path)
-            started = time.perf_counter()
-            out = self._worker(method.name)
-            if out.get("status") == "ok" and cached_before is not None:
-                out["sample"]["extras"]["cached_before_bytes"] = cached_before
-            took_s = time.perf_counter() - started
-            self.progress(f"{method.name} rep {i + 1}/{reps}: {out['status']} ({took_s:.1f} s)")
-            if out.get("status") != "ok":
-                self.progress(f"  {out.get('reason', '')}\n  {out.get('log_tail', '')}".rstrip())
-            outcomes.append(out)
-            if out.get("status") != "ok":
-                break
-        return outcomes
+    def measure(self, method: Method, *, rep: int, reps: int) -> dict[str, Any]:
+        """Run one worker of ``method`` (its ``rep``-th of ``reps``, for the progress line)."""
+        cached_before: int | None = None
+        if method.needs is None:
+            for name in method.leaves:
+                self._remove(name)
+            os.sync()
+        elif not self.plan.remote:
+            path = os.path.join(self.plan.root, ARTIFACTS[method.needs or ""])
+            if self.plan.cold_reads:
+                drop_page_cache(path)
+            cached_before = cached_bytes(path)
+        started = time.perf_counter()
+        out = self._worker(method.name)
+        if out.get("status") == "ok" and cached_before is not None:
+            out["sample"]["extras"]["cached_before_bytes"] = cached_before
+        took_s = time.perf_counter() - started
+        self.progress(f"{method.name} rep {rep + 1}/{reps}: {out['status']} ({took_s:.1f} s)")
+        if out.get("status") != "ok":
+            self.progress(f"  {out.get('reason', '')}\n  {out.get('log_tail', '')}".rstrip())
+        return out
 
     def cleanup(self, method: Method) -> None:
         for name in method.leaves:
@@ -242,29 +238,43 @@ class _Runner:
 
 
 def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], None]) -> list[Row]:
-    """Run the selected methods (and any save a selected load needs) and aggregate them."""
+    """Run the selected methods (and any save a selected load needs) and aggregate them.
+
+    Reps go round-robin: rep ``i`` of every method runs before rep ``i + 1`` of any, so a
+    disk that speeds up or slows down over the minutes of a run (shared virtual disks do,
+    by 20 % and more) moves the floors and the methods compared with them together. A
+    method stops at its first rep that is not ok; a save that only its selected loads need
+    runs once, and its artifact stays until the last round."""
     runner = _Runner(plan, progress)
     wanted = set(selected)
-    outcomes: dict[str, list[dict[str, Any]]] = {}
+    groups: list[tuple[Method, list[Method]]] = []
     for method in METHODS:
-        if method.needs is not None:
-            continue
         loads = [m for m in METHODS if m.needs == method.name and m.name in wanted]
-        if method.name not in wanted and not loads:
-            continue
-        reps = plan.reps if method.name in wanted else 1
-        outcomes[method.name] = runner.measure(method, reps)
-        ok = outcomes[method.name][-1].get("status") == "ok"
-        for load in loads:
-            if ok:
-                outcomes[load.name] = runner.measure(load, plan.reps)
-            else:
-                why = outcomes[method.name][-1].get("reason", "")
-                outcomes[load.name] = [
-                    {"status": "unavailable", "reason": f"needs {method.name}: {why}"}
-                ]
-        if not plan.keep:
-            runner.cleanup(method)
+        if method.needs is None and (method.name in wanted or loads):
+            groups.append((method, loads))
+    outcomes: dict[str, list[dict[str, Any]]] = {
+        m.name: [] for save, loads in groups for m in (save, *loads)
+    }
+
+    def still_ok(name: str) -> bool:
+        return all(o.get("status") == "ok" for o in outcomes[name])
+
+    for rep in range(plan.reps):
+        for save, loads in groups:
+            reps = plan.reps if save.name in wanted else 1
+            if rep < reps and still_ok(save.name):
+                outcomes[save.name].append(runner.measure(save, rep=rep, reps=reps))
+            last = outcomes[save.name][-1]
+            for load in loads:
+                if last.get("status") != "ok":
+                    why = last.get("reason", "")
+                    outcomes[load.name] = [
+                        {"status": "unavailable", "reason": f"needs {save.name}: {why}"}
+                    ]
+                elif still_ok(load.name):
+                    outcomes[load.name].append(runner.measure(load, rep=rep, reps=plan.reps))
+            if not plan.keep and (reps > 1 or rep == plan.reps - 1):
+                runner.cleanup(save)
     return [_aggregate(m, outcomes[m.name]) for m in METHODS if m.name in wanted]
 
 
