@@ -230,9 +230,11 @@ DIRECT_IO_MIN_BYTES = _knob(
 )
 DIRECT_IO_BUFFER_BYTES = _knob(
     "direct_io_buffer_bytes",
-    16 * 2**20,
-    "Bytes per O_DIRECT bounce slot (the writes of unaligned bytes); a direct file uses up "
-    "to five, from a per-process pool reused across files.",
+    4 * 2**20,
+    "Bytes per O_DIRECT bounce slot (the writes of unaligned bytes, and every byte of a sync "
+    "save); a direct file uses up to five, from a per-process pool reused across files. "
+    "4 MiB: a device's largest request on common virtual disks; a bigger slot only delays "
+    "the first write while its fresh memory is faulted in.",
     min_value=1,
 )
 DIRECT_IO_READS = _knob(

@@ -37,7 +37,7 @@ __all__ = ["IDLE_BYTES_MAX", "POOL", "BouncePool", "BounceSlot"]
 
 #: slots are aligned to (and advised as) transparent huge pages of this size
 HUGE_PAGE_BYTES = 2 * 2**20
-#: idle bytes kept for reuse per process (five 16 MiB slots: one direct file's set)
+#: idle bytes kept for reuse per process (four direct files' sets of five 4 MiB slots)
 IDLE_BYTES_MAX = 80 * 2**20
 
 
