@@ -8,9 +8,11 @@ size, so the slots are kept here once released and handed to the next file, alre
 faulted in. Idle slots are capped at :data:`IDLE_BYTES_MAX` (the least recently used are
 unmapped beyond it), so a process that wrote once keeps at most that much.
 
-**Physically contiguous**: a slot is private memory aligned to 2 MiB and advised as
+**Physically contiguous** (``huge`` slots, for writers that copy most of their bytes, such
+as a sync save): a slot is private memory aligned to 2 MiB and advised as
 transparent huge pages (``MADV_HUGEPAGE``; Linux, where THP is ``madvise`` or
-``always``). An ``O_DIRECT`` write hands the device the physical pages of its buffer, and
+``always``). Other slots (a header block, a tail) stay ordinary pages: touching a few KiB of
+a huge page makes all 2 MiB resident. An ``O_DIRECT`` write hands the device the physical pages of its buffer, and
 a block device takes a bounded number of segments per request (a virtio disk: 254): from
 4 KiB pages that the kernel handed out scattered - the usual case for memory faulted
 while other threads allocate, or recycled from its per-CPU free lists - a 4 MiB request
@@ -42,14 +44,15 @@ IDLE_BYTES_MAX = 80 * 2**20
 
 
 class BounceSlot:
-    """``nbytes`` of private anonymous memory starting at a huge-page boundary (huge pages
-    advised where the platform has them): ``view`` to fill, ``address`` for ``memmove``.
-    Owned by one writer between ``take`` and ``give``."""
+    """``nbytes`` of private anonymous memory starting at a huge-page boundary (``huge``:
+    huge pages advised where the platform has them): ``view`` to fill, ``address`` for
+    ``memmove``. Owned by one writer between ``take`` and ``give``."""
 
-    __slots__ = ("_map", "address", "nbytes", "view")
+    __slots__ = ("_map", "address", "huge", "nbytes", "view")
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, *, huge: bool = False) -> None:
         self.nbytes = nbytes
+        self.huge = huge
         # private (transparent huge pages are for private memory); the spare huge page
         # of address space lets the slot start on a boundary (only touched pages count)
         self._map = mmap.mmap(
@@ -60,10 +63,10 @@ class BounceSlot:
         del anchor  # the address stays valid while the map lives; the export does not
         skip = -base % HUGE_PAGE_BYTES
         advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
-        huge = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-        if advice is not None and huge:
+        whole = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+        if huge and advice is not None and whole:
             with contextlib.suppress(OSError):  # THP "never", or a kernel without THP
-                self._map.madvise(advice, skip, huge)
+                self._map.madvise(advice, skip, whole)
         self.view = memoryview(self._map)[skip : skip + nbytes]
         self.address = base + skip
 
@@ -84,16 +87,17 @@ class BouncePool:
         self._idle_bytes_max = idle_bytes_max
         self.mapped = 0  # slots ever mapped by this pool (tests check reuse)
 
-    def take(self, nbytes: int) -> BounceSlot:
-        """An idle slot of exactly ``nbytes`` (a multiple of the page size), else a new one."""
+    def take(self, nbytes: int, *, huge: bool = False) -> BounceSlot:
+        """An idle slot of exactly ``nbytes`` (a multiple of the page size) and kind
+        (``huge``), else a new one."""
         with self._lock:
             for key, slot in reversed(self._idle.items()):
-                if slot.nbytes == nbytes:
+                if slot.nbytes == nbytes and slot.huge == huge:
                     del self._idle[key]
                     self._idle_bytes -= nbytes
                     return slot
             self.mapped += 1
-        return BounceSlot(nbytes)
+        return BounceSlot(nbytes, huge=huge)
 
     def give(self, slot: BounceSlot) -> None:
         """Keep ``slot`` for the next writer; unmap the oldest idle ones beyond the cap."""

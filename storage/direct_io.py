@@ -200,7 +200,8 @@ class DirectFile:
        where the filesystem does not accept it). Bounce slots of ``chunk_nbytes``
        (rounded to pages; smaller for a small ``size_hint_bytes``), at most ``_SLOTS``,
        are taken from the process's :mod:`.bounce` pool when first needed and given back
-       on ``close`` / ``abort``, so the next file reuses them already faulted in;
+       on ``close`` / ``abort``, so the next file reuses them already faulted in
+       (``huge_slots``: of transparent huge pages, for a writer that copies most bytes);
     2. ``write`` (caller thread, one at a time): a big chunk whose memory reaches a page
        boundary where the file reaches a block boundary (page-aligned at a block-aligned
        offset, or in step past both) is written from where it lies after its head (zero
@@ -232,10 +233,12 @@ class DirectFile:
         size_hint_bytes: int | None,
         fsync: bool,
         stable_source: bool = False,
+        huge_slots: bool = False,
     ) -> None:
         self.path = path
         self._fsync = fsync
         self._stable_source = stable_source
+        self._huge_slots = huge_slots
         self._pending: collections.deque[Future[None]] = collections.deque()
         self._gather: list[memoryview] = []  # pieces of the next pwritev (stable source)
         self._gather_releases: list[Callable[[], None]] = []
@@ -350,7 +353,7 @@ class DirectFile:
                 self._slot = self._free_slots.get_nowait()
             except queue.Empty:
                 if len(self._slots) < _SLOTS:
-                    self._slot = bounce.POOL.take(self._slot_nbytes)
+                    self._slot = bounce.POOL.take(self._slot_nbytes, huge=self._huge_slots)
                     self._slots.append(self._slot)
                 else:
                     self._flush_gather()  # it may hold the slots

@@ -48,10 +48,6 @@ _TRANSIENT_WORDS = (
     "internalerror",
     "serviceunavailable",
     "service unavailable",
-    "503",
-    "500",
-    "502",
-    "504",
     "timeout",
     "timed out",
     "connection reset",
@@ -76,6 +72,9 @@ _PERMISSION_TEXT = re.compile(
     r"|(?<![\w.:])40[13](?![\w.])"
 )
 _NOT_FOUND_TEXT = re.compile(r"nosuchbucket|no such bucket|nosuchkey|(?<![\w.:])404(?![\w.])")
+# a transient status code in an error's text, as a whole word: a random bucket or object
+# name in the same text ("t-b328a431eb504ad3") holds "504" too
+_TRANSIENT_STATUS_TEXT = re.compile(r"(?<![\w.:])50[0234](?![\w.])")
 
 
 def http_status(exc: BaseException) -> int | None:
@@ -119,7 +118,9 @@ def is_transient(exc: BaseException) -> bool:
     if any(w in name for w in _TRANSIENT_NAMES):
         return True
     text = str(exc).lower()
-    return any(w in text for w in _TRANSIENT_WORDS)
+    if _PERMISSION_TEXT.search(text) or _NOT_FOUND_TEXT.search(text):
+        return False  # the server's verdict, whatever else the text holds
+    return any(w in text for w in _TRANSIENT_WORDS) or bool(_TRANSIENT_STATUS_TEXT.search(text))
 
 
 def classify(exc: BaseException, url: str, action: str) -> StorageError:

@@ -31,3 +31,7 @@ class IOSettings:
     direct_io_min_bytes: int
     direct_io_buffer_bytes: int
     retry: RetryPolicy
+    #: the writes copy most bytes into bounce slots (a sync save of heap tensors): take
+    #: slots of huge pages, physically contiguous (``storage.bounce``); otherwise slots
+    #: hold a header block or a tail, and a huge page would cost 2 MiB of memory for it
+    huge_bounce_slots: bool = False

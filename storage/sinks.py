@@ -133,6 +133,7 @@ class LocalSink:
                         size_hint_bytes=size_hint_bytes,
                         fsync=fsync,
                         stable_source=stable_source,
+                        huge_slots=s is not None and s.huge_bounce_slots,
                     )
             if self._direct is None:
                 self._fd = os.open(loc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

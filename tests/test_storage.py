@@ -33,6 +33,7 @@ from ckptsvc.errors import (
     StorageTransientError,
 )
 from ckptsvc.storage import ChildInfo, Location, call_with_retries, classify, url_to_fs
+from ckptsvc.storage.errors import is_transient
 
 MiB = 2**20
 S3_MIN_PART_BYTES = 5 * MiB
@@ -448,6 +449,27 @@ def test_classify(exc: BaseException, leaf: type[StorageError]) -> None:
     assert type(err) is leaf
     assert "s3://bucket/key" in str(err)
     assert err.url == "s3://bucket/key"
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        # gcsfs's 403 names the object: a random bucket holding "504" is no 504 (this
+        # retried a permanent 403 eight times in CI)
+        (
+            OSError("Forbidden: http://127.0.0.1:45583/b/t-b328a431eb504ad3/o/m Access Denied"),
+            False,
+        ),
+        (OSError("not found: http://h:1/b/t-500a/o/x 404"), False),
+        (OSError("server answered 503 Service Unavailable"), True),
+        (OSError("HTTP 502: bad gateway"), True),
+        (OSError("object t-a500b: short read"), False),
+    ],
+)
+def test_retry_reads_a_status_in_the_text_only_as_a_whole_word(
+    exc: BaseException, transient: bool
+) -> None:
+    assert is_transient(exc) is transient
 
 
 # ---- naming -----------------------------------------------------------------------------

@@ -386,7 +386,8 @@ def test_sync_save_writes_heap_tensors_through_the_slots_and_the_same_bytes_twic
 
     tensor_nbytes = sum(t.nbytes for t in state.values())
     assert written["total"] > tensor_nbytes and written["from_tensors"] == 0
-    assert pool.mapped > 0  # the bytes went through slots
+    assert pool.mapped > 0  # the bytes went through slots, of huge pages
+    assert all(slot.huge for slot in pool._idle.values())
     (shard,) = (tmp_path / "a").glob("*.safetensors")
     data = shard.read_bytes()
     assert data == (tmp_path / "b" / shard.name).read_bytes()
@@ -400,20 +401,25 @@ def test_sync_save_writes_heap_tensors_through_the_slots_and_the_same_bytes_twic
     assert record.crc32c == crc32c_hex(data) and record.nbytes == len(data)
 
 
-def test_bounce_slots_start_on_a_huge_page_advised_as_huge(pool: BouncePool) -> None:
-    """A slot starts on a 2 MiB boundary and, where the kernel offers transparent huge
-    pages, its mapping carries the huge-page advice (``hg`` in ``/proc/self/smaps``)."""
-    slot = pool.take(bounce.HUGE_PAGE_BYTES * 2)
+def test_huge_bounce_slots_are_advised_as_huge_and_others_are_not(pool: BouncePool) -> None:
+    """A slot starts on a 2 MiB boundary; a ``huge`` one carries the huge-page advice
+    (``hg`` in ``/proc/self/smaps``) where the kernel offers transparent huge pages, an
+    ordinary one does not (a header block in it must not make 2 MiB resident). The pool
+    hands each kind out for its own kind only."""
+    nbytes = bounce.HUGE_PAGE_BYTES * 2
+    huge, plain = pool.take(nbytes, huge=True), pool.take(nbytes)
     try:
-        assert slot.address % bounce.HUGE_PAGE_BYTES == 0 and slot.view.nbytes == slot.nbytes
-        slot.view[:] = b"x" * slot.nbytes  # writable, private memory
+        for slot in (huge, plain):
+            assert slot.address % bounce.HUGE_PAGE_BYTES == 0 and slot.view.nbytes == nbytes
+            slot.view[:] = b"x" * nbytes  # writable, private memory
+        assert "hg" not in _vm_flags_at(plain.address)
         thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-        if not thp.exists() or "[never]" in thp.read_text():
-            pytest.skip("no transparent huge pages on this kernel")
-        flags = _vm_flags_at(slot.address)
-        assert "hg" in flags, flags
+        if thp.exists() and "[never]" not in thp.read_text():
+            assert "hg" in _vm_flags_at(huge.address)
     finally:
-        pool.give(slot)
+        pool.give(huge)
+        pool.give(plain)
+    assert pool.take(nbytes) is plain and pool.take(nbytes, huge=True) is huge
 
 
 def _vm_flags_at(address: int) -> list[str]:
