@@ -8,19 +8,20 @@ size, so the slots are kept here once released and handed to the next file, alre
 faulted in. Idle slots are capped at :data:`IDLE_BYTES_MAX` (the least recently used are
 unmapped beyond it), so a process that wrote once keeps at most that much.
 
-**Physically contiguous** (``huge`` slots, for writers that copy most of their bytes, such
-as a sync save): a slot is private memory aligned to 2 MiB and advised as
+**Physically contiguous** (``huge`` slots, for writers that copy most of their bytes,
+such as a sync save): a slot is private memory aligned to 2 MiB and advised as
 transparent huge pages (``MADV_HUGEPAGE``; Linux, where THP is ``madvise`` or
-``always``). Other slots (a header block, a tail) stay ordinary pages: touching a few KiB of
-a huge page makes all 2 MiB resident. An ``O_DIRECT`` write hands the device the physical pages of its buffer, and
-a block device takes a bounded number of segments per request (a virtio disk: 254): from
-4 KiB pages that the kernel handed out scattered - the usual case for memory faulted
-while other threads allocate, or recycled from its per-CPU free lists - a 4 MiB request
-shrinks to 1 MiB, and the same bytes need up to 4x the requests. Measured on the
-development VM (1 GiB, 4 writes in flight): the same write from fully scattered pages took
-1.4-1.5x as long as from sequentially faulted ones, and a sync save whose two first slots
-came out scattered 1.15-1.25x the floor; from huge-page slots it is at the floor. Where
-huge pages are unavailable the slot is ordinary memory (correct, possibly scattered).
+``always``). Other slots (a header block, a tail) stay ordinary pages: touching a few
+KiB of a huge page makes all 2 MiB resident. An ``O_DIRECT`` write hands the device the
+physical pages of its buffer, and a block device takes a bounded number of segments per
+request (a virtio disk: 254): from 4 KiB pages that the kernel handed out scattered - the
+usual case for memory faulted while other threads allocate, or recycled from its per-CPU
+free lists - a 4 MiB request shrinks to 1 MiB, and the same bytes need up to 4x the
+requests. Measured on the development VM (1 GiB, 4 writes in flight): the same write
+from fully scattered pages took 1.4-1.5x as long as from sequentially faulted ones, and
+a sync save whose two first slots came out scattered 1.15-1.25x the floor; from
+huge-page slots it is at the floor. Where huge pages are unavailable the slot is
+ordinary memory (correct, possibly scattered).
 
 Call order: ``take(nbytes)`` (any thread) returns a :class:`BounceSlot`; ``give(slot)``
 (any thread, once) returns it. A forked child starts with an empty pool.
