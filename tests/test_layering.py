@@ -22,7 +22,7 @@ PACKAGE_DIRS = {"ckptsvc": "ckptsvc", "ckptsvc.workers": "workers", "ckptsvc.sto
 LAYERS: list[tuple[str, ...]] = [
     ("ckptsvc.version",),
     ("ckptsvc.errors",),
-    ("ckptsvc.knobs", "ckptsvc.liveness", "ckptsvc.hooks", "ckptsvc.metrics"),
+    ("ckptsvc.knobs", "ckptsvc.liveness", "ckptsvc.hooks", "ckptsvc.metrics", "ckptsvc.gc_pause"),
     ("ckptsvc.storage",),
     ("ckptsvc.format",),
     ("ckptsvc.workers",),
@@ -40,7 +40,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("ckptsvc",),  # the package's __init__: re-exports the public API
 ]
 #: the node writer's process imports these: never torch
-TORCH_FREE = ("ckptsvc.workers", "ckptsvc.storage", "ckptsvc.format", "ckptsvc.errors")
+TORCH_FREE = (
+    "ckptsvc.workers", "ckptsvc.storage", "ckptsvc.format", "ckptsvc.errors", "ckptsvc.gc_pause"
+)
 
 
 def module_files() -> dict[str, Path]:

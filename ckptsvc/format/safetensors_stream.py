@@ -37,6 +37,7 @@ from typing import Any
 from ckptsvc import knobs
 from ckptsvc.errors import CorruptCheckpointError, InvalidStateError
 from ckptsvc.format.json_doc import parse_json_doc
+from ckptsvc.gc_pause import with_gc_paused
 
 __all__ = [
     "DTYPE_SIZES",
@@ -307,6 +308,7 @@ def _entry_error(name: str, info: Any, where: str) -> CorruptCheckpointError:
     )
 
 
+@with_gc_paused
 def parse_header(raw: bytes, *, file_nbytes: int | None, where: str) -> ShardLayout:
     """Validate and decode ``raw`` = 8-byte prefix + JSON header of a safetensors file.
 

@@ -41,6 +41,7 @@ from ckptsvc.errors import (
     StateMismatchError,
 )
 from ckptsvc.format.manifest import ComponentRecord, Manifest, check_relpath
+from ckptsvc.gc_pause import with_gc_paused
 from ckptsvc.ranks import RankInfo, resolve_groups
 from ckptsvc.read.discovery import require_checkpoint_path, require_complete_checkpoint
 from ckptsvc.read.legacy import load_legacy_state
@@ -232,6 +233,7 @@ def _read_tensors(
     return out
 
 
+@with_gc_paused
 def load_components(
     path: str,
     components: Sequence[StateComponent],
@@ -345,6 +347,7 @@ def _is_component_layout(manifest: Manifest) -> bool:
     return all(isinstance(r.metadata.get("ckptsvc"), dict) for r in manifest.components)
 
 
+@with_gc_paused
 def load_state(
     path: str,
     *,

@@ -33,6 +33,7 @@ from ckptsvc.format.layout import (
     WEIGHTS_NAME,
 )
 from ckptsvc.format.manifest import Manifest, check_relpath
+from ckptsvc.gc_pause import with_gc_paused
 from ckptsvc.read.device_read import read_to_device
 from ckptsvc.read.discovery import (
     CheckpointStatus,
@@ -242,6 +243,7 @@ def _read_file(
     )
 
 
+@with_gc_paused
 def load_sharded_checkpoint(
     model_dir: str,
     shard_index: ShardIndex,
@@ -363,6 +365,7 @@ def _load_shards(
     return unloaded
 
 
+@with_gc_paused
 def load_checkpoint(
     model_dir: str,
     module: nn.Module | None = None,

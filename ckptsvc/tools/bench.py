@@ -4,10 +4,10 @@ One run, one synthetic state (:func:`ckptsvc.tools.bench_probes.make_specs`), ev
 measurement in a fresh worker process (:mod:`ckptsvc.tools.bench_workloads`). The parent:
 
 1. makes a scratch directory (local, or a prefix under ``--storage URL``);
-2. ``--reps`` rounds; in each, for each group (a save and the loads that read what it
-   wrote): removes the old artifact and runs ``sync``, runs the save worker, then for
-   each load drops the artifact from the page cache (cold reads) and runs the load
-   worker (round-robin: see :func:`run_bench`);
+2. ``--reps`` rounds; in each: for every save (or write floor) removes its old artifact,
+   runs ``sync`` and runs its worker; then reads one artifact once, unmeasured (a
+   settling read); then for every load (or read floor) drops its artifact from the page
+   cache (cold reads) and runs its worker (round-robin: see :func:`run_bench`);
 3. aggregates the samples into :class:`~ckptsvc.tools.bench_report.Row`: the fastest rep for
    the floors (noise only adds time), the median for every method; the max peak RSS;
 4. computes the issue's target ratios (:mod:`ckptsvc.tools.bench_report`) and prints a table,
@@ -43,7 +43,13 @@ from ckptsvc.tools.bench_incremental import add_incremental_options, run_increme
 from ckptsvc.tools.bench_loop import add_loop_options, run_loop
 from ckptsvc.tools.bench_many import add_many_options, run_many
 from ckptsvc.tools.bench_plot import render_svg
-from ckptsvc.tools.bench_probes import WorkerConfig, cached_bytes, drop_page_cache, make_specs
+from ckptsvc.tools.bench_probes import (
+    WorkerConfig,
+    cached_bytes,
+    drop_page_cache,
+    make_specs,
+    stream_read,
+)
 from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_ARTIFACTS, remote_save_targets
 from ckptsvc.tools.bench_report import (
     Row,
@@ -232,6 +238,28 @@ class _Runner:
             self.progress(f"  {out.get('reason', '')}\n  {out.get('log_tail', '')}".rstrip())
         return out
 
+    def settle(self, saves: Sequence[Method]) -> None:
+        """Read one artifact of ``saves`` once, unmeasured, and drop it from the page cache.
+
+        On the development VM the first big read after a round of writes ran 25-40 %
+        slower than the next one, whichever file either read (a 64 MiB read did not
+        settle it, 5 s of sleep did not either); without this the load that follows its
+        own save paid for every write before it (docs/benchmarks.md, *Method*). Local
+        scratch only: object stores show no such effect."""
+        if self.plan.remote:
+            return
+        for save in saves:
+            path = os.path.join(self.plan.root, ARTIFACTS.get(save.name, ""))
+            if save.name in ARTIFACTS and os.path.exists(path):
+                started = time.perf_counter()
+                nbytes = stream_read(path, streams=4)
+                drop_page_cache(path)
+                self.progress(
+                    f"settling read of {save.name}'s {nbytes / 2**20:.0f} MiB "
+                    f"({time.perf_counter() - started:.1f} s)"
+                )
+                return
+
     def cleanup(self, method: Method) -> None:
         for name in method.leaves:
             self._remove(name)
@@ -242,9 +270,11 @@ def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], No
 
     Reps go round-robin: rep ``i`` of every method runs before rep ``i + 1`` of any, so a
     disk that speeds up or slows down over the minutes of a run (shared virtual disks do,
-    by 20 % and more) moves the floors and the methods compared with them together. A
-    method stops at its first rep that is not ok; a save that only its selected loads need
-    runs once, and its artifact stays until the last round."""
+    by 20 % and more) moves the floors and the methods compared with them together. In a
+    round every write (floors and saves) runs first, then one unmeasured settling read
+    (:meth:`_Runner.settle`), then every read (floors and loads), so no read is timed right
+    after a write. A method stops at its first rep that is not ok; a save that only its
+    selected loads need runs once, and its artifact stays until the last round."""
     runner = _Runner(plan, progress)
     wanted = set(selected)
     groups: list[tuple[Method, list[Method]]] = []
@@ -260,19 +290,26 @@ def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], No
         return all(o.get("status") == "ok" for o in outcomes[name])
 
     for rep in range(plan.reps):
-        for save, loads in groups:
+        wrote = False
+        for save, _ in groups:  # every write of the round first, then every read
             reps = plan.reps if save.name in wanted else 1
             if rep < reps and still_ok(save.name):
                 outcomes[save.name].append(runner.measure(save, rep=rep, reps=reps))
+                wrote = True
+        reads = [(save, load) for save, loads in groups for load in loads]
+        if wrote and reads:
+            runner.settle([save for save, _ in reads])
+        for save, load in reads:
             last = outcomes[save.name][-1]
-            for load in loads:
-                if last.get("status") != "ok":
-                    why = last.get("reason", "")
-                    outcomes[load.name] = [
-                        {"status": "unavailable", "reason": f"needs {save.name}: {why}"}
-                    ]
-                elif still_ok(load.name):
-                    outcomes[load.name].append(runner.measure(load, rep=rep, reps=plan.reps))
+            if last.get("status") != "ok":
+                why = last.get("reason", "")
+                outcomes[load.name] = [
+                    {"status": "unavailable", "reason": f"needs {save.name}: {why}"}
+                ]
+            elif still_ok(load.name):
+                outcomes[load.name].append(runner.measure(load, rep=rep, reps=plan.reps))
+        for save, _ in groups:
+            reps = plan.reps if save.name in wanted else 1
             if not plan.keep and (reps > 1 or rep == plan.reps - 1):
                 runner.cleanup(save)
     return [_aggregate(m, outcomes[m.name]) for m in METHODS if m.name in wanted]

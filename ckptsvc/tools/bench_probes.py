@@ -38,6 +38,7 @@ __all__ = [
     "make_specs",
     "proc_status_bytes",
     "read_file",
+    "stream_read",
     "touch_pages",
     "write_all_at",
     "write_file",
@@ -241,6 +242,35 @@ def drop_page_cache(path: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def stream_read(path: str, *, streams: int) -> int:
+    """Read every byte of ``path`` (a file, or every file below a directory) with
+    ``streams`` threads of ``IO_CHUNK_BYTES`` reads into one reused buffer per thread,
+    keeping nothing; returns the bytes read (the bench's settling read)."""
+    jobs = [
+        (p, lo, hi) for p in _files_under(path) for lo, hi in _parts(os.path.getsize(p), streams)
+    ]
+    if not jobs:
+        return 0
+
+    def read(job: tuple[str, int, int]) -> int:
+        p, lo, hi = job
+        buf = bytearray(min(IO_CHUNK_BYTES, hi - lo))
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            done = 0
+            while lo + done < hi:
+                n = os.preadv(fd, [memoryview(buf)[: hi - lo - done]], lo + done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max(1, streams)) as pool:
+        return sum(pool.map(read, jobs))
 
 
 def cached_bytes(path: str) -> int | None:
