@@ -61,44 +61,6 @@ def test_parse_size_rejects_garbage(text: str) -> None:
         bench.parse_size(text)
 
 
-def test_a_round_writes_first_then_settles_then_reads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No read is timed right after a write: a round runs every write, one settling read,
-    then every read; a save only a load needs runs once, its artifact kept to the end."""
-    calls: list[str] = []
-
-    class Recorder:
-        def __init__(self, plan: Any, progress: Any) -> None:
-            pass
-
-        def measure(self, method: bench.Method, *, rep: int, reps: int) -> dict[str, Any]:
-            calls.append(f"{method.name}/{rep}")
-            return {"status": "ok", "sample": {"durable_s": 1.0, "blocking_s": 1.0,
-                    "nbytes": 1, "rss_peak_bytes": 0, "rss_base_bytes": 0,
-                    "child_rss_peak_bytes": 0}}  # fmt: skip
-
-        def settle(self, saves: list[bench.Method]) -> None:
-            calls.append("settle:" + ",".join(m.name for m in saves))
-
-        def cleanup(self, method: bench.Method) -> None:
-            calls.append(f"rm {method.name}")
-
-    monkeypatch.setattr(bench, "_Runner", Recorder)
-    plan = bench._Plan(1, 2, str(tmp_path), str(tmp_path), False, {}, True, 60, 1, False, "")
-    bench.run_bench(
-        plan, ["raw_read", "ckptsvc_save", "ckptsvc_load", "safetensors_load"], lambda _m: None
-    )
-    assert calls == [
-        "raw_write/0", "safetensors_save/0", "ckptsvc_save/0",
-        "settle:raw_write,safetensors_save,ckptsvc_save",
-        "raw_read/0", "safetensors_load/0", "ckptsvc_load/0", "rm ckptsvc_save",
-        "ckptsvc_save/1", "settle:raw_write,safetensors_save,ckptsvc_save",
-        "raw_read/1", "safetensors_load/1", "ckptsvc_load/1",
-        "rm raw_write", "rm safetensors_save", "rm ckptsvc_save",
-    ]  # fmt: skip
-
-
 def test_stream_read_reads_every_file_and_keeps_nothing(tmp_path: Path) -> None:
     (tmp_path / "d" / "e").mkdir(parents=True)
     (tmp_path / "d" / "a.bin").write_bytes(os.urandom(IO_CHUNK_BYTES + 4097))

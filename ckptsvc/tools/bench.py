@@ -4,10 +4,11 @@ One run, one synthetic state (:func:`ckptsvc.tools.bench_probes.make_specs`), ev
 measurement in a fresh worker process (:mod:`ckptsvc.tools.bench_workloads`). The parent:
 
 1. makes a scratch directory (local, or a prefix under ``--storage URL``);
-2. ``--reps`` rounds; in each: for every save (or write floor) removes its old artifact,
-   runs ``sync`` and runs its worker; then reads one artifact once, unmeasured (a
-   settling read); then for every load (or read floor) drops its artifact from the page
-   cache (cold reads) and runs its worker (round-robin: see :func:`run_bench`);
+2. ``--reps`` rounds; in each, for each group (a save and the loads that read what it
+   wrote): removes the old artifact and runs ``sync``, runs the save worker, then for
+   each load recycles memory (:meth:`_Runner.recycle_memory`), drops the artifact from
+   the page cache (cold reads) and runs the load worker (round-robin: see
+   :func:`run_bench`);
 3. aggregates the samples into :class:`~ckptsvc.tools.bench_report.Row`: the fastest rep for
    the floors (noise only adds time), the median for every method; the max peak RSS;
 4. computes the issue's target ratios (:mod:`ckptsvc.tools.bench_report`) and prints a table,
@@ -44,6 +45,7 @@ from ckptsvc.tools.bench_loop import add_loop_options, run_loop
 from ckptsvc.tools.bench_many import add_many_options, run_many
 from ckptsvc.tools.bench_plot import render_svg
 from ckptsvc.tools.bench_probes import (
+    IO_CHUNK_BYTES,
     WorkerConfig,
     cached_bytes,
     drop_page_cache,
@@ -154,6 +156,7 @@ class _Runner:
         self.plan = plan
         self.progress = progress
         self._count = 0
+        self._recycle_path = os.path.join(plan.local_dir, "recycle.bin")
 
     def _remove(self, name: str) -> None:
         if self.plan.remote:
@@ -226,6 +229,7 @@ class _Runner:
         elif not self.plan.remote:
             path = os.path.join(self.plan.root, ARTIFACTS[method.needs or ""])
             if self.plan.cold_reads:
+                self.recycle_memory()
                 drop_page_cache(path)
             cached_before = cached_bytes(path)
         started = time.perf_counter()
@@ -238,27 +242,26 @@ class _Runner:
             self.progress(f"  {out.get('reason', '')}\n  {out.get('log_tail', '')}".rstrip())
         return out
 
-    def settle(self, saves: Sequence[Method]) -> None:
-        """Read one artifact of ``saves`` once, unmeasured, and drop it from the page cache.
+    def recycle_memory(self) -> None:
+        """Read a file of the state's size through the page cache and drop it, so that every
+        cold read starts with as much memory just freed.
 
-        On the development VM the first big read after a round of writes ran 25-40 %
-        slower than the next one, whichever file either read (a 64 MiB read did not
-        settle it, 5 s of sleep did not either); without this the load that follows its
-        own save paid for every write before it (docs/benchmarks.md, *Method*). Local
-        scratch only: object stores show no such effect."""
-        if self.plan.remote:
-            return
-        for save in saves:
-            path = os.path.join(self.plan.root, ARTIFACTS.get(save.name, ""))
-            if save.name in ARTIFACTS and os.path.exists(path):
-                started = time.perf_counter()
-                nbytes = stream_read(path, streams=4)
-                drop_page_cache(path)
-                self.progress(
-                    f"settling read of {save.name}'s {nbytes / 2**20:.0f} MiB "
-                    f"({time.perf_counter() - started:.1f} s)"
-                )
-                return
+        On a virtual machine that returns free memory to its host (free page reporting,
+        the development VM), a page free for a while costs a host fault when it is used
+        again: a load that came right after a read of its own file dropped from the cache
+        ran 1.3-1.4x faster than one that came after an ``O_DIRECT`` save, which leaves
+        nothing to drop (docs/benchmarks.md, *Method*). The file is written once, in
+        ``local_dir``; the read is not timed."""
+        if not os.path.exists(self._recycle_path):
+            chunk = os.urandom(IO_CHUNK_BYTES)
+            with open(self._recycle_path, "wb") as f:
+                for lo in range(0, self.plan.total_nbytes, len(chunk)):
+                    f.write(chunk[: self.plan.total_nbytes - lo])
+                f.flush()
+                os.fsync(f.fileno())
+        drop_page_cache(self._recycle_path)
+        stream_read(self._recycle_path, streams=4)
+        drop_page_cache(self._recycle_path)
 
     def cleanup(self, method: Method) -> None:
         for name in method.leaves:
@@ -270,11 +273,9 @@ def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], No
 
     Reps go round-robin: rep ``i`` of every method runs before rep ``i + 1`` of any, so a
     disk that speeds up or slows down over the minutes of a run (shared virtual disks do,
-    by 20 % and more) moves the floors and the methods compared with them together. In a
-    round every write (floors and saves) runs first, then one unmeasured settling read
-    (:meth:`_Runner.settle`), then every read (floors and loads), so no read is timed right
-    after a write. A method stops at its first rep that is not ok; a save that only its
-    selected loads need runs once, and its artifact stays until the last round."""
+    by 20 % and more) moves the floors and the methods compared with them together. A
+    method stops at its first rep that is not ok; a save that only its selected loads need
+    runs once, and its artifact stays until the last round."""
     runner = _Runner(plan, progress)
     wanted = set(selected)
     groups: list[tuple[Method, list[Method]]] = []
@@ -290,26 +291,19 @@ def run_bench(plan: _Plan, selected: Sequence[str], progress: Callable[[str], No
         return all(o.get("status") == "ok" for o in outcomes[name])
 
     for rep in range(plan.reps):
-        wrote = False
-        for save, _ in groups:  # every write of the round first, then every read
+        for save, loads in groups:
             reps = plan.reps if save.name in wanted else 1
             if rep < reps and still_ok(save.name):
                 outcomes[save.name].append(runner.measure(save, rep=rep, reps=reps))
-                wrote = True
-        reads = [(save, load) for save, loads in groups for load in loads]
-        if wrote and reads:
-            runner.settle([save for save, _ in reads])
-        for save, load in reads:
             last = outcomes[save.name][-1]
-            if last.get("status") != "ok":
-                why = last.get("reason", "")
-                outcomes[load.name] = [
-                    {"status": "unavailable", "reason": f"needs {save.name}: {why}"}
-                ]
-            elif still_ok(load.name):
-                outcomes[load.name].append(runner.measure(load, rep=rep, reps=plan.reps))
-        for save, _ in groups:
-            reps = plan.reps if save.name in wanted else 1
+            for load in loads:
+                if last.get("status") != "ok":
+                    why = last.get("reason", "")
+                    outcomes[load.name] = [
+                        {"status": "unavailable", "reason": f"needs {save.name}: {why}"}
+                    ]
+                elif still_ok(load.name):
+                    outcomes[load.name].append(runner.measure(load, rep=rep, reps=plan.reps))
             if not plan.keep and (reps > 1 or rep == plan.reps - 1):
                 runner.cleanup(save)
     return [_aggregate(m, outcomes[m.name]) for m in METHODS if m.name in wanted]
