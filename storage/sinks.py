@@ -63,7 +63,8 @@ def open_sink(
     ``stable_source``: the memory of every chunk given to ``write`` stays valid and
     unchanged until ``close`` / ``abort`` returns (the node writer's arena), so an
     ``O_DIRECT`` file may keep writing from it after ``write`` returned (no barrier per
-    chunk); the object-store sinks copy into their part buffers either way.
+    chunk), and an S3 upload sends parts as views of it instead of copying them into part
+    buffers (GCS and the other sinks copy either way).
     """
     s = loc.settings
     if loc.is_local:
@@ -83,7 +84,9 @@ def open_sink(
     in_flight = max(1, knobs.UPLOAD_PARTS_IN_FLIGHT.get(parts_in_flight))
     if loc.protocol in S3_PROTOCOLS and hasattr(loc.fs, "_call_s3"):
         part = part_size_for(size_hint_bytes, part_size_bytes=part, parts_in_flight=in_flight)
-        return S3MultipartSink(loc, part_size_bytes=part, parts_in_flight=in_flight)
+        return S3MultipartSink(
+            loc, part_size_bytes=part, parts_in_flight=in_flight, stable_source=stable_source
+        )
     if loc.protocol in GCS_PROTOCOLS and gcs_resumable_supported(loc):
         return GcsResumableSink(loc, part_size_bytes=part)
     return FsspecSink(loc, part_size_bytes=part)

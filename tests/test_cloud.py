@@ -74,8 +74,11 @@ def counted(storage_root: StorageRoot) -> Iterator[tuple[FaultProxy, dict[str, A
 class _S3Spy:
     """Wraps every S3 request of the multipart sink: methods seen, parts in flight."""
 
-    def __init__(self, delay_s: float = 0.0, fail_part: int | None = None) -> None:
+    def __init__(
+        self, delay_s: float = 0.0, fail_part: int | None = None, flaky_part: int | None = None
+    ) -> None:
         self.calls: list[str] = []
+        self._flaky_part = flaky_part  # its first attempt reads 1 MiB of its body, then fails
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -92,6 +95,10 @@ class _S3Spy:
             return await self._real(fs, method, **kwargs)
         if kwargs["PartNumber"] == self._fail_part:
             raise PermissionError(f"AccessDenied: part {self._fail_part}")
+        if kwargs["PartNumber"] == self._flaky_part:
+            self._flaky_part = None
+            kwargs["Body"].read(MiB)
+            raise ConnectionResetError("connection reset mid-body")
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -145,6 +152,46 @@ def test_s3_multipart_parts_in_flight_and_bounded_memory(
     assert head["ETag"].strip('"').endswith("-12")  # one object of twelve parts
     assert loc.read_bytes() == big
     assert _uploads(s3_root) == []
+
+
+def test_s3_stable_source_parts_are_views_of_the_callers_memory(
+    s3_root: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stable_source``: no part buffer is allocated (the heap stays far below one part),
+    parts are cut across the caller's chunks, and a part that failed mid-body is sent again
+    from the same memory, whole."""
+    spy = _S3Spy(delay_s=0.05, flaky_part=3)
+    monkeypatch.setattr(multipart, "_s3_request", spy)
+    data = _payload(6 * PART + 4321, seed=3)
+    loc = s3_root.location("ckpt", "views.bin")
+    warm = s3_root.location("ckpt", "warm.bin").open_sink(stable_source=True)
+    warm.write(b"botocore loads its service models once, before the measurement")
+    warm.close()
+    spy.calls.clear()
+    tracemalloc.start()
+    try:
+        sink = loc.open_sink(part_size_bytes=PART, parts_in_flight=2, stable_source=True)
+        tracemalloc.reset_peak()
+        for piece in _chunks(data, 3 * MiB + 7):
+            sink.write(piece)
+        sink.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < PART // 2, peak  # the copy path holds (parts in flight + 1) x PART
+    assert Counter(spy.calls) == {
+        "create_multipart_upload": 1,
+        "upload_part": 8,  # 7 parts, part 3 twice
+        "complete_multipart_upload": 1,
+    }
+    assert spy.max_in_flight == 2
+    assert loc.read_bytes() == data
+    small = s3_root.location("ckpt", "one-part.bin")
+    sink = small.open_sink(part_size_bytes=PART, stable_source=True)
+    for piece in _chunks(data[:PART], MiB + 1):  # exactly one part, in six views
+        sink.write(piece)
+    sink.close()
+    assert spy.calls[-1] == "put_object" and small.read_bytes() == data[:PART]
 
 
 def test_s3_small_file_is_one_put(s3_root: StorageRoot, monkeypatch: pytest.MonkeyPatch) -> None:
