@@ -275,7 +275,6 @@ _NOTES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("reserve_blocking_s", "warmup_s"), "reserve {reserve_blocking_s:.2f} s + {warmup_s:.2f} s in the background"),
     (("first_blocking_s", "first_durable_s"), "first save {first_blocking_s:.2f}/{first_durable_s:.2f} s"),
     (("arena_gib", "arena_count"), "arena {arena_gib:.2f} GiB in {arena_count} segment(s)"),
-    (("writer_nice",), "writer at nice {writer_nice:+d}"),
     (("leaked_gib",), "LEAKED {leaked_gib:.2f} GiB of /dev/shm"),
     (("cached_mib",), "{cached_mib} MiB cached before"),
 )  # fmt: skip

@@ -403,14 +403,6 @@ def _async_saves(ctx: Ctx, name: str, *, reserve: bool) -> Sample:
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
     extras: dict[str, Any] = {}
-    if ctx.cfg.remote:
-        # An object store's server in the bench shares this machine's cores (an emulator on
-        # localhost), and the writer's default nice +10 (kept off the training loop's cores)
-        # left it about 10 % of a core against the server: 1.34x the s3fs put, which runs
-        # at the server's priority; at nice 0, 1.0-1.1x. A remote store has no such
-        # competitor. Explicit CKPTSVC_WRITER_NICE wins; the note shows the value used.
-        os.environ.setdefault("CKPTSVC_WRITER_NICE", "0")
-        extras["writer_nice"] = knobs.WRITER_NICE.get()
     ckpt = checkpointer_cls(root=ctx.path(name), **kwargs)
     try:
         with PeakRss() as rss:
