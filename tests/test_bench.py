@@ -23,7 +23,9 @@ from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     _parts,
     make_specs,
+    cached_bytes,
     read_file,
+    recycle_memory,
     stream_read,
     write_file,
 )
@@ -59,6 +61,17 @@ def test_parse_size(text: str, nbytes: int) -> None:
 def test_parse_size_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="cannot parse size"):
         bench.parse_size(text)
+
+
+def test_recycle_memory_writes_its_file_once_and_leaves_it_uncached(tmp_path: Path) -> None:
+    path = tmp_path / "recycle.bin"
+    recycle_memory(str(path), nbytes=IO_CHUNK_BYTES + 12345)
+    assert path.stat().st_size == IO_CHUNK_BYTES + 12345
+    first = path.stat().st_mtime_ns
+    recycle_memory(str(path), nbytes=IO_CHUNK_BYTES + 12345)
+    assert path.stat().st_mtime_ns == first  # reused, not rewritten
+    cached = cached_bytes(str(path))
+    assert cached is None or cached < IO_CHUNK_BYTES // 2
 
 
 def test_stream_read_reads_every_file_and_keeps_nothing(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ measurement in a fresh worker process (:mod:`ckptsvc.tools.bench_workloads`). Th
 1. makes a scratch directory (local, or a prefix under ``--storage URL``);
 2. ``--reps`` rounds; in each, for each group (a save and the loads that read what it
    wrote): removes the old artifact and runs ``sync``, runs the save worker, then for
-   each load recycles memory (:meth:`_Runner.recycle_memory`), drops the artifact from
+   each load recycles memory (:func:`~ckptsvc.tools.bench_probes.recycle_memory`), drops the artifact from
    the page cache (cold reads) and runs the load worker (round-robin: see
    :func:`run_bench`);
 3. aggregates the samples into :class:`~ckptsvc.tools.bench_report.Row`: the fastest rep for
@@ -45,12 +45,11 @@ from ckptsvc.tools.bench_loop import add_loop_options, run_loop
 from ckptsvc.tools.bench_many import add_many_options, run_many
 from ckptsvc.tools.bench_plot import render_svg
 from ckptsvc.tools.bench_probes import (
-    IO_CHUNK_BYTES,
     WorkerConfig,
     cached_bytes,
     drop_page_cache,
     make_specs,
-    stream_read,
+    recycle_memory,
 )
 from ckptsvc.tools.bench_remote_save import REMOTE_SAVE_ARTIFACTS, remote_save_targets
 from ckptsvc.tools.bench_report import (
@@ -229,7 +228,7 @@ class _Runner:
         elif not self.plan.remote:
             path = os.path.join(self.plan.root, ARTIFACTS[method.needs or ""])
             if self.plan.cold_reads:
-                self.recycle_memory()
+                recycle_memory(self._recycle_path, nbytes=self.plan.total_nbytes)
                 drop_page_cache(path)
             cached_before = cached_bytes(path)
         started = time.perf_counter()
@@ -241,27 +240,6 @@ class _Runner:
         if out.get("status") != "ok":
             self.progress(f"  {out.get('reason', '')}\n  {out.get('log_tail', '')}".rstrip())
         return out
-
-    def recycle_memory(self) -> None:
-        """Read a file of the state's size through the page cache and drop it, so that every
-        cold read starts with as much memory just freed.
-
-        On a virtual machine that returns free memory to its host (free page reporting,
-        the development VM), a page free for a while costs a host fault when it is used
-        again: a load that came right after a read of its own file dropped from the cache
-        ran 1.3-1.4x faster than one that came after an ``O_DIRECT`` save, which leaves
-        nothing to drop (docs/benchmarks.md, *Method*). The file is written once, in
-        ``local_dir``; the read is not timed."""
-        if not os.path.exists(self._recycle_path):
-            chunk = os.urandom(IO_CHUNK_BYTES)
-            with open(self._recycle_path, "wb") as f:
-                for lo in range(0, self.plan.total_nbytes, len(chunk)):
-                    f.write(chunk[: self.plan.total_nbytes - lo])
-                f.flush()
-                os.fsync(f.fileno())
-        drop_page_cache(self._recycle_path)
-        stream_read(self._recycle_path, streams=4)
-        drop_page_cache(self._recycle_path)
 
     def cleanup(self, method: Method) -> None:
         for name in method.leaves:
