@@ -22,8 +22,8 @@ from ckptsvc.tools import bench
 from ckptsvc.tools.bench_probes import (
     IO_CHUNK_BYTES,
     _parts,
-    make_specs,
     cached_bytes,
+    make_specs,
     read_file,
     recycle_memory,
     stream_read,
