@@ -41,7 +41,11 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 #: the node writer's process imports these: never torch
 TORCH_FREE = (
-    "ckptsvc.workers", "ckptsvc.storage", "ckptsvc.format", "ckptsvc.errors", "ckptsvc.gc_pause"
+    "ckptsvc.workers",
+    "ckptsvc.storage",
+    "ckptsvc.format",
+    "ckptsvc.errors",
+    "ckptsvc.gc_pause",
 )
 
 
