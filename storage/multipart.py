@@ -7,13 +7,13 @@ storage latency overlaps with producing the next part. With ``stable_source`` (t
 caller's memory stays valid and unchanged until ``close``: the node writer's arena, a
 synchronous save's tensors) it copies nothing: a part is the list of views of the
 chunks that make it up (:class:`~.part_buffer.PartGatherer`). On the development VM a
-256 MiB async save to SeaweedFS took 1.6x the time of s3fs putting the same bytes as
+256 MiB async save to SeaweedFS took 1.5-1.6x the time of s3fs putting the same bytes as
 four objects while the writer allocated and filled five fresh 64 MiB part buffers per
-file and save; gathering views, about 1.0x (docs/benchmarks.md). A part goes to botocore
-as a file-like view (:class:`~.part_buffer.PartBody`), which aiohttp streams in 64 KiB
-reads (a ``bytes`` body would be copied whole, twice, while in flight). Each request (a part, the
-creation, the completion) is retried on its own with backoff (:mod:`.retry`); a failure
-never re-sends the whole file. A file that fits in one part goes as one PutObject.
+file and save; gathering views, 0.7-0.9x (docs/benchmarks.md, sixth pass). A part goes
+to botocore as a file-like view (:class:`~.part_buffer.PartBody`), which aiohttp streams
+in 64 KiB reads (a ``bytes`` body would be copied whole, twice, while in flight). Each
+request (a part, the creation, the completion) is retried on its own with backoff
+(:mod:`.retry`); a failure never re-sends the whole file. A file that fits in one part goes as one PutObject.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ measurement in a fresh worker process (:mod:`ckptsvc.tools.bench_workloads`). Th
 1. makes a scratch directory (local, or a prefix under ``--storage URL``);
 2. ``--reps`` rounds; in each, for each group (a save and the loads that read what it
    wrote): removes the old artifact and runs ``sync``, runs the save worker, then for
-   each load recycles memory (:func:`~ckptsvc.tools.bench_probes.recycle_memory`), drops the artifact from
-   the page cache (cold reads) and runs the load worker (round-robin: see
-   :func:`run_bench`);
+   each load recycles memory (:func:`~ckptsvc.tools.bench_probes.recycle_memory`),
+   drops the artifact from the page cache (cold reads) and runs the load worker
+   (round-robin: see :func:`run_bench`);
 3. aggregates the samples into :class:`~ckptsvc.tools.bench_report.Row`: the fastest rep for
    the floors (noise only adds time), the median for every method; the max peak RSS;
 4. computes the issue's target ratios (:mod:`ckptsvc.tools.bench_report`) and prints a table,

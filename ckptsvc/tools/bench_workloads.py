@@ -402,8 +402,8 @@ def _async_saves(ctx: Ctx, name: str, *, reserve: bool) -> Sample:
     state: Any = {"model": tensors} if ctx.cfg.tensors else tensors  # --tensors: one component
     shm_dir = knobs.SHM_DIR.get()
     kwargs = ctx.storage_kwargs(checkpointer_cls)
-    extras: dict[str, Any] = {}
     ckpt = checkpointer_cls(root=ctx.path(name), **kwargs)
+    extras: dict[str, Any] = {}
     try:
         with PeakRss() as rss:
             if reserve:
