@@ -11,6 +11,7 @@ tensors). :class:`PartBody` is a part, either kind, as the seekable file botocor
 
 from __future__ import annotations
 
+import bisect
 import io
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -125,46 +126,31 @@ class PartBody(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def _copy_to(self, out: memoryview) -> int:
-        """Copy bytes from the current position into ``out``; returns how many."""
-        n = max(0, min(out.nbytes, self._nbytes - self._pos))
-        done = 0
-        i = self._view_at(self._pos)
-        while done < n:
+    def _take(self, size: int) -> list[memoryview]:
+        """Slices of the views covering the next ``size`` bytes (fewer at the end), from
+        the current position, which moves past them."""
+        end = min(self._pos + max(0, size), self._nbytes)
+        pieces = []
+        i = bisect.bisect_right(self._starts, self._pos) - 1  # the view holding _pos
+        while self._pos < end:
             v, start = self._views[i], self._starts[i]
-            lo = self._pos + done - start
-            step = min(n - done, v.nbytes - lo)
-            out[done : done + step] = v[lo : lo + step]
-            done += step
+            pieces.append(v[self._pos - start : min(end - start, v.nbytes)])
+            self._pos = min(end, start + v.nbytes)
             i += 1
-        self._pos += n
-        return n
-
-    def _view_at(self, pos: int) -> int:
-        lo, hi = 0, len(self._views) - 1
-        while lo < hi:  # the last view starting at or before pos
-            mid = (lo + hi + 1) // 2
-            if self._starts[mid] <= pos:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return pieces
 
     def read(self, size: int | None = -1) -> bytes:
         want = self._nbytes - self._pos if size is None or size < 0 else size
-        want = max(0, min(want, self._nbytes - self._pos))
-        pieces = []
-        i, pos, end = self._view_at(self._pos), self._pos, self._pos + want
-        while pos < end:  # the slices of every view the range touches, joined: one copy
-            v, start = self._views[i], self._starts[i]
-            pieces.append(v[pos - start : min(end - start, v.nbytes)])
-            pos = start + v.nbytes
-            i += 1
-        self._pos = end
+        pieces = self._take(want)  # joined: one copy
         return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
     def readinto(self, b: Any) -> int:
-        return self._copy_to(memoryview(b).cast("B"))
+        out = memoryview(b).cast("B")
+        done = 0
+        for piece in self._take(out.nbytes):
+            out[done : done + piece.nbytes] = piece
+            done += piece.nbytes
+        return done
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._nbytes}[whence]
